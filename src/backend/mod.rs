@@ -1,0 +1,161 @@
+//! Database backends: the only code that speaks SQL to the databases whose
+//! users we lease. One trait; PostgreSQL and MySQL/MariaDB implement it.
+//!
+//! Architecture invariant: every identifier a backend puts into SQL is a
+//! broker-made [`Username`] or a value from the operator's config, always
+//! quoted; caller text never reaches a statement.
+
+pub mod postgres;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, DatabaseConfig, SecretSource};
+use crate::error::{Error, Result};
+use crate::lease::{BackendKind, Password, Username};
+
+/// Where clients connect to use a leased credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+/// A user to create.
+pub struct NewUser<'a> {
+    pub username: &'a Username,
+    pub password: &'a Password,
+    /// Logins stop at this time (PostgreSQL `VALID UNTIL`).
+    pub valid_until: DateTime<Utc>,
+    /// The lease's hard limit: a database-side failsafe removes the user by
+    /// then even if the broker never comes back (MySQL events).
+    pub hard_limit: DateTime<Utc>,
+    /// Operator-written statements with `{{name}}` to fill in.
+    pub grants: &'a [String],
+    /// MySQL account host part; ignored by PostgreSQL.
+    pub host: &'a str,
+}
+
+/// A user to extend or revoke, as the store remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRef {
+    pub username: Username,
+    pub host: String,
+}
+
+/// Connection pool figures for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolState {
+    pub size: usize,
+    pub available: usize,
+    pub max_size: usize,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// The broker's name for this database (`[databases.NAME]`).
+    fn name(&self) -> &str;
+
+    fn endpoint(&self) -> &Endpoint;
+
+    /// Creates the user with its password, expiry and grants, all or nothing.
+    async fn create_user(&self, user: &NewUser<'_>) -> Result<()>;
+
+    /// Moves the user's expiry (and its failsafe) to `valid_until`.
+    async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()>;
+
+    /// Ends the users' sessions and drops them. Succeeds for users that are
+    /// already gone. On error, the batch may be partly done: callers retry
+    /// (every step is idempotent) or split the batch.
+    async fn revoke(&self, users: &[UserRef]) -> Result<()>;
+
+    /// Users on the server whose names this broker could have made.
+    async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>>;
+
+    /// Replaces the broker's own admin password with a random one and
+    /// stores it where the config says.
+    async fn rotate_root(&self) -> Result<()>;
+
+    /// Warnings about this database that an operator must see (e.g. no
+    /// database-side failsafe possible). Checked at start-up.
+    async fn preflight(&self) -> Result<Vec<String>>;
+
+    fn pool_state(&self) -> PoolState;
+
+    /// A connection string for `username`; with the password only when given.
+    fn dsn(&self, username: &Username, password: Option<&Password>) -> String;
+}
+
+/// Fills `{{name}}` in an operator's grant statement with the quoted user.
+pub fn render_grant(template: &str, quoted_user: &str) -> String {
+    template.replace("{{name}}", quoted_user)
+}
+
+/// Reads the admin password named by the config. The value is only ever
+/// held in a zeroizing [`Password`].
+pub fn read_admin_password(db: &DatabaseConfig) -> Result<Option<Password>> {
+    match &db.admin_password {
+        SecretSource::None => Ok(None),
+        SecretSource::File(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::Config(format!(
+                    "databases.{}.admin_password_file {}: {e}",
+                    db.name,
+                    path.display()
+                ))
+            })?;
+            Ok(Some(Password::from_secret(
+                text.trim_end_matches(['\n', '\r']).to_string(),
+            )))
+        }
+        SecretSource::Env(var) => std::env::var(var)
+            .map(|v| Some(Password::from_secret(v)))
+            .map_err(|_| {
+                Error::Config(format!(
+                    "databases.{}.admin_password_env: ${var} is not set",
+                    db.name
+                ))
+            }),
+    }
+}
+
+/// Writes a new admin password where the config keeps it: a new file beside
+/// the old one, mode 0600, renamed over it, so a crash leaves either the old
+/// or the new password, never half of one.
+pub fn store_admin_password(db: &DatabaseConfig, password: &Password) -> Result<()> {
+    let SecretSource::File(path) = &db.admin_password else {
+        return Err(Error::FailedPrecondition(format!(
+            "databases.{}: rotate-root needs admin_password_file, where the broker can keep the new password",
+            db.name
+        )));
+    };
+    crate::fsutil::write_secret_file(path, password.expose().as_bytes())
+        .map_err(|e| Error::internal(format!("cannot write {}: {e}", path.display())))
+}
+
+pub type Backends = BTreeMap<String, Arc<dyn Backend>>;
+
+/// Connects a backend for every configured database. A database that is
+/// down does not stop the broker: pools connect lazily and requests for it
+/// get `Unavailable`.
+pub async fn connect_all(config: &Config) -> Result<Backends> {
+    let mut out: Backends = BTreeMap::new();
+    for (name, db) in &config.databases {
+        let backend: Arc<dyn Backend> = match db.kind {
+            BackendKind::Postgres => Arc::new(postgres::PostgresBackend::new(db)?),
+            BackendKind::Mysql => {
+                return Err(Error::Config(format!(
+                    "databases.{name}: kind \"mysql\" is not supported by this build yet"
+                )))
+            }
+        };
+        out.insert(name.clone(), backend);
+    }
+    Ok(out)
+}

@@ -1,0 +1,375 @@
+//! PostgreSQL backend: roles with a broker-computed SCRAM verifier and
+//! `VALID UNTIL`, revoked in the order that leaves no session behind.
+
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use tokio_postgres::NoTls;
+
+use crate::backend::{
+    read_admin_password, render_grant, store_admin_password, Backend, Endpoint, NewUser, PoolState,
+    UserRef,
+};
+use crate::config::DatabaseConfig;
+use crate::error::{Error, Result};
+use crate::lease::{BackendKind, Password, Username};
+use crate::scram;
+
+pub struct PostgresBackend {
+    config: DatabaseConfig,
+    endpoint: Endpoint,
+    /// Replaced whole by rotate-root; sessions already open keep working.
+    pool: RwLock<Pool>,
+    /// tokio-postgres config without password, for one-off connections to
+    /// other databases of the cluster (DROP OWNED acts per database).
+    base: tokio_postgres::Config,
+}
+
+impl PostgresBackend {
+    pub fn new(config: &DatabaseConfig) -> Result<Self> {
+        let mut base: tokio_postgres::Config = config
+            .admin_url
+            .parse()
+            .map_err(|e| Error::Config(format!("databases.{}.admin_url: {e}", config.name)))?;
+        base.connect_timeout(config.connect_timeout);
+        base.application_name("credbroker");
+        base.options(format!(
+            "-c statement_timeout={} -c lock_timeout={}",
+            config.statement_timeout.as_millis(),
+            config.statement_timeout.as_millis()
+        ));
+        let host = match base.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "localhost".to_string(),
+        };
+        let port = base.get_ports().first().copied().unwrap_or(5432);
+        let database = base
+            .get_dbname()
+            .map(str::to_string)
+            .or_else(|| base.get_user().map(str::to_string))
+            .unwrap_or_else(|| "postgres".to_string());
+        let endpoint = Endpoint {
+            host: config.client_host.clone().unwrap_or(host),
+            port: config.client_port.unwrap_or(port),
+            database,
+        };
+        let pool = Self::build_pool(config, &base, read_admin_password(config)?)?;
+        Ok(PostgresBackend {
+            config: config.clone(),
+            endpoint,
+            pool: RwLock::new(pool),
+            base,
+        })
+    }
+
+    fn build_pool(
+        config: &DatabaseConfig,
+        base: &tokio_postgres::Config,
+        password: Option<Password>,
+    ) -> Result<Pool> {
+        let mut pg = base.clone();
+        if let Some(p) = &password {
+            pg.password(p.expose());
+        }
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let wait = config.connect_timeout + config.statement_timeout;
+        Pool::builder(manager)
+            .max_size(config.max_connections)
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(wait),
+                create: Some(config.connect_timeout),
+                recycle: Some(config.connect_timeout),
+            })
+            .build()
+            .map_err(|e| Error::Config(format!("databases.{}: {e}", config.name)))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
+        pool.get().await.map_err(|e| self.unavailable(&e))
+    }
+
+    fn unavailable(&self, e: &dyn std::fmt::Display) -> Error {
+        Error::Unavailable(format!(
+            "database {:?} is unreachable: {e}",
+            self.config.name
+        ))
+    }
+
+    /// Maps a driver error: connection trouble is `Unavailable` (retry),
+    /// a database refusal is `Internal` with the server's message, which
+    /// never holds our password (we never send one).
+    fn db_error(&self, what: &str, e: tokio_postgres::Error) -> Error {
+        match e.as_db_error() {
+            Some(db) if db.code() == &tokio_postgres::error::SqlState::QUERY_CANCELED => {
+                Error::Unavailable(format!("database {:?}: {what} timed out", self.config.name))
+            }
+            Some(db) => Error::Internal(format!(
+                "database {:?}: {what}: {} ({})",
+                self.config.name,
+                db.message(),
+                db.code().code()
+            )),
+            None => self.unavailable(&format!("{what}: {e}")),
+        }
+    }
+
+    /// Drops what the roles own in another database of the cluster.
+    async fn drop_owned_in(&self, dbname: &str, idents: &str) -> Result<()> {
+        let mut cfg = self.base.clone();
+        cfg.dbname(dbname);
+        if let Some(p) = read_admin_password(&self.config)? {
+            cfg.password(p.expose());
+        }
+        let (client, conn) = cfg.connect(NoTls).await.map_err(|e| self.unavailable(&e))?;
+        let task = tokio::spawn(conn);
+        let result = client
+            .batch_execute(&format!("DROP OWNED BY {idents}"))
+            .await
+            .map_err(|e| self.db_error("drop owned", e));
+        drop(client);
+        let _ = task.await;
+        result
+    }
+}
+
+/// `VALID UNTIL` literal: an explicit UTC timestamp, so the server's
+/// `timezone` setting cannot shift a credential's expiry.
+fn pg_timestamp(t: DateTime<Utc>) -> String {
+    escape_literal(&t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
+}
+
+fn idents(users: &[&str]) -> String {
+    users
+        .iter()
+        .map(|u| escape_identifier(u))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Postgres
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
+        let ident = escape_identifier(user.username.as_str());
+        let verifier = scram::verifier(user.password, self.config.scram_iterations);
+        let mut sql = format!(
+            "CREATE ROLE {ident} LOGIN PASSWORD {} VALID UNTIL {};",
+            escape_literal(&verifier),
+            pg_timestamp(user.valid_until)
+        );
+        for g in user.grants {
+            sql.push('\n');
+            sql.push_str(&render_grant(g, &ident));
+            sql.push(';');
+        }
+        let client = self.client().await?;
+        // One simple-query message without BEGIN runs as one implicit
+        // transaction: any failing grant rolls the role back with it, and the
+        // pooled connection is left clean.
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| self.db_error("create role", e))
+    }
+
+    async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "ALTER ROLE {} VALID UNTIL {}",
+            escape_identifier(user.username.as_str()),
+            pg_timestamp(valid_until)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| self.db_error("extend role", e))
+    }
+
+    async fn revoke(&self, users: &[UserRef]) -> Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+        let client = self.client().await?;
+        let existing: Vec<String> = client
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
+                &[&names],
+            )
+            .await
+            .map_err(|e| self.db_error("look up roles", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if existing.is_empty() {
+            return Ok(());
+        }
+        let existing: Vec<&str> = existing.iter().map(String::as_str).collect();
+        let list = idents(&existing);
+        // 1. No new logins, 2. end live sessions (a dropped role's open
+        // session would otherwise keep running queries), 3. drop what the
+        // roles own or were granted in every database, 4. drop the roles.
+        let nologin: String = existing
+            .iter()
+            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
+            .collect();
+        client
+            .batch_execute(&nologin)
+            .await
+            .map_err(|e| self.db_error("disable login", e))?;
+        client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
+                &[&existing],
+            )
+            .await
+            .map_err(|e| self.db_error("terminate sessions", e))?;
+        let other_dbs: Vec<String> = client
+            .query(
+                "SELECT DISTINCT d.datname::text FROM pg_shdepend s \
+                 JOIN pg_database d ON d.oid = s.dbid \
+                 JOIN pg_roles r ON r.oid = s.refobjid \
+                 WHERE r.rolname = ANY($1) AND d.datname <> current_database()",
+                &[&existing],
+            )
+            .await
+            .map_err(|e| self.db_error("find owned objects", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for db in &other_dbs {
+            self.drop_owned_in(db, &list).await?;
+        }
+        client
+            .batch_execute(&format!(
+                "DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};"
+            ))
+            .await
+            .map_err(|e| self.db_error("drop role", e))
+    }
+
+    async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
+        let client = self.client().await?;
+        let pattern = format!(
+            "{}%",
+            prefix
+                .replace('\\', "\\\\")
+                .replace('_', "\\_")
+                .replace('%', "\\%")
+        );
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
+                &[&pattern],
+            )
+            .await
+            .map_err(|e| self.db_error("list roles", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|n| Username::is_broker_made(prefix, n))
+            .map(|n| UserRef {
+                username: Username::from_store(n),
+                host: String::new(),
+            })
+            .collect())
+    }
+
+    async fn rotate_root(&self) -> Result<()> {
+        let password = Password::generate();
+        let verifier = scram::verifier(&password, self.config.scram_iterations.max(4096));
+        let client = self.client().await?;
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE CURRENT_USER PASSWORD {}",
+                escape_literal(&verifier)
+            ))
+            .await
+            .map_err(|e| self.db_error("rotate admin password", e))?;
+        drop(client);
+        // The database has the new password now: keep it before anything
+        // else can fail, or nobody would know it.
+        store_admin_password(&self.config, &password)?;
+        let pool = Self::build_pool(&self.config, &self.base, Some(password))?;
+        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
+        Ok(())
+    }
+
+    async fn preflight(&self) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT rolsuper, rolcreaterole, pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+                 FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db_error("check privileges", e))?;
+        let (superuser, createrole, signal): (bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        let mut warnings = Vec::new();
+        if !superuser && !createrole {
+            warnings.push(format!(
+                "database {:?}: the admin role lacks CREATEROLE: issuing will fail",
+                self.config.name
+            ));
+        }
+        if !superuser && !signal {
+            warnings.push(format!(
+                "database {:?}: the admin role is not in pg_signal_backend: revocation cannot end live sessions",
+                self.config.name
+            ));
+        }
+        Ok(warnings)
+    }
+
+    fn pool_state(&self) -> PoolState {
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
+        let s = pool.status();
+        PoolState {
+            size: s.size,
+            available: s.available,
+            max_size: s.max_size,
+        }
+    }
+
+    fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+        let e = &self.endpoint;
+        let host = if e.host.contains(':') {
+            format!("[{}]", e.host)
+        } else {
+            e.host.clone()
+        };
+        match password {
+            Some(p) => format!(
+                "postgresql://{username}:{}@{host}:{}/{}",
+                p.expose(),
+                e.port,
+                e.database
+            ),
+            None => format!("postgresql://{username}@{host}:{}/{}", e.port, e.database),
+        }
+    }
+}

@@ -1,0 +1,899 @@
+//! The lease path: issue, renew, revoke, look up — and the revocation
+//! routine the reaper shares. No gRPC types here; the server module turns
+//! requests into these calls and `Error`s into statuses.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use tokio::sync::Notify;
+
+use crate::audit::{AuditLog, Event, Outcome};
+use crate::backend::{Backend, Backends, Endpoint, NewUser, UserRef};
+use crate::config::{Config, RoleConfig};
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Username};
+use crate::limits::RateLimiter;
+use crate::metrics::Metrics;
+use crate::policy::any_matches;
+use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
+
+/// Longest role name a request may carry; config keys are shorter.
+const MAX_ROLE_LEN: usize = 64;
+
+/// A freshly issued credential. The only value that ever holds a leased
+/// password, and only until the reply is sent.
+pub struct IssuedLease {
+    pub lease: Lease,
+    pub password: Password,
+    pub dsn: String,
+    pub endpoint: Endpoint,
+}
+
+/// Which leases an admin revokes at once.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    Lease(LeaseId),
+    Role(String),
+    Database(String),
+    Identity(String),
+    All,
+}
+
+/// The outcome of a bulk revoke.
+#[derive(Debug, Default)]
+pub struct BulkOutcome {
+    pub revoked: Vec<LeaseId>,
+    pub failed: Vec<(LeaseId, String)>,
+}
+
+/// Who asked for a revocation; goes into the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Requested,
+    Admin,
+    Expired,
+    /// A pending intent whose issuer died or failed.
+    AbandonedIntent,
+}
+
+impl Reason {
+    fn action(self) -> &'static str {
+        match self {
+            Reason::Requested => "revoke",
+            Reason::Admin => "admin_revoke",
+            Reason::Expired => "reap",
+            Reason::AbandonedIntent => "resolve_intent",
+        }
+    }
+}
+
+pub struct Broker {
+    config: RwLock<Arc<Config>>,
+    store: Arc<dyn LeaseStore>,
+    backends: Backends,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    limiter: RateLimiter,
+    /// Wakes the reaper when a lease may be due earlier than it planned.
+    reaper_wake: Arc<Notify>,
+    /// This process, for revocation claims in a shared store.
+    owner: String,
+}
+
+impl Broker {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn LeaseStore>,
+        backends: Backends,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let owner = format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            rand::rng().random::<u32>()
+        );
+        Broker {
+            config: RwLock::new(config),
+            store,
+            backends,
+            audit,
+            metrics,
+            limiter: RateLimiter::default(),
+            reaper_wake: Arc::new(Notify::new()),
+            owner,
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a reloaded config (roles, policies, limits). Databases are
+    /// not reconnected: their changes need a restart.
+    pub fn replace_config(&self, config: Arc<Config>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
+    }
+
+    pub fn reaper_wake(&self) -> Arc<Notify> {
+        self.reaper_wake.clone()
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    pub fn is_admin(&self, who: &Identity) -> bool {
+        any_matches(&self.config().admins, who.as_str())
+    }
+
+    fn backend(&self, database: &str) -> Result<&Arc<dyn Backend>> {
+        self.backends.get(database).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "database {database:?} is not configured on this broker"
+            ))
+        })
+    }
+
+    /// Writes the audit record; when that fails, the request fails too.
+    fn audit_event(&self, event: Event) -> Result<()> {
+        self.audit.append(event).inspect_err(|e| {
+            tracing::error!(error = %e, "audit write failed");
+        })
+    }
+
+    /// Audits a refused or failed request and hands the error back.
+    fn audit_failure(&self, mut event: Event, err: Error) -> Error {
+        event.outcome = Some(match err {
+            Error::PermissionDenied(_)
+            | Error::Unauthenticated(_)
+            | Error::ResourceExhausted(_) => Outcome::Denied,
+            _ => Outcome::Error,
+        });
+        event.detail = Some(err.to_string());
+        if let Err(e) = self.audit.append(event) {
+            tracing::error!(error = %e, "audit write failed");
+        }
+        err
+    }
+
+    /// Leases `role` for `who`. `ttl` None means the role's default.
+    pub async fn issue(
+        &self,
+        who: &Identity,
+        role_name: &str,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedLease> {
+        let started = Instant::now();
+        let mut event = Event::new(who.as_str(), "issue");
+        event.role = Some(truncate_text(role_name));
+        let result = self.issue_inner(who, role_name, ttl, &mut event).await;
+        match result {
+            Ok(issued) => {
+                self.metrics.issued(
+                    &issued.lease.role,
+                    &issued.lease.database,
+                    started.elapsed(),
+                );
+                Ok(issued)
+            }
+            Err(e) => {
+                self.metrics.request_failed("issue", &e);
+                Err(self.audit_failure(event, e))
+            }
+        }
+    }
+
+    async fn issue_inner(
+        &self,
+        who: &Identity,
+        role_name: &str,
+        ttl: Option<Duration>,
+        event: &mut Event,
+    ) -> Result<IssuedLease> {
+        let config = self.config();
+        let role = lookup_role(&config, role_name)?;
+        if !any_matches(&role.allowed, who.as_str()) {
+            return Err(Error::denied(format!(
+                "identity may not lease role {role_name:?}"
+            )));
+        }
+        event.database = Some(role.database.clone());
+        let ttl = effective_ttl(role, ttl)?;
+        self.check_limits(who, role).await?;
+        let backend = self.backend(&role.database)?.clone();
+
+        let now = truncate_ms(Utc::now());
+        let expires_at = now + ttl;
+        let max_expires_at =
+            now + chrono::Duration::from_std(role.max_ttl).map_err(Error::internal)?;
+        let username = Username::generate(&config.server.name_prefix, &role.name);
+        let password = Password::generate();
+        let lease = Lease {
+            id: LeaseId::generate(),
+            role: role.name.clone(),
+            database: role.database.clone(),
+            kind: backend.kind(),
+            username: username.clone(),
+            user_host: if backend.kind() == crate::lease::BackendKind::Mysql {
+                role.host.clone()
+            } else {
+                String::new()
+            },
+            identity: who.as_str().to_string(),
+            state: LeaseState::Pending,
+            issued_at: now,
+            expires_at,
+            max_expires_at,
+            due_at: now
+                + chrono::Duration::from_std(config.reaper.intent_grace)
+                    .map_err(Error::internal)?,
+            revoked_at: None,
+            revoke_attempts: 0,
+            last_error: None,
+        };
+        event.lease_id = Some(lease.id.to_string());
+        event.username = Some(username.to_string());
+
+        // Invariant 1: the intent is durable before the user exists.
+        self.store
+            .insert_intent(&lease)
+            .await
+            .map_err(store_unavailable)?;
+        // The intent may now be due before the reaper's next planned wake.
+        self.reaper_wake.notify_one();
+
+        let new_user = NewUser {
+            username: &username,
+            password: &password,
+            valid_until: expires_at,
+            hard_limit: max_expires_at,
+            grants: &role.grants,
+            host: &lease.user_host,
+        };
+        if let Err(e) = backend.create_user(&new_user).await {
+            self.clean_up_failed_issue(lease.clone(), backend.clone());
+            return Err(e);
+        }
+        if let Err(e) = self.store.activate(&lease.id).await {
+            self.clean_up_failed_issue(lease.clone(), backend.clone());
+            return Err(store_unavailable(e));
+        }
+        let mut lease = lease;
+        lease.state = LeaseState::Active;
+        lease.due_at = expires_at;
+
+        let mut ok = event.clone();
+        ok.outcome = Some(Outcome::Ok);
+        ok.detail = Some(format!("ttl={}s", ttl.num_seconds()));
+        if let Err(e) = self.audit_event(ok) {
+            // An unaudited credential must not be handed out.
+            let _ = self.store.claim_one(&lease.id, &self.claim()).await;
+            self.clean_up_failed_issue(lease, backend);
+            return Err(e);
+        }
+        self.reaper_wake.notify_one();
+        let dsn = backend.dsn(&username, Some(&password));
+        Ok(IssuedLease {
+            lease,
+            password,
+            dsn,
+            endpoint: backend.endpoint().clone(),
+        })
+    }
+
+    /// A failed issue may have left a user behind (e.g. the connection broke
+    /// after COMMIT). Dropping it is tried in the background so the caller
+    /// gets its error at once; if that fails too, the pending intent stays
+    /// and the reaper resolves it after the intent grace period.
+    fn clean_up_failed_issue(&self, lease: Lease, backend: Arc<dyn Backend>) {
+        let store = self.store.clone();
+        let audit = self.audit.clone();
+        tokio::spawn(async move {
+            let user = UserRef {
+                username: lease.username.clone(),
+                host: lease.user_host.clone(),
+            };
+            match backend.revoke(&[user]).await {
+                Ok(()) => {
+                    if store
+                        .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
+                        .await
+                        .is_ok()
+                    {
+                        let mut e = Event::new("credbroker:system", "resolve_intent");
+                        e.lease_id = Some(lease.id.to_string());
+                        e.username = Some(lease.username.to_string());
+                        e.database = Some(lease.database.clone());
+                        e.role = Some(lease.role.clone());
+                        e.outcome = Some(Outcome::Ok);
+                        e.detail = Some("issue failed; user dropped".into());
+                        let _ = audit.append(e);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lease_id = %lease.id, error = %e, "cleanup after failed issue deferred to the reaper")
+                }
+            }
+        });
+    }
+
+    async fn check_limits(&self, who: &Identity, role: &RoleConfig) -> Result<()> {
+        if let Some(rate) = role.issue_rate {
+            let burst = role
+                .issue_burst
+                .unwrap_or_else(|| rate.ceil().max(1.0) as u32);
+            if !self
+                .limiter
+                .try_acquire(&role.name, who.as_str(), rate, burst)
+            {
+                return Err(Error::ResourceExhausted(format!(
+                    "issue rate limit of {rate}/s for role {:?} reached; slow down",
+                    role.name
+                )));
+            }
+        }
+        if let Some(cap) = role.max_leases_per_identity {
+            let live = self
+                .store
+                .count_live(who.as_str(), &role.name)
+                .await
+                .map_err(store_unavailable)?;
+            if live >= u64::from(cap) {
+                return Err(Error::ResourceExhausted(format!(
+                    "identity holds {live} live leases on role {:?}, the most allowed; revoke some first",
+                    role.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a lease the caller may act on: its own, or any for an admin.
+    async fn owned_lease(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
+        let lease = self
+            .store
+            .get(id)
+            .await
+            .map_err(store_unavailable)?
+            .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
+        if lease.identity != who.as_str() && !self.is_admin(who) {
+            return Err(Error::denied(format!(
+                "lease {id} belongs to another identity"
+            )));
+        }
+        Ok(lease)
+    }
+
+    pub async fn lookup(&self, who: &Identity, id: &LeaseId) -> Result<(Lease, String)> {
+        let lease = self.owned_lease(who, id).await?;
+        let dsn = self
+            .backends
+            .get(&lease.database)
+            .map(|b| b.dsn(&lease.username, None))
+            .unwrap_or_default();
+        Ok((lease, dsn))
+    }
+
+    pub fn endpoint(&self, database: &str) -> Option<Endpoint> {
+        self.backends.get(database).map(|b| b.endpoint().clone())
+    }
+
+    /// Moves a live lease's expiry to now + ttl, capped at its hard limit.
+    pub async fn renew(
+        &self,
+        who: &Identity,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Lease> {
+        let mut event = Event::new(who.as_str(), "renew");
+        event.lease_id = Some(id.to_string());
+        match self.renew_inner(who, id, ttl, &mut event).await {
+            Ok(lease) => {
+                event.outcome = Some(Outcome::Ok);
+                event.detail = Some(format!("expires_at={}", lease.expires_at.to_rfc3339()));
+                self.audit_event(event)?;
+                self.metrics.renewed(&lease.role, &lease.database);
+                Ok(lease)
+            }
+            Err(e) => {
+                self.metrics.request_failed("renew", &e);
+                Err(self.audit_failure(event, e))
+            }
+        }
+    }
+
+    async fn renew_inner(
+        &self,
+        who: &Identity,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+        event: &mut Event,
+    ) -> Result<Lease> {
+        let mut lease = self.owned_lease(who, id).await?;
+        event.role = Some(lease.role.clone());
+        event.database = Some(lease.database.clone());
+        event.username = Some(lease.username.to_string());
+        let now = Utc::now();
+        if lease.state != LeaseState::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} is {}, not active",
+                lease.state.as_str()
+            )));
+        }
+        if lease.expires_at <= now {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} has expired; issue a new one"
+            )));
+        }
+        if lease.expires_at >= lease.max_expires_at {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} is at its hard limit ({}); issue a new one",
+                lease.max_expires_at.to_rfc3339()
+            )));
+        }
+        // A removed role keeps its leases revocable, but not renewable.
+        let config = self.config();
+        let role = config.role(&lease.role).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "role {:?} is no longer configured; lease {id} cannot be renewed",
+                lease.role
+            ))
+        })?;
+        let ttl = effective_ttl(role, ttl)?;
+        let new_expiry = truncate_ms((now + ttl).min(lease.max_expires_at));
+        let backend = self.backend(&lease.database)?.clone();
+        let user = UserRef {
+            username: lease.username.clone(),
+            host: lease.user_host.clone(),
+        };
+        // Database first: if the store write then fails, the database allows
+        // less than the store would revoke at, never more.
+        backend.extend(&user, new_expiry).await?;
+        if !self
+            .store
+            .set_expiry(id, new_expiry)
+            .await
+            .map_err(store_unavailable)?
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} is being revoked"
+            )));
+        }
+        lease.expires_at = new_expiry;
+        lease.due_at = new_expiry;
+        Ok(lease)
+    }
+
+    /// Revokes one lease at its holder's request.
+    pub async fn revoke(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
+        let mut event = Event::new(who.as_str(), "revoke");
+        event.lease_id = Some(id.to_string());
+        let lease = match self.owned_lease(who, id).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.metrics.request_failed("revoke", &e);
+                return Err(self.audit_failure(event, e));
+            }
+        };
+        if lease.state == LeaseState::Revoked {
+            event.role = Some(lease.role.clone());
+            event.outcome = Some(Outcome::Ok);
+            event.detail = Some("already revoked".into());
+            self.audit_event(event)?;
+            return Ok(lease);
+        }
+        let Some(claimed) = self
+            .store
+            .claim_one(id, &self.claim())
+            .await
+            .map_err(store_unavailable)?
+        else {
+            return Err(self.audit_failure(
+                event,
+                Error::Unavailable(format!(
+                    "lease {id} is being revoked right now; look it up again shortly"
+                )),
+            ));
+        };
+        let outcome = self
+            .revoke_claimed(vec![claimed], who.as_str(), Reason::Requested, false)
+            .await;
+        if let Some((_, err)) = outcome.failed.into_iter().next() {
+            return Err(Error::Unavailable(format!(
+                "revocation of lease {id} failed and will be retried: {err}"
+            )));
+        }
+        let mut lease = self
+            .store
+            .get(id)
+            .await
+            .map_err(store_unavailable)?
+            .unwrap_or(lease);
+        lease.state = LeaseState::Revoked;
+        Ok(lease)
+    }
+
+    /// Lists leases for an admin.
+    pub async fn admin_list(&self, who: &Identity, filter: &LeaseFilter) -> Result<Vec<Lease>> {
+        self.require_admin(who, "admin_list")?;
+        self.store.list(filter).await.map_err(store_unavailable)
+    }
+
+    /// Revokes every live lease the selector names.
+    pub async fn admin_revoke(
+        &self,
+        who: &Identity,
+        selector: &Selector,
+        force: bool,
+    ) -> Result<BulkOutcome> {
+        self.require_admin(who, "admin_revoke")?;
+        let mut filter = LeaseFilter::default();
+        match selector {
+            Selector::Lease(id) => {
+                let lease = self
+                    .store
+                    .get(id)
+                    .await
+                    .map_err(store_unavailable)?
+                    .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
+                if !lease.state.is_live() {
+                    return Ok(BulkOutcome::default());
+                }
+                let claimed = self
+                    .store
+                    .claim_one(id, &self.claim())
+                    .await
+                    .map_err(store_unavailable)?;
+                return Ok(match claimed {
+                    Some(l) => {
+                        self.revoke_claimed(vec![l], who.as_str(), Reason::Admin, force)
+                            .await
+                    }
+                    None => BulkOutcome {
+                        revoked: vec![],
+                        failed: vec![(
+                            id.clone(),
+                            "being revoked by another task right now".into(),
+                        )],
+                    },
+                });
+            }
+            Selector::Role(r) => filter.role = Some(r.clone()),
+            Selector::Database(d) => filter.database = Some(d.clone()),
+            Selector::Identity(i) => filter.identity = Some(i.clone()),
+            Selector::All => {}
+        }
+        let mut total = BulkOutcome::default();
+        let batch = self.config().reaper.batch_size;
+        let candidates = self.store.list(&filter).await.map_err(store_unavailable)?;
+        let mut claimed = Vec::new();
+        for lease in candidates {
+            match self
+                .store
+                .claim_one(&lease.id, &self.claim())
+                .await
+                .map_err(store_unavailable)?
+            {
+                Some(l) => claimed.push(l),
+                None => total.failed.push((
+                    lease.id.clone(),
+                    "being revoked by another task right now".into(),
+                )),
+            }
+        }
+        for chunk in claimed.chunks(batch) {
+            let out = self
+                .revoke_claimed(chunk.to_vec(), who.as_str(), Reason::Admin, force)
+                .await;
+            total.revoked.extend(out.revoked);
+            total.failed.extend(out.failed);
+        }
+        Ok(total)
+    }
+
+    /// Replaces the broker's own admin password on `database`.
+    pub async fn rotate_root(&self, who: &Identity, database: &str) -> Result<()> {
+        self.require_admin(who, "rotate_root")?;
+        let mut event = Event::new(who.as_str(), "rotate_root");
+        event.database = Some(truncate_text(database));
+        let result = match self.backends.get(database) {
+            Some(b) => b.rotate_root().await,
+            None => Err(Error::NotFound(format!(
+                "no database {database:?} is configured"
+            ))),
+        };
+        match result {
+            Ok(()) => {
+                event.outcome = Some(Outcome::Ok);
+                self.audit_event(event)
+            }
+            Err(e) => {
+                self.metrics.request_failed("rotate_root", &e);
+                Err(self.audit_failure(event, e))
+            }
+        }
+    }
+
+    fn require_admin(&self, who: &Identity, action: &'static str) -> Result<()> {
+        if self.is_admin(who) {
+            return Ok(());
+        }
+        let err = Error::denied("identity is not an admin");
+        self.metrics.request_failed(action, &err);
+        Err(self.audit_failure(Event::new(who.as_str(), action), err))
+    }
+
+    pub fn claim(&self) -> Claim {
+        Claim {
+            owner: self.owner.clone(),
+            until: Utc::now() + chrono::Duration::from_std(DEFAULT_CLAIM).unwrap_or_default(),
+        }
+    }
+
+    /// Revokes leases this broker has claimed: per database, in one batch
+    /// where possible, one by one when a batch fails so that one bad lease
+    /// cannot hold back the others. Each lease leaves the live set only
+    /// after its drop succeeded (invariant 2), unless `force`.
+    pub async fn revoke_claimed(
+        &self,
+        leases: Vec<Lease>,
+        actor: &str,
+        reason: Reason,
+        force: bool,
+    ) -> BulkOutcome {
+        let mut by_db: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
+        for l in leases {
+            by_db.entry(l.database.clone()).or_default().push(l);
+        }
+        let mut out = BulkOutcome::default();
+        for (db, leases) in by_db {
+            let result = match self.backend(&db) {
+                Ok(backend) => {
+                    let users: Vec<UserRef> = leases
+                        .iter()
+                        .map(|l| UserRef {
+                            username: l.username.clone(),
+                            host: l.user_host.clone(),
+                        })
+                        .collect();
+                    match backend.revoke(&users).await {
+                        Ok(()) => Ok(()),
+                        Err(e) if leases.len() > 1 => {
+                            tracing::warn!(database = %db, error = %e, "batch revocation failed; revoking one by one");
+                            for l in &leases {
+                                let user = UserRef {
+                                    username: l.username.clone(),
+                                    host: l.user_host.clone(),
+                                };
+                                let r = backend.revoke(std::slice::from_ref(&user)).await;
+                                self.finish_revocation(l, r, actor, reason, force, &mut out)
+                                    .await;
+                            }
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    let ids: Vec<LeaseId> = leases.iter().map(|l| l.id.clone()).collect();
+                    if let Err(e) = self.store.mark_revoked(&ids, Utc::now()).await {
+                        // The users are gone; the next pass finds nothing to
+                        // drop and marks them then.
+                        tracing::error!(error = %e, "cannot mark leases revoked");
+                        for l in &leases {
+                            out.failed.push((l.id.clone(), format!("store: {e}")));
+                        }
+                        continue;
+                    }
+                    for l in &leases {
+                        self.audit_revocation(l, actor, reason, Ok(()));
+                        self.metrics.revoked(&l.role, &l.database, reason);
+                        out.revoked.push(l.id.clone());
+                    }
+                }
+                Err(e) => {
+                    for l in &leases {
+                        self.finish_revocation(
+                            l,
+                            Err(clone_error(&e)),
+                            actor,
+                            reason,
+                            force,
+                            &mut out,
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    async fn finish_revocation(
+        &self,
+        lease: &Lease,
+        result: Result<()>,
+        actor: &str,
+        reason: Reason,
+        force: bool,
+        out: &mut BulkOutcome,
+    ) {
+        match result {
+            Ok(()) => match self
+                .store
+                .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
+                .await
+            {
+                Ok(()) => {
+                    self.audit_revocation(lease, actor, reason, Ok(()));
+                    self.metrics.revoked(&lease.role, &lease.database, reason);
+                    out.revoked.push(lease.id.clone());
+                }
+                Err(e) => out.failed.push((lease.id.clone(), format!("store: {e}"))),
+            },
+            Err(e) if force => {
+                tracing::warn!(lease_id = %lease.id, error = %e, "revocation failed; forced off by an admin");
+                let _ = self
+                    .store
+                    .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
+                    .await;
+                self.audit_revocation(
+                    lease,
+                    actor,
+                    reason,
+                    Err(&format!("forced; drop failed: {e}")),
+                );
+                self.metrics.revoked(&lease.role, &lease.database, reason);
+                out.revoked.push(lease.id.clone());
+            }
+            Err(e) => {
+                let attempts = lease.revoke_attempts + 1;
+                let cfg = self.config();
+                let failing = attempts >= cfg.reaper.failing_after_attempts;
+                let delay = backoff(attempts, cfg.reaper.max_backoff);
+                let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                let msg = e.to_string();
+                if let Err(se) = self
+                    .store
+                    .record_failure(&lease.id, &msg, next, failing)
+                    .await
+                {
+                    tracing::error!(lease_id = %lease.id, error = %se, "cannot record revocation failure");
+                }
+                tracing::warn!(lease_id = %lease.id, attempts, retry_in = ?delay, error = %msg, "revocation failed");
+                self.audit_revocation(lease, actor, reason, Err(&msg));
+                self.metrics.revocation_failed(&lease.database);
+                out.failed.push((lease.id.clone(), msg));
+            }
+        }
+    }
+
+    fn audit_revocation(
+        &self,
+        lease: &Lease,
+        actor: &str,
+        reason: Reason,
+        result: std::result::Result<(), &str>,
+    ) {
+        let mut e = Event::new(actor, reason.action());
+        e.role = Some(lease.role.clone());
+        e.database = Some(lease.database.clone());
+        e.lease_id = Some(lease.id.to_string());
+        e.username = Some(lease.username.to_string());
+        match result {
+            Ok(()) => e.outcome = Some(Outcome::Ok),
+            Err(msg) => {
+                e.outcome = Some(Outcome::Error);
+                e.detail = Some(msg.to_string());
+            }
+        }
+        if let Err(err) = self.audit.append(e) {
+            tracing::error!(error = %err, "audit write failed");
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: 1 s, 2 s, 4 s … capped.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_secs(1u64 << attempt.min(16).saturating_sub(1)).min(max);
+    let ms = base.as_millis().max(1) as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
+    if name.is_empty() {
+        return Err(Error::invalid("role is required"));
+    }
+    if name.len() > MAX_ROLE_LEN {
+        return Err(Error::invalid(format!(
+            "role name longer than {MAX_ROLE_LEN} bytes"
+        )));
+    }
+    config
+        .role(name)
+        .ok_or_else(|| Error::NotFound(format!("no role {name:?} is configured")))
+}
+
+fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Duration> {
+    let ttl = ttl.unwrap_or(role.default_ttl);
+    if ttl < Duration::from_secs(1) {
+        return Err(Error::invalid("ttl must be at least 1 second"));
+    }
+    if ttl > role.max_ttl {
+        return Err(Error::invalid(format!(
+            "ttl of {}s exceeds the role's max_ttl of {}s",
+            ttl.as_secs(),
+            role.max_ttl.as_secs()
+        )));
+    }
+    chrono::Duration::from_std(ttl).map_err(Error::internal)
+}
+
+fn store_unavailable(e: Error) -> Error {
+    match e {
+        Error::Internal(m) => Error::Unavailable(format!("lease store: {m}")),
+        other => other,
+    }
+}
+
+/// Caps caller-supplied text before it goes into an audit record.
+fn truncate_text(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_ROLE_LEN)
+        .collect();
+    if s.chars().count() > MAX_ROLE_LEN {
+        out.push('…');
+    }
+    out
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "broker".into())
+}
+
+/// When the reaper should have acted on the oldest due lease.
+pub fn lag(next_due: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
+    next_due
+        .filter(|d| *d < now)
+        .and_then(|d| (now - d).to_std().ok())
+        .unwrap_or_default()
+}

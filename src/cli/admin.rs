@@ -1,0 +1,274 @@
+//! `credbroker admin leases|revoke|rotate-root`: the DBA's console.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+
+use crate::cli::lease::{rfc3339, state_name};
+use crate::cli::{grpc_error, CliResult};
+use crate::client::ClientOpts;
+use crate::pb;
+use crate::pb::revoke_leases_request::Selector;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ListFormat {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateArg {
+    Pending,
+    Active,
+    Failing,
+    Revoked,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// List leases (live ones unless --state says otherwise)
+    Leases {
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        database: Option<String>,
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long, value_enum)]
+        state: Vec<StateArg>,
+        /// Only leases expiring within this long, e.g. 10m
+        #[arg(long)]
+        expiring_within: Option<humantime::Duration>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ListFormat,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Revoke one lease, or all leases of a role, database or identity
+    Revoke {
+        /// A lease id
+        lease_id: Option<String>,
+        #[arg(long, conflicts_with_all = ["lease_id", "database", "identity", "all"])]
+        role: Option<String>,
+        #[arg(long, conflicts_with_all = ["lease_id", "identity", "all"])]
+        database: Option<String>,
+        #[arg(long, conflicts_with_all = ["lease_id", "all"])]
+        identity: Option<String>,
+        #[arg(long, conflicts_with = "lease_id")]
+        all: bool,
+        /// Do not ask for confirmation of a bulk revoke
+        #[arg(long, short)]
+        yes: bool,
+        /// Mark leases revoked even if dropping the user fails
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Give the broker's admin account on a database a new random password
+    /// that only the broker knows
+    RotateRoot {
+        #[arg(long)]
+        database: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+fn to_pb_state(s: StateArg) -> i32 {
+    (match s {
+        StateArg::Pending => pb::LeaseState::Pending,
+        StateArg::Active => pb::LeaseState::Active,
+        StateArg::Failing => pb::LeaseState::Failing,
+        StateArg::Revoked => pb::LeaseState::Revoked,
+    }) as i32
+}
+
+pub async fn run(cmd: Command) -> CliResult {
+    match cmd {
+        Command::Leases {
+            role,
+            database,
+            identity,
+            state,
+            expiring_within,
+            format,
+            client,
+        } => {
+            let mut c = client.admin()?;
+            let reply = c
+                .list_leases(pb::ListLeasesRequest {
+                    role: role.unwrap_or_default(),
+                    database: database.unwrap_or_default(),
+                    identity: identity.unwrap_or_default(),
+                    states: state.into_iter().map(to_pb_state).collect(),
+                    expiring_within_seconds: expiring_within
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0),
+                    limit: 0,
+                })
+                .await
+                .map_err(|s| grpc_error("list leases", s))?
+                .into_inner();
+            match format {
+                ListFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&leases_json(&reply.leases))?
+                ),
+                ListFormat::Table => print!("{}", leases_table(&reply.leases)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke {
+            lease_id,
+            role,
+            database,
+            identity,
+            all,
+            yes,
+            force,
+            client,
+        } => {
+            let (selector, what) = match (lease_id, role, database, identity, all) {
+                (Some(id), ..) => (Selector::LeaseId(id.clone()), format!("lease {id}")),
+                (_, Some(r), ..) => (
+                    Selector::Role(r.clone()),
+                    format!("every live lease of role {r:?}"),
+                ),
+                (_, _, Some(d), ..) => (
+                    Selector::Database(d.clone()),
+                    format!("every live lease on database {d:?}"),
+                ),
+                (_, _, _, Some(i), _) => (
+                    Selector::Identity(i.clone()),
+                    format!("every live lease held by {i:?}"),
+                ),
+                (.., true) => (Selector::All(true), "EVERY live lease".to_string()),
+                _ => {
+                    return Err(anyhow::anyhow!(crate::Error::Config(
+                        "name what to revoke: LEASE_ID, --role, --database, --identity or --all"
+                            .into()
+                    ))
+                    .into())
+                }
+            };
+            let bulk = !matches!(selector, Selector::LeaseId(_));
+            if bulk && !yes && !confirm(&what)? {
+                eprintln!("nothing revoked");
+                return Ok(ExitCode::FAILURE);
+            }
+            let mut c = client.admin()?;
+            let reply = c
+                .revoke_leases(pb::RevokeLeasesRequest {
+                    selector: Some(selector),
+                    force,
+                })
+                .await
+                .map_err(|s| grpc_error("revoke", s))?
+                .into_inner();
+            println!("revoked {} lease(s)", reply.revoked);
+            for f in &reply.failures {
+                println!("FAILED {}: {}", f.lease_id, f.error);
+            }
+            Ok(if reply.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::RotateRoot { database, client } => {
+            let mut c = client.admin()?;
+            let reply = c
+                .rotate_root(pb::RotateRootRequest { database })
+                .await
+                .map_err(|s| grpc_error("rotate-root", s))?
+                .into_inner();
+            println!(
+                "rotated the admin password of database {:?} at {}",
+                reply.database,
+                rfc3339(&reply.rotated_at)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Asks on the terminal. Without one (a script), refuse: bulk revocation
+/// from a script must say `--yes`.
+fn confirm(what: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("refusing to revoke {what} without confirmation; pass --yes");
+    }
+    eprint!("Revoke {what}? Live sessions will be cut. [y/N] ");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+fn leases_json(leases: &[pb::LeaseSummary]) -> serde_json::Value {
+    leases
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "lease_id": l.lease_id,
+                "identity": l.identity,
+                "role": l.role,
+                "database": l.database,
+                "username": l.username,
+                "state": state_name(l.state),
+                "issued_at": rfc3339(&l.issued_at),
+                "expires_at": rfc3339(&l.expires_at),
+                "max_expires_at": rfc3339(&l.max_expires_at),
+                "revoke_attempts": l.revoke_attempts,
+                "last_error": l.last_error,
+            })
+        })
+        .collect()
+}
+
+fn leases_table(leases: &[pb::LeaseSummary]) -> String {
+    let header = [
+        "LEASE", "IDENTITY", "ROLE", "DATABASE", "USERNAME", "ISSUED", "EXPIRES", "STATE",
+    ];
+    let rows: Vec<[String; 8]> = leases
+        .iter()
+        .map(|l| {
+            let mut state = state_name(l.state).to_string();
+            if !l.last_error.is_empty() {
+                state = format!("{state} ({} tries: {})", l.revoke_attempts, l.last_error);
+            }
+            [
+                l.lease_id.clone(),
+                l.identity.clone(),
+                l.role.clone(),
+                l.database.clone(),
+                l.username.clone(),
+                rfc3339(&l.issued_at),
+                rfc3339(&l.expires_at),
+                state,
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = cells
+            .iter()
+            .zip(widths.iter())
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out.push_str(&format!("{} lease(s)\n", rows.len()));
+    out
+}

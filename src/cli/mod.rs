@@ -1,0 +1,129 @@
+//! The `credbroker` command line: parse arguments, call the library, print.
+//! One file per subcommand.
+
+mod admin;
+mod audit;
+mod demo;
+mod lease;
+mod pki;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a bad config or command line (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "credbroker",
+    version,
+    about = "Short-lived, audited database credentials over mTLS"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text
+    #[arg(long, global = true, env = "CREDBROKER_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker
+    Serve(serve::Args),
+    /// Issue, renew, revoke or look up a lease (as a service would)
+    #[command(subcommand)]
+    Lease(lease::Command),
+    /// List and revoke leases, rotate admin passwords (admin identities only)
+    #[command(subcommand)]
+    Admin(admin::Command),
+    /// Check an audit log's hash chain
+    #[command(subcommand)]
+    Audit(audit::Command),
+    /// Make development certificates
+    #[command(subcommand)]
+    Pki(pki::Command),
+    /// Everything end to end on this machine: throwaway PostgreSQL, broker,
+    /// a lease used and revoked
+    Demo(demo::Args),
+}
+
+/// Errors that decide the exit code.
+pub(crate) enum Failure {
+    /// Bad config or arguments: exit 64.
+    Usage(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let e: anyhow::Error = e.into();
+        match e.downcast_ref::<crate::Error>() {
+            Some(crate::Error::Config(_)) => Failure::Usage(e),
+            _ => Failure::Other(e),
+        }
+    }
+}
+
+pub(crate) type CliResult = Result<ExitCode, Failure>;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json, matches!(cli.command, Command::Serve(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => serve::run(a).await,
+            Command::Lease(c) => lease::run(c).await,
+            Command::Admin(c) => admin::run(c).await,
+            Command::Audit(c) => audit::run(c),
+            Command::Pki(c) => pki::run(c),
+            Command::Demo(a) => demo::run(a).await,
+        }
+    });
+    // Background tasks (pools, the reaper) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(code) => code,
+        Err(Failure::Usage(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr. Client commands log warnings only unless RUST_LOG
+/// says otherwise, so their stdout stays parseable.
+fn init_logging(json: bool, server: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if server { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A gRPC failure as a CLI error: code and message.
+pub(crate) fn grpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {}", crate::client::describe(&status))
+}

@@ -1,0 +1,28 @@
+//! `credbroker serve --config FILE`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::cli::CliResult;
+use crate::config::Config;
+use crate::daemon::{termination_signal, Daemon, Listeners};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Broker configuration (TOML)
+    #[arg(long, short, env = "CREDBROKER_CONFIG")]
+    config: PathBuf,
+}
+
+pub async fn run(args: Args) -> CliResult {
+    let config = Config::load(&args.config)?;
+    let listeners = Listeners::bind(&config).await?;
+    let daemon = Daemon::open(config).await?;
+    tracing::info!(
+        listen = %listeners.grpc.local_addr()?,
+        metrics = ?listeners.metrics.as_ref().and_then(|l| l.local_addr().ok()),
+        "credbroker serving"
+    );
+    daemon.run(listeners, termination_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,662 @@
+//! TOML → a validated [`Config`]. Everything a typo can break is checked
+//! here, once, so the rest of the broker works with types, not strings.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::lease::{BackendKind, MAX_USERNAME_LEN};
+use crate::policy::IdentityPattern;
+
+/// The whole broker configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub store: StoreConfig,
+    pub audit: AuditConfig,
+    pub reaper: ReaperConfig,
+    /// Identities allowed to call the Admin service.
+    pub admins: Vec<IdentityPattern>,
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    pub roles: BTreeMap<String, RoleConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Every user the broker makes starts with this; the orphan sweep only
+    /// ever touches names with it.
+    pub name_prefix: String,
+    /// How long a SIGTERM waits for in-flight requests.
+    pub shutdown_grace: Duration,
+    /// Connections are closed after this long so a client whose certificate
+    /// was revoked must handshake again.
+    pub max_connection_age: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crl: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `sqlite://path` or `postgres://…`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReaperConfig {
+    /// Most leases revoked in one database transaction.
+    pub batch_size: usize,
+    /// How long a pending intent may stay unresolved before the reaper
+    /// treats its issuer as dead and drops whatever it made.
+    pub intent_grace: Duration,
+    /// How often to look for broker-named users without a live lease.
+    pub orphan_sweep_interval: Duration,
+    /// Failed revocations after which a lease shows as `failing`.
+    pub failing_after_attempts: u32,
+    /// Longest pause between two revocation attempts.
+    pub max_backoff: Duration,
+}
+
+/// Where a database's admin password comes from. The value itself is read
+/// by the backend when it connects and never stored in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    None,
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub name: String,
+    pub kind: BackendKind,
+    /// Connection URL for the broker's own admin account, without password.
+    pub admin_url: String,
+    pub admin_password: SecretSource,
+    /// Host handed to clients in their DSN, when not the admin URL's host.
+    pub client_host: Option<String>,
+    pub client_port: Option<u16>,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+    /// PBKDF2 rounds of the SCRAM verifier the broker computes (PostgreSQL).
+    /// Key stretching protects guessable passwords; ours are 238 random
+    /// bits, so one round loses nothing and keeps issuance fast for the
+    /// server (which re-runs PBKDF2 at this count) and every client login.
+    pub scram_iterations: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoleConfig {
+    pub name: String,
+    pub database: String,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub allowed: Vec<IdentityPattern>,
+    /// SQL run after the user is created; `{{name}}` becomes the quoted user.
+    pub grants: Vec<String>,
+    /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network).
+    pub host: String,
+    /// Most live leases one identity may hold on this role.
+    pub max_leases_per_identity: Option<u32>,
+    /// Issues per second one identity may make on this role (token bucket).
+    pub issue_rate: Option<f64>,
+    pub issue_burst: Option<u32>,
+}
+
+/// Upper bound for any TTL: a "short-lived" credential living longer than
+/// this is a configuration mistake.
+pub const ABSOLUTE_MAX_TTL: Duration = Duration::from_secs(31 * 24 * 3600);
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::parse(&text, base)
+    }
+
+    /// Parses TOML text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        raw.validate(base)
+    }
+
+    pub fn role(&self, name: &str) -> Option<&RoleConfig> {
+        self.roles.get(name)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    admins: Vec<String>,
+    server: RawServer,
+    tls: RawTls,
+    #[serde(default)]
+    store: Option<RawStore>,
+    #[serde(default)]
+    audit: Option<RawAudit>,
+    #[serde(default)]
+    reaper: Option<RawReaper>,
+    #[serde(default)]
+    databases: BTreeMap<String, RawDatabase>,
+    #[serde(default)]
+    roles: BTreeMap<String, RawRole>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    metrics_listen: Option<String>,
+    name_prefix: Option<String>,
+    shutdown_grace: Option<String>,
+    max_connection_age: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    crl: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: PathBuf,
+    /// A TOML key written after `[audit]` lands in this table; DESIGN.md's
+    /// sample does exactly that with `admins`, so accept it here too.
+    #[serde(default)]
+    admins: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReaper {
+    batch_size: Option<usize>,
+    intent_grace: Option<String>,
+    orphan_sweep_interval: Option<String>,
+    failing_after_attempts: Option<u32>,
+    max_backoff: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    kind: String,
+    admin_url: String,
+    admin_password_file: Option<PathBuf>,
+    admin_password_env: Option<String>,
+    client_host: Option<String>,
+    client_port: Option<u16>,
+    max_connections: Option<usize>,
+    connect_timeout: Option<String>,
+    statement_timeout: Option<String>,
+    scram_iterations: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    database: String,
+    default_ttl: String,
+    max_ttl: String,
+    #[serde(default)]
+    allowed: Vec<String>,
+    #[serde(default)]
+    grants: Vec<String>,
+    host: Option<String>,
+    max_leases_per_identity: Option<u32>,
+    issue_rate: Option<f64>,
+    issue_burst: Option<u32>,
+}
+
+pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        Error::Config(format!(
+            "{what}: {s:?} is not a duration ({e}); use e.g. \"15m\""
+        ))
+    })
+}
+
+fn opt_duration(what: &str, s: Option<&String>, default: Duration) -> Result<Duration> {
+    s.map(|s| parse_duration(what, s))
+        .transpose()
+        .map(|d| d.unwrap_or(default))
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn valid_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl RawConfig {
+    fn validate(self, base: &Path) -> Result<Config> {
+        let cfg_err = |m: String| Error::Config(m);
+        let listen: SocketAddr = self
+            .server
+            .listen
+            .parse()
+            .map_err(|e| cfg_err(format!("server.listen {:?}: {e}", self.server.listen)))?;
+        let metrics_listen = self
+            .server
+            .metrics_listen
+            .as_deref()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| cfg_err(format!("server.metrics_listen {s:?}: {e}")))
+            })
+            .transpose()?;
+        let name_prefix = self.server.name_prefix.unwrap_or_else(|| "cb_".to_string());
+        let prefix_ok = !name_prefix.is_empty()
+            && name_prefix.len() <= 6
+            && name_prefix.as_bytes()[0].is_ascii_lowercase()
+            && name_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !prefix_ok {
+            return Err(cfg_err(format!(
+                "server.name_prefix {name_prefix:?}: use 1-6 characters of a-z, 0-9 and _, starting with a letter"
+            )));
+        }
+        let server = ServerConfig {
+            listen,
+            metrics_listen,
+            name_prefix,
+            shutdown_grace: opt_duration(
+                "server.shutdown_grace",
+                self.server.shutdown_grace.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            max_connection_age: opt_duration(
+                "server.max_connection_age",
+                self.server.max_connection_age.as_ref(),
+                Duration::from_secs(300),
+            )?,
+        };
+        let tls = TlsConfig {
+            cert: resolve(base, &self.tls.cert),
+            key: resolve(base, &self.tls.key),
+            client_ca: resolve(base, &self.tls.client_ca),
+            crl: self.tls.crl.as_deref().map(|p| resolve(base, p)),
+        };
+        let store_url = self
+            .store
+            .map(|s| s.url)
+            .unwrap_or_else(|| "sqlite://credbroker.db".to_string());
+        let store = StoreConfig {
+            url: match store_url.strip_prefix("sqlite://") {
+                Some(p) => format!("sqlite://{}", resolve(base, Path::new(p)).display()),
+                None if store_url.starts_with("postgres://")
+                    || store_url.starts_with("postgresql://") =>
+                {
+                    store_url
+                }
+                None => {
+                    return Err(cfg_err(format!(
+                        "store.url {store_url:?}: expected sqlite://PATH or postgres://…"
+                    )))
+                }
+            },
+        };
+        let mut admin_patterns = self.admins;
+        let audit = match self.audit {
+            Some(a) => {
+                admin_patterns.extend(a.admins);
+                AuditConfig {
+                    path: resolve(base, &a.path),
+                }
+            }
+            None => AuditConfig {
+                path: resolve(base, Path::new("audit.log")),
+            },
+        };
+        let admins = admin_patterns
+            .iter()
+            .map(|p| IdentityPattern::new(p).map_err(|e| cfg_err(format!("admins: {e}"))))
+            .collect::<Result<Vec<_>>>()?;
+
+        let raw_reaper = self.reaper.unwrap_or(RawReaper {
+            batch_size: None,
+            intent_grace: None,
+            orphan_sweep_interval: None,
+            failing_after_attempts: None,
+            max_backoff: None,
+        });
+        let reaper = ReaperConfig {
+            batch_size: raw_reaper.batch_size.unwrap_or(500).clamp(1, 10_000),
+            intent_grace: opt_duration(
+                "reaper.intent_grace",
+                raw_reaper.intent_grace.as_ref(),
+                Duration::from_secs(60),
+            )?,
+            orphan_sweep_interval: opt_duration(
+                "reaper.orphan_sweep_interval",
+                raw_reaper.orphan_sweep_interval.as_ref(),
+                Duration::from_secs(300),
+            )?,
+            failing_after_attempts: raw_reaper.failing_after_attempts.unwrap_or(8).max(1),
+            max_backoff: opt_duration(
+                "reaper.max_backoff",
+                raw_reaper.max_backoff.as_ref(),
+                Duration::from_secs(300),
+            )?,
+        };
+
+        let mut databases = BTreeMap::new();
+        for (name, d) in self.databases {
+            if !valid_key(&name) {
+                return Err(cfg_err(format!(
+                    "databases.{name}: names use a-z, 0-9, '-', '_', '.'"
+                )));
+            }
+            let what = |k: &str| format!("databases.{name}.{k}");
+            let kind = BackendKind::parse(&d.kind)
+                .map_err(|e| cfg_err(format!("{}: {e}", what("kind"))))?;
+            let url = url::Url::parse(&d.admin_url)
+                .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
+            let scheme_ok = match kind {
+                BackendKind::Postgres => matches!(url.scheme(), "postgres" | "postgresql"),
+                BackendKind::Mysql => matches!(url.scheme(), "mysql" | "mariadb"),
+            };
+            if !scheme_ok {
+                return Err(cfg_err(format!(
+                    "{}: scheme {:?} does not match kind {:?}",
+                    what("admin_url"),
+                    url.scheme(),
+                    kind.as_str()
+                )));
+            }
+            if url.password().is_some() {
+                return Err(cfg_err(format!(
+                    "{}: must not contain a password; use admin_password_file or admin_password_env",
+                    what("admin_url")
+                )));
+            }
+            let admin_password = match (d.admin_password_file, d.admin_password_env) {
+                (Some(_), Some(_)) => {
+                    return Err(cfg_err(format!(
+                        "databases.{name}: set admin_password_file or admin_password_env, not both"
+                    )))
+                }
+                (Some(f), None) => SecretSource::File(resolve(base, &f)),
+                (None, Some(e)) => SecretSource::Env(e),
+                (None, None) => SecretSource::None,
+            };
+            let scram_iterations = d.scram_iterations.unwrap_or(1);
+            if scram_iterations == 0 || scram_iterations > 1_000_000 {
+                return Err(cfg_err(format!(
+                    "{}: must be 1..=1000000",
+                    what("scram_iterations")
+                )));
+            }
+            databases.insert(
+                name.clone(),
+                DatabaseConfig {
+                    name: name.clone(),
+                    kind,
+                    admin_url: d.admin_url,
+                    admin_password,
+                    client_host: d.client_host,
+                    client_port: d.client_port,
+                    max_connections: d.max_connections.unwrap_or(16).clamp(1, 512),
+                    connect_timeout: opt_duration(
+                        &what("connect_timeout"),
+                        d.connect_timeout.as_ref(),
+                        Duration::from_secs(3),
+                    )?,
+                    statement_timeout: opt_duration(
+                        &what("statement_timeout"),
+                        d.statement_timeout.as_ref(),
+                        Duration::from_secs(5),
+                    )?,
+                    scram_iterations,
+                },
+            );
+        }
+
+        let mut roles = BTreeMap::new();
+        for (name, r) in self.roles {
+            if !valid_key(&name) {
+                return Err(cfg_err(format!(
+                    "roles.{name}: names use a-z, 0-9, '-', '_', '.'"
+                )));
+            }
+            let what = |k: &str| format!("roles.{name}.{k}");
+            let Some(db) = databases.get(&r.database) else {
+                return Err(cfg_err(format!(
+                    "{}: no [databases.{}] is configured",
+                    what("database"),
+                    r.database
+                )));
+            };
+            let default_ttl = parse_duration(&what("default_ttl"), &r.default_ttl)?;
+            let max_ttl = parse_duration(&what("max_ttl"), &r.max_ttl)?;
+            if default_ttl.is_zero() || max_ttl.is_zero() {
+                return Err(cfg_err(format!("roles.{name}: TTLs must be positive")));
+            }
+            if default_ttl > max_ttl {
+                return Err(cfg_err(format!(
+                    "roles.{name}: default_ttl exceeds max_ttl"
+                )));
+            }
+            if max_ttl > ABSOLUTE_MAX_TTL {
+                return Err(cfg_err(format!("{}: at most 31 days", what("max_ttl"))));
+            }
+            if r.allowed.is_empty() {
+                return Err(cfg_err(format!(
+                    "{}: empty, so nobody could lease this role; list identity patterns",
+                    what("allowed")
+                )));
+            }
+            let allowed = r
+                .allowed
+                .iter()
+                .map(|p| {
+                    IdentityPattern::new(p)
+                        .map_err(|e| cfg_err(format!("{}: {e}", what("allowed"))))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for g in &r.grants {
+                if !g.contains("{{name}}") {
+                    return Err(cfg_err(format!(
+                        "{}: {g:?} does not mention {{{{name}}}}, so it would not apply to the leased user",
+                        what("grants")
+                    )));
+                }
+            }
+            let host = r.host.unwrap_or_else(|| "%".to_string());
+            let host_ok = !host.is_empty()
+                && host.len() <= 255
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b));
+            if !host_ok {
+                return Err(cfg_err(format!(
+                    "{}: {host:?} is not a MySQL host pattern",
+                    what("host")
+                )));
+            }
+            if db.kind == BackendKind::Postgres && host != "%" {
+                return Err(cfg_err(format!(
+                    "{}: only MySQL accounts have a host part; for PostgreSQL use pg_hba.conf",
+                    what("host")
+                )));
+            }
+            if let Some(rate) = r.issue_rate {
+                if !(rate.is_finite() && rate > 0.0) {
+                    return Err(cfg_err(format!(
+                        "{}: must be a positive number",
+                        what("issue_rate")
+                    )));
+                }
+            }
+            roles.insert(
+                name.clone(),
+                RoleConfig {
+                    name: name.clone(),
+                    database: r.database,
+                    default_ttl,
+                    max_ttl,
+                    allowed,
+                    grants: r.grants,
+                    host,
+                    max_leases_per_identity: r.max_leases_per_identity,
+                    issue_rate: r.issue_rate,
+                    issue_burst: r.issue_burst,
+                },
+            );
+        }
+        debug_assert!(server_prefix_fits(&server.name_prefix));
+        Ok(Config {
+            server,
+            tls,
+            store,
+            audit,
+            reaper,
+            admins,
+            databases,
+            roles,
+        })
+    }
+}
+
+fn server_prefix_fits(prefix: &str) -> bool {
+    prefix.len() + 1 + 16 < MAX_USERNAME_LEN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+admins = ["spiffe://example.org/dba/*"]
+[server]
+listen = "127.0.0.1:7443"
+metrics_listen = "127.0.0.1:9464"
+[tls]
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+client_ca = "pki/ca.pem"
+[store]
+url = "sqlite://credbroker.db"
+[audit]
+path = "audit.log"
+[databases.orders]
+kind = "postgres"
+admin_url = "postgres://broker_admin@127.0.0.1:5432/orders"
+admin_password_file = "secrets/orders-admin"
+[roles.orders-readonly]
+database = "orders"
+default_ttl = "15m"
+max_ttl = "1h"
+allowed = ["spiffe://example.org/ns/shop/*"]
+grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
+"#;
+
+    #[test]
+    fn sample_parses_and_resolves_paths() {
+        let c = Config::parse(SAMPLE, Path::new("/etc/credbroker")).unwrap();
+        assert_eq!(c.tls.cert, Path::new("/etc/credbroker/pki/server.pem"));
+        assert_eq!(c.store.url, "sqlite:///etc/credbroker/credbroker.db");
+        let r = c.role("orders-readonly").unwrap();
+        assert_eq!(r.max_ttl, Duration::from_secs(3600));
+        assert_eq!(c.databases["orders"].scram_iterations, 1);
+    }
+
+    #[test]
+    fn design_sample_with_admins_after_audit_still_works() {
+        let text = SAMPLE
+            .replace("admins = [\"spiffe://example.org/dba/*\"]\n", "")
+            .replace(
+                "path = \"audit.log\"\n",
+                "path = \"audit.log\"\nadmins = [\"spiffe://example.org/dba/*\"]\n",
+            );
+        let c = Config::parse(&text, Path::new("/")).unwrap();
+        assert_eq!(c.admins.len(), 1);
+    }
+
+    #[test]
+    fn mistakes_are_clear_errors() {
+        let cases = [
+            (
+                "max_ttl = \"1h\"",
+                "max_ttl = \"1 fortnight\"",
+                "not a duration",
+            ),
+            (
+                "database = \"orders\"",
+                "database = \"nope\"",
+                "no [databases.nope]",
+            ),
+            (
+                "default_ttl = \"15m\"",
+                "default_ttl = \"2h\"",
+                "exceeds max_ttl",
+            ),
+            (
+                "@127.0.0.1",
+                ":hunter2@127.0.0.1",
+                "must not contain a password",
+            ),
+            (
+                "kind = \"postgres\"",
+                "kind = \"oracle\"",
+                "unknown database kind",
+            ),
+            ("TO {{name}}", "TO someone", "does not mention"),
+            (
+                "listen = \"127.0.0.1:7443\"",
+                "listen = \"nowhere\"",
+                "server.listen",
+            ),
+            ("[store]", "[stor]", "unknown field"),
+        ];
+        for (from, to, want) in cases {
+            let text = SAMPLE.replace(from, to);
+            let err = Config::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{to}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Assembles a running broker from a config: audit log, lease store,
+//! backends, reaper, gRPC and metrics listeners — and takes it down again.
+//! `credbroker serve`, `credbroker demo` and the tests all start it here,
+//! with listeners and a shutdown signal of their choosing.
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditLog, Event, Outcome};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::{backend, reaper, server, store};
+
+/// Everything `run` needs besides the config.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses named in the config.
+    pub async fn bind(config: &Config) -> Result<Self> {
+        let grpc = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| Error::Config(format!("server.listen {}: {e}", config.server.listen)))?;
+        let metrics = match config.server.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::Config(format!("server.metrics_listen {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { grpc, metrics })
+    }
+}
+
+/// A broker that is ready to serve, before its listeners are running.
+pub struct Daemon {
+    pub broker: Arc<Broker>,
+    pub tls: server::SharedTls,
+    pub warnings: Vec<String>,
+}
+
+impl Daemon {
+    /// Opens audit, store and backends, and checks the databases.
+    /// Unreachable databases are warnings, not errors: leases on other
+    /// databases keep working, and the reaper retries.
+    pub async fn open(config: Config) -> Result<Self> {
+        let tls = server::tls::server_config(&config.tls)?;
+        let audit = Arc::new(AuditLog::open(&config.audit.path, false)?);
+        let store = store::open(&config.store.url).await?;
+        let backends = backend::connect_all(&config).await?;
+        let mut warnings = Vec::new();
+        for (name, b) in &backends {
+            match b.preflight().await {
+                Ok(w) => warnings.extend(w),
+                Err(e) => {
+                    warnings.push(format!("database {name:?} not reachable at start-up: {e}"))
+                }
+            }
+        }
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        let broker = Arc::new(Broker::new(
+            Arc::new(config),
+            store,
+            backends,
+            audit,
+            Arc::new(Metrics::new()),
+        ));
+        Ok(Daemon {
+            broker,
+            tls: Arc::new(RwLock::new(tls)),
+            warnings,
+        })
+    }
+
+    /// Runs the reaper and both listeners until `shutdown`; then stops
+    /// accepting, gives in-flight requests `shutdown_grace` to finish, and
+    /// returns.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let broker = self.broker;
+        let stop = CancellationToken::new();
+        let mut start = Event::new("credbroker:system", "start");
+        start.outcome = Some(Outcome::Ok);
+        broker.audit().append(start)?;
+
+        let reaper = tokio::spawn(reaper::run(broker.clone(), stop.clone().cancelled_owned()));
+        let http = listeners.metrics.map(|l| {
+            tokio::spawn(server::http::serve(
+                broker.clone(),
+                l,
+                stop.clone().cancelled_owned(),
+            ))
+        });
+        let grace = broker.config().server.shutdown_grace;
+        let grpc_stop = CancellationToken::new();
+        let grpc = tokio::spawn(server::serve_grpc(
+            broker.clone(),
+            listeners.grpc,
+            self.tls,
+            grpc_stop.clone().cancelled_owned(),
+        ));
+        tokio::pin!(shutdown);
+        let mut grpc = grpc;
+        let served = tokio::select! {
+            _ = &mut shutdown => None,
+            r = &mut grpc => Some(r),
+        };
+        tracing::info!("shutting down");
+        grpc_stop.cancel();
+        let result = match served {
+            Some(r) => r.map_err(Error::internal).and_then(|r| r),
+            None => match tokio::time::timeout(grace, &mut grpc).await {
+                Ok(r) => r.map_err(Error::internal).and_then(|r| r),
+                Err(_) => {
+                    tracing::warn!(?grace, "in-flight requests did not finish in time");
+                    grpc.abort();
+                    Ok(())
+                }
+            },
+        };
+        stop.cancel();
+        let _ = reaper.await;
+        if let Some(h) = http {
+            let _ = h.await;
+        }
+        let mut end = Event::new("credbroker:system", "stop");
+        end.outcome = Some(Outcome::Ok);
+        let _ = broker.audit().append(end);
+        result
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,62 @@
+//! credbroker: short-lived, audited database credentials for services that
+//! prove who they are with a client certificate.
+//!
+//! A lease travels: [`server`] (mTLS, gRPC) → [`identity`] → [`broker`]
+//! (policy, TTLs, limits) → [`store`] (intent first) → [`backend`] (the
+//! database user) → [`audit`]. The [`reaper`] ends what expires. Read
+//! ARCHITECTURE.md for the invariants these modules keep.
+//!
+//! Modules:
+//! - [`config`]: TOML → validated types; the only place config text is read.
+//! - [`identity`], [`policy`]: who the caller is, and what it may lease.
+//! - [`lease`]: ids, broker-made user names, zeroizing passwords, states.
+//! - [`broker`]: issue / renew / revoke / admin; no gRPC types inside.
+//! - [`limits`]: per-identity rate limits.
+//! - [`backend`]: the database trait and its PostgreSQL implementation.
+//! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
+//! - [`store`]: the lease store trait and its SQLite implementation.
+//! - [`reaper`]: expiry-ordered, batched, retrying revocation; orphan sweep.
+//! - [`audit`]: hash-chained JSON lines and their verification.
+//! - [`metrics`]: Prometheus counters and gauges.
+//! - [`server`]: tonic services, the TLS acceptor, the error → status map.
+//! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
+//! - [`client`]: the mTLS gRPC client the CLI commands share.
+//! - [`cli`]: one file per subcommand.
+//! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
+//!   for the demo and tests.
+
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod backend;
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod devenv;
+pub mod error;
+pub mod fsutil;
+pub mod identity;
+pub mod lease;
+pub mod limits;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod reaper;
+pub mod scram;
+pub mod server;
+pub mod store;
+pub mod throwaway;
+
+/// Code generated from `proto/credbroker/v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("credbroker.v1");
+
+    /// For gRPC server reflection, so `grpcurl` can list and call the API.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("credbroker_descriptor");
+}
+
+pub use error::{Error, Result};

@@ -1,0 +1,211 @@
+//! Prometheus metrics. Counters move as requests and the reaper act; gauges
+//! about the store and pools are refreshed when `/metrics` is scraped, so
+//! nothing polls the store in the background.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::broker::Reason;
+use crate::error::Error;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: String,
+    pub database: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LiveLabels {
+    pub role: String,
+    pub database: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevokeLabels {
+    pub role: String,
+    pub database: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub action: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatabaseLabels {
+    pub database: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub issued: Family<RoleLabels, Counter>,
+    pub renewed: Family<RoleLabels, Counter>,
+    pub revoked: Family<RevokeLabels, Counter>,
+    /// Requests refused or failed, by action and error kind
+    /// (`permission_denied`, `resource_exhausted`, `unavailable`, …).
+    pub failed: Family<FailureLabels, Counter>,
+    pub revocation_failures: Family<DatabaseLabels, Counter>,
+    pub issue_seconds: Histogram,
+    pub live: Family<LiveLabels, Gauge>,
+    /// Seconds the oldest due lease has waited for the reaper.
+    pub reaper_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub reaper_backlog: Gauge,
+    pub pool_size: Family<DatabaseLabels, Gauge>,
+    pub pool_available: Family<DatabaseLabels, Gauge>,
+    pub pool_max: Family<DatabaseLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("credbroker");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            issued: Family::default(),
+            renewed: Family::default(),
+            revoked: Family::default(),
+            failed: Family::default(),
+            revocation_failures: Family::default(),
+            issue_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            live: Family::default(),
+            reaper_lag_seconds: Gauge::default(),
+            reaper_backlog: Gauge::default(),
+            pool_size: Family::default(),
+            pool_available: Family::default(),
+            pool_max: Family::default(),
+        };
+        registry.register("leases_issued", "Leases issued", m.issued.clone());
+        registry.register("leases_renewed", "Leases renewed", m.renewed.clone());
+        registry.register(
+            "leases_revoked",
+            "Leases revoked, by reason",
+            m.revoked.clone(),
+        );
+        registry.register(
+            "requests_failed",
+            "Requests refused or failed, by action and error kind",
+            m.failed.clone(),
+        );
+        registry.register(
+            "revocation_failures",
+            "Failed revocation attempts (each is retried)",
+            m.revocation_failures.clone(),
+        );
+        registry.register(
+            "issue_duration_seconds",
+            "Time to issue a lease",
+            m.issue_seconds.clone(),
+        );
+        registry.register(
+            "leases_live",
+            "Live leases by role, database and state",
+            m.live.clone(),
+        );
+        registry.register(
+            "reaper_lag_seconds",
+            "How long the oldest due lease has been waiting for revocation",
+            m.reaper_lag_seconds.clone(),
+        );
+        registry.register(
+            "reaper_backlog",
+            "Leases due for revocation and not yet revoked",
+            m.reaper_backlog.clone(),
+        );
+        registry.register(
+            "backend_pool_connections",
+            "Open connections per database pool",
+            m.pool_size.clone(),
+        );
+        registry.register(
+            "backend_pool_idle",
+            "Idle connections per database pool",
+            m.pool_available.clone(),
+        );
+        registry.register(
+            "backend_pool_max",
+            "Pool size limit per database",
+            m.pool_max.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
+        m
+    }
+
+    pub fn issued(&self, role: &str, database: &str, took: Duration) {
+        self.issued
+            .get_or_create(&RoleLabels {
+                role: role.into(),
+                database: database.into(),
+            })
+            .inc();
+        self.issue_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn renewed(&self, role: &str, database: &str) {
+        self.renewed
+            .get_or_create(&RoleLabels {
+                role: role.into(),
+                database: database.into(),
+            })
+            .inc();
+    }
+
+    pub fn revoked(&self, role: &str, database: &str, reason: Reason) {
+        let reason = match reason {
+            Reason::Requested => "requested",
+            Reason::Admin => "admin",
+            Reason::Expired => "expired",
+            Reason::AbandonedIntent => "abandoned_intent",
+        };
+        self.revoked
+            .get_or_create(&RevokeLabels {
+                role: role.into(),
+                database: database.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn request_failed(&self, action: &str, error: &Error) {
+        self.failed
+            .get_or_create(&FailureLabels {
+                action: action.into(),
+                code: error.kind().into(),
+            })
+            .inc();
+    }
+
+    pub fn revocation_failed(&self, database: &str) {
+        self.revocation_failures
+            .get_or_create(&DatabaseLabels {
+                database: database.into(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}

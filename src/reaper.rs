@@ -1,0 +1,172 @@
+//! The reaper: sleeps until the next lease is due (woken early when a new
+//! one may be due sooner), revokes what is due in batches, and sweeps the
+//! databases for broker-named users that no live lease accounts for.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::time::Instant;
+
+use crate::backend::UserRef;
+use crate::broker::{backoff, Broker, Reason};
+use crate::error::Result;
+use crate::lease::LeaseState;
+
+/// Identity recorded in the audit log for the reaper's own actions.
+pub const REAPER_IDENTITY: &str = "credbroker:reaper";
+
+/// Longest sleep even when nothing is due: bounds the damage of a missed
+/// wake-up (another replica's lease, a clock step).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// Runs until `shutdown` completes.
+pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let wake = broker.reaper_wake();
+    if let Err(e) = broker.store().recover_after_start(Utc::now()).await {
+        tracing::error!(error = %e, "start-up recovery of pending intents failed; will retry as they fall due");
+    }
+    let mut sweeper = OrphanSweeper::default();
+    let mut next_sweep = Instant::now()
+        + broker
+            .config()
+            .reaper
+            .orphan_sweep_interval
+            .min(Duration::from_secs(10));
+    let mut store_failures = 0u32;
+    loop {
+        let sleep_for = match pass(&broker).await {
+            Ok(next) => {
+                store_failures = 0;
+                next
+            }
+            Err(e) => {
+                store_failures += 1;
+                let d = backoff(store_failures, Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?d, "reaper pass failed");
+                d
+            }
+        };
+        if Instant::now() >= next_sweep {
+            sweeper.sweep(&broker).await;
+            next_sweep = Instant::now() + broker.config().reaper.orphan_sweep_interval;
+        }
+        let deadline = (Instant::now() + sleep_for).min(next_sweep);
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Revokes everything due now; returns how long to sleep until the next due
+/// lease.
+pub async fn pass(broker: &Broker) -> Result<Duration> {
+    let batch = broker.config().reaper.batch_size;
+    loop {
+        let due = broker
+            .store()
+            .claim_due(Utc::now(), batch, &broker.claim())
+            .await?;
+        if due.is_empty() {
+            break;
+        }
+        let full = due.len() == batch;
+        let (abandoned, expired): (Vec<_>, Vec<_>) = due
+            .into_iter()
+            .partition(|l| l.state == LeaseState::Pending);
+        if !abandoned.is_empty() {
+            broker
+                .revoke_claimed(abandoned, REAPER_IDENTITY, Reason::AbandonedIntent, false)
+                .await;
+        }
+        if !expired.is_empty() {
+            broker
+                .revoke_claimed(expired, REAPER_IDENTITY, Reason::Expired, false)
+                .await;
+        }
+        if !full {
+            break;
+        }
+    }
+    let next = broker.store().next_due().await?;
+    let now = Utc::now();
+    Ok(match next {
+        // Due already (e.g. a claim held by another replica): look again soon.
+        Some(t) if t <= now => Duration::from_millis(500),
+        Some(t) => (t - now).to_std().unwrap_or_default().min(MAX_SLEEP) + Duration::from_millis(5),
+        None => MAX_SLEEP,
+    })
+}
+
+/// Drops broker-named users that no live lease accounts for. A name must
+/// be seen orphaned in two sweeps in a row before it is dropped, and only
+/// names in the broker's exact format are ever candidates.
+#[derive(Default)]
+pub struct OrphanSweeper {
+    suspects: HashMap<String, HashSet<String>>,
+}
+
+impl OrphanSweeper {
+    pub async fn sweep(&mut self, broker: &Broker) {
+        let prefix = broker.config().server.name_prefix.clone();
+        for (db, backend) in broker.backends() {
+            // Database first, store second: an intent is written before its
+            // user is created, so any user we list has its lease visible by
+            // the time we read the store.
+            let users = match backend.list_broker_users(&prefix).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(database = %db, error = %e, "orphan sweep skipped");
+                    continue;
+                }
+            };
+            let live = match broker.store().live_usernames(db).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "orphan sweep: store unreadable");
+                    return;
+                }
+            };
+            let orphans: Vec<UserRef> = users
+                .into_iter()
+                .filter(|u| !live.contains(u.username.as_str()))
+                .collect();
+            let previous = self.suspects.remove(db).unwrap_or_default();
+            let (confirmed, fresh): (Vec<UserRef>, Vec<UserRef>) = orphans
+                .into_iter()
+                .partition(|u| previous.contains(u.username.as_str()));
+            self.suspects.insert(
+                db.clone(),
+                fresh
+                    .iter()
+                    .map(|u| u.username.as_str().to_string())
+                    .collect(),
+            );
+            if confirmed.is_empty() {
+                continue;
+            }
+            match backend.revoke(&confirmed).await {
+                Ok(()) => {
+                    for u in &confirmed {
+                        tracing::warn!(database = %db, username = %u.username, "dropped orphaned broker user");
+                        let mut e = crate::audit::Event::new(REAPER_IDENTITY, "drop_orphan");
+                        e.database = Some(db.clone());
+                        e.username = Some(u.username.to_string());
+                        e.outcome = Some(crate::audit::Outcome::Ok);
+                        let _ = broker.audit().append(e);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(database = %db, error = %e, "orphan drop failed; retrying next sweep");
+                    let entry = self.suspects.entry(db.clone()).or_default();
+                    entry.extend(confirmed.iter().map(|u| u.username.as_str().to_string()));
+                }
+            }
+        }
+    }
+}

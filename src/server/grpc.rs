@@ -1,0 +1,317 @@
+//! The gRPC services: turn requests into broker calls and results into
+//! replies. Caller identity comes only from the verified peer certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tonic::{Request, Response, Status};
+
+use crate::broker::{Broker, Selector};
+use crate::identity::Identity;
+use crate::lease::{Lease, LeaseId, LeaseState};
+use crate::pb;
+use crate::server::status::to_status;
+use crate::store::LeaseFilter;
+
+/// Longest TTL a request may name, before any role's limit applies:
+/// anything beyond is surely a mistake, and keeps arithmetic far from
+/// overflow.
+const MAX_REQUEST_TTL_SECS: i64 = 366 * 24 * 3600;
+
+fn identity<T>(req: &Request<T>) -> Result<Identity, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    Identity::from_cert_der(leaf.as_ref()).map_err(to_status)
+}
+
+pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn state_to_pb(s: LeaseState) -> pb::LeaseState {
+    match s {
+        LeaseState::Pending => pb::LeaseState::Pending,
+        LeaseState::Active => pb::LeaseState::Active,
+        LeaseState::Failing => pb::LeaseState::Failing,
+        LeaseState::Revoked => pb::LeaseState::Revoked,
+    }
+}
+
+pub fn state_from_pb(s: pb::LeaseState) -> Option<LeaseState> {
+    match s {
+        pb::LeaseState::Unspecified => None,
+        pb::LeaseState::Pending => Some(LeaseState::Pending),
+        pb::LeaseState::Active => Some(LeaseState::Active),
+        pb::LeaseState::Failing => Some(LeaseState::Failing),
+        pb::LeaseState::Revoked => Some(LeaseState::Revoked),
+    }
+}
+
+fn ttl(seconds: i64) -> Result<Option<Duration>, Status> {
+    match seconds {
+        0 => Ok(None),
+        s if s < 0 => Err(Status::invalid_argument("ttl_seconds must not be negative")),
+        s if s > MAX_REQUEST_TTL_SECS => {
+            Err(Status::invalid_argument("ttl_seconds is absurdly large"))
+        }
+        s => Ok(Some(Duration::from_secs(s as u64))),
+    }
+}
+
+fn lease_id(s: &str) -> Result<LeaseId, Status> {
+    if s.is_empty() {
+        return Err(Status::invalid_argument("lease_id is required"));
+    }
+    LeaseId::parse(s).map_err(to_status)
+}
+
+fn lease_reply(broker: &Broker, lease: &Lease, dsn: String, password: String) -> pb::Lease {
+    let endpoint = broker.endpoint(&lease.database);
+    pb::Lease {
+        lease_id: lease.id.to_string(),
+        role: lease.role.clone(),
+        database: lease.database.clone(),
+        kind: lease.kind.as_str().to_string(),
+        username: lease.username.to_string(),
+        password,
+        dsn,
+        host: endpoint
+            .as_ref()
+            .map(|e| e.host.clone())
+            .unwrap_or_default(),
+        port: endpoint
+            .as_ref()
+            .map(|e| u32::from(e.port))
+            .unwrap_or_default(),
+        database_name: endpoint.map(|e| e.database).unwrap_or_default(),
+        issued_at: Some(ts(lease.issued_at)),
+        expires_at: Some(ts(lease.expires_at)),
+        max_expires_at: Some(ts(lease.max_expires_at)),
+        renewable: lease.renewable(Utc::now()),
+        identity: lease.identity.clone(),
+        state: state_to_pb(lease.state) as i32,
+    }
+}
+
+pub struct BrokerService {
+    pub broker: Arc<Broker>,
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerService {
+    async fn issue_lease(
+        &self,
+        req: Request<pb::IssueLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let ttl = ttl(r.ttl_seconds)?;
+        let issued = self
+            .broker
+            .issue(&who, &r.role, ttl)
+            .await
+            .map_err(to_status)?;
+        let reply = lease_reply(
+            &self.broker,
+            &issued.lease,
+            issued.dsn.clone(),
+            issued.password.expose().to_string(),
+        );
+        Ok(Response::new(reply))
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let id = lease_id(&r.lease_id)?;
+        let ttl = ttl(r.ttl_seconds)?;
+        let lease = self.broker.renew(&who, &id, ttl).await.map_err(to_status)?;
+        let dsn = self
+            .broker
+            .lookup(&who, &id)
+            .await
+            .map(|(_, d)| d)
+            .unwrap_or_default();
+        Ok(Response::new(lease_reply(
+            &self.broker,
+            &lease,
+            dsn,
+            String::new(),
+        )))
+    }
+
+    async fn revoke_lease(
+        &self,
+        req: Request<pb::RevokeLeaseRequest>,
+    ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
+        let who = identity(&req)?;
+        let id = lease_id(&req.get_ref().lease_id)?;
+        let lease = self.broker.revoke(&who, &id).await.map_err(to_status)?;
+        Ok(Response::new(pb::RevokeLeaseResponse {
+            lease_id: lease.id.to_string(),
+            state: state_to_pb(lease.state) as i32,
+        }))
+    }
+
+    async fn lookup_lease(
+        &self,
+        req: Request<pb::LookupLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let who = identity(&req)?;
+        let id = lease_id(&req.get_ref().lease_id)?;
+        let (lease, dsn) = self.broker.lookup(&who, &id).await.map_err(to_status)?;
+        Ok(Response::new(lease_reply(
+            &self.broker,
+            &lease,
+            dsn,
+            String::new(),
+        )))
+    }
+}
+
+pub struct AdminService {
+    pub broker: Arc<Broker>,
+}
+
+/// Most rows one ListLeases returns when the caller sets no limit.
+const DEFAULT_LIST_LIMIT: usize = 10_000;
+
+fn summary(l: &Lease) -> pb::LeaseSummary {
+    pb::LeaseSummary {
+        lease_id: l.id.to_string(),
+        identity: l.identity.clone(),
+        role: l.role.clone(),
+        database: l.database.clone(),
+        username: l.username.to_string(),
+        state: state_to_pb(l.state) as i32,
+        issued_at: Some(ts(l.issued_at)),
+        expires_at: Some(ts(l.expires_at)),
+        max_expires_at: Some(ts(l.max_expires_at)),
+        revoke_attempts: l.revoke_attempts,
+        last_error: l.last_error.clone().unwrap_or_default(),
+    }
+}
+
+fn bounded(field: &str, s: String) -> Result<Option<String>, Status> {
+    if s.len() > 1024 {
+        return Err(Status::invalid_argument(format!(
+            "{field} is longer than 1024 bytes"
+        )));
+    }
+    Ok((!s.is_empty()).then_some(s))
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let mut states = Vec::new();
+        for s in &r.states {
+            let s = pb::LeaseState::try_from(*s)
+                .map_err(|_| Status::invalid_argument("unknown lease state"))?;
+            states.extend(state_from_pb(s));
+        }
+        if r.expiring_within_seconds < 0 || r.expiring_within_seconds > MAX_REQUEST_TTL_SECS {
+            return Err(Status::invalid_argument(
+                "expiring_within_seconds out of range",
+            ));
+        }
+        let filter = LeaseFilter {
+            role: bounded("role", r.role)?,
+            database: bounded("database", r.database)?,
+            identity: bounded("identity", r.identity)?,
+            states,
+            expiring_before: (r.expiring_within_seconds > 0)
+                .then(|| Utc::now() + chrono::Duration::seconds(r.expiring_within_seconds)),
+            limit: Some(if r.limit == 0 {
+                DEFAULT_LIST_LIMIT
+            } else {
+                r.limit as usize
+            }),
+        };
+        let leases = self
+            .broker
+            .admin_list(&who, &filter)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: leases.iter().map(summary).collect(),
+        }))
+    }
+
+    async fn revoke_leases(
+        &self,
+        req: Request<pb::RevokeLeasesRequest>,
+    ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        use pb::revoke_leases_request::Selector as S;
+        let selector = match r.selector {
+            Some(S::LeaseId(id)) => Selector::Lease(lease_id(&id)?),
+            Some(S::Role(v)) => Selector::Role(
+                bounded("role", v)?.ok_or_else(|| Status::invalid_argument("role is empty"))?,
+            ),
+            Some(S::Database(v)) => Selector::Database(
+                bounded("database", v)?
+                    .ok_or_else(|| Status::invalid_argument("database is empty"))?,
+            ),
+            Some(S::Identity(v)) => Selector::Identity(
+                bounded("identity", v)?
+                    .ok_or_else(|| Status::invalid_argument("identity is empty"))?,
+            ),
+            Some(S::All(true)) => Selector::All,
+            Some(S::All(false)) | None => {
+                return Err(Status::invalid_argument(
+                    "name what to revoke: lease_id, role, database, identity or all",
+                ))
+            }
+        };
+        let out = self
+            .broker
+            .admin_revoke(&who, &selector, r.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RevokeLeasesResponse {
+            revoked: out.revoked.len() as u32,
+            failures: out
+                .failed
+                .into_iter()
+                .map(|(id, error)| pb::RevokeFailure {
+                    lease_id: id.to_string(),
+                    error,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rotate_root(
+        &self,
+        req: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<pb::RotateRootResponse>, Status> {
+        let who = identity(&req)?;
+        let database = req.into_inner().database;
+        self.broker
+            .rotate_root(&who, &database)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RotateRootResponse {
+            database,
+            rotated_at: Some(ts(Utc::now())),
+        }))
+    }
+}

@@ -1,0 +1,62 @@
+//! The network face: gRPC (Broker, Admin, health, reflection) over our own
+//! mTLS acceptor, and a plain-HTTP listener for `/metrics` and `/healthz`.
+
+pub mod grpc;
+pub mod http;
+pub mod status;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::pb;
+
+pub use tls::SharedTls;
+
+/// Serves until `shutdown` completes, then stops accepting and lets
+/// in-flight requests finish (the caller bounds how long it waits).
+pub async fn serve_grpc(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    tls: SharedTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let max_age = broker.config().server.max_connection_age;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::broker_server::BrokerServer<grpc::BrokerService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::admin_server::AdminServer<grpc::AdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::internal(format!("reflection: {e}")))?;
+    let incoming = ReceiverStream::new(tls::incoming(listener, tls, broker.audit().clone()));
+    tonic::transport::Server::builder()
+        // A client whose certificate was revoked must handshake again.
+        .max_connection_age(max_age)
+        .max_connection_age_grace(Duration::from_secs(30))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .timeout(Duration::from_secs(60))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::broker_server::BrokerServer::new(grpc::BrokerService {
+            broker: broker.clone(),
+        }))
+        .add_service(pb::admin_server::AdminServer::new(grpc::AdminService {
+            broker,
+        }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| Error::unavailable(format!("gRPC server: {e}")))
+}

@@ -1,0 +1,122 @@
+//! The lease store: the broker's memory of every lease, and the reason no
+//! database user is ever untracked.
+//!
+//! Rules every implementation keeps:
+//! - an intent row (`pending`) is written **before** the user is created;
+//! - a lease becomes `revoked` only **after** its drop succeeded;
+//! - nothing secret is stored: there is no column for a password;
+//! - nothing loads every lease into memory: the reaper asks for what is due.
+
+pub mod sqlite;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::lease::{Lease, LeaseId, LeaseState};
+
+/// Which leases `list` returns. Empty fields match everything; an empty
+/// `states` means every live state.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseFilter {
+    pub role: Option<String>,
+    pub database: Option<String>,
+    pub identity: Option<String>,
+    pub states: Vec<LeaseState>,
+    pub expiring_before: Option<DateTime<Utc>>,
+    pub limit: Option<usize>,
+}
+
+/// A claim on a lease's revocation: held by one broker (`owner`) until
+/// `until`, so two reapers — or a reaper and an explicit revoke — never drop
+/// the same user twice; a crashed owner's claim simply runs out.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub owner: String,
+    pub until: DateTime<Utc>,
+}
+
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Records the intent to create `lease.username`. `lease.state` is
+    /// `Pending` and `lease.due_at` the deadline after which the reaper may
+    /// assume the issuer died and clean up.
+    async fn insert_intent(&self, lease: &Lease) -> Result<()>;
+
+    /// Pending → active, due at its expiry.
+    async fn activate(&self, id: &LeaseId) -> Result<()>;
+
+    async fn get(&self, id: &LeaseId) -> Result<Option<Lease>>;
+
+    /// Moves the expiry of an active, unclaimed lease. Returns false when the
+    /// lease is no longer active (revoked or being revoked meanwhile).
+    async fn set_expiry(&self, id: &LeaseId, expires_at: DateTime<Utc>) -> Result<bool>;
+
+    /// Claims one live lease for revocation now (an explicit revoke).
+    /// Returns None when it is not live or another owner holds a claim.
+    async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>>;
+
+    /// Claims up to `limit` live leases due at or before `now` that no one
+    /// else holds a live claim on, earliest first.
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        claim: &Claim,
+    ) -> Result<Vec<Lease>>;
+
+    /// Marks leases revoked; the caller has confirmed the users are gone.
+    async fn mark_revoked(&self, ids: &[LeaseId], at: DateTime<Utc>) -> Result<()>;
+
+    /// Records a failed revocation: attempts + 1, the error (already free of
+    /// secrets), the next attempt time, and `failing` once retries are many.
+    /// Releases the claim.
+    async fn record_failure(
+        &self,
+        id: &LeaseId,
+        error: &str,
+        next_due: DateTime<Utc>,
+        failing: bool,
+    ) -> Result<()>;
+
+    /// Releases a claim without other change (e.g. shutting down).
+    async fn release(&self, id: &LeaseId) -> Result<()>;
+
+    /// The earliest `due_at` among live leases: when the reaper must wake.
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>>;
+
+    async fn list(&self, filter: &LeaseFilter) -> Result<Vec<Lease>>;
+
+    /// Live leases of `identity` on `role` (for the per-identity cap).
+    async fn count_live(&self, identity: &str, role: &str) -> Result<u64>;
+
+    /// User names of every live lease on `database` (for the orphan sweep).
+    async fn live_usernames(&self, database: &str) -> Result<HashSet<String>>;
+
+    /// Live lease counts by (role, database, state), for metrics.
+    async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>>;
+
+    /// Called once at start. A store only this process can use (SQLite) makes
+    /// every pending intent due now, since its issuer is certainly dead; a
+    /// shared store leaves them to their grace deadline.
+    async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64>;
+}
+
+/// Opens the store named by `store.url`.
+pub async fn open(url: &str) -> Result<Arc<dyn LeaseStore>> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let store = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
+        return Ok(Arc::new(store));
+    }
+    Err(Error::Config(format!(
+        "store.url: unsupported store {:?} (this build supports sqlite://PATH)",
+        url.split("://").next().unwrap_or("")
+    )))
+}
+
+/// How long a claim lasts before another owner may take the lease over.
+pub const DEFAULT_CLAIM: Duration = Duration::from_secs(60);

@@ -1,0 +1,475 @@
+//! The embedded lease store: one SQLite file, nothing to run.
+//!
+//! WAL journal with `synchronous = FULL`: a commit is on disk before the
+//! broker acknowledges a lease, so power loss cannot lose one. The file is
+//! opened in exclusive locking mode, because a second broker on the same
+//! file would resolve the first one's pending intents as dead.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::error::{Error, Result};
+use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
+use crate::store::{Claim, LeaseFilter, LeaseStore};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATION_1: &str = "
+CREATE TABLE leases (
+    id              TEXT PRIMARY KEY,
+    role            TEXT NOT NULL,
+    database        TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    username        TEXT NOT NULL,
+    user_host       TEXT NOT NULL DEFAULT '',
+    identity        TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    issued_at       INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    max_expires_at  INTEGER NOT NULL,
+    due_at          INTEGER NOT NULL,
+    revoked_at      INTEGER,
+    revoke_attempts INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    claimed_by      TEXT,
+    claim_until     INTEGER
+);
+CREATE UNIQUE INDEX leases_username ON leases(database, username);
+-- The reaper's question, 'what is due next', reads only live rows.
+CREATE INDEX leases_live_due ON leases(due_at) WHERE state <> 'revoked';
+CREATE INDEX leases_live_identity ON leases(identity, role) WHERE state <> 'revoked';
+";
+
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            Error::Unavailable("lease store is busy".into())
+        }
+        other => Error::Internal(format!("lease store: {other}")),
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(v).unwrap_or_default()
+}
+
+const COLUMNS: &str = "id, role, database, kind, username, user_host, identity, state, issued_at, \
+                       expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error";
+
+fn row_to_lease(row: &Row<'_>) -> rusqlite::Result<Lease> {
+    let kind: String = row.get(3)?;
+    let state: String = row.get(7)?;
+    let conv = |e: Error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    };
+    Ok(Lease {
+        id: LeaseId::from_store(row.get(0)?),
+        role: row.get(1)?,
+        database: row.get(2)?,
+        kind: BackendKind::parse(&kind).map_err(conv)?,
+        username: Username::from_store(row.get(4)?),
+        user_host: row.get(5)?,
+        identity: row.get(6)?,
+        state: LeaseState::parse(&state).map_err(conv)?,
+        issued_at: from_ms(row.get(8)?),
+        expires_at: from_ms(row.get(9)?),
+        max_expires_at: from_ms(row.get(10)?),
+        due_at: from_ms(row.get(11)?),
+        revoked_at: row.get::<_, Option<i64>>(12)?.map(from_ms),
+        revoke_attempts: row.get::<_, i64>(13)? as u32,
+        last_error: row.get(14)?,
+    })
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
+        let conn = tokio::task::spawn_blocking(move || Self::open_blocking(&path))
+            .await
+            .map_err(Error::internal)??;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn open_blocking(path: &Path) -> Result<Connection> {
+        let ctx = |what: &str, e: rusqlite::Error| {
+            Error::Config(format!("lease store {}: {what}: {e}", path.display()))
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Config(format!("lease store directory {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|e| ctx("cannot open", e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(2))
+            .map_err(|e| ctx("busy timeout", e))?;
+        // Reading the header first turns a corrupt or foreign file into a
+        // clear start-up error instead of an empty store.
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| ctx("not a readable SQLite database", e))?;
+        if check != "ok" {
+            return Err(Error::Config(format!(
+                "lease store {} is corrupt ({check}); restore it from a backup",
+                path.display()
+            )));
+        }
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA locking_mode = EXCLUSIVE;
+             PRAGMA foreign_keys = ON;",
+        )
+        .map_err(|e| ctx("cannot set up (is another broker using this file?)", e))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| ctx("schema version", e))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Config(format!(
+                "lease store {} has schema version {version}, newer than this broker ({SCHEMA_VERSION})",
+                path.display()
+            )));
+        }
+        if version < 1 {
+            let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;");
+            conn.execute_batch(&tx_sql).map_err(|e| {
+                ctx(
+                    "cannot create schema (is another broker using this file?)",
+                    e,
+                )
+            })?;
+        }
+        Ok(conn)
+    }
+
+    /// Runs `f` on the connection off the async threads.
+    async fn with<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard).map_err(db_err)
+        })
+        .await
+        .map_err(Error::internal)?
+    }
+}
+
+#[async_trait]
+impl LeaseStore for SqliteStore {
+    async fn insert_intent(&self, lease: &Lease) -> Result<()> {
+        let l = lease.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO leases (id, role, database, kind, username, user_host, identity, state, \
+                 issued_at, expires_at, max_expires_at, due_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    l.id.as_str(),
+                    l.role,
+                    l.database,
+                    l.kind.as_str(),
+                    l.username.as_str(),
+                    l.user_host,
+                    l.identity,
+                    l.state.as_str(),
+                    ms(l.issued_at),
+                    ms(l.expires_at),
+                    ms(l.max_expires_at),
+                    ms(l.due_at)
+                ],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn activate(&self, id: &LeaseId) -> Result<()> {
+        let id = id.as_str().to_string();
+        let n = self
+            .with(move |c| {
+                c.execute(
+                    "UPDATE leases SET state = 'active', due_at = expires_at WHERE id = ?1 AND state = 'pending'",
+                    params![id],
+                )
+            })
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Error::internal("lease intent vanished before activation"))
+        }
+    }
+
+    async fn get(&self, id: &LeaseId) -> Result<Option<Lease>> {
+        let id = id.as_str().to_string();
+        self.with(move |c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
+                params![id],
+                row_to_lease,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn set_expiry(&self, id: &LeaseId, expires_at: DateTime<Utc>) -> Result<bool> {
+        let id = id.as_str().to_string();
+        let n = self
+            .with(move |c| {
+                c.execute(
+                    "UPDATE leases SET expires_at = ?2, due_at = ?2 \
+                     WHERE id = ?1 AND state = 'active' AND claimed_by IS NULL",
+                    params![id, ms(expires_at)],
+                )
+            })
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
+        let id = id.as_str().to_string();
+        let claim = claim.clone();
+        self.with(move |c| {
+            let now = ms(Utc::now());
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE leases SET claimed_by = ?2, claim_until = ?3, due_at = MIN(due_at, ?4) \
+                 WHERE id = ?1 AND state <> 'revoked' \
+                 AND (claimed_by IS NULL OR claimed_by = ?2 OR claim_until < ?4)",
+                params![id, claim.owner, ms(claim.until), now],
+            )?;
+            let lease = if n == 1 {
+                tx.query_row(
+                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
+                    params![id],
+                    row_to_lease,
+                )
+                .optional()?
+            } else {
+                None
+            };
+            tx.commit()?;
+            Ok(lease)
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        claim: &Claim,
+    ) -> Result<Vec<Lease>> {
+        let claim = claim.clone();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let leases = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM leases WHERE state <> 'revoked' AND due_at <= ?1 \
+                     AND (claimed_by IS NULL OR claim_until < ?1) ORDER BY due_at LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![ms(now), limit as i64], row_to_lease)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            {
+                let mut upd = tx.prepare_cached(
+                    "UPDATE leases SET claimed_by = ?2, claim_until = ?3 WHERE id = ?1",
+                )?;
+                for l in &leases {
+                    upd.execute(params![l.id.as_str(), claim.owner, ms(claim.until)])?;
+                }
+            }
+            tx.commit()?;
+            Ok(leases)
+        })
+        .await
+    }
+
+    async fn mark_revoked(&self, ids: &[LeaseId], at: DateTime<Utc>) -> Result<()> {
+        let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_string()).collect();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut upd = tx.prepare_cached(
+                    "UPDATE leases SET state = 'revoked', revoked_at = ?2, claimed_by = NULL, claim_until = NULL \
+                     WHERE id = ?1",
+                )?;
+                for id in &ids {
+                    upd.execute(params![id, ms(at)])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn record_failure(
+        &self,
+        id: &LeaseId,
+        error: &str,
+        next_due: DateTime<Utc>,
+        failing: bool,
+    ) -> Result<()> {
+        let id = id.as_str().to_string();
+        let error = error.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = ?2, due_at = ?3, \
+                 state = CASE WHEN ?4 AND state <> 'revoked' THEN 'failing' ELSE state END, \
+                 claimed_by = NULL, claim_until = NULL WHERE id = ?1",
+                params![id, error, ms(next_due), failing],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn release(&self, id: &LeaseId) -> Result<()> {
+        let id = id.as_str().to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE leases SET claimed_by = NULL, claim_until = NULL WHERE id = ?1",
+                params![id],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT MIN(due_at) FROM leases WHERE state <> 'revoked'",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+        })
+        .await
+        .map(|v| v.map(from_ms))
+    }
+
+    async fn list(&self, filter: &LeaseFilter) -> Result<Vec<Lease>> {
+        let f = filter.clone();
+        self.with(move |c| {
+            let mut sql = format!("SELECT {COLUMNS} FROM leases WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let mut push = |sql: &mut String, cond: &str, v: rusqlite::types::Value| {
+                args.push(v);
+                sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+            };
+            if let Some(r) = &f.role {
+                push(&mut sql, "role =", r.clone().into());
+            }
+            if let Some(d) = &f.database {
+                push(&mut sql, "database =", d.clone().into());
+            }
+            if let Some(i) = &f.identity {
+                push(&mut sql, "identity =", i.clone().into());
+            }
+            if let Some(t) = f.expiring_before {
+                push(&mut sql, "expires_at <=", ms(t).into());
+            }
+            if f.states.is_empty() {
+                sql.push_str(" AND state <> 'revoked'");
+            } else {
+                let states: Vec<String> = f
+                    .states
+                    .iter()
+                    .map(|s| format!("'{}'", s.as_str()))
+                    .collect();
+                sql.push_str(&format!(" AND state IN ({})", states.join(",")));
+            }
+            sql.push_str(" ORDER BY expires_at, id");
+            if let Some(limit) = f.limit {
+                sql.push_str(&format!(" LIMIT {limit}"));
+            }
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_lease)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {
+        let (identity, role) = (identity.to_string(), role.to_string());
+        self.with(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM leases WHERE identity = ?1 AND role = ?2 AND state <> 'revoked'",
+                params![identity, role],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
+    async fn live_usernames(&self, database: &str) -> Result<HashSet<String>> {
+        let database = database.to_string();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT username FROM leases WHERE database = ?1 AND state <> 'revoked'",
+            )?;
+            let rows = stmt.query_map(params![database], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT role, database, state, COUNT(*) FROM leases WHERE state <> 'revoked' \
+                 GROUP BY role, database, state",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let state: String = r.get(2)?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    LeaseState::parse(&state).unwrap_or(LeaseState::Active),
+                    r.get::<_, i64>(3)? as u64,
+                ))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64> {
+        self.with(move |c| {
+            c.execute(
+                "UPDATE leases SET due_at = MIN(due_at, ?1), claimed_by = NULL, claim_until = NULL \
+                 WHERE state = 'pending'",
+                params![ms(now)],
+            )?;
+            // Claims of our own previous life are void: this file has one owner.
+            c.execute("UPDATE leases SET claimed_by = NULL, claim_until = NULL WHERE claimed_by IS NOT NULL", [])
+                .map(|n| n as u64)
+        })
+        .await
+    }
+}

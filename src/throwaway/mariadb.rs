@@ -1,0 +1,308 @@
+//! A throwaway MariaDB server: `mariadb-install-db` into a temporary
+//! directory, then `mariadbd` under the supervisor (see the module docs).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use mysql_async::prelude::Queryable;
+
+use super::{
+    create_log, free_port, random_password, run_setup, wait_until_ready, RunAs, ServerCommand,
+    Supervised, TempDir,
+};
+
+const MARIADBD: &str = "/usr/sbin/mariadbd";
+const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
+const HOST: &str = "127.0.0.1";
+const ROOT: &str = "root";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How to configure a [`ThrowawayMariadb`].
+#[derive(Debug, Clone)]
+pub struct MariadbOptions {
+    /// `event_scheduler`; MariaDB's own default is OFF, the broker's expiry
+    /// failsafe events need it ON.
+    pub event_scheduler: bool,
+}
+
+impl Default for MariadbOptions {
+    fn default() -> Self {
+        MariadbOptions {
+            event_scheduler: true,
+        }
+    }
+}
+
+/// A MariaDB server on 127.0.0.1 that lives as long as this value (and never
+/// longer than this process).
+pub struct ThrowawayMariadb {
+    // Declared before `dir`: the server must be gone before its directory is.
+    server: Option<Supervised>,
+    dir: TempDir,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    socket: PathBuf,
+    run_as: Option<RunAs>,
+    port: u16,
+    password: String,
+    opts: MariadbOptions,
+}
+
+impl fmt::Debug for ThrowawayMariadb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThrowawayMariadb")
+            .field("port", &self.port)
+            .field("data_dir", &self.data_dir)
+            .field("running", &self.server.is_some())
+            .field("password", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the MariaDB server binaries are installed, so tests can skip
+/// instead of fail where they are not.
+pub fn mariadb_binaries_present() -> bool {
+    Path::new(MARIADBD).is_file() && Path::new(INSTALL_DB).is_file()
+}
+
+fn missing_binaries() -> io::Error {
+    io::Error::other(format!(
+        "MariaDB server binaries not found ({MARIADBD}, {INSTALL_DB}): install them with \
+         `apt-get install mariadb-server`"
+    ))
+}
+
+/// A single-quoted SQL string literal (MariaDB treats backslash as an escape).
+fn sql_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+impl ThrowawayMariadb {
+    /// Creates a data directory, starts the server, and gives `root` a random
+    /// password for TCP logins; returns once it accepts connections.
+    pub async fn start(opts: MariadbOptions) -> io::Result<Self> {
+        if !mariadb_binaries_present() {
+            return Err(missing_binaries());
+        }
+        let run_as = RunAs::choose("mysql")?;
+        let dir = TempDir::new("mariadb", run_as.as_ref())?;
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join("mariadb.log");
+        create_log(&log_path, run_as.as_ref())?;
+
+        let mut install = Command::new(INSTALL_DB);
+        install
+            // Must come first; keeps the machine's /etc/mysql out of the way.
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data_dir.display()))
+            .args([
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--skip-name-resolve",
+                "--skip-auth-anonymous-user",
+            ])
+            .args(tuning_args())
+            .current_dir(dir.path())
+            .env("LC_ALL", "C");
+        // Run as the server's user directly rather than with `--user`, so the
+        // same code works when we are not root.
+        if let Some(user) = &run_as {
+            user.apply(&mut install);
+        }
+        run_setup(install, "mariadb-install-db", &log_path).await?;
+
+        let mut db = ThrowawayMariadb {
+            server: None,
+            socket: dir.path().join("mariadb.sock"),
+            dir,
+            data_dir,
+            log_path,
+            run_as,
+            port: free_port()?,
+            password: random_password(),
+            opts,
+        };
+        db.spawn_and_wait(true).await?;
+        db.set_root_password().await?;
+        Ok(db)
+    }
+
+    fn socket_opts(&self) -> mysql_async::OptsBuilder {
+        mysql_async::OptsBuilder::default()
+            .socket(Some(self.socket.to_string_lossy()))
+            .user(Some(ROOT))
+    }
+
+    /// Options for a root connection over TCP, password included.
+    ///
+    /// `prefer_socket` is off: mysql_async otherwise silently reconnects a
+    /// loopback TCP connection over the server's Unix socket, where accounts
+    /// match as `'user'@'localhost'` instead of `'user'@'127.0.0.1'`.
+    pub fn opts(&self) -> mysql_async::OptsBuilder {
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname(HOST)
+            .tcp_port(self.port)
+            .user(Some(ROOT))
+            .pass(Some(self.password.clone()))
+            .prefer_socket(false)
+    }
+
+    /// Connects as root over TCP.
+    pub async fn connect(&self) -> io::Result<mysql_async::Conn> {
+        mysql_async::Conn::new(self.opts()).await.map_err(|e| {
+            io::Error::other(format!(
+                "cannot connect to throwaway MariaDB {}: {e}",
+                self.url()
+            ))
+        })
+    }
+
+    async fn set_root_password(&self) -> io::Result<()> {
+        let fail = |e: mysql_async::Error| {
+            io::Error::other(format!(
+                "cannot set the throwaway MariaDB root password: {e}"
+            ))
+        };
+        let mut conn = mysql_async::Conn::new(self.socket_opts())
+            .await
+            .map_err(fail)?;
+        let password = sql_literal(&self.password);
+        let mut sql = format!("ALTER USER 'root'@'localhost' IDENTIFIED BY {password};");
+        for host in [HOST, "%"] {
+            sql.push_str(&format!(
+                "CREATE USER 'root'@'{host}' IDENTIFIED BY {password};\
+                 GRANT ALL PRIVILEGES ON *.* TO 'root'@'{host}' WITH GRANT OPTION;"
+            ));
+        }
+        conn.query_drop(sql).await.map_err(fail)?;
+        conn.disconnect().await.map_err(fail)?;
+        // Prove TCP logins work before anyone relies on them.
+        self.connect().await?.disconnect().await.map_err(fail)
+    }
+
+    async fn spawn_and_wait(&mut self, fresh: bool) -> io::Result<()> {
+        let mut args = vec![
+            // Must come first; keeps the machine's /etc/mysql out of the way.
+            "--no-defaults".to_string(),
+            format!("--datadir={}", self.data_dir.display()),
+            format!("--socket={}", self.socket.display()),
+            format!("--port={}", self.port),
+            format!("--bind-address={HOST}"),
+            format!(
+                "--pid-file={}",
+                self.dir.path().join("mariadbd.pid").display()
+            ),
+            format!("--tmpdir={}", self.dir.path().display()),
+            format!(
+                "--event-scheduler={}",
+                if self.opts.event_scheduler {
+                    "ON"
+                } else {
+                    "OFF"
+                }
+            ),
+            "--skip-log-bin".into(),
+            "--skip-name-resolve".into(),
+            "--max-connections=200".into(),
+        ];
+        args.extend(tuning_args().iter().map(|s| s.to_string()));
+        let server = Supervised::spawn(&ServerCommand {
+            program: Path::new(MARIADBD),
+            args,
+            log: &self.log_path,
+            dir: self.dir.path(),
+            run_as: self.run_as.as_ref(),
+            // Nothing to preserve on drop: SIGKILL is fastest, InnoDB recovers.
+            immediate_signal: "KILL",
+            fast_signal: "TERM",
+        })?;
+        // Until the root password is set only the socket login works.
+        let opts: mysql_async::Opts = if fresh {
+            self.socket_opts().into()
+        } else {
+            self.opts().into()
+        };
+        let ready = wait_until_ready("MariaDB", &server, &self.log_path, READY_TIMEOUT, || {
+            let opts = opts.clone();
+            async move {
+                let conn = mysql_async::Conn::new(opts)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                conn.disconnect().await.map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        // On failure `server` is dropped here, which kills it.
+        ready?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    pub fn host(&self) -> &str {
+        HOST
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn root_password(&self) -> &str {
+        &self.password
+    }
+
+    /// `mysql://root@127.0.0.1:PORT/`, without the password. mysql_async reads
+    /// it with `prefer_socket` on; see [`opts`](Self::opts).
+    pub fn url(&self) -> String {
+        format!("mysql://{ROOT}@{HOST}:{}/", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log_path.clone()
+    }
+
+    pub fn read_log(&self) -> io::Result<String> {
+        let bytes = std::fs::read(&self.log_path).map_err(|e| {
+            io::Error::other(format!("cannot read {}: {e}", self.log_path.display()))
+        })?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether the server runs (it does unless [`stop`](Self::stop)ped).
+    pub fn is_running(&self) -> bool {
+        self.server.as_ref().is_some_and(Supervised::server_alive)
+    }
+
+    /// Clean shutdown, data kept. Stopping a stopped server does nothing.
+    pub async fn stop(&mut self) -> io::Result<()> {
+        match self.server.take() {
+            Some(server) => server.stop(STOP_TIMEOUT).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the server again on the same port, stopping it first if it
+    /// runs, and waits until root can log in over TCP.
+    pub async fn restart(&mut self) -> io::Result<()> {
+        self.stop().await?;
+        self.spawn_and_wait(false).await
+    }
+}
+
+/// Small and unsafe-on-crash settings: a test server holds little data and is
+/// never recovered after a power cut.
+fn tuning_args() -> [&'static str; 4] {
+    [
+        "--innodb-buffer-pool-size=32M",
+        "--innodb-log-file-size=16M",
+        "--innodb-flush-log-at-trx-commit=0",
+        "--innodb-doublewrite=0",
+    ]
+}

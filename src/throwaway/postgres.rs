@@ -1,0 +1,351 @@
+//! A throwaway PostgreSQL server: `initdb` into a temporary directory, then
+//! `postgres` under the supervisor (see the module docs).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{
+    create_log, free_port, random_password, run_setup, wait_until_ready, write_private_file, RunAs,
+    ServerCommand, Supervised, TempDir,
+};
+
+const SUPERUSER: &str = "postgres";
+const HOST: &str = "127.0.0.1";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How to configure a [`ThrowawayPostgres`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// `timezone` and `log_timezone`; the server default when `None`.
+    pub timezone: Option<String>,
+    /// `log_statement = 'all'`, so tests can grep the log for what was sent.
+    pub log_statement_all: bool,
+    /// More `postgresql.conf` settings. Values are quoted for you.
+    pub extra_conf: Vec<(String, String)>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            timezone: None,
+            log_statement_all: true,
+            extra_conf: Vec::new(),
+        }
+    }
+}
+
+/// A PostgreSQL server on 127.0.0.1 that lives as long as this value (and never
+/// longer than this process).
+pub struct ThrowawayPostgres {
+    // Declared before `dir`: the server must be gone before its directory is.
+    server: Option<Supervised>,
+    dir: TempDir,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    bin_dir: PathBuf,
+    run_as: Option<RunAs>,
+    port: u16,
+    password: String,
+}
+
+impl fmt::Debug for ThrowawayPostgres {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThrowawayPostgres")
+            .field("port", &self.port)
+            .field("data_dir", &self.data_dir)
+            .field("running", &self.server.is_some())
+            .field("password", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether PostgreSQL server binaries (`initdb`, `postgres`) are installed, so
+/// tests can skip instead of fail where they are not.
+pub fn postgres_binaries_present() -> bool {
+    find_bin_dir().is_ok()
+}
+
+/// `CREDBROKER_PG_BINDIR` if set, else the highest version under
+/// /usr/lib/postgresql (Debian/Ubuntu), else /usr/bin (Fedora, Arch).
+fn find_bin_dir() -> io::Result<PathBuf> {
+    let has_bins = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = std::env::var_os("CREDBROKER_PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        return if has_bins(&dir) {
+            Ok(dir)
+        } else {
+            Err(io::Error::other(format!(
+                "CREDBROKER_PG_BINDIR={} holds no `initdb` and `postgres`",
+                dir.display()
+            )))
+        };
+    }
+    let mut versions: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            // "15", "9.6": compare numerically, so 15 beats 9.6.
+            let version = name
+                .split('.')
+                .map(|part| part.parse().ok())
+                .collect::<Option<Vec<u32>>>()?;
+            let bin = entry.path().join("bin");
+            has_bins(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    let usr_bin = Path::new("/usr/bin");
+    if has_bins(usr_bin) {
+        return Ok(usr_bin.to_path_buf());
+    }
+    Err(io::Error::other(
+        "PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin or /usr/bin: install \
+         them with `apt-get install postgresql`, or point CREDBROKER_PG_BINDIR at the directory \
+         holding `initdb` and `postgres`",
+    ))
+}
+
+/// A `postgresql.conf` value: quoting is valid for every setting type.
+fn conf_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+fn conf_line(key: &str, value: &str) -> io::Result<String> {
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        return Err(io::Error::other(format!(
+            "invalid postgresql.conf setting name {key:?}"
+        )));
+    }
+    Ok(format!("{key} = {}\n", conf_value(value)))
+}
+
+impl ThrowawayPostgres {
+    /// Creates a cluster and starts it; returns once it accepts connections.
+    pub async fn start(opts: PostgresOptions) -> io::Result<Self> {
+        let bin_dir = find_bin_dir()?;
+        let run_as = RunAs::choose("postgres")?;
+        let dir = TempDir::new("pg", run_as.as_ref())?;
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join("postgres.log");
+        create_log(&log_path, run_as.as_ref())?;
+        let password = random_password();
+
+        let pwfile = dir.path().join("pwfile");
+        write_private_file(&pwfile, &format!("{password}\n"), run_as.as_ref())?;
+        let mut initdb = Command::new(bin_dir.join("initdb"));
+        initdb
+            .arg("--pgdata")
+            .arg(&data_dir)
+            .args(["--username", SUPERUSER])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args([
+                "--auth=scram-sha-256",
+                "--auth-local=scram-sha-256",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                // A throwaway cluster need not survive a power cut.
+                "--no-sync",
+            ])
+            .current_dir(dir.path())
+            .env("LC_ALL", "C");
+        if let Some(user) = &run_as {
+            user.apply(&mut initdb);
+        }
+        let initdb_result = run_setup(initdb, "initdb", &log_path).await;
+        let _ = std::fs::remove_file(&pwfile);
+        initdb_result?;
+
+        let mut conf = String::from("\n# credbroker throwaway server\n");
+        let socket_dir = dir.path().to_string_lossy().into_owned();
+        let port = free_port()?;
+        let mut settings: Vec<(String, String)> = vec![
+            ("listen_addresses".into(), HOST.into()),
+            ("port".into(), port.to_string()),
+            ("unix_socket_directories".into(), socket_dir),
+            ("logging_collector".into(), "off".into()),
+            ("log_destination".into(), "stderr".into()),
+            ("log_line_prefix".into(), "%m [%p] %q%u@%d ".into()),
+            ("fsync".into(), "off".into()),
+            ("synchronous_commit".into(), "off".into()),
+            ("full_page_writes".into(), "off".into()),
+            ("max_connections".into(), "200".into()),
+        ];
+        if opts.log_statement_all {
+            settings.push(("log_statement".into(), "all".into()));
+        }
+        if let Some(tz) = &opts.timezone {
+            settings.push(("timezone".into(), tz.clone()));
+            settings.push(("log_timezone".into(), tz.clone()));
+        }
+        settings.extend(opts.extra_conf.iter().cloned());
+        for (key, value) in &settings {
+            conf.push_str(&conf_line(key, value)?);
+        }
+        let conf_path = data_dir.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path)
+            .map_err(|e| io::Error::other(format!("cannot read {}: {e}", conf_path.display())))?;
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing)?;
+
+        let mut pg = ThrowawayPostgres {
+            server: None,
+            dir,
+            data_dir,
+            log_path,
+            bin_dir,
+            run_as,
+            port,
+            password,
+        };
+        pg.start_server().await?;
+        Ok(pg)
+    }
+
+    async fn start_server(&mut self) -> io::Result<()> {
+        let program = self.bin_dir.join("postgres");
+        let server = Supervised::spawn(&ServerCommand {
+            program: &program,
+            args: vec!["-D".into(), self.data_dir.to_string_lossy().into_owned()],
+            log: &self.log_path,
+            dir: self.dir.path(),
+            run_as: self.run_as.as_ref(),
+            // SIGQUIT is PostgreSQL's immediate shutdown, SIGINT its fast one.
+            immediate_signal: "QUIT",
+            fast_signal: "INT",
+        })?;
+        let config = self.config("postgres");
+        let ready = wait_until_ready("PostgreSQL", &server, &self.log_path, READY_TIMEOUT, || {
+            let config = config.clone();
+            async move {
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                drop(client);
+                // Let the session end cleanly instead of leaving a log line
+                // about an unexpected EOF.
+                let _ = connection.await;
+                Ok(())
+            }
+        })
+        .await;
+        // On failure `server` is dropped here, which kills it.
+        ready?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    pub fn host(&self) -> &str {
+        HOST
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn superuser(&self) -> &str {
+        SUPERUSER
+    }
+
+    pub fn superuser_password(&self) -> &str {
+        &self.password
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/dbname`, without the password.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://{SUPERUSER}@{HOST}:{}/{dbname}", self.port)
+    }
+
+    /// A superuser connection config, password included.
+    pub fn config(&self, dbname: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(HOST)
+            .port(self.port)
+            .user(SUPERUSER)
+            .password(&self.password)
+            .dbname(dbname)
+            .connect_timeout(Duration::from_secs(5));
+        config
+    }
+
+    /// Connects as the superuser; the connection runs on a spawned task.
+    pub async fn connect(&self, dbname: &str) -> io::Result<tokio_postgres::Client> {
+        let (client, connection) = self
+            .config(dbname)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "cannot connect to throwaway PostgreSQL {}: {e}",
+                    self.url(dbname)
+                ))
+            })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    pub async fn create_database(&self, name: &str) -> io::Result<()> {
+        let client = self.connect("postgres").await?;
+        let sql = format!(
+            "CREATE DATABASE {}",
+            postgres_protocol::escape::escape_identifier(name)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| io::Error::other(format!("cannot create database {name:?}: {e}")))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log_path.clone()
+    }
+
+    pub fn read_log(&self) -> io::Result<String> {
+        let bytes = std::fs::read(&self.log_path).map_err(|e| {
+            io::Error::other(format!("cannot read {}: {e}", self.log_path.display()))
+        })?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether the server runs (it does unless [`stop`](Self::stop)ped).
+    pub fn is_running(&self) -> bool {
+        self.server.as_ref().is_some_and(Supervised::server_alive)
+    }
+
+    /// Fast shutdown (sessions are ended, data kept). Stopping a stopped
+    /// server does nothing.
+    pub async fn stop(&mut self) -> io::Result<()> {
+        match self.server.take() {
+            Some(server) => server.stop(STOP_TIMEOUT).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the server again on the same port, stopping it first if it
+    /// runs, and waits until it accepts connections.
+    pub async fn restart(&mut self) -> io::Result<()> {
+        self.stop().await?;
+        self.start_server().await
+    }
+}

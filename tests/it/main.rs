@@ -1,0 +1,7 @@
+//! Integration tests: real PostgreSQL (password-checking, throwaway), real
+//! mTLS gRPC, the real binary where the CLI is the product.
+
+mod support;
+
+mod certificates;
+mod lease_path;

@@ -1,0 +1,308 @@
+//! Test harness: one throwaway PostgreSQL per test binary (password-checking,
+//! far-off time zone, every statement logged), a fresh database per test,
+//! and a broker per test — in-process on port 0, or the real binary.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use credbroker::config::Config;
+use credbroker::daemon::{Daemon, Listeners};
+use credbroker::devenv::DevEnv;
+use credbroker::pb;
+use credbroker::throwaway::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+/// UTC+14: a server time zone far from the broker's, so any expiry computed
+/// in local time instead of UTC shows up as a 14-hour error.
+pub const FAR_TIMEZONE: &str = "Pacific/Kiritimati";
+
+static CLUSTER: OnceLock<ThrowawayPostgres> = OnceLock::new();
+
+/// The shared throwaway cluster. Missing PostgreSQL binaries fail the test
+/// with instructions; they never skip it.
+pub fn cluster() -> &'static ThrowawayPostgres {
+    CLUSTER.get_or_init(|| {
+        assert!(
+            postgres_binaries_present(),
+            "PostgreSQL server binaries are missing: install them with `apt-get install -y postgresql` \
+             (tests need initdb/postgres from /usr/lib/postgresql/*/bin)"
+        );
+        // Started on its own runtime so it is not tied to any one test's.
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(ThrowawayPostgres::start(PostgresOptions {
+                timezone: Some(FAR_TIMEZONE.into()),
+                log_statement_all: true,
+                extra_conf: vec![],
+            }))
+        })
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start the throwaway PostgreSQL: {e}"))
+    })
+}
+
+pub fn unique(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("{prefix}_{n:016x}")
+}
+
+/// A fresh database in the shared cluster with a granted and a forbidden table.
+pub async fn fresh_database() -> String {
+    let pg = cluster();
+    let name = unique("t");
+    pg.create_database(&name).await.unwrap();
+    let c = pg.connect(&name).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, item text);
+         INSERT INTO orders VALUES (1, 'coffee');
+         CREATE TABLE payroll (name text, salary int);",
+    )
+    .await
+    .unwrap();
+    name
+}
+
+/// A role section for the test database.
+pub fn role(name: &str, db: &str, default_ttl: &str, max_ttl: &str, allowed: &str) -> String {
+    format!(
+        "[roles.{name}]\ndatabase = \"{db}\"\ndefault_ttl = \"{default_ttl}\"\nmax_ttl = \"{max_ttl}\"\n\
+         allowed = [\"{allowed}\"]\ngrants = [\"GRANT SELECT ON orders TO {{{{name}}}}\"]\n\n"
+    )
+}
+
+pub const APP: &str = "spiffe://credbroker.dev/ns/demo/app";
+
+/// One broker under test with its own directory, database and config.
+pub struct TestBroker {
+    pub env: DevEnv,
+    pub db: String,
+    pub addr: String,
+    pub port: u16,
+    /// This broker's user-name prefix. Unique per test: brokers sweep every
+    /// user with their prefix that their own store does not know, so two
+    /// brokers with separate stores must never share one on a cluster.
+    pub prefix: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<credbroker::Result<()>>>,
+    pub child: Option<Child>,
+}
+
+impl TestBroker {
+    /// Writes a config for a fresh database with `roles` (built by `role`,
+    /// with `{db}` standing for the database name) but starts nothing.
+    pub async fn prepare(roles: &str) -> TestBroker {
+        let db = fresh_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let env = DevEnv::create(dir.path()).unwrap();
+        let port = free_port();
+        let prefix = format!("t{}_", &unique("")[1..5]);
+        let mut text = env.config_head(&format!("127.0.0.1:{port}"), None).replace(
+            "[server]\n",
+            &format!("[server]\nname_prefix = \"{prefix}\"\n"),
+        );
+        text.push_str("[reaper]\norphan_sweep_interval = \"1s\"\n\n");
+        text.push_str(&env.pg_database("main", cluster(), &db).unwrap());
+        text.push_str(&roles.replace("{db}", "main"));
+        std::fs::write(&env.config_path, text).unwrap();
+        TestBroker {
+            env,
+            db,
+            addr: format!("https://127.0.0.1:{port}"),
+            port,
+            prefix,
+            _dir: dir,
+            stop: None,
+            task: None,
+            child: None,
+        }
+    }
+
+    /// Prepares and starts in-process.
+    pub async fn start(roles: &str) -> TestBroker {
+        let mut b = Self::prepare(roles).await;
+        b.start_in_process().await;
+        b
+    }
+
+    pub async fn start_in_process(&mut self) {
+        let config = Config::load(&self.env.config_path).unwrap();
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let daemon = Daemon::open(config).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.task = Some(tokio::spawn(daemon.run(
+            Listeners {
+                grpc: listener,
+                metrics: None,
+            },
+            async {
+                let _ = rx.await;
+            },
+        )));
+        self.stop = Some(tx);
+    }
+
+    /// Stops an in-process broker gracefully.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Runs the real `credbroker serve` binary on this config.
+    pub async fn spawn_binary(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["serve", "--config"])
+            .arg(&self.env.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(self.env.dir.join("broker.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_port(self.port).await;
+    }
+
+    pub fn kill_binary(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self, who: &str) -> pb::broker_client::BrokerClient<Channel> {
+        self.env.client(&self.addr, who).broker().unwrap()
+    }
+
+    pub async fn admin(&self, who: &str) -> pb::admin_client::AdminClient<Channel> {
+        self.env.client(&self.addr, who).admin().unwrap()
+    }
+
+    pub fn audit_records(&self) -> Vec<credbroker::audit::Record> {
+        credbroker::audit::read_records(&self.env.audit_path).unwrap_or_default()
+    }
+
+    /// A superuser connection to this test's database.
+    pub async fn superuser(&self) -> tokio_postgres::Client {
+        cluster().connect(&self.db).await.unwrap()
+    }
+
+    /// Broker-made roles that exist in the cluster for this test (by prefix
+    /// is not enough: tests share the cluster, so we ask by the names we saw).
+    pub async fn broker_role_count(&self) -> i64 {
+        let c = self.superuser().await;
+        let pattern = format!("{}%", self.prefix.replace('_', "\\_"));
+        c.query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+
+    pub async fn role_exists(&self, username: &str) -> bool {
+        let c = self.superuser().await;
+        c.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&username])
+            .await
+            .unwrap()
+            .is_some()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill_binary();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn wait_port(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("broker did not listen on port {port} within 10 s");
+}
+
+/// Logs in as a leased credential; returns the error text on refusal.
+pub async fn login(db: &str, user: &str, password: &str) -> Result<tokio_postgres::Client, String> {
+    let mut cfg = cluster().config(db);
+    cfg.user(user)
+        .password(password)
+        .connect_timeout(Duration::from_secs(5));
+    match cfg.connect(tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            Ok(client)
+        }
+        Err(e) => Err(e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())),
+    }
+}
+
+/// Polls `f` every 100 ms until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn issue(
+    b: &TestBroker,
+    who: &str,
+    role: &str,
+    ttl: i64,
+) -> Result<pb::Lease, tonic::Status> {
+    b.client(who)
+        .await
+        .issue_lease(pb::IssueLeaseRequest {
+            role: role.into(),
+            ttl_seconds: ttl,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub fn ts(t: &Option<prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
+    let t = t.as_ref().unwrap();
+    chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap()
+}
