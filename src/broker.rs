@@ -19,7 +19,7 @@ use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Username};
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
-use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
+use crate::store::{Claim, FailureRecord, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 
 /// Longest role name a request may carry; config keys are shorter.
 const MAX_ROLE_LEN: usize = 64;
@@ -683,7 +683,10 @@ impl Broker {
                         .collect();
                     match backend.revoke(&users).await {
                         Ok(()) => Ok(()),
-                        Err(e) if leases.len() > 1 => {
+                        // A database that is down fails every lease the
+                        // same way: splitting the batch would only multiply
+                        // connection attempts.
+                        Err(e) if leases.len() > 1 && !matches!(e, Error::Unavailable(_)) => {
                             tracing::warn!(database = %db, error = %e, "batch revocation failed; revoking one by one");
                             for l in &leases {
                                 let user = UserRef {
@@ -718,6 +721,10 @@ impl Broker {
                         self.metrics.revoked(&l.role, &l.database, reason);
                         out.revoked.push(l.id.clone());
                     }
+                }
+                Err(e) if !force => {
+                    self.record_batch_failure(&leases, &e, actor, reason, &mut out)
+                        .await
                 }
                 Err(e) => {
                     for l in &leases {
@@ -775,24 +782,51 @@ impl Broker {
                 out.revoked.push(lease.id.clone());
             }
             Err(e) => {
-                let attempts = lease.revoke_attempts + 1;
-                let cfg = self.config();
-                let failing = attempts >= cfg.reaper.failing_after_attempts;
-                let delay = backoff(attempts, cfg.reaper.max_backoff);
-                let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                let msg = e.to_string();
-                if let Err(se) = self
-                    .store
-                    .record_failure(&lease.id, &msg, next, failing)
+                self.record_batch_failure(std::slice::from_ref(lease), &e, actor, reason, out)
                     .await
-                {
-                    tracing::error!(lease_id = %lease.id, error = %se, "cannot record revocation failure");
-                }
-                tracing::warn!(lease_id = %lease.id, attempts, retry_in = ?delay, error = %msg, "revocation failed");
-                self.audit_revocation(lease, actor, reason, Err(&msg));
-                self.metrics.revocation_failed(&lease.database);
-                out.failed.push((lease.id.clone(), msg));
             }
+        }
+    }
+
+    /// Records one failed attempt for each lease, in one store transaction,
+    /// with the next retry time. A database that is merely unreachable is
+    /// retried within seconds (a refused connection is cheap), so due leases
+    /// are caught up right after it returns; other errors back off further.
+    async fn record_batch_failure(
+        &self,
+        leases: &[Lease],
+        error: &Error,
+        actor: &str,
+        reason: Reason,
+        out: &mut BulkOutcome,
+    ) {
+        let cfg = self.config();
+        let msg = error.to_string();
+        let cap = match error {
+            Error::Unavailable(_) => cfg.reaper.max_backoff.min(UNREACHABLE_RETRY_CAP),
+            _ => cfg.reaper.max_backoff,
+        };
+        let failures: Vec<FailureRecord> = leases
+            .iter()
+            .map(|l| {
+                let attempts = l.revoke_attempts + 1;
+                let delay = backoff(attempts, cap);
+                FailureRecord {
+                    id: l.id.clone(),
+                    error: msg.clone(),
+                    next_due: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    failing: attempts >= cfg.reaper.failing_after_attempts,
+                }
+            })
+            .collect();
+        if let Err(se) = self.store.record_failures(&failures).await {
+            tracing::error!(error = %se, "cannot record revocation failures");
+        }
+        tracing::warn!(count = leases.len(), error = %msg, "revocation failed; will retry");
+        for l in leases {
+            self.audit_revocation(l, actor, reason, Err(&msg));
+            self.metrics.revocation_failed(&l.database);
+            out.failed.push((l.id.clone(), msg.clone()));
         }
     }
 
@@ -820,6 +854,9 @@ impl Broker {
         }
     }
 }
+
+/// Longest wait between attempts on a database that is unreachable.
+const UNREACHABLE_RETRY_CAP: Duration = Duration::from_secs(2);
 
 /// Exponential backoff with full jitter: 1 s, 2 s, 4 s … capped.
 pub fn backoff(attempt: u32, max: Duration) -> Duration {

@@ -82,6 +82,14 @@ impl Daemon {
         })
     }
 
+    /// A handle that applies a changed config file to the running broker.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            broker: self.broker.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
     /// Runs the reaper and both listeners until `shutdown`; then stops
     /// accepting, gives in-flight requests `shutdown_grace` to finish, and
     /// returns.
@@ -151,5 +159,45 @@ pub async fn termination_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Applies a re-read config (SIGHUP): certificates, CRL, roles, policies,
+/// admins and limits take effect for new requests and connections; open
+/// connections continue. Databases are connected once at start, so their
+/// changes need a restart (said loudly).
+#[derive(Clone)]
+pub struct Reloader {
+    broker: Arc<Broker>,
+    tls: server::SharedTls,
+}
+
+impl Reloader {
+    pub fn reload(&self, path: &std::path::Path) -> Result<Vec<String>> {
+        let config = Config::load(path)?;
+        let tls = server::tls::server_config(&config.tls)?;
+        let mut warnings = Vec::new();
+        let old = self.broker.config();
+        for (name, db) in &config.databases {
+            match old.databases.get(name) {
+                None => warnings.push(format!(
+                    "database {name:?} is new: restart the broker to connect it"
+                )),
+                Some(o) if o.admin_url != db.admin_url || o.kind != db.kind => warnings.push(
+                    format!("database {name:?} changed: restart the broker to apply"),
+                ),
+                Some(_) => {}
+            }
+        }
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        self.broker.replace_config(Arc::new(config));
+        let mut e = Event::new("credbroker:system", "reload");
+        e.outcome = Some(Outcome::Ok);
+        e.detail = (!warnings.is_empty()).then(|| warnings.join("; "));
+        self.broker.audit().append(e)?;
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(warnings)
     }
 }

@@ -23,6 +23,23 @@ pub async fn run(args: Args) -> CliResult {
         metrics = ?listeners.metrics.as_ref().and_then(|l| l.local_addr().ok()),
         "credbroker serving"
     );
+    let reloader = daemon.reloader();
+    let path = args.config.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reloader.reload(&path) {
+                Ok(_) => tracing::info!(config = %path.display(), "configuration reloaded"),
+                // A bad edit keeps the running config: say why and carry on.
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
+                }
+            }
+        }
+    });
     daemon.run(listeners, termination_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,16 @@ pub struct LeaseFilter {
     pub limit: Option<usize>,
 }
 
+/// One failed revocation attempt, for [`LeaseStore::record_failures`].
+#[derive(Debug, Clone)]
+pub struct FailureRecord {
+    pub id: LeaseId,
+    /// Already free of secrets.
+    pub error: String,
+    pub next_due: DateTime<Utc>,
+    pub failing: bool,
+}
+
 /// A claim on a lease's revocation: held by one broker (`owner`) until
 /// `until`, so two reapers — or a reaper and an explicit revoke — never drop
 /// the same user twice; a crashed owner's claim simply runs out.
@@ -82,6 +92,16 @@ pub trait LeaseStore: Send + Sync {
         next_due: DateTime<Utc>,
         failing: bool,
     ) -> Result<()>;
+
+    /// `record_failure` for many leases; stores override it to use one
+    /// transaction (a database outage fails whole batches at once).
+    async fn record_failures(&self, failures: &[FailureRecord]) -> Result<()> {
+        for f in failures {
+            self.record_failure(&f.id, &f.error, f.next_due, f.failing)
+                .await?;
+        }
+        Ok(())
+    }
 
     /// Releases a claim without other change (e.g. shutting down).
     async fn release(&self, id: &LeaseId) -> Result<()>;

@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
-use crate::store::{Claim, LeaseFilter, LeaseStore};
+use crate::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -44,6 +44,11 @@ CREATE UNIQUE INDEX leases_username ON leases(database, username);
 CREATE INDEX leases_live_due ON leases(due_at) WHERE state <> 'revoked';
 CREATE INDEX leases_live_identity ON leases(identity, role) WHERE state <> 'revoked';
 ";
+
+const RECORD_FAILURE: &str =
+    "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = ?2, \
+     due_at = ?3, state = CASE WHEN ?4 AND state <> 'revoked' THEN 'failing' ELSE state END, \
+     claimed_by = NULL, claim_until = NULL WHERE id = ?1";
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -337,13 +342,23 @@ impl LeaseStore for SqliteStore {
         let id = id.as_str().to_string();
         let error = error.to_string();
         self.with(move |c| {
-            c.execute(
-                "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = ?2, due_at = ?3, \
-                 state = CASE WHEN ?4 AND state <> 'revoked' THEN 'failing' ELSE state END, \
-                 claimed_by = NULL, claim_until = NULL WHERE id = ?1",
-                params![id, error, ms(next_due), failing],
-            )
-            .map(|_| ())
+            c.execute(RECORD_FAILURE, params![id, error, ms(next_due), failing])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn record_failures(&self, failures: &[FailureRecord]) -> Result<()> {
+        let failures = failures.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut upd = tx.prepare_cached(RECORD_FAILURE)?;
+                for f in &failures {
+                    upd.execute(params![f.id.as_str(), f.error, ms(f.next_due), f.failing])?;
+                }
+            }
+            tx.commit()
         })
         .await
     }

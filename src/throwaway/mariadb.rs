@@ -103,7 +103,6 @@ impl ThrowawayMariadb {
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
                 "--skip-name-resolve",
-                "--skip-auth-anonymous-user",
             ])
             .args(tuning_args())
             .current_dir(dir.path())
@@ -171,10 +170,29 @@ impl ThrowawayMariadb {
             .await
             .map_err(fail)?;
         let password = sql_literal(&self.password);
-        let mut sql = format!("ALTER USER 'root'@'localhost' IDENTIFIED BY {password};");
+        // mariadb-install-db makes password-less root accounts for localhost,
+        // 127.0.0.1, ::1 and the host name: give them all the password, and
+        // drop anonymous accounts, which would shadow users from localhost.
+        // `IF EXISTS` because --skip-name-resolve leaves the host-name account
+        // unloaded (and unusable), so a plain ALTER would fail on it.
+        let accounts: Vec<(String, String)> = conn
+            .query("SELECT User, Host FROM mysql.user WHERE User IN ('root', '')")
+            .await
+            .map_err(fail)?;
+        let mut sql = String::new();
+        for (user, host) in &accounts {
+            let account = format!("{}@{}", sql_literal(user), sql_literal(host));
+            if user.is_empty() {
+                sql.push_str(&format!("DROP USER IF EXISTS {account};"));
+            } else {
+                sql.push_str(&format!(
+                    "ALTER USER IF EXISTS {account} IDENTIFIED BY {password};"
+                ));
+            }
+        }
         for host in [HOST, "%"] {
             sql.push_str(&format!(
-                "CREATE USER 'root'@'{host}' IDENTIFIED BY {password};\
+                "CREATE USER IF NOT EXISTS 'root'@'{host}' IDENTIFIED BY {password};\
                  GRANT ALL PRIVILEGES ON *.* TO 'root'@'{host}' WITH GRANT OPTION;"
             ));
         }

@@ -227,7 +227,8 @@ pub(crate) async fn run_setup(mut cmd: Command, what: &str, log_path: &Path) -> 
     } else {
         Err(io::Error::other(format!(
             "{what} failed ({status}); end of its output:\n{}",
-            log_tail(log_path, 30)
+            // Setup tools print long boilerplate after the actual error.
+            log_tail(log_path, 60)
         )))
     }
 }

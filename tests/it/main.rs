@@ -4,4 +4,5 @@
 mod support;
 
 mod certificates;
+mod faults;
 mod lease_path;

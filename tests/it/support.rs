@@ -176,6 +176,62 @@ impl TestBroker {
         wait_port(self.port).await;
     }
 
+    /// Rewrites the config file (e.g. to drop a role or add a CRL).
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.env.config_path).unwrap();
+        std::fs::write(&self.env.config_path, f(text)).unwrap();
+    }
+
+    /// Sends a signal (e.g. "HUP", "TERM") to the broker binary.
+    pub fn signal_binary(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("binary running").id();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig} {pid} failed");
+    }
+
+    /// Waits for the broker binary to exit; its exit code.
+    pub async fn wait_binary(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("binary running");
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("broker did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Opens this broker's SQLite store (the broker must be stopped: the
+    /// store is locked exclusively while one runs).
+    pub async fn open_store(&self) -> std::sync::Arc<dyn credbroker::store::LeaseStore> {
+        credbroker::store::open(&format!("sqlite://{}", self.env.store_path.display()))
+            .await
+            .unwrap()
+    }
+
+    /// Broker-made role names with this broker's prefix in the cluster.
+    pub async fn broker_roles(&self) -> std::collections::BTreeSet<String> {
+        let c = self.superuser().await;
+        let pattern = format!("{}%", self.prefix.replace('_', "\\_"));
+        c.query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
     pub fn kill_binary(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
