@@ -134,7 +134,7 @@ impl PostgresBackend {
         let (client, conn) = cfg.connect(NoTls).await.map_err(|e| self.unavailable(&e))?;
         let task = tokio::spawn(conn);
         let result = client
-            .batch_execute(&format!("DROP OWNED BY {idents}"))
+            .batch_execute(&format!("{ACL_LOCK}; DROP OWNED BY {idents}"))
             .await
             .map_err(|e| self.db_error("drop owned", e));
         drop(client);
@@ -142,6 +142,13 @@ impl PostgresBackend {
         result
     }
 }
+
+/// Serializes the broker's privilege changes within one database, across
+/// all replicas: PostgreSQL updates an object's ACL in place without a row
+/// lock, so two concurrent `GRANT`s on the same table (or a grant racing a
+/// `DROP OWNED`) fail with "tuple concurrently updated". A transaction-scoped
+/// advisory lock is released at commit or rollback, so it cannot leak.
+const ACL_LOCK: &str = "SELECT pg_advisory_xact_lock(27950820906314347)";
 
 /// `VALID UNTIL` literal: an explicit UTC timestamp, so the server's
 /// `timezone` setting cannot shift a credential's expiry.
@@ -175,7 +182,7 @@ impl Backend for PostgresBackend {
         let ident = escape_identifier(user.username.as_str());
         let verifier = scram::verifier(user.password, self.config.scram_iterations);
         let mut sql = format!(
-            "CREATE ROLE {ident} LOGIN PASSWORD {} VALID UNTIL {};",
+            "{ACL_LOCK};\nCREATE ROLE {ident} LOGIN PASSWORD {} VALID UNTIL {};",
             escape_literal(&verifier),
             pg_timestamp(user.valid_until)
         );
@@ -264,7 +271,7 @@ impl Backend for PostgresBackend {
         }
         client
             .batch_execute(&format!(
-                "DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};"
+                "{ACL_LOCK}; DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};"
             ))
             .await
             .map_err(|e| self.db_error("drop role", e))

@@ -176,6 +176,11 @@ impl TestBroker {
         wait_port(self.port).await;
     }
 
+    /// What the broker binary wrote to stderr so far.
+    pub fn broker_log(&self) -> String {
+        std::fs::read_to_string(self.env.dir.join("broker.log")).unwrap_or_default()
+    }
+
     /// Rewrites the config file (e.g. to drop a role or add a CRL).
     pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
         let text = std::fs::read_to_string(&self.env.config_path).unwrap();
