@@ -336,6 +336,15 @@ impl Broker {
                     }
                 }
                 Err(e) => {
+                    // No issue is in flight for this intent any more, so the
+                    // reaper need not wait out the intent grace: it retries
+                    // on its usual backoff and resolves the intent as soon
+                    // as the database is back.
+                    let next = Utc::now()
+                        + chrono::Duration::from_std(UNREACHABLE_RETRY_CAP).unwrap_or_default();
+                    let _ = store
+                        .record_failure(&lease.id, &e.to_string(), next, false)
+                        .await;
                     tracing::warn!(lease_id = %lease.id, error = %e, "cleanup after failed issue deferred to the reaper")
                 }
             }

@@ -566,6 +566,7 @@ fn server_prefix_fits(prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     const SAMPLE: &str = r#"
 admins = ["spiffe://example.org/dba/*"]
@@ -657,6 +658,39 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
                 .to_string();
             assert!(err.contains(want), "{to}: {err}");
             assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    proptest::proptest! {
+        // The parser sees operator text and, on SIGHUP, a half-edited file:
+        // whatever it gets, it answers Ok or a Config error, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            let _ = Config::parse(&text, Path::new("/etc/credbroker"));
+        }
+
+        #[test]
+        fn any_value_in_any_field_of_a_valid_file_never_panics(
+            line in 0usize..24,
+            value in proptest::prop_oneof![
+                "\\PC{0,40}".prop_map(|v| format!("{v:?}")),
+                proptest::num::i64::ANY.prop_map(|n| n.to_string()),
+                "[\\PC{0,20}]",
+                proptest::strategy::Just("\"\\u0000'; DROP ROLE x; --\"".to_string()),
+                proptest::strategy::Just(format!("{:?}", "x".repeat(10_240))),
+            ],
+        ) {
+            let text: String = SAMPLE
+                .lines()
+                .enumerate()
+                .map(|(i, l)| match l.split_once(" = ") {
+                    Some((k, _)) if i == line => format!("{k} = {value}\n"),
+                    _ => format!("{l}\n"),
+                })
+                .collect();
+            if let Err(e) = Config::parse(&text, Path::new("/etc/credbroker")) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
         }
     }
 }

@@ -50,9 +50,9 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{n:016x}")
 }
 
-/// A fresh database in the shared cluster with a granted and a forbidden table.
-pub async fn fresh_database() -> String {
-    let pg = cluster();
+/// A fresh database with a granted and a forbidden table, in `pg`: the
+/// shared `cluster()` or one of the test's own (one it may stop).
+pub async fn fresh_database_on(pg: &ThrowawayPostgres) -> String {
     let name = unique("t");
     pg.create_database(&name).await.unwrap();
     let c = pg.connect(&name).await.unwrap();
@@ -80,6 +80,8 @@ pub const APP: &str = "spiffe://credbroker.dev/ns/demo/app";
 pub struct TestBroker {
     pub env: DevEnv,
     pub db: String,
+    /// Superuser access to this broker's database.
+    pub pg_config: tokio_postgres::Config,
     pub addr: String,
     pub port: u16,
     /// This broker's user-name prefix. Unique per test: brokers sweep every
@@ -96,7 +98,12 @@ impl TestBroker {
     /// Writes a config for a fresh database with `roles` (built by `role`,
     /// with `{db}` standing for the database name) but starts nothing.
     pub async fn prepare(roles: &str) -> TestBroker {
-        let db = fresh_database().await;
+        Self::prepare_on(cluster(), roles).await
+    }
+
+    /// Like `prepare`, on a cluster of the test's own.
+    pub async fn prepare_on(pg: &ThrowawayPostgres, roles: &str) -> TestBroker {
+        let db = fresh_database_on(pg).await;
         let dir = tempfile::tempdir().unwrap();
         let env = DevEnv::create(dir.path()).unwrap();
         let port = free_port();
@@ -106,12 +113,14 @@ impl TestBroker {
             &format!("[server]\nname_prefix = \"{prefix}\"\n"),
         );
         text.push_str("[reaper]\norphan_sweep_interval = \"1s\"\n\n");
-        text.push_str(&env.pg_database("main", cluster(), &db).unwrap());
+        text.push_str(&env.pg_database("main", pg, &db).unwrap());
         text.push_str(&roles.replace("{db}", "main"));
         std::fs::write(&env.config_path, text).unwrap();
         TestBroker {
             env,
+            pg_config: pg.config(&db),
             db,
+
             addr: format!("https://127.0.0.1:{port}"),
             port,
             prefix,
@@ -258,7 +267,13 @@ impl TestBroker {
 
     /// A superuser connection to this test's database.
     pub async fn superuser(&self) -> tokio_postgres::Client {
-        cluster().connect(&self.db).await.unwrap()
+        let (client, conn) = self
+            .pg_config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("superuser connection to the test database");
+        tokio::spawn(conn);
+        client
     }
 
     /// Broker-made roles that exist in the cluster for this test (by prefix
