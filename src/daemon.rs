@@ -68,12 +68,16 @@ impl Daemon {
         for w in &warnings {
             tracing::warn!("{w}");
         }
+        let metrics = Arc::new(Metrics::new());
+        for name in config.databases.keys() {
+            metrics.watch_database(name);
+        }
         let broker = Arc::new(Broker::new(
             Arc::new(config),
             store,
             backends,
             audit,
-            Arc::new(Metrics::new()),
+            metrics,
         ));
         Ok(Daemon {
             broker,

@@ -192,6 +192,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Starts a database's failure counter at 0, so a dashboard's rate()
+    /// has a series before the first failure rather than a gap.
+    pub fn watch_database(&self, database: &str) {
+        let _ = self.revocation_failures.get_or_create(&DatabaseLabels {
+            database: database.into(),
+        });
+    }
+
     pub fn revocation_failed(&self, database: &str) {
         self.revocation_failures
             .get_or_create(&DatabaseLabels {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admin;
 mod certificates;
 mod faults;
 mod lease_path;
