@@ -5,4 +5,6 @@ mod support;
 
 mod certificates;
 mod faults;
+mod ha;
 mod lease_path;
+mod store_suite;
