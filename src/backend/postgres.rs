@@ -134,7 +134,7 @@ impl PostgresBackend {
         let (client, conn) = cfg.connect(NoTls).await.map_err(|e| self.unavailable(&e))?;
         let task = tokio::spawn(conn);
         let result = client
-            .batch_execute(&format!("DROP OWNED BY {idents}"))
+            .batch_execute(&format!("{ACL_LOCK} DROP OWNED BY {idents}"))
             .await
             .map_err(|e| self.db_error("drop owned", e));
         drop(client);
@@ -142,6 +142,14 @@ impl PostgresBackend {
         result
     }
 }
+
+/// Taken first in every batch that grants or drops privileges, held to its
+/// commit. GRANT and DROP OWNED rewrite the same ACL of the same table, and
+/// two sessions doing that at once fail with "tuple concurrently updated":
+/// rare with one broker, routine with several replicas on one database.
+/// Advisory locks are per database, so this serializes exactly the
+/// sessions that can collide, whichever broker replica they come from.
+const ACL_LOCK: &str = "SELECT pg_advisory_xact_lock(7162476311094452588);";
 
 /// `VALID UNTIL` literal: an explicit UTC timestamp, so the server's
 /// `timezone` setting cannot shift a credential's expiry.
@@ -175,7 +183,7 @@ impl Backend for PostgresBackend {
         let ident = escape_identifier(user.username.as_str());
         let verifier = scram::verifier(user.password, self.config.scram_iterations);
         let mut sql = format!(
-            "CREATE ROLE {ident} LOGIN PASSWORD {} VALID UNTIL {};",
+            "{ACL_LOCK} CREATE ROLE {ident} LOGIN PASSWORD {} VALID UNTIL {};",
             escape_literal(&verifier),
             pg_timestamp(user.valid_until)
         );
@@ -264,7 +272,7 @@ impl Backend for PostgresBackend {
         }
         client
             .batch_execute(&format!(
-                "DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};"
+                "{ACL_LOCK} DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};"
             ))
             .await
             .map_err(|e| self.db_error("drop role", e))

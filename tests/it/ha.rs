@@ -111,7 +111,7 @@ async fn replicas_share_leases_and_a_killed_replicas_claims_pass_to_the_other() 
     a.spawn_binary().await;
     let store = cluster().connect(&store_db).await.unwrap();
 
-    let kept = issue(&a, "app", "ro", 600).await.unwrap();
+    let kept = issue(&a, "app", "ro", 60).await.unwrap();
     let mut due = Vec::new();
     for _ in 0..DUE {
         due.push(issue(&a, "app", "short", 0).await.unwrap());
@@ -414,7 +414,7 @@ async fn store_outage_is_unavailable_then_heals_with_nothing_lost() {
     let mut short = Vec::new();
     for i in 0..4 {
         let r = if i % 2 == 0 { &a } else { &b };
-        long.push(issue(r, "app", "ro", 600).await.unwrap());
+        long.push(issue(r, "app", "ro", 0).await.unwrap());
         short.push(issue(r, "app", "short", 0).await.unwrap());
     }
 
