@@ -660,7 +660,10 @@ impl Broker {
     pub fn claim(&self) -> Claim {
         Claim {
             owner: self.owner.clone(),
-            until: Utc::now() + chrono::Duration::from_std(DEFAULT_CLAIM).unwrap_or_default(),
+            until: Utc::now()
+                + chrono::Duration::from_std(self.config().store.claim_timeout).unwrap_or_else(
+                    |_| chrono::Duration::from_std(DEFAULT_CLAIM).unwrap_or_default(),
+                ),
         }
     }
 

@@ -50,8 +50,13 @@ pub struct TlsConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// `sqlite://path` or `postgres://…`.
+    /// `sqlite://path` or `postgres://…` (never with a password in it).
     pub url: String,
+    /// The PostgreSQL store's password, read when the store connects.
+    pub password: SecretSource,
+    /// How long a replica's claim on a lease's revocation lasts before
+    /// another replica may take it over (its holder may have died).
+    pub claim_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +191,9 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     url: String,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    claim_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -318,11 +326,48 @@ impl RawConfig {
             client_ca: resolve(base, &self.tls.client_ca),
             crl: self.tls.crl.as_deref().map(|p| resolve(base, p)),
         };
-        let store_url = self
-            .store
-            .map(|s| s.url)
-            .unwrap_or_else(|| "sqlite://credbroker.db".to_string());
+        let raw_store = self.store.unwrap_or(RawStore {
+            url: "sqlite://credbroker.db".to_string(),
+            password_file: None,
+            password_env: None,
+            claim_timeout: None,
+        });
+        let store_url = raw_store.url;
+        let store_password = match (raw_store.password_file, raw_store.password_env) {
+            (Some(_), Some(_)) => {
+                return Err(cfg_err(
+                    "store: set password_file or password_env, not both".to_string(),
+                ))
+            }
+            (Some(f), None) => SecretSource::File(resolve(base, &f)),
+            (None, Some(e)) => SecretSource::Env(e),
+            (None, None) => SecretSource::None,
+        };
+        if store_url.starts_with("postgres") {
+            let parsed = url::Url::parse(&store_url)
+                .map_err(|e| cfg_err(format!("store.url: not a valid URL: {e}")))?;
+            if parsed.password().is_some() {
+                return Err(cfg_err(
+                    "store.url: must not contain a password; use store.password_file or store.password_env"
+                        .to_string(),
+                ));
+            }
+        } else if store_password != SecretSource::None {
+            return Err(cfg_err(
+                "store.password_file/password_env only apply to a postgres:// store".to_string(),
+            ));
+        }
+        let claim_timeout = opt_duration(
+            "store.claim_timeout",
+            raw_store.claim_timeout.as_ref(),
+            Duration::from_secs(60),
+        )?;
+        if claim_timeout < Duration::from_secs(1) {
+            return Err(cfg_err("store.claim_timeout: at least 1s".to_string()));
+        }
         let store = StoreConfig {
+            password: store_password,
+            claim_timeout,
             url: match store_url.strip_prefix("sqlite://") {
                 Some(p) => format!("sqlite://{}", resolve(base, Path::new(p)).display()),
                 None if store_url.starts_with("postgres://")

@@ -54,7 +54,7 @@ impl Daemon {
     pub async fn open(config: Config) -> Result<Self> {
         let tls = server::tls::server_config(&config.tls)?;
         let audit = Arc::new(AuditLog::open(&config.audit.path, false)?);
-        let store = store::open(&config.store.url).await?;
+        let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = Vec::new();
         for (name, b) in &backends {

@@ -7,6 +7,7 @@
 //! - nothing secret is stored: there is no column for a password;
 //! - nothing loads every lease into memory: the reaper asks for what is due.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashSet;
@@ -126,17 +127,35 @@ pub trait LeaseStore: Send + Sync {
     async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64>;
 }
 
-/// Opens the store named by `store.url`.
+/// Opens the store named by `url` (a `sqlite://` path, or a `postgres://`
+/// URL whose server needs no password).
 pub async fn open(url: &str) -> Result<Arc<dyn LeaseStore>> {
+    open_with(url, &crate::config::SecretSource::None).await
+}
+
+/// Opens the store of a config's `[store]` section.
+pub async fn open_config(config: &crate::config::StoreConfig) -> Result<Arc<dyn LeaseStore>> {
+    open_with(&config.url, &config.password).await
+}
+
+async fn open_with(
+    url: &str,
+    password: &crate::config::SecretSource,
+) -> Result<Arc<dyn LeaseStore>> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let store = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
         return Ok(Arc::new(store));
     }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = postgres::PostgresStore::open(url, password).await?;
+        return Ok(Arc::new(store));
+    }
     Err(Error::Config(format!(
-        "store.url: unsupported store {:?} (this build supports sqlite://PATH)",
+        "store.url: unsupported store {:?} (expected sqlite://PATH or postgres://…)",
         url.split("://").next().unwrap_or("")
     )))
 }
 
-/// How long a claim lasts before another owner may take the lease over.
+/// How long a claim lasts before another owner may take the lease over,
+/// unless `store.claim_timeout` says otherwise.
 pub const DEFAULT_CLAIM: Duration = Duration::from_secs(60);

@@ -6,4 +6,6 @@ mod support;
 mod admin;
 mod certificates;
 mod faults;
+mod ha;
 mod lease_path;
+mod store_suite;

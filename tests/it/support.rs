@@ -190,6 +190,44 @@ impl TestBroker {
         std::fs::read_to_string(self.env.dir.join("broker.log")).unwrap_or_default()
     }
 
+    /// A replica of this broker: the same config (PKI, databases, roles,
+    /// name prefix, store) with its own port, audit log and directory.
+    /// Only meaningful on a shared (postgres://) store.
+    pub fn replica(&self) -> TestBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let env = DevEnv {
+            dir: dir.path().to_path_buf(),
+            pki: self.env.pki.clone(),
+            config_path: dir.path().join("broker.toml"),
+            audit_path: dir.path().join("audit.log"),
+            store_path: self.env.store_path.clone(),
+        };
+        let port = free_port();
+        let text = std::fs::read_to_string(&self.env.config_path)
+            .unwrap()
+            .replace(
+                &format!("listen = \"127.0.0.1:{}\"", self.port),
+                &format!("listen = \"127.0.0.1:{port}\""),
+            )
+            .replace(
+                &format!("path = \"{}\"", self.env.audit_path.display()),
+                &format!("path = \"{}\"", env.audit_path.display()),
+            );
+        std::fs::write(&env.config_path, text).unwrap();
+        TestBroker {
+            env,
+            db: self.db.clone(),
+            pg_config: self.pg_config.clone(),
+            addr: format!("https://127.0.0.1:{port}"),
+            port,
+            prefix: self.prefix.clone(),
+            _dir: dir,
+            stop: None,
+            task: None,
+            child: None,
+        }
+    }
+
     /// Rewrites the config file (e.g. to drop a role or add a CRL).
     pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
         let text = std::fs::read_to_string(&self.env.config_path).unwrap();

@@ -1,0 +1,559 @@
+//! The shared lease store: one PostgreSQL database behind several broker
+//! replicas, so any replica can serve any request and the reaper work is
+//! split between them by claims, not by electing a leader.
+//!
+//! - The broker creates and migrates its own schema: numbered migrations,
+//!   recorded in `credbroker_schema_migrations`, applied in one transaction
+//!   under an advisory lock so replicas starting together do not race.
+//! - Reapers claim due rows with `FOR UPDATE SKIP LOCKED`: two replicas
+//!   asking at once get disjoint batches instead of waiting on each other.
+//! - A claim carries an expiry on the *database's* clock, so clock skew
+//!   between replicas cannot make one take over another's claim early; a
+//!   replica that dies mid-revocation leaves its claims to the others once
+//!   they run out.
+//! - Start-up touches nothing: other replicas may be creating the users of
+//!   pending intents right now, and their claims are theirs.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use crate::config::SecretSource;
+use crate::error::{Error, Result};
+use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Password, Username};
+use crate::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
+
+/// `pg_advisory_xact_lock` key held while migrating ("credbrkr").
+const MIGRATION_LOCK: i64 = 0x6372_6564_6272_6b72;
+
+/// Append-only: a released migration is never edited, only followed.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "lease table",
+    "CREATE TABLE credbroker_leases (
+        id              text PRIMARY KEY,
+        role            text NOT NULL,
+        database        text NOT NULL,
+        kind            text NOT NULL,
+        username        text NOT NULL,
+        user_host       text NOT NULL DEFAULT '',
+        identity        text NOT NULL,
+        state           text NOT NULL CHECK (state IN ('pending', 'active', 'failing', 'revoked')),
+        issued_at       timestamptz NOT NULL,
+        expires_at      timestamptz NOT NULL,
+        max_expires_at  timestamptz NOT NULL,
+        due_at          timestamptz NOT NULL,
+        revoked_at      timestamptz,
+        revoke_attempts integer NOT NULL DEFAULT 0,
+        last_error      text,
+        claimed_by      text,
+        claim_until     timestamptz
+    );
+    CREATE UNIQUE INDEX credbroker_leases_username ON credbroker_leases (database, username);
+    -- The reaper's question, 'what is due next', reads only live rows.
+    CREATE INDEX credbroker_leases_live_due ON credbroker_leases (due_at) WHERE state <> 'revoked';
+    CREATE INDEX credbroker_leases_live_identity ON credbroker_leases (identity, role)
+        WHERE state <> 'revoked';",
+)];
+
+/// The newest schema this build knows.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+const COLUMNS: &str = "id, role, database, kind, username, user_host, identity, state, issued_at, \
+                       expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error";
+
+const RECORD_FAILURE: &str = "UPDATE credbroker_leases SET revoke_attempts = revoke_attempts + 1, \
+     last_error = $2, due_at = $3, \
+     state = CASE WHEN $4 AND state <> 'revoked' THEN 'failing' ELSE state END, \
+     claimed_by = NULL, claim_until = NULL WHERE id = $1";
+
+/// Longest a single store statement may run: past it the request fails as
+/// `Unavailable` rather than hanging a caller on a sick store.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const POOL_SIZE: usize = 16;
+
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+/// Connection trouble (the store is down, failing over, restarting) is
+/// `Unavailable`; a refusal by a working server is `Internal`. Neither can
+/// hold the password: we send it only in the authentication exchange.
+fn pg_err(what: &str, e: tokio_postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            // 08: connection exception, 57: operator intervention (shutdown,
+            // cannot connect now), 40: serialization failure or deadlock,
+            // 25006: read-only transaction (a standby after failover).
+            if code.starts_with("08")
+                || code.starts_with("57")
+                || code.starts_with("40")
+                || code == "25006"
+            {
+                Error::Unavailable(format!("lease store: {what}: {} ({code})", db.message()))
+            } else {
+                Error::Internal(format!("lease store: {what}: {} ({code})", db.message()))
+            }
+        }
+        None => Error::Unavailable(format!("lease store unreachable: {what}: {e}")),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> Error {
+    Error::Unavailable(format!("lease store unreachable: {e}"))
+}
+
+fn row_to_lease(row: &Row) -> Result<Lease> {
+    let kind: String = row.get(3);
+    let state: String = row.get(7);
+    Ok(Lease {
+        id: LeaseId::from_store(row.get(0)),
+        role: row.get(1),
+        database: row.get(2),
+        kind: BackendKind::parse(&kind)?,
+        username: Username::from_store(row.get(4)),
+        user_host: row.get(5),
+        identity: row.get(6),
+        state: LeaseState::parse(&state)?,
+        issued_at: row.get(8),
+        expires_at: row.get(9),
+        max_expires_at: row.get(10),
+        due_at: row.get(11),
+        revoked_at: row.get(12),
+        revoke_attempts: row.get::<_, i32>(13).max(0) as u32,
+        last_error: row.get(14),
+    })
+}
+
+fn rows_to_leases(rows: &[Row]) -> Result<Vec<Lease>> {
+    rows.iter().map(row_to_lease).collect()
+}
+
+/// Milliseconds a claim has left, for `clock_timestamp() + …` on the server.
+fn claim_ms(claim: &Claim) -> f64 {
+    (claim.until - Utc::now()).num_milliseconds().max(0) as f64
+}
+
+fn read_password(source: &SecretSource) -> Result<Option<Password>> {
+    match source {
+        SecretSource::None => Ok(None),
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map(|t| {
+                Some(Password::from_secret(
+                    t.trim_end_matches(['\n', '\r']).to_string(),
+                ))
+            })
+            .map_err(|e| Error::Config(format!("store.password_file {}: {e}", path.display()))),
+        SecretSource::Env(var) => std::env::var(var)
+            .map(|v| Some(Password::from_secret(v)))
+            .map_err(|_| Error::Config(format!("store.password_env: ${var} is not set"))),
+    }
+}
+
+impl PostgresStore {
+    /// Connects, then creates or migrates the schema. `url` holds no
+    /// password (the config refuses one); `password` is where it is kept.
+    pub async fn open(url: &str, password: &SecretSource) -> Result<Self> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::Config(format!("store.url: {e}")))?;
+        if let Some(p) = read_password(password)? {
+            cfg.password(p.expose());
+        }
+        cfg.application_name("credbroker-store")
+            .connect_timeout(CONNECT_TIMEOUT)
+            // A store that vanished behind a failover must be noticed in
+            // seconds, not after the kernel's two-hour keepalive default.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .options(format!(
+                "-c statement_timeout={} -c lock_timeout={}",
+                STATEMENT_TIMEOUT.as_millis(),
+                STATEMENT_TIMEOUT.as_millis()
+            ));
+        let manager = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(CONNECT_TIMEOUT + STATEMENT_TIMEOUT),
+                create: Some(CONNECT_TIMEOUT),
+                recycle: Some(CONNECT_TIMEOUT),
+            })
+            .build()
+            .map_err(|e| Error::Config(format!("store.url: {e}")))?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations this database lacks; returns the version.
+    pub async fn migrate(&self) -> Result<i32> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| pg_err("begin migration", e))?;
+        // Transaction-scoped: released by COMMIT or by the connection dying,
+        // so a replica killed mid-migration cannot wedge the others.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(|e| pg_err("migration lock", e))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS credbroker_schema_migrations (
+                version     integer PRIMARY KEY,
+                description text NOT NULL,
+                applied_at  timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .map_err(|e| pg_err("create migrations table", e))?;
+        let current: i32 = tx
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM credbroker_schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err("read schema version", e))?
+            .get(0);
+        if current > SCHEMA_VERSION {
+            return Err(Error::Config(format!(
+                "lease store has schema version {current}, newer than this broker ({SCHEMA_VERSION}); \
+                 upgrade this replica"
+            )));
+        }
+        for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| pg_err(&format!("migration {version}"), e))?;
+            tx.execute(
+                "INSERT INTO credbroker_schema_migrations (version, description) VALUES ($1, $2)",
+                &[version, description],
+            )
+            .await
+            .map_err(|e| pg_err("record migration", e))?;
+            tracing::info!(version, description, "lease store migrated");
+        }
+        tx.commit()
+            .await
+            .map_err(|e| pg_err("commit migration", e))?;
+        Ok(SCHEMA_VERSION)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn execute(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let c = self.client().await?;
+        let stmt = c.prepare_cached(sql).await.map_err(|e| pg_err(what, e))?;
+        c.execute(&stmt, params).await.map_err(|e| pg_err(what, e))
+    }
+
+    async fn query(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        let c = self.client().await?;
+        let stmt = c.prepare_cached(sql).await.map_err(|e| pg_err(what, e))?;
+        c.query(&stmt, params).await.map_err(|e| pg_err(what, e))
+    }
+}
+
+#[async_trait]
+impl LeaseStore for PostgresStore {
+    async fn insert_intent(&self, l: &Lease) -> Result<()> {
+        self.execute(
+            "insert intent",
+            "INSERT INTO credbroker_leases (id, role, database, kind, username, user_host, identity, \
+             state, issued_at, expires_at, max_expires_at, due_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            &[
+                &l.id.as_str(),
+                &l.role,
+                &l.database,
+                &l.kind.as_str(),
+                &l.username.as_str(),
+                &l.user_host,
+                &l.identity,
+                &l.state.as_str(),
+                &l.issued_at,
+                &l.expires_at,
+                &l.max_expires_at,
+                &l.due_at,
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn activate(&self, id: &LeaseId) -> Result<()> {
+        let n = self
+            .execute(
+                "activate",
+                "UPDATE credbroker_leases SET state = 'active', due_at = expires_at \
+                 WHERE id = $1 AND state = 'pending'",
+                &[&id.as_str()],
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Error::internal("lease intent vanished before activation"))
+        }
+    }
+
+    async fn get(&self, id: &LeaseId) -> Result<Option<Lease>> {
+        let rows = self
+            .query(
+                "get",
+                &format!("SELECT {COLUMNS} FROM credbroker_leases WHERE id = $1"),
+                &[&id.as_str()],
+            )
+            .await?;
+        rows.first().map(row_to_lease).transpose()
+    }
+
+    async fn set_expiry(&self, id: &LeaseId, expires_at: DateTime<Utc>) -> Result<bool> {
+        let n = self
+            .execute(
+                "set expiry",
+                "UPDATE credbroker_leases SET expires_at = $2, due_at = $2 \
+                 WHERE id = $1 AND state = 'active' AND claimed_by IS NULL",
+                &[&id.as_str(), &expires_at],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
+        // A concurrent claimer blocks on the row lock, then re-checks the
+        // WHERE clause against the committed row and finds it taken.
+        let rows = self
+            .query(
+                "claim",
+                &format!(
+                    "UPDATE credbroker_leases SET claimed_by = $2, \
+                     claim_until = clock_timestamp() + $3::float8 * interval '1 millisecond', \
+                     due_at = LEAST(due_at, $4) \
+                     WHERE id = $1 AND state <> 'revoked' \
+                     AND (claimed_by IS NULL OR claimed_by = $2 OR claim_until < clock_timestamp()) \
+                     RETURNING {COLUMNS}"
+                ),
+                &[&id.as_str(), &claim.owner, &claim_ms(claim), &Utc::now()],
+            )
+            .await?;
+        rows.first().map(row_to_lease).transpose()
+    }
+
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        claim: &Claim,
+    ) -> Result<Vec<Lease>> {
+        let rows = self
+            .query(
+                "claim due",
+                &format!(
+                    "WITH due AS (
+                        SELECT id FROM credbroker_leases
+                        WHERE state <> 'revoked' AND due_at <= $1
+                          AND (claimed_by IS NULL OR claim_until < clock_timestamp())
+                        ORDER BY due_at LIMIT $2
+                        FOR UPDATE SKIP LOCKED)
+                     UPDATE credbroker_leases l SET claimed_by = $3,
+                        claim_until = clock_timestamp() + $4::float8 * interval '1 millisecond'
+                     FROM due WHERE l.id = due.id
+                     RETURNING {}",
+                    COLUMNS
+                        .split(", ")
+                        .map(|c| format!("l.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                &[&now, &(limit as i64), &claim.owner, &claim_ms(claim)],
+            )
+            .await?;
+        let mut leases = rows_to_leases(&rows)?;
+        leases.sort_by(|a, b| a.due_at.cmp(&b.due_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(leases)
+    }
+
+    async fn mark_revoked(&self, ids: &[LeaseId], at: DateTime<Utc>) -> Result<()> {
+        let ids: Vec<&str> = ids.iter().map(LeaseId::as_str).collect();
+        self.execute(
+            "mark revoked",
+            "UPDATE credbroker_leases SET state = 'revoked', revoked_at = $2, \
+             claimed_by = NULL, claim_until = NULL WHERE id = ANY($1)",
+            &[&ids, &at],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn record_failure(
+        &self,
+        id: &LeaseId,
+        error: &str,
+        next_due: DateTime<Utc>,
+        failing: bool,
+    ) -> Result<()> {
+        self.execute(
+            "record failure",
+            RECORD_FAILURE,
+            &[&id.as_str(), &error, &next_due, &failing],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn record_failures(&self, failures: &[FailureRecord]) -> Result<()> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.client().await?;
+        let tx = c
+            .transaction()
+            .await
+            .map_err(|e| pg_err("record failures", e))?;
+        let stmt = tx
+            .prepare_cached(RECORD_FAILURE)
+            .await
+            .map_err(|e| pg_err("record failures", e))?;
+        for f in failures {
+            tx.execute(&stmt, &[&f.id.as_str(), &f.error, &f.next_due, &f.failing])
+                .await
+                .map_err(|e| pg_err("record failures", e))?;
+        }
+        tx.commit().await.map_err(|e| pg_err("record failures", e))
+    }
+
+    async fn release(&self, id: &LeaseId) -> Result<()> {
+        self.execute(
+            "release",
+            "UPDATE credbroker_leases SET claimed_by = NULL, claim_until = NULL WHERE id = $1",
+            &[&id.as_str()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        let rows = self
+            .query(
+                "next due",
+                "SELECT min(due_at) FROM credbroker_leases WHERE state <> 'revoked'",
+                &[],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| r.get(0)))
+    }
+
+    async fn list(&self, f: &LeaseFilter) -> Result<Vec<Lease>> {
+        let mut sql = format!("SELECT {COLUMNS} FROM credbroker_leases WHERE true");
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut push = |sql: &mut String, cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+            args.push(v);
+            sql.push_str(&format!(" AND {cond} ${}", args.len()));
+        };
+        if let Some(r) = &f.role {
+            push(&mut sql, "role =", Box::new(r.clone()));
+        }
+        if let Some(d) = &f.database {
+            push(&mut sql, "database =", Box::new(d.clone()));
+        }
+        if let Some(i) = &f.identity {
+            push(&mut sql, "identity =", Box::new(i.clone()));
+        }
+        if let Some(t) = f.expiring_before {
+            push(&mut sql, "expires_at <=", Box::new(t));
+        }
+        if f.states.is_empty() {
+            sql.push_str(" AND state <> 'revoked'");
+        } else {
+            let states: Vec<String> = f.states.iter().map(|s| s.as_str().to_string()).collect();
+            push(&mut sql, "state = ANY(", Box::new(states));
+            sql.push(')');
+        }
+        sql.push_str(" ORDER BY expires_at, id");
+        if let Some(limit) = f.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        let params: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = self.query("list", &sql, &params).await?;
+        rows_to_leases(&rows)
+    }
+
+    async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {
+        let rows = self
+            .query(
+                "count live",
+                "SELECT count(*) FROM credbroker_leases \
+                 WHERE identity = $1 AND role = $2 AND state <> 'revoked'",
+                &[&identity, &role],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
+    }
+
+    async fn live_usernames(&self, database: &str) -> Result<HashSet<String>> {
+        let rows = self
+            .query(
+                "live usernames",
+                "SELECT username FROM credbroker_leases WHERE database = $1 AND state <> 'revoked'",
+                &[&database],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
+        let rows = self
+            .query(
+                "live counts",
+                "SELECT role, database, state, count(*) FROM credbroker_leases \
+                 WHERE state <> 'revoked' GROUP BY role, database, state",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let state: String = r.get(2);
+                (
+                    r.get(0),
+                    r.get(1),
+                    LeaseState::parse(&state).unwrap_or(LeaseState::Active),
+                    r.get::<_, i64>(3) as u64,
+                )
+            })
+            .collect())
+    }
+
+    /// Nothing to do: with several replicas, a pending intent may belong to
+    /// a live replica that is creating its user right now, so it waits for
+    /// its grace deadline like any other; and claims in the table may be
+    /// other replicas' live claims, which run out on their own.
+    async fn recover_after_start(&self, _now: DateTime<Utc>) -> Result<u64> {
+        Ok(0)
+    }
+}

@@ -1,0 +1,593 @@
+//! One lease-store suite, run against every store: each `case_*` function
+//! takes an `Arc<dyn LeaseStore>` (and, for the concurrency cases, a way to
+//! open a second handle on the same store), and `store_suite!` instantiates
+//! it once for SQLite and once for PostgreSQL.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration as CDuration, Utc};
+use credbroker::config::SecretSource;
+use credbroker::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
+use credbroker::store::postgres::PostgresStore;
+use credbroker::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
+
+use crate::support::*;
+
+type Store = Arc<dyn LeaseStore>;
+type Opener = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Store> + Send>> + Send + Sync>;
+
+/// Where a store under test lives; dropped after the test.
+pub struct StoreHome {
+    _dir: tempfile::TempDir,
+    pub open: Opener,
+    /// The PostgreSQL database name, for direct checks.
+    pub pg_database: Option<String>,
+}
+
+pub async fn sqlite_home() -> StoreHome {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("leases.db").display());
+    StoreHome {
+        _dir: dir,
+        open: Arc::new(move || {
+            let url = url.clone();
+            Box::pin(async move { credbroker::store::open(&url).await.unwrap() })
+        }),
+        pg_database: None,
+    }
+}
+
+/// A fresh database in the shared throwaway cluster, reached with the
+/// superuser password from a file, as a deployment would.
+pub async fn postgres_home() -> StoreHome {
+    let dir = tempfile::tempdir().unwrap();
+    let db = unique("store");
+    cluster().create_database(&db).await.unwrap();
+    let secret = dir.path().join("store-password");
+    std::fs::write(&secret, cluster().superuser_password()).unwrap();
+    let url = cluster().url(&db);
+    StoreHome {
+        _dir: dir,
+        open: Arc::new(move || {
+            let (url, secret) = (url.clone(), secret.clone());
+            Box::pin(async move {
+                let s = PostgresStore::open(&url, &SecretSource::File(secret))
+                    .await
+                    .unwrap();
+                Arc::new(s) as Store
+            })
+        }),
+        pg_database: Some(db),
+    }
+}
+
+fn t(base: DateTime<Utc>, secs: i64) -> DateTime<Utc> {
+    base + CDuration::seconds(secs)
+}
+
+/// Whole milliseconds: both stores keep at least that precision.
+fn ms(d: DateTime<Utc>) -> i64 {
+    d.timestamp_millis()
+}
+
+fn lease(n: usize, role: &str, identity: &str, now: DateTime<Utc>, ttl: i64) -> Lease {
+    Lease {
+        id: LeaseId::generate(),
+        role: role.into(),
+        database: "main".into(),
+        kind: BackendKind::Postgres,
+        username: Username::from_store(format!("u_{n}_{}", &unique("")[1..9])),
+        user_host: String::new(),
+        identity: identity.into(),
+        state: LeaseState::Pending,
+        issued_at: now,
+        expires_at: t(now, ttl),
+        max_expires_at: t(now, ttl * 4),
+        due_at: t(now, 60),
+        revoked_at: None,
+        revoke_attempts: 0,
+        last_error: None,
+    }
+}
+
+fn claim(owner: &str, secs: i64) -> Claim {
+    Claim {
+        owner: owner.into(),
+        until: Utc::now() + CDuration::seconds(secs),
+    }
+}
+
+async fn active(s: &Store, n: usize, role: &str, who: &str, ttl: i64) -> Lease {
+    let now = Utc::now();
+    let l = lease(n, role, who, now, ttl);
+    s.insert_intent(&l).await.unwrap();
+    s.activate(&l.id).await.unwrap();
+    s.get(&l.id).await.unwrap().unwrap()
+}
+
+pub async fn case_lifecycle(s: Store) {
+    let now = Utc::now();
+    let l = lease(1, "ro", APP, now, 600);
+    s.insert_intent(&l).await.unwrap();
+    let got = s.get(&l.id).await.unwrap().unwrap();
+    assert_eq!(got.state, LeaseState::Pending);
+    assert_eq!(got.username, l.username);
+    assert_eq!(ms(got.expires_at), ms(l.expires_at));
+    assert_eq!(
+        ms(got.due_at),
+        ms(l.due_at),
+        "a pending intent is due at its grace deadline"
+    );
+
+    s.activate(&l.id).await.unwrap();
+    let got = s.get(&l.id).await.unwrap().unwrap();
+    assert_eq!(got.state, LeaseState::Active);
+    assert_eq!(
+        ms(got.due_at),
+        ms(l.expires_at),
+        "an active lease is due at its expiry"
+    );
+    assert!(
+        s.activate(&l.id).await.is_err(),
+        "activating twice is an error"
+    );
+
+    let later = t(now, 1200);
+    assert!(s.set_expiry(&l.id, later).await.unwrap());
+    let got = s.get(&l.id).await.unwrap().unwrap();
+    assert_eq!(ms(got.expires_at), ms(later));
+    assert_eq!(ms(got.due_at), ms(later));
+
+    let claimed = s.claim_one(&l.id, &claim("me", 60)).await.unwrap().unwrap();
+    assert!(
+        claimed.due_at <= Utc::now(),
+        "an explicit revoke is due now"
+    );
+    assert!(
+        !s.set_expiry(&l.id, t(now, 1800)).await.unwrap(),
+        "a lease being revoked cannot be renewed"
+    );
+    let at = Utc::now();
+    s.mark_revoked(std::slice::from_ref(&l.id), at)
+        .await
+        .unwrap();
+    let got = s.get(&l.id).await.unwrap().unwrap();
+    assert_eq!(got.state, LeaseState::Revoked);
+    assert_eq!(got.revoked_at.map(ms), Some(ms(at)));
+    assert!(!s.set_expiry(&l.id, t(now, 1800)).await.unwrap());
+    assert!(s
+        .claim_one(&l.id, &claim("me", 60))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.list(&LeaseFilter::default()).await.unwrap().is_empty());
+    assert!(s.next_due().await.unwrap().is_none());
+    assert!(s.get(&LeaseId::generate()).await.unwrap().is_none());
+}
+
+pub async fn case_username_is_unique_per_database(s: Store) {
+    let now = Utc::now();
+    let a = lease(1, "ro", APP, now, 60);
+    s.insert_intent(&a).await.unwrap();
+    let mut b = lease(2, "ro", APP, now, 60);
+    b.username = a.username.clone();
+    assert!(s.insert_intent(&b).await.is_err());
+    b.database = "other".into();
+    s.insert_intent(&b).await.unwrap();
+}
+
+pub async fn case_claims_exclude_other_owners_until_they_expire(s: Store) {
+    let l = active(&s, 1, "ro", APP, 600).await;
+    assert!(s.claim_one(&l.id, &claim("a", 60)).await.unwrap().is_some());
+    assert!(
+        s.claim_one(&l.id, &claim("b", 60)).await.unwrap().is_none(),
+        "another owner's live claim is respected"
+    );
+    assert!(
+        s.claim_one(&l.id, &claim("a", 60)).await.unwrap().is_some(),
+        "an owner may renew its own claim"
+    );
+    assert!(
+        s.claim_due(t(Utc::now(), 1), 10, &claim("b", 60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "claimed leases are not handed to another reaper"
+    );
+    s.release(&l.id).await.unwrap();
+    assert!(s.claim_one(&l.id, &claim("b", 60)).await.unwrap().is_some());
+
+    // A claim that ran out (its holder died) is taken over.
+    let m = active(&s, 2, "ro", APP, 600).await;
+    assert!(s
+        .claim_one(&m.id, &claim("dead", 1))
+        .await
+        .unwrap()
+        .is_some());
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let taken = s
+        .claim_due(Utc::now(), 10, &claim("alive", 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        taken.iter().map(|l| l.id.clone()).collect::<Vec<_>>(),
+        vec![m.id.clone()]
+    );
+}
+
+pub async fn case_claim_due_is_ordered_limited_and_only_due(s: Store) {
+    let now = Utc::now();
+    let mut ids = Vec::new();
+    for (i, ttl) in [30i64, 10, 20, 3600].into_iter().enumerate() {
+        let l = active(&s, i, "ro", APP, ttl).await;
+        ids.push((ttl, l.id));
+    }
+    let at = t(now, 40);
+    let first = s.claim_due(at, 2, &claim("r", 60)).await.unwrap();
+    let got: Vec<i64> = first
+        .iter()
+        .map(|l| (l.expires_at - l.issued_at).num_seconds())
+        .collect();
+    assert_eq!(got, vec![10, 20], "earliest first, at most `limit`");
+    let rest = s.claim_due(at, 10, &claim("r", 60)).await.unwrap();
+    assert_eq!(
+        rest.len(),
+        1,
+        "the one due lease left; the far one is not due"
+    );
+    assert_eq!((rest[0].expires_at - rest[0].issued_at).num_seconds(), 30);
+    let next = s.next_due().await.unwrap().unwrap();
+    assert!(
+        ms(next) <= ms(t(now, 31)),
+        "next_due counts claimed live leases too"
+    );
+}
+
+pub async fn case_failures_are_recorded_and_release_the_claim(s: Store) {
+    let a = active(&s, 1, "ro", APP, 600).await;
+    let b = active(&s, 2, "ro", APP, 600).await;
+    for l in [&a, &b] {
+        s.claim_one(&l.id, &claim("r", 60)).await.unwrap().unwrap();
+    }
+    let retry = t(Utc::now(), 30);
+    s.record_failure(&a.id, "database \"main\": timed out", retry, false)
+        .await
+        .unwrap();
+    s.record_failures(&[
+        FailureRecord {
+            id: a.id.clone(),
+            error: "second".into(),
+            next_due: retry,
+            failing: true,
+        },
+        FailureRecord {
+            id: b.id.clone(),
+            error: "first".into(),
+            next_due: retry,
+            failing: false,
+        },
+    ])
+    .await
+    .unwrap();
+    let got_a = s.get(&a.id).await.unwrap().unwrap();
+    assert_eq!(got_a.revoke_attempts, 2);
+    assert_eq!(got_a.state, LeaseState::Failing);
+    assert_eq!(got_a.last_error.as_deref(), Some("second"));
+    assert_eq!(ms(got_a.due_at), ms(retry));
+    let got_b = s.get(&b.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got_b.revoke_attempts, got_b.state),
+        (1, LeaseState::Active)
+    );
+    // Released: another owner may claim both now.
+    for l in [&a, &b] {
+        assert!(s
+            .claim_one(&l.id, &claim("other", 60))
+            .await
+            .unwrap()
+            .is_some());
+    }
+    s.record_failures(&[]).await.unwrap();
+}
+
+pub async fn case_queries_see_only_what_they_ask_for(s: Store) {
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    let a = active(&s, 1, "ro", APP, 100).await;
+    let b = active(&s, 2, "rw", APP, 200).await;
+    let c = active(&s, 3, "ro", other, 300).await;
+    let now = Utc::now();
+    let p = lease(4, "ro", APP, now, 400);
+    s.insert_intent(&p).await.unwrap();
+    let gone = active(&s, 5, "ro", APP, 50).await;
+    s.mark_revoked(std::slice::from_ref(&gone.id), Utc::now())
+        .await
+        .unwrap();
+
+    let ids = |v: Vec<Lease>| v.into_iter().map(|l| l.id).collect::<Vec<_>>();
+    let all = ids(s.list(&LeaseFilter::default()).await.unwrap());
+    assert_eq!(
+        all,
+        vec![a.id.clone(), b.id.clone(), c.id.clone(), p.id.clone()],
+        "live leases by expiry"
+    );
+    let f = |f: LeaseFilter| {
+        let s = s.clone();
+        async move { ids(s.list(&f).await.unwrap()) }
+    };
+    assert_eq!(
+        f(LeaseFilter {
+            role: Some("ro".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![a.id.clone(), c.id.clone(), p.id.clone()]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            identity: Some(other.into()),
+            ..Default::default()
+        })
+        .await,
+        vec![c.id.clone()]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            database: Some("nope".into()),
+            ..Default::default()
+        })
+        .await,
+        Vec::<LeaseId>::new()
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            states: vec![LeaseState::Pending, LeaseState::Revoked],
+            ..Default::default()
+        })
+        .await,
+        vec![gone.id.clone(), p.id.clone()]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            expiring_before: Some(t(now, 250)),
+            ..Default::default()
+        })
+        .await,
+        vec![a.id.clone(), b.id.clone()]
+    );
+    assert_eq!(
+        f(LeaseFilter {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await,
+        vec![a.id.clone()]
+    );
+
+    assert_eq!(s.count_live(APP, "ro").await.unwrap(), 2);
+    assert_eq!(s.count_live(APP, "rw").await.unwrap(), 1);
+    assert_eq!(s.count_live(other, "rw").await.unwrap(), 0);
+    let names: BTreeSet<String> = s
+        .live_usernames("main")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let want: BTreeSet<String> = [&a, &b, &c, &p]
+        .iter()
+        .map(|l| l.username.as_str().to_string())
+        .collect();
+    assert_eq!(names, want);
+    let mut counts = s.live_counts().await.unwrap();
+    counts.sort_by(|x, y| (&x.0, x.2.as_str()).cmp(&(&y.0, y.2.as_str())));
+    assert_eq!(
+        counts,
+        vec![
+            ("ro".into(), "main".into(), LeaseState::Active, 2),
+            ("ro".into(), "main".into(), LeaseState::Pending, 1),
+            ("rw".into(), "main".into(), LeaseState::Active, 1),
+        ]
+    );
+    assert_eq!(ms(s.next_due().await.unwrap().unwrap()), ms(p.due_at));
+}
+
+/// Two handles (two replicas) reaping at once split the due leases between
+/// them: every lease claimed exactly once.
+pub async fn case_concurrent_reapers_claim_disjoint_sets(open: Opener, shared: bool) {
+    let first = open().await;
+    // SQLite allows one process per file: its "second replica" is a second
+    // task on the same handle, which must still claim disjointly.
+    let second = if shared { open().await } else { first.clone() };
+    let mut want = BTreeSet::new();
+    for i in 0..60 {
+        want.insert(active(&first, i, "ro", APP, 1).await.id);
+    }
+    let at = t(Utc::now(), 5);
+    let reap = |s: Store, owner: &'static str| async move {
+        let mut mine = Vec::new();
+        loop {
+            let got = s.claim_due(at, 7, &claim(owner, 60)).await.unwrap();
+            if got.is_empty() {
+                return mine;
+            }
+            mine.extend(got.into_iter().map(|l| l.id));
+            tokio::task::yield_now().await;
+        }
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(reap(first.clone(), "a")),
+        tokio::spawn(reap(second.clone(), "b"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let all: Vec<LeaseId> = a.iter().chain(b.iter()).cloned().collect();
+    let unique: BTreeSet<LeaseId> = all.iter().cloned().collect();
+    assert_eq!(all.len(), unique.len(), "a lease was claimed twice");
+    assert_eq!(unique, want, "a due lease was never claimed");
+}
+
+macro_rules! store_suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let home = super::sqlite_home().await;
+                    super::$case((home.open)().await).await;
+                }
+            )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_concurrent_reapers_claim_disjoint_sets() {
+                let home = super::sqlite_home().await;
+                super::case_concurrent_reapers_claim_disjoint_sets(home.open.clone(), false).await;
+            }
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let home = super::postgres_home().await;
+                    super::$case((home.open)().await).await;
+                }
+            )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_concurrent_reapers_claim_disjoint_sets() {
+                let home = super::postgres_home().await;
+                super::case_concurrent_reapers_claim_disjoint_sets(home.open.clone(), true).await;
+            }
+        }
+    };
+}
+
+store_suite!(
+    case_lifecycle,
+    case_username_is_unique_per_database,
+    case_claims_exclude_other_owners_until_they_expire,
+    case_claim_due_is_ordered_limited_and_only_due,
+    case_failures_are_recorded_and_release_the_claim,
+    case_queries_see_only_what_they_ask_for,
+);
+
+// Where the stores differ on purpose: start-up recovery.
+
+#[tokio::test]
+async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
+    let home = sqlite_home().await;
+    let s = (home.open)().await;
+    let now = Utc::now();
+    let p = lease(1, "ro", APP, now, 600);
+    s.insert_intent(&p).await.unwrap();
+    let a = active(&s, 2, "ro", APP, 600).await;
+    s.claim_one(&a.id, &claim("previous-life", 60))
+        .await
+        .unwrap()
+        .unwrap();
+    s.recover_after_start(now).await.unwrap();
+    assert_eq!(ms(s.get(&p.id).await.unwrap().unwrap().due_at), ms(now));
+    assert!(s
+        .claim_one(&a.id, &claim("me", 60))
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn postgres_start_up_leaves_other_replicas_intents_and_claims_alone() {
+    let home = postgres_home().await;
+    let s = (home.open)().await;
+    let now = Utc::now();
+    let p = lease(1, "ro", APP, now, 600);
+    s.insert_intent(&p).await.unwrap();
+    let a = active(&s, 2, "ro", APP, 600).await;
+    s.claim_one(&a.id, &claim("replica-a", 60))
+        .await
+        .unwrap()
+        .unwrap();
+    // Replica B starts while A is creating p's user and revoking a.
+    let b = (home.open)().await;
+    b.recover_after_start(Utc::now()).await.unwrap();
+    assert_eq!(
+        ms(b.get(&p.id).await.unwrap().unwrap().due_at),
+        ms(p.due_at),
+        "a pending intent keeps its grace deadline"
+    );
+    assert!(
+        b.claim_one(&a.id, &claim("replica-b", 60))
+            .await
+            .unwrap()
+            .is_none(),
+        "a live claim of another replica survives a start-up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_starting_together_migrate_once() {
+    let home = postgres_home().await;
+    let opens: Vec<_> = (0..6).map(|_| tokio::spawn((home.open)())).collect();
+    for o in opens {
+        o.await.unwrap();
+    }
+    let c = cluster()
+        .connect(home.pg_database.as_deref().unwrap())
+        .await
+        .unwrap();
+    let versions: Vec<i32> = c
+        .query(
+            "SELECT version FROM credbroker_schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=credbroker::store::postgres::SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    let secret_columns: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name LIKE 'credbroker%' \
+             AND (column_name LIKE '%pass%' OR column_name LIKE '%secret%' OR column_name LIKE '%verifier%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(secret_columns, 0, "the store has no column for a secret");
+
+    // A database migrated by a newer broker is refused, not misread.
+    c.batch_execute(
+        "INSERT INTO credbroker_schema_migrations (version, description) VALUES (9999, 'future')",
+    )
+    .await
+    .unwrap();
+    let secret = home._dir.path().join("store-password");
+    let err = PostgresStore::open(
+        &cluster().url(home.pg_database.as_deref().unwrap()),
+        &SecretSource::File(secret),
+    )
+    .await
+    .err()
+    .expect("a newer schema must be refused");
+    assert!(err.to_string().contains("newer than this broker"), "{err}");
+}
+
+#[tokio::test]
+async fn postgres_store_down_is_unavailable_and_names_no_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pw");
+    std::fs::write(&secret, "s3cret-store-pw").unwrap();
+    let port = free_port();
+    let err = PostgresStore::open(
+        &format!("postgres://broker@127.0.0.1:{port}/leases"),
+        &SecretSource::File(secret),
+    )
+    .await
+    .err()
+    .expect("nothing listens there");
+    assert!(matches!(err, credbroker::Error::Unavailable(_)), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("s3cret-store-pw"));
+}
