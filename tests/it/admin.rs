@@ -418,3 +418,50 @@ async fn rotate_root_locks_out_the_old_password_and_issuing_goes_on() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn main_port_answers_grpc_health_and_lists_its_services_by_reflection() {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut b = TestBroker::start(&role("ro", "{db}", "5m", "10m", APP)).await;
+    let channel = b.env.client(&b.addr, "app").channel().unwrap();
+
+    let health = HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "credbroker.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status(), ServingStatus::Serving);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "credbroker.v1.Broker",
+        "credbroker.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} not listed: {names:?}"
+        );
+    }
+    b.stop().await;
+}
