@@ -791,3 +791,119 @@ async fn generated_requests_never_panic_the_broker_or_create_a_role() {
     println!("300 generated requests: {issued} valid issues (revoked), the rest refused cleanly");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
+    let mut b = TestBroker::prepare(&roles()).await;
+    b.edit_config(|t| {
+        t.replace(
+            "[reaper]\n",
+            "[reaper]\nfailing_after_attempts = 2\nmax_backoff = \"1s\"\n",
+        )
+    });
+    b.start_in_process().await;
+    let l = issue(&b, "app", "short", 0).await.unwrap();
+    // A database owned by the lease's role: DROP OWNED leaves databases
+    // alone, so DROP ROLE fails on every attempt until a human steps in.
+    let blocker = unique("owned");
+    let su = b.superuser().await;
+    su.batch_execute(&format!(
+        "CREATE DATABASE {blocker} OWNER \"{}\"",
+        l.username
+    ))
+    .await
+    .unwrap();
+
+    let failing = eventually(Duration::from_secs(15), || async {
+        let r = b
+            .admin("admin")
+            .await
+            .list_leases(pb::ListLeasesRequest {
+                states: vec![pb::LeaseState::Failing as i32],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .leases;
+        r.iter().any(|x| x.lease_id == l.lease_id)
+    })
+    .await;
+    assert!(
+        failing,
+        "a revocation failing again and again is not marked failing"
+    );
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["admin", "leases", "--state", "failing", "--format", "json"])
+        .args(["--addr", &b.addr])
+        .arg("--ca")
+        .arg(b.env.pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(b.env.pki.join("admin.pem"))
+        .arg("--key")
+        .arg(b.env.pki.join("admin-key.pem"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["lease_id"] == l.lease_id.as_str())
+        .expect("listed under --state failing");
+    let text = row.to_string();
+    assert!(text.contains("depend"), "the last error says why: {text}");
+    assert!(!text.contains(&l.password));
+    // The login is already refused although the drop fails (NOLOGIN first).
+    assert!(login(&b.db, &l.username, &l.password).await.is_err());
+
+    let mut admin = b.admin("admin").await;
+    let plain = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                l.lease_id.clone(),
+            )),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain.revoked, 0);
+    assert_eq!(plain.failures.len(), 1, "{plain:?}");
+    let forced = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                l.lease_id.clone(),
+            )),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forced.revoked, 1, "{forced:?}");
+    let live = admin
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert!(live.iter().all(|x| x.lease_id != l.lease_id));
+    assert!(b
+        .audit_records()
+        .iter()
+        .any(|r| r.lease_id.as_deref() == Some(&l.lease_id)
+            && r.detail.as_deref().unwrap_or("").contains("force")));
+    b.stop().await;
+    su.batch_execute(&format!("DROP DATABASE {blocker}"))
+        .await
+        .unwrap();
+    su.batch_execute(&format!(
+        "DROP OWNED BY \"{0}\"; DROP ROLE IF EXISTS \"{0}\"",
+        l.username
+    ))
+    .await
+    .unwrap();
+}
