@@ -139,6 +139,18 @@ impl AuditLog {
     /// Writes one record. An error here fails the request that caused it:
     /// an action we cannot audit is an action we do not take silently.
     pub fn append(&self, event: Event) -> Result<()> {
+        self.write(event, self.sync)
+    }
+
+    /// Writes one record without waiting for the disk: for refusals, which
+    /// change nothing and can come by the thousand from one flooding
+    /// client. The next durable record's sync carries it to disk too, and
+    /// the chain is the same either way.
+    pub fn append_relaxed(&self, event: Event) -> Result<()> {
+        self.write(event, false)
+    }
+
+    fn write(&self, event: Event, sync: bool) -> Result<()> {
         let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
         let record = Record {
             seq: chain.seq + 1,
@@ -161,7 +173,7 @@ impl AuditLog {
             .file
             .write_all(line.as_bytes())
             .map_err(|e| Error::unavailable(format!("audit log write failed: {e}")))?;
-        if self.sync {
+        if sync {
             chain
                 .file
                 .sync_data()

@@ -175,7 +175,7 @@ impl Broker {
             _ => Outcome::Error,
         });
         event.detail = Some(err.to_string());
-        if let Err(e) = self.audit.append(event) {
+        if let Err(e) = self.audit.append_relaxed(event) {
             tracing::error!(error = %e, "audit write failed");
         }
         err
