@@ -588,3 +588,32 @@ async fn sidecar_without_a_broker_gives_up_with_a_clear_message() {
     );
     assert!(!sc.out.exists());
 }
+
+/// The broker goes away for good: the file stays while its credential is
+/// valid, goes when it expires, and the sidecar exits non-zero once it has
+/// had no valid credential for `--give-up-after`.
+#[tokio::test]
+async fn sidecar_exits_non_zero_once_no_valid_credential_can_be_kept() {
+    let mut b = TestBroker::prepare(&short_role("sc_gone")).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = Sidecar::spawn(&b, dir.path(), "sc_gone", &["--give-up-after", "1s"]);
+    wait_for_file(&mut sc).await;
+    b.kill_binary();
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(1));
+    assert!(
+        !sc.out.exists(),
+        "an expired credential was left in the file"
+    );
+    let log = sc.log_text();
+    assert!(
+        log.contains(
+            "the credential expired and no replacement could be obtained; removing the file"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("error: unavailable: no valid credential for role \"sc_gone\" since"),
+        "{log}"
+    );
+}
