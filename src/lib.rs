@@ -21,6 +21,7 @@
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
+//! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`cli`]: one file per subcommand.
 //! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
 //!   for the demo and tests.
@@ -46,6 +47,7 @@ pub mod policy;
 pub mod reaper;
 pub mod scram;
 pub mod server;
+pub mod sidecar;
 pub mod store;
 pub mod throwaway;
 

@@ -7,6 +7,7 @@ mod demo;
 mod lease;
 mod pki;
 mod serve;
+mod sidecar;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,9 @@ enum Command {
     /// List and revoke leases, rotate admin passwords (admin identities only)
     #[command(subcommand)]
     Admin(admin::Command),
+    /// Keep a credential file fresh for an application: issue, renew,
+    /// re-issue before the hard limit, notify, revoke after a grace period
+    Sidecar(sidecar::Args),
     /// Check an audit log's hash chain
     #[command(subcommand)]
     Audit(audit::Command),
@@ -71,7 +75,10 @@ pub(crate) type CliResult = Result<ExitCode, Failure>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json, matches!(cli.command, Command::Serve(_)));
+    init_logging(
+        cli.log_json,
+        matches!(cli.command, Command::Serve(_) | Command::Sidecar(_)),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,6 +94,7 @@ pub fn main() -> ExitCode {
             Command::Serve(a) => serve::run(a).await,
             Command::Lease(c) => lease::run(c).await,
             Command::Admin(c) => admin::run(c).await,
+            Command::Sidecar(a) => sidecar::run(a).await,
             Command::Audit(c) => audit::run(c),
             Command::Pki(c) => pki::run(c),
             Command::Demo(a) => demo::run(a).await,
@@ -108,7 +116,8 @@ pub fn main() -> ExitCode {
 }
 
 /// Logs go to stderr. Client commands log warnings only unless RUST_LOG
-/// says otherwise, so their stdout stays parseable.
+/// says otherwise, so their stdout stays parseable; the long-running ones
+/// (serve, sidecar) log at info.
 fn init_logging(json: bool, server: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if server { "info" } else { "warn" };

@@ -8,4 +8,5 @@ mod certificates;
 mod faults;
 mod ha;
 mod lease_path;
+mod sidecar;
 mod store_suite;

@@ -1,0 +1,102 @@
+//! `credbroker sidecar`: keep a credential file fresh next to an application.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::cli::CliResult;
+use crate::client::ClientOpts;
+use crate::sidecar::notify::Notify;
+use crate::sidecar::render::Format;
+use crate::sidecar::Options;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Role to lease
+    #[arg(long, env = "CREDBROKER_ROLE")]
+    role: String,
+    /// File to keep the credential in (written atomically, mode 0600)
+    #[arg(long, env = "CREDBROKER_OUT")]
+    out: PathBuf,
+    /// dsn (libpq/mysql URI), kv (libpq key=value), jdbc, env, json, or
+    /// template:FILE with {{username}} {{password}} {{host}} {{port}}
+    /// {{database}} {{dsn}} {{expires_at}} {{lease_id}}
+    #[arg(long, env = "CREDBROKER_FORMAT", default_value = "dsn")]
+    format: String,
+    /// Shell command run once per new credential (env: CREDBROKER_LEASE_ID,
+    /// CREDBROKER_USERNAME, CREDBROKER_EXPIRES_AT, CREDBROKER_FILE)
+    #[arg(long, conflicts_with = "signal")]
+    exec: Option<String>,
+    /// Signal a process once per new credential: PID:SIG or PIDFILE:SIG,
+    /// e.g. /run/app.pid:HUP
+    #[arg(long)]
+    signal: Option<String>,
+    /// Lease lifetime to ask for, e.g. 10m (default: the role's default_ttl)
+    #[arg(long)]
+    ttl: Option<humantime::Duration>,
+    /// Write one credential and exit; the lease expires on its own
+    #[arg(long)]
+    once: bool,
+    /// Leave the file in place on shutdown
+    #[arg(long)]
+    keep: bool,
+    /// How long an old lease stays valid after its replacement is written
+    #[arg(long, default_value = "30s")]
+    grace: humantime::Duration,
+    /// Exit with an error after holding no valid credential for this long
+    #[arg(long, default_value = "60s")]
+    give_up_after: humantime::Duration,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+pub async fn run(args: Args) -> CliResult {
+    let notify = match (&args.exec, &args.signal) {
+        (Some(cmd), _) => Notify::Exec(cmd.clone()),
+        (None, Some(s)) => Notify::parse_signal(s)?,
+        (None, None) => Notify::None,
+    };
+    let out_dir = args
+        .out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !out_dir.is_dir() {
+        return Err(crate::Error::Config(format!(
+            "--out {}: directory {} does not exist",
+            args.out.display(),
+            out_dir.display()
+        ))
+        .into());
+    }
+    let opts = Options {
+        role: args.role,
+        out: args.out,
+        format: Format::parse(&args.format)?,
+        notify,
+        ttl: args.ttl.map(Into::into),
+        once: args.once,
+        keep: args.keep,
+        grace: args.grace.into(),
+        give_up_after: args.give_up_after.into(),
+    };
+    let client = args.client.broker()?;
+    // Handlers are installed now, before the first lease exists, so a
+    // signal at any point takes the clean-up path.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    tracing::info!(
+        role = %opts.role,
+        out = %opts.out.display(),
+        format = %args.format,
+        "sidecar starting"
+    );
+    crate::sidecar::run(opts, client, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,643 @@
+//! `credbroker sidecar`: keeps a credential file fresh for an application
+//! that only knows how to read a connection string.
+//!
+//! One loop, one lease at a time plus the ones being drained:
+//! issue → write the file atomically (0600) → notify the application →
+//! renew at about two thirds of the remaining lease → before the hard limit
+//! issue a *new* lease, write, notify, and revoke the old one only after a
+//! grace period, so a connection pool can drain. When the broker is
+//! unreachable the current file stays while its credential is valid;
+//! retries use jittered backoff. The sidecar gives up (an error, so a
+//! non-zero exit) only after it has held no valid credential for
+//! `give_up_after`. On shutdown it removes the file and revokes its leases.
+//!
+//! [`schedule`] holds the timing as pure functions, [`render`] the file
+//! formats, [`notify`] the `--exec` / `--signal` hooks.
+//!
+//! **Invariant:** the password is in the file and nowhere else: not in a
+//! log line, an error, a hook's environment or `Debug` output.
+
+pub mod notify;
+pub mod render;
+pub mod schedule;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tonic::transport::Channel;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::{Error, Result};
+use crate::lease::Password;
+use crate::pb;
+use notify::Notify;
+use render::Format;
+use schedule::{delta, Backoff, LeaseTimes};
+
+/// Longest a single broker call may take before it counts as a failure:
+/// a hung broker must not hold renewals past the lease's expiry.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type BrokerClient = pb::broker_client::BrokerClient<Channel>;
+
+/// What the command line asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub role: String,
+    pub out: PathBuf,
+    pub format: Format,
+    pub notify: Notify,
+    /// Requested lifetime for issue and renew; `None` is the role's default.
+    pub ttl: Option<Duration>,
+    /// Write one credential and exit, leaving the lease to expire on its own
+    /// (init containers).
+    pub once: bool,
+    /// Leave the file in place on shutdown.
+    pub keep: bool,
+    /// How long an old lease outlives its replacement.
+    pub grace: Duration,
+    /// How long the sidecar may hold no valid credential (at start, or after
+    /// the current one expired during an outage) before it exits with an
+    /// error.
+    pub give_up_after: Duration,
+}
+
+/// One leased credential. `Debug` leaves the secrets out.
+pub struct Credential {
+    pub lease_id: String,
+    pub kind: String,
+    pub username: String,
+    pub password: Password,
+    /// The broker's connection URI; it carries the password.
+    pub dsn: Zeroizing<String>,
+    pub host: String,
+    pub port: u32,
+    pub database: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub max_expires_at: DateTime<Utc>,
+    pub renewable: bool,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("lease_id", &self.lease_id)
+            .field("username", &self.username)
+            .field("expires_at", &self.expires_at)
+            .field("max_expires_at", &self.max_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    t.as_ref()
+        .and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Credential {
+    /// Takes the secrets out of an IssueLease reply; the reply's copies are
+    /// wiped.
+    pub fn from_reply(mut l: pb::Lease) -> Result<Self> {
+        let (Some(issued_at), Some(expires_at), Some(max_expires_at)) = (
+            time(&l.issued_at),
+            time(&l.expires_at),
+            time(&l.max_expires_at),
+        ) else {
+            l.password.zeroize();
+            l.dsn.zeroize();
+            return Err(Error::internal("broker reply without lease times"));
+        };
+        Ok(Credential {
+            password: Password::from_secret(std::mem::take(&mut l.password)),
+            dsn: Zeroizing::new(std::mem::take(&mut l.dsn)),
+            lease_id: l.lease_id,
+            kind: l.kind,
+            username: l.username,
+            host: l.host,
+            port: l.port,
+            database: l.database_name,
+            issued_at,
+            expires_at,
+            max_expires_at,
+            renewable: l.renewable,
+        })
+    }
+
+    pub fn times(&self) -> LeaseTimes {
+        LeaseTimes {
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+            max_expires_at: self.max_expires_at,
+            renewable: self.renewable,
+        }
+    }
+}
+
+/// A replaced lease waiting for its revocation.
+#[derive(Debug)]
+struct Draining {
+    lease_id: String,
+    expires_at: DateTime<Utc>,
+    revoke_at: DateTime<Utc>,
+    attempts: u32,
+}
+
+/// Why a broker call failed, as far as retrying goes.
+enum CallError {
+    /// Unreachable, timed out, overloaded: try again later.
+    Transient(String),
+    /// The broker said no (expired, not allowed, unknown role…).
+    Refused(tonic::Code, String),
+}
+
+impl CallError {
+    fn text(&self) -> &str {
+        match self {
+            CallError::Transient(m) | CallError::Refused(_, m) => m,
+        }
+    }
+}
+
+fn classify(s: tonic::Status) -> CallError {
+    use tonic::Code::*;
+    let text = crate::client::describe(&s);
+    match s.code() {
+        Unavailable | DeadlineExceeded | Unknown | Internal | ResourceExhausted | Aborted
+        | Cancelled => CallError::Transient(text),
+        code => CallError::Refused(code, text),
+    }
+}
+
+/// Runs the sidecar until `shutdown` resolves (then cleans up and returns
+/// `Ok`), or until it can no longer keep a valid credential (`Err`).
+pub async fn run(
+    opts: Options,
+    client: BrokerClient,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let mut s = Sidecar {
+        opts,
+        client,
+        backoff: Backoff::default(),
+        current: None,
+        draining: Vec::new(),
+        next_try: Utc::now(),
+        must_rotate: false,
+        file_removed: false,
+        last_error: String::new(),
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    let first = tokio::select! {
+        r = s.first_credential() => r?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    if let Err(e) = s.install_first(first).await {
+        s.cleanup().await;
+        return Err(e);
+    }
+    if s.opts.once {
+        return Ok(());
+    }
+    loop {
+        let wake = s.wake_at();
+        let sleep = tokio::time::sleep(until(wake));
+        tokio::select! {
+            _ = sleep => {}
+            _ = &mut shutdown => break,
+        }
+        tokio::select! {
+            r = s.tick() => if let Err(e) = r {
+                s.cleanup().await;
+                return Err(e);
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down: removing the file and revoking leases");
+    s.cleanup().await;
+    Ok(())
+}
+
+fn until(t: DateTime<Utc>) -> Duration {
+    (t - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+}
+
+struct Sidecar {
+    opts: Options,
+    client: BrokerClient,
+    backoff: Backoff,
+    current: Option<Credential>,
+    draining: Vec<Draining>,
+    /// When the current lease is next renewed or rotated (or retried).
+    next_try: DateTime<Utc>,
+    /// The broker refused a renewal: only a new lease helps.
+    must_rotate: bool,
+    /// The current credential expired and its file was removed.
+    file_removed: bool,
+    last_error: String,
+}
+
+impl Sidecar {
+    fn ttl_seconds(&self) -> i64 {
+        self.opts
+            .ttl
+            .map(|d| d.as_secs().max(1) as i64)
+            .unwrap_or(0)
+    }
+
+    async fn call<T>(
+        &self,
+        f: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    ) -> std::result::Result<T, CallError> {
+        match tokio::time::timeout(CALL_TIMEOUT, f).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(classify(s)),
+            Err(_) => Err(CallError::Transient(format!(
+                "no answer within {}s",
+                CALL_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    async fn issue(&mut self) -> std::result::Result<Credential, CallError> {
+        let mut c = self.client.clone();
+        let req = pb::IssueLeaseRequest {
+            role: self.opts.role.clone(),
+            ttl_seconds: self.ttl_seconds(),
+        };
+        let lease = self.call(c.issue_lease(req)).await?;
+        let cred = Credential::from_reply(lease)
+            .map_err(|e| CallError::Refused(tonic::Code::Internal, e.to_string()))?;
+        tracing::info!(
+            lease_id = %cred.lease_id,
+            username = %cred.username,
+            expires_at = %rfc3339(cred.expires_at),
+            max_expires_at = %rfc3339(cred.max_expires_at),
+            "lease issued"
+        );
+        Ok(cred)
+    }
+
+    async fn renew(
+        &self,
+        lease_id: &str,
+        ttl_seconds: i64,
+    ) -> std::result::Result<pb::Lease, CallError> {
+        let mut c = self.client.clone();
+        let req = pb::RenewLeaseRequest {
+            lease_id: lease_id.to_string(),
+            ttl_seconds,
+        };
+        self.call(c.renew_lease(req)).await
+    }
+
+    async fn revoke(&self, lease_id: &str) -> std::result::Result<(), CallError> {
+        let mut c = self.client.clone();
+        let req = pb::RevokeLeaseRequest {
+            lease_id: lease_id.to_string(),
+        };
+        self.call(c.revoke_lease(req)).await.map(|_| ())
+    }
+
+    /// The first lease, retried with backoff while the broker is
+    /// unreachable; a refusal (unknown role, not allowed, bad ttl) ends the
+    /// sidecar at once: retrying would not change the answer.
+    async fn first_credential(&mut self) -> Result<Credential> {
+        let started = Utc::now();
+        loop {
+            match self.issue().await {
+                Ok(c) => {
+                    self.backoff.reset();
+                    return Ok(c);
+                }
+                Err(CallError::Refused(_, msg)) => {
+                    return Err(Error::Unavailable(format!(
+                        "the broker refused a lease for role {:?}: {msg}",
+                        self.opts.role
+                    )))
+                }
+                Err(CallError::Transient(msg)) => {
+                    let waited = (Utc::now() - started).to_std().unwrap_or_default();
+                    if waited >= self.opts.give_up_after {
+                        return Err(Error::Unavailable(format!(
+                            "no valid credential for role {:?}: the broker has been unreachable \
+                             for {}s (last error: {msg})",
+                            self.opts.role,
+                            waited.as_secs()
+                        )));
+                    }
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(
+                        error = %msg,
+                        attempt = self.backoff.failures(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "cannot issue the first lease; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn write(&self, c: &Credential) -> Result<()> {
+        let text = self.opts.format.render(c);
+        crate::fsutil::write_secret_file(&self.opts.out, text.as_bytes()).map_err(|e| {
+            Error::Unavailable(format!("cannot write {}: {e}", self.opts.out.display()))
+        })?;
+        tracing::info!(
+            path = %self.opts.out.display(),
+            lease_id = %c.lease_id,
+            "credential written"
+        );
+        Ok(())
+    }
+
+    async fn install_first(&mut self, c: Credential) -> Result<()> {
+        if let Err(e) = self.write(&c) {
+            if self.revoke(&c.lease_id).await.is_err() {
+                tracing::warn!(lease_id = %c.lease_id, "could not revoke the unused lease; it expires on its own");
+            }
+            return Err(e);
+        }
+        let hook = self.opts.notify.fire(&c, &self.opts.out);
+        if self.opts.once {
+            if let Some(h) = hook {
+                let _ = h.await;
+            }
+            tracing::info!(
+                lease_id = %c.lease_id,
+                expires_at = %rfc3339(c.expires_at),
+                "--once: leaving the lease to expire on its own"
+            );
+            return Ok(());
+        }
+        self.next_try = schedule::next_step(&c.times(), Utc::now(), self.opts.grace).at();
+        self.current = Some(c);
+        Ok(())
+    }
+
+    fn current(&self) -> &Credential {
+        self.current
+            .as_ref()
+            .expect("a credential is held after start")
+    }
+
+    fn wake_at(&self) -> DateTime<Utc> {
+        let cur = self.current();
+        let mut wake = self.next_try;
+        for d in &self.draining {
+            wake = wake.min(d.revoke_at);
+        }
+        if self.file_removed {
+            wake.min(cur.expires_at + delta(self.opts.give_up_after))
+        } else {
+            wake.min(cur.expires_at)
+        }
+    }
+
+    async fn tick(&mut self) -> Result<()> {
+        self.revoke_due().await;
+        let now = Utc::now();
+        if now >= self.next_try {
+            let cur = self.current();
+            let rotate = self.must_rotate
+                || now >= schedule::rotate_at(&cur.times(), self.opts.grace)
+                || now >= cur.expires_at;
+            if rotate {
+                self.rotate().await;
+            } else {
+                self.renew_current().await;
+            }
+        }
+        self.check_expiry()
+    }
+
+    async fn renew_current(&mut self) {
+        let id = self.current().lease_id.clone();
+        match self.renew(&id, self.ttl_seconds()).await {
+            Ok(l) => {
+                let now = Utc::now();
+                self.backoff.reset();
+                let cur = self.current.as_mut().expect("held");
+                if let Some(e) = time(&l.expires_at) {
+                    cur.expires_at = e;
+                }
+                cur.renewable = l.renewable;
+                tracing::info!(
+                    lease_id = %cur.lease_id,
+                    expires_at = %rfc3339(cur.expires_at),
+                    "lease renewed"
+                );
+                self.next_try = schedule::next_step(&cur.times(), now, self.opts.grace).at();
+            }
+            Err(CallError::Refused(code, msg)) => {
+                tracing::warn!(lease_id = %id, ?code, error = %msg, "renewal refused; issuing a new lease");
+                self.must_rotate = true;
+                self.next_try = Utc::now();
+            }
+            Err(CallError::Transient(msg)) => self.retry_later("renew", msg),
+        }
+    }
+
+    fn retry_later(&mut self, what: &str, msg: String) {
+        let delay = self.backoff.next_delay();
+        let cur = self.current();
+        tracing::warn!(
+            action = what,
+            error = %msg,
+            attempt = self.backoff.failures(),
+            retry_in_ms = delay.as_millis() as u64,
+            current_valid_until = %rfc3339(cur.expires_at),
+            "broker call failed; keeping the current file"
+        );
+        self.last_error = msg;
+        self.next_try = Utc::now() + delta(delay);
+    }
+
+    async fn rotate(&mut self) {
+        tracing::info!(
+            lease_id = %self.current().lease_id,
+            hard_limit = %rfc3339(self.current().max_expires_at),
+            "issuing a replacement lease"
+        );
+        let new = match self.issue().await {
+            Ok(c) => c,
+            Err(e) => {
+                if let CallError::Refused(code, msg) = &e {
+                    tracing::error!(?code, error = %msg, "the broker refused a new lease");
+                }
+                self.extend_current().await;
+                self.retry_later("issue", e.text().to_string());
+                return;
+            }
+        };
+        if let Err(e) = self.write(&new) {
+            tracing::error!(error = %e, "keeping the current credential");
+            let _ = self.revoke(&new.lease_id).await;
+            self.retry_later("write", e.to_string());
+            return;
+        }
+        let now = Utc::now();
+        let hook = self.opts.notify.fire(&new, &self.opts.out);
+        drop(hook);
+        self.backoff.reset();
+        self.must_rotate = false;
+        self.file_removed = false;
+        self.next_try = schedule::next_step(&new.times(), now, self.opts.grace).at();
+        let old = self.current.replace(new).expect("held");
+        let mut old_times = old.times();
+        let revoke_at = schedule::revoke_at(&old_times, now, self.opts.grace);
+        // Keep the old credential valid through the grace period, so
+        // connections it opens while the application switches still work.
+        if old.expires_at > now && old.expires_at < revoke_at {
+            let secs = ((revoke_at - now).num_milliseconds() + 999) / 1000;
+            let secs = secs.max(1);
+            match self.renew(&old.lease_id, secs).await {
+                Ok(l) => {
+                    if let Some(e) = time(&l.expires_at) {
+                        old_times.expires_at = e;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e.text(), "could not extend the old lease"),
+            }
+        }
+        tracing::info!(
+            old_lease_id = %old.lease_id,
+            new_lease_id = %self.current().lease_id,
+            revoke_old_at = %rfc3339(revoke_at),
+            "credential rotated"
+        );
+        self.draining.push(Draining {
+            lease_id: old.lease_id.clone(),
+            expires_at: old_times.expires_at,
+            revoke_at,
+            attempts: 0,
+        });
+    }
+
+    /// While a replacement cannot be had, stretch the current lease as far
+    /// as its hard limit allows.
+    async fn extend_current(&mut self) {
+        let cur = self.current();
+        let now = Utc::now();
+        if cur.expires_at <= now || cur.expires_at >= cur.max_expires_at || !cur.renewable {
+            return;
+        }
+        let id = cur.lease_id.clone();
+        if let Ok(l) = self.renew(&id, self.ttl_seconds()).await {
+            let cur = self.current.as_mut().expect("held");
+            if let Some(e) = time(&l.expires_at) {
+                cur.expires_at = e;
+            }
+            tracing::info!(lease_id = %id, expires_at = %rfc3339(cur.expires_at), "lease renewed");
+        }
+    }
+
+    async fn revoke_due(&mut self) {
+        let now = Utc::now();
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.draining)
+            .into_iter()
+            .partition(|d| d.revoke_at <= now);
+        self.draining = rest;
+        for mut d in due {
+            match self.revoke(&d.lease_id).await {
+                Ok(()) => tracing::info!(lease_id = %d.lease_id, "old lease revoked"),
+                Err(CallError::Refused(code, msg)) => {
+                    // Typically already revoked or expired and reaped.
+                    tracing::info!(lease_id = %d.lease_id, ?code, error = %msg, "old lease not revoked by us")
+                }
+                Err(CallError::Transient(msg)) => {
+                    if d.expires_at <= Utc::now() {
+                        tracing::info!(
+                            lease_id = %d.lease_id,
+                            error = %msg,
+                            "old lease expired before it could be revoked; the broker's reaper drops it"
+                        );
+                    } else {
+                        d.revoke_at = Utc::now() + delta(Backoff::ceiling(d.attempts));
+                        d.attempts += 1;
+                        tracing::warn!(lease_id = %d.lease_id, error = %msg, "cannot revoke the old lease yet");
+                        self.draining.push(d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the file only while its credential is valid; gives up after
+    /// `give_up_after` without one.
+    fn check_expiry(&mut self) -> Result<()> {
+        let now = Utc::now();
+        let (lease_id, expires_at) = {
+            let cur = self.current();
+            (cur.lease_id.clone(), cur.expires_at)
+        };
+        if now < expires_at {
+            return Ok(());
+        }
+        if !self.file_removed {
+            tracing::error!(
+                %lease_id,
+                expired_at = %rfc3339(expires_at),
+                path = %self.opts.out.display(),
+                last_error = %self.last_error,
+                "the credential expired and no replacement could be obtained; removing the file"
+            );
+            remove_file(&self.opts.out);
+            self.file_removed = true;
+        }
+        if now >= expires_at + delta(self.opts.give_up_after) {
+            return Err(Error::Unavailable(format!(
+                "no valid credential for role {:?} since {} and none could be obtained for {}s \
+                 (last error: {})",
+                self.opts.role,
+                rfc3339(expires_at),
+                self.opts.give_up_after.as_secs(),
+                self.last_error
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes the file (unless `--keep`) and revokes every lease held, all
+    /// at once and each within the call timeout.
+    async fn cleanup(&mut self) {
+        if !self.opts.keep {
+            remove_file(&self.opts.out);
+        }
+        let ids: Vec<String> = self
+            .current
+            .iter()
+            .map(|c| c.lease_id.clone())
+            .chain(self.draining.iter().map(|d| d.lease_id.clone()))
+            .collect();
+        let results = futures::future::join_all(ids.iter().map(|id| self.revoke(id))).await;
+        for (id, r) in ids.iter().zip(results) {
+            match r {
+                Ok(()) => tracing::info!(lease_id = %id, "lease revoked"),
+                Err(e) => tracing::warn!(
+                    lease_id = %id,
+                    error = %e.text(),
+                    "could not revoke the lease; it expires on its own"
+                ),
+            }
+        }
+        self.current = None;
+        self.draining.clear();
+    }
+}
+
+fn remove_file(path: &std::path::Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(path = %path.display(), "file removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove the file"),
+    }
+}

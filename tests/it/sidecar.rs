@@ -1,0 +1,619 @@
+//! `credbroker sidecar` as a user runs it: the real binary next to a real
+//! broker binary and a password-checking PostgreSQL, with a reader playing
+//! the application (re-read the file, connect, every 100 ms).
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
+
+/// The issue's short role: renewals every ~2 s, a new lease every ~5 s.
+fn short_role(name: &str) -> String {
+    role(name, "{db}", "3s", "8s", APP)
+}
+
+/// One sidecar process and its files.
+struct Sidecar {
+    child: Option<Child>,
+    out: PathBuf,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    fn spawn(b: &TestBroker, dir: &Path, role: &str, extra: &[&str]) -> Sidecar {
+        let out = dir.join("db.conn");
+        let log = dir.join("sidecar.log");
+        let pki = &b.env.pki;
+        let child = Command::new(BIN)
+            .arg("sidecar")
+            .args(["--role", role, "--out"])
+            .arg(&out)
+            .args(["--addr", &b.addr, "--ca"])
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("app.pem"))
+            .arg("--key")
+            .arg(pki.join("app-key.pem"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        Sidecar {
+            child: Some(child),
+            out,
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        assert!(Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for the exit; the exit code.
+    async fn wait(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!(
+                    "sidecar did not exit within {within:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Timeline lines (issue, renew, rotate, revoke) for the closing note.
+    fn timeline(&self) -> Vec<String> {
+        const EVENTS: &[&str] = &[
+            "lease issued",
+            "lease renewed",
+            "issuing a replacement",
+            "credential rotated",
+            "old lease revoked",
+            "lease revoked",
+            "broker call failed",
+            "file removed",
+        ];
+        self.log_text()
+            .lines()
+            .filter(|l| EVENTS.iter().any(|e| l.contains(e)))
+            .map(strip_ansi)
+            .collect()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+async fn wait_for_file(sidecar: &mut Sidecar) {
+    let path = sidecar.out.clone();
+    let ok = eventually(Duration::from_secs(20), || async { path.exists() }).await;
+    assert!(
+        ok && sidecar.running(),
+        "the sidecar wrote no file:\n{}",
+        sidecar.log_text()
+    );
+}
+
+/// A credential as the reader parsed it from the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    dsn: String,
+    user: String,
+    password: String,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+/// Parses the whole file or fails: a partial file fails here. `dsn` format
+/// is one URI line; the template used below adds an `expires=` line.
+fn parse_file(text: &str, b: &Names) -> Result<Seen, String> {
+    let mut lines = text.split_inclusive('\n');
+    let first = lines.next().ok_or("empty file")?;
+    let dsn = first
+        .strip_suffix('\n')
+        .ok_or_else(|| format!("unterminated line {first:?}"))?;
+    let expires_at = match lines.next() {
+        None => None,
+        Some(l) => {
+            let v = l
+                .strip_prefix("expires=")
+                .and_then(|v| v.strip_suffix('\n'))
+                .ok_or_else(|| format!("bad second line {l:?}"))?;
+            Some(
+                DateTime::parse_from_rfc3339(v)
+                    .map_err(|e| format!("{v:?}: {e}"))?
+                    .with_timezone(&Utc),
+            )
+        }
+    };
+    if lines.next().is_some() {
+        return Err("trailing data".into());
+    }
+    let rest = dsn
+        .strip_prefix("postgresql://")
+        .ok_or_else(|| format!("not a URI: {dsn:?}"))?;
+    let (userinfo, hostpart) = rest.split_once('@').ok_or("no @")?;
+    let (user, password) = userinfo.split_once(':').ok_or("no password")?;
+    let want_tail = format!(":{}/{}", cluster().port(), b.db);
+    if !user.starts_with(&b.prefix)
+        || password.len() != 40
+        || !password.bytes().all(|c| c.is_ascii_alphanumeric())
+        || !hostpart.ends_with(&want_tail)
+    {
+        return Err(format!("malformed credential line (user {user:?})"));
+    }
+    Ok(Seen {
+        dsn: dsn.to_string(),
+        user: user.to_string(),
+        password: password.to_string(),
+        expires_at,
+    })
+}
+
+/// What the application saw.
+#[derive(Default, Debug)]
+struct ReaderReport {
+    reads: usize,
+    connects_ok: usize,
+    /// Failures while the credential read was still valid (or its expiry
+    /// unknown): must stay empty.
+    failures: Vec<String>,
+    /// Failures once the credential had expired (broker outage): allowed.
+    expired_failures: usize,
+    /// The file was absent (removed after expiry during an outage).
+    missing: usize,
+    changes: usize,
+    users: Vec<String>,
+    passwords: BTreeSet<String>,
+    last_ok: Option<tokio::time::Instant>,
+}
+
+/// The application: every 100 ms re-read the file, check it is whole and
+/// 0600, connect with exactly what it says and run a query.
+async fn reader(b: Arc<Names>, path: PathBuf, run_for: Duration, report: Arc<Mutex<ReaderReport>>) {
+    let end = tokio::time::Instant::now() + run_for;
+    let mut last: Option<Seen> = None;
+    while tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut r = report.lock().unwrap();
+                let expired = last
+                    .as_ref()
+                    .and_then(|s| s.expires_at)
+                    .is_some_and(|t| Utc::now() >= t);
+                if expired {
+                    r.missing += 1;
+                } else {
+                    r.failures
+                        .push("file missing while the credential was valid".into());
+                }
+                continue;
+            }
+            Err(e) => panic!("read {}: {e}", path.display()),
+        };
+        let mode = std::fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0o600);
+        let seen = match parse_file(&text, &b) {
+            Ok(s) => s,
+            Err(e) => {
+                report
+                    .lock()
+                    .unwrap()
+                    .failures
+                    .push(format!("partial or malformed file: {e}"));
+                continue;
+            }
+        };
+        {
+            let mut r = report.lock().unwrap();
+            r.reads += 1;
+            if mode != 0o600 {
+                r.failures.push(format!("file mode {mode:o}"));
+            }
+            if last.as_ref().map(|l| &l.dsn) != Some(&seen.dsn) {
+                if last.is_some() {
+                    r.changes += 1;
+                }
+                r.users.push(seen.user.clone());
+                r.passwords.insert(seen.password.clone());
+            }
+        }
+        let result = connect(&seen.dsn).await;
+        let mut r = report.lock().unwrap();
+        match result {
+            Ok(()) => {
+                r.connects_ok += 1;
+                r.last_ok = Some(tokio::time::Instant::now());
+            }
+            Err(e) => {
+                // Only an expired credential may fail, and only with the
+                // broker away (the tests that allow it check the outage).
+                let expired = seen.expires_at.is_some_and(|t| Utc::now() >= t);
+                if expired {
+                    r.expired_failures += 1;
+                } else {
+                    r.failures
+                        .push(format!("{} at {}: {e}", seen.user, Utc::now().to_rfc3339()));
+                }
+            }
+        }
+        last = Some(seen);
+    }
+}
+
+async fn connect(dsn: &str) -> Result<(), String> {
+    let mut cfg = tokio_postgres::Config::from_str(dsn).map_err(|e| e.to_string())?;
+    cfg.connect_timeout(Duration::from_secs(5));
+    let (client, conn) =
+        cfg.connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(d) => d.message().to_string(),
+                None => e.to_string(),
+            })?;
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT item FROM orders WHERE id = 1", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    let item: String = row.get(0);
+    if item == "coffee" {
+        Ok(())
+    } else {
+        Err(format!("unexpected row {item:?}"))
+    }
+}
+
+fn assert_no_password_in(log: &str, passwords: &BTreeSet<String>) {
+    assert!(!passwords.is_empty());
+    for p in passwords {
+        assert!(
+            !log.contains(p.as_str()),
+            "a password is in the sidecar log"
+        );
+    }
+}
+
+/// Points 1, 2 (--exec), 4 and 5 of issue 5: 30 s of a reader connecting
+/// every 100 ms through renewals and rotations, then SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sidecar_keeps_every_connection_working_through_rotations() {
+    let role_name = "sc_rot";
+    let mut b = TestBroker::prepare(&short_role(role_name)).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let exec_log = dir.path().join("exec.log");
+    let hook = format!("echo \"$CREDBROKER_USERNAME\" >> {}", exec_log.display());
+    let mut sc = Sidecar::spawn(
+        &b,
+        dir.path(),
+        role_name,
+        &["--grace", "2s", "--exec", &hook],
+    );
+    wait_for_file(&mut sc).await;
+
+    let report = Arc::new(Mutex::new(ReaderReport::default()));
+    reader(
+        Arc::new(Names::of(&b)),
+        sc.out.clone(),
+        Duration::from_secs(30),
+        report.clone(),
+    )
+    .await;
+    assert!(sc.running(), "sidecar died:\n{}", sc.log_text());
+
+    let r = std::mem::take(&mut *report.lock().unwrap());
+    assert!(r.failures.is_empty(), "reader failures: {:#?}", r.failures);
+    assert_eq!(r.expired_failures + r.missing, 0, "{r:?}");
+    assert!(r.connects_ok >= 200, "{} connections", r.connects_ok);
+    assert!(r.changes >= 3, "the file changed only {} times", r.changes);
+
+    // Point 4: SIGTERM revokes every lease (current and draining) and
+    // removes the file.
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
+    assert!(!sc.out.exists(), "file left behind after SIGTERM");
+    assert_eq!(
+        b.broker_role_count().await,
+        0,
+        "roles left: {:?}",
+        b.broker_roles().await
+    );
+
+    // Point 2: the hook ran once per new credential, in order.
+    let hooked: Vec<String> = std::fs::read_to_string(&exec_log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(hooked, r.users, "--exec runs vs credentials seen");
+    let log = sc.log_text();
+    assert_eq!(log.matches("lease issued").count(), hooked.len(), "{log}");
+
+    // Point 5: the password is nowhere in the sidecar's output.
+    assert_no_password_in(&log, &r.passwords);
+    println!(
+        "reader: {} reads, {} connections, {} file changes, {} credentials",
+        r.reads,
+        r.connects_ok,
+        r.changes,
+        r.users.len()
+    );
+    println!("timeline:\n{}", sc.timeline().join("\n"));
+}
+
+/// Points 2 (--signal) and 3: the broker is killed for 5 s mid-run; the
+/// sidecar keeps the file while it is valid, survives, and recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sidecar_survives_a_broker_outage_and_signals_the_app() {
+    let role_name = "sc_out";
+    let mut b = TestBroker::prepare(&short_role(role_name)).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The "application": writes its pidfile once its trap is set, and
+    // counts the signals it gets.
+    let pidfile = dir.path().join("app.pid");
+    let sigs = dir.path().join("signals");
+    let script = format!(
+        "trap 'echo usr1 >> {sigs}' USR1; echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; \
+         while :; do sleep 0.1; done",
+        sigs = sigs.display(),
+        pid = pidfile.display()
+    );
+    let mut app = Command::new("sh").arg("-c").arg(&script).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(10), || async { pidfile.exists() }).await);
+
+    let template = dir.path().join("tpl");
+    std::fs::write(&template, "{{dsn}}\nexpires={{expires_at}}\n").unwrap();
+    let signal = format!("{}:USR1", pidfile.display());
+    let format = format!("template:{}", template.display());
+    let mut sc = Sidecar::spawn(
+        &b,
+        dir.path(),
+        role_name,
+        &["--grace", "2s", "--signal", &signal, "--format", &format],
+    );
+    wait_for_file(&mut sc).await;
+
+    let report = Arc::new(Mutex::new(ReaderReport::default()));
+    let reading = tokio::spawn(reader(
+        Arc::new(Names::of(&b)),
+        sc.out.clone(),
+        Duration::from_secs(24),
+        report.clone(),
+    ));
+
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut broker = b;
+    broker.kill_binary();
+    let killed_at = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        sc.running(),
+        "sidecar died in the outage:\n{}",
+        sc.log_text()
+    );
+    broker.spawn_binary().await;
+    let restarted_at = tokio::time::Instant::now();
+    reading.await.unwrap();
+
+    assert!(sc.running(), "sidecar died:\n{}", sc.log_text());
+    let r = std::mem::take(&mut *report.lock().unwrap());
+    assert!(r.failures.is_empty(), "reader failures: {:#?}", r.failures);
+    let last_ok = r.last_ok.expect("no connection at all");
+    assert!(
+        last_ok > restarted_at + Duration::from_secs(2),
+        "no working credential after the broker came back"
+    );
+    let log = sc.log_text();
+    assert!(
+        log.contains("broker call failed"),
+        "the outage went unnoticed:\n{log}"
+    );
+    println!(
+        "outage: killed at +{:?}; reader: {} connections, {} failures on expired credentials, {} reads without a file",
+        killed_at.elapsed(),
+        r.connects_ok,
+        r.expired_failures,
+        r.missing
+    );
+
+    sc.signal("INT");
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
+    assert!(!sc.out.exists());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker.broker_role_count().await == 0
+        })
+        .await,
+        "roles left: {:?}",
+        broker.broker_roles().await
+    );
+
+    // Point 2: one signal per new credential.
+    let _ = app.kill();
+    let _ = app.wait();
+    let got = std::fs::read_to_string(&sigs)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let written = log.matches("credential written").count();
+    assert!(got >= 2, "the app got {got} signals");
+    assert_eq!(got, written, "signals vs credentials written");
+    assert_no_password_in(&log, &r.passwords);
+    println!("timeline:\n{}", sc.timeline().join("\n"));
+}
+
+/// The names a reader checks a file against, without holding the broker
+/// (which the outage test kills and restarts).
+struct Names {
+    prefix: String,
+    db: String,
+}
+
+impl Names {
+    fn of(b: &TestBroker) -> Self {
+        Names {
+            prefix: b.prefix.clone(),
+            db: b.db.clone(),
+        }
+    }
+}
+
+/// `--once` (init containers): one credential, written in the asked
+/// format, the process exits 0 and the lease stays alive for the app.
+/// A role the broker refuses ends the sidecar at once with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_once_writes_one_credential_and_refusals_exit_at_once() {
+    let role_name = "sc_once";
+    let b = TestBroker::start(&role(role_name, "{db}", "1m", "5m", APP)).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut sc = Sidecar::spawn(&b, dir.path(), role_name, &["--once", "--format", "env"]);
+    assert_eq!(
+        sc.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        sc.log_text()
+    );
+    let text = std::fs::read_to_string(&sc.out).unwrap();
+    let mode = std::fs::metadata(&sc.out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let var = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing"))
+            .to_string()
+    };
+    assert_eq!(var("PGPORT"), cluster().port().to_string());
+    assert_eq!(var("PGDATABASE"), b.db);
+    assert!(var("DATABASE_URL").starts_with("postgresql://"));
+    let (user, password) = (var("PGUSER"), var("PGPASSWORD"));
+    assert!(
+        b.role_exists(&user).await,
+        "--once must leave the lease alive"
+    );
+    login(&b.db, &user, &password).await.unwrap();
+    connect(&var("DATABASE_URL")).await.unwrap();
+    let log = sc.log_text();
+    assert!(log.contains("lease issued"), "{log}");
+    assert!(!log.contains(&password), "a password is in the sidecar log");
+
+    let other = dir.path().join("refused");
+    std::fs::create_dir(&other).unwrap();
+    let mut refused = Sidecar::spawn(&b, &other, "no_such_role", &[]);
+    assert_eq!(refused.wait(Duration::from_secs(30)).await, Some(1));
+    let log = refused.log_text();
+    assert!(
+        log.contains("error: unavailable: the broker refused a lease for role \"no_such_role\""),
+        "{log}"
+    );
+    assert!(!refused.out.exists());
+}
+
+/// With no broker at all the sidecar retries with backoff, then exits
+/// non-zero saying it has no valid credential.
+#[tokio::test]
+async fn sidecar_without_a_broker_gives_up_with_a_clear_message() {
+    let b = TestBroker::prepare(&short_role("sc_none")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = Sidecar::spawn(&b, dir.path(), "sc_none", &["--give-up-after", "2s"]);
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(1));
+    let log = sc.log_text();
+    assert!(
+        log.contains("cannot issue the first lease; retrying"),
+        "{log}"
+    );
+    assert!(
+        log.contains("no valid credential for role \"sc_none\": the broker has been unreachable"),
+        "{log}"
+    );
+    assert!(!sc.out.exists());
+}
+
+/// The broker goes away for good: the file stays while its credential is
+/// valid, goes when it expires, and the sidecar exits non-zero once it has
+/// had no valid credential for `--give-up-after`.
+#[tokio::test]
+async fn sidecar_exits_non_zero_once_no_valid_credential_can_be_kept() {
+    let mut b = TestBroker::prepare(&short_role("sc_gone")).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = Sidecar::spawn(&b, dir.path(), "sc_gone", &["--give-up-after", "1s"]);
+    wait_for_file(&mut sc).await;
+    b.kill_binary();
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(1));
+    assert!(
+        !sc.out.exists(),
+        "an expired credential was left in the file"
+    );
+    let log = sc.log_text();
+    assert!(
+        log.contains(
+            "the credential expired and no replacement could be obtained; removing the file"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("error: unavailable: no valid credential for role \"sc_gone\" since"),
+        "{log}"
+    );
+}
