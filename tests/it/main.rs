@@ -6,3 +6,4 @@ mod support;
 mod certificates;
 mod faults;
 mod lease_path;
+mod mysql;
