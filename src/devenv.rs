@@ -80,6 +80,29 @@ impl DevEnv {
         ))
     }
 
+    /// A `[databases.NAME]` section (`kind = "mysql"`) for a MySQL or
+    /// MariaDB server on 127.0.0.1:`port` with admin `root`; its password,
+    /// when it has one, goes to a secrets file the config names.
+    pub fn mysql_database(
+        &self,
+        name: &str,
+        port: u16,
+        dbname: &str,
+        root_password: Option<&str>,
+    ) -> std::io::Result<String> {
+        let secret = match root_password {
+            Some(p) => {
+                let path = self.dir.join("secrets").join(format!("{name}-admin"));
+                crate::fsutil::write_secret_file(&path, p.as_bytes())?;
+                format!("admin_password_file = \"{}\"\n", path.display())
+            }
+            None => String::new(),
+        };
+        Ok(format!(
+            "[databases.{name}]\nkind = \"mysql\"\nadmin_url = \"mysql://root@127.0.0.1:{port}/{dbname}\"\n{secret}\n"
+        ))
+    }
+
     pub fn client(&self, addr: &str, who: &str) -> crate::client::ClientOpts {
         crate::client::ClientOpts {
             addr: addr.to_string(),

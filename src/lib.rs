@@ -12,7 +12,7 @@
 //! - [`lease`]: ids, broker-made user names, zeroizing passwords, states.
 //! - [`broker`]: issue / renew / revoke / admin; no gRPC types inside.
 //! - [`limits`]: per-identity rate limits.
-//! - [`backend`]: the database trait and its PostgreSQL implementation.
+//! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
 //! - [`store`]: the lease store trait and its SQLite implementation.
 //! - [`reaper`]: expiry-ordered, batched, retrying revocation; orphan sweep.

@@ -5,6 +5,8 @@
 //! broker-made [`Username`] or a value from the operator's config, always
 //! quoted; caller text never reaches a statement.
 
+pub mod mysql;
+mod mysql_auth;
 pub mod postgres;
 
 use std::collections::BTreeMap;
@@ -29,10 +31,12 @@ pub struct Endpoint {
 pub struct NewUser<'a> {
     pub username: &'a Username,
     pub password: &'a Password,
-    /// Logins stop at this time (PostgreSQL `VALID UNTIL`).
+    /// Logins stop at this time (PostgreSQL `VALID UNTIL`); MySQL's
+    /// failsafe event drops the user then, even if the broker never comes
+    /// back. Renew moves both, never past `hard_limit`.
     pub valid_until: DateTime<Utc>,
-    /// The lease's hard limit: a database-side failsafe removes the user by
-    /// then even if the broker never comes back (MySQL events).
+    /// The lease's hard limit: by then the database itself has removed or
+    /// locked the user, whatever happened to the broker.
     pub hard_limit: DateTime<Utc>,
     /// Operator-written statements with `{{name}}` to fill in.
     pub grants: &'a [String],
@@ -149,11 +153,7 @@ pub async fn connect_all(config: &Config) -> Result<Backends> {
     for (name, db) in &config.databases {
         let backend: Arc<dyn Backend> = match db.kind {
             BackendKind::Postgres => Arc::new(postgres::PostgresBackend::new(db)?),
-            BackendKind::Mysql => {
-                return Err(Error::Config(format!(
-                    "databases.{name}: kind \"mysql\" is not supported by this build yet"
-                )))
-            }
+            BackendKind::Mysql => Arc::new(mysql::MysqlBackend::new(db)?),
         };
         out.insert(name.clone(), backend);
     }

@@ -8,5 +8,6 @@ mod certificates;
 mod faults;
 mod ha;
 mod lease_path;
+mod mysql;
 mod sidecar;
 mod store_suite;

@@ -1,0 +1,671 @@
+//! The MySQL/MariaDB backend against real servers: the machine's MariaDB
+//! (127.0.0.1:3306, root without password; it checks passwords) for logins,
+//! grants, host pinning, expiry and revocation; a throwaway `mariadbd` where
+//! a test must stop or kill the database or needs the event scheduler on.
+//! A missing server fails the test with instructions; nothing skips.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use credbroker::config::Config;
+use credbroker::daemon::{Daemon, Listeners};
+use credbroker::devenv::DevEnv;
+use credbroker::pb;
+use credbroker::throwaway::{MariadbOptions, ThrowawayMariadb};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use tokio::net::TcpListener;
+
+use crate::support::{eventually, free_port, unique, wait_port, APP};
+
+/// A MariaDB/MySQL server the tests talk to as root over TCP.
+#[derive(Clone)]
+struct Target {
+    port: u16,
+    password: Option<String>,
+}
+
+const LOCAL_PORT: u16 = 3306;
+
+/// The machine's MariaDB. Unreachable is a failure with instructions.
+async fn local() -> Target {
+    let t = Target {
+        port: LOCAL_PORT,
+        password: None,
+    };
+    if let Err(e) = Conn::new(t.opts(None)).await {
+        panic!(
+            "the machine's MariaDB at 127.0.0.1:{LOCAL_PORT} (root, no password) is not reachable: {e}; \
+             install and start it (`apt-get install -y mariadb-server && service mariadb start`)"
+        );
+    }
+    t
+}
+
+/// A throwaway server (event scheduler ON). Missing binaries fail the test.
+async fn throwaway() -> ThrowawayMariadb {
+    ThrowawayMariadb::start(MariadbOptions {
+        event_scheduler: true,
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "cannot start a throwaway MariaDB: {e} \
+             (needs /usr/sbin/mariadbd and mariadb-install-db: `apt-get install -y mariadb-server`)"
+        )
+    })
+}
+
+fn target_of(db: &ThrowawayMariadb) -> Target {
+    Target {
+        port: db.port(),
+        password: Some(db.root_password().to_string()),
+    }
+}
+
+impl Target {
+    fn opts(&self, db: Option<&str>) -> OptsBuilder {
+        OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.port)
+            .user(Some("root"))
+            .pass(self.password.clone())
+            .db_name(db)
+            .prefer_socket(false)
+    }
+
+    async fn root(&self) -> Conn {
+        Conn::new(self.opts(None))
+            .await
+            .unwrap_or_else(|e| panic!("root login to 127.0.0.1:{}: {e}", self.port))
+    }
+
+    /// A fresh schema with a granted and a forbidden table.
+    async fn fresh_schema(&self) -> String {
+        let name = unique("cbt");
+        let mut c = self.root().await;
+        c.query_drop(format!(
+            "CREATE DATABASE `{name}`;
+             CREATE TABLE `{name}`.orders (id INT PRIMARY KEY, item TEXT);
+             INSERT INTO `{name}`.orders VALUES (1, 'coffee');
+             CREATE TABLE `{name}`.payroll (name TEXT, salary INT);"
+        ))
+        .await
+        .unwrap();
+        name
+    }
+
+    async fn user_hosts(&self, username: &str) -> Vec<String> {
+        let mut c = self.root().await;
+        c.exec("SELECT Host FROM mysql.user WHERE User = ?", (username,))
+            .await
+            .unwrap()
+    }
+
+    async fn users_with_prefix(&self, prefix: &str) -> std::collections::BTreeSet<String> {
+        let mut c = self.root().await;
+        let rows: Vec<String> = c
+            .exec(
+                "SELECT User FROM mysql.user WHERE User LIKE CONCAT(?, '%') ESCAPE '!'",
+                (prefix.replace('_', "!_"),),
+            )
+            .await
+            .unwrap();
+        rows.into_iter().collect()
+    }
+
+    async fn failsafe_at(&self, username: &str) -> Option<String> {
+        let mut c = self.root().await;
+        c.exec_first(
+            "SELECT CAST(EXECUTE_AT AS CHAR) FROM information_schema.EVENTS \
+             WHERE EVENT_SCHEMA = 'credbroker' AND EVENT_NAME = ?",
+            (username,),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+/// Logs in as a leased user; the server's error text on refusal.
+async fn login(t: &Target, db: &str, user: &str, password: &str) -> Result<Conn, String> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(t.port)
+        .user(Some(user))
+        .pass(Some(password))
+        .db_name(Some(db))
+        .prefer_socket(false);
+    match tokio::time::timeout(Duration::from_secs(5), Conn::new(opts)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("login timed out".into()),
+    }
+}
+
+/// A role section; `host` `None` keeps the default `%`.
+fn role(name: &str, schema: &str, ttl: &str, max: &str, host: Option<&str>) -> String {
+    let host = host
+        .map(|h| format!("host = \"{h}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[roles.{name}]\ndatabase = \"main\"\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"{max}\"\n\
+         allowed = [\"{APP}\"]\n{host}grants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
+    )
+}
+
+/// One broker on a MySQL-kind database, with its own directory and prefix.
+struct MyBroker {
+    env: DevEnv,
+    target: Target,
+    schema: String,
+    addr: String,
+    port: u16,
+    prefix: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<credbroker::Result<()>>>,
+    child: Option<Child>,
+}
+
+impl MyBroker {
+    /// Writes the config; `roles(schema)` gives the role sections.
+    async fn prepare(target: &Target, roles: impl FnOnce(&str) -> String) -> MyBroker {
+        let schema = target.fresh_schema().await;
+        let dir = tempfile::tempdir().unwrap();
+        let env = DevEnv::create(dir.path()).unwrap();
+        let port = free_port();
+        let prefix = format!("m{}_", &unique("")[1..5]);
+        let mut text = env.config_head(&format!("127.0.0.1:{port}"), None).replace(
+            "[server]\n",
+            &format!("[server]\nname_prefix = \"{prefix}\"\n"),
+        );
+        text.push_str(
+            "[reaper]\norphan_sweep_interval = \"1s\"\nintent_grace = \"2s\"\nmax_backoff = \"1s\"\n\n",
+        );
+        let section = env
+            .mysql_database("main", target.port, &schema, target.password.as_deref())
+            .unwrap();
+        text.push_str(&section.replace(
+            "kind = \"mysql\"\n",
+            "kind = \"mysql\"\nconnect_timeout = \"2s\"\nstatement_timeout = \"3s\"\n",
+        ));
+        text.push_str(&roles(&schema));
+        std::fs::write(&env.config_path, text).unwrap();
+        MyBroker {
+            env,
+            target: target.clone(),
+            schema,
+            addr: format!("https://127.0.0.1:{port}"),
+            port,
+            prefix,
+            _dir: dir,
+            stop: None,
+            task: None,
+            child: None,
+        }
+    }
+
+    /// Starts in-process; the start-up warnings.
+    async fn start_in_process(&mut self) -> Vec<String> {
+        let config = Config::load(&self.env.config_path).unwrap();
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let daemon = Daemon::open(config).await.unwrap();
+        let warnings = daemon.warnings.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.task = Some(tokio::spawn(daemon.run(
+            Listeners {
+                grpc: listener,
+                metrics: None,
+            },
+            async {
+                let _ = rx.await;
+            },
+        )));
+        self.stop = Some(tx);
+        warnings
+    }
+
+    async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    async fn spawn_binary(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["serve", "--config"])
+            .arg(&self.env.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(self.env.dir.join("broker.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_port(self.port).await;
+    }
+
+    fn kill_binary(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    async fn client(&self) -> pb::broker_client::BrokerClient<tonic::transport::Channel> {
+        self.env.client(&self.addr, "app").broker().unwrap()
+    }
+
+    async fn admin(&self) -> pb::admin_client::AdminClient<tonic::transport::Channel> {
+        self.env.client(&self.addr, "admin").admin().unwrap()
+    }
+
+    async fn issue(&self, role: &str, ttl: i64) -> Result<pb::Lease, tonic::Status> {
+        self.client()
+            .await
+            .issue_lease(pb::IssueLeaseRequest {
+                role: role.into(),
+                ttl_seconds: ttl,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn revoke(&self, lease: &pb::Lease) {
+        self.client()
+            .await
+            .revoke_lease(pb::RevokeLeaseRequest {
+                lease_id: lease.lease_id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn state(&self, lease: &pb::Lease) -> pb::LeaseState {
+        let l = self
+            .client()
+            .await
+            .lookup_lease(pb::LookupLeaseRequest {
+                lease_id: lease.lease_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pb::LeaseState::try_from(l.state).unwrap()
+    }
+
+    async fn login(&self, lease: &pb::Lease) -> Result<Conn, String> {
+        login(&self.target, &self.schema, &lease.username, &lease.password).await
+    }
+
+    async fn drop_schema(&self) {
+        let mut c = self.target.root().await;
+        let _ = c
+            .query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.schema))
+            .await;
+    }
+}
+
+impl Drop for MyBroker {
+    fn drop(&mut self) {
+        self.kill_binary();
+    }
+}
+
+fn server_code(e: &mysql_async::Error) -> Option<u16> {
+    match e {
+        mysql_async::Error::Server(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Point 1: issue → login works, grants hold, other tables are refused, a
+/// host-pinned role cannot log in from elsewhere; the password reaches the
+/// server only as a hash; start-up warns when the failsafe cannot run.
+#[tokio::test]
+async fn mysql_issue_login_grants_and_host_pinning() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| {
+        role("reader", s, "5m", "1h", None)
+            + &role("pinned", s, "5m", "1h", Some("10.255.255.%"))
+            + &role("loopback", s, "5m", "1h", Some("127.0.0.1"))
+    })
+    .await;
+    let warnings = b.start_in_process().await;
+    let mut root = t.root().await;
+    let scheduler: Option<String> = root
+        .query_first("SELECT @@global.event_scheduler")
+        .await
+        .unwrap();
+    if scheduler.as_deref() != Some("ON") {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("NO DATABASE-SIDE EXPIRY") && w.contains("event_scheduler")),
+            "scheduler {scheduler:?} but no loud warning: {warnings:?}"
+        );
+    }
+
+    let lease = b.issue("reader", 120).await.unwrap();
+    assert_eq!(lease.kind, "mysql");
+    assert!(lease.username.starts_with(&b.prefix) && lease.username.len() <= 32);
+    assert!(lease
+        .dsn
+        .starts_with(&format!("mysql://{}:", lease.username)));
+    assert_eq!(t.user_hosts(&lease.username).await, vec!["%".to_string()]);
+    let (plugin, stored): (String, String) = root
+        .exec_first(
+            "SELECT plugin, authentication_string FROM mysql.user WHERE User = ?",
+            (&lease.username,),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(plugin, "mysql_native_password");
+    assert!(stored.starts_with('*') && !stored.contains(&lease.password));
+    assert!(
+        t.failsafe_at(&lease.username).await.is_some(),
+        "no failsafe event for {}",
+        lease.username
+    );
+
+    let mut conn = b.login(&lease).await.expect("leased login");
+    let item: Option<String> = conn
+        .query_first("SELECT item FROM orders WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(item.as_deref(), Some("coffee"));
+    let e = conn.query_drop("SELECT * FROM payroll").await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1142), "{e}");
+    let e = conn
+        .query_drop("INSERT INTO orders VALUES (2, 'tea')")
+        .await
+        .unwrap_err();
+    assert_eq!(server_code(&e), Some(1142), "{e}");
+    let e = conn.query_drop("CREATE USER 'evil'@'%'").await.unwrap_err();
+    assert!(server_code(&e).is_some(), "{e}");
+    drop(conn);
+
+    let pinned = b.issue("pinned", 120).await.unwrap();
+    assert_eq!(
+        t.user_hosts(&pinned.username).await,
+        vec!["10.255.255.%".to_string()]
+    );
+    let refused = b.login(&pinned).await.map(|_| ()).unwrap_err();
+    assert!(refused.contains("1045"), "{refused}");
+
+    let loopback = b.issue("loopback", 120).await.unwrap();
+    b.login(&loopback)
+        .await
+        .expect("pinned to 127.0.0.1 logs in from it");
+
+    for l in [&lease, &pinned, &loopback] {
+        b.revoke(l).await;
+        assert!(t.user_hosts(&l.username).await.is_empty());
+        assert!(t.failsafe_at(&l.username).await.is_none());
+    }
+    b.stop().await;
+    b.drop_schema().await;
+}
+
+/// Point 2a: the reaper drops an expired user; renew moves the failsafe.
+#[tokio::test]
+async fn mysql_expiry_reaper_drops_user_and_renew_moves_failsafe() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "2s", "10m", None)).await;
+    b.start_in_process().await;
+
+    let kept = b.issue("reader", 5).await.unwrap();
+    let before = t.failsafe_at(&kept.username).await.expect("failsafe event");
+    let renewed = b
+        .client()
+        .await
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: kept.lease_id.clone(),
+            ttl_seconds: 300,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(crate::support::ts(&renewed.expires_at) > crate::support::ts(&kept.expires_at));
+    let after = t.failsafe_at(&kept.username).await.expect("failsafe event");
+    assert!(after > before, "failsafe not moved: {before} -> {after}");
+
+    let short = b.issue("reader", 2).await.unwrap();
+    b.login(&short).await.expect("leased login");
+    let gone = eventually(Duration::from_secs(20), || async {
+        t.user_hosts(&short.username).await.is_empty()
+            && b.state(&short).await == pb::LeaseState::Revoked
+    })
+    .await;
+    assert!(gone, "expired user {} still exists", short.username);
+    assert!(t.failsafe_at(&short.username).await.is_none());
+    assert!(b.login(&short).await.is_err());
+    // The renewed lease is untouched by the reaper.
+    assert_eq!(b.state(&kept).await, pb::LeaseState::Active);
+    b.login(&kept).await.expect("renewed lease still logs in");
+
+    b.revoke(&kept).await;
+    b.stop().await;
+    b.drop_schema().await;
+}
+
+/// Point 2b: revoke cuts a live connection (mid-query) within 1 s, and the
+/// login is refused afterwards.
+#[tokio::test]
+async fn mysql_revoke_cuts_live_connection_within_a_second() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    b.start_in_process().await;
+    let lease = b.issue("reader", 120).await.unwrap();
+    let mut idle = b.login(&lease).await.expect("leased login");
+    let mut busy = b.login(&lease).await.expect("leased login");
+    let busy_query = tokio::spawn(async move {
+        let r = busy.query_drop("SELECT SLEEP(30)").await;
+        (r, Instant::now())
+    });
+    // Wait until the query is running, so the revocation meets it mid-way.
+    let mut root = t.root().await;
+    let mut running = false;
+    for _ in 0..50 {
+        let n: Option<u64> = root
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ? AND INFO LIKE 'SELECT SLEEP%'",
+                (&lease.username,),
+            )
+            .await
+            .unwrap();
+        if n == Some(1) {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running);
+
+    let started = Instant::now();
+    b.revoke(&lease).await;
+    let (result, ended) = tokio::time::timeout(Duration::from_secs(5), busy_query)
+        .await
+        .expect("the running query was not cut")
+        .unwrap();
+    // SLEEP() killed from outside returns 1 instead of 0 on MariaDB when only
+    // the query is killed; a killed connection makes the call fail.
+    assert!(result.is_err(), "the live session survived revocation");
+    let cut = ended.duration_since(started);
+    assert!(cut < Duration::from_secs(1), "cut after {cut:?}");
+    assert!(idle.query_drop("SELECT 1").await.is_err());
+    let refused = b.login(&lease).await.map(|_| ()).unwrap_err();
+    assert!(refused.contains("1045"), "{refused}");
+    println!("revoke → live session cut in {cut:?}");
+    b.stop().await;
+    b.drop_schema().await;
+}
+
+/// Point 3: the broker is SIGKILLed and never restarted; the failsafe event
+/// drops the user and ends its session by the hard limit anyway.
+#[tokio::test]
+async fn mysql_failsafe_removes_user_after_broker_sigkill() {
+    let db = throwaway().await;
+    let t = target_of(&db);
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "4s", "8s", None)).await;
+    b.spawn_binary().await;
+    let lease = b.issue("reader", 4).await.unwrap();
+    let mut session = b.login(&lease).await.expect("leased login");
+    session.query_drop("SELECT 1").await.unwrap();
+    b.kill_binary();
+    let log = std::fs::read_to_string(b.env.dir.join("broker.log")).unwrap();
+    assert!(
+        !log.contains("NO DATABASE-SIDE EXPIRY"),
+        "the throwaway runs the event scheduler, yet the broker warned: {log}"
+    );
+
+    let hard_limit = crate::support::ts(&lease.max_expires_at);
+    // The scheduler has one-second resolution; allow it a few.
+    let slack = chrono::Duration::seconds(3);
+    let within = (hard_limit + slack - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    let gone = eventually(within, || async {
+        t.user_hosts(&lease.username).await.is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "user {} still exists after its hard limit {hard_limit} with no broker",
+        lease.username
+    );
+    let mut cut = false;
+    for _ in 0..30 {
+        if session.query_drop("SELECT 1").await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        cut,
+        "the failsafe dropped the user but left its session running"
+    );
+    assert!(b.login(&lease).await.is_err());
+    assert!(t.failsafe_at(&lease.username).await.is_none());
+    b.drop_schema().await;
+}
+
+/// Point 4: names fit the server and many issues in a row never repeat
+/// one. (The unit test in backend::mysql checks 20,000 generated names.)
+async fn issue_many(n: usize) {
+    let t = local().await;
+    let mut b =
+        MyBroker::prepare(&t, |s| role("reader-with-a-long-name", s, "5m", "1h", None)).await;
+    b.start_in_process().await;
+    let mut client = b.client().await;
+    let mut names = std::collections::BTreeSet::new();
+    let started = Instant::now();
+    for _ in 0..n {
+        let l = client
+            .issue_lease(pb::IssueLeaseRequest {
+                role: "reader-with-a-long-name".into(),
+                ttl_seconds: 300,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(l.username.len() <= 32, "{}", l.username);
+        assert!(names.insert(l.username), "duplicate user name");
+    }
+    let took = started.elapsed();
+    let on_server = t.users_with_prefix(&b.prefix).await;
+    assert_eq!(on_server, names);
+    println!(
+        "{n} MySQL issues in {took:?} ({:.0}/s), {} distinct names",
+        n as f64 / took.as_secs_f64(),
+        names.len()
+    );
+    let r = b
+        .admin()
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::All(true)),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked as usize, n);
+    assert!(t.users_with_prefix(&b.prefix).await.is_empty());
+    b.stop().await;
+    b.drop_schema().await;
+}
+
+#[tokio::test]
+async fn mysql_two_hundred_issues_give_distinct_names_within_the_limit() {
+    issue_many(200).await;
+}
+
+#[tokio::test]
+#[ignore = "long"]
+async fn mysql_two_thousand_issues_give_distinct_names_within_the_limit() {
+    issue_many(2000).await;
+}
+
+/// Point 5: a database that is down gives `Unavailable` quickly, and once it
+/// is back no intent is left unresolved and no user is left behind.
+#[tokio::test]
+async fn mysql_down_database_is_unavailable_quickly_and_leaves_no_intent() {
+    let mut db = throwaway().await;
+    let t = target_of(&db);
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    b.start_in_process().await;
+    let warm = b.issue("reader", 120).await.unwrap();
+
+    db.stop().await.unwrap();
+    for _ in 0..2 {
+        // The first attempt meets the dead pooled connection, the second a
+        // refused new one: both must fail fast.
+        let started = Instant::now();
+        let err = b.issue("reader", 120).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        // connect_timeout is 2 s in this config.
+        assert!(took < Duration::from_secs(3), "Unavailable after {took:?}");
+        println!("database down → Unavailable in {took:?}");
+    }
+
+    db.restart().await.unwrap();
+    let settled = eventually(Duration::from_secs(30), || async {
+        let pending = b
+            .admin()
+            .await
+            .list_leases(pb::ListLeasesRequest {
+                states: vec![
+                    pb::LeaseState::Pending as i32,
+                    pb::LeaseState::Failing as i32,
+                ],
+                ..Default::default()
+            })
+            .await;
+        matches!(pending, Ok(r) if r.get_ref().leases.is_empty())
+    })
+    .await;
+    assert!(
+        settled,
+        "intents still unresolved after the database came back"
+    );
+    let users = t.users_with_prefix(&b.prefix).await;
+    assert_eq!(
+        users,
+        std::iter::once(warm.username.clone()).collect(),
+        "only the lease issued before the outage may have a user"
+    );
+    b.issue("reader", 120).await.expect("issuing works again");
+    b.stop().await;
+}
