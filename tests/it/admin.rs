@@ -13,9 +13,11 @@ use crate::support::*;
 
 const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
 
-/// Roles on two databases of the shared cluster: `main` (the test's fresh
-/// database) and `second` (another fresh one).
-async fn two_database_broker() -> TestBroker {
+/// Roles on two PostgreSQL databases of the shared cluster — `main` (the
+/// test's fresh database) and `second` (another fresh one) — and on the
+/// machine's MariaDB (`maria`, a fresh schema). Returns the schema too.
+async fn three_database_broker() -> (TestBroker, String) {
+    use mysql_async::prelude::Queryable;
     let mut roles = role(
         "ro",
         "{db}",
@@ -33,8 +35,39 @@ async fn two_database_broker() -> TestBroker {
     let b = TestBroker::prepare(&roles).await;
     let second = fresh_database_on(cluster()).await;
     let section = b.env.pg_database("second", cluster(), &second).unwrap();
-    b.edit_config(|t| t + &section);
-    b
+
+    let schema = unique("adm");
+    let mut root = mysql_async::Conn::new(maria_opts(None, None))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the machine's MariaDB at 127.0.0.1:3306 (root, no password) is not reachable: {e}; \
+                 install and start it (`apt-get install -y mariadb-server && service mariadb start`)"
+            )
+        });
+    root.query_drop(format!(
+        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY)"
+    ))
+    .await
+    .unwrap();
+    let maria = b.env.mysql_database("maria", 3306, &schema, None).unwrap();
+    let maria_role = format!(
+        "[roles.ro3]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
+         allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
+         grants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
+    );
+    b.edit_config(|t| t + &section + &maria + &maria_role);
+    (b, schema)
+}
+
+fn maria_opts(user: Option<(&str, &str)>, db: Option<&str>) -> mysql_async::OptsBuilder {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(3306)
+        .user(Some(user.map_or("root", |u| u.0)))
+        .pass(user.map(|u| u.1))
+        .db_name(db)
+        .prefer_socket(false)
 }
 
 /// Runs the CLI without blocking the runtime the in-process broker runs on.
@@ -89,8 +122,9 @@ async fn non_admins_are_denied_every_admin_method_and_it_is_audited() {
 }
 
 #[tokio::test]
-async fn revoke_by_identity_ends_live_sessions_on_two_databases_and_spares_others() {
-    let mut b = two_database_broker().await;
+async fn revoke_by_identity_ends_live_sessions_on_three_databases_and_spares_others() {
+    use mysql_async::prelude::Queryable;
+    let (mut b, schema) = three_database_broker().await;
     b.start_in_process().await;
     let second_db = {
         let t = std::fs::read_to_string(&b.env.config_path).unwrap();
@@ -108,11 +142,19 @@ async fn revoke_by_identity_ends_live_sessions_on_two_databases_and_spares_other
     let a1 = issue(&b, "app", "ro", 0).await.unwrap();
     let a2 = issue(&b, "app", "ro", 0).await.unwrap();
     let a3 = issue(&b, "app", "ro2", 0).await.unwrap();
+    let a4 = issue(&b, "app", "ro3", 0).await.unwrap();
     let o1 = issue(&b, "other", "ro", 0).await.unwrap();
     let open = login(&second_db, &a3.username, &a3.password)
         .await
         .expect("issued credential logs in to the second database");
     open.simple_query("SELECT 1").await.unwrap();
+    let mut open_maria = mysql_async::Conn::new(maria_opts(
+        Some((&a4.username, &a4.password)),
+        Some(&schema),
+    ))
+    .await
+    .expect("issued credential logs in to MariaDB");
+    open_maria.query_drop("SELECT 1").await.unwrap();
 
     let mut admin = b.admin("admin").await;
     let listed = admin
@@ -124,7 +166,7 @@ async fn revoke_by_identity_ends_live_sessions_on_two_databases_and_spares_other
         .unwrap()
         .into_inner()
         .leases;
-    assert_eq!(listed.len(), 3);
+    assert_eq!(listed.len(), 4);
 
     let t0 = Instant::now();
     let out = admin
@@ -135,15 +177,31 @@ async fn revoke_by_identity_ends_live_sessions_on_two_databases_and_spares_other
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(out.revoked, 3, "{out:?}");
+    assert_eq!(out.revoked, 4, "{out:?}");
     assert!(out.failures.is_empty(), "{out:?}");
     let err = open
         .simple_query("SELECT 1")
         .await
         .expect_err("an open session of a revoked lease must be cut");
+    let maria_err = open_maria
+        .query_drop("SELECT 1")
+        .await
+        .expect_err("an open MariaDB session of a revoked lease must be cut");
     let cut = t0.elapsed();
-    assert!(cut < Duration::from_secs(1), "session cut after {cut:?}");
-    println!("revoke by identity: 3 leases on 2 databases, open session cut {cut:?} after the call ({err})");
+    assert!(cut < Duration::from_secs(1), "sessions cut after {cut:?}");
+    println!(
+        "revoke by identity: 4 leases on 3 databases (PostgreSQL x2, MariaDB), \
+         open sessions cut {cut:?} after the call ({err}; {maria_err})"
+    );
+    assert!(
+        mysql_async::Conn::new(maria_opts(
+            Some((&a4.username, &a4.password)),
+            Some(&schema)
+        ))
+        .await
+        .is_err(),
+        "a revoked MariaDB login must be refused"
+    );
 
     for l in [&a1, &a2] {
         assert!(!b.role_exists(&l.username).await);
@@ -163,6 +221,12 @@ async fn revoke_by_identity_ends_live_sessions_on_two_databases_and_spares_other
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].identity, OTHER);
     b.stop().await;
+    mysql_async::Conn::new(maria_opts(None, None))
+        .await
+        .unwrap()
+        .query_drop(format!("DROP DATABASE `{schema}`"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
