@@ -504,8 +504,17 @@ impl Sidecar {
                     if let Some(e) = time(&l.expires_at) {
                         old_times.expires_at = e;
                     }
+                    tracing::info!(
+                        lease_id = %old.lease_id,
+                        expires_at = %rfc3339(old_times.expires_at),
+                        "old lease kept valid through the grace period"
+                    );
                 }
-                Err(e) => tracing::debug!(error = %e.text(), "could not extend the old lease"),
+                Err(e) => tracing::warn!(
+                    lease_id = %old.lease_id,
+                    error = %e.text(),
+                    "could not extend the old lease; it may end before the grace period"
+                ),
             }
         }
         tracing::info!(

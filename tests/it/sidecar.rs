@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use credbroker::pb;
 
 use crate::support::*;
 
@@ -100,6 +101,7 @@ impl Sidecar {
             "lease renewed",
             "issuing a replacement",
             "credential rotated",
+            "old lease kept valid",
             "old lease revoked",
             "lease revoked",
             "broker call failed",
@@ -469,8 +471,8 @@ async fn sidecar_survives_a_broker_outage_and_signals_the_app() {
         "the outage went unnoticed:\n{log}"
     );
     println!(
-        "outage: killed at +{:?}; reader: {} connections, {} failures on expired credentials, {} reads without a file",
-        killed_at.elapsed(),
+        "outage: broker down {:?}; reader: {} connections, {} failures on expired credentials, {} reads without a file",
+        restarted_at - killed_at,
         r.connects_ok,
         r.expired_failures,
         r.missing
@@ -616,4 +618,50 @@ async fn sidecar_exits_non_zero_once_no_valid_credential_can_be_kept() {
         log.contains("error: unavailable: no valid credential for role \"sc_gone\" since"),
         "{log}"
     );
+}
+
+/// A DBA revokes the role's leases: the next renewal is refused, and the
+/// sidecar issues and writes a new credential instead of giving up.
+#[tokio::test]
+async fn sidecar_replaces_a_lease_an_admin_revoked() {
+    let role_name = "sc_adm";
+    let mut b = TestBroker::prepare(&role(role_name, "{db}", "3s", "1m", APP)).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = Sidecar::spawn(&b, dir.path(), role_name, &[]);
+    wait_for_file(&mut sc).await;
+    let names = Names::of(&b);
+    let first = parse_file(&std::fs::read_to_string(&sc.out).unwrap(), &names).unwrap();
+    let r = b
+        .admin("admin")
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::Role(role_name.into())),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked, 1);
+    assert!(!b.role_exists(&first.user).await);
+    let replaced = eventually(Duration::from_secs(15), || async {
+        std::fs::read_to_string(&sc.out)
+            .ok()
+            .and_then(|t| parse_file(&t, &names).ok())
+            .is_some_and(|s| s.user != first.user)
+    })
+    .await;
+    assert!(
+        replaced,
+        "no new credential after revocation:\n{}",
+        sc.log_text()
+    );
+    let now = parse_file(&std::fs::read_to_string(&sc.out).unwrap(), &names).unwrap();
+    connect(&now.dsn).await.unwrap();
+    assert!(sc
+        .log_text()
+        .contains("renewal refused; issuing a new lease"));
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(b.broker_role_count().await, 0);
 }
