@@ -194,9 +194,15 @@ pub async fn run(
         last_error: String::new(),
     };
     let mut shutdown = std::pin::pin!(shutdown);
-    let first = tokio::select! {
-        r = s.first_credential() => r?,
-        _ = &mut shutdown => return Ok(()),
+    let first = match race(s.first_credential(), shutdown.as_mut()).await {
+        Raced::Done(r) => r?,
+        Raced::Shutdown(Some(Ok(c))) => {
+            // Issued just as the signal came: not written, so only revoke.
+            s.current = Some(c);
+            s.cleanup().await;
+            return Ok(());
+        }
+        Raced::Shutdown(_) => return Ok(()),
     };
     if let Err(e) = s.install_first(first).await {
         s.cleanup().await;
@@ -207,22 +213,46 @@ pub async fn run(
     }
     loop {
         let wake = s.wake_at();
-        let sleep = tokio::time::sleep(until(wake));
         tokio::select! {
-            _ = sleep => {}
+            _ = tokio::time::sleep(until(wake)) => {}
             _ = &mut shutdown => break,
         }
-        tokio::select! {
-            r = s.tick() => if let Err(e) = r {
+        match race(s.tick(), shutdown.as_mut()).await {
+            Raced::Done(Ok(())) => {}
+            Raced::Done(Err(e)) => {
                 s.cleanup().await;
                 return Err(e);
-            },
-            _ = &mut shutdown => break,
+            }
+            Raced::Shutdown(_) => break,
         }
     }
     tracing::info!("shutting down: removing the file and revoking leases");
     s.cleanup().await;
     Ok(())
+}
+
+/// How long a step already under way (a rotation, say) may still run once
+/// shutdown is asked for: long enough for a lease issued in flight to be
+/// recorded and so revoked, short enough not to hold a pod's termination.
+const STEP_GRACE_ON_SHUTDOWN: Duration = Duration::from_secs(3);
+
+enum Raced<T> {
+    Done(T),
+    /// Shutdown came first; the step's result if it finished in its grace.
+    Shutdown(Option<T>),
+}
+
+async fn race<T, S: Future<Output = ()>>(
+    step: impl Future<Output = T>,
+    mut shutdown: std::pin::Pin<&mut S>,
+) -> Raced<T> {
+    let mut step = std::pin::pin!(step);
+    tokio::select! {
+        r = &mut step => Raced::Done(r),
+        _ = shutdown.as_mut() => Raced::Shutdown(
+            tokio::time::timeout(STEP_GRACE_ON_SHUTDOWN, step).await.ok()
+        ),
+    }
 }
 
 fn until(t: DateTime<Utc>) -> Duration {
@@ -648,5 +678,54 @@ fn remove_file(path: &std::path::Path) {
         Ok(()) => tracing::info!(path = %path.display(), "file removed"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove the file"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_lets_a_step_under_way_finish_briefly() {
+        let quick = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            7
+        };
+        let mut now = std::pin::pin!(async {});
+        assert!(matches!(
+            race(quick, now.as_mut()).await,
+            Raced::Shutdown(Some(7))
+        ));
+        let stuck = tokio::time::sleep(Duration::from_secs(600));
+        let mut now = std::pin::pin!(async {});
+        assert!(matches!(
+            race(stuck, now.as_mut()).await,
+            Raced::Shutdown(None)
+        ));
+        let never = std::pin::pin!(std::future::pending::<()>());
+        assert!(matches!(race(async { 1 }, never).await, Raced::Done(1)));
+    }
+
+    #[test]
+    fn replies_without_times_are_refused_and_debug_hides_secrets() {
+        let mut l = pb::Lease {
+            lease_id: "l_x".into(),
+            username: "u".into(),
+            password: "hunter2hunter2".into(),
+            dsn: "postgresql://u:hunter2hunter2@h:1/d".into(),
+            ..Default::default()
+        };
+        assert!(Credential::from_reply(l.clone()).is_err());
+        let t = Some(prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        });
+        l.issued_at = t;
+        l.expires_at = t;
+        l.max_expires_at = t;
+        let c = Credential::from_reply(l).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(c.password.expose(), "hunter2hunter2");
     }
 }

@@ -621,14 +621,15 @@ async fn sidecar_exits_non_zero_once_no_valid_credential_can_be_kept() {
 }
 
 /// A DBA revokes the role's leases: the next renewal is refused, and the
-/// sidecar issues and writes a new credential instead of giving up.
+/// sidecar issues and writes a new credential instead of giving up. With
+/// `--keep`, SIGTERM still revokes but leaves the file.
 #[tokio::test]
 async fn sidecar_replaces_a_lease_an_admin_revoked() {
     let role_name = "sc_adm";
     let mut b = TestBroker::prepare(&role(role_name, "{db}", "3s", "1m", APP)).await;
     b.spawn_binary().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut sc = Sidecar::spawn(&b, dir.path(), role_name, &[]);
+    let mut sc = Sidecar::spawn(&b, dir.path(), role_name, &["--keep"]);
     wait_for_file(&mut sc).await;
     let names = Names::of(&b);
     let first = parse_file(&std::fs::read_to_string(&sc.out).unwrap(), &names).unwrap();
@@ -664,4 +665,5 @@ async fn sidecar_replaces_a_lease_an_admin_revoked() {
     sc.signal("TERM");
     assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
     assert_eq!(b.broker_role_count().await, 0);
+    assert!(sc.out.exists(), "--keep leaves the file");
 }
