@@ -348,7 +348,7 @@ impl Sidecar {
                     return Ok(c);
                 }
                 Err(CallError::Refused(_, msg)) => {
-                    return Err(Error::Unavailable(format!(
+                    return Err(Error::FailedPrecondition(format!(
                         "the broker refused a lease for role {:?}: {msg}",
                         self.opts.role
                     )))

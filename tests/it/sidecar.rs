@@ -567,10 +567,13 @@ async fn sidecar_once_writes_one_credential_and_refusals_exit_at_once() {
     assert_eq!(refused.wait(Duration::from_secs(30)).await, Some(1));
     let log = refused.log_text();
     assert!(
-        log.contains("error: unavailable: the broker refused a lease for role \"no_such_role\""),
+        log.contains(
+            "error: failed precondition: the broker refused a lease for role \"no_such_role\""
+        ),
         "{log}"
     );
     assert!(!refused.out.exists());
+    println!("{}", log.lines().last().unwrap_or_default());
 }
 
 /// With no broker at all the sidecar retries with backoff, then exits
