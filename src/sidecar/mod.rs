@@ -25,7 +25,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use tonic::transport::Channel;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -79,6 +79,12 @@ pub struct Credential {
     pub expires_at: DateTime<Utc>,
     pub max_expires_at: DateTime<Utc>,
     pub renewable: bool,
+    /// Our clock minus the broker's, estimated when the lease was issued.
+    /// The times above are the broker's (they go into the file as they are);
+    /// scheduling uses them shifted by this, so a skewed clock on either side
+    /// does not make the sidecar renew late. Estimated from when the request
+    /// was *sent*, so any error makes us act early, never late.
+    pub clock_offset: TimeDelta,
 }
 
 impl std::fmt::Debug for Credential {
@@ -102,9 +108,9 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 impl Credential {
-    /// Takes the secrets out of an IssueLease reply; the reply's copies are
-    /// wiped.
-    pub fn from_reply(mut l: pb::Lease) -> Result<Self> {
+    /// Takes the secrets out of an IssueLease reply (to a request sent at
+    /// `sent_at` by our clock); the reply's copies are wiped.
+    pub fn from_reply(mut l: pb::Lease, sent_at: DateTime<Utc>) -> Result<Self> {
         let (Some(issued_at), Some(expires_at), Some(max_expires_at)) = (
             time(&l.issued_at),
             time(&l.expires_at),
@@ -123,6 +129,7 @@ impl Credential {
             host: l.host,
             port: l.port,
             database: l.database_name,
+            clock_offset: sent_at - issued_at,
             issued_at,
             expires_at,
             max_expires_at,
@@ -130,13 +137,19 @@ impl Credential {
         })
     }
 
+    /// The lease's times on our clock, for scheduling.
     pub fn times(&self) -> LeaseTimes {
         LeaseTimes {
-            issued_at: self.issued_at,
-            expires_at: self.expires_at,
-            max_expires_at: self.max_expires_at,
+            issued_at: self.local(self.issued_at),
+            expires_at: self.local(self.expires_at),
+            max_expires_at: self.local(self.max_expires_at),
             renewable: self.renewable,
         }
+    }
+
+    /// A broker timestamp on our clock.
+    pub fn local(&self, broker_time: DateTime<Utc>) -> DateTime<Utc> {
+        broker_time + self.clock_offset
     }
 }
 
@@ -144,6 +157,7 @@ impl Credential {
 #[derive(Debug)]
 struct Draining {
     lease_id: String,
+    /// On our clock.
     expires_at: DateTime<Utc>,
     revoke_at: DateTime<Utc>,
     attempts: u32,
@@ -302,8 +316,9 @@ impl Sidecar {
             role: self.opts.role.clone(),
             ttl_seconds: self.ttl_seconds(),
         };
+        let sent_at = Utc::now();
         let lease = self.call(c.issue_lease(req)).await?;
-        let cred = Credential::from_reply(lease)
+        let cred = Credential::from_reply(lease, sent_at)
             .map_err(|e| CallError::Refused(tonic::Code::Internal, e.to_string()))?;
         tracing::info!(
             lease_id = %cred.lease_id,
@@ -312,6 +327,12 @@ impl Sidecar {
             max_expires_at = %rfc3339(cred.max_expires_at),
             "lease issued"
         );
+        if cred.clock_offset.abs() > TimeDelta::seconds(2) {
+            tracing::warn!(
+                offset_ms = cred.clock_offset.num_milliseconds(),
+                "this clock and the broker's differ; scheduling corrects for it"
+            );
+        }
         Ok(cred)
     }
 
@@ -425,10 +446,11 @@ impl Sidecar {
         for d in &self.draining {
             wake = wake.min(d.revoke_at);
         }
+        let expires_at = cur.times().expires_at;
         if self.file_removed {
-            wake.min(cur.expires_at + delta(self.opts.give_up_after))
+            wake.min(expires_at + delta(self.opts.give_up_after))
         } else {
-            wake.min(cur.expires_at)
+            wake.min(expires_at)
         }
     }
 
@@ -436,10 +458,10 @@ impl Sidecar {
         self.revoke_due().await;
         let now = Utc::now();
         if now >= self.next_try {
-            let cur = self.current();
+            let times = self.current().times();
             let rotate = self.must_rotate
-                || now >= schedule::rotate_at(&cur.times(), self.opts.grace)
-                || now >= cur.expires_at;
+                || now >= schedule::rotate_at(&times, self.opts.grace)
+                || now >= times.expires_at;
             if rotate {
                 self.rotate().await;
             } else {
@@ -526,17 +548,16 @@ impl Sidecar {
         let revoke_at = schedule::revoke_at(&old_times, now, self.opts.grace);
         // Keep the old credential valid through the grace period, so
         // connections it opens while the application switches still work.
-        if old.expires_at > now && old.expires_at < revoke_at {
+        if old_times.expires_at > now && old_times.expires_at < revoke_at {
             let secs = ((revoke_at - now).num_milliseconds() + 999) / 1000;
             let secs = secs.max(1);
             match self.renew(&old.lease_id, secs).await {
                 Ok(l) => {
-                    if let Some(e) = time(&l.expires_at) {
-                        old_times.expires_at = e;
-                    }
+                    let e = time(&l.expires_at).unwrap_or(old.expires_at);
+                    old_times.expires_at = old.local(e);
                     tracing::info!(
                         lease_id = %old.lease_id,
-                        expires_at = %rfc3339(old_times.expires_at),
+                        expires_at = %rfc3339(e),
                         "old lease kept valid through the grace period"
                     );
                 }
@@ -566,7 +587,7 @@ impl Sidecar {
     async fn extend_current(&mut self) {
         let cur = self.current();
         let now = Utc::now();
-        if cur.expires_at <= now || cur.expires_at >= cur.max_expires_at || !cur.renewable {
+        if cur.times().expires_at <= now || cur.expires_at >= cur.max_expires_at || !cur.renewable {
             return;
         }
         let id = cur.lease_id.clone();
@@ -616,7 +637,7 @@ impl Sidecar {
         let now = Utc::now();
         let (lease_id, expires_at) = {
             let cur = self.current();
-            (cur.lease_id.clone(), cur.expires_at)
+            (cur.lease_id.clone(), cur.times().expires_at)
         };
         if now < expires_at {
             return Ok(());
@@ -715,7 +736,8 @@ mod tests {
             dsn: "postgresql://u:hunter2hunter2@h:1/d".into(),
             ..Default::default()
         };
-        assert!(Credential::from_reply(l.clone()).is_err());
+        let sent = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        assert!(Credential::from_reply(l.clone(), sent).is_err());
         let t = Some(prost_types::Timestamp {
             seconds: 1_800_000_000,
             nanos: 0,
@@ -723,9 +745,41 @@ mod tests {
         l.issued_at = t;
         l.expires_at = t;
         l.max_expires_at = t;
-        let c = Credential::from_reply(l).unwrap();
+        let c = Credential::from_reply(l, sent).unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert_eq!(c.password.expose(), "hunter2hunter2");
+    }
+
+    #[test]
+    fn scheduling_runs_on_our_clock_even_when_the_brokers_differs() {
+        let broker = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0);
+        let l = pb::Lease {
+            issued_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 0,
+            }),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_060,
+                nanos: 0,
+            }),
+            max_expires_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_300,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        // Our clock is 90 s behind the broker's.
+        let sent = broker(-90).unwrap();
+        let c = Credential::from_reply(l, sent).unwrap();
+        assert_eq!(
+            c.expires_at,
+            broker(60).unwrap(),
+            "the file shows the broker's time"
+        );
+        let t = c.times();
+        assert_eq!(t.issued_at, sent);
+        assert_eq!(t.expires_at, broker(-30).unwrap());
+        assert_eq!(t.max_expires_at, broker(210).unwrap());
     }
 }

@@ -313,6 +313,7 @@ mod tests {
             expires_at: t,
             max_expires_at: t,
             renewable: true,
+            clock_offset: chrono::TimeDelta::zero(),
         }
     }
 
