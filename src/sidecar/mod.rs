@@ -12,11 +12,13 @@
 //! `give_up_after`. On shutdown it removes the file and revokes its leases.
 //!
 //! [`schedule`] holds the timing as pure functions, [`render`] the file
-//! formats, [`notify`] the `--exec` / `--signal` hooks.
+//! formats, [`notify`] the `--exec` / `--signal` hooks, [`connect`] the
+//! broker connection (reloaded when the certificate files change).
 //!
 //! **Invariant:** the password is in the file and nowhere else: not in a
 //! log line, an error, a hook's environment or `Debug` output.
 
+pub mod connect;
 pub mod notify;
 pub mod render;
 pub mod schedule;
@@ -193,7 +195,7 @@ fn classify(s: tonic::Status) -> CallError {
 /// `Ok`), or until it can no longer keep a valid credential (`Err`).
 pub async fn run(
     opts: Options,
-    client: BrokerClient,
+    client: connect::Connector,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let mut s = Sidecar {
@@ -275,7 +277,7 @@ fn until(t: DateTime<Utc>) -> Duration {
 
 struct Sidecar {
     opts: Options,
-    client: BrokerClient,
+    client: connect::Connector,
     backoff: Backoff,
     current: Option<Credential>,
     draining: Vec<Draining>,
@@ -311,7 +313,7 @@ impl Sidecar {
     }
 
     async fn issue(&mut self) -> std::result::Result<Credential, CallError> {
-        let mut c = self.client.clone();
+        let mut c = self.client.client();
         let req = pb::IssueLeaseRequest {
             role: self.opts.role.clone(),
             ttl_seconds: self.ttl_seconds(),
@@ -341,7 +343,7 @@ impl Sidecar {
         lease_id: &str,
         ttl_seconds: i64,
     ) -> std::result::Result<pb::Lease, CallError> {
-        let mut c = self.client.clone();
+        let mut c = self.client.client();
         let req = pb::RenewLeaseRequest {
             lease_id: lease_id.to_string(),
             ttl_seconds,
@@ -350,7 +352,7 @@ impl Sidecar {
     }
 
     async fn revoke(&self, lease_id: &str) -> std::result::Result<(), CallError> {
-        let mut c = self.client.clone();
+        let mut c = self.client.client();
         let req = pb::RevokeLeaseRequest {
             lease_id: lease_id.to_string(),
         };
@@ -363,6 +365,7 @@ impl Sidecar {
     async fn first_credential(&mut self) -> Result<Credential> {
         let started = Utc::now();
         loop {
+            self.client.refresh();
             match self.issue().await {
                 Ok(c) => {
                     self.backoff.reset();
@@ -455,6 +458,7 @@ impl Sidecar {
     }
 
     async fn tick(&mut self) -> Result<()> {
+        self.client.refresh();
         self.revoke_due().await;
         let now = Utc::now();
         if now >= self.next_try {

@@ -672,3 +672,63 @@ async fn sidecar_replaces_a_lease_an_admin_revoked() {
     assert_eq!(b.broker_role_count().await, 0);
     assert!(sc.out.exists(), "--keep leaves the file");
 }
+
+/// A sidecar started before its certificate is valid (here: an expired
+/// one) keeps retrying, and picks up the renewed certificate from disk
+/// without a restart.
+#[tokio::test]
+async fn sidecar_reloads_its_client_certificate_from_disk() {
+    use credbroker::pki::{ClientSpec, DevCa};
+    let mut b = TestBroker::prepare(&short_role("sc_cert")).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = &b.env.pki;
+    let ca = DevCa::load(
+        &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(pki.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let (cert, key) = (dir.path().join("mine.pem"), dir.path().join("mine-key.pem"));
+    let expired = ca.client_cert(&ClientSpec::expired(APP)).unwrap();
+    std::fs::write(&cert, &expired.cert_pem).unwrap();
+    std::fs::write(&key, &expired.key_pem).unwrap();
+
+    let out = dir.path().join("db.conn");
+    let log = dir.path().join("sidecar.log");
+    let mut sc = Sidecar {
+        child: Some(
+            Command::new(BIN)
+                .arg("sidecar")
+                .args(["--role", "sc_cert", "--out"])
+                .arg(&out)
+                .args(["--addr", &b.addr, "--ca"])
+                .arg(pki.join("ca.pem"))
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .spawn()
+                .unwrap(),
+        ),
+        out,
+        log,
+    };
+    let refused = eventually(Duration::from_secs(15), || async {
+        sc.log_text()
+            .contains("cannot issue the first lease; retrying")
+    })
+    .await;
+    assert!(refused, "{}", sc.log_text());
+    assert!(!sc.out.exists());
+
+    let fresh = ca.client_cert(&ClientSpec::spiffe(APP)).unwrap();
+    std::fs::write(&key, &fresh.key_pem).unwrap();
+    std::fs::write(&cert, &fresh.cert_pem).unwrap();
+    wait_for_file(&mut sc).await;
+    assert!(sc.log_text().contains("client certificate reloaded"));
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(b.broker_role_count().await, 0);
+}
