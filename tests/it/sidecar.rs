@@ -353,6 +353,29 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
     );
     wait_for_file(&mut sc).await;
 
+    // Besides the application, a reader that only re-reads and parses the
+    // file as fast as it can (1 ms apart), so "never a partial file" is
+    // tested against every write, not sampled every 100 ms.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (names, path, stop) = (Names::of(&b), sc.out.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut distinct, mut last) = (0u64, 0u64, String::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = parse_file(&text, &names) {
+                    panic!("partial or malformed file seen: {e}");
+                }
+                if text != last {
+                    distinct += 1;
+                    last = text;
+                }
+                reads += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (reads, distinct)
+        })
+    };
     let report = Arc::new(Mutex::new(ReaderReport::default()));
     reader(
         Arc::new(Names::of(&b)),
@@ -361,6 +384,8 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
         report.clone(),
     )
     .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (fast_reads, fast_distinct) = hammer.join().expect("the fast reader failed");
     assert!(sc.running(), "sidecar died:\n{}", sc.log_text());
 
     let r = std::mem::take(&mut *report.lock().unwrap());
@@ -368,6 +393,7 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
     assert_eq!(r.expired_failures + r.missing, 0, "{r:?}");
     assert!(r.connects_ok >= 100, "{} connections", r.connects_ok);
     assert!(r.changes >= 3, "the file changed only {} times", r.changes);
+    assert!(fast_distinct >= 4, "{fast_distinct} versions seen");
 
     // Point 4: SIGTERM revokes every lease (current and draining) and
     // removes the file.
@@ -394,7 +420,8 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
     // Point 5: the password is nowhere in the sidecar's output.
     assert_no_password_in(&log, &r.passwords);
     println!(
-        "reader: {} reads, {} connections, {} file changes, {} credentials",
+        "reader: {} reads, {} connections, {} file changes, {} credentials; \
+         fast reader: {fast_reads} whole reads of {fast_distinct} versions",
         r.reads,
         r.connects_ok,
         r.changes,
