@@ -79,7 +79,7 @@ pub async fn run(args: Args) -> CliResult {
         grace: args.grace.into(),
         give_up_after: args.give_up_after.into(),
     };
-    let client = args.client.broker()?;
+    let client = crate::sidecar::connect::Connector::new(args.client)?;
     // Handlers are installed now, before the first lease exists, so a
     // signal at any point takes the clean-up path.
     use tokio::signal::unix::{signal, SignalKind};

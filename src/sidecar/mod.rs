@@ -12,11 +12,13 @@
 //! `give_up_after`. On shutdown it removes the file and revokes its leases.
 //!
 //! [`schedule`] holds the timing as pure functions, [`render`] the file
-//! formats, [`notify`] the `--exec` / `--signal` hooks.
+//! formats, [`notify`] the `--exec` / `--signal` hooks, [`connect`] the
+//! broker connection (reloaded when the certificate files change).
 //!
 //! **Invariant:** the password is in the file and nowhere else: not in a
 //! log line, an error, a hook's environment or `Debug` output.
 
+pub mod connect;
 pub mod notify;
 pub mod render;
 pub mod schedule;
@@ -25,7 +27,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use tonic::transport::Channel;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -79,6 +81,12 @@ pub struct Credential {
     pub expires_at: DateTime<Utc>,
     pub max_expires_at: DateTime<Utc>,
     pub renewable: bool,
+    /// Our clock minus the broker's, estimated when the lease was issued.
+    /// The times above are the broker's (they go into the file as they are);
+    /// scheduling uses them shifted by this, so a skewed clock on either side
+    /// does not make the sidecar renew late. Estimated from when the request
+    /// was *sent*, so any error makes us act early, never late.
+    pub clock_offset: TimeDelta,
 }
 
 impl std::fmt::Debug for Credential {
@@ -102,9 +110,9 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 impl Credential {
-    /// Takes the secrets out of an IssueLease reply; the reply's copies are
-    /// wiped.
-    pub fn from_reply(mut l: pb::Lease) -> Result<Self> {
+    /// Takes the secrets out of an IssueLease reply (to a request sent at
+    /// `sent_at` by our clock); the reply's copies are wiped.
+    pub fn from_reply(mut l: pb::Lease, sent_at: DateTime<Utc>) -> Result<Self> {
         let (Some(issued_at), Some(expires_at), Some(max_expires_at)) = (
             time(&l.issued_at),
             time(&l.expires_at),
@@ -123,6 +131,7 @@ impl Credential {
             host: l.host,
             port: l.port,
             database: l.database_name,
+            clock_offset: sent_at - issued_at,
             issued_at,
             expires_at,
             max_expires_at,
@@ -130,13 +139,19 @@ impl Credential {
         })
     }
 
+    /// The lease's times on our clock, for scheduling.
     pub fn times(&self) -> LeaseTimes {
         LeaseTimes {
-            issued_at: self.issued_at,
-            expires_at: self.expires_at,
-            max_expires_at: self.max_expires_at,
+            issued_at: self.local(self.issued_at),
+            expires_at: self.local(self.expires_at),
+            max_expires_at: self.local(self.max_expires_at),
             renewable: self.renewable,
         }
+    }
+
+    /// A broker timestamp on our clock.
+    pub fn local(&self, broker_time: DateTime<Utc>) -> DateTime<Utc> {
+        broker_time + self.clock_offset
     }
 }
 
@@ -144,6 +159,7 @@ impl Credential {
 #[derive(Debug)]
 struct Draining {
     lease_id: String,
+    /// On our clock.
     expires_at: DateTime<Utc>,
     revoke_at: DateTime<Utc>,
     attempts: u32,
@@ -179,7 +195,7 @@ fn classify(s: tonic::Status) -> CallError {
 /// `Ok`), or until it can no longer keep a valid credential (`Err`).
 pub async fn run(
     opts: Options,
-    client: BrokerClient,
+    client: connect::Connector,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let mut s = Sidecar {
@@ -194,9 +210,15 @@ pub async fn run(
         last_error: String::new(),
     };
     let mut shutdown = std::pin::pin!(shutdown);
-    let first = tokio::select! {
-        r = s.first_credential() => r?,
-        _ = &mut shutdown => return Ok(()),
+    let first = match race(s.first_credential(), shutdown.as_mut()).await {
+        Raced::Done(r) => r?,
+        Raced::Shutdown(Some(Ok(c))) => {
+            // Issued just as the signal came: not written, so only revoke.
+            s.current = Some(c);
+            s.cleanup().await;
+            return Ok(());
+        }
+        Raced::Shutdown(_) => return Ok(()),
     };
     if let Err(e) = s.install_first(first).await {
         s.cleanup().await;
@@ -207,22 +229,46 @@ pub async fn run(
     }
     loop {
         let wake = s.wake_at();
-        let sleep = tokio::time::sleep(until(wake));
         tokio::select! {
-            _ = sleep => {}
+            _ = tokio::time::sleep(until(wake)) => {}
             _ = &mut shutdown => break,
         }
-        tokio::select! {
-            r = s.tick() => if let Err(e) = r {
+        match race(s.tick(), shutdown.as_mut()).await {
+            Raced::Done(Ok(())) => {}
+            Raced::Done(Err(e)) => {
                 s.cleanup().await;
                 return Err(e);
-            },
-            _ = &mut shutdown => break,
+            }
+            Raced::Shutdown(_) => break,
         }
     }
     tracing::info!("shutting down: removing the file and revoking leases");
     s.cleanup().await;
     Ok(())
+}
+
+/// How long a step already under way (a rotation, say) may still run once
+/// shutdown is asked for: long enough for a lease issued in flight to be
+/// recorded and so revoked, short enough not to hold a pod's termination.
+const STEP_GRACE_ON_SHUTDOWN: Duration = Duration::from_secs(3);
+
+enum Raced<T> {
+    Done(T),
+    /// Shutdown came first; the step's result if it finished in its grace.
+    Shutdown(Option<T>),
+}
+
+async fn race<T, S: Future<Output = ()>>(
+    step: impl Future<Output = T>,
+    mut shutdown: std::pin::Pin<&mut S>,
+) -> Raced<T> {
+    let mut step = std::pin::pin!(step);
+    tokio::select! {
+        r = &mut step => Raced::Done(r),
+        _ = shutdown.as_mut() => Raced::Shutdown(
+            tokio::time::timeout(STEP_GRACE_ON_SHUTDOWN, step).await.ok()
+        ),
+    }
 }
 
 fn until(t: DateTime<Utc>) -> Duration {
@@ -231,7 +277,7 @@ fn until(t: DateTime<Utc>) -> Duration {
 
 struct Sidecar {
     opts: Options,
-    client: BrokerClient,
+    client: connect::Connector,
     backoff: Backoff,
     current: Option<Credential>,
     draining: Vec<Draining>,
@@ -267,13 +313,14 @@ impl Sidecar {
     }
 
     async fn issue(&mut self) -> std::result::Result<Credential, CallError> {
-        let mut c = self.client.clone();
+        let mut c = self.client.client();
         let req = pb::IssueLeaseRequest {
             role: self.opts.role.clone(),
             ttl_seconds: self.ttl_seconds(),
         };
+        let sent_at = Utc::now();
         let lease = self.call(c.issue_lease(req)).await?;
-        let cred = Credential::from_reply(lease)
+        let cred = Credential::from_reply(lease, sent_at)
             .map_err(|e| CallError::Refused(tonic::Code::Internal, e.to_string()))?;
         tracing::info!(
             lease_id = %cred.lease_id,
@@ -282,6 +329,12 @@ impl Sidecar {
             max_expires_at = %rfc3339(cred.max_expires_at),
             "lease issued"
         );
+        if cred.clock_offset.abs() > TimeDelta::seconds(2) {
+            tracing::warn!(
+                offset_ms = cred.clock_offset.num_milliseconds(),
+                "this clock and the broker's differ; scheduling corrects for it"
+            );
+        }
         Ok(cred)
     }
 
@@ -290,7 +343,7 @@ impl Sidecar {
         lease_id: &str,
         ttl_seconds: i64,
     ) -> std::result::Result<pb::Lease, CallError> {
-        let mut c = self.client.clone();
+        let mut c = self.client.client();
         let req = pb::RenewLeaseRequest {
             lease_id: lease_id.to_string(),
             ttl_seconds,
@@ -299,7 +352,7 @@ impl Sidecar {
     }
 
     async fn revoke(&self, lease_id: &str) -> std::result::Result<(), CallError> {
-        let mut c = self.client.clone();
+        let mut c = self.client.client();
         let req = pb::RevokeLeaseRequest {
             lease_id: lease_id.to_string(),
         };
@@ -312,13 +365,14 @@ impl Sidecar {
     async fn first_credential(&mut self) -> Result<Credential> {
         let started = Utc::now();
         loop {
+            self.client.refresh();
             match self.issue().await {
                 Ok(c) => {
                     self.backoff.reset();
                     return Ok(c);
                 }
                 Err(CallError::Refused(_, msg)) => {
-                    return Err(Error::Unavailable(format!(
+                    return Err(Error::FailedPrecondition(format!(
                         "the broker refused a lease for role {:?}: {msg}",
                         self.opts.role
                     )))
@@ -395,21 +449,23 @@ impl Sidecar {
         for d in &self.draining {
             wake = wake.min(d.revoke_at);
         }
+        let expires_at = cur.times().expires_at;
         if self.file_removed {
-            wake.min(cur.expires_at + delta(self.opts.give_up_after))
+            wake.min(expires_at + delta(self.opts.give_up_after))
         } else {
-            wake.min(cur.expires_at)
+            wake.min(expires_at)
         }
     }
 
     async fn tick(&mut self) -> Result<()> {
+        self.client.refresh();
         self.revoke_due().await;
         let now = Utc::now();
         if now >= self.next_try {
-            let cur = self.current();
+            let times = self.current().times();
             let rotate = self.must_rotate
-                || now >= schedule::rotate_at(&cur.times(), self.opts.grace)
-                || now >= cur.expires_at;
+                || now >= schedule::rotate_at(&times, self.opts.grace)
+                || now >= times.expires_at;
             if rotate {
                 self.rotate().await;
             } else {
@@ -496,16 +552,24 @@ impl Sidecar {
         let revoke_at = schedule::revoke_at(&old_times, now, self.opts.grace);
         // Keep the old credential valid through the grace period, so
         // connections it opens while the application switches still work.
-        if old.expires_at > now && old.expires_at < revoke_at {
+        if old_times.expires_at > now && old_times.expires_at < revoke_at {
             let secs = ((revoke_at - now).num_milliseconds() + 999) / 1000;
             let secs = secs.max(1);
             match self.renew(&old.lease_id, secs).await {
                 Ok(l) => {
-                    if let Some(e) = time(&l.expires_at) {
-                        old_times.expires_at = e;
-                    }
+                    let e = time(&l.expires_at).unwrap_or(old.expires_at);
+                    old_times.expires_at = old.local(e);
+                    tracing::info!(
+                        lease_id = %old.lease_id,
+                        expires_at = %rfc3339(e),
+                        "old lease kept valid through the grace period"
+                    );
                 }
-                Err(e) => tracing::debug!(error = %e.text(), "could not extend the old lease"),
+                Err(e) => tracing::warn!(
+                    lease_id = %old.lease_id,
+                    error = %e.text(),
+                    "could not extend the old lease; it may end before the grace period"
+                ),
             }
         }
         tracing::info!(
@@ -527,7 +591,7 @@ impl Sidecar {
     async fn extend_current(&mut self) {
         let cur = self.current();
         let now = Utc::now();
-        if cur.expires_at <= now || cur.expires_at >= cur.max_expires_at || !cur.renewable {
+        if cur.times().expires_at <= now || cur.expires_at >= cur.max_expires_at || !cur.renewable {
             return;
         }
         let id = cur.lease_id.clone();
@@ -577,7 +641,7 @@ impl Sidecar {
         let now = Utc::now();
         let (lease_id, expires_at) = {
             let cur = self.current();
-            (cur.lease_id.clone(), cur.expires_at)
+            (cur.lease_id.clone(), cur.times().expires_at)
         };
         if now < expires_at {
             return Ok(());
@@ -639,5 +703,87 @@ fn remove_file(path: &std::path::Path) {
         Ok(()) => tracing::info!(path = %path.display(), "file removed"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove the file"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_lets_a_step_under_way_finish_briefly() {
+        let quick = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            7
+        };
+        let mut now = std::pin::pin!(async {});
+        assert!(matches!(
+            race(quick, now.as_mut()).await,
+            Raced::Shutdown(Some(7))
+        ));
+        let stuck = tokio::time::sleep(Duration::from_secs(600));
+        let mut now = std::pin::pin!(async {});
+        assert!(matches!(
+            race(stuck, now.as_mut()).await,
+            Raced::Shutdown(None)
+        ));
+        let never = std::pin::pin!(std::future::pending::<()>());
+        assert!(matches!(race(async { 1 }, never).await, Raced::Done(1)));
+    }
+
+    #[test]
+    fn replies_without_times_are_refused_and_debug_hides_secrets() {
+        let mut l = pb::Lease {
+            lease_id: "l_x".into(),
+            username: "u".into(),
+            password: "hunter2hunter2".into(),
+            dsn: "postgresql://u:hunter2hunter2@h:1/d".into(),
+            ..Default::default()
+        };
+        let sent = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        assert!(Credential::from_reply(l.clone(), sent).is_err());
+        let t = Some(prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        });
+        l.issued_at = t;
+        l.expires_at = t;
+        l.max_expires_at = t;
+        let c = Credential::from_reply(l, sent).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(c.password.expose(), "hunter2hunter2");
+    }
+
+    #[test]
+    fn scheduling_runs_on_our_clock_even_when_the_brokers_differs() {
+        let broker = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0);
+        let l = pb::Lease {
+            issued_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 0,
+            }),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_060,
+                nanos: 0,
+            }),
+            max_expires_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_300,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        // Our clock is 90 s behind the broker's.
+        let sent = broker(-90).unwrap();
+        let c = Credential::from_reply(l, sent).unwrap();
+        assert_eq!(
+            c.expires_at,
+            broker(60).unwrap(),
+            "the file shows the broker's time"
+        );
+        let t = c.times();
+        assert_eq!(t.issued_at, sent);
+        assert_eq!(t.expires_at, broker(-30).unwrap());
+        assert_eq!(t.max_expires_at, broker(210).unwrap());
     }
 }

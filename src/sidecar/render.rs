@@ -210,27 +210,18 @@ fn jdbc(c: &Credential) -> Zeroizing<String> {
     out
 }
 
-/// Shell-style env values: bare when plainly safe, else single-quoted.
+/// Shell-style env values, so `. FILE` and `set -a; . FILE` work: bare
+/// when no character means anything to a shell (a URI's `&`, `?` or `[`
+/// would), else single-quoted.
 fn env_value(out: &mut String, v: &str) {
-    let bare = v.bytes().all(|b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'/'
-                    | b':'
-                    | b'@'
-                    | b'%'
-                    | b'+'
-                    | b','
-                    | b'='
-                    | b'?'
-                    | b'&'
-                    | b'['
-                    | b']'
-            )
-    });
+    let bare = !v.is_empty()
+        && v.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.' | b'_' | b'/' | b':' | b'@' | b'%' | b'+' | b',' | b'='
+                )
+        });
     if bare {
         out.push_str(v);
     } else {
@@ -313,6 +304,7 @@ mod tests {
             expires_at: t,
             max_expires_at: t,
             renewable: true,
+            clock_offset: chrono::TimeDelta::zero(),
         }
     }
 
@@ -370,6 +362,37 @@ mod tests {
         assert!(Format::Env
             .render(&c)
             .contains("PGPASSWORD='a b'\\''c\\d&e'\n"));
+        c.dsn = Zeroizing::new("postgresql://u:p@[::1]:5432/db?sslmode=require&x=1".into());
+        assert!(Format::Env
+            .render(&c)
+            .ends_with("DATABASE_URL='postgresql://u:p@[::1]:5432/db?sslmode=require&x=1'\n"));
+    }
+
+    #[test]
+    fn a_shell_reads_back_exactly_what_the_env_file_holds() {
+        let mut c = cred("postgres");
+        c.password = Password::from_secret("a b'c\\d&e$(x)`y`".into());
+        c.database = "my db".into();
+        c.dsn = Zeroizing::new("postgresql://u:p@[::1]:5432/db?sslmode=require&x=1".into());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db.env");
+        std::fs::write(&file, Format::Env.render(&c).as_bytes()).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"set -a; . "$1"; printf '%s\n%s\n%s' "$PGPASSWORD" "$PGDATABASE" "$DATABASE_URL""#)
+            .arg("sh")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("{}\nmy db\n{}", c.password.expose(), c.dsn.as_str())
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use credbroker::pb;
 
 use crate::support::*;
 
@@ -100,7 +101,10 @@ impl Sidecar {
             "lease renewed",
             "issuing a replacement",
             "credential rotated",
+            "old lease kept valid",
             "old lease revoked",
+            "old lease expired before",
+            "cannot revoke the old lease yet",
             "lease revoked",
             "broker call failed",
             "file removed",
@@ -349,6 +353,29 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
     );
     wait_for_file(&mut sc).await;
 
+    // Besides the application, a reader that only re-reads and parses the
+    // file as fast as it can (1 ms apart), so "never a partial file" is
+    // tested against every write, not sampled every 100 ms.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (names, path, stop) = (Names::of(&b), sc.out.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut distinct, mut last) = (0u64, 0u64, String::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = parse_file(&text, &names) {
+                    panic!("partial or malformed file seen: {e}");
+                }
+                if text != last {
+                    distinct += 1;
+                    last = text;
+                }
+                reads += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (reads, distinct)
+        })
+    };
     let report = Arc::new(Mutex::new(ReaderReport::default()));
     reader(
         Arc::new(Names::of(&b)),
@@ -357,13 +384,16 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
         report.clone(),
     )
     .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (fast_reads, fast_distinct) = hammer.join().expect("the fast reader failed");
     assert!(sc.running(), "sidecar died:\n{}", sc.log_text());
 
     let r = std::mem::take(&mut *report.lock().unwrap());
     assert!(r.failures.is_empty(), "reader failures: {:#?}", r.failures);
     assert_eq!(r.expired_failures + r.missing, 0, "{r:?}");
-    assert!(r.connects_ok >= 200, "{} connections", r.connects_ok);
+    assert!(r.connects_ok >= 100, "{} connections", r.connects_ok);
     assert!(r.changes >= 3, "the file changed only {} times", r.changes);
+    assert!(fast_distinct >= 4, "{fast_distinct} versions seen");
 
     // Point 4: SIGTERM revokes every lease (current and draining) and
     // removes the file.
@@ -390,7 +420,8 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
     // Point 5: the password is nowhere in the sidecar's output.
     assert_no_password_in(&log, &r.passwords);
     println!(
-        "reader: {} reads, {} connections, {} file changes, {} credentials",
+        "reader: {} reads, {} connections, {} file changes, {} credentials; \
+         fast reader: {fast_reads} whole reads of {fast_distinct} versions",
         r.reads,
         r.connects_ok,
         r.changes,
@@ -469,8 +500,8 @@ async fn sidecar_survives_a_broker_outage_and_signals_the_app() {
         "the outage went unnoticed:\n{log}"
     );
     println!(
-        "outage: killed at +{:?}; reader: {} connections, {} failures on expired credentials, {} reads without a file",
-        killed_at.elapsed(),
+        "outage: broker down {:?}; reader: {} connections, {} failures on expired credentials, {} reads without a file",
+        restarted_at - killed_at,
         r.connects_ok,
         r.expired_failures,
         r.missing
@@ -563,10 +594,13 @@ async fn sidecar_once_writes_one_credential_and_refusals_exit_at_once() {
     assert_eq!(refused.wait(Duration::from_secs(30)).await, Some(1));
     let log = refused.log_text();
     assert!(
-        log.contains("error: unavailable: the broker refused a lease for role \"no_such_role\""),
+        log.contains(
+            "error: failed precondition: the broker refused a lease for role \"no_such_role\""
+        ),
         "{log}"
     );
     assert!(!refused.out.exists());
+    println!("{}", log.lines().last().unwrap_or_default());
 }
 
 /// With no broker at all the sidecar retries with backoff, then exits
@@ -616,4 +650,112 @@ async fn sidecar_exits_non_zero_once_no_valid_credential_can_be_kept() {
         log.contains("error: unavailable: no valid credential for role \"sc_gone\" since"),
         "{log}"
     );
+}
+
+/// A DBA revokes the role's leases: the next renewal is refused, and the
+/// sidecar issues and writes a new credential instead of giving up. With
+/// `--keep`, SIGTERM still revokes but leaves the file.
+#[tokio::test]
+async fn sidecar_replaces_a_lease_an_admin_revoked() {
+    let role_name = "sc_adm";
+    let mut b = TestBroker::prepare(&role(role_name, "{db}", "3s", "1m", APP)).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = Sidecar::spawn(&b, dir.path(), role_name, &["--keep"]);
+    wait_for_file(&mut sc).await;
+    let names = Names::of(&b);
+    let first = parse_file(&std::fs::read_to_string(&sc.out).unwrap(), &names).unwrap();
+    let r = b
+        .admin("admin")
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::Role(role_name.into())),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked, 1);
+    assert!(!b.role_exists(&first.user).await);
+    let replaced = eventually(Duration::from_secs(15), || async {
+        std::fs::read_to_string(&sc.out)
+            .ok()
+            .and_then(|t| parse_file(&t, &names).ok())
+            .is_some_and(|s| s.user != first.user)
+    })
+    .await;
+    assert!(
+        replaced,
+        "no new credential after revocation:\n{}",
+        sc.log_text()
+    );
+    let now = parse_file(&std::fs::read_to_string(&sc.out).unwrap(), &names).unwrap();
+    connect(&now.dsn).await.unwrap();
+    assert!(sc
+        .log_text()
+        .contains("renewal refused; issuing a new lease"));
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(b.broker_role_count().await, 0);
+    assert!(sc.out.exists(), "--keep leaves the file");
+}
+
+/// A sidecar started before its certificate is valid (here: an expired
+/// one) keeps retrying, and picks up the renewed certificate from disk
+/// without a restart.
+#[tokio::test]
+async fn sidecar_reloads_its_client_certificate_from_disk() {
+    use credbroker::pki::{ClientSpec, DevCa};
+    let mut b = TestBroker::prepare(&short_role("sc_cert")).await;
+    b.spawn_binary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = &b.env.pki;
+    let ca = DevCa::load(
+        &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(pki.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let (cert, key) = (dir.path().join("mine.pem"), dir.path().join("mine-key.pem"));
+    let expired = ca.client_cert(&ClientSpec::expired(APP)).unwrap();
+    std::fs::write(&cert, &expired.cert_pem).unwrap();
+    std::fs::write(&key, &expired.key_pem).unwrap();
+
+    let out = dir.path().join("db.conn");
+    let log = dir.path().join("sidecar.log");
+    let mut sc = Sidecar {
+        child: Some(
+            Command::new(BIN)
+                .arg("sidecar")
+                .args(["--role", "sc_cert", "--out"])
+                .arg(&out)
+                .args(["--addr", &b.addr, "--ca"])
+                .arg(pki.join("ca.pem"))
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .spawn()
+                .unwrap(),
+        ),
+        out,
+        log,
+    };
+    let refused = eventually(Duration::from_secs(15), || async {
+        sc.log_text()
+            .contains("cannot issue the first lease; retrying")
+    })
+    .await;
+    assert!(refused, "{}", sc.log_text());
+    assert!(!sc.out.exists());
+
+    let fresh = ca.client_cert(&ClientSpec::spiffe(APP)).unwrap();
+    std::fs::write(&key, &fresh.key_pem).unwrap();
+    std::fs::write(&cert, &fresh.cert_pem).unwrap();
+    wait_for_file(&mut sc).await;
+    assert!(sc.log_text().contains("client certificate reloaded"));
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(b.broker_role_count().await, 0);
 }
