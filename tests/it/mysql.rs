@@ -206,6 +206,11 @@ impl MyBroker {
     }
 
     /// Starts in-process; the start-up warnings.
+    fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.env.config_path).unwrap();
+        std::fs::write(&self.env.config_path, f(text)).unwrap();
+    }
+
     async fn start_in_process(&mut self) -> Vec<String> {
         let config = Config::load(&self.env.config_path).unwrap();
         let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
@@ -715,5 +720,71 @@ async fn mysql_orphan_sweep_drops_only_broker_made_names() {
         .unwrap();
     b.revoke(&kept).await;
     b.stop().await;
+    b.drop_schema().await;
+}
+
+/// Without the privileges the failsafe needs, start-up says so loudly and
+/// everything else works: issue, login, renew, revoke. Also shows the least
+/// privileges the broker's admin account needs for that.
+#[tokio::test]
+async fn mysql_without_event_privilege_warns_and_keeps_working() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    let admin = unique("cbadm");
+    let admin = &admin[..admin.len().min(30)];
+    let password = credbroker::lease::Password::generate();
+    let mut root = t.root().await;
+    root.query_drop(format!(
+        "CREATE USER '{admin}'@'127.0.0.1' IDENTIFIED BY '{pw}';
+         GRANT CREATE USER, PROCESS, CONNECTION ADMIN ON *.* TO '{admin}'@'127.0.0.1';
+         GRANT SELECT ON mysql.user TO '{admin}'@'127.0.0.1';
+         GRANT ALL ON `{schema}`.* TO '{admin}'@'127.0.0.1' WITH GRANT OPTION;",
+        pw = password.expose(),
+        schema = b.schema
+    ))
+    .await
+    .unwrap();
+    let secret = b.env.dir.join("secrets/limited-admin");
+    std::fs::write(&secret, password.expose()).unwrap();
+    // The machine's MariaDB root has no password, so the section has no
+    // admin_password_file yet.
+    b.edit_config(|text| {
+        text.replace("mysql://root@", &format!("mysql://{admin}@"))
+            .replace(
+                "kind = \"mysql\"\n",
+                &format!(
+                    "kind = \"mysql\"\nadmin_password_file = \"{}\"\n",
+                    secret.display()
+                ),
+            )
+    });
+
+    let warnings = b.start_in_process().await;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("NO DATABASE-SIDE EXPIRY") && w.contains("EVENT")),
+        "no loud warning about the missing failsafe: {warnings:?}"
+    );
+    println!("start-up warnings: {warnings:#?}");
+    let lease = b.issue("reader", 120).await.unwrap();
+    assert!(t.failsafe_at(&lease.username).await.is_none());
+    let mut conn = b.login(&lease).await.expect("leased login");
+    conn.query_drop("SELECT * FROM orders").await.unwrap();
+    b.client()
+        .await
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl_seconds: 300,
+        })
+        .await
+        .expect("renew without a failsafe");
+    b.revoke(&lease).await;
+    assert!(conn.query_drop("SELECT 1").await.is_err());
+    assert!(t.user_hosts(&lease.username).await.is_empty());
+    b.stop().await;
+    root.query_drop(format!("DROP USER '{admin}'@'127.0.0.1'"))
+        .await
+        .unwrap();
     b.drop_schema().await;
 }
