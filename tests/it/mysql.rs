@@ -1,8 +1,9 @@
 //! The MySQL/MariaDB backend against real servers: the machine's MariaDB
 //! (127.0.0.1:3306, root without password; it checks passwords) for logins,
-//! grants, host pinning, expiry and revocation; a throwaway `mariadbd` where
-//! a test must stop or kill the database or needs the event scheduler on.
-//! A missing server fails the test with instructions; nothing skips.
+//! grants, host pinning, expiry and revocation, or a shared throwaway one
+//! when none runs; a throwaway `mariadbd` of its own where a test must stop
+//! or kill the database or needs the event scheduler on. Missing MariaDB
+//! binaries fail the tests with instructions; nothing skips.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,19 +28,44 @@ struct Target {
 
 const LOCAL_PORT: u16 = 3306;
 
-/// The machine's MariaDB. Unreachable is a failure with instructions.
+static SHARED: std::sync::OnceLock<ThrowawayMariadb> = std::sync::OnceLock::new();
+
+/// The machine's MariaDB when it runs (its event scheduler is OFF, which
+/// exercises the warning path); otherwise one throwaway server shared by the
+/// tests of this binary, so nothing has to be running. No MariaDB binaries
+/// either: a failure with instructions.
 async fn local() -> Target {
     let t = Target {
         port: LOCAL_PORT,
         password: None,
     };
-    if let Err(e) = Conn::new(t.opts(None)).await {
-        panic!(
-            "the machine's MariaDB at 127.0.0.1:{LOCAL_PORT} (root, no password) is not reachable: {e}; \
-             install and start it (`apt-get install -y mariadb-server && service mariadb start`)"
-        );
+    // Set to test against the throwaway even where the machine has a server.
+    if std::env::var_os("CREDBROKER_TEST_THROWAWAY_MARIADB").is_none() {
+        let probe = tokio::time::timeout(Duration::from_secs(3), Conn::new(t.opts(None))).await;
+        if let Ok(Ok(c)) = probe {
+            let _ = c.disconnect().await;
+            return t;
+        }
     }
-    t
+    let shared = SHARED.get_or_init(|| {
+        // On its own runtime so it is not tied to any one test's.
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(ThrowawayMariadb::start(MariadbOptions::default()))
+        })
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| {
+            panic!(
+                "no MariaDB at 127.0.0.1:{LOCAL_PORT} (root, no password) and cannot start a throwaway one: {e}; \
+                 install the server (`apt-get install -y mariadb-server`)"
+            )
+        })
+    });
+    target_of(shared)
 }
 
 /// A throwaway server (event scheduler ON). Missing binaries fail the test.
@@ -746,10 +772,13 @@ async fn mysql_without_event_privilege_warns_and_keeps_working() {
     .unwrap();
     let secret = b.env.dir.join("secrets/limited-admin");
     std::fs::write(&secret, password.expose()).unwrap();
-    // The machine's MariaDB root has no password, so the section has no
-    // admin_password_file yet.
     b.edit_config(|text| {
-        text.replace("mysql://root@", &format!("mysql://{admin}@"))
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("admin_password_file"))
+            .collect();
+        (kept.join("\n") + "\n")
+            .replace("mysql://root@", &format!("mysql://{admin}@"))
             .replace(
                 "kind = \"mysql\"\n",
                 &format!(
