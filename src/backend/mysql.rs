@@ -762,6 +762,29 @@ impl Backend for MysqlBackend {
                 "database {db:?}: the admin account may lack CONNECTION_ADMIN (or SUPER): revocation cannot end leased users' live sessions"
             ));
         }
+        if server.flavor == Flavor::Mariadb {
+            // With a password validation plugin active, this setting makes
+            // MariaDB refuse every `IDENTIFIED BY PASSWORD '<hash>'`.
+            let strict: Option<(u64, u64)> = self
+                .timed(
+                    "check password validation",
+                    conn.query_first(
+                        "SELECT @@global.strict_password_validation, (SELECT COUNT(*) FROM \
+                         information_schema.PLUGINS WHERE PLUGIN_TYPE = 'PASSWORD VALIDATION' \
+                         AND PLUGIN_STATUS = 'ACTIVE')",
+                    ),
+                )
+                .await?;
+            if let Some((1, plugins)) = strict {
+                if plugins > 0 {
+                    warnings.push(format!(
+                        "database {db:?}: strict_password_validation is ON with a password validation plugin: \
+                         MariaDB refuses password hashes, so issuing will fail; set strict_password_validation = OFF \
+                         (the broker's passwords are 40 random characters)"
+                    ));
+                }
+            }
+        }
         if server.max_user_len < crate::lease::MAX_USERNAME_LEN {
             warnings.push(format!(
                 "database {db:?}: the server allows user names of {} characters only: issuing will fail",
