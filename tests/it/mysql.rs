@@ -541,6 +541,19 @@ async fn mysql_revoke_cuts_live_connection_within_a_second() {
     b.drop_schema().await;
 }
 
+/// Statements in `mysql.general_log` containing `needle`.
+async fn general_log_count(root: &mut Conn, needle: &str) -> u64 {
+    let n: Option<u64> = root
+        .exec_first(
+            "SELECT COUNT(*) FROM mysql.general_log \
+             WHERE CONVERT(argument USING utf8mb4) LIKE CONCAT('%', ?, '%')",
+            (needle,),
+        )
+        .await
+        .unwrap();
+    n.unwrap_or(0)
+}
+
 /// Point 3: the broker is SIGKILLed and never restarted; the failsafe event
 /// drops the user and ends its session by the hard limit anyway.
 #[tokio::test]
@@ -548,11 +561,30 @@ async fn mysql_failsafe_removes_user_after_broker_sigkill() {
     let db = throwaway().await;
     let t = target_of(&db);
     let mut b = MyBroker::prepare(&t, |s| role("reader", s, "4s", "8s", None)).await;
+    // Every statement the server receives goes to mysql.general_log.
+    let mut root = t.root().await;
+    root.query_drop("SET GLOBAL log_output = 'TABLE'; SET GLOBAL general_log = 'ON'")
+        .await
+        .unwrap();
     b.spawn_binary().await;
     let lease = b.issue("reader", 4).await.unwrap();
     let mut session = b.login(&lease).await.expect("leased login");
     session.query_drop("SELECT 1").await.unwrap();
     b.kill_binary();
+    // Off before searching, or the search itself is logged.
+    root.query_drop("SET GLOBAL general_log = 'OFF'")
+        .await
+        .unwrap();
+    let create = format!("CREATE USER '{}'", lease.username);
+    assert!(
+        general_log_count(&mut root, &create).await >= 1,
+        "the general log missed CREATE USER"
+    );
+    assert_eq!(
+        general_log_count(&mut root, &lease.password).await,
+        0,
+        "the password is in the server's general log"
+    );
     let log = std::fs::read_to_string(b.env.dir.join("broker.log")).unwrap();
     assert!(
         !log.contains("NO DATABASE-SIDE EXPIRY"),
