@@ -107,19 +107,24 @@ impl ServerInfo {
     /// mysql_native_password is off by default from 8.4 and removed in 9);
     /// MySQL 5.7 takes the native hash with `AS`.
     pub fn identified_clause(&self, password: &Password) -> String {
+        Self::identified_with(self.flavor, self.version, &self.stored_hash(password))
+    }
+
+    /// The hash as the server will store it (`mysql.user.authentication_string`).
+    pub fn stored_hash(&self, password: &Password) -> String {
         match self.flavor {
-            Flavor::Mariadb => format!(
-                "IDENTIFIED BY PASSWORD {}",
-                lit(&native_password_hash(password))
-            ),
-            Flavor::Mysql if self.version.0 >= 8 => format!(
-                "IDENTIFIED WITH caching_sha2_password AS {}",
-                lit(&caching_sha2_hash(password))
-            ),
-            Flavor::Mysql => format!(
-                "IDENTIFIED WITH mysql_native_password AS {}",
-                lit(&native_password_hash(password))
-            ),
+            Flavor::Mysql if self.version.0 >= 8 => caching_sha2_hash(password),
+            _ => native_password_hash(password),
+        }
+    }
+
+    fn identified_with(flavor: Flavor, version: (u32, u32, u32), hash: &str) -> String {
+        match flavor {
+            Flavor::Mariadb => format!("IDENTIFIED BY PASSWORD {}", lit(hash)),
+            Flavor::Mysql if version.0 >= 8 => {
+                format!("IDENTIFIED WITH caching_sha2_password AS {}", lit(hash))
+            }
+            Flavor::Mysql => format!("IDENTIFIED WITH mysql_native_password AS {}", lit(hash)),
         }
     }
 }
@@ -276,6 +281,11 @@ impl MysqlBackend {
             )));
         }
         let failsafe = self.probe_failsafe(&mut conn).await?;
+        if let Err(why) = &failsafe {
+            // Preflight repeats this at start-up; a database first reached
+            // later must not go unmentioned.
+            tracing::warn!(database = %self.config.name, "NO DATABASE-SIDE EXPIRY: {why}");
+        }
         Ok(ServerInfo {
             flavor,
             version: v,
@@ -356,6 +366,17 @@ impl MysqlBackend {
             .await
     }
 
+    async fn logs_in_with(&self, password: &Password) -> bool {
+        let opts = Self::opts_with(&self.base, Some(password.clone()));
+        match tokio::time::timeout(self.config.connect_timeout, Conn::new(opts)).await {
+            Ok(Ok(c)) => {
+                let _ = c.disconnect().await;
+                true
+            }
+            _ => false,
+        }
+    }
+
     async fn user_exists(&self, conn: &mut Conn, user: &UserRef) -> Result<bool> {
         let n: Option<u64> = self
             .timed(
@@ -368,28 +389,6 @@ impl MysqlBackend {
             )
             .await?;
         Ok(n.unwrap_or(0) > 0)
-    }
-
-    /// Failsafe events of these users still waiting in the schema.
-    pub async fn pending_failsafes(&self, usernames: &[&str]) -> Result<Vec<String>> {
-        if usernames.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.conn().await?;
-        let list = usernames
-            .iter()
-            .map(|u| lit(u))
-            .collect::<Vec<_>>()
-            .join(", ");
-        self.timed(
-            "list failsafe events",
-            conn.query(format!(
-                "SELECT EVENT_NAME FROM information_schema.EVENTS \
-                 WHERE EVENT_SCHEMA = {} AND EVENT_NAME IN ({list})",
-                lit(FAILSAFE_SCHEMA)
-            )),
-        )
-        .await
     }
 }
 
@@ -643,16 +642,59 @@ impl Backend for MysqlBackend {
     async fn rotate_root(&self) -> Result<()> {
         let server = self.server().await?;
         let password = Password::generate();
+        let hash = server.stored_hash(&password);
         let mut conn = self.conn().await?;
+        // The account by name: MariaDB 10.11 accepts `ALTER USER
+        // CURRENT_USER() IDENTIFIED BY PASSWORD …` and silently changes
+        // nothing, which would lock the broker out once it kept the new
+        // password.
+        let me: Option<String> = self
+            .timed(
+                "read current user",
+                conn.query_first("SELECT CURRENT_USER()"),
+            )
+            .await?;
+        let me = me.unwrap_or_default();
+        let (user, host) = me.rsplit_once('@').ok_or_else(|| {
+            Error::Internal(format!(
+                "database {:?}: unexpected CURRENT_USER() {me:?}",
+                self.config.name
+            ))
+        })?;
         self.timed(
             "rotate admin password",
             conn.query_drop(format!(
-                "ALTER USER CURRENT_USER() {}",
-                server.identified_clause(&password)
+                "ALTER USER {} {}",
+                account(user, host),
+                ServerInfo::identified_with(server.flavor, server.version, &hash)
             )),
         )
         .await?;
+        // Only a server that reports back the hash we sent surely has it;
+        // one that cannot be asked most likely has it too (the ALTER
+        // succeeded), and then losing the password would be worse.
+        let stored: std::result::Result<Option<String>, Error> = self
+            .timed(
+                "check admin password",
+                conn.exec_first(
+                    "SELECT authentication_string FROM mysql.user WHERE User = ? AND Host = ?",
+                    (user, host),
+                ),
+            )
+            .await;
         drop(conn);
+        if let Ok(stored) = stored {
+            // A server that stores the hash in another form (untested
+            // MySQL versions) gets the proof that matters: a login.
+            let applied =
+                stored.as_deref() == Some(hash.as_str()) || self.logs_in_with(&password).await;
+            if !applied {
+                return Err(Error::Internal(format!(
+                    "database {:?}: the server did not apply the new admin password; the old one stays",
+                    self.config.name
+                )));
+            }
+        }
         // The database has the new password now: keep it before anything
         // else can fail, or nobody would know it.
         store_admin_password(&self.config, &password)?;
@@ -719,6 +761,29 @@ impl Backend for MysqlBackend {
             warnings.push(format!(
                 "database {db:?}: the admin account may lack CONNECTION_ADMIN (or SUPER): revocation cannot end leased users' live sessions"
             ));
+        }
+        if server.flavor == Flavor::Mariadb {
+            // With a password validation plugin active, this setting makes
+            // MariaDB refuse every `IDENTIFIED BY PASSWORD '<hash>'`.
+            let strict: Option<(u64, u64)> = self
+                .timed(
+                    "check password validation",
+                    conn.query_first(
+                        "SELECT @@global.strict_password_validation, (SELECT COUNT(*) FROM \
+                         information_schema.PLUGINS WHERE PLUGIN_TYPE = 'PASSWORD VALIDATION' \
+                         AND PLUGIN_STATUS = 'ACTIVE')",
+                    ),
+                )
+                .await?;
+            if let Some((1, plugins)) = strict {
+                if plugins > 0 {
+                    warnings.push(format!(
+                        "database {db:?}: strict_password_validation is ON with a password validation plugin: \
+                         MariaDB refuses password hashes, so issuing will fail; set strict_password_validation = OFF \
+                         (the broker's passwords are 40 random characters)"
+                    ));
+                }
+            }
         }
         if server.max_user_len < crate::lease::MAX_USERNAME_LEN {
             warnings.push(format!(

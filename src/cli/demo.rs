@@ -1,7 +1,9 @@
 //! `credbroker demo`: the whole path on this machine, narrated. Starts a
 //! throwaway PostgreSQL that checks passwords, makes dev certificates,
 //! starts the broker in-process, leases a credential, uses it, revokes it,
-//! shows the login now fails, checks the audit chain, and cleans up.
+//! shows the login now fails, checks the audit chain, and cleans up. Where
+//! MariaDB server binaries are installed, it does the same on a throwaway
+//! MariaDB, failsafe event included.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,7 +16,11 @@ use crate::config::Config;
 use crate::daemon::{Daemon, Listeners};
 use crate::devenv::DevEnv;
 use crate::pb;
-use crate::throwaway::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};
+use crate::throwaway::{
+    mariadb_binaries_present, postgres_binaries_present, MariadbOptions, PostgresOptions,
+    ThrowawayMariadb, ThrowawayPostgres,
+};
+use mysql_async::prelude::Queryable;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,6 +76,36 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         pg.port()
     );
 
+    let maria = if mariadb_binaries_present() {
+        println!("    and a throwaway MariaDB 10.11 (event scheduler on, for the failsafe events)");
+        let db = ThrowawayMariadb::start(MariadbOptions {
+            event_scheduler: true,
+        })
+        .await
+        .context("throwaway MariaDB")?;
+        let mut root = db.connect().await?;
+        root.query_drop(
+            "CREATE DATABASE shop;
+             CREATE TABLE shop.orders (id INT PRIMARY KEY, item TEXT);
+             INSERT INTO shop.orders VALUES (1, 'coffee'), (2, 'tea');
+             CREATE TABLE shop.payroll (name TEXT, salary INT);",
+        )
+        .await?;
+        root.disconnect().await?;
+        println!(
+            "    mariadb at {}:{}, database \"shop\" with tables orders and payroll",
+            db.host(),
+            db.port()
+        );
+        Some(db)
+    } else {
+        println!(
+            "    (MariaDB server binaries not found: the MySQL part is left out; \
+             `apt-get install -y mariadb-server` to see it)"
+        );
+        None
+    };
+
     step(
         2,
         "making dev certificates (CA, server, SPIFFE client identities)",
@@ -85,11 +121,28 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     text.push_str(
         "[roles.shop-readonly]\ndatabase = \"shop\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n\
          allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
-         grants = [\"GRANT SELECT ON orders TO {{name}}\"]\n",
+         grants = [\"GRANT SELECT ON orders TO {{name}}\"]\n\n",
     );
+    if let Some(db) = &maria {
+        text.push_str(&env.mysql_database(
+            "shop-mysql",
+            db.port(),
+            "shop",
+            Some(db.root_password()),
+        )?);
+        text.push_str(
+            "[roles.shop-mysql-readonly]\ndatabase = \"shop-mysql\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n\
+             allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
+             host = \"127.0.0.1\"\n\
+             grants = [\"GRANT SELECT ON shop.orders TO {{name}}\"]\n",
+        );
+    }
     std::fs::write(&env.config_path, &text)?;
     let config = Config::load(&env.config_path)?;
     let daemon = Daemon::open(config).await?;
+    for w in &daemon.warnings {
+        println!("    WARNING: {w}");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(daemon.run(
         Listeners {
@@ -171,7 +224,15 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         Ok(_) => anyhow::bail!("the revoked credential still logs in"),
     }
 
-    step(7, "checking the audit trail and the server log");
+    if let Some(db) = &maria {
+        step(
+            7,
+            "the same on MariaDB: role shop-mysql-readonly (user pinned to host 127.0.0.1)",
+        );
+        mysql_part(&mut broker, db).await?;
+    }
+
+    step(8, "checking the audit trail and the server log");
     let _ = stop_tx.send(());
     tokio::time::timeout(Duration::from_secs(15), server)
         .await
@@ -195,8 +256,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
 
     drop(owner);
     drop(pg);
+    drop(maria);
     println!(
-        "\ndone: throwaway PostgreSQL stopped{}",
+        "\ndone: throwaway databases stopped{}",
         if args.keep {
             format!("; files kept in {}", dir.display())
         } else {
@@ -204,6 +266,96 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// Leases a MariaDB user, uses it, shows its failsafe event, revokes it.
+async fn mysql_part(
+    broker: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    db: &ThrowawayMariadb,
+) -> anyhow::Result<()> {
+    let lease = broker
+        .issue_lease(pb::IssueLeaseRequest {
+            role: "shop-mysql-readonly".into(),
+            ttl_seconds: 120,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("issue: {}", crate::client::describe(&s)))?
+        .into_inner();
+    println!("    lease    {}", lease.lease_id);
+    println!("    username {}", lease.username);
+    let mut root = db.connect().await?;
+    let (plugin, hash_len): (String, u64) = root
+        .exec_first(
+            "SELECT plugin, LENGTH(authentication_string) FROM mysql.user WHERE User = ?",
+            (&lease.username,),
+        )
+        .await?
+        .context("the leased user does not exist")?;
+    println!(
+        "    created as '{}'@'127.0.0.1' IDENTIFIED BY PASSWORD '<{hash_len}-character {plugin} hash>': \
+         the plaintext never reached the server",
+        lease.username
+    );
+    let failsafe: Option<String> = root
+        .exec_first(
+            "SELECT CAST(EXECUTE_AT AS CHAR) FROM information_schema.EVENTS \
+             WHERE EVENT_SCHEMA = 'credbroker' AND EVENT_NAME = ?",
+            (&lease.username,),
+        )
+        .await?;
+    match failsafe {
+        Some(at) => println!(
+            "    failsafe event credbroker.{} drops the user at {at} (server time) even if the broker dies",
+            lease.username
+        ),
+        None => println!("    WARNING: no failsafe event: the user has no database-side expiry"),
+    }
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(db.host())
+        .tcp_port(db.port())
+        .user(Some(lease.username.clone()))
+        .pass(Some(lease.password.clone()))
+        .db_name(Some("shop"))
+        .prefer_socket(false);
+    let mut as_lease = mysql_async::Conn::new(opts.clone())
+        .await
+        .context("login with the leased MariaDB credential")?;
+    let (user, orders): (String, u64) = as_lease
+        .query_first("SELECT CURRENT_USER(), (SELECT COUNT(*) FROM orders)")
+        .await?
+        .context("no row")?;
+    println!("    CURRENT_USER() = {user}, orders visible = {orders}");
+    match as_lease.query_drop("SELECT * FROM payroll").await {
+        Err(e) => println!(
+            "    SELECT * FROM payroll -> refused: {}",
+            mysql_message(&e)
+        ),
+        Ok(()) => anyhow::bail!("the leased MariaDB user could read payroll"),
+    }
+    broker
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("revoke: {}", crate::client::describe(&s)))?;
+    println!("    revoked: DROP USER, then KILL of its sessions, then the failsafe event dropped");
+    match as_lease.query_drop("SELECT 1").await {
+        Err(e) => println!("    the open session's next query -> {}", mysql_message(&e)),
+        Ok(()) => anyhow::bail!("the revoked MariaDB user's session still runs queries"),
+    }
+    match mysql_async::Conn::new(opts).await {
+        Err(e) => println!("    a new login -> refused: {}", mysql_message(&e)),
+        Ok(_) => anyhow::bail!("the revoked MariaDB credential still logs in"),
+    }
+    root.disconnect().await?;
+    Ok(())
+}
+
+fn mysql_message(e: &mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Server(s) => s.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {

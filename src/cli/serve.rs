@@ -18,6 +18,10 @@ pub async fn run(args: Args) -> CliResult {
     let config = Config::load(&args.config)?;
     let listeners = Listeners::bind(&config).await?;
     let daemon = Daemon::open(config).await?;
+    // Also logged; printed bare as well so nobody misses them among the logs.
+    for w in &daemon.warnings {
+        eprintln!("credbroker: WARNING: {w}");
+    }
     tracing::info!(
         listen = %listeners.grpc.local_addr()?,
         metrics = ?listeners.metrics.as_ref().and_then(|l| l.local_addr().ok()),
