@@ -719,19 +719,30 @@ impl Broker {
             match result {
                 Ok(()) => {
                     let ids: Vec<LeaseId> = leases.iter().map(|l| l.id.clone()).collect();
-                    if let Err(e) = self.store.mark_revoked(&ids, Utc::now()).await {
-                        // The users are gone; the next pass finds nothing to
-                        // drop and marks them then.
-                        tracing::error!(error = %e, "cannot mark leases revoked");
-                        for l in &leases {
-                            out.failed.push((l.id.clone(), format!("store: {e}")));
+                    let marked = match self
+                        .store
+                        .mark_revoked_claimed(&ids, &self.owner, Utc::now())
+                        .await
+                    {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // The users are gone; the next pass finds nothing
+                            // to drop and marks them then.
+                            tracing::error!(error = %e, "cannot mark leases revoked");
+                            for l in &leases {
+                                out.failed.push((l.id.clone(), format!("store: {e}")));
+                            }
+                            continue;
                         }
-                        continue;
-                    }
+                    };
                     for l in &leases {
-                        self.audit_revocation(l, actor, reason, Ok(()));
-                        self.metrics.revoked(&l.role, &l.database, reason);
-                        out.revoked.push(l.id.clone());
+                        if marked.contains(&l.id) {
+                            self.audit_revocation(l, actor, reason, Ok(()));
+                            self.metrics.revoked(&l.role, &l.database, reason);
+                            out.revoked.push(l.id.clone());
+                        } else {
+                            out.failed.push((l.id.clone(), CLAIM_LOST.into()));
+                        }
                     }
                 }
                 Err(e) if !force => {
@@ -768,14 +779,15 @@ impl Broker {
         match result {
             Ok(()) => match self
                 .store
-                .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
+                .mark_revoked_claimed(std::slice::from_ref(&lease.id), &self.owner, Utc::now())
                 .await
             {
-                Ok(()) => {
+                Ok(marked) if marked.contains(&lease.id) => {
                     self.audit_revocation(lease, actor, reason, Ok(()));
                     self.metrics.revoked(&lease.role, &lease.database, reason);
                     out.revoked.push(lease.id.clone());
                 }
+                Ok(_) => out.failed.push((lease.id.clone(), CLAIM_LOST.into())),
                 Err(e) => out.failed.push((lease.id.clone(), format!("store: {e}"))),
             },
             Err(e) if force => {
@@ -912,6 +924,11 @@ fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Dur
     }
     chrono::Duration::from_std(ttl).map_err(Error::internal)
 }
+
+/// Our claim ran out mid-revocation and another broker replica took the
+/// lease over: it records and audits the revocation, not us.
+const CLAIM_LOST: &str =
+    "claim taken over by another broker replica, which completes the revocation";
 
 fn store_unavailable(e: Error) -> Error {
     match e {

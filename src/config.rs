@@ -705,6 +705,50 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             assert!(!err.contains("hunter2"), "{err}");
         }
     }
+    #[test]
+    fn postgres_store_takes_its_password_from_a_file_and_a_claim_timeout() {
+        let text = SAMPLE.replace(
+            "url = \"sqlite://credbroker.db\"",
+            "url = \"postgres://cb@store:5432/leases\"\npassword_file = \"secrets/store\"\nclaim_timeout = \"15s\"",
+        );
+        let c = Config::parse(&text, Path::new("/etc/credbroker")).unwrap();
+        assert_eq!(c.store.url, "postgres://cb@store:5432/leases");
+        assert_eq!(
+            c.store.password,
+            SecretSource::File("/etc/credbroker/secrets/store".into())
+        );
+        assert_eq!(c.store.claim_timeout, Duration::from_secs(15));
+        assert_eq!(
+            Config::parse(SAMPLE, Path::new("/"))
+                .unwrap()
+                .store
+                .claim_timeout,
+            Duration::from_secs(60)
+        );
+        for (from, to, want) in [
+            (
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"postgres://cb:hunter2@store/leases\"",
+                "must not contain a password",
+            ),
+            (
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"sqlite://credbroker.db\"\npassword_env = \"X\"",
+                "only apply to a postgres",
+            ),
+            (
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"sqlite://credbroker.db\"\nclaim_timeout = \"10ms\"",
+                "at least 1s",
+            ),
+        ] {
+            let err = Config::parse(&SAMPLE.replace(from, to), Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{to}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
 
     proptest::proptest! {
         // The parser sees operator text and, on SIGHUP, a half-edited file:

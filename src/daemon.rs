@@ -65,6 +65,20 @@ impl Daemon {
                 }
             }
         }
+        if !config.store.url.starts_with("sqlite://") {
+            // A claim that runs out while its holder is still revoking hands
+            // the lease to another replica mid-drop; keep a wide margin.
+            for d in config.databases.values() {
+                let longest = 3 * (d.connect_timeout + d.statement_timeout);
+                if config.store.claim_timeout < longest {
+                    warnings.push(format!(
+                        "store.claim_timeout ({:?}) is short for database {:?}: a revocation there may \
+                         take up to {longest:?}; another replica could take it over mid-drop",
+                        config.store.claim_timeout, d.name
+                    ));
+                }
+            }
+        }
         for w in &warnings {
             tracing::warn!("{w}");
         }

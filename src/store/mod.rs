@@ -83,6 +83,24 @@ pub trait LeaseStore: Send + Sync {
     /// Marks leases revoked; the caller has confirmed the users are gone.
     async fn mark_revoked(&self, ids: &[LeaseId], at: DateTime<Utc>) -> Result<()>;
 
+    /// `mark_revoked` for the leases whose claim `owner` still holds;
+    /// returns those. A claim that ran out mid-revocation and was taken
+    /// over belongs to its new owner, who records (and audits) the
+    /// revocation: the old owner must not do it a second time.
+    ///
+    /// The default ignores claims (for a store only one broker uses); both
+    /// real stores override it.
+    async fn mark_revoked_claimed(
+        &self,
+        ids: &[LeaseId],
+        owner: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<LeaseId>> {
+        let _ = owner;
+        self.mark_revoked(ids, at).await?;
+        Ok(ids.to_vec())
+    }
+
     /// Records a failed revocation: attempts + 1, the error (already free of
     /// secrets), the next attempt time, and `failing` once retries are many.
     /// Releases the claim.

@@ -407,6 +407,25 @@ impl LeaseStore for PostgresStore {
         .map(|_| ())
     }
 
+    async fn mark_revoked_claimed(
+        &self,
+        ids: &[LeaseId],
+        owner: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<LeaseId>> {
+        let ids: Vec<&str> = ids.iter().map(LeaseId::as_str).collect();
+        let rows = self
+            .query(
+                "mark revoked",
+                "UPDATE credbroker_leases SET state = 'revoked', revoked_at = $2, \
+                 claimed_by = NULL, claim_until = NULL \
+                 WHERE id = ANY($1) AND claimed_by = $3 AND state <> 'revoked' RETURNING id",
+                &[&ids, &at, &owner],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| LeaseId::from_store(r.get(0))).collect())
+    }
+
     async fn record_failure(
         &self,
         id: &LeaseId,

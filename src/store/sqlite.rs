@@ -332,6 +332,34 @@ impl LeaseStore for SqliteStore {
         .await
     }
 
+    async fn mark_revoked_claimed(
+        &self,
+        ids: &[LeaseId],
+        owner: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<LeaseId>> {
+        let ids: Vec<LeaseId> = ids.to_vec();
+        let owner = owner.to_string();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let mut marked = Vec::new();
+            {
+                let mut upd = tx.prepare_cached(
+                    "UPDATE leases SET state = 'revoked', revoked_at = ?2, claimed_by = NULL, claim_until = NULL \
+                     WHERE id = ?1 AND claimed_by = ?3 AND state <> 'revoked'",
+                )?;
+                for id in ids {
+                    if upd.execute(params![id.as_str(), ms(at), owner])? == 1 {
+                        marked.push(id);
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(marked)
+        })
+        .await
+    }
+
     async fn record_failure(
         &self,
         id: &LeaseId,

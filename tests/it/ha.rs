@@ -205,6 +205,9 @@ async fn replicas_share_leases_and_a_killed_replicas_claims_pass_to_the_other() 
     .unwrap();
     assert!(!a.role_exists(&kept.username).await);
 
+    // B's reaper looks again every 500 ms while leases are due but claimed:
+    // give it a few passes to (wrongly) take them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let rows = store_rows(&store, &due_ids).await;
     for r in &rows {
         assert_eq!(

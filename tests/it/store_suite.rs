@@ -218,6 +218,45 @@ pub async fn case_claims_exclude_other_owners_until_they_expire(s: Store) {
     );
 }
 
+/// A replica whose claim ran out mid-revocation and was taken over must not
+/// record the revocation: the new owner does, so it is audited once.
+pub async fn case_only_the_claim_holder_marks_revoked(s: Store) {
+    let l = active(&s, 1, "ro", APP, 600).await;
+    s.claim_one(&l.id, &claim("slow", 1))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    s.claim_one(&l.id, &claim("taker", 60))
+        .await
+        .unwrap()
+        .expect("a claim that ran out is taken over");
+    let at = Utc::now();
+    let slow = s
+        .mark_revoked_claimed(std::slice::from_ref(&l.id), "slow", at)
+        .await
+        .unwrap();
+    assert!(slow.is_empty(), "the old owner marked a lease it lost");
+    assert_eq!(
+        s.get(&l.id).await.unwrap().unwrap().state,
+        LeaseState::Active
+    );
+    let taker = s
+        .mark_revoked_claimed(std::slice::from_ref(&l.id), "taker", at)
+        .await
+        .unwrap();
+    assert_eq!(taker, vec![l.id.clone()]);
+    assert_eq!(
+        s.get(&l.id).await.unwrap().unwrap().state,
+        LeaseState::Revoked
+    );
+    let again = s
+        .mark_revoked_claimed(std::slice::from_ref(&l.id), "taker", at)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "a revoked lease is not revoked again");
+}
+
 pub async fn case_claim_due_is_ordered_limited_and_only_due(s: Store) {
     let now = Utc::now();
     let mut ids = Vec::new();
@@ -465,6 +504,7 @@ store_suite!(
     case_username_is_unique_per_database,
     case_claims_exclude_other_owners_until_they_expire,
     case_claim_due_is_ordered_limited_and_only_due,
+    case_only_the_claim_holder_marks_revoked,
     case_failures_are_recorded_and_release_the_claim,
     case_queries_see_only_what_they_ask_for,
 );
