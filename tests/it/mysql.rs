@@ -431,7 +431,7 @@ async fn mysql_issue_login_grants_and_host_pinning() {
         vec!["10.255.255.%".to_string()]
     );
     let refused = b.login(&pinned).await.map(|_| ()).unwrap_err();
-    assert!(refused.contains("1045"), "{refused}");
+    assert!(access_denied(&refused), "{refused}");
 
     let loopback = b.issue("loopback", 120).await.unwrap();
     b.login(&loopback)
@@ -535,10 +535,16 @@ async fn mysql_revoke_cuts_live_connection_within_a_second() {
     assert!(cut < Duration::from_secs(1), "cut after {cut:?}");
     assert!(idle.query_drop("SELECT 1").await.is_err());
     let refused = b.login(&lease).await.map(|_| ()).unwrap_err();
-    assert!(refused.contains("1045"), "{refused}");
+    assert!(access_denied(&refused), "{refused}");
     println!("revoke → live session cut in {cut:?}");
     b.stop().await;
     b.drop_schema().await;
+}
+
+/// MariaDB refuses a login with 1045, or 1698 when the account vanished
+/// while the handshake was under way; both are "access denied".
+fn access_denied(err: &str) -> bool {
+    err.contains("1045") || err.contains("1698")
 }
 
 /// Statements in `mysql.general_log` containing `needle`.
