@@ -22,6 +22,8 @@
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`cli`]: one file per subcommand.
+//! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
+//!   own limits, the reaper and scale.
 //! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
 //!   for the demo and tests.
 
@@ -29,6 +31,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
