@@ -124,6 +124,33 @@ impl PostgresBackend {
         }
     }
 
+    /// Runs one implicit transaction, again when it lost a race on a shared
+    /// catalog row: concurrent `GRANT … ON t` / `DROP OWNED` for different
+    /// roles all rewrite `t`'s ACL, and all but one fail with "tuple
+    /// concurrently updated" (XX000). The loser was rolled back whole, so
+    /// running it again is safe; under load (many leases of one role at
+    /// once) this is the normal case, not an error.
+    async fn batch_retrying(
+        &self,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        what: &str,
+    ) -> Result<()> {
+        const ATTEMPTS: u32 = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match client.batch_execute(sql).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < ATTEMPTS && lost_catalog_race(&e) => {
+                    let ms = rand::Rng::random_range(&mut rand::rng(), 1..=2u64 << attempt.min(5));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err(e) => return Err(self.db_error(what, e)),
+            }
+        }
+    }
+
     /// Drops what the roles own in another database of the cluster.
     async fn drop_owned_in(&self, dbname: &str, idents: &str) -> Result<()> {
         let mut cfg = self.base.clone();
@@ -141,6 +168,13 @@ impl PostgresBackend {
         let _ = task.await;
         result
     }
+}
+
+fn lost_catalog_race(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::INTERNAL_ERROR
+            && db.message() == "tuple concurrently updated"
+    })
 }
 
 /// `VALID UNTIL` literal: an explicit UTC timestamp, so the server's
@@ -188,10 +222,7 @@ impl Backend for PostgresBackend {
         // One simple-query message without BEGIN runs as one implicit
         // transaction: any failing grant rolls the role back with it, and the
         // pooled connection is left clean.
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| self.db_error("create role", e))
+        self.batch_retrying(&client, &sql, "create role").await
     }
 
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
@@ -213,24 +244,44 @@ impl Backend for PostgresBackend {
         }
         let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
         let client = self.client().await?;
-        let existing: Vec<String> = client
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
-                &[&names],
+        // One round trip (prepared once per pooled connection): which roles
+        // still exist, and which other databases hold something they own
+        // or were granted. Should a live session create an object elsewhere
+        // after this, DROP ROLE below fails and the retry finds it.
+        let lookup = client
+            .prepare_cached(
+                "SELECT r.rolname::text, ARRAY(SELECT DISTINCT d.datname::text FROM pg_shdepend s \
+                 JOIN pg_database d ON d.oid = s.dbid \
+                 WHERE s.refobjid = r.oid AND d.datname <> current_database()) \
+                 FROM pg_roles r WHERE r.rolname = ANY($1)",
             )
             .await
-            .map_err(|e| self.db_error("look up roles", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map_err(|e| self.db_error("look up roles", e))?;
+        let rows = client
+            .query(&lookup, &[&names])
+            .await
+            .map_err(|e| self.db_error("look up roles", e))?;
+        let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         if existing.is_empty() {
             return Ok(());
         }
+        let mut other_dbs: Vec<String> = rows
+            .iter()
+            .flat_map(|r| r.get::<_, Vec<String>>(1))
+            .collect();
+        other_dbs.sort();
+        other_dbs.dedup();
         let existing: Vec<&str> = existing.iter().map(String::as_str).collect();
         let list = idents(&existing);
-        // 1. No new logins, 2. end live sessions (a dropped role's open
-        // session would otherwise keep running queries), 3. drop what the
-        // roles own or were granted in every database, 4. drop the roles.
+        let literals = existing
+            .iter()
+            .map(|u| escape_literal(u))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // 1. No new logins — committed on its own, so no login can slip in
+        // after step 2. 2. End live sessions (a dropped role's open session
+        // would otherwise keep running queries). 3. Drop what the roles own
+        // or were granted in every database. 4. Drop the roles.
         let nologin: String = existing
             .iter()
             .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
@@ -239,35 +290,24 @@ impl Backend for PostgresBackend {
             .batch_execute(&nologin)
             .await
             .map_err(|e| self.db_error("disable login", e))?;
+        let terminate = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename IN ({literals});"
+        );
+        let drop = format!("DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};");
+        if other_dbs.is_empty() {
+            // The common case: steps 2–4 in one round trip.
+            return self
+                .batch_retrying(&client, &format!("{terminate}\n{drop}"), "drop role")
+                .await;
+        }
         client
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
-                &[&existing],
-            )
+            .batch_execute(&terminate)
             .await
             .map_err(|e| self.db_error("terminate sessions", e))?;
-        let other_dbs: Vec<String> = client
-            .query(
-                "SELECT DISTINCT d.datname::text FROM pg_shdepend s \
-                 JOIN pg_database d ON d.oid = s.dbid \
-                 JOIN pg_roles r ON r.oid = s.refobjid \
-                 WHERE r.rolname = ANY($1) AND d.datname <> current_database()",
-                &[&existing],
-            )
-            .await
-            .map_err(|e| self.db_error("find owned objects", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
         for db in &other_dbs {
             self.drop_owned_in(db, &list).await?;
         }
-        client
-            .batch_execute(&format!(
-                "DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};"
-            ))
-            .await
-            .map_err(|e| self.db_error("drop role", e))
+        self.batch_retrying(&client, &drop, "drop role").await
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {

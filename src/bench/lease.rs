@@ -283,9 +283,10 @@ async fn direct_cycle(client: &tokio_postgres::Client, verifier: bool) -> Result
         .to_string();
     client
         .batch_execute(&format!(
-            "CREATE ROLE {name} LOGIN PASSWORD {} VALID UNTIL {}; GRANT SELECT ON orders TO {name};",
+            "CREATE ROLE {name} LOGIN PASSWORD {} VALID UNTIL {}; GRANT {} TO {name};",
             escape_literal(&secret),
-            escape_literal(&until)
+            escape_literal(&until),
+            setup::GRANT_ROLE
         ))
         .await
         .map_err(pg_err("create role"))?;

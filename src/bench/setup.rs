@@ -20,6 +20,8 @@ use crate::throwaway::{postgres_binaries_present, PostgresOptions, ThrowawayPost
 /// The database every scenario grants on, and the broker role leasing it.
 pub const DB: &str = "bench";
 pub const ROLE: &str = "bench";
+/// The group role every leased role joins.
+pub const GRANT_ROLE: &str = "bench_reader";
 
 /// A throwaway PostgreSQL with database [`DB`] and a table to grant on.
 pub struct BenchPostgres {
@@ -49,7 +51,14 @@ impl BenchPostgres {
             .await
             .map_err(io_err("create database"))?;
         let c = pg.connect(DB).await.map_err(io_err("connect"))?;
-        c.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, item text)")
+        // Leased roles get their privileges through membership of a group
+        // role: concurrent `GRANT … ON orders` to many new roles would
+        // race on the table's ACL ("tuple concurrently updated").
+        c.batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, item text);
+             CREATE ROLE bench_reader NOLOGIN;
+             GRANT SELECT ON orders TO bench_reader;",
+        )
             .await
             .map_err(pg_err("create table"))?;
         let version: String = c
@@ -126,7 +135,7 @@ pub fn write_env(
     text.push_str(&format!(
         "[roles.{ROLE}]\ndatabase = \"{DB}\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n\
          allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
-         grants = [\"GRANT SELECT ON orders TO {{{{name}}}}\"]\n"
+         grants = [\"GRANT {GRANT_ROLE} TO {{{{name}}}}\"]\n"
     ));
     std::fs::write(&env.config_path, text).map_err(io_err("write config"))?;
     Ok(env)

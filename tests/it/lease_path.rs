@@ -156,11 +156,15 @@ async fn expired_lease_is_refused_by_the_database_and_reaped() {
     );
     let refused = login(&b.db, &lease.username, &lease.password).await;
     assert!(refused.is_err());
-    let reaped = b.audit_records().into_iter().any(|r| {
-        r.action == "reap"
-            && r.lease_id.as_deref() == Some(&lease.lease_id)
-            && r.identity == "credbroker:reaper"
-    });
+    // The record follows the drop by one store commit: wait for it too.
+    let reaped = eventually(Duration::from_secs(5), || async {
+        b.audit_records().into_iter().any(|r| {
+            r.action == "reap"
+                && r.lease_id.as_deref() == Some(&lease.lease_id)
+                && r.identity == "credbroker:reaper"
+        })
+    })
+    .await;
     assert!(reaped, "no audit record of the reaper's revocation");
     let dropped_after = Utc::now() - ts(&lease.expires_at);
     assert!(

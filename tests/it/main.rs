@@ -3,6 +3,7 @@
 
 mod support;
 
+mod bench;
 mod certificates;
 mod faults;
 mod lease_path;
