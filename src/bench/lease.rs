@@ -21,7 +21,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::bench::setup::{self, BenchPostgres, BrokerSettings, InProcess};
+use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
 use crate::bench::{pg_err, write_report, Latency, Machine};
 use crate::error::{Error, Result};
 use crate::lease::Password;
@@ -37,6 +37,7 @@ pub struct Options {
     pub scenarios: Vec<Scenario>,
     /// The broker's backend pool size (None: the broker's default).
     pub pool: Option<usize>,
+    pub grant: Grant,
     pub out_dir: PathBuf,
 }
 
@@ -94,6 +95,7 @@ pub struct Report {
     pub duration_s: f64,
     pub fixed_leases: Option<u64>,
     pub broker_pool: Option<usize>,
+    pub grant: Grant,
     pub runs: Vec<Run>,
 }
 
@@ -106,6 +108,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         .map_err(Error::internal)?;
     let settings = BrokerSettings {
         max_connections: opts.pool,
+        grant: opts.grant,
         ..Default::default()
     };
     let env = setup::write_env(dir.path(), &pg, "127.0.0.1:0", &settings)?;
@@ -149,6 +152,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         duration_s: opts.duration.as_secs_f64(),
         fixed_leases: opts.leases,
         broker_pool: opts.pool,
+        grant: opts.grant,
         runs,
     })
 }
@@ -254,13 +258,14 @@ async fn measure_direct(
     opts: &Options,
 ) -> Result<Run> {
     let verifier = scenario == Scenario::Verifier;
+    let grant = opts.grant;
     drive(
         scenario,
         callers,
         opts,
         || async { pg.connect().await.map(Arc::new) },
         move |client: Arc<tokio_postgres::Client>| async move {
-            let r = direct_cycle(&client, verifier).await;
+            let r = direct_cycle(&client, verifier, grant).await;
             (client, r)
         },
     )
@@ -268,7 +273,11 @@ async fn measure_direct(
 }
 
 /// What a broker that talks to PostgreSQL directly does for one lease.
-async fn direct_cycle(client: &tokio_postgres::Client, verifier: bool) -> Result<Duration> {
+async fn direct_cycle(
+    client: &tokio_postgres::Client,
+    verifier: bool,
+    grant: Grant,
+) -> Result<Duration> {
     let t = Instant::now();
     let n: u64 = rand::rng().random();
     let name = escape_identifier(&format!("bd_{n:016x}"));
@@ -281,21 +290,36 @@ async fn direct_cycle(client: &tokio_postgres::Client, verifier: bool) -> Result
     let until = (Utc::now() + chrono::Duration::minutes(10))
         .format("%Y-%m-%d %H:%M:%S%.3f+00")
         .to_string();
-    client
-        .batch_execute(&format!(
-            "CREATE ROLE {name} LOGIN PASSWORD {} VALID UNTIL {}; GRANT {} TO {name};",
-            escape_literal(&secret),
-            escape_literal(&until),
-            setup::GRANT_ROLE
-        ))
+    let create = format!(
+        "CREATE ROLE {name} LOGIN PASSWORD {} VALID UNTIL {}; {};",
+        escape_literal(&secret),
+        escape_literal(&until),
+        grant.statement(&name)
+    );
+    retrying(client, &create)
         .await
         .map_err(pg_err("create role"))?;
     let issued = t.elapsed();
-    client
-        .batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE {name};"))
+    retrying(client, &format!("DROP OWNED BY {name}; DROP ROLE {name};"))
         .await
         .map_err(pg_err("drop role"))?;
     Ok(issued)
+}
+
+/// The same retry on a lost catalog race that the broker does, so table
+/// grants under concurrency compare like with like.
+async fn retrying(client: &tokio_postgres::Client, sql: &str) -> Result<(), tokio_postgres::Error> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match client.batch_execute(sql).await {
+            Err(e) if attempt < 8 && crate::backend::postgres::lost_catalog_race(&e) => {
+                let ms = rand::rng().random_range(1..=2u64 << attempt.min(5));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn measure_broker(
@@ -383,8 +407,9 @@ impl Report {
         };
         let errors: u64 = self.runs.iter().map(|r| r.errors).sum();
         let mut out = format!(
-            "# credbroker bench: issue + revoke\n\n{}- {how}; one lease = issue + revoke; latency is the whole cycle\n- broker backend pool: {}\n- errors: {errors}\n\n",
+            "# credbroker bench: issue + revoke\n\n{}- {how}; one lease = issue + revoke; latency is the whole cycle\n- grant: {}\n- broker backend pool: {}\n- errors: {errors}\n\n",
             self.machine.markdown(),
+            Grant::statement(self.grant, "<role>"),
             self.broker_pool
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "default".into()),

@@ -15,7 +15,7 @@
 pub mod lease;
 pub mod reaper;
 pub mod scale;
-mod setup;
+pub mod setup;
 
 use std::path::Path;
 use std::time::Duration;

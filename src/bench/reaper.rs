@@ -56,6 +56,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         name_prefix: PREFIX.into(),
         max_connections: opts.pool,
         reaper_batch: opts.batch_size,
+        ..Default::default()
     };
     let env = setup::write_env(dir.path(), &pg, "127.0.0.1:0", &settings)?;
 

@@ -98,6 +98,36 @@ pub struct BrokerSettings {
     /// Backend pool size; None keeps the broker's default.
     pub max_connections: Option<usize>,
     pub reaper_batch: Option<usize>,
+    pub grant: Grant,
+}
+
+/// How a leased role gets its privileges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// `GRANT bench_reader TO role`: a row in pg_auth_members per role.
+    Member,
+    /// `GRANT SELECT ON orders TO role`: every lease rewrites the table's
+    /// ACL, and concurrent ones race on it.
+    Table,
+}
+
+impl Grant {
+    pub fn parse(s: &str) -> Option<Grant> {
+        match s {
+            "member" => Some(Grant::Member),
+            "table" => Some(Grant::Table),
+            _ => None,
+        }
+    }
+
+    /// The grant for `quoted` (an escaped identifier or `{{name}}`).
+    pub fn statement(self, quoted: &str) -> String {
+        match self {
+            Grant::Member => format!("GRANT {GRANT_ROLE} TO {quoted}"),
+            Grant::Table => format!("GRANT SELECT ON orders TO {quoted}"),
+        }
+    }
 }
 
 impl Default for BrokerSettings {
@@ -106,6 +136,7 @@ impl Default for BrokerSettings {
             name_prefix: "bn_".into(),
             max_connections: None,
             reaper_batch: None,
+            grant: Grant::Member,
         }
     }
 }
@@ -135,7 +166,8 @@ pub fn write_env(
     text.push_str(&format!(
         "[roles.{ROLE}]\ndatabase = \"{DB}\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n\
          allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
-         grants = [\"GRANT {GRANT_ROLE} TO {{{{name}}}}\"]\n"
+         grants = [\"{}\"]\n",
+        settings.grant.statement("{{name}}")
     ));
     std::fs::write(&env.config_path, text).map_err(io_err("write config"))?;
     Ok(env)

@@ -49,6 +49,11 @@ struct LeaseArgs {
     /// The broker's backend pool size (default: the broker's default)
     #[arg(long)]
     pool: Option<usize>,
+    /// How leased roles get privileges: member (GRANT group TO role) or
+    /// table (GRANT SELECT ON table TO role; concurrent grants race on the
+    /// table's ACL and are retried)
+    #[arg(long, default_value = "member")]
+    grant: String,
     #[command(flatten)]
     out: Out,
 }
@@ -138,7 +143,11 @@ async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
     if a.callers.is_empty() || a.callers.contains(&0) {
         return Err(crate::Error::Config("--callers: give counts of at least 1".into()).into());
     }
+    let grant = crate::bench::setup::Grant::parse(&a.grant).ok_or_else(|| {
+        crate::Error::Config(format!("--grant {:?}: use member or table", a.grant))
+    })?;
     let opts = lease::Options {
+        grant,
         callers: a.callers,
         duration: a.duration,
         leases: a.leases,
