@@ -184,7 +184,11 @@ impl PostgresBackend {
 
     /// Revocation that looks before it acts: which roles still exist, and
     /// where they own something.
-    async fn revoke_checked(&self, client: &deadpool_postgres::Object, names: &[&str]) -> Result<()> {
+    async fn revoke_checked(
+        &self,
+        client: &deadpool_postgres::Object,
+        names: &[&str],
+    ) -> Result<()> {
         // One round trip (prepared once per pooled connection): which roles
         // still exist, and which other databases hold something they own
         // or were granted. Should a live session create an object elsewhere
@@ -243,7 +247,7 @@ impl PostgresBackend {
         for db in &other_dbs {
             self.drop_owned_in(db, &list).await?;
         }
-        self.batch_retrying(&client, &drop, "drop role").await
+        self.batch_retrying(client, &drop, "drop role").await
     }
 
     /// Runs one implicit transaction, again when it lost a race on a shared

@@ -52,7 +52,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::Plaintext, Scenario::Verifier, Scenario::Credbroker];
+    pub const ALL: [Scenario; 3] = [
+        Scenario::Plaintext,
+        Scenario::Verifier,
+        Scenario::Credbroker,
+    ];
 
     pub fn parse(s: &str) -> Option<Scenario> {
         match s {
@@ -348,6 +352,9 @@ async fn measure_broker(
     .await
 }
 
+/// Reads one figure off a run.
+type Figure = fn(&Run) -> f64;
+
 impl Report {
     fn find(&self, s: Scenario, callers: usize) -> Option<&Run> {
         self.runs
@@ -365,7 +372,7 @@ impl Report {
         let mut callers: Vec<usize> = self.runs.iter().map(|r| r.callers).collect();
         callers.dedup();
         for n in callers {
-            let rows: [(&str, fn(&Run) -> f64); 4] = [
+            let rows: [(&str, Figure); 4] = [
                 ("leases/s", |r| r.leases_per_s),
                 ("p50 ms", |r| r.cycle.p50_ms),
                 ("p99 ms", |r| r.cycle.p99_ms),

@@ -66,8 +66,6 @@ pub struct Figures {
     pub reaper_wake_us: f64,
 }
 
-const PREFIX: &str = "bs_";
-
 pub async fn run(opts: &Options) -> Result<Report> {
     let pg = BenchPostgres::start().await?;
     let mut report = Report {
@@ -93,13 +91,15 @@ fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
         .map_err(Error::internal)
 }
 
-fn env_for(dir: &Path, pg: &BenchPostgres) -> Result<(DevEnv, u16)> {
+/// Each part gets its own user-name prefix: a broker sweeps every user with
+/// its prefix that its store does not know, and both parts share a server.
+fn env_for(dir: &Path, pg: &BenchPostgres, prefix: &str) -> Result<(DevEnv, u16)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(io_err("free port"))?
         .port();
     let settings = BrokerSettings {
-        name_prefix: PREFIX.into(),
+        name_prefix: prefix.into(),
         ..Default::default()
     };
     let env = setup::write_env(dir, pg, &format!("127.0.0.1:{port}"), &settings)?;
@@ -108,7 +108,7 @@ fn env_for(dir: &Path, pg: &BenchPostgres) -> Result<(DevEnv, u16)> {
 
 async fn live(pg: &BenchPostgres, opts: &Options) -> Result<Figures> {
     let dir = bench_dir("live")?;
-    let (env, port) = env_for(dir.path(), pg)?;
+    let (env, port) = env_for(dir.path(), pg, "bs_")?;
     let addr = format!("https://127.0.0.1:{port}");
     let mut broker = Spawned::start(&env, &addr).await?;
     let mut f = Figures {
@@ -135,7 +135,7 @@ async fn live(pg: &BenchPostgres, opts: &Options) -> Result<Figures> {
 
 async fn rows(pg: &BenchPostgres, opts: &Options) -> Result<Figures> {
     let dir = bench_dir("rows")?;
-    let (env, port) = env_for(dir.path(), pg)?;
+    let (env, port) = env_for(dir.path(), pg, "bz_")?;
     let addr = format!("https://127.0.0.1:{port}");
     let t = Instant::now();
     write_synthetic(&env.store_path, opts.rows).await?;
@@ -333,23 +333,54 @@ impl Report {
         let cell = |f: &Option<Figures>, get: &dyn Fn(&Figures) -> Option<f64>, unit: &str| {
             f.as_ref()
                 .and_then(get)
-                .map(|v| format!("{v:.2} {unit}"))
+                .map(|v| match unit {
+                    "" => format!("{v:.0}"),
+                    _ => format!("{v:.2} {unit}"),
+                })
                 .unwrap_or_else(|| "–".into())
         };
         type Get = Box<dyn Fn(&Figures) -> Option<f64>>;
         let rows: Vec<(&str, Get, &str)> = vec![
             ("leases", Box::new(|f| Some(f.leases as f64)), ""),
-            ("setup (issue / write)", Box::new(|f| Some(f.setup_seconds)), "s"),
+            (
+                "setup (issue / write)",
+                Box::new(|f| Some(f.setup_seconds)),
+                "s",
+            ),
             ("store file", Box::new(|f| Some(f.store_file_mb)), "MB"),
             ("RSS, empty", Box::new(|f| f.rss_empty_mb), "MB"),
             ("RSS, all leases live", Box::new(|f| f.rss_loaded_mb), "MB"),
             ("RSS peak while issuing", Box::new(|f| f.rss_peak_mb), "MB"),
-            ("restart → ready (health)", Box::new(|f| Some(f.restart_ready_s)), "s"),
-            ("restart → first lease", Box::new(|f| Some(f.restart_first_lease_s)), "s"),
-            ("RSS after restart", Box::new(|f| Some(f.restart_rss_mb)), "MB"),
-            ("RSS after first orphan sweep", Box::new(|f| Some(f.restart_rss_after_sweep_mb)), "MB"),
-            ("RSS peak after restart", Box::new(|f| Some(f.restart_rss_peak_mb)), "MB"),
-            ("reaper wake-up, nothing due", Box::new(|f| Some(f.reaper_wake_us)), "µs"),
+            (
+                "restart → ready (health)",
+                Box::new(|f| Some(f.restart_ready_s)),
+                "s",
+            ),
+            (
+                "restart → first lease",
+                Box::new(|f| Some(f.restart_first_lease_s)),
+                "s",
+            ),
+            (
+                "RSS after restart",
+                Box::new(|f| Some(f.restart_rss_mb)),
+                "MB",
+            ),
+            (
+                "RSS after first orphan sweep",
+                Box::new(|f| Some(f.restart_rss_after_sweep_mb)),
+                "MB",
+            ),
+            (
+                "RSS peak after restart",
+                Box::new(|f| Some(f.restart_rss_peak_mb)),
+                "MB",
+            ),
+            (
+                "reaper wake-up, nothing due",
+                Box::new(|f| Some(f.reaper_wake_us)),
+                "µs",
+            ),
         ];
         for (label, get, unit) in rows {
             out.push_str(&format!(

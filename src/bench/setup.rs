@@ -59,8 +59,8 @@ impl BenchPostgres {
              CREATE ROLE bench_reader NOLOGIN;
              GRANT SELECT ON orders TO bench_reader;",
         )
-            .await
-            .map_err(pg_err("create table"))?;
+        .await
+        .map_err(pg_err("create table"))?;
         let version: String = c
             .query_one("SELECT version()", &[])
             .await
@@ -260,7 +260,10 @@ pub async fn issue(
     Ok((lease.lease_id, lease.username))
 }
 
-pub async fn revoke(client: &mut pb::broker_client::BrokerClient<Channel>, id: String) -> Result<()> {
+pub async fn revoke(
+    client: &mut pb::broker_client::BrokerClient<Channel>,
+    id: String,
+) -> Result<()> {
     client
         .revoke_lease(pb::RevokeLeaseRequest { lease_id: id })
         .await

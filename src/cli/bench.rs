@@ -136,8 +136,9 @@ async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
         .scenarios
         .iter()
         .map(|c| {
-            lease::Scenario::parse(&c.to_string())
-                .ok_or_else(|| crate::Error::Config(format!("--scenarios: unknown {c:?}; use a, b, c")))
+            lease::Scenario::parse(&c.to_string()).ok_or_else(|| {
+                crate::Error::Config(format!("--scenarios: unknown {c:?}; use a, b, c"))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     if a.callers.is_empty() || a.callers.contains(&0) {

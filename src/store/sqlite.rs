@@ -119,7 +119,9 @@ where
         let out = match (self.result, commit) {
             (Some(Err(e)), _) => Err(db_err(e)),
             (Some(Ok(v)), Ok(())) => Ok(v),
-            (_, Err(msg)) => Err(Error::Internal(format!("lease store: commit failed: {msg}"))),
+            (_, Err(msg)) => Err(Error::Internal(format!(
+                "lease store: commit failed: {msg}"
+            ))),
             (None, Ok(())) => Err(Error::internal("lease store: request was not run")),
         };
         let _ = self.reply.send(out);
@@ -643,6 +645,33 @@ impl LeaseStore for SqliteStore {
             rows.collect()
         })
         .await
+    }
+
+    async fn live_among(&self, database: &str, names: &[String]) -> Result<HashSet<String>> {
+        let mut live = HashSet::new();
+        // In slices, so a sweep over many roles never holds up the lease
+        // path's writes for long.
+        for chunk in names.chunks(1000) {
+            let database = database.to_string();
+            let chunk = chunk.to_vec();
+            let found = self
+                .with_read(move |c| {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT 1 FROM leases WHERE database = ?1 AND username = ?2 \
+                         AND state <> 'revoked'",
+                    )?;
+                    let mut found = Vec::new();
+                    for n in chunk {
+                        if stmt.exists(params![database, n])? {
+                            found.push(n);
+                        }
+                    }
+                    Ok(found)
+                })
+                .await?;
+            live.extend(found);
+        }
+        Ok(live)
     }
 
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {

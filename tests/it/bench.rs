@@ -21,7 +21,10 @@ fn bench_lease_writes_a_table_with_all_three_columns() {
     );
 
     let md = std::fs::read_to_string(out.path().join("lease.md")).unwrap();
-    assert!(stdout.contains(md.trim()), "stdout is not the Markdown report");
+    assert!(
+        stdout.contains(md.trim()),
+        "stdout is not the Markdown report"
+    );
     let header = "| callers | figure | (a) plaintext | (b) verifier | (c) credbroker | c/a | c/b |";
     assert!(md.contains(header), "no table header in:\n{md}");
     let rows: Vec<Vec<&str>> = md
@@ -57,7 +60,10 @@ fn bench_lease_writes_a_table_with_all_three_columns() {
         assert_eq!(r["leases"], 3, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
     }
-    let scenarios: Vec<&str> = runs.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
+    let scenarios: Vec<&str> = runs
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
     for s in ["a_plaintext", "b_verifier", "c_credbroker"] {
         assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
     }
