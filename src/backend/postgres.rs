@@ -36,8 +36,10 @@ impl PostgresBackend {
             .map_err(|e| Error::Config(format!("databases.{}.admin_url: {e}", config.name)))?;
         base.connect_timeout(config.connect_timeout);
         base.application_name("credbroker");
+        // plan_cache_mode: our prepared catalog queries are planned once per
+        // connection, not on every execution (PostgreSQL 12+).
         base.options(format!(
-            "-c statement_timeout={} -c lock_timeout={}",
+            "-c statement_timeout={} -c lock_timeout={} -c plan_cache_mode=force_generic_plan",
             config.statement_timeout.as_millis(),
             config.statement_timeout.as_millis()
         ));
