@@ -529,6 +529,7 @@ impl Broker {
                 )),
             ));
         };
+        let mut lease = claimed.clone();
         let outcome = self
             .revoke_claimed(vec![claimed], who.as_str(), Reason::Requested, false)
             .await;
@@ -537,13 +538,9 @@ impl Broker {
                 "revocation of lease {id} failed and will be retried: {err}"
             )));
         }
-        let mut lease = self
-            .store
-            .get(id)
-            .await
-            .map_err(store_unavailable)?
-            .unwrap_or(lease);
+        // As marked; reading it back would cost a store round trip.
         lease.state = LeaseState::Revoked;
+        lease.revoked_at = Some(Utc::now());
         Ok(lease)
     }
 

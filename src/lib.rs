@@ -23,6 +23,8 @@
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`cli`]: one file per subcommand.
+//! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
+//!   own limits, the reaper and scale.
 //! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
 //!   for the demo and tests.
 
@@ -30,6 +32,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -125,7 +125,11 @@ impl OrphanSweeper {
                     continue;
                 }
             };
-            let live = match broker.store().live_usernames(db).await {
+            let names: Vec<String> = users
+                .iter()
+                .map(|u| u.username.as_str().to_string())
+                .collect();
+            let live = match broker.store().live_among(db, &names).await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "orphan sweep: store unreadable");

@@ -36,8 +36,10 @@ impl PostgresBackend {
             .map_err(|e| Error::Config(format!("databases.{}.admin_url: {e}", config.name)))?;
         base.connect_timeout(config.connect_timeout);
         base.application_name("credbroker");
+        // plan_cache_mode: our prepared catalog queries are planned once per
+        // connection, not on every execution (PostgreSQL 12+).
         base.options(format!(
-            "-c statement_timeout={} -c lock_timeout={}",
+            "-c statement_timeout={} -c lock_timeout={} -c plan_cache_mode=force_generic_plan",
             config.statement_timeout.as_millis(),
             config.statement_timeout.as_millis()
         ));
@@ -124,6 +126,159 @@ impl PostgresBackend {
         }
     }
 
+    /// Revocation for the common case — every role exists and owns nothing
+    /// in another database — in one round trip: five messages sent back to
+    /// back, which the server runs in order. NOLOGIN commits on its own
+    /// first, so no login can slip in after the sessions are ended; then
+    /// one transaction refuses to go on unless every role has lost LOGIN,
+    /// ends their sessions and drops them. Anything unexpected fails that
+    /// transaction whole, and the caller takes the careful path.
+    async fn revoke_fast(&self, client: &deadpool_postgres::Object, names: &[&str]) -> Result<()> {
+        // Prepared once per connection: parsing and rewriting the
+        // pg_stat_activity and pg_roles views costs the server more than
+        // the DDL itself.
+        let guard = client
+            .prepare_cached(
+                "SELECT 1 / (NOT rolcanlogin)::int FROM pg_roles WHERE rolname = ANY($1)",
+            )
+            .await
+            .map_err(|e| self.db_error("prepare", e))?;
+        // Not the pg_stat_activity view: it joins every role (pg_authid,
+        // which churn bloats) to every backend. Roles by name (an index
+        // lookup), then their backends.
+        let terminate = client
+            .prepare_cached(
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_get_activity(NULL) a \
+                 WHERE a.usesysid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1))",
+            )
+            .await
+            .map_err(|e| self.db_error("prepare", e))?;
+        let list = idents(names);
+        let nologin: String = names
+            .iter()
+            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
+            .collect();
+        let drop = format!("DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
+        let (disabled, began, guarded, terminated, dropped) = tokio::join!(
+            client.batch_execute(&nologin),
+            client.batch_execute("BEGIN"),
+            // `1 / 0` aborts the transaction for a role that can still log in.
+            client.query(&guard, &params),
+            client.query(&terminate, &params),
+            client.batch_execute(&drop),
+        );
+        let result = disabled
+            .map_err(|e| self.db_error("disable login", e))
+            .and(began.map_err(|e| self.db_error("begin", e)))
+            .and(guarded.map_err(|e| self.db_error("check login disabled", e)))
+            .and(terminated.map_err(|e| self.db_error("terminate sessions", e)))
+            .and(dropped.map_err(|e| self.db_error("drop role", e)));
+        if result.is_err() {
+            // Leaves the pooled connection outside any transaction.
+            client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| self.db_error("rollback", e))?;
+        }
+        result
+    }
+
+    /// Revocation that looks before it acts: which roles still exist, and
+    /// where they own something.
+    async fn revoke_checked(
+        &self,
+        client: &deadpool_postgres::Object,
+        names: &[&str],
+    ) -> Result<()> {
+        // One round trip (prepared once per pooled connection): which roles
+        // still exist, and which other databases hold something they own
+        // or were granted. Should a live session create an object elsewhere
+        // after this, DROP ROLE below fails and the retry finds it.
+        let lookup = client
+            .prepare_cached(
+                "SELECT r.rolname::text, ARRAY(SELECT DISTINCT d.datname::text FROM pg_shdepend s \
+                 JOIN pg_database d ON d.oid = s.dbid \
+                 WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = r.oid \
+                 AND d.datname <> current_database()) \
+                 FROM pg_roles r WHERE r.rolname = ANY($1)",
+            )
+            .await
+            .map_err(|e| self.db_error("look up roles", e))?;
+        let rows = client
+            .query(&lookup, &[&names])
+            .await
+            .map_err(|e| self.db_error("look up roles", e))?;
+        let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        if existing.is_empty() {
+            return Ok(());
+        }
+        let mut other_dbs: Vec<String> = rows
+            .iter()
+            .flat_map(|r| r.get::<_, Vec<String>>(1))
+            .collect();
+        other_dbs.sort();
+        other_dbs.dedup();
+        let existing: Vec<&str> = existing.iter().map(String::as_str).collect();
+        let list = idents(&existing);
+        // 1. No new logins — committed on its own, before step 2, so no
+        // login can slip in after it. 2. End live sessions (a dropped role's
+        // open session would otherwise keep running queries). 3. Drop what
+        // the roles own or were granted in every database. 4. Drop the roles.
+        let nologin: String = existing
+            .iter()
+            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
+            .collect();
+        // Prepared once per connection: parsing and rewriting the
+        // pg_stat_activity view costs the server more than the DDL itself.
+        let terminate = client
+            .prepare_cached(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
+            )
+            .await
+            .map_err(|e| self.db_error("terminate sessions", e))?;
+        // Sent back to back in one round trip; the server runs them in order.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&existing];
+        let (disabled, terminated) = tokio::join!(
+            client.batch_execute(&nologin),
+            client.query(&terminate, &params)
+        );
+        disabled.map_err(|e| self.db_error("disable login", e))?;
+        terminated.map_err(|e| self.db_error("terminate sessions", e))?;
+        let drop = format!("DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};");
+        for db in &other_dbs {
+            self.drop_owned_in(db, &list).await?;
+        }
+        self.batch_retrying(client, &drop, "drop role").await
+    }
+
+    /// Runs one implicit transaction, again when it lost a race on a shared
+    /// catalog row: concurrent `GRANT … ON t` / `DROP OWNED` for different
+    /// roles all rewrite `t`'s ACL, and all but one fail with "tuple
+    /// concurrently updated" (XX000). The loser was rolled back whole, so
+    /// running it again is safe; under load (many leases of one role at
+    /// once) this is the normal case, not an error.
+    async fn batch_retrying(
+        &self,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        what: &str,
+    ) -> Result<()> {
+        const ATTEMPTS: u32 = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match client.batch_execute(sql).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < ATTEMPTS && lost_catalog_race(&e) => {
+                    let ms = rand::Rng::random_range(&mut rand::rng(), 1..=2u64 << attempt.min(5));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err(e) => return Err(self.db_error(what, e)),
+            }
+        }
+    }
+
     /// Drops what the roles own in another database of the cluster.
     async fn drop_owned_in(&self, dbname: &str, idents: &str) -> Result<()> {
         let mut cfg = self.base.clone();
@@ -149,6 +304,15 @@ impl PostgresBackend {
 /// `DROP OWNED`) fail with "tuple concurrently updated". A transaction-scoped
 /// advisory lock is released at commit or rollback, so it cannot leak.
 const ACL_LOCK: &str = "SELECT pg_advisory_xact_lock(27950820906314347)";
+
+/// Whether `e` is PostgreSQL's "tuple concurrently updated": a statement
+/// lost a race on a shared catalog row and was rolled back whole.
+pub fn lost_catalog_race(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::INTERNAL_ERROR
+            && db.message() == "tuple concurrently updated"
+    })
+}
 
 /// `VALID UNTIL` literal: an explicit UTC timestamp, so the server's
 /// `timezone` setting cannot shift a credential's expiry.
@@ -195,10 +359,7 @@ impl Backend for PostgresBackend {
         // One simple-query message without BEGIN runs as one implicit
         // transaction: any failing grant rolls the role back with it, and the
         // pooled connection is left clean.
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| self.db_error("create role", e))
+        self.batch_retrying(&client, &sql, "create role").await
     }
 
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
@@ -220,61 +381,15 @@ impl Backend for PostgresBackend {
         }
         let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
         let client = self.client().await?;
-        let existing: Vec<String> = client
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
-                &[&names],
-            )
-            .await
-            .map_err(|e| self.db_error("look up roles", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if existing.is_empty() {
-            return Ok(());
+        match self.revoke_fast(&client, &names).await {
+            Ok(()) => Ok(()),
+            // A role already gone, something owned in another database, a
+            // lost catalog race: nothing was dropped; look, then act.
+            Err(e) => {
+                tracing::debug!(error = %e, "one-round-trip revocation declined; checking first");
+                self.revoke_checked(&client, &names).await
+            }
         }
-        let existing: Vec<&str> = existing.iter().map(String::as_str).collect();
-        let list = idents(&existing);
-        // 1. No new logins, 2. end live sessions (a dropped role's open
-        // session would otherwise keep running queries), 3. drop what the
-        // roles own or were granted in every database, 4. drop the roles.
-        let nologin: String = existing
-            .iter()
-            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
-            .collect();
-        client
-            .batch_execute(&nologin)
-            .await
-            .map_err(|e| self.db_error("disable login", e))?;
-        client
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
-                &[&existing],
-            )
-            .await
-            .map_err(|e| self.db_error("terminate sessions", e))?;
-        let other_dbs: Vec<String> = client
-            .query(
-                "SELECT DISTINCT d.datname::text FROM pg_shdepend s \
-                 JOIN pg_database d ON d.oid = s.dbid \
-                 JOIN pg_roles r ON r.oid = s.refobjid \
-                 WHERE r.rolname = ANY($1) AND d.datname <> current_database()",
-                &[&existing],
-            )
-            .await
-            .map_err(|e| self.db_error("find owned objects", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for db in &other_dbs {
-            self.drop_owned_in(db, &list).await?;
-        }
-        client
-            .batch_execute(&format!(
-                "{ACL_LOCK}; DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};"
-            ))
-            .await
-            .map_err(|e| self.db_error("drop role", e))
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {

@@ -3,6 +3,7 @@
 
 mod admin;
 mod audit;
+mod bench;
 mod demo;
 mod lease;
 mod pki;
@@ -52,6 +53,9 @@ enum Command {
     /// Everything end to end on this machine: throwaway PostgreSQL, broker,
     /// a lease used and revoked
     Demo(demo::Args),
+    /// Measure issue/revoke against PostgreSQL's own limits, the reaper and
+    /// scale, on a throwaway server
+    Bench(bench::Args),
 }
 
 /// Errors that decide the exit code.
@@ -98,6 +102,7 @@ pub fn main() -> ExitCode {
             Command::Audit(c) => audit::run(c),
             Command::Pki(c) => pki::run(c),
             Command::Demo(a) => demo::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
         }
     });
     // Background tasks (pools, the reaper) must not hold the exit.

@@ -1,13 +1,16 @@
 //! The embedded lease store: one SQLite file, nothing to run.
 //!
 //! WAL journal with `synchronous = FULL`: a commit is on disk before the
-//! broker acknowledges a lease, so power loss cannot lose one. The file is
+//! broker acknowledges a lease, so power loss cannot lose one. One thread
+//! owns the connection and group-commits: writes that arrive while a
+//! commit is being synced share the next transaction and its one fsync,
+//! and each is answered only after that commit. The file is
 //! opened in exclusive locking mode, because a second broker on the same
 //! file would resolve the first one's pending intents as dead.
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -51,7 +54,83 @@ const RECORD_FAILURE: &str =
      claimed_by = NULL, claim_until = NULL WHERE id = ?1";
 
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    /// Requests to the one thread that owns the connection; `None` once
+    /// dropped, so the worker ends and the file is closed before `drop`
+    /// returns (a restarted broker in the same process can reopen it).
+    requests: Option<mpsc::Sender<Request>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Most requests one group commit takes; more wait for the next.
+const MAX_BATCH: usize = 512;
+
+/// How durable a write must be before its caller hears back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// On disk (fsync of the WAL) before the reply: intents, activations,
+    /// revocations, expiries.
+    Full,
+    /// Committed, but on disk only with the next full commit. For revocation
+    /// claims, which a restart voids anyway (`recover_after_start`).
+    Lazy,
+}
+
+enum Kind {
+    Read,
+    Write(Durability),
+}
+
+/// One queued request: run on the worker's connection, answered once the
+/// outcome of its batch's commit is known.
+trait Job: Send {
+    /// Runs the request; true when it succeeded.
+    fn run(&mut self, conn: &mut Connection) -> bool;
+    /// Answers the caller. `commit` is the batch's outcome (Ok for reads).
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+}
+
+struct Op<T, F> {
+    f: Option<F>,
+    result: Option<rusqlite::Result<T>>,
+    reply: tokio::sync::oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Job for Op<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+{
+    fn run(&mut self, conn: &mut Connection) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn)))
+            .unwrap_or_else(|_| {
+                Err(rusqlite::Error::InvalidParameterName(
+                    "lease store operation panicked".into(),
+                ))
+            });
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+        let out = match (self.result, commit) {
+            (Some(Err(e)), _) => Err(db_err(e)),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (_, Err(msg)) => Err(Error::Internal(format!(
+                "lease store: commit failed: {msg}"
+            ))),
+            (None, Ok(())) => Err(Error::internal("lease store: request was not run")),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+struct Request {
+    kind: Kind,
+    job: Box<dyn Job>,
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
@@ -110,8 +189,14 @@ impl SqliteStore {
         let conn = tokio::task::spawn_blocking(move || Self::open_blocking(&path))
             .await
             .map_err(Error::internal)??;
+        let (tx, rx) = mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("lease-store".into())
+            .spawn(move || worker(conn, rx))
+            .map_err(|e| Error::internal(format!("lease store thread: {e}")))?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            requests: Some(tx),
+            worker: Some(worker),
         })
     }
 
@@ -166,19 +251,127 @@ impl SqliteStore {
         Ok(conn)
     }
 
-    /// Runs `f` on the connection off the async threads.
+    /// Runs a write in the next group commit; answers once it is durable.
     async fn with<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard).map_err(db_err)
-        })
-        .await
-        .map_err(Error::internal)?
+        self.submit(Kind::Write(Durability::Full), f).await
+    }
+
+    /// A write that need not survive a crash (see [`Durability::Lazy`]).
+    async fn with_lazy<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.submit(Kind::Write(Durability::Lazy), f).await
+    }
+
+    /// A read: sees only committed rows, answers without waiting for a commit.
+    async fn with_read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.submit(Kind::Read, f).await
+    }
+
+    async fn submit<T, F>(&self, kind: Kind, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
+        let job = Box::new(Op {
+            f: Some(f),
+            result: None,
+            reply: tx,
+        });
+        self.requests
+            .as_ref()
+            .ok_or_else(|| Error::internal("lease store is closed"))?
+            .send(Request { kind, job })
+            .map_err(|_| Error::internal("lease store worker has stopped"))?;
+        rx.await
+            .map_err(|_| Error::internal("lease store worker has stopped"))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The connection's owner. Group commit: everything queued while the last
+/// commit was being synced goes into the next transaction, each request in
+/// its own savepoint (a failing one rolls back alone), and every writer is
+/// answered after the one `COMMIT` — so an acknowledged write is on disk,
+/// at one fsync per batch instead of one per request.
+fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
+    let mut synchronous_full = true;
+    while let Ok(first) = requests.recv() {
+        let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            match r.kind {
+                Kind::Read => reads.push(r.job),
+                Kind::Write(d) => writes.push((d, r.job)),
+            }
+            if reads.len() + writes.len() < MAX_BATCH {
+                next = requests.try_recv().ok();
+            }
+        }
+        // Reads go first: they see only committed rows and need no commit.
+        for mut job in reads {
+            job.run(&mut conn);
+            job.finish(Ok(()));
+        }
+        if writes.is_empty() {
+            continue;
+        }
+        let full = writes.iter().any(|(d, _)| *d == Durability::Full);
+        if full != synchronous_full {
+            let level = if full { "FULL" } else { "NORMAL" };
+            // On failure we stay at FULL: slower, never less safe.
+            if conn.pragma_update(None, "synchronous", level).is_ok() {
+                synchronous_full = full;
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, "lease store: cannot begin a transaction");
+            for (_, job) in writes {
+                job.finish(Err(msg.clone()));
+            }
+            continue;
+        }
+        let mut done: Vec<Box<dyn Job>> = Vec::with_capacity(writes.len());
+        for (_, mut job) in writes {
+            let sp = conn.execute_batch("SAVEPOINT req");
+            let ok = job.run(&mut conn);
+            if sp.is_ok() {
+                // A request that failed half-way leaves no trace.
+                if !ok {
+                    let _ = conn.execute_batch("ROLLBACK TO req");
+                }
+                let _ = conn.execute_batch("RELEASE req");
+            }
+            done.push(job);
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for job in done {
+            job.finish(commit.clone());
+        }
     }
 }
 
@@ -230,7 +423,7 @@ impl LeaseStore for SqliteStore {
 
     async fn get(&self, id: &LeaseId) -> Result<Option<Lease>> {
         let id = id.as_str().to_string();
-        self.with(move |c| {
+        self.with_read(move |c| {
             c.query_row(
                 &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
                 params![id],
@@ -258,9 +451,9 @@ impl LeaseStore for SqliteStore {
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
         let id = id.as_str().to_string();
         let claim = claim.clone();
-        self.with(move |c| {
+        self.with_lazy(move |c| {
             let now = ms(Utc::now());
-            let tx = c.transaction()?;
+            let tx = c.savepoint()?;
             let n = tx.execute(
                 "UPDATE leases SET claimed_by = ?2, claim_until = ?3, due_at = MIN(due_at, ?4) \
                  WHERE id = ?1 AND state <> 'revoked' \
@@ -290,8 +483,8 @@ impl LeaseStore for SqliteStore {
         claim: &Claim,
     ) -> Result<Vec<Lease>> {
         let claim = claim.clone();
-        self.with(move |c| {
-            let tx = c.transaction()?;
+        self.with_lazy(move |c| {
+            let tx = c.savepoint()?;
             let leases = {
                 let mut stmt = tx.prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM leases WHERE state <> 'revoked' AND due_at <= ?1 \
@@ -317,7 +510,7 @@ impl LeaseStore for SqliteStore {
     async fn mark_revoked(&self, ids: &[LeaseId], at: DateTime<Utc>) -> Result<()> {
         let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_string()).collect();
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.savepoint()?;
             {
                 let mut upd = tx.prepare_cached(
                     "UPDATE leases SET state = 'revoked', revoked_at = ?2, claimed_by = NULL, claim_until = NULL \
@@ -341,7 +534,7 @@ impl LeaseStore for SqliteStore {
         let ids: Vec<LeaseId> = ids.to_vec();
         let owner = owner.to_string();
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.savepoint()?;
             let mut marked = Vec::new();
             {
                 let mut upd = tx.prepare_cached(
@@ -379,7 +572,7 @@ impl LeaseStore for SqliteStore {
     async fn record_failures(&self, failures: &[FailureRecord]) -> Result<()> {
         let failures = failures.to_vec();
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.savepoint()?;
             {
                 let mut upd = tx.prepare_cached(RECORD_FAILURE)?;
                 for f in &failures {
@@ -393,7 +586,7 @@ impl LeaseStore for SqliteStore {
 
     async fn release(&self, id: &LeaseId) -> Result<()> {
         let id = id.as_str().to_string();
-        self.with(move |c| {
+        self.with_lazy(move |c| {
             c.execute(
                 "UPDATE leases SET claimed_by = NULL, claim_until = NULL WHERE id = ?1",
                 params![id],
@@ -404,7 +597,7 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        self.with(|c| {
+        self.with_read(|c| {
             c.query_row(
                 "SELECT MIN(due_at) FROM leases WHERE state <> 'revoked'",
                 [],
@@ -417,7 +610,7 @@ impl LeaseStore for SqliteStore {
 
     async fn list(&self, filter: &LeaseFilter) -> Result<Vec<Lease>> {
         let f = filter.clone();
-        self.with(move |c| {
+        self.with_read(move |c| {
             let mut sql = format!("SELECT {COLUMNS} FROM leases WHERE 1 = 1");
             let mut args: Vec<rusqlite::types::Value> = Vec::new();
             let mut push = |sql: &mut String, cond: &str, v: rusqlite::types::Value| {
@@ -459,7 +652,7 @@ impl LeaseStore for SqliteStore {
 
     async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {
         let (identity, role) = (identity.to_string(), role.to_string());
-        self.with(move |c| {
+        self.with_read(move |c| {
             c.query_row(
                 "SELECT COUNT(*) FROM leases WHERE identity = ?1 AND role = ?2 AND state <> 'revoked'",
                 params![identity, role],
@@ -472,7 +665,7 @@ impl LeaseStore for SqliteStore {
 
     async fn live_usernames(&self, database: &str) -> Result<HashSet<String>> {
         let database = database.to_string();
-        self.with(move |c| {
+        self.with_read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT username FROM leases WHERE database = ?1 AND state <> 'revoked'",
             )?;
@@ -482,8 +675,35 @@ impl LeaseStore for SqliteStore {
         .await
     }
 
+    async fn live_among(&self, database: &str, names: &[String]) -> Result<HashSet<String>> {
+        let mut live = HashSet::new();
+        // In slices, so a sweep over many roles never holds up the lease
+        // path's writes for long.
+        for chunk in names.chunks(1000) {
+            let database = database.to_string();
+            let chunk = chunk.to_vec();
+            let found = self
+                .with_read(move |c| {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT 1 FROM leases WHERE database = ?1 AND username = ?2 \
+                         AND state <> 'revoked'",
+                    )?;
+                    let mut found = Vec::new();
+                    for n in chunk {
+                        if stmt.exists(params![database, n])? {
+                            found.push(n);
+                        }
+                    }
+                    Ok(found)
+                })
+                .await?;
+            live.extend(found);
+        }
+        Ok(live)
+    }
+
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
-        self.with(|c| {
+        self.with_read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT role, database, state, COUNT(*) FROM leases WHERE state <> 'revoked' \
                  GROUP BY role, database, state",

@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod bench;
 mod certificates;
 mod faults;
 mod ha;

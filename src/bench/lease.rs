@@ -1,0 +1,439 @@
+//! The lease path, side by side on one PostgreSQL:
+//!
+//! - (a) what most brokers send: `CREATE ROLE … PASSWORD 'plaintext' VALID
+//!   UNTIL …` and a grant, then the drop, straight over tokio-postgres;
+//! - (b) the same with a 1-round SCRAM verifier: the database's own limit;
+//! - (c) credbroker end to end: mTLS gRPC, policy, intent row, role,
+//!   activation, audit record, reply; then revoke (claim, NOLOGIN, end
+//!   sessions, drop, mark revoked, audit).
+//!
+//! One lease is one issue + revoke cycle in every scenario; each caller has
+//! its own connection (a database session for (a)/(b), an mTLS channel for
+//! (c)), opened before timing starts.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use rand::Rng;
+use serde::Serialize;
+
+use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
+use crate::bench::{pg_err, write_report, Latency, Machine};
+use crate::error::{Error, Result};
+use crate::lease::Password;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub callers: Vec<usize>,
+    /// How long each (scenario, callers) run lasts, unless `leases` is set.
+    pub duration: Duration,
+    /// A fixed number of leases per run instead of a duration.
+    pub leases: Option<u64>,
+    pub scenarios: Vec<Scenario>,
+    /// The broker's backend pool size (None: the broker's default).
+    pub pool: Option<usize>,
+    pub grant: Grant,
+    pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Scenario {
+    #[serde(rename = "a_plaintext")]
+    Plaintext,
+    #[serde(rename = "b_verifier")]
+    Verifier,
+    #[serde(rename = "c_credbroker")]
+    Credbroker,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 3] = [
+        Scenario::Plaintext,
+        Scenario::Verifier,
+        Scenario::Credbroker,
+    ];
+
+    pub fn parse(s: &str) -> Option<Scenario> {
+        match s {
+            "a" | "plaintext" => Some(Scenario::Plaintext),
+            "b" | "verifier" => Some(Scenario::Verifier),
+            "c" | "credbroker" => Some(Scenario::Credbroker),
+            _ => None,
+        }
+    }
+
+    fn header(self) -> &'static str {
+        match self {
+            Scenario::Plaintext => "(a) plaintext",
+            Scenario::Verifier => "(b) verifier",
+            Scenario::Credbroker => "(c) credbroker",
+        }
+    }
+}
+
+/// One (scenario, callers) run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub scenario: Scenario,
+    pub callers: usize,
+    pub leases: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub leases_per_s: f64,
+    /// Issue + revoke, as the caller saw it.
+    pub cycle: Latency,
+    /// Issue alone (create + grant for (a)/(b)).
+    pub issue: Latency,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub duration_s: f64,
+    pub fixed_leases: Option<u64>,
+    pub broker_pool: Option<usize>,
+    pub grant: Grant,
+    pub runs: Vec<Run>,
+}
+
+pub async fn run(opts: &Options) -> Result<Report> {
+    let pg = BenchPostgres::start().await?;
+    let mut machine = Machine::sample(pg.version.clone());
+    let dir = tempfile::Builder::new()
+        .prefix("credbroker-bench-")
+        .tempdir()
+        .map_err(Error::internal)?;
+    let settings = BrokerSettings {
+        max_connections: opts.pool,
+        grant: opts.grant,
+        ..Default::default()
+    };
+    let env = setup::write_env(dir.path(), &pg, "127.0.0.1:0", &settings)?;
+    let broker = if opts.scenarios.contains(&Scenario::Credbroker) {
+        Some(InProcess::start(&env).await?)
+    } else {
+        None
+    };
+
+    let mut runs = Vec::new();
+    for &callers in &opts.callers {
+        for &scenario in &opts.scenarios {
+            let r = match scenario {
+                Scenario::Plaintext | Scenario::Verifier => {
+                    measure_direct(&pg, scenario, callers, opts).await?
+                }
+                Scenario::Credbroker => {
+                    let b = broker.as_ref().expect("started above");
+                    measure_broker(&env, &b.addr, callers, opts).await?
+                }
+            };
+            eprintln!(
+                "  {:<15} {:>3} callers: {:>8.1} leases/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} leases, {} errors)",
+                scenario.header(),
+                callers,
+                r.leases_per_s,
+                r.cycle.p50_ms,
+                r.cycle.p99_ms,
+                r.leases,
+                r.errors
+            );
+            runs.push(r);
+        }
+    }
+    if let Some(b) = broker {
+        b.stop().await?;
+    }
+    machine.finish();
+    Ok(Report {
+        machine,
+        duration_s: opts.duration.as_secs_f64(),
+        fixed_leases: opts.leases,
+        broker_pool: opts.pool,
+        grant: opts.grant,
+        runs,
+    })
+}
+
+/// Runs `callers` workers until the deadline (or the lease count) and
+/// gathers their samples. Each worker gets its state from `open` before
+/// the clock starts, and does one untimed cycle to warm up.
+async fn drive<S, O, OF, C, CF>(
+    scenario: Scenario,
+    callers: usize,
+    opts: &Options,
+    open: O,
+    cycle: C,
+) -> Result<Run>
+where
+    S: Send + 'static,
+    O: Fn() -> OF,
+    OF: std::future::Future<Output = Result<S>>,
+    C: Fn(S) -> CF + Send + Sync + Clone + 'static,
+    CF: std::future::Future<Output = (S, Result<Duration>)> + Send,
+{
+    let mut states = Vec::with_capacity(callers);
+    for _ in 0..callers {
+        let s = open().await?;
+        let (s, warm) = cycle.clone()(s).await;
+        warm.map_err(|e| Error::internal(format!("{}: warm-up: {e}", scenario.header())))?;
+        states.push(s);
+    }
+    let remaining = Arc::new(AtomicU64::new(opts.leases.unwrap_or(u64::MAX)));
+    let started = Instant::now();
+    let deadline = started + opts.duration;
+    let fixed = opts.leases.is_some();
+    let mut tasks = Vec::with_capacity(callers);
+    for mut state in states {
+        let cycle = cycle.clone();
+        let remaining = remaining.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut cycles = Vec::new();
+            let mut issues = Vec::new();
+            let mut errors = 0u64;
+            let mut first_error = None;
+            loop {
+                if fixed {
+                    if remaining
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_err()
+                    {
+                        break;
+                    }
+                } else if Instant::now() >= deadline {
+                    break;
+                }
+                let t = Instant::now();
+                let (s, r) = cycle(state).await;
+                state = s;
+                match r {
+                    Ok(issue) => {
+                        cycles.push(t.elapsed());
+                        issues.push(issue);
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                        // A broken connection must not spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (cycles, issues, errors, first_error)
+        }));
+    }
+    let mut cycles = Vec::new();
+    let mut issues = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    for t in tasks {
+        let (c, i, e, f) = t.await.map_err(Error::internal)?;
+        cycles.extend(c);
+        issues.extend(i);
+        errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Run {
+        scenario,
+        callers,
+        leases: cycles.len() as u64,
+        errors,
+        seconds,
+        leases_per_s: cycles.len() as f64 / seconds,
+        cycle: Latency::of(&mut cycles),
+        issue: Latency::of(&mut issues),
+        first_error,
+    })
+}
+
+async fn measure_direct(
+    pg: &BenchPostgres,
+    scenario: Scenario,
+    callers: usize,
+    opts: &Options,
+) -> Result<Run> {
+    let verifier = scenario == Scenario::Verifier;
+    let grant = opts.grant;
+    drive(
+        scenario,
+        callers,
+        opts,
+        || async { pg.connect().await.map(Arc::new) },
+        move |client: Arc<tokio_postgres::Client>| async move {
+            let r = direct_cycle(&client, verifier, grant).await;
+            (client, r)
+        },
+    )
+    .await
+}
+
+/// What a broker that talks to PostgreSQL directly does for one lease.
+async fn direct_cycle(
+    client: &tokio_postgres::Client,
+    verifier: bool,
+    grant: Grant,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let n: u64 = rand::rng().random();
+    let name = escape_identifier(&format!("bd_{n:016x}"));
+    let password = Password::generate();
+    let secret = if verifier {
+        crate::scram::verifier(&password, 1)
+    } else {
+        password.expose().to_string()
+    };
+    let until = (Utc::now() + chrono::Duration::minutes(10))
+        .format("%Y-%m-%d %H:%M:%S%.3f+00")
+        .to_string();
+    let create = format!(
+        "CREATE ROLE {name} LOGIN PASSWORD {} VALID UNTIL {}; {};",
+        escape_literal(&secret),
+        escape_literal(&until),
+        grant.statement(&name)
+    );
+    retrying(client, &create)
+        .await
+        .map_err(pg_err("create role"))?;
+    let issued = t.elapsed();
+    retrying(client, &format!("DROP OWNED BY {name}; DROP ROLE {name};"))
+        .await
+        .map_err(pg_err("drop role"))?;
+    Ok(issued)
+}
+
+/// The same retry on a lost catalog race that the broker does, so table
+/// grants under concurrency compare like with like.
+async fn retrying(client: &tokio_postgres::Client, sql: &str) -> Result<(), tokio_postgres::Error> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match client.batch_execute(sql).await {
+            Err(e) if attempt < 8 && crate::backend::postgres::lost_catalog_race(&e) => {
+                let ms = rand::rng().random_range(1..=2u64 << attempt.min(5));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn measure_broker(
+    env: &crate::devenv::DevEnv,
+    addr: &str,
+    callers: usize,
+    opts: &Options,
+) -> Result<Run> {
+    drive(
+        Scenario::Credbroker,
+        callers,
+        opts,
+        || setup::connected_client(env, addr),
+        |mut client| async move {
+            let t = Instant::now();
+            let r = async {
+                let (id, _) = setup::issue(&mut client, 600).await?;
+                let issued = t.elapsed();
+                setup::revoke(&mut client, id).await?;
+                Ok(issued)
+            }
+            .await;
+            (client, r)
+        },
+    )
+    .await
+}
+
+/// Reads one figure off a run.
+type Figure = fn(&Run) -> f64;
+
+impl Report {
+    fn find(&self, s: Scenario, callers: usize) -> Option<&Run> {
+        self.runs
+            .iter()
+            .find(|r| r.scenario == s && r.callers == callers)
+    }
+
+    /// The table: per caller count, leases/s and latency for (a), (b), (c),
+    /// with (c)'s ratio to each baseline.
+    pub fn markdown_table(&self) -> String {
+        let mut out = String::from(
+            "| callers | figure | (a) plaintext | (b) verifier | (c) credbroker | c/a | c/b |\n\
+             |---:|---|---:|---:|---:|---:|---:|\n",
+        );
+        let mut callers: Vec<usize> = self.runs.iter().map(|r| r.callers).collect();
+        callers.dedup();
+        for n in callers {
+            let rows: [(&str, Figure); 4] = [
+                ("leases/s", |r| r.leases_per_s),
+                ("p50 ms", |r| r.cycle.p50_ms),
+                ("p99 ms", |r| r.cycle.p99_ms),
+                ("max ms", |r| r.cycle.max_ms),
+            ];
+            for (label, get) in rows {
+                let v = |s| self.find(s, n).map(get);
+                let cell = |x: Option<f64>| match x {
+                    Some(x) if x >= 100.0 => format!("{x:.0}"),
+                    Some(x) => format!("{x:.2}"),
+                    None => "–".into(),
+                };
+                let ratio = |c: Option<f64>, base: Option<f64>| match (c, base) {
+                    (Some(c), Some(b)) if b > 0.0 => format!("{:.2}×", c / b),
+                    _ => "–".into(),
+                };
+                let (a, b, c) = (
+                    v(Scenario::Plaintext),
+                    v(Scenario::Verifier),
+                    v(Scenario::Credbroker),
+                );
+                out.push_str(&format!(
+                    "| {n} | {label} | {} | {} | {} | {} | {} |\n",
+                    cell(a),
+                    cell(b),
+                    cell(c),
+                    ratio(c, a),
+                    ratio(c, b)
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let how = match self.fixed_leases {
+            Some(n) => format!("{n} leases per run"),
+            None => format!("{:.0} s per run", self.duration_s),
+        };
+        let errors: u64 = self.runs.iter().map(|r| r.errors).sum();
+        let mut out = format!(
+            "# credbroker bench: issue + revoke\n\n{}- {how}; one lease = issue + revoke; latency is the whole cycle\n- grant: {}\n- broker backend pool: {}\n- errors: {errors}\n\n",
+            self.machine.markdown(),
+            Grant::statement(self.grant, "<role>"),
+            self.broker_pool
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "default".into()),
+        );
+        out.push_str(&self.markdown_table());
+        for r in self.runs.iter().filter(|r| r.first_error.is_some()) {
+            out.push_str(&format!(
+                "\nfirst error in {} at {} callers: {}\n",
+                r.scenario.header(),
+                r.callers,
+                r.first_error.as_deref().unwrap_or_default()
+            ));
+        }
+        out
+    }
+
+    pub fn write(&self, dir: &std::path::Path) -> Result<()> {
+        write_report(dir, "lease", &self.markdown(), self)
+    }
+}

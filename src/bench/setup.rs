@@ -1,0 +1,272 @@
+//! What every benchmark starts from: a throwaway PostgreSQL with a database
+//! to grant on, dev certificates, and a broker config pointing at both.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+use crate::bench::{io_err, pg_err};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::daemon::{Daemon, Listeners};
+use crate::devenv::DevEnv;
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::throwaway::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};
+
+/// The database every scenario grants on, and the broker role leasing it.
+pub const DB: &str = "bench";
+pub const ROLE: &str = "bench";
+/// The group role every leased role joins.
+pub const GRANT_ROLE: &str = "bench_reader";
+
+/// A throwaway PostgreSQL with database [`DB`] and a table to grant on.
+pub struct BenchPostgres {
+    pub pg: ThrowawayPostgres,
+    pub version: String,
+}
+
+impl BenchPostgres {
+    pub async fn start() -> Result<Self> {
+        if !postgres_binaries_present() {
+            return Err(Error::Config(
+                "PostgreSQL server binaries not found (looked in /usr/lib/postgresql/*/bin); \
+                 install them with `apt-get install -y postgresql`"
+                    .into(),
+            ));
+        }
+        let pg = ThrowawayPostgres::start(PostgresOptions {
+            timezone: None,
+            // Logging every statement would cost the server as much as some
+            // of the statements we time.
+            log_statement_all: false,
+            extra_conf: vec![],
+        })
+        .await
+        .map_err(io_err("throwaway PostgreSQL"))?;
+        pg.create_database(DB)
+            .await
+            .map_err(io_err("create database"))?;
+        let c = pg.connect(DB).await.map_err(io_err("connect"))?;
+        // Leased roles get their privileges through membership of a group
+        // role: concurrent `GRANT … ON orders` to many new roles would
+        // race on the table's ACL ("tuple concurrently updated").
+        c.batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, item text);
+             CREATE ROLE bench_reader NOLOGIN;
+             GRANT SELECT ON orders TO bench_reader;",
+        )
+        .await
+        .map_err(pg_err("create table"))?;
+        let version: String = c
+            .query_one("SELECT version()", &[])
+            .await
+            .map_err(pg_err("version"))?
+            .get(0);
+        let version = version.split(" on ").next().unwrap_or(&version).to_string();
+        Ok(BenchPostgres {
+            pg,
+            version: format!("{version} (throwaway, fsync off, same host)"),
+        })
+    }
+
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        self.pg.connect(DB).await.map_err(io_err("connect"))
+    }
+
+    /// How many roles with `prefix` exist.
+    pub async fn count_roles(&self, client: &tokio_postgres::Client, prefix: &str) -> Result<i64> {
+        let pattern = format!("{}%", prefix.replace('_', "\\_"));
+        Ok(client
+            .query_one(
+                "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1",
+                &[&pattern],
+            )
+            .await
+            .map_err(pg_err("count roles"))?
+            .get(0))
+    }
+}
+
+/// Broker settings a scenario varies.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub name_prefix: String,
+    /// Backend pool size; None keeps the broker's default.
+    pub max_connections: Option<usize>,
+    pub reaper_batch: Option<usize>,
+    pub grant: Grant,
+}
+
+/// How a leased role gets its privileges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// `GRANT bench_reader TO role`: a row in pg_auth_members per role.
+    Member,
+    /// `GRANT SELECT ON orders TO role`: every lease rewrites the table's
+    /// ACL, and concurrent ones race on it.
+    Table,
+}
+
+impl Grant {
+    pub fn parse(s: &str) -> Option<Grant> {
+        match s {
+            "member" => Some(Grant::Member),
+            "table" => Some(Grant::Table),
+            _ => None,
+        }
+    }
+
+    /// The grant for `quoted` (an escaped identifier or `{{name}}`).
+    pub fn statement(self, quoted: &str) -> String {
+        match self {
+            Grant::Member => format!("GRANT {GRANT_ROLE} TO {quoted}"),
+            Grant::Table => format!("GRANT SELECT ON orders TO {quoted}"),
+        }
+    }
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            name_prefix: "bn_".into(),
+            max_connections: None,
+            reaper_batch: None,
+            grant: Grant::Member,
+        }
+    }
+}
+
+/// Writes dev certificates and a config for `pg` into `dir`.
+pub fn write_env(
+    dir: &Path,
+    pg: &BenchPostgres,
+    listen: &str,
+    settings: &BrokerSettings,
+) -> Result<DevEnv> {
+    let env = DevEnv::create(dir).map_err(io_err("dev certificates"))?;
+    let mut text = env.config_head(listen, None).replace(
+        "[server]\n",
+        &format!("[server]\nname_prefix = \"{}\"\n", settings.name_prefix),
+    );
+    if let Some(b) = settings.reaper_batch {
+        text.push_str(&format!("[reaper]\nbatch_size = {b}\n\n"));
+    }
+    let mut db = env
+        .pg_database(DB, &pg.pg, DB)
+        .map_err(io_err("admin password file"))?;
+    if let Some(n) = settings.max_connections {
+        db = db.trim_end().to_string() + &format!("\nmax_connections = {n}\n\n");
+    }
+    text.push_str(&db);
+    text.push_str(&format!(
+        "[roles.{ROLE}]\ndatabase = \"{DB}\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n\
+         allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
+         grants = [\"{}\"]\n",
+        settings.grant.statement("{{name}}")
+    ));
+    std::fs::write(&env.config_path, text).map_err(io_err("write config"))?;
+    Ok(env)
+}
+
+/// A broker running in this process on a free port.
+pub struct InProcess {
+    pub addr: String,
+    pub broker: Arc<Broker>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl InProcess {
+    pub async fn start(env: &DevEnv) -> Result<Self> {
+        let config = Config::load(&env.config_path)?;
+        let grpc = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(io_err("bind"))?;
+        let addr = format!(
+            "https://127.0.0.1:{}",
+            grpc.local_addr().map_err(io_err("bind"))?.port()
+        );
+        let daemon = Daemon::open(config).await?;
+        let broker = daemon.broker.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.run(
+            Listeners {
+                grpc,
+                metrics: None,
+            },
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Ok(InProcess {
+            addr,
+            broker,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .map_err(|_| Error::internal("broker did not stop within 30 s"))?
+                .map_err(Error::internal)??;
+        }
+        Ok(())
+    }
+}
+
+/// A connected mTLS client as the dev `app` identity; the handshake is done
+/// here, so timed calls reuse an open connection as a long-lived service
+/// would.
+pub async fn connected_client(
+    env: &DevEnv,
+    addr: &str,
+) -> Result<pb::broker_client::BrokerClient<Channel>> {
+    let opts = env.client(addr, "app");
+    let channel = opts.channel()?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|s| Error::internal(format!("broker health check: {s}")))?;
+    Ok(pb::broker_client::BrokerClient::new(channel))
+}
+
+/// Issues one lease; its id and user name.
+pub async fn issue(
+    client: &mut pb::broker_client::BrokerClient<Channel>,
+    ttl_seconds: i64,
+) -> Result<(String, String)> {
+    let lease = client
+        .issue_lease(pb::IssueLeaseRequest {
+            role: ROLE.into(),
+            ttl_seconds,
+        })
+        .await
+        .map_err(|s| Error::internal(format!("issue: {}", crate::client::describe(&s))))?
+        .into_inner();
+    Ok((lease.lease_id, lease.username))
+}
+
+pub async fn revoke(
+    client: &mut pb::broker_client::BrokerClient<Channel>,
+    id: String,
+) -> Result<()> {
+    client
+        .revoke_lease(pb::RevokeLeaseRequest { lease_id: id })
+        .await
+        .map_err(|s| Error::internal(format!("revoke: {}", crate::client::describe(&s))))?;
+    Ok(())
+}

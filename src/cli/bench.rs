@@ -1,0 +1,172 @@
+//! `credbroker bench`: measures the lease path against PostgreSQL's own
+//! limits on a throwaway server (see `bench` in the library).
+//!
+//! Build with `--release`: a debug build measures the compiler, not us.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::bench::{lease, reaper, scale};
+use crate::cli::CliResult;
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    what: Option<What>,
+    #[command(flatten)]
+    lease: LeaseArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum What {
+    /// (a) plaintext, (b) 1-round verifier, (c) credbroker: issue + revoke
+    /// (the default)
+    Lease(LeaseArgs),
+    /// Many leases due at once: time until every role is gone
+    Reaper(ReaperArgs),
+    /// Many live leases and a million store rows: memory, restart, reaper
+    Scale(ScaleArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct LeaseArgs {
+    /// Concurrent callers, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 16, 64])]
+    callers: Vec<usize>,
+    /// How long each run lasts (per scenario and caller count)
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// A fixed number of leases per run instead of --duration
+    #[arg(long)]
+    leases: Option<u64>,
+    /// Scenarios to run: a (plaintext), b (verifier), c (credbroker)
+    #[arg(long, value_delimiter = ',', default_values_t = vec!['a', 'b', 'c'])]
+    scenarios: Vec<char>,
+    /// The broker's backend pool size (default: the broker's default)
+    #[arg(long)]
+    pool: Option<usize>,
+    /// How leased roles get privileges: member (GRANT group TO role) or
+    /// table (GRANT SELECT ON table TO role; concurrent grants race on the
+    /// table's ACL and are retried)
+    #[arg(long, default_value = "member")]
+    grant: String,
+    #[command(flatten)]
+    out: Out,
+}
+
+#[derive(clap::Args, Clone)]
+struct Out {
+    /// Where the Markdown and JSON reports go
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ReaperArgs {
+    /// Leases falling due at the same instant
+    #[arg(long, default_value_t = 10_000)]
+    leases: u64,
+    /// Concurrent callers while issuing them
+    #[arg(long, default_value_t = 32)]
+    callers: usize,
+    /// Reaper batch size (default: the broker's default)
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// The broker's backend pool size (default: the broker's default)
+    #[arg(long)]
+    pool: Option<usize>,
+    #[command(flatten)]
+    out: Out,
+}
+
+#[derive(clap::Args)]
+struct ScaleArgs {
+    /// Live leases with real roles (0 skips this part)
+    #[arg(long, default_value_t = 100_000)]
+    live: u64,
+    /// Synthetic store rows (0 skips this part)
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// Concurrent callers while issuing the live leases
+    #[arg(long, default_value_t = 32)]
+    callers: usize,
+    #[command(flatten)]
+    out: Out,
+}
+
+pub async fn run(args: Args) -> CliResult {
+    match args.what {
+        None => lease_bench(args.lease).await?,
+        Some(What::Lease(a)) => lease_bench(a).await?,
+        Some(What::Reaper(a)) => {
+            let opts = reaper::Options {
+                leases: a.leases,
+                callers: a.callers,
+                batch_size: a.batch_size,
+                pool: a.pool,
+                out_dir: a.out.out,
+            };
+            let report = reaper::run(&opts).await.context("reaper benchmark")?;
+            report.write(&opts.out_dir)?;
+            println!("{}", report.markdown());
+            written(&opts.out_dir, "reaper");
+        }
+        Some(What::Scale(a)) => {
+            let opts = scale::Options {
+                live: a.live,
+                rows: a.rows,
+                callers: a.callers,
+                out_dir: a.out.out,
+            };
+            let report = scale::run(&opts).await.context("scale benchmark")?;
+            report.write(&opts.out_dir)?;
+            println!("{}", report.markdown());
+            written(&opts.out_dir, "scale");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
+    let scenarios = a
+        .scenarios
+        .iter()
+        .map(|c| {
+            lease::Scenario::parse(&c.to_string()).ok_or_else(|| {
+                crate::Error::Config(format!("--scenarios: unknown {c:?}; use a, b, c"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.callers.is_empty() || a.callers.contains(&0) {
+        return Err(crate::Error::Config("--callers: give counts of at least 1".into()).into());
+    }
+    let grant = crate::bench::setup::Grant::parse(&a.grant).ok_or_else(|| {
+        crate::Error::Config(format!("--grant {:?}: use member or table", a.grant))
+    })?;
+    let opts = lease::Options {
+        grant,
+        callers: a.callers,
+        duration: a.duration,
+        leases: a.leases,
+        scenarios,
+        pool: a.pool,
+        out_dir: a.out.out,
+    };
+    let report = lease::run(&opts).await.context("lease benchmark")?;
+    report.write(&opts.out_dir)?;
+    println!("{}", report.markdown());
+    written(&opts.out_dir, "lease");
+    Ok(())
+}
+
+fn written(dir: &std::path::Path, name: &str) {
+    println!(
+        "written: {}/{name}.md, {}/{name}.json",
+        dir.display(),
+        dir.display()
+    );
+}

@@ -1,0 +1,70 @@
+//! `credbroker bench` with tiny counts: the command runs end to end on its
+//! own throwaway PostgreSQL and writes a well-formed table. No timings are
+//! checked here; figures belong in BENCHMARKS.md.
+
+use std::process::Command;
+
+#[test]
+fn bench_lease_writes_a_table_with_all_three_columns() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["bench", "--callers", "1,2", "--leases", "3", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench failed: {}\n{stdout}\n{stderr}",
+        run.status
+    );
+
+    let md = std::fs::read_to_string(out.path().join("lease.md")).unwrap();
+    assert!(
+        stdout.contains(md.trim()),
+        "stdout is not the Markdown report"
+    );
+    let header = "| callers | figure | (a) plaintext | (b) verifier | (c) credbroker | c/a | c/b |";
+    assert!(md.contains(header), "no table header in:\n{md}");
+    let rows: Vec<Vec<&str>> = md
+        .lines()
+        .skip_while(|l| *l != header)
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect();
+    // Two caller counts × leases/s, p50, p99, max.
+    assert_eq!(rows.len(), 8, "{md}");
+    for row in &rows {
+        assert_eq!(row.len(), 7, "row {row:?}");
+        assert!(matches!(row[0], "1" | "2"), "row {row:?}");
+        for cell in &row[2..5] {
+            let v: f64 = cell
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number: {cell:?} in {row:?}"));
+            assert!(v > 0.0, "row {row:?}");
+        }
+        for ratio in &row[5..7] {
+            assert!(ratio.ends_with('×'), "row {row:?}");
+        }
+    }
+    assert!(md.contains("- errors: 0"), "{md}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("lease.json")).unwrap())
+            .unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 6);
+    for r in runs {
+        assert_eq!(r["leases"], 3, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+    }
+    let scenarios: Vec<&str> = runs
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    for s in ["a_plaintext", "b_verifier", "c_credbroker"] {
+        assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
+    }
+}
