@@ -305,6 +305,16 @@ impl PostgresBackend {
 /// advisory lock is released at commit or rollback, so it cannot leak.
 const ACL_LOCK: &str = "SELECT pg_advisory_xact_lock(27950820906314347)";
 
+/// Whether a grant statement may rewrite an object's ACL: anything but a
+/// plain role membership (`GRANT role[, …] TO …`, no `ON`).
+fn rewrites_an_acl(grant: &str) -> bool {
+    let words: Vec<String> = grant
+        .split_whitespace()
+        .map(|w| w.to_ascii_uppercase())
+        .collect();
+    words.first().map(String::as_str) != Some("GRANT") || words.iter().any(|w| w == "ON")
+}
+
 /// Whether `e` is PostgreSQL's "tuple concurrently updated": a statement
 /// lost a race on a shared catalog row and was rolled back whole.
 pub fn lost_catalog_race(e: &tokio_postgres::Error) -> bool {
@@ -345,8 +355,15 @@ impl Backend for PostgresBackend {
     async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
         let ident = escape_identifier(user.username.as_str());
         let verifier = scram::verifier(user.password, self.config.scram_iterations);
+        // Membership grants (`GRANT reader TO …`) add rows and never
+        // collide; only privileges on objects rewrite a shared ACL.
+        let lock = if user.grants.iter().any(|g| rewrites_an_acl(g)) {
+            format!("{ACL_LOCK};\n")
+        } else {
+            String::new()
+        };
         let mut sql = format!(
-            "{ACL_LOCK};\nCREATE ROLE {ident} LOGIN PASSWORD {} VALID UNTIL {};",
+            "{lock}CREATE ROLE {ident} LOGIN PASSWORD {} VALID UNTIL {};",
             escape_literal(&verifier),
             pg_timestamp(user.valid_until)
         );
@@ -493,5 +510,19 @@ impl Backend for PostgresBackend {
             ),
             None => format!("postgresql://{username}@{host}:{}/{}", e.port, e.database),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rewrites_an_acl;
+
+    #[test]
+    fn only_object_privileges_take_the_acl_lock() {
+        assert!(rewrites_an_acl("GRANT SELECT ON orders TO {{name}}"));
+        assert!(rewrites_an_acl("grant usage\non schema app to {{name}}"));
+        assert!(rewrites_an_acl("ALTER ROLE {{name}} SET search_path = app"));
+        assert!(!rewrites_an_acl("GRANT app_reader TO {{name}}"));
+        assert!(!rewrites_an_acl("grant a, b to {{name}}"));
     }
 }
