@@ -54,6 +54,9 @@ struct LeaseArgs {
     /// table's ACL and are retried)
     #[arg(long, default_value = "member")]
     grant: String,
+    /// Time issuance alone (roles dropped / leases revoked after the run)
+    #[arg(long)]
+    issue_only: bool,
     #[command(flatten)]
     out: Out,
 }
@@ -149,6 +152,7 @@ async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
     })?;
     let opts = lease::Options {
         grant,
+        issue_only: a.issue_only,
         callers: a.callers,
         duration: a.duration,
         leases: a.leases,
