@@ -41,6 +41,8 @@ pub struct Options {
     /// Time issuance alone; roles are dropped (leases revoked) after the
     /// clock stops.
     pub issue_only: bool,
+    /// PostgreSQL with fsync and synchronous commit on.
+    pub pg_durable: bool,
     pub out_dir: PathBuf,
 }
 
@@ -108,7 +110,7 @@ pub struct Report {
 }
 
 pub async fn run(opts: &Options) -> Result<Report> {
-    let pg = BenchPostgres::start().await?;
+    let pg = BenchPostgres::start(opts.pg_durable).await?;
     let mut machine = Machine::sample(pg.version.clone());
     let dir = tempfile::Builder::new()
         .prefix("credbroker-bench-")
