@@ -38,6 +38,11 @@ pub struct Options {
     /// The broker's backend pool size (None: the broker's default).
     pub pool: Option<usize>,
     pub grant: Grant,
+    /// Time issuance alone; roles are dropped (leases revoked) after the
+    /// clock stops.
+    pub issue_only: bool,
+    /// PostgreSQL with fsync and synchronous commit on.
+    pub pg_durable: bool,
     pub out_dir: PathBuf,
 }
 
@@ -100,11 +105,12 @@ pub struct Report {
     pub fixed_leases: Option<u64>,
     pub broker_pool: Option<usize>,
     pub grant: Grant,
+    pub issue_only: bool,
     pub runs: Vec<Run>,
 }
 
 pub async fn run(opts: &Options) -> Result<Report> {
-    let pg = BenchPostgres::start().await?;
+    let pg = BenchPostgres::start(opts.pg_durable).await?;
     let mut machine = Machine::sample(pg.version.clone());
     let dir = tempfile::Builder::new()
         .prefix("credbroker-bench-")
@@ -157,6 +163,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         fixed_leases: opts.leases,
         broker_pool: opts.pool,
         grant: opts.grant,
+        issue_only: opts.issue_only,
         runs,
     })
 }
@@ -263,24 +270,44 @@ async fn measure_direct(
 ) -> Result<Run> {
     let verifier = scenario == Scenario::Verifier;
     let grant = opts.grant;
-    drive(
+    let leftover = opts
+        .issue_only
+        .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
+    let kept = leftover.clone();
+    let run = drive(
         scenario,
         callers,
         opts,
         || async { pg.connect().await.map(Arc::new) },
-        move |client: Arc<tokio_postgres::Client>| async move {
-            let r = direct_cycle(&client, verifier, grant).await;
-            (client, r)
+        move |client: Arc<tokio_postgres::Client>| {
+            let kept = kept.clone();
+            async move {
+                let r = direct_cycle(&client, verifier, grant, kept.as_deref()).await;
+                (client, r)
+            }
         },
     )
-    .await
+    .await?;
+    if let Some(names) = leftover {
+        let names = std::mem::take(&mut *names.lock().unwrap_or_else(|p| p.into_inner()));
+        let client = pg.connect().await?;
+        for chunk in names.chunks(500) {
+            let list = chunk.join(", ");
+            retrying(&client, &format!("DROP OWNED BY {list}; DROP ROLE {list};"))
+                .await
+                .map_err(pg_err("drop roles after the run"))?;
+        }
+    }
+    Ok(run)
 }
 
 /// What a broker that talks to PostgreSQL directly does for one lease.
+/// With `keep`, the role is left for the caller to drop after the run.
 async fn direct_cycle(
     client: &tokio_postgres::Client,
     verifier: bool,
     grant: Grant,
+    keep: Option<&std::sync::Mutex<Vec<String>>>,
 ) -> Result<Duration> {
     let t = Instant::now();
     let n: u64 = rand::rng().random();
@@ -304,6 +331,10 @@ async fn direct_cycle(
         .await
         .map_err(pg_err("create role"))?;
     let issued = t.elapsed();
+    if let Some(keep) = keep {
+        keep.lock().unwrap_or_else(|p| p.into_inner()).push(name);
+        return Ok(issued);
+    }
     retrying(client, &format!("DROP OWNED BY {name}; DROP ROLE {name};"))
         .await
         .map_err(pg_err("drop role"))?;
@@ -332,24 +363,52 @@ async fn measure_broker(
     callers: usize,
     opts: &Options,
 ) -> Result<Run> {
-    drive(
+    let leftover = opts
+        .issue_only
+        .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
+    let kept = leftover.clone();
+    let run = drive(
         Scenario::Credbroker,
         callers,
         opts,
         || setup::connected_client(env, addr),
-        |mut client| async move {
-            let t = Instant::now();
-            let r = async {
-                let (id, _) = setup::issue(&mut client, 600).await?;
-                let issued = t.elapsed();
-                setup::revoke(&mut client, id).await?;
-                Ok(issued)
+        move |mut client| {
+            let kept = kept.clone();
+            async move {
+                let t = Instant::now();
+                let r = async {
+                    let (id, _) = setup::issue(&mut client, 600).await?;
+                    let issued = t.elapsed();
+                    match kept {
+                        Some(k) => k.lock().unwrap_or_else(|p| p.into_inner()).push(id),
+                        None => setup::revoke(&mut client, id).await?,
+                    }
+                    Ok(issued)
+                }
+                .await;
+                (client, r)
             }
-            .await;
-            (client, r)
         },
     )
-    .await
+    .await?;
+    if let Some(ids) = leftover {
+        let ids = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut tasks = Vec::new();
+        for part in ids.chunks(ids.len().div_ceil(16).max(1)) {
+            let mut client = setup::connected_client(env, addr).await?;
+            let part = part.to_vec();
+            tasks.push(tokio::spawn(async move {
+                for id in part {
+                    setup::revoke(&mut client, id).await?;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(Error::internal)??;
+        }
+    }
+    Ok(run)
 }
 
 /// Reads one figure off a run.
@@ -413,8 +472,13 @@ impl Report {
             None => format!("{:.0} s per run", self.duration_s),
         };
         let errors: u64 = self.runs.iter().map(|r| r.errors).sum();
+        let what = if self.issue_only {
+            "issue; one lease = issue alone (roles dropped, leases revoked after the clock stops)"
+        } else {
+            "issue + revoke; one lease = issue + revoke; latency is the whole cycle"
+        };
         let mut out = format!(
-            "# credbroker bench: issue + revoke\n\n{}- {how}; one lease = issue + revoke; latency is the whole cycle\n- grant: {}\n- broker backend pool: {}\n- errors: {errors}\n\n",
+            "# credbroker bench: {what}\n\n{}- {how}\n- grant: {}\n- broker backend pool: {}\n- errors: {errors}\n\n",
             self.machine.markdown(),
             Grant::statement(self.grant, "<role>"),
             self.broker_pool

@@ -46,7 +46,7 @@ const DUE_IN: Duration = Duration::from_secs(3);
 const PREFIX: &str = "br_";
 
 pub async fn run(opts: &Options) -> Result<Report> {
-    let pg = BenchPostgres::start().await?;
+    let pg = BenchPostgres::start(false).await?;
     let mut machine = Machine::sample(pg.version.clone());
     let dir = tempfile::Builder::new()
         .prefix("credbroker-bench-reaper-")

@@ -67,7 +67,7 @@ pub struct Figures {
 }
 
 pub async fn run(opts: &Options) -> Result<Report> {
-    let pg = BenchPostgres::start().await?;
+    let pg = BenchPostgres::start(false).await?;
     let mut report = Report {
         machine: Some(Machine::sample(pg.version.clone())),
         ..Default::default()

@@ -30,7 +30,9 @@ pub struct BenchPostgres {
 }
 
 impl BenchPostgres {
-    pub async fn start() -> Result<Self> {
+    /// `durable`: fsync and synchronous commit on, as a production server
+    /// runs; otherwise off, as the throwaway default.
+    pub async fn start(durable: bool) -> Result<Self> {
         if !postgres_binaries_present() {
             return Err(Error::Config(
                 "PostgreSQL server binaries not found (looked in /usr/lib/postgresql/*/bin); \
@@ -43,7 +45,16 @@ impl BenchPostgres {
             // Logging every statement would cost the server as much as some
             // of the statements we time.
             log_statement_all: false,
-            extra_conf: vec![],
+            // Later lines of postgresql.conf win over the throwaway's
+            // fsync = off.
+            extra_conf: if durable {
+                vec![
+                    ("fsync".into(), "on".into()),
+                    ("synchronous_commit".into(), "on".into()),
+                ]
+            } else {
+                vec![]
+            },
         })
         .await
         .map_err(io_err("throwaway PostgreSQL"))?;
@@ -69,7 +80,10 @@ impl BenchPostgres {
         let version = version.split(" on ").next().unwrap_or(&version).to_string();
         Ok(BenchPostgres {
             pg,
-            version: format!("{version} (throwaway, fsync off, same host)"),
+            version: format!(
+                "{version} (throwaway, fsync {}, same host)",
+                if durable { "on" } else { "off" }
+            ),
         })
     }
 

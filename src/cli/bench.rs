@@ -54,6 +54,14 @@ struct LeaseArgs {
     /// table's ACL and are retried)
     #[arg(long, default_value = "member")]
     grant: String,
+    /// Time issuance alone (roles dropped / leases revoked after the run)
+    #[arg(long)]
+    issue_only: bool,
+    /// Run PostgreSQL with fsync and synchronous_commit on (the throwaway
+    /// default is off), so (a) and (b) pay for durable commits as (c)'s
+    /// lease store does
+    #[arg(long)]
+    pg_durable: bool,
     #[command(flatten)]
     out: Out,
 }
@@ -149,6 +157,8 @@ async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
     })?;
     let opts = lease::Options {
         grant,
+        issue_only: a.issue_only,
+        pg_durable: a.pg_durable,
         callers: a.callers,
         duration: a.duration,
         leases: a.leases,

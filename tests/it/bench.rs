@@ -68,3 +68,36 @@ fn bench_lease_writes_a_table_with_all_three_columns() {
         assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
     }
 }
+
+#[test]
+fn bench_issue_only_cleans_up_after_itself() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "bench",
+            "--issue-only",
+            "--callers",
+            "2",
+            "--leases",
+            "4",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "bench failed: {}\n{}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("lease.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["issue_only"], true);
+    for r in json["runs"].as_array().unwrap() {
+        assert_eq!(r["leases"], 4, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+    }
+}

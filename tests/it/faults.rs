@@ -99,6 +99,8 @@ async fn sighup_reloads_crl_and_roles_without_a_restart() {
     .await;
     assert!(reloaded, "new role not served after SIGHUP");
     let err = issue(&b, "app", "ro", 0).await.unwrap_err();
+    // A refused handshake reaches the client as a failed or a closed
+    // connection, depending on timing (Cancelled under load).
     assert!(
         matches!(
             err.code(),
