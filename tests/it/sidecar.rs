@@ -759,3 +759,99 @@ async fn sidecar_reloads_its_client_certificate_from_disk() {
     assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(0));
     assert_eq!(b.broker_role_count().await, 0);
 }
+
+/// The env format on a MySQL-kind role: MYSQL_* variables and a mysql://
+/// DATABASE_URL that log in to the machine's MariaDB as the leased user.
+#[tokio::test]
+async fn sidecar_env_file_for_a_mariadb_role_logs_in() {
+    use mysql_async::prelude::Queryable;
+    let maria = |user: Option<(&str, &str)>, db: Option<&str>| {
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(3306)
+            .user(Some(user.map_or("root", |u| u.0)))
+            .pass(user.map(|u| u.1))
+            .db_name(db)
+            .prefer_socket(false)
+    };
+    let mut root = mysql_async::Conn::new(maria(None, None))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the machine's MariaDB at 127.0.0.1:3306 (root, no password) is not reachable: {e}; \
+                 install and start it (`apt-get install -y mariadb-server && service mariadb start`)"
+            )
+        });
+    let schema = unique("sc");
+    root.query_drop(format!(
+        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY); \
+         INSERT INTO `{schema}`.orders VALUES (1)"
+    ))
+    .await
+    .unwrap();
+
+    let mut b = TestBroker::prepare("").await;
+    let section = b.env.mysql_database("maria", 3306, &schema, None).unwrap();
+    b.edit_config(|t| {
+        t + &section
+            + &format!(
+                "[roles.sc_maria]\ndatabase = \"maria\"\ndefault_ttl = \"1m\"\nmax_ttl = \"5m\"\n\
+                 allowed = [\"{APP}\"]\ngrants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n"
+            )
+    });
+    b.start_in_process().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sc = Sidecar::spawn(&b, dir.path(), "sc_maria", &["--once", "--format", "env"]);
+    assert_eq!(
+        sc.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        sc.log_text()
+    );
+    let text = std::fs::read_to_string(&sc.out).unwrap();
+    let var = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{k} missing in:\n{}",
+                    text.lines()
+                        .map(|l| l.split('=').next().unwrap_or(""))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            })
+            .trim_matches('\'')
+            .to_string()
+    };
+    assert_eq!(var("MYSQL_TCP_PORT"), "3306");
+    assert_eq!(var("MYSQL_DATABASE"), schema);
+    assert!(var("DATABASE_URL").starts_with("mysql://"));
+    let (user, password) = (var("MYSQL_USER"), var("MYSQL_PWD"));
+    let mut conn = mysql_async::Conn::new(maria(Some((&user, &password)), Some(&schema)))
+        .await
+        .expect("the sidecar's MariaDB credential logs in");
+    let n: Option<u64> = conn
+        .query_first("SELECT COUNT(*) FROM orders")
+        .await
+        .unwrap();
+    assert_eq!(n, Some(1));
+    assert!(!sc.log_text().contains(&password));
+    drop(conn);
+
+    let out = b
+        .admin("admin")
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::All(true)),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.revoked, 1);
+    b.stop().await;
+    root.query_drop(format!("DROP DATABASE `{schema}`"))
+        .await
+        .unwrap();
+}
