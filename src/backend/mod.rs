@@ -133,14 +133,78 @@ pub fn read_admin_password(db: &DatabaseConfig) -> Result<Option<Password>> {
 /// the old one, mode 0600, renamed over it, so a crash leaves either the old
 /// or the new password, never half of one.
 pub fn store_admin_password(db: &DatabaseConfig, password: &Password) -> Result<()> {
-    let SecretSource::File(path) = &db.admin_password else {
-        return Err(Error::FailedPrecondition(format!(
+    let path = admin_password_file(db)?;
+    crate::fsutil::write_secret_file(path, password.expose().as_bytes())
+        .map_err(|e| Error::internal(format!("cannot write {}: {e}", path.display())))?;
+    let _ = std::fs::remove_file(staged_path(path));
+    Ok(())
+}
+
+/// Writes a new admin password beside the current one *before* the
+/// database is told: should the broker die between the database's change
+/// and `store_admin_password`, the next start finds it there
+/// (`resolve_interrupted_rotation`) instead of nobody knowing it.
+pub fn stage_admin_password(db: &DatabaseConfig, password: &Password) -> Result<()> {
+    let staged = staged_path(admin_password_file(db)?);
+    crate::fsutil::write_secret_file(&staged, password.expose().as_bytes())
+        .map_err(|e| Error::internal(format!("cannot write {}: {e}", staged.display())))
+}
+
+fn admin_password_file(db: &DatabaseConfig) -> Result<&std::path::Path> {
+    match &db.admin_password {
+        SecretSource::File(path) => Ok(path),
+        _ => Err(Error::FailedPrecondition(format!(
             "databases.{}: rotate-root needs admin_password_file, where the broker can keep the new password",
             db.name
-        )));
+        ))),
+    }
+}
+
+fn staged_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    name.into()
+}
+
+fn build(db: &DatabaseConfig) -> Result<Arc<dyn Backend>> {
+    Ok(match db.kind {
+        BackendKind::Postgres => Arc::new(postgres::PostgresBackend::new(db)?),
+        BackendKind::Mysql => Arc::new(mysql::MysqlBackend::new(db)?),
+    })
+}
+
+/// A staged admin password left by an interrupted rotate-root: whichever
+/// of the two the database accepts becomes the kept one.
+async fn resolve_interrupted_rotation(
+    db: &DatabaseConfig,
+    current: Arc<dyn Backend>,
+) -> Result<Arc<dyn Backend>> {
+    let SecretSource::File(path) = &db.admin_password else {
+        return Ok(current);
     };
-    crate::fsutil::write_secret_file(path, password.expose().as_bytes())
-        .map_err(|e| Error::internal(format!("cannot write {}: {e}", path.display())))
+    let staged = staged_path(path);
+    if !staged.exists() {
+        return Ok(current);
+    }
+    if current.preflight().await.is_ok() {
+        tracing::warn!(database = %db.name, "an interrupted rotate-root never reached the database; the current admin password stays");
+        let _ = std::fs::remove_file(&staged);
+        return Ok(current);
+    }
+    let io = |e: std::io::Error| Error::internal(format!("{}: {e}", path.display()));
+    let old = zeroize::Zeroizing::new(std::fs::read(path).map_err(io)?);
+    std::fs::rename(&staged, path).map_err(io)?;
+    let candidate = build(db)?;
+    if candidate.preflight().await.is_ok() {
+        tracing::warn!(database = %db.name, "completed an interrupted rotate-root: the staged admin password is now the kept one");
+        return Ok(candidate);
+    }
+    // Neither logs in (the database may be down): leave both as they were.
+    let new = zeroize::Zeroizing::new(std::fs::read(path).map_err(io)?);
+    crate::fsutil::write_secret_file(&staged, &new).map_err(io)?;
+    crate::fsutil::write_secret_file(path, &old).map_err(io)?;
+    tracing::warn!(database = %db.name, "an interrupted rotate-root is unresolved (the database did not accept either password); restart when it is reachable");
+    Ok(current)
 }
 
 pub type Backends = BTreeMap<String, Arc<dyn Backend>>;
@@ -151,10 +215,7 @@ pub type Backends = BTreeMap<String, Arc<dyn Backend>>;
 pub async fn connect_all(config: &Config) -> Result<Backends> {
     let mut out: Backends = BTreeMap::new();
     for (name, db) in &config.databases {
-        let backend: Arc<dyn Backend> = match db.kind {
-            BackendKind::Postgres => Arc::new(postgres::PostgresBackend::new(db)?),
-            BackendKind::Mysql => Arc::new(mysql::MysqlBackend::new(db)?),
-        };
+        let backend = resolve_interrupted_rotation(db, build(db)?).await?;
         out.insert(name.clone(), backend);
     }
     Ok(out)

@@ -21,8 +21,8 @@ use tokio::sync::OnceCell;
 
 use crate::backend::mysql_auth::{caching_sha2_hash, native_password_hash};
 use crate::backend::{
-    read_admin_password, render_grant, store_admin_password, Backend, Endpoint, NewUser, PoolState,
-    UserRef,
+    read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
+    Endpoint, NewUser, PoolState, UserRef,
 };
 use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
@@ -643,6 +643,7 @@ impl Backend for MysqlBackend {
         let server = self.server().await?;
         let password = Password::generate();
         let hash = server.stored_hash(&password);
+        stage_admin_password(&self.config, &password)?;
         let mut conn = self.conn().await?;
         // The account by name: MariaDB 10.11 accepts `ALTER USER
         // CURRENT_USER() IDENTIFIED BY PASSWORD …` and silently changes

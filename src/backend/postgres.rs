@@ -10,8 +10,8 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::NoTls;
 
 use crate::backend::{
-    read_admin_password, render_grant, store_admin_password, Backend, Endpoint, NewUser, PoolState,
-    UserRef,
+    read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
+    Endpoint, NewUser, PoolState, UserRef,
 };
 use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
@@ -439,6 +439,7 @@ impl Backend for PostgresBackend {
     async fn rotate_root(&self) -> Result<()> {
         let password = Password::generate();
         let verifier = scram::verifier(&password, self.config.scram_iterations.max(4096));
+        stage_admin_password(&self.config, &password)?;
         let client = self.client().await?;
         client
             .batch_execute(&format!(

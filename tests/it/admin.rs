@@ -529,3 +529,60 @@ async fn main_port_answers_grpc_health_and_lists_its_services_by_reflection() {
     }
     b.stop().await;
 }
+
+#[tokio::test]
+async fn an_interrupted_rotate_root_is_resolved_at_the_next_start() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    let admin_role = unique("adm");
+    b.superuser()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {admin_role} SUPERUSER LOGIN PASSWORD 'kept-password'"
+        ))
+        .await
+        .unwrap();
+    let secret = b.env.dir.join("secrets").join("main-admin");
+    let staged = b.env.dir.join("secrets").join("main-admin.next");
+    credbroker::fsutil::write_secret_file(&secret, b"kept-password").unwrap();
+    let su = cluster().superuser().to_string();
+    b.edit_config(|t| t.replace(&format!("://{su}@"), &format!("://{admin_role}@")));
+
+    // A rotation that staged its password and died before telling the
+    // database: the staged one is discarded.
+    credbroker::fsutil::write_secret_file(&staged, b"never-applied").unwrap();
+    b.start_in_process().await;
+    issue(&b, "app", "ro", 0)
+        .await
+        .expect("issues with the kept password");
+    assert!(!staged.exists());
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "kept-password");
+    b.stop().await;
+
+    // A rotation that told the database and died before keeping it: the
+    // staged one becomes the kept one.
+    credbroker::fsutil::write_secret_file(&staged, b"applied-then-crashed").unwrap();
+    b.superuser()
+        .await
+        .batch_execute(&format!(
+            "ALTER ROLE {admin_role} PASSWORD 'applied-then-crashed'"
+        ))
+        .await
+        .unwrap();
+    b.start_in_process().await;
+    issue(&b, "app", "ro", 0)
+        .await
+        .expect("issues with the staged password");
+    assert!(!staged.exists());
+    assert_eq!(
+        std::fs::read_to_string(&secret).unwrap(),
+        "applied-then-crashed"
+    );
+    b.stop().await;
+    b.superuser()
+        .await
+        .batch_execute(&format!(
+            "DROP OWNED BY {admin_role}; DROP ROLE IF EXISTS {admin_role}"
+        ))
+        .await
+        .unwrap();
+}
