@@ -158,7 +158,9 @@ impl PostgresBackend {
             .iter()
             .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
             .collect();
-        let drop = format!("DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
+        // DROP OWNED rewrites the ACLs the roles appear in: under the same
+        // lock as grants, or a concurrent issue's GRANT makes one of them fail.
+        let drop = format!("{ACL_LOCK}; DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
         let (disabled, began, guarded, terminated, dropped) = tokio::join!(
             client.batch_execute(&nologin),
@@ -245,7 +247,7 @@ impl PostgresBackend {
         );
         disabled.map_err(|e| self.db_error("disable login", e))?;
         terminated.map_err(|e| self.db_error("terminate sessions", e))?;
-        let drop = format!("DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};");
+        let drop = format!("{ACL_LOCK}; DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};");
         for db in &other_dbs {
             self.drop_owned_in(db, &list).await?;
         }
