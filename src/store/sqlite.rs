@@ -738,9 +738,16 @@ impl LeaseStore for SqliteStore {
                  WHERE state = 'pending'",
                 params![ms(now)],
             )?;
-            // Claims of our own previous life are void: this file has one owner.
-            c.execute("UPDATE leases SET claimed_by = NULL, claim_until = NULL WHERE claimed_by IS NOT NULL", [])
-                .map(|n| n as u64)
+            // A claim of our own previous life is a revocation that was under
+            // way when we died: the drop may have happened without the store
+            // hearing of it. Finish it now (drops are idempotent) rather than
+            // at expiry, and free the claim — this file has one owner.
+            c.execute(
+                "UPDATE leases SET due_at = MIN(due_at, ?1), claimed_by = NULL, claim_until = NULL \
+                 WHERE claimed_by IS NOT NULL AND state <> 'revoked'",
+                params![ms(now)],
+            )
+            .map(|n| n as u64)
         })
         .await
     }

@@ -593,7 +593,8 @@ async fn crash_loop_leaves_no_untracked_role_and_loses_no_acknowledged_lease() {
         settled,
         "pending intents were not resolved after the last restart"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // ... and revocations cut off mid-way are finished at once after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     b.kill_binary();
     let store = b.open_store().await;
     let live: BTreeSet<String> = store

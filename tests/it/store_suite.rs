@@ -525,6 +525,8 @@ async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
         .unwrap();
     s.recover_after_start(now).await.unwrap();
     assert_eq!(ms(s.get(&p.id).await.unwrap().unwrap().due_at), ms(now));
+    // The interrupted revocation is due at once, to be finished.
+    assert_eq!(ms(s.get(&a.id).await.unwrap().unwrap().due_at), ms(now));
     assert!(s
         .claim_one(&a.id, &claim("me", 60))
         .await
