@@ -70,9 +70,9 @@ enum Durability {
     /// On disk (fsync of the WAL) before the reply: intents, activations,
     /// revocations, expiries.
     Full,
-    /// Answered as soon as it ran, committed with its batch but on disk
-    /// only with the next full commit. For revocation claims, which a
-    /// restart voids anyway (`recover_after_start`).
+    /// Committed with its batch (so a process crash keeps it) but on disk
+    /// only with the next full commit. For revocation claims, which start-up
+    /// turns into due revocations (`recover_after_start`).
     Lazy,
 }
 
@@ -354,7 +354,7 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
             continue;
         }
         let mut done: Vec<Box<dyn Job>> = Vec::with_capacity(writes.len());
-        for (durability, mut job) in writes {
+        for (_, mut job) in writes {
             let sp = conn.execute_batch("SAVEPOINT req");
             let ok = job.run(&mut conn);
             if sp.is_ok() {
@@ -364,15 +364,11 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
                 }
                 let _ = conn.execute_batch("RELEASE req");
             }
-            if durability == Durability::Lazy && sp.is_ok() {
-                // A claim need not wait for the others' fsync: were this
-                // commit to fail, the claim would simply not exist, and a
-                // second revocation of the same users is harmless (drops
-                // are idempotent).
-                job.finish(Ok(()));
-            } else {
-                done.push(job);
-            }
+            // Every write, claims included, is answered only after COMMIT:
+            // a claim answered earlier let a revocation drop its role while
+            // the claim was not yet in the file, and a crash then left a
+            // live lease that no start-up could know was half revoked.
+            done.push(job);
         }
         let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
         if commit.is_err() {
