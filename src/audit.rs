@@ -45,6 +45,9 @@ pub struct Event {
     pub outcome: Option<Outcome>,
     /// Error kind or a short explanation; never a secret.
     pub detail: Option<String>,
+    /// Objects the revoked user owned, handed to `reassigned_to`.
+    pub objects_reassigned: Option<u64>,
+    pub reassigned_to: Option<String>,
 }
 
 impl Event {
@@ -75,6 +78,10 @@ pub struct Record {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub objects_reassigned: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reassigned_to: Option<String>,
     pub prev: String,
 }
 
@@ -163,6 +170,8 @@ impl AuditLog {
             username: event.username,
             outcome: event.outcome.unwrap_or(Outcome::Ok),
             detail: event.detail,
+            objects_reassigned: event.objects_reassigned,
+            reassigned_to: event.reassigned_to,
             prev: chain.prev.clone(),
         };
         let json = serde_json::to_string(&record).map_err(Error::internal)?;

@@ -2,11 +2,10 @@
 //! routine the reaper shares. No gRPC types here; the server module turns
 //! requests into these calls and `Error`s into statuses.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use rand::Rng;
 use tokio::sync::Notify;
 
@@ -15,11 +14,13 @@ use crate::backend::{Backend, Backends, Endpoint, NewUser, UserRef};
 use crate::config::{Config, RoleConfig};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
-use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Username};
+use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
-use crate::store::{Claim, FailureRecord, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
+use crate::revocation::UNREACHABLE_RETRY_CAP;
+pub use crate::revocation::{BulkOutcome, Mode};
+use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 
 /// Longest role name a request may carry; config keys are shorter.
 const MAX_ROLE_LEN: usize = 64;
@@ -41,34 +42,6 @@ pub enum Selector {
     Database(String),
     Identity(String),
     All,
-}
-
-/// The outcome of a bulk revoke.
-#[derive(Debug, Default)]
-pub struct BulkOutcome {
-    pub revoked: Vec<LeaseId>,
-    pub failed: Vec<(LeaseId, String)>,
-}
-
-/// Who asked for a revocation; goes into the audit record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Requested,
-    Admin,
-    Expired,
-    /// A pending intent whose issuer died or failed.
-    AbandonedIntent,
-}
-
-impl Reason {
-    fn action(self) -> &'static str {
-        match self {
-            Reason::Requested => "revoke",
-            Reason::Admin => "admin_revoke",
-            Reason::Expired => "reap",
-            Reason::AbandonedIntent => "resolve_intent",
-        }
-    }
 }
 
 pub struct Broker {
@@ -274,6 +247,7 @@ impl Broker {
             hard_limit: max_expires_at,
             grants: &role.grants,
             host: &lease.user_host,
+            owner: role.owner.as_deref(),
         };
         if let Err(e) = backend.create_user(&new_user).await {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
@@ -313,13 +287,10 @@ impl Broker {
     fn clean_up_failed_issue(&self, lease: Lease, backend: Arc<dyn Backend>) {
         let store = self.store.clone();
         let audit = self.audit.clone();
+        let revokee = self.revokee(&lease);
         tokio::spawn(async move {
-            let user = UserRef {
-                username: lease.username.clone(),
-                host: lease.user_host.clone(),
-            };
-            match backend.revoke(&[user]).await {
-                Ok(()) => {
+            match backend.revoke(&[revokee]).await {
+                Ok(_) => {
                     if store
                         .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
                         .await
@@ -473,6 +444,14 @@ impl Broker {
                 lease.role
             ))
         })?;
+        // Policy is checked on every call that extends a credential's life:
+        // an identity removed from `allowed` (SIGHUP) stops renewing too.
+        if !any_matches(&role.allowed, &lease.identity) {
+            return Err(Error::denied(format!(
+                "identity may no longer lease role {:?}; lease {id} cannot be renewed",
+                lease.role
+            )));
+        }
         let ttl = effective_ttl(role, ttl)?;
         let new_expiry = truncate_ms((now + ttl).min(lease.max_expires_at));
         let backend = self.backend(&lease.database)?.clone();
@@ -531,7 +510,12 @@ impl Broker {
         };
         let mut lease = claimed.clone();
         let outcome = self
-            .revoke_claimed(vec![claimed], who.as_str(), Reason::Requested, false)
+            .revoke_claimed(
+                vec![claimed],
+                who.as_str(),
+                Reason::Requested,
+                Mode::UntilDropped,
+            )
             .await;
         if let Some((_, err)) = outcome.failed.into_iter().next() {
             return Err(Error::Unavailable(format!(
@@ -555,7 +539,7 @@ impl Broker {
         &self,
         who: &Identity,
         selector: &Selector,
-        force: bool,
+        mode: Mode,
     ) -> Result<BulkOutcome> {
         self.require_admin(who, "admin_revoke")?;
         let mut filter = LeaseFilter::default();
@@ -577,7 +561,7 @@ impl Broker {
                     .map_err(store_unavailable)?;
                 return Ok(match claimed {
                     Some(l) => {
-                        self.revoke_claimed(vec![l], who.as_str(), Reason::Admin, force)
+                        self.revoke_claimed(vec![l], who.as_str(), Reason::Admin, mode)
                             .await
                     }
                     None => BulkOutcome {
@@ -614,7 +598,7 @@ impl Broker {
         }
         for chunk in claimed.chunks(batch) {
             let out = self
-                .revoke_claimed(chunk.to_vec(), who.as_str(), Reason::Admin, force)
+                .revoke_claimed(chunk.to_vec(), who.as_str(), Reason::Admin, mode)
                 .await;
             total.revoked.extend(out.revoked);
             total.failed.extend(out.failed);
@@ -663,234 +647,6 @@ impl Broker {
                 ),
         }
     }
-
-    /// Revokes leases this broker has claimed: per database, in one batch
-    /// where possible, one by one when a batch fails so that one bad lease
-    /// cannot hold back the others. Each lease leaves the live set only
-    /// after its drop succeeded (invariant 2), unless `force`.
-    pub async fn revoke_claimed(
-        &self,
-        leases: Vec<Lease>,
-        actor: &str,
-        reason: Reason,
-        force: bool,
-    ) -> BulkOutcome {
-        let mut by_db: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
-        for l in leases {
-            by_db.entry(l.database.clone()).or_default().push(l);
-        }
-        let mut out = BulkOutcome::default();
-        for (db, leases) in by_db {
-            let result = match self.backend(&db) {
-                Ok(backend) => {
-                    let users: Vec<UserRef> = leases
-                        .iter()
-                        .map(|l| UserRef {
-                            username: l.username.clone(),
-                            host: l.user_host.clone(),
-                        })
-                        .collect();
-                    match backend.revoke(&users).await {
-                        Ok(()) => Ok(()),
-                        // A database that is down fails every lease the
-                        // same way: splitting the batch would only multiply
-                        // connection attempts.
-                        Err(e) if leases.len() > 1 && !matches!(e, Error::Unavailable(_)) => {
-                            tracing::warn!(database = %db, error = %e, "batch revocation failed; revoking one by one");
-                            for l in &leases {
-                                let user = UserRef {
-                                    username: l.username.clone(),
-                                    host: l.user_host.clone(),
-                                };
-                                let r = backend.revoke(std::slice::from_ref(&user)).await;
-                                self.finish_revocation(l, r, actor, reason, force, &mut out)
-                                    .await;
-                            }
-                            continue;
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => {
-                    let ids: Vec<LeaseId> = leases.iter().map(|l| l.id.clone()).collect();
-                    let marked = match self
-                        .store
-                        .mark_revoked_claimed(&ids, &self.owner, Utc::now())
-                        .await
-                    {
-                        Ok(m) => m,
-                        Err(e) => {
-                            // The users are gone; the next pass finds nothing
-                            // to drop and marks them then.
-                            tracing::error!(error = %e, "cannot mark leases revoked");
-                            for l in &leases {
-                                out.failed.push((l.id.clone(), format!("store: {e}")));
-                            }
-                            continue;
-                        }
-                    };
-                    for l in &leases {
-                        if marked.contains(&l.id) {
-                            self.audit_revocation(l, actor, reason, Ok(()));
-                            self.metrics.revoked(&l.role, &l.database, reason);
-                            out.revoked.push(l.id.clone());
-                        } else {
-                            out.failed.push((l.id.clone(), CLAIM_LOST.into()));
-                        }
-                    }
-                }
-                Err(e) if !force => {
-                    self.record_batch_failure(&leases, &e, actor, reason, &mut out)
-                        .await
-                }
-                Err(e) => {
-                    for l in &leases {
-                        self.finish_revocation(
-                            l,
-                            Err(clone_error(&e)),
-                            actor,
-                            reason,
-                            force,
-                            &mut out,
-                        )
-                        .await;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    async fn finish_revocation(
-        &self,
-        lease: &Lease,
-        result: Result<()>,
-        actor: &str,
-        reason: Reason,
-        force: bool,
-        out: &mut BulkOutcome,
-    ) {
-        match result {
-            Ok(()) => match self
-                .store
-                .mark_revoked_claimed(std::slice::from_ref(&lease.id), &self.owner, Utc::now())
-                .await
-            {
-                Ok(marked) if marked.contains(&lease.id) => {
-                    self.audit_revocation(lease, actor, reason, Ok(()));
-                    self.metrics.revoked(&lease.role, &lease.database, reason);
-                    out.revoked.push(lease.id.clone());
-                }
-                Ok(_) => out.failed.push((lease.id.clone(), CLAIM_LOST.into())),
-                Err(e) => out.failed.push((lease.id.clone(), format!("store: {e}"))),
-            },
-            Err(e) if force => {
-                tracing::warn!(lease_id = %lease.id, error = %e, "revocation failed; forced off by an admin");
-                let _ = self
-                    .store
-                    .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
-                    .await;
-                self.audit_revocation(
-                    lease,
-                    actor,
-                    reason,
-                    Err(&format!("forced; drop failed: {e}")),
-                );
-                self.metrics.revoked(&lease.role, &lease.database, reason);
-                out.revoked.push(lease.id.clone());
-            }
-            Err(e) => {
-                self.record_batch_failure(std::slice::from_ref(lease), &e, actor, reason, out)
-                    .await
-            }
-        }
-    }
-
-    /// Records one failed attempt for each lease, in one store transaction,
-    /// with the next retry time. A database that is merely unreachable is
-    /// retried within seconds (a refused connection is cheap), so due leases
-    /// are caught up right after it returns; other errors back off further.
-    async fn record_batch_failure(
-        &self,
-        leases: &[Lease],
-        error: &Error,
-        actor: &str,
-        reason: Reason,
-        out: &mut BulkOutcome,
-    ) {
-        let cfg = self.config();
-        let msg = error.to_string();
-        let cap = match error {
-            Error::Unavailable(_) => cfg.reaper.max_backoff.min(UNREACHABLE_RETRY_CAP),
-            _ => cfg.reaper.max_backoff,
-        };
-        let failures: Vec<FailureRecord> = leases
-            .iter()
-            .map(|l| {
-                let attempts = l.revoke_attempts + 1;
-                let delay = backoff(attempts, cap);
-                FailureRecord {
-                    id: l.id.clone(),
-                    error: msg.clone(),
-                    next_due: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
-                    failing: attempts >= cfg.reaper.failing_after_attempts,
-                }
-            })
-            .collect();
-        if let Err(se) = self.store.record_failures(&failures).await {
-            tracing::error!(error = %se, "cannot record revocation failures");
-        }
-        tracing::warn!(count = leases.len(), error = %msg, "revocation failed; will retry");
-        for l in leases {
-            self.audit_revocation(l, actor, reason, Err(&msg));
-            self.metrics.revocation_failed(&l.database);
-            out.failed.push((l.id.clone(), msg.clone()));
-        }
-    }
-
-    fn audit_revocation(
-        &self,
-        lease: &Lease,
-        actor: &str,
-        reason: Reason,
-        result: std::result::Result<(), &str>,
-    ) {
-        let mut e = Event::new(actor, reason.action());
-        e.role = Some(lease.role.clone());
-        e.database = Some(lease.database.clone());
-        e.lease_id = Some(lease.id.to_string());
-        e.username = Some(lease.username.to_string());
-        match result {
-            Ok(()) => e.outcome = Some(Outcome::Ok),
-            Err(msg) => {
-                e.outcome = Some(Outcome::Error);
-                e.detail = Some(msg.to_string());
-            }
-        }
-        if let Err(err) = self.audit.append(e) {
-            tracing::error!(error = %err, "audit write failed");
-        }
-    }
-}
-
-/// Longest wait between attempts on a database that is unreachable.
-const UNREACHABLE_RETRY_CAP: Duration = Duration::from_secs(2);
-
-/// Exponential backoff with full jitter: 1 s, 2 s, 4 s … capped.
-pub fn backoff(attempt: u32, max: Duration) -> Duration {
-    let base = Duration::from_secs(1u64 << attempt.min(16).saturating_sub(1)).min(max);
-    let ms = base.as_millis().max(1) as u64;
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
-}
-
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        other => Error::Internal(other.to_string()),
-    }
 }
 
 fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
@@ -922,11 +678,6 @@ fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Dur
     chrono::Duration::from_std(ttl).map_err(Error::internal)
 }
 
-/// Our claim ran out mid-revocation and another broker replica took the
-/// lease over: it records and audits the revocation, not us.
-const CLAIM_LOST: &str =
-    "claim taken over by another broker replica, which completes the revocation";
-
 fn store_unavailable(e: Error) -> Error {
     match e {
         Error::Internal(m) => Error::Unavailable(format!("lease store: {m}")),
@@ -951,12 +702,4 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "broker".into())
-}
-
-/// When the reaper should have acted on the oldest due lease.
-pub fn lag(next_due: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
-    next_due
-        .filter(|d| *d < now)
-        .and_then(|d| (now - d).to_std().ok())
-        .unwrap_or_default()
 }

@@ -124,6 +124,11 @@ pub struct RoleConfig {
     /// Issues per second one identity may make on this role (token bucket).
     pub issue_rate: Option<f64>,
     pub issue_burst: Option<u32>,
+    /// Who inherits what a leased user creates (invariant 7). PostgreSQL: a
+    /// role the leased user becomes a member of (so `SET ROLE owner`
+    /// works); MySQL: the account (`name` or `name@host`) that becomes
+    /// the DEFINER of its views and routines. `None`: the broker's admin.
+    pub owner: Option<String>,
 }
 
 /// Upper bound for any TTL: a "short-lived" credential living longer than
@@ -245,6 +250,7 @@ struct RawRole {
     max_leases_per_identity: Option<u32>,
     issue_rate: Option<f64>,
     issue_burst: Option<u32>,
+    owner: Option<String>,
 }
 
 pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
@@ -294,15 +300,21 @@ impl RawConfig {
             })
             .transpose()?;
         let name_prefix = self.server.name_prefix.unwrap_or_else(|| "cb_".to_string());
-        let prefix_ok = !name_prefix.is_empty()
+        // Ending in `_`, with no `_` in the role fragment that follows it,
+        // makes the user names of two brokers with different prefixes
+        // disjoint even when one prefix starts the other (`cb_` and
+        // `cb_b_`): neither broker's sweep can take the other's users for
+        // its own.
+        let prefix_ok = name_prefix.len() >= 2
             && name_prefix.len() <= 6
+            && name_prefix.ends_with('_')
             && name_prefix.as_bytes()[0].is_ascii_lowercase()
             && name_prefix
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !prefix_ok {
             return Err(cfg_err(format!(
-                "server.name_prefix {name_prefix:?}: use 1-6 characters of a-z, 0-9 and _, starting with a letter"
+                "server.name_prefix {name_prefix:?}: use 2-6 characters of a-z, 0-9 and _, starting with a letter and ending with _ (e.g. \"cb_\")"
             )));
         }
         let server = ServerConfig {
@@ -566,6 +578,21 @@ impl RawConfig {
                     what("host")
                 )));
             }
+            if let Some(owner) = &r.owner {
+                // Quoted wherever it reaches SQL; this only keeps out what
+                // no real role or account name holds.
+                let owner_ok = !owner.is_empty()
+                    && owner.len() <= 63
+                    && !owner
+                        .chars()
+                        .any(|c| c.is_control() || c == '\'' || c == '`' || c == '"');
+                if !owner_ok {
+                    return Err(cfg_err(format!(
+                        "{}: {owner:?} is not a role or account name",
+                        what("owner")
+                    )));
+                }
+            }
             if let Some(rate) = r.issue_rate {
                 if !(rate.is_finite() && rate > 0.0) {
                     return Err(cfg_err(format!(
@@ -587,6 +614,7 @@ impl RawConfig {
                     max_leases_per_identity: r.max_leases_per_identity,
                     issue_rate: r.issue_rate,
                     issue_burst: r.issue_burst,
+                    owner: r.owner,
                 },
             );
         }

@@ -4,7 +4,7 @@
 /// What went wrong, classified by what the caller can do about it. The gRPC
 /// layer maps each variant to one status code in one place
 /// (`server::status`), so internals never decide what a caller sees.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request itself is malformed: fix it and retry.
     #[error("invalid argument: {0}")]

@@ -65,6 +65,38 @@ impl fmt::Debug for LeaseId {
     }
 }
 
+/// Why a lease ended; goes into the audit record and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Its holder asked.
+    Requested,
+    Admin,
+    Expired,
+    /// A pending intent whose issuer died or failed.
+    AbandonedIntent,
+}
+
+impl Reason {
+    /// The audit action.
+    pub fn action(self) -> &'static str {
+        self.labels().0
+    }
+
+    /// The `reason` label of `credbroker_revoked_total`.
+    pub fn label(self) -> &'static str {
+        self.labels().1
+    }
+
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Reason::Requested => ("revoke", "requested"),
+            Reason::Admin => ("admin_revoke", "admin"),
+            Reason::Expired => ("reap", "expired"),
+            Reason::AbandonedIntent => ("resolve_intent", "abandoned_intent"),
+        }
+    }
+}
+
 /// Longest user name we make: MySQL 8 allows 32 characters, MariaDB 80,
 /// PostgreSQL 63 bytes. Staying within 32 fits all of them.
 pub const MAX_USERNAME_LEN: usize = 32;

@@ -11,10 +11,12 @@
 //! - [`identity`], [`policy`]: who the caller is, and what it may lease.
 //! - [`lease`]: ids, broker-made user names, zeroizing passwords, states.
 //! - [`broker`]: issue / renew / revoke / admin; no gRPC types inside.
+//! - [`revocation`]: the one engine that ends leases, whoever asks.
 //! - [`limits`]: per-identity rate limits.
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
-//! - [`store`]: the lease store trait and its SQLite implementation.
+//! - [`store`]: the lease store trait; SQLite (one broker) and PostgreSQL
+//!   (replicas) implementations.
 //! - [`reaper`]: expiry-ordered, batched, retrying revocation; orphan sweep.
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
@@ -48,6 +50,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod reaper;
+pub mod revocation;
 pub mod scram;
 pub mod server;
 pub mod sidecar;

@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::broker::Reason;
 use crate::error::Error;
+use crate::lease::Reason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabels {
@@ -168,12 +168,7 @@ impl Metrics {
     }
 
     pub fn revoked(&self, role: &str, database: &str, reason: Reason) {
-        let reason = match reason {
-            Reason::Requested => "requested",
-            Reason::Admin => "admin",
-            Reason::Expired => "expired",
-            Reason::AbandonedIntent => "abandoned_intent",
-        };
+        let reason = reason.label();
         self.revoked
             .get_or_create(&RevokeLabels {
                 role: role.into(),

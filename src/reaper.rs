@@ -11,9 +11,10 @@ use chrono::Utc;
 use tokio::time::Instant;
 
 use crate::backend::UserRef;
-use crate::broker::{backoff, Broker, Reason};
+use crate::broker::{Broker, Mode};
 use crate::error::Result;
-use crate::lease::LeaseState;
+use crate::lease::{LeaseState, Reason};
+use crate::revocation::backoff;
 
 /// Identity recorded in the audit log for the reaper's own actions.
 pub const REAPER_IDENTITY: &str = "credbroker:reaper";
@@ -81,12 +82,22 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
             .partition(|l| l.state == LeaseState::Pending);
         if !abandoned.is_empty() {
             broker
-                .revoke_claimed(abandoned, REAPER_IDENTITY, Reason::AbandonedIntent, false)
+                .revoke_claimed(
+                    abandoned,
+                    REAPER_IDENTITY,
+                    Reason::AbandonedIntent,
+                    Mode::UntilDropped,
+                )
                 .await;
         }
         if !expired.is_empty() {
             broker
-                .revoke_claimed(expired, REAPER_IDENTITY, Reason::Expired, false)
+                .revoke_claimed(
+                    expired,
+                    REAPER_IDENTITY,
+                    Reason::Expired,
+                    Mode::UntilDropped,
+                )
                 .await;
         }
         if !full {
@@ -106,6 +117,12 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
 /// Drops broker-named users that no live lease accounts for. A name must
 /// be seen orphaned in two sweeps in a row before it is dropped, and only
 /// names in the broker's exact format are ever candidates.
+///
+/// `pg_roles` and `mysql.user` list the users of the whole *server*, and
+/// several `[databases.*]` may reach one server (under one host name or
+/// several): a user is an orphan only if no live lease of this broker, on
+/// *any* of its databases, accounts for it. Other brokers on the server
+/// are told apart by their `name_prefix` (see `Username::is_broker_made`).
 #[derive(Default)]
 pub struct OrphanSweeper {
     suspects: HashMap<String, HashSet<String>>,
@@ -129,7 +146,7 @@ impl OrphanSweeper {
                 .iter()
                 .map(|u| u.username.as_str().to_string())
                 .collect();
-            let live = match broker.store().live_among(db, &names).await {
+            let live = match broker.store().live_among(&names).await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "orphan sweep: store unreadable");
@@ -154,17 +171,8 @@ impl OrphanSweeper {
             if confirmed.is_empty() {
                 continue;
             }
-            match backend.revoke(&confirmed).await {
-                Ok(()) => {
-                    for u in &confirmed {
-                        tracing::warn!(database = %db, username = %u.username, "dropped orphaned broker user");
-                        let mut e = crate::audit::Event::new(REAPER_IDENTITY, "drop_orphan");
-                        e.database = Some(db.clone());
-                        e.username = Some(u.username.to_string());
-                        e.outcome = Some(crate::audit::Outcome::Ok);
-                        let _ = broker.audit().append(e);
-                    }
-                }
+            match broker.revoke_orphans(db, confirmed.clone()).await {
+                Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(database = %db, error = %e, "orphan drop failed; retrying next sweep");
                     let entry = self.suspects.entry(db.clone()).or_default();

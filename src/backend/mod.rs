@@ -42,6 +42,9 @@ pub struct NewUser<'a> {
     pub grants: &'a [String],
     /// MySQL account host part; ignored by PostgreSQL.
     pub host: &'a str,
+    /// The role's `owner`: on PostgreSQL the new user becomes a member, so
+    /// `SET ROLE owner` works (what migration tools do).
+    pub owner: Option<&'a str>,
 }
 
 /// A user to extend or revoke, as the store remembers it.
@@ -49,6 +52,30 @@ pub struct NewUser<'a> {
 pub struct UserRef {
     pub username: Username,
     pub host: String,
+}
+
+/// A user to revoke, and who inherits what it owns (invariant 7:
+/// revocation never destroys data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revokee {
+    pub user: UserRef,
+    /// The role's `owner`; `None` means the broker's own admin account (a
+    /// removed role, an orphan, a role without one).
+    pub owner: Option<String>,
+}
+
+impl Revokee {
+    pub fn new(user: UserRef, owner: Option<String>) -> Self {
+        Revokee { user, owner }
+    }
+}
+
+/// Objects a revoked user owned that now belong to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reassigned {
+    pub username: Username,
+    pub objects: u64,
+    pub to: String,
 }
 
 /// Connection pool figures for metrics.
@@ -74,10 +101,18 @@ pub trait Backend: Send + Sync {
     /// Moves the user's expiry (and its failsafe) to `valid_until`.
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()>;
 
-    /// Ends the users' sessions and drops them. Succeeds for users that are
-    /// already gone. On error, the batch may be partly done: callers retry
-    /// (every step is idempotent) or split the batch.
-    async fn revoke(&self, users: &[UserRef]) -> Result<()>;
+    /// Refuses the users' logins, ends their sessions, hands what they own
+    /// to their owner and drops them. Succeeds for users that are already
+    /// gone. Returns what was reassigned (users that owned nothing are not
+    /// listed). On error, the batch may be partly done: callers retry
+    /// (every step is idempotent) or split the batch; nothing a user owned
+    /// is ever dropped with it.
+    async fn revoke(&self, users: &[Revokee]) -> Result<Vec<Reassigned>>;
+
+    /// Leaves the users unable to log in and without sessions, without
+    /// dropping them: the last word of a forced revoke. Succeeds for users
+    /// that are gone; fails unless the database confirms it.
+    async fn disable(&self, users: &[UserRef]) -> Result<()>;
 
     /// Users on the server whose names this broker could have made.
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>>;

@@ -22,7 +22,7 @@ use tokio::sync::OnceCell;
 use crate::backend::mysql_auth::{caching_sha2_hash, native_password_hash};
 use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
-    Endpoint, NewUser, PoolState, UserRef,
+    Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef,
 };
 use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
@@ -503,10 +503,13 @@ impl Backend for MysqlBackend {
         let result = self.timed("create user", conn.query_drop(sql)).await;
         if result.is_err() {
             drop(conn);
-            let undo = UserRef {
-                username: user.username.clone(),
-                host: host.to_string(),
-            };
+            let undo = Revokee::new(
+                UserRef {
+                    username: user.username.clone(),
+                    host: host.to_string(),
+                },
+                None,
+            );
             if let Err(e) = self.revoke(std::slice::from_ref(&undo)).await {
                 tracing::warn!(database = %self.config.name, username = %name, error = %e,
                     "could not undo a failed create; the reaper will");
@@ -549,10 +552,11 @@ impl Backend for MysqlBackend {
         Ok(())
     }
 
-    async fn revoke(&self, users: &[UserRef]) -> Result<()> {
-        if users.is_empty() {
-            return Ok(());
+    async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
+        if revokees.is_empty() {
+            return Ok(Vec::new());
         }
+        let users: Vec<&UserRef> = revokees.iter().map(|r| &r.user).collect();
         let mut conn = self.conn().await?;
         let accounts = users
             .iter()
@@ -607,6 +611,44 @@ impl Backend for MysqlBackend {
         {
             tracing::warn!(database = %self.config.name, error = %e,
                 "failsafe events not dropped; they will fire harmlessly");
+        }
+        Ok(Vec::new())
+    }
+
+    async fn disable(&self, users: &[UserRef]) -> Result<()> {
+        let mut conn = self.conn().await?;
+        for u in users {
+            if !self.user_exists(&mut conn, u).await? {
+                continue;
+            }
+            let acct = account(u.username.as_str(), host_of(u));
+            self.timed(
+                "lock account",
+                conn.query_drop(format!("ALTER USER {acct} ACCOUNT LOCK")),
+            )
+            .await?;
+            let sessions: Vec<u64> = self
+                .timed(
+                    "list sessions",
+                    conn.query(format!(
+                        "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = {}",
+                        lit(u.username.as_str())
+                    )),
+                )
+                .await?;
+            for id in sessions {
+                match self
+                    .timed_raw(
+                        "kill session",
+                        conn.query_drop(format!("KILL CONNECTION {id}")),
+                    )
+                    .await?
+                {
+                    Ok(()) => {}
+                    Err(mysql_async::Error::Server(s)) if s.code == code::NO_SUCH_THREAD => {}
+                    Err(e) => return Err(self.db_error("kill session", e)),
+                }
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! PostgreSQL backend: roles with a broker-computed SCRAM verifier and
 //! `VALID UNTIL`, revoked in the order that leaves no session behind.
 
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use async_trait::async_trait;
@@ -11,7 +12,7 @@ use tokio_postgres::NoTls;
 
 use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
-    Endpoint, NewUser, PoolState, UserRef,
+    Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef,
 };
 use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
@@ -26,6 +27,10 @@ pub struct PostgresBackend {
     /// tokio-postgres config without password, for one-off connections to
     /// other databases of the cluster (DROP OWNED acts per database).
     base: tokio_postgres::Config,
+    /// Whether the admin role is a superuser, asked once. A role with only
+    /// CREATEROLE must make itself a member of a leased role before
+    /// `REASSIGN OWNED`/`DROP OWNED` may touch what that role owns.
+    superuser: tokio::sync::OnceCell<bool>,
 }
 
 impl PostgresBackend {
@@ -64,6 +69,7 @@ impl PostgresBackend {
             endpoint,
             pool: RwLock::new(pool),
             base,
+            superuser: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -126,14 +132,78 @@ impl PostgresBackend {
         }
     }
 
+    /// Whether the admin role is a superuser (asked once per backend).
+    async fn is_superuser(&self, client: &deadpool_postgres::Object) -> Result<bool> {
+        self.superuser
+            .get_or_try_init(|| async {
+                let row = client
+                    .query_one(
+                        "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| self.db_error("check privileges", e))?;
+                Ok::<bool, Error>(row.get(0))
+            })
+            .await
+            .copied()
+    }
+
+    /// `REASSIGN OWNED` for each owner among `revokees`, preceded, for an
+    /// admin that is not a superuser, by the membership it needs to act on
+    /// what the roles own. Objects survive their lease (invariant 7).
+    async fn reassign_sql(
+        &self,
+        client: &deadpool_postgres::Object,
+        revokees: &[&Revokee],
+    ) -> Result<String> {
+        let mut sql = String::new();
+        if !self.is_superuser(client).await? {
+            let names: Vec<&str> = revokees.iter().map(|r| r.user.username.as_str()).collect();
+            sql.push_str(&format!("GRANT {} TO CURRENT_USER; ", idents(&names)));
+        }
+        for (owner, names) in by_owner(revokees) {
+            let to = match owner {
+                Some(o) => escape_identifier(o),
+                None => "CURRENT_USER".to_string(),
+            };
+            sql.push_str(&format!("REASSIGN OWNED BY {} TO {to}; ", idents(&names)));
+        }
+        Ok(sql)
+    }
+
+    /// What each revokee owns, cluster-wide, and who it goes to.
+    fn reassigned(&self, revokees: &[&Revokee], counts: &[tokio_postgres::Row]) -> Vec<Reassigned> {
+        let admin = self.base.get_user().unwrap_or("postgres").to_string();
+        counts
+            .iter()
+            .filter_map(|row| {
+                let name: String = row.get(0);
+                let objects: i64 = row.get(1);
+                let r = revokees.iter().find(|r| r.user.username.as_str() == name)?;
+                (objects > 0).then(|| Reassigned {
+                    username: r.user.username.clone(),
+                    objects: objects as u64,
+                    to: r.owner.clone().unwrap_or_else(|| admin.clone()),
+                })
+            })
+            .collect()
+    }
+
     /// Revocation for the common case — every role exists and owns nothing
-    /// in another database — in one round trip: five messages sent back to
+    /// in another database — in one round trip: six messages sent back to
     /// back, which the server runs in order. NOLOGIN commits on its own
     /// first, so no login can slip in after the sessions are ended; then
     /// one transaction refuses to go on unless every role has lost LOGIN,
-    /// ends their sessions and drops them. Anything unexpected fails that
+    /// counts what they own, ends their sessions, hands what they own to
+    /// their owner and drops them. Anything unexpected fails that
     /// transaction whole, and the caller takes the careful path.
-    async fn revoke_fast(&self, client: &deadpool_postgres::Object, names: &[&str]) -> Result<()> {
+    async fn revoke_fast(
+        &self,
+        client: &deadpool_postgres::Object,
+        revokees: &[&Revokee],
+    ) -> Result<Vec<Reassigned>> {
+        let names: Vec<&str> = revokees.iter().map(|r| r.user.username.as_str()).collect();
         // Prepared once per connection: parsing and rewriting the
         // pg_stat_activity and pg_roles views costs the server more than
         // the DDL itself.
@@ -153,20 +223,28 @@ impl PostgresBackend {
             )
             .await
             .map_err(|e| self.db_error("prepare", e))?;
-        let list = idents(names);
+        let count = client
+            .prepare_cached(OWNED_COUNT)
+            .await
+            .map_err(|e| self.db_error("prepare", e))?;
+        let list = idents(&names);
         let nologin: String = names
             .iter()
             .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
             .collect();
+        let reassign = self.reassign_sql(client, revokees).await?;
         // DROP OWNED rewrites the ACLs the roles appear in: under the same
-        // lock as grants, or a concurrent issue's GRANT makes one of them fail.
-        let drop = format!("{ACL_LOCK}; DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
+        // lock as grants, or a concurrent issue's GRANT makes one of them
+        // fail. After REASSIGN OWNED, it drops privileges only, never an
+        // object.
+        let drop = format!("{ACL_LOCK}; {reassign}DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
-        let (disabled, began, guarded, terminated, dropped) = tokio::join!(
+        let (disabled, began, guarded, counted, terminated, dropped) = tokio::join!(
             client.batch_execute(&nologin),
             client.batch_execute("BEGIN"),
             // `1 / 0` aborts the transaction for a role that can still log in.
             client.query(&guard, &params),
+            client.query(&count, &params),
             client.query(&terminate, &params),
             client.batch_execute(&drop),
         );
@@ -175,15 +253,19 @@ impl PostgresBackend {
             .and(began.map_err(|e| self.db_error("begin", e)))
             .and(guarded.map_err(|e| self.db_error("check login disabled", e)))
             .and(terminated.map_err(|e| self.db_error("terminate sessions", e)))
-            .and(dropped.map_err(|e| self.db_error("drop role", e)));
-        if result.is_err() {
-            // Leaves the pooled connection outside any transaction.
-            client
-                .batch_execute("ROLLBACK")
-                .await
-                .map_err(|e| self.db_error("rollback", e))?;
+            .and(dropped.map_err(|e| self.db_error("reassign owned objects and drop role", e)))
+            .and(counted.map_err(|e| self.db_error("count owned objects", e)));
+        match result {
+            Ok(counts) => Ok(self.reassigned(revokees, &counts)),
+            Err(e) => {
+                // Leaves the pooled connection outside any transaction.
+                client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| self.db_error("rollback", e))?;
+                Err(e)
+            }
         }
-        result
     }
 
     /// Revocation that looks before it acts: which roles still exist, and
@@ -191,8 +273,9 @@ impl PostgresBackend {
     async fn revoke_checked(
         &self,
         client: &deadpool_postgres::Object,
-        names: &[&str],
-    ) -> Result<()> {
+        revokees: &[&Revokee],
+    ) -> Result<Vec<Reassigned>> {
+        let names: Vec<&str> = revokees.iter().map(|r| r.user.username.as_str()).collect();
         // One round trip (prepared once per pooled connection): which roles
         // still exist, and which other databases hold something they own
         // or were granted. Should a live session create an object elsewhere
@@ -213,7 +296,7 @@ impl PostgresBackend {
             .map_err(|e| self.db_error("look up roles", e))?;
         let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         if existing.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut other_dbs: Vec<String> = rows
             .iter()
@@ -221,12 +304,18 @@ impl PostgresBackend {
             .collect();
         other_dbs.sort();
         other_dbs.dedup();
+        let present: Vec<&Revokee> = revokees
+            .iter()
+            .copied()
+            .filter(|r| existing.iter().any(|e| e == r.user.username.as_str()))
+            .collect();
         let existing: Vec<&str> = existing.iter().map(String::as_str).collect();
         let list = idents(&existing);
         // 1. No new logins — committed on its own, before step 2, so no
         // login can slip in after it. 2. End live sessions (a dropped role's
-        // open session would otherwise keep running queries). 3. Drop what
-        // the roles own or were granted in every database. 4. Drop the roles.
+        // open session would otherwise keep running queries). 3. Hand what
+        // the roles own to their owner and drop what they were granted, in
+        // every database. 4. Drop the roles.
         let nologin: String = existing
             .iter()
             .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
@@ -247,11 +336,20 @@ impl PostgresBackend {
         );
         disabled.map_err(|e| self.db_error("disable login", e))?;
         terminated.map_err(|e| self.db_error("terminate sessions", e))?;
-        let drop = format!("{ACL_LOCK}; DROP OWNED BY {list}; DROP ROLE IF EXISTS {list};");
+        let counts = client
+            .query(OWNED_COUNT, &params)
+            .await
+            .map_err(|e| self.db_error("count owned objects", e))?;
+        let reassigned = self.reassigned(&present, &counts);
+        let reassign = self.reassign_sql(client, &present).await?;
+        let per_db = format!("{reassign}DROP OWNED BY {list}");
         for db in &other_dbs {
-            self.drop_owned_in(db, &list).await?;
+            self.in_database(db, &per_db).await?;
         }
-        self.batch_retrying(client, &drop, "drop role").await
+        let drop = format!("{ACL_LOCK}; {per_db}; DROP ROLE IF EXISTS {list};");
+        self.batch_retrying(client, &drop, "reassign owned objects and drop role")
+            .await?;
+        Ok(reassigned)
     }
 
     /// Runs one implicit transaction, again when it lost a race on a shared
@@ -281,8 +379,9 @@ impl PostgresBackend {
         }
     }
 
-    /// Drops what the roles own in another database of the cluster.
-    async fn drop_owned_in(&self, dbname: &str, idents: &str) -> Result<()> {
+    /// Runs `sql` (under the ACL lock) in another database of the cluster:
+    /// `REASSIGN OWNED` and `DROP OWNED` act on the connected database only.
+    async fn in_database(&self, dbname: &str, sql: &str) -> Result<()> {
         let mut cfg = self.base.clone();
         cfg.dbname(dbname);
         if let Some(p) = read_admin_password(&self.config)? {
@@ -291,9 +390,9 @@ impl PostgresBackend {
         let (client, conn) = cfg.connect(NoTls).await.map_err(|e| self.unavailable(&e))?;
         let task = tokio::spawn(conn);
         let result = client
-            .batch_execute(&format!("{ACL_LOCK}; DROP OWNED BY {idents}"))
+            .batch_execute(&format!("{ACL_LOCK}; {sql}"))
             .await
-            .map_err(|e| self.db_error("drop owned", e));
+            .map_err(|e| self.db_error(&format!("reassign owned objects in {dbname:?}"), e));
         drop(client);
         let _ = task.await;
         result
@@ -306,6 +405,23 @@ impl PostgresBackend {
 /// `DROP OWNED`) fail with "tuple concurrently updated". A transaction-scoped
 /// advisory lock is released at commit or rollback, so it cannot leak.
 const ACL_LOCK: &str = "SELECT pg_advisory_xact_lock(27950820906314347)";
+
+/// Objects each role owns in the whole cluster (`pg_shdepend` has a row per
+/// owned object in any database, plus shared objects).
+const OWNED_COUNT: &str = "SELECT r.rolname::text, (SELECT count(*) FROM pg_shdepend s \
+     WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = r.oid AND s.deptype = 'o') \
+     FROM pg_roles r WHERE r.rolname = ANY($1)";
+
+/// Revokees grouped by who inherits what they own (`None`: the admin).
+fn by_owner<'r>(revokees: &[&'r Revokee]) -> BTreeMap<Option<&'r str>, Vec<&'r str>> {
+    let mut out: BTreeMap<Option<&str>, Vec<&str>> = BTreeMap::new();
+    for r in revokees {
+        out.entry(r.owner.as_deref())
+            .or_default()
+            .push(r.user.username.as_str());
+    }
+    out
+}
 
 /// Whether a grant statement may rewrite an object's ACL: anything but a
 /// plain role membership (`GRANT role[, …] TO …`, no `ON`).
@@ -369,6 +485,11 @@ impl Backend for PostgresBackend {
             escape_literal(&verifier),
             pg_timestamp(user.valid_until)
         );
+        if let Some(owner) = user.owner {
+            // Membership, so the lease can `SET ROLE owner` and create
+            // objects that belong to the owner from the start.
+            sql.push_str(&format!("\nGRANT {} TO {ident};", escape_identifier(owner)));
+        }
         for g in user.grants {
             sql.push('\n');
             sql.push_str(&render_grant(g, &ident));
@@ -394,21 +515,67 @@ impl Backend for PostgresBackend {
             .map_err(|e| self.db_error("extend role", e))
     }
 
-    async fn revoke(&self, users: &[UserRef]) -> Result<()> {
-        if users.is_empty() {
-            return Ok(());
+    async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
+        if revokees.is_empty() {
+            return Ok(Vec::new());
         }
-        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+        let revokees: Vec<&Revokee> = revokees.iter().collect();
         let client = self.client().await?;
-        match self.revoke_fast(&client, &names).await {
-            Ok(()) => Ok(()),
+        match self.revoke_fast(&client, &revokees).await {
+            Ok(r) => Ok(r),
             // A role already gone, something owned in another database, a
             // lost catalog race: nothing was dropped; look, then act.
             Err(e) => {
                 tracing::debug!(error = %e, "one-round-trip revocation declined; checking first");
-                self.revoke_checked(&client, &names).await
+                self.revoke_checked(&client, &revokees).await
             }
         }
+    }
+
+    async fn disable(&self, users: &[UserRef]) -> Result<()> {
+        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
+                &[&names],
+            )
+            .await
+            .map_err(|e| self.db_error("look up roles", e))?;
+        let existing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        if existing.is_empty() {
+            return Ok(());
+        }
+        let nologin: String = existing
+            .iter()
+            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
+            .collect();
+        client
+            .batch_execute(&nologin)
+            .await
+            .map_err(|e| self.db_error("disable login", e))?;
+        client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
+                &[&existing],
+            )
+            .await
+            .map_err(|e| self.db_error("terminate sessions", e))?;
+        let still: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin",
+                &[&existing],
+            )
+            .await
+            .map_err(|e| self.db_error("check login disabled", e))?
+            .get(0);
+        if still > 0 {
+            return Err(Error::Internal(format!(
+                "database {:?}: {still} role(s) can still log in after NOLOGIN",
+                self.config.name
+            )));
+        }
+        Ok(())
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {

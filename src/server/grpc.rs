@@ -283,7 +283,15 @@ impl pb::admin_server::Admin for AdminService {
         };
         let out = self
             .broker
-            .admin_revoke(&who, &selector, r.force)
+            .admin_revoke(
+                &who,
+                &selector,
+                if r.force {
+                    crate::broker::Mode::Forced
+                } else {
+                    crate::broker::Mode::UntilDropped
+                },
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RevokeLeasesResponse {

@@ -9,10 +9,10 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::net::TcpListener;
 
-use crate::broker::{lag, Broker};
+use crate::broker::Broker;
 use crate::metrics::{DatabaseLabels, LiveLabels};
 use crate::store::LeaseFilter;
 
@@ -83,4 +83,12 @@ async fn healthz(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
         Ok(_) => (StatusCode::OK, "ok\n"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "lease store unavailable\n"),
     }
+}
+
+/// How far behind the reaper is: since when the oldest due lease waits.
+fn lag(next_due: Option<DateTime<Utc>>, now: DateTime<Utc>) -> std::time::Duration {
+    next_due
+        .filter(|d| *d < now)
+        .and_then(|d| (now - d).to_std().ok())
+        .unwrap_or_default()
 }

@@ -136,18 +136,12 @@ pub trait LeaseStore: Send + Sync {
     /// User names of every live lease on `database` (for the orphan sweep).
     async fn live_usernames(&self, database: &str) -> Result<HashSet<String>>;
 
-    /// Which of `names` belong to a live lease on `database`. The orphan
-    /// sweep asks only about users the database has, so its memory follows
-    /// the number of roles, not the number of rows in the store. Stores
-    /// override this to look the names up instead of loading every lease.
-    async fn live_among(&self, database: &str, names: &[String]) -> Result<HashSet<String>> {
-        let live = self.live_usernames(database).await?;
-        Ok(names
-            .iter()
-            .filter(|n| live.contains(*n))
-            .cloned()
-            .collect())
-    }
+    /// Which of `names` belong to a live lease on *any* database. The
+    /// orphan sweep asks only about users a server has, so its memory
+    /// follows the number of roles, not the number of rows in the store;
+    /// and it asks across databases, because one server's user list holds
+    /// the users of every `[databases.*]` entry that reaches it.
+    async fn live_among(&self, names: &[String]) -> Result<HashSet<String>>;
 
     /// Live lease counts by (role, database, state), for metrics.
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>>;

@@ -545,6 +545,22 @@ impl LeaseStore for PostgresStore {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    async fn live_among(&self, names: &[String]) -> Result<HashSet<String>> {
+        let mut live = HashSet::new();
+        for chunk in names.chunks(1000) {
+            let rows = self
+                .query(
+                    "live among",
+                    "SELECT username FROM credbroker_leases \
+                     WHERE username = ANY($1) AND state <> 'revoked'",
+                    &[&chunk],
+                )
+                .await?;
+            live.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        Ok(live)
+    }
+
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
         let rows = self
             .query(

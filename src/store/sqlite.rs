@@ -680,22 +680,20 @@ impl LeaseStore for SqliteStore {
         .await
     }
 
-    async fn live_among(&self, database: &str, names: &[String]) -> Result<HashSet<String>> {
+    async fn live_among(&self, names: &[String]) -> Result<HashSet<String>> {
         let mut live = HashSet::new();
         // In slices, so a sweep over many roles never holds up the lease
         // path's writes for long.
         for chunk in names.chunks(1000) {
-            let database = database.to_string();
             let chunk = chunk.to_vec();
             let found = self
                 .with_read(move |c| {
                     let mut stmt = c.prepare_cached(
-                        "SELECT 1 FROM leases WHERE database = ?1 AND username = ?2 \
-                         AND state <> 'revoked'",
+                        "SELECT 1 FROM leases WHERE username = ?1 AND state <> 'revoked'",
                     )?;
                     let mut found = Vec::new();
                     for n in chunk {
-                        if stmt.exists(params![database, n])? {
+                        if stmt.exists(params![n])? {
                             found.push(n);
                         }
                     }

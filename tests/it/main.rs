@@ -10,5 +10,6 @@ mod faults;
 mod ha;
 mod lease_path;
 mod mysql;
+mod shapes;
 mod sidecar;
 mod store_suite;

@@ -1,0 +1,350 @@
+//! The revocation engine: the one routine that ends leases, whoever asks —
+//! the reaper (expiry, abandoned intents), a holder's revoke, an admin's
+//! bulk revoke, and the orphan sweep.
+//!
+//! Its rules, which the tests hold it to:
+//! - per database, one batch where possible; when a batch fails for a
+//!   reason other than the database being away, one by one, so one bad
+//!   lease cannot hold back the others;
+//! - a lease leaves the live set only after its drop succeeded (invariant
+//!   2), or, when forced, after the database confirmed the account can no
+//!   longer log in and has no session left;
+//! - what a leased user owns goes to its role's `owner` (or the admin
+//!   account), never dropped with it (invariant 7); the audit record says
+//!   how many objects and to whom;
+//! - failures are recorded with attempts, error and next retry; after
+//!   `failing_after_attempts` the lease shows as `failing`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+
+use crate::audit::{Event, Outcome};
+use crate::backend::{Backend, Reassigned, Revokee, UserRef};
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::lease::{Lease, LeaseId, Reason};
+use crate::store::FailureRecord;
+
+/// The outcome of a (bulk) revocation.
+#[derive(Debug, Default)]
+pub struct BulkOutcome {
+    pub revoked: Vec<LeaseId>,
+    pub failed: Vec<(LeaseId, String)>,
+}
+
+/// Whether a failed drop may still end the lease's bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Retry until the drop succeeds (the normal case).
+    UntilDropped,
+    /// An admin's `--force`: when the drop keeps failing, forget the lease
+    /// once the database confirms the account is disabled (login refused,
+    /// sessions ended) — never an account that might still work.
+    Forced,
+}
+
+/// Longest wait between attempts on a database that is unreachable.
+pub(crate) const UNREACHABLE_RETRY_CAP: Duration = Duration::from_secs(2);
+
+/// Our claim ran out mid-revocation and another broker replica took the
+/// lease over: it records and audits the revocation, not us.
+const CLAIM_LOST: &str =
+    "claim taken over by another broker replica, which completes the revocation";
+
+/// Exponential backoff with full jitter: 1 s, 2 s, 4 s … capped.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_secs(1u64 << attempt.min(16).saturating_sub(1)).min(max);
+    let ms = base.as_millis().max(1) as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+impl Broker {
+    /// Who inherits what a lease's user owns: its role's `owner`, or the
+    /// admin account when the role has none (or is no longer configured).
+    pub(crate) fn revokee(&self, lease: &Lease) -> Revokee {
+        let owner = self
+            .config()
+            .role(&lease.role)
+            .filter(|r| r.database == lease.database)
+            .and_then(|r| r.owner.clone());
+        Revokee::new(
+            UserRef {
+                username: lease.username.clone(),
+                host: lease.user_host.clone(),
+            },
+            owner,
+        )
+    }
+
+    /// Revokes leases this broker has claimed.
+    pub async fn revoke_claimed(
+        &self,
+        leases: Vec<Lease>,
+        actor: &str,
+        reason: Reason,
+        mode: Mode,
+    ) -> BulkOutcome {
+        let mut by_db: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
+        for l in leases {
+            by_db.entry(l.database.clone()).or_default().push(l);
+        }
+        let mut out = BulkOutcome::default();
+        for (db, leases) in by_db {
+            let backend = match self.backends().get(&db) {
+                Some(b) => b.clone(),
+                None => {
+                    let e = Error::FailedPrecondition(format!(
+                        "database {db:?} is not configured on this broker"
+                    ));
+                    self.record_failures(&leases, &e, actor, reason, &mut out)
+                        .await;
+                    continue;
+                }
+            };
+            let revokees: Vec<Revokee> = leases.iter().map(|l| self.revokee(l)).collect();
+            match backend.revoke(&revokees).await {
+                Ok(reassigned) => {
+                    self.finish_batch(&leases, &reassigned, actor, reason, &mut out)
+                        .await
+                }
+                // A database that is down fails every lease the same way:
+                // splitting the batch would only multiply connection attempts.
+                Err(e) if leases.len() > 1 && !matches!(e, Error::Unavailable(_)) => {
+                    tracing::warn!(database = %db, error = %e, "batch revocation failed; revoking one by one");
+                    for (lease, revokee) in leases.iter().zip(&revokees) {
+                        match backend.revoke(std::slice::from_ref(revokee)).await {
+                            Ok(reassigned) => {
+                                self.finish_batch(
+                                    std::slice::from_ref(lease),
+                                    &reassigned,
+                                    actor,
+                                    reason,
+                                    &mut out,
+                                )
+                                .await
+                            }
+                            Err(e) => {
+                                self.failed(
+                                    backend.as_ref(),
+                                    lease,
+                                    e,
+                                    actor,
+                                    reason,
+                                    mode,
+                                    &mut out,
+                                )
+                                .await
+                            }
+                        }
+                    }
+                }
+                Err(e) if mode == Mode::UntilDropped => {
+                    self.record_failures(&leases, &e, actor, reason, &mut out)
+                        .await
+                }
+                Err(e) => {
+                    for lease in &leases {
+                        self.failed(
+                            backend.as_ref(),
+                            lease,
+                            e.clone(),
+                            actor,
+                            reason,
+                            mode,
+                            &mut out,
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The users are gone: the leases leave the live set, if our claim on
+    /// them still holds.
+    async fn finish_batch(
+        &self,
+        leases: &[Lease],
+        reassigned: &[Reassigned],
+        actor: &str,
+        reason: Reason,
+        out: &mut BulkOutcome,
+    ) {
+        let ids: Vec<LeaseId> = leases.iter().map(|l| l.id.clone()).collect();
+        let marked = match self
+            .store()
+            .mark_revoked_claimed(&ids, self.owner(), Utc::now())
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                // The users are gone; the next pass finds nothing to drop
+                // and marks them then.
+                tracing::error!(error = %e, "cannot mark leases revoked");
+                for l in leases {
+                    out.failed.push((l.id.clone(), format!("store: {e}")));
+                }
+                return;
+            }
+        };
+        for l in leases {
+            if marked.contains(&l.id) {
+                let moved = reassigned.iter().find(|r| r.username == l.username);
+                self.audit_revocation(l, actor, reason, Ok(moved));
+                self.metrics().revoked(&l.role, &l.database, reason);
+                out.revoked.push(l.id.clone());
+            } else {
+                out.failed.push((l.id.clone(), CLAIM_LOST.into()));
+            }
+        }
+    }
+
+    /// One lease's drop failed. Forced: forget it only once the database
+    /// confirms the account is disabled; otherwise record the failure.
+    #[allow(clippy::too_many_arguments)]
+    async fn failed(
+        &self,
+        backend: &dyn Backend,
+        lease: &Lease,
+        error: Error,
+        actor: &str,
+        reason: Reason,
+        mode: Mode,
+        out: &mut BulkOutcome,
+    ) {
+        if mode == Mode::UntilDropped {
+            return self
+                .record_failures(std::slice::from_ref(lease), &error, actor, reason, out)
+                .await;
+        }
+        let user = self.revokee(lease).user;
+        if let Err(disable) = backend.disable(std::slice::from_ref(&user)).await {
+            let refused = Error::FailedPrecondition(format!(
+                "forced revoke refused: the drop failed ({error}) and the account could not be verified as disabled ({disable}); the lease stays tracked"
+            ));
+            return self
+                .record_failures(std::slice::from_ref(lease), &refused, actor, reason, out)
+                .await;
+        }
+        tracing::warn!(lease_id = %lease.id, error = %error, "revocation failed; account disabled and forced off by an admin");
+        if let Err(e) = self
+            .store()
+            .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
+            .await
+        {
+            out.failed.push((lease.id.clone(), format!("store: {e}")));
+            return;
+        }
+        self.audit_revocation(
+            lease,
+            actor,
+            reason,
+            Err(&format!(
+                "forced; drop failed ({error}); login disabled and sessions ended, the account is left in the database"
+            )),
+        );
+        self.metrics().revoked(&lease.role, &lease.database, reason);
+        out.revoked.push(lease.id.clone());
+    }
+
+    /// Records one failed attempt for each lease, in one store transaction,
+    /// with the next retry time. A database that is merely unreachable is
+    /// retried within seconds (a refused connection is cheap), so due leases
+    /// are caught up right after it returns; other errors back off further.
+    async fn record_failures(
+        &self,
+        leases: &[Lease],
+        error: &Error,
+        actor: &str,
+        reason: Reason,
+        out: &mut BulkOutcome,
+    ) {
+        let cfg = self.config();
+        let msg = error.to_string();
+        let cap = match error {
+            Error::Unavailable(_) => cfg.reaper.max_backoff.min(UNREACHABLE_RETRY_CAP),
+            _ => cfg.reaper.max_backoff,
+        };
+        let failures: Vec<FailureRecord> = leases
+            .iter()
+            .map(|l| {
+                let attempts = l.revoke_attempts + 1;
+                let delay = backoff(attempts, cap);
+                FailureRecord {
+                    id: l.id.clone(),
+                    error: msg.clone(),
+                    next_due: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    failing: attempts >= cfg.reaper.failing_after_attempts,
+                }
+            })
+            .collect();
+        if let Err(se) = self.store().record_failures(&failures).await {
+            tracing::error!(error = %se, "cannot record revocation failures");
+        }
+        tracing::warn!(count = leases.len(), error = %msg, "revocation failed; will retry");
+        for l in leases {
+            self.audit_revocation(l, actor, reason, Err(&msg));
+            self.metrics().revocation_failed(&l.database);
+            out.failed.push((l.id.clone(), msg.clone()));
+        }
+    }
+
+    fn audit_revocation(
+        &self,
+        lease: &Lease,
+        actor: &str,
+        reason: Reason,
+        result: std::result::Result<Option<&Reassigned>, &str>,
+    ) {
+        let mut e = Event::new(actor, reason.action());
+        e.role = Some(lease.role.clone());
+        e.database = Some(lease.database.clone());
+        e.lease_id = Some(lease.id.to_string());
+        e.username = Some(lease.username.to_string());
+        match result {
+            Ok(moved) => {
+                e.outcome = Some(Outcome::Ok);
+                if let Some(m) = moved {
+                    e.objects_reassigned = Some(m.objects);
+                    e.reassigned_to = Some(m.to.clone());
+                }
+            }
+            Err(msg) => {
+                e.outcome = Some(Outcome::Error);
+                e.detail = Some(msg.to_string());
+            }
+        }
+        if let Err(err) = self.audit().append(e) {
+            tracing::error!(error = %err, "audit write failed");
+        }
+    }
+
+    /// Drops users of `database` that no live lease accounts for (the
+    /// orphan sweep's confirmed suspects). What they own goes to the admin
+    /// account, like any revocation's.
+    pub async fn revoke_orphans(&self, database: &str, users: Vec<UserRef>) -> Result<()> {
+        let Some(backend) = self.backends().get(database).cloned() else {
+            return Ok(());
+        };
+        let revokees: Vec<Revokee> = users.into_iter().map(|u| Revokee::new(u, None)).collect();
+        let reassigned = backend.revoke(&revokees).await?;
+        for r in &revokees {
+            let u = &r.user;
+            tracing::warn!(database = %database, username = %u.username, "dropped orphaned broker user");
+            let mut e = Event::new(crate::reaper::REAPER_IDENTITY, "drop_orphan");
+            e.database = Some(database.to_string());
+            e.username = Some(u.username.to_string());
+            e.outcome = Some(Outcome::Ok);
+            if let Some(m) = reassigned.iter().find(|m| m.username == u.username) {
+                e.objects_reassigned = Some(m.objects);
+                e.reassigned_to = Some(m.to.clone());
+            }
+            let _ = self.audit().append(e);
+        }
+        Ok(())
+    }
+}
