@@ -10,6 +10,9 @@ scripts/ensure-db-binaries.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+echo "== fast tier: unit tests, in-memory store and fake databases, no servers"
+cargo test --lib
+echo "== integration tests: real PostgreSQL and MariaDB, real mTLS, the real binary"
+cargo test --bins --test it
 echo "== long tests"
 cargo test --test it -- --ignored --nocapture

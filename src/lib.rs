@@ -55,6 +55,8 @@ pub mod scram;
 pub mod server;
 pub mod sidecar;
 pub mod store;
+#[cfg(test)]
+mod testkit;
 pub mod throwaway;
 
 /// Code generated from `proto/credbroker/v1`.

@@ -182,3 +182,85 @@ impl OrphanSweeper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LeaseStore;
+    use crate::testkit::{app, role, Kit};
+
+    /// Two `[databases.*]` on one server: each database's sweep sees the
+    /// other's users, and must leave them alone.
+    #[tokio::test]
+    async fn the_sweep_spares_users_of_every_database_on_the_server() {
+        let kit = Kit::new("", &(role("a", "main") + &role("b", "second")));
+        let a = kit.broker.issue(&app(), "a", None).await.unwrap();
+        let b = kit.broker.issue(&app(), "b", None).await.unwrap();
+        kit.server.add_user("k_a_0123456789abcdef", 3);
+        // Another broker's prefix that starts with ours, and a DBA's user.
+        kit.server.add_user("k_x_a_0123456789abcdef", 0);
+        kit.server.add_user("k_dba", 0);
+        let mut sweeper = OrphanSweeper::default();
+        sweeper.sweep(&kit.broker).await;
+        assert!(
+            kit.server.user("k_a_0123456789abcdef").is_some(),
+            "dropped on first sight"
+        );
+        sweeper.sweep(&kit.broker).await;
+        assert!(
+            kit.server.user("k_a_0123456789abcdef").is_none(),
+            "orphan kept"
+        );
+        for kept in [
+            a.lease.username.as_str(),
+            b.lease.username.as_str(),
+            "k_x_a_0123456789abcdef",
+            "k_dba",
+        ] {
+            assert!(kit.server.user(kept).is_some(), "{kept} dropped");
+        }
+        let swept: Vec<_> = kit
+            .audit()
+            .into_iter()
+            .filter(|r| r.action == "drop_orphan")
+            .map(|r| (r.username.unwrap(), r.objects_reassigned))
+            .collect();
+        assert_eq!(swept, vec![("k_a_0123456789abcdef".to_string(), Some(3))]);
+    }
+
+    /// A name seen once whose intent appears before the second sweep (an
+    /// issue in flight when the sweep listed users) is not dropped.
+    #[tokio::test]
+    async fn a_suspect_that_gains_a_lease_is_forgiven() {
+        let kit = Kit::new("", &role("a", "main"));
+        let name = "k_a_fedcba9876543210";
+        kit.server.add_user(name, 0);
+        let mut sweeper = OrphanSweeper::default();
+        sweeper.sweep(&kit.broker).await;
+        let now = Utc::now();
+        let lease = crate::lease::Lease {
+            id: crate::lease::LeaseId::generate(),
+            role: "a".into(),
+            database: "second".into(),
+            kind: crate::lease::BackendKind::Postgres,
+            username: crate::lease::Username::from_store(name.into()),
+            user_host: String::new(),
+            identity: "x".into(),
+            state: LeaseState::Pending,
+            issued_at: now,
+            expires_at: now + chrono::Duration::minutes(1),
+            max_expires_at: now + chrono::Duration::minutes(1),
+            due_at: now + chrono::Duration::minutes(1),
+            revoked_at: None,
+            revoke_attempts: 0,
+            last_error: None,
+        };
+        kit.store.insert_intent(&lease).await.unwrap();
+        sweeper.sweep(&kit.broker).await;
+        sweeper.sweep(&kit.broker).await;
+        assert!(
+            kit.server.user(name).is_some(),
+            "a user with a pending intent was swept"
+        );
+    }
+}

@@ -348,3 +348,270 @@ impl Broker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseState;
+    use crate::store::LeaseStore;
+    use crate::testkit::{admin, app, role, Kit};
+
+    async fn claimed(kit: &Kit, n: usize, role: &str) -> Vec<Lease> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let issued = kit.broker.issue(&app(), role, None).await.unwrap();
+            let l = kit
+                .store
+                .claim_one(&issued.lease.id, &kit.broker.claim())
+                .await
+                .unwrap()
+                .unwrap();
+            out.push(l);
+        }
+        out
+    }
+
+    async fn state(kit: &Kit, id: &LeaseId) -> Lease {
+        kit.store.get(id).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_call_and_reports_what_was_reassigned() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let leases = claimed(&kit, 3, "ro").await;
+        kit.server.give_objects(leases[1].username.as_str(), 4);
+        let out = kit
+            .broker
+            .revoke_claimed(leases.clone(), "t", Reason::Admin, Mode::UntilDropped)
+            .await;
+        assert_eq!(out.revoked.len(), 3);
+        assert!(out.failed.is_empty());
+        let revokes: Vec<_> = kit
+            .server
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("revoke"))
+            .collect();
+        assert_eq!(revokes.len(), 1, "{revokes:?}");
+        for l in &leases {
+            assert_eq!(state(&kit, &l.id).await.state, LeaseState::Revoked);
+            assert!(kit.server.user(l.username.as_str()).is_none());
+        }
+        let moved: Vec<_> = kit
+            .audit()
+            .into_iter()
+            .filter(|r| r.action == "admin_revoke")
+            .map(|r| (r.username.unwrap(), r.objects_reassigned, r.reassigned_to))
+            .collect();
+        assert_eq!(moved.len(), 3);
+        assert!(moved.contains(&(
+            leases[1].username.to_string(),
+            Some(4),
+            Some("fake_admin".into())
+        )));
+    }
+
+    #[tokio::test]
+    async fn the_role_owner_inherits_objects() {
+        let kit = Kit::new(
+            "",
+            &(role("mig", "main").replace("allowed", "owner = \"app_owner\"\nallowed")),
+        );
+        let leases = claimed(&kit, 1, "mig").await;
+        kit.server.give_objects(leases[0].username.as_str(), 2);
+        kit.broker
+            .revoke_claimed(leases, "t", Reason::Expired, Mode::UntilDropped)
+            .await;
+        let rec = kit
+            .audit()
+            .into_iter()
+            .find(|r| r.action == "reap")
+            .unwrap();
+        assert_eq!(rec.objects_reassigned, Some(2));
+        assert_eq!(rec.reassigned_to.as_deref(), Some("app_owner"));
+    }
+
+    #[tokio::test]
+    async fn one_bad_lease_does_not_hold_back_the_batch() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let leases = claimed(&kit, 3, "ro").await;
+        kit.server.refuse_revoke(leases[0].username.as_str());
+        let out = kit
+            .broker
+            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
+            .await;
+        assert_eq!(out.revoked.len(), 2);
+        assert_eq!(out.failed.len(), 1);
+        assert_eq!(out.failed[0].0, leases[0].id);
+        let bad = state(&kit, &leases[0].id).await;
+        assert_eq!(
+            bad.state,
+            LeaseState::Active,
+            "one failure is not failing yet"
+        );
+        assert_eq!(bad.revoke_attempts, 1);
+        assert!(bad.last_error.unwrap().contains("refuses to drop"));
+        assert!(bad.due_at > Utc::now(), "retry is scheduled later");
+        assert_eq!(kit.store.claim_owner(&bad.id), None, "claim released");
+        // Batch first, then one call per lease.
+        let revokes = kit
+            .server
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("revoke"))
+            .count();
+        assert_eq!(revokes, 4);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_not_split_and_retried_within_seconds() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let leases = claimed(&kit, 4, "ro").await;
+        kit.server.set_unavailable(true);
+        let out = kit
+            .broker
+            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
+            .await;
+        assert_eq!(out.failed.len(), 4);
+        let revokes = kit
+            .server
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("revoke"))
+            .count();
+        assert_eq!(revokes, 1, "a database that is away is asked once");
+        for l in &leases {
+            let s = state(&kit, &l.id).await;
+            assert!(s.due_at <= Utc::now() + chrono::Duration::seconds(2));
+        }
+    }
+
+    #[tokio::test]
+    async fn failing_after_n_attempts_and_still_retried() {
+        let kit = Kit::new(
+            "[reaper]\nfailing_after_attempts = 3\n",
+            &role("ro", "main"),
+        );
+        let leases = claimed(&kit, 1, "ro").await;
+        kit.server.refuse_revoke(leases[0].username.as_str());
+        for attempt in 1..=3u32 {
+            let l = kit
+                .store
+                .claim_one(&leases[0].id, &kit.broker.claim())
+                .await
+                .unwrap()
+                .unwrap();
+            kit.broker
+                .revoke_claimed(vec![l], "t", Reason::Expired, Mode::UntilDropped)
+                .await;
+            let s = state(&kit, &leases[0].id).await;
+            assert_eq!(s.revoke_attempts, attempt);
+            let want = if attempt < 3 {
+                LeaseState::Active
+            } else {
+                LeaseState::Failing
+            };
+            assert_eq!(s.state, want, "after attempt {attempt}");
+        }
+        // Its login is gone whatever the drop did.
+        assert!(!kit.server.user(leases[0].username.as_str()).unwrap().login);
+    }
+
+    #[tokio::test]
+    async fn forced_forgets_only_an_account_the_database_confirms_disabled() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let leases = claimed(&kit, 2, "ro").await;
+        for l in &leases {
+            kit.server.refuse_revoke(l.username.as_str());
+        }
+        let out = kit
+            .broker
+            .revoke_claimed(vec![leases[0].clone()], "t", Reason::Admin, Mode::Forced)
+            .await;
+        assert_eq!(out.revoked, vec![leases[0].id.clone()]);
+        assert_eq!(state(&kit, &leases[0].id).await.state, LeaseState::Revoked);
+        let rec = kit
+            .audit()
+            .into_iter()
+            .find(|r| {
+                r.lease_id.as_deref() == Some(leases[0].id.as_str()) && r.action == "admin_revoke"
+            })
+            .unwrap();
+        assert!(rec.detail.unwrap().contains("forced"));
+
+        kit.server.refuse_disable(true);
+        let out = kit
+            .broker
+            .revoke_claimed(vec![leases[1].clone()], "t", Reason::Admin, Mode::Forced)
+            .await;
+        assert!(out.revoked.is_empty());
+        assert!(
+            out.failed[0].1.contains("forced revoke refused"),
+            "{:?}",
+            out.failed
+        );
+        let kept = state(&kit, &leases[1].id).await;
+        assert_ne!(
+            kept.state,
+            LeaseState::Revoked,
+            "an unverified account stays tracked"
+        );
+        assert_eq!(kept.revoke_attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_claim_lost_mid_revocation_is_neither_marked_nor_audited_by_us() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let leases = claimed(&kit, 1, "ro").await;
+        let (store, id) = (kit.store.clone(), leases[0].id.clone());
+        kit.server
+            .before_next_revoke(move || store.steal_claim(&id, "another-replica"));
+        let out = kit
+            .broker
+            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
+            .await;
+        assert!(out.revoked.is_empty());
+        assert_eq!(out.failed[0].1, CLAIM_LOST);
+        assert_ne!(state(&kit, &leases[0].id).await.state, LeaseState::Revoked);
+        assert!(!kit.audit().iter().any(|r| r.action == "reap"));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_away_when_marking_leaves_the_lease_live() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let leases = claimed(&kit, 1, "ro").await;
+        let store = kit.store.clone();
+        kit.server.before_next_revoke(move || store.fail_next(1));
+        let out = kit
+            .broker
+            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
+            .await;
+        assert!(out.revoked.is_empty());
+        assert!(out.failed[0].1.starts_with("store:"));
+        // Invariant 2: still live, so the next pass finds the user gone and
+        // marks it then.
+        assert_ne!(state(&kit, &leases[0].id).await.state, LeaseState::Revoked);
+    }
+
+    #[tokio::test]
+    async fn admin_revoke_by_database_touches_only_that_database() {
+        let kit = Kit::new("", &(role("a", "main") + &role("b", "second")));
+        let a = claimed(&kit, 2, "a").await;
+        let b = kit.broker.issue(&app(), "b", None).await.unwrap();
+        for l in &a {
+            kit.store.release(&l.id).await.unwrap();
+        }
+        let out = kit
+            .broker
+            .admin_revoke(
+                &admin(),
+                &crate::broker::Selector::Database("main".into()),
+                Mode::UntilDropped,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.revoked.len(), 2);
+        assert!(kit.server.user(b.lease.username.as_str()).is_some());
+        assert_eq!(state(&kit, &b.lease.id).await.state, LeaseState::Active);
+    }
+}

@@ -5,6 +5,7 @@
 //! broker-made [`Username`] or a value from the operator's config, always
 //! quoted; caller text never reaches a statement.
 
+pub mod fake;
 pub mod mysql;
 mod mysql_auth;
 pub mod postgres;

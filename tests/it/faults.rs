@@ -804,18 +804,30 @@ async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
             "[reaper]\nfailing_after_attempts = 2\nmax_backoff = \"1s\"\n",
         )
     });
-    b.start_in_process().await;
-    let l = issue(&b, "app", "short", 0).await.unwrap();
-    // A database owned by the lease's role: DROP OWNED leaves databases
-    // alone, so DROP ROLE fails on every attempt until a human steps in.
-    let blocker = unique("owned");
+    // The role's owner, which inherits what a leased user owns, is dropped
+    // by a DBA after the lease was issued: REASSIGN OWNED has nowhere to
+    // put the objects, so every attempt fails until a human steps in (the
+    // broker never falls back to dropping them).
+    let blocker = unique("gone_owner");
+    b.edit_config(|t| {
+        t + &role(
+            "owned",
+            "main",
+            "2s",
+            "1m",
+            "spiffe://credbroker.dev/ns/demo/*",
+        )
+        .replace("allowed", &format!("owner = \"{blocker}\"\nallowed"))
+    });
     let su = b.superuser().await;
-    su.batch_execute(&format!(
-        "CREATE DATABASE {blocker} OWNER \"{}\"",
-        l.username
-    ))
-    .await
-    .unwrap();
+    su.batch_execute(&format!("CREATE ROLE \"{blocker}\" NOLOGIN"))
+        .await
+        .unwrap();
+    b.start_in_process().await;
+    let l = issue(&b, "app", "owned", 0).await.unwrap();
+    su.batch_execute(&format!("DROP ROLE \"{blocker}\""))
+        .await
+        .unwrap();
 
     let failing = eventually(Duration::from_secs(15), || async {
         let r = b
@@ -858,7 +870,10 @@ async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
         .find(|r| r["lease_id"] == l.lease_id.as_str())
         .expect("listed under --state failing");
     let text = row.to_string();
-    assert!(text.contains("depend"), "the last error says why: {text}");
+    assert!(
+        text.contains("does not exist") && text.contains(&blocker),
+        "the last error says why: {text}"
+    );
     assert!(!text.contains(&l.password));
     // The login is already refused although the drop fails (NOLOGIN first).
     assert!(login(&b.db, &l.username, &l.password).await.is_err());
@@ -899,10 +914,9 @@ async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
         .iter()
         .any(|r| r.lease_id.as_deref() == Some(&l.lease_id)
             && r.detail.as_deref().unwrap_or("").contains("force")));
+    // Forgotten only because the database confirmed it cannot log in.
+    assert!(login(&b.db, &l.username, &l.password).await.is_err());
     b.stop().await;
-    su.batch_execute(&format!("DROP DATABASE {blocker}"))
-        .await
-        .unwrap();
     su.batch_execute(&format!(
         "DROP OWNED BY \"{0}\"; DROP ROLE IF EXISTS \"{0}\"",
         l.username

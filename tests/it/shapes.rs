@@ -303,7 +303,8 @@ async fn objects_a_leased_role_creates_outlive_revoke_expiry_and_sweep() {
 }
 
 /// Objects a lease made in *another* database of the cluster survive too
-/// (REASSIGN OWNED acts per database), and its open session there ends.
+/// (REASSIGN OWNED acts per database), a database it owns survives, and
+/// its open session in the other database ends.
 #[tokio::test]
 async fn objects_in_another_database_of_the_cluster_are_reassigned_there() {
     let pg = cluster();
@@ -317,6 +318,17 @@ async fn objects_in_another_database_of_the_cluster_are_reassigned_there() {
         .unwrap();
     b.start_in_process().await;
     let lease = issue(&b, "app", "migrate", 0).await.unwrap();
+    // A whole database the lease came to own (shared objects count too).
+    let owned_db = unique("owned");
+    pg.connect(&b.db)
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE DATABASE {owned_db} OWNER \"{}\"",
+            lease.username
+        ))
+        .await
+        .unwrap();
     let elsewhere = login(&other, &lease.username, &lease.password)
         .await
         .unwrap();
@@ -346,6 +358,19 @@ async fn objects_in_another_database_of_the_cluster_are_reassigned_there() {
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 7);
     assert_eq!(row.get::<_, String>(1), pg.superuser());
+    let db_owner: String = su
+        .query_one(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+            &[&owned_db],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        db_owner,
+        pg.superuser(),
+        "the owned database survives, reassigned"
+    );
     b.stop().await;
 }
 

@@ -1,0 +1,259 @@
+//! A database backend for the fast test tier: users in memory, and knobs
+//! that make it fail the way real databases do — away, refusing one user,
+//! refusing to disable. Several `FakeBackend`s may share one [`FakeServer`],
+//! as several `[databases.*]` entries share one PostgreSQL cluster (whose
+//! user list is per server). Logic only: the proof that something works
+//! with a database is always a test against a real one.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::backend::{Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef};
+use crate::error::{Error, Result};
+use crate::lease::{BackendKind, Password, Username};
+
+/// What the fake knows of one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeUser {
+    pub valid_until: DateTime<Utc>,
+    /// Objects it owns; handed to its owner at revocation.
+    pub owns: u64,
+    pub login: bool,
+}
+
+/// One database server: its users, shared by the backends that reach it.
+#[derive(Default)]
+pub struct FakeServer {
+    users: Mutex<BTreeMap<String, FakeUser>>,
+    /// Every statement-like call, in order ("create u", "revoke a,b", …).
+    calls: Mutex<Vec<String>>,
+    knobs: Mutex<Knobs>,
+}
+
+#[derive(Default)]
+struct Knobs {
+    unavailable: bool,
+    /// Revocations of a batch holding one of these fail (Internal).
+    refuse: HashSet<String>,
+    refuse_disable: bool,
+    /// Runs once, at the start of the next revocation.
+    before_revoke: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl FakeServer {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn set_unavailable(&self, yes: bool) {
+        self.knobs.lock().unwrap().unavailable = yes;
+    }
+
+    /// Makes every revocation that includes `username` fail.
+    pub fn refuse_revoke(&self, username: &str) {
+        self.knobs
+            .lock()
+            .unwrap()
+            .refuse
+            .insert(username.to_string());
+    }
+
+    pub fn refuse_disable(&self, yes: bool) {
+        self.knobs.lock().unwrap().refuse_disable = yes;
+    }
+
+    /// Runs `f` when the next revocation starts (e.g. to steal a claim).
+    pub fn before_next_revoke(&self, f: impl FnOnce() + Send + 'static) {
+        self.knobs.lock().unwrap().before_revoke = Some(Box::new(f));
+    }
+
+    /// Adds a user the broker did not make (an orphan, a DBA's account).
+    pub fn add_user(&self, name: &str, owns: u64) {
+        self.users.lock().unwrap().insert(
+            name.to_string(),
+            FakeUser {
+                valid_until: Utc::now() + chrono::Duration::hours(1),
+                owns,
+                login: true,
+            },
+        );
+    }
+
+    pub fn user(&self, name: &str) -> Option<FakeUser> {
+        self.users.lock().unwrap().get(name).cloned()
+    }
+
+    /// Gives a user objects, as a lease that ran DDL would.
+    pub fn give_objects(&self, name: &str, n: u64) {
+        if let Some(u) = self.users.lock().unwrap().get_mut(name) {
+            u.owns += n;
+        }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn call(&self, what: String) -> Result<()> {
+        self.calls.lock().unwrap().push(what);
+        if self.knobs.lock().unwrap().unavailable {
+            return Err(Error::Unavailable("fake database is unreachable".into()));
+        }
+        Ok(())
+    }
+}
+
+pub struct FakeBackend {
+    name: String,
+    server: Arc<FakeServer>,
+    endpoint: Endpoint,
+}
+
+impl FakeBackend {
+    pub fn new(name: &str, server: Arc<FakeServer>) -> Self {
+        FakeBackend {
+            name: name.to_string(),
+            server,
+            endpoint: Endpoint {
+                host: "fake".into(),
+                port: 1,
+                database: name.to_string(),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Postgres
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
+        self.server.call(format!("create {}", user.username))?;
+        self.server.users.lock().unwrap().insert(
+            user.username.to_string(),
+            FakeUser {
+                valid_until: user.valid_until,
+                owns: 0,
+                login: true,
+            },
+        );
+        Ok(())
+    }
+
+    async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
+        self.server.call(format!("extend {}", user.username))?;
+        match self
+            .server
+            .users
+            .lock()
+            .unwrap()
+            .get_mut(user.username.as_str())
+        {
+            Some(u) => {
+                u.valid_until = valid_until;
+                Ok(())
+            }
+            None => Err(Error::FailedPrecondition("user no longer exists".into())),
+        }
+    }
+
+    async fn revoke(&self, users: &[Revokee]) -> Result<Vec<Reassigned>> {
+        let hook = self.server.knobs.lock().unwrap().before_revoke.take();
+        if let Some(f) = hook {
+            f();
+        }
+        let names: Vec<&str> = users.iter().map(|r| r.user.username.as_str()).collect();
+        self.server.call(format!("revoke {}", names.join(",")))?;
+        let mut all = self.server.users.lock().unwrap();
+        // Login goes first, whatever happens next (as NOLOGIN commits on
+        // its own in the real backend).
+        for n in &names {
+            if let Some(u) = all.get_mut(*n) {
+                u.login = false;
+            }
+        }
+        let refuse = &self.server.knobs.lock().unwrap().refuse;
+        if let Some(bad) = names.iter().find(|n| refuse.contains(**n)) {
+            return Err(Error::Internal(format!(
+                "fake database refuses to drop {bad}"
+            )));
+        }
+        let mut moved = Vec::new();
+        for r in users {
+            if let Some(u) = all.remove(r.user.username.as_str()) {
+                if u.owns > 0 {
+                    moved.push(Reassigned {
+                        username: r.user.username.clone(),
+                        objects: u.owns,
+                        to: r.owner.clone().unwrap_or_else(|| "fake_admin".into()),
+                    });
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn disable(&self, users: &[UserRef]) -> Result<()> {
+        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+        self.server.call(format!("disable {}", names.join(",")))?;
+        if self.server.knobs.lock().unwrap().refuse_disable {
+            return Err(Error::Internal(
+                "fake database cannot confirm the lock".into(),
+            ));
+        }
+        for n in names {
+            if let Some(u) = self.server.users.lock().unwrap().get_mut(n) {
+                u.login = false;
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
+        self.server.call(format!("list {prefix}"))?;
+        Ok(self
+            .server
+            .users
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|n| Username::is_broker_made(prefix, n))
+            .map(|n| UserRef {
+                username: Username::from_store(n.clone()),
+                host: String::new(),
+            })
+            .collect())
+    }
+
+    async fn rotate_root(&self) -> Result<()> {
+        self.server.call("rotate_root".into())
+    }
+
+    async fn preflight(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn pool_state(&self) -> PoolState {
+        PoolState::default()
+    }
+
+    fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+        match password {
+            Some(p) => format!("fake://{username}:{}@fake/{}", p.expose(), self.name),
+            None => format!("fake://{username}@fake/{}", self.name),
+        }
+    }
+}

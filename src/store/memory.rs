@@ -1,0 +1,327 @@
+//! An in-memory lease store for the fast test tier: the same rules as the
+//! real stores (claims, revoked only through `mark_revoked*`, no password),
+//! none of the durability. Never used by `serve`: a broker whose store
+//! forgets on restart would break invariant 1.
+//!
+//! The test knobs (`steal_claim`, `fail_next`) reproduce what a shared
+//! store does to a replica — a claim taken over, a store that is away —
+//! without a second process.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::lease::{Lease, LeaseId, LeaseState};
+use crate::store::{Claim, LeaseFilter, LeaseStore};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    rows: Mutex<BTreeMap<LeaseId, Row>>,
+    /// Calls that fail with `Unavailable` before the store answers again.
+    fail_next: Mutex<u32>,
+}
+
+struct Row {
+    lease: Lease,
+    claim: Option<Claim>,
+}
+
+impl Row {
+    fn claimed_by_other(&self, owner: &str, now: DateTime<Utc>) -> bool {
+        self.claim
+            .as_ref()
+            .is_some_and(|c| c.owner != owner && c.until > now)
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hands a lease's claim to `owner`, as a replica does when ours ran
+    /// out mid-revocation.
+    pub fn steal_claim(&self, id: &LeaseId, owner: &str) {
+        if let Some(row) = self.rows.lock().unwrap().get_mut(id) {
+            row.claim = Some(Claim {
+                owner: owner.to_string(),
+                until: Utc::now() + chrono::Duration::minutes(5),
+            });
+        }
+    }
+
+    /// The next `n` calls fail as if the store were unreachable.
+    pub fn fail_next(&self, n: u32) {
+        *self.fail_next.lock().unwrap() = n;
+    }
+
+    /// Who holds a claim on the lease, if anyone.
+    pub fn claim_owner(&self, id: &LeaseId) -> Option<String> {
+        self.rows
+            .lock()
+            .unwrap()
+            .get(id)
+            .and_then(|r| r.claim.as_ref().map(|c| c.owner.clone()))
+    }
+
+    fn check(&self) -> Result<()> {
+        let mut n = self.fail_next.lock().unwrap();
+        if *n > 0 {
+            *n -= 1;
+            return Err(Error::Unavailable("lease store: in-memory outage".into()));
+        }
+        Ok(())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<LeaseId, Row>) -> T) -> Result<T> {
+        self.check()?;
+        Ok(f(&mut self.rows.lock().unwrap()))
+    }
+}
+
+fn live(l: &Lease) -> bool {
+    l.state != LeaseState::Revoked
+}
+
+#[async_trait]
+impl LeaseStore for MemoryStore {
+    async fn insert_intent(&self, lease: &Lease) -> Result<()> {
+        self.with(|rows| {
+            let taken = rows
+                .values()
+                .any(|r| r.lease.database == lease.database && r.lease.username == lease.username);
+            if taken || rows.contains_key(&lease.id) {
+                return Err(Error::internal("lease or user name already stored"));
+            }
+            rows.insert(
+                lease.id.clone(),
+                Row {
+                    lease: lease.clone(),
+                    claim: None,
+                },
+            );
+            Ok(())
+        })?
+    }
+
+    async fn activate(&self, id: &LeaseId) -> Result<()> {
+        self.with(|rows| {
+            if let Some(r) = rows.get_mut(id) {
+                if r.lease.state == LeaseState::Pending {
+                    r.lease.state = LeaseState::Active;
+                    r.lease.due_at = r.lease.expires_at;
+                }
+            }
+        })
+    }
+
+    async fn get(&self, id: &LeaseId) -> Result<Option<Lease>> {
+        self.with(|rows| rows.get(id).map(|r| r.lease.clone()))
+    }
+
+    async fn set_expiry(&self, id: &LeaseId, expires_at: DateTime<Utc>) -> Result<bool> {
+        self.with(|rows| match rows.get_mut(id) {
+            Some(r) if r.lease.state == LeaseState::Active && r.claim.is_none() => {
+                r.lease.expires_at = expires_at;
+                r.lease.due_at = expires_at;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
+        let now = Utc::now();
+        self.with(|rows| match rows.get_mut(id) {
+            Some(r) if live(&r.lease) && !r.claimed_by_other(&claim.owner, now) => {
+                r.claim = Some(claim.clone());
+                Some(r.lease.clone())
+            }
+            _ => None,
+        })
+    }
+
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        claim: &Claim,
+    ) -> Result<Vec<Lease>> {
+        let wall = Utc::now();
+        self.with(|rows| {
+            let mut due: Vec<&mut Row> = rows
+                .values_mut()
+                .filter(|r| live(&r.lease) && r.lease.due_at <= now)
+                .filter(|r| r.claim.as_ref().is_none_or(|c| c.until < wall))
+                .collect();
+            due.sort_by_key(|r| r.lease.due_at);
+            due.into_iter()
+                .take(limit)
+                .map(|r| {
+                    r.claim = Some(claim.clone());
+                    r.lease.clone()
+                })
+                .collect()
+        })
+    }
+
+    async fn mark_revoked(&self, ids: &[LeaseId], at: DateTime<Utc>) -> Result<()> {
+        self.with(|rows| {
+            for id in ids {
+                if let Some(r) = rows.get_mut(id) {
+                    r.lease.state = LeaseState::Revoked;
+                    r.lease.revoked_at = Some(at);
+                    r.claim = None;
+                }
+            }
+        })
+    }
+
+    async fn mark_revoked_claimed(
+        &self,
+        ids: &[LeaseId],
+        owner: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<LeaseId>> {
+        self.with(|rows| {
+            let mut marked = Vec::new();
+            for id in ids {
+                if let Some(r) = rows.get_mut(id) {
+                    let ours = r.claim.as_ref().is_some_and(|c| c.owner == owner);
+                    if ours && live(&r.lease) {
+                        r.lease.state = LeaseState::Revoked;
+                        r.lease.revoked_at = Some(at);
+                        r.claim = None;
+                        marked.push(id.clone());
+                    }
+                }
+            }
+            marked
+        })
+    }
+
+    async fn record_failure(
+        &self,
+        id: &LeaseId,
+        error: &str,
+        next_due: DateTime<Utc>,
+        failing: bool,
+    ) -> Result<()> {
+        self.with(|rows| {
+            if let Some(r) = rows.get_mut(id) {
+                r.lease.revoke_attempts += 1;
+                r.lease.last_error = Some(error.to_string());
+                r.lease.due_at = next_due;
+                if failing && live(&r.lease) {
+                    r.lease.state = LeaseState::Failing;
+                }
+                r.claim = None;
+            }
+        })
+    }
+
+    async fn release(&self, id: &LeaseId) -> Result<()> {
+        self.with(|rows| {
+            if let Some(r) = rows.get_mut(id) {
+                r.claim = None;
+            }
+        })
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        self.with(|rows| {
+            rows.values()
+                .filter(|r| live(&r.lease))
+                .map(|r| r.lease.due_at)
+                .min()
+        })
+    }
+
+    async fn list(&self, f: &LeaseFilter) -> Result<Vec<Lease>> {
+        self.with(|rows| {
+            let mut out: Vec<Lease> = rows
+                .values()
+                .map(|r| &r.lease)
+                .filter(|l| f.role.as_ref().is_none_or(|x| &l.role == x))
+                .filter(|l| f.database.as_ref().is_none_or(|x| &l.database == x))
+                .filter(|l| f.identity.as_ref().is_none_or(|x| &l.identity == x))
+                .filter(|l| {
+                    if f.states.is_empty() {
+                        live(l)
+                    } else {
+                        f.states.contains(&l.state)
+                    }
+                })
+                .filter(|l| f.expiring_before.is_none_or(|t| l.expires_at < t))
+                .cloned()
+                .collect();
+            out.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+            if let Some(n) = f.limit {
+                out.truncate(n);
+            }
+            out
+        })
+    }
+
+    async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {
+        self.with(|rows| {
+            rows.values()
+                .filter(|r| live(&r.lease) && r.lease.identity == identity && r.lease.role == role)
+                .count() as u64
+        })
+    }
+
+    async fn live_usernames(&self, database: &str) -> Result<HashSet<String>> {
+        self.with(|rows| {
+            rows.values()
+                .filter(|r| live(&r.lease) && r.lease.database == database)
+                .map(|r| r.lease.username.as_str().to_string())
+                .collect()
+        })
+    }
+
+    async fn live_among(&self, names: &[String]) -> Result<HashSet<String>> {
+        self.with(|rows| {
+            let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
+            rows.values()
+                .filter(|r| live(&r.lease) && wanted.contains(r.lease.username.as_str()))
+                .map(|r| r.lease.username.as_str().to_string())
+                .collect()
+        })
+    }
+
+    async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
+        self.with(|rows| {
+            let mut counts: BTreeMap<(String, String, &'static str), (LeaseState, u64)> =
+                BTreeMap::new();
+            for r in rows.values().filter(|r| live(&r.lease)) {
+                let l = &r.lease;
+                counts
+                    .entry((l.role.clone(), l.database.clone(), l.state.as_str()))
+                    .or_insert((l.state, 0))
+                    .1 += 1;
+            }
+            counts
+                .into_iter()
+                .map(|((role, db, _), (state, n))| (role, db, state, n))
+                .collect()
+        })
+    }
+
+    async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64> {
+        self.with(|rows| {
+            let mut n = 0;
+            for r in rows.values_mut() {
+                if r.lease.state == LeaseState::Pending {
+                    r.lease.due_at = r.lease.due_at.min(now);
+                    r.claim = None;
+                    n += 1;
+                }
+            }
+            n
+        })
+    }
+}
