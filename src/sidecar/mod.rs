@@ -18,10 +18,15 @@
 //! **Invariant:** the password is in the file and nowhere else: not in a
 //! log line, an error, a hook's environment or `Debug` output.
 
+pub mod api;
+pub mod clock;
 pub mod connect;
+pub mod credential;
 pub mod notify;
 pub mod render;
 pub mod schedule;
+#[cfg(test)]
+mod timeline;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,14 +34,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use tonic::transport::Channel;
-use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
-use crate::lease::Password;
 use crate::pb;
+use api::{classify, CallError, LeaseApi};
+use clock::Clock;
+pub use credential::Credential;
+use credential::{rfc3339, time};
 use notify::Notify;
 use render::Format;
-use schedule::{delta, Backoff, LeaseTimes};
+use schedule::{delta, Backoff};
 
 /// Longest a single broker call may take before it counts as a failure:
 /// a hung broker must not hold renewals past the lease's expiry.
@@ -66,95 +73,6 @@ pub struct Options {
     pub give_up_after: Duration,
 }
 
-/// One leased credential. `Debug` leaves the secrets out.
-pub struct Credential {
-    pub lease_id: String,
-    pub kind: String,
-    pub username: String,
-    pub password: Password,
-    /// The broker's connection URI; it carries the password.
-    pub dsn: Zeroizing<String>,
-    pub host: String,
-    pub port: u32,
-    pub database: String,
-    pub issued_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub max_expires_at: DateTime<Utc>,
-    pub renewable: bool,
-    /// Our clock minus the broker's, estimated when the lease was issued.
-    /// The times above are the broker's (they go into the file as they are);
-    /// scheduling uses them shifted by this, so a skewed clock on either side
-    /// does not make the sidecar renew late. Estimated from when the request
-    /// was *sent*, so any error makes us act early, never late.
-    pub clock_offset: TimeDelta,
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credential")
-            .field("lease_id", &self.lease_id)
-            .field("username", &self.username)
-            .field("expires_at", &self.expires_at)
-            .field("max_expires_at", &self.max_expires_at)
-            .finish_non_exhaustive()
-    }
-}
-
-fn time(t: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    t.as_ref()
-        .and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-}
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-impl Credential {
-    /// Takes the secrets out of an IssueLease reply (to a request sent at
-    /// `sent_at` by our clock); the reply's copies are wiped.
-    pub fn from_reply(mut l: pb::Lease, sent_at: DateTime<Utc>) -> Result<Self> {
-        let (Some(issued_at), Some(expires_at), Some(max_expires_at)) = (
-            time(&l.issued_at),
-            time(&l.expires_at),
-            time(&l.max_expires_at),
-        ) else {
-            l.password.zeroize();
-            l.dsn.zeroize();
-            return Err(Error::internal("broker reply without lease times"));
-        };
-        Ok(Credential {
-            password: Password::from_secret(std::mem::take(&mut l.password)),
-            dsn: Zeroizing::new(std::mem::take(&mut l.dsn)),
-            lease_id: l.lease_id,
-            kind: l.kind,
-            username: l.username,
-            host: l.host,
-            port: l.port,
-            database: l.database_name,
-            clock_offset: sent_at - issued_at,
-            issued_at,
-            expires_at,
-            max_expires_at,
-            renewable: l.renewable,
-        })
-    }
-
-    /// The lease's times on our clock, for scheduling.
-    pub fn times(&self) -> LeaseTimes {
-        LeaseTimes {
-            issued_at: self.local(self.issued_at),
-            expires_at: self.local(self.expires_at),
-            max_expires_at: self.local(self.max_expires_at),
-            renewable: self.renewable,
-        }
-    }
-
-    /// A broker timestamp on our clock.
-    pub fn local(&self, broker_time: DateTime<Utc>) -> DateTime<Utc> {
-        broker_time + self.clock_offset
-    }
-}
-
 /// A replaced lease waiting for its revocation.
 #[derive(Debug)]
 struct Draining {
@@ -165,32 +83,6 @@ struct Draining {
     attempts: u32,
 }
 
-/// Why a broker call failed, as far as retrying goes.
-enum CallError {
-    /// Unreachable, timed out, overloaded: try again later.
-    Transient(String),
-    /// The broker said no (expired, not allowed, unknown role…).
-    Refused(tonic::Code, String),
-}
-
-impl CallError {
-    fn text(&self) -> &str {
-        match self {
-            CallError::Transient(m) | CallError::Refused(_, m) => m,
-        }
-    }
-}
-
-fn classify(s: tonic::Status) -> CallError {
-    use tonic::Code::*;
-    let text = crate::client::describe(&s);
-    match s.code() {
-        Unavailable | DeadlineExceeded | Unknown | Internal | ResourceExhausted | Aborted
-        | Cancelled => CallError::Transient(text),
-        code => CallError::Refused(code, text),
-    }
-}
-
 /// Runs the sidecar until `shutdown` resolves (then cleans up and returns
 /// `Ok`), or until it can no longer keep a valid credential (`Err`).
 pub async fn run(
@@ -198,13 +90,24 @@ pub async fn run(
     client: connect::Connector,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    run_with(opts, client, Clock::System, shutdown).await
+}
+
+/// `run` against any broker API and clock (the fast tier's fakes).
+pub async fn run_with<A: LeaseApi>(
+    opts: Options,
+    api: A,
+    clock: Clock,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let mut s = Sidecar {
         opts,
-        client,
+        api,
+        clock,
         backoff: Backoff::default(),
         current: None,
         draining: Vec::new(),
-        next_try: Utc::now(),
+        next_try: clock.now(),
         must_rotate: false,
         file_removed: false,
         last_error: String::new(),
@@ -230,7 +133,7 @@ pub async fn run(
     loop {
         let wake = s.wake_at();
         tokio::select! {
-            _ = tokio::time::sleep(until(wake)) => {}
+            _ = tokio::time::sleep(s.clock.until(wake)) => {}
             _ = &mut shutdown => break,
         }
         match race(s.tick(), shutdown.as_mut()).await {
@@ -271,13 +174,10 @@ async fn race<T, S: Future<Output = ()>>(
     }
 }
 
-fn until(t: DateTime<Utc>) -> Duration {
-    (t - Utc::now()).to_std().unwrap_or(Duration::ZERO)
-}
-
-struct Sidecar {
+struct Sidecar<A> {
     opts: Options,
-    client: connect::Connector,
+    api: A,
+    clock: Clock,
     backoff: Backoff,
     current: Option<Credential>,
     draining: Vec<Draining>,
@@ -290,7 +190,7 @@ struct Sidecar {
     last_error: String,
 }
 
-impl Sidecar {
+impl<A: LeaseApi> Sidecar<A> {
     fn ttl_seconds(&self) -> i64 {
         self.opts
             .ttl
@@ -300,10 +200,10 @@ impl Sidecar {
 
     async fn call<T>(
         &self,
-        f: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+        f: impl Future<Output = std::result::Result<T, tonic::Status>>,
     ) -> std::result::Result<T, CallError> {
         match tokio::time::timeout(CALL_TIMEOUT, f).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Ok(r)) => Ok(r),
             Ok(Err(s)) => Err(classify(s)),
             Err(_) => Err(CallError::Transient(format!(
                 "no answer within {}s",
@@ -313,13 +213,12 @@ impl Sidecar {
     }
 
     async fn issue(&mut self) -> std::result::Result<Credential, CallError> {
-        let mut c = self.client.client();
         let req = pb::IssueLeaseRequest {
             role: self.opts.role.clone(),
             ttl_seconds: self.ttl_seconds(),
         };
-        let sent_at = Utc::now();
-        let lease = self.call(c.issue_lease(req)).await?;
+        let sent_at = self.clock.now();
+        let lease = self.call(self.api.issue(req)).await?;
         let cred = Credential::from_reply(lease, sent_at)
             .map_err(|e| CallError::Refused(tonic::Code::Internal, e.to_string()))?;
         tracing::info!(
@@ -343,29 +242,27 @@ impl Sidecar {
         lease_id: &str,
         ttl_seconds: i64,
     ) -> std::result::Result<pb::Lease, CallError> {
-        let mut c = self.client.client();
         let req = pb::RenewLeaseRequest {
             lease_id: lease_id.to_string(),
             ttl_seconds,
         };
-        self.call(c.renew_lease(req)).await
+        self.call(self.api.renew(req)).await
     }
 
     async fn revoke(&self, lease_id: &str) -> std::result::Result<(), CallError> {
-        let mut c = self.client.client();
         let req = pb::RevokeLeaseRequest {
             lease_id: lease_id.to_string(),
         };
-        self.call(c.revoke_lease(req)).await.map(|_| ())
+        self.call(self.api.revoke(req)).await
     }
 
     /// The first lease, retried with backoff while the broker is
     /// unreachable; a refusal (unknown role, not allowed, bad ttl) ends the
     /// sidecar at once: retrying would not change the answer.
     async fn first_credential(&mut self) -> Result<Credential> {
-        let started = Utc::now();
+        let started = self.clock.now();
         loop {
-            self.client.refresh();
+            self.api.refresh();
             match self.issue().await {
                 Ok(c) => {
                     self.backoff.reset();
@@ -378,7 +275,7 @@ impl Sidecar {
                     )))
                 }
                 Err(CallError::Transient(msg)) => {
-                    let waited = (Utc::now() - started).to_std().unwrap_or_default();
+                    let waited = (self.clock.now() - started).to_std().unwrap_or_default();
                     if waited >= self.opts.give_up_after {
                         return Err(Error::Unavailable(format!(
                             "no valid credential for role {:?}: the broker has been unreachable \
@@ -432,7 +329,7 @@ impl Sidecar {
             );
             return Ok(());
         }
-        self.next_try = schedule::next_step(&c.times(), Utc::now(), self.opts.grace).at();
+        self.next_try = schedule::next_step(&c.times(), self.clock.now(), self.opts.grace).at();
         self.current = Some(c);
         Ok(())
     }
@@ -458,9 +355,9 @@ impl Sidecar {
     }
 
     async fn tick(&mut self) -> Result<()> {
-        self.client.refresh();
+        self.api.refresh();
         self.revoke_due().await;
-        let now = Utc::now();
+        let now = self.clock.now();
         if now >= self.next_try {
             let times = self.current().times();
             let rotate = self.must_rotate
@@ -479,7 +376,7 @@ impl Sidecar {
         let id = self.current().lease_id.clone();
         match self.renew(&id, self.ttl_seconds()).await {
             Ok(l) => {
-                let now = Utc::now();
+                let now = self.clock.now();
                 self.backoff.reset();
                 let cur = self.current.as_mut().expect("held");
                 if let Some(e) = time(&l.expires_at) {
@@ -496,7 +393,7 @@ impl Sidecar {
             Err(CallError::Refused(code, msg)) => {
                 tracing::warn!(lease_id = %id, ?code, error = %msg, "renewal refused; issuing a new lease");
                 self.must_rotate = true;
-                self.next_try = Utc::now();
+                self.next_try = self.clock.now();
             }
             Err(CallError::Transient(msg)) => self.retry_later("renew", msg),
         }
@@ -514,7 +411,7 @@ impl Sidecar {
             "broker call failed; keeping the current file"
         );
         self.last_error = msg;
-        self.next_try = Utc::now() + delta(delay);
+        self.next_try = self.clock.now() + delta(delay);
     }
 
     async fn rotate(&mut self) {
@@ -540,7 +437,7 @@ impl Sidecar {
             self.retry_later("write", e.to_string());
             return;
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let hook = self.opts.notify.fire(&new, &self.opts.out);
         drop(hook);
         self.backoff.reset();
@@ -590,7 +487,7 @@ impl Sidecar {
     /// as its hard limit allows.
     async fn extend_current(&mut self) {
         let cur = self.current();
-        let now = Utc::now();
+        let now = self.clock.now();
         if cur.times().expires_at <= now || cur.expires_at >= cur.max_expires_at || !cur.renewable {
             return;
         }
@@ -605,7 +502,7 @@ impl Sidecar {
     }
 
     async fn revoke_due(&mut self) {
-        let now = Utc::now();
+        let now = self.clock.now();
         let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.draining)
             .into_iter()
             .partition(|d| d.revoke_at <= now);
@@ -618,14 +515,14 @@ impl Sidecar {
                     tracing::info!(lease_id = %d.lease_id, ?code, error = %msg, "old lease not revoked by us")
                 }
                 Err(CallError::Transient(msg)) => {
-                    if d.expires_at <= Utc::now() {
+                    if d.expires_at <= self.clock.now() {
                         tracing::info!(
                             lease_id = %d.lease_id,
                             error = %msg,
                             "old lease expired before it could be revoked; the broker's reaper drops it"
                         );
                     } else {
-                        d.revoke_at = Utc::now() + delta(Backoff::ceiling(d.attempts));
+                        d.revoke_at = self.clock.now() + delta(Backoff::ceiling(d.attempts));
                         d.attempts += 1;
                         tracing::warn!(lease_id = %d.lease_id, error = %msg, "cannot revoke the old lease yet");
                         self.draining.push(d);
@@ -638,7 +535,7 @@ impl Sidecar {
     /// Keeps the file only while its credential is valid; gives up after
     /// `give_up_after` without one.
     fn check_expiry(&mut self) -> Result<()> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let (lease_id, expires_at) = {
             let cur = self.current();
             (cur.lease_id.clone(), cur.times().expires_at)
@@ -729,61 +626,5 @@ mod tests {
         ));
         let never = std::pin::pin!(std::future::pending::<()>());
         assert!(matches!(race(async { 1 }, never).await, Raced::Done(1)));
-    }
-
-    #[test]
-    fn replies_without_times_are_refused_and_debug_hides_secrets() {
-        let mut l = pb::Lease {
-            lease_id: "l_x".into(),
-            username: "u".into(),
-            password: "hunter2hunter2".into(),
-            dsn: "postgresql://u:hunter2hunter2@h:1/d".into(),
-            ..Default::default()
-        };
-        let sent = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-        assert!(Credential::from_reply(l.clone(), sent).is_err());
-        let t = Some(prost_types::Timestamp {
-            seconds: 1_800_000_000,
-            nanos: 0,
-        });
-        l.issued_at = t;
-        l.expires_at = t;
-        l.max_expires_at = t;
-        let c = Credential::from_reply(l, sent).unwrap();
-        let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert_eq!(c.password.expose(), "hunter2hunter2");
-    }
-
-    #[test]
-    fn scheduling_runs_on_our_clock_even_when_the_brokers_differs() {
-        let broker = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0);
-        let l = pb::Lease {
-            issued_at: Some(prost_types::Timestamp {
-                seconds: 1_800_000_000,
-                nanos: 0,
-            }),
-            expires_at: Some(prost_types::Timestamp {
-                seconds: 1_800_000_060,
-                nanos: 0,
-            }),
-            max_expires_at: Some(prost_types::Timestamp {
-                seconds: 1_800_000_300,
-                nanos: 0,
-            }),
-            ..Default::default()
-        };
-        // Our clock is 90 s behind the broker's.
-        let sent = broker(-90).unwrap();
-        let c = Credential::from_reply(l, sent).unwrap();
-        assert_eq!(
-            c.expires_at,
-            broker(60).unwrap(),
-            "the file shows the broker's time"
-        );
-        let t = c.times();
-        assert_eq!(t.issued_at, sent);
-        assert_eq!(t.expires_at, broker(-30).unwrap());
-        assert_eq!(t.max_expires_at, broker(210).unwrap());
     }
 }

@@ -15,7 +15,7 @@ const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
 
 /// Roles on two PostgreSQL databases of the shared cluster — `main` (the
 /// test's fresh database) and `second` (another fresh one) — and on the
-/// machine's MariaDB (`maria`, a fresh schema). Returns the schema too.
+/// shared throwaway MariaDB (`maria`, a fresh schema). Returns the schema too.
 async fn three_database_broker() -> (TestBroker, String) {
     use mysql_async::prelude::Queryable;
     let mut roles = role(
@@ -39,18 +39,21 @@ async fn three_database_broker() -> (TestBroker, String) {
     let schema = unique("adm");
     let mut root = mysql_async::Conn::new(maria_opts(None, None))
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "the machine's MariaDB at 127.0.0.1:3306 (root, no password) is not reachable: {e}; \
-                 install and start it (`apt-get install -y mariadb-server && service mariadb start`)"
-            )
-        });
+        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
     root.query_drop(format!(
         "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY)"
     ))
     .await
     .unwrap();
-    let maria = b.env.mysql_database("maria", 3306, &schema, None).unwrap();
+    let maria = b
+        .env
+        .mysql_database(
+            "maria",
+            mariadb().port(),
+            &schema,
+            Some(mariadb().root_password()),
+        )
+        .unwrap();
     let maria_role = format!(
         "[roles.ro3]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
          allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
@@ -58,16 +61,6 @@ async fn three_database_broker() -> (TestBroker, String) {
     );
     b.edit_config(|t| t + &section + &maria + &maria_role);
     (b, schema)
-}
-
-fn maria_opts(user: Option<(&str, &str)>, db: Option<&str>) -> mysql_async::OptsBuilder {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(3306)
-        .user(Some(user.map_or("root", |u| u.0)))
-        .pass(user.map(|u| u.1))
-        .db_name(db)
-        .prefer_socket(false)
 }
 
 /// Runs the CLI without blocking the runtime the in-process broker runs on.

@@ -207,7 +207,8 @@ async fn orphan_sweep_drops_only_broker_made_names_without_a_lease() {
 
 #[tokio::test]
 async fn corrupt_store_is_a_clear_start_up_error() {
-    let b = TestBroker::prepare(&roles()).await;
+    let mut b = TestBroker::prepare(&roles()).await;
+    b.release_port();
     std::fs::write(
         &b.env.store_path,
         b"this is not a sqlite database, it is a note about one".repeat(100),

@@ -607,7 +607,9 @@ async fn sidecar_once_writes_one_credential_and_refusals_exit_at_once() {
 /// non-zero saying it has no valid credential.
 #[tokio::test]
 async fn sidecar_without_a_broker_gives_up_with_a_clear_message() {
-    let b = TestBroker::prepare(&short_role("sc_none")).await;
+    let mut b = TestBroker::prepare(&short_role("sc_none")).await;
+    // Nothing listens: connections are refused, as with no broker at all.
+    b.release_port();
     let dir = tempfile::tempdir().unwrap();
     let mut sc = Sidecar::spawn(&b, dir.path(), "sc_none", &["--give-up-after", "2s"]);
     assert_eq!(sc.wait(Duration::from_secs(30)).await, Some(1));
@@ -761,27 +763,15 @@ async fn sidecar_reloads_its_client_certificate_from_disk() {
 }
 
 /// The env format on a MySQL-kind role: MYSQL_* variables and a mysql://
-/// DATABASE_URL that log in to the machine's MariaDB as the leased user.
+/// DATABASE_URL that log in to the throwaway MariaDB as the leased user.
 #[tokio::test]
 async fn sidecar_env_file_for_a_mariadb_role_logs_in() {
     use mysql_async::prelude::Queryable;
-    let maria = |user: Option<(&str, &str)>, db: Option<&str>| {
-        mysql_async::OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
-            .tcp_port(3306)
-            .user(Some(user.map_or("root", |u| u.0)))
-            .pass(user.map(|u| u.1))
-            .db_name(db)
-            .prefer_socket(false)
-    };
+    let maria = maria_opts;
+
     let mut root = mysql_async::Conn::new(maria(None, None))
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "the machine's MariaDB at 127.0.0.1:3306 (root, no password) is not reachable: {e}; \
-                 install and start it (`apt-get install -y mariadb-server && service mariadb start`)"
-            )
-        });
+        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
     let schema = unique("sc");
     root.query_drop(format!(
         "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY); \
@@ -791,7 +781,15 @@ async fn sidecar_env_file_for_a_mariadb_role_logs_in() {
     .unwrap();
 
     let mut b = TestBroker::prepare("").await;
-    let section = b.env.mysql_database("maria", 3306, &schema, None).unwrap();
+    let section = b
+        .env
+        .mysql_database(
+            "maria",
+            mariadb().port(),
+            &schema,
+            Some(mariadb().root_password()),
+        )
+        .unwrap();
     b.edit_config(|t| {
         t + &section
             + &format!(
@@ -824,7 +822,7 @@ async fn sidecar_env_file_for_a_mariadb_role_logs_in() {
             .trim_matches('\'')
             .to_string()
     };
-    assert_eq!(var("MYSQL_TCP_PORT"), "3306");
+    assert_eq!(var("MYSQL_TCP_PORT"), mariadb().port().to_string());
     assert_eq!(var("MYSQL_DATABASE"), schema);
     assert!(var("DATABASE_URL").starts_with("mysql://"));
     let (user, password) = (var("MYSQL_USER"), var("MYSQL_PWD"));

@@ -10,7 +10,9 @@ use credbroker::config::Config;
 use credbroker::daemon::{Daemon, Listeners};
 use credbroker::devenv::DevEnv;
 use credbroker::pb;
-use credbroker::throwaway::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};
+use credbroker::throwaway::{
+    postgres_binaries_present, MariadbOptions, PostgresOptions, ThrowawayMariadb, ThrowawayPostgres,
+};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -42,6 +44,44 @@ pub fn cluster() -> &'static ThrowawayPostgres {
         .unwrap()
         .unwrap_or_else(|e| panic!("cannot start the throwaway PostgreSQL: {e}"))
     })
+}
+
+static MARIADB: OnceLock<ThrowawayMariadb> = OnceLock::new();
+
+/// The shared throwaway MariaDB (event scheduler ON) for tests that need a
+/// MySQL-kind database beside PostgreSQL; nothing has to run on :3306.
+/// Missing binaries fail the test with instructions.
+pub fn mariadb() -> &'static ThrowawayMariadb {
+    MARIADB.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(ThrowawayMariadb::start(MariadbOptions {
+                event_scheduler: true,
+            }))
+        })
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start the throwaway MariaDB: {e} \
+                 (needs /usr/sbin/mariadbd and mariadb-install-db: `apt-get install -y mariadb-server`)"
+            )
+        })
+    })
+}
+
+/// Connection options for the shared MariaDB: root, or `user` with its
+/// password.
+pub fn maria_opts(user: Option<(&str, &str)>, db: Option<&str>) -> mysql_async::OptsBuilder {
+    let m = mariadb();
+    let (name, password) = user.unwrap_or(("root", m.root_password()));
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(m.port())
+        .user(Some(name))
+        .pass(Some(password))
+        .db_name(db)
+        .prefer_socket(false)
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -89,6 +129,9 @@ pub struct TestBroker {
     /// brokers with separate stores must never share one on a cluster.
     pub prefix: String,
     _dir: tempfile::TempDir,
+    /// Bound when the port is chosen and held until the broker starts in
+    /// process, so no parallel test can take the port in between.
+    listener: Option<TcpListener>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<credbroker::Result<()>>>,
     pub child: Option<Child>,
@@ -106,7 +149,8 @@ impl TestBroker {
         let db = fresh_database_on(pg).await;
         let dir = tempfile::tempdir().unwrap();
         let env = DevEnv::create(dir.path()).unwrap();
-        let port = free_port();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
         let prefix = format!("t{}_", &unique("")[1..5]);
         let mut text = env.config_head(&format!("127.0.0.1:{port}"), None).replace(
             "[server]\n",
@@ -125,6 +169,7 @@ impl TestBroker {
             port,
             prefix,
             _dir: dir,
+            listener: Some(listener),
             stop: None,
             task: None,
             child: None,
@@ -140,7 +185,11 @@ impl TestBroker {
 
     pub async fn start_in_process(&mut self) {
         let config = Config::load(&self.env.config_path).unwrap();
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let listener = match self.listener.take() {
+            Some(l) => l,
+            // Restarted after a stop: the port was ours a moment ago.
+            None => TcpListener::bind(("127.0.0.1", self.port)).await.unwrap(),
+        };
         let daemon = Daemon::open(config).await.unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.task = Some(tokio::spawn(daemon.run(
@@ -169,8 +218,16 @@ impl TestBroker {
         }
     }
 
+    /// Lets go of the port reserved at `prepare`: for a test that runs the
+    /// binary itself, or needs nothing listening there.
+    pub fn release_port(&mut self) {
+        drop(self.listener.take());
+    }
+
     /// Runs the real `credbroker serve` binary on this config.
     pub async fn spawn_binary(&mut self) {
+        // The binary binds the port itself.
+        self.release_port();
         let child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
             .args(["serve", "--config"])
             .arg(&self.env.config_path)
@@ -222,6 +279,7 @@ impl TestBroker {
             port,
             prefix: self.prefix.clone(),
             _dir: dir,
+            listener: None,
             stop: None,
             task: None,
             child: None,
