@@ -259,11 +259,21 @@ impl Broker {
         event.lease_id = Some(lease.id.to_string());
         event.username = Some(username.to_string());
 
-        // Invariant 1: the intent is durable before the user exists.
-        self.store
-            .insert_intent(&lease)
+        // Invariant 1: the intent is durable before the user exists. The
+        // per-identity cap is checked by the store in the same step, so
+        // parallel issues cannot overshoot it.
+        if let Err(e) = self
+            .store
+            .insert_intent(&lease, role.max_leases_per_identity)
             .await
-            .map_err(store_unavailable)?;
+        {
+            if matches!(e, Error::ResourceExhausted(_)) {
+                // Refused: no such lease or user ever existed.
+                event.lease_id = None;
+                event.username = None;
+            }
+            return Err(store_unavailable(e));
+        }
         // The intent may now be due before the reaper's next planned wake.
         self.reaper_wake.notify_one();
 
@@ -362,19 +372,6 @@ impl Broker {
             {
                 return Err(Error::ResourceExhausted(format!(
                     "issue rate limit of {rate}/s for role {:?} reached; slow down",
-                    role.name
-                )));
-            }
-        }
-        if let Some(cap) = role.max_leases_per_identity {
-            let live = self
-                .store
-                .count_live(who.as_str(), &role.name)
-                .await
-                .map_err(store_unavailable)?;
-            if live >= u64::from(cap) {
-                return Err(Error::ResourceExhausted(format!(
-                    "identity holds {live} live leases on role {:?}, the most allowed; revoke some first",
                     role.name
                 )));
             }

@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
-use crate::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
+use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -382,31 +382,53 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
 
 #[async_trait]
 impl LeaseStore for SqliteStore {
-    async fn insert_intent(&self, lease: &Lease) -> Result<()> {
+    async fn insert_intent(&self, lease: &Lease, cap: Option<u32>) -> Result<()> {
         let l = lease.clone();
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO leases (id, role, database, kind, username, user_host, identity, state, \
-                 issued_at, expires_at, max_expires_at, due_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    l.id.as_str(),
-                    l.role,
-                    l.database,
-                    l.kind.as_str(),
-                    l.username.as_str(),
-                    l.user_host,
-                    l.identity,
-                    l.state.as_str(),
-                    ms(l.issued_at),
-                    ms(l.expires_at),
-                    ms(l.max_expires_at),
-                    ms(l.due_at)
-                ],
-            )
-            .map(|_| ())
-        })
-        .await
+        let outcome = self
+            .with(move |c| {
+                // Atomic because one thread owns the connection and runs the
+                // batch's writes one after another: the count sees every
+                // intent inserted before it in this batch (same transaction)
+                // and every earlier batch (committed). A batch whose COMMIT
+                // fails fails all its intents, so a refusal counted on them
+                // errs on the side of fewer leases, never more.
+                if let Some(cap) = cap {
+                    let live: i64 = c.query_row(
+                        "SELECT COUNT(*) FROM leases \
+                         WHERE identity = ?1 AND role = ?2 AND state <> 'revoked'",
+                        params![l.identity, l.role],
+                        |r| r.get(0),
+                    )?;
+                    if live >= i64::from(cap) {
+                        return Ok(Some(live as u64));
+                    }
+                }
+                c.execute(
+                    "INSERT INTO leases (id, role, database, kind, username, user_host, identity, state, \
+                     issued_at, expires_at, max_expires_at, due_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    params![
+                        l.id.as_str(),
+                        l.role,
+                        l.database,
+                        l.kind.as_str(),
+                        l.username.as_str(),
+                        l.user_host,
+                        l.identity,
+                        l.state.as_str(),
+                        ms(l.issued_at),
+                        ms(l.expires_at),
+                        ms(l.max_expires_at),
+                        ms(l.due_at)
+                    ],
+                )?;
+                Ok(None)
+            })
+            .await?;
+        match outcome {
+            Some(live) => Err(cap_reached(live, &lease.role)),
+            None => Ok(()),
+        }
     }
 
     async fn activate(&self, id: &LeaseId) -> Result<()> {

@@ -103,7 +103,7 @@ fn claim(owner: &str, secs: i64) -> Claim {
 async fn active(s: &Store, n: usize, role: &str, who: &str, ttl: i64) -> Lease {
     let now = Utc::now();
     let l = lease(n, role, who, now, ttl);
-    s.insert_intent(&l).await.unwrap();
+    s.insert_intent(&l, None).await.unwrap();
     s.activate(&l.id).await.unwrap();
     s.get(&l.id).await.unwrap().unwrap()
 }
@@ -111,7 +111,7 @@ async fn active(s: &Store, n: usize, role: &str, who: &str, ttl: i64) -> Lease {
 pub async fn case_lifecycle(s: Store) {
     let now = Utc::now();
     let l = lease(1, "ro", APP, now, 600);
-    s.insert_intent(&l).await.unwrap();
+    s.insert_intent(&l, None).await.unwrap();
     let got = s.get(&l.id).await.unwrap().unwrap();
     assert_eq!(got.state, LeaseState::Pending);
     assert_eq!(got.username, l.username);
@@ -171,12 +171,12 @@ pub async fn case_lifecycle(s: Store) {
 pub async fn case_username_is_unique_per_database(s: Store) {
     let now = Utc::now();
     let a = lease(1, "ro", APP, now, 60);
-    s.insert_intent(&a).await.unwrap();
+    s.insert_intent(&a, None).await.unwrap();
     let mut b = lease(2, "ro", APP, now, 60);
     b.username = a.username.clone();
-    assert!(s.insert_intent(&b).await.is_err());
+    assert!(s.insert_intent(&b, None).await.is_err());
     b.database = "other".into();
-    s.insert_intent(&b).await.unwrap();
+    s.insert_intent(&b, None).await.unwrap();
 }
 
 pub async fn case_claims_exclude_other_owners_until_they_expire(s: Store) {
@@ -339,7 +339,7 @@ pub async fn case_queries_see_only_what_they_ask_for(s: Store) {
     let c = active(&s, 3, "ro", other, 300).await;
     let now = Utc::now();
     let p = lease(4, "ro", APP, now, 400);
-    s.insert_intent(&p).await.unwrap();
+    s.insert_intent(&p, None).await.unwrap();
     let gone = active(&s, 5, "ro", APP, 50).await;
     s.mark_revoked(std::slice::from_ref(&gone.id), Utc::now())
         .await
@@ -466,6 +466,95 @@ pub async fn case_concurrent_reapers_claim_disjoint_sets(open: Opener, shared: b
     assert_eq!(unique, want, "a due lease was never claimed");
 }
 
+/// 50 intents at once for one identity and role with a cap of 5 — half of
+/// them through a second handle (a second replica, on a shared store):
+/// exactly 5 are written, whatever the interleaving.
+pub async fn case_identity_cap_holds_under_concurrency(open: Opener, shared: bool) {
+    let first = open().await;
+    let second = if shared { open().await } else { first.clone() };
+    let now = Utc::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let s = if i % 2 == 0 { &first } else { &second }.clone();
+            tokio::spawn(async move {
+                s.insert_intent(&lease(i, "ro", APP, now, 600), Some(5))
+                    .await
+            })
+        })
+        .collect();
+    let (mut written, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => written += 1,
+            Err(credbroker::Error::ResourceExhausted(m)) => {
+                assert_eq!(
+                    m,
+                    "identity holds 5 live leases on role \"ro\", the most allowed; revoke some first"
+                );
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((written, refused), (5, 45));
+    assert_eq!(first.count_live(APP, "ro").await.unwrap(), 5);
+    assert_eq!(second.count_live(APP, "ro").await.unwrap(), 5);
+
+    // Per identity and role: the others are not held back.
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    first
+        .insert_intent(&lease(60, "rw", APP, now, 600), Some(5))
+        .await
+        .unwrap();
+    first
+        .insert_intent(&lease(61, "ro", other, now, 600), Some(5))
+        .await
+        .unwrap();
+
+    // Pending, active and failing all count; a revoked lease frees a slot.
+    let mine = first
+        .list(&LeaseFilter {
+            role: Some("ro".into()),
+            identity: Some(APP.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 5);
+    first.activate(&mine[0].id).await.unwrap();
+    first.activate(&mine[1].id).await.unwrap();
+    first
+        .record_failure(&mine[1].id, "stuck", t(Utc::now(), 60), true)
+        .await
+        .unwrap();
+    let refused = first
+        .insert_intent(&lease(62, "ro", APP, now, 600), Some(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, credbroker::Error::ResourceExhausted(_)),
+        "{refused}"
+    );
+    first
+        .mark_revoked(std::slice::from_ref(&mine[0].id), Utc::now())
+        .await
+        .unwrap();
+    second
+        .insert_intent(&lease(63, "ro", APP, now, 600), Some(5))
+        .await
+        .unwrap();
+    assert!(first
+        .insert_intent(&lease(64, "ro", APP, now, 600), Some(5))
+        .await
+        .is_err());
+    // No cap, no count.
+    first
+        .insert_intent(&lease(65, "ro", APP, now, 600), None)
+        .await
+        .unwrap();
+    assert_eq!(first.count_live(APP, "ro").await.unwrap(), 6);
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -481,6 +570,11 @@ macro_rules! store_suite {
                 let home = super::sqlite_home().await;
                 super::case_concurrent_reapers_claim_disjoint_sets(home.open.clone(), false).await;
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_identity_cap_holds_under_concurrency() {
+                let home = super::sqlite_home().await;
+                super::case_identity_cap_holds_under_concurrency(home.open.clone(), false).await;
+            }
         }
         mod postgres {
             $(
@@ -494,6 +588,11 @@ macro_rules! store_suite {
             async fn case_concurrent_reapers_claim_disjoint_sets() {
                 let home = super::postgres_home().await;
                 super::case_concurrent_reapers_claim_disjoint_sets(home.open.clone(), true).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_identity_cap_holds_under_concurrency() {
+                let home = super::postgres_home().await;
+                super::case_identity_cap_holds_under_concurrency(home.open.clone(), true).await;
             }
         }
     };
@@ -517,7 +616,7 @@ async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
     let s = (home.open)().await;
     let now = Utc::now();
     let p = lease(1, "ro", APP, now, 600);
-    s.insert_intent(&p).await.unwrap();
+    s.insert_intent(&p, None).await.unwrap();
     let a = active(&s, 2, "ro", APP, 600).await;
     s.claim_one(&a.id, &claim("previous-life", 60))
         .await
@@ -540,7 +639,7 @@ async fn postgres_start_up_leaves_other_replicas_intents_and_claims_alone() {
     let s = (home.open)().await;
     let now = Utc::now();
     let p = lease(1, "ro", APP, now, 600);
-    s.insert_intent(&p).await.unwrap();
+    s.insert_intent(&p, None).await.unwrap();
     let a = active(&s, 2, "ro", APP, 600).await;
     s.claim_one(&a.id, &claim("replica-a", 60))
         .await
