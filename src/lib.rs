@@ -16,6 +16,7 @@
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
 //! - [`store`]: the lease store trait and its SQLite implementation.
 //! - [`reaper`]: expiry-ordered, batched, retrying revocation; orphan sweep.
+//! - [`pruner`]: deletes revoked rows past `store.retention`, in batches.
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
@@ -47,6 +48,7 @@ pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod pruner;
 pub mod reaper;
 pub mod scram;
 pub mod server;

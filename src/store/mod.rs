@@ -158,6 +158,12 @@ pub trait LeaseStore: Send + Sync {
     /// Live lease counts by (role, database, state), for metrics.
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>>;
 
+    /// Deletes up to `limit` rows that are `revoked` with `revoked_at`
+    /// before `before`; returns how many. Never touches a live row: those
+    /// are the broker's memory of users that may still exist. Callers prune
+    /// in small batches so the lease path's writes are never held up long.
+    async fn prune_revoked(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
+
     /// Called once at start. A store only this process can use (SQLite) makes
     /// every pending intent due now, since its issuer is certainly dead; a
     /// shared store leaves them to their grace deadline.

@@ -1,7 +1,7 @@
 //! Bounds a broker keeps under load: the per-identity lease cap holds under
-//! parallel issues.
+//! parallel issues, and revoked rows leave the store after their retention.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use credbroker::pb;
 use tonic::Code;
@@ -77,5 +77,57 @@ async fn parallel_issues_never_overshoot_the_per_identity_cap() {
         .expect("a slot is free again");
     let err = issue(&b, "app", "capped", 0).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_pruner_removes_revoked_rows_past_retention_and_keeps_live_ones() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    b.edit_config(|t| {
+        t.replace(
+            "[store]\n",
+            "[store]\nretention = \"1s\"\nprune_interval = \"1s\"\n",
+        )
+    });
+    b.start_in_process().await;
+    let mut app = b.client("app").await;
+    let live = issue(&b, "app", "ro", 0).await.unwrap();
+    let done = issue(&b, "app", "ro", 0).await.unwrap();
+    app.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: done.lease_id.clone(),
+    })
+    .await
+    .unwrap();
+    let lookup = |id: String| {
+        let mut app = app.clone();
+        async move {
+            app.lookup_lease(pb::LookupLeaseRequest { lease_id: id })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    assert_eq!(
+        lookup(done.lease_id.clone()).await.unwrap().state,
+        pb::LeaseState::Revoked as i32,
+        "a revoked lease is kept for its retention"
+    );
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let l = lookup(done.lease_id.clone());
+            async move { matches!(l.await, Err(s) if s.code() == Code::NotFound) }
+        })
+        .await,
+        "the revoked lease's row was never pruned"
+    );
+    eprintln!(
+        "revoked row pruned {:?} after the revoke",
+        started.elapsed()
+    );
+    // Two more runs of the pruner: the live lease stays.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let l = lookup(live.lease_id.clone()).await.unwrap();
+    assert_eq!(l.state, pb::LeaseState::Active as i32);
+    assert!(login(&b.db, &live.username, &live.password).await.is_ok());
     b.stop().await;
 }
