@@ -900,6 +900,50 @@ async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
 }
 
 #[tokio::test]
+async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
+    let home = sqlite_home().await;
+    let s = (home.open)().await;
+    let gone = active(&s, 1, "ro", APP, 600).await;
+    s.mark_revoked(std::slice::from_ref(&gone.id), t(Utc::now(), -7200))
+        .await
+        .unwrap();
+    let live = active(&s, 2, "ro", APP, 600).await;
+    drop(s);
+    // Back to what a broker of schema 1 left behind.
+    let path = home.sqlite_path.clone().unwrap();
+    tokio::task::spawn_blocking(move || {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch("DROP INDEX leases_revoked_at; PRAGMA user_version = 1;")
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let s = (home.open)().await;
+    assert_eq!(s.prune_revoked(t(Utc::now(), -3600), 100).await.unwrap(), 1);
+    assert!(s.get(&live.id).await.unwrap().is_some());
+    drop(s);
+    let path = home.sqlite_path.clone().unwrap();
+    let (version, indexed) = tokio::task::spawn_blocking(move || {
+        let c = rusqlite::Connection::open(path).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'leases_revoked_at'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (v, n)
+    })
+    .await
+    .unwrap();
+    assert_eq!((version, indexed), (2, 1));
+}
+
+#[tokio::test]
 async fn postgres_start_up_leaves_other_replicas_intents_and_claims_alone() {
     let home = postgres_home().await;
     let s = (home.open)().await;
