@@ -55,6 +55,11 @@ pub struct Broker {
     reaper_wake: Arc<Notify>,
     /// This process, for revocation claims in a shared store.
     owner: String,
+    /// One per database: concurrent rotate-root calls otherwise interleave
+    /// staging, `ALTER ROLE` and keeping, and the password file can end up
+    /// holding a password the database no longer accepts. Per process
+    /// only: replicas keep password files of their own (docs/HA.md).
+    rotations: BTreeMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Broker {
@@ -71,9 +76,14 @@ impl Broker {
             std::process::id(),
             rand::rng().random::<u32>()
         );
+        let rotations = backends
+            .keys()
+            .map(|db| (db.clone(), Arc::new(tokio::sync::Mutex::new(()))))
+            .collect();
         Broker {
             config: RwLock::new(config),
             store,
+            rotations,
             backends,
             audit,
             metrics,
@@ -232,11 +242,21 @@ impl Broker {
         event.lease_id = Some(lease.id.to_string());
         event.username = Some(username.to_string());
 
-        // Invariant 1: the intent is durable before the user exists.
-        self.store
-            .insert_intent(&lease)
+        // Invariant 1: the intent is durable before the user exists. The
+        // per-identity cap is checked by the store in the same step, so
+        // parallel issues cannot overshoot it.
+        if let Err(e) = self
+            .store
+            .insert_intent(&lease, role.max_leases_per_identity)
             .await
-            .map_err(store_unavailable)?;
+        {
+            if matches!(e, Error::ResourceExhausted(_)) {
+                // Refused: no such lease or user ever existed.
+                event.lease_id = None;
+                event.username = None;
+            }
+            return Err(store_unavailable(e));
+        }
         // The intent may now be due before the reaper's next planned wake.
         self.reaper_wake.notify_one();
 
@@ -333,19 +353,6 @@ impl Broker {
             {
                 return Err(Error::ResourceExhausted(format!(
                     "issue rate limit of {rate}/s for role {:?} reached; slow down",
-                    role.name
-                )));
-            }
-        }
-        if let Some(cap) = role.max_leases_per_identity {
-            let live = self
-                .store
-                .count_live(who.as_str(), &role.name)
-                .await
-                .map_err(store_unavailable)?;
-            if live >= u64::from(cap) {
-                return Err(Error::ResourceExhausted(format!(
-                    "identity holds {live} live leases on role {:?}, the most allowed; revoke some first",
                     role.name
                 )));
             }
@@ -606,14 +613,26 @@ impl Broker {
         Ok(total)
     }
 
-    /// Replaces the broker's own admin password on `database`.
+    /// Replaces the broker's own admin password on `database`. A call while
+    /// another runs on the same database waits for it, then rotates again.
     pub async fn rotate_root(&self, who: &Identity, database: &str) -> Result<()> {
         self.require_admin(who, "rotate_root")?;
         let mut event = Event::new(who.as_str(), "rotate_root");
         event.database = Some(truncate_text(database));
-        let result = match self.backends.get(database) {
-            Some(b) => b.rotate_root().await,
-            None => Err(Error::NotFound(format!(
+        let result = match (self.backends.get(database), self.rotations.get(database)) {
+            (Some(b), Some(lock)) => {
+                let (b, lock) = (b.clone(), lock.clone());
+                // A task of its own, holding the lock: a caller that hangs
+                // up must not cut a rotation off between the database's
+                // ALTER ROLE and the keeping of the new password.
+                tokio::spawn(async move {
+                    let _one_at_a_time = lock.lock_owned().await;
+                    b.rotate_root().await
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::internal(format!("rotate-root task: {e}"))))
+            }
+            _ => Err(Error::NotFound(format!(
                 "no database {database:?} is configured"
             ))),
         };

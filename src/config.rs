@@ -57,6 +57,12 @@ pub struct StoreConfig {
     /// How long a replica's claim on a lease's revocation lasts before
     /// another replica may take it over (its holder may have died).
     pub claim_timeout: Duration,
+    /// How long revoked rows stay in the store (for `admin leases` and
+    /// look-ups of past leases) before the pruner deletes them; the audit
+    /// log is the lasting record. Bounds the store's size.
+    pub retention: Duration,
+    /// How often the pruner looks for revoked rows past `retention`.
+    pub prune_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +205,8 @@ struct RawStore {
     password_file: Option<PathBuf>,
     password_env: Option<String>,
     claim_timeout: Option<String>,
+    retention: Option<String>,
+    prune_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -343,6 +351,8 @@ impl RawConfig {
             password_file: None,
             password_env: None,
             claim_timeout: None,
+            retention: None,
+            prune_interval: None,
         });
         let store_url = raw_store.url;
         let store_password = match (raw_store.password_file, raw_store.password_env) {
@@ -377,9 +387,26 @@ impl RawConfig {
         if claim_timeout < Duration::from_secs(1) {
             return Err(cfg_err("store.claim_timeout: at least 1s".to_string()));
         }
+        let retention = opt_duration(
+            "store.retention",
+            raw_store.retention.as_ref(),
+            Duration::from_secs(7 * 24 * 3600),
+        )?;
+        let prune_interval = opt_duration(
+            "store.prune_interval",
+            raw_store.prune_interval.as_ref(),
+            Duration::from_secs(600),
+        )?;
+        if retention < Duration::from_secs(1) || prune_interval < Duration::from_secs(1) {
+            return Err(cfg_err(
+                "store.retention and store.prune_interval: at least 1s".to_string(),
+            ));
+        }
         let store = StoreConfig {
             password: store_password,
             claim_timeout,
+            retention,
+            prune_interval,
             url: match store_url.strip_prefix("sqlite://") {
                 Some(p) => format!("sqlite://{}", resolve(base, Path::new(p)).display()),
                 None if store_url.starts_with("postgres://")
@@ -769,6 +796,16 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
                 "url = \"sqlite://credbroker.db\"\nclaim_timeout = \"10ms\"",
                 "at least 1s",
             ),
+            (
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"sqlite://credbroker.db\"\nprune_interval = \"0s\"",
+                "at least 1s",
+            ),
+            (
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"sqlite://credbroker.db\"\nretention = \"a week\"",
+                "store.retention",
+            ),
         ] {
             let err = Config::parse(&SAMPLE.replace(from, to), Path::new("/"))
                 .unwrap_err()
@@ -776,6 +813,20 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             assert!(err.contains(want), "{to}: {err}");
             assert!(!err.contains("hunter2"), "{err}");
         }
+    }
+
+    #[test]
+    fn store_retention_and_prune_interval_default_and_parse() {
+        let c = Config::parse(SAMPLE, Path::new("/")).unwrap();
+        assert_eq!(c.store.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.store.prune_interval, Duration::from_secs(600));
+        let text = SAMPLE.replace(
+            "url = \"sqlite://credbroker.db\"",
+            "url = \"sqlite://credbroker.db\"\nretention = \"36h\"\nprune_interval = \"1s\"",
+        );
+        let c = Config::parse(&text, Path::new("/")).unwrap();
+        assert_eq!(c.store.retention, Duration::from_secs(36 * 3600));
+        assert_eq!(c.store.prune_interval, Duration::from_secs(1));
     }
 
     proptest::proptest! {

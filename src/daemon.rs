@@ -14,7 +14,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::{backend, reaper, server, store};
+use crate::{backend, pruner, reaper, server, store};
 
 /// Everything `run` needs besides the config.
 pub struct Listeners {
@@ -108,7 +108,7 @@ impl Daemon {
         }
     }
 
-    /// Runs the reaper and both listeners until `shutdown`; then stops
+    /// Runs the reaper, the pruner and both listeners until `shutdown`; then stops
     /// accepting, gives in-flight requests `shutdown_grace` to finish, and
     /// returns.
     pub async fn run(
@@ -123,6 +123,7 @@ impl Daemon {
         broker.audit().append(start)?;
 
         let reaper = tokio::spawn(reaper::run(broker.clone(), stop.clone().cancelled_owned()));
+        let pruner = tokio::spawn(pruner::run(broker.clone(), stop.clone().cancelled_owned()));
         let http = listeners.metrics.map(|l| {
             tokio::spawn(server::http::serve(
                 broker.clone(),
@@ -159,6 +160,7 @@ impl Daemon {
         };
         stop.cancel();
         let _ = reaper.await;
+        let _ = pruner.await;
         if let Some(h) = http {
             let _ = h.await;
         }

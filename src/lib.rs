@@ -18,6 +18,7 @@
 //! - [`store`]: the lease store trait; SQLite (one broker) and PostgreSQL
 //!   (replicas) implementations.
 //! - [`reaper`]: expiry-ordered, batched, retrying revocation; orphan sweep.
+//! - [`pruner`]: deletes revoked rows past `store.retention`, in batches.
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
@@ -49,6 +50,7 @@ pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod pruner;
 pub mod reaper;
 pub mod revocation;
 pub mod scram;

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub pool_size: Family<DatabaseLabels, Gauge>,
     pub pool_available: Family<DatabaseLabels, Gauge>,
     pub pool_max: Family<DatabaseLabels, Gauge>,
+    /// Revoked rows the pruner deleted from the store (past retention).
+    pub pruned: Counter,
 }
 
 impl Default for Metrics {
@@ -91,6 +93,7 @@ impl Metrics {
             pool_size: Family::default(),
             pool_available: Family::default(),
             pool_max: Family::default(),
+            pruned: Counter::default(),
         };
         registry.register("leases_issued", "Leases issued", m.issued.clone());
         registry.register("leases_renewed", "Leases renewed", m.renewed.clone());
@@ -143,6 +146,11 @@ impl Metrics {
             "backend_pool_max",
             "Pool size limit per database",
             m.pool_max.clone(),
+        );
+        registry.register(
+            "store_pruned_rows",
+            "Revoked lease rows deleted from the store after their retention",
+            m.pruned.clone(),
         );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m

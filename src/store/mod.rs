@@ -57,7 +57,12 @@ pub trait LeaseStore: Send + Sync {
     /// Records the intent to create `lease.username`. `lease.state` is
     /// `Pending` and `lease.due_at` the deadline after which the reaper may
     /// assume the issuer died and clean up.
-    async fn insert_intent(&self, lease: &Lease) -> Result<()>;
+    ///
+    /// With a `cap`, fails with [`Error::ResourceExhausted`] (see
+    /// [`cap_reached`]) when `lease.identity` already holds `cap` or more
+    /// live leases on `lease.role`. The count and the insert are one atomic
+    /// step — across replicas too — so parallel issues cannot overshoot.
+    async fn insert_intent(&self, lease: &Lease, cap: Option<u32>) -> Result<()>;
 
     /// Pending → active, due at its expiry.
     async fn activate(&self, id: &LeaseId) -> Result<()>;
@@ -131,7 +136,8 @@ pub trait LeaseStore: Send + Sync {
 
     async fn list(&self, filter: &LeaseFilter) -> Result<Vec<Lease>>;
 
-    /// Live leases of `identity` on `role` (for the per-identity cap).
+    /// Live leases of `identity` on `role`. The cap itself is checked by
+    /// `insert_intent`, atomically; a separate count would race.
     async fn count_live(&self, identity: &str, role: &str) -> Result<u64>;
 
     /// User names of every live lease on `database` (for the orphan sweep).
@@ -146,6 +152,12 @@ pub trait LeaseStore: Send + Sync {
 
     /// Live lease counts by (role, database, state), for metrics.
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>>;
+
+    /// Deletes up to `limit` rows that are `revoked` with `revoked_at`
+    /// before `before`; returns how many. Never touches a live row: those
+    /// are the broker's memory of users that may still exist. Callers prune
+    /// in small batches so the lease path's writes are never held up long.
+    async fn prune_revoked(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
 
     /// Called once at start. A store only this process can use (SQLite) makes
     /// every pending intent due now, since its issuer is certainly dead; a
@@ -180,6 +192,14 @@ async fn open_with(
         "store.url: unsupported store {:?} (expected sqlite://PATH or postgres://…)",
         url.split("://").next().unwrap_or("")
     )))
+}
+
+/// The refusal of an intent over its identity's cap: the same words from
+/// every store.
+pub fn cap_reached(live: u64, role: &str) -> Error {
+    Error::ResourceExhausted(format!(
+        "identity holds {live} live leases on role {role:?}, the most allowed; revoke some first"
+    ))
 }
 
 /// How long a claim lasts before another owner may take the lease over,

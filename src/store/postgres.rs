@@ -26,16 +26,17 @@ use tokio_postgres::{NoTls, Row};
 use crate::config::SecretSource;
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Password, Username};
-use crate::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
+use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
 /// `pg_advisory_xact_lock` key held while migrating ("credbrkr").
 const MIGRATION_LOCK: i64 = 0x6372_6564_6272_6b72;
 
 /// Append-only: a released migration is never edited, only followed.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "lease table",
-    "CREATE TABLE credbroker_leases (
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "lease table",
+        "CREATE TABLE credbroker_leases (
         id              text PRIMARY KEY,
         role            text NOT NULL,
         database        text NOT NULL,
@@ -59,13 +60,29 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
     CREATE INDEX credbroker_leases_live_due ON credbroker_leases (due_at) WHERE state <> 'revoked';
     CREATE INDEX credbroker_leases_live_identity ON credbroker_leases (identity, role)
         WHERE state <> 'revoked';",
-)];
+    ),
+    // The pruner's question, 'which revoked rows are old', without reading
+    // the live ones or the whole table. A plain (not CONCURRENTLY) build:
+    // migrations run in one transaction; it holds up writes for as long as
+    // reading the table once takes.
+    (
+        2,
+        "revoked_at index for pruning",
+        "CREATE INDEX credbroker_leases_revoked_at ON credbroker_leases (revoked_at)
+            WHERE state = 'revoked';",
+    ),
+];
 
 /// The newest schema this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 const COLUMNS: &str = "id, role, database, kind, username, user_host, identity, state, issued_at, \
                        expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error";
+
+const INSERT_INTENT: &str =
+    "INSERT INTO credbroker_leases (id, role, database, kind, username, user_host, identity, \
+     state, issued_at, expires_at, max_expires_at, due_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
 const RECORD_FAILURE: &str = "UPDATE credbroker_leases SET revoke_attempts = revoke_attempts + 1, \
      last_error = $2, due_at = $3, \
@@ -277,29 +294,68 @@ impl PostgresStore {
 
 #[async_trait]
 impl LeaseStore for PostgresStore {
-    async fn insert_intent(&self, l: &Lease) -> Result<()> {
-        self.execute(
-            "insert intent",
-            "INSERT INTO credbroker_leases (id, role, database, kind, username, user_host, identity, \
-             state, issued_at, expires_at, max_expires_at, due_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            &[
-                &l.id.as_str(),
-                &l.role,
-                &l.database,
-                &l.kind.as_str(),
-                &l.username.as_str(),
-                &l.user_host,
-                &l.identity,
-                &l.state.as_str(),
-                &l.issued_at,
-                &l.expires_at,
-                &l.max_expires_at,
-                &l.due_at,
-            ],
-        )
-        .await
-        .map(|_| ())
+    async fn insert_intent(&self, l: &Lease, cap: Option<u32>) -> Result<()> {
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &l.id.as_str(),
+            &l.role,
+            &l.database,
+            &l.kind.as_str(),
+            &l.username.as_str(),
+            &l.user_host,
+            &l.identity,
+            &l.state.as_str(),
+            &l.issued_at,
+            &l.expires_at,
+            &l.max_expires_at,
+            &l.due_at,
+        ];
+        let Some(cap) = cap else {
+            return self
+                .execute("insert intent", INSERT_INTENT, &params)
+                .await
+                .map(|_| ());
+        };
+        let mut c = self.client().await?;
+        let tx = c
+            .transaction()
+            .await
+            .map_err(|e| pg_err("insert intent", e))?;
+        // Replicas share the table, so the count-then-insert is serialized
+        // on the store itself: one transaction-scoped lock per (identity,
+        // role), released by COMMIT or by a dead connection. The count is a
+        // statement of its own, after the lock: under READ COMMITTED it then
+        // sees the previous holder's committed insert.
+        let lock = tx
+            .prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+            .await
+            .map_err(|e| pg_err("intent cap lock", e))?;
+        tx.execute(&lock, &[&l.identity, &l.role])
+            .await
+            .map_err(|e| pg_err("intent cap lock", e))?;
+        let count = tx
+            .prepare_cached(
+                "SELECT count(*) FROM credbroker_leases \
+                 WHERE identity = $1 AND role = $2 AND state <> 'revoked'",
+            )
+            .await
+            .map_err(|e| pg_err("count live", e))?;
+        let live: i64 = tx
+            .query_one(&count, &[&l.identity, &l.role])
+            .await
+            .map_err(|e| pg_err("count live", e))?
+            .get(0);
+        if live >= i64::from(cap) {
+            // Nothing written: dropping the transaction rolls it back.
+            return Err(cap_reached(live as u64, &l.role));
+        }
+        let insert = tx
+            .prepare_cached(INSERT_INTENT)
+            .await
+            .map_err(|e| pg_err("insert intent", e))?;
+        tx.execute(&insert, &params)
+            .await
+            .map_err(|e| pg_err("insert intent", e))?;
+        tx.commit().await.map_err(|e| pg_err("insert intent", e))
     }
 
     async fn activate(&self, id: &LeaseId) -> Result<()> {
@@ -582,6 +638,22 @@ impl LeaseStore for PostgresStore {
                 )
             })
             .collect())
+    }
+
+    async fn prune_revoked(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        // SKIP LOCKED: replicas pruning at once take disjoint batches, and a
+        // row some request holds is left for the next run, not waited on.
+        self.execute(
+            "prune revoked",
+            "DELETE FROM credbroker_leases WHERE id IN (
+                SELECT id FROM credbroker_leases
+                WHERE state = 'revoked' AND revoked_at < $1
+                ORDER BY revoked_at LIMIT $2
+                FOR UPDATE SKIP LOCKED)
+             AND state = 'revoked'",
+            &[&before, &(limit as i64)],
+        )
+        .await
     }
 
     /// Nothing to do: with several replicas, a pending intent may belong to

@@ -18,9 +18,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
-use crate::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
+use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATION_1: &str = "
 CREATE TABLE leases (
@@ -46,6 +46,12 @@ CREATE UNIQUE INDEX leases_username ON leases(database, username);
 -- The reaper's question, 'what is due next', reads only live rows.
 CREATE INDEX leases_live_due ON leases(due_at) WHERE state <> 'revoked';
 CREATE INDEX leases_live_identity ON leases(identity, role) WHERE state <> 'revoked';
+";
+
+/// The pruner's question, 'which revoked rows are old', without reading
+/// the live ones or the whole table.
+const MIGRATION_2: &str = "
+CREATE INDEX leases_revoked_at ON leases(revoked_at) WHERE state = 'revoked';
 ";
 
 const RECORD_FAILURE: &str =
@@ -249,6 +255,11 @@ impl SqliteStore {
                 )
             })?;
         }
+        if version < 2 {
+            let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_2} PRAGMA user_version = 2; COMMIT;");
+            conn.execute_batch(&tx_sql)
+                .map_err(|e| ctx("cannot migrate schema to version 2", e))?;
+        }
         Ok(conn)
     }
 
@@ -382,31 +393,53 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
 
 #[async_trait]
 impl LeaseStore for SqliteStore {
-    async fn insert_intent(&self, lease: &Lease) -> Result<()> {
+    async fn insert_intent(&self, lease: &Lease, cap: Option<u32>) -> Result<()> {
         let l = lease.clone();
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO leases (id, role, database, kind, username, user_host, identity, state, \
-                 issued_at, expires_at, max_expires_at, due_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    l.id.as_str(),
-                    l.role,
-                    l.database,
-                    l.kind.as_str(),
-                    l.username.as_str(),
-                    l.user_host,
-                    l.identity,
-                    l.state.as_str(),
-                    ms(l.issued_at),
-                    ms(l.expires_at),
-                    ms(l.max_expires_at),
-                    ms(l.due_at)
-                ],
-            )
-            .map(|_| ())
-        })
-        .await
+        let outcome = self
+            .with(move |c| {
+                // Atomic because one thread owns the connection and runs the
+                // batch's writes one after another: the count sees every
+                // intent inserted before it in this batch (same transaction)
+                // and every earlier batch (committed). A batch whose COMMIT
+                // fails fails all its intents, so a refusal counted on them
+                // errs on the side of fewer leases, never more.
+                if let Some(cap) = cap {
+                    let live: i64 = c.query_row(
+                        "SELECT COUNT(*) FROM leases \
+                         WHERE identity = ?1 AND role = ?2 AND state <> 'revoked'",
+                        params![l.identity, l.role],
+                        |r| r.get(0),
+                    )?;
+                    if live >= i64::from(cap) {
+                        return Ok(Some(live as u64));
+                    }
+                }
+                c.execute(
+                    "INSERT INTO leases (id, role, database, kind, username, user_host, identity, state, \
+                     issued_at, expires_at, max_expires_at, due_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    params![
+                        l.id.as_str(),
+                        l.role,
+                        l.database,
+                        l.kind.as_str(),
+                        l.username.as_str(),
+                        l.user_host,
+                        l.identity,
+                        l.state.as_str(),
+                        ms(l.issued_at),
+                        ms(l.expires_at),
+                        ms(l.max_expires_at),
+                        ms(l.due_at)
+                    ],
+                )?;
+                Ok(None)
+            })
+            .await?;
+        match outcome {
+            Some(live) => Err(cap_reached(live, &lease.role)),
+            None => Ok(()),
+        }
     }
 
     async fn activate(&self, id: &LeaseId) -> Result<()> {
@@ -721,6 +754,22 @@ impl LeaseStore for SqliteStore {
                 ))
             })?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn prune_revoked(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        // Lazy: a prune lost in a crash is simply done again, so it need not
+        // force an fsync on the batch it shares with the lease path.
+        self.with_lazy(move |c| {
+            c.execute(
+                "DELETE FROM leases WHERE id IN (\
+                   SELECT id FROM leases WHERE state = 'revoked' AND revoked_at < ?1 \
+                   ORDER BY revoked_at LIMIT ?2) \
+                 AND state = 'revoked'",
+                params![ms(before), limit as i64],
+            )
+            .map(|n| n as u64)
         })
         .await
     }

@@ -476,6 +476,86 @@ async fn rotate_root_locks_out_the_old_password_and_issuing_goes_on() {
         .unwrap();
 }
 
+/// Without per-database serialization, two rotations interleave: the file
+/// keeps one new password while the database took the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotate_root_calls_leave_file_and_database_agreeing() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    let admin_role = unique("adm");
+    b.superuser()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {admin_role} SUPERUSER LOGIN PASSWORD 'first-admin-password'"
+        ))
+        .await
+        .unwrap();
+    let secret = b.env.dir.join("secrets").join("main-admin");
+    credbroker::fsutil::write_secret_file(&secret, b"first-admin-password").unwrap();
+    let su = cluster().superuser().to_string();
+    b.edit_config(|t| t.replace(&format!("://{su}@"), &format!("://{admin_role}@")));
+    b.start_in_process().await;
+    let admin = b.admin("admin").await;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut admin = admin.clone();
+            tokio::spawn(async move {
+                admin
+                    .rotate_root(pb::RotateRootRequest {
+                        database: "main".into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().expect("every rotation returns ok");
+    }
+    eprintln!(
+        "5 concurrent rotate-root calls took {:?}",
+        started.elapsed()
+    );
+    let kept = std::fs::read_to_string(&secret).unwrap();
+    assert!(
+        login(&b.db, &admin_role, kept.trim()).await.is_ok(),
+        "the password file does not log in as the admin role"
+    );
+    assert!(login(&b.db, &admin_role, "first-admin-password")
+        .await
+        .is_err());
+    assert!(
+        !secret.with_extension("next").exists(),
+        "a staged password was left behind"
+    );
+    let rotations = b
+        .audit_records()
+        .into_iter()
+        .filter(|r| r.action == "rotate_root" && r.outcome == Outcome::Ok)
+        .count();
+    assert_eq!(rotations, 5, "each call rotated once, one after another");
+    // The broker's own pool follows: new connections use the kept password.
+    for _ in 0..3 {
+        let l = issue(&b, "app", "ro", 0)
+            .await
+            .expect("issues after the rotations");
+        assert!(login(&b.db, &l.username, &l.password).await.is_ok());
+    }
+    b.stop().await;
+    // Restart: start-up reads the file and must still get in.
+    b.start_in_process().await;
+    issue(&b, "app", "ro", 0)
+        .await
+        .expect("issues after a restart with the kept password");
+    b.stop().await;
+    b.superuser()
+        .await
+        .batch_execute(&format!(
+            "DROP OWNED BY {admin_role}; DROP ROLE IF EXISTS {admin_role}"
+        ))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn main_port_answers_grpc_health_and_lists_its_services_by_reflection() {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};

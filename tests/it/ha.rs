@@ -507,3 +507,50 @@ async fn store_outage_is_unavailable_then_heals_with_nothing_lost() {
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
     eprintln!("store outage of {outage:?}: {codes:?}");
 }
+
+/// The per-identity cap is the store's, not one replica's: 50 parallel
+/// issues split over two replicas still make exactly 5 leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_identity_cap_holds_across_replicas() {
+    let capped = role("capped", "{db}", "5m", "10m", APP) + "max_leases_per_identity = 5\n\n";
+    let mut a = TestBroker::prepare(&capped).await;
+    let store_db = use_pg_store(&a, cluster(), "20s").await;
+    a.spawn_binary().await;
+    let mut b = a.replica();
+    b.spawn_binary().await;
+    let clients = [a.client("app").await, b.client("app").await];
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let mut c = clients[i % 2].clone();
+            tokio::spawn(async move {
+                c.issue_lease(pb::IssueLeaseRequest {
+                    role: "capped".into(),
+                    ttl_seconds: 0,
+                })
+                .await
+            })
+        })
+        .collect();
+    let (mut issued, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => issued += 1,
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+            Err(s) => panic!("unexpected status: {s:?}"),
+        }
+    }
+    assert_eq!((issued, refused), (5, 45));
+    assert_eq!(a.broker_role_count().await, 5, "roles in the database");
+    let store = cluster().connect(&store_db).await.unwrap();
+    let live: i64 = store
+        .query_one(
+            "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 5);
+    a.kill_binary();
+    b.kill_binary();
+}

@@ -9,6 +9,7 @@ mod certificates;
 mod faults;
 mod ha;
 mod lease_path;
+mod limits;
 mod mysql;
 mod shapes;
 mod sidecar;

@@ -5,12 +5,17 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Duration as CDuration, Utc};
 use credbroker::config::SecretSource;
 use credbroker::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
+use credbroker::metrics::Metrics;
+use credbroker::pruner::Pruner;
 use credbroker::store::postgres::PostgresStore;
 use credbroker::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
 
@@ -25,11 +30,14 @@ pub struct StoreHome {
     pub open: Opener,
     /// The PostgreSQL database name, for direct checks.
     pub pg_database: Option<String>,
+    /// The SQLite file, for direct (test-only) writes while it is closed.
+    pub sqlite_path: Option<PathBuf>,
 }
 
 pub async fn sqlite_home() -> StoreHome {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("leases.db").display());
+    let path = dir.path().join("leases.db");
+    let url = format!("sqlite://{}", path.display());
     StoreHome {
         _dir: dir,
         open: Arc::new(move || {
@@ -37,6 +45,7 @@ pub async fn sqlite_home() -> StoreHome {
             Box::pin(async move { credbroker::store::open(&url).await.unwrap() })
         }),
         pg_database: None,
+        sqlite_path: Some(path),
     }
 }
 
@@ -61,6 +70,7 @@ pub async fn postgres_home() -> StoreHome {
             })
         }),
         pg_database: Some(db),
+        sqlite_path: None,
     }
 }
 
@@ -103,7 +113,7 @@ fn claim(owner: &str, secs: i64) -> Claim {
 async fn active(s: &Store, n: usize, role: &str, who: &str, ttl: i64) -> Lease {
     let now = Utc::now();
     let l = lease(n, role, who, now, ttl);
-    s.insert_intent(&l).await.unwrap();
+    s.insert_intent(&l, None).await.unwrap();
     s.activate(&l.id).await.unwrap();
     s.get(&l.id).await.unwrap().unwrap()
 }
@@ -111,7 +121,7 @@ async fn active(s: &Store, n: usize, role: &str, who: &str, ttl: i64) -> Lease {
 pub async fn case_lifecycle(s: Store) {
     let now = Utc::now();
     let l = lease(1, "ro", APP, now, 600);
-    s.insert_intent(&l).await.unwrap();
+    s.insert_intent(&l, None).await.unwrap();
     let got = s.get(&l.id).await.unwrap().unwrap();
     assert_eq!(got.state, LeaseState::Pending);
     assert_eq!(got.username, l.username);
@@ -171,12 +181,12 @@ pub async fn case_lifecycle(s: Store) {
 pub async fn case_username_is_unique_per_database(s: Store) {
     let now = Utc::now();
     let a = lease(1, "ro", APP, now, 60);
-    s.insert_intent(&a).await.unwrap();
+    s.insert_intent(&a, None).await.unwrap();
     let mut b = lease(2, "ro", APP, now, 60);
     b.username = a.username.clone();
-    assert!(s.insert_intent(&b).await.is_err());
+    assert!(s.insert_intent(&b, None).await.is_err());
     b.database = "other".into();
-    s.insert_intent(&b).await.unwrap();
+    s.insert_intent(&b, None).await.unwrap();
 }
 
 pub async fn case_claims_exclude_other_owners_until_they_expire(s: Store) {
@@ -339,7 +349,7 @@ pub async fn case_queries_see_only_what_they_ask_for(s: Store) {
     let c = active(&s, 3, "ro", other, 300).await;
     let now = Utc::now();
     let p = lease(4, "ro", APP, now, 400);
-    s.insert_intent(&p).await.unwrap();
+    s.insert_intent(&p, None).await.unwrap();
     let gone = active(&s, 5, "ro", APP, 50).await;
     s.mark_revoked(std::slice::from_ref(&gone.id), Utc::now())
         .await
@@ -466,6 +476,343 @@ pub async fn case_concurrent_reapers_claim_disjoint_sets(open: Opener, shared: b
     assert_eq!(unique, want, "a due lease was never claimed");
 }
 
+/// 50 intents at once for one identity and role with a cap of 5 — half of
+/// them through a second handle (a second replica, on a shared store):
+/// exactly 5 are written, whatever the interleaving.
+pub async fn case_identity_cap_holds_under_concurrency(open: Opener, shared: bool) {
+    let first = open().await;
+    let second = if shared { open().await } else { first.clone() };
+    let now = Utc::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let s = if i % 2 == 0 { &first } else { &second }.clone();
+            tokio::spawn(async move {
+                s.insert_intent(&lease(i, "ro", APP, now, 600), Some(5))
+                    .await
+            })
+        })
+        .collect();
+    let (mut written, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => written += 1,
+            Err(credbroker::Error::ResourceExhausted(m)) => {
+                assert_eq!(
+                    m,
+                    "identity holds 5 live leases on role \"ro\", the most allowed; revoke some first"
+                );
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((written, refused), (5, 45));
+    assert_eq!(first.count_live(APP, "ro").await.unwrap(), 5);
+    assert_eq!(second.count_live(APP, "ro").await.unwrap(), 5);
+
+    // Per identity and role: the others are not held back.
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    first
+        .insert_intent(&lease(60, "rw", APP, now, 600), Some(5))
+        .await
+        .unwrap();
+    first
+        .insert_intent(&lease(61, "ro", other, now, 600), Some(5))
+        .await
+        .unwrap();
+
+    // Pending, active and failing all count; a revoked lease frees a slot.
+    let mine = first
+        .list(&LeaseFilter {
+            role: Some("ro".into()),
+            identity: Some(APP.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 5);
+    first.activate(&mine[0].id).await.unwrap();
+    first.activate(&mine[1].id).await.unwrap();
+    first
+        .record_failure(&mine[1].id, "stuck", t(Utc::now(), 60), true)
+        .await
+        .unwrap();
+    let refused = first
+        .insert_intent(&lease(62, "ro", APP, now, 600), Some(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, credbroker::Error::ResourceExhausted(_)),
+        "{refused}"
+    );
+    first
+        .mark_revoked(std::slice::from_ref(&mine[0].id), Utc::now())
+        .await
+        .unwrap();
+    second
+        .insert_intent(&lease(63, "ro", APP, now, 600), Some(5))
+        .await
+        .unwrap();
+    assert!(first
+        .insert_intent(&lease(64, "ro", APP, now, 600), Some(5))
+        .await
+        .is_err());
+    // No cap, no count.
+    first
+        .insert_intent(&lease(65, "ro", APP, now, 600), None)
+        .await
+        .unwrap();
+    assert_eq!(first.count_live(APP, "ro").await.unwrap(), 6);
+}
+
+/// `n` rows written around the store API, for volume. `revoked_at` is set
+/// on live rows too (no store does that), to show the pruner goes by state.
+pub struct Bulk {
+    pub tag: &'static str,
+    pub n: usize,
+    pub state: LeaseState,
+    pub revoked_at: DateTime<Utc>,
+}
+
+/// Test-only bulk insert, straight into the store's table. The store must
+/// be closed: SQLite holds its file exclusively while open.
+pub async fn bulk_insert(home: &StoreHome, batches: &[Bulk]) {
+    let now = Utc::now();
+    let (expires, due) = (t(now, 3600), t(now, 3600));
+    if let Some(path) = home.sqlite_path.clone() {
+        let rows: Vec<(String, usize, String, i64)> = batches
+            .iter()
+            .map(|b| {
+                (
+                    b.tag.to_string(),
+                    b.n,
+                    b.state.as_str().to_string(),
+                    ms(b.revoked_at),
+                )
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let mut c = rusqlite::Connection::open(path).unwrap();
+            let tx = c.transaction().unwrap();
+            {
+                let mut insert = tx
+                    .prepare(
+                        "INSERT INTO leases (id, role, database, kind, username, identity, state, \
+                         issued_at, expires_at, max_expires_at, due_at, revoked_at) \
+                         VALUES (?1, 'ro', 'main', 'postgres', ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8)",
+                    )
+                    .unwrap();
+                for (tag, n, state, revoked_at) in rows {
+                    for i in 0..n {
+                        insert
+                            .execute(rusqlite::params![
+                                format!("l_{tag}{i:010}"),
+                                format!("b_{tag}_{i}"),
+                                APP,
+                                state,
+                                ms(now),
+                                ms(expires),
+                                ms(due),
+                                revoked_at
+                            ])
+                            .unwrap();
+                    }
+                }
+            }
+            tx.commit().unwrap();
+        })
+        .await
+        .unwrap();
+        return;
+    }
+    let c = cluster()
+        .connect(home.pg_database.as_deref().unwrap())
+        .await
+        .unwrap();
+    for b in batches {
+        c.execute(
+            "INSERT INTO credbroker_leases (id, role, database, kind, username, identity, state, \
+             issued_at, expires_at, max_expires_at, due_at, revoked_at) \
+             SELECT 'l_' || $1::text || lpad(g::text, 10, '0'), 'ro', 'main', 'postgres', \
+                    'b_' || $1::text || '_' || g, $2::text, $3::text, $4, $5, $5, $6, $7 \
+             FROM generate_series(1, $8::int) g",
+            &[
+                &b.tag,
+                &APP,
+                &b.state.as_str(),
+                &now,
+                &expires,
+                &due,
+                &b.revoked_at,
+                &(b.n as i32),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// 100,000 old revoked rows go, in batches, while intents keep being
+/// written and activated; every live row and every recent revoked one stays.
+pub async fn case_pruning_deletes_only_old_revoked_rows(home: StoreHome) {
+    let now = Utc::now();
+    let before = t(now, -24 * 3600);
+    let (old, recent) = (t(now, -30 * 24 * 3600), t(now, -3600));
+
+    let s = (home.open)().await;
+    let act = active(&s, 1, "ro", APP, 600).await;
+    let pend = lease(2, "ro", APP, now, 600);
+    s.insert_intent(&pend, None).await.unwrap();
+    let fail = active(&s, 3, "ro", APP, 600).await;
+    s.record_failure(&fail.id, "stuck", t(now, 60), true)
+        .await
+        .unwrap();
+    let kept = active(&s, 4, "ro", APP, 600).await;
+    s.mark_revoked(std::slice::from_ref(&kept.id), recent)
+        .await
+        .unwrap();
+    let gone = active(&s, 5, "ro", APP, 600).await;
+    s.mark_revoked(std::slice::from_ref(&gone.id), old)
+        .await
+        .unwrap();
+    drop(s);
+    let loaded = Instant::now();
+    bulk_insert(
+        &home,
+        &[
+            Bulk {
+                tag: "old",
+                n: 100_000,
+                state: LeaseState::Revoked,
+                revoked_at: old,
+            },
+            Bulk {
+                tag: "new",
+                n: 500,
+                state: LeaseState::Revoked,
+                revoked_at: recent,
+            },
+            Bulk {
+                tag: "act",
+                n: 200,
+                state: LeaseState::Active,
+                revoked_at: old,
+            },
+            Bulk {
+                tag: "fai",
+                n: 200,
+                state: LeaseState::Failing,
+                revoked_at: old,
+            },
+            Bulk {
+                tag: "pen",
+                n: 100,
+                state: LeaseState::Pending,
+                revoked_at: old,
+            },
+        ],
+    )
+    .await;
+    let loaded = loaded.elapsed();
+    let s = (home.open)().await;
+
+    // The lease path, running all along: issue (capped, as a broker does),
+    // activate, and now and then revoke (a recent revocation: kept).
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (s, stop) = (s.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut live, mut revoked, mut worst) = (0usize, 0usize, Duration::ZERO);
+            let mut errors = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let l = lease(1_000_000 + i, "rw", APP, Utc::now(), 600);
+                let started = Instant::now();
+                let r = match s.insert_intent(&l, Some(1_000_000)).await {
+                    Ok(()) => s.activate(&l.id).await,
+                    Err(e) => Err(e),
+                };
+                worst = worst.max(started.elapsed());
+                if let Err(e) = r {
+                    errors.push(e.to_string());
+                    continue;
+                }
+                if i % 10 == 0 {
+                    s.mark_revoked(std::slice::from_ref(&l.id), Utc::now())
+                        .await
+                        .unwrap();
+                    revoked += 1;
+                } else {
+                    live += 1;
+                }
+            }
+            (live, revoked, worst, errors)
+        })
+    };
+    // Let the writer get going first, so pruning overlaps it throughout.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let metrics = Arc::new(Metrics::new());
+    let pruner = Pruner::new(s.clone(), metrics.clone());
+    let started = Instant::now();
+    let pruned = pruner.prune(before).await.unwrap();
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (live, revoked, worst, errors) = writer.await.unwrap();
+    eprintln!(
+        "pruning: bulk load {loaded:?}; {pruned} rows pruned in {took:?}; \
+         meanwhile {} intents written and activated, slowest {worst:?}",
+        live + revoked
+    );
+    assert!(
+        errors.is_empty(),
+        "the lease path failed during pruning: {errors:?}"
+    );
+    assert!(
+        live + revoked > 10,
+        "the writer hardly ran: {}",
+        live + revoked
+    );
+    assert_eq!(pruned, 100_001);
+    assert_eq!(metrics.pruned.get(), 100_001);
+
+    let list = |states: Vec<LeaseState>| {
+        let s = s.clone();
+        async move {
+            s.list(&LeaseFilter {
+                states,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let left = list(vec![LeaseState::Revoked]).await;
+    assert!(left.iter().all(|l| l.revoked_at.unwrap() >= before));
+    assert_eq!(left.len(), 500 + 1 + revoked, "a recent revoked row went");
+    let live_rows = list(vec![
+        LeaseState::Pending,
+        LeaseState::Active,
+        LeaseState::Failing,
+    ])
+    .await;
+    assert_eq!(live_rows.len(), 500 + 3 + live, "a live row went");
+    for l in [&act, &pend, &fail, &kept] {
+        assert!(s.get(&l.id).await.unwrap().is_some(), "{} went", l.id);
+    }
+    assert!(s.get(&gone.id).await.unwrap().is_none());
+    assert_eq!(
+        pruner.prune(before).await.unwrap(),
+        0,
+        "nothing is left to prune"
+    );
+    assert_eq!(
+        s.prune_revoked(Utc::now(), 10).await.unwrap(),
+        10,
+        "a batch is at most `limit` rows"
+    );
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -481,6 +828,15 @@ macro_rules! store_suite {
                 let home = super::sqlite_home().await;
                 super::case_concurrent_reapers_claim_disjoint_sets(home.open.clone(), false).await;
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_identity_cap_holds_under_concurrency() {
+                let home = super::sqlite_home().await;
+                super::case_identity_cap_holds_under_concurrency(home.open.clone(), false).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_pruning_deletes_only_old_revoked_rows() {
+                super::case_pruning_deletes_only_old_revoked_rows(super::sqlite_home().await).await;
+            }
         }
         mod postgres {
             $(
@@ -494,6 +850,15 @@ macro_rules! store_suite {
             async fn case_concurrent_reapers_claim_disjoint_sets() {
                 let home = super::postgres_home().await;
                 super::case_concurrent_reapers_claim_disjoint_sets(home.open.clone(), true).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_identity_cap_holds_under_concurrency() {
+                let home = super::postgres_home().await;
+                super::case_identity_cap_holds_under_concurrency(home.open.clone(), true).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_pruning_deletes_only_old_revoked_rows() {
+                super::case_pruning_deletes_only_old_revoked_rows(super::postgres_home().await).await;
             }
         }
     };
@@ -517,7 +882,7 @@ async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
     let s = (home.open)().await;
     let now = Utc::now();
     let p = lease(1, "ro", APP, now, 600);
-    s.insert_intent(&p).await.unwrap();
+    s.insert_intent(&p, None).await.unwrap();
     let a = active(&s, 2, "ro", APP, 600).await;
     s.claim_one(&a.id, &claim("previous-life", 60))
         .await
@@ -535,12 +900,56 @@ async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
 }
 
 #[tokio::test]
+async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
+    let home = sqlite_home().await;
+    let s = (home.open)().await;
+    let gone = active(&s, 1, "ro", APP, 600).await;
+    s.mark_revoked(std::slice::from_ref(&gone.id), t(Utc::now(), -7200))
+        .await
+        .unwrap();
+    let live = active(&s, 2, "ro", APP, 600).await;
+    drop(s);
+    // Back to what a broker of schema 1 left behind.
+    let path = home.sqlite_path.clone().unwrap();
+    tokio::task::spawn_blocking(move || {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch("DROP INDEX leases_revoked_at; PRAGMA user_version = 1;")
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let s = (home.open)().await;
+    assert_eq!(s.prune_revoked(t(Utc::now(), -3600), 100).await.unwrap(), 1);
+    assert!(s.get(&live.id).await.unwrap().is_some());
+    drop(s);
+    let path = home.sqlite_path.clone().unwrap();
+    let (version, indexed) = tokio::task::spawn_blocking(move || {
+        let c = rusqlite::Connection::open(path).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'leases_revoked_at'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (v, n)
+    })
+    .await
+    .unwrap();
+    assert_eq!((version, indexed), (2, 1));
+}
+
+#[tokio::test]
 async fn postgres_start_up_leaves_other_replicas_intents_and_claims_alone() {
     let home = postgres_home().await;
     let s = (home.open)().await;
     let now = Utc::now();
     let p = lease(1, "ro", APP, now, 600);
-    s.insert_intent(&p).await.unwrap();
+    s.insert_intent(&p, None).await.unwrap();
     let a = active(&s, 2, "ro", APP, 600).await;
     s.claim_one(&a.id, &claim("replica-a", 60))
         .await
