@@ -2,6 +2,7 @@
 //! routine the reaper shares. No gRPC types here; the server module turns
 //! requests into these calls and `Error`s into statuses.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 

@@ -255,7 +255,7 @@ mod tests {
             revoke_attempts: 0,
             last_error: None,
         };
-        kit.store.insert_intent(&lease).await.unwrap();
+        kit.store.insert_intent(&lease, None).await.unwrap();
         sweeper.sweep(&kit.broker).await;
         sweeper.sweep(&kit.broker).await;
         assert!(

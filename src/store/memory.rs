@@ -88,8 +88,21 @@ fn live(l: &Lease) -> bool {
 
 #[async_trait]
 impl LeaseStore for MemoryStore {
-    async fn insert_intent(&self, lease: &Lease) -> Result<()> {
+    async fn insert_intent(&self, lease: &Lease, cap: Option<u32>) -> Result<()> {
         self.with(|rows| {
+            if let Some(cap) = cap {
+                let live_now = rows
+                    .values()
+                    .filter(|r| {
+                        live(&r.lease)
+                            && r.lease.identity == lease.identity
+                            && r.lease.role == lease.role
+                    })
+                    .count() as u64;
+                if live_now >= u64::from(cap) {
+                    return Err(crate::store::cap_reached(live_now, &lease.role));
+                }
+            }
             let taken = rows
                 .values()
                 .any(|r| r.lease.database == lease.database && r.lease.username == lease.username);
@@ -308,6 +321,22 @@ impl LeaseStore for MemoryStore {
                 .into_iter()
                 .map(|((role, db, _), (state, n))| (role, db, state, n))
                 .collect()
+        })
+    }
+
+    async fn prune_revoked(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        self.with(|rows| {
+            let old: Vec<LeaseId> = rows
+                .values()
+                .filter(|r| r.lease.state == LeaseState::Revoked)
+                .filter(|r| r.lease.revoked_at.is_some_and(|t| t < before))
+                .map(|r| r.lease.id.clone())
+                .take(limit)
+                .collect();
+            for id in &old {
+                rows.remove(id);
+            }
+            old.len() as u64
         })
     }
 
