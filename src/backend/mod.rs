@@ -7,6 +7,7 @@
 
 pub mod mysql;
 mod mysql_auth;
+mod mysql_definer;
 pub mod postgres;
 
 use std::collections::BTreeMap;
