@@ -1334,3 +1334,143 @@ async fn mysql_failsafe_locks_a_definer_and_drops_the_rest_after_broker_sigkill(
     b.kill_binary();
     b.drop_schema().await;
 }
+
+/// Several `[databases.*]` on one server and two brokers whose prefixes
+/// nest (`qNN_` and `qNN_b_`): user lists are per server, so each sweep
+/// sees every one of these users, and must drop none that a lease of
+/// *any* of its databases accounts for, nor any the other broker made.
+/// Fast sweeps; after several of them every lease still logs in and no
+/// `drop_orphan` record exists. Then a user in the first broker's exact
+/// shape that no lease accounts for is dropped.
+#[tokio::test]
+async fn mysql_two_databases_and_two_brokers_on_one_server_keep_their_users() {
+    let t = local().await;
+    let base = format!("q{:02x}_", rand::random::<u8>());
+    let nested = format!("{base}b_");
+    let second_schema = t.fresh_schema().await;
+
+    // Broker A: `main` over 127.0.0.1 and `second` over `localhost`, one
+    // server, two schemas.
+    let mut a = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    let second = a
+        .env
+        .mysql_database("second", t.port, &second_schema, t.password.as_deref())
+        .unwrap()
+        .replace("@127.0.0.1:", "@localhost:");
+    let old = a.prefix.clone();
+    a.edit_config(|c| {
+        c.replace(
+            &format!("name_prefix = \"{old}\""),
+            &format!("name_prefix = \"{base}\""),
+        ) + &second
+            + &format!(
+                "[roles.other]\ndatabase = \"second\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n\
+                 allowed = [\"{APP}\"]\ngrants = [\"GRANT SELECT ON `{second_schema}`.orders TO {{{{name}}}}\"]\n"
+            )
+    });
+    a.prefix = base.clone();
+    // Broker B: its own store, a prefix that starts with A's.
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    let old = b.prefix.clone();
+    b.edit_config(|c| {
+        c.replace(
+            &format!("name_prefix = \"{old}\""),
+            &format!("name_prefix = \"{nested}\""),
+        )
+    });
+    b.prefix = nested.clone();
+    a.start_in_process().await;
+    b.start_in_process().await;
+
+    let mut leases = Vec::new();
+    for _ in 0..2 {
+        let l = a.issue("reader", 300).await.unwrap();
+        assert!(l.username.starts_with(&base) && !l.username.starts_with(&nested));
+        leases.push((&a, a.schema.clone(), l));
+        let l = a.issue("other", 300).await.unwrap();
+        assert_eq!(l.database, "second");
+        leases.push((&a, second_schema.clone(), l));
+        let l = b.issue("reader", 300).await.unwrap();
+        assert!(l.username.starts_with(&nested), "{}", l.username);
+        leases.push((&b, b.schema.clone(), l));
+    }
+    // Sweeps run every second; a suspect is dropped on its second sighting.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for (broker, schema, l) in &leases {
+        let mut c = login(&t, schema, &l.username, &l.password)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "lease {} of {} no longer logs in: {e}",
+                    l.username, broker.prefix
+                )
+            });
+        c.query_drop("SELECT item FROM orders").await.unwrap();
+        assert_eq!(broker.state(l).await, pb::LeaseState::Active);
+    }
+    for broker in [&a, &b] {
+        let swept: Vec<_> = credbroker::audit::read_records(&broker.env.audit_path)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action == "drop_orphan")
+            .collect();
+        assert!(swept.is_empty(), "{} swept {swept:?}", broker.prefix);
+    }
+
+    // A user in A's exact shape that no lease accounts for goes.
+    let orphan = format!("{base}reader_{}", &unique("")[1..17]);
+    t.root()
+        .await
+        .query_drop(format!("CREATE USER '{orphan}'@'%'"))
+        .await
+        .unwrap();
+    let swept = eventually(Duration::from_secs(15), || async {
+        t.user_hosts(&orphan).await.is_empty()
+    })
+    .await;
+    assert!(swept, "orphan {orphan} was not swept");
+    let rec = credbroker::audit::read_records(&a.env.audit_path)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.action == "drop_orphan" && r.username.as_deref() == Some(orphan.as_str()));
+    assert!(rec.is_some(), "no drop_orphan record for {orphan}");
+    for (_, schema, l) in &leases {
+        login(&t, schema, &l.username, &l.password)
+            .await
+            .expect("a lease's user went with the orphan");
+    }
+
+    let all = || pb::RevokeLeasesRequest {
+        selector: Some(pb::revoke_leases_request::Selector::All(true)),
+        force: false,
+    };
+    assert_eq!(
+        a.admin()
+            .await
+            .revoke_leases(all())
+            .await
+            .unwrap()
+            .into_inner()
+            .revoked,
+        4
+    );
+    assert_eq!(
+        b.admin()
+            .await
+            .revoke_leases(all())
+            .await
+            .unwrap()
+            .into_inner()
+            .revoked,
+        2
+    );
+    a.stop().await;
+    b.stop().await;
+    a.drop_schema().await;
+    b.drop_schema().await;
+    let _ = t
+        .root()
+        .await
+        .query_drop(format!("DROP DATABASE IF EXISTS `{second_schema}`"))
+        .await;
+}
