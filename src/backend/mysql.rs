@@ -1,14 +1,24 @@
 //! MySQL and MariaDB backend: users with a broker-computed password hash,
-//! pinned to the role's host pattern, each with a failsafe event that drops
-//! it at its expiry even if the broker never comes back.
+//! pinned to the role's host pattern, each with a failsafe event that
+//! locks it at its expiry even if the broker never comes back.
 //!
 //! MySQL has no `VALID UNTIL`. The database-side expiry is a one-shot
 //! `EVENT … ON SCHEDULE AT` in the broker's schema ([`FAILSAFE_SCHEMA`]),
-//! named like the user, that drops the user and kills its sessions. It is
-//! created *before* the user (so no user ever exists without one), moved by
-//! renew and dropped by revoke. Where the server cannot run it (event
-//! scheduler off, no `EVENT` privilege) preflight says so loudly and the
-//! broker keeps working on its reaper alone.
+//! named like the user, that locks the account, kills its sessions and
+//! drops it unless it is the DEFINER of something. It is created *before*
+//! the user (so no user ever exists without one), moved by renew and
+//! dropped by revoke. Where the server cannot run it (event scheduler off,
+//! no `EVENT` privilege) preflight says so loudly and the broker keeps
+//! working on its reaper alone.
+//!
+//! Revocation: `ACCOUNT LOCK` (refuses new logins at once) → `KILL
+//! CONNECTION` for each session → DEFINERs moved to the role's owner
+//! (`mysql_definer`) → `DROP USER` → the failsafe event dropped. Whatever
+//! fails after the lock leaves a locked account without sessions and the
+//! lease `failing`: never a usable credential, never a broken view.
+//! MariaDB 10.11 is what the tests run; the MySQL 8 branches (lock state
+//! in `mysql.user.account_locked`, drop-and-create of routines, `DROP
+//! USER` refused for a definer from 8.0.22) follow MySQL's manual.
 
 use std::future::Future;
 use std::sync::RwLock;
@@ -1225,6 +1235,13 @@ impl Backend for MysqlBackend {
         if !(has("SUPER") || has("CONNECTION ADMIN") || has("CONNECTION_ADMIN")) {
             warnings.push(format!(
                 "database {db:?}: the admin account may lack CONNECTION_ADMIN (or SUPER): revocation cannot end leased users' live sessions"
+            ));
+        }
+        if !(has("SUPER") || has("SET USER") || has("SET_USER_ID") || has("SET_ANY_DEFINER")) {
+            warnings.push(format!(
+                "database {db:?}: the admin account may lack SET USER (MariaDB 10.5.2+) / SET_USER_ID \
+                 (MySQL 8.0; SET_ANY_DEFINER from 8.2) or SUPER: views, routines, triggers and events a leased \
+                 user defines cannot be handed to the role's owner, so their revocation fails (the user stays locked)"
             ));
         }
         if server.flavor == Flavor::Mariadb {
