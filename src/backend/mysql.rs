@@ -117,9 +117,13 @@ impl ServerInfo {
     /// Whether `ALTER USER … ACCOUNT LOCK` exists: MySQL 5.7.6+ (the oldest
     /// we accept) and MariaDB 10.4+.
     pub fn can_lock(&self) -> bool {
-        match self.flavor {
+        Self::lockable(self.flavor, self.version)
+    }
+
+    fn lockable(flavor: Flavor, version: (u32, u32, u32)) -> bool {
+        match flavor {
             Flavor::Mysql => true,
-            Flavor::Mariadb => self.version >= (10, 4, 0),
+            Flavor::Mariadb => version >= (10, 4, 0),
         }
     }
 
@@ -303,7 +307,9 @@ impl MysqlBackend {
                 self.config.name
             )));
         }
-        let failsafe = self.probe_failsafe(&mut conn).await?;
+        let failsafe = self
+            .probe_failsafe(&mut conn, ServerInfo::lockable(flavor, v))
+            .await?;
         if let Err(why) = &failsafe {
             // Preflight repeats this at start-up; a database first reached
             // later must not go unmentioned.
@@ -319,7 +325,16 @@ impl MysqlBackend {
 
     /// Tries what every issue will do: create (and drop) an event in the
     /// failsafe schema, making the schema first if it is missing.
-    async fn probe_failsafe(&self, conn: &mut Conn) -> Result<std::result::Result<(), String>> {
+    ///
+    /// The probe carries a real failsafe body (for a user that does not
+    /// exist; it is dropped at once and would do nothing if left): a
+    /// server that refuses some statement in it says so here, as a
+    /// warning, instead of failing every issue later.
+    async fn probe_failsafe(
+        &self,
+        conn: &mut Conn,
+        can_lock: bool,
+    ) -> Result<std::result::Result<(), String>> {
         let schema = ident(FAILSAFE_SCHEMA);
         let made = self
             .timed_raw(
@@ -327,16 +342,15 @@ impl MysqlBackend {
                 conn.query_drop(format!("CREATE DATABASE IF NOT EXISTS {schema}")),
             )
             .await?;
-        let probe = format!(
-            "{schema}.{}",
-            ident(&format!("probe_{:016x}", rand::random::<u64>()))
-        );
+        let probe_name = format!("probe_{:016x}", rand::random::<u64>());
+        let probe = format!("{schema}.{}", ident(&probe_name));
         let created = self
             .timed_raw(
                 "create failsafe probe event",
                 conn.query_drop(format!(
                     "CREATE EVENT {probe} ON SCHEDULE AT CURRENT_TIMESTAMP + INTERVAL 1 DAY \
-                     ON COMPLETION NOT PRESERVE DO DO 0"
+                     ON COMPLETION NOT PRESERVE DO {}",
+                    failsafe_body(&probe_name, "%", can_lock)
                 )),
             )
             .await?;
@@ -601,6 +615,12 @@ impl MysqlBackend {
                 self.timed("move event definer", conn.query_drop(sql)).await
             }
             ObjectKind::View => {
+                // MySQL prints the view's name unqualified.
+                self.timed(
+                    "use schema",
+                    conn.query_drop(format!("USE {}", ident(&o.schema))),
+                )
+                .await?;
                 let row: Option<mysql_async::Row> =
                     self.timed("show view", conn.query_first(show)).await?;
                 let shown = row
