@@ -1417,13 +1417,18 @@ async fn mysql_two_databases_and_two_brokers_on_one_server_keep_their_users() {
         assert!(swept.is_empty(), "{} swept {swept:?}", broker.prefix);
     }
 
-    // A user in A's exact shape that no lease accounts for goes.
+    // A user in A's exact shape that no lease accounts for goes; the view
+    // it defined stays, now defined by the admin account.
     let orphan = format!("{base}reader_{}", &unique("")[1..17]);
-    t.root()
-        .await
-        .query_drop(format!("CREATE USER '{orphan}'@'%'"))
-        .await
-        .unwrap();
+    let mut root = t.root().await;
+    root.query_drop(format!(
+        "CREATE USER '{orphan}'@'%'; GRANT SELECT ON `{s}`.* TO '{orphan}'@'%'; \
+         CREATE DEFINER = '{orphan}'@'%' VIEW `{s}`.orphan_v AS SELECT item FROM `{s}`.orders",
+        s = a.schema
+    ))
+    .await
+    .unwrap();
+    let admin: Option<String> = root.query_first("SELECT CURRENT_USER()").await.unwrap();
     let swept = eventually(Duration::from_secs(15), || async {
         t.user_hosts(&orphan).await.is_empty()
     })
@@ -1433,7 +1438,14 @@ async fn mysql_two_databases_and_two_brokers_on_one_server_keep_their_users() {
         .unwrap()
         .into_iter()
         .find(|r| r.action == "drop_orphan" && r.username.as_deref() == Some(orphan.as_str()));
-    assert!(rec.is_some(), "no drop_orphan record for {orphan}");
+    let rec = rec.unwrap_or_else(|| panic!("no drop_orphan record for {orphan}"));
+    assert_eq!(rec.objects_reassigned, Some(1), "{rec:?}");
+    assert_eq!(rec.reassigned_to, admin);
+    let item: Option<String> = root
+        .query_first(format!("SELECT item FROM `{}`.orphan_v", a.schema))
+        .await
+        .expect("the swept user's view still answers");
+    assert_eq!(item.as_deref(), Some("coffee"));
     for (_, schema, l) in &leases {
         login(&t, schema, &l.username, &l.password)
             .await
