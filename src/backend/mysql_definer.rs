@@ -26,7 +26,14 @@
 //! Nothing is parsed beyond an exact prefix match on the statement the
 //! server itself produced, built from the broker-made user name and host:
 //! a text that does not start as expected fails the revocation rather
-//! than guess.
+//! than guess. The rest of a routine's or trigger's text is what the
+//! leased user wrote, sent back as the admin: it is the one statement the
+//! server stored (it ended where the server's parser ended it), re-parsed
+//! under the `sql_mode` it was first parsed under, so it defines the same
+//! object again and nothing more. (It is re-sent as utf8mb4, not in its
+//! original `character_set_client`; the server recorded the body in
+//! UTF-8 already.) On MySQL 8 a trigger is absent for the moment between
+//! its drop and its re-creation.
 
 use crate::backend::mysql::{ident, lit, Flavor};
 use crate::error::{Error, Result};
