@@ -31,9 +31,9 @@
 //! server stored (it ended where the server's parser ended it), re-parsed
 //! under the `sql_mode` it was first parsed under, so it defines the same
 //! object again and nothing more. (It is re-sent as utf8mb4, not in its
-//! original `character_set_client`; the server recorded the body in
-//! UTF-8 already.) On MySQL 8 a trigger is absent for the moment between
-//! its drop and its re-creation.
+//! original `character_set_client`: a body written in a multi-byte
+//! charset such as GBK is the one case not checked here.) On MySQL 8 a
+//! trigger is absent for the moment between its drop and its re-creation.
 
 use crate::backend::mysql::{ident, lit, Flavor};
 use crate::error::{Error, Result};
