@@ -8,6 +8,7 @@
 pub mod fake;
 pub mod mysql;
 mod mysql_auth;
+mod mysql_definer;
 pub mod postgres;
 
 use std::collections::BTreeMap;
@@ -33,8 +34,8 @@ pub struct NewUser<'a> {
     pub username: &'a Username,
     pub password: &'a Password,
     /// Logins stop at this time (PostgreSQL `VALID UNTIL`); MySQL's
-    /// failsafe event drops the user then, even if the broker never comes
-    /// back. Renew moves both, never past `hard_limit`.
+    /// failsafe event locks the user then (and drops it unless it is a
+    /// DEFINER), even if the broker never comes back. Renew moves both, never past `hard_limit`.
     pub valid_until: DateTime<Utc>,
     /// The lease's hard limit: by then the database itself has removed or
     /// locked the user, whatever happened to the broker.

@@ -1,14 +1,24 @@
 //! MySQL and MariaDB backend: users with a broker-computed password hash,
-//! pinned to the role's host pattern, each with a failsafe event that drops
-//! it at its expiry even if the broker never comes back.
+//! pinned to the role's host pattern, each with a failsafe event that
+//! locks it at its expiry even if the broker never comes back.
 //!
 //! MySQL has no `VALID UNTIL`. The database-side expiry is a one-shot
 //! `EVENT … ON SCHEDULE AT` in the broker's schema ([`FAILSAFE_SCHEMA`]),
-//! named like the user, that drops the user and kills its sessions. It is
-//! created *before* the user (so no user ever exists without one), moved by
-//! renew and dropped by revoke. Where the server cannot run it (event
-//! scheduler off, no `EVENT` privilege) preflight says so loudly and the
-//! broker keeps working on its reaper alone.
+//! named like the user, that locks the account, kills its sessions and
+//! drops it unless it is the DEFINER of something. It is created *before*
+//! the user (so no user ever exists without one), moved by renew and
+//! dropped by revoke. Where the server cannot run it (event scheduler off,
+//! no `EVENT` privilege) preflight says so loudly and the broker keeps
+//! working on its reaper alone.
+//!
+//! Revocation: `ACCOUNT LOCK` (refuses new logins at once) → `KILL
+//! CONNECTION` for each session → DEFINERs moved to the role's owner
+//! (`mysql_definer`) → `DROP USER` → the failsafe event dropped. Whatever
+//! fails after the lock leaves a locked account without sessions and the
+//! lease `failing`: never a usable credential, never a broken view.
+//! MariaDB 10.11 is what the tests run; the MySQL 8 branches (lock state
+//! in `mysql.user.account_locked`, drop-and-create of routines, `DROP
+//! USER` refused for a definer from 8.0.22) follow MySQL's manual.
 
 use std::future::Future;
 use std::sync::RwLock;
@@ -20,6 +30,7 @@ use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts};
 use tokio::sync::OnceCell;
 
 use crate::backend::mysql_auth::{caching_sha2_hash, native_password_hash};
+use crate::backend::mysql_definer::{self as definer, Defined, ObjectKind};
 use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
     Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef,
@@ -40,6 +51,9 @@ mod code {
     pub const EVENT_DOES_NOT_EXIST: u16 = 1539;
     /// `ER_PARSE_ERROR`: its message quotes our statement, hash included.
     pub const PARSE_ERROR: u16 = 1064;
+    /// `ER_CANNOT_USER_REFERENCED_AS_DEFINER` (MySQL 8.0.22+): `DROP USER`
+    /// of an account that is still some object's DEFINER.
+    pub const REFERENCED_AS_DEFINER: u16 = 4006;
     /// Server going away or refusing sessions: worth a retry, not a bug.
     pub const UNAVAILABLE: [u16; 6] = [1040, 1053, 1203, 1205, 1927, 3024];
 }
@@ -97,6 +111,19 @@ impl ServerInfo {
             Flavor::Mariadb if v.0 >= 10 => 80,
             Flavor::Mysql if v >= (5, 7, 8) => 32,
             _ => 16,
+        }
+    }
+
+    /// Whether `ALTER USER … ACCOUNT LOCK` exists: MySQL 5.7.6+ (the oldest
+    /// we accept) and MariaDB 10.4+.
+    pub fn can_lock(&self) -> bool {
+        Self::lockable(self.flavor, self.version)
+    }
+
+    fn lockable(flavor: Flavor, version: (u32, u32, u32)) -> bool {
+        match flavor {
+            Flavor::Mysql => true,
+            Flavor::Mariadb => version >= (10, 4, 0),
         }
     }
 
@@ -280,7 +307,9 @@ impl MysqlBackend {
                 self.config.name
             )));
         }
-        let failsafe = self.probe_failsafe(&mut conn).await?;
+        let failsafe = self
+            .probe_failsafe(&mut conn, ServerInfo::lockable(flavor, v))
+            .await?;
         if let Err(why) = &failsafe {
             // Preflight repeats this at start-up; a database first reached
             // later must not go unmentioned.
@@ -296,7 +325,16 @@ impl MysqlBackend {
 
     /// Tries what every issue will do: create (and drop) an event in the
     /// failsafe schema, making the schema first if it is missing.
-    async fn probe_failsafe(&self, conn: &mut Conn) -> Result<std::result::Result<(), String>> {
+    ///
+    /// The probe carries a real failsafe body (for a user that does not
+    /// exist; it is dropped at once and would do nothing if left): a
+    /// server that refuses some statement in it says so here, as a
+    /// warning, instead of failing every issue later.
+    async fn probe_failsafe(
+        &self,
+        conn: &mut Conn,
+        can_lock: bool,
+    ) -> Result<std::result::Result<(), String>> {
         let schema = ident(FAILSAFE_SCHEMA);
         let made = self
             .timed_raw(
@@ -304,16 +342,15 @@ impl MysqlBackend {
                 conn.query_drop(format!("CREATE DATABASE IF NOT EXISTS {schema}")),
             )
             .await?;
-        let probe = format!(
-            "{schema}.{}",
-            ident(&format!("probe_{:016x}", rand::random::<u64>()))
-        );
+        let probe_name = format!("probe_{:016x}", rand::random::<u64>());
+        let probe = format!("{schema}.{}", ident(&probe_name));
         let created = self
             .timed_raw(
                 "create failsafe probe event",
                 conn.query_drop(format!(
                     "CREATE EVENT {probe} ON SCHEDULE AT CURRENT_TIMESTAMP + INTERVAL 1 DAY \
-                     ON COMPLETION NOT PRESERVE DO DO 0"
+                     ON COMPLETION NOT PRESERVE DO {}",
+                    failsafe_body(&probe_name, "%", can_lock)
                 )),
             )
             .await?;
@@ -357,10 +394,10 @@ impl MysqlBackend {
     ) -> Result<()> {
         let sql = format!(
             "CREATE EVENT {} ON SCHEDULE AT {} ON COMPLETION NOT PRESERVE \
-             COMMENT 'credbroker failsafe: drops the leased user at its expiry' DO {}",
+             COMMENT 'credbroker failsafe: locks, then drops the leased user at expiry' DO {}",
             event_name(username),
             schedule_at(at),
-            failsafe_body(username, host)
+            failsafe_body(username, host, self.server().await?.can_lock())
         );
         self.timed("create failsafe event", conn.query_drop(sql))
             .await
@@ -390,19 +427,390 @@ impl MysqlBackend {
             .await?;
         Ok(n.unwrap_or(0) > 0)
     }
+
+    /// `ALTER USER … ACCOUNT LOCK` for every user that still exists.
+    async fn lock(&self, conn: &mut Conn, users: &[&UserRef]) -> Result<()> {
+        let accounts = users
+            .iter()
+            .map(|u| account(u.username.as_str(), host_of(u)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.timed(
+            "lock account",
+            conn.query_drop(format!("ALTER USER IF EXISTS {accounts} ACCOUNT LOCK")),
+        )
+        .await
+    }
+
+    /// `KILL CONNECTION` for every session of `names`; one that ends on
+    /// its own in between is no error.
+    async fn kill_sessions(&self, conn: &mut Conn, names: &[&str]) -> Result<()> {
+        let sessions: Vec<u64> = self
+            .timed(
+                "list sessions",
+                conn.query(format!(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE USER IN ({})",
+                    lits(names)
+                )),
+            )
+            .await?;
+        for id in sessions {
+            match self
+                .timed_raw(
+                    "kill session",
+                    conn.query_drop(format!("KILL CONNECTION {id}")),
+                )
+                .await?
+            {
+                Ok(()) => {}
+                Err(mysql_async::Error::Server(s)) if s.code == code::NO_SUCH_THREAD => {}
+                Err(e) => return Err(self.db_error("kill session", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// What the users are the DEFINER of, in every schema the admin can see.
+    async fn defined_by(&self, conn: &mut Conn, users: &[&UserRef]) -> Result<Vec<Defined>> {
+        let keys: Vec<String> = users
+            .iter()
+            .map(|u| definer::definer_key(u.username.as_str(), host_of(u)))
+            .collect();
+        let rows: Vec<(String, String, String, String, String, String)> = self
+            .timed(
+                "list defined objects",
+                conn.query(definer::defined_objects_sql(&keys, FAILSAFE_SCHEMA)),
+            )
+            .await?;
+        rows.into_iter()
+            .map(|(kind, schema, name, definer, extra, security)| {
+                let kind = ObjectKind::parse(&kind).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "database {:?}: unknown object kind {kind:?} defined by {definer}",
+                        self.config.name
+                    ))
+                })?;
+                Ok(Defined {
+                    kind,
+                    schema,
+                    name,
+                    definer,
+                    extra,
+                    security,
+                })
+            })
+            .collect()
+    }
+
+    /// Gives each revokee's objects to its owner (or the admin account).
+    /// Runs on a connection of its own, closed afterwards: re-creating a
+    /// routine changes the session's `sql_mode` and default schema.
+    async fn move_definers(
+        &self,
+        server: &ServerInfo,
+        revokees: &[Revokee],
+        defined: &[Defined],
+    ) -> Result<Vec<Reassigned>> {
+        let mut conn = self.conn().await?;
+        let result = self
+            .move_definers_on(&mut conn, server, revokees, defined)
+            .await;
+        let _ = conn.disconnect().await;
+        result
+    }
+
+    async fn move_definers_on(
+        &self,
+        conn: &mut Conn,
+        server: &ServerInfo,
+        revokees: &[Revokee],
+        defined: &[Defined],
+    ) -> Result<Vec<Reassigned>> {
+        let mut out = Vec::new();
+        let mut admin: Option<(String, String)> = None;
+        for r in revokees {
+            let user = r.user.username.as_str();
+            let host = host_of(&r.user);
+            let key = definer::definer_key(user, host);
+            let objects: Vec<&Defined> = defined
+                .iter()
+                .filter(|d| d.definer.eq_ignore_ascii_case(&key))
+                .collect();
+            if objects.is_empty() {
+                continue;
+            }
+            let what = definer::summary(&objects);
+            let (to_user, to_host) = match &r.owner {
+                Some(owner) => {
+                    let (u, h) = definer::owner_account(owner);
+                    (u.to_string(), h.to_string())
+                }
+                None => match &admin {
+                    Some(a) => a.clone(),
+                    None => {
+                        let me = self.current_user(conn).await?;
+                        admin = Some(me.clone());
+                        me
+                    }
+                },
+            };
+            let to = account(&to_user, &to_host);
+            if r.owner.is_some() {
+                // MariaDB accepts a DEFINER that does not exist (with a
+                // warning) and the objects then fail as if the definer
+                // were dropped: check first.
+                let n: Option<u64> = self
+                    .timed(
+                        "look up owner",
+                        conn.query_first(format!(
+                            "SELECT COUNT(*) FROM mysql.user WHERE User = {} AND Host = {}",
+                            lit(&to_user),
+                            lit(&to_host)
+                        )),
+                    )
+                    .await?;
+                if n.unwrap_or(0) == 0 {
+                    return Err(Error::FailedPrecondition(format!(
+                        "user {user} is the DEFINER of {what}; the role's owner account {to} does not exist: \
+                         create it or set the role's owner to an existing account (the user stays locked)"
+                    )));
+                }
+            }
+            for o in &objects {
+                self.move_one(conn, server, o, user, host, &to)
+                    .await
+                    .map_err(|e| {
+                        Error::FailedPrecondition(format!(
+                            "user {user} is the DEFINER of {what}; moving {} {} to {to} failed: {e}; \
+                             set the role's owner or grant the admin SET USER (MariaDB) / SET_USER_ID \
+                             (MySQL 8; SET_ANY_DEFINER from 8.2) (the user stays locked)",
+                            o.kind.keyword().to_ascii_lowercase(),
+                            o.qualified()
+                        ))
+                    })?;
+            }
+            out.push(Reassigned {
+                username: r.user.username.clone(),
+                objects: objects.len() as u64,
+                to: definer::definer_key(&to_user, &to_host),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Gives one object the definer `to` (an [`account`]).
+    async fn move_one(
+        &self,
+        conn: &mut Conn,
+        server: &ServerInfo,
+        o: &Defined,
+        user: &str,
+        host: &str,
+        to: &str,
+    ) -> Result<()> {
+        let show = format!("SHOW CREATE {} {}", o.kind.keyword(), o.qualified());
+        match o.kind {
+            ObjectKind::Event => {
+                let sql = definer::alter_event_sql(o, to)?;
+                self.timed("move event definer", conn.query_drop(sql)).await
+            }
+            ObjectKind::View => {
+                // MySQL prints the view's name unqualified.
+                self.timed(
+                    "use schema",
+                    conn.query_drop(format!("USE {}", ident(&o.schema))),
+                )
+                .await?;
+                let row: Option<mysql_async::Row> =
+                    self.timed("show view", conn.query_first(show)).await?;
+                let shown = row
+                    .and_then(|r| r.get_opt::<Option<String>, usize>(1))
+                    .and_then(|v| v.ok())
+                    .flatten()
+                    .ok_or_else(|| self.not_shown(o))?;
+                let sql = definer::alter_view_sql(&shown, o, user, host, to)?;
+                self.timed("move view definer", conn.query_drop(sql)).await
+            }
+            ObjectKind::Procedure | ObjectKind::Function | ObjectKind::Trigger => {
+                // Columns: name, sql_mode, statement, …; the statement is
+                // NULL when the admin may not read the body.
+                let row: Option<mysql_async::Row> =
+                    self.timed("show routine", conn.query_first(show)).await?;
+                let col = |r: &mysql_async::Row, i: usize| {
+                    r.get_opt::<Option<String>, usize>(i)
+                        .and_then(|v| v.ok())
+                        .flatten()
+                };
+                let (mode, shown) = match &row {
+                    Some(r) => (col(r, 1).unwrap_or_default(), col(r, 2)),
+                    None => (String::new(), None),
+                };
+                let shown = shown.ok_or_else(|| self.not_shown(o))?;
+                let sql = definer::recreate_sql(&shown, o, user, host, to, server.flavor)?;
+                // The text is parsed again as it was at first: same
+                // sql_mode, same default schema (it names objects
+                // unqualified).
+                self.timed(
+                    "set sql_mode",
+                    conn.query_drop(format!("SET SESSION sql_mode = {}", lit(&mode))),
+                )
+                .await?;
+                self.timed(
+                    "use schema",
+                    conn.query_drop(format!("USE {}", ident(&o.schema))),
+                )
+                .await?;
+                if server.flavor == Flavor::Mariadb {
+                    return self
+                        .timed("re-create with new definer", conn.query_drop(sql))
+                        .await;
+                }
+                // MySQL 8 (written from its manual, not run here): no
+                // CREATE OR REPLACE for routines and triggers, so drop and
+                // create; a failed create puts the original back (its
+                // definer still exists: the user is dropped only later).
+                self.timed(
+                    "drop for re-create",
+                    conn.query_drop(format!("DROP {} {}", o.kind.keyword(), o.qualified())),
+                )
+                .await?;
+                match self
+                    .timed("re-create with new definer", conn.query_drop(sql))
+                    .await
+                {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        if let Err(undo) = self
+                            .timed("restore original", conn.query_drop(shown.as_str()))
+                            .await
+                        {
+                            tracing::error!(database = %self.config.name, object = %o.qualified(),
+                                error = %undo, "could not restore an object after a failed definer move");
+                        }
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn not_shown(&self, o: &Defined) -> Error {
+        Error::Internal(format!(
+            "database {:?}: SHOW CREATE {} {} gave no statement; the admin account needs SELECT (views) or \
+             the right to read routine bodies (SHOW_ROUTINE on MySQL, SELECT on mysql.proc on MariaDB)",
+            self.config.name,
+            o.kind.keyword(),
+            o.qualified()
+        ))
+    }
+
+    /// The admin account, which inherits what a role without owner defined.
+    async fn current_user(&self, conn: &mut Conn) -> Result<(String, String)> {
+        let me: Option<String> = self
+            .timed(
+                "read current user",
+                conn.query_first("SELECT CURRENT_USER()"),
+            )
+            .await?;
+        let me = me.unwrap_or_default();
+        me.rsplit_once('@')
+            .map(|(u, h)| (u.to_string(), h.to_string()))
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "database {:?}: unexpected CURRENT_USER() {me:?}",
+                    self.config.name
+                ))
+            })
+    }
+
+    /// A refused `DROP USER`, named by its reason when it is a definer the
+    /// move did not reach (MySQL 8.0.22+: an object the admin cannot see).
+    async fn drop_refused(
+        &self,
+        conn: &mut Conn,
+        users: &[&UserRef],
+        e: mysql_async::Error,
+    ) -> Error {
+        let as_definer =
+            matches!(&e, mysql_async::Error::Server(s) if s.code == code::REFERENCED_AS_DEFINER);
+        let err = self.db_error("drop user", e);
+        if matches!(err, Error::Unavailable(_)) {
+            return err;
+        }
+        let left = self.defined_by(conn, users).await.unwrap_or_default();
+        for u in users {
+            let key = definer::definer_key(u.username.as_str(), host_of(u));
+            let objects: Vec<&Defined> = left
+                .iter()
+                .filter(|d| d.definer.eq_ignore_ascii_case(&key))
+                .collect();
+            if !objects.is_empty() {
+                return Error::FailedPrecondition(format!(
+                    "user {} is the DEFINER of {}; set the role's owner or grant the admin SET_USER_ID \
+                     (the user stays locked, its sessions ended): {err}",
+                    u.username,
+                    definer::summary(&objects)
+                ));
+            }
+        }
+        if as_definer {
+            return Error::FailedPrecondition(format!(
+                "the server refuses to drop a user that is still a DEFINER of objects the admin account cannot \
+                 see; grant it SELECT, SHOW VIEW, TRIGGER, EVENT and SHOW_ROUTINE where leased users create \
+                 objects (the user stays locked, its sessions ended): {err}"
+            ));
+        }
+        err
+    }
 }
 
 /// A single-quoted string literal. Backslashes are doubled for the default
 /// SQL mode; every value we quote is a broker-made name, a validated host
 /// pattern or a hash without quotes or backslashes, so
 /// `NO_BACKSLASH_ESCAPES` cannot change its meaning.
-fn lit(s: &str) -> String {
+pub(super) fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// A back-quoted identifier.
-fn ident(s: &str) -> String {
+pub(super) fn ident(s: &str) -> String {
     format!("`{}`", s.replace('`', "``"))
+}
+
+/// Broker-made names as a quoted, comma-separated list.
+fn lits(names: &[&str]) -> String {
+    names.iter().map(|n| lit(n)).collect::<Vec<_>>().join(", ")
+}
+
+/// Where the server keeps whether an account is locked: MariaDB 10.4+ in
+/// the `mysql.global_priv` JSON (`account_locked`), MySQL 5.7.6+ in
+/// `mysql.user.account_locked` (`'Y'`/`'N'`).
+fn lock_state_table(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Mariadb => "mysql.global_priv",
+        Flavor::Mysql => "mysql.user",
+    }
+}
+
+/// User, Host and the lock state of `names`, as text.
+fn lock_state_sql(flavor: Flavor, names: &[&str]) -> String {
+    let state = match flavor {
+        Flavor::Mariadb => "JSON_VALUE(Priv, '$.account_locked')",
+        Flavor::Mysql => "CAST(account_locked AS CHAR)",
+    };
+    format!(
+        "SELECT User, Host, {state} FROM {} WHERE User IN ({})",
+        lock_state_table(flavor),
+        lits(names)
+    )
+}
+
+fn is_locked(flavor: Flavor, state: Option<&str>) -> bool {
+    match (flavor, state) {
+        (Flavor::Mariadb, Some(v)) => v == "1" || v.eq_ignore_ascii_case("true"),
+        (Flavor::Mysql, Some(v)) => v.eq_ignore_ascii_case("Y"),
+        (_, None) => false,
+    }
 }
 
 fn host_of(user: &UserRef) -> &str {
@@ -431,18 +839,39 @@ fn schedule_at(at: DateTime<Utc>) -> String {
     format!("CURRENT_TIMESTAMP + INTERVAL {secs} SECOND")
 }
 
-/// The failsafe: drop the account first (no new login can start after it),
-/// then kill every session the user still has. Runs as the broker's admin
-/// account (the event's definer). Works on MySQL 5.7+/8 and MariaDB 10.1+.
-fn failsafe_body(username: &str, host: &str) -> String {
+/// The failsafe, run at expiry by the server as the broker's admin (the
+/// event's definer) when the broker could not revoke in time. Same order
+/// as a revocation: lock the account (no new login from here on), kill
+/// every session it still has, then drop it — but only when it is the
+/// DEFINER of nothing. Its views and routines need a new definer first,
+/// which takes the broker (see `mysql_definer`); dropping it here would
+/// break them on MariaDB (MySQL 8.0.22+ would refuse). A locked account
+/// with no session is no usable credential; the broker's reaper finishes
+/// the revocation when it returns. Without `ACCOUNT LOCK` (MariaDB before
+/// 10.4) the drop itself is the only way to refuse logins, so it drops.
+fn failsafe_body(username: &str, host: &str, can_lock: bool) -> String {
+    let acct = account(username, host);
+    let (lock, drop) = if can_lock {
+        (
+            format!("ALTER USER IF EXISTS {acct} ACCOUNT LOCK;"),
+            format!(
+                "SELECT {} INTO defines; \
+                 IF defines = 0 THEN DROP USER IF EXISTS {acct}; END IF;",
+                definer::defined_count_expr(&definer::definer_key(username, host), FAILSAFE_SCHEMA)
+            ),
+        )
+    } else {
+        (format!("DROP USER IF EXISTS {acct};"), String::new())
+    };
     format!(
         "BEGIN \
            DECLARE done INT DEFAULT 0; \
+           DECLARE defines BIGINT DEFAULT 0; \
            DECLARE cid BIGINT UNSIGNED; \
            DECLARE c CURSOR FOR SELECT ID FROM information_schema.PROCESSLIST WHERE USER = {user}; \
            DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
            DECLARE CONTINUE HANDLER FOR {no_thread} BEGIN END; \
-           DROP USER IF EXISTS {acct}; \
+           {lock} \
            OPEN c; \
            sessions: LOOP \
              FETCH c INTO cid; \
@@ -450,9 +879,9 @@ fn failsafe_body(username: &str, host: &str) -> String {
              KILL CONNECTION cid; \
            END LOOP; \
            CLOSE c; \
+           {drop} \
          END",
         user = lit(username),
-        acct = account(username, host),
         no_thread = code::NO_SUCH_THREAD,
     )
 }
@@ -556,54 +985,48 @@ impl Backend for MysqlBackend {
         if revokees.is_empty() {
             return Ok(Vec::new());
         }
+        let server = self.server().await?.clone();
         let users: Vec<&UserRef> = revokees.iter().map(|r| &r.user).collect();
+        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
         let mut conn = self.conn().await?;
+        // Lock first: from here on no new login starts (at once, on both
+        // MySQL and MariaDB), so the sessions killed next are all there
+        // are, and should anything below fail — a definer that cannot be
+        // moved, a DROP USER that MySQL refuses — the credential is dead
+        // all the same and the lease shows `failing` (invariant 7).
+        if server.can_lock() {
+            self.lock(&mut conn, &users).await?;
+            self.kill_sessions(&mut conn, &names).await?;
+        }
+        let defined = self.defined_by(&mut conn, &users).await?;
+        let mut reassigned = Vec::new();
+        if !defined.is_empty() {
+            reassigned = self.move_definers(&server, revokees, &defined).await?;
+        }
         let accounts = users
             .iter()
             .map(|u| account(u.username.as_str(), host_of(u)))
             .collect::<Vec<_>>()
             .join(", ");
-        // Drop first: after it no new login can start, so killing what is
-        // left afterwards leaves nothing behind (the other order races with
-        // a login in between). A dropped user's open session would
-        // otherwise keep running queries.
-        self.timed(
-            "drop user",
-            conn.query_drop(format!("DROP USER IF EXISTS {accounts}")),
-        )
-        .await?;
-        let names = users
-            .iter()
-            .map(|u| lit(u.username.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sessions: Vec<u64> = self
-            .timed(
-                "list sessions",
-                conn.query(format!(
-                    "SELECT ID FROM information_schema.PROCESSLIST WHERE USER IN ({names})"
-                )),
+        match self
+            .timed_raw(
+                "drop user",
+                conn.query_drop(format!("DROP USER IF EXISTS {accounts}")),
             )
-            .await?;
-        for id in sessions {
-            match self
-                .timed_raw(
-                    "kill session",
-                    conn.query_drop(format!("KILL CONNECTION {id}")),
-                )
-                .await?
-            {
-                Ok(()) => {}
-                Err(mysql_async::Error::Server(s)) if s.code == code::NO_SUCH_THREAD => {}
-                Err(e) => return Err(self.db_error("kill session", e)),
-            }
+            .await?
+        {
+            Ok(()) => {}
+            Err(e) => return Err(self.drop_refused(&mut conn, &users, e).await),
         }
-        // A failsafe left behind only drops a user that no longer exists
-        // (names are never reused) and then deletes itself: not worth
-        // failing a revocation over.
-        let drops: String = users
+        // Without a lock this is the only kill; with one it catches a
+        // login that was already past its checks when the lock came.
+        self.kill_sessions(&mut conn, &names).await?;
+        // A failsafe left behind only locks or drops a user that no longer
+        // exists (names are never reused) and then deletes itself: not
+        // worth failing a revocation over.
+        let drops: String = names
             .iter()
-            .map(|u| format!("DROP EVENT IF EXISTS {};", event_name(u.username.as_str())))
+            .map(|u| format!("DROP EVENT IF EXISTS {};", event_name(u)))
             .collect();
         if let Err(e) = self
             .timed("drop failsafe event", conn.query_drop(drops))
@@ -612,45 +1035,74 @@ impl Backend for MysqlBackend {
             tracing::warn!(database = %self.config.name, error = %e,
                 "failsafe events not dropped; they will fire harmlessly");
         }
-        Ok(Vec::new())
+        Ok(reassigned)
     }
 
     async fn disable(&self, users: &[UserRef]) -> Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let server = self.server().await?.clone();
+        if !server.can_lock() {
+            return Err(Error::FailedPrecondition(format!(
+                "database {:?}: MariaDB {}.{} has no ACCOUNT LOCK, so an account can only be disabled by dropping it",
+                self.config.name, server.version.0, server.version.1
+            )));
+        }
+        let refs: Vec<&UserRef> = users.iter().collect();
+        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
         let mut conn = self.conn().await?;
-        for u in users {
-            if !self.user_exists(&mut conn, u).await? {
-                continue;
-            }
-            let acct = account(u.username.as_str(), host_of(u));
-            self.timed(
-                "lock account",
-                conn.query_drop(format!("ALTER USER {acct} ACCOUNT LOCK")),
+        self.lock(&mut conn, &refs).await?;
+        self.kill_sessions(&mut conn, &names).await?;
+        // The last word on a lease the broker is about to forget: only the
+        // server's own record of the lock counts, not the ALTER's success.
+        let rows: Vec<(String, String, Option<String>)> = self
+            .timed(
+                "verify account lock",
+                conn.query(lock_state_sql(server.flavor, &names)),
             )
-            .await?;
-            let sessions: Vec<u64> = self
-                .timed(
-                    "list sessions",
-                    conn.query(format!(
-                        "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = {}",
-                        lit(u.username.as_str())
-                    )),
-                )
-                .await?;
-            for id in sessions {
-                match self
-                    .timed_raw(
-                        "kill session",
-                        conn.query_drop(format!("KILL CONNECTION {id}")),
-                    )
-                    .await?
-                {
-                    Ok(()) => {}
-                    Err(mysql_async::Error::Server(s)) if s.code == code::NO_SUCH_THREAD => {}
-                    Err(e) => return Err(self.db_error("kill session", e)),
+            .await
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "cannot confirm the accounts are locked ({e}); the admin account needs SELECT on {}",
+                    lock_state_table(server.flavor)
+                ))
+            })?;
+        for u in users {
+            let state = rows
+                .iter()
+                .find(|(n, h, _)| n == u.username.as_str() && h.eq_ignore_ascii_case(host_of(u)));
+            // No row: the account is gone, which is as disabled as it gets.
+            if let Some((_, _, value)) = state {
+                if !is_locked(server.flavor, value.as_deref()) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "user {} is not locked after ACCOUNT LOCK (the server reports {value:?})",
+                        u.username
+                    )));
                 }
             }
         }
-        Ok(())
+        // KILL only flags a session; it is gone once its thread notices.
+        let count = format!(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER IN ({}) AND COMMAND <> 'Killed'",
+            lits(&names)
+        );
+        for attempt in 0..20 {
+            let left: Option<u64> = self
+                .timed("count sessions", conn.query_first(count.as_str()))
+                .await?;
+            if left.unwrap_or(0) == 0 {
+                return Ok(());
+            }
+            if attempt % 5 == 4 {
+                self.kill_sessions(&mut conn, &names).await?;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(Error::FailedPrecondition(format!(
+            "database {:?}: sessions of a locked user are still running after KILL",
+            self.config.name
+        )))
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
@@ -805,6 +1257,13 @@ impl Backend for MysqlBackend {
                 "database {db:?}: the admin account may lack CONNECTION_ADMIN (or SUPER): revocation cannot end leased users' live sessions"
             ));
         }
+        if !(has("SUPER") || has("SET USER") || has("SET_USER_ID") || has("SET_ANY_DEFINER")) {
+            warnings.push(format!(
+                "database {db:?}: the admin account may lack SET USER (MariaDB 10.5.2+) / SET_USER_ID \
+                 (MySQL 8.0; SET_ANY_DEFINER from 8.2) or SUPER: views, routines, triggers and events a leased \
+                 user defines cannot be handed to the role's owner, so their revocation fails (the user stays locked)"
+            ));
+        }
         if server.flavor == Flavor::Mariadb {
             // With a password validation plugin active, this setting makes
             // MariaDB refuse every `IDENTIFIED BY PASSWORD '<hash>'`.
@@ -935,9 +1394,52 @@ mod tests {
         assert_eq!(account("cb_x_1", "10.0.0.%"), "'cb_x_1'@'10.0.0.%'");
         assert_eq!(lit("a'b\\c"), "'a''b\\\\c'");
         assert_eq!(event_name("cb_x"), "`credbroker`.`cb_x`");
-        let body = failsafe_body("cb_x", "%");
+        let body = failsafe_body("cb_x", "%", false);
         assert!(body.contains("DROP USER IF EXISTS 'cb_x'@'%'"));
         assert!(body.contains("KILL CONNECTION cid"));
+        assert!(!body.contains("ACCOUNT LOCK"));
+    }
+
+    #[test]
+    fn failsafe_locks_kills_and_drops_only_a_user_that_defines_nothing() {
+        let body = failsafe_body("cb_x_1", "10.0.%", true);
+        let at = |needle: &str| {
+            body.find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} not in {body}"))
+        };
+        let lock = at("ALTER USER IF EXISTS 'cb_x_1'@'10.0.%' ACCOUNT LOCK;");
+        let kill = at("KILL CONNECTION cid");
+        let count = at("information_schema.VIEWS WHERE DEFINER = 'cb_x_1@10.0.%'");
+        let drop = at("IF defines = 0 THEN DROP USER IF EXISTS 'cb_x_1'@'10.0.%'; END IF;");
+        assert!(lock < kill && kill < count && count < drop, "{body}");
+        assert!(body.contains("EVENT_SCHEMA <> 'credbroker'"));
+    }
+
+    #[test]
+    fn lock_state_is_read_where_each_server_keeps_it() {
+        assert_eq!(
+            lock_state_sql(Flavor::Mariadb, &["cb_a", "cb_b"]),
+            "SELECT User, Host, JSON_VALUE(Priv, '$.account_locked') FROM mysql.global_priv \
+             WHERE User IN ('cb_a', 'cb_b')"
+        );
+        assert!(lock_state_sql(Flavor::Mysql, &["cb_a"])
+            .contains("account_locked AS CHAR) FROM mysql.user"));
+        assert!(is_locked(Flavor::Mariadb, Some("1")));
+        assert!(is_locked(Flavor::Mariadb, Some("true")));
+        assert!(!is_locked(Flavor::Mariadb, Some("0")));
+        // No value (an account never locked, an unreadable table) is no proof.
+        assert!(!is_locked(Flavor::Mariadb, None));
+        assert!(is_locked(Flavor::Mysql, Some("Y")));
+        assert!(!is_locked(Flavor::Mysql, Some("N")));
+        let s = |flavor, version| ServerInfo {
+            flavor,
+            version,
+            max_user_len: 32,
+            failsafe: Ok(()),
+        };
+        assert!(s(Flavor::Mariadb, (10, 4, 0)).can_lock());
+        assert!(!s(Flavor::Mariadb, (10, 3, 39)).can_lock());
+        assert!(s(Flavor::Mysql, (5, 7, 44)).can_lock());
     }
 
     #[test]

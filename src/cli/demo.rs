@@ -305,7 +305,7 @@ async fn mysql_part(
         .await?;
     match failsafe {
         Some(at) => println!(
-            "    failsafe event credbroker.{} drops the user at {at} (server time) even if the broker dies",
+            "    failsafe event credbroker.{} locks (and drops) the user at {at} (server time) even if the broker dies",
             lease.username
         ),
         None => println!("    WARNING: no failsafe event: the user has no database-side expiry"),
@@ -338,7 +338,9 @@ async fn mysql_part(
         })
         .await
         .map_err(|s| anyhow::anyhow!("revoke: {}", crate::client::describe(&s)))?;
-    println!("    revoked: DROP USER, then KILL of its sessions, then the failsafe event dropped");
+    println!(
+        "    revoked: ACCOUNT LOCK, KILL of its sessions, DEFINERs moved, DROP USER, failsafe event dropped"
+    );
     match as_lease.query_drop("SELECT 1").await {
         Err(e) => println!("    the open session's next query -> {}", mysql_message(&e)),
         Ok(()) => anyhow::bail!("the revoked MariaDB user's session still runs queries"),

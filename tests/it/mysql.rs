@@ -855,3 +855,634 @@ async fn mysql_without_event_privilege_warns_and_keeps_working() {
         .unwrap();
     b.drop_schema().await;
 }
+
+// ---------------------------------------------------------------------------
+// Revocation never destroys data; the credential dies even when the drop
+// cannot run; several databases and brokers on one server.
+// ---------------------------------------------------------------------------
+
+/// A role whose users may create tables, views, routines, triggers and
+/// events in `schema`; `owner` inherits them.
+fn ddl_role(name: &str, schema: &str, ttl: &str, owner: Option<&str>) -> String {
+    let owner = owner
+        .map(|o| format!("owner = \"{o}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[roles.{name}]\ndatabase = \"main\"\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"1h\"\n\
+         allowed = [\"{APP}\"]\n{owner}grants = [\"GRANT SELECT, INSERT, CREATE, CREATE VIEW, SHOW VIEW, \
+         CREATE ROUTINE, ALTER ROUTINE, EXECUTE, TRIGGER, EVENT ON `{schema}`.* TO {{{{name}}}}\"]\n\n"
+    )
+}
+
+/// What a migration leaves behind: a table with rows and, all defined by
+/// the leased user, a view, a function, a procedure, a trigger and an
+/// event (5 objects with a DEFINER).
+async fn create_objects(c: &mut Conn, tag: &str) {
+    for sql in [
+        format!("CREATE TABLE {tag}_t (id INT PRIMARY KEY, v TEXT)"),
+        format!("INSERT INTO {tag}_t VALUES (1, 'one'), (2, 'two')"),
+        format!("CREATE TABLE {tag}_log (id INT)"),
+        format!("CREATE VIEW {tag}_v AS SELECT id, v FROM {tag}_t WHERE id > 0"),
+        format!(
+            "CREATE FUNCTION {tag}_n() RETURNS INT READS SQL DATA RETURN (SELECT COUNT(*) FROM {tag}_t)"
+        ),
+        format!(
+            "CREATE PROCEDURE {tag}_add(IN x INT) MODIFIES SQL DATA \
+             BEGIN INSERT INTO {tag}_t VALUES (x, 'proc'); END"
+        ),
+        format!(
+            "CREATE TRIGGER {tag}_tr AFTER INSERT ON {tag}_t FOR EACH ROW INSERT INTO {tag}_log VALUES (NEW.id)"
+        ),
+        format!(
+            "CREATE EVENT {tag}_ev ON SCHEDULE EVERY 1 DAY STARTS CURRENT_TIMESTAMP + INTERVAL 1 DAY \
+             DO DELETE FROM {tag}_log WHERE id < 0"
+        ),
+    ] {
+        c.query_drop(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+/// Definers of the objects `create_objects(tag)` made, as `user@host`.
+async fn definers(root: &mut Conn, schema: &str, tag: &str) -> Vec<String> {
+    let like = format!("{tag}!_%");
+    root.exec(
+        "SELECT DEFINER FROM information_schema.VIEWS WHERE TABLE_SCHEMA = ? AND TABLE_NAME LIKE ? ESCAPE '!' \
+         UNION ALL SELECT DEFINER FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = ? AND ROUTINE_NAME LIKE ? ESCAPE '!' \
+         UNION ALL SELECT DEFINER FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = ? AND TRIGGER_NAME LIKE ? ESCAPE '!' \
+         UNION ALL SELECT DEFINER FROM information_schema.EVENTS WHERE EVENT_SCHEMA = ? AND EVENT_NAME LIKE ? ESCAPE '!'",
+        (schema, &like, schema, &like, schema, &like, schema, &like),
+    )
+    .await
+    .unwrap()
+}
+
+/// The objects of `tag` work after their definer is gone, for root and for
+/// `reader` (another account), and each is defined by `definer`.
+async fn assert_objects_work(t: &Target, schema: &str, tag: &str, definer: &str, reader: &Target2) {
+    let mut root = t.root().await;
+    let found = definers(&mut root, schema, tag).await;
+    assert_eq!(found.len(), 5, "objects of {tag}: {found:?}");
+    for d in &found {
+        assert!(
+            d.eq_ignore_ascii_case(definer),
+            "{tag}: definer {d}, wanted {definer}"
+        );
+    }
+    let rows: Option<u64> = root
+        .query_first(format!("SELECT COUNT(*) FROM `{schema}`.{tag}_v"))
+        .await
+        .unwrap_or_else(|e| panic!("view {tag}_v as root: {e}"));
+    assert!(rows.unwrap_or(0) >= 2);
+    // The procedure runs, its insert fires the trigger.
+    let id = 100 + rand::random::<u16>() as i64;
+    root.query_drop(format!("CALL `{schema}`.{tag}_add({id})"))
+        .await
+        .unwrap_or_else(|e| panic!("procedure {tag}_add: {e}"));
+    let logged: Option<u64> = root
+        .query_first(format!(
+            "SELECT COUNT(*) FROM `{schema}`.{tag}_log WHERE id = {id}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(logged, Some(1), "trigger {tag}_tr did not fire");
+    let mut other = login(&reader.target, schema, &reader.user, &reader.password)
+        .await
+        .expect("reader login");
+    let via_view: Vec<(i64, String)> = other
+        .query(format!("SELECT id, v FROM {tag}_v ORDER BY id"))
+        .await
+        .unwrap_or_else(|e| panic!("view {tag}_v as another user: {e}"));
+    assert!(via_view.iter().any(|(i, _)| *i == id), "{via_view:?}");
+    let n: Option<i64> = other
+        .query_first(format!("SELECT {tag}_n()"))
+        .await
+        .unwrap_or_else(|e| panic!("function {tag}_n as another user: {e}"));
+    assert_eq!(n, Some(via_view.len() as i64));
+}
+
+/// Another account on the server, to use objects as someone else.
+struct Target2 {
+    target: Target,
+    user: String,
+    password: String,
+}
+
+async fn reader_account(t: &Target, schema: &str) -> Target2 {
+    let user = unique("rd")[..18].to_string();
+    let password = credbroker::lease::Password::generate().expose().to_string();
+    t.root()
+        .await
+        .query_drop(format!(
+            "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'; \
+             GRANT SELECT, EXECUTE ON `{schema}`.* TO '{user}'@'%'"
+        ))
+        .await
+        .unwrap();
+    Target2 {
+        target: t.clone(),
+        user,
+        password,
+    }
+}
+
+/// An account that owns nothing but inherits what leased users define:
+/// locked (nobody logs in as it), with the rights its objects need.
+async fn owner_account(t: &Target, schema: &str, owner: &str) {
+    t.root()
+        .await
+        .query_drop(format!(
+            "CREATE USER '{owner}'@'%' ACCOUNT LOCK; \
+             GRANT SELECT, INSERT, EXECUTE, TRIGGER ON `{schema}`.* TO '{owner}'@'%'"
+        ))
+        .await
+        .unwrap();
+}
+
+fn audit_of(b: &MyBroker, lease: &pb::Lease) -> Option<credbroker::audit::Record> {
+    credbroker::audit::read_records(&b.env.audit_path)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| {
+            r.lease_id.as_deref() == Some(lease.lease_id.as_str())
+                && matches!(r.action.as_str(), "revoke" | "reap" | "admin_revoke")
+                && r.outcome == credbroker::audit::Outcome::Ok
+        })
+}
+
+/// What a leased user defined outlives it: revoked (objects to the role's
+/// owner) and expired (objects to the admin, the role having no owner),
+/// the view answers for root and for another account, the routines run,
+/// the trigger fires; the login is refused, the open session is gone, and
+/// the audit record says how many objects moved to whom.
+#[tokio::test]
+async fn mysql_objects_a_leased_user_defines_outlive_revoke_and_expiry() {
+    let t = local().await;
+    let owner = unique("own")[..18].to_string();
+    let mut b = MyBroker::prepare(&t, |s| {
+        ddl_role("maker", s, "5m", Some(&owner)) + &ddl_role("adhoc", s, "2s", None)
+    })
+    .await;
+    owner_account(&t, &b.schema, &owner).await;
+    let reader = reader_account(&t, &b.schema).await;
+    b.start_in_process().await;
+    let mut root = t.root().await;
+    let admin: Option<String> = root.query_first("SELECT CURRENT_USER()").await.unwrap();
+    let admin = admin.unwrap();
+
+    // Revoked by its holder: everything goes to the owner.
+    let lease = b.issue("maker", 300).await.unwrap();
+    let mut c = b.login(&lease).await.expect("leased login");
+    create_objects(&mut c, "rev").await;
+    let mut idle = b.login(&lease).await.expect("second session");
+    b.revoke(&lease).await;
+    assert!(
+        t.user_hosts(&lease.username).await.is_empty(),
+        "user not dropped"
+    );
+    assert!(
+        idle.query_drop("SELECT 1").await.is_err(),
+        "session survived"
+    );
+    assert!(c.query_drop("SELECT 1").await.is_err(), "session survived");
+    let refused = b.login(&lease).await.map(|_| ()).unwrap_err();
+    assert!(access_denied(&refused), "{refused}");
+    assert_objects_work(&t, &b.schema, "rev", &format!("{owner}@%"), &reader).await;
+    let rec = audit_of(&b, &lease).expect("revocation record");
+    assert_eq!(rec.objects_reassigned, Some(5), "{rec:?}");
+    assert_eq!(
+        rec.reassigned_to.as_deref(),
+        Some(format!("{owner}@%").as_str())
+    );
+
+    // Expired and reaped; the role has no owner, so the admin inherits.
+    let lease = b.issue("adhoc", 2).await.unwrap();
+    let mut c = b.login(&lease).await.expect("leased login");
+    create_objects(&mut c, "exp").await;
+    let gone = eventually(Duration::from_secs(20), || async {
+        t.user_hosts(&lease.username).await.is_empty()
+            && b.state(&lease).await == pb::LeaseState::Revoked
+    })
+    .await;
+    assert!(gone, "expired user {} still exists", lease.username);
+    assert!(
+        c.query_drop("SELECT 1").await.is_err(),
+        "session survived expiry"
+    );
+    assert_objects_work(&t, &b.schema, "exp", &admin, &reader).await;
+    let rec = audit_of(&b, &lease).expect("reap record");
+    assert_eq!(rec.action, "reap");
+    assert_eq!(rec.objects_reassigned, Some(5), "{rec:?}");
+    assert_eq!(rec.reassigned_to.as_deref(), Some(admin.as_str()));
+
+    b.stop().await;
+    root.query_drop(format!(
+        "DROP USER '{owner}'@'%'; DROP USER '{}'@'%'",
+        reader.user
+    ))
+    .await
+    .unwrap();
+    b.drop_schema().await;
+}
+
+/// Whether the server has `user` locked (MariaDB keeps it in global_priv).
+async fn is_locked(t: &Target, user: &str) -> bool {
+    let v: Option<Option<String>> = t
+        .root()
+        .await
+        .exec_first(
+            "SELECT JSON_VALUE(Priv, '$.account_locked') FROM mysql.global_priv WHERE User = ?",
+            (user,),
+        )
+        .await
+        .unwrap();
+    matches!(v.flatten().as_deref(), Some("1") | Some("true"))
+}
+
+/// MariaDB's answer to a locked account: ER_ACCOUNT_HAS_BEEN_LOCKED.
+fn locked_out(err: &str) -> bool {
+    err.contains("4151") || err.contains("locked")
+}
+
+/// The drop cannot run (the role's owner account does not exist, so the
+/// view's definer cannot move): the account is locked and its sessions
+/// gone all the same, the lease is `failing` with the reason, the view
+/// is untouched; `admin revoke --force` then forgets the lease because
+/// the lock is verified, leaving the locked account in place.
+#[tokio::test]
+async fn mysql_lock_and_kill_hold_when_the_drop_cannot_run() {
+    let t = local().await;
+    let ghost = unique("ghost")[..18].to_string();
+    let mut b = MyBroker::prepare(&t, |s| ddl_role("maker", s, "5m", Some(&ghost))).await;
+    b.edit_config(|c| {
+        c.replace(
+            "max_backoff = \"1s\"\n",
+            "max_backoff = \"1s\"\nfailing_after_attempts = 1\n",
+        )
+    });
+    b.start_in_process().await;
+    let lease = b.issue("maker", 300).await.unwrap();
+    let mut c = b.login(&lease).await.expect("leased login");
+    create_objects(&mut c, "lk").await;
+    let mut idle = b.login(&lease).await.expect("second session");
+
+    let err = b
+        .client()
+        .await
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("DEFINER") && err.message().contains("does not exist"),
+        "{err:?}"
+    );
+    assert!(
+        idle.query_drop("SELECT 1").await.is_err(),
+        "session survived"
+    );
+    assert!(c.query_drop("SELECT 1").await.is_err(), "session survived");
+    let refused = b.login(&lease).await.map(|_| ()).unwrap_err();
+    assert!(locked_out(&refused), "{refused}");
+    assert!(is_locked(&t, &lease.username).await);
+    assert_eq!(t.user_hosts(&lease.username).await, vec!["%".to_string()]);
+    let failing = eventually(Duration::from_secs(10), || async {
+        b.state(&lease).await == pb::LeaseState::Failing
+    })
+    .await;
+    assert!(failing, "lease not failing");
+    // Nothing was half-moved or broken: the view still answers.
+    let mut root = t.root().await;
+    let rows: Option<u64> = root
+        .query_first(format!("SELECT COUNT(*) FROM `{}`.lk_v", b.schema))
+        .await
+        .unwrap();
+    assert_eq!(rows, Some(2));
+
+    let r = b
+        .admin()
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                lease.lease_id.clone(),
+            )),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked, 1, "{r:?}");
+    assert_eq!(b.state(&lease).await, pb::LeaseState::Revoked);
+    // Forgotten by the broker, dead in the database.
+    assert!(is_locked(&t, &lease.username).await);
+    let refused = b.login(&lease).await.map(|_| ()).unwrap_err();
+    assert!(locked_out(&refused), "{refused}");
+
+    b.stop().await;
+    root.query_drop(format!("DROP USER '{}'@'%'", lease.username))
+        .await
+        .unwrap();
+    b.drop_schema().await;
+}
+
+/// `--force` refuses when the lock cannot be verified: here the admin
+/// account may not read mysql.global_priv. The lease stays tracked (and
+/// the account locked anyway).
+#[tokio::test]
+async fn mysql_force_refuses_without_a_verified_lock() {
+    let t = local().await;
+    let ghost = unique("ghost")[..18].to_string();
+    let mut b = MyBroker::prepare(&t, |s| ddl_role("maker", s, "5m", Some(&ghost))).await;
+    let admin = unique("cbadm")[..18].to_string();
+    let password = credbroker::lease::Password::generate();
+    let mut root = t.root().await;
+    root.query_drop(format!(
+        "CREATE USER '{admin}'@'%' IDENTIFIED BY '{pw}';
+         GRANT CREATE USER, PROCESS, CONNECTION ADMIN ON *.* TO '{admin}'@'%';
+         GRANT SELECT ON mysql.user TO '{admin}'@'%';
+         GRANT ALL ON `{schema}`.* TO '{admin}'@'%' WITH GRANT OPTION;",
+        pw = password.expose(),
+        schema = b.schema
+    ))
+    .await
+    .unwrap();
+    let secret = b.env.dir.join("secrets/limited-admin");
+    std::fs::write(&secret, password.expose()).unwrap();
+    b.edit_config(|text| {
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("admin_password_file"))
+            .collect();
+        (kept.join("\n") + "\n")
+            .replace("mysql://root@", &format!("mysql://{admin}@"))
+            .replace(
+                "kind = \"mysql\"\n",
+                &format!(
+                    "kind = \"mysql\"\nadmin_password_file = \"{}\"\n",
+                    secret.display()
+                ),
+            )
+    });
+    b.start_in_process().await;
+    let lease = b.issue("maker", 300).await.unwrap();
+    let mut c = b.login(&lease).await.expect("leased login");
+    c.query_drop("CREATE VIEW fr_v AS SELECT 1 AS one")
+        .await
+        .unwrap();
+    let r = b
+        .admin()
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                lease.lease_id.clone(),
+            )),
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.revoked, 0, "{r:?}");
+    assert!(
+        r.failures
+            .iter()
+            .any(|f| f.error.contains("could not be verified") && f.error.contains("global_priv")),
+        "{r:?}"
+    );
+    assert_ne!(b.state(&lease).await, pb::LeaseState::Revoked);
+    assert!(c.query_drop("SELECT 1").await.is_err(), "session survived");
+    assert!(is_locked(&t, &lease.username).await);
+    let refused = b.login(&lease).await.map(|_| ()).unwrap_err();
+    assert!(locked_out(&refused), "{refused}");
+
+    b.stop().await;
+    root.query_drop(format!(
+        "DROP USER '{}'@'%'; DROP USER '{admin}'@'%'",
+        lease.username
+    ))
+    .await
+    .unwrap();
+    b.drop_schema().await;
+}
+
+/// The failsafe with no broker: at expiry a user that defined a view is
+/// locked and its session killed (dropping it would break the view); one
+/// that defined nothing is dropped. When the broker returns, its reaper
+/// moves the view's definer and drops the first one too.
+#[tokio::test]
+async fn mysql_failsafe_locks_a_definer_and_drops_the_rest_after_broker_sigkill() {
+    let db = throwaway().await;
+    let t = target_of(&db);
+    let mut b = MyBroker::prepare(&t, |s| ddl_role("maker", s, "4s", None)).await;
+    b.spawn_binary().await;
+    let definer = b.issue("maker", 4).await.unwrap();
+    let plain = b.issue("maker", 4).await.unwrap();
+    let mut d = b.login(&definer).await.expect("leased login");
+    d.query_drop("CREATE TABLE fs_t (id INT); INSERT INTO fs_t VALUES (1), (2)")
+        .await
+        .unwrap();
+    d.query_drop("CREATE VIEW fs_v AS SELECT id FROM fs_t")
+        .await
+        .unwrap();
+    let mut p = b.login(&plain).await.expect("leased login");
+    p.query_drop("SELECT 1").await.unwrap();
+    b.kill_binary();
+
+    let expiry = crate::support::ts(&definer.expires_at);
+    let within = (expiry + chrono::Duration::seconds(4) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    let fired = eventually(within, || async {
+        t.user_hosts(&plain.username).await.is_empty() && is_locked(&t, &definer.username).await
+    })
+    .await;
+    assert!(fired, "the failsafe did not lock/drop by the expiry");
+    assert_eq!(
+        t.user_hosts(&definer.username).await,
+        vec!["%".to_string()],
+        "a definer must stay (locked) until its objects have a new definer"
+    );
+    let refused = b.login(&definer).await.map(|_| ()).unwrap_err();
+    assert!(locked_out(&refused), "{refused}");
+    assert!(b.login(&plain).await.is_err());
+    for s in [&mut d, &mut p] {
+        let mut cut = false;
+        for _ in 0..30 {
+            if s.query_drop("SELECT 1").await.is_err() {
+                cut = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(cut, "the failsafe left a session running");
+    }
+    let mut root = t.root().await;
+    let view = format!("SELECT COUNT(*) FROM `{}`.fs_v", b.schema);
+    let rows: Option<u64> = root.query_first(view.as_str()).await.unwrap();
+    assert_eq!(rows, Some(2), "the view broke");
+
+    // The broker returns: the reaper moves the definer and drops the user.
+    b.spawn_binary().await;
+    let done = eventually(Duration::from_secs(20), || async {
+        t.user_hosts(&definer.username).await.is_empty()
+    })
+    .await;
+    assert!(done, "the reaper did not finish the revocation");
+    let rows: Option<u64> = root.query_first(view.as_str()).await.unwrap();
+    assert_eq!(rows, Some(2), "the view broke after the reaper");
+    b.kill_binary();
+    b.drop_schema().await;
+}
+
+/// Several `[databases.*]` on one server and two brokers whose prefixes
+/// nest (`qNN_` and `qNN_b_`): user lists are per server, so each sweep
+/// sees every one of these users, and must drop none that a lease of
+/// *any* of its databases accounts for, nor any the other broker made.
+/// Fast sweeps; after several of them every lease still logs in and no
+/// `drop_orphan` record exists. Then a user in the first broker's exact
+/// shape that no lease accounts for is dropped.
+#[tokio::test]
+async fn mysql_two_databases_and_two_brokers_on_one_server_keep_their_users() {
+    let t = local().await;
+    let base = format!("q{:02x}_", rand::random::<u8>());
+    let nested = format!("{base}b_");
+    let second_schema = t.fresh_schema().await;
+
+    // Broker A: `main` over 127.0.0.1 and `second` over `localhost`, one
+    // server, two schemas.
+    let mut a = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    let second = a
+        .env
+        .mysql_database("second", t.port, &second_schema, t.password.as_deref())
+        .unwrap()
+        .replace("@127.0.0.1:", "@localhost:");
+    let old = a.prefix.clone();
+    a.edit_config(|c| {
+        c.replace(
+            &format!("name_prefix = \"{old}\""),
+            &format!("name_prefix = \"{base}\""),
+        ) + &second
+            + &format!(
+                "[roles.other]\ndatabase = \"second\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n\
+                 allowed = [\"{APP}\"]\ngrants = [\"GRANT SELECT ON `{second_schema}`.orders TO {{{{name}}}}\"]\n"
+            )
+    });
+    a.prefix = base.clone();
+    // Broker B: its own store, a prefix that starts with A's.
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    let old = b.prefix.clone();
+    b.edit_config(|c| {
+        c.replace(
+            &format!("name_prefix = \"{old}\""),
+            &format!("name_prefix = \"{nested}\""),
+        )
+    });
+    b.prefix = nested.clone();
+    a.start_in_process().await;
+    b.start_in_process().await;
+
+    let mut leases = Vec::new();
+    for _ in 0..2 {
+        let l = a.issue("reader", 300).await.unwrap();
+        assert!(l.username.starts_with(&base) && !l.username.starts_with(&nested));
+        leases.push((&a, a.schema.clone(), l));
+        let l = a.issue("other", 300).await.unwrap();
+        assert_eq!(l.database, "second");
+        leases.push((&a, second_schema.clone(), l));
+        let l = b.issue("reader", 300).await.unwrap();
+        assert!(l.username.starts_with(&nested), "{}", l.username);
+        leases.push((&b, b.schema.clone(), l));
+    }
+    // Sweeps run every second; a suspect is dropped on its second sighting.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for (broker, schema, l) in &leases {
+        let mut c = login(&t, schema, &l.username, &l.password)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "lease {} of {} no longer logs in: {e}",
+                    l.username, broker.prefix
+                )
+            });
+        c.query_drop("SELECT item FROM orders").await.unwrap();
+        assert_eq!(broker.state(l).await, pb::LeaseState::Active);
+    }
+    for broker in [&a, &b] {
+        let swept: Vec<_> = credbroker::audit::read_records(&broker.env.audit_path)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action == "drop_orphan")
+            .collect();
+        assert!(swept.is_empty(), "{} swept {swept:?}", broker.prefix);
+    }
+
+    // A user in A's exact shape that no lease accounts for goes; the view
+    // it defined stays, now defined by the admin account.
+    let orphan = format!("{base}reader_{}", &unique("")[1..17]);
+    let mut root = t.root().await;
+    root.query_drop(format!(
+        "CREATE USER '{orphan}'@'%'; GRANT SELECT ON `{s}`.* TO '{orphan}'@'%'; \
+         CREATE DEFINER = '{orphan}'@'%' VIEW `{s}`.orphan_v AS SELECT item FROM `{s}`.orders",
+        s = a.schema
+    ))
+    .await
+    .unwrap();
+    let admin: Option<String> = root.query_first("SELECT CURRENT_USER()").await.unwrap();
+    let swept = eventually(Duration::from_secs(15), || async {
+        t.user_hosts(&orphan).await.is_empty()
+    })
+    .await;
+    assert!(swept, "orphan {orphan} was not swept");
+    let rec = credbroker::audit::read_records(&a.env.audit_path)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.action == "drop_orphan" && r.username.as_deref() == Some(orphan.as_str()));
+    let rec = rec.unwrap_or_else(|| panic!("no drop_orphan record for {orphan}"));
+    assert_eq!(rec.objects_reassigned, Some(1), "{rec:?}");
+    assert_eq!(rec.reassigned_to, admin);
+    let item: Option<String> = root
+        .query_first(format!("SELECT item FROM `{}`.orphan_v", a.schema))
+        .await
+        .expect("the swept user's view still answers");
+    assert_eq!(item.as_deref(), Some("coffee"));
+    for (_, schema, l) in &leases {
+        login(&t, schema, &l.username, &l.password)
+            .await
+            .expect("a lease's user went with the orphan");
+    }
+
+    let all = || pb::RevokeLeasesRequest {
+        selector: Some(pb::revoke_leases_request::Selector::All(true)),
+        force: false,
+    };
+    assert_eq!(
+        a.admin()
+            .await
+            .revoke_leases(all())
+            .await
+            .unwrap()
+            .into_inner()
+            .revoked,
+        4
+    );
+    assert_eq!(
+        b.admin()
+            .await
+            .revoke_leases(all())
+            .await
+            .unwrap()
+            .into_inner()
+            .revoked,
+        2
+    );
+    a.stop().await;
+    b.stop().await;
+    a.drop_schema().await;
+    b.drop_schema().await;
+    let _ = t
+        .root()
+        .await
+        .query_drop(format!("DROP DATABASE IF EXISTS `{second_schema}`"))
+        .await;
+}
