@@ -256,7 +256,7 @@ impl Broker {
                 event.lease_id = None;
                 event.username = None;
             }
-            return Err(store_unavailable(e));
+            return Err(e);
         }
         // The intent may now be due before the reaper's next planned wake.
         self.reaper_wake.notify_one();
@@ -276,7 +276,7 @@ impl Broker {
         }
         if let Err(e) = self.store.activate(&lease.id).await {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
-            return Err(store_unavailable(e));
+            return Err(e);
         }
         let mut lease = lease;
         lease.state = LeaseState::Active;
@@ -366,8 +366,7 @@ impl Broker {
         let lease = self
             .store
             .get(id)
-            .await
-            .map_err(store_unavailable)?
+            .await?
             .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
         if lease.identity != who.as_str() && !self.is_admin(who) {
             return Err(Error::denied(format!(
@@ -470,12 +469,7 @@ impl Broker {
         // Database first: if the store write then fails, the database allows
         // less than the store would revoke at, never more.
         backend.extend(&user, new_expiry).await?;
-        if !self
-            .store
-            .set_expiry(id, new_expiry)
-            .await
-            .map_err(store_unavailable)?
-        {
+        if !self.store.set_expiry(id, new_expiry).await? {
             return Err(Error::FailedPrecondition(format!(
                 "lease {id} is being revoked"
             )));
@@ -503,12 +497,7 @@ impl Broker {
             self.audit_event(event)?;
             return Ok(lease);
         }
-        let Some(claimed) = self
-            .store
-            .claim_one(id, &self.claim())
-            .await
-            .map_err(store_unavailable)?
-        else {
+        let Some(claimed) = self.store.claim_one(id, &self.claim()).await? else {
             return Err(self.audit_failure(
                 event,
                 Error::Unavailable(format!(
@@ -539,7 +528,7 @@ impl Broker {
     /// Lists leases for an admin.
     pub async fn admin_list(&self, who: &Identity, filter: &LeaseFilter) -> Result<Vec<Lease>> {
         self.require_admin(who, "admin_list")?;
-        self.store.list(filter).await.map_err(store_unavailable)
+        self.store.list(filter).await
     }
 
     /// Revokes every live lease the selector names.
@@ -556,17 +545,12 @@ impl Broker {
                 let lease = self
                     .store
                     .get(id)
-                    .await
-                    .map_err(store_unavailable)?
+                    .await?
                     .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
                 if !lease.state.is_live() {
                     return Ok(BulkOutcome::default());
                 }
-                let claimed = self
-                    .store
-                    .claim_one(id, &self.claim())
-                    .await
-                    .map_err(store_unavailable)?;
+                let claimed = self.store.claim_one(id, &self.claim()).await?;
                 return Ok(match claimed {
                     Some(l) => {
                         self.revoke_claimed(vec![l], who.as_str(), Reason::Admin, mode)
@@ -588,15 +572,10 @@ impl Broker {
         }
         let mut total = BulkOutcome::default();
         let batch = self.config().reaper.batch_size;
-        let candidates = self.store.list(&filter).await.map_err(store_unavailable)?;
+        let candidates = self.store.list(&filter).await?;
         let mut claimed = Vec::new();
         for lease in candidates {
-            match self
-                .store
-                .claim_one(&lease.id, &self.claim())
-                .await
-                .map_err(store_unavailable)?
-            {
+            match self.store.claim_one(&lease.id, &self.claim()).await? {
                 Some(l) => claimed.push(l),
                 None => total.failed.push((
                     lease.id.clone(),
@@ -696,13 +675,6 @@ fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Dur
         )));
     }
     chrono::Duration::from_std(ttl).map_err(Error::internal)
-}
-
-fn store_unavailable(e: Error) -> Error {
-    match e {
-        Error::Internal(m) => Error::Unavailable(format!("lease store: {m}")),
-        other => other,
-    }
 }
 
 /// Caps caller-supplied text before it goes into an audit record.

@@ -126,7 +126,9 @@ where
         let out = match (self.result, commit) {
             (Some(Err(e)), _) => Err(db_err(e)),
             (Some(Ok(v)), Ok(())) => Ok(v),
-            (_, Err(msg)) => Err(Error::Internal(format!(
+            // A failed COMMIT is the disk's doing (full, read-only, I/O),
+            // not a bug: the caller may retry once it is fixed.
+            (_, Err(msg)) => Err(Error::Unavailable(format!(
                 "lease store: commit failed: {msg}"
             ))),
             (None, Ok(())) => Err(Error::internal("lease store: request was not run")),
@@ -149,6 +151,18 @@ fn db_err(e: rusqlite::Error) -> Error {
             ) =>
         {
             Error::Unavailable("lease store is busy".into())
+        }
+        // The file's surroundings, not our SQL: retry once they are fixed.
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+            ) =>
+        {
+            Error::Unavailable(format!("lease store: {e}"))
         }
         other => Error::Internal(format!("lease store: {other}")),
     }
