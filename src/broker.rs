@@ -41,7 +41,9 @@ pub enum Selector {
     Lease(LeaseId),
     Role(String),
     Database(String),
-    Identity(String),
+    /// Matched against the stored canonical text (`spiffe://…`, `dns:…`,
+    /// `cn:…`); typed, so a bare name cannot get here and match nothing.
+    Identity(Identity),
     All,
 }
 
@@ -132,7 +134,7 @@ impl Broker {
     }
 
     pub fn is_admin(&self, who: &Identity) -> bool {
-        any_matches(&self.config().admins, who.as_str())
+        any_matches(&self.config().admins, who)
     }
 
     fn backend(&self, database: &str) -> Result<&Arc<dyn Backend>> {
@@ -163,6 +165,25 @@ impl Broker {
             tracing::error!(error = %e, "audit write failed");
         }
         err
+    }
+
+    /// Audits a request refused because its certificate yields no identity
+    /// (more than one SPIFFE ID, a malformed one…) and hands the error
+    /// back. Like a refused TLS handshake, the record names the peer
+    /// address: the only identity such a caller has.
+    pub fn refuse_unauthenticated(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        action: &'static str,
+        err: Error,
+    ) -> Error {
+        let who = match peer {
+            Some(p) => format!("unauthenticated:{}", p.ip()),
+            None => "unauthenticated".to_string(),
+        };
+        tracing::info!(peer = %who, error = %err, "request refused: no usable identity");
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(Event::new(who, action), err)
     }
 
     /// Leases `role` for `who`. `ttl` None means the role's default.
@@ -201,7 +222,7 @@ impl Broker {
     ) -> Result<IssuedLease> {
         let config = self.config();
         let role = lookup_role(&config, role_name)?;
-        if !any_matches(&role.allowed, who.as_str()) {
+        if !any_matches(&role.allowed, who) {
             return Err(Error::denied(format!(
                 "identity may not lease role {role_name:?}"
             )));
@@ -453,7 +474,10 @@ impl Broker {
         })?;
         // Policy is checked on every call that extends a credential's life:
         // an identity removed from `allowed` (SIGHUP) stops renewing too.
-        if !any_matches(&role.allowed, &lease.identity) {
+        if !any_matches(
+            &role.allowed,
+            &Identity::from_trusted(lease.identity.clone()),
+        ) {
             return Err(Error::denied(format!(
                 "identity may no longer lease role {:?}; lease {id} cannot be renewed",
                 lease.role
@@ -567,7 +591,7 @@ impl Broker {
             }
             Selector::Role(r) => filter.role = Some(r.clone()),
             Selector::Database(d) => filter.database = Some(d.clone()),
-            Selector::Identity(i) => filter.identity = Some(i.clone()),
+            Selector::Identity(i) => filter.identity = Some(i.as_str().to_string()),
             Selector::All => {}
         }
         let mut total = BulkOutcome::default();

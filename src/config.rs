@@ -444,7 +444,7 @@ impl RawConfig {
         };
         let admins = admin_patterns
             .iter()
-            .map(|p| IdentityPattern::new(p).map_err(|e| cfg_err(format!("admins: {e}"))))
+            .map(|p| identity_pattern("admins", p))
             .collect::<Result<Vec<_>>>()?;
 
         let raw_reaper = self.reaper.unwrap_or(RawReaper {
@@ -583,10 +583,7 @@ impl RawConfig {
             let allowed = r
                 .allowed
                 .iter()
-                .map(|p| {
-                    IdentityPattern::new(p)
-                        .map_err(|e| cfg_err(format!("{}: {e}", what("allowed"))))
-                })
+                .map(|p| identity_pattern(&what("allowed"), p))
                 .collect::<Result<Vec<_>>>()?;
             for g in &r.grants {
                 if !g.contains("{{name}}") {
@@ -666,6 +663,14 @@ impl RawConfig {
             roles,
         })
     }
+}
+
+/// An identity pattern, its error prefixed with the key it came from.
+fn identity_pattern(key: &str, pattern: &str) -> Result<IdentityPattern> {
+    IdentityPattern::new(pattern).map_err(|e| match e {
+        Error::Config(m) => Error::Config(format!("{key}: {m}")),
+        other => other,
+    })
 }
 
 fn server_prefix_fits(prefix: &str) -> bool {
@@ -769,6 +774,43 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             assert!(!err.contains("hunter2"), "{err}");
         }
     }
+    #[test]
+    fn identity_patterns_without_a_kind_say_what_to_write() {
+        let text = SAMPLE.replace(
+            "allowed = [\"spiffe://example.org/ns/shop/*\"]",
+            "allowed = [\"billing.internal\"]",
+        );
+        let err = Config::parse(&text, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            r#"config: roles.orders-readonly.allowed: identity pattern "billing.internal" has no kind; write "dns:billing.internal" (a DNS SAN) or "cn:billing.internal" (the subject CN)"#
+        );
+        let text = SAMPLE.replace("spiffe://example.org/dba/*", "ops-*");
+        let err = Config::parse(&text, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config: admins: identity pattern \"ops-*\" has no kind"),
+            "{err}"
+        );
+        let text = SAMPLE.replace("spiffe://example.org/dba/*", "spiffe://Example.org/dba/*");
+        let err = Config::parse(&text, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admins:") && err.contains("lowercase"),
+            "{err}"
+        );
+        let text = SAMPLE.replace(
+            "allowed = [\"spiffe://example.org/ns/shop/*\"]",
+            "allowed = [\"dns:billing.internal\", \"cn:legacy-batch\"]",
+        );
+        let c = Config::parse(&text, Path::new("/")).unwrap();
+        assert_eq!(c.role("orders-readonly").unwrap().allowed.len(), 2);
+    }
+
     #[test]
     fn postgres_store_takes_its_password_from_a_file_and_a_claim_timeout() {
         let text = SAMPLE.replace(

@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 
 use crate::cli::lease::{rfc3339, state_name};
-use crate::cli::{grpc_error, CliResult};
+use crate::cli::{grpc_error, CliResult, Failure};
 use crate::client::ClientOpts;
 use crate::pb;
 use crate::pb::revoke_leases_request::Selector;
@@ -31,6 +31,7 @@ pub enum Command {
         role: Option<String>,
         #[arg(long)]
         database: Option<String>,
+        /// Caller identity with its kind: spiffe://TD/PATH, dns:NAME or cn:NAME
         #[arg(long)]
         identity: Option<String>,
         #[arg(long, value_enum)]
@@ -51,6 +52,7 @@ pub enum Command {
         role: Option<String>,
         #[arg(long, conflicts_with_all = ["lease_id", "identity", "all"])]
         database: Option<String>,
+        /// Caller identity with its kind: spiffe://TD/PATH, dns:NAME or cn:NAME
         #[arg(long, conflicts_with_all = ["lease_id", "all"])]
         identity: Option<String>,
         #[arg(long, conflicts_with = "lease_id")]
@@ -72,6 +74,15 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+}
+
+/// An identity as typed, in the canonical form leases are stored under.
+/// Checked here as well as by the broker, so a bare name fails before the
+/// confirmation prompt, with a hint at what to write.
+fn identity_arg(i: &str) -> Result<String, Failure> {
+    crate::identity::Identity::parse(i)
+        .map(|id| id.as_str().to_string())
+        .map_err(|e| Failure::Usage(anyhow::anyhow!("--identity: {e}")))
 }
 
 fn to_pb_state(s: StateArg) -> i32 {
@@ -99,7 +110,11 @@ pub async fn run(cmd: Command) -> CliResult {
                 .list_leases(pb::ListLeasesRequest {
                     role: role.unwrap_or_default(),
                     database: database.unwrap_or_default(),
-                    identity: identity.unwrap_or_default(),
+                    identity: identity
+                        .as_deref()
+                        .map(identity_arg)
+                        .transpose()?
+                        .unwrap_or_default(),
                     states: state.into_iter().map(to_pb_state).collect(),
                     expiring_within_seconds: expiring_within
                         .map(|d| d.as_secs() as i64)
@@ -138,10 +153,13 @@ pub async fn run(cmd: Command) -> CliResult {
                     Selector::Database(d.clone()),
                     format!("every live lease on database {d:?}"),
                 ),
-                (_, _, _, Some(i), _) => (
-                    Selector::Identity(i.clone()),
-                    format!("every live lease held by {i:?}"),
-                ),
+                (_, _, _, Some(i), _) => {
+                    let i = identity_arg(&i)?;
+                    (
+                        Selector::Identity(i.clone()),
+                        format!("every live lease held by {i:?}"),
+                    )
+                }
                 (.., true) => (Selector::All(true), "EVERY live lease".to_string()),
                 _ => {
                     return Err(anyhow::anyhow!(crate::Error::Config(
