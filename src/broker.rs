@@ -3,7 +3,7 @@
 //! requests into these calls and `Error`s into statuses.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::audit::{AuditLog, Event, Outcome};
 use crate::backend::{Backend, Backends, Endpoint, NewUser, UserRef};
-use crate::config::{Config, RoleConfig};
+use crate::config::{Config, ConfigHandle, RoleConfig};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
@@ -20,7 +20,7 @@ use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
 use crate::revocation::UNREACHABLE_RETRY_CAP;
-pub use crate::revocation::{BulkOutcome, Mode};
+pub use crate::revocation::{BulkOutcome, Mode, Revoker};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 
 /// Longest role name a request may carry; config keys are shorter.
@@ -48,7 +48,10 @@ pub enum Selector {
 }
 
 pub struct Broker {
-    config: RwLock<Arc<Config>>,
+    config: ConfigHandle,
+    /// The revocation engine, sharing this broker's store, databases,
+    /// audit log and config.
+    revoker: Revoker,
     store: Arc<dyn LeaseStore>,
     backends: Backends,
     audit: Arc<AuditLog>,
@@ -83,8 +86,18 @@ impl Broker {
             .keys()
             .map(|db| (db.clone(), Arc::new(tokio::sync::Mutex::new(()))))
             .collect();
+        let config = ConfigHandle::new(config);
+        let revoker = Revoker::new(
+            config.clone(),
+            store.clone(),
+            backends.clone(),
+            audit.clone(),
+            metrics.clone(),
+            owner.clone(),
+        );
         Broker {
-            config: RwLock::new(config),
+            config,
+            revoker,
             store,
             rotations,
             backends,
@@ -97,16 +110,35 @@ impl Broker {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.get()
     }
 
     /// Swaps in a reloaded config (roles, policies, limits). Databases are
     /// not reconnected: their changes need a restart.
     pub fn replace_config(&self, config: Arc<Config>) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        self.config.replace(config);
+    }
+
+    pub fn revoker(&self) -> &Revoker {
+        &self.revoker
+    }
+
+    /// See [`Revoker::revoke_claimed`].
+    pub async fn revoke_claimed(
+        &self,
+        leases: Vec<Lease>,
+        actor: &str,
+        reason: Reason,
+        mode: Mode,
+    ) -> BulkOutcome {
+        self.revoker
+            .revoke_claimed(leases, actor, reason, mode)
+            .await
+    }
+
+    /// See [`Revoker::revoke_orphans`].
+    pub async fn revoke_orphans(&self, database: &str, users: Vec<UserRef>) -> Result<()> {
+        self.revoker.revoke_orphans(database, users).await
     }
 
     pub fn store(&self) -> &Arc<dyn LeaseStore> {
@@ -329,7 +361,7 @@ impl Broker {
     fn clean_up_failed_issue(&self, lease: Lease, backend: Arc<dyn Backend>) {
         let store = self.store.clone();
         let audit = self.audit.clone();
-        let revokee = self.revokee(&lease);
+        let revokee = self.revoker.revokee(&lease);
         tokio::spawn(async move {
             match backend.revoke(&[revokee]).await {
                 Ok(_) => {

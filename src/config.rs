@@ -913,3 +913,22 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         }
     }
 }
+
+/// The running config, swapped whole on SIGHUP; every reader takes a
+/// snapshot, so one request sees one config from start to end.
+#[derive(Clone)]
+pub struct ConfigHandle(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>);
+
+impl ConfigHandle {
+    pub fn new(config: std::sync::Arc<Config>) -> Self {
+        ConfigHandle(std::sync::Arc::new(std::sync::RwLock::new(config)))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, config: std::sync::Arc<Config>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+}
