@@ -29,6 +29,9 @@ pub struct Endpoint {
 
 /// A user to create.
 pub struct NewUser<'a> {
+    /// The broker role (`[roles.NAME]`) leased: named in errors, so an
+    /// operator knows whose `grants` the database refused.
+    pub role: &'a str,
     pub username: &'a Username,
     pub password: &'a Password,
     /// Logins stop at this time (PostgreSQL `VALID UNTIL`); MySQL's

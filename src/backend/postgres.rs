@@ -107,31 +107,88 @@ impl PostgresBackend {
         pool.get().await.map_err(|e| self.unavailable(&e))
     }
 
-    fn unavailable(&self, e: &dyn std::fmt::Display) -> Error {
+    /// `user@host:port/db` of the admin connection: where a failure
+    /// happened, for the operator (no password: the URL carries none).
+    pub fn admin_location(&self) -> String {
+        location(&self.base)
+    }
+
+    /// Connection trouble as `Unavailable`, with its cause found by
+    /// walking the error's `source()` chain: deadpool and tokio-postgres
+    /// print only "db error" or "error connecting to server" on top. The
+    /// text before the first ": " is what a caller sees (`server::status`);
+    /// the rest, for the log and `check`, says where and why.
+    fn unavailable(&self, e: &(dyn std::error::Error + 'static)) -> Error {
+        let cause = Cause::of(e);
         Error::Unavailable(format!(
-            "database {:?} is unreachable: {e}",
-            self.config.name
+            "database {:?} is unreachable: {} as {}: {}",
+            self.config.name,
+            cause.kind.as_str(),
+            self.admin_location(),
+            cause.detail
         ))
     }
 
     /// Maps a driver error: connection trouble is `Unavailable` (retry),
-    /// a database refusal is `Internal` with the server's message, which
-    /// never holds our password (we never send one).
+    /// a database refusal is `Internal` with the server's message and
+    /// SQLSTATE, which never hold our password (we never send one).
     fn db_error(&self, what: &str, e: tokio_postgres::Error) -> Error {
         match e.as_db_error() {
             Some(db) if db.code() == &tokio_postgres::error::SqlState::QUERY_CANCELED => {
-                Error::Unavailable(format!("database {:?}: {what} timed out", self.config.name))
+                Error::Unavailable(format!(
+                    "database {:?}: {what} timed out: {} (SQLSTATE {}) at {}",
+                    self.config.name,
+                    db.message(),
+                    db.code().code(),
+                    self.admin_location()
+                ))
             }
             Some(db) => Error::Internal(format!(
-                "database {:?}: {what}: {} ({})",
+                "database {:?}: {what}: {} (SQLSTATE {}) as {}",
                 self.config.name,
                 db.message(),
-                db.code().code()
+                db.code().code(),
+                self.admin_location()
             )),
-            None => self.unavailable(&format!("{what}: {e}")),
+            None => {
+                let cause = Cause::of(&e);
+                Error::Unavailable(format!(
+                    "database {:?} is unreachable: {what}: {} as {}: {}",
+                    self.config.name,
+                    cause.kind.as_str(),
+                    self.admin_location(),
+                    cause.detail
+                ))
+            }
         }
     }
 
+    /// After a failed `create_user`: which of its statements the database
+    /// refused, found by running them again one by one in a transaction
+    /// that is rolled back, so an operator reads "GRANT 2 of role R"
+    /// rather than a bare "permission denied for table orders". `None`
+    /// when every statement passes this time (a race).
+    async fn failing_statement(
+        &self,
+        client: &tokio_postgres::Client,
+        user: &NewUser<'_>,
+    ) -> Option<String> {
+        let ident = escape_identifier(user.username.as_str());
+        let plan = DryRun {
+            create: format!("CREATE ROLE {ident} NOLOGIN"),
+            owner: user
+                .owner
+                .map(|o| format!("GRANT {} TO {ident}", escape_identifier(o))),
+            grants: user
+                .grants
+                .iter()
+                .map(|g| render_grant(g, &ident))
+                .collect(),
+        };
+        let found = plan.run(client).await.err();
+        let _ = client.batch_execute("ROLLBACK").await;
+        found.map(|f| f.describe(user.grants))
+    }
     /// Whether the admin role is a superuser (asked once per backend).
     async fn is_superuser(&self, client: &deadpool_postgres::Object) -> Result<bool> {
         self.superuser
@@ -456,6 +513,206 @@ fn idents(users: &[&str]) -> String {
         .join(", ")
 }
 
+/// `user@host:port/db` of a connection config (it never holds a password
+/// we print: `Config`'s password is not part of this).
+pub fn location(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("?");
+    let db = cfg.get_dbname().unwrap_or(user);
+    format!("{user}@{host}:{port}/{db}")
+}
+
+/// Why a connection failed, in the words an operator acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CauseKind {
+    Refused,
+    TimedOut,
+    Authentication,
+    Tls,
+    /// The server answered with an error that is not about logging in
+    /// (no such database, too many connections, shutting down…).
+    Server,
+    Other,
+}
+
+impl CauseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CauseKind::Refused => "connection refused",
+            CauseKind::TimedOut => "connection timed out",
+            CauseKind::Authentication => "authentication failed",
+            CauseKind::Tls => "TLS failed",
+            CauseKind::Server => "refused by the server",
+            CauseKind::Other => "connection failed",
+        }
+    }
+}
+
+/// The deepest cause of a driver error, found through `source()`.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    pub kind: CauseKind,
+    /// The server's own message and SQLSTATE, or the OS error.
+    pub detail: String,
+    pub sqlstate: Option<String>,
+}
+
+impl Cause {
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Cause {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        let mut last = e.to_string();
+        while let Some(err) = cur {
+            if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
+                let code = db.code().code();
+                // Class 28: invalid authorization (wrong password, no
+                // pg_hba.conf entry, role cannot log in).
+                let kind = if code.starts_with("28") {
+                    CauseKind::Authentication
+                } else {
+                    CauseKind::Server
+                };
+                return Cause {
+                    kind,
+                    detail: format!("{} (SQLSTATE {code})", db.message()),
+                    sqlstate: Some(code.to_string()),
+                };
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                let kind = match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => CauseKind::Refused,
+                    std::io::ErrorKind::TimedOut => CauseKind::TimedOut,
+                    _ => CauseKind::Other,
+                };
+                return Cause {
+                    kind,
+                    detail: io.to_string(),
+                    sqlstate: None,
+                };
+            }
+            if let Some(deadpool_postgres::PoolError::Timeout(t)) =
+                err.downcast_ref::<deadpool_postgres::PoolError>()
+            {
+                return Cause {
+                    kind: CauseKind::TimedOut,
+                    detail: format!("no connection within the timeout ({t:?})"),
+                    sqlstate: None,
+                };
+            }
+            last = err.to_string();
+            cur = err.source();
+        }
+        let kind = if last.contains("TLS") || last.contains("tls") || last.contains("certificate") {
+            CauseKind::Tls
+        } else if last.contains("timeout") || last.contains("timed out") {
+            CauseKind::TimedOut
+        } else {
+            CauseKind::Other
+        };
+        Cause {
+            kind,
+            detail: last,
+            sqlstate: None,
+        }
+    }
+}
+
+/// Statements of one leased user, replayed in a transaction the caller
+/// rolls back: how `check` proves the admin may grant what a role grants,
+/// and how a failed issue finds the statement the database refused.
+pub struct DryRun {
+    pub create: String,
+    pub owner: Option<String>,
+    pub grants: Vec<String>,
+}
+
+/// Which statement of a [`DryRun`] failed, with the server's words.
+#[derive(Debug, Clone)]
+pub struct DryRunFailure {
+    pub step: DryRunStep,
+    pub message: String,
+    pub sqlstate: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DryRunStep {
+    Begin,
+    Create,
+    Owner,
+    /// The n-th (0-based) of the role's `grants`.
+    Grant(usize),
+}
+
+impl DryRun {
+    /// Runs BEGIN and every statement; stops at the first refusal. Leaves
+    /// the transaction open either way: the caller rolls it back.
+    pub async fn run(&self, client: &tokio_postgres::Client) -> Result<(), DryRunFailure> {
+        let fail = |step: DryRunStep, e: tokio_postgres::Error| {
+            let (message, sqlstate) = match e.as_db_error() {
+                Some(db) => (db.message().to_string(), db.code().code().to_string()),
+                None => (Cause::of(&e).detail, String::new()),
+            };
+            DryRunFailure {
+                step,
+                message,
+                sqlstate,
+            }
+        };
+        // The ACL lock too: a throwaway GRANT rewrites the same ACL rows a
+        // live broker's GRANT does.
+        client
+            .batch_execute(&format!("BEGIN; {ACL_LOCK}"))
+            .await
+            .map_err(|e| fail(DryRunStep::Begin, e))?;
+        client
+            .batch_execute(&self.create)
+            .await
+            .map_err(|e| fail(DryRunStep::Create, e))?;
+        if let Some(owner) = &self.owner {
+            client
+                .batch_execute(owner)
+                .await
+                .map_err(|e| fail(DryRunStep::Owner, e))?;
+        }
+        for (i, g) in self.grants.iter().enumerate() {
+            client
+                .batch_execute(g)
+                .await
+                .map_err(|e| fail(DryRunStep::Grant(i), e))?;
+        }
+        Ok(())
+    }
+}
+
+impl DryRunFailure {
+    /// "GRANT statement 1 of 2 (\"GRANT SELECT …\"): permission denied …".
+    /// Quotes the operator's template, never a rendered statement.
+    pub fn describe(&self, templates: &[String]) -> String {
+        let code = if self.sqlstate.is_empty() {
+            String::new()
+        } else {
+            format!(" (SQLSTATE {})", self.sqlstate)
+        };
+        let what = match self.step {
+            DryRunStep::Begin => "begin".to_string(),
+            DryRunStep::Create => "CREATE ROLE".to_string(),
+            DryRunStep::Owner => "GRANT of the role's owner".to_string(),
+            DryRunStep::Grant(i) => format!(
+                "GRANT statement {} of {} ({:?})",
+                i + 1,
+                templates.len(),
+                templates.get(i).map(String::as_str).unwrap_or("")
+            ),
+        };
+        format!("{what}: {}{code}", self.message)
+    }
+}
+
 #[async_trait]
 impl Backend for PostgresBackend {
     fn kind(&self) -> BackendKind {
@@ -499,7 +756,19 @@ impl Backend for PostgresBackend {
         // One simple-query message without BEGIN runs as one implicit
         // transaction: any failing grant rolls the role back with it, and the
         // pooled connection is left clean.
-        self.batch_retrying(&client, &sql, "create role").await
+        match self.batch_retrying(&client, &sql, "create role").await {
+            // A refusal: say which statement, not only the server's words.
+            Err(Error::Internal(m)) => match self.failing_statement(&client, user).await {
+                Some(stmt) => Err(Error::Internal(format!(
+                    "database {:?}: create role for role {:?}: {stmt} as {}",
+                    self.config.name,
+                    user.role,
+                    self.admin_location()
+                ))),
+                None => Err(Error::Internal(m)),
+            },
+            other => other,
+        }
     }
 
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
