@@ -7,6 +7,7 @@
 
 pub mod mysql;
 mod mysql_auth;
+pub mod mysql_check;
 pub mod postgres;
 
 use std::collections::BTreeMap;

@@ -107,7 +107,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     limit: 0,
                 })
                 .await
-                .map_err(|s| grpc_error("list leases", s))?
+                .map_err(|s| grpc_error("list leases", &client, s))?
                 .into_inner();
             match format {
                 ListFormat::Json => println!(
@@ -163,7 +163,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     force,
                 })
                 .await
-                .map_err(|s| grpc_error("revoke", s))?
+                .map_err(|s| grpc_error("revoke", &client, s))?
                 .into_inner();
             println!("revoked {} lease(s)", reply.revoked);
             for f in &reply.failures {
@@ -180,7 +180,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let reply = c
                 .rotate_root(pb::RotateRootRequest { database })
                 .await
-                .map_err(|s| grpc_error("rotate-root", s))?
+                .map_err(|s| grpc_error("rotate-root", &client, s))?
                 .into_inner();
             println!(
                 "rotated the admin password of database {:?} at {}",

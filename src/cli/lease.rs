@@ -68,7 +68,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     ttl_seconds: ttl_seconds(ttl),
                 })
                 .await
-                .map_err(|s| grpc_error("issue", s))?
+                .map_err(|s| grpc_error("issue", &client, s))?
                 .into_inner();
             print!("{}", render(&lease, format));
         }
@@ -84,7 +84,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     ttl_seconds: ttl_seconds(ttl),
                 })
                 .await
-                .map_err(|s| grpc_error("renew", s))?
+                .map_err(|s| grpc_error("renew", &client, s))?
                 .into_inner();
             print!("{}", render(&lease, Format::Json));
         }
@@ -93,7 +93,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let r = c
                 .revoke_lease(pb::RevokeLeaseRequest { lease_id })
                 .await
-                .map_err(|s| grpc_error("revoke", s))?
+                .map_err(|s| grpc_error("revoke", &client, s))?
                 .into_inner();
             println!("revoked {}", r.lease_id);
         }
@@ -102,7 +102,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let lease = c
                 .lookup_lease(pb::LookupLeaseRequest { lease_id })
                 .await
-                .map_err(|s| grpc_error("lookup", s))?
+                .map_err(|s| grpc_error("lookup", &client, s))?
                 .into_inner();
             print!("{}", render(&lease, Format::Json));
         }
