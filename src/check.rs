@@ -233,13 +233,11 @@ async fn check_prefix(
     let mut strangers: Vec<&String> = prefixed.iter().filter(|u| !known.contains(*u)).collect();
     strangers.sort();
     if strangers.is_empty() {
-        f.push(Finding::ok(
-            &scope,
-            format!(
-                "name prefix {prefix:?}: {} user(s) with it, all leased by this broker",
-                prefixed.len()
-            ),
-        ));
+        let msg = match prefixed.len() {
+            0 => format!("name prefix {prefix:?}: no users with it yet"),
+            n => format!("name prefix {prefix:?}: {n} user(s) with it, all leased by this broker"),
+        };
+        f.push(Finding::ok(&scope, msg));
         return;
     }
     let shown: Vec<&str> = strangers.iter().take(5).map(|s| s.as_str()).collect();

@@ -97,9 +97,8 @@ impl ClientOpts {
         let addr = &self.addr;
         match cause.kind {
             TransportKind::Refused => format!(
-                "cannot reach the broker at {addr}: connection refused ({}); is `credbroker serve` \
-                 running there? (--addr / CREDBROKER_ADDR)",
-                cause.text
+                "cannot reach the broker at {addr}: connection refused; is `credbroker serve` \
+                 running there? (--addr / CREDBROKER_ADDR)"
             ),
             TransportKind::TimedOut => format!(
                 "cannot reach the broker at {addr}: connection timed out ({}); check --addr and any \
@@ -121,6 +120,17 @@ impl ClientOpts {
                 self.cert.display(),
                 cause.text
             ),
+            // TLS 1.3: our handshake completes before the broker checks
+            // our certificate, so its refusal arrives as a closed
+            // connection, not as an alert we could read.
+            TransportKind::Closed => format!(
+                "the broker at {addr} closed the connection right after the TLS handshake: it \
+                 most likely refused our client certificate --cert {}; likely causes: a client \
+                 certificate from another CA than the broker's tls.client_ca, an expired \
+                 certificate, or one revoked by the broker's CRL (the broker's log and audit \
+                 say which)",
+                self.cert.display()
+            ),
             TransportKind::Other => format!(
                 "connection to the broker at {addr} failed: {}; likely causes: wrong --ca, a \
                  client certificate --cert {} from another CA than the broker's tls.client_ca, \
@@ -140,6 +150,8 @@ enum TransportKind {
     ServerCertificate,
     /// The broker sent a TLS alert: it rejected ours.
     ClientRefused,
+    /// The connection closed before any answer.
+    Closed,
     Other,
 }
 
@@ -177,7 +189,10 @@ fn transport_cause(status: &tonic::Status) -> Option<TransportCause> {
             let kind = match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => TransportKind::Refused,
                 std::io::ErrorKind::TimedOut => TransportKind::TimedOut,
-                _ => TransportKind::Other,
+                std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof => TransportKind::Closed,
+                _ => by_text(&io.to_string()),
             };
             return Some(TransportCause {
                 kind,
@@ -187,13 +202,26 @@ fn transport_cause(status: &tonic::Status) -> Option<TransportCause> {
         deepest = err.to_string();
         cur = err.source();
     }
-    let kind = if deepest.contains("timed out") || deepest.contains("timeout") {
-        TransportKind::TimedOut
-    } else {
-        TransportKind::Other
-    };
+    let kind = by_text(&deepest);
     Some(TransportCause {
         kind,
         text: deepest,
     })
+}
+
+/// Classifies by its words an error whose type was lost on the way up
+/// (an `io::Error` around an `io::Error` around rustls' error).
+fn by_text(text: &str) -> TransportKind {
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    if has(&["received fatal alert"]) {
+        TransportKind::ClientRefused
+    } else if has(&["invalid peer certificate"]) {
+        TransportKind::ServerCertificate
+    } else if has(&["timed out", "timeout"]) {
+        TransportKind::TimedOut
+    } else if has(&["connection closed", "broken pipe", "connection reset"]) {
+        TransportKind::Closed
+    } else {
+        TransportKind::Other
+    }
 }

@@ -117,7 +117,21 @@ pub async fn check(
         )
         .await
         .unwrap_or_default();
-    let has = |p: &str| global.iter().any(|g| g.eq_ignore_ascii_case(p));
+    // MySQL 8 keeps dynamic privileges (CONNECTION_ADMIN) in
+    // mysql.global_grants, not in USER_PRIVILEGES; MariaDB has no such
+    // table (the query fails and adds nothing).
+    let dynamic: Vec<String> = conn
+        .query(
+            "SELECT PRIV FROM mysql.global_grants WHERE CONCAT(USER, '@', HOST) = CURRENT_USER()",
+        )
+        .await
+        .unwrap_or_default();
+    let has = |p: &str| {
+        global
+            .iter()
+            .chain(&dynamic)
+            .any(|g| g.eq_ignore_ascii_case(p) || g.replace('_', " ").eq_ignore_ascii_case(p))
+    };
     let has_schema = |p: &str| has(p) || schema.iter().any(|g| g.eq_ignore_ascii_case(p));
     let account = "'<admin>'@'<host>'";
     for (privilege, why) in [

@@ -529,6 +529,13 @@ pub fn location(cfg: &tokio_postgres::Config) -> String {
     format!("{user}@{host}:{port}/{db}")
 }
 
+/// `host:port` of a connection config.
+fn host_port(cfg: &tokio_postgres::Config) -> String {
+    let at = location(cfg);
+    let at = at.split_once('@').map_or(at.as_str(), |(_, rest)| rest);
+    at.rsplit_once('/').map_or(at, |(hp, _)| hp).to_string()
+}
+
 /// Why a connection failed, in the words an operator acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CauseKind {
@@ -762,7 +769,10 @@ pub async fn check(
             let cause = Cause::of(&e);
             let fix = match cause.kind {
                 CauseKind::Refused => {
-                    format!("is PostgreSQL running and listening at {at}? (admin_url)")
+                    format!(
+                        "is PostgreSQL running and listening at {}? (admin_url)",
+                        host_port(&cfg)
+                    )
                 }
                 CauseKind::TimedOut => {
                     "the host does not answer: check admin_url's host and port, and any firewall"

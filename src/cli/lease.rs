@@ -132,7 +132,7 @@ pub fn state_name(state: i32) -> &'static str {
 pub fn render(l: &pb::Lease, format: Format) -> String {
     match format {
         Format::Json => {
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "lease_id": l.lease_id,
                 "role": l.role,
                 "database": l.database,
@@ -150,6 +150,13 @@ pub fn render(l: &pb::Lease, format: Format) -> String {
                 "max_expires_at": rfc3339(&l.max_expires_at),
                 "renewable": l.renewable,
             });
+            // Renew and lookup carry no password: no `"password": ""`
+            // that reads like an empty one.
+            if l.password.is_empty() {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("password");
+                }
+            }
             format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
         }
         Format::Dsn => format!("{}\n", l.dsn),
