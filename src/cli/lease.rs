@@ -17,11 +17,14 @@ pub enum Format {
 pub enum Command {
     /// Lease a credential for a role
     Issue {
+        /// The role to lease (a `[roles.NAME]` of the broker's config)
         #[arg(long)]
         role: String,
         /// Lifetime, e.g. 10m (default: the role's default_ttl)
         #[arg(long)]
         ttl: Option<humantime::Duration>,
+        /// Output: json (every field), dsn (one connection URI) or env
+        /// (PGHOST=… or MYSQL_HOST=… lines, for `set -a; . FILE`)
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
         #[command(flatten)]
@@ -29,7 +32,10 @@ pub enum Command {
     },
     /// Extend a lease (never past its hard limit)
     Renew {
+        /// The lease to renew (l_…, as `lease issue` printed it)
         lease_id: String,
+        /// New lifetime from now, e.g. 10m (default: the role's
+        /// default_ttl); never past the lease's hard limit
         #[arg(long)]
         ttl: Option<humantime::Duration>,
         #[command(flatten)]
@@ -37,12 +43,14 @@ pub enum Command {
     },
     /// End a lease now: sessions cut, user dropped
     Revoke {
+        /// The lease to end (l_…, as `lease issue` printed it)
         lease_id: String,
         #[command(flatten)]
         client: ClientOpts,
     },
     /// Show a lease (without password)
     Lookup {
+        /// The lease to show (l_…, as `lease issue` printed it)
         lease_id: String,
         #[command(flatten)]
         client: ClientOpts,

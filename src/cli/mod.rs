@@ -116,7 +116,12 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(Failure::Usage(e)) => {
-            eprintln!("error: {e:#}");
+            // A bad flag (`--ca FILE: not found`) is not a config-file
+            // problem: no "config:" in front of it.
+            match e.downcast_ref::<crate::Error>() {
+                Some(crate::Error::Config(m)) if m.starts_with("--") => eprintln!("error: {m}"),
+                _ => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Other(e)) => {

@@ -318,6 +318,58 @@ async fn first_hour_getting_started_works_as_written() {
         .get(0);
     assert_eq!(n, 1);
 
+    // Renew and lookup carry no password, so they print none (not `""`);
+    // times are RFC 3339 UTC to the second.
+    let out = s
+        .cli(
+            &["lease", "issue", "--role", "orders-readonly"],
+            &s.client_env("app"),
+        )
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let issued: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(!issued["password"].as_str().unwrap().is_empty());
+    let id = issued["lease_id"].as_str().unwrap().to_string();
+    for args in [
+        vec!["lease", "lookup", id.as_str()],
+        vec!["lease", "renew", id.as_str(), "--ttl", "5m"],
+    ] {
+        let out = s.cli(&args, &s.client_env("app")).await;
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(
+            v.get("password").is_none(),
+            "{args:?} prints no password: {out:?}"
+        );
+        let expires = v["expires_at"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(expires).is_ok()
+                && expires.ends_with('Z')
+                && !expires.contains('.'),
+            "{expires}"
+        );
+    }
+
+    // An argument error is not called a config error.
+    let out = s
+        .cli(
+            &[
+                "lease",
+                "issue",
+                "--role",
+                "orders-readonly",
+                "--ca",
+                "pki/nope.pem",
+            ],
+            &s.client_env("app"),
+        )
+        .await;
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(
+        out.stderr.starts_with("error: --ca pki/nope.pem: "),
+        "{out:?}"
+    );
+
     // 8. The deliberate refusal, word for word as the README shows it.
     let mut env = s.client_env("other");
     env.retain(|(k, _)| *k == "CREDBROKER_ADDR" || *k == "CREDBROKER_CA");
