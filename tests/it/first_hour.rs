@@ -697,3 +697,82 @@ async fn first_hour_check_exit_64_for_an_unreadable_config() {
     assert_eq!(out.code, 64, "{out:?}");
     assert!(out.stderr.contains("missing.toml"), "{out:?}");
 }
+
+/// The README's MySQL/MariaDB admin, made on a throwaway MariaDB whose
+/// event scheduler is off (MariaDB's default), the line that turns it on
+/// skipped: `check` passes every privilege and names the scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_check_names_mariadb_event_scheduler_off() {
+    use mysql_async::prelude::Queryable;
+    let maria =
+        credbroker::throwaway::ThrowawayMariadb::start(credbroker::throwaway::MariadbOptions {
+            event_scheduler: false,
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start a throwaway MariaDB: {e} (needs /usr/sbin/mariadbd and \
+             mariadb-install-db: `apt-get install -y mariadb-server`)"
+            )
+        });
+    let mut root = maria.connect().await.unwrap();
+    let password = unique("pw");
+    let sql = &readme_blocks("sql")[1];
+    assert!(
+        sql.contains("CREATE USER 'broker_admin'"),
+        "the MySQL block: {sql}"
+    );
+    for line in sql.lines().filter(|l| !l.trim().is_empty()) {
+        if line.contains("event_scheduler") {
+            continue; // the mistake under test
+        }
+        let stmt = line.replace("a-long-random-password", &password);
+        root.query_drop(&stmt)
+            .await
+            .unwrap_or_else(|e| panic!("README SQL {stmt:?}: {e}"));
+    }
+    root.query_drop("CREATE DATABASE orders").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/orders-admin"), &password).unwrap();
+    let config = readme_blocks("toml")
+        .into_iter()
+        .find(|b| b.contains("[roles.orders-readonly]"))
+        .unwrap()
+        .replace("kind = \"postgres\"", "kind = \"mysql\"")
+        .replace(
+            "postgres://broker_admin@127.0.0.1:5432/orders",
+            &format!("mysql://broker_admin@127.0.0.1:{}/orders", maria.port()),
+        )
+        .replace(
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}",
+            "GRANT SELECT ON orders.* TO {{name}}",
+        )
+        .replace("127.0.0.1:7443", &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(dir.path().join("broker.toml"), config).unwrap();
+
+    let out = credbroker(dir.path(), &["check", "--config", "broker.toml"], &[]).await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    let errors: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "only the scheduler is wrong: {out:?}");
+    assert!(
+        errors[0].contains("database orders") && errors[0].contains("event_scheduler is OFF"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("fix: SET GLOBAL event_scheduler = ON"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("connected as broker_admin@127.0.0.1:"),
+        "{out:?}"
+    );
+}
