@@ -315,6 +315,7 @@ impl Broker {
         self.reaper_wake.notify_one();
 
         let new_user = NewUser {
+            role: &role.name,
             username: &username,
             password: &password,
             valid_until: expires_at,

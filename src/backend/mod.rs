@@ -8,6 +8,7 @@
 pub mod fake;
 pub mod mysql;
 mod mysql_auth;
+pub mod mysql_check;
 mod mysql_definer;
 pub mod postgres;
 
@@ -31,6 +32,9 @@ pub struct Endpoint {
 
 /// A user to create.
 pub struct NewUser<'a> {
+    /// The broker role (`[roles.NAME]`) leased: named in errors, so an
+    /// operator knows whose `grants` the database refused.
+    pub role: &'a str,
     pub username: &'a Username,
     pub password: &'a Password,
     /// Logins stop at this time (PostgreSQL `VALID UNTIL`); MySQL's

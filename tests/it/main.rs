@@ -7,6 +7,7 @@ mod admin;
 mod bench;
 mod certificates;
 mod faults;
+mod first_hour;
 mod ha;
 mod lease_path;
 mod limits;
