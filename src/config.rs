@@ -99,6 +99,28 @@ pub enum SecretSource {
     Env(String),
 }
 
+impl SecretSource {
+    /// Reads the secret into a zeroizing [`crate::lease::Password`]. `key`
+    /// names the config key it came from (`store.password`,
+    /// `databases.orders.admin_password`) for the error message.
+    pub fn read(&self, key: &str) -> Result<Option<crate::lease::Password>> {
+        use crate::lease::Password;
+        match self {
+            SecretSource::None => Ok(None),
+            SecretSource::File(path) => std::fs::read_to_string(path)
+                .map(|t| {
+                    Some(Password::from_secret(
+                        t.trim_end_matches(['\n', '\r']).to_string(),
+                    ))
+                })
+                .map_err(|e| Error::Config(format!("{key}_file {}: {e}", path.display()))),
+            SecretSource::Env(var) => std::env::var(var)
+                .map(|v| Some(Password::from_secret(v)))
+                .map_err(|_| Error::Config(format!("{key}_env: ${var} is not set"))),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     pub name: String,

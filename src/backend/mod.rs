@@ -145,29 +145,8 @@ pub fn render_grant(template: &str, quoted_user: &str) -> String {
 /// Reads the admin password named by the config. The value is only ever
 /// held in a zeroizing [`Password`].
 pub fn read_admin_password(db: &DatabaseConfig) -> Result<Option<Password>> {
-    match &db.admin_password {
-        SecretSource::None => Ok(None),
-        SecretSource::File(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                Error::Config(format!(
-                    "databases.{}.admin_password_file {}: {e}",
-                    db.name,
-                    path.display()
-                ))
-            })?;
-            Ok(Some(Password::from_secret(
-                text.trim_end_matches(['\n', '\r']).to_string(),
-            )))
-        }
-        SecretSource::Env(var) => std::env::var(var)
-            .map(|v| Some(Password::from_secret(v)))
-            .map_err(|_| {
-                Error::Config(format!(
-                    "databases.{}.admin_password_env: ${var} is not set",
-                    db.name
-                ))
-            }),
-    }
+    db.admin_password
+        .read(&format!("databases.{}.admin_password", db.name))
 }
 
 /// Writes a new admin password where the config keeps it: a new file beside
