@@ -3,6 +3,11 @@
 //! - (a) what most brokers send: `CREATE ROLE … PASSWORD 'plaintext' VALID
 //!   UNTIL …` and a grant, then the drop, straight over tokio-postgres;
 //! - (b) the same with a 1-round SCRAM verifier: the database's own limit;
+//! - (b′) exactly the statements credbroker sends, in its order and
+//!   transactions, with no broker: its own `PostgresBackend` (create with
+//!   verifier and grants; NOLOGIN, end sessions, reassign and drop owned,
+//!   drop role) called straight. The floor for credbroker's semantics:
+//!   c/b′ is the broker's own efficiency, b′/b the price of safe revocation;
 //! - (c) credbroker end to end: mTLS gRPC, policy, intent row, role,
 //!   activation, audit record, reply; then revoke (claim, NOLOGIN, end
 //!   sessions, drop, mark revoked, audit).
@@ -52,14 +57,17 @@ pub enum Scenario {
     Plaintext,
     #[serde(rename = "b_verifier")]
     Verifier,
+    #[serde(rename = "b2_backend_sql")]
+    BackendSql,
     #[serde(rename = "c_credbroker")]
     Credbroker,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [
+    pub const ALL: [Scenario; 4] = [
         Scenario::Plaintext,
         Scenario::Verifier,
+        Scenario::BackendSql,
         Scenario::Credbroker,
     ];
 
@@ -67,6 +75,7 @@ impl Scenario {
         match s {
             "a" | "plaintext" => Some(Scenario::Plaintext),
             "b" | "verifier" => Some(Scenario::Verifier),
+            "p" | "b2" | "backend" => Some(Scenario::BackendSql),
             "c" | "credbroker" => Some(Scenario::Credbroker),
             _ => None,
         }
@@ -76,6 +85,7 @@ impl Scenario {
         match self {
             Scenario::Plaintext => "(a) plaintext",
             Scenario::Verifier => "(b) verifier",
+            Scenario::BackendSql => "(b′) its SQL",
             Scenario::Credbroker => "(c) credbroker",
         }
     }
@@ -135,6 +145,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
                 Scenario::Plaintext | Scenario::Verifier => {
                     measure_direct(&pg, scenario, callers, opts).await?
                 }
+                Scenario::BackendSql => measure_backend(&env, callers, opts).await?,
                 Scenario::Credbroker => {
                     let b = broker.as_ref().expect("started above");
                     measure_broker(&env, &b.addr, callers, opts).await?
@@ -301,6 +312,85 @@ async fn measure_direct(
     Ok(run)
 }
 
+/// (b′): credbroker's backend, called straight, one pool shared by the
+/// callers (as the broker shares its pool).
+async fn measure_backend(
+    env: &crate::devenv::DevEnv,
+    callers: usize,
+    opts: &Options,
+) -> Result<Run> {
+    use crate::backend::{Backend, NewUser, Revokee, UserRef};
+    let config = crate::config::Config::load(&env.config_path)?;
+    let db = config
+        .databases
+        .get(setup::DB)
+        .ok_or_else(|| Error::internal("bench config has no database"))?;
+    let role = config
+        .role(setup::ROLE)
+        .ok_or_else(|| Error::internal("bench config has no role"))?
+        .clone();
+    let backend: Arc<dyn Backend> = Arc::new(crate::backend::postgres::PostgresBackend::new(db)?);
+    let leftover = opts
+        .issue_only
+        .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
+    let kept = leftover.clone();
+    let role = Arc::new(role);
+    let run = drive(
+        Scenario::BackendSql,
+        callers,
+        opts,
+        || {
+            let backend = backend.clone();
+            async move { Ok(backend) }
+        },
+        move |backend: Arc<dyn Backend>| {
+            let (role, kept) = (role.clone(), kept.clone());
+            async move {
+                let t = Instant::now();
+                let username = crate::lease::Username::generate("bb_", &role.name);
+                let password = Password::generate();
+                let until = Utc::now() + chrono::Duration::minutes(10);
+                let user = NewUser {
+                    username: &username,
+                    password: &password,
+                    valid_until: until,
+                    hard_limit: until,
+                    grants: &role.grants,
+                    host: "",
+                    owner: role.owner.as_deref(),
+                    role: &role.name,
+                };
+                let r = async {
+                    backend.create_user(&user).await?;
+                    let issued = t.elapsed();
+                    let r = UserRef {
+                        username: username.clone(),
+                        host: String::new(),
+                    };
+                    match &kept {
+                        Some(k) => k.lock().unwrap_or_else(|p| p.into_inner()).push(r),
+                        None => {
+                            backend.revoke(&[Revokee::new(r, None)]).await?;
+                        }
+                    }
+                    Ok(issued)
+                }
+                .await;
+                (backend, r)
+            }
+        },
+    )
+    .await?;
+    if let Some(users) = leftover {
+        let users = std::mem::take(&mut *users.lock().unwrap_or_else(|p| p.into_inner()));
+        let revokees: Vec<Revokee> = users.into_iter().map(|u| Revokee::new(u, None)).collect();
+        for chunk in revokees.chunks(500) {
+            backend.revoke(chunk).await?;
+        }
+    }
+    Ok(run)
+}
+
 /// What a broker that talks to PostgreSQL directly does for one lease.
 /// With `keep`, the role is left for the caller to drop after the run.
 async fn direct_cycle(
@@ -425,8 +515,8 @@ impl Report {
     /// with (c)'s ratio to each baseline.
     pub fn markdown_table(&self) -> String {
         let mut out = String::from(
-            "| callers | figure | (a) plaintext | (b) verifier | (c) credbroker | c/a | c/b |\n\
-             |---:|---|---:|---:|---:|---:|---:|\n",
+            "| callers | figure | (a) plaintext | (b) verifier | (b′) its SQL | (c) credbroker | c/a | c/b | c/b′ |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         let mut callers: Vec<usize> = self.runs.iter().map(|r| r.callers).collect();
         callers.dedup();
@@ -448,18 +538,21 @@ impl Report {
                     (Some(c), Some(b)) if b > 0.0 => format!("{:.2}×", c / b),
                     _ => "–".into(),
                 };
-                let (a, b, c) = (
+                let (a, b, b2, c) = (
                     v(Scenario::Plaintext),
                     v(Scenario::Verifier),
+                    v(Scenario::BackendSql),
                     v(Scenario::Credbroker),
                 );
                 out.push_str(&format!(
-                    "| {n} | {label} | {} | {} | {} | {} | {} |\n",
+                    "| {n} | {label} | {} | {} | {} | {} | {} | {} | {} |\n",
                     cell(a),
                     cell(b),
+                    cell(b2),
                     cell(c),
                     ratio(c, a),
-                    ratio(c, b)
+                    ratio(c, b),
+                    ratio(c, b2)
                 ));
             }
         }

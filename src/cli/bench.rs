@@ -43,8 +43,9 @@ struct LeaseArgs {
     /// A fixed number of leases per run instead of --duration
     #[arg(long)]
     leases: Option<u64>,
-    /// Scenarios to run: a (plaintext), b (verifier), c (credbroker)
-    #[arg(long, value_delimiter = ',', default_values_t = vec!['a', 'b', 'c'])]
+    /// Scenarios to run: a (plaintext), b (verifier), p (b′: credbroker's
+    /// own SQL, no broker), c (credbroker)
+    #[arg(long, value_delimiter = ',', default_values_t = vec!['a', 'b', 'p', 'c'])]
     scenarios: Vec<char>,
     /// The broker's backend pool size (default: the broker's default)
     #[arg(long)]
@@ -145,7 +146,7 @@ async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
         .iter()
         .map(|c| {
             lease::Scenario::parse(&c.to_string()).ok_or_else(|| {
-                crate::Error::Config(format!("--scenarios: unknown {c:?}; use a, b, c"))
+                crate::Error::Config(format!("--scenarios: unknown {c:?}; use a, b, p, c"))
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -5,7 +5,7 @@
 use std::process::Command;
 
 #[test]
-fn bench_lease_writes_a_table_with_all_three_columns() {
+fn bench_lease_writes_a_table_with_all_four_columns() {
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
         .args(["bench", "--callers", "1,2", "--leases", "3", "--out"])
@@ -25,7 +25,7 @@ fn bench_lease_writes_a_table_with_all_three_columns() {
         stdout.contains(md.trim()),
         "stdout is not the Markdown report"
     );
-    let header = "| callers | figure | (a) plaintext | (b) verifier | (c) credbroker | c/a | c/b |";
+    let header = "| callers | figure | (a) plaintext | (b) verifier | (b′) its SQL | (c) credbroker | c/a | c/b | c/b′ |";
     assert!(md.contains(header), "no table header in:\n{md}");
     let rows: Vec<Vec<&str>> = md
         .lines()
@@ -37,15 +37,15 @@ fn bench_lease_writes_a_table_with_all_three_columns() {
     // Two caller counts × leases/s, p50, p99, max.
     assert_eq!(rows.len(), 8, "{md}");
     for row in &rows {
-        assert_eq!(row.len(), 7, "row {row:?}");
+        assert_eq!(row.len(), 9, "row {row:?}");
         assert!(matches!(row[0], "1" | "2"), "row {row:?}");
-        for cell in &row[2..5] {
+        for cell in &row[2..6] {
             let v: f64 = cell
                 .parse()
                 .unwrap_or_else(|_| panic!("not a number: {cell:?} in {row:?}"));
             assert!(v > 0.0, "row {row:?}");
         }
-        for ratio in &row[5..7] {
+        for ratio in &row[6..9] {
             assert!(ratio.ends_with('×'), "row {row:?}");
         }
     }
@@ -55,7 +55,7 @@ fn bench_lease_writes_a_table_with_all_three_columns() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("lease.json")).unwrap())
             .unwrap();
     let runs = json["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 6);
+    assert_eq!(runs.len(), 8);
     for r in runs {
         assert_eq!(r["leases"], 3, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
@@ -64,7 +64,12 @@ fn bench_lease_writes_a_table_with_all_three_columns() {
         .iter()
         .map(|r| r["scenario"].as_str().unwrap())
         .collect();
-    for s in ["a_plaintext", "b_verifier", "c_credbroker"] {
+    for s in [
+        "a_plaintext",
+        "b_verifier",
+        "b2_backend_sql",
+        "c_credbroker",
+    ] {
         assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
     }
 }
