@@ -294,8 +294,10 @@ impl PostgresBackend {
         // DROP OWNED rewrites the ACLs the roles appear in: under the same
         // lock as grants, or a concurrent issue's GRANT makes one of them
         // fail. After REASSIGN OWNED, it drops privileges only, never an
-        // object.
-        let drop = format!("{ACL_LOCK}; {reassign}DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
+        // object. Roles that appear in no ACL and own nothing (membership
+        // grants only) skip the lock, so their revocations run side by side.
+        let lock = acl_lock_if_needed(&names);
+        let drop = format!("{lock}; {reassign}DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
         let (disabled, began, guarded, counted, terminated, dropped) = tokio::join!(
             client.batch_execute(&nologin),
@@ -463,6 +465,27 @@ impl PostgresBackend {
 /// `DROP OWNED`) fail with "tuple concurrently updated". A transaction-scoped
 /// advisory lock is released at commit or rollback, so it cannot leak.
 const ACL_LOCK: &str = "SELECT pg_advisory_xact_lock(27950820906314347)";
+
+/// [`ACL_LOCK`], taken only when one of the roles has a row in
+/// `pg_shdepend` (owns something, or holds a privilege on an object): a
+/// lease whose grants are role memberships has no ACL for `DROP OWNED` to
+/// rewrite, and taking the lock anyway made every revocation of a database
+/// wait for the one before it. Should a privilege be granted to the role
+/// between this check and `DROP OWNED`, the race fails the transaction
+/// ("tuple concurrently updated") and the careful path, which always
+/// locks, runs instead: never a wrong result, only a slower one.
+fn acl_lock_if_needed(names: &[&str]) -> String {
+    let literals = names
+        .iter()
+        .map(|n| escape_literal(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{ACL_LOCK} WHERE EXISTS (SELECT 1 FROM pg_shdepend s \
+         WHERE s.refclassid = 'pg_authid'::regclass \
+         AND s.refobjid IN (SELECT oid FROM pg_roles WHERE rolname IN ({literals})))"
+    )
+}
 
 /// Objects each role owns in the whole cluster (`pg_shdepend` has a row per
 /// owned object in any database, plus shared objects).
