@@ -14,6 +14,8 @@
 //! - [`revocation`]: the one engine that ends leases, whoever asks.
 //! - [`limits`]: per-identity rate limits.
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
+//! - [`dbtls`]: TLS to the databases and the store: libpq/MySQL URL
+//!   parameters → rustls (ring) client configs, start-up warnings.
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
 //! - [`store`]: the lease store trait; SQLite (one broker) and PostgreSQL
 //!   (replicas) implementations.
@@ -41,6 +43,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dbtls;
 pub mod devenv;
 pub mod error;
 pub mod fsutil;
