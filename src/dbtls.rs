@@ -589,6 +589,39 @@ impl fmt::Display for TlsParams {
     }
 }
 
+/// The query a leased DSN carries so clients use TLS as configured
+/// (`client_sslmode`, `client_sslrootcert`): `?sslmode=verify-full&
+/// sslrootcert=…` for libpq, `?ssl-mode=VERIFY_IDENTITY&ssl-ca=…` for
+/// MySQL; empty when nothing is configured.
+pub fn client_query(dialect: Dialect, mode: Option<SslMode>, rootcert: Option<&str>) -> String {
+    let Some(mode) = mode else {
+        return String::new();
+    };
+    let [mode_key, root_key, _, _] = dialect.names();
+    let shown = match dialect {
+        Dialect::Postgres => mode.libpq(),
+        Dialect::Mysql => mode.mysql(),
+    };
+    let mut q = format!("?{mode_key}={shown}");
+    if let Some(root) = rootcert {
+        q.push_str(&format!(
+            "&{root_key}={}",
+            utf8_percent_encode(root, PATH_VALUE)
+        ));
+    }
+    q
+}
+
+/// [`weak_tls_warning`] for a whole URL (its host, or a Unix socket when
+/// it names none). A URL that does not parse gets no warning: the config
+/// and the backend report it.
+pub fn url_warning(what: &str, url: &str, dialect: Dialect) -> Option<String> {
+    let (_, params) = split_url(url, dialect).ok()?;
+    let parsed = url::Url::parse(url).ok()?;
+    let host = parsed.host_str().unwrap_or("").to_string();
+    weak_tls_warning(what, &[host], &params)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,6 +757,38 @@ mod tests {
                 "{local}"
             );
         }
+    }
+
+    #[test]
+    fn client_queries_follow_each_dialect() {
+        assert_eq!(client_query(Dialect::Postgres, None, Some("/x")), "");
+        assert_eq!(
+            client_query(
+                Dialect::Postgres,
+                Some(SslMode::VerifyFull),
+                Some("/etc/ssl/db ca.pem")
+            ),
+            "?sslmode=verify-full&sslrootcert=/etc/ssl/db%20ca.pem"
+        );
+        assert_eq!(
+            client_query(Dialect::Mysql, Some(SslMode::VerifyCa), None),
+            "?ssl-mode=VERIFY_CA"
+        );
+        assert!(url_warning(
+            "d",
+            "postgres://u@db.example/x?sslmode=disable",
+            Dialect::Postgres
+        )
+        .is_some());
+        assert!(url_warning(
+            "d",
+            "postgres://u@127.0.0.1/x?sslmode=disable",
+            Dialect::Postgres
+        )
+        .is_none());
+        assert!(url_warning("d", "mysql://u@10.1.2.3/x", Dialect::Mysql)
+            .unwrap()
+            .contains("OFF"));
     }
 
     #[test]

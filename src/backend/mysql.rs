@@ -1314,14 +1314,19 @@ impl Backend for MysqlBackend {
         } else {
             e.host.clone()
         };
+        let tls = crate::dbtls::client_query(
+            crate::dbtls::Dialect::Mysql,
+            self.config.client_sslmode,
+            self.config.client_sslrootcert.as_deref(),
+        );
         match password {
             Some(p) => format!(
-                "mysql://{username}:{}@{host}:{}/{}",
+                "mysql://{username}:{}@{host}:{}/{}{tls}",
                 p.expose(),
                 e.port,
                 e.database
             ),
-            None => format!("mysql://{username}@{host}:{}/{}", e.port, e.database),
+            None => format!("mysql://{username}@{host}:{}/{}{tls}", e.port, e.database),
         }
     }
 }

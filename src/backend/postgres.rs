@@ -8,13 +8,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
     Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef,
 };
 use crate::config::DatabaseConfig;
+use crate::dbtls::{self, Dialect, TlsParams};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Password, Username};
 use crate::scram;
@@ -27,6 +28,12 @@ pub struct PostgresBackend {
     /// tokio-postgres config without password, for one-off connections to
     /// other databases of the cluster (DROP OWNED acts per database).
     base: tokio_postgres::Config,
+    /// rustls (ring) as `admin_url`'s `sslmode`/`sslrootcert`/`sslcert`/
+    /// `sslkey` ask; shared by the pool and one-off connections.
+    tls: MakeRustlsConnect,
+    tls_params: TlsParams,
+    /// `host:port` of the admin URL, for TLS error messages.
+    admin_addr: String,
     /// Whether the admin role is a superuser, asked once. A role with only
     /// CREATEROLE must make itself a member of a leased role before
     /// `REASSIGN OWNED`/`DROP OWNED` may touch what that role owns.
@@ -35,10 +42,16 @@ pub struct PostgresBackend {
 
 impl PostgresBackend {
     pub fn new(config: &DatabaseConfig) -> Result<Self> {
-        let mut base: tokio_postgres::Config = config
-            .admin_url
-            .parse()
-            .map_err(|e| Error::Config(format!("databases.{}.admin_url: {e}", config.name)))?;
+        let url_err = |e: &dyn std::fmt::Display| {
+            Error::Config(format!("databases.{}.admin_url: {e}", config.name))
+        };
+        // tokio-postgres refuses verify-ca/verify-full and every path
+        // parameter: they are ours to read, and the rest is its.
+        let (url, tls_params) =
+            dbtls::split_url(&config.admin_url, Dialect::Postgres).map_err(|e| url_err(&e))?;
+        let mut base: tokio_postgres::Config = url.parse().map_err(|e| url_err(&e))?;
+        let (tls, ssl_mode) = dbtls::postgres_connector(&tls_params).map_err(|e| url_err(&e))?;
+        base.ssl_mode(ssl_mode);
         base.connect_timeout(config.connect_timeout);
         base.application_name("credbroker");
         // plan_cache_mode: our prepared catalog queries are planned once per
@@ -53,6 +66,7 @@ impl PostgresBackend {
             _ => "localhost".to_string(),
         };
         let port = base.get_ports().first().copied().unwrap_or(5432);
+        let admin_addr = format!("{host}:{port}");
         let database = base
             .get_dbname()
             .map(str::to_string)
@@ -63,12 +77,15 @@ impl PostgresBackend {
             port: config.client_port.unwrap_or(port),
             database,
         };
-        let pool = Self::build_pool(config, &base, read_admin_password(config)?)?;
+        let pool = Self::build_pool(config, &base, &tls, read_admin_password(config)?)?;
         Ok(PostgresBackend {
             config: config.clone(),
             endpoint,
             pool: RwLock::new(pool),
             base,
+            tls,
+            tls_params,
+            admin_addr,
             superuser: tokio::sync::OnceCell::new(),
         })
     }
@@ -76,6 +93,7 @@ impl PostgresBackend {
     fn build_pool(
         config: &DatabaseConfig,
         base: &tokio_postgres::Config,
+        tls: &MakeRustlsConnect,
         password: Option<Password>,
     ) -> Result<Pool> {
         let mut pg = base.clone();
@@ -84,7 +102,7 @@ impl PostgresBackend {
         }
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -387,7 +405,10 @@ impl PostgresBackend {
         if let Some(p) = read_admin_password(&self.config)? {
             cfg.password(p.expose());
         }
-        let (client, conn) = cfg.connect(NoTls).await.map_err(|e| self.unavailable(&e))?;
+        let (client, conn) = cfg
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| self.unavailable(&e))?;
         let task = tokio::spawn(conn);
         let result = client
             .batch_execute(&format!("{ACL_LOCK}; {sql}"))
@@ -621,9 +642,25 @@ impl Backend for PostgresBackend {
         // The database has the new password now: keep it before anything
         // else can fail, or nobody would know it.
         store_admin_password(&self.config, &password)?;
-        let pool = Self::build_pool(&self.config, &self.base, Some(password))?;
+        let pool = Self::build_pool(&self.config, &self.base, &self.tls, Some(password))?;
         *self.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
         Ok(())
+    }
+
+    async fn check_tls(&self) -> Result<()> {
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match pool.get().await {
+            Err(deadpool_postgres::PoolError::Backend(e)) => match dbtls::tls_failure(&e) {
+                Some(why) => Err(Error::Config(format!(
+                    "database {:?}: TLS to {} failed ({}): {why}",
+                    self.config.name, self.admin_addr, self.tls_params
+                ))),
+                None => Ok(()),
+            },
+            // Connected (the connection stays pooled for preflight), or a
+            // failure that is not about TLS.
+            _ => Ok(()),
+        }
     }
 
     async fn preflight(&self) -> Result<Vec<String>> {
@@ -671,14 +708,22 @@ impl Backend for PostgresBackend {
         } else {
             e.host.clone()
         };
+        let tls = dbtls::client_query(
+            Dialect::Postgres,
+            self.config.client_sslmode,
+            self.config.client_sslrootcert.as_deref(),
+        );
         match password {
             Some(p) => format!(
-                "postgresql://{username}:{}@{host}:{}/{}",
+                "postgresql://{username}:{}@{host}:{}/{}{tls}",
                 p.expose(),
                 e.port,
                 e.database
             ),
-            None => format!("postgresql://{username}@{host}:{}/{}", e.port, e.database),
+            None => format!(
+                "postgresql://{username}@{host}:{}/{}{tls}",
+                e.port, e.database
+            ),
         }
     }
 }

@@ -38,6 +38,7 @@ pub fn cluster() -> &'static ThrowawayPostgres {
                 timezone: Some(FAR_TIMEZONE.into()),
                 log_statement_all: true,
                 extra_conf: vec![],
+                ..PostgresOptions::default()
             }))
         })
         .join()
