@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod bench;
 mod certificates;
+mod db_tls;
 mod faults;
 mod ha;
 mod lease_path;
