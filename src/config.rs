@@ -870,6 +870,63 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
     }
 
     #[test]
+    fn tls_parameters_in_urls_are_checked_and_their_paths_resolved() {
+        let text = SAMPLE
+            .replace(
+                "127.0.0.1:5432/orders\"",
+                "db.internal:5432/orders?sslmode=verify-full&sslrootcert=pki/db-ca.pem\"\nclient_sslmode = \"verify-full\"\nclient_sslrootcert = \"/etc/ssl/db-ca.pem\"",
+            )
+            .replace(
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"postgres://cb@store/leases?sslmode=require&sslrootcert=store-ca.pem\"",
+            );
+        let c = Config::parse(&text, Path::new("/etc/credbroker")).unwrap();
+        let db = &c.databases["orders"];
+        assert_eq!(
+            db.admin_url,
+            "postgres://broker_admin@db.internal:5432/orders?sslmode=verify-full&sslrootcert=/etc/credbroker/pki/db-ca.pem"
+        );
+        assert_eq!(db.client_sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(db.client_sslrootcert.as_deref(), Some("/etc/ssl/db-ca.pem"));
+        assert_eq!(
+            c.store.url,
+            "postgres://cb@store/leases?sslmode=require&sslrootcert=/etc/credbroker/store-ca.pem"
+        );
+        for (from, to, want) in [
+            (
+                "/orders\"",
+                "/orders?sslmode=verify\"",
+                "databases.orders.admin_url: sslmode",
+            ),
+            (
+                "/orders\"",
+                "/orders?sslmode=verify-full\"",
+                "needs sslrootcert",
+            ),
+            (
+                "admin_password_file",
+                "client_sslmode = \"sometimes\"\nadmin_password_file",
+                "client_sslmode",
+            ),
+            (
+                "admin_password_file",
+                "client_sslrootcert = \"/ca.pem\"\nadmin_password_file",
+                "set client_sslmode too",
+            ),
+            (
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"postgres://cb@store/leases?sslmode=verify-ca\"",
+                "store.url: sslmode=verify-ca needs sslrootcert",
+            ),
+        ] {
+            let err = Config::parse(&SAMPLE.replace(from, to), Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+
+    #[test]
     fn store_retention_and_prune_interval_default_and_parse() {
         let c = Config::parse(SAMPLE, Path::new("/")).unwrap();
         assert_eq!(c.store.retention, Duration::from_secs(7 * 24 * 3600));
