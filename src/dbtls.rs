@@ -236,6 +236,15 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Str
              VERIFY_IDENTITY (or DISABLED)"
         ));
     }
+    if dialect == Dialect::Mysql && params.effective_mode() == SslMode::VerifyCa {
+        // mysql_async skips only the name check by matching rustls's error
+        // text, which rustls 0.23 no longer prints: it would check the name
+        // anyway, or with REQUIRED ignore the CA. Better said at start.
+        return Err(format!(
+            "{mode_key}=VERIFY_CA (or REQUIRED with {root_key}) is not supported for MySQL: \
+             use VERIFY_IDENTITY with {root_key}, or REQUIRED without it"
+        ));
+    }
     if params.cert.is_some() != params.key.is_some() {
         return Err(format!("{cert_key} and {key_key}: give both or neither"));
     }
@@ -512,6 +521,46 @@ pub fn postgres_connector(
     ))
 }
 
+/// mysql_async's TLS options for these parameters (it builds its own
+/// rustls config, on the ring provider: the only one compiled in). The
+/// files are read now, so a broken one is a start-up error.
+pub fn mysql_ssl_opts(params: &TlsParams) -> Result<Option<mysql_async::SslOpts>, String> {
+    use mysql_async::{ClientIdentity, SslOpts};
+    let [_, root_key, cert_key, key_key] = params.dialect.names();
+    let opts = match params.effective_mode() {
+        SslMode::Disable => return Ok(None),
+        // REQUIRED: encrypted, any certificate (the warning says so).
+        SslMode::Prefer | SslMode::Require => SslOpts::default()
+            .with_danger_accept_invalid_certs(true)
+            .with_danger_skip_domain_validation(true),
+        SslMode::VerifyCa | SslMode::VerifyFull => match &params.rootcert {
+            Some(RootCert::File(path)) => {
+                // Read here for the error message; the driver reads it again.
+                pem_certs(root_key, path)?;
+                SslOpts::default()
+                    .with_root_certs(vec![path.clone().into()])
+                    .with_disable_built_in_roots(true)
+            }
+            // The driver's built-in (webpki) roots.
+            Some(RootCert::System) => SslOpts::default(),
+            None => return Err(format!("{root_key} is missing")),
+        },
+    };
+    let opts = match (&params.cert, &params.key) {
+        (Some(cert), Some(key)) => {
+            pem_certs(cert_key, cert)?;
+            PrivateKeyDer::from_pem_slice(&read(key_key, key)?)
+                .map_err(|e| format!("{key_key} {}: not a PEM private key: {e}", key.display()))?;
+            opts.with_client_identity(Some(ClientIdentity::new(
+                cert.clone().into(),
+                key.clone().into(),
+            )))
+        }
+        _ => opts,
+    };
+    Ok(Some(opts))
+}
+
 /// Why TLS to a server failed, when it did: the certificate was refused
 /// (wrong CA, wrong name, expired), the server refused ours, or the
 /// server offers no TLS though the mode insists. `None` for anything
@@ -523,8 +572,12 @@ pub fn tls_failure(error: &(dyn StdError + 'static)) -> Option<String> {
         if let Some(r) = rustls_error(e) {
             return Some(r.to_string());
         }
-        // tokio-postgres says so in words only.
-        if e.source().is_none() && e.to_string().contains("server does not support TLS") {
+        // tokio-postgres and mysql_async say so in words only.
+        let text = e.to_string();
+        if e.source().is_none()
+            && (text.contains("server does not support TLS")
+                || text.contains("server does not have this capability"))
+        {
             return Some("the server does not support TLS".to_string());
         }
         next = e.source();
@@ -669,6 +722,10 @@ mod tests {
         }
         let e = split_url("mysql://h/x?ssl-mode=PREFERRED", Dialect::Mysql).unwrap_err();
         assert!(e.contains("REQUIRED"), "{e}");
+        for q in ["ssl-mode=VERIFY_CA&ssl-ca=/ca.pem", "ssl-mode=REQUIRED&ssl-ca=/ca.pem"] {
+            let e = split_url(&format!("mysql://h/x?{q}"), Dialect::Mysql).unwrap_err();
+            assert!(e.contains("VERIFY_IDENTITY"), "{q}: {e}");
+        }
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub fn mariadb() -> &'static ThrowawayMariadb {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(ThrowawayMariadb::start(MariadbOptions {
                 event_scheduler: true,
+                ..MariadbOptions::default()
             }))
         })
         .join()
