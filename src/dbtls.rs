@@ -722,7 +722,10 @@ mod tests {
         }
         let e = split_url("mysql://h/x?ssl-mode=PREFERRED", Dialect::Mysql).unwrap_err();
         assert!(e.contains("REQUIRED"), "{e}");
-        for q in ["ssl-mode=VERIFY_CA&ssl-ca=/ca.pem", "ssl-mode=REQUIRED&ssl-ca=/ca.pem"] {
+        for q in [
+            "ssl-mode=VERIFY_CA&ssl-ca=/ca.pem",
+            "ssl-mode=REQUIRED&ssl-ca=/ca.pem",
+        ] {
             let e = split_url(&format!("mysql://h/x?{q}"), Dialect::Mysql).unwrap_err();
             assert!(e.contains("VERIFY_IDENTITY"), "{q}: {e}");
         }

@@ -1219,8 +1219,7 @@ impl Backend for MysqlBackend {
             return Ok(());
         }
         let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let result =
-            tokio::time::timeout(self.config.connect_timeout, pool.get_conn()).await;
+        let result = tokio::time::timeout(self.config.connect_timeout, pool.get_conn()).await;
         match result {
             Ok(Err(e)) => match dbtls::tls_failure(&e) {
                 Some(why) => {

@@ -125,8 +125,16 @@ impl ThrowawayMariadb {
 
         if let Some(tls) = &opts.tls {
             // Owned by the server's user, 0600: only it reads the key.
-            write_private_file(&dir.path().join("server.crt"), &tls.cert_pem, run_as.as_ref())?;
-            write_private_file(&dir.path().join("server.key"), &tls.key_pem, run_as.as_ref())?;
+            write_private_file(
+                &dir.path().join("server.crt"),
+                &tls.cert_pem,
+                run_as.as_ref(),
+            )?;
+            write_private_file(
+                &dir.path().join("server.key"),
+                &tls.key_pem,
+                run_as.as_ref(),
+            )?;
             if let Some(ca) = &tls.client_ca_pem {
                 write_private_file(&dir.path().join("client-ca.crt"), ca, run_as.as_ref())?;
             }

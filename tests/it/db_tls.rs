@@ -393,3 +393,127 @@ async fn a_remote_database_without_tls_is_a_loud_start_up_warning() {
         "warnings: {w}"
     );
 }
+
+/// Logs in with a leased MySQL DSN as given, TLS parameters included.
+async fn mysql_login_dsn(dsn: &str) -> Result<mysql_async::Conn, String> {
+    let (url, params) = dbtls::split_url(dsn, Dialect::Mysql)?;
+    let opts = mysql_async::Opts::from_url(&url).map_err(|e| e.to_string())?;
+    let opts = mysql_async::OptsBuilder::from_opts(opts)
+        .prefer_socket(false)
+        .ssl_opts(dbtls::mysql_ssl_opts(&params)?);
+    mysql_async::Conn::new(opts)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn mariadb_with_require_secure_transport_over_verify_identity() {
+    use mysql_async::prelude::Queryable;
+    let ca = DevCa::generate("credbroker test MariaDB CA").unwrap();
+    let server = ca
+        .server_cert(&[SERVER_NAME], &[IpAddr::V4(Ipv4Addr::LOCALHOST)])
+        .unwrap();
+    let maria =
+        credbroker::throwaway::ThrowawayMariadb::start(credbroker::throwaway::MariadbOptions {
+            event_scheduler: true,
+            tls: Some(ServerTls {
+                cert_pem: server.cert_pem.clone(),
+                key_pem: server.key_pem.clone(),
+                client_ca_pem: None,
+            }),
+            require_secure_transport: true,
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot start a throwaway MariaDB: {e} (`apt-get install -y mariadb-server`)")
+        });
+    let schema = unique("cbt");
+    let mut root = maria.connect().await.unwrap();
+    root.query_drop(format!(
+        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY); \
+         INSERT INTO `{schema}`.orders VALUES (1);"
+    ))
+    .await
+    .unwrap();
+
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "1m", "10m", APP)).await;
+    let ca_path = b.env.dir.join("maria-ca.pem");
+    let other_ca = b.env.dir.join("other-ca.pem");
+    std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+    std::fs::write(&other_ca, DevCa::generate("other").unwrap().cert_pem()).unwrap();
+    let section = b
+        .env
+        .mysql_database("maria", maria.port(), &schema, Some(maria.root_password()))
+        .unwrap();
+    let plain_url = format!("mysql://root@127.0.0.1:{}/{schema}", maria.port());
+    let tls_url = |ca: &std::path::Path| {
+        format!(
+            "{plain_url}?ssl-mode=VERIFY_IDENTITY&ssl-ca={}\"\nclient_sslmode = \"verify-full\"\nclient_sslrootcert = \"{}\"\nconnect_timeout = \"2s",
+            ca.display(),
+            ca_path.display()
+        )
+    };
+    let maria_role = format!(
+        "[roles.mro]\ndatabase = \"maria\"\ndefault_ttl = \"1m\"\nmax_ttl = \"10m\"\n\
+         allowed = [\"{APP}\"]\ngrants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
+    );
+    b.edit_config(|t| t + &section.replace(&plain_url, &tls_url(&other_ca)) + &maria_role);
+    let err = open(&b).await.err().expect("a wrong CA stops the broker");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("database \"maria\": TLS to 127.0.0.1"),
+        "{msg}"
+    );
+    assert!(msg.contains("UnknownIssuer"), "{msg}");
+
+    b.edit_config(|t| t.replace(&tls_url(&other_ca), &tls_url(&ca_path)));
+    b.start_in_process().await;
+    let lease = issue(&b, "app", "mro", 0)
+        .await
+        .expect("issue on MariaDB over TLS");
+    let suffix = format!("?ssl-mode=VERIFY_IDENTITY&ssl-ca={}", ca_path.display());
+    assert!(
+        lease.dsn.ends_with(&suffix),
+        "{}",
+        lease.dsn.replace(&lease.password, "<password>")
+    );
+    let mut leased = mysql_login_dsn(&lease.dsn)
+        .await
+        .expect("leased login over TLS");
+    let cipher: Option<(String, String)> = leased
+        .query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        .await
+        .unwrap();
+    assert!(
+        cipher.as_ref().is_some_and(|(_, c)| !c.is_empty()),
+        "the leased session is encrypted: {cipher:?}"
+    );
+    let n: Option<i64> = leased
+        .query_first(format!("SELECT count(*) FROM `{schema}`.orders"))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(1));
+    leased.disconnect().await.unwrap();
+
+    // Every TCP session, the broker's included, is encrypted
+    // (require_secure_transport): a plaintext login is refused.
+    let plain = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(maria.port())
+        .user(Some(lease.username.clone()))
+        .pass(Some(lease.password.clone()))
+        .prefer_socket(false);
+    let err = mysql_async::Conn::new(plain)
+        .await
+        .err()
+        .expect("a plaintext login is refused");
+    // MariaDB 10.11 answers a plaintext login under
+    // require_secure_transport with "Access denied" (MySQL 8: "insecure
+    // transport"); the same credentials just worked over TLS.
+    let msg = err.to_string();
+    assert!(
+        msg.contains("Access denied") || msg.contains("insecure transport"),
+        "{msg}"
+    );
+    b.stop().await;
+}
