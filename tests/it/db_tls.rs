@@ -505,8 +505,7 @@ async fn mariadb_with_require_secure_transport_over_verify_identity() {
         .prefer_socket(false);
     let err = mysql_async::Conn::new(plain)
         .await
-        .err()
-        .expect("a plaintext login is refused");
+        .expect_err("a plaintext login is refused");
     // MariaDB 10.11 answers a plaintext login under
     // require_secure_transport with "Access denied" (MySQL 8: "insecure
     // transport"); the same credentials just worked over TLS.
