@@ -74,4 +74,7 @@ pub mod pb {
         tonic::include_file_descriptor_set!("credbroker_descriptor");
 }
 
+/// `Debug` for generated types that carry a secret (build.rs skips prost's).
+mod pb_debug;
+
 pub use error::{Error, Result};
