@@ -3,7 +3,9 @@
 //! connection without TLS (`hostnossl … reject`): the broker connects with
 //! `verify-full`, leased DSNs carry the client's TLS settings and log in
 //! over TLS, a wrong CA or host name stops the broker at start, client
-//! certificate authentication works, and so does the store.
+//! certificate authentication works, and so does the store. Also MariaDB
+//! with `require_secure_transport`, and the modes of the files a broker
+//! creates (issue 13's process items).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -514,5 +516,25 @@ async fn mariadb_with_require_secure_transport_over_verify_identity() {
         msg.contains("Access denied") || msg.contains("insecure transport"),
         "{msg}"
     );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_audit_log_and_the_sqlite_store_are_created_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut b = TestBroker::start(&role("ro", "{db}", "1m", "10m", APP)).await;
+    issue(&b, "app", "ro", 0).await.expect("issue");
+    let store = b.env.store_path.display().to_string();
+    for path in [
+        b.env.audit_path.display().to_string(),
+        store.clone(),
+        format!("{store}-wal"),
+    ] {
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{path}");
+    }
     b.stop().await;
 }
