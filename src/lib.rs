@@ -28,6 +28,7 @@
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`cli`]: one file per subcommand.
+//! - [`hardening`]: core dumps off for the commands that hold secrets.
 //! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
 //!   own limits, the reaper and scale.
 //! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
@@ -47,6 +48,7 @@ pub mod dbtls;
 pub mod devenv;
 pub mod error;
 pub mod fsutil;
+pub mod hardening;
 pub mod identity;
 pub mod lease;
 pub mod limits;

@@ -538,3 +538,18 @@ async fn the_audit_log_and_the_sqlite_store_are_created_0600() {
     }
     b.stop().await;
 }
+
+#[tokio::test]
+async fn the_broker_binary_runs_without_core_dumps() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "1m", "10m", APP)).await;
+    b.spawn_binary().await;
+    let pid = b.child.as_ref().unwrap().id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_else(|| panic!("no core limit in {limits}"));
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    b.kill_binary();
+}
