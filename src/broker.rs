@@ -3,7 +3,7 @@
 //! requests into these calls and `Error`s into statuses.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::audit::{AuditLog, Event, Outcome};
 use crate::backend::{Backend, Backends, Endpoint, NewUser, UserRef};
-use crate::config::{Config, RoleConfig};
+use crate::config::{Config, ConfigHandle, RoleConfig};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
@@ -20,7 +20,7 @@ use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
 use crate::revocation::UNREACHABLE_RETRY_CAP;
-pub use crate::revocation::{BulkOutcome, Mode};
+pub use crate::revocation::{BulkOutcome, Mode, Revoker};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 
 /// Longest role name a request may carry; config keys are shorter.
@@ -41,12 +41,17 @@ pub enum Selector {
     Lease(LeaseId),
     Role(String),
     Database(String),
-    Identity(String),
+    /// Matched against the stored canonical text (`spiffe://…`, `dns:…`,
+    /// `cn:…`); typed, so a bare name cannot get here and match nothing.
+    Identity(Identity),
     All,
 }
 
 pub struct Broker {
-    config: RwLock<Arc<Config>>,
+    config: ConfigHandle,
+    /// The revocation engine, sharing this broker's store, databases,
+    /// audit log and config.
+    revoker: Revoker,
     store: Arc<dyn LeaseStore>,
     backends: Backends,
     audit: Arc<AuditLog>,
@@ -81,8 +86,18 @@ impl Broker {
             .keys()
             .map(|db| (db.clone(), Arc::new(tokio::sync::Mutex::new(()))))
             .collect();
+        let config = ConfigHandle::new(config);
+        let revoker = Revoker::new(
+            config.clone(),
+            store.clone(),
+            backends.clone(),
+            audit.clone(),
+            metrics.clone(),
+            owner.clone(),
+        );
         Broker {
-            config: RwLock::new(config),
+            config,
+            revoker,
             store,
             rotations,
             backends,
@@ -95,16 +110,35 @@ impl Broker {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.get()
     }
 
     /// Swaps in a reloaded config (roles, policies, limits). Databases are
     /// not reconnected: their changes need a restart.
     pub fn replace_config(&self, config: Arc<Config>) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        self.config.replace(config);
+    }
+
+    pub fn revoker(&self) -> &Revoker {
+        &self.revoker
+    }
+
+    /// See [`Revoker::revoke_claimed`].
+    pub async fn revoke_claimed(
+        &self,
+        leases: Vec<Lease>,
+        actor: &str,
+        reason: Reason,
+        mode: Mode,
+    ) -> BulkOutcome {
+        self.revoker
+            .revoke_claimed(leases, actor, reason, mode)
+            .await
+    }
+
+    /// See [`Revoker::revoke_orphans`].
+    pub async fn revoke_orphans(&self, database: &str, users: Vec<UserRef>) -> Result<()> {
+        self.revoker.revoke_orphans(database, users).await
     }
 
     pub fn store(&self) -> &Arc<dyn LeaseStore> {
@@ -132,7 +166,7 @@ impl Broker {
     }
 
     pub fn is_admin(&self, who: &Identity) -> bool {
-        any_matches(&self.config().admins, who.as_str())
+        any_matches(&self.config().admins, who)
     }
 
     fn backend(&self, database: &str) -> Result<&Arc<dyn Backend>> {
@@ -163,6 +197,25 @@ impl Broker {
             tracing::error!(error = %e, "audit write failed");
         }
         err
+    }
+
+    /// Audits a request refused because its certificate yields no identity
+    /// (more than one SPIFFE ID, a malformed one…) and hands the error
+    /// back. Like a refused TLS handshake, the record names the peer
+    /// address: the only identity such a caller has.
+    pub fn refuse_unauthenticated(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        action: &'static str,
+        err: Error,
+    ) -> Error {
+        let who = match peer {
+            Some(p) => format!("unauthenticated:{}", p.ip()),
+            None => "unauthenticated".to_string(),
+        };
+        tracing::info!(peer = %who, error = %err, "request refused: no usable identity");
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(Event::new(who, action), err)
     }
 
     /// Leases `role` for `who`. `ttl` None means the role's default.
@@ -201,7 +254,7 @@ impl Broker {
     ) -> Result<IssuedLease> {
         let config = self.config();
         let role = lookup_role(&config, role_name)?;
-        if !any_matches(&role.allowed, who.as_str()) {
+        if !any_matches(&role.allowed, who) {
             return Err(Error::denied(format!(
                 "identity may not lease role {role_name:?}"
             )));
@@ -256,12 +309,13 @@ impl Broker {
                 event.lease_id = None;
                 event.username = None;
             }
-            return Err(store_unavailable(e));
+            return Err(e);
         }
         // The intent may now be due before the reaper's next planned wake.
         self.reaper_wake.notify_one();
 
         let new_user = NewUser {
+            role: &role.name,
             username: &username,
             password: &password,
             valid_until: expires_at,
@@ -276,7 +330,7 @@ impl Broker {
         }
         if let Err(e) = self.store.activate(&lease.id).await {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
-            return Err(store_unavailable(e));
+            return Err(e);
         }
         let mut lease = lease;
         lease.state = LeaseState::Active;
@@ -308,7 +362,7 @@ impl Broker {
     fn clean_up_failed_issue(&self, lease: Lease, backend: Arc<dyn Backend>) {
         let store = self.store.clone();
         let audit = self.audit.clone();
-        let revokee = self.revokee(&lease);
+        let revokee = self.revoker.revokee(&lease);
         tokio::spawn(async move {
             match backend.revoke(&[revokee]).await {
                 Ok(_) => {
@@ -366,8 +420,7 @@ impl Broker {
         let lease = self
             .store
             .get(id)
-            .await
-            .map_err(store_unavailable)?
+            .await?
             .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
         if lease.identity != who.as_str() && !self.is_admin(who) {
             return Err(Error::denied(format!(
@@ -454,7 +507,10 @@ impl Broker {
         })?;
         // Policy is checked on every call that extends a credential's life:
         // an identity removed from `allowed` (SIGHUP) stops renewing too.
-        if !any_matches(&role.allowed, &lease.identity) {
+        if !any_matches(
+            &role.allowed,
+            &Identity::from_trusted(lease.identity.clone()),
+        ) {
             return Err(Error::denied(format!(
                 "identity may no longer lease role {:?}; lease {id} cannot be renewed",
                 lease.role
@@ -470,12 +526,7 @@ impl Broker {
         // Database first: if the store write then fails, the database allows
         // less than the store would revoke at, never more.
         backend.extend(&user, new_expiry).await?;
-        if !self
-            .store
-            .set_expiry(id, new_expiry)
-            .await
-            .map_err(store_unavailable)?
-        {
+        if !self.store.set_expiry(id, new_expiry).await? {
             return Err(Error::FailedPrecondition(format!(
                 "lease {id} is being revoked"
             )));
@@ -503,12 +554,7 @@ impl Broker {
             self.audit_event(event)?;
             return Ok(lease);
         }
-        let Some(claimed) = self
-            .store
-            .claim_one(id, &self.claim())
-            .await
-            .map_err(store_unavailable)?
-        else {
+        let Some(claimed) = self.store.claim_one(id, &self.claim()).await? else {
             return Err(self.audit_failure(
                 event,
                 Error::Unavailable(format!(
@@ -539,7 +585,7 @@ impl Broker {
     /// Lists leases for an admin.
     pub async fn admin_list(&self, who: &Identity, filter: &LeaseFilter) -> Result<Vec<Lease>> {
         self.require_admin(who, "admin_list")?;
-        self.store.list(filter).await.map_err(store_unavailable)
+        self.store.list(filter).await
     }
 
     /// Revokes every live lease the selector names.
@@ -556,17 +602,12 @@ impl Broker {
                 let lease = self
                     .store
                     .get(id)
-                    .await
-                    .map_err(store_unavailable)?
+                    .await?
                     .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
                 if !lease.state.is_live() {
                     return Ok(BulkOutcome::default());
                 }
-                let claimed = self
-                    .store
-                    .claim_one(id, &self.claim())
-                    .await
-                    .map_err(store_unavailable)?;
+                let claimed = self.store.claim_one(id, &self.claim()).await?;
                 return Ok(match claimed {
                     Some(l) => {
                         self.revoke_claimed(vec![l], who.as_str(), Reason::Admin, mode)
@@ -583,20 +624,15 @@ impl Broker {
             }
             Selector::Role(r) => filter.role = Some(r.clone()),
             Selector::Database(d) => filter.database = Some(d.clone()),
-            Selector::Identity(i) => filter.identity = Some(i.clone()),
+            Selector::Identity(i) => filter.identity = Some(i.as_str().to_string()),
             Selector::All => {}
         }
         let mut total = BulkOutcome::default();
         let batch = self.config().reaper.batch_size;
-        let candidates = self.store.list(&filter).await.map_err(store_unavailable)?;
+        let candidates = self.store.list(&filter).await?;
         let mut claimed = Vec::new();
         for lease in candidates {
-            match self
-                .store
-                .claim_one(&lease.id, &self.claim())
-                .await
-                .map_err(store_unavailable)?
-            {
+            match self.store.claim_one(&lease.id, &self.claim()).await? {
                 Some(l) => claimed.push(l),
                 None => total.failed.push((
                     lease.id.clone(),
@@ -696,13 +732,6 @@ fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Dur
         )));
     }
     chrono::Duration::from_std(ttl).map_err(Error::internal)
-}
-
-fn store_unavailable(e: Error) -> Error {
-    match e {
-        Error::Internal(m) => Error::Unavailable(format!("lease store: {m}")),
-        other => other,
-    }
 }
 
 /// Caps caller-supplied text before it goes into an audit record.

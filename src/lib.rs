@@ -24,6 +24,8 @@
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
+//! - [`check`]: `credbroker check`, what a broker needs from its
+//!   surroundings, verified (certificates, store, databases, privileges).
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
@@ -40,6 +42,7 @@ pub mod audit;
 pub mod backend;
 pub mod bench;
 pub mod broker;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;
