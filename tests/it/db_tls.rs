@@ -553,3 +553,31 @@ async fn the_broker_binary_runs_without_core_dumps() {
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
     b.kill_binary();
 }
+
+#[tokio::test]
+async fn credbroker_check_connects_over_tls_and_names_a_wrong_ca() {
+    let c = tls_cluster();
+    let port = c.pg.port();
+    let b = broker_with(|db| verify_full_url("127.0.0.1", port, db, &c.ca), "").await;
+    let report = |b: &TestBroker| {
+        let config = Config::load(&b.env.config_path).unwrap();
+        let path = b.env.config_path.clone();
+        async move { credbroker::check::run(&config, &path).await.table(false) }
+    };
+    let good = report(&b).await;
+    assert!(
+        !good.contains("TLS to") && !good.contains("cannot connect"),
+        "{good}"
+    );
+    b.edit_config(|t| {
+        t.replace(
+            &c.ca.display().to_string(),
+            &c.other_ca.display().to_string(),
+        )
+    });
+    let bad = report(&b).await;
+    assert!(
+        bad.contains("TLS to postgres@127.0.0.1") && bad.contains("UnknownIssuer"),
+        "{bad}"
+    );
+}
