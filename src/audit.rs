@@ -11,6 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -106,10 +107,13 @@ impl AuditLog {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Config(format!("audit directory {}: {e}", dir.display())))?;
         }
+        // 0600 when created: the log names every identity and user, which
+        // is nobody else's business on this machine.
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| Error::Config(format!("cannot open audit log {}: {e}", path.display())))?;
         let (seq, prev) = match last_line(&mut file)
@@ -302,6 +306,16 @@ pub fn read_records(path: &Path) -> std::io::Result<Vec<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_audit_log_is_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        AuditLog::open(&path, false).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     fn write_sample(dir: &Path, n: usize) -> PathBuf {
         let path = dir.join("audit.log");

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::dbtls::{self, Dialect, SslMode};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
 use crate::policy::IdentityPattern;
@@ -51,6 +52,9 @@ pub struct TlsConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// `sqlite://path` or `postgres://…` (never with a password in it).
+    /// libpq's TLS parameters (`sslmode`, `sslrootcert`, `sslcert`,
+    /// `sslkey`) may be in it; relative paths there are made absolute
+    /// against the config file's directory.
     pub url: String,
     /// The PostgreSQL store's password, read when the store connects.
     pub password: SecretSource,
@@ -126,11 +130,21 @@ pub struct DatabaseConfig {
     pub name: String,
     pub kind: BackendKind,
     /// Connection URL for the broker's own admin account, without password.
+    /// TLS parameters may be in its query (see `dbtls`), with relative
+    /// paths already made absolute against the config file's directory.
     pub admin_url: String,
     pub admin_password: SecretSource,
     /// Host handed to clients in their DSN, when not the admin URL's host.
     pub client_host: Option<String>,
     pub client_port: Option<u16>,
+    /// TLS that leased credentials tell clients to use (`sslmode` in the
+    /// DSN, `PGSSLMODE`, JDBC `sslmode`, MySQL `ssl-mode`). `None` leaves
+    /// it to the client's defaults.
+    pub client_sslmode: Option<SslMode>,
+    /// The CA file *on the client's machine* that goes with
+    /// `client_sslmode` (`sslrootcert`, `PGSSLROOTCERT`, MySQL `ssl-ca`);
+    /// not read by the broker.
+    pub client_sslrootcert: Option<String>,
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
@@ -267,6 +281,8 @@ struct RawDatabase {
     admin_password_env: Option<String>,
     client_host: Option<String>,
     client_port: Option<u16>,
+    client_sslmode: Option<String>,
+    client_sslrootcert: Option<String>,
     max_connections: Option<usize>,
     connect_timeout: Option<String>,
     statement_timeout: Option<String>,
@@ -403,6 +419,8 @@ impl RawConfig {
                         .to_string(),
                 ));
             }
+            dbtls::normalize_url(&store_url, Dialect::Postgres, base)
+                .map_err(|e| cfg_err(format!("store.url: {e}")))?;
         } else if store_password != SecretSource::None {
             return Err(cfg_err(
                 "store.password_file/password_env only apply to a postgres:// store".to_string(),
@@ -441,7 +459,9 @@ impl RawConfig {
                 None if store_url.starts_with("postgres://")
                     || store_url.starts_with("postgresql://") =>
                 {
-                    store_url
+                    // Checked above.
+                    dbtls::normalize_url(&store_url, Dialect::Postgres, base)
+                        .map_err(|e| cfg_err(format!("store.url: {e}")))?
                 }
                 None => {
                     return Err(cfg_err(format!(
@@ -526,6 +546,38 @@ impl RawConfig {
                     what("admin_url")
                 )));
             }
+            let dialect = match kind {
+                BackendKind::Postgres => Dialect::Postgres,
+                BackendKind::Mysql => Dialect::Mysql,
+            };
+            let admin_url = dbtls::normalize_url(&d.admin_url, dialect, base)
+                .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
+            let client_sslmode = d
+                .client_sslmode
+                .as_deref()
+                .map(|m| {
+                    SslMode::parse(m).ok_or_else(|| {
+                        cfg_err(format!(
+                            "{}: {m:?}: expected disable, prefer, require, verify-ca or verify-full",
+                            what("client_sslmode")
+                        ))
+                    })
+                })
+                .transpose()?;
+            if d.client_sslrootcert.is_some() && client_sslmode.is_none() {
+                return Err(cfg_err(format!(
+                    "{}: set client_sslmode too (e.g. \"verify-full\")",
+                    what("client_sslrootcert")
+                )));
+            }
+            if let Some(root) = &d.client_sslrootcert {
+                if root.is_empty() || root.chars().any(char::is_control) {
+                    return Err(cfg_err(format!(
+                        "{}: not a path",
+                        what("client_sslrootcert")
+                    )));
+                }
+            }
             let admin_password = match (d.admin_password_file, d.admin_password_env) {
                 (Some(_), Some(_)) => {
                     return Err(cfg_err(format!(
@@ -548,10 +600,12 @@ impl RawConfig {
                 DatabaseConfig {
                     name: name.clone(),
                     kind,
-                    admin_url: d.admin_url,
+                    admin_url,
                     admin_password,
                     client_host: d.client_host,
                     client_port: d.client_port,
+                    client_sslmode,
+                    client_sslrootcert: d.client_sslrootcert,
                     max_connections: d.max_connections.unwrap_or(16).clamp(1, 512),
                     connect_timeout: opt_duration(
                         &what("connect_timeout"),
@@ -885,6 +939,63 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
                 .to_string();
             assert!(err.contains(want), "{to}: {err}");
             assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_parameters_in_urls_are_checked_and_their_paths_resolved() {
+        let text = SAMPLE
+            .replace(
+                "127.0.0.1:5432/orders\"",
+                "db.internal:5432/orders?sslmode=verify-full&sslrootcert=pki/db-ca.pem\"\nclient_sslmode = \"verify-full\"\nclient_sslrootcert = \"/etc/ssl/db-ca.pem\"",
+            )
+            .replace(
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"postgres://cb@store/leases?sslmode=require&sslrootcert=store-ca.pem\"",
+            );
+        let c = Config::parse(&text, Path::new("/etc/credbroker")).unwrap();
+        let db = &c.databases["orders"];
+        assert_eq!(
+            db.admin_url,
+            "postgres://broker_admin@db.internal:5432/orders?sslmode=verify-full&sslrootcert=/etc/credbroker/pki/db-ca.pem"
+        );
+        assert_eq!(db.client_sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(db.client_sslrootcert.as_deref(), Some("/etc/ssl/db-ca.pem"));
+        assert_eq!(
+            c.store.url,
+            "postgres://cb@store/leases?sslmode=require&sslrootcert=/etc/credbroker/store-ca.pem"
+        );
+        for (from, to, want) in [
+            (
+                "/orders\"",
+                "/orders?sslmode=verify\"",
+                "databases.orders.admin_url: sslmode",
+            ),
+            (
+                "/orders\"",
+                "/orders?sslmode=verify-full\"",
+                "needs sslrootcert",
+            ),
+            (
+                "admin_password_file",
+                "client_sslmode = \"sometimes\"\nadmin_password_file",
+                "client_sslmode",
+            ),
+            (
+                "admin_password_file",
+                "client_sslrootcert = \"/ca.pem\"\nadmin_password_file",
+                "set client_sslmode too",
+            ),
+            (
+                "url = \"sqlite://credbroker.db\"",
+                "url = \"postgres://cb@store/leases?sslmode=verify-ca\"",
+                "store.url: sslmode=verify-ca needs sslrootcert",
+            ),
+        ] {
+            let err = Config::parse(&SAMPLE.replace(from, to), Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{to}: {err}");
         }
     }
 

@@ -57,7 +57,26 @@ impl Daemon {
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = Vec::new();
+        for d in config.databases.values() {
+            let dialect = match d.kind {
+                crate::lease::BackendKind::Postgres => crate::dbtls::Dialect::Postgres,
+                crate::lease::BackendKind::Mysql => crate::dbtls::Dialect::Mysql,
+            };
+            let what = format!("database {:?}", d.name);
+            warnings.extend(crate::dbtls::url_warning(&what, &d.admin_url, dialect));
+        }
+        if !config.store.url.starts_with("sqlite://") {
+            warnings.extend(crate::dbtls::url_warning(
+                "the lease store",
+                &config.store.url,
+                crate::dbtls::Dialect::Postgres,
+            ));
+        }
         for (name, b) in &backends {
+            // A refused TLS certificate (wrong CA, wrong host name) is the
+            // operator's to fix: a start-up error, unlike a database that
+            // is merely down.
+            b.check_tls().await?;
             match b.preflight().await {
                 Ok(w) => warnings.extend(w),
                 Err(e) => {

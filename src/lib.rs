@@ -14,6 +14,8 @@
 //! - [`revocation`]: the one engine that ends leases, whoever asks.
 //! - [`limits`]: per-identity rate limits.
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
+//! - [`dbtls`]: TLS to the databases and the store: libpq/MySQL URL
+//!   parameters → rustls (ring) client configs, start-up warnings.
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
 //! - [`store`]: the lease store trait; SQLite (one broker) and PostgreSQL
 //!   (replicas) implementations.
@@ -28,6 +30,7 @@
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`cli`]: one file per subcommand.
+//! - [`hardening`]: core dumps off for the commands that hold secrets.
 //! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
 //!   own limits, the reaper and scale.
 //! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
@@ -44,9 +47,11 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dbtls;
 pub mod devenv;
 pub mod error;
 pub mod fsutil;
+pub mod hardening;
 pub mod identity;
 pub mod lease;
 pub mod limits;
@@ -73,5 +78,8 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("credbroker_descriptor");
 }
+
+/// `Debug` for generated types that carry a secret (build.rs skips prost's).
+mod pb_debug;
 
 pub use error::{Error, Result};

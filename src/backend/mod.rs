@@ -131,6 +131,14 @@ pub trait Backend: Send + Sync {
     /// database-side failsafe possible). Checked at start-up.
     async fn preflight(&self) -> Result<Vec<String>>;
 
+    /// Connects once and fails with a `Config` error naming the database
+    /// and the reason when TLS does (certificate not trusted, wrong host
+    /// name, no TLS on the server though the URL insists). Anything else,
+    /// an unreachable database included, is `Ok`: preflight reports it.
+    async fn check_tls(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn pool_state(&self) -> PoolState;
 
     /// A connection string for `username`; with the password only when given.

@@ -36,6 +36,7 @@ use crate::backend::{
     Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef,
 };
 use crate::config::DatabaseConfig;
+use crate::dbtls::{self, Dialect, TlsParams};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Password, Username};
 
@@ -166,6 +167,8 @@ pub struct MysqlBackend {
     /// Learnt on the first successful connection, which may be long after
     /// start-up when the database was down then.
     server: OnceCell<ServerInfo>,
+    /// `ssl-mode`, `ssl-ca`, `ssl-cert`, `ssl-key` from `admin_url`.
+    tls_params: TlsParams,
 }
 
 impl MysqlBackend {
@@ -173,12 +176,17 @@ impl MysqlBackend {
         let bad_url = |e: &dyn std::fmt::Display| {
             Error::Config(format!("databases.{}.admin_url: {e}", config.name))
         };
-        let url = url::Url::parse(&config.admin_url).map_err(|e| bad_url(&e))?;
+        // The `mysql` client's TLS names are ours to read: mysql_async
+        // refuses parameters it does not know.
+        let (admin_url, tls_params) =
+            dbtls::split_url(&config.admin_url, Dialect::Mysql).map_err(|e| bad_url(&e))?;
+        let ssl = dbtls::mysql_ssl_opts(&tls_params).map_err(|e| bad_url(&e))?;
+        let url = url::Url::parse(&admin_url).map_err(|e| bad_url(&e))?;
         // mysql_async only knows the mysql:// scheme; the config also takes
         // mariadb:// for readability.
-        let mysql_url = match config.admin_url.strip_prefix("mariadb://") {
+        let mysql_url = match admin_url.strip_prefix("mariadb://") {
             Some(rest) => format!("mysql://{rest}"),
-            None => config.admin_url.clone(),
+            None => admin_url.clone(),
         };
         let opts = mysql_async::Opts::from_url(&mysql_url).map_err(|e| bad_url(&e))?;
         let host = url.host_str().unwrap_or("localhost").to_string();
@@ -196,6 +204,7 @@ impl MysqlBackend {
             // Otherwise a loopback admin URL is silently switched to the Unix
             // socket, where accounts match as 'user'@'localhost'.
             .prefer_socket(false)
+            .ssl_opts(ssl)
             .pool_opts(
                 PoolOpts::new()
                     .with_constraints(constraints)
@@ -209,6 +218,7 @@ impl MysqlBackend {
             base,
             pool: RwLock::new(pool),
             server: OnceCell::new(),
+            tls_params,
         })
     }
 
@@ -1268,6 +1278,32 @@ impl Backend for MysqlBackend {
         Ok(())
     }
 
+    async fn check_tls(&self) -> Result<()> {
+        if self.tls_params.mode == dbtls::SslMode::Disable {
+            return Ok(());
+        }
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = tokio::time::timeout(self.config.connect_timeout, pool.get_conn()).await;
+        match result {
+            Ok(Err(e)) => match dbtls::tls_failure(&e) {
+                Some(why) => {
+                    let opts = self.base.clone();
+                    let opts = mysql_async::Opts::from(opts);
+                    Err(Error::Config(format!(
+                        "database {:?}: TLS to {}:{} failed ({}): {why}",
+                        self.config.name,
+                        opts.ip_or_hostname(),
+                        opts.tcp_port(),
+                        self.tls_params
+                    )))
+                }
+                None => Ok(()),
+            },
+            // Connected (back to the pool for preflight), or timed out.
+            _ => Ok(()),
+        }
+    }
+
     async fn preflight(&self) -> Result<Vec<String>> {
         let server = self.server().await?.clone();
         let db = &self.config.name;
@@ -1378,14 +1414,19 @@ impl Backend for MysqlBackend {
         } else {
             e.host.clone()
         };
+        let tls = crate::dbtls::client_query(
+            crate::dbtls::Dialect::Mysql,
+            self.config.client_sslmode,
+            self.config.client_sslrootcert.as_deref(),
+        );
         match password {
             Some(p) => format!(
-                "mysql://{username}:{}@{host}:{}/{}",
+                "mysql://{username}:{}@{host}:{}/{}{tls}",
                 p.expose(),
                 e.port,
                 e.database
             ),
-            None => format!("mysql://{username}@{host}:{}/{}", e.port, e.database),
+            None => format!("mysql://{username}@{host}:{}/{}{tls}", e.port, e.database),
         }
     }
 }

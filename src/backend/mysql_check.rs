@@ -18,12 +18,18 @@ pub async fn check(
 ) -> (Vec<Finding>, Vec<String>) {
     let scope = format!("database {}", db.name);
     let mut out = Vec::new();
-    let url = db
-        .admin_url
-        .strip_prefix("mariadb://")
-        .map(|r| format!("mysql://{r}"))
-        .unwrap_or_else(|| db.admin_url.clone());
-    let opts = match mysql_async::Opts::from_url(&url) {
+    // TLS parameters as the broker reads them (mysql_async rejects them).
+    let parsed = crate::dbtls::split_url(&db.admin_url, crate::dbtls::Dialect::Mysql).and_then(
+        |(url, params)| {
+            let url = url
+                .strip_prefix("mariadb://")
+                .map(|r| format!("mysql://{r}"))
+                .unwrap_or(url);
+            let opts = mysql_async::Opts::from_url(&url).map_err(|e| e.to_string())?;
+            Ok((opts, crate::dbtls::mysql_ssl_opts(&params)?))
+        },
+    );
+    let (opts, ssl) = match parsed {
         Ok(o) => o,
         Err(e) => {
             out.push(Finding::error(
@@ -41,7 +47,9 @@ pub async fn check(
         opts.tcp_port()
     );
     let admin = opts.user().unwrap_or("?").to_string();
-    let mut builder = OptsBuilder::from_opts(opts).prefer_socket(false);
+    let mut builder = OptsBuilder::from_opts(opts)
+        .prefer_socket(false)
+        .ssl_opts(ssl);
     match read_admin_password(db) {
         Ok(Some(p)) => builder = builder.pass(Some(p.expose().to_string())),
         Ok(None) => {}
@@ -61,6 +69,12 @@ pub async fn check(
                 mysql_async::Error::Server(s) if [1044, 1045, 1698].contains(&s.code) => (
                     "authentication failed",
                     format!("make the password in admin_password_file/env the one of {admin:?}"),
+                ),
+                mysql_async::Error::Io(_) if crate::dbtls::tls_failure(&e).is_some() => (
+                    "TLS failed",
+                    "point ssl-ca at the CA that signed the server's certificate, and use the \
+                     host name in it (admin_url)"
+                        .to_string(),
                 ),
                 mysql_async::Error::Io(_) => (
                     "connection failed",

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
@@ -16,6 +16,7 @@ use crate::backend::{
 };
 use crate::check::Finding;
 use crate::config::DatabaseConfig;
+use crate::dbtls::{self, Dialect, TlsParams};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Password, Username};
 use crate::scram;
@@ -28,6 +29,12 @@ pub struct PostgresBackend {
     /// tokio-postgres config without password, for one-off connections to
     /// other databases of the cluster (DROP OWNED acts per database).
     base: tokio_postgres::Config,
+    /// rustls (ring) as `admin_url`'s `sslmode`/`sslrootcert`/`sslcert`/
+    /// `sslkey` ask; shared by the pool and one-off connections.
+    tls: MakeRustlsConnect,
+    tls_params: TlsParams,
+    /// `host:port` of the admin URL, for TLS error messages.
+    admin_addr: String,
     /// Whether the admin role is a superuser, asked once. A role with only
     /// CREATEROLE must make itself a member of a leased role before
     /// `REASSIGN OWNED`/`DROP OWNED` may touch what that role owns.
@@ -36,10 +43,16 @@ pub struct PostgresBackend {
 
 impl PostgresBackend {
     pub fn new(config: &DatabaseConfig) -> Result<Self> {
-        let mut base: tokio_postgres::Config = config
-            .admin_url
-            .parse()
-            .map_err(|e| Error::Config(format!("databases.{}.admin_url: {e}", config.name)))?;
+        let url_err = |e: &dyn std::fmt::Display| {
+            Error::Config(format!("databases.{}.admin_url: {e}", config.name))
+        };
+        // tokio-postgres refuses verify-ca/verify-full and every path
+        // parameter: they are ours to read, and the rest is its.
+        let (url, tls_params) =
+            dbtls::split_url(&config.admin_url, Dialect::Postgres).map_err(|e| url_err(&e))?;
+        let mut base: tokio_postgres::Config = url.parse().map_err(|e| url_err(&e))?;
+        let (tls, ssl_mode) = dbtls::postgres_connector(&tls_params).map_err(|e| url_err(&e))?;
+        base.ssl_mode(ssl_mode);
         base.connect_timeout(config.connect_timeout);
         base.application_name("credbroker");
         // plan_cache_mode: our prepared catalog queries are planned once per
@@ -54,6 +67,7 @@ impl PostgresBackend {
             _ => "localhost".to_string(),
         };
         let port = base.get_ports().first().copied().unwrap_or(5432);
+        let admin_addr = format!("{host}:{port}");
         let database = base
             .get_dbname()
             .map(str::to_string)
@@ -64,12 +78,15 @@ impl PostgresBackend {
             port: config.client_port.unwrap_or(port),
             database,
         };
-        let pool = Self::build_pool(config, &base, read_admin_password(config)?)?;
+        let pool = Self::build_pool(config, &base, &tls, read_admin_password(config)?)?;
         Ok(PostgresBackend {
             config: config.clone(),
             endpoint,
             pool: RwLock::new(pool),
             base,
+            tls,
+            tls_params,
+            admin_addr,
             superuser: tokio::sync::OnceCell::new(),
         })
     }
@@ -77,6 +94,7 @@ impl PostgresBackend {
     fn build_pool(
         config: &DatabaseConfig,
         base: &tokio_postgres::Config,
+        tls: &MakeRustlsConnect,
         password: Option<Password>,
     ) -> Result<Pool> {
         let mut pg = base.clone();
@@ -85,7 +103,7 @@ impl PostgresBackend {
         }
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -447,7 +465,10 @@ impl PostgresBackend {
         if let Some(p) = read_admin_password(&self.config)? {
             cfg.password(p.expose());
         }
-        let (client, conn) = cfg.connect(NoTls).await.map_err(|e| self.unavailable(&e))?;
+        let (client, conn) = cfg
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| self.unavailable(&e))?;
         let task = tokio::spawn(conn);
         let result = client
             .batch_execute(&format!("{ACL_LOCK}; {sql}"))
@@ -754,7 +775,12 @@ pub async fn check(
 ) -> (Vec<Finding>, Vec<String>) {
     let scope = format!("database {}", db.name);
     let mut out = Vec::new();
-    let mut cfg: tokio_postgres::Config = match db.admin_url.parse() {
+    // TLS parameters as the broker reads them (tokio-postgres rejects most).
+    let parsed = dbtls::split_url(&db.admin_url, Dialect::Postgres).and_then(|(url, params)| {
+        let cfg: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+        Ok((cfg, dbtls::postgres_connector(&params)?, params))
+    });
+    let (mut cfg, (tls, ssl_mode), tls_params) = match parsed {
         Ok(c) => c,
         Err(e) => {
             out.push(Finding::error(
@@ -765,6 +791,7 @@ pub async fn check(
             return (out, Vec::new());
         }
     };
+    cfg.ssl_mode(ssl_mode);
     cfg.connect_timeout(db.connect_timeout);
     cfg.application_name("credbroker check");
     let at = location(&cfg);
@@ -783,10 +810,20 @@ pub async fn check(
             return (out, Vec::new());
         }
     }
-    let client = match cfg.connect(NoTls).await {
+    let client = match cfg.connect(tls).await {
         Ok((client, conn)) => {
             tokio::spawn(conn);
             client
+        }
+        Err(e) if dbtls::tls_failure(&e).is_some() => {
+            let why = dbtls::tls_failure(&e).unwrap_or_default();
+            out.push(Finding::error(
+                &scope,
+                format!("TLS to {at} failed ({tls_params}): {why}"),
+                "point sslrootcert at the CA that signed the server's certificate, and use the \
+                 host name in it (admin_url)",
+            ));
+            return (out, Vec::new());
         }
         Err(e) => {
             let cause = Cause::of(&e);
@@ -1126,9 +1163,25 @@ impl Backend for PostgresBackend {
         // The database has the new password now: keep it before anything
         // else can fail, or nobody would know it.
         store_admin_password(&self.config, &password)?;
-        let pool = Self::build_pool(&self.config, &self.base, Some(password))?;
+        let pool = Self::build_pool(&self.config, &self.base, &self.tls, Some(password))?;
         *self.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
         Ok(())
+    }
+
+    async fn check_tls(&self) -> Result<()> {
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match pool.get().await {
+            Err(deadpool_postgres::PoolError::Backend(e)) => match dbtls::tls_failure(&e) {
+                Some(why) => Err(Error::Config(format!(
+                    "database {:?}: TLS to {} failed ({}): {why}",
+                    self.config.name, self.admin_addr, self.tls_params
+                ))),
+                None => Ok(()),
+            },
+            // Connected (the connection stays pooled for preflight), or a
+            // failure that is not about TLS.
+            _ => Ok(()),
+        }
     }
 
     async fn preflight(&self) -> Result<Vec<String>> {
@@ -1176,14 +1229,22 @@ impl Backend for PostgresBackend {
         } else {
             e.host.clone()
         };
+        let tls = dbtls::client_query(
+            Dialect::Postgres,
+            self.config.client_sslmode,
+            self.config.client_sslrootcert.as_deref(),
+        );
         match password {
             Some(p) => format!(
-                "postgresql://{username}:{}@{host}:{}/{}",
+                "postgresql://{username}:{}@{host}:{}/{}{tls}",
                 p.expose(),
                 e.port,
                 e.database
             ),
-            None => format!("postgresql://{username}@{host}:{}/{}", e.port, e.database),
+            None => format!(
+                "postgresql://{username}@{host}:{}/{}{tls}",
+                e.port, e.database
+            ),
         }
     }
 }

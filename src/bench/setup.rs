@@ -55,6 +55,7 @@ impl BenchPostgres {
             } else {
                 vec![]
             },
+            ..PostgresOptions::default()
         })
         .await
         .map_err(io_err("throwaway PostgreSQL"))?;

@@ -80,6 +80,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         println!("    and a throwaway MariaDB 10.11 (event scheduler on, for the failsafe events)");
         let db = ThrowawayMariadb::start(MariadbOptions {
             event_scheduler: true,
+            ..MariadbOptions::default()
         })
         .await
         .context("throwaway MariaDB")?;

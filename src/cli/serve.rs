@@ -15,6 +15,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> CliResult {
+    // Before any secret is read: a core dump would hold them all.
+    if let Err(e) = crate::hardening::disable_core_dumps() {
+        eprintln!("credbroker: WARNING: cannot turn core dumps off: {e}");
+    }
     let config = Config::load(&args.config)?;
     let listeners = Listeners::bind(&config).await?;
     let daemon = Daemon::open(config).await?;

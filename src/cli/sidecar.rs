@@ -50,6 +50,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> CliResult {
+    // Before any secret is read: a core dump would hold them all.
+    if let Err(e) = crate::hardening::disable_core_dumps() {
+        eprintln!("credbroker: WARNING: cannot turn core dumps off: {e}");
+    }
     let notify = match (&args.exec, &args.signal) {
         (Some(cmd), _) => Notify::Exec(cmd.clone()),
         (None, Some(s)) => Notify::parse_signal(s)?,

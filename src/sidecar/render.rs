@@ -35,6 +35,8 @@ pub const PLACEHOLDERS: &[&str] = &[
     "dsn",
     "expires_at",
     "lease_id",
+    "sslmode",
+    "sslrootcert",
 ];
 
 /// A user template, checked when loaded: an unknown `{{name}}` is a config
@@ -83,6 +85,8 @@ impl Template {
                 "dsn" => out.push_str(&c.dsn),
                 "expires_at" => out.push_str(&rfc3339(c)),
                 "lease_id" => out.push_str(&c.lease_id),
+                "sslmode" => out.push_str(client_tls(c).mode.as_deref().unwrap_or("")),
+                "sslrootcert" => out.push_str(client_tls(c).rootcert.as_deref().unwrap_or("")),
                 _ => {}
             }
             rest = after.get(close + 2..).unwrap_or("");
@@ -138,6 +142,41 @@ fn is_mysql(c: &Credential) -> bool {
     c.kind == "mysql"
 }
 
+/// The TLS clients should use, as the broker put it into the DSN's query
+/// (`[databases.X] client_sslmode`, `client_sslrootcert`): libpq's
+/// `sslmode`/`sslrootcert`, or MySQL's `ssl-mode`/`ssl-ca`. Neither is
+/// secret; every format carries them, so no client falls back to
+/// plaintext because its format had no room for them.
+struct ClientTls {
+    mode: Option<String>,
+    rootcert: Option<String>,
+}
+
+fn client_tls(c: &Credential) -> ClientTls {
+    let (mode_key, root_key) = if is_mysql(c) {
+        ("ssl-mode", "ssl-ca")
+    } else {
+        ("sslmode", "sslrootcert")
+    };
+    let mut tls = ClientTls {
+        mode: None,
+        rootcert: None,
+    };
+    let query = c.dsn.split_once('?').map(|(_, q)| q).unwrap_or("");
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .into_owned();
+        if k == mode_key {
+            tls.mode = Some(v);
+        } else if k == root_key {
+            tls.rootcert = Some(v);
+        }
+    }
+    tls
+}
+
 /// libpq quoting: bare when safe, else single quotes with `\'` and `\\`.
 fn kv_value(out: &mut String, v: &str) {
     let bare = !v.is_empty()
@@ -177,6 +216,20 @@ fn kv(c: &Credential) -> Zeroizing<String> {
         out.push('=');
         kv_value(&mut out, v);
     }
+    let tls = client_tls(c);
+    let (mode_key, root_key) = if is_mysql(c) {
+        ("ssl-mode", "ssl-ca")
+    } else {
+        ("sslmode", "sslrootcert")
+    };
+    for (k, v) in [(mode_key, &tls.mode), (root_key, &tls.rootcert)] {
+        if let Some(v) = v {
+            out.push(' ');
+            out.push_str(k);
+            out.push('=');
+            kv_value(&mut out, v);
+        }
+    }
     out.push('\n');
     out
 }
@@ -206,6 +259,27 @@ fn jdbc(c: &Credential) -> Zeroizing<String> {
     pct(&mut out, &c.username);
     out.push_str("&password=");
     pct(&mut out, c.password.expose());
+    let tls = client_tls(c);
+    if let Some(mode) = &tls.mode {
+        if is_mysql(c) {
+            // Connector/J 8's name and values; it takes a CA only as a
+            // trust store, not a PEM file, so ssl-ca has no place here.
+            out.push_str("&sslMode=");
+            pct(&mut out, mode);
+        } else {
+            // pgjdbc: `ssl=true` alone would mean verify-full; sslmode
+            // says which.
+            if mode != "disable" {
+                out.push_str("&ssl=true");
+            }
+            out.push_str("&sslmode=");
+            pct(&mut out, mode);
+            if let Some(root) = &tls.rootcert {
+                out.push_str("&sslrootcert=");
+                pct(&mut out, root);
+            }
+        }
+    }
     out.push('\n');
     out
 }
@@ -258,6 +332,19 @@ fn env(c: &Credential) -> Zeroizing<String> {
         env_value(&mut out, v);
         out.push('\n');
     }
+    if !is_mysql(c) {
+        // libpq reads these; MySQL clients have no such variables, and
+        // DATABASE_URL below carries `ssl-mode` for them.
+        let tls = client_tls(c);
+        for (k, v) in [("PGSSLMODE", &tls.mode), ("PGSSLROOTCERT", &tls.rootcert)] {
+            if let Some(v) = v {
+                out.push_str(k);
+                out.push('=');
+                env_value(&mut out, v);
+                out.push('\n');
+            }
+        }
+    }
     out.push_str("DATABASE_URL=");
     env_value(&mut out, &c.dsn);
     out.push('\n');
@@ -265,7 +352,10 @@ fn env(c: &Credential) -> Zeroizing<String> {
 }
 
 fn json(c: &Credential) -> Zeroizing<String> {
+    let tls = client_tls(c);
     let v = serde_json::json!({
+        "sslmode": tls.mode,
+        "sslrootcert": tls.rootcert,
         "lease_id": c.lease_id,
         "kind": c.kind,
         "username": c.username,
@@ -411,6 +501,56 @@ mod tests {
         let e = Template::parse("{{user}}".into()).unwrap_err().to_string();
         assert!(e.contains("unknown placeholder {{user}}"), "{e}");
         assert!(Template::parse("x {{password".into()).is_err());
+    }
+
+    #[test]
+    fn every_format_carries_the_client_tls_settings() {
+        let mut c = cred("postgres");
+        c.dsn = Zeroizing::new(
+            "postgresql://cb_app_x1:S3cr3t@db.internal:5432/orders?sslmode=verify-full&sslrootcert=/etc/ssl/db%20ca.pem"
+                .into(),
+        );
+        assert_eq!(
+            Format::Kv.render(&c).as_str(),
+            "host=db.internal port=5432 user=cb_app_x1 password=S3cr3t dbname=orders \
+             sslmode=verify-full sslrootcert='/etc/ssl/db ca.pem'\n"
+        );
+        assert_eq!(
+            Format::Jdbc.render(&c).as_str(),
+            "jdbc:postgresql://db.internal:5432/orders?user=cb_app_x1&password=S3cr3t\
+             &ssl=true&sslmode=verify-full&sslrootcert=%2Fetc%2Fssl%2Fdb%20ca.pem\n"
+        );
+        let env = Format::Env.render(&c);
+        assert!(
+            env.contains("PGSSLMODE=verify-full\nPGSSLROOTCERT='/etc/ssl/db ca.pem'\n"),
+            "{}",
+            env.as_str()
+        );
+        let v: serde_json::Value = serde_json::from_str(&Format::Json.render(&c)).unwrap();
+        assert_eq!(v["sslmode"], "verify-full");
+        assert_eq!(v["sslrootcert"], "/etc/ssl/db ca.pem");
+        let t = Template::parse("{{sslmode}}|{{sslrootcert}}".into()).unwrap();
+        assert_eq!(
+            Format::Template(t).render(&c).as_str(),
+            "verify-full|/etc/ssl/db ca.pem"
+        );
+
+        let mut m = cred("mysql");
+        m.dsn = Zeroizing::new(
+            "mysql://cb_app_x1:S3cr3t@db.internal:3306/orders?ssl-mode=VERIFY_IDENTITY&ssl-ca=/ca.pem".into(),
+        );
+        assert!(Format::Kv
+            .render(&m)
+            .ends_with(" ssl-mode=VERIFY_IDENTITY ssl-ca=/ca.pem\n"));
+        assert!(Format::Jdbc
+            .render(&m)
+            .ends_with("&password=S3cr3t&sslMode=VERIFY_IDENTITY\n"));
+        assert!(Format::Env.render(&m).contains("?ssl-mode=VERIFY_IDENTITY"));
+        // Without client_sslmode nothing is added: the client's defaults.
+        let plain = cred("postgres");
+        assert!(!Format::Env.render(&plain).contains("PGSSLMODE"));
+        let v: serde_json::Value = serde_json::from_str(&Format::Json.render(&plain)).unwrap();
+        assert!(v["sslmode"].is_null());
     }
 
     #[test]

@@ -21,9 +21,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use crate::config::SecretSource;
+use crate::dbtls::{self, Dialect};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
@@ -161,10 +162,23 @@ fn claim_ms(claim: &Claim) -> f64 {
 impl PostgresStore {
     /// Connects, then creates or migrates the schema. `url` holds no
     /// password (the config refuses one); `password` is where it is kept.
+    /// libpq's TLS parameters in `url` are read here (tokio-postgres
+    /// knows only some of them); a refused certificate is a `Config` error.
     pub async fn open(url: &str, password: &SecretSource) -> Result<Self> {
-        let mut cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| Error::Config(format!("store.url: {e}")))?;
+        let url_err = |e: &dyn std::fmt::Display| Error::Config(format!("store.url: {e}"));
+        let (url, tls_params) =
+            dbtls::split_url(url, Dialect::Postgres).map_err(|e| url_err(&e))?;
+        let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| url_err(&e))?;
+        let (tls, ssl_mode) = dbtls::postgres_connector(&tls_params).map_err(|e| url_err(&e))?;
+        cfg.ssl_mode(ssl_mode);
+        let addr = format!(
+            "{}:{}",
+            match cfg.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.as_str(),
+                _ => "localhost",
+            },
+            cfg.get_ports().first().copied().unwrap_or(5432)
+        );
         if let Some(p) = password.read("store.password")? {
             cfg.password(p.expose());
         }
@@ -181,7 +195,7 @@ impl PostgresStore {
             ));
         let manager = Manager::from_config(
             cfg,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -196,6 +210,13 @@ impl PostgresStore {
             })
             .build()
             .map_err(|e| Error::Config(format!("store.url: {e}")))?;
+        if let Err(deadpool_postgres::PoolError::Backend(e)) = pool.get().await {
+            if let Some(why) = dbtls::tls_failure(&e) {
+                return Err(Error::Config(format!(
+                    "store.url: TLS to {addr} failed ({tls_params}): {why}"
+                )));
+            }
+        }
         let store = PostgresStore { pool };
         store.migrate().await?;
         Ok(store)

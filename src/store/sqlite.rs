@@ -120,6 +120,22 @@ impl SqliteStore {
                 Error::Config(format!("lease store directory {}: {e}", dir.display()))
             })?;
         }
+        // Created 0600 before SQLite sees it (SQLite would use 0644 less
+        // the umask), and its -wal/-shm files copy the database's mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "lease store {}: cannot create: {e}",
+                        path.display()
+                    ))
+                })?;
+        }
         let conn = Connection::open(path).map_err(|e| ctx("cannot open", e))?;
         conn.busy_timeout(std::time::Duration::from_secs(2))
             .map_err(|e| ctx("busy timeout", e))?;

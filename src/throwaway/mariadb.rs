@@ -10,8 +10,8 @@ use std::time::Duration;
 use mysql_async::prelude::Queryable;
 
 use super::{
-    create_log, free_port, random_password, run_setup, wait_until_ready, RunAs, ServerCommand,
-    Supervised, TempDir,
+    create_log, free_port, random_password, run_setup, wait_until_ready, write_private_file, RunAs,
+    ServerCommand, ServerTls, Supervised, TempDir,
 };
 
 const MARIADBD: &str = "/usr/sbin/mariadbd";
@@ -27,12 +27,21 @@ pub struct MariadbOptions {
     /// `event_scheduler`; MariaDB's own default is OFF, the broker's expiry
     /// failsafe events need it ON.
     pub event_scheduler: bool,
+    /// `ssl_cert`, `ssl_key` (and `ssl_ca` when it has a client CA).
+    pub tls: Option<ServerTls>,
+    /// `require_secure_transport = ON`: TCP without TLS is refused (the
+    /// Unix socket counts as secure). The harness's own TCP connections
+    /// then use TLS, accepting the server's certificate unverified: it is
+    /// the server it just started, on loopback.
+    pub require_secure_transport: bool,
 }
 
 impl Default for MariadbOptions {
     fn default() -> Self {
         MariadbOptions {
             event_scheduler: true,
+            tls: None,
+            require_secure_transport: false,
         }
     }
 }
@@ -114,6 +123,22 @@ impl ThrowawayMariadb {
         }
         run_setup(install, "mariadb-install-db", &log_path).await?;
 
+        if let Some(tls) = &opts.tls {
+            // Owned by the server's user, 0600: only it reads the key.
+            write_private_file(
+                &dir.path().join("server.crt"),
+                &tls.cert_pem,
+                run_as.as_ref(),
+            )?;
+            write_private_file(
+                &dir.path().join("server.key"),
+                &tls.key_pem,
+                run_as.as_ref(),
+            )?;
+            if let Some(ca) = &tls.client_ca_pem {
+                write_private_file(&dir.path().join("client-ca.crt"), ca, run_as.as_ref())?;
+            }
+        }
         let mut db = ThrowawayMariadb {
             server: None,
             socket: dir.path().join("mariadb.sock"),
@@ -142,12 +167,18 @@ impl ThrowawayMariadb {
     /// loopback TCP connection over the server's Unix socket, where accounts
     /// match as `'user'@'localhost'` instead of `'user'@'127.0.0.1'`.
     pub fn opts(&self) -> mysql_async::OptsBuilder {
+        let ssl = self.opts.tls.is_some().then(|| {
+            mysql_async::SslOpts::default()
+                .with_danger_accept_invalid_certs(true)
+                .with_danger_skip_domain_validation(true)
+        });
         mysql_async::OptsBuilder::default()
             .ip_or_hostname(HOST)
             .tcp_port(self.port)
             .user(Some(ROOT))
             .pass(Some(self.password.clone()))
             .prefer_socket(false)
+            .ssl_opts(ssl)
     }
 
     /// Connects as root over TCP.
@@ -227,6 +258,17 @@ impl ThrowawayMariadb {
             "--skip-name-resolve".into(),
             "--max-connections=200".into(),
         ];
+        if let Some(tls) = &self.opts.tls {
+            let file = |name: &str| self.dir.path().join(name).display().to_string();
+            args.push(format!("--ssl-cert={}", file("server.crt")));
+            args.push(format!("--ssl-key={}", file("server.key")));
+            if tls.client_ca_pem.is_some() {
+                args.push(format!("--ssl-ca={}", file("client-ca.crt")));
+            }
+        }
+        if self.opts.require_secure_transport {
+            args.push("--require-secure-transport=ON".into());
+        }
         args.extend(tuning_args().iter().map(|s| s.to_string()));
         let server = Supervised::spawn(&ServerCommand {
             program: Path::new(MARIADBD),

@@ -19,6 +19,24 @@ mod postgres;
 pub use mariadb::{mariadb_binaries_present, MariadbOptions, ThrowawayMariadb};
 pub use postgres::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};
 
+/// TLS for a throwaway server: its certificate and key (PEM), and the CA
+/// it trusts for client certificates, if it should ask for them.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("key_pem", &"<redacted>")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

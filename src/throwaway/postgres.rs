@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     create_log, free_port, random_password, run_setup, wait_until_ready, write_private_file, RunAs,
-    ServerCommand, Supervised, TempDir,
+    ServerCommand, ServerTls, Supervised, TempDir,
 };
 
 const SUPERUSER: &str = "postgres";
@@ -26,6 +26,15 @@ pub struct PostgresOptions {
     pub log_statement_all: bool,
     /// More `postgresql.conf` settings. Values are quoted for you.
     pub extra_conf: Vec<(String, String)>,
+    /// `ssl = on` with this certificate and key (`ssl_cert_file`,
+    /// `ssl_key_file`), and `ssl_ca_file` when it has a client CA.
+    pub tls: Option<ServerTls>,
+    /// `pg_hba.conf` lines for TCP (`hostssl …`, `hostnossl … reject`)
+    /// instead of initdb's. A `local all all scram-sha-256` line always
+    /// comes first, and the harness's own connections
+    /// ([`config`](ThrowawayPostgres::config), readiness) then go over the
+    /// Unix socket, so they work whatever these lines refuse.
+    pub hba: Option<Vec<String>>,
 }
 
 impl Default for PostgresOptions {
@@ -34,6 +43,8 @@ impl Default for PostgresOptions {
             timezone: None,
             log_statement_all: true,
             extra_conf: Vec::new(),
+            tls: None,
+            hba: None,
         }
     }
 }
@@ -50,6 +61,8 @@ pub struct ThrowawayPostgres {
     run_as: Option<RunAs>,
     port: u16,
     password: String,
+    /// The harness connects over the Unix socket (custom `pg_hba.conf`).
+    via_socket: bool,
 }
 
 impl fmt::Debug for ThrowawayPostgres {
@@ -191,6 +204,35 @@ impl ThrowawayPostgres {
             settings.push(("timezone".into(), tz.clone()));
             settings.push(("log_timezone".into(), tz.clone()));
         }
+        if let Some(tls) = &opts.tls {
+            // In the data directory, owned by the server's user and 0600:
+            // PostgreSQL refuses a key file anyone else can read.
+            let cert = data_dir.join("server.crt");
+            let key = data_dir.join("server.key");
+            write_private_file(&cert, &tls.cert_pem, run_as.as_ref())?;
+            write_private_file(&key, &tls.key_pem, run_as.as_ref())?;
+            settings.push(("ssl".into(), "on".into()));
+            settings.push(("ssl_cert_file".into(), cert.to_string_lossy().into_owned()));
+            settings.push(("ssl_key_file".into(), key.to_string_lossy().into_owned()));
+            if let Some(ca) = &tls.client_ca_pem {
+                let ca_path = data_dir.join("client-ca.crt");
+                write_private_file(&ca_path, ca, run_as.as_ref())?;
+                settings.push(("ssl_ca_file".into(), ca_path.to_string_lossy().into_owned()));
+            }
+        }
+        if let Some(lines) = &opts.hba {
+            let mut hba = String::from("local all all scram-sha-256\n");
+            for line in lines {
+                if line.contains('\n') {
+                    return Err(io::Error::other(format!(
+                        "pg_hba.conf line {line:?} holds a line break"
+                    )));
+                }
+                hba.push_str(line);
+                hba.push('\n');
+            }
+            std::fs::write(data_dir.join("pg_hba.conf"), hba)?;
+        }
         settings.extend(opts.extra_conf.iter().cloned());
         for (key, value) in &settings {
             conf.push_str(&conf_line(key, value)?);
@@ -210,6 +252,7 @@ impl ThrowawayPostgres {
             run_as,
             port,
             password,
+            via_socket: opts.hba.is_some(),
         };
         pg.start_server().await?;
         Ok(pg)
@@ -270,11 +313,16 @@ impl ThrowawayPostgres {
         format!("postgres://{SUPERUSER}@{HOST}:{}/{dbname}", self.port)
     }
 
-    /// A superuser connection config, password included.
+    /// A superuser connection config, password included: over TCP, or over
+    /// the Unix socket when the options replaced `pg_hba.conf`.
     pub fn config(&self, dbname: &str) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
+        if self.via_socket {
+            config.host_path(self.dir.path());
+        } else {
+            config.host(HOST);
+        }
         config
-            .host(HOST)
             .port(self.port)
             .user(SUPERUSER)
             .password(&self.password)

@@ -707,6 +707,7 @@ async fn first_hour_check_names_mariadb_event_scheduler_off() {
     let maria =
         credbroker::throwaway::ThrowawayMariadb::start(credbroker::throwaway::MariadbOptions {
             event_scheduler: false,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| {

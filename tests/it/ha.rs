@@ -404,6 +404,7 @@ async fn store_outage_is_unavailable_then_heals_with_nothing_lost() {
         timezone: None,
         log_statement_all: false,
         extra_conf: vec![],
+        ..PostgresOptions::default()
     })
     .await
     .unwrap_or_else(|e| panic!("cannot start the store's throwaway PostgreSQL: {e}"));

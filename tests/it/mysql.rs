@@ -72,6 +72,7 @@ async fn local() -> Target {
 async fn throwaway() -> ThrowawayMariadb {
     ThrowawayMariadb::start(MariadbOptions {
         event_scheduler: true,
+        ..MariadbOptions::default()
     })
     .await
     .unwrap_or_else(|e| {

@@ -38,6 +38,7 @@ pub fn cluster() -> &'static ThrowawayPostgres {
                 timezone: Some(FAR_TIMEZONE.into()),
                 log_statement_all: true,
                 extra_conf: vec![],
+                ..PostgresOptions::default()
             }))
         })
         .join()
@@ -57,6 +58,7 @@ pub fn mariadb() -> &'static ThrowawayMariadb {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(ThrowawayMariadb::start(MariadbOptions {
                 event_scheduler: true,
+                ..MariadbOptions::default()
             }))
         })
         .join()
