@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
 use crate::limits::RateLimiter;
+use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
 use crate::revocation::UNREACHABLE_RETRY_CAP;
@@ -208,6 +209,9 @@ impl Broker {
         }
         event.database = Some(role.database.clone());
         let ttl = effective_ttl(role, ttl)?;
+        // Before anything is written: a locked-out caller costs one read.
+        self.check_locks(who.as_str(), &role.name, &role.database)
+            .await?;
         self.check_limits(who, role).await?;
         let backend = self.backend(&role.database)?.clone();
 
@@ -260,6 +264,16 @@ impl Broker {
         }
         // The intent may now be due before the reaper's next planned wake.
         self.reaper_wake.notify_one();
+        // Again, now that the intent is in the store: a lock written after
+        // the first check lists its leases after writing itself, so either
+        // its `--revoke` sees this intent or this check sees the lock.
+        if let Err(e) = self
+            .check_locks(who.as_str(), &role.name, &role.database)
+            .await
+        {
+            self.drop_unused_intent(&lease).await;
+            return Err(e);
+        }
 
         let new_user = NewUser {
             username: &username,
@@ -341,6 +355,38 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// Refuses a lease that an active lock matches. Read from the store on
+    /// every call, so a lock written by any replica applies at once.
+    async fn check_locks(&self, identity: &str, role: &str, database: &str) -> Result<()> {
+        let locks = self.store.active_locks().await.map_err(store_unavailable)?;
+        match crate::lock::first_match(&locks, identity, role, database) {
+            Some(lock) => Err(lock.refusal()),
+            None => Ok(()),
+        }
+    }
+
+    /// An intent refused before its user was created: nothing exists in the
+    /// database, so the row leaves the live set directly. When another task
+    /// holds it (a lock's `--revoke` found it), that task finishes it.
+    async fn drop_unused_intent(&self, lease: &Lease) {
+        match self.store.claim_one(&lease.id, &self.claim()).await {
+            Ok(Some(_)) => {
+                if let Err(e) = self
+                    .store
+                    .mark_revoked_claimed(std::slice::from_ref(&lease.id), &self.owner, Utc::now())
+                    .await
+                {
+                    // The reaper resolves it after the intent grace.
+                    tracing::warn!(lease_id = %lease.id, error = %e, "cannot retire a refused intent");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(lease_id = %lease.id, error = %e, "cannot retire a refused intent")
+            }
+        }
     }
 
     async fn check_limits(&self, who: &Identity, role: &RoleConfig) -> Result<()> {
@@ -460,6 +506,8 @@ impl Broker {
                 lease.role
             )));
         }
+        self.check_locks(&lease.identity, &lease.role, &lease.database)
+            .await?;
         let ttl = effective_ttl(role, ttl)?;
         let new_expiry = truncate_ms((now + ttl).min(lease.max_expires_at));
         let backend = self.backend(&lease.database)?.clone();
@@ -586,11 +634,25 @@ impl Broker {
             Selector::Identity(i) => filter.identity = Some(i.clone()),
             Selector::All => {}
         }
+        self.revoke_matching(who, &filter, Reason::Admin, mode, |_| true)
+            .await
+    }
+
+    /// Claims and revokes every live lease `filter` lists and `keep` accepts,
+    /// in batches, through the revocation engine.
+    async fn revoke_matching(
+        &self,
+        who: &Identity,
+        filter: &LeaseFilter,
+        reason: Reason,
+        mode: Mode,
+        keep: impl Fn(&Lease) -> bool,
+    ) -> Result<BulkOutcome> {
         let mut total = BulkOutcome::default();
         let batch = self.config().reaper.batch_size;
-        let candidates = self.store.list(&filter).await.map_err(store_unavailable)?;
+        let candidates = self.store.list(filter).await.map_err(store_unavailable)?;
         let mut claimed = Vec::new();
-        for lease in candidates {
+        for lease in candidates.into_iter().filter(|l| keep(l)) {
             match self
                 .store
                 .claim_one(&lease.id, &self.claim())
@@ -606,12 +668,162 @@ impl Broker {
         }
         for chunk in claimed.chunks(batch) {
             let out = self
-                .revoke_claimed(chunk.to_vec(), who.as_str(), Reason::Admin, mode)
+                .revoke_claimed(chunk.to_vec(), who.as_str(), reason, mode)
                 .await;
             total.revoked.extend(out.revoked);
             total.failed.extend(out.failed);
         }
         Ok(total)
+    }
+
+    /// Locks `target` out: from now on issue and renew refuse whatever it
+    /// matches, on every replica. With `revoke`, every live lease it
+    /// matches is then revoked in the same call, sessions included — after
+    /// the lock is stored, so nothing issued meanwhile escapes (see the
+    /// second check in `issue_inner`).
+    pub async fn admin_lock(
+        &self,
+        who: &Identity,
+        target: LockTarget,
+        duration: Option<Duration>,
+        reason: String,
+        revoke: bool,
+    ) -> Result<(Lock, Option<BulkOutcome>)> {
+        self.require_admin(who, "lock")?;
+        let mut event = Event::new(who.as_str(), "lock");
+        event.detail = Some(truncate_text(&format!("{target}")));
+        let checked = self.check_lock_request(&target, duration, &reason);
+        if let Err(e) = checked {
+            self.metrics.request_failed("lock", &e);
+            return Err(self.audit_failure(event, e));
+        }
+        let new = NewLock {
+            id: LockId::generate(),
+            target,
+            reason,
+            created_by: who.as_str().to_string(),
+            duration,
+        };
+        let lock = match self.store.insert_lock(&new).await {
+            Ok(l) => l,
+            Err(e) => {
+                let e = store_unavailable(e);
+                self.metrics.request_failed("lock", &e);
+                return Err(self.audit_failure(event, e));
+            }
+        };
+        event.outcome = Some(Outcome::Ok);
+        event.detail = Some(lock_detail(&lock, revoke));
+        self.audit_event(event)?;
+        tracing::warn!(lock_id = %lock.id, target = %lock.target, reason = %lock.reason, "lock set");
+        if !revoke {
+            return Ok((lock, None));
+        }
+        let out = self.revoke_locked(who, &lock).await?;
+        Ok((lock, Some(out)))
+    }
+
+    fn check_lock_request(
+        &self,
+        target: &LockTarget,
+        duration: Option<Duration>,
+        reason: &str,
+    ) -> Result<()> {
+        crate::lock::check_reason(reason)?;
+        if let Some(d) = duration {
+            if d < Duration::from_secs(1) || d > crate::lock::MAX_LOCK_DURATION {
+                return Err(Error::invalid(
+                    "lock duration must be between 1 second and 366 days",
+                ));
+            }
+        }
+        // A typo must not look like a lock that holds.
+        let config = self.config();
+        match target {
+            LockTarget::Role(r) if config.role(r).is_none() => {
+                Err(Error::NotFound(format!("no role {r:?} is configured")))
+            }
+            LockTarget::Database(d) if !config.databases.contains_key(d) => {
+                Err(Error::NotFound(format!("no database {d:?} is configured")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Revokes every live lease `lock` matches (Reason::Locked). An identity
+    /// pattern is matched against the identities holding live leases, then
+    /// each is listed on its own: memory follows the number of callers.
+    async fn revoke_locked(&self, who: &Identity, lock: &Lock) -> Result<BulkOutcome> {
+        let mode = Mode::UntilDropped;
+        match &lock.target {
+            LockTarget::Role(r) => {
+                let filter = LeaseFilter {
+                    role: Some(r.clone()),
+                    ..Default::default()
+                };
+                self.revoke_matching(who, &filter, Reason::Locked, mode, |_| true)
+                    .await
+            }
+            LockTarget::Database(d) => {
+                let filter = LeaseFilter {
+                    database: Some(d.clone()),
+                    ..Default::default()
+                };
+                self.revoke_matching(who, &filter, Reason::Locked, mode, |_| true)
+                    .await
+            }
+            LockTarget::Identity(p) => {
+                let mut total = BulkOutcome::default();
+                let identities = self
+                    .store
+                    .live_identities()
+                    .await
+                    .map_err(store_unavailable)?;
+                for identity in identities.into_iter().filter(|i| p.matches(i)) {
+                    let filter = LeaseFilter {
+                        identity: Some(identity),
+                        ..Default::default()
+                    };
+                    let out = self
+                        .revoke_matching(who, &filter, Reason::Locked, mode, |_| true)
+                        .await?;
+                    total.revoked.extend(out.revoked);
+                    total.failed.extend(out.failed);
+                }
+                Ok(total)
+            }
+        }
+    }
+
+    /// Lifts a lock (expired or not). Audited.
+    pub async fn admin_unlock(&self, who: &Identity, id: &LockId) -> Result<Lock> {
+        self.require_admin(who, "unlock")?;
+        let mut event = Event::new(who.as_str(), "unlock");
+        event.detail = Some(id.to_string());
+        let result = match self.store.delete_lock(id).await {
+            Ok(Some(l)) => Ok(l),
+            Ok(None) => Err(Error::NotFound(format!("no lock {id}"))),
+            Err(e) => Err(store_unavailable(e)),
+        };
+        match result {
+            Ok(lock) => {
+                event.outcome = Some(Outcome::Ok);
+                event.detail = Some(lock_detail(&lock, false));
+                self.audit_event(event)?;
+                tracing::warn!(lock_id = %lock.id, target = %lock.target, "lock lifted");
+                Ok(lock)
+            }
+            Err(e) => {
+                self.metrics.request_failed("unlock", &e);
+                Err(self.audit_failure(event, e))
+            }
+        }
+    }
+
+    /// The locks in force.
+    pub async fn admin_locks(&self, who: &Identity) -> Result<Vec<Lock>> {
+        self.require_admin(who, "list_locks")?;
+        self.store.active_locks().await.map_err(store_unavailable)
     }
 
     /// Replaces the broker's own admin password on `database`. A call while
@@ -703,6 +915,20 @@ fn store_unavailable(e: Error) -> Error {
         Error::Internal(m) => Error::Unavailable(format!("lease store: {m}")),
         other => other,
     }
+}
+
+/// A lock in an audit record: id, target, expiry and reason.
+fn lock_detail(lock: &Lock, revoke: bool) -> String {
+    format!(
+        "{} {} until {}{}: {}",
+        lock.id,
+        lock.target,
+        lock.expires_at
+            .map(|e| e.to_rfc3339())
+            .unwrap_or_else(|| "unlocked".into()),
+        if revoke { ", revoking its leases" } else { "" },
+        lock.reason
+    )
 }
 
 /// Caps caller-supplied text before it goes into an audit record.

@@ -13,6 +13,7 @@
 //! - [`broker`]: issue / renew / revoke / admin; no gRPC types inside.
 //! - [`revocation`]: the one engine that ends leases, whoever asks.
 //! - [`limits`]: per-identity rate limits.
+//! - [`lock`]: admin locks that refuse issue and renew (the incident button).
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
 //! - [`store`]: the lease store trait; SQLite (one broker) and PostgreSQL
@@ -47,6 +48,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod lease;
 pub mod limits;
+pub mod lock;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

@@ -10,6 +10,8 @@ use tonic::{Request, Response, Status};
 use crate::broker::{Broker, Selector};
 use crate::identity::Identity;
 use crate::lease::{Lease, LeaseId, LeaseState};
+use crate::lock::{Lock, LockId, LockTarget};
+use crate::policy::IdentityPattern;
 use crate::pb;
 use crate::server::status::to_status;
 use crate::store::LeaseFilter;
@@ -203,6 +205,40 @@ fn summary(l: &Lease) -> pb::LeaseSummary {
     }
 }
 
+pub fn lock_info(l: &Lock) -> pb::LockInfo {
+    pb::LockInfo {
+        lock_id: l.id.to_string(),
+        kind: l.target.kind().to_string(),
+        value: l.target.value().to_string(),
+        reason: l.reason.clone(),
+        created_by: l.created_by.clone(),
+        created_at: Some(ts(l.created_at)),
+        expires_at: l.expires_at.map(ts),
+    }
+}
+
+fn lock_target(t: Option<pb::lock_request::Target>) -> Result<LockTarget, Status> {
+    use pb::lock_request::Target as T;
+    let nonempty = |field: &str, v: String| {
+        bounded(field, v)?.ok_or_else(|| Status::invalid_argument(format!("{field} is empty")))
+    };
+    Ok(match t {
+        Some(T::Identity(v)) => {
+            let v = nonempty("identity", v)?;
+            LockTarget::Identity(IdentityPattern::new(&v).map_err(|e| {
+                Status::invalid_argument(e.to_string().trim_start_matches("config: ").to_string())
+            })?)
+        }
+        Some(T::Role(v)) => LockTarget::Role(nonempty("role", v)?),
+        Some(T::Database(v)) => LockTarget::Database(nonempty("database", v)?),
+        None => {
+            return Err(Status::invalid_argument(
+                "name what to lock: identity, role or database",
+            ))
+        }
+    })
+}
+
 fn bounded(field: &str, s: String) -> Result<Option<String>, Status> {
     if s.len() > 1024 {
         return Err(Status::invalid_argument(format!(
@@ -304,6 +340,76 @@ impl pb::admin_server::Admin for AdminService {
                     error,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn lock(
+        &self,
+        req: Request<pb::LockRequest>,
+    ) -> Result<Response<pb::LockResponse>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let target = lock_target(r.target)?;
+        let duration = match r.duration_seconds {
+            0 => None,
+            s if s < 0 => {
+                return Err(Status::invalid_argument(
+                    "duration_seconds must not be negative",
+                ))
+            }
+            s if s > MAX_REQUEST_TTL_SECS => {
+                return Err(Status::invalid_argument("duration_seconds is absurdly large"))
+            }
+            s => Some(Duration::from_secs(s as u64)),
+        };
+        let (lock, revoked) = self
+            .broker
+            .admin_lock(&who, target, duration, r.reason, r.revoke)
+            .await
+            .map_err(to_status)?;
+        let revoked = revoked.unwrap_or_default();
+        Ok(Response::new(pb::LockResponse {
+            lock: Some(lock_info(&lock)),
+            revoked: revoked.revoked.len() as u32,
+            failures: revoked
+                .failed
+                .into_iter()
+                .map(|(id, error)| pb::RevokeFailure {
+                    lease_id: id.to_string(),
+                    error,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn unlock(
+        &self,
+        req: Request<pb::UnlockRequest>,
+    ) -> Result<Response<pb::UnlockResponse>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        if r.lock_id.is_empty() {
+            return Err(Status::invalid_argument("lock_id is required"));
+        }
+        let id = LockId::parse(&r.lock_id).map_err(to_status)?;
+        let lock = self
+            .broker
+            .admin_unlock(&who, &id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UnlockResponse {
+            lock: Some(lock_info(&lock)),
+        }))
+    }
+
+    async fn list_locks(
+        &self,
+        req: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        let who = identity(&req)?;
+        let locks = self.broker.admin_locks(&who).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListLocksResponse {
+            locks: locks.iter().map(lock_info).collect(),
         }))
     }
 
