@@ -949,3 +949,179 @@ fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "broker".into())
 }
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+    use crate::policy::IdentityPattern;
+    use crate::testkit::{admin, app, role, Kit, APP};
+
+    const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
+
+    fn kit() -> Kit {
+        let two = role("ro", "main").replace(
+            &format!("allowed = [\"{APP}\"]"),
+            &format!("allowed = [\"{APP}\", \"{OTHER}\"]"),
+        ) + &role("ro2", "second");
+        Kit::new("", &two)
+    }
+
+    fn pattern(p: &str) -> LockTarget {
+        LockTarget::Identity(IdentityPattern::new(p).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_identity_lock_refuses_issue_and_renew_with_its_reason_until_unlocked() {
+        let kit = kit();
+        let other = Identity::from_trusted(OTHER);
+        let held = kit.broker.issue(&app(), "ro", None).await.unwrap();
+        let (lock, revoked) = kit
+            .broker
+            .admin_lock(
+                &admin(),
+                pattern("spiffe://credbroker.dev/ns/demo/app"),
+                None,
+                "INC-7 leaked cert".into(),
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(revoked.is_none());
+        let refused = kit.broker.issue(&app(), "ro", None).await.err().unwrap();
+        assert!(matches!(refused, Error::PermissionDenied(_)), "{refused}");
+        let text = refused.to_string();
+        assert!(text.contains("INC-7 leaked cert") && text.contains(lock.id.as_str()), "{text}");
+        let renew = kit.broker.renew(&app(), &held.lease.id, None).await;
+        assert!(matches!(renew, Err(Error::PermissionDenied(_))), "{renew:?}");
+        // Without --revoke the held credential keeps working until expiry.
+        assert!(kit.server.user(held.lease.username.as_str()).is_some());
+        kit.broker.issue(&other, "ro", None).await.unwrap();
+
+        let denied: Vec<_> = kit
+            .audit()
+            .into_iter()
+            .filter(|r| r.outcome == crate::audit::Outcome::Denied && r.identity == APP)
+            .map(|r| (r.action, r.detail.unwrap_or_default()))
+            .collect();
+        assert_eq!(denied.len(), 2, "{denied:?}");
+        assert!(denied.iter().all(|(_, d)| d.contains("INC-7")), "{denied:?}");
+        assert_eq!(
+            kit.broker.admin_locks(&admin()).await.unwrap().len(),
+            1,
+            "listed"
+        );
+
+        kit.broker.admin_unlock(&admin(), &lock.id).await.unwrap();
+        kit.broker.issue(&app(), "ro", None).await.unwrap();
+        kit.broker.renew(&app(), &held.lease.id, None).await.unwrap();
+        let again = kit.broker.admin_unlock(&admin(), &lock.id).await;
+        assert!(matches!(again, Err(Error::NotFound(_))), "{again:?}");
+        let actions: Vec<String> = kit.audit().into_iter().map(|r| r.action).collect();
+        assert!(actions.contains(&"lock".to_string()) && actions.contains(&"unlock".to_string()));
+    }
+
+    #[tokio::test]
+    async fn lock_with_revoke_ends_every_matching_lease_through_the_engine() {
+        let kit = kit();
+        let other = Identity::from_trusted(OTHER);
+        let mine = [
+            kit.broker.issue(&app(), "ro", None).await.unwrap(),
+            kit.broker.issue(&app(), "ro2", None).await.unwrap(),
+        ];
+        let theirs = kit.broker.issue(&other, "ro", None).await.unwrap();
+        let (_, out) = kit
+            .broker
+            .admin_lock(
+                &admin(),
+                pattern("spiffe://credbroker.dev/ns/demo/a*"),
+                Some(Duration::from_secs(60)),
+                "leak".into(),
+                true,
+            )
+            .await
+            .unwrap();
+        let out = out.unwrap();
+        assert_eq!(out.revoked.len(), 2, "{out:?}");
+        for l in &mine {
+            assert!(kit.server.user(l.lease.username.as_str()).is_none());
+            let s = kit.store.get(&l.lease.id).await.unwrap().unwrap();
+            assert_eq!(s.state, LeaseState::Revoked);
+        }
+        assert!(kit.server.user(theirs.lease.username.as_str()).is_some());
+        let revoked_records = kit
+            .audit()
+            .into_iter()
+            .filter(|r| r.action == "lock_revoke" && r.outcome == crate::audit::Outcome::Ok)
+            .count();
+        assert_eq!(revoked_records, 2);
+    }
+
+    #[tokio::test]
+    async fn role_and_database_locks_refuse_only_what_they_name() {
+        let kit = kit();
+        let (by_role, _) = kit
+            .broker
+            .admin_lock(&admin(), LockTarget::Role("ro".into()), None, String::new(), false)
+            .await
+            .unwrap();
+        assert!(kit.broker.issue(&app(), "ro", None).await.is_err());
+        kit.broker.issue(&app(), "ro2", None).await.unwrap();
+        kit.broker.admin_unlock(&admin(), &by_role.id).await.unwrap();
+        kit.broker
+            .admin_lock(
+                &admin(),
+                LockTarget::Database("second".into()),
+                None,
+                "maintenance".into(),
+                false,
+            )
+            .await
+            .unwrap();
+        kit.broker.issue(&app(), "ro", None).await.unwrap();
+        let e = kit.broker.issue(&app(), "ro2", None).await.err().unwrap();
+        assert!(e.to_string().contains("maintenance"), "{e}");
+
+        for bad in [LockTarget::Role("nope".into()), LockTarget::Database("nope".into())] {
+            let e = kit
+                .broker
+                .admin_lock(&admin(), bad, None, String::new(), false)
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(e, Error::NotFound(_)), "{e}");
+        }
+        let e = kit
+            .broker
+            .admin_lock(&app(), LockTarget::Role("ro".into()), None, String::new(), true)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+        let e = kit
+            .broker
+            .admin_lock(&admin(), LockTarget::Role("ro".into()), None, "a\nb".into(), false)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_lock_runs_out_on_its_own() {
+        let kit = kit();
+        kit.broker
+            .admin_lock(
+                &admin(),
+                LockTarget::Role("ro".into()),
+                Some(Duration::from_secs(1)),
+                String::new(),
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(kit.broker.issue(&app(), "ro", None).await.is_err());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        kit.broker.issue(&app(), "ro", None).await.unwrap();
+        assert!(kit.broker.admin_locks(&admin()).await.unwrap().is_empty());
+    }
+}
