@@ -990,9 +990,15 @@ mod lock_tests {
         let refused = kit.broker.issue(&app(), "ro", None).await.err().unwrap();
         assert!(matches!(refused, Error::PermissionDenied(_)), "{refused}");
         let text = refused.to_string();
-        assert!(text.contains("INC-7 leaked cert") && text.contains(lock.id.as_str()), "{text}");
+        assert!(
+            text.contains("INC-7 leaked cert") && text.contains(lock.id.as_str()),
+            "{text}"
+        );
         let renew = kit.broker.renew(&app(), &held.lease.id, None).await;
-        assert!(matches!(renew, Err(Error::PermissionDenied(_))), "{renew:?}");
+        assert!(
+            matches!(renew, Err(Error::PermissionDenied(_))),
+            "{renew:?}"
+        );
         // Without --revoke the held credential keeps working until expiry.
         assert!(kit.server.user(held.lease.username.as_str()).is_some());
         kit.broker.issue(&other, "ro", None).await.unwrap();
@@ -1004,7 +1010,10 @@ mod lock_tests {
             .map(|r| (r.action, r.detail.unwrap_or_default()))
             .collect();
         assert_eq!(denied.len(), 2, "{denied:?}");
-        assert!(denied.iter().all(|(_, d)| d.contains("INC-7")), "{denied:?}");
+        assert!(
+            denied.iter().all(|(_, d)| d.contains("INC-7")),
+            "{denied:?}"
+        );
         assert_eq!(
             kit.broker.admin_locks(&admin()).await.unwrap().len(),
             1,
@@ -1013,7 +1022,10 @@ mod lock_tests {
 
         kit.broker.admin_unlock(&admin(), &lock.id).await.unwrap();
         kit.broker.issue(&app(), "ro", None).await.unwrap();
-        kit.broker.renew(&app(), &held.lease.id, None).await.unwrap();
+        kit.broker
+            .renew(&app(), &held.lease.id, None)
+            .await
+            .unwrap();
         let again = kit.broker.admin_unlock(&admin(), &lock.id).await;
         assert!(matches!(again, Err(Error::NotFound(_))), "{again:?}");
         let actions: Vec<String> = kit.audit().into_iter().map(|r| r.action).collect();
@@ -1061,12 +1073,21 @@ mod lock_tests {
         let kit = kit();
         let (by_role, _) = kit
             .broker
-            .admin_lock(&admin(), LockTarget::Role("ro".into()), None, String::new(), false)
+            .admin_lock(
+                &admin(),
+                LockTarget::Role("ro".into()),
+                None,
+                String::new(),
+                false,
+            )
             .await
             .unwrap();
         assert!(kit.broker.issue(&app(), "ro", None).await.is_err());
         kit.broker.issue(&app(), "ro2", None).await.unwrap();
-        kit.broker.admin_unlock(&admin(), &by_role.id).await.unwrap();
+        kit.broker
+            .admin_unlock(&admin(), &by_role.id)
+            .await
+            .unwrap();
         kit.broker
             .admin_lock(
                 &admin(),
@@ -1081,7 +1102,10 @@ mod lock_tests {
         let e = kit.broker.issue(&app(), "ro2", None).await.err().unwrap();
         assert!(e.to_string().contains("maintenance"), "{e}");
 
-        for bad in [LockTarget::Role("nope".into()), LockTarget::Database("nope".into())] {
+        for bad in [
+            LockTarget::Role("nope".into()),
+            LockTarget::Database("nope".into()),
+        ] {
             let e = kit
                 .broker
                 .admin_lock(&admin(), bad, None, String::new(), false)
@@ -1092,14 +1116,26 @@ mod lock_tests {
         }
         let e = kit
             .broker
-            .admin_lock(&app(), LockTarget::Role("ro".into()), None, String::new(), true)
+            .admin_lock(
+                &app(),
+                LockTarget::Role("ro".into()),
+                None,
+                String::new(),
+                true,
+            )
             .await
             .err()
             .unwrap();
         assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
         let e = kit
             .broker
-            .admin_lock(&admin(), LockTarget::Role("ro".into()), None, "a\nb".into(), false)
+            .admin_lock(
+                &admin(),
+                LockTarget::Role("ro".into()),
+                None,
+                "a\nb".into(),
+                false,
+            )
             .await
             .err()
             .unwrap();

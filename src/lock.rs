@@ -211,7 +211,13 @@ mod tests {
     fn ids_round_trip_and_reject_other_shapes() {
         let id = LockId::generate();
         assert_eq!(LockId::parse(id.as_str()).unwrap(), id);
-        for bad in ["", "k_", "l_abcdefghijklmnopqrst", "k_ABCDEFGHIJKLMNOPQRST", "k_abc'"] {
+        for bad in [
+            "",
+            "k_",
+            "l_abcdefghijklmnopqrst",
+            "k_ABCDEFGHIJKLMNOPQRST",
+            "k_abc'",
+        ] {
             assert!(LockId::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -238,7 +244,10 @@ mod tests {
         locks.retain(|l| l.is_active(now));
         assert!(first_match(&locks, "spiffe://x/ns/a", "rw", "orders").is_none());
         let err = locks[1].refusal().to_string();
-        assert!(err.contains("leaked") && err.contains(locks[1].id.as_str()), "{err}");
+        assert!(
+            err.contains("leaked") && err.contains(locks[1].id.as_str()),
+            "{err}"
+        );
     }
 
     #[test]

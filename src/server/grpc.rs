@@ -11,8 +11,8 @@ use crate::broker::{Broker, Selector};
 use crate::identity::Identity;
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, LockTarget};
-use crate::policy::IdentityPattern;
 use crate::pb;
+use crate::policy::IdentityPattern;
 use crate::server::status::to_status;
 use crate::store::LeaseFilter;
 
@@ -358,7 +358,9 @@ impl pb::admin_server::Admin for AdminService {
                 ))
             }
             s if s > MAX_REQUEST_TTL_SECS => {
-                return Err(Status::invalid_argument("duration_seconds is absurdly large"))
+                return Err(Status::invalid_argument(
+                    "duration_seconds is absurdly large",
+                ))
             }
             s => Some(Duration::from_secs(s as u64)),
         };

@@ -215,9 +215,8 @@ impl SqliteStore {
         let path = path.to_path_buf();
         let (conn, locks) = tokio::task::spawn_blocking(move || {
             let conn = Self::open_blocking(&path)?;
-            let locks = load_locks(&conn).map_err(|e| {
-                Error::Config(format!("lease store {}: {e}", path.display()))
-            })?;
+            let locks = load_locks(&conn)
+                .map_err(|e| Error::Config(format!("lease store {}: {e}", path.display())))?;
             Ok::<_, Error>((conn, locks))
         })
         .await
@@ -370,9 +369,8 @@ fn load_locks(conn: &Connection) -> Result<Vec<Lock>> {
     let mut out = Vec::new();
     for row in rows {
         let (id, kind, value, reason, created_by, created_at, expires_at) = row.map_err(db_err)?;
-        let target = LockTarget::from_parts(&kind, &value).map_err(|e| {
-            Error::Config(format!("lock {id} cannot be read by this broker: {e}"))
-        })?;
+        let target = LockTarget::from_parts(&kind, &value)
+            .map_err(|e| Error::Config(format!("lock {id} cannot be read by this broker: {e}")))?;
         out.push(Lock {
             id: LockId::from_store(id),
             target,

@@ -8,6 +8,7 @@ mod bench;
 mod certificates;
 mod faults;
 mod ha;
+mod incident;
 mod lease_path;
 mod limits;
 mod mysql;
