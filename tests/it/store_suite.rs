@@ -852,6 +852,16 @@ pub async fn case_locks_survive_a_restart_run_out_and_are_deleted(home: StoreHom
         "expiry is the store's now + duration"
     );
     assert_eq!(s.active_locks().await.unwrap().len(), 3);
+    // The read every issue and renew makes (twice per issue): measured, to
+    // show it needs no cache.
+    let started = Instant::now();
+    for _ in 0..200 {
+        s.active_locks().await.unwrap();
+    }
+    println!(
+        "active_locks with 3 locks: {:?} per call",
+        started.elapsed() / 200
+    );
 
     active(&s, 1, "ro", APP, 600).await;
     active(&s, 2, "ro", APP, 600).await;
