@@ -18,6 +18,7 @@ use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
 use crate::limits::RateLimiter;
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
+use crate::watch::{LeaseEvent, Scope, WatchHub};
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
 use crate::revocation::UNREACHABLE_RETRY_CAP;
@@ -62,6 +63,8 @@ pub struct Broker {
     /// holding a password the database no longer accepts. Per process
     /// only: replicas keep password files of their own (docs/HA.md).
     rotations: BTreeMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Lease events for `WatchLeases` streams.
+    watch: Arc<WatchHub>,
 }
 
 impl Broker {
@@ -92,6 +95,7 @@ impl Broker {
             limiter: RateLimiter::default(),
             reaper_wake: Arc::new(Notify::new()),
             owner,
+            watch: Arc::new(WatchHub::new()),
         }
     }
 
@@ -122,6 +126,23 @@ impl Broker {
 
     pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
+    }
+
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.watch
+    }
+
+    /// What a `WatchLeases` stream of `who` may see: its own leases, or for
+    /// an admin whatever the selector names (an empty one: everything).
+    pub fn watch_scope(&self, who: &Identity, requested: Scope, others: bool) -> Result<Scope> {
+        if !others {
+            return Ok(Scope {
+                identity: Some(who.as_str().to_string()),
+                ..requested
+            });
+        }
+        self.require_admin(who, "watch")?;
+        Ok(requested)
     }
 
     pub fn reaper_wake(&self) -> Arc<Notify> {
@@ -452,6 +473,7 @@ impl Broker {
                 event.detail = Some(format!("expires_at={}", lease.expires_at.to_rfc3339()));
                 self.audit_event(event)?;
                 self.metrics.renewed(&lease.role, &lease.database);
+                self.watch.publish(LeaseEvent::renewed(&lease, who.as_str()));
                 Ok(lease)
             }
             Err(e) => {
@@ -648,11 +670,23 @@ impl Broker {
         mode: Mode,
         keep: impl Fn(&Lease) -> bool,
     ) -> Result<BulkOutcome> {
+        let candidates = self.store.list(filter).await.map_err(store_unavailable)?;
+        let candidates = candidates.into_iter().filter(|l| keep(l)).collect();
+        self.revoke_listed(who, candidates, reason, mode).await
+    }
+
+    /// Claims and revokes `candidates`, in batches, through the engine.
+    async fn revoke_listed(
+        &self,
+        who: &Identity,
+        candidates: Vec<Lease>,
+        reason: Reason,
+        mode: Mode,
+    ) -> Result<BulkOutcome> {
         let mut total = BulkOutcome::default();
         let batch = self.config().reaper.batch_size;
-        let candidates = self.store.list(filter).await.map_err(store_unavailable)?;
         let mut claimed = Vec::new();
-        for lease in candidates.into_iter().filter(|l| keep(l)) {
+        for lease in candidates {
             match self
                 .store
                 .claim_one(&lease.id, &self.claim())
@@ -717,6 +751,16 @@ impl Broker {
         self.audit_event(event)?;
         tracing::warn!(lock_id = %lock.id, target = %lock.target, reason = %lock.reason, "lock set");
         if !revoke {
+            // Watchers learn at once that their leases can no longer be
+            // renewed; the credentials stay valid until they expire.
+            match self.leases_matching_lock(&lock).await {
+                Ok(leases) => {
+                    for l in &leases {
+                        self.watch.publish(LeaseEvent::locked(l, &lock));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot tell watchers about the lock"),
+            }
             return Ok((lock, None));
         }
         let out = self.revoke_locked(who, &lock).await?;
@@ -750,49 +794,45 @@ impl Broker {
         }
     }
 
-    /// Revokes every live lease `lock` matches (Reason::Locked). An identity
-    /// pattern is matched against the identities holding live leases, then
-    /// each is listed on its own: memory follows the number of callers.
-    async fn revoke_locked(&self, who: &Identity, lock: &Lock) -> Result<BulkOutcome> {
-        let mode = Mode::UntilDropped;
-        match &lock.target {
-            LockTarget::Role(r) => {
-                let filter = LeaseFilter {
-                    role: Some(r.clone()),
+    /// Every live lease `lock` matches. An identity pattern is matched
+    /// against the identities holding live leases, then each is listed on
+    /// its own: memory follows the number of callers, not of leases.
+    async fn leases_matching_lock(&self, lock: &Lock) -> Result<Vec<Lease>> {
+        let filters: Vec<LeaseFilter> = match &lock.target {
+            LockTarget::Role(r) => vec![LeaseFilter {
+                role: Some(r.clone()),
+                ..Default::default()
+            }],
+            LockTarget::Database(d) => vec![LeaseFilter {
+                database: Some(d.clone()),
+                ..Default::default()
+            }],
+            LockTarget::Identity(p) => self
+                .store
+                .live_identities()
+                .await
+                .map_err(store_unavailable)?
+                .into_iter()
+                .filter(|i| p.matches(i))
+                .map(|i| LeaseFilter {
+                    identity: Some(i),
                     ..Default::default()
-                };
-                self.revoke_matching(who, &filter, Reason::Locked, mode, |_| true)
-                    .await
-            }
-            LockTarget::Database(d) => {
-                let filter = LeaseFilter {
-                    database: Some(d.clone()),
-                    ..Default::default()
-                };
-                self.revoke_matching(who, &filter, Reason::Locked, mode, |_| true)
-                    .await
-            }
-            LockTarget::Identity(p) => {
-                let mut total = BulkOutcome::default();
-                let identities = self
-                    .store
-                    .live_identities()
-                    .await
-                    .map_err(store_unavailable)?;
-                for identity in identities.into_iter().filter(|i| p.matches(i)) {
-                    let filter = LeaseFilter {
-                        identity: Some(identity),
-                        ..Default::default()
-                    };
-                    let out = self
-                        .revoke_matching(who, &filter, Reason::Locked, mode, |_| true)
-                        .await?;
-                    total.revoked.extend(out.revoked);
-                    total.failed.extend(out.failed);
-                }
-                Ok(total)
-            }
+                })
+                .collect(),
+        };
+        let mut out = Vec::new();
+        for f in &filters {
+            out.extend(self.store.list(f).await.map_err(store_unavailable)?);
         }
+        Ok(out)
+    }
+
+    /// Tells watchers of every lease `lock` matches, and with `revoke` ends
+    /// those leases through the revocation engine (Reason::Locked).
+    async fn revoke_locked(&self, who: &Identity, lock: &Lock) -> Result<BulkOutcome> {
+        let leases = self.leases_matching_lock(lock).await?;
+        self.revoke_listed(who, leases, Reason::Locked, Mode::UntilDropped)
+            .await
     }
 
     /// Lifts a lock (expired or not). Audited.

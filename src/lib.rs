@@ -25,6 +25,7 @@
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
+//! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`cli`]: one file per subcommand.
 //! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
@@ -62,6 +63,7 @@ pub mod store;
 #[cfg(test)]
 mod testkit;
 pub mod throwaway;
+pub mod watch;
 
 /// Code generated from `proto/credbroker/v1`.
 pub mod pb {

@@ -196,6 +196,8 @@ impl Broker {
                 let moved = reassigned.iter().find(|r| r.username == l.username);
                 self.audit_revocation(l, actor, reason, Ok(moved));
                 self.metrics().revoked(&l.role, &l.database, reason);
+                self.watch()
+                    .publish(crate::watch::LeaseEvent::revoked(l, actor, reason));
                 out.revoked.push(l.id.clone());
             } else {
                 out.failed.push((l.id.clone(), CLAIM_LOST.into()));
@@ -248,6 +250,8 @@ impl Broker {
             )),
         );
         self.metrics().revoked(&lease.role, &lease.database, reason);
+        self.watch()
+            .publish(crate::watch::LeaseEvent::revoked(lease, actor, reason));
         out.revoked.push(lease.id.clone());
     }
 

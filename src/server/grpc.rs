@@ -107,8 +107,84 @@ pub struct BrokerService {
     pub broker: Arc<Broker>,
 }
 
+fn event_to_pb(e: &crate::watch::LeaseEvent) -> pb::LeaseEvent {
+    use crate::watch::EventKind;
+    pb::LeaseEvent {
+        kind: match e.kind {
+            EventKind::Renewed => pb::LeaseEventKind::Renewed,
+            EventKind::Revoked => pb::LeaseEventKind::Revoked,
+            EventKind::Locked => pb::LeaseEventKind::Locked,
+        } as i32,
+        lease_id: e.lease_id.to_string(),
+        identity: e.identity.clone(),
+        role: e.role.clone(),
+        database: e.database.clone(),
+        expires_at: e.expires_at.map(ts),
+        actor: e.actor.clone(),
+        reason: e.reason.clone(),
+        lock_id: e.lock_id.clone().unwrap_or_default(),
+        at: Some(ts(e.at)),
+    }
+}
+
+pub type EventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::LeaseEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerService {
+    type WatchLeasesStream = EventStream;
+
+    async fn watch_leases(
+        &self,
+        req: Request<pb::WatchLeasesRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let requested = crate::watch::Scope {
+            identity: bounded("identity", r.identity)?,
+            role: bounded("role", r.role)?,
+            database: bounded("database", r.database)?,
+        };
+        let others = r.all
+            || requested.identity.is_some()
+            || requested.role.is_some()
+            || requested.database.is_some();
+        let scope = self
+            .broker
+            .watch_scope(&who, requested, others)
+            .map_err(to_status)?;
+        let hub = self.broker.watch().clone();
+        let sub = hub.subscribe(who.as_str()).map_err(to_status)?;
+        let closed = hub.closed();
+        tracing::debug!(identity = %who, "lease watch opened");
+        // The subscription (and its slot) lives as long as the stream.
+        let stream = futures::stream::unfold(Some(sub), move |state| {
+            let (scope, closed) = (scope.clone(), closed.clone());
+            async move {
+                let mut sub = state?;
+                loop {
+                    let got = tokio::select! {
+                        _ = closed.cancelled() => return None,
+                        got = sub.rx.recv() => got,
+                    };
+                    match got {
+                        Ok(e) if scope.matches(&e) => return Some((Ok(event_to_pb(&e)), Some(sub))),
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(n)) => {
+                            let s = Status::resource_exhausted(format!(
+                                "this watch fell {n} events behind; resubscribe"
+                            ));
+                            return Some((Err(s), None));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn issue_lease(
         &self,
         req: Request<pb::IssueLeaseRequest>,
