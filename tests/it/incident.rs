@@ -460,3 +460,278 @@ async fn incident_locks_by_role_and_by_database_survive_a_restart() {
     b.stop().await;
     drop_schema(&schema).await;
 }
+
+async fn next_event(
+    s: &mut tonic::Streaming<pb::LeaseEvent>,
+    within: Duration,
+) -> Option<pb::LeaseEvent> {
+    tokio::time::timeout(within, s.message())
+        .await
+        .expect("no lease event in time")
+        .expect("the stream failed")
+}
+
+async fn watch(
+    b: &TestBroker,
+    who: &str,
+    req: pb::WatchLeasesRequest,
+) -> Result<tonic::Streaming<pb::LeaseEvent>, tonic::Status> {
+    b.client(who)
+        .await
+        .watch_leases(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// WatchLeases: a caller sees renewals and revocations of its own leases
+/// (who and why) within a second and nobody else's; an admin watches a
+/// selector; a non-admin may not; shutdown ends the streams cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_watch_streams_own_lease_events_and_ends_on_shutdown() {
+    let mut b = TestBroker::start(&role(
+        "ro",
+        "{db}",
+        "5m",
+        "10m",
+        "spiffe://credbroker.dev/ns/demo/*",
+    ))
+    .await;
+    let mut mine = watch(&b, "app", Default::default()).await.unwrap();
+    let mut all = watch(
+        &b,
+        "admin",
+        pb::WatchLeasesRequest {
+            role: "ro".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let refused = watch(
+        &b,
+        "app",
+        pb::WatchLeasesRequest {
+            all: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    let theirs = issue(&b, "other", "ro", 0).await.unwrap();
+    renew(&b, "other", &theirs.lease_id).await.unwrap();
+    let l = issue(&b, "app", "ro", 0).await.unwrap();
+    renew(&b, "app", &l.lease_id).await.unwrap();
+    let e = next_event(&mut mine, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        (e.kind, e.lease_id.as_str()),
+        (pb::LeaseEventKind::Renewed as i32, l.lease_id.as_str()),
+        "only our own lease: {e:?}"
+    );
+    assert!(e.expires_at.is_some());
+    let t0 = Instant::now();
+    b.admin("admin")
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                l.lease_id.clone(),
+            )),
+            force: false,
+        })
+        .await
+        .unwrap();
+    let e = next_event(&mut mine, Duration::from_secs(1)).await.unwrap();
+    println!("admin revoke → event at the watcher: {:?}", t0.elapsed());
+    assert_eq!(e.kind, pb::LeaseEventKind::Revoked as i32);
+    assert_eq!(e.lease_id, l.lease_id);
+    assert_eq!(e.actor, credbroker::devenv::ADMIN_IDENTITY);
+    assert_eq!(e.reason, "admin");
+    // The admin's selector sees both identities' events.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = next_event(&mut all, Duration::from_secs(1)).await.unwrap();
+        seen.push((e.identity, e.kind));
+    }
+    assert!(seen.iter().any(|(i, _)| i == OTHER), "{seen:?}");
+    assert!(seen.iter().any(|(i, _)| i == APP), "{seen:?}");
+
+    let stopping = Instant::now();
+    b.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "watch streams held up shutdown for {:?}",
+        stopping.elapsed()
+    );
+    for s in [&mut mine, &mut all] {
+        let end = tokio::time::timeout(Duration::from_secs(5), s.message())
+            .await
+            .expect("stream still open after shutdown");
+        assert!(matches!(end, Ok(None)), "ended cleanly: {end:?}");
+    }
+}
+
+struct SidecarProc {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl SidecarProc {
+    fn spawn(b: &TestBroker, dir: &std::path::Path, role: &str) -> SidecarProc {
+        let out = dir.join("db.json");
+        let log = dir.join("sidecar.log");
+        let pki = &b.env.pki;
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .arg("sidecar")
+            .args(["--role", role, "--format", "json", "--give-up-after", "120s", "--out"])
+            .arg(&out)
+            .args(["--addr", &b.addr, "--ca"])
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("app.pem"))
+            .arg("--key")
+            .arg(pki.join("app-key.pem"))
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        SidecarProc { child, out, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// (lease id, username, password) in the file, if it is there.
+    fn current(&self) -> Option<(String, String, String)> {
+        let text = std::fs::read_to_string(&self.out).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some((
+            v["lease_id"].as_str()?.to_string(),
+            v["username"].as_str()?.to_string(),
+            v["password"].as_str()?.to_string(),
+        ))
+    }
+
+    async fn wait_log(&self, needle: &str, count: usize, within: Duration) {
+        let ok = eventually(within, || async {
+            self.log_text().matches(needle).count() >= count
+        })
+        .await;
+        assert!(ok, "no {needle:?} (x{count}) in the sidecar log:\n{}", self.log_text());
+    }
+
+    /// Polls the file every 5 ms until it names a lease other than `old`.
+    async fn wait_replaced(&self, old: &str, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            if let Some((id, ..)) = self.current() {
+                if id != old {
+                    return t0.elapsed();
+                }
+            }
+            assert!(
+                t0.elapsed() < within,
+                "no fresh file within {within:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for SidecarProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn admin_revoke(b: &TestBroker, lease_id: &str) {
+    let out = b
+        .admin("admin")
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(lease_id.into())),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.revoked, 1, "{out:?}");
+}
+
+/// The sidecar subscribes to its lease events: an admin revocation is
+/// replaced by a fresh, working credential in the file at once (measured
+/// from the admin call to the new file; goal under 1 s), again after the
+/// broker restarted (the stream was lost and reopened; the schedule kept
+/// the file meanwhile). Under a lock the file goes and the sidecar keeps
+/// retrying; after unlock it writes a credential again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_watch_sidecar_replaces_a_revoked_lease_within_a_second() {
+    // A long TTL: nothing in the schedule would replace the lease for
+    // minutes, so only the event can explain a fast replacement.
+    let mut b = TestBroker::start(&role("wr", "{db}", "5m", "10m", APP)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sc = SidecarProc::spawn(&b, dir.path(), "wr");
+    sc.wait_log("watching lease events", 1, Duration::from_secs(20)).await;
+    let (first, ..) = sc.current().expect("the first credential");
+
+    let t0 = Instant::now();
+    admin_revoke(&b, &first).await;
+    let call = t0.elapsed();
+    let fresh = sc.wait_replaced(&first, Duration::from_secs(5)).await + call;
+    let (second, user, password) = sc.current().unwrap();
+    println!("admin revoke → fresh file: {fresh:?} (the admin call itself {call:?})");
+    assert!(fresh < Duration::from_secs(1), "took {fresh:?}");
+    login(&b.db, &user, &password).await.expect("the fresh credential works");
+    assert!(sc.log_text().contains("the current lease was revoked; replacing it now"));
+
+    // The broker restarts: the stream is lost, the file stays, the stream
+    // comes back, and a revocation is again replaced at once.
+    b.stop().await;
+    sc.wait_log("lease event stream lost", 1, Duration::from_secs(5)).await;
+    assert_eq!(sc.current().unwrap().0, second, "the file stays while the broker is away");
+    b.start_in_process().await;
+    sc.wait_log("watching lease events", 2, Duration::from_secs(30)).await;
+    let t0 = Instant::now();
+    admin_revoke(&b, &second).await;
+    let again = sc.wait_replaced(&second, Duration::from_secs(5)).await + t0.elapsed();
+    println!("after a broker restart: admin revoke → fresh file: {again:?}");
+    assert!(again < Duration::from_secs(1), "took {again:?}");
+
+    // Locked: the revoked credential's file goes, the sidecar keeps trying.
+    let mut admin = b.admin("admin").await;
+    let lock = admin
+        .lock(pb::LockRequest {
+            target: Some(pb::lock_request::Target::Identity(APP.into())),
+            duration_seconds: 0,
+            reason: REASON.into(),
+            revoke: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lock.revoked, 1);
+    assert!(
+        eventually(Duration::from_secs(3), || async { !sc.out.exists() }).await,
+        "the file of a revoked, locked credential must go:\n{}",
+        sc.log_text()
+    );
+    admin
+        .unlock(pb::UnlockRequest {
+            lock_id: lock.lock.unwrap().lock_id,
+        })
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || async { sc.current().is_some() }).await,
+        "no credential after unlock:\n{}",
+        sc.log_text()
+    );
+    let (_, user, password) = sc.current().unwrap();
+    login(&b.db, &user, &password).await.expect("works after unlock");
+    b.stop().await;
+}
