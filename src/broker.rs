@@ -18,12 +18,12 @@ use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
 use crate::limits::RateLimiter;
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
-use crate::watch::{LeaseEvent, Scope, WatchHub};
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
 use crate::revocation::UNREACHABLE_RETRY_CAP;
 pub use crate::revocation::{BulkOutcome, Mode};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
+use crate::watch::{LeaseEvent, Scope, WatchHub};
 
 /// Longest role name a request may carry; config keys are shorter.
 const MAX_ROLE_LEN: usize = 64;
@@ -473,7 +473,8 @@ impl Broker {
                 event.detail = Some(format!("expires_at={}", lease.expires_at.to_rfc3339()));
                 self.audit_event(event)?;
                 self.metrics.renewed(&lease.role, &lease.database);
-                self.watch.publish(LeaseEvent::renewed(&lease, who.as_str()));
+                self.watch
+                    .publish(LeaseEvent::renewed(&lease, who.as_str()));
                 Ok(lease)
             }
             Err(e) => {

@@ -169,7 +169,9 @@ impl pb::broker_server::Broker for BrokerService {
                         got = sub.rx.recv() => got,
                     };
                     match got {
-                        Ok(e) if scope.matches(&e) => return Some((Ok(event_to_pb(&e)), Some(sub))),
+                        Ok(e) if scope.matches(&e) => {
+                            return Some((Ok(event_to_pb(&e)), Some(sub)))
+                        }
                         Ok(_) => continue,
                         Err(RecvError::Lagged(n)) => {
                             let s = Status::resource_exhausted(format!(

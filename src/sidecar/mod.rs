@@ -222,7 +222,8 @@ impl Watch {
 
     fn lost(&mut self, now: DateTime<Utc>, why: &str) {
         let was_open = self.stream.take().is_some();
-        let delay = (WATCH_RETRY_MIN * 2u32.saturating_pow(self.failures.min(8))).min(WATCH_RETRY_MAX);
+        let delay =
+            (WATCH_RETRY_MIN * 2u32.saturating_pow(self.failures.min(8))).min(WATCH_RETRY_MAX);
         self.failures += 1;
         self.retry_at = Some(now + delta(delay));
         if was_open {

@@ -584,7 +584,15 @@ impl SidecarProc {
         let pki = &b.env.pki;
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
             .arg("sidecar")
-            .args(["--role", role, "--format", "json", "--give-up-after", "120s", "--out"])
+            .args([
+                "--role",
+                role,
+                "--format",
+                "json",
+                "--give-up-after",
+                "120s",
+                "--out",
+            ])
             .arg(&out)
             .args(["--addr", &b.addr, "--ca"])
             .arg(pki.join("ca.pem"))
@@ -594,7 +602,9 @@ impl SidecarProc {
             .arg(pki.join("app-key.pem"))
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(std::process::Stdio::from(
+                std::fs::File::create(&log).unwrap(),
+            ))
             .spawn()
             .unwrap();
         SidecarProc { child, out, log }
@@ -620,7 +630,11 @@ impl SidecarProc {
             self.log_text().matches(needle).count() >= count
         })
         .await;
-        assert!(ok, "no {needle:?} (x{count}) in the sidecar log:\n{}", self.log_text());
+        assert!(
+            ok,
+            "no {needle:?} (x{count}) in the sidecar log:\n{}",
+            self.log_text()
+        );
     }
 
     /// Polls the file every 5 ms until it names a lease other than `old`.
@@ -654,7 +668,9 @@ async fn admin_revoke(b: &TestBroker, lease_id: &str) {
         .admin("admin")
         .await
         .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(lease_id.into())),
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                lease_id.into(),
+            )),
             force: false,
         })
         .await
@@ -676,7 +692,8 @@ async fn incident_watch_sidecar_replaces_a_revoked_lease_within_a_second() {
     let mut b = TestBroker::start(&role("wr", "{db}", "5m", "10m", APP)).await;
     let dir = tempfile::tempdir().unwrap();
     let sc = SidecarProc::spawn(&b, dir.path(), "wr");
-    sc.wait_log("watching lease events", 1, Duration::from_secs(20)).await;
+    sc.wait_log("watching lease events", 1, Duration::from_secs(20))
+        .await;
     let (first, ..) = sc.current().expect("the first credential");
 
     let t0 = Instant::now();
@@ -686,16 +703,26 @@ async fn incident_watch_sidecar_replaces_a_revoked_lease_within_a_second() {
     let (second, user, password) = sc.current().unwrap();
     println!("admin revoke → fresh file: {fresh:?} (the admin call itself {call:?})");
     assert!(fresh < Duration::from_secs(1), "took {fresh:?}");
-    login(&b.db, &user, &password).await.expect("the fresh credential works");
-    assert!(sc.log_text().contains("the current lease was revoked; replacing it now"));
+    login(&b.db, &user, &password)
+        .await
+        .expect("the fresh credential works");
+    assert!(sc
+        .log_text()
+        .contains("the current lease was revoked; replacing it now"));
 
     // The broker restarts: the stream is lost, the file stays, the stream
     // comes back, and a revocation is again replaced at once.
     b.stop().await;
-    sc.wait_log("lease event stream lost", 1, Duration::from_secs(5)).await;
-    assert_eq!(sc.current().unwrap().0, second, "the file stays while the broker is away");
+    sc.wait_log("lease event stream lost", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        sc.current().unwrap().0,
+        second,
+        "the file stays while the broker is away"
+    );
     b.start_in_process().await;
-    sc.wait_log("watching lease events", 2, Duration::from_secs(30)).await;
+    sc.wait_log("watching lease events", 2, Duration::from_secs(30))
+        .await;
     let t0 = Instant::now();
     admin_revoke(&b, &second).await;
     let again = sc.wait_replaced(&second, Duration::from_secs(5)).await + t0.elapsed();
@@ -732,6 +759,8 @@ async fn incident_watch_sidecar_replaces_a_revoked_lease_within_a_second() {
         sc.log_text()
     );
     let (_, user, password) = sc.current().unwrap();
-    login(&b.db, &user, &password).await.expect("works after unlock");
+    login(&b.db, &user, &password)
+        .await
+        .expect("works after unlock");
     b.stop().await;
 }
