@@ -3,6 +3,7 @@
 //! requests into these calls and `Error`s into statuses.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -187,17 +188,33 @@ impl Broker {
         err
     }
 
-    /// Leases `role` for `who`. `ttl` None means the role's default.
+    /// Leases `role` for `who`. `ttl` None means the role's default. For
+    /// callers inside the broker; a network caller goes through
+    /// [`Broker::issue_from`] with its address.
     pub async fn issue(
         &self,
         who: &Identity,
         role_name: &str,
         ttl: Option<Duration>,
     ) -> Result<IssuedLease> {
+        self.issue_from(who, None, role_name, ttl).await
+    }
+
+    /// `issue` for a caller at `peer` (its TCP peer address), checked
+    /// against the role's `allowed_networks`.
+    pub async fn issue_from(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        role_name: &str,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedLease> {
         let started = Instant::now();
         let mut event = Event::new(who.as_str(), "issue");
         event.role = Some(truncate_text(role_name));
-        let result = self.issue_inner(who, role_name, ttl, &mut event).await;
+        let result = self
+            .issue_inner(who, peer, role_name, ttl, &mut event)
+            .await;
         match result {
             Ok(issued) => {
                 self.metrics.issued(
@@ -217,6 +234,7 @@ impl Broker {
     async fn issue_inner(
         &self,
         who: &Identity,
+        peer: Option<IpAddr>,
         role_name: &str,
         ttl: Option<Duration>,
         event: &mut Event,
@@ -228,6 +246,7 @@ impl Broker {
                 "identity may not lease role {role_name:?}"
             )));
         }
+        check_network(role, peer)?;
         event.database = Some(role.database.clone());
         let ttl = effective_ttl(role, ttl)?;
         // Before anything is written: a locked-out caller costs one read.
@@ -459,15 +478,27 @@ impl Broker {
     }
 
     /// Moves a live lease's expiry to now + ttl, capped at its hard limit.
+    /// For callers inside the broker; see [`Broker::renew_from`].
     pub async fn renew(
         &self,
         who: &Identity,
         id: &LeaseId,
         ttl: Option<Duration>,
     ) -> Result<Lease> {
+        self.renew_from(who, None, id, ttl).await
+    }
+
+    /// `renew` for a caller at `peer`, checked against `allowed_networks`.
+    pub async fn renew_from(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Lease> {
         let mut event = Event::new(who.as_str(), "renew");
         event.lease_id = Some(id.to_string());
-        match self.renew_inner(who, id, ttl, &mut event).await {
+        match self.renew_inner(who, peer, id, ttl, &mut event).await {
             Ok(lease) => {
                 event.outcome = Some(Outcome::Ok);
                 event.detail = Some(format!("expires_at={}", lease.expires_at.to_rfc3339()));
@@ -487,6 +518,7 @@ impl Broker {
     async fn renew_inner(
         &self,
         who: &Identity,
+        peer: Option<IpAddr>,
         id: &LeaseId,
         ttl: Option<Duration>,
         event: &mut Event,
@@ -529,6 +561,7 @@ impl Broker {
                 lease.role
             )));
         }
+        check_network(role, peer)?;
         self.check_locks(&lease.identity, &lease.role, &lease.database)
             .await?;
         let ttl = effective_ttl(role, ttl)?;
@@ -936,6 +969,24 @@ fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
         .ok_or_else(|| Error::NotFound(format!("no role {name:?} is configured")))
 }
 
+/// The role's `allowed_networks` against the caller's address; the
+/// refusal names the address, so the audit record has it.
+fn check_network(role: &RoleConfig, peer: Option<IpAddr>) -> Result<()> {
+    if crate::policy::network_allowed(&role.allowed_networks, peer) {
+        return Ok(());
+    }
+    Err(Error::denied(match peer {
+        Some(p) => format!(
+            "caller address {p} is outside the allowed networks of role {:?}",
+            role.name
+        ),
+        None => format!(
+            "caller address unknown; role {:?} allows only some networks",
+            role.name
+        ),
+    }))
+}
+
 fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Duration> {
     let ttl = ttl.unwrap_or(role.default_ttl);
     if ttl < Duration::from_secs(1) {
@@ -1181,6 +1232,38 @@ mod lock_tests {
             .err()
             .unwrap();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn allowed_networks_hold_for_issue_and_renew() {
+        let kit = Kit::new(
+            "",
+            &role("net", "main").replace(
+                "allowed = ",
+                "allowed_networks = [\"10.0.0.0/8\"]\nallowed = ",
+            ),
+        );
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let l = kit
+            .broker
+            .issue_from(&app(), ip("10.1.2.3"), "net", None)
+            .await
+            .unwrap();
+        kit.broker
+            .renew_from(&app(), ip("::ffff:10.9.9.9"), &l.lease.id, None)
+            .await
+            .unwrap();
+        let e = kit
+            .broker
+            .renew_from(&app(), ip("192.168.1.1"), &l.lease.id, None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("192.168.1.1"), "{e}");
+        let e = kit.broker.issue(&app(), "net", None).await.err().unwrap();
+        assert!(
+            matches!(e, Error::PermissionDenied(_)),
+            "unknown address: {e}"
+        );
     }
 
     #[tokio::test]

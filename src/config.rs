@@ -121,6 +121,9 @@ pub struct RoleConfig {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub allowed: Vec<IdentityPattern>,
+    /// Caller networks (the TCP peer address) that may issue and renew;
+    /// empty: any address.
+    pub allowed_networks: Vec<crate::policy::Network>,
     /// SQL run after the user is created; `{{name}}` becomes the quoted user.
     pub grants: Vec<String>,
     /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network).
@@ -252,6 +255,7 @@ struct RawRole {
     max_ttl: String,
     #[serde(default)]
     allowed: Vec<String>,
+    allowed_networks: Option<Vec<String>>,
     #[serde(default)]
     grants: Vec<String>,
     host: Option<String>,
@@ -579,6 +583,28 @@ impl RawConfig {
                         .map_err(|e| cfg_err(format!("{}: {e}", what("allowed"))))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let allowed_networks = match &r.allowed_networks {
+                // Written but empty would refuse everyone: surely a mistake.
+                Some(n) if n.is_empty() => {
+                    return Err(cfg_err(format!(
+                        "{}: empty, so nobody could lease this role; list networks or leave the key out",
+                        what("allowed_networks")
+                    )))
+                }
+                Some(n) => n
+                    .iter()
+                    .map(|s| {
+                        crate::policy::Network::parse(s).map_err(|e| {
+                            cfg_err(format!(
+                                "{}: {}",
+                                what("allowed_networks"),
+                                e.to_string().trim_start_matches("config: ")
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
             for g in &r.grants {
                 if !g.contains("{{name}}") {
                     return Err(cfg_err(format!(
@@ -636,6 +662,7 @@ impl RawConfig {
                     default_ttl,
                     max_ttl,
                     allowed,
+                    allowed_networks,
                     grants: r.grants,
                     host,
                     max_leases_per_identity: r.max_leases_per_identity,

@@ -31,6 +31,12 @@ fn identity<T>(req: &Request<T>) -> Result<Identity, Status> {
     Identity::from_cert_der(leaf.as_ref()).map_err(to_status)
 }
 
+/// The caller's TCP peer address (what `allowed_networks` is checked
+/// against); tonic records it for our TLS streams.
+fn peer_ip<T>(req: &Request<T>) -> Option<std::net::IpAddr> {
+    req.remote_addr().map(|a| a.ip())
+}
+
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
@@ -192,11 +198,12 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::IssueLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let who = identity(&req)?;
+        let peer = peer_ip(&req);
         let r = req.into_inner();
         let ttl = ttl(r.ttl_seconds)?;
         let issued = self
             .broker
-            .issue(&who, &r.role, ttl)
+            .issue_from(&who, peer, &r.role, ttl)
             .await
             .map_err(to_status)?;
         let reply = lease_reply(
@@ -213,10 +220,15 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let who = identity(&req)?;
+        let peer = peer_ip(&req);
         let r = req.into_inner();
         let id = lease_id(&r.lease_id)?;
         let ttl = ttl(r.ttl_seconds)?;
-        let lease = self.broker.renew(&who, &id, ttl).await.map_err(to_status)?;
+        let lease = self
+            .broker
+            .renew_from(&who, peer, &id, ttl)
+            .await
+            .map_err(to_status)?;
         let dsn = self
             .broker
             .lookup(&who, &id)

@@ -792,3 +792,44 @@ async fn incident_watch_sidecar_replaces_a_revoked_lease_within_a_second() {
         .expect("works after unlock");
     b.stop().await;
 }
+
+/// `allowed_networks` is checked against the caller's TCP peer address
+/// (loopback here): a role whose networks include 127.0.0.0/8 issues and
+/// renews, one whose networks do not is refused, with the address in the
+/// refusal and in the audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_allowed_networks_refuse_callers_outside_them() {
+    let inside = role("lo", "{db}", "5m", "10m", APP).replace(
+        "grants = ",
+        "allowed_networks = [\"10.0.0.0/8\", \"127.0.0.0/8\"]\ngrants = ",
+    );
+    let outside = role("far", "{db}", "5m", "10m", APP).replace(
+        "grants = ",
+        "allowed_networks = [\"10.0.0.0/8\", \"192.168.4.0/24\", \"::1/128\"]\ngrants = ",
+    );
+    let mut b = TestBroker::start(&(inside + &outside)).await;
+    let l = issue(&b, "app", "lo", 0)
+        .await
+        .expect("inside the networks");
+    renew(&b, "app", &l.lease_id).await.expect("renew inside");
+    login(&b.db, &l.username, &l.password).await.unwrap();
+    let e = issue(&b, "app", "far", 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("127.0.0.1"), "{}", e.message());
+    let denied = records(&b, "issue", Outcome::Denied);
+    assert_eq!(denied.len(), 1);
+    assert!(
+        denied[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("caller address 127.0.0.1"),
+        "{denied:?}"
+    );
+    assert_eq!(
+        b.broker_role_count().await,
+        1,
+        "no user made for the refusal"
+    );
+    b.stop().await;
+}
