@@ -268,7 +268,7 @@ impl Broker {
             kind: backend.kind(),
             username: username.clone(),
             user_host: if backend.kind() == crate::lease::BackendKind::Mysql {
-                role.host.clone()
+                account_host(role, peer)?
             } else {
                 String::new()
             },
@@ -967,6 +967,31 @@ fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
     config
         .role(name)
         .ok_or_else(|| Error::NotFound(format!("no role {name:?} is configured")))
+}
+
+/// `host = "caller"` on a MySQL role: the account is `'user'@'<caller's
+/// address>'`, so the credential logs in only from the machine that
+/// leased it (as the database sees it: through NAT or a proxy, that is
+/// the last hop's address).
+pub const CALLER_HOST: &str = "caller";
+
+fn account_host(role: &RoleConfig, peer: Option<IpAddr>) -> Result<String> {
+    if role.host != CALLER_HOST {
+        return Ok(role.host.clone());
+    }
+    let peer = peer.ok_or_else(|| {
+        Error::denied(format!(
+            "role {:?} pins its users to the caller's address, which is unknown",
+            role.name
+        ))
+    })?;
+    // A dual-stack listener reports IPv4 callers as ::ffff:a.b.c.d; the
+    // database sees them as a.b.c.d.
+    let peer = match peer {
+        IpAddr::V6(v) => v.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+        v4 => v4,
+    };
+    Ok(peer.to_string())
 }
 
 /// The role's `allowed_networks` against the caller's address; the

@@ -126,7 +126,8 @@ pub struct RoleConfig {
     pub allowed_networks: Vec<crate::policy::Network>,
     /// SQL run after the user is created; `{{name}}` becomes the quoted user.
     pub grants: Vec<String>,
-    /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network).
+    /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network;
+    /// `caller`: the leasing caller's own address, see `broker::CALLER_HOST`).
     pub host: String,
     /// Most live leases one identity may hold on this role.
     pub max_leases_per_identity: Option<u32>,

@@ -833,3 +833,58 @@ async fn incident_allowed_networks_refuse_callers_outside_them() {
     );
     b.stop().await;
 }
+
+/// MariaDB `host = "caller"`: the leased account is `'user'@'127.0.0.1'`
+/// (the leasing caller's address); it logs in from there and is refused
+/// from anywhere else (here: the server's Unix socket, i.e. `localhost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_mariadb_caller_host_pins_the_account_to_the_leasing_address() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    let schema = add_mariadb(&b).await;
+    b.edit_config(|t| t.replace("[roles.my]\n", "[roles.my]\nhost = \"caller\"\n"));
+    b.start_in_process().await;
+    let l = issue(&b, "app", "my", 0).await.unwrap();
+    let mut root = mysql_async::Conn::new(maria_opts(None, None))
+        .await
+        .unwrap();
+    let hosts: Vec<String> = root
+        .exec("SELECT Host FROM mysql.user WHERE User = ?", (&l.username,))
+        .await
+        .unwrap();
+    assert_eq!(hosts, ["127.0.0.1"]);
+    let mut from_caller =
+        mysql_async::Conn::new(maria_opts(Some((&l.username, &l.password)), Some(&schema)))
+            .await
+            .expect("logs in from the leasing address");
+    from_caller
+        .query_drop("SELECT * FROM orders")
+        .await
+        .unwrap();
+    let elsewhere = mysql_async::OptsBuilder::default()
+        .socket(Some(mariadb().socket_path().to_string_lossy()))
+        .user(Some(l.username.clone()))
+        .pass(Some(l.password.clone()))
+        .db_name(Some(schema.clone()));
+    let refused = mysql_async::Conn::new(elsewhere)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(refused.to_string().contains("1045"), "{refused}");
+    // Revocation finds the pinned account.
+    b.admin("admin")
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                l.lease_id.clone(),
+            )),
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert!(
+        from_caller.query_drop("SELECT 1").await.is_err(),
+        "session cut"
+    );
+    b.stop().await;
+    drop_schema(&schema).await;
+}
