@@ -698,14 +698,16 @@ impl LeaseStore for PostgresStore {
     /// its grace deadline like any other; and claims in the table may be
     /// other replicas' live claims, which run out on their own.
     async fn insert_lock(&self, new: &NewLock) -> Result<Lock> {
+        // statement_timestamp(): one instant for both columns, so the
+        // expiry is exactly created_at + duration.
         let ms: Option<f64> = new.duration.map(|d| d.as_millis() as f64);
         let rows = self
             .query(
                 "insert lock",
                 &format!(
                     "INSERT INTO credbroker_locks ({LOCK_COLUMNS}) \
-                     VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', clock_timestamp()), \
-                     date_trunc('milliseconds', clock_timestamp()) + $6::float8 * interval '1 millisecond') \
+                     VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', statement_timestamp()), \
+                     date_trunc('milliseconds', statement_timestamp()) + $6::float8 * interval '1 millisecond') \
                      RETURNING {LOCK_COLUMNS}"
                 ),
                 &[
