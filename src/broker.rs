@@ -935,6 +935,27 @@ impl Broker {
         }
     }
 
+    /// Refuses an admin call from outside `admin_networks` (audited with
+    /// the address). The gRPC layer calls it before any Admin method, and
+    /// for a watch of other identities' leases.
+    pub fn check_admin_network(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        action: &'static str,
+    ) -> Result<()> {
+        let config = self.config();
+        if crate::policy::network_allowed(&config.admin_networks, peer) {
+            return Ok(());
+        }
+        let err = Error::denied(match peer {
+            Some(p) => format!("admin calls from {p} are outside admin_networks"),
+            None => "admin calls need a known caller address (admin_networks)".into(),
+        });
+        self.metrics.request_failed(action, &err);
+        Err(self.audit_failure(Event::new(who.as_str(), action), err))
+    }
+
     fn require_admin(&self, who: &Identity, action: &'static str) -> Result<()> {
         if self.is_admin(who) {
             return Ok(());

@@ -22,6 +22,8 @@ pub struct Config {
     pub reaper: ReaperConfig,
     /// Identities allowed to call the Admin service.
     pub admins: Vec<IdentityPattern>,
+    /// Networks admin calls must come from (the TCP peer); empty: any.
+    pub admin_networks: Vec<crate::policy::Network>,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
 }
@@ -169,6 +171,7 @@ impl Config {
 struct RawConfig {
     #[serde(default)]
     admins: Vec<String>,
+    admin_networks: Option<Vec<String>>,
     server: RawServer,
     tls: RawTls,
     #[serde(default)]
@@ -442,6 +445,24 @@ impl RawConfig {
             .iter()
             .map(|p| IdentityPattern::new(p).map_err(|e| cfg_err(format!("admins: {e}"))))
             .collect::<Result<Vec<_>>>()?;
+        let admin_networks = match &self.admin_networks {
+            Some(n) if n.is_empty() => return Err(cfg_err(
+                "admin_networks: empty, so no admin could call; list networks or leave the key out"
+                    .to_string(),
+            )),
+            Some(n) => n
+                .iter()
+                .map(|s| {
+                    crate::policy::Network::parse(s).map_err(|e| {
+                        cfg_err(format!(
+                            "admin_networks: {}",
+                            e.to_string().trim_start_matches("config: ")
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
 
         let raw_reaper = self.reaper.unwrap_or(RawReaper {
             batch_size: None,
@@ -681,6 +702,7 @@ impl RawConfig {
             audit,
             reaper,
             admins,
+            admin_networks,
             databases,
             roles,
         })

@@ -146,6 +146,7 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<EventStream>, Status> {
         use tokio::sync::broadcast::error::RecvError;
         let who = identity(&req)?;
+        let peer = peer_ip(&req);
         let r = req.into_inner();
         let requested = crate::watch::Scope {
             identity: bounded("identity", r.identity)?,
@@ -156,6 +157,11 @@ impl pb::broker_server::Broker for BrokerService {
             || requested.identity.is_some()
             || requested.role.is_some()
             || requested.database.is_some();
+        if others {
+            self.broker
+                .check_admin_network(&who, peer, "watch")
+                .map_err(to_status)?;
+        }
         let scope = self
             .broker
             .watch_scope(&who, requested, others)
@@ -276,6 +282,17 @@ pub struct AdminService {
     pub broker: Arc<Broker>,
 }
 
+impl AdminService {
+    /// The caller's identity, once its address passed `admin_networks`.
+    fn admin<T>(&self, req: &Request<T>, action: &'static str) -> Result<Identity, Status> {
+        let who = identity(req)?;
+        self.broker
+            .check_admin_network(&who, peer_ip(req), action)
+            .map_err(to_status)?;
+        Ok(who)
+    }
+}
+
 /// Most rows one ListLeases returns when the caller sets no limit.
 const DEFAULT_LIST_LIMIT: usize = 10_000;
 
@@ -344,7 +361,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let who = identity(&req)?;
+        let who = self.admin(&req, "admin_list")?;
         let r = req.into_inner();
         let mut states = Vec::new();
         for s in &r.states {
@@ -384,7 +401,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RevokeLeasesRequest>,
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
-        let who = identity(&req)?;
+        let who = self.admin(&req, "admin_revoke")?;
         let r = req.into_inner();
         use pb::revoke_leases_request::Selector as S;
         let selector = match r.selector {
@@ -437,7 +454,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::LockRequest>,
     ) -> Result<Response<pb::LockResponse>, Status> {
-        let who = identity(&req)?;
+        let who = self.admin(&req, "lock")?;
         let r = req.into_inner();
         let target = lock_target(r.target)?;
         let duration = match r.duration_seconds {
@@ -478,7 +495,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::UnlockRequest>,
     ) -> Result<Response<pb::UnlockResponse>, Status> {
-        let who = identity(&req)?;
+        let who = self.admin(&req, "unlock")?;
         let r = req.into_inner();
         if r.lock_id.is_empty() {
             return Err(Status::invalid_argument("lock_id is required"));
@@ -498,7 +515,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListLocksRequest>,
     ) -> Result<Response<pb::ListLocksResponse>, Status> {
-        let who = identity(&req)?;
+        let who = self.admin(&req, "list_locks")?;
         let locks = self.broker.admin_locks(&who).await.map_err(to_status)?;
         Ok(Response::new(pb::ListLocksResponse {
             locks: locks.iter().map(lock_info).collect(),
@@ -509,7 +526,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RotateRootRequest>,
     ) -> Result<Response<pb::RotateRootResponse>, Status> {
-        let who = identity(&req)?;
+        let who = self.admin(&req, "rotate_root")?;
         let database = req.into_inner().database;
         self.broker
             .rotate_root(&who, &database)

@@ -888,3 +888,52 @@ async fn incident_mariadb_caller_host_pins_the_account_to_the_leasing_address() 
     b.stop().await;
     drop_schema(&schema).await;
 }
+
+/// `admin_networks`: an admin calling from outside them is refused on
+/// every Admin method and on watching others' leases, audited with the
+/// address; service calls are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_admin_networks_refuse_admins_outside_them() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    b.edit_config(|t| format!("admin_networks = [\"10.0.0.0/8\"]\n{t}"));
+    b.start_in_process().await;
+    issue(&b, "app", "ro", 0)
+        .await
+        .expect("services are not pinned");
+    let mut admin = b.admin("admin").await;
+    let e = admin
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("127.0.0.1"), "{}", e.message());
+    let e = admin
+        .lock(pb::LockRequest {
+            target: Some(pb::lock_request::Target::Role("ro".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = watch(
+        &b,
+        "admin",
+        pb::WatchLeasesRequest {
+            all: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let denied = b
+        .audit_records()
+        .into_iter()
+        .filter(|r| {
+            r.outcome == Outcome::Denied && r.identity == credbroker::devenv::ADMIN_IDENTITY
+        })
+        .count();
+    assert_eq!(denied, 3);
+    issue(&b, "app", "ro", 0).await.expect("nothing was locked");
+    b.stop().await;
+}
