@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use crate::audit::{AuditLog, Event, Outcome};
 use crate::backend::{Backend, Backends, Endpoint, NewUser, UserRef};
-use crate::config::{Config, RoleConfig};
+use crate::config::{Config, ConfigHandle, RoleConfig};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
@@ -22,7 +22,7 @@ use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
 use crate::revocation::UNREACHABLE_RETRY_CAP;
-pub use crate::revocation::{BulkOutcome, Mode};
+pub use crate::revocation::{BulkOutcome, Mode, Revoker};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 use crate::watch::{LeaseEvent, Scope, WatchHub};
 
@@ -44,12 +44,17 @@ pub enum Selector {
     Lease(LeaseId),
     Role(String),
     Database(String),
-    Identity(String),
+    /// Matched against the stored canonical text (`spiffe://…`, `dns:…`,
+    /// `cn:…`); typed, so a bare name cannot get here and match nothing.
+    Identity(Identity),
     All,
 }
 
 pub struct Broker {
-    config: RwLock<Arc<Config>>,
+    config: ConfigHandle,
+    /// The revocation engine, sharing this broker's store, databases,
+    /// audit log and config.
+    revoker: Revoker,
     store: Arc<dyn LeaseStore>,
     backends: Backends,
     audit: Arc<AuditLog>,
@@ -86,8 +91,20 @@ impl Broker {
             .keys()
             .map(|db| (db.clone(), Arc::new(tokio::sync::Mutex::new(()))))
             .collect();
+        let config = ConfigHandle::new(config);
+        let watch = Arc::new(WatchHub::new());
+        let revoker = Revoker::new(
+            config.clone(),
+            store.clone(),
+            backends.clone(),
+            audit.clone(),
+            metrics.clone(),
+            owner.clone(),
+        )
+        .with_watch(watch.clone());
         Broker {
-            config: RwLock::new(config),
+            config,
+            revoker,
             store,
             rotations,
             backends,
@@ -96,21 +113,40 @@ impl Broker {
             limiter: RateLimiter::default(),
             reaper_wake: Arc::new(Notify::new()),
             owner,
-            watch: Arc::new(WatchHub::new()),
+            watch,
         }
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.get()
     }
 
     /// Swaps in a reloaded config (roles, policies, limits). Databases are
     /// not reconnected: their changes need a restart.
     pub fn replace_config(&self, config: Arc<Config>) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        self.config.replace(config);
+    }
+
+    pub fn revoker(&self) -> &Revoker {
+        &self.revoker
+    }
+
+    /// See [`Revoker::revoke_claimed`].
+    pub async fn revoke_claimed(
+        &self,
+        leases: Vec<Lease>,
+        actor: &str,
+        reason: Reason,
+        mode: Mode,
+    ) -> BulkOutcome {
+        self.revoker
+            .revoke_claimed(leases, actor, reason, mode)
+            .await
+    }
+
+    /// See [`Revoker::revoke_orphans`].
+    pub async fn revoke_orphans(&self, database: &str, users: Vec<UserRef>) -> Result<()> {
+        self.revoker.revoke_orphans(database, users).await
     }
 
     pub fn store(&self) -> &Arc<dyn LeaseStore> {
@@ -155,7 +191,7 @@ impl Broker {
     }
 
     pub fn is_admin(&self, who: &Identity) -> bool {
-        any_matches(&self.config().admins, who.as_str())
+        any_matches(&self.config().admins, who)
     }
 
     fn backend(&self, database: &str) -> Result<&Arc<dyn Backend>> {
@@ -186,6 +222,25 @@ impl Broker {
             tracing::error!(error = %e, "audit write failed");
         }
         err
+    }
+
+    /// Audits a request refused because its certificate yields no identity
+    /// (more than one SPIFFE ID, a malformed one…) and hands the error
+    /// back. Like a refused TLS handshake, the record names the peer
+    /// address: the only identity such a caller has.
+    pub fn refuse_unauthenticated(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        action: &'static str,
+        err: Error,
+    ) -> Error {
+        let who = match peer {
+            Some(p) => format!("unauthenticated:{}", p.ip()),
+            None => "unauthenticated".to_string(),
+        };
+        tracing::info!(peer = %who, error = %err, "request refused: no usable identity");
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(Event::new(who, action), err)
     }
 
     /// Leases `role` for `who`. `ttl` None means the role's default. For
@@ -241,7 +296,7 @@ impl Broker {
     ) -> Result<IssuedLease> {
         let config = self.config();
         let role = lookup_role(&config, role_name)?;
-        if !any_matches(&role.allowed, who.as_str()) {
+        if !any_matches(&role.allowed, who) {
             return Err(Error::denied(format!(
                 "identity may not lease role {role_name:?}"
             )));
@@ -250,8 +305,7 @@ impl Broker {
         event.database = Some(role.database.clone());
         let ttl = effective_ttl(role, ttl)?;
         // Before anything is written: a locked-out caller costs one read.
-        self.check_locks(who.as_str(), &role.name, &role.database)
-            .await?;
+        self.check_locks(who, &role.name, &role.database).await?;
         self.check_limits(who, role).await?;
         let backend = self.backend(&role.database)?.clone();
 
@@ -300,22 +354,20 @@ impl Broker {
                 event.lease_id = None;
                 event.username = None;
             }
-            return Err(store_unavailable(e));
+            return Err(e);
         }
         // The intent may now be due before the reaper's next planned wake.
         self.reaper_wake.notify_one();
         // Again, now that the intent is in the store: a lock written after
         // the first check lists its leases after writing itself, so either
         // its `--revoke` sees this intent or this check sees the lock.
-        if let Err(e) = self
-            .check_locks(who.as_str(), &role.name, &role.database)
-            .await
-        {
+        if let Err(e) = self.check_locks(who, &role.name, &role.database).await {
             self.drop_unused_intent(&lease).await;
             return Err(e);
         }
 
         let new_user = NewUser {
+            role: &role.name,
             username: &username,
             password: &password,
             valid_until: expires_at,
@@ -330,7 +382,7 @@ impl Broker {
         }
         if let Err(e) = self.store.activate(&lease.id).await {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
-            return Err(store_unavailable(e));
+            return Err(e);
         }
         let mut lease = lease;
         lease.state = LeaseState::Active;
@@ -362,7 +414,7 @@ impl Broker {
     fn clean_up_failed_issue(&self, lease: Lease, backend: Arc<dyn Backend>) {
         let store = self.store.clone();
         let audit = self.audit.clone();
-        let revokee = self.revokee(&lease);
+        let revokee = self.revoker.revokee(&lease);
         tokio::spawn(async move {
             match backend.revoke(&[revokee]).await {
                 Ok(_) => {
@@ -399,8 +451,8 @@ impl Broker {
 
     /// Refuses a lease that an active lock matches. Read from the store on
     /// every call, so a lock written by any replica applies at once.
-    async fn check_locks(&self, identity: &str, role: &str, database: &str) -> Result<()> {
-        let locks = self.store.active_locks().await.map_err(store_unavailable)?;
+    async fn check_locks(&self, identity: &Identity, role: &str, database: &str) -> Result<()> {
+        let locks = self.store.active_locks().await?;
         match crate::lock::first_match(&locks, identity, role, database) {
             Some(lock) => Err(lock.refusal()),
             None => Ok(()),
@@ -452,8 +504,7 @@ impl Broker {
         let lease = self
             .store
             .get(id)
-            .await
-            .map_err(store_unavailable)?
+            .await?
             .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
         if lease.identity != who.as_str() && !self.is_admin(who) {
             return Err(Error::denied(format!(
@@ -555,15 +606,22 @@ impl Broker {
         })?;
         // Policy is checked on every call that extends a credential's life:
         // an identity removed from `allowed` (SIGHUP) stops renewing too.
-        if !any_matches(&role.allowed, &lease.identity) {
+        if !any_matches(
+            &role.allowed,
+            &Identity::from_trusted(lease.identity.clone()),
+        ) {
             return Err(Error::denied(format!(
                 "identity may no longer lease role {:?}; lease {id} cannot be renewed",
                 lease.role
             )));
         }
         check_network(role, peer)?;
-        self.check_locks(&lease.identity, &lease.role, &lease.database)
-            .await?;
+        self.check_locks(
+            &Identity::from_trusted(lease.identity.clone()),
+            &lease.role,
+            &lease.database,
+        )
+        .await?;
         let ttl = effective_ttl(role, ttl)?;
         let new_expiry = truncate_ms((now + ttl).min(lease.max_expires_at));
         let backend = self.backend(&lease.database)?.clone();
@@ -574,12 +632,7 @@ impl Broker {
         // Database first: if the store write then fails, the database allows
         // less than the store would revoke at, never more.
         backend.extend(&user, new_expiry).await?;
-        if !self
-            .store
-            .set_expiry(id, new_expiry)
-            .await
-            .map_err(store_unavailable)?
-        {
+        if !self.store.set_expiry(id, new_expiry).await? {
             return Err(Error::FailedPrecondition(format!(
                 "lease {id} is being revoked"
             )));
@@ -607,12 +660,7 @@ impl Broker {
             self.audit_event(event)?;
             return Ok(lease);
         }
-        let Some(claimed) = self
-            .store
-            .claim_one(id, &self.claim())
-            .await
-            .map_err(store_unavailable)?
-        else {
+        let Some(claimed) = self.store.claim_one(id, &self.claim()).await? else {
             return Err(self.audit_failure(
                 event,
                 Error::Unavailable(format!(
@@ -643,7 +691,7 @@ impl Broker {
     /// Lists leases for an admin.
     pub async fn admin_list(&self, who: &Identity, filter: &LeaseFilter) -> Result<Vec<Lease>> {
         self.require_admin(who, "admin_list")?;
-        self.store.list(filter).await.map_err(store_unavailable)
+        self.store.list(filter).await
     }
 
     /// Revokes every live lease the selector names.
@@ -660,17 +708,12 @@ impl Broker {
                 let lease = self
                     .store
                     .get(id)
-                    .await
-                    .map_err(store_unavailable)?
+                    .await?
                     .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
                 if !lease.state.is_live() {
                     return Ok(BulkOutcome::default());
                 }
-                let claimed = self
-                    .store
-                    .claim_one(id, &self.claim())
-                    .await
-                    .map_err(store_unavailable)?;
+                let claimed = self.store.claim_one(id, &self.claim()).await?;
                 return Ok(match claimed {
                     Some(l) => {
                         self.revoke_claimed(vec![l], who.as_str(), Reason::Admin, mode)
@@ -687,7 +730,7 @@ impl Broker {
             }
             Selector::Role(r) => filter.role = Some(r.clone()),
             Selector::Database(d) => filter.database = Some(d.clone()),
-            Selector::Identity(i) => filter.identity = Some(i.clone()),
+            Selector::Identity(i) => filter.identity = Some(i.as_str().to_string()),
             Selector::All => {}
         }
         self.revoke_matching(who, &filter, Reason::Admin, mode, |_| true)
@@ -704,7 +747,7 @@ impl Broker {
         mode: Mode,
         keep: impl Fn(&Lease) -> bool,
     ) -> Result<BulkOutcome> {
-        let candidates = self.store.list(filter).await.map_err(store_unavailable)?;
+        let candidates = self.store.list(filter).await?;
         let candidates = candidates.into_iter().filter(|l| keep(l)).collect();
         self.revoke_listed(who, candidates, reason, mode).await
     }
@@ -721,12 +764,7 @@ impl Broker {
         let batch = self.config().reaper.batch_size;
         let mut claimed = Vec::new();
         for lease in candidates {
-            match self
-                .store
-                .claim_one(&lease.id, &self.claim())
-                .await
-                .map_err(store_unavailable)?
-            {
+            match self.store.claim_one(&lease.id, &self.claim()).await? {
                 Some(l) => claimed.push(l),
                 None => total.failed.push((
                     lease.id.clone(),
@@ -775,7 +813,6 @@ impl Broker {
         let lock = match self.store.insert_lock(&new).await {
             Ok(l) => l,
             Err(e) => {
-                let e = store_unavailable(e);
                 self.metrics.request_failed("lock", &e);
                 return Err(self.audit_failure(event, e));
             }
@@ -844,10 +881,9 @@ impl Broker {
             LockTarget::Identity(p) => self
                 .store
                 .live_identities()
-                .await
-                .map_err(store_unavailable)?
+                .await?
                 .into_iter()
-                .filter(|i| p.matches(i))
+                .filter(|i| p.matches(&Identity::from_trusted(i.clone())))
                 .map(|i| LeaseFilter {
                     identity: Some(i),
                     ..Default::default()
@@ -856,7 +892,7 @@ impl Broker {
         };
         let mut out = Vec::new();
         for f in &filters {
-            out.extend(self.store.list(f).await.map_err(store_unavailable)?);
+            out.extend(self.store.list(f).await?);
         }
         Ok(out)
     }
@@ -877,7 +913,7 @@ impl Broker {
         let result = match self.store.delete_lock(id).await {
             Ok(Some(l)) => Ok(l),
             Ok(None) => Err(Error::NotFound(format!("no lock {id}"))),
-            Err(e) => Err(store_unavailable(e)),
+            Err(e) => Err(e),
         };
         match result {
             Ok(lock) => {
@@ -897,7 +933,7 @@ impl Broker {
     /// The locks in force.
     pub async fn admin_locks(&self, who: &Identity) -> Result<Vec<Lock>> {
         self.require_admin(who, "list_locks")?;
-        self.store.active_locks().await.map_err(store_unavailable)
+        self.store.active_locks().await
     }
 
     /// Replaces the broker's own admin password on `database`. A call while
@@ -1046,13 +1082,6 @@ fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Dur
         )));
     }
     chrono::Duration::from_std(ttl).map_err(Error::internal)
-}
-
-fn store_unavailable(e: Error) -> Error {
-    match e {
-        Error::Internal(m) => Error::Unavailable(format!("lease store: {m}")),
-        other => other,
-    }
 }
 
 /// A lock in an audit record: id, target, expiry and reason.

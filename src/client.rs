@@ -76,8 +76,152 @@ impl ClientOpts {
     }
 }
 
-/// Formats a gRPC status for a person: code and message, nothing else
-/// (tonic's Display adds metadata and details).
+/// Formats a gRPC status for a person: code and message, and for a
+/// failure of the connection itself the cause found through `source()`
+/// (tonic's own text stops at "tcp connect error" or "transport error").
 pub fn describe(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    match transport_cause(status) {
+        Some(cause) => format!("{:?}: {}: {}", status.code(), status.message(), cause.text),
+        None => format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+impl ClientOpts {
+    /// A gRPC failure explained for the person at the terminal: for a
+    /// connection that never worked, where we tried to connect, what
+    /// failed and what usually causes it.
+    pub fn explain(&self, status: &tonic::Status) -> String {
+        let Some(cause) = transport_cause(status) else {
+            return describe(status);
+        };
+        let addr = &self.addr;
+        match cause.kind {
+            TransportKind::Refused => format!(
+                "cannot reach the broker at {addr}: connection refused; is `credbroker serve` \
+                 running there? (--addr / CREDBROKER_ADDR)"
+            ),
+            TransportKind::TimedOut => format!(
+                "cannot reach the broker at {addr}: connection timed out ({}); check --addr and any \
+                 firewall between",
+                cause.text
+            ),
+            TransportKind::ServerCertificate => format!(
+                "TLS handshake with the broker at {addr} failed: the broker's certificate was \
+                 rejected ({}); likely causes: --ca {} is not the CA that signed the broker's \
+                 tls.cert, the broker's certificate expired, or it does not name this host",
+                cause.text,
+                self.ca.display()
+            ),
+            TransportKind::ClientRefused => format!(
+                "TLS handshake with the broker at {addr} failed: the broker refused our client \
+                 certificate --cert {} ({}); likely causes: a client certificate from another CA \
+                 than the broker's tls.client_ca, an expired certificate, or one revoked by the \
+                 broker's CRL",
+                self.cert.display(),
+                cause.text
+            ),
+            // TLS 1.3: our handshake completes before the broker checks
+            // our certificate, so its refusal arrives as a closed
+            // connection, not as an alert we could read.
+            TransportKind::Closed => format!(
+                "the broker at {addr} closed the connection right after the TLS handshake: it \
+                 most likely refused our client certificate --cert {}; likely causes: a client \
+                 certificate from another CA than the broker's tls.client_ca, an expired \
+                 certificate, or one revoked by the broker's CRL (the broker's log and audit \
+                 say which)",
+                self.cert.display()
+            ),
+            TransportKind::Other => format!(
+                "connection to the broker at {addr} failed: {}; likely causes: wrong --ca, a \
+                 client certificate --cert {} from another CA than the broker's tls.client_ca, \
+                 expired or revoked",
+                cause.text,
+                self.cert.display()
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransportKind {
+    Refused,
+    TimedOut,
+    /// We rejected the broker's certificate.
+    ServerCertificate,
+    /// The broker sent a TLS alert: it rejected ours.
+    ClientRefused,
+    /// The connection closed before any answer.
+    Closed,
+    Other,
+}
+
+struct TransportCause {
+    kind: TransportKind,
+    text: String,
+}
+
+/// The cause of a status that tonic made from a failed connection (not an
+/// answer from the broker). `None` for the broker's own answers.
+fn transport_cause(status: &tonic::Status) -> Option<TransportCause> {
+    use std::error::Error as _;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = status.source();
+    cur?;
+    let mut deepest = status.message().to_string();
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            // io::Error::source() skips the error it wraps: look inside.
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            let kind = match tls {
+                rustls::Error::AlertReceived(_) => TransportKind::ClientRefused,
+                rustls::Error::InvalidCertificate(_) => TransportKind::ServerCertificate,
+                _ => TransportKind::Other,
+            };
+            return Some(TransportCause {
+                kind,
+                text: format!("TLS: {tls}"),
+            });
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            let kind = match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => TransportKind::Refused,
+                std::io::ErrorKind::TimedOut => TransportKind::TimedOut,
+                std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof => TransportKind::Closed,
+                _ => by_text(&io.to_string()),
+            };
+            return Some(TransportCause {
+                kind,
+                text: io.to_string(),
+            });
+        }
+        deepest = err.to_string();
+        cur = err.source();
+    }
+    let kind = by_text(&deepest);
+    Some(TransportCause {
+        kind,
+        text: deepest,
+    })
+}
+
+/// Classifies by its words an error whose type was lost on the way up
+/// (an `io::Error` around an `io::Error` around rustls' error).
+fn by_text(text: &str) -> TransportKind {
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    if has(&["received fatal alert"]) {
+        TransportKind::ClientRefused
+    } else if has(&["invalid peer certificate"]) {
+        TransportKind::ServerCertificate
+    } else if has(&["timed out", "timeout"]) {
+        TransportKind::TimedOut
+    } else if has(&["connection closed", "broken pipe", "connection reset"]) {
+        TransportKind::Closed
+    } else {
+        TransportKind::Other
+    }
 }

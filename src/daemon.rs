@@ -53,7 +53,7 @@ impl Daemon {
     /// databases keep working, and the reaper retries.
     pub async fn open(config: Config) -> Result<Self> {
         let tls = server::tls::server_config(&config.tls)?;
-        let audit = Arc::new(AuditLog::open(&config.audit.path, false)?);
+        let audit = Arc::new(AuditLog::open(&config.audit.path, config.audit.fsync)?);
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = Vec::new();

@@ -23,6 +23,8 @@
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
+//! - [`check`]: `credbroker check`, what a broker needs from its
+//!   surroundings, verified (certificates, store, databases, privileges).
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`.
@@ -39,6 +41,7 @@ pub mod audit;
 pub mod backend;
 pub mod bench;
 pub mod broker;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng;
 
 use crate::error::{Error, Result};
+use crate::identity::Identity;
 use crate::policy::IdentityPattern;
 
 /// Longest reason an admin may give: it goes into every refusal and audit
@@ -106,8 +107,9 @@ impl LockTarget {
         }
     }
 
-    /// Whether a lease of `identity` on `role` / `database` is refused.
-    pub fn matches(&self, identity: &str, role: &str, database: &str) -> bool {
+    /// Whether a lease of `identity` on `role` / `database` is refused. A
+    /// pattern matches identities of its own kind only (`policy.rs`).
+    pub fn matches(&self, identity: &Identity, role: &str, database: &str) -> bool {
         match self {
             LockTarget::Identity(p) => p.matches(identity),
             LockTarget::Role(r) => r == role,
@@ -183,7 +185,7 @@ pub fn check_reason(reason: &str) -> Result<()> {
 /// replicas with skewed clocks still agree on when a lock ends.
 pub fn first_match<'l>(
     locks: &'l [Lock],
-    identity: &str,
+    identity: &Identity,
     role: &str,
     database: &str,
 ) -> Option<&'l Lock> {
@@ -195,6 +197,10 @@ pub fn first_match<'l>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &str) -> Identity {
+        Identity::parse(s).unwrap()
+    }
 
     fn lock(target: LockTarget, expires_at: Option<DateTime<Utc>>) -> Lock {
         Lock {
@@ -236,13 +242,13 @@ mod tests {
                 Some(now - chrono::Duration::seconds(1)),
             ),
         ];
-        assert!(first_match(&locks, "spiffe://x/ns/shop/cart", "other", "db").is_some());
-        assert!(first_match(&locks, "spiffe://x/ns/shop/cart/x", "other", "db").is_none());
-        assert!(first_match(&locks, "spiffe://x/ns/a", "ro", "db").is_some());
-        assert!(first_match(&locks, "spiffe://x/ns/a", "rw", "orders").is_some());
+        assert!(first_match(&locks, &id("spiffe://x/ns/shop/cart"), "other", "db").is_some());
+        assert!(first_match(&locks, &id("spiffe://x/ns/shop/cart/x"), "other", "db").is_none());
+        assert!(first_match(&locks, &id("spiffe://x/ns/a"), "ro", "db").is_some());
+        assert!(first_match(&locks, &id("spiffe://x/ns/a"), "rw", "orders").is_some());
         assert!(!locks[2].is_active(now), "expired");
         locks.retain(|l| l.is_active(now));
-        assert!(first_match(&locks, "spiffe://x/ns/a", "rw", "orders").is_none());
+        assert!(first_match(&locks, &id("spiffe://x/ns/a"), "rw", "orders").is_none());
         let err = locks[1].refusal().to_string();
         assert!(
             err.contains("leaked") && err.contains(locks[1].id.as_str()),

@@ -59,7 +59,8 @@ impl fmt::Debug for CertPair {
 }
 
 /// What goes into a client certificate. The broker derives the caller's
-/// identity from the SPIFFE URI SAN, else the DNS SAN, else the CN.
+/// identity from the SPIFFE URI SAN (`spiffe://…`), else the DNS SAN
+/// (`dns:…`), else the CN (`cn:…`).
 #[derive(Debug, Clone)]
 pub struct ClientSpec {
     /// Subject CN. When `None`, the SPIFFE ID or DNS name is used, so tools
@@ -69,6 +70,9 @@ pub struct ClientSpec {
     pub spiffe_id: Option<String>,
     /// DNS SAN.
     pub dns_name: Option<String>,
+    /// More URI SANs after `spiffe_id`, for tests of certificates the broker
+    /// must refuse (two SPIFFE IDs) or ignore (`https://…`).
+    pub extra_uris: Vec<String>,
     pub not_before: DateTime<Utc>,
     pub not_after: DateTime<Utc>,
     /// Random (below 2^63) when `None`. Set it to revoke the cert in a CRL later.
@@ -82,6 +86,7 @@ impl ClientSpec {
             common_name: None,
             spiffe_id: None,
             dns_name: None,
+            extra_uris: Vec::new(),
             // An hour of slack for clocks that run behind ours.
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(365),
@@ -247,6 +252,11 @@ impl DevCa {
             params
                 .subject_alt_names
                 .push(SanType::URI(id.as_str().try_into()?));
+        }
+        for uri in &spec.extra_uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into()?));
         }
         if let Some(name) = &spec.dns_name {
             params

@@ -1,40 +1,137 @@
 //! Who may do what: identity patterns for roles and admins.
+//!
+//! A pattern names the kind of identity it is for, exactly as identities
+//! do (`spiffe://…`, `dns:…`, `cn:…`), and matches only identities of that
+//! kind (invariant 8). A pattern without a kind is a config error: which
+//! kind it meant is the operator's call, not ours.
 
 use crate::error::{Error, Result};
+use crate::identity::{
+    check_trust_domain, has_spiffe_scheme, no_kind_hint, Identity, IdentityKind,
+};
 
-/// A glob over caller identities. `*` matches within one path segment (it
-/// does not cross `/`), `**` crosses segments, so
-/// `spiffe://example.org/ns/shop/*` grants the services of one namespace
-/// and nothing nested below it.
+/// A glob over the identities of one kind. `*` matches within one segment,
+/// `**` crosses segments, so `spiffe://example.org/ns/shop/*` grants the
+/// services of one namespace and nothing nested below it.
+///
+/// - `spiffe://TD/PATH`: the trust domain is literal (a trust domain is a
+///   trust boundary; no glob should cross it), the path is globbed with
+///   `/` between segments.
+/// - `dns:NAME`: globbed with `.` between segments (labels), so
+///   `dns:*.internal` is one label deep, like a TLS wildcard; case-insensitive.
+/// - `cn:NAME`: globbed with `/` between segments, case-sensitive.
 #[derive(Clone)]
 pub struct IdentityPattern {
     text: String,
+    kind: IdentityKind,
+    /// For SPIFFE patterns: the literal trust domain.
+    trust_domain: String,
     matcher: globset::GlobMatcher,
 }
 
 impl IdentityPattern {
     pub fn new(pattern: &str) -> Result<Self> {
+        let err = |m: &str| Error::Config(format!("identity pattern {pattern:?} {m}"));
         if pattern.is_empty() {
             return Err(Error::Config("empty identity pattern".into()));
         }
-        let glob = globset::GlobBuilder::new(pattern)
+        let (kind, trust_domain, glob) = if has_spiffe_scheme(pattern) {
+            let rest = pattern.strip_prefix("spiffe://").ok_or_else(|| {
+                err("must start with \"spiffe://\" (lowercase scheme, then \"//\")")
+            })?;
+            let (td, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            check_trust_domain(td).map_err(|why| {
+                err(&format!(
+                    "has a bad trust domain: {why} (patterns take a literal trust domain)"
+                ))
+            })?;
+            if path.is_empty() || path == "/" {
+                return Err(err(&format!(
+                    "has no path; a workload's SPIFFE ID always has one (\"spiffe://{td}/**\" matches the whole trust domain)"
+                )));
+            }
+            if path.ends_with('/')
+                || path[1..]
+                    .split('/')
+                    .any(|s| s.is_empty() || s == "." || s == "..")
+            {
+                return Err(err(
+                    "has an empty, '.' or '..' path segment or a trailing '/': no SPIFFE ID could match it",
+                ));
+            }
+            (IdentityKind::Spiffe, td.to_string(), path.to_string())
+        } else if let Some(name) = pattern.strip_prefix("dns:") {
+            if name.is_empty() {
+                return Err(err("names no DNS name"));
+            }
+            if name.contains('/') {
+                return Err(err("has a '/', which no DNS name holds"));
+            }
+            // Labels become segments, so `*` stays within one label.
+            (
+                IdentityKind::Dns,
+                String::new(),
+                dns_as_path(&name.to_ascii_lowercase()),
+            )
+        } else if let Some(name) = pattern.strip_prefix("cn:") {
+            if name.is_empty() {
+                return Err(err("names no CN"));
+            }
+            (IdentityKind::Cn, String::new(), name.to_string())
+        } else {
+            return Err(err(&no_kind_hint(pattern)));
+        };
+        let matcher = globset::GlobBuilder::new(&glob)
             .literal_separator(true)
             .backslash_escape(true)
             .build()
-            .map_err(|e| Error::Config(format!("identity pattern {pattern:?}: {e}")))?;
+            .map_err(|e| err(&format!("is not a valid glob: {e}")))?
+            .compile_matcher();
         Ok(IdentityPattern {
             text: pattern.to_string(),
-            matcher: glob.compile_matcher(),
+            kind,
+            trust_domain,
+            matcher,
         })
     }
 
-    pub fn matches(&self, identity: &str) -> bool {
-        self.matcher.is_match(identity)
+    /// Whether `identity` is of this pattern's kind and matches its glob.
+    pub fn matches(&self, identity: &Identity) -> bool {
+        if identity.kind() != self.kind {
+            return false;
+        }
+        let name = identity.name();
+        match self.kind {
+            IdentityKind::Spiffe => match name.find('/') {
+                Some(i) => {
+                    let (td, path) = name.split_at(i);
+                    td == self.trust_domain && self.matcher.is_match(path)
+                }
+                None => false,
+            },
+            IdentityKind::Dns => self.matcher.is_match(dns_as_path(name)),
+            IdentityKind::Cn => self.matcher.is_match(name),
+            IdentityKind::Other => false,
+        }
+    }
+
+    pub fn kind(&self) -> IdentityKind {
+        self.kind
     }
 
     pub fn as_str(&self) -> &str {
         &self.text
     }
+}
+
+/// A DNS name (or pattern) with its labels as `/`-separated segments, so
+/// globset's segment rules apply to labels. Identities hold no `/`
+/// (`identity.rs` refuses it), so this loses nothing.
+fn dns_as_path(name: &str) -> String {
+    name.replace('.', "/")
 }
 
 impl std::fmt::Debug for IdentityPattern {
@@ -125,7 +222,7 @@ pub fn network_allowed(networks: &[Network], peer: Option<std::net::IpAddr>) -> 
     networks.is_empty() || peer.is_some_and(|p| networks.iter().any(|n| n.contains(p)))
 }
 
-pub fn any_matches(patterns: &[IdentityPattern], identity: &str) -> bool {
+pub fn any_matches(patterns: &[IdentityPattern], identity: &Identity) -> bool {
     patterns.iter().any(|p| p.matches(identity))
 }
 
@@ -133,17 +230,98 @@ pub fn any_matches(patterns: &[IdentityPattern], identity: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn id(text: &str) -> Identity {
+        Identity::parse(text).unwrap()
+    }
+
+    fn pattern(text: &str) -> IdentityPattern {
+        IdentityPattern::new(text).unwrap()
+    }
+
     #[test]
     fn star_stays_within_a_segment() {
-        let p = IdentityPattern::new("spiffe://example.org/ns/shop/*").unwrap();
-        assert!(p.matches("spiffe://example.org/ns/shop/cart"));
-        assert!(!p.matches("spiffe://example.org/ns/shop/cart/evil"));
-        assert!(!p.matches("spiffe://example.org/ns/shopping/cart"));
-        let deep = IdentityPattern::new("spiffe://example.org/**").unwrap();
-        assert!(deep.matches("spiffe://example.org/ns/shop/cart"));
-        let exact = IdentityPattern::new("billing.internal").unwrap();
-        assert!(exact.matches("billing.internal"));
-        assert!(!exact.matches("billing.internal.evil"));
+        let p = pattern("spiffe://example.org/ns/shop/*");
+        assert!(p.matches(&id("spiffe://example.org/ns/shop/cart")));
+        assert!(!p.matches(&id("spiffe://example.org/ns/shop/cart/evil")));
+        assert!(!p.matches(&id("spiffe://example.org/ns/shopping/cart")));
+        assert!(!p.matches(&id("spiffe://example.org.evil/ns/shop/cart")));
+        let deep = pattern("spiffe://example.org/**");
+        assert!(deep.matches(&id("spiffe://example.org/ns/shop/cart")));
+        assert!(!deep.matches(&id("spiffe://other.org/ns/shop/cart")));
+        let exact = pattern("dns:billing.internal");
+        assert!(exact.matches(&id("dns:billing.internal")));
+        assert!(exact.matches(&id("dns:BILLING.internal")));
+        assert!(!exact.matches(&id("dns:billing.internal.evil")));
+        let label = pattern("dns:*.internal");
+        assert!(label.matches(&id("dns:billing.internal")));
+        assert!(!label.matches(&id("dns:evil.billing.internal")));
+        assert!(pattern("dns:**.internal").matches(&id("dns:evil.billing.internal")));
+    }
+
+    #[test]
+    fn no_pattern_matches_an_identity_of_another_kind() {
+        let spiffe = pattern("spiffe://credbroker.dev/dba/*");
+        let dns = pattern("dns:billing.internal");
+        let cn = pattern("cn:legacy-batch");
+        let everything = [
+            pattern("spiffe://credbroker.dev/**"),
+            pattern("dns:**"),
+            pattern("cn:**"),
+        ];
+        // Same text after the kind prefix, different kind: never a match.
+        assert!(!spiffe.matches(&id("cn:spiffe://credbroker.dev/dba/x")));
+        assert!(!spiffe.matches(&Identity::from_trusted("spiffe-looking")));
+        assert!(!dns.matches(&id("cn:billing.internal")));
+        assert!(!cn.matches(&id("dns:legacy-batch")));
+        assert!(cn.matches(&id("cn:legacy-batch")));
+        assert!(spiffe.matches(&id("spiffe://credbroker.dev/dba/x")));
+        for (i, p) in everything.iter().enumerate() {
+            for (j, who) in [
+                id("spiffe://credbroker.dev/a/b"),
+                id("dns:a.b"),
+                id("cn:a/b"),
+            ]
+            .iter()
+            .enumerate()
+            {
+                assert_eq!(p.matches(who), i == j, "{p:?} vs {who}");
+            }
+        }
+        // Rows from before identities were typed match nothing.
+        assert!(!everything
+            .iter()
+            .any(|p| p.matches(&Identity::from_trusted("billing.internal"))));
+        assert!(!pattern("cn:*").matches(&Identity::system()));
+    }
+
+    #[test]
+    fn patterns_without_a_kind_or_with_a_bad_trust_domain_are_refused() {
+        let err = IdentityPattern::new("billing.internal")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                r#"identity pattern "billing.internal" has no kind; write "dns:billing.internal" (a DNS SAN) or "cn:billing.internal" (the subject CN)"#
+            ),
+            "{err}"
+        );
+        for (p, why) in [
+            ("*", "has no kind"),
+            ("SPIFFE://td/x", "lowercase scheme"),
+            ("spiffe://TD/x", "lowercase"),
+            ("spiffe://*/x", "literal trust domain"),
+            ("spiffe://td:1/x", "port"),
+            ("spiffe://td", "has no path"),
+            ("spiffe://td/a//b", "no SPIFFE ID could match"),
+            ("spiffe://td/a/../b", "no SPIFFE ID could match"),
+            ("dns:", "names no DNS name"),
+            ("cn:", "names no CN"),
+            ("dns:a/b", "'/'"),
+            ("cn:[", "not a valid glob"),
+        ] {
+            let err = IdentityPattern::new(p).unwrap_err().to_string();
+            assert!(err.contains(why), "{p}: {err}");
+        }
     }
 
     #[test]

@@ -16,8 +16,7 @@ use crate::error::Result;
 use crate::lease::{LeaseState, Reason};
 use crate::revocation::backoff;
 
-/// Identity recorded in the audit log for the reaper's own actions.
-pub const REAPER_IDENTITY: &str = "credbroker:reaper";
+pub use crate::revocation::REAPER_IDENTITY;
 
 /// Longest sleep even when nothing is due: bounds the damage of a missed
 /// wake-up (another replica's lease, a clock step).

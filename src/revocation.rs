@@ -21,12 +21,18 @@ use std::time::Duration;
 use chrono::Utc;
 use rand::Rng;
 
-use crate::audit::{Event, Outcome};
-use crate::backend::{Backend, Reassigned, Revokee, UserRef};
-use crate::broker::Broker;
+use std::sync::Arc;
+
+use crate::audit::{AuditLog, Event, Outcome};
+use crate::backend::{Backend, Backends, Reassigned, Revokee, UserRef};
+use crate::config::{Config, ConfigHandle};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, Reason};
-use crate::store::FailureRecord;
+use crate::metrics::Metrics;
+use crate::store::{FailureRecord, LeaseStore};
+
+/// Identity recorded in the audit log for the reaper's own actions.
+pub const REAPER_IDENTITY: &str = "credbroker:reaper";
 
 /// The outcome of a (bulk) revocation.
 #[derive(Debug, Default)]
@@ -61,7 +67,76 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
-impl Broker {
+/// The engine. It holds what revocation needs and nothing of the request
+/// path, so the broker, the reaper and the sweep share it without any of
+/// them depending on the others.
+pub struct Revoker {
+    config: ConfigHandle,
+    store: Arc<dyn LeaseStore>,
+    backends: Backends,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    /// This process, for revocation claims in a shared store.
+    owner: String,
+    /// Where revocations are announced (`WatchLeases`).
+    watch: Arc<crate::watch::WatchHub>,
+}
+
+impl Revoker {
+    /// Announces revocations on `watch` (the broker's hub) instead of a
+    /// hub of its own that nobody listens to.
+    pub fn with_watch(mut self, watch: Arc<crate::watch::WatchHub>) -> Self {
+        self.watch = watch;
+        self
+    }
+
+    fn watch(&self) -> &crate::watch::WatchHub {
+        &self.watch
+    }
+
+    pub fn new(
+        config: ConfigHandle,
+        store: Arc<dyn LeaseStore>,
+        backends: Backends,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+        owner: String,
+    ) -> Self {
+        Revoker {
+            config,
+            store,
+            backends,
+            audit,
+            metrics,
+            owner,
+            watch: Arc::new(crate::watch::WatchHub::new()),
+        }
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
+    fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// Who inherits what a lease's user owns: its role's `owner`, or the
     /// admin account when the role has none (or is no longer configured).
     pub(crate) fn revokee(&self, lease: &Lease) -> Revokee {
@@ -339,7 +414,7 @@ impl Broker {
         for r in &revokees {
             let u = &r.user;
             tracing::warn!(database = %database, username = %u.username, "dropped orphaned broker user");
-            let mut e = Event::new(crate::reaper::REAPER_IDENTITY, "drop_orphan");
+            let mut e = Event::new(REAPER_IDENTITY, "drop_orphan");
             e.database = Some(database.to_string());
             e.username = Some(u.username.to_string());
             e.outcome = Some(Outcome::Ok);

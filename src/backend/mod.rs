@@ -8,6 +8,7 @@
 pub mod fake;
 pub mod mysql;
 mod mysql_auth;
+pub mod mysql_check;
 mod mysql_definer;
 pub mod postgres;
 
@@ -31,6 +32,9 @@ pub struct Endpoint {
 
 /// A user to create.
 pub struct NewUser<'a> {
+    /// The broker role (`[roles.NAME]`) leased: named in errors, so an
+    /// operator knows whose `grants` the database refused.
+    pub role: &'a str,
     pub username: &'a Username,
     pub password: &'a Password,
     /// Logins stop at this time (PostgreSQL `VALID UNTIL`); MySQL's
@@ -141,29 +145,8 @@ pub fn render_grant(template: &str, quoted_user: &str) -> String {
 /// Reads the admin password named by the config. The value is only ever
 /// held in a zeroizing [`Password`].
 pub fn read_admin_password(db: &DatabaseConfig) -> Result<Option<Password>> {
-    match &db.admin_password {
-        SecretSource::None => Ok(None),
-        SecretSource::File(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                Error::Config(format!(
-                    "databases.{}.admin_password_file {}: {e}",
-                    db.name,
-                    path.display()
-                ))
-            })?;
-            Ok(Some(Password::from_secret(
-                text.trim_end_matches(['\n', '\r']).to_string(),
-            )))
-        }
-        SecretSource::Env(var) => std::env::var(var)
-            .map(|v| Some(Password::from_secret(v)))
-            .map_err(|_| {
-                Error::Config(format!(
-                    "databases.{}.admin_password_env: ${var} is not set",
-                    db.name
-                ))
-            }),
-    }
+    db.admin_password
+        .read(&format!("databases.{}.admin_password", db.name))
 }
 
 /// Writes a new admin password where the config keeps it: a new file beside

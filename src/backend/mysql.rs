@@ -231,9 +231,61 @@ impl MysqlBackend {
         }
     }
 
-    fn unavailable(&self, e: &dyn std::fmt::Display) -> Error {
+    /// Connection trouble as `Unavailable`, naming the database key, the
+    /// admin's `user@host:port` and the cause found through `source()`
+    /// (refused, timed out, TLS, authentication, or the server's words):
+    /// mysql_async on its own prints "Input/output error: Input/output
+    /// error". The text before the first ": " is all a caller sees.
+    fn unavailable<E: std::fmt::Display + 'static>(&self, e: &E) -> Error {
+        let at = url::Url::parse(&self.config.admin_url)
+            .map(|u| {
+                format!(
+                    "{}@{}:{}",
+                    u.username(),
+                    u.host_str().unwrap_or("localhost"),
+                    u.port().unwrap_or(3306)
+                )
+            })
+            .unwrap_or_else(|_| "?".to_string());
+        let (kind, detail) = match (e as &dyn std::any::Any).downcast_ref::<mysql_async::Error>() {
+            Some(err) => {
+                let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+                let mut found = ("connection failed", err.to_string());
+                while let Some(c) = cur {
+                    if let Some(s) = c.downcast_ref::<mysql_async::ServerError>() {
+                        // 1045 ER_ACCESS_DENIED_ERROR, 1044 ER_DBACCESS_DENIED_ERROR,
+                        // 1698 ER_ACCESS_DENIED_NO_PASSWORD_ERROR.
+                        let kind = if [1044, 1045, 1698].contains(&s.code) {
+                            "authentication failed"
+                        } else {
+                            "refused by the server"
+                        };
+                        found = (
+                            kind,
+                            format!("{} (error {}, SQLSTATE {})", s.message, s.code, s.state),
+                        );
+                        break;
+                    }
+                    if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                        let kind = match io.kind() {
+                            std::io::ErrorKind::ConnectionRefused => "connection refused",
+                            std::io::ErrorKind::TimedOut => "connection timed out",
+                            _ => "connection failed",
+                        };
+                        found = (kind, io.to_string());
+                        break;
+                    }
+                    if c.to_string().starts_with("TLS error") {
+                        found = ("TLS failed", c.to_string());
+                    }
+                    cur = c.source();
+                }
+                found
+            }
+            None => ("connection failed", e.to_string()),
+        };
         Error::Unavailable(format!(
-            "database {:?} is unreachable: {e}",
+            "database {:?} is unreachable: {kind} as {at}: {detail}",
             self.config.name
         ))
     }
@@ -245,17 +297,29 @@ impl MysqlBackend {
         let name = &self.config.name;
         match e {
             mysql_async::Error::Server(s) if code::UNAVAILABLE.contains(&s.code) => {
-                Error::Unavailable(format!("database {name:?}: {what}: {} ({})", s.message, s.code))
+                Error::Unavailable(format!(
+                    "database {name:?} is unavailable: {what}: {} (error {})",
+                    s.message, s.code
+                ))
             }
             mysql_async::Error::Server(s) if s.code == code::PARSE_ERROR => Error::Internal(format!(
                 "database {name:?}: {what}: syntax error ({}); the server's message is withheld because it quotes the statement",
                 s.code
             )),
-            mysql_async::Error::Server(s) => {
-                Error::Internal(format!("database {name:?}: {what}: {} ({})", s.message, s.code))
-            }
+            mysql_async::Error::Server(s) => Error::Internal(format!(
+                "database {name:?}: {what}: {} (error {}, SQLSTATE {})",
+                s.message, s.code, s.state
+            )),
             mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => {
-                self.unavailable(&format!("{what}: {e}"))
+                let what = what.to_string();
+                match self.unavailable(&e) {
+                    Error::Unavailable(m) => Error::Unavailable(m.replacen(
+                        " is unreachable: ",
+                        &format!(" is unreachable: {what}: "),
+                        1,
+                    )),
+                    other => other,
+                }
             }
             other => Error::Internal(format!("database {name:?}: {what}: {other}")),
         }

@@ -14,6 +14,7 @@ use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
     Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef,
 };
+use crate::check::Finding;
 use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Password, Username};
@@ -107,31 +108,88 @@ impl PostgresBackend {
         pool.get().await.map_err(|e| self.unavailable(&e))
     }
 
-    fn unavailable(&self, e: &dyn std::fmt::Display) -> Error {
+    /// `user@host:port/db` of the admin connection: where a failure
+    /// happened, for the operator (no password: the URL carries none).
+    pub fn admin_location(&self) -> String {
+        location(&self.base)
+    }
+
+    /// Connection trouble as `Unavailable`, with its cause found by
+    /// walking the error's `source()` chain: deadpool and tokio-postgres
+    /// print only "db error" or "error connecting to server" on top. The
+    /// text before the first ": " is what a caller sees (`server::status`);
+    /// the rest, for the log and `check`, says where and why.
+    fn unavailable(&self, e: &(dyn std::error::Error + 'static)) -> Error {
+        let cause = Cause::of(e);
         Error::Unavailable(format!(
-            "database {:?} is unreachable: {e}",
-            self.config.name
+            "database {:?} is unreachable: {} as {}: {}",
+            self.config.name,
+            cause.kind.as_str(),
+            self.admin_location(),
+            cause.detail
         ))
     }
 
     /// Maps a driver error: connection trouble is `Unavailable` (retry),
-    /// a database refusal is `Internal` with the server's message, which
-    /// never holds our password (we never send one).
+    /// a database refusal is `Internal` with the server's message and
+    /// SQLSTATE, which never hold our password (we never send one).
     fn db_error(&self, what: &str, e: tokio_postgres::Error) -> Error {
         match e.as_db_error() {
             Some(db) if db.code() == &tokio_postgres::error::SqlState::QUERY_CANCELED => {
-                Error::Unavailable(format!("database {:?}: {what} timed out", self.config.name))
+                Error::Unavailable(format!(
+                    "database {:?}: {what} timed out: {} (SQLSTATE {}) at {}",
+                    self.config.name,
+                    db.message(),
+                    db.code().code(),
+                    self.admin_location()
+                ))
             }
             Some(db) => Error::Internal(format!(
-                "database {:?}: {what}: {} ({})",
+                "database {:?}: {what}: {} (SQLSTATE {}) as {}",
                 self.config.name,
                 db.message(),
-                db.code().code()
+                db.code().code(),
+                self.admin_location()
             )),
-            None => self.unavailable(&format!("{what}: {e}")),
+            None => {
+                let cause = Cause::of(&e);
+                Error::Unavailable(format!(
+                    "database {:?} is unreachable: {what}: {} as {}: {}",
+                    self.config.name,
+                    cause.kind.as_str(),
+                    self.admin_location(),
+                    cause.detail
+                ))
+            }
         }
     }
 
+    /// After a failed `create_user`: which of its statements the database
+    /// refused, found by running them again one by one in a transaction
+    /// that is rolled back, so an operator reads "GRANT 2 of role R"
+    /// rather than a bare "permission denied for table orders". `None`
+    /// when every statement passes this time (a race).
+    async fn failing_statement(
+        &self,
+        client: &tokio_postgres::Client,
+        user: &NewUser<'_>,
+    ) -> Option<String> {
+        let ident = escape_identifier(user.username.as_str());
+        let plan = DryRun {
+            create: format!("CREATE ROLE {ident} NOLOGIN"),
+            owner: user
+                .owner
+                .map(|o| format!("GRANT {} TO {ident}", escape_identifier(o))),
+            grants: user
+                .grants
+                .iter()
+                .map(|g| render_grant(g, &ident))
+                .collect(),
+        };
+        let found = plan.run(client).await.err();
+        let _ = client.batch_execute("ROLLBACK").await;
+        found.map(|f| f.describe(user.grants))
+    }
     /// Whether the admin role is a superuser (asked once per backend).
     async fn is_superuser(&self, client: &deadpool_postgres::Object) -> Result<bool> {
         self.superuser
@@ -456,6 +514,418 @@ fn idents(users: &[&str]) -> String {
         .join(", ")
 }
 
+/// `user@host:port/db` of a connection config (it never holds a password
+/// we print: `Config`'s password is not part of this).
+pub fn location(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("?");
+    let db = cfg.get_dbname().unwrap_or(user);
+    format!("{user}@{host}:{port}/{db}")
+}
+
+/// `host:port` of a connection config.
+fn host_port(cfg: &tokio_postgres::Config) -> String {
+    let at = location(cfg);
+    let at = at.split_once('@').map_or(at.as_str(), |(_, rest)| rest);
+    at.rsplit_once('/').map_or(at, |(hp, _)| hp).to_string()
+}
+
+/// Why a connection failed, in the words an operator acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CauseKind {
+    Refused,
+    TimedOut,
+    Authentication,
+    Tls,
+    /// The server answered with an error that is not about logging in
+    /// (no such database, too many connections, shutting down…).
+    Server,
+    Other,
+}
+
+impl CauseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CauseKind::Refused => "connection refused",
+            CauseKind::TimedOut => "connection timed out",
+            CauseKind::Authentication => "authentication failed",
+            CauseKind::Tls => "TLS failed",
+            CauseKind::Server => "refused by the server",
+            CauseKind::Other => "connection failed",
+        }
+    }
+}
+
+/// The deepest cause of a driver error, found through `source()`.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    pub kind: CauseKind,
+    /// The server's own message and SQLSTATE, or the OS error.
+    pub detail: String,
+    pub sqlstate: Option<String>,
+}
+
+impl Cause {
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Cause {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        let mut last = e.to_string();
+        while let Some(err) = cur {
+            if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
+                let code = db.code().code();
+                // Class 28: invalid authorization (wrong password, no
+                // pg_hba.conf entry, role cannot log in).
+                let kind = if code.starts_with("28") {
+                    CauseKind::Authentication
+                } else {
+                    CauseKind::Server
+                };
+                return Cause {
+                    kind,
+                    detail: format!("{} (SQLSTATE {code})", db.message()),
+                    sqlstate: Some(code.to_string()),
+                };
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                let kind = match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => CauseKind::Refused,
+                    std::io::ErrorKind::TimedOut => CauseKind::TimedOut,
+                    _ => CauseKind::Other,
+                };
+                return Cause {
+                    kind,
+                    detail: io.to_string(),
+                    sqlstate: None,
+                };
+            }
+            if let Some(deadpool_postgres::PoolError::Timeout(t)) =
+                err.downcast_ref::<deadpool_postgres::PoolError>()
+            {
+                return Cause {
+                    kind: CauseKind::TimedOut,
+                    detail: format!("no connection within the timeout ({t:?})"),
+                    sqlstate: None,
+                };
+            }
+            last = err.to_string();
+            cur = err.source();
+        }
+        let kind = if last.contains("TLS") || last.contains("tls") || last.contains("certificate") {
+            CauseKind::Tls
+        } else if last.contains("timeout") || last.contains("timed out") {
+            CauseKind::TimedOut
+        } else {
+            CauseKind::Other
+        };
+        Cause {
+            kind,
+            detail: last,
+            sqlstate: None,
+        }
+    }
+}
+
+/// Statements of one leased user, replayed in a transaction the caller
+/// rolls back: how `check` proves the admin may grant what a role grants,
+/// and how a failed issue finds the statement the database refused.
+pub struct DryRun {
+    pub create: String,
+    pub owner: Option<String>,
+    pub grants: Vec<String>,
+}
+
+/// Which statement of a [`DryRun`] failed, with the server's words.
+#[derive(Debug, Clone)]
+pub struct DryRunFailure {
+    pub step: DryRunStep,
+    pub message: String,
+    pub sqlstate: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DryRunStep {
+    Begin,
+    Create,
+    Owner,
+    /// The n-th (0-based) of the role's `grants`.
+    Grant(usize),
+}
+
+impl DryRun {
+    /// Runs BEGIN and every statement; stops at the first refusal. Leaves
+    /// the transaction open either way: the caller rolls it back.
+    pub async fn run(&self, client: &tokio_postgres::Client) -> Result<(), DryRunFailure> {
+        let fail = |step: DryRunStep, e: tokio_postgres::Error| {
+            let (message, sqlstate) = match e.as_db_error() {
+                Some(db) => (db.message().to_string(), db.code().code().to_string()),
+                None => (Cause::of(&e).detail, String::new()),
+            };
+            DryRunFailure {
+                step,
+                message,
+                sqlstate,
+            }
+        };
+        // The ACL lock too: a throwaway GRANT rewrites the same ACL rows a
+        // live broker's GRANT does.
+        client
+            .batch_execute(&format!("BEGIN; {ACL_LOCK}"))
+            .await
+            .map_err(|e| fail(DryRunStep::Begin, e))?;
+        client
+            .batch_execute(&self.create)
+            .await
+            .map_err(|e| fail(DryRunStep::Create, e))?;
+        if let Some(owner) = &self.owner {
+            client
+                .batch_execute(owner)
+                .await
+                .map_err(|e| fail(DryRunStep::Owner, e))?;
+        }
+        for (i, g) in self.grants.iter().enumerate() {
+            client
+                .batch_execute(g)
+                .await
+                .map_err(|e| fail(DryRunStep::Grant(i), e))?;
+        }
+        Ok(())
+    }
+}
+
+impl DryRunFailure {
+    /// "GRANT statement 1 of 2 (\"GRANT SELECT …\"): permission denied …".
+    /// Quotes the operator's template, never a rendered statement.
+    pub fn describe(&self, templates: &[String]) -> String {
+        let code = if self.sqlstate.is_empty() {
+            String::new()
+        } else {
+            format!(" (SQLSTATE {})", self.sqlstate)
+        };
+        let what = match self.step {
+            DryRunStep::Begin => "begin".to_string(),
+            DryRunStep::Create => "CREATE ROLE".to_string(),
+            DryRunStep::Owner => "GRANT of the role's owner".to_string(),
+            DryRunStep::Grant(i) => format!(
+                "GRANT statement {} of {} ({:?})",
+                i + 1,
+                templates.len(),
+                templates.get(i).map(String::as_str).unwrap_or("")
+            ),
+        };
+        format!("{what}: {}{code}", self.message)
+    }
+}
+
+/// What `credbroker check` learns from one PostgreSQL database: findings,
+/// and the users that carry the broker's prefix (the caller asks the
+/// store which of them it knows).
+pub async fn check(
+    db: &DatabaseConfig,
+    roles: &[&crate::config::RoleConfig],
+    prefix: &str,
+) -> (Vec<Finding>, Vec<String>) {
+    let scope = format!("database {}", db.name);
+    let mut out = Vec::new();
+    let mut cfg: tokio_postgres::Config = match db.admin_url.parse() {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(Finding::error(
+                &scope,
+                format!("admin_url: {e}"),
+                "fix admin_url",
+            ));
+            return (out, Vec::new());
+        }
+    };
+    cfg.connect_timeout(db.connect_timeout);
+    cfg.application_name("credbroker check");
+    let at = location(&cfg);
+    let admin = cfg.get_user().unwrap_or("?").to_string();
+    match read_admin_password(db) {
+        Ok(Some(p)) => {
+            cfg.password(p.expose());
+        }
+        Ok(None) => {}
+        Err(e) => {
+            out.push(Finding::error(
+                &scope,
+                e.to_string(),
+                "create the password file (mode 0600) or set the variable the config names",
+            ));
+            return (out, Vec::new());
+        }
+    }
+    let client = match cfg.connect(NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client
+        }
+        Err(e) => {
+            let cause = Cause::of(&e);
+            let fix = match cause.kind {
+                CauseKind::Refused => {
+                    format!(
+                        "is PostgreSQL running and listening at {}? (admin_url)",
+                        host_port(&cfg)
+                    )
+                }
+                CauseKind::TimedOut => {
+                    "the host does not answer: check admin_url's host and port, and any firewall"
+                        .to_string()
+                }
+                CauseKind::Authentication => format!(
+                    "make the password in admin_password_file/env the one of role {admin:?} \
+                     (ALTER ROLE {admin} PASSWORD '…') and let pg_hba.conf admit it"
+                ),
+                _ => "check admin_url and the server's log".to_string(),
+            };
+            out.push(Finding::error(
+                &scope,
+                format!(
+                    "cannot connect: {} as {at}: {}",
+                    cause.kind.as_str(),
+                    cause.detail
+                ),
+                fix,
+            ));
+            return (out, Vec::new());
+        }
+    };
+    let row = match client
+        .query_one(
+            "SELECT rolsuper, rolcreaterole, pg_has_role(current_user, 'pg_signal_backend', 'MEMBER'), \
+             current_setting('server_version') FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            out.push(Finding::error(&scope, format!("cannot read the admin's privileges: {}", Cause::of(&e).detail), "check the server's log"));
+            return (out, Vec::new());
+        }
+    };
+    let (superuser, createrole, signal, version): (bool, bool, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    out.push(Finding::ok(
+        &scope,
+        format!(
+            "connected as {at} (PostgreSQL {version}{})",
+            if superuser { ", superuser" } else { "" }
+        ),
+    ));
+    if !superuser && !createrole {
+        out.push(Finding::error(
+            &scope,
+            format!("admin role {admin:?} lacks CREATEROLE: every issue will fail"),
+            format!("ALTER ROLE {} CREATEROLE", escape_identifier(&admin)),
+        ));
+    }
+    if !superuser && !signal {
+        out.push(Finding::error(
+            &scope,
+            format!("admin role {admin:?} is not a member of pg_signal_backend: revocation cannot end live sessions"),
+            format!("GRANT pg_signal_backend TO {}", escape_identifier(&admin)),
+        ));
+    }
+    for role in roles {
+        let rscope = format!("role {}", role.name);
+        if let Some(owner) = &role.owner {
+            let found = client
+                .query_opt(
+                    "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = $1",
+                    &[owner],
+                )
+                .await;
+            match found {
+                Ok(None) => out.push(Finding::error(
+                    &rscope,
+                    format!("owner {owner:?} does not exist on database {}", db.name),
+                    format!("CREATE ROLE {} NOLOGIN", escape_identifier(owner)),
+                )),
+                Ok(Some(r)) if !superuser && !r.get::<_, bool>(0) => out.push(Finding::error(
+                    &rscope,
+                    format!("admin role {admin:?} is not a member of owner {owner:?}: revocation cannot hand over what a lease created"),
+                    format!("GRANT {} TO {} WITH ADMIN OPTION", escape_identifier(owner), escape_identifier(&admin)),
+                )),
+                Ok(Some(_)) => {}
+                Err(e) => out.push(Finding::error(&rscope, format!("cannot look up owner {owner:?}: {}", Cause::of(&e).detail), "check the server's log")),
+            }
+        }
+        // A name that is not broker-shaped, so no sweep could ever take it
+        // for a lease; it never outlives the rolled-back transaction.
+        let ident = escape_identifier(&format!("credbroker_check_{:016x}", rand::random::<u64>()));
+        let plan = DryRun {
+            create: format!("CREATE ROLE {ident} NOLOGIN"),
+            owner: role
+                .owner
+                .as_ref()
+                .map(|o| format!("GRANT {} TO {ident}", escape_identifier(o))),
+            grants: role
+                .grants
+                .iter()
+                .map(|g| render_grant(g, &ident))
+                .collect(),
+        };
+        let result = plan.run(&client).await;
+        let _ = client.batch_execute("ROLLBACK").await;
+        match result {
+            Ok(()) => out.push(Finding::ok(
+                &rscope,
+                format!(
+                    "dry run of CREATE ROLE and {} grant(s) passed (rolled back)",
+                    role.grants.len()
+                ),
+            )),
+            Err(f) => {
+                let fix = match f.step {
+                    DryRunStep::Grant(_) if f.sqlstate == "42501" => format!(
+                        "the admin can only grant what it holds WITH GRANT OPTION (or owns): grant it to {admin:?} \
+                         WITH GRANT OPTION, or change the role's grants"
+                    ),
+                    DryRunStep::Create => format!("ALTER ROLE {} CREATEROLE", escape_identifier(&admin)),
+                    _ => "fix the statement in the role's grants".to_string(),
+                };
+                out.push(Finding::error(
+                    &rscope,
+                    format!("dry run failed at {}", f.describe(&role.grants)),
+                    fix,
+                ));
+            }
+        }
+    }
+    let pattern = format!(
+        "{}%",
+        prefix
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%")
+    );
+    let prefixed = match client
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
+            &[&pattern],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        Err(e) => {
+            out.push(Finding::error(
+                &scope,
+                format!("cannot list roles: {}", Cause::of(&e).detail),
+                "check the server's log",
+            ));
+            Vec::new()
+        }
+    };
+    (out, prefixed)
+}
+
 #[async_trait]
 impl Backend for PostgresBackend {
     fn kind(&self) -> BackendKind {
@@ -499,7 +969,19 @@ impl Backend for PostgresBackend {
         // One simple-query message without BEGIN runs as one implicit
         // transaction: any failing grant rolls the role back with it, and the
         // pooled connection is left clean.
-        self.batch_retrying(&client, &sql, "create role").await
+        match self.batch_retrying(&client, &sql, "create role").await {
+            // A refusal: say which statement, not only the server's words.
+            Err(Error::Internal(m)) => match self.failing_statement(&client, user).await {
+                Some(stmt) => Err(Error::Internal(format!(
+                    "database {:?}: create role for role {:?}: {stmt} as {}",
+                    self.config.name,
+                    user.role,
+                    self.admin_location()
+                ))),
+                None => Err(Error::Internal(m)),
+            },
+            other => other,
+        }
     }
 
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {

@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 
 use crate::cli::lease::{rfc3339, state_name};
-use crate::cli::{grpc_error, CliResult};
+use crate::cli::{grpc_error, CliResult, Failure};
 use crate::client::ClientOpts;
 use crate::pb;
 use crate::pb::revoke_leases_request::Selector;
@@ -28,17 +28,23 @@ pub enum StateArg {
 pub enum Command {
     /// List leases (live ones unless --state says otherwise)
     Leases {
+        /// Only leases of this role (a `[roles.NAME]` of the config)
         #[arg(long)]
         role: Option<String>,
+        /// Only leases on this database (a `[databases.NAME]` of the config)
         #[arg(long)]
         database: Option<String>,
+        /// Caller identity with its kind: spiffe://TD/PATH, dns:NAME or cn:NAME
         #[arg(long)]
         identity: Option<String>,
+        /// Only leases in this state (repeat for several; default: the
+        /// live ones — pending, active, failing)
         #[arg(long, value_enum)]
         state: Vec<StateArg>,
         /// Only leases expiring within this long, e.g. 10m
         #[arg(long)]
         expiring_within: Option<humantime::Duration>,
+        /// Output: a table for people, or JSON for scripts
         #[arg(long, value_enum, default_value = "table")]
         format: ListFormat,
         #[command(flatten)]
@@ -46,14 +52,18 @@ pub enum Command {
     },
     /// Revoke one lease, or all leases of a role, database or identity
     Revoke {
-        /// A lease id
+        /// The lease to revoke (l_…, as `lease issue` or `admin leases` shows it)
         lease_id: Option<String>,
+        /// Revoke every live lease of this role
         #[arg(long, conflicts_with_all = ["lease_id", "database", "identity", "all"])]
         role: Option<String>,
+        /// Revoke every live lease on this database
         #[arg(long, conflicts_with_all = ["lease_id", "identity", "all"])]
         database: Option<String>,
+        /// Caller identity with its kind: spiffe://TD/PATH, dns:NAME or cn:NAME
         #[arg(long, conflicts_with_all = ["lease_id", "all"])]
         identity: Option<String>,
+        /// Revoke every live lease this broker holds
         #[arg(long, conflicts_with = "lease_id")]
         all: bool,
         /// Do not ask for confirmation of a bulk revoke
@@ -106,11 +116,22 @@ pub enum Command {
     /// Give the broker's admin account on a database a new random password
     /// that only the broker knows
     RotateRoot {
+        /// The database (a `[databases.NAME]` of the config) whose admin
+        /// password to replace
         #[arg(long)]
         database: String,
         #[command(flatten)]
         client: ClientOpts,
     },
+}
+
+/// An identity as typed, in the canonical form leases are stored under.
+/// Checked here as well as by the broker, so a bare name fails before the
+/// confirmation prompt, with a hint at what to write.
+fn identity_arg(i: &str) -> Result<String, Failure> {
+    crate::identity::Identity::parse(i)
+        .map(|id| id.as_str().to_string())
+        .map_err(|e| Failure::Usage(anyhow::anyhow!("--identity: {e}")))
 }
 
 fn to_pb_state(s: StateArg) -> i32 {
@@ -138,7 +159,11 @@ pub async fn run(cmd: Command) -> CliResult {
                 .list_leases(pb::ListLeasesRequest {
                     role: role.unwrap_or_default(),
                     database: database.unwrap_or_default(),
-                    identity: identity.unwrap_or_default(),
+                    identity: identity
+                        .as_deref()
+                        .map(identity_arg)
+                        .transpose()?
+                        .unwrap_or_default(),
                     states: state.into_iter().map(to_pb_state).collect(),
                     expiring_within_seconds: expiring_within
                         .map(|d| d.as_secs() as i64)
@@ -146,7 +171,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     limit: 0,
                 })
                 .await
-                .map_err(|s| grpc_error("list leases", s))?
+                .map_err(|s| grpc_error("list leases", &client, s))?
                 .into_inner();
             match format {
                 ListFormat::Json => println!(
@@ -177,17 +202,18 @@ pub async fn run(cmd: Command) -> CliResult {
                     Selector::Database(d.clone()),
                     format!("every live lease on database {d:?}"),
                 ),
-                (_, _, _, Some(i), _) => (
-                    Selector::Identity(i.clone()),
-                    format!("every live lease held by {i:?}"),
-                ),
+                (_, _, _, Some(i), _) => {
+                    let i = identity_arg(&i)?;
+                    (
+                        Selector::Identity(i.clone()),
+                        format!("every live lease held by {i:?}"),
+                    )
+                }
                 (.., true) => (Selector::All(true), "EVERY live lease".to_string()),
                 _ => {
-                    return Err(anyhow::anyhow!(crate::Error::Config(
+                    return Err(crate::cli::Failure::Usage(anyhow::anyhow!(
                         "name what to revoke: LEASE_ID, --role, --database, --identity or --all"
-                            .into()
-                    ))
-                    .into())
+                    )))
                 }
             };
             let bulk = !matches!(selector, Selector::LeaseId(_));
@@ -202,7 +228,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     force,
                 })
                 .await
-                .map_err(|s| grpc_error("revoke", s))?
+                .map_err(|s| grpc_error("revoke", &client, s))?
                 .into_inner();
             println!("revoked {} lease(s)", reply.revoked);
             for f in &reply.failures {
@@ -249,7 +275,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     revoke,
                 })
                 .await
-                .map_err(|s| grpc_error("lock", s))?
+                .map_err(|s| grpc_error("lock", &client, s))?
                 .into_inner();
             let lock = reply.lock.unwrap_or_default();
             println!(
@@ -274,7 +300,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let reply = c
                 .unlock(pb::UnlockRequest { lock_id })
                 .await
-                .map_err(|s| grpc_error("unlock", s))?
+                .map_err(|s| grpc_error("unlock", &client, s))?
                 .into_inner();
             let lock = reply.lock.unwrap_or_default();
             println!("unlocked {} {} ({})", lock.kind, lock.value, lock.lock_id);
@@ -285,7 +311,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let reply = c
                 .list_locks(pb::ListLocksRequest {})
                 .await
-                .map_err(|s| grpc_error("list locks", s))?
+                .map_err(|s| grpc_error("list locks", &client, s))?
                 .into_inner();
             match format {
                 ListFormat::Json => println!(
@@ -301,7 +327,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let reply = c
                 .rotate_root(pb::RotateRootRequest { database })
                 .await
-                .map_err(|s| grpc_error("rotate-root", s))?
+                .map_err(|s| grpc_error("rotate-root", &client, s))?
                 .into_inner();
             println!(
                 "rotated the admin password of database {:?} at {}",

@@ -9,7 +9,10 @@ use crate::cli::CliResult;
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Check every record's hash and its link to the one before
-    Verify { file: PathBuf },
+    Verify {
+        /// The audit log (`[audit] path` of the config), JSON lines
+        file: PathBuf,
+    },
 }
 
 pub fn run(cmd: Command) -> CliResult {

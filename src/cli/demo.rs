@@ -356,7 +356,15 @@ async fn mysql_part(
 fn mysql_message(e: &mysql_async::Error) -> String {
     match e {
         mysql_async::Error::Server(s) => s.message.clone(),
-        other => other.to_string(),
+        // The driver nests "Input/output error: …" twice; the innermost
+        // cause is what a person wants to read.
+        other => {
+            let mut cause: &dyn std::error::Error = other;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            cause.to_string()
+        }
     }
 }
 

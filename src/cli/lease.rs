@@ -17,11 +17,14 @@ pub enum Format {
 pub enum Command {
     /// Lease a credential for a role
     Issue {
+        /// The role to lease (a `[roles.NAME]` of the broker's config)
         #[arg(long)]
         role: String,
         /// Lifetime, e.g. 10m (default: the role's default_ttl)
         #[arg(long)]
         ttl: Option<humantime::Duration>,
+        /// Output: json (every field), dsn (one connection URI) or env
+        /// (PGHOST=… or MYSQL_HOST=… lines, for `set -a; . FILE`)
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
         #[command(flatten)]
@@ -29,7 +32,10 @@ pub enum Command {
     },
     /// Extend a lease (never past its hard limit)
     Renew {
+        /// The lease to renew (l_…, as `lease issue` printed it)
         lease_id: String,
+        /// New lifetime from now, e.g. 10m (default: the role's
+        /// default_ttl); never past the lease's hard limit
         #[arg(long)]
         ttl: Option<humantime::Duration>,
         #[command(flatten)]
@@ -37,12 +43,14 @@ pub enum Command {
     },
     /// End a lease now: sessions cut, user dropped
     Revoke {
+        /// The lease to end (l_…, as `lease issue` printed it)
         lease_id: String,
         #[command(flatten)]
         client: ClientOpts,
     },
     /// Show a lease (without password)
     Lookup {
+        /// The lease to show (l_…, as `lease issue` printed it)
         lease_id: String,
         #[command(flatten)]
         client: ClientOpts,
@@ -68,7 +76,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     ttl_seconds: ttl_seconds(ttl),
                 })
                 .await
-                .map_err(|s| grpc_error("issue", s))?
+                .map_err(|s| grpc_error("issue", &client, s))?
                 .into_inner();
             print!("{}", render(&lease, format));
         }
@@ -84,7 +92,7 @@ pub async fn run(cmd: Command) -> CliResult {
                     ttl_seconds: ttl_seconds(ttl),
                 })
                 .await
-                .map_err(|s| grpc_error("renew", s))?
+                .map_err(|s| grpc_error("renew", &client, s))?
                 .into_inner();
             print!("{}", render(&lease, Format::Json));
         }
@@ -93,7 +101,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let r = c
                 .revoke_lease(pb::RevokeLeaseRequest { lease_id })
                 .await
-                .map_err(|s| grpc_error("revoke", s))?
+                .map_err(|s| grpc_error("revoke", &client, s))?
                 .into_inner();
             println!("revoked {}", r.lease_id);
         }
@@ -102,7 +110,7 @@ pub async fn run(cmd: Command) -> CliResult {
             let lease = c
                 .lookup_lease(pb::LookupLeaseRequest { lease_id })
                 .await
-                .map_err(|s| grpc_error("lookup", s))?
+                .map_err(|s| grpc_error("lookup", &client, s))?
                 .into_inner();
             print!("{}", render(&lease, Format::Json));
         }
@@ -132,7 +140,7 @@ pub fn state_name(state: i32) -> &'static str {
 pub fn render(l: &pb::Lease, format: Format) -> String {
     match format {
         Format::Json => {
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "lease_id": l.lease_id,
                 "role": l.role,
                 "database": l.database,
@@ -150,6 +158,13 @@ pub fn render(l: &pb::Lease, format: Format) -> String {
                 "max_expires_at": rfc3339(&l.max_expires_at),
                 "renewable": l.renewable,
             });
+            // Renew and lookup carry no password: no `"password": ""`
+            // that reads like an empty one.
+            if l.password.is_empty() {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("password");
+                }
+            }
             format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
         }
         Format::Dsn => format!("{}\n", l.dsn),

@@ -4,6 +4,7 @@
 mod admin;
 mod audit;
 mod bench;
+mod check;
 mod demo;
 mod lease;
 mod pki;
@@ -35,6 +36,10 @@ struct Cli {
 enum Command {
     /// Run the broker
     Serve(serve::Args),
+    /// Check a configuration and everything it names: certificates, the
+    /// lease store, every database and the admin's privileges there (exit
+    /// 0: ok, 1: a check failed, 64: config unreadable)
+    Check(check::Args),
     /// Issue, renew, revoke or look up a lease (as a service would)
     #[command(subcommand)]
     Lease(lease::Command),
@@ -96,6 +101,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(a) => serve::run(a).await,
+            Command::Check(a) => check::run(a).await,
             Command::Lease(c) => lease::run(c).await,
             Command::Admin(c) => admin::run(c).await,
             Command::Sidecar(a) => sidecar::run(a).await,
@@ -110,7 +116,12 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(Failure::Usage(e)) => {
-            eprintln!("error: {e:#}");
+            // A bad flag (`--ca FILE: not found`) is not a config-file
+            // problem: no "config:" in front of it.
+            match e.downcast_ref::<crate::Error>() {
+                Some(crate::Error::Config(m)) if m.starts_with("--") => eprintln!("error: {m}"),
+                _ => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Other(e)) => {
@@ -129,6 +140,7 @@ fn init_logging(json: bool, server: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(use_color(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -137,7 +149,18 @@ fn init_logging(json: bool, server: bool) {
     }
 }
 
-/// A gRPC failure as a CLI error: code and message.
-pub(crate) fn grpc_error(what: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {}", crate::client::describe(&status))
+/// ANSI colours only for a terminal, and never when `NO_COLOR` is set
+/// (<https://no-color.org>): logs written to files and pipes stay plain.
+pub(crate) fn use_color(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// A gRPC failure as a CLI error: code and message, or for a connection
+/// that failed, where and why (`ClientOpts::explain`).
+pub(crate) fn grpc_error(
+    what: &str,
+    client: &crate::client::ClientOpts,
+    status: tonic::Status,
+) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {}", client.explain(&status))
 }

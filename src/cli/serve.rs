@@ -22,9 +22,31 @@ pub async fn run(args: Args) -> CliResult {
     for w in &daemon.warnings {
         eprintln!("credbroker: WARNING: {w}");
     }
+    // One summary of what was loaded, so an operator sees at a glance
+    // whether the broker runs the config they meant.
+    let config = daemon.broker.config();
+    let databases: Vec<String> = config
+        .databases
+        .values()
+        .map(|d| format!("{} ({})", d.name, d.kind.as_str()))
+        .collect();
+    let roles: Vec<String> = config
+        .roles
+        .values()
+        .map(|r| format!("{} on {}", r.name, r.database))
+        .collect();
+    let metrics = listeners
+        .metrics
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "off".to_string());
     tracing::info!(
         listen = %listeners.grpc.local_addr()?,
-        metrics = ?listeners.metrics.as_ref().and_then(|l| l.local_addr().ok()),
+        metrics = %metrics,
+        databases = %databases.join(", "),
+        roles = %roles.join(", "),
+        warnings = daemon.warnings.len(),
         "credbroker serving"
     );
     let reloader = daemon.reloader();

@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Selector};
-use crate::identity::Identity;
+use crate::error::Error;
+use crate::identity::{Identity, MAX_SPIFFE_ID_LEN};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, LockTarget};
 use crate::pb;
@@ -21,14 +22,36 @@ use crate::store::LeaseFilter;
 /// overflow.
 const MAX_REQUEST_TTL_SECS: i64 = 366 * 24 * 3600;
 
-fn identity<T>(req: &Request<T>) -> Result<Identity, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    Identity::from_cert_der(leaf.as_ref()).map_err(to_status)
+/// The caller's identity from its verified leaf certificate. A refusal
+/// (no certificate, two SPIFFE IDs, a malformed one…) is audited here, as
+/// `action`: the TLS layer let the certificate through, so no one else
+/// would record it (invariant 6).
+fn identity<T>(
+    broker: &Broker,
+    req: &Request<T>,
+    action: &'static str,
+) -> Result<Identity, Status> {
+    let leaf = req.peer_certs().and_then(|certs| certs.first().cloned());
+    let result = match leaf {
+        Some(leaf) => Identity::from_cert_der(leaf.as_ref()),
+        None => Err(Error::Unauthenticated(
+            "a client certificate is required".into(),
+        )),
+    };
+    result.map_err(|e| to_status(broker.refuse_unauthenticated(req.remote_addr(), action, e)))
+}
+
+/// An identity an admin selects leases by: canonical text with its kind.
+fn identity_selector(v: String) -> Result<Option<Identity>, Status> {
+    if v.len() > MAX_SPIFFE_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "identity is longer than {MAX_SPIFFE_ID_LEN} bytes"
+        )));
+    }
+    if v.is_empty() {
+        return Ok(None);
+    }
+    Identity::parse(&v).map(Some).map_err(to_status)
 }
 
 /// The caller's TCP peer address (what `allowed_networks` is checked
@@ -145,7 +168,7 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::WatchLeasesRequest>,
     ) -> Result<Response<EventStream>, Status> {
         use tokio::sync::broadcast::error::RecvError;
-        let who = identity(&req)?;
+        let who = identity(&self.broker, &req, "watch")?;
         let peer = peer_ip(&req);
         let r = req.into_inner();
         let requested = crate::watch::Scope {
@@ -203,7 +226,7 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::IssueLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let who = identity(&req)?;
+        let who = identity(&self.broker, &req, "issue")?;
         let peer = peer_ip(&req);
         let r = req.into_inner();
         let ttl = ttl(r.ttl_seconds)?;
@@ -225,7 +248,7 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let who = identity(&req)?;
+        let who = identity(&self.broker, &req, "renew")?;
         let peer = peer_ip(&req);
         let r = req.into_inner();
         let id = lease_id(&r.lease_id)?;
@@ -253,7 +276,7 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        let who = identity(&req)?;
+        let who = identity(&self.broker, &req, "revoke")?;
         let id = lease_id(&req.get_ref().lease_id)?;
         let lease = self.broker.revoke(&who, &id).await.map_err(to_status)?;
         Ok(Response::new(pb::RevokeLeaseResponse {
@@ -266,7 +289,7 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::LookupLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let who = identity(&req)?;
+        let who = identity(&self.broker, &req, "lookup")?;
         let id = lease_id(&req.get_ref().lease_id)?;
         let (lease, dsn) = self.broker.lookup(&who, &id).await.map_err(to_status)?;
         Ok(Response::new(lease_reply(
@@ -285,7 +308,7 @@ pub struct AdminService {
 impl AdminService {
     /// The caller's identity, once its address passed `admin_networks`.
     fn admin<T>(&self, req: &Request<T>, action: &'static str) -> Result<Identity, Status> {
-        let who = identity(req)?;
+        let who = identity(&self.broker, req, action)?;
         self.broker
             .check_admin_network(&who, peer_ip(req), action)
             .map_err(to_status)?;
@@ -377,7 +400,7 @@ impl pb::admin_server::Admin for AdminService {
         let filter = LeaseFilter {
             role: bounded("role", r.role)?,
             database: bounded("database", r.database)?,
-            identity: bounded("identity", r.identity)?,
+            identity: identity_selector(r.identity)?.map(|i| i.as_str().to_string()),
             states,
             expiring_before: (r.expiring_within_seconds > 0)
                 .then(|| Utc::now() + chrono::Duration::seconds(r.expiring_within_seconds)),
@@ -414,7 +437,7 @@ impl pb::admin_server::Admin for AdminService {
                     .ok_or_else(|| Status::invalid_argument("database is empty"))?,
             ),
             Some(S::Identity(v)) => Selector::Identity(
-                bounded("identity", v)?
+                identity_selector(v)?
                     .ok_or_else(|| Status::invalid_argument("identity is empty"))?,
             ),
             Some(S::All(true)) => Selector::All,

@@ -13,10 +13,41 @@ pub fn to_status(err: Error) -> Status {
         Error::NotFound(m) => Status::not_found(m),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-        Error::Unavailable(m) => Status::unavailable(m),
+        Error::Unavailable(m) => {
+            tracing::warn!(error = %m, "unavailable");
+            Status::unavailable(public_summary(&m))
+        }
         Error::Internal(m) | Error::Config(m) => {
             tracing::error!(error = %m, "internal error");
             Status::new(Code::Internal, "internal error; see the broker's log")
         }
+    }
+}
+
+/// What a caller learns of an `Unavailable`: the text before the first
+/// ": " (`database "orders" is unreachable`), which names the database
+/// but not its address, user or the server's words — those go to the log
+/// (and to `credbroker check`), where the operator reads them.
+fn public_summary(m: &str) -> String {
+    match m.split_once(": ") {
+        Some((head, _)) => format!("{head} (details in the broker's log)"),
+        None => m.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::public_summary;
+
+    #[test]
+    fn unavailable_keeps_the_database_and_drops_the_detail() {
+        let m = "database \"orders\" is unreachable: authentication failed as a@10.0.0.1:5432/o: \
+                 password authentication failed for user \"a\" (SQLSTATE 28P01)";
+        let s = public_summary(m);
+        assert_eq!(
+            s,
+            "database \"orders\" is unreachable (details in the broker's log)"
+        );
+        assert_eq!(public_summary("lease store is busy"), "lease store is busy");
     }
 }

@@ -7,6 +7,7 @@
 //! - nothing secret is stored: there is no column for a password;
 //! - nothing loads every lease into memory: the reaper asks for what is due.
 
+mod group_commit;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

@@ -25,7 +25,7 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::config::SecretSource;
 use crate::error::{Error, Result};
-use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Password, Username};
+use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
@@ -195,22 +195,6 @@ fn claim_ms(claim: &Claim) -> f64 {
     (claim.until - Utc::now()).num_milliseconds().max(0) as f64
 }
 
-fn read_password(source: &SecretSource) -> Result<Option<Password>> {
-    match source {
-        SecretSource::None => Ok(None),
-        SecretSource::File(path) => std::fs::read_to_string(path)
-            .map(|t| {
-                Some(Password::from_secret(
-                    t.trim_end_matches(['\n', '\r']).to_string(),
-                ))
-            })
-            .map_err(|e| Error::Config(format!("store.password_file {}: {e}", path.display()))),
-        SecretSource::Env(var) => std::env::var(var)
-            .map(|v| Some(Password::from_secret(v)))
-            .map_err(|_| Error::Config(format!("store.password_env: ${var} is not set"))),
-    }
-}
-
 impl PostgresStore {
     /// Connects, then creates or migrates the schema. `url` holds no
     /// password (the config refuses one); `password` is where it is kept.
@@ -218,7 +202,7 @@ impl PostgresStore {
         let mut cfg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| Error::Config(format!("store.url: {e}")))?;
-        if let Some(p) = read_password(password)? {
+        if let Some(p) = password.read("store.password")? {
             cfg.password(p.expose());
         }
         cfg.application_name("credbroker-store")

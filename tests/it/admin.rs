@@ -45,15 +45,7 @@ async fn three_database_broker() -> (TestBroker, String) {
     ))
     .await
     .unwrap();
-    let maria = b
-        .env
-        .mysql_database(
-            "maria",
-            mariadb().port(),
-            &schema,
-            Some(mariadb().root_password()),
-        )
-        .unwrap();
+    let maria = b.maria_section("maria", &schema);
     let maria_role = format!(
         "[roles.ro3]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
          allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\

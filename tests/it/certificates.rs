@@ -15,7 +15,8 @@ fn roles() -> String {
         "1m",
         "10m",
         "spiffe://credbroker.dev/ns/demo/*",
-    ) + &role("by-dns", "{db}", "1m", "10m", "billing.internal")
+    ) + &role("by-dns", "{db}", "1m", "10m", "dns:billing.internal")
+        + &role("by-cn", "{db}", "1m", "10m", "cn:legacy-batch")
 }
 
 async fn channel(b: &TestBroker, identity: Option<(String, String)>) -> Channel {
@@ -125,14 +126,14 @@ async fn identity_falls_back_from_spiffe_to_dns_to_cn() {
     let lease = try_issue(&b, Some((dns.cert_pem, dns.key_pem)), "by-dns")
         .await
         .unwrap();
-    assert_eq!(lease.identity, "billing.internal");
+    assert_eq!(lease.identity, "dns:billing.internal");
     let cn = ca
-        .client_cert(&ClientSpec::common_name("billing.internal"))
+        .client_cert(&ClientSpec::common_name("legacy-batch"))
         .unwrap();
-    let lease = try_issue(&b, Some((cn.cert_pem, cn.key_pem)), "by-dns")
+    let lease = try_issue(&b, Some((cn.cert_pem, cn.key_pem)), "by-cn")
         .await
         .unwrap();
-    assert_eq!(lease.identity, "billing.internal");
+    assert_eq!(lease.identity, "cn:legacy-batch");
     let spiffe = ca
         .client_cert(&ClientSpec {
             dns_name: Some("billing.internal".into()),
@@ -148,4 +149,276 @@ async fn identity_falls_back_from_spiffe_to_dns_to_cn() {
         "the SPIFFE ID must win over the DNS SAN"
     );
     b.stop().await;
+}
+
+/// Writes a CA-signed client certificate as `pki/{name}.pem` (and key), so
+/// `b.client(name)`, `b.admin(name)` and the CLI can use it.
+fn write_client(b: &TestBroker, name: &str, spec: &ClientSpec) {
+    let pair = dev_ca(b).client_cert(spec).unwrap();
+    std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
+    std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
+}
+
+async fn try_admin_list(
+    b: &TestBroker,
+    who: &str,
+    identity: &str,
+) -> Result<Vec<pb::LeaseSummary>, tonic::Status> {
+    b.admin(who)
+        .await
+        .list_leases(pb::ListLeasesRequest {
+            identity: identity.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().leases)
+}
+
+/// Whether the audit log holds a denied `action` by a peer with no usable
+/// identity, whose detail gives `reason`.
+fn refusal_audited(b: &TestBroker, action: &str, reason: &str) -> bool {
+    b.audit_records().into_iter().any(|r| {
+        r.identity.starts_with("unauthenticated:")
+            && r.action == action
+            && r.outcome == credbroker::audit::Outcome::Denied
+            && r.detail.as_deref().is_some_and(|d| d.contains(reason))
+    })
+}
+
+#[tokio::test]
+async fn a_cn_or_dns_name_that_looks_like_a_spiffe_id_is_not_one() {
+    let mut b = TestBroker::start(&roles()).await;
+    let before = b.broker_role_count().await;
+    // The trusted CA lets teams pick their CN; none carries a URI SAN.
+    write_client(
+        &b,
+        "cn-dba",
+        &ClientSpec::common_name("spiffe://credbroker.dev/dba/x"),
+    );
+    write_client(
+        &b,
+        "cn-app",
+        &ClientSpec::common_name("spiffe://credbroker.dev/ns/demo/app"),
+    );
+
+    let err = try_admin_list(&b, "cn-dba", "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = issue(&b, "cn-app", "ro", 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let records = b.audit_records();
+    for (who, action) in [
+        ("cn:spiffe://credbroker.dev/dba/x", "admin_list"),
+        ("cn:spiffe://credbroker.dev/ns/demo/app", "issue"),
+    ] {
+        assert!(
+            records.iter().any(|r| r.identity == who
+                && r.action == action
+                && r.outcome == credbroker::audit::Outcome::Denied),
+            "no denied {action} audited for {who}"
+        );
+    }
+
+    // A DNS SAN cannot hold a SPIFFE ID: such a certificate is refused
+    // outright, never read as a SPIFFE ID nor as a CN.
+    for (name, dns) in [
+        ("dns-dba", "spiffe://credbroker.dev/dba/x"),
+        ("dns-app", "spiffe://credbroker.dev/ns/demo/app"),
+    ] {
+        write_client(
+            &b,
+            name,
+            &ClientSpec {
+                common_name: Some(dns.into()),
+                ..ClientSpec::dns(dns)
+            },
+        );
+    }
+    let err = try_admin_list(&b, "dns-dba", "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let err = issue(&b, "dns-app", "ro", 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("not a DNS name"), "{err:?}");
+    assert!(refusal_audited(&b, "issue", "not a DNS name"));
+    // A DNS name that spells the trust domain is just a DNS name.
+    write_client(&b, "dns-td", &ClientSpec::dns("credbroker.dev"));
+    let err = try_admin_list(&b, "dns-td", "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    assert_eq!(b.broker_role_count().await, before, "a role was created");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn two_spiffe_ids_or_a_malformed_one_are_refused_and_audited() {
+    let mut b = TestBroker::start(&roles()).await;
+    let before = b.broker_role_count().await;
+    write_client(
+        &b,
+        "two",
+        &ClientSpec {
+            extra_uris: vec!["spiffe://credbroker.dev/dba/oncall".into()],
+            ..ClientSpec::spiffe(APP)
+        },
+    );
+    let err = issue(&b, "two", "ro", 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("2 SPIFFE URI SANs"), "{err:?}");
+    assert!(
+        refusal_audited(&b, "issue", "2 SPIFFE URI SANs"),
+        "refusal not audited: {:?}",
+        b.audit_records()
+    );
+    let err = try_admin_list(&b, "two", "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(refusal_audited(&b, "admin_list", "2 SPIFFE URI SANs"));
+
+    // Each also has a DNS SAN the by-dns role allows: a broken SPIFFE ID
+    // must not fall back to it.
+    for (n, uri, reason) in [
+        (0, "spiffe://credbroker.dev/ns/demo/../app", "'..'"),
+        (1, "spiffe://CREDBROKER.dev/ns/demo/app", "lowercase"),
+        (2, "spiffe://credbroker.dev/ns/demo/app?x=1", "query"),
+        (3, "SPIFFE://credbroker.dev/ns/demo/app", "scheme"),
+        (4, "spiffe://credbroker.dev/ns/demo/app/", "ends with '/'"),
+    ] {
+        let name = format!("bad{n}");
+        write_client(
+            &b,
+            &name,
+            &ClientSpec {
+                dns_name: Some("billing.internal".into()),
+                ..ClientSpec::spiffe(uri)
+            },
+        );
+        for role in ["ro", "by-dns"] {
+            let err = issue(&b, &name, role, 0).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{uri}: {err:?}");
+            assert!(err.message().contains(reason), "{uri}: {err:?}");
+        }
+        assert!(refusal_audited(&b, "issue", reason), "{uri} not audited");
+    }
+    assert_eq!(b.broker_role_count().await, before, "a role was created");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn dns_and_cn_patterns_let_in_exactly_their_kind_and_show_it() {
+    let mut b = TestBroker::start(&roles()).await;
+    write_client(&b, "dns-billing", &ClientSpec::dns("billing.internal"));
+    write_client(
+        &b,
+        "cn-billing",
+        &ClientSpec::common_name("billing.internal"),
+    );
+    write_client(&b, "cn-legacy", &ClientSpec::common_name("legacy-batch"));
+    write_client(&b, "dns-legacy", &ClientSpec::dns("legacy-batch"));
+
+    let dns = issue(&b, "dns-billing", "by-dns", 0).await.unwrap();
+    assert_eq!(dns.identity, "dns:billing.internal");
+    let cn = issue(&b, "cn-legacy", "by-cn", 0).await.unwrap();
+    assert_eq!(cn.identity, "cn:legacy-batch");
+    for (who, role) in [
+        ("cn-billing", "by-dns"),
+        ("dns-legacy", "by-cn"),
+        ("dns-billing", "by-cn"),
+        ("cn-legacy", "by-dns"),
+        ("dns-billing", "ro"),
+        ("cn-legacy", "ro"),
+    ] {
+        let err = issue(&b, who, role, 0).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{who} on {role}");
+    }
+
+    let records = b.audit_records();
+    for (who, id) in [
+        ("dns:billing.internal", &dns.lease_id),
+        ("cn:legacy-batch", &cn.lease_id),
+    ] {
+        assert!(
+            records.iter().any(|r| r.identity == who
+                && r.action == "issue"
+                && r.lease_id.as_ref() == Some(id)
+                && r.outcome == credbroker::audit::Outcome::Ok),
+            "issue by {who} not audited with its kind"
+        );
+    }
+    assert!(records
+        .iter()
+        .any(|r| r.identity == "cn:billing.internal" && r.role.as_deref() == Some("by-dns")));
+
+    // `admin leases` shows the kinds and selects by the canonical text.
+    let all = try_admin_list(&b, "admin", "").await.unwrap();
+    let mut shown: Vec<&str> = all.iter().map(|l| l.identity.as_str()).collect();
+    shown.sort();
+    assert_eq!(shown, ["cn:legacy-batch", "dns:billing.internal"]);
+    let one = try_admin_list(&b, "admin", "dns:Billing.Internal")
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].lease_id, dns.lease_id);
+    let err = try_admin_list(&b, "admin", "billing.internal")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains(r#"write "dns:billing.internal""#),
+        "{err:?}"
+    );
+
+    // The CLI: the table shows the kinds; a bare --identity is a usage
+    // error (exit 64) with the hint, before anything is revoked.
+    // tokio's Command: a blocking wait would stall this test's runtime,
+    // which also runs the broker the CLI talks to.
+    let cli = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(args)
+            .args(["--addr", &b.addr])
+            .arg("--ca")
+            .arg(b.env.pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(b.env.pki.join("admin.pem"))
+            .arg("--key")
+            .arg(b.env.pki.join("admin-key.pem"))
+            .output()
+    };
+    let table = cli(&["admin", "leases"]).await.unwrap();
+    assert!(table.status.success(), "{table:?}");
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        text.contains("dns:billing.internal") && text.contains("cn:legacy-batch"),
+        "{text}"
+    );
+    let bare = cli(&["admin", "revoke", "--identity", "legacy-batch", "--yes"])
+        .await
+        .unwrap();
+    assert_eq!(bare.status.code(), Some(64), "{bare:?}");
+    let said = String::from_utf8_lossy(&bare.stderr);
+    assert!(said.contains(r#"write "dns:legacy-batch""#), "{said}");
+    assert!(b.role_exists(&cn.username).await, "a bare selector revoked");
+    let done = cli(&["admin", "revoke", "--identity", "cn:legacy-batch", "--yes"])
+        .await
+        .unwrap();
+    assert!(done.status.success(), "{done:?}");
+    assert!(!b.role_exists(&cn.username).await, "cn lease not revoked");
+    assert!(b.role_exists(&dns.username).await, "dns lease revoked too");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_pattern_without_a_kind_stops_the_broker_from_starting() {
+    let b = TestBroker::prepare(&role("by-dns", "{db}", "1m", "10m", "billing.internal")).await;
+    let want = r#"roles.by-dns.allowed: identity pattern "billing.internal" has no kind; write "dns:billing.internal" (a DNS SAN) or "cn:billing.internal" (the subject CN)"#;
+    let Err(err) = credbroker::config::Config::load(&b.env.config_path) else {
+        panic!("a config with a bare pattern loaded");
+    };
+    let err = err.to_string();
+    assert!(err.contains(want), "{err}");
+    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["serve", "--config"])
+        .arg(&b.env.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(64), "{serve:?}");
+    let said = String::from_utf8_lossy(&serve.stderr);
+    assert!(said.contains(want), "{said}");
 }

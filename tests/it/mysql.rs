@@ -1135,9 +1135,26 @@ async fn mysql_lock_and_kill_hold_when_the_drop_cannot_run() {
         })
         .await
         .unwrap_err();
+    // The caller learns it will be retried; the reason is the operator's
+    // (admin leases, the log), not the caller's.
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("will be retried"), "{err:?}");
+    let listed = b
+        .admin()
+        .await
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    let why = &listed
+        .iter()
+        .find(|l| l.lease_id == lease.lease_id)
+        .expect("still listed")
+        .last_error;
     assert!(
-        err.message().contains("DEFINER") && err.message().contains("does not exist"),
-        "{err:?}"
+        why.contains("DEFINER") && why.contains("does not exist"),
+        "{why:?}"
     );
     assert!(
         idle.query_drop("SELECT 1").await.is_err(),

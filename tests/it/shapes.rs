@@ -229,13 +229,7 @@ async fn objects_a_leased_role_creates_outlive_revoke_expiry_and_sweep() {
     ))
     .await
     .unwrap();
-    b.client("app")
-        .await
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-        })
-        .await
-        .unwrap();
+    b.revoke_as("app", &lease.lease_id).await.unwrap();
     assert!(!b.role_exists(&lease.username).await);
     assert_objects(&b, "rev", &owner).await;
     let rec = revoked_record(&b, &lease.lease_id).await;
@@ -336,13 +330,7 @@ async fn objects_in_another_database_of_the_cluster_are_reassigned_there() {
         .batch_execute("CREATE TABLE kept (id int); INSERT INTO kept VALUES (7)")
         .await
         .unwrap();
-    b.client("app")
-        .await
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-        })
-        .await
-        .unwrap();
+    b.revoke_as("app", &lease.lease_id).await.unwrap();
     assert!(!b.role_exists(&lease.username).await);
     assert!(
         elsewhere.simple_query("SELECT 1").await.is_err(),
@@ -426,11 +414,7 @@ async fn a_non_superuser_admin_revokes_and_keeps_objects() {
         .await
         .unwrap();
     create_objects(&c, "ns").await;
-    b.client("app")
-        .await
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-        })
+    b.revoke_as("app", &lease.lease_id)
         .await
         .expect("a non-superuser admin revokes");
     assert!(

@@ -786,15 +786,7 @@ async fn sidecar_env_file_for_a_mariadb_role_logs_in() {
     .unwrap();
 
     let mut b = TestBroker::prepare("").await;
-    let section = b
-        .env
-        .mysql_database(
-            "maria",
-            mariadb().port(),
-            &schema,
-            Some(mariadb().root_password()),
-        )
-        .unwrap();
+    let section = b.maria_section("maria", &schema);
     b.edit_config(|t| {
         t + &section
             + &format!(

@@ -218,6 +218,29 @@ impl TestBroker {
         }
     }
 
+    /// A `[databases.NAME]` section for `schema` on the shared MariaDB.
+    pub fn maria_section(&self, name: &str, schema: &str) -> String {
+        self.env
+            .mysql_database(
+                name,
+                mariadb().port(),
+                schema,
+                Some(mariadb().root_password()),
+            )
+            .unwrap()
+    }
+
+    /// Revokes a lease as its holder `who`.
+    pub async fn revoke_as(&self, who: &str, lease_id: &str) -> Result<(), tonic::Status> {
+        self.client(who)
+            .await
+            .revoke_lease(pb::RevokeLeaseRequest {
+                lease_id: lease_id.to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Lets go of the port reserved at `prepare`: for a test that runs the
     /// binary itself, or needs nothing listening there.
     pub fn release_port(&mut self) {

@@ -1,0 +1,234 @@
+//! `credbroker check` for a MySQL/MariaDB database: the admin's global and
+//! schema privileges, the event scheduler the failsafe needs, and users
+//! with the broker's prefix. Grants are not dry-run here: MySQL DDL is not
+//! transactional, so a "dry run" would really create a user.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+
+use crate::backend::mysql::FAILSAFE_SCHEMA;
+use crate::backend::read_admin_password;
+use crate::check::Finding;
+use crate::config::{DatabaseConfig, RoleConfig};
+
+pub async fn check(
+    db: &DatabaseConfig,
+    roles: &[&RoleConfig],
+    prefix: &str,
+) -> (Vec<Finding>, Vec<String>) {
+    let scope = format!("database {}", db.name);
+    let mut out = Vec::new();
+    let url = db
+        .admin_url
+        .strip_prefix("mariadb://")
+        .map(|r| format!("mysql://{r}"))
+        .unwrap_or_else(|| db.admin_url.clone());
+    let opts = match mysql_async::Opts::from_url(&url) {
+        Ok(o) => o,
+        Err(e) => {
+            out.push(Finding::error(
+                &scope,
+                format!("admin_url: {e}"),
+                "fix admin_url",
+            ));
+            return (out, Vec::new());
+        }
+    };
+    let at = format!(
+        "{}@{}:{}",
+        opts.user().unwrap_or("?"),
+        opts.ip_or_hostname(),
+        opts.tcp_port()
+    );
+    let admin = opts.user().unwrap_or("?").to_string();
+    let mut builder = OptsBuilder::from_opts(opts).prefer_socket(false);
+    match read_admin_password(db) {
+        Ok(Some(p)) => builder = builder.pass(Some(p.expose().to_string())),
+        Ok(None) => {}
+        Err(e) => {
+            out.push(Finding::error(
+                &scope,
+                e.to_string(),
+                "create the password file (mode 0600) or set the variable the config names",
+            ));
+            return (out, Vec::new());
+        }
+    }
+    let mut conn = match tokio::time::timeout(db.connect_timeout, Conn::new(builder)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let (what, fix) = match &e {
+                mysql_async::Error::Server(s) if [1044, 1045, 1698].contains(&s.code) => (
+                    "authentication failed",
+                    format!("make the password in admin_password_file/env the one of {admin:?}"),
+                ),
+                mysql_async::Error::Io(_) => (
+                    "connection failed",
+                    format!("is the server running and listening at {at}? (admin_url)"),
+                ),
+                _ => (
+                    "connection failed",
+                    "check admin_url and the server's log".to_string(),
+                ),
+            };
+            out.push(Finding::error(
+                &scope,
+                format!("cannot connect: {what} as {at}: {}", cause_text(&e)),
+                fix,
+            ));
+            return (out, Vec::new());
+        }
+        Err(_) => {
+            out.push(Finding::error(
+                &scope,
+                format!("cannot connect: connection timed out as {at}"),
+                "check admin_url's host and port, and any firewall",
+            ));
+            return (out, Vec::new());
+        }
+    };
+    let version: String = conn
+        .query_first("SELECT VERSION()")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    out.push(Finding::ok(
+        &scope,
+        format!("connected as {at} ({version})"),
+    ));
+
+    // Global privileges of the account we are (CURRENT_USER, not USER():
+    // the matched account, host pattern included).
+    let global: Vec<String> = conn
+        .query(
+            "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = \
+             CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', \
+             SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''')",
+        )
+        .await
+        .unwrap_or_default();
+    let schema: Vec<String> = conn
+        .exec(
+            "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = \
+             CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', \
+             SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''') AND TABLE_SCHEMA = ?",
+            (FAILSAFE_SCHEMA,),
+        )
+        .await
+        .unwrap_or_default();
+    // MySQL 8 keeps dynamic privileges (CONNECTION_ADMIN) in
+    // mysql.global_grants, not in USER_PRIVILEGES; MariaDB has no such
+    // table (the query fails and adds nothing).
+    let dynamic: Vec<String> = conn
+        .query(
+            "SELECT PRIV FROM mysql.global_grants WHERE CONCAT(USER, '@', HOST) = CURRENT_USER()",
+        )
+        .await
+        .unwrap_or_default();
+    let has = |p: &str| {
+        global
+            .iter()
+            .chain(&dynamic)
+            .any(|g| g.eq_ignore_ascii_case(p) || g.replace('_', " ").eq_ignore_ascii_case(p))
+    };
+    let has_schema = |p: &str| has(p) || schema.iter().any(|g| g.eq_ignore_ascii_case(p));
+    let account = "'<admin>'@'<host>'";
+    for (privilege, why) in [
+        ("CREATE USER", "issuing creates users"),
+        ("PROCESS", "revocation finds a user's sessions"),
+    ] {
+        if !has(privilege) {
+            out.push(Finding::error(
+                &scope,
+                format!("admin {admin:?} lacks {privilege}: {why}"),
+                format!("GRANT {privilege} ON *.* TO {account}"),
+            ));
+        }
+    }
+    if !has("CONNECTION ADMIN") && !has("SUPER") {
+        out.push(Finding::error(
+            &scope,
+            format!("admin {admin:?} lacks CONNECTION ADMIN (or SUPER): revocation cannot kill a user's sessions"),
+            format!("GRANT CONNECTION ADMIN ON *.* TO {account}"),
+        ));
+    }
+    for privilege in ["CREATE", "EVENT"] {
+        if !has_schema(privilege) {
+            out.push(Finding::error(
+                &scope,
+                format!("admin {admin:?} lacks {privilege} on {FAILSAFE_SCHEMA}.*: no failsafe event, no database-side expiry"),
+                format!("GRANT CREATE, EVENT ON {FAILSAFE_SCHEMA}.* TO {account}"),
+            ));
+        }
+    }
+    let scheduler: Option<String> = conn
+        .query_first("SELECT @@GLOBAL.event_scheduler")
+        .await
+        .ok()
+        .flatten();
+    match scheduler.as_deref() {
+        Some(s) if s.eq_ignore_ascii_case("ON") => {
+            out.push(Finding::ok(&scope, "event_scheduler is ON: failsafe events will run"))
+        }
+        other => out.push(Finding::error(
+            &scope,
+            format!(
+                "event_scheduler is {}: failsafe events never run, so a leased user outlives a dead broker",
+                other.unwrap_or("unknown")
+            ),
+            "SET GLOBAL event_scheduler = ON, and event_scheduler = ON under [mysqld] in the server's config",
+        )),
+    }
+    if !roles.is_empty() {
+        out.push(Finding::ok(
+            &scope,
+            format!(
+                "{} role(s); their grants are not dry-run (MySQL DDL is not transactional)",
+                roles.len()
+            ),
+        ));
+    }
+    let pattern = format!(
+        "{}%",
+        prefix
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%")
+    );
+    let prefixed: Vec<String> = match conn
+        .exec(
+            "SELECT DISTINCT User FROM mysql.user WHERE User LIKE ?",
+            (pattern,),
+        )
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            out.push(Finding::error(
+                &scope,
+                format!("cannot list users: {}", cause_text(&e)),
+                format!("GRANT SELECT ON mysql.user TO {account}"),
+            ));
+            Vec::new()
+        }
+    };
+    let _ = conn.disconnect().await;
+    (out, prefixed)
+}
+
+/// The server's message and code, or the deepest cause of a driver error.
+fn cause_text(e: &mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Server(s) => {
+            format!("{} (error {}, SQLSTATE {})", s.message, s.code, s.state)
+        }
+        other => {
+            let mut cur: &dyn std::error::Error = other;
+            while let Some(next) = cur.source() {
+                cur = next;
+            }
+            cur.to_string()
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! `credbroker check`: everything a broker needs from its surroundings,
+//! verified before it serves — like `nginx -t` or `vault operator
+//! diagnose`. Certificates (expiry, chain, CRL freshness), the lease store,
+//! every database (connection, the admin's privileges, a rolled-back dry
+//! run of each role's grants) and the name prefix (no users with it that
+//! the store does not know). Each finding is ok, a warning or an error,
+//! with the fix; the SQL lives in the backends (`postgres::check`,
+//! `mysql_check`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+
+use crate::config::{Config, RoleConfig};
+use crate::lease::BackendKind;
+
+/// A certificate that expires within this is a warning: renewal is due.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    Warning,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// One line of the report. Never holds a secret: messages come from
+/// certificates, catalogs and server errors about the admin role.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub level: Level,
+    /// What was checked: `tls.cert`, `database orders`, `role orders-ro`…
+    pub scope: String,
+    pub message: String,
+    /// What to do about it (warnings and errors).
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    pub fn ok(scope: &str, message: impl Into<String>) -> Self {
+        Finding {
+            level: Level::Ok,
+            scope: scope.to_string(),
+            message: message.into(),
+            fix: None,
+        }
+    }
+    pub fn warning(scope: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        Finding {
+            level: Level::Warning,
+            scope: scope.to_string(),
+            message: message.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    pub fn error(scope: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        Finding {
+            level: Level::Error,
+            scope: scope.to_string(),
+            message: message.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn errors(&self) -> usize {
+        self.count(Level::Error)
+    }
+    pub fn warnings(&self) -> usize {
+        self.count(Level::Warning)
+    }
+    fn count(&self, level: Level) -> usize {
+        self.findings.iter().filter(|f| f.level == level).count()
+    }
+
+    /// The table `credbroker check` prints; `color` adds ANSI colours to
+    /// the status column (only for a terminal).
+    pub fn table(&self, color: bool) -> String {
+        let width = self
+            .findings
+            .iter()
+            .map(|f| f.scope.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let mut out = format!("{:<7}  {:<width$}  DETAIL\n", "STATUS", "CHECK");
+        for f in &self.findings {
+            let status = format!("{:<7}", f.level.as_str());
+            let status = match (color, f.level) {
+                (false, _) => status,
+                (true, Level::Ok) => format!("\x1b[32m{status}\x1b[0m"),
+                (true, Level::Warning) => format!("\x1b[33m{status}\x1b[0m"),
+                (true, Level::Error) => format!("\x1b[31m{status}\x1b[0m"),
+            };
+            out.push_str(&format!("{status}  {:<width$}  {}\n", f.scope, f.message));
+            if let Some(fix) = &f.fix {
+                out.push_str(&format!("{:<7}  {:<width$}  fix: {fix}\n", "", ""));
+            }
+        }
+        out.push_str(&format!(
+            "\n{} error(s), {} warning(s)\n",
+            self.errors(),
+            self.warnings()
+        ));
+        out
+    }
+}
+
+/// Runs every check on a parsed config.
+pub async fn run(config: &Config, config_path: &Path) -> Report {
+    let mut report = Report::default();
+    let f = &mut report.findings;
+    f.push(Finding::ok(
+        "config",
+        format!(
+            "{}: {} database(s), {} role(s), listen {}, name_prefix {:?}",
+            config_path.display(),
+            config.databases.len(),
+            config.roles.len(),
+            config.server.listen,
+            config.server.name_prefix
+        ),
+    ));
+    check_tls(config, f);
+
+    let store = match tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::store::open_config(&config.store),
+    )
+    .await
+    {
+        Ok(Ok(s)) => {
+            f.push(Finding::ok(
+                "store",
+                format!("opened {}", store_label(&config.store.url)),
+            ));
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            f.push(Finding::error(
+                "store",
+                format!("cannot open {}: {e}", store_label(&config.store.url)),
+                "a SQLite store is locked while a broker runs: stop it or check its log; \
+                 for PostgreSQL, check store.url and store.password_file",
+            ));
+            None
+        }
+        Err(_) => {
+            f.push(Finding::error(
+                "store",
+                format!(
+                    "no answer from {} within 10 s",
+                    store_label(&config.store.url)
+                ),
+                "check store.url",
+            ));
+            None
+        }
+    };
+
+    let mut roles_of: BTreeMap<&str, Vec<&RoleConfig>> = BTreeMap::new();
+    for r in config.roles.values() {
+        roles_of.entry(r.database.as_str()).or_default().push(r);
+    }
+    for (name, db) in &config.databases {
+        let roles = roles_of.remove(name.as_str()).unwrap_or_default();
+        let prefix = &config.server.name_prefix;
+        let (findings, prefixed) = match db.kind {
+            BackendKind::Postgres => crate::backend::postgres::check(db, &roles, prefix).await,
+            BackendKind::Mysql => crate::backend::mysql_check::check(db, &roles, prefix).await,
+        };
+        f.extend(findings);
+        check_prefix(name, prefix, prefixed, store.as_deref(), f).await;
+    }
+    report
+}
+
+/// Users with our prefix that the store has no live lease for: another
+/// deployment with the same prefix (whose users our orphan sweep would
+/// drop), or leftovers.
+async fn check_prefix(
+    db: &str,
+    prefix: &str,
+    prefixed: Vec<String>,
+    store: Option<&dyn crate::store::LeaseStore>,
+    f: &mut Vec<Finding>,
+) {
+    let scope = format!("database {db}");
+    let Some(store) = store else {
+        if !prefixed.is_empty() {
+            f.push(Finding::warning(
+                &scope,
+                format!(
+                    "{} user(s) with prefix {prefix:?} exist; without the store, cannot tell whose",
+                    prefixed.len()
+                ),
+                "fix the store, then run check again",
+            ));
+        }
+        return;
+    };
+    let known = match store.live_among(&prefixed).await {
+        Ok(k) => k,
+        Err(e) => {
+            f.push(Finding::error(
+                "store",
+                format!("cannot ask the store about users: {e}"),
+                "check the store",
+            ));
+            return;
+        }
+    };
+    let mut strangers: Vec<&String> = prefixed.iter().filter(|u| !known.contains(*u)).collect();
+    strangers.sort();
+    if strangers.is_empty() {
+        let msg = match prefixed.len() {
+            0 => format!("name prefix {prefix:?}: no users with it yet"),
+            n => format!("name prefix {prefix:?}: {n} user(s) with it, all leased by this broker"),
+        };
+        f.push(Finding::ok(&scope, msg));
+        return;
+    }
+    let shown: Vec<&str> = strangers.iter().take(5).map(|s| s.as_str()).collect();
+    f.push(Finding::error(
+        &scope,
+        format!(
+            "name prefix {prefix:?} collides: {} user(s) with it that this broker's store does not know: {}{}",
+            strangers.len(),
+            shown.join(", "),
+            if strangers.len() > shown.len() { ", …" } else { "" }
+        ),
+        "give this deployment its own server.name_prefix (the orphan sweep drops prefixed users \
+         it does not know), or drop these users if they are left from an old deployment",
+    ));
+}
+
+fn store_label(url: &str) -> String {
+    // A postgres:// store URL never carries a password (config refuses it),
+    // but keep only scheme, host and path anyway.
+    match url::Url::parse(url) {
+        Ok(u) if u.scheme() != "sqlite" => format!(
+            "{}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.path()
+        ),
+        _ => url.to_string(),
+    }
+}
+
+fn check_tls(config: &Config, f: &mut Vec<Finding>) {
+    let tls = &config.tls;
+    let now = Utc::now();
+    let cas = match read_certs(&tls.client_ca) {
+        Ok(c) if !c.is_empty() => c,
+        Ok(_) => {
+            f.push(Finding::error(
+                "tls.client_ca",
+                format!("{}: no certificate in it", tls.client_ca.display()),
+                "point tls.client_ca at the PEM file of the CA that signs client certificates",
+            ));
+            Vec::new()
+        }
+        Err(e) => {
+            f.push(Finding::error(
+                "tls.client_ca",
+                format!("{}: {e}", tls.client_ca.display()),
+                "point tls.client_ca at a readable PEM file",
+            ));
+            Vec::new()
+        }
+    };
+    for ca in &cas {
+        validity("tls.client_ca", &tls.client_ca, ca, now, f);
+    }
+    match read_certs(&tls.cert) {
+        Ok(certs) if !certs.is_empty() => {
+            validity("tls.cert", &tls.cert, &certs[0], now, f);
+            if !cas.is_empty() {
+                chain(&certs, &cas, f);
+            }
+        }
+        Ok(_) => f.push(Finding::error(
+            "tls.cert",
+            format!("{}: no certificate in it", tls.cert.display()),
+            "point tls.cert at the server certificate (PEM)",
+        )),
+        Err(e) => f.push(Finding::error(
+            "tls.cert",
+            format!("{}: {e}", tls.cert.display()),
+            "point tls.cert at a readable PEM file",
+        )),
+    }
+    // What `serve` does with the files: key matches, verifier builds.
+    if let Err(e) = crate::server::tls::server_config(tls) {
+        f.push(Finding::error(
+            "tls",
+            e.to_string(),
+            "fix the files named; the key must belong to tls.cert",
+        ));
+    }
+    if let Some(crl) = &tls.crl {
+        check_crl(crl, now, f);
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+fn validity(
+    scope: &str,
+    path: &Path,
+    der: &CertificateDer<'_>,
+    now: DateTime<Utc>,
+    f: &mut Vec<Finding>,
+) {
+    let cert = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, c)) => c,
+        Err(e) => {
+            f.push(Finding::error(
+                scope,
+                format!("{}: not a certificate: {e}", path.display()),
+                "use a PEM certificate",
+            ));
+            return;
+        }
+    };
+    let subject = cert.subject().to_string();
+    let not_after = DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0);
+    let not_before = DateTime::from_timestamp(cert.validity().not_before.timestamp(), 0);
+    let (Some(not_after), Some(not_before)) = (not_after, not_before) else {
+        return;
+    };
+    let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    if not_after < now {
+        f.push(Finding::error(
+            scope,
+            format!(
+                "{} ({subject}) expired at {}",
+                path.display(),
+                at(not_after)
+            ),
+            "issue a new certificate (dev: credbroker pki dev --out DIR)",
+        ));
+    } else if not_before > now {
+        f.push(Finding::error(
+            scope,
+            format!(
+                "{} ({subject}) is not valid before {}",
+                path.display(),
+                at(not_before)
+            ),
+            "check this machine's clock, or wait",
+        ));
+    } else if (not_after - now).to_std().unwrap_or_default() < EXPIRY_WARNING {
+        f.push(Finding::warning(
+            scope,
+            format!(
+                "{} ({subject}) expires soon, at {}",
+                path.display(),
+                at(not_after)
+            ),
+            "renew it; SIGHUP makes the broker load the new one",
+        ));
+    } else {
+        f.push(Finding::ok(
+            scope,
+            format!(
+                "{} ({subject}) valid until {}",
+                path.display(),
+                at(not_after)
+            ),
+        ));
+    }
+}
+
+/// Whether the server certificate chains to `client_ca`. Not required
+/// (clients may trust another CA for the server), so only a warning.
+fn chain(certs: &[CertificateDer<'static>], cas: &[CertificateDer<'static>], f: &mut Vec<Finding>) {
+    crate::server::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        let _ = roots.add(ca.clone());
+    }
+    let verifier =
+        match rustls::client::WebPkiServerVerifier::builder(std::sync::Arc::new(roots)).build() {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("static name");
+    let result = rustls::client::danger::ServerCertVerifier::verify_server_cert(
+        verifier.as_ref(),
+        &certs[0],
+        &certs[1..],
+        &name,
+        &[],
+        rustls_pki_types::UnixTime::now(),
+    );
+    match result {
+        // Any other name error is about the name we made up, not the chain.
+        Ok(_)
+        | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+        | Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForNameContext { .. },
+        )) => f.push(Finding::ok("tls.cert", "chains to tls.client_ca")),
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired))
+        | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+            ..
+        })) => {} // reported by `validity`
+        Err(e) => f.push(Finding::warning(
+            "tls.cert",
+            format!("does not chain to tls.client_ca: {e}"),
+            "fine if clients trust another CA for the server (their --ca); otherwise issue \
+             tls.cert from the same CA",
+        )),
+    }
+}
+
+fn check_crl(path: &Path, now: DateTime<Utc>, f: &mut Vec<Finding>) {
+    let pem = match std::fs::read(path) {
+        Ok(p) => p,
+        Err(e) => {
+            f.push(Finding::error(
+                "tls.crl",
+                format!("{}: {e}", path.display()),
+                "point tls.crl at a readable PEM CRL",
+            ));
+            return;
+        }
+    };
+    for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
+        let Ok(der) = crl else {
+            f.push(Finding::error(
+                "tls.crl",
+                format!("{}: not a PEM CRL", path.display()),
+                "point tls.crl at a PEM CRL",
+            ));
+            return;
+        };
+        let Ok((_, parsed)) = x509_parser::parse_x509_crl(&der) else {
+            f.push(Finding::error(
+                "tls.crl",
+                format!("{}: cannot parse the CRL", path.display()),
+                "point tls.crl at a PEM CRL",
+            ));
+            return;
+        };
+        let revoked = parsed.iter_revoked_certificates().count();
+        match parsed
+            .next_update()
+            .and_then(|t| DateTime::from_timestamp(t.timestamp(), 0))
+        {
+            Some(next) if next < now => f.push(Finding::warning(
+                "tls.crl",
+                format!(
+                    "{} is stale: its next update was due at {}",
+                    path.display(),
+                    next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                "fetch a fresh CRL from the CA and send SIGHUP",
+            )),
+            _ => f.push(Finding::ok(
+                "tls.crl",
+                format!("{}: {revoked} revoked certificate(s)", path.display()),
+            )),
+        }
+    }
+}

@@ -1,0 +1,778 @@
+//! A new operator's first hour: the README's "Getting started from
+//! nothing" followed as written (its SQL, shell and config blocks are read
+//! from README.md, with only names, ports and passwords made unique), and
+//! each likely first mistake — wrong admin password, database down, broker
+//! down, a client certificate from another CA, a grant the admin cannot
+//! give, a missing `pg_signal_backend`, an expired certificate, a prefix
+//! collision — shown to name its cause and where, on the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::support::{cluster, free_port, fresh_database_on, login, unique, wait_port};
+
+const README: &str = include_str!("../../README.md");
+const SECTION: &str = "## Getting started from nothing";
+
+/// The fenced blocks of one language in the README's getting-started
+/// section, in order.
+fn readme_blocks(lang: &str) -> Vec<String> {
+    let start = README
+        .find(SECTION)
+        .expect("README has the getting-started section");
+    let section = &README[start + SECTION.len()..];
+    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+    let fence = format!("```{lang}\n");
+    let mut out = Vec::new();
+    let mut rest = section;
+    while let Some(i) = rest.find(&fence) {
+        let body = &rest[i + fence.len()..];
+        let end = body.find("```").expect("closed fence");
+        out.push(body[..end].to_string());
+        rest = &body[end..];
+    }
+    out
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the real binary in `dir` (the README's relative paths hold there).
+async fn credbroker(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env_remove("CREDBROKER_CONFIG")
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("credbroker finished within 60 s")
+        .expect("credbroker binary runs");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// One operator's set-up from the README, on the shared throwaway cluster.
+struct Setup {
+    dir: tempfile::TempDir,
+    db: String,
+    admin: String,
+    password: String,
+    /// The broker's gRPC port.
+    port: u16,
+    prefix: String,
+}
+
+/// How a test departs from the README (the mistake it makes).
+#[derive(Default)]
+struct Changes {
+    /// Drop README SQL lines containing this.
+    skip_sql: Option<&'static str>,
+    /// (from, to) replacements in the README SQL.
+    sql: Vec<(&'static str, &'static str)>,
+    /// (from, to) replacements in the README config.
+    config: Vec<(String, String)>,
+}
+
+impl Setup {
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn client_env(&self, who: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "CREDBROKER_ADDR",
+                format!("https://127.0.0.1:{}", self.port),
+            ),
+            ("CREDBROKER_CA", "pki/ca.pem".into()),
+            ("CREDBROKER_CERT", format!("pki/{who}.pem")),
+            ("CREDBROKER_KEY", format!("pki/{who}-key.pem")),
+        ]
+    }
+
+    async fn cli(&self, args: &[&str], env: &[(&'static str, String)]) -> Out {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        credbroker(self.path(), args, &env).await
+    }
+
+    async fn check(&self) -> Out {
+        self.cli(&["check", "--config", "broker.toml"], &[]).await
+    }
+
+    fn location(&self) -> String {
+        format!("{}@127.0.0.1:{}/{}", self.admin, cluster().port(), self.db)
+    }
+}
+
+/// Steps 2–5 of the README: the admin role (its SQL), the password file
+/// (its shell line), `pki dev`, the minimal config.
+async fn setup(changes: Changes) -> Setup {
+    let pg = cluster();
+    let db = fresh_database_on(pg).await;
+    let admin = unique("adm");
+    let password = unique("pw");
+    let prefix = format!("f{}_", &unique("")[1..4]);
+    let port = free_port();
+
+    // 2. The admin role, as the README's PostgreSQL block says.
+    let sql = &readme_blocks("sql")[0];
+    let superuser = pg.connect(&db).await.unwrap();
+    for line in sql.lines().filter(|l| !l.trim().is_empty()) {
+        if changes.skip_sql.is_some_and(|s| line.contains(s)) {
+            continue;
+        }
+        let mut stmt = line
+            .replace("broker_admin", &admin)
+            .replace("a-long-random-password", &password);
+        for (from, to) in &changes.sql {
+            stmt = stmt.replace(from, to);
+        }
+        superuser
+            .batch_execute(&stmt)
+            .await
+            .unwrap_or_else(|e| panic!("README SQL {stmt:?}: {e:?}"));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    // 3. The password file, with the README's own shell line.
+    let sh = readme_blocks("sh");
+    let secret_line = sh
+        .iter()
+        .find(|b| b.contains("secrets/orders-admin"))
+        .expect("README shows the password file");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(secret_line.replace("a-long-random-password", &password))
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("secrets/orders-admin"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the password file is 0600");
+
+    // 4. Certificates; `pki dev` says what each identity is for.
+    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    for id in [
+        "spiffe://credbroker.dev/ns/demo/app",
+        "spiffe://credbroker.dev/ns/demo/other",
+        "spiffe://credbroker.dev/dba/oncall",
+    ] {
+        assert!(out.stdout.contains(id), "pki dev names {id}: {out:?}");
+    }
+    assert!(out.stdout.contains("to see a refusal"), "{out:?}");
+
+    // 5. The minimal config, with this test's ports, database and names. A
+    // prefix of its own: brokers on one cluster sweep each other's users
+    // otherwise.
+    let mut config = readme_blocks("toml")
+        .into_iter()
+        .find(|b| b.contains("[roles.orders-readonly]"))
+        .expect("README shows the minimal config")
+        .replace("127.0.0.1:7443", &format!("127.0.0.1:{port}"))
+        .replace(
+            "127.0.0.1:5432/orders",
+            &format!("127.0.0.1:{}/{db}", pg.port()),
+        )
+        .replace("broker_admin", &admin)
+        .replace(
+            "[server]\n",
+            &format!("[server]\nname_prefix = \"{prefix}\"\n"),
+        );
+    for (from, to) in &changes.config {
+        assert!(config.contains(from.as_str()), "config has {from:?}");
+        config = config.replace(from.as_str(), to);
+    }
+    std::fs::write(dir.path().join("broker.toml"), config).unwrap();
+    Setup {
+        dir,
+        db,
+        admin,
+        password,
+        port,
+        prefix,
+    }
+}
+
+/// `credbroker serve` in the set-up's directory, killed on drop.
+struct Serve {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Serve {
+    async fn start(s: &Setup) -> Serve {
+        let log = s.path().join("broker.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["serve", "--config", "broker.toml"])
+            .current_dir(s.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port(s.port).await;
+        Serve { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn env_value<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_getting_started_works_as_written() {
+    let s = setup(Changes::default()).await;
+
+    // 6. check, then serve.
+    let out = s.check().await;
+    println!("{out:?}");
+    assert_eq!(out.code, 0, "check on the README's set-up: {out:?}");
+    assert!(out.stdout.contains("0 error(s)"), "{out:?}");
+    for expected in [
+        "tls.cert",
+        "tls.client_ca",
+        "store",
+        &format!("connected as {}", s.location()),
+        "role orders-readonly",
+        "dry run of CREATE ROLE and 1 grant(s) passed",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "check shows {expected:?}: {out:?}"
+        );
+    }
+    assert!(
+        !out.stdout.contains(&s.password),
+        "no password in check's output"
+    );
+
+    let serve = Serve::start(&s).await;
+
+    // 7. A first lease, and a login with it.
+    let out = s
+        .cli(
+            &[
+                "lease",
+                "issue",
+                "--role",
+                "orders-readonly",
+                "--format",
+                "env",
+            ],
+            &s.client_env("app"),
+        )
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let user = env_value(&out.stdout, "PGUSER");
+    let pw = env_value(&out.stdout, "PGPASSWORD");
+    assert_eq!(env_value(&out.stdout, "PGDATABASE"), s.db);
+    assert!(user.starts_with(&s.prefix), "{user}");
+    let c = login(&s.db, user, pw)
+        .await
+        .expect("the leased credential logs in");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+
+    // Renew and lookup carry no password, so they print none (not `""`);
+    // times are RFC 3339 UTC to the second.
+    let out = s
+        .cli(
+            &["lease", "issue", "--role", "orders-readonly"],
+            &s.client_env("app"),
+        )
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let issued: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(!issued["password"].as_str().unwrap().is_empty());
+    let id = issued["lease_id"].as_str().unwrap().to_string();
+    for args in [
+        vec!["lease", "lookup", id.as_str()],
+        vec!["lease", "renew", id.as_str(), "--ttl", "5m"],
+    ] {
+        let out = s.cli(&args, &s.client_env("app")).await;
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(
+            v.get("password").is_none(),
+            "{args:?} prints no password: {out:?}"
+        );
+        let expires = v["expires_at"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(expires).is_ok()
+                && expires.ends_with('Z')
+                && !expires.contains('.'),
+            "{expires}"
+        );
+    }
+
+    // An argument error is not called a config error.
+    let out = s
+        .cli(
+            &[
+                "lease",
+                "issue",
+                "--role",
+                "orders-readonly",
+                "--ca",
+                "pki/nope.pem",
+            ],
+            &s.client_env("app"),
+        )
+        .await;
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(
+        out.stderr.starts_with("error: --ca pki/nope.pem: "),
+        "{out:?}"
+    );
+
+    // 8. The deliberate refusal, word for word as the README shows it.
+    let mut env = s.client_env("other");
+    env.retain(|(k, _)| *k == "CREDBROKER_ADDR" || *k == "CREDBROKER_CA");
+    env.push(("CREDBROKER_CERT", "pki/other.pem".into()));
+    env.push(("CREDBROKER_KEY", "pki/other-key.pem".into()));
+    let out = s
+        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
+        .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    let line = out.stderr.trim();
+    assert_eq!(
+        line,
+        "error: issue: PermissionDenied: identity may not lease role \"orders-readonly\""
+    );
+    assert!(
+        README.contains(&format!("# {line}")),
+        "README shows {line:?}"
+    );
+
+    // The start-up summary names what was loaded.
+    let log = serve.log();
+    assert!(
+        log.contains("credbroker serving")
+            && log.contains("orders (postgres)")
+            && log.contains("orders-readonly on orders"),
+        "{log}"
+    );
+    assert!(!log.contains("\x1b["), "no colours in a log file: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_wrong_admin_password_names_database_address_user_and_cause() {
+    let s = setup(Changes::default()).await;
+    std::fs::write(s.path().join("secrets/orders-admin"), "not-the-password").unwrap();
+
+    let out = s.check().await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    let cause = format!("password authentication failed for user \"{}\"", s.admin);
+    for expected in [
+        "database orders",
+        "authentication failed as",
+        &s.location(),
+        &cause,
+        "SQLSTATE 28P01",
+        "fix: make the password in admin_password_file",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "check names {expected:?}: {out:?}"
+        );
+    }
+
+    let serve = Serve::start(&s).await;
+    let out = s
+        .cli(
+            &["lease", "issue", "--role", "orders-readonly"],
+            &s.client_env("app"),
+        )
+        .await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("Unavailable: database \"orders\" is unreachable"),
+        "{out:?}"
+    );
+    // The caller learns which database, not the server's words.
+    assert!(!out.stderr.contains("password authentication"), "{out:?}");
+    let log = serve.log();
+    assert!(
+        log.contains(&cause) && log.contains(&s.location()) && log.contains("28P01"),
+        "the broker's log names the cause: {log}"
+    );
+    println!("broker log:\n{log}");
+    assert!(!log.contains("not-the-password") && !out.stderr.contains("not-the-password"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_database_down_says_connection_refused_and_where() {
+    let down = free_port();
+    let s = setup(Changes {
+        config: vec![(
+            format!("127.0.0.1:{}/", cluster().port()),
+            format!("127.0.0.1:{down}/"),
+        )],
+        ..Changes::default()
+    })
+    .await;
+    let out = s.check().await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    let at = format!("{}@127.0.0.1:{down}/{}", s.admin, s.db);
+    assert!(
+        out.stdout.contains("cannot connect: connection refused as") && out.stdout.contains(&at),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "is PostgreSQL running and listening at 127.0.0.1:{down}?"
+        )),
+        "{out:?}"
+    );
+
+    let serve = Serve::start(&s).await;
+    let out = s
+        .cli(
+            &["lease", "issue", "--role", "orders-readonly"],
+            &s.client_env("app"),
+        )
+        .await;
+    println!("{out:?}");
+    assert!(
+        out.stderr.contains("database \"orders\" is unreachable"),
+        "{out:?}"
+    );
+    let log = serve.log();
+    assert!(
+        log.contains(&format!("connection refused as {at}")),
+        "the broker's log says refused and where: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_broker_down_says_address_and_connection_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let addr = format!("https://127.0.0.1:{}", free_port());
+    let out = credbroker(
+        dir.path(),
+        &["lease", "issue", "--role", "orders-readonly"],
+        &[
+            ("CREDBROKER_ADDR", &addr),
+            ("CREDBROKER_CA", "pki/ca.pem"),
+            ("CREDBROKER_CERT", "pki/app.pem"),
+            ("CREDBROKER_KEY", "pki/app-key.pem"),
+        ],
+    )
+    .await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains(&format!(
+            "cannot reach the broker at {addr}: connection refused"
+        )),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_tls_failures_name_the_likely_causes() {
+    let s = setup(Changes::default()).await;
+    let _serve = Serve::start(&s).await;
+    // A second dev PKI: another CA and its own client certificates.
+    let out = s.cli(&["pki", "dev", "--out", "elsewhere"], &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // A client certificate from another CA than the broker's client_ca.
+    let mut env = s.client_env("app");
+    env.retain(|(k, _)| *k == "CREDBROKER_ADDR" || *k == "CREDBROKER_CA");
+    env.push(("CREDBROKER_CERT", "elsewhere/app.pem".into()));
+    env.push(("CREDBROKER_KEY", "elsewhere/app-key.pem".into()));
+    let out = s
+        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
+        .await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains(&format!("127.0.0.1:{}", s.port))
+            && out
+                .stderr
+                .contains("refused our client certificate --cert elsewhere/app.pem")
+            && out
+                .stderr
+                .contains("another CA than the broker's tls.client_ca"),
+        "{out:?}"
+    );
+
+    // The wrong CA for the broker's own certificate.
+    let mut env = s.client_env("app");
+    env.retain(|(k, _)| *k != "CREDBROKER_CA");
+    env.push(("CREDBROKER_CA", "elsewhere/ca.pem".into()));
+    let out = s
+        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
+        .await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("the broker's certificate was rejected")
+            && out.stderr.contains("--ca elsewhere/ca.pem"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_grant_the_admin_cannot_give_names_the_statement_and_role() {
+    // The admin may grant SELECT on orders only; the role grants payroll.
+    let s = setup(Changes {
+        sql: vec![("ALL TABLES IN SCHEMA public", "TABLE orders")],
+        config: vec![(
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}".into(),
+            "GRANT SELECT ON payroll TO {{name}}".into(),
+        )],
+        ..Changes::default()
+    })
+    .await;
+    let out = s.check().await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    for expected in [
+        "role orders-readonly",
+        "GRANT statement 1 of 1 (\"GRANT SELECT ON payroll TO {{name}}\")",
+        "permission denied for table payroll (SQLSTATE 42501)",
+        "WITH GRANT OPTION",
+    ] {
+        assert!(
+            out.stdout.contains(expected),
+            "check names {expected:?}: {out:?}"
+        );
+    }
+
+    let serve = Serve::start(&s).await;
+    let out = s
+        .cli(
+            &["lease", "issue", "--role", "orders-readonly"],
+            &s.client_env("app"),
+        )
+        .await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1);
+    // Not an admin: no internals over gRPC.
+    assert!(
+        out.stderr
+            .contains("Internal: internal error; see the broker's log"),
+        "{out:?}"
+    );
+    let log = serve.log();
+    assert!(
+        log.contains(
+            "create role for role \"orders-readonly\": GRANT statement 1 of 1 \
+             (\"GRANT SELECT ON payroll TO {{name}}\"): permission denied for table payroll \
+             (SQLSTATE 42501)"
+        ) && log.contains(&s.location()),
+        "the broker's log names the statement and role: {log}"
+    );
+    println!("broker log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_check_names_a_missing_pg_signal_backend() {
+    let s = setup(Changes {
+        skip_sql: Some("pg_signal_backend"),
+        ..Changes::default()
+    })
+    .await;
+    let out = s.check().await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "admin role {:?} is not a member of pg_signal_backend",
+            s.admin
+        )) && out.stdout.contains("fix: GRANT pg_signal_backend TO"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_check_names_an_expired_certificate() {
+    let s = setup(Changes::default()).await;
+    let pki = s.path().join("pki");
+    let ca = credbroker::pki::DevCa::load(
+        &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(pki.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let expired = ca
+        .client_cert(&credbroker::pki::ClientSpec::expired(
+            "spiffe://credbroker.dev/ns/demo/server",
+        ))
+        .unwrap();
+    std::fs::write(pki.join("server.pem"), &expired.cert_pem).unwrap();
+    std::fs::write(pki.join("server-key.pem"), &expired.key_pem).unwrap();
+    let out = s.check().await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("error") && l.contains("tls.cert") && l.contains("expired at")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_check_names_a_prefix_collision() {
+    let s = setup(Changes::default()).await;
+    // A broker-shaped user with our prefix that our store never leased:
+    // another deployment's, which our orphan sweep would drop.
+    let stranger = format!("{}ro_{}", s.prefix, "abcdefghijklmnop");
+    let c = cluster().connect(&s.db).await.unwrap();
+    c.batch_execute(&format!("CREATE ROLE \"{stranger}\" LOGIN"))
+        .await
+        .unwrap();
+    let out = s.check().await;
+    c.batch_execute(&format!("DROP ROLE \"{stranger}\""))
+        .await
+        .unwrap();
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("name prefix {:?} collides", s.prefix))
+            && out.stdout.contains(&stranger)
+            && out.stdout.contains("server.name_prefix"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_check_exit_64_for_an_unreadable_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = credbroker(dir.path(), &["check", "--config", "missing.toml"], &[]).await;
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(out.stderr.contains("missing.toml"), "{out:?}");
+}
+
+/// The README's MySQL/MariaDB admin, made on a throwaway MariaDB whose
+/// event scheduler is off (MariaDB's default), the line that turns it on
+/// skipped: `check` passes every privilege and names the scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_hour_check_names_mariadb_event_scheduler_off() {
+    use mysql_async::prelude::Queryable;
+    let maria =
+        credbroker::throwaway::ThrowawayMariadb::start(credbroker::throwaway::MariadbOptions {
+            event_scheduler: false,
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start a throwaway MariaDB: {e} (needs /usr/sbin/mariadbd and \
+             mariadb-install-db: `apt-get install -y mariadb-server`)"
+            )
+        });
+    let mut root = maria.connect().await.unwrap();
+    let password = unique("pw");
+    let sql = &readme_blocks("sql")[1];
+    assert!(
+        sql.contains("CREATE USER 'broker_admin'"),
+        "the MySQL block: {sql}"
+    );
+    for line in sql.lines().filter(|l| !l.trim().is_empty()) {
+        if line.contains("event_scheduler") {
+            continue; // the mistake under test
+        }
+        let stmt = line.replace("a-long-random-password", &password);
+        root.query_drop(&stmt)
+            .await
+            .unwrap_or_else(|e| panic!("README SQL {stmt:?}: {e}"));
+    }
+    root.query_drop("CREATE DATABASE orders").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/orders-admin"), &password).unwrap();
+    let config = readme_blocks("toml")
+        .into_iter()
+        .find(|b| b.contains("[roles.orders-readonly]"))
+        .unwrap()
+        .replace("kind = \"postgres\"", "kind = \"mysql\"")
+        .replace(
+            "postgres://broker_admin@127.0.0.1:5432/orders",
+            &format!("mysql://broker_admin@127.0.0.1:{}/orders", maria.port()),
+        )
+        .replace(
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}",
+            "GRANT SELECT ON orders.* TO {{name}}",
+        )
+        .replace("127.0.0.1:7443", &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(dir.path().join("broker.toml"), config).unwrap();
+
+    let out = credbroker(dir.path(), &["check", "--config", "broker.toml"], &[]).await;
+    println!("{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    let errors: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "only the scheduler is wrong: {out:?}");
+    assert!(
+        errors[0].contains("database orders") && errors[0].contains("event_scheduler is OFF"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("fix: SET GLOBAL event_scheduler = ON"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("connected as broker_admin@127.0.0.1:"),
+        "{out:?}"
+    );
+}
