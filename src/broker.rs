@@ -3,6 +3,7 @@
 //! requests into these calls and `Error`s into statuses.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,11 +18,13 @@ use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState, Password, Reason, Username};
 use crate::limits::RateLimiter;
+use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
 use crate::revocation::UNREACHABLE_RETRY_CAP;
 pub use crate::revocation::{BulkOutcome, Mode, Revoker};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
+use crate::watch::{LeaseEvent, Scope, WatchHub};
 
 /// Longest role name a request may carry; config keys are shorter.
 const MAX_ROLE_LEN: usize = 64;
@@ -66,6 +69,8 @@ pub struct Broker {
     /// holding a password the database no longer accepts. Per process
     /// only: replicas keep password files of their own (docs/HA.md).
     rotations: BTreeMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Lease events for `WatchLeases` streams.
+    watch: Arc<WatchHub>,
 }
 
 impl Broker {
@@ -87,6 +92,7 @@ impl Broker {
             .map(|db| (db.clone(), Arc::new(tokio::sync::Mutex::new(()))))
             .collect();
         let config = ConfigHandle::new(config);
+        let watch = Arc::new(WatchHub::new());
         let revoker = Revoker::new(
             config.clone(),
             store.clone(),
@@ -94,7 +100,8 @@ impl Broker {
             audit.clone(),
             metrics.clone(),
             owner.clone(),
-        );
+        )
+        .with_watch(watch.clone());
         Broker {
             config,
             revoker,
@@ -106,6 +113,7 @@ impl Broker {
             limiter: RateLimiter::default(),
             reaper_wake: Arc::new(Notify::new()),
             owner,
+            watch,
         }
     }
 
@@ -155,6 +163,23 @@ impl Broker {
 
     pub fn audit(&self) -> &Arc<AuditLog> {
         &self.audit
+    }
+
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.watch
+    }
+
+    /// What a `WatchLeases` stream of `who` may see: its own leases, or for
+    /// an admin whatever the selector names (an empty one: everything).
+    pub fn watch_scope(&self, who: &Identity, requested: Scope, others: bool) -> Result<Scope> {
+        if !others {
+            return Ok(Scope {
+                identity: Some(who.as_str().to_string()),
+                ..requested
+            });
+        }
+        self.require_admin(who, "watch")?;
+        Ok(requested)
     }
 
     pub fn reaper_wake(&self) -> Arc<Notify> {
@@ -218,17 +243,33 @@ impl Broker {
         self.audit_failure(Event::new(who, action), err)
     }
 
-    /// Leases `role` for `who`. `ttl` None means the role's default.
+    /// Leases `role` for `who`. `ttl` None means the role's default. For
+    /// callers inside the broker; a network caller goes through
+    /// [`Broker::issue_from`] with its address.
     pub async fn issue(
         &self,
         who: &Identity,
         role_name: &str,
         ttl: Option<Duration>,
     ) -> Result<IssuedLease> {
+        self.issue_from(who, None, role_name, ttl).await
+    }
+
+    /// `issue` for a caller at `peer` (its TCP peer address), checked
+    /// against the role's `allowed_networks`.
+    pub async fn issue_from(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        role_name: &str,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedLease> {
         let started = Instant::now();
         let mut event = Event::new(who.as_str(), "issue");
         event.role = Some(truncate_text(role_name));
-        let result = self.issue_inner(who, role_name, ttl, &mut event).await;
+        let result = self
+            .issue_inner(who, peer, role_name, ttl, &mut event)
+            .await;
         match result {
             Ok(issued) => {
                 self.metrics.issued(
@@ -248,6 +289,7 @@ impl Broker {
     async fn issue_inner(
         &self,
         who: &Identity,
+        peer: Option<IpAddr>,
         role_name: &str,
         ttl: Option<Duration>,
         event: &mut Event,
@@ -259,8 +301,11 @@ impl Broker {
                 "identity may not lease role {role_name:?}"
             )));
         }
+        check_network(role, peer)?;
         event.database = Some(role.database.clone());
         let ttl = effective_ttl(role, ttl)?;
+        // Before anything is written: a locked-out caller costs one read.
+        self.check_locks(who, &role.name, &role.database).await?;
         self.check_limits(who, role).await?;
         let backend = self.backend(&role.database)?.clone();
 
@@ -277,7 +322,7 @@ impl Broker {
             kind: backend.kind(),
             username: username.clone(),
             user_host: if backend.kind() == crate::lease::BackendKind::Mysql {
-                role.host.clone()
+                account_host(role, peer)?
             } else {
                 String::new()
             },
@@ -313,6 +358,13 @@ impl Broker {
         }
         // The intent may now be due before the reaper's next planned wake.
         self.reaper_wake.notify_one();
+        // Again, now that the intent is in the store: a lock written after
+        // the first check lists its leases after writing itself, so either
+        // its `--revoke` sees this intent or this check sees the lock.
+        if let Err(e) = self.check_locks(who, &role.name, &role.database).await {
+            self.drop_unused_intent(&lease).await;
+            return Err(e);
+        }
 
         let new_user = NewUser {
             role: &role.name,
@@ -397,6 +449,38 @@ impl Broker {
         });
     }
 
+    /// Refuses a lease that an active lock matches. Read from the store on
+    /// every call, so a lock written by any replica applies at once.
+    async fn check_locks(&self, identity: &Identity, role: &str, database: &str) -> Result<()> {
+        let locks = self.store.active_locks().await?;
+        match crate::lock::first_match(&locks, identity, role, database) {
+            Some(lock) => Err(lock.refusal()),
+            None => Ok(()),
+        }
+    }
+
+    /// An intent refused before its user was created: nothing exists in the
+    /// database, so the row leaves the live set directly. When another task
+    /// holds it (a lock's `--revoke` found it), that task finishes it.
+    async fn drop_unused_intent(&self, lease: &Lease) {
+        match self.store.claim_one(&lease.id, &self.claim()).await {
+            Ok(Some(_)) => {
+                if let Err(e) = self
+                    .store
+                    .mark_revoked_claimed(std::slice::from_ref(&lease.id), &self.owner, Utc::now())
+                    .await
+                {
+                    // The reaper resolves it after the intent grace.
+                    tracing::warn!(lease_id = %lease.id, error = %e, "cannot retire a refused intent");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(lease_id = %lease.id, error = %e, "cannot retire a refused intent")
+            }
+        }
+    }
+
     async fn check_limits(&self, who: &Identity, role: &RoleConfig) -> Result<()> {
         if let Some(rate) = role.issue_rate {
             let burst = role
@@ -445,20 +529,34 @@ impl Broker {
     }
 
     /// Moves a live lease's expiry to now + ttl, capped at its hard limit.
+    /// For callers inside the broker; see [`Broker::renew_from`].
     pub async fn renew(
         &self,
         who: &Identity,
         id: &LeaseId,
         ttl: Option<Duration>,
     ) -> Result<Lease> {
+        self.renew_from(who, None, id, ttl).await
+    }
+
+    /// `renew` for a caller at `peer`, checked against `allowed_networks`.
+    pub async fn renew_from(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Lease> {
         let mut event = Event::new(who.as_str(), "renew");
         event.lease_id = Some(id.to_string());
-        match self.renew_inner(who, id, ttl, &mut event).await {
+        match self.renew_inner(who, peer, id, ttl, &mut event).await {
             Ok(lease) => {
                 event.outcome = Some(Outcome::Ok);
                 event.detail = Some(format!("expires_at={}", lease.expires_at.to_rfc3339()));
                 self.audit_event(event)?;
                 self.metrics.renewed(&lease.role, &lease.database);
+                self.watch
+                    .publish(LeaseEvent::renewed(&lease, who.as_str()));
                 Ok(lease)
             }
             Err(e) => {
@@ -471,6 +569,7 @@ impl Broker {
     async fn renew_inner(
         &self,
         who: &Identity,
+        peer: Option<IpAddr>,
         id: &LeaseId,
         ttl: Option<Duration>,
         event: &mut Event,
@@ -516,6 +615,13 @@ impl Broker {
                 lease.role
             )));
         }
+        check_network(role, peer)?;
+        self.check_locks(
+            &Identity::from_trusted(lease.identity.clone()),
+            &lease.role,
+            &lease.database,
+        )
+        .await?;
         let ttl = effective_ttl(role, ttl)?;
         let new_expiry = truncate_ms((now + ttl).min(lease.max_expires_at));
         let backend = self.backend(&lease.database)?.clone();
@@ -627,9 +733,35 @@ impl Broker {
             Selector::Identity(i) => filter.identity = Some(i.as_str().to_string()),
             Selector::All => {}
         }
+        self.revoke_matching(who, &filter, Reason::Admin, mode, |_| true)
+            .await
+    }
+
+    /// Claims and revokes every live lease `filter` lists and `keep` accepts,
+    /// in batches, through the revocation engine.
+    async fn revoke_matching(
+        &self,
+        who: &Identity,
+        filter: &LeaseFilter,
+        reason: Reason,
+        mode: Mode,
+        keep: impl Fn(&Lease) -> bool,
+    ) -> Result<BulkOutcome> {
+        let candidates = self.store.list(filter).await?;
+        let candidates = candidates.into_iter().filter(|l| keep(l)).collect();
+        self.revoke_listed(who, candidates, reason, mode).await
+    }
+
+    /// Claims and revokes `candidates`, in batches, through the engine.
+    async fn revoke_listed(
+        &self,
+        who: &Identity,
+        candidates: Vec<Lease>,
+        reason: Reason,
+        mode: Mode,
+    ) -> Result<BulkOutcome> {
         let mut total = BulkOutcome::default();
         let batch = self.config().reaper.batch_size;
-        let candidates = self.store.list(&filter).await?;
         let mut claimed = Vec::new();
         for lease in candidates {
             match self.store.claim_one(&lease.id, &self.claim()).await? {
@@ -642,12 +774,166 @@ impl Broker {
         }
         for chunk in claimed.chunks(batch) {
             let out = self
-                .revoke_claimed(chunk.to_vec(), who.as_str(), Reason::Admin, mode)
+                .revoke_claimed(chunk.to_vec(), who.as_str(), reason, mode)
                 .await;
             total.revoked.extend(out.revoked);
             total.failed.extend(out.failed);
         }
         Ok(total)
+    }
+
+    /// Locks `target` out: from now on issue and renew refuse whatever it
+    /// matches, on every replica. With `revoke`, every live lease it
+    /// matches is then revoked in the same call, sessions included — after
+    /// the lock is stored, so nothing issued meanwhile escapes (see the
+    /// second check in `issue_inner`).
+    pub async fn admin_lock(
+        &self,
+        who: &Identity,
+        target: LockTarget,
+        duration: Option<Duration>,
+        reason: String,
+        revoke: bool,
+    ) -> Result<(Lock, Option<BulkOutcome>)> {
+        self.require_admin(who, "lock")?;
+        let mut event = Event::new(who.as_str(), "lock");
+        event.detail = Some(truncate_text(&format!("{target}")));
+        let checked = self.check_lock_request(&target, duration, &reason);
+        if let Err(e) = checked {
+            self.metrics.request_failed("lock", &e);
+            return Err(self.audit_failure(event, e));
+        }
+        let new = NewLock {
+            id: LockId::generate(),
+            target,
+            reason,
+            created_by: who.as_str().to_string(),
+            duration,
+        };
+        let lock = match self.store.insert_lock(&new).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.metrics.request_failed("lock", &e);
+                return Err(self.audit_failure(event, e));
+            }
+        };
+        event.outcome = Some(Outcome::Ok);
+        event.detail = Some(lock_detail(&lock, revoke));
+        self.audit_event(event)?;
+        tracing::warn!(lock_id = %lock.id, target = %lock.target, reason = %lock.reason, "lock set");
+        if !revoke {
+            // Watchers learn at once that their leases can no longer be
+            // renewed; the credentials stay valid until they expire.
+            match self.leases_matching_lock(&lock).await {
+                Ok(leases) => {
+                    for l in &leases {
+                        self.watch.publish(LeaseEvent::locked(l, &lock));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot tell watchers about the lock"),
+            }
+            return Ok((lock, None));
+        }
+        let out = self.revoke_locked(who, &lock).await?;
+        Ok((lock, Some(out)))
+    }
+
+    fn check_lock_request(
+        &self,
+        target: &LockTarget,
+        duration: Option<Duration>,
+        reason: &str,
+    ) -> Result<()> {
+        crate::lock::check_reason(reason)?;
+        if let Some(d) = duration {
+            if d < Duration::from_secs(1) || d > crate::lock::MAX_LOCK_DURATION {
+                return Err(Error::invalid(
+                    "lock duration must be between 1 second and 366 days",
+                ));
+            }
+        }
+        // A typo must not look like a lock that holds.
+        let config = self.config();
+        match target {
+            LockTarget::Role(r) if config.role(r).is_none() => {
+                Err(Error::NotFound(format!("no role {r:?} is configured")))
+            }
+            LockTarget::Database(d) if !config.databases.contains_key(d) => {
+                Err(Error::NotFound(format!("no database {d:?} is configured")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every live lease `lock` matches. An identity pattern is matched
+    /// against the identities holding live leases, then each is listed on
+    /// its own: memory follows the number of callers, not of leases.
+    async fn leases_matching_lock(&self, lock: &Lock) -> Result<Vec<Lease>> {
+        let filters: Vec<LeaseFilter> = match &lock.target {
+            LockTarget::Role(r) => vec![LeaseFilter {
+                role: Some(r.clone()),
+                ..Default::default()
+            }],
+            LockTarget::Database(d) => vec![LeaseFilter {
+                database: Some(d.clone()),
+                ..Default::default()
+            }],
+            LockTarget::Identity(p) => self
+                .store
+                .live_identities()
+                .await?
+                .into_iter()
+                .filter(|i| p.matches(&Identity::from_trusted(i.clone())))
+                .map(|i| LeaseFilter {
+                    identity: Some(i),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let mut out = Vec::new();
+        for f in &filters {
+            out.extend(self.store.list(f).await?);
+        }
+        Ok(out)
+    }
+
+    /// Tells watchers of every lease `lock` matches, and with `revoke` ends
+    /// those leases through the revocation engine (Reason::Locked).
+    async fn revoke_locked(&self, who: &Identity, lock: &Lock) -> Result<BulkOutcome> {
+        let leases = self.leases_matching_lock(lock).await?;
+        self.revoke_listed(who, leases, Reason::Locked, Mode::UntilDropped)
+            .await
+    }
+
+    /// Lifts a lock (expired or not). Audited.
+    pub async fn admin_unlock(&self, who: &Identity, id: &LockId) -> Result<Lock> {
+        self.require_admin(who, "unlock")?;
+        let mut event = Event::new(who.as_str(), "unlock");
+        event.detail = Some(id.to_string());
+        let result = match self.store.delete_lock(id).await {
+            Ok(Some(l)) => Ok(l),
+            Ok(None) => Err(Error::NotFound(format!("no lock {id}"))),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(lock) => {
+                event.outcome = Some(Outcome::Ok);
+                event.detail = Some(lock_detail(&lock, false));
+                self.audit_event(event)?;
+                tracing::warn!(lock_id = %lock.id, target = %lock.target, "lock lifted");
+                Ok(lock)
+            }
+            Err(e) => {
+                self.metrics.request_failed("unlock", &e);
+                Err(self.audit_failure(event, e))
+            }
+        }
+    }
+
+    /// The locks in force.
+    pub async fn admin_locks(&self, who: &Identity) -> Result<Vec<Lock>> {
+        self.require_admin(who, "list_locks")?;
+        self.store.active_locks().await
     }
 
     /// Replaces the broker's own admin password on `database`. A call while
@@ -685,6 +971,27 @@ impl Broker {
         }
     }
 
+    /// Refuses an admin call from outside `admin_networks` (audited with
+    /// the address). The gRPC layer calls it before any Admin method, and
+    /// for a watch of other identities' leases.
+    pub fn check_admin_network(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        action: &'static str,
+    ) -> Result<()> {
+        let config = self.config();
+        if crate::policy::network_allowed(&config.admin_networks, peer) {
+            return Ok(());
+        }
+        let err = Error::denied(match peer {
+            Some(p) => format!("admin calls from {p} are outside admin_networks"),
+            None => "admin calls need a known caller address (admin_networks)".into(),
+        });
+        self.metrics.request_failed(action, &err);
+        Err(self.audit_failure(Event::new(who.as_str(), action), err))
+    }
+
     fn require_admin(&self, who: &Identity, action: &'static str) -> Result<()> {
         if self.is_admin(who) {
             return Ok(());
@@ -719,6 +1026,49 @@ fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
         .ok_or_else(|| Error::NotFound(format!("no role {name:?} is configured")))
 }
 
+/// `host = "caller"` on a MySQL role: the account is `'user'@'<caller's
+/// address>'`, so the credential logs in only from the machine that
+/// leased it (as the database sees it: through NAT or a proxy, that is
+/// the last hop's address).
+pub const CALLER_HOST: &str = "caller";
+
+fn account_host(role: &RoleConfig, peer: Option<IpAddr>) -> Result<String> {
+    if role.host != CALLER_HOST {
+        return Ok(role.host.clone());
+    }
+    let peer = peer.ok_or_else(|| {
+        Error::denied(format!(
+            "role {:?} pins its users to the caller's address, which is unknown",
+            role.name
+        ))
+    })?;
+    // A dual-stack listener reports IPv4 callers as ::ffff:a.b.c.d; the
+    // database sees them as a.b.c.d.
+    let peer = match peer {
+        IpAddr::V6(v) => v.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+        v4 => v4,
+    };
+    Ok(peer.to_string())
+}
+
+/// The role's `allowed_networks` against the caller's address; the
+/// refusal names the address, so the audit record has it.
+fn check_network(role: &RoleConfig, peer: Option<IpAddr>) -> Result<()> {
+    if crate::policy::network_allowed(&role.allowed_networks, peer) {
+        return Ok(());
+    }
+    Err(Error::denied(match peer {
+        Some(p) => format!(
+            "caller address {p} is outside the allowed networks of role {:?}",
+            role.name
+        ),
+        None => format!(
+            "caller address unknown; role {:?} allows only some networks",
+            role.name
+        ),
+    }))
+}
+
 fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Duration> {
     let ttl = ttl.unwrap_or(role.default_ttl);
     if ttl < Duration::from_secs(1) {
@@ -732,6 +1082,20 @@ fn effective_ttl(role: &RoleConfig, ttl: Option<Duration>) -> Result<chrono::Dur
         )));
     }
     chrono::Duration::from_std(ttl).map_err(Error::internal)
+}
+
+/// A lock in an audit record: id, target, expiry and reason.
+fn lock_detail(lock: &Lock, revoke: bool) -> String {
+    format!(
+        "{} {} until {}{}: {}",
+        lock.id,
+        lock.target,
+        lock.expires_at
+            .map(|e| e.to_rfc3339())
+            .unwrap_or_else(|| "unlocked".into()),
+        if revoke { ", revoking its leases" } else { "" },
+        lock.reason
+    )
 }
 
 /// Caps caller-supplied text before it goes into an audit record.
@@ -751,4 +1115,248 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "broker".into())
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+    use crate::policy::IdentityPattern;
+    use crate::testkit::{admin, app, role, Kit, APP};
+
+    const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
+
+    fn kit() -> Kit {
+        let two = role("ro", "main").replace(
+            &format!("allowed = [\"{APP}\"]"),
+            &format!("allowed = [\"{APP}\", \"{OTHER}\"]"),
+        ) + &role("ro2", "second");
+        Kit::new("", &two)
+    }
+
+    fn pattern(p: &str) -> LockTarget {
+        LockTarget::Identity(IdentityPattern::new(p).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_identity_lock_refuses_issue_and_renew_with_its_reason_until_unlocked() {
+        let kit = kit();
+        let other = Identity::from_trusted(OTHER);
+        let held = kit.broker.issue(&app(), "ro", None).await.unwrap();
+        let (lock, revoked) = kit
+            .broker
+            .admin_lock(
+                &admin(),
+                pattern("spiffe://credbroker.dev/ns/demo/app"),
+                None,
+                "INC-7 leaked cert".into(),
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(revoked.is_none());
+        let refused = kit.broker.issue(&app(), "ro", None).await.err().unwrap();
+        assert!(matches!(refused, Error::PermissionDenied(_)), "{refused}");
+        let text = refused.to_string();
+        assert!(
+            text.contains("INC-7 leaked cert") && text.contains(lock.id.as_str()),
+            "{text}"
+        );
+        let renew = kit.broker.renew(&app(), &held.lease.id, None).await;
+        assert!(
+            matches!(renew, Err(Error::PermissionDenied(_))),
+            "{renew:?}"
+        );
+        // Without --revoke the held credential keeps working until expiry.
+        assert!(kit.server.user(held.lease.username.as_str()).is_some());
+        kit.broker.issue(&other, "ro", None).await.unwrap();
+
+        let denied: Vec<_> = kit
+            .audit()
+            .into_iter()
+            .filter(|r| r.outcome == crate::audit::Outcome::Denied && r.identity == APP)
+            .map(|r| (r.action, r.detail.unwrap_or_default()))
+            .collect();
+        assert_eq!(denied.len(), 2, "{denied:?}");
+        assert!(
+            denied.iter().all(|(_, d)| d.contains("INC-7")),
+            "{denied:?}"
+        );
+        assert_eq!(
+            kit.broker.admin_locks(&admin()).await.unwrap().len(),
+            1,
+            "listed"
+        );
+
+        kit.broker.admin_unlock(&admin(), &lock.id).await.unwrap();
+        kit.broker.issue(&app(), "ro", None).await.unwrap();
+        kit.broker
+            .renew(&app(), &held.lease.id, None)
+            .await
+            .unwrap();
+        let again = kit.broker.admin_unlock(&admin(), &lock.id).await;
+        assert!(matches!(again, Err(Error::NotFound(_))), "{again:?}");
+        let actions: Vec<String> = kit.audit().into_iter().map(|r| r.action).collect();
+        assert!(actions.contains(&"lock".to_string()) && actions.contains(&"unlock".to_string()));
+    }
+
+    #[tokio::test]
+    async fn lock_with_revoke_ends_every_matching_lease_through_the_engine() {
+        let kit = kit();
+        let other = Identity::from_trusted(OTHER);
+        let mine = [
+            kit.broker.issue(&app(), "ro", None).await.unwrap(),
+            kit.broker.issue(&app(), "ro2", None).await.unwrap(),
+        ];
+        let theirs = kit.broker.issue(&other, "ro", None).await.unwrap();
+        let (_, out) = kit
+            .broker
+            .admin_lock(
+                &admin(),
+                pattern("spiffe://credbroker.dev/ns/demo/a*"),
+                Some(Duration::from_secs(60)),
+                "leak".into(),
+                true,
+            )
+            .await
+            .unwrap();
+        let out = out.unwrap();
+        assert_eq!(out.revoked.len(), 2, "{out:?}");
+        for l in &mine {
+            assert!(kit.server.user(l.lease.username.as_str()).is_none());
+            let s = kit.store.get(&l.lease.id).await.unwrap().unwrap();
+            assert_eq!(s.state, LeaseState::Revoked);
+        }
+        assert!(kit.server.user(theirs.lease.username.as_str()).is_some());
+        let revoked_records = kit
+            .audit()
+            .into_iter()
+            .filter(|r| r.action == "lock_revoke" && r.outcome == crate::audit::Outcome::Ok)
+            .count();
+        assert_eq!(revoked_records, 2);
+    }
+
+    #[tokio::test]
+    async fn role_and_database_locks_refuse_only_what_they_name() {
+        let kit = kit();
+        let (by_role, _) = kit
+            .broker
+            .admin_lock(
+                &admin(),
+                LockTarget::Role("ro".into()),
+                None,
+                String::new(),
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(kit.broker.issue(&app(), "ro", None).await.is_err());
+        kit.broker.issue(&app(), "ro2", None).await.unwrap();
+        kit.broker
+            .admin_unlock(&admin(), &by_role.id)
+            .await
+            .unwrap();
+        kit.broker
+            .admin_lock(
+                &admin(),
+                LockTarget::Database("second".into()),
+                None,
+                "maintenance".into(),
+                false,
+            )
+            .await
+            .unwrap();
+        kit.broker.issue(&app(), "ro", None).await.unwrap();
+        let e = kit.broker.issue(&app(), "ro2", None).await.err().unwrap();
+        assert!(e.to_string().contains("maintenance"), "{e}");
+
+        for bad in [
+            LockTarget::Role("nope".into()),
+            LockTarget::Database("nope".into()),
+        ] {
+            let e = kit
+                .broker
+                .admin_lock(&admin(), bad, None, String::new(), false)
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(e, Error::NotFound(_)), "{e}");
+        }
+        let e = kit
+            .broker
+            .admin_lock(
+                &app(),
+                LockTarget::Role("ro".into()),
+                None,
+                String::new(),
+                true,
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+        let e = kit
+            .broker
+            .admin_lock(
+                &admin(),
+                LockTarget::Role("ro".into()),
+                None,
+                "a\nb".into(),
+                false,
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn allowed_networks_hold_for_issue_and_renew() {
+        let kit = Kit::new(
+            "",
+            &role("net", "main").replace(
+                "allowed = ",
+                "allowed_networks = [\"10.0.0.0/8\"]\nallowed = ",
+            ),
+        );
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let l = kit
+            .broker
+            .issue_from(&app(), ip("10.1.2.3"), "net", None)
+            .await
+            .unwrap();
+        kit.broker
+            .renew_from(&app(), ip("::ffff:10.9.9.9"), &l.lease.id, None)
+            .await
+            .unwrap();
+        let e = kit
+            .broker
+            .renew_from(&app(), ip("192.168.1.1"), &l.lease.id, None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("192.168.1.1"), "{e}");
+        let e = kit.broker.issue(&app(), "net", None).await.err().unwrap();
+        assert!(
+            matches!(e, Error::PermissionDenied(_)),
+            "unknown address: {e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lock_runs_out_on_its_own() {
+        let kit = kit();
+        kit.broker
+            .admin_lock(
+                &admin(),
+                LockTarget::Role("ro".into()),
+                Some(Duration::from_secs(1)),
+                String::new(),
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(kit.broker.issue(&app(), "ro", None).await.is_err());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        kit.broker.issue(&app(), "ro", None).await.unwrap();
+        assert!(kit.broker.admin_locks(&admin()).await.unwrap().is_empty());
+    }
 }

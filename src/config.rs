@@ -23,6 +23,8 @@ pub struct Config {
     pub reaper: ReaperConfig,
     /// Identities allowed to call the Admin service.
     pub admins: Vec<IdentityPattern>,
+    /// Networks admin calls must come from (the TCP peer); empty: any.
+    pub admin_networks: Vec<crate::policy::Network>,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
 }
@@ -162,9 +164,13 @@ pub struct RoleConfig {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub allowed: Vec<IdentityPattern>,
+    /// Caller networks (the TCP peer address) that may issue and renew;
+    /// empty: any address.
+    pub allowed_networks: Vec<crate::policy::Network>,
     /// SQL run after the user is created; `{{name}}` becomes the quoted user.
     pub grants: Vec<String>,
-    /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network).
+    /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network;
+    /// `caller`: the leasing caller's own address, see `broker::CALLER_HOST`).
     pub host: String,
     /// Most live leases one identity may hold on this role.
     pub max_leases_per_identity: Option<u32>,
@@ -206,6 +212,7 @@ impl Config {
 struct RawConfig {
     #[serde(default)]
     admins: Vec<String>,
+    admin_networks: Option<Vec<String>>,
     server: RawServer,
     tls: RawTls,
     #[serde(default)]
@@ -297,6 +304,7 @@ struct RawRole {
     max_ttl: String,
     #[serde(default)]
     allowed: Vec<String>,
+    allowed_networks: Option<Vec<String>>,
     #[serde(default)]
     grants: Vec<String>,
     host: Option<String>,
@@ -488,6 +496,24 @@ impl RawConfig {
             .iter()
             .map(|p| identity_pattern("admins", p))
             .collect::<Result<Vec<_>>>()?;
+        let admin_networks = match &self.admin_networks {
+            Some(n) if n.is_empty() => return Err(cfg_err(
+                "admin_networks: empty, so no admin could call; list networks or leave the key out"
+                    .to_string(),
+            )),
+            Some(n) => n
+                .iter()
+                .map(|s| {
+                    crate::policy::Network::parse(s).map_err(|e| {
+                        cfg_err(format!(
+                            "admin_networks: {}",
+                            e.to_string().trim_start_matches("config: ")
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
 
         let raw_reaper = self.reaper.unwrap_or(RawReaper {
             batch_size: None,
@@ -661,6 +687,28 @@ impl RawConfig {
                 .iter()
                 .map(|p| identity_pattern(&what("allowed"), p))
                 .collect::<Result<Vec<_>>>()?;
+            let allowed_networks = match &r.allowed_networks {
+                // Written but empty would refuse everyone: surely a mistake.
+                Some(n) if n.is_empty() => {
+                    return Err(cfg_err(format!(
+                        "{}: empty, so nobody could lease this role; list networks or leave the key out",
+                        what("allowed_networks")
+                    )))
+                }
+                Some(n) => n
+                    .iter()
+                    .map(|s| {
+                        crate::policy::Network::parse(s).map_err(|e| {
+                            cfg_err(format!(
+                                "{}: {}",
+                                what("allowed_networks"),
+                                e.to_string().trim_start_matches("config: ")
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
             for g in &r.grants {
                 if !g.contains("{{name}}") {
                     return Err(cfg_err(format!(
@@ -718,6 +766,7 @@ impl RawConfig {
                     default_ttl,
                     max_ttl,
                     allowed,
+                    allowed_networks,
                     grants: r.grants,
                     host,
                     max_leases_per_identity: r.max_leases_per_identity,
@@ -735,6 +784,7 @@ impl RawConfig {
             audit,
             reaper,
             admins,
+            admin_networks,
             databases,
             roles,
         })

@@ -166,6 +166,9 @@ impl Daemon {
         };
         tracing::info!("shutting down");
         grpc_stop.cancel();
+        // Lease watches never finish on their own: end them, or graceful
+        // shutdown would wait the whole grace period for them.
+        broker.watch().close();
         let result = match served {
             Some(r) => r.map_err(Error::internal).and_then(|r| r),
             None => match tokio::time::timeout(grace, &mut grpc).await {

@@ -74,6 +74,8 @@ pub enum Reason {
     Expired,
     /// A pending intent whose issuer died or failed.
     AbandonedIntent,
+    /// An admin's `lock --revoke`: ended with the lock that refuses more.
+    Locked,
 }
 
 impl Reason {
@@ -93,6 +95,7 @@ impl Reason {
             Reason::Admin => ("admin_revoke", "admin"),
             Reason::Expired => ("reap", "expired"),
             Reason::AbandonedIntent => ("resolve_intent", "abandoned_intent"),
+            Reason::Locked => ("lock_revoke", "locked"),
         }
     }
 }

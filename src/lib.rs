@@ -13,6 +13,7 @@
 //! - [`broker`]: issue / renew / revoke / admin; no gRPC types inside.
 //! - [`revocation`]: the one engine that ends leases, whoever asks.
 //! - [`limits`]: per-identity rate limits.
+//! - [`lock`]: admin locks that refuse issue and renew (the incident button).
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
 //! - [`dbtls`]: TLS to the databases and the store: libpq/MySQL URL
 //!   parameters → rustls (ring) client configs, start-up warnings.
@@ -28,6 +29,7 @@
 //!   surroundings, verified (certificates, store, databases, privileges).
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
+//! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`cli`]: one file per subcommand.
 //! - [`hardening`]: core dumps off for the commands that hold secrets.
@@ -55,6 +57,7 @@ pub mod hardening;
 pub mod identity;
 pub mod lease;
 pub mod limits;
+pub mod lock;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
@@ -68,6 +71,7 @@ pub mod store;
 #[cfg(test)]
 mod testkit;
 pub mod throwaway;
+pub mod watch;
 
 /// Code generated from `proto/credbroker/v1`.
 pub mod pb {

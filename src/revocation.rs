@@ -78,9 +78,22 @@ pub struct Revoker {
     metrics: Arc<Metrics>,
     /// This process, for revocation claims in a shared store.
     owner: String,
+    /// Where revocations are announced (`WatchLeases`).
+    watch: Arc<crate::watch::WatchHub>,
 }
 
 impl Revoker {
+    /// Announces revocations on `watch` (the broker's hub) instead of a
+    /// hub of its own that nobody listens to.
+    pub fn with_watch(mut self, watch: Arc<crate::watch::WatchHub>) -> Self {
+        self.watch = watch;
+        self
+    }
+
+    fn watch(&self) -> &crate::watch::WatchHub {
+        &self.watch
+    }
+
     pub fn new(
         config: ConfigHandle,
         store: Arc<dyn LeaseStore>,
@@ -96,6 +109,7 @@ impl Revoker {
             audit,
             metrics,
             owner,
+            watch: Arc::new(crate::watch::WatchHub::new()),
         }
     }
 
@@ -257,6 +271,8 @@ impl Revoker {
                 let moved = reassigned.iter().find(|r| r.username == l.username);
                 self.audit_revocation(l, actor, reason, Ok(moved));
                 self.metrics().revoked(&l.role, &l.database, reason);
+                self.watch()
+                    .publish(crate::watch::LeaseEvent::revoked(l, actor, reason));
                 out.revoked.push(l.id.clone());
             } else {
                 out.failed.push((l.id.clone(), CLAIM_LOST.into()));
@@ -309,6 +325,8 @@ impl Revoker {
             )),
         );
         self.metrics().revoked(&lease.role, &lease.database, reason);
+        self.watch()
+            .publish(crate::watch::LeaseEvent::revoked(lease, actor, reason));
         out.revoked.push(lease.id.clone());
     }
 

@@ -1,4 +1,5 @@
-//! `credbroker admin leases|revoke|rotate-root`: the DBA's console.
+//! `credbroker admin leases|revoke|rotate-root|lock|unlock|locks`: the
+//! DBA's console.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -71,6 +72,44 @@ pub enum Command {
         /// Mark leases revoked even if dropping the user fails
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Refuse issue and renew to an identity pattern, a role or a database
+    /// on every replica, at once; with --revoke also end its live leases
+    Lock {
+        /// An identity pattern (the same glob as a role's `allowed`)
+        #[arg(long, conflicts_with_all = ["role", "database"], required_unless_present_any = ["role", "database"])]
+        identity: Option<String>,
+        #[arg(long, conflicts_with = "database")]
+        role: Option<String>,
+        #[arg(long)]
+        database: Option<String>,
+        /// Lift the lock on its own after this long, e.g. 30m (default: until unlocked)
+        #[arg(long = "for")]
+        duration: Option<humantime::Duration>,
+        /// Told to every refused caller and written to the audit log
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Also revoke every live lease the lock matches, sessions included
+        #[arg(long)]
+        revoke: bool,
+        /// Do not ask for confirmation of --revoke
+        #[arg(long, short)]
+        yes: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Lift a lock
+    Unlock {
+        lock_id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List the locks in force
+    Locks {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ListFormat,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -201,6 +240,88 @@ pub async fn run(cmd: Command) -> CliResult {
                 ExitCode::FAILURE
             })
         }
+        Command::Lock {
+            identity,
+            role,
+            database,
+            duration,
+            reason,
+            revoke,
+            yes,
+            client,
+        } => {
+            use pb::lock_request::Target;
+            let (target, what) = match (identity, role, database) {
+                (Some(i), ..) => (Target::Identity(i.clone()), format!("identity {i:?}")),
+                (_, Some(r), _) => (Target::Role(r.clone()), format!("role {r:?}")),
+                (.., Some(d)) => (Target::Database(d.clone()), format!("database {d:?}")),
+                _ => {
+                    return Err(anyhow::anyhow!(crate::Error::Config(
+                        "name what to lock: --identity, --role or --database".into()
+                    ))
+                    .into())
+                }
+            };
+            if revoke && !yes && !confirm(&format!("every live lease of {what}"))? {
+                eprintln!("nothing locked");
+                return Ok(ExitCode::FAILURE);
+            }
+            let mut c = client.admin()?;
+            let reply = c
+                .lock(pb::LockRequest {
+                    target: Some(target),
+                    duration_seconds: duration.map(|d| d.as_secs().max(1) as i64).unwrap_or(0),
+                    reason,
+                    revoke,
+                })
+                .await
+                .map_err(|s| grpc_error("lock", &client, s))?
+                .into_inner();
+            let lock = reply.lock.unwrap_or_default();
+            println!(
+                "locked {what} as {} {}",
+                lock.lock_id,
+                until(&lock.expires_at)
+            );
+            if revoke {
+                println!("revoked {} lease(s)", reply.revoked);
+            }
+            for f in &reply.failures {
+                println!("FAILED {}: {}", f.lease_id, f.error);
+            }
+            Ok(if reply.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Unlock { lock_id, client } => {
+            let mut c = client.admin()?;
+            let reply = c
+                .unlock(pb::UnlockRequest { lock_id })
+                .await
+                .map_err(|s| grpc_error("unlock", &client, s))?
+                .into_inner();
+            let lock = reply.lock.unwrap_or_default();
+            println!("unlocked {} {} ({})", lock.kind, lock.value, lock.lock_id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Locks { format, client } => {
+            let mut c = client.admin()?;
+            let reply = c
+                .list_locks(pb::ListLocksRequest {})
+                .await
+                .map_err(|s| grpc_error("list locks", &client, s))?
+                .into_inner();
+            match format {
+                ListFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&locks_json(&reply.locks))?
+                ),
+                ListFormat::Table => print!("{}", locks_table(&reply.locks)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::RotateRoot { database, client } => {
             let mut c = client.admin()?;
             let reply = c
@@ -229,6 +350,52 @@ fn confirm(what: &str) -> anyhow::Result<bool> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+fn until(expires_at: &Option<prost_types::Timestamp>) -> String {
+    match expires_at {
+        Some(_) => format!("until {}", rfc3339(expires_at)),
+        None => "until unlocked".into(),
+    }
+}
+
+fn locks_json(locks: &[pb::LockInfo]) -> serde_json::Value {
+    locks
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "lock_id": l.lock_id,
+                "kind": l.kind,
+                "value": l.value,
+                "reason": l.reason,
+                "created_by": l.created_by,
+                "created_at": rfc3339(&l.created_at),
+                "expires_at": l.expires_at.as_ref().map(|_| rfc3339(&l.expires_at)),
+            })
+        })
+        .collect()
+}
+
+fn locks_table(locks: &[pb::LockInfo]) -> String {
+    let header = ["LOCK", "TARGET", "BY", "CREATED", "EXPIRES", "REASON"];
+    let rows: Vec<[String; 6]> = locks
+        .iter()
+        .map(|l| {
+            [
+                l.lock_id.clone(),
+                format!("{} {}", l.kind, l.value),
+                l.created_by.clone(),
+                rfc3339(&l.created_at),
+                if l.expires_at.is_some() {
+                    rfc3339(&l.expires_at)
+                } else {
+                    "never".into()
+                },
+                l.reason.clone(),
+            ]
+        })
+        .collect();
+    table(&header, &rows, &format!("{} lock(s)\n", rows.len()))
 }
 
 fn leases_json(leases: &[pb::LeaseSummary]) -> serde_json::Value {
@@ -275,8 +442,13 @@ fn leases_table(leases: &[pb::LeaseSummary]) -> String {
             ]
         })
         .collect();
+    table(&header, &rows, &format!("{} lease(s)\n", rows.len()))
+}
+
+/// Left-aligned columns, two spaces apart, then `footer`.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]], footer: &str) -> String {
     let mut widths = header.map(str::len);
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
             *w = (*w).max(c.chars().count());
         }
@@ -292,9 +464,9 @@ fn leases_table(leases: &[pb::LeaseSummary]) -> String {
         s + "\n"
     };
     let mut out = line(header.to_vec());
-    for r in &rows {
+    for r in rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
-    out.push_str(&format!("{} lease(s)\n", rows.len()));
+    out.push_str(footer);
     out
 }

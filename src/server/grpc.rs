@@ -11,7 +11,9 @@ use crate::broker::{Broker, Selector};
 use crate::error::Error;
 use crate::identity::{Identity, MAX_SPIFFE_ID_LEN};
 use crate::lease::{Lease, LeaseId, LeaseState};
+use crate::lock::{Lock, LockId, LockTarget};
 use crate::pb;
+use crate::policy::IdentityPattern;
 use crate::server::status::to_status;
 use crate::store::LeaseFilter;
 
@@ -50,6 +52,12 @@ fn identity_selector(v: String) -> Result<Option<Identity>, Status> {
         return Ok(None);
     }
     Identity::parse(&v).map(Some).map_err(to_status)
+}
+
+/// The caller's TCP peer address (what `allowed_networks` is checked
+/// against); tonic records it for our TLS streams.
+fn peer_ip<T>(req: &Request<T>) -> Option<std::net::IpAddr> {
+    req.remote_addr().map(|a| a.ip())
 }
 
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -128,18 +136,103 @@ pub struct BrokerService {
     pub broker: Arc<Broker>,
 }
 
+fn event_to_pb(e: &crate::watch::LeaseEvent) -> pb::LeaseEvent {
+    use crate::watch::EventKind;
+    pb::LeaseEvent {
+        kind: match e.kind {
+            EventKind::Renewed => pb::LeaseEventKind::Renewed,
+            EventKind::Revoked => pb::LeaseEventKind::Revoked,
+            EventKind::Locked => pb::LeaseEventKind::Locked,
+        } as i32,
+        lease_id: e.lease_id.to_string(),
+        identity: e.identity.clone(),
+        role: e.role.clone(),
+        database: e.database.clone(),
+        expires_at: e.expires_at.map(ts),
+        actor: e.actor.clone(),
+        reason: e.reason.clone(),
+        lock_id: e.lock_id.clone().unwrap_or_default(),
+        at: Some(ts(e.at)),
+    }
+}
+
+pub type EventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::LeaseEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerService {
+    type WatchLeasesStream = EventStream;
+
+    async fn watch_leases(
+        &self,
+        req: Request<pb::WatchLeasesRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        let who = identity(&self.broker, &req, "watch")?;
+        let peer = peer_ip(&req);
+        let r = req.into_inner();
+        let requested = crate::watch::Scope {
+            identity: bounded("identity", r.identity)?,
+            role: bounded("role", r.role)?,
+            database: bounded("database", r.database)?,
+        };
+        let others = r.all
+            || requested.identity.is_some()
+            || requested.role.is_some()
+            || requested.database.is_some();
+        if others {
+            self.broker
+                .check_admin_network(&who, peer, "watch")
+                .map_err(to_status)?;
+        }
+        let scope = self
+            .broker
+            .watch_scope(&who, requested, others)
+            .map_err(to_status)?;
+        let hub = self.broker.watch().clone();
+        let sub = hub.subscribe(who.as_str()).map_err(to_status)?;
+        let closed = hub.closed();
+        tracing::debug!(identity = %who, "lease watch opened");
+        // The subscription (and its slot) lives as long as the stream.
+        let stream = futures::stream::unfold(Some(sub), move |state| {
+            let (scope, closed) = (scope.clone(), closed.clone());
+            async move {
+                let mut sub = state?;
+                loop {
+                    let got = tokio::select! {
+                        _ = closed.cancelled() => return None,
+                        got = sub.rx.recv() => got,
+                    };
+                    match got {
+                        Ok(e) if scope.matches(&e) => {
+                            return Some((Ok(event_to_pb(&e)), Some(sub)))
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(n)) => {
+                            let s = Status::resource_exhausted(format!(
+                                "this watch fell {n} events behind; resubscribe"
+                            ));
+                            return Some((Err(s), None));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn issue_lease(
         &self,
         req: Request<pb::IssueLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let who = identity(&self.broker, &req, "issue")?;
+        let peer = peer_ip(&req);
         let r = req.into_inner();
         let ttl = ttl(r.ttl_seconds)?;
         let issued = self
             .broker
-            .issue(&who, &r.role, ttl)
+            .issue_from(&who, peer, &r.role, ttl)
             .await
             .map_err(to_status)?;
         let reply = lease_reply(
@@ -156,10 +249,15 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let who = identity(&self.broker, &req, "renew")?;
+        let peer = peer_ip(&req);
         let r = req.into_inner();
         let id = lease_id(&r.lease_id)?;
         let ttl = ttl(r.ttl_seconds)?;
-        let lease = self.broker.renew(&who, &id, ttl).await.map_err(to_status)?;
+        let lease = self
+            .broker
+            .renew_from(&who, peer, &id, ttl)
+            .await
+            .map_err(to_status)?;
         let dsn = self
             .broker
             .lookup(&who, &id)
@@ -207,6 +305,17 @@ pub struct AdminService {
     pub broker: Arc<Broker>,
 }
 
+impl AdminService {
+    /// The caller's identity, once its address passed `admin_networks`.
+    fn admin<T>(&self, req: &Request<T>, action: &'static str) -> Result<Identity, Status> {
+        let who = identity(&self.broker, req, action)?;
+        self.broker
+            .check_admin_network(&who, peer_ip(req), action)
+            .map_err(to_status)?;
+        Ok(who)
+    }
+}
+
 /// Most rows one ListLeases returns when the caller sets no limit.
 const DEFAULT_LIST_LIMIT: usize = 10_000;
 
@@ -226,6 +335,40 @@ fn summary(l: &Lease) -> pb::LeaseSummary {
     }
 }
 
+pub fn lock_info(l: &Lock) -> pb::LockInfo {
+    pb::LockInfo {
+        lock_id: l.id.to_string(),
+        kind: l.target.kind().to_string(),
+        value: l.target.value().to_string(),
+        reason: l.reason.clone(),
+        created_by: l.created_by.clone(),
+        created_at: Some(ts(l.created_at)),
+        expires_at: l.expires_at.map(ts),
+    }
+}
+
+fn lock_target(t: Option<pb::lock_request::Target>) -> Result<LockTarget, Status> {
+    use pb::lock_request::Target as T;
+    let nonempty = |field: &str, v: String| {
+        bounded(field, v)?.ok_or_else(|| Status::invalid_argument(format!("{field} is empty")))
+    };
+    Ok(match t {
+        Some(T::Identity(v)) => {
+            let v = nonempty("identity", v)?;
+            LockTarget::Identity(IdentityPattern::new(&v).map_err(|e| {
+                Status::invalid_argument(e.to_string().trim_start_matches("config: ").to_string())
+            })?)
+        }
+        Some(T::Role(v)) => LockTarget::Role(nonempty("role", v)?),
+        Some(T::Database(v)) => LockTarget::Database(nonempty("database", v)?),
+        None => {
+            return Err(Status::invalid_argument(
+                "name what to lock: identity, role or database",
+            ))
+        }
+    })
+}
+
 fn bounded(field: &str, s: String) -> Result<Option<String>, Status> {
     if s.len() > 1024 {
         return Err(Status::invalid_argument(format!(
@@ -241,7 +384,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let who = identity(&self.broker, &req, "admin_list")?;
+        let who = self.admin(&req, "admin_list")?;
         let r = req.into_inner();
         let mut states = Vec::new();
         for s in &r.states {
@@ -281,7 +424,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RevokeLeasesRequest>,
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
-        let who = identity(&self.broker, &req, "admin_revoke")?;
+        let who = self.admin(&req, "admin_revoke")?;
         let r = req.into_inner();
         use pb::revoke_leases_request::Selector as S;
         let selector = match r.selector {
@@ -330,11 +473,83 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn lock(
+        &self,
+        req: Request<pb::LockRequest>,
+    ) -> Result<Response<pb::LockResponse>, Status> {
+        let who = self.admin(&req, "lock")?;
+        let r = req.into_inner();
+        let target = lock_target(r.target)?;
+        let duration = match r.duration_seconds {
+            0 => None,
+            s if s < 0 => {
+                return Err(Status::invalid_argument(
+                    "duration_seconds must not be negative",
+                ))
+            }
+            s if s > MAX_REQUEST_TTL_SECS => {
+                return Err(Status::invalid_argument(
+                    "duration_seconds is absurdly large",
+                ))
+            }
+            s => Some(Duration::from_secs(s as u64)),
+        };
+        let (lock, revoked) = self
+            .broker
+            .admin_lock(&who, target, duration, r.reason, r.revoke)
+            .await
+            .map_err(to_status)?;
+        let revoked = revoked.unwrap_or_default();
+        Ok(Response::new(pb::LockResponse {
+            lock: Some(lock_info(&lock)),
+            revoked: revoked.revoked.len() as u32,
+            failures: revoked
+                .failed
+                .into_iter()
+                .map(|(id, error)| pb::RevokeFailure {
+                    lease_id: id.to_string(),
+                    error,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn unlock(
+        &self,
+        req: Request<pb::UnlockRequest>,
+    ) -> Result<Response<pb::UnlockResponse>, Status> {
+        let who = self.admin(&req, "unlock")?;
+        let r = req.into_inner();
+        if r.lock_id.is_empty() {
+            return Err(Status::invalid_argument("lock_id is required"));
+        }
+        let id = LockId::parse(&r.lock_id).map_err(to_status)?;
+        let lock = self
+            .broker
+            .admin_unlock(&who, &id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UnlockResponse {
+            lock: Some(lock_info(&lock)),
+        }))
+    }
+
+    async fn list_locks(
+        &self,
+        req: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        let who = self.admin(&req, "list_locks")?;
+        let locks = self.broker.admin_locks(&who).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListLocksResponse {
+            locks: locks.iter().map(lock_info).collect(),
+        }))
+    }
+
     async fn rotate_root(
         &self,
         req: Request<pb::RotateRootRequest>,
     ) -> Result<Response<pb::RotateRootResponse>, Status> {
-        let who = identity(&self.broker, &req, "rotate_root")?;
+        let who = self.admin(&req, "rotate_root")?;
         let database = req.into_inner().database;
         self.broker
             .rotate_root(&who, &database)

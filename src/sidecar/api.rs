@@ -19,7 +19,17 @@ pub trait LeaseApi: Send + Sync {
     async fn renew(&self, req: pb::RenewLeaseRequest) -> Result<pb::Lease, tonic::Status>;
 
     async fn revoke(&self, req: pb::RevokeLeaseRequest) -> Result<(), tonic::Status>;
+
+    /// Opens the broker's stream of events about our leases. A broker (or
+    /// fake) without it answers `Unimplemented`, and the sidecar keeps to
+    /// its schedule alone.
+    async fn watch(&self) -> Result<EventStream, tonic::Status> {
+        Err(tonic::Status::unimplemented("no lease events"))
+    }
 }
+
+/// Events about our leases, as they happen.
+pub type EventStream = futures::stream::BoxStream<'static, Result<pb::LeaseEvent, tonic::Status>>;
 
 #[async_trait]
 impl LeaseApi for Connector {
@@ -37,6 +47,16 @@ impl LeaseApi for Connector {
 
     async fn revoke(&self, req: pb::RevokeLeaseRequest) -> Result<(), tonic::Status> {
         self.client().revoke_lease(req).await.map(|_| ())
+    }
+
+    async fn watch(&self) -> Result<EventStream, tonic::Status> {
+        use futures::StreamExt;
+        let stream = self
+            .client()
+            .watch_leases(pb::WatchLeasesRequest::default())
+            .await?
+            .into_inner();
+        Ok(stream.boxed())
     }
 }
 

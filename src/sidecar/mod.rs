@@ -37,7 +37,7 @@ use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::pb;
-use api::{classify, CallError, LeaseApi};
+use api::{classify, CallError, EventStream, LeaseApi};
 use clock::Clock;
 pub use credential::Credential;
 use credential::{rfc3339, time};
@@ -110,6 +110,7 @@ pub async fn run_with<A: LeaseApi>(
         next_try: clock.now(),
         must_rotate: false,
         file_removed: false,
+        current_revoked: false,
         last_error: String::new(),
     };
     let mut shutdown = std::pin::pin!(shutdown);
@@ -130,10 +131,32 @@ pub async fn run_with<A: LeaseApi>(
     if s.opts.once {
         return Ok(());
     }
+    let mut watch = Watch::default();
     loop {
-        let wake = s.wake_at();
+        if watch.due(s.clock.now()) {
+            match race(watch.open(&s.api, s.clock.now()), shutdown.as_mut()).await {
+                Raced::Done(()) => {}
+                Raced::Shutdown(_) => break,
+            }
+        }
+        let wake = watch.wake(s.wake_at());
         tokio::select! {
             _ = tokio::time::sleep(s.clock.until(wake)) => {}
+            ev = watch.next() => match ev {
+                Some(Ok(e)) => {
+                    if !s.on_event(e) {
+                        continue;
+                    }
+                }
+                Some(Err(st)) => {
+                    watch.lost(s.clock.now(), &crate::client::describe(&st));
+                    continue;
+                }
+                None => {
+                    watch.lost(s.clock.now(), "the broker ended the stream");
+                    continue;
+                }
+            },
             _ = &mut shutdown => break,
         }
         match race(s.tick(), shutdown.as_mut()).await {
@@ -148,6 +171,76 @@ pub async fn run_with<A: LeaseApi>(
     tracing::info!("shutting down: removing the file and revoking leases");
     s.cleanup().await;
     Ok(())
+}
+
+/// The broker's event stream, when it has one: a revocation of our lease
+/// is acted on at once. Without the stream (never offered, or down) the
+/// schedule alone keeps the file fresh, as before; it is reopened with
+/// backoff.
+#[derive(Default)]
+struct Watch {
+    stream: Option<EventStream>,
+    /// When to try opening it again; None: now.
+    retry_at: Option<DateTime<Utc>>,
+    failures: u32,
+    /// The broker does not offer events: do not ask again.
+    unsupported: bool,
+}
+
+/// First and longest wait before reopening a lost event stream.
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(500);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(15);
+
+impl Watch {
+    fn due(&self, now: DateTime<Utc>) -> bool {
+        self.stream.is_none() && !self.unsupported && self.retry_at.is_none_or(|t| now >= t)
+    }
+
+    fn wake(&self, wake: DateTime<Utc>) -> DateTime<Utc> {
+        match (self.stream.is_none() && !self.unsupported, self.retry_at) {
+            (true, Some(t)) => wake.min(t),
+            _ => wake,
+        }
+    }
+
+    async fn open<A: LeaseApi>(&mut self, api: &A, now: DateTime<Utc>) {
+        match tokio::time::timeout(CALL_TIMEOUT, api.watch()).await {
+            Ok(Ok(stream)) => {
+                tracing::info!("watching lease events: a revocation is acted on at once");
+                self.stream = Some(stream);
+                self.failures = 0;
+                self.retry_at = None;
+            }
+            Ok(Err(st)) if st.code() == tonic::Code::Unimplemented => {
+                tracing::info!("the broker offers no lease events; keeping to the schedule");
+                self.unsupported = true;
+            }
+            Ok(Err(st)) => self.lost(now, &crate::client::describe(&st)),
+            Err(_) => self.lost(now, "no answer"),
+        }
+    }
+
+    fn lost(&mut self, now: DateTime<Utc>, why: &str) {
+        let was_open = self.stream.take().is_some();
+        let delay =
+            (WATCH_RETRY_MIN * 2u32.saturating_pow(self.failures.min(8))).min(WATCH_RETRY_MAX);
+        self.failures += 1;
+        self.retry_at = Some(now + delta(delay));
+        if was_open {
+            tracing::warn!(error = %why, "lease event stream lost; keeping to the schedule meanwhile");
+        } else {
+            tracing::debug!(error = %why, retry_in_ms = delay.as_millis() as u64, "cannot watch lease events yet");
+        }
+    }
+
+    /// The next event; never resolves while there is no stream.
+    async fn next(&mut self) -> Option<std::result::Result<pb::LeaseEvent, tonic::Status>> {
+        use futures::StreamExt;
+        match self.stream.as_mut() {
+            Some(s) => s.next().await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// How long a step already under way (a rotation, say) may still run once
@@ -187,6 +280,9 @@ struct Sidecar<A> {
     must_rotate: bool,
     /// The current credential expired and its file was removed.
     file_removed: bool,
+    /// The broker told us the current lease was revoked: it is dead, so a
+    /// replacement neither drains nor revokes it.
+    current_revoked: bool,
     last_error: String,
 }
 
@@ -354,6 +450,53 @@ impl<A: LeaseApi> Sidecar<A> {
         }
     }
 
+    /// Acts on a lease event; true when the loop must act now.
+    fn on_event(&mut self, e: pb::LeaseEvent) -> bool {
+        use pb::LeaseEventKind as K;
+        let kind = K::try_from(e.kind).unwrap_or(K::Unspecified);
+        if let Some(i) = self.draining.iter().position(|d| d.lease_id == e.lease_id) {
+            if kind == K::Revoked {
+                tracing::info!(lease_id = %e.lease_id, actor = %e.actor, reason = %e.reason, "old lease revoked by the broker");
+                self.draining.remove(i);
+            }
+            return false;
+        }
+        if self.current.as_ref().map(|c| c.lease_id.as_str()) != Some(e.lease_id.as_str()) {
+            return false;
+        }
+        match kind {
+            K::Revoked if !self.current_revoked => {
+                tracing::warn!(
+                    lease_id = %e.lease_id,
+                    actor = %e.actor,
+                    reason = %e.reason,
+                    "the current lease was revoked; replacing it now"
+                );
+                let now = self.clock.now();
+                let cur = self.current.as_mut().expect("held");
+                // Dead from now on: should no replacement come, the file
+                // goes at the next step and `give_up_after` counts from now.
+                cur.expires_at = cur.expires_at.min(now - cur.clock_offset);
+                cur.renewable = false;
+                self.current_revoked = true;
+                self.must_rotate = true;
+                self.next_try = now;
+                self.backoff.reset();
+                true
+            }
+            K::Locked => {
+                tracing::warn!(
+                    lease_id = %e.lease_id,
+                    lock_id = %e.lock_id,
+                    reason = %e.reason,
+                    "an admin lock refuses renewing the current lease; it stays valid until it expires"
+                );
+                false
+            }
+            _ => false,
+        }
+    }
+
     async fn tick(&mut self) -> Result<()> {
         self.api.refresh();
         self.revoke_due().await;
@@ -445,6 +588,14 @@ impl<A: LeaseApi> Sidecar<A> {
         self.file_removed = false;
         self.next_try = schedule::next_step(&new.times(), now, self.opts.grace).at();
         let old = self.current.replace(new).expect("held");
+        if std::mem::take(&mut self.current_revoked) {
+            tracing::info!(
+                old_lease_id = %old.lease_id,
+                new_lease_id = %self.current().lease_id,
+                "revoked credential replaced"
+            );
+            return;
+        }
         let mut old_times = old.times();
         let revoke_at = schedule::revoke_at(&old_times, now, self.opts.grace);
         // Keep the old credential valid through the grace period, so

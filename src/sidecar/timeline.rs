@@ -31,6 +31,11 @@ struct State {
     renewals: u32,
     unreachable: bool,
     refuse_renew: bool,
+    /// Refuse issues as a lock would (PermissionDenied).
+    refuse_issue: bool,
+    /// Open event streams (`watch`), when the fake offers them.
+    watchers: Vec<tokio::sync::mpsc::UnboundedSender<Result<pb::LeaseEvent, tonic::Status>>>,
+    offers_watch: bool,
 }
 
 /// A broker in memory, on the test's clock: leases of `ttl`, hard limit
@@ -101,6 +106,11 @@ impl LeaseApi for FakeBroker {
         if s.unreachable {
             return Err(tonic::Status::unavailable("tcp connect error"));
         }
+        if s.refuse_issue {
+            return Err(tonic::Status::permission_denied(
+                "locked by an admin (k_x, identity a): leaked",
+            ));
+        }
         let now = self.clock.now();
         let ttl = if req.ttl_seconds > 0 {
             req.ttl_seconds
@@ -163,6 +173,42 @@ impl LeaseApi for FakeBroker {
             l.revoked_at.get_or_insert(now);
         }
         Ok(())
+    }
+
+    async fn watch(&self) -> Result<super::api::EventStream, tonic::Status> {
+        use futures::StreamExt;
+        let mut s = self.state.lock().unwrap();
+        if !s.offers_watch {
+            return Err(tonic::Status::unimplemented("no lease events"));
+        }
+        if s.unreachable {
+            return Err(tonic::Status::unavailable("tcp connect error"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        s.watchers.push(tx);
+        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
+    }
+}
+
+impl FakeBroker {
+    /// An admin revokes `id`: marked revoked, and every watcher told.
+    fn admin_revoke(&self, id: &str) {
+        let now = self.clock.now();
+        let mut s = self.state.lock().unwrap();
+        s.leases.get_mut(id).unwrap().revoked_at = Some(now);
+        let e = pb::LeaseEvent {
+            kind: pb::LeaseEventKind::Revoked as i32,
+            lease_id: id.into(),
+            actor: "spiffe://x/dba/oncall".into(),
+            reason: "admin".into(),
+            ..Default::default()
+        };
+        s.watchers.retain(|w| w.send(Ok(e.clone())).is_ok());
+    }
+
+    /// The broker goes away: streams end.
+    fn drop_watchers(&self) {
+        self.state.lock().unwrap().watchers.clear();
     }
 }
 
@@ -341,4 +387,55 @@ async fn without_a_broker_the_first_issue_is_retried_then_given_up() {
     assert!((20..=26).contains(&took), "gave up after {took}s");
     assert!(err.contains("unreachable"), "{err}");
     assert!(!out.exists());
+}
+
+/// With the broker's event stream, an admin's revocation is replaced at
+/// once (not at the next renewal, 40 s later), the dead lease is neither
+/// drained nor revoked again; a lost stream is reopened while the schedule
+/// goes on. When the replacement is refused (a lock), the file goes at
+/// once and the sidecar retries on its backoff until `give_up_after`.
+#[tokio::test(start_paused = true)]
+async fn a_revocation_event_replaces_the_lease_at_once_and_a_lock_removes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("conn.json");
+    let clock = Clock::tokio();
+    let broker = FakeBroker::new(clock, 60, 300);
+    broker.set(|s| s.offers_watch = true);
+    let run = start(options(&out, 30, 20), &broker, clock);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(lease_in_file(&out).as_deref(), Some("l0"));
+    assert_eq!(broker.state.lock().unwrap().watchers.len(), 1);
+
+    broker.admin_revoke("l0");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        lease_in_file(&out).as_deref(),
+        Some("l1"),
+        "replaced at once"
+    );
+    {
+        let s = broker.state.lock().unwrap();
+        assert_eq!(
+            s.renewals, 0,
+            "the dead lease was not kept alive for a grace period"
+        );
+    }
+
+    // The stream is lost: reopened with backoff; the schedule runs anyway.
+    broker.drop_watchers();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(broker.state.lock().unwrap().watchers.len(), 1, "reopened");
+
+    // Locked: the revoked credential's file goes at once; retries follow.
+    broker.set(|s| s.refuse_issue = true);
+    broker.admin_revoke("l1");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!out.exists(), "a revoked credential stays in the file");
+    let r = tokio::time::timeout(Duration::from_secs(60), run.task)
+        .await
+        .expect("gave up within give_up_after")
+        .unwrap();
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("no valid credential"), "{e}");
+    assert_eq!(broker.state.lock().unwrap().issued.len(), 2);
 }

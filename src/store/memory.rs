@@ -15,11 +15,13 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
-use crate::store::{Claim, LeaseFilter, LeaseStore};
+use crate::lock::{Lock, LockId, NewLock};
+use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseStore};
 
 #[derive(Default)]
 pub struct MemoryStore {
     rows: Mutex<BTreeMap<LeaseId, Row>>,
+    locks: Mutex<Vec<Lock>>,
     /// Calls that fail with `Unavailable` before the store answers again.
     fail_next: Mutex<u32>,
 }
@@ -337,6 +339,54 @@ impl LeaseStore for MemoryStore {
                 rows.remove(id);
             }
             old.len() as u64
+        })
+    }
+
+    async fn insert_lock(&self, new: &NewLock) -> Result<Lock> {
+        self.check()?;
+        let lock = stamp_lock(new, Utc::now());
+        self.locks.lock().unwrap().push(lock.clone());
+        Ok(lock)
+    }
+
+    async fn delete_lock(&self, id: &LockId) -> Result<Option<Lock>> {
+        self.check()?;
+        let mut locks = self.locks.lock().unwrap();
+        Ok(locks
+            .iter()
+            .position(|l| &l.id == id)
+            .map(|i| locks.remove(i)))
+    }
+
+    async fn active_locks(&self) -> Result<Vec<Lock>> {
+        self.check()?;
+        let now = Utc::now();
+        Ok(self
+            .locks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.is_active(now))
+            .cloned()
+            .collect())
+    }
+
+    async fn prune_locks(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.check()?;
+        let mut locks = self.locks.lock().unwrap();
+        let n = locks.len();
+        locks.retain(|l| l.expires_at.is_none_or(|e| e >= before));
+        Ok((n - locks.len()) as u64)
+    }
+
+    async fn live_identities(&self) -> Result<Vec<String>> {
+        self.with(|rows| {
+            let ids: std::collections::BTreeSet<String> = rows
+                .values()
+                .filter(|r| live(&r.lease))
+                .map(|r| r.lease.identity.clone())
+                .collect();
+            ids.into_iter().collect()
         })
     }
 

@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
+use crate::lock::{Lock, LockId, NewLock};
 
 /// Which leases `list` returns. Empty fields match everything; an empty
 /// `states` means every live state.
@@ -160,6 +161,25 @@ pub trait LeaseStore: Send + Sync {
     /// in small batches so the lease path's writes are never held up long.
     async fn prune_revoked(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
 
+    /// Writes a lock; the store stamps `created_at` and `expires_at` on its
+    /// own clock, so every replica agrees on when a lock ends.
+    async fn insert_lock(&self, lock: &NewLock) -> Result<Lock>;
+
+    /// Removes a lock (expired or not); the removed lock, if it existed.
+    async fn delete_lock(&self, id: &LockId) -> Result<Option<Lock>>;
+
+    /// Locks that have not run out, oldest first. On the request path of
+    /// every issue and renew: a read of a small table (or of memory).
+    async fn active_locks(&self) -> Result<Vec<Lock>>;
+
+    /// Deletes locks that ran out before `before`; returns how many.
+    async fn prune_locks(&self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// The distinct identities holding live leases: a lock on an identity
+    /// pattern revokes by matching these, then listing per identity, so
+    /// it never loads every lease.
+    async fn live_identities(&self) -> Result<Vec<String>>;
+
     /// Called once at start. A store only this process can use (SQLite) makes
     /// every pending intent due now, since its issuer is certainly dead; a
     /// shared store leaves them to their grace deadline.
@@ -201,6 +221,23 @@ pub fn cap_reached(live: u64, role: &str) -> Error {
     Error::ResourceExhausted(format!(
         "identity holds {live} live leases on role {role:?}, the most allowed; revoke some first"
     ))
+}
+
+/// A new lock stamped with `now`: for the stores whose clock is the
+/// broker's own (SQLite, memory).
+pub fn stamp_lock(new: &NewLock, now: DateTime<Utc>) -> Lock {
+    let now = crate::lease::truncate_ms(now);
+    Lock {
+        id: new.id.clone(),
+        target: new.target.clone(),
+        reason: new.reason.clone(),
+        created_by: new.created_by.clone(),
+        created_at: now,
+        expires_at: new
+            .duration
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| now + d),
+    }
 }
 
 /// How long a claim lasts before another owner may take the lease over,

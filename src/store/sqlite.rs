@@ -17,10 +17,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
-use crate::store::group_commit::{Durability, GroupCommit, Kind};
-use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
+use crate::lock::{Lock, LockId, LockTarget, NewLock};
+use crate::store::group_commit::{db_err, Durability, GroupCommit, Kind};
+use crate::store::{cap_reached, stamp_lock, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATION_1: &str = "
 CREATE TABLE leases (
@@ -57,7 +58,26 @@ CREATE INDEX leases_revoked_at ON leases(revoked_at) WHERE state = 'revoked';
 pub struct SqliteStore {
     /// The one thread that owns the connection, and its group commit.
     exec: GroupCommit,
+    /// Every lock in the file, kept in step with it. Exact, because this
+    /// process is the file's only user (exclusive locking mode): so the
+    /// check on every issue and renew is a memory read, never a wait
+    /// behind a group commit. Updated after the write is durable.
+    locks: std::sync::RwLock<Vec<Lock>>,
 }
+
+/// Admin locks (`credbroker admin lock`). `expires_at` NULL: until
+/// unlocked.
+const MIGRATION_3: &str = "
+CREATE TABLE locks (
+    id         TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('identity', 'role', 'database')),
+    value      TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+";
 
 const RECORD_FAILURE: &str =
     "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = ?2, \
@@ -103,11 +123,17 @@ fn row_to_lease(row: &Row<'_>) -> rusqlite::Result<Lease> {
 impl SqliteStore {
     pub async fn open(path: &Path) -> Result<Self> {
         let path = path.to_path_buf();
-        let conn = tokio::task::spawn_blocking(move || Self::open_blocking(&path))
-            .await
-            .map_err(Error::internal)??;
+        let (conn, locks) = tokio::task::spawn_blocking(move || {
+            let conn = Self::open_blocking(&path)?;
+            let locks = load_locks(&conn)
+                .map_err(|e| Error::Config(format!("lease store {}: {e}", path.display())))?;
+            Ok::<_, Error>((conn, locks))
+        })
+        .await
+        .map_err(Error::internal)??;
         Ok(SqliteStore {
             exec: GroupCommit::start(conn)?,
+            locks: std::sync::RwLock::new(locks),
         })
     }
 
@@ -180,6 +206,11 @@ impl SqliteStore {
             conn.execute_batch(&tx_sql)
                 .map_err(|e| ctx("cannot migrate schema to version 2", e))?;
         }
+        if version < 3 {
+            let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_3} PRAGMA user_version = 3; COMMIT;");
+            conn.execute_batch(&tx_sql)
+                .map_err(|e| ctx("cannot migrate schema to version 3", e))?;
+        }
         Ok(conn)
     }
 
@@ -209,6 +240,47 @@ impl SqliteStore {
     {
         self.exec.submit(Kind::Read, f).await
     }
+}
+
+const LOCK_COLUMNS: &str = "id, kind, value, reason, created_by, created_at, expires_at";
+
+/// Every stored lock. One that this build cannot read (a pattern syntax it
+/// does not know) fails the start rather than be skipped: a lock skipped is
+/// a refusal silently lifted.
+fn load_locks(conn: &Connection) -> Result<Vec<Lock>> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {LOCK_COLUMNS} FROM locks ORDER BY created_at, id"
+        ))
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+            ))
+        })
+        .map_err(db_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, kind, value, reason, created_by, created_at, expires_at) = row.map_err(db_err)?;
+        let target = LockTarget::from_parts(&kind, &value)
+            .map_err(|e| Error::Config(format!("lock {id} cannot be read by this broker: {e}")))?;
+        out.push(Lock {
+            id: LockId::from_store(id),
+            target,
+            reason,
+            created_by,
+            created_at: from_ms(created_at),
+            expires_at: expires_at.map(from_ms),
+        });
+    }
+    Ok(out)
 }
 
 #[async_trait]
@@ -590,6 +662,84 @@ impl LeaseStore for SqliteStore {
                 params![ms(before), limit as i64],
             )
             .map(|n| n as u64)
+        })
+        .await
+    }
+
+    async fn insert_lock(&self, new: &NewLock) -> Result<Lock> {
+        let lock = stamp_lock(new, Utc::now());
+        let l = lock.clone();
+        self.with(move |c| {
+            c.execute(
+                &format!("INSERT INTO locks ({LOCK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                params![
+                    l.id.as_str(),
+                    l.target.kind(),
+                    l.target.value(),
+                    l.reason,
+                    l.created_by,
+                    ms(l.created_at),
+                    l.expires_at.map(ms)
+                ],
+            )
+            .map(|_| ())
+        })
+        .await?;
+        self.locks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(lock.clone());
+        Ok(lock)
+    }
+
+    async fn delete_lock(&self, id: &LockId) -> Result<Option<Lock>> {
+        let key = id.as_str().to_string();
+        let n = self
+            .with(move |c| c.execute("DELETE FROM locks WHERE id = ?1", params![key]))
+            .await?;
+        let mut locks = self.locks.write().unwrap_or_else(|p| p.into_inner());
+        let removed = locks
+            .iter()
+            .position(|l| &l.id == id)
+            .map(|i| locks.remove(i));
+        Ok(if n == 0 { None } else { removed })
+    }
+
+    async fn active_locks(&self) -> Result<Vec<Lock>> {
+        let now = Utc::now();
+        Ok(self
+            .locks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| l.is_active(now))
+            .cloned()
+            .collect())
+    }
+
+    async fn prune_locks(&self, before: DateTime<Utc>) -> Result<u64> {
+        let n = self
+            .with_lazy(move |c| {
+                c.execute(
+                    "DELETE FROM locks WHERE expires_at IS NOT NULL AND expires_at < ?1",
+                    params![ms(before)],
+                )
+            })
+            .await?;
+        self.locks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|l| l.expires_at.is_none_or(|e| e >= before));
+        Ok(n as u64)
+    }
+
+    async fn live_identities(&self) -> Result<Vec<String>> {
+        self.with_read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT DISTINCT identity FROM leases WHERE state <> 'revoked' ORDER BY identity",
+            )?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect()
         })
         .await
     }

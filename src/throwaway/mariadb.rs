@@ -155,6 +155,12 @@ impl ThrowawayMariadb {
         Ok(db)
     }
 
+    /// The server's Unix socket: a login there comes from `localhost`, not
+    /// from 127.0.0.1 (tests of host-pinned accounts use it as "elsewhere").
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     fn socket_opts(&self) -> mysql_async::OptsBuilder {
         mysql_async::OptsBuilder::default()
             .socket(Some(self.socket.to_string_lossy()))

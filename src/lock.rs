@@ -1,0 +1,265 @@
+//! Locks: the incident button. A lock refuses issue and renew to every
+//! lease it matches — an identity pattern, a role or a database — until it
+//! is lifted or runs out. Locks live in the lease store, so every replica
+//! enforces them from the moment one writes them. Nothing here knows gRPC
+//! or SQL.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::policy::IdentityPattern;
+
+/// Longest reason an admin may give: it goes into every refusal and audit
+/// record, so it stays a sentence, not a document.
+pub const MAX_REASON_LEN: usize = 512;
+
+/// Longest `--for`: a lock meant to last longer is a config change.
+pub const MAX_LOCK_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// A lock id: `k_` followed by 20 random characters.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockId(String);
+
+impl LockId {
+    pub fn generate() -> Self {
+        let mut rng = rand::rng();
+        let tail: String = (0..20)
+            .map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char)
+            .collect();
+        LockId(format!("k_{tail}"))
+    }
+
+    /// Parses caller text; only the shape we generate passes.
+    pub fn parse(s: &str) -> Result<Self> {
+        let ok = s.len() == 22
+            && s.starts_with("k_")
+            && s[2..].bytes().all(|b| ID_ALPHABET.contains(&b));
+        if ok {
+            Ok(LockId(s.to_string()))
+        } else {
+            Err(Error::invalid("malformed lock id"))
+        }
+    }
+
+    /// Wraps a value read back from our own store.
+    pub fn from_store(s: String) -> Self {
+        LockId(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for LockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LockId({})", self.0)
+    }
+}
+
+/// What a lock refuses.
+#[derive(Debug, Clone)]
+pub enum LockTarget {
+    /// Every identity the pattern matches: the same glob type as a role's
+    /// `allowed`, so an admin writes what the config already uses.
+    Identity(IdentityPattern),
+    Role(String),
+    Database(String),
+}
+
+impl LockTarget {
+    /// Rebuilds a target from its stored (kind, value) pair.
+    pub fn from_parts(kind: &str, value: &str) -> Result<Self> {
+        match kind {
+            "identity" => Ok(LockTarget::Identity(IdentityPattern::new(value)?)),
+            "role" => Ok(LockTarget::Role(value.to_string())),
+            "database" => Ok(LockTarget::Database(value.to_string())),
+            other => Err(Error::internal(format!("unknown lock kind {other:?}"))),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LockTarget::Identity(_) => "identity",
+            LockTarget::Role(_) => "role",
+            LockTarget::Database(_) => "database",
+        }
+    }
+
+    pub fn value(&self) -> &str {
+        match self {
+            LockTarget::Identity(p) => p.as_str(),
+            LockTarget::Role(r) => r,
+            LockTarget::Database(d) => d,
+        }
+    }
+
+    /// Whether a lease of `identity` on `role` / `database` is refused. A
+    /// pattern matches identities of its own kind only (`policy.rs`).
+    pub fn matches(&self, identity: &Identity, role: &str, database: &str) -> bool {
+        match self {
+            LockTarget::Identity(p) => p.matches(identity),
+            LockTarget::Role(r) => r == role,
+            LockTarget::Database(d) => d == database,
+        }
+    }
+}
+
+impl fmt::Display for LockTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind(), self.value())
+    }
+}
+
+/// A lock as stored. `expires_at` None: until unlocked.
+#[derive(Debug, Clone)]
+pub struct Lock {
+    pub id: LockId,
+    pub target: LockTarget,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Lock {
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_none_or(|e| e > now)
+    }
+
+    /// The refusal a locked caller gets (and the audit records): which lock
+    /// and why, so whoever is refused knows whom to ask.
+    pub fn refusal(&self) -> Error {
+        let reason = if self.reason.is_empty() {
+            "no reason given"
+        } else {
+            &self.reason
+        };
+        Error::denied(format!(
+            "locked by an admin ({}, {}): {reason}",
+            self.id, self.target
+        ))
+    }
+}
+
+/// What an admin asks for; the store sets the id's times on its own clock.
+#[derive(Debug, Clone)]
+pub struct NewLock {
+    pub id: LockId,
+    pub target: LockTarget,
+    pub reason: String,
+    pub created_by: String,
+    /// None: until unlocked.
+    pub duration: Option<Duration>,
+}
+
+/// Checks an admin's reason text: bounded, one line, no control characters
+/// (it ends up in refusals, log lines and the audit chain).
+pub fn check_reason(reason: &str) -> Result<()> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(Error::invalid(format!(
+            "reason is longer than {MAX_REASON_LEN} bytes"
+        )));
+    }
+    if reason.chars().any(|c| c.is_control()) {
+        return Err(Error::invalid("reason must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// The first of `locks` that refuses this lease, if any. The locks are the
+/// store's active ones: expiry is judged by the store, on its clock, so
+/// replicas with skewed clocks still agree on when a lock ends.
+pub fn first_match<'l>(
+    locks: &'l [Lock],
+    identity: &Identity,
+    role: &str,
+    database: &str,
+) -> Option<&'l Lock> {
+    locks
+        .iter()
+        .find(|l| l.target.matches(identity, role, database))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Identity {
+        Identity::parse(s).unwrap()
+    }
+
+    fn lock(target: LockTarget, expires_at: Option<DateTime<Utc>>) -> Lock {
+        Lock {
+            id: LockId::generate(),
+            target,
+            reason: "leaked".into(),
+            created_by: "a".into(),
+            created_at: Utc::now(),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn ids_round_trip_and_reject_other_shapes() {
+        let id = LockId::generate();
+        assert_eq!(LockId::parse(id.as_str()).unwrap(), id);
+        for bad in [
+            "",
+            "k_",
+            "l_abcdefghijklmnopqrst",
+            "k_ABCDEFGHIJKLMNOPQRST",
+            "k_abc'",
+        ] {
+            assert!(LockId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn targets_match_what_they_name_and_nothing_else() {
+        let now = Utc::now();
+        let mut locks = vec![
+            lock(
+                LockTarget::Identity(IdentityPattern::new("spiffe://x/ns/shop/*").unwrap()),
+                None,
+            ),
+            lock(LockTarget::Role("ro".into()), None),
+            lock(
+                LockTarget::Database("orders".into()),
+                Some(now - chrono::Duration::seconds(1)),
+            ),
+        ];
+        assert!(first_match(&locks, &id("spiffe://x/ns/shop/cart"), "other", "db").is_some());
+        assert!(first_match(&locks, &id("spiffe://x/ns/shop/cart/x"), "other", "db").is_none());
+        assert!(first_match(&locks, &id("spiffe://x/ns/a"), "ro", "db").is_some());
+        assert!(first_match(&locks, &id("spiffe://x/ns/a"), "rw", "orders").is_some());
+        assert!(!locks[2].is_active(now), "expired");
+        locks.retain(|l| l.is_active(now));
+        assert!(first_match(&locks, &id("spiffe://x/ns/a"), "rw", "orders").is_none());
+        let err = locks[1].refusal().to_string();
+        assert!(
+            err.contains("leaked") && err.contains(locks[1].id.as_str()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reasons_are_bounded_single_lines() {
+        assert!(check_reason("INC-42: certificate leaked").is_ok());
+        assert!(check_reason("a\nb").is_err());
+        assert!(check_reason(&"x".repeat(MAX_REASON_LEN + 1)).is_err());
+    }
+}

@@ -1,0 +1,229 @@
+//! Lease events for `Broker.WatchLeases`: renewed, revoked (by whom, why),
+//! locked — published by the broker and the revocation engine the moment
+//! they happen, so a sidecar replaces a revoked credential at once instead
+//! of at its next renewal.
+//!
+//! One in-process broadcast channel: a subscriber sees what *this* replica
+//! did. With several replicas sharing a PostgreSQL store, a revocation made
+//! on another replica reaches this one's watchers only through their
+//! fallback (the sidecar's schedule); relaying events between replicas
+//! (e.g. `LISTEN`/`NOTIFY` on the store) is not built yet.
+//!
+//! Bounded: at most [`MAX_PER_IDENTITY`] streams per identity and
+//! [`MAX_TOTAL`] in all, so a leaked certificate cannot pin the broker's
+//! memory with streams; a subscriber too slow for [`BUFFER`] events is cut
+//! off (it resubscribes and re-reads what it needs).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::lease::{Lease, LeaseId, Reason};
+use crate::lock::Lock;
+
+/// Streams one identity may hold open: a sidecar needs one, a few
+/// replicas of a service behind one certificate a few more.
+pub const MAX_PER_IDENTITY: usize = 16;
+/// Streams in all.
+pub const MAX_TOTAL: usize = 4096;
+/// Events buffered per subscriber before it counts as lagging.
+pub const BUFFER: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Renewed,
+    Revoked,
+    Locked,
+}
+
+/// One lease's change. Never carries a secret.
+#[derive(Debug, Clone)]
+pub struct LeaseEvent {
+    pub kind: EventKind,
+    pub lease_id: LeaseId,
+    pub identity: String,
+    pub role: String,
+    pub database: String,
+    /// Renewed: the new expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Who did it (revoked, locked).
+    pub actor: String,
+    /// Revoked: "requested", "admin", "expired", "locked"…; locked: the
+    /// lock's reason.
+    pub reason: String,
+    pub lock_id: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl LeaseEvent {
+    fn of(kind: EventKind, l: &Lease, actor: &str, reason: String) -> Self {
+        LeaseEvent {
+            kind,
+            lease_id: l.id.clone(),
+            identity: l.identity.clone(),
+            role: l.role.clone(),
+            database: l.database.clone(),
+            expires_at: None,
+            actor: actor.to_string(),
+            reason,
+            lock_id: None,
+            at: Utc::now(),
+        }
+    }
+
+    pub fn renewed(l: &Lease, actor: &str) -> Self {
+        let mut e = Self::of(EventKind::Renewed, l, actor, String::new());
+        e.expires_at = Some(l.expires_at);
+        e
+    }
+
+    pub fn revoked(l: &Lease, actor: &str, reason: Reason) -> Self {
+        Self::of(EventKind::Revoked, l, actor, reason.label().to_string())
+    }
+
+    pub fn locked(l: &Lease, lock: &Lock) -> Self {
+        let mut e = Self::of(EventKind::Locked, l, &lock.created_by, lock.reason.clone());
+        e.lock_id = Some(lock.id.to_string());
+        e
+    }
+}
+
+/// Which events a stream gets.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Only leases of this identity (a caller watching its own).
+    pub identity: Option<String>,
+    pub role: Option<String>,
+    pub database: Option<String>,
+}
+
+impl Scope {
+    pub fn matches(&self, e: &LeaseEvent) -> bool {
+        self.identity.as_ref().is_none_or(|i| *i == e.identity)
+            && self.role.as_ref().is_none_or(|r| *r == e.role)
+            && self.database.as_ref().is_none_or(|d| *d == e.database)
+    }
+}
+
+pub struct WatchHub {
+    tx: broadcast::Sender<Arc<LeaseEvent>>,
+    open: Mutex<Open>,
+    /// Cancelled when the broker shuts down: every stream ends cleanly,
+    /// so graceful shutdown is not held up by watchers.
+    closed: CancellationToken,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_identity: HashMap<String, usize>,
+}
+
+impl Default for WatchHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WatchHub {
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(BUFFER);
+        WatchHub {
+            tx,
+            open: Mutex::new(Open::default()),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// Sends to every subscriber; nobody listening is fine.
+    pub fn publish(&self, e: LeaseEvent) {
+        let _ = self.tx.send(Arc::new(e));
+    }
+
+    /// Opens a stream for `identity`, or refuses when the bounds are hit.
+    pub fn subscribe(self: &Arc<Self>, identity: &str) -> Result<Subscription> {
+        if self.closed.is_cancelled() {
+            return Err(Error::Unavailable("the broker is shutting down".into()));
+        }
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = open.by_identity.get(identity).copied().unwrap_or(0);
+        if mine >= MAX_PER_IDENTITY {
+            return Err(Error::ResourceExhausted(format!(
+                "identity has {mine} lease watches open, the most allowed"
+            )));
+        }
+        if open.total >= MAX_TOTAL {
+            return Err(Error::ResourceExhausted(
+                "the broker has as many lease watches open as it allows; retry later".into(),
+            ));
+        }
+        open.total += 1;
+        *open.by_identity.entry(identity.to_string()).or_default() += 1;
+        Ok(Subscription {
+            rx: self.tx.subscribe(),
+            hub: self.clone(),
+            identity: identity.to_string(),
+        })
+    }
+
+    /// Ends every stream (shutdown).
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+/// One open stream; gives its slot back when dropped.
+pub struct Subscription {
+    pub rx: broadcast::Receiver<Arc<LeaseEvent>>,
+    hub: Arc<WatchHub>,
+    identity: String,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut open = self.hub.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_identity.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                open.by_identity.remove(&self.identity);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_are_bounded_per_identity_and_give_their_slot_back() {
+        let hub = Arc::new(WatchHub::new());
+        let subs: Vec<_> = (0..MAX_PER_IDENTITY)
+            .map(|_| hub.subscribe("a").unwrap())
+            .collect();
+        assert!(matches!(
+            hub.subscribe("a"),
+            Err(Error::ResourceExhausted(_))
+        ));
+        let other = hub.subscribe("b").unwrap();
+        drop(subs);
+        assert_eq!(hub.open_streams(), 1);
+        hub.subscribe("a").unwrap();
+        drop(other);
+        hub.close();
+        assert!(matches!(hub.subscribe("a"), Err(Error::Unavailable(_))));
+    }
+}
