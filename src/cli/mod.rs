@@ -61,6 +61,16 @@ enum Command {
     /// Measure issue/revoke against PostgreSQL's own limits, the reaper and
     /// scale, on a throwaway server
     Bench(bench::Args),
+    /// Print a shell completion script (e.g. `credbroker completions bash >
+    /// /etc/bash_completion.d/credbroker`)
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) for `credbroker`, e.g. `credbroker man |
+    /// man -l -`
+    Man,
 }
 
 /// Errors that decide the exit code.
@@ -109,6 +119,18 @@ pub fn main() -> ExitCode {
             Command::Pki(c) => pki::run(c),
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Completions { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut cmd, "credbroker", &mut std::io::stdout());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Man => {
+                let cmd = <Cli as clap::CommandFactory>::command();
+                clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .map_err(anyhow::Error::from)?;
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     // Background tasks (pools, the reaper) must not hold the exit.

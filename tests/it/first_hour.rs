@@ -777,3 +777,28 @@ async fn first_hour_check_names_mariadb_event_scheduler_off() {
         "{out:?}"
     );
 }
+
+/// Shell completions and the man page come from the same clap definition
+/// as the real flags.
+#[test]
+fn completions_and_man_page_are_generated_from_the_cli() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]);
+        assert!(script.contains("credbroker"), "{shell}");
+        assert!(
+            script.contains("sidecar") && script.contains("give-up-after"),
+            "{shell}: {script}"
+        );
+    }
+    let man = run(&["man"]);
+    assert!(man.contains(".TH credbroker"), "{man}");
+    assert!(man.contains("sidecar"), "{man}");
+}
