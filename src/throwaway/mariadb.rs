@@ -108,6 +108,10 @@ impl ThrowawayMariadb {
             // Must come first; keeps the machine's /etc/mysql out of the way.
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data_dir.display()))
+            // Its own temp dir: the bootstrap server names temp tables by
+            // pid and counter, and two installs in a shared /tmp (tests run
+            // in parallel) can delete each other's.
+            .arg(format!("--tmpdir={}", dir.path().display()))
             .args([
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
