@@ -286,6 +286,23 @@ impl DevCa {
     /// higher number.
     pub fn crl(&self, revoked_serials: &[u64]) -> Result<String, rcgen::Error> {
         let now = Utc::now();
+        self.crl_between(
+            revoked_serials,
+            // A minute of slack for clocks that run behind ours.
+            now - Duration::minutes(1),
+            now + Duration::days(30),
+        )
+    }
+
+    /// A CRL (PEM) with explicit `thisUpdate`/`nextUpdate` (tests make
+    /// expired ones with it).
+    pub fn crl_between(
+        &self,
+        revoked_serials: &[u64],
+        this_update: chrono::DateTime<Utc>,
+        next_update: chrono::DateTime<Utc>,
+    ) -> Result<String, rcgen::Error> {
+        let now = Utc::now();
         let revoked_certs = revoked_serials
             .iter()
             .map(|serial| {
@@ -298,9 +315,8 @@ impl DevCa {
             })
             .collect::<Result<Vec<_>, rcgen::Error>>()?;
         let params = CertificateRevocationListParams {
-            // A minute of slack for clocks that run behind ours.
-            this_update: rcgen_time!(now - Duration::minutes(1)),
-            next_update: rcgen_time!(now + Duration::days(30)),
+            this_update: rcgen_time!(this_update),
+            next_update: rcgen_time!(next_update),
             crl_number: SerialNumber::from(now.timestamp_millis().unsigned_abs()),
             issuing_distribution_point: None,
             revoked_certs,

@@ -71,7 +71,10 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
             CertificateRevocationListDer::pem_slice_iter(&read_file("crl", crl_path)?)
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| Error::Config(format!("tls.crl {}: {e}", crl_path.display())))?;
-        builder = builder.with_crls(crls);
+        // A CRL past its nextUpdate no longer says which certificates are
+        // revoked: refuse every client until a fresh one is in place,
+        // rather than trust a list the CA has stopped vouching for.
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
     }
     let verifier = builder
         .build()

@@ -67,6 +67,41 @@ async fn client_certificate_in_the_crl_is_refused() {
     b.stop().await;
 }
 
+/// A CRL past its nextUpdate no longer vouches for anyone: every client is
+/// refused (and nothing is created) until a fresh CRL is in place.
+#[tokio::test]
+async fn an_expired_crl_refuses_every_client() {
+    let mut b = TestBroker::prepare(&roles()).await;
+    let now = chrono::Utc::now();
+    let stale = dev_ca(&b)
+        .crl_between(
+            &[],
+            now - chrono::Duration::hours(2),
+            now - chrono::Duration::hours(1),
+        )
+        .unwrap();
+    let crl = b.env.pki.join("ca.crl");
+    std::fs::write(&crl, stale).unwrap();
+    b.edit_config(|t| with_crl(t, &crl));
+    b.start_in_process().await;
+    let before = b.broker_role_count().await;
+    let err = issue(&b, "other", "ro", 0).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled
+        ),
+        "a client was accepted under an expired CRL: {err:?}"
+    );
+    assert_eq!(b.broker_role_count().await, before);
+    let refused = b
+        .audit_records()
+        .iter()
+        .any(|r| r.outcome == credbroker::audit::Outcome::Denied);
+    assert!(refused, "the refused handshake is not audited");
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn sighup_reloads_crl_and_roles_without_a_restart() {
     let mut b = TestBroker::prepare(&roles()).await;
