@@ -378,13 +378,14 @@ pub fn client_config(params: &TlsParams) -> Result<rustls::ClientConfig, String>
                 .build()
                 .map_err(|e| format!("{root_key}: {e}"))?
         } else {
-            Arc::new(ChainOnly {
-                roots,
+            Arc::new(NameUnchecked {
+                roots: Some(roots),
                 algorithms: provider.signature_verification_algorithms,
             })
         }
     } else {
-        Arc::new(AnyCertificate {
+        Arc::new(NameUnchecked {
+            roots: None,
             algorithms: provider.signature_verification_algorithms,
         })
     };
@@ -404,15 +405,23 @@ pub fn client_config(params: &TlsParams) -> Result<rustls::ClientConfig, String>
     }
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the name in it is
-/// not checked (libpq's meaning: the CA is private to these servers).
+/// The verifiers for a server whose name is not checked:
+/// - `verify-ca` (`roots` set): the chain must lead to a trusted root; the
+///   name in it is not checked (libpq's meaning: the CA is private to these
+///   servers);
+/// - `prefer`/`require` without a root certificate (`roots` unset):
+///   encrypted, but any certificate is accepted (libpq's meaning; the
+///   start-up warning says so).
+///
+/// Either way the handshake signature is checked, so the peer holds the
+/// key of the certificate it sent.
 #[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct NameUnchecked {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameUnchecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -421,58 +430,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `prefer`/`require` without a root certificate: encrypted, but any
-/// certificate is accepted (libpq's meaning; the start-up warning says
-/// so). The handshake signature is still checked, so the peer holds the
-/// key of the certificate it sent.
-#[derive(Debug)]
-struct AnyCertificate {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 

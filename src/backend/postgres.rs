@@ -304,10 +304,7 @@ impl PostgresBackend {
             .await
             .map_err(|e| self.db_error("prepare", e))?;
         let list = idents(&names);
-        let nologin: String = names
-            .iter()
-            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
-            .collect();
+        let nologin = nologin_sql(&names);
         let reassign = self.reassign_sql(client, revokees).await?;
         // DROP OWNED rewrites the ACLs the roles appear in: under the same
         // lock as grants, or a concurrent issue's GRANT makes one of them
@@ -394,16 +391,11 @@ impl PostgresBackend {
         // open session would otherwise keep running queries). 3. Hand what
         // the roles own to their owner and drop what they were granted, in
         // every database. 4. Drop the roles.
-        let nologin: String = existing
-            .iter()
-            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
-            .collect();
+        let nologin = nologin_sql(&existing);
         // Prepared once per connection: parsing and rewriting the
         // pg_stat_activity view costs the server more than the DDL itself.
         let terminate = client
-            .prepare_cached(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
-            )
+            .prepare_cached(TERMINATE_BY_NAME)
             .await
             .map_err(|e| self.db_error("terminate sessions", e))?;
         // Sent back to back in one round trip; the server runs them in order.
@@ -549,6 +541,19 @@ pub fn lost_catalog_race(e: &tokio_postgres::Error) -> bool {
 fn pg_timestamp(t: DateTime<Utc>) -> String {
     escape_literal(&t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
 }
+
+/// `ALTER ROLE … NOLOGIN` for each role, sent as one batch.
+fn nologin_sql<S: AsRef<str>>(names: &[S]) -> String {
+    names
+        .iter()
+        .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u.as_ref())))
+        .collect()
+}
+
+/// Ends every session of the named roles (the careful paths; the fast one
+/// looks roles up by name first, see `revoke_fast`).
+const TERMINATE_BY_NAME: &str =
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)";
 
 fn idents(users: &[&str]) -> String {
     users
@@ -1088,19 +1093,13 @@ impl Backend for PostgresBackend {
         if existing.is_empty() {
             return Ok(());
         }
-        let nologin: String = existing
-            .iter()
-            .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
-            .collect();
+        let nologin = nologin_sql(&existing);
         client
             .batch_execute(&nologin)
             .await
             .map_err(|e| self.db_error("disable login", e))?;
         client
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)",
-                &[&existing],
-            )
+            .query(TERMINATE_BY_NAME, &[&existing])
             .await
             .map_err(|e| self.db_error("terminate sessions", e))?;
         let still: i64 = client

@@ -87,14 +87,31 @@ pub fn state_from_pb(s: pb::LeaseState) -> Option<LeaseState> {
 }
 
 fn ttl(seconds: i64) -> Result<Option<Duration>, Status> {
+    optional_seconds("ttl_seconds", seconds)
+}
+
+/// A request's optional duration field: 0 means unset.
+fn optional_seconds(field: &str, seconds: i64) -> Result<Option<Duration>, Status> {
     match seconds {
         0 => Ok(None),
-        s if s < 0 => Err(Status::invalid_argument("ttl_seconds must not be negative")),
-        s if s > MAX_REQUEST_TTL_SECS => {
-            Err(Status::invalid_argument("ttl_seconds is absurdly large"))
-        }
+        s if s < 0 => Err(Status::invalid_argument(format!(
+            "{field} must not be negative"
+        ))),
+        s if s > MAX_REQUEST_TTL_SECS => Err(Status::invalid_argument(format!(
+            "{field} is absurdly large"
+        ))),
         s => Ok(Some(Duration::from_secs(s as u64))),
     }
+}
+
+fn revoke_failures(failed: Vec<(LeaseId, String)>) -> Vec<pb::RevokeFailure> {
+    failed
+        .into_iter()
+        .map(|(id, error)| pb::RevokeFailure {
+            lease_id: id.to_string(),
+            error,
+        })
+        .collect()
 }
 
 fn lease_id(s: &str) -> Result<LeaseId, Status> {
@@ -462,14 +479,7 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(to_status)?;
         Ok(Response::new(pb::RevokeLeasesResponse {
             revoked: out.revoked.len() as u32,
-            failures: out
-                .failed
-                .into_iter()
-                .map(|(id, error)| pb::RevokeFailure {
-                    lease_id: id.to_string(),
-                    error,
-                })
-                .collect(),
+            failures: revoke_failures(out.failed),
         }))
     }
 
@@ -480,20 +490,7 @@ impl pb::admin_server::Admin for AdminService {
         let who = self.admin(&req, "lock")?;
         let r = req.into_inner();
         let target = lock_target(r.target)?;
-        let duration = match r.duration_seconds {
-            0 => None,
-            s if s < 0 => {
-                return Err(Status::invalid_argument(
-                    "duration_seconds must not be negative",
-                ))
-            }
-            s if s > MAX_REQUEST_TTL_SECS => {
-                return Err(Status::invalid_argument(
-                    "duration_seconds is absurdly large",
-                ))
-            }
-            s => Some(Duration::from_secs(s as u64)),
-        };
+        let duration = optional_seconds("duration_seconds", r.duration_seconds)?;
         let (lock, revoked) = self
             .broker
             .admin_lock(&who, target, duration, r.reason, r.revoke)
@@ -503,14 +500,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::LockResponse {
             lock: Some(lock_info(&lock)),
             revoked: revoked.revoked.len() as u32,
-            failures: revoked
-                .failed
-                .into_iter()
-                .map(|(id, error)| pb::RevokeFailure {
-                    lease_id: id.to_string(),
-                    error,
-                })
-                .collect(),
+            failures: revoke_failures(revoked.failed),
         }))
     }
 
