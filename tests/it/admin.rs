@@ -55,22 +55,6 @@ async fn three_database_broker() -> (TestBroker, String) {
     (b, schema)
 }
 
-/// Runs the CLI without blocking the runtime the in-process broker runs on.
-async fn cli(b: &TestBroker, who: &str, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(args)
-        .args(["--addr", &b.addr])
-        .arg("--ca")
-        .arg(b.env.pki.join("ca.pem"))
-        .arg("--cert")
-        .arg(b.env.pki.join(format!("{who}.pem")))
-        .arg("--key")
-        .arg(b.env.pki.join(format!("{who}-key.pem")))
-        .output()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn non_admins_are_denied_every_admin_method_and_it_is_audited() {
     let mut b = TestBroker::start(&role("ro", "{db}", "5m", "10m", APP)).await;

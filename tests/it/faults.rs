@@ -885,18 +885,12 @@ async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
         "a revocation failing again and again is not marked failing"
     );
 
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(["admin", "leases", "--state", "failing", "--format", "json"])
-        .args(["--addr", &b.addr])
-        .arg("--ca")
-        .arg(b.env.pki.join("ca.pem"))
-        .arg("--cert")
-        .arg(b.env.pki.join("admin.pem"))
-        .arg("--key")
-        .arg(b.env.pki.join("admin-key.pem"))
-        .output()
-        .await
-        .unwrap();
+    let out = cli(
+        &b,
+        "admin",
+        &["admin", "leases", "--state", "failing", "--format", "json"],
+    )
+    .await;
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let row = v

@@ -14,22 +14,6 @@ use crate::support::*;
 const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
 const REASON: &str = "INC-4711 certificate leaked";
 
-/// Runs the CLI without blocking the runtime the in-process brokers run on.
-async fn cli(b: &TestBroker, who: &str, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(args)
-        .args(["--addr", &b.addr])
-        .arg("--ca")
-        .arg(b.env.pki.join("ca.pem"))
-        .arg("--cert")
-        .arg(b.env.pki.join(format!("{who}.pem")))
-        .arg("--key")
-        .arg(b.env.pki.join(format!("{who}-key.pem")))
-        .output()
-        .await
-        .unwrap()
-}
-
 fn stdout(o: &std::process::Output) -> String {
     assert!(
         o.status.success(),

@@ -447,6 +447,23 @@ pub async fn wait_port(port: u16) {
     panic!("broker did not listen on port {port} within 10 s");
 }
 
+/// Runs the real CLI against `b` as `who` (a dev certificate's name),
+/// without blocking the runtime the in-process brokers run on.
+pub async fn cli(b: &TestBroker, who: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(args)
+        .args(["--addr", &b.addr])
+        .arg("--ca")
+        .arg(b.env.pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(b.env.pki.join(format!("{who}.pem")))
+        .arg("--key")
+        .arg(b.env.pki.join(format!("{who}-key.pem")))
+        .output()
+        .await
+        .unwrap()
+}
+
 /// Logs in as a leased credential; returns the error text on refusal.
 pub async fn login(db: &str, user: &str, password: &str) -> Result<tokio_postgres::Client, String> {
     let mut cfg = cluster().config(db);
