@@ -8,6 +8,13 @@
 //! swapped lines all break the chain at a precise record; `seq` names it.
 //! (Cutting lines off the end is only visible against a copy shipped
 //! elsewhere, which is what `seq`/`hash` of the last line are for.)
+//!
+//! The chain runs on across files: `reopen` (SIGHUP, after logrotate moved
+//! the file) and `rotate_size` (our own rotation, to `<path>.<last seq>`)
+//! start a new file whose first record links to the last of the old one,
+//! and `verify_files` checks a sequence of files as one chain. A new file
+//! is never left empty — its first record says where the chain came from —
+//! so a broker restarted after a rotation continues the chain too.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -90,6 +97,8 @@ struct Chain {
     file: File,
     seq: u64,
     prev: String,
+    /// Bytes in the current file, for `rotate_size`.
+    len: u64,
 }
 
 /// The audit log writer. Each `append` is one `write` on an `O_APPEND` file
@@ -99,6 +108,57 @@ pub struct AuditLog {
     path: PathBuf,
     chain: Mutex<Chain>,
     sync: bool,
+    /// Rotate to `<path>.<last seq>` once the file is this large.
+    rotate_size: Option<u64>,
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    // 0600 when created: the log names every identity and user, which is
+    // nobody else's business on this machine.
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// The last record's (seq, hash) of a file, if its last line is one.
+fn tail_of(file: &mut File) -> std::io::Result<Option<(u64, String)>> {
+    Ok(last_line(file)?.and_then(|line| {
+        split_hash(&line).and_then(|(body, hash)| {
+            serde_json::from_str::<Record>(&format!("{body}}}"))
+                .ok()
+                .map(|r| (r.seq, hash.to_string()))
+        })
+    }))
+}
+
+/// The newest readable sibling of `path` that logrotate or our own
+/// rotation left (`audit.log.1`, `audit.log-20261201`, `audit.log.5000`;
+/// compressed ones cannot be read and are skipped), for continuing the
+/// chain when the log itself starts empty.
+fn newest_rotated(path: &Path) -> Option<PathBuf> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name()?.to_str()?;
+    let compressed = [".gz", ".xz", ".zst", ".bz2", ".lz4"];
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let Some(n) = n.to_str() else { return false };
+            n.len() > name.len() + 1
+                && n.starts_with(name)
+                && matches!(n.as_bytes()[name.len()], b'.' | b'-')
+                && !compressed.iter().any(|c| n.ends_with(c))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max()
+        .map(|(_, p)| p)
 }
 
 impl AuditLog {
@@ -107,24 +167,30 @@ impl AuditLog {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Config(format!("audit directory {}: {e}", dir.display())))?;
         }
-        // 0600 when created: the log names every identity and user, which
-        // is nobody else's business on this machine.
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .mode(0o600)
-            .open(path)
+        let mut file = open_append(path)
             .map_err(|e| Error::Config(format!("cannot open audit log {}: {e}", path.display())))?;
-        let (seq, prev) = match last_line(&mut file)
-            .map_err(|e| Error::Config(format!("cannot read audit log {}: {e}", path.display())))?
-        {
-            None => (0, GENESIS.to_string()),
-            Some(line) => match split_hash(&line).and_then(|(body, hash)| {
-                serde_json::from_str::<Record>(&format!("{body}}}"))
+        let cannot_read = |e: std::io::Error| {
+            Error::Config(format!("cannot read audit log {}: {e}", path.display()))
+        };
+        let len = file.seek(SeekFrom::End(0)).map_err(cannot_read)?;
+        let mut continued_from = None;
+        let (seq, prev) = if len == 0 {
+            // Empty: the file was rotated away while we were down. Chain on
+            // from the newest rotated file we can read, if any.
+            match newest_rotated(path).and_then(|p| {
+                let tail = File::open(&p)
                     .ok()
-                    .map(|r| (r.seq, hash.to_string()))
+                    .and_then(|mut f| tail_of(&mut f).ok().flatten());
+                tail.map(|t| (p, t))
             }) {
+                Some((p, tail)) => {
+                    continued_from = Some(p);
+                    tail
+                }
+                None => (0, GENESIS.to_string()),
+            }
+        } else {
+            match tail_of(&mut file).map_err(cannot_read)? {
                 Some(tail) => tail,
                 // A torn last line (killed mid-write) would otherwise glue
                 // itself to our next record. End it, and chain on from its
@@ -134,13 +200,71 @@ impl AuditLog {
                         .map_err(|e| Error::internal(format!("audit log: {e}")))?;
                     (0, GENESIS.to_string())
                 }
-            },
+            }
         };
-        Ok(AuditLog {
+        let log = AuditLog {
             path: path.to_path_buf(),
-            chain: Mutex::new(Chain { file, seq, prev }),
+            chain: Mutex::new(Chain {
+                file,
+                seq,
+                prev,
+                len,
+            }),
             sync,
-        })
+            rotate_size: None,
+        };
+        if let Some(p) = continued_from {
+            let mut e = Event::new("credbroker:system", "audit_continue");
+            e.detail = Some(format!("chain continues from {}", p.display()));
+            log.append(e)?;
+        }
+        Ok(log)
+    }
+
+    /// Rotates the file to `<path>.<last seq>` whenever it reaches `bytes`.
+    pub fn with_rotation(mut self, bytes: Option<u64>) -> Self {
+        self.rotate_size = bytes;
+        self
+    }
+
+    /// Opens `path` again if it is no longer the file we write (logrotate
+    /// moved it away; SIGHUP calls this), continuing the chain into the new
+    /// file. Returns whether a new file was opened.
+    pub fn reopen(&self) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        let ours = chain.file.metadata().map(|m| (m.dev(), m.ino())).ok();
+        let there = std::fs::metadata(&self.path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        if ours.is_some() && ours == there {
+            return Ok(false);
+        }
+        self.start_file(
+            &mut chain,
+            "audit_reopen",
+            "reopened after the file was moved",
+        )?;
+        Ok(true)
+    }
+
+    /// Switches to a fresh file at `path` and writes its first record, which
+    /// links to the last one of the file before.
+    fn start_file(&self, chain: &mut Chain, action: &'static str, why: &str) -> Result<()> {
+        let mut file = open_append(&self.path).map_err(|e| {
+            Error::unavailable(format!(
+                "cannot open audit log {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        chain.len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::unavailable(format!("audit log: {e}")))?;
+        chain.file = file;
+        let mut e = Event::new("credbroker:system", action);
+        e.outcome = Some(Outcome::Ok);
+        e.detail = Some(format!("{why}; chain continues from seq {}", chain.seq));
+        self.write_locked(chain, e, true)
     }
 
     pub fn path(&self) -> &Path {
@@ -163,6 +287,19 @@ impl AuditLog {
 
     fn write(&self, event: Event, sync: bool) -> Result<()> {
         let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_locked(&mut chain, event, sync)?;
+        if self.rotate_size.is_some_and(|max| chain.len >= max) {
+            let rotated = PathBuf::from(format!("{}.{}", self.path.display(), chain.seq));
+            std::fs::rename(&self.path, &rotated).map_err(|e| {
+                Error::unavailable(format!("audit log rotation to {}: {e}", rotated.display()))
+            })?;
+            let why = format!("rotated; the previous file is {}", rotated.display());
+            self.start_file(&mut chain, "audit_rotate", &why)?;
+        }
+        Ok(())
+    }
+
+    fn write_locked(&self, chain: &mut Chain, event: Event, sync: bool) -> Result<()> {
         let record = Record {
             seq: chain.seq + 1,
             ts: Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
@@ -194,6 +331,7 @@ impl AuditLog {
         }
         chain.seq = record.seq;
         chain.prev = hash;
+        chain.len += line.len() as u64;
         Ok(())
     }
 }
@@ -226,63 +364,137 @@ fn last_line(file: &mut File) -> std::io::Result<Option<String>> {
         .map(str::to_string))
 }
 
-/// The result of checking a file.
+/// The result of checking one file or a sequence of files.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Every record is intact and chained; `records` counted.
-    Intact { records: u64, last_hash: String },
-    /// The first record that does not hold, with the 1-based line number.
-    Broken { line: u64, reason: String },
+    /// Every record is intact and chained; `records` counted. `first_seq`
+    /// above 1 means the first file continues an earlier one that was not
+    /// given (`first_prev` is the hash it links to).
+    Intact {
+        records: u64,
+        last_hash: String,
+        first_seq: u64,
+        first_prev: String,
+    },
+    /// The first record that does not hold: its file and 1-based line.
+    Broken {
+        file: PathBuf,
+        line: u64,
+        reason: String,
+    },
 }
 
-/// Checks every line: its own hash, its link to the line before, and that
-/// sequence numbers run on without a gap.
+/// Checks every line of one file: its own hash, its link to the line
+/// before, and that sequence numbers run on without a gap. A file that
+/// starts mid-chain (rotated) is intact if it holds together; `first_seq`
+/// says where it starts.
 pub fn verify(path: &Path) -> std::io::Result<Verdict> {
-    let reader = BufReader::new(File::open(path)?);
-    let mut prev = GENESIS.to_string();
+    verify_files(&[path.to_path_buf()])
+}
+
+/// Checks files as one chain, in the order given (oldest first): each
+/// file's first record must link to the last record of the file before.
+pub fn verify_files(paths: &[PathBuf]) -> std::io::Result<Verdict> {
+    let mut prev: Option<String> = None;
+    let mut seq = 0u64;
+    let mut first = None;
     let mut records = 0u64;
-    for (line_no, line) in (1u64..).zip(reader.split(b'\n')) {
-        let expect_seq = line_no;
-        let broken = |reason: String| {
-            Ok(Verdict::Broken {
-                line: line_no,
-                reason,
-            })
-        };
-        let bytes = line?;
-        let Ok(line) = String::from_utf8(bytes) else {
-            return broken("not UTF-8".into());
-        };
-        let Some((body, hash)) = split_hash(&line) else {
-            return broken("no hash field: the record was altered or cut".into());
-        };
-        if hex::encode(Sha256::digest(body.as_bytes())) != hash {
-            return broken("hash does not match the record's content: it was altered".into());
+    for path in paths {
+        let reader = BufReader::new(File::open(path)?);
+        for (line_no, line) in (1u64..).zip(reader.split(b'\n')) {
+            let broken = |reason: String| {
+                Ok(Verdict::Broken {
+                    file: path.clone(),
+                    line: line_no,
+                    reason,
+                })
+            };
+            let bytes = line?;
+            let Ok(line) = String::from_utf8(bytes) else {
+                return broken("not UTF-8".into());
+            };
+            let Some((body, hash)) = split_hash(&line) else {
+                return broken("no hash field: the record was altered or cut".into());
+            };
+            if hex::encode(Sha256::digest(body.as_bytes())) != hash {
+                return broken("hash does not match the record's content: it was altered".into());
+            }
+            let record: Record = match serde_json::from_str(&format!("{body}}}")) {
+                Ok(r) => r,
+                Err(e) => return broken(format!("not a valid record: {e}")),
+            };
+            match &prev {
+                // The very first record: the start of the chain, or where
+                // the given files pick it up.
+                None => {
+                    if record.seq == 1 && record.prev != GENESIS {
+                        return broken("the first record does not start a chain".into());
+                    }
+                    first = Some((record.seq, record.prev.clone()));
+                }
+                Some(p) => {
+                    if &record.prev != p {
+                        let what = if line_no == 1 {
+                            "this file does not continue the file before it (a file is missing, \
+                             out of order, or was cut)"
+                                .to_string()
+                        } else {
+                            format!(
+                                "chain broken: record {} does not follow the one before it (a record \
+                                 was removed, inserted or moved)",
+                                record.seq
+                            )
+                        };
+                        return broken(what);
+                    }
+                    if record.seq != seq + 1 {
+                        return broken(format!("sequence jumps from {seq} to {}", record.seq));
+                    }
+                }
+            }
+            prev = Some(hash.to_string());
+            seq = record.seq;
+            records += 1;
         }
-        let record: Record = match serde_json::from_str(&format!("{body}}}")) {
-            Ok(r) => r,
-            Err(e) => return broken(format!("not a valid record: {e}")),
-        };
-        if record.prev != prev {
-            return broken(format!(
-                "chain broken: record {} does not follow the one before it (a record was removed, inserted or moved)",
-                record.seq
-            ));
-        }
-        if record.seq != expect_seq {
-            return broken(format!(
-                "sequence jumps from {} to {}",
-                expect_seq - 1,
-                record.seq
-            ));
-        }
-        prev = hash.to_string();
-        records += 1;
     }
+    let (first_seq, first_prev) = first.unwrap_or((1, GENESIS.to_string()));
     Ok(Verdict::Intact {
         records,
-        last_hash: prev,
+        last_hash: prev.unwrap_or_else(|| GENESIS.to_string()),
+        first_seq,
+        first_prev,
     })
+}
+
+/// The files of a log in chain order: our own rotations `<path>.<seq>`
+/// by sequence number, then `path` itself.
+pub fn rotated_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::other("not a file name"))?;
+    let mut rotated: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            let seq = n
+                .strip_prefix(name)?
+                .strip_prefix('.')?
+                .parse::<u64>()
+                .ok()?;
+            Some((seq, e.path()))
+        })
+        .collect();
+    rotated.sort();
+    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    if path.exists() {
+        files.push(path.to_path_buf());
+    }
+    Ok(files)
 }
 
 /// Parses an RFC 3339 `ts` of a record (used by tests and tooling).
@@ -369,5 +581,109 @@ mod tests {
             verify(&path).unwrap(),
             Verdict::Broken { line: 4, .. }
         ));
+    }
+
+    fn records_in(v: Verdict) -> u64 {
+        match v {
+            Verdict::Intact { records, .. } => records,
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn rotation_by_size_keeps_one_chain_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, false)
+            .unwrap()
+            .with_rotation(Some(4096));
+        for i in 0..100 {
+            log.append(Event::new(format!("spiffe://t/{i}"), "issue"))
+                .unwrap();
+        }
+        let files = rotated_files(&path).unwrap();
+        assert!(files.len() >= 3, "{files:?}");
+        // 100 records plus one `audit_rotate` opening each new file.
+        assert_eq!(
+            records_in(verify_files(&files).unwrap()),
+            100 + files.len() as u64 - 1
+        );
+        // Each rotated file alone holds together and says where it starts.
+        match verify(&files[1]).unwrap() {
+            Verdict::Intact { first_seq, .. } => assert!(first_seq > 1),
+            v => panic!("{v:?}"),
+        }
+        // A missing file in the middle is found at the start of the next.
+        let gap = [files[0].clone(), files[2].clone()];
+        match verify_files(&gap).unwrap() {
+            Verdict::Broken { file, line, .. } => assert_eq!((file, line), (files[2].clone(), 1)),
+            v => panic!("{v:?}"),
+        }
+        // A restart continues the current file's chain.
+        drop(log);
+        let log = AuditLog::open(&path, false).unwrap();
+        log.append(Event::new("x", "revoke")).unwrap();
+        assert!(matches!(
+            verify_files(&rotated_files(&path).unwrap()).unwrap(),
+            Verdict::Intact { .. }
+        ));
+    }
+
+    #[test]
+    fn reopen_after_logrotate_moved_the_file_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, false).unwrap();
+        log.append(Event::new("a", "issue")).unwrap();
+        assert!(!log.reopen().unwrap(), "nothing moved: same file");
+        let moved = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &moved).unwrap();
+        // Until SIGHUP, records still go to the moved file (logrotate's way).
+        log.append(Event::new("b", "issue")).unwrap();
+        assert!(log.reopen().unwrap());
+        log.append(Event::new("c", "issue")).unwrap();
+        assert_eq!(
+            records_in(verify_files(&[moved.clone(), path.clone()]).unwrap()),
+            4
+        );
+        assert_eq!(read_records(&path).unwrap()[0].action, "audit_reopen");
+        // Given in the wrong order, the link does not hold.
+        assert!(matches!(
+            verify_files(&[path.clone(), moved.clone()]).unwrap(),
+            Verdict::Broken { line: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn a_broker_started_on_an_empty_log_continues_the_rotated_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, false).unwrap();
+        log.append(Event::new("a", "issue")).unwrap();
+        drop(log);
+        // logrotate moved it while the broker was down; `create` left an
+        // empty file in its place.
+        let moved = dir.path().join("audit.log-20261201");
+        std::fs::rename(&path, &moved).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        let log = AuditLog::open(&path, false).unwrap();
+        log.append(Event::new("b", "issue")).unwrap();
+        assert_eq!(read_records(&path).unwrap()[0].action, "audit_continue");
+        assert_eq!(records_in(verify_files(&[moved, path]).unwrap()), 3);
+    }
+
+    #[test]
+    fn the_first_record_of_a_chain_must_start_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_sample(dir.path(), 3);
+        let original = std::fs::read_to_string(&path).unwrap();
+        // Removing the first line leaves a file that starts at seq 2: it is
+        // intact, and says so, rather than pass as a whole chain.
+        let rest: Vec<&str> = original.lines().skip(1).collect();
+        std::fs::write(&path, rest.join("\n") + "\n").unwrap();
+        match verify(&path).unwrap() {
+            Verdict::Intact { first_seq, .. } => assert_eq!(first_seq, 2),
+            v => panic!("{v:?}"),
+        }
     }
 }

@@ -79,6 +79,10 @@ pub struct AuditConfig {
     /// record is already one `write` to an `O_APPEND` file before the
     /// reply, which survives a crash of the broker (not of the machine).
     pub fsync: bool,
+    /// Rotate the log to `<path>.<last seq>` at this size; the hash chain
+    /// continues into the new file. None: one file (reopened on SIGHUP for
+    /// logrotate).
+    pub rotate_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -263,6 +267,8 @@ struct RawAudit {
     path: PathBuf,
     #[serde(default)]
     fsync: bool,
+    /// "64MiB", "1GB", or bytes.
+    rotate_size: Option<String>,
     /// A TOML key written after `[audit]` lands in this table; DESIGN.md's
     /// sample does exactly that with `admins`, so accept it here too.
     #[serde(default)]
@@ -482,14 +488,29 @@ impl RawConfig {
         let audit = match self.audit {
             Some(a) => {
                 admin_patterns.extend(a.admins);
+                let rotate_size = a
+                    .rotate_size
+                    .as_deref()
+                    .map(|v| {
+                        parse_size(v)
+                            .filter(|n| *n >= 4096)
+                            .ok_or_else(|| {
+                                cfg_err(format!(
+                                    "audit.rotate_size {v:?}: a size of at least 4KiB, like \"64MiB\" or \"1GB\""
+                                ))
+                            })
+                    })
+                    .transpose()?;
                 AuditConfig {
                     path: resolve(base, &a.path),
                     fsync: a.fsync,
+                    rotate_size,
                 }
             }
             None => AuditConfig {
                 path: resolve(base, Path::new("audit.log")),
                 fsync: false,
+                rotate_size: None,
             },
         };
         let admins = admin_patterns
@@ -801,6 +822,26 @@ fn identity_pattern(key: &str, pattern: &str) -> Result<IdentityPattern> {
 
 fn server_prefix_fits(prefix: &str) -> bool {
     prefix.len() + 1 + 16 < MAX_USERNAME_LEN
+}
+
+/// "64MiB", "1GB", "4096": binary (KiB, MiB, GiB) and decimal (KB, MB,
+/// GB) units, or plain bytes.
+fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 #[cfg(test)]

@@ -53,7 +53,10 @@ impl Daemon {
     /// databases keep working, and the reaper retries.
     pub async fn open(config: Config) -> Result<Self> {
         let tls = server::tls::server_config(&config.tls)?;
-        let audit = Arc::new(AuditLog::open(&config.audit.path, config.audit.fsync)?);
+        let audit = Arc::new(
+            AuditLog::open(&config.audit.path, config.audit.fsync)?
+                .with_rotation(config.audit.rotate_size),
+        );
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = Vec::new();
@@ -216,6 +219,15 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn reload(&self, path: &std::path::Path) -> Result<Vec<String>> {
+        // logrotate moves the file and sends SIGHUP: reopen even when the
+        // new config turns out to be broken.
+        match self.broker.audit().reopen() {
+            Ok(true) => tracing::info!("audit log reopened"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "audit log reopen failed; still writing the old file")
+            }
+        }
         let config = Config::load(path)?;
         let tls = server::tls::server_config(&config.tls)?;
         let mut warnings = Vec::new();

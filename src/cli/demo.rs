@@ -245,7 +245,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
                 env.audit_path.display()
             )
         }
-        crate::audit::Verdict::Broken { line, reason } => {
+        crate::audit::Verdict::Broken { line, reason, .. } => {
             anyhow::bail!("audit chain broken at line {line}: {reason}")
         }
     }

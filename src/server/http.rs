@@ -25,12 +25,9 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(broker);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "metrics listener failed");
-    }
+    // Plain HTTP with no client certificate: whoever reaches the port may
+    // scrape, so it gets the same header timeout and connection cap.
+    super::https::serve_plain(app, listener, shutdown).await;
 }
 
 /// Refreshes the gauges that describe state (store, pools), then encodes.

@@ -1,8 +1,10 @@
 //! The network face: gRPC (Broker, Admin, health, reflection) over our own
-//! mTLS acceptor, and a plain-HTTP listener for `/metrics` and `/healthz`.
+//! mTLS acceptor, HTTP/1.1 over the same acceptor for the HTTP APIs
+//! (`https.rs`), and a plain-HTTP listener for `/metrics` and `/healthz`.
 
 pub mod grpc;
 pub mod http;
+pub mod https;
 pub mod status;
 pub mod tls;
 
@@ -40,7 +42,12 @@ pub async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::internal(format!("reflection: {e}")))?;
-    let incoming = ReceiverStream::new(tls::incoming(listener, tls, broker.audit().clone()));
+    let incoming = ReceiverStream::new(tls::incoming(
+        listener,
+        tls,
+        broker.audit().clone(),
+        tls::Alpn::H2,
+    ));
     tonic::transport::Server::builder()
         // A client whose certificate was revoked must handshake again.
         .max_connection_age(max_age)

@@ -2,8 +2,10 @@
 //! reloaded, so we run tokio-rustls ourselves and hand tonic finished
 //! `TlsStream`s (which still carry the peer certificates to requests).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
@@ -24,6 +26,27 @@ use crate::error::{Error, Result};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in flight at once.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Most handshakes in flight from one source address: one host that opens
+/// connections and never speaks cannot take every slot from the others.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
+
+/// The application protocol a listener speaks: gRPC needs h2; the HTTPS
+/// listeners (Vault API, console) speak HTTP/1.1, which is what browsers
+/// and Vault clients offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http1,
+}
+
+impl Alpn {
+    fn protocols(self) -> Vec<Vec<u8>> {
+        match self {
+            Alpn::H2 => vec![b"h2".to_vec()],
+            Alpn::Http1 => vec![b"http/1.1".to_vec()],
+        }
+    }
+}
 
 /// Installs the process-wide rustls crypto provider (ring). Idempotent.
 pub fn install_crypto_provider() {
@@ -83,7 +106,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| Error::Config(format!("tls: certificate and key do not fit: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = Alpn::H2.protocols();
     Ok(Arc::new(config))
 }
 
@@ -92,15 +115,20 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
 pub type SharedTls = Arc<RwLock<Arc<rustls::ServerConfig>>>;
 
 /// Accepts TCP connections and runs their TLS handshakes concurrently, each
-/// bounded in time; finished streams come out of the returned channel.
+/// bounded in time, in total and per source address; finished streams come
+/// out of the returned channel.
 pub fn incoming(
     listener: TcpListener,
     tls: SharedTls,
     audit: Arc<AuditLog>,
+    alpn: Alpn,
 ) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let per_source = Arc::new(SourceSlots::default());
+    let refusals = RefusalLog::start(audit, REFUSAL_INTERVAL);
     tokio::spawn(async move {
+        let mut acceptors = AcceptorCache::new(alpn);
         loop {
             // When the server stops it drops the receiver; stop accepting
             // then, so the listening socket is released.
@@ -117,15 +145,21 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let Ok(permit) = pending.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many TLS handshakes in flight; dropping connection");
+            let Some(source_slot) = per_source.acquire(peer.ip()) else {
+                refusals.record(peer.ip(), "too many handshakes in flight from this address");
                 continue;
             };
-            let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|p| p.into_inner()).clone());
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many TLS handshakes in flight; dropping connection");
+                refusals.record(peer.ip(), "too many handshakes in flight");
+                continue;
+            };
+            let acceptor = acceptors.get(&tls);
             let tx = tx.clone();
-            let audit = audit.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _source_slot = source_slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
@@ -134,9 +168,12 @@ pub fn incoming(
                     // sees the TLS alert. Log without secrets.
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "TLS handshake refused");
-                        audit_refusal(&audit, peer, &e.to_string());
+                        refusals.record(peer.ip(), &e.to_string());
                     }
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        refusals.record(peer.ip(), "handshake timed out");
+                    }
                 }
             });
         }
@@ -144,13 +181,174 @@ pub fn incoming(
     rx
 }
 
-/// A refused certificate is a denied request like any other: audited, with
-/// the peer address as the only identity we have.
-fn audit_refusal(audit: &AuditLog, peer: std::net::SocketAddr, reason: &str) {
-    let mut e = Event::new(format!("unauthenticated:{}", peer.ip()), "tls_handshake");
-    e.outcome = Some(Outcome::Denied);
-    e.detail = Some(reason.chars().take(200).collect());
-    if let Err(err) = audit.append(e) {
-        tracing::error!(error = %err, "audit write failed");
+/// The acceptor for the current TLS config with this listener's ALPN,
+/// rebuilt only when a reload swapped the config.
+struct AcceptorCache {
+    alpn: Alpn,
+    source: Option<Arc<rustls::ServerConfig>>,
+    acceptor: Option<TlsAcceptor>,
+}
+
+impl AcceptorCache {
+    fn new(alpn: Alpn) -> Self {
+        AcceptorCache {
+            alpn,
+            source: None,
+            acceptor: None,
+        }
+    }
+
+    fn get(&mut self, tls: &SharedTls) -> TlsAcceptor {
+        let current = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let fresh = self
+            .source
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &current));
+        if !fresh || self.acceptor.is_none() {
+            let config = if current.alpn_protocols == self.alpn.protocols() {
+                current.clone()
+            } else {
+                let mut c = (*current).clone();
+                c.alpn_protocols = self.alpn.protocols();
+                Arc::new(c)
+            };
+            self.acceptor = Some(TlsAcceptor::from(config));
+            self.source = Some(current);
+        }
+        self.acceptor.clone().expect("set above")
+    }
+}
+
+/// Handshakes in flight per source address.
+#[derive(Default)]
+struct SourceSlots {
+    inner: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl SourceSlots {
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+struct SourceSlot {
+    slots: Arc<SourceSlots>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.slots.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// How often repeated refusals are summed into one audit record.
+const REFUSAL_INTERVAL: Duration = Duration::from_secs(10);
+/// Distinct (source, reason) pairs counted per interval; beyond that they
+/// are summed under one "other sources" record, so a scan from many
+/// addresses cannot grow the map either.
+const MAX_REFUSAL_KEYS: usize = 1024;
+const OTHER_SOURCES: &str = "unauthenticated:other-sources";
+
+/// Refused handshakes are denied requests like any other and are audited,
+/// with the peer address as the only identity we have — but junk
+/// connections must not fill the disk, so the first refusal of a (source,
+/// reason) in an interval is written at once and the rest of that interval
+/// as one record with their count.
+#[derive(Clone)]
+struct RefusalLog {
+    counts: Arc<Mutex<RefusalCounts>>,
+    audit: Arc<AuditLog>,
+}
+
+#[derive(Default)]
+struct RefusalCounts {
+    /// (identity, reason) → refusals not yet written this interval.
+    pending: HashMap<(String, String), u64>,
+    /// Pairs already written once this interval.
+    seen: std::collections::HashSet<(String, String)>,
+}
+
+impl RefusalLog {
+    fn start(audit: Arc<AuditLog>, interval: Duration) -> Self {
+        let log = RefusalLog {
+            counts: Arc::default(),
+            audit,
+        };
+        let flusher = log.clone();
+        let weak = Arc::downgrade(&log.counts);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                // The listener is gone once only this task holds the counts.
+                if weak.strong_count() <= 1 {
+                    flusher.flush();
+                    return;
+                }
+                flusher.flush();
+            }
+        });
+        log
+    }
+
+    fn record(&self, ip: IpAddr, reason: &str) {
+        let reason: String = reason.chars().take(200).collect();
+        let mut key = (format!("unauthenticated:{ip}"), reason);
+        let first = {
+            let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            if !c.seen.contains(&key) && c.seen.len() >= MAX_REFUSAL_KEYS {
+                key.0 = OTHER_SOURCES.into();
+            }
+            if c.seen.insert(key.clone()) {
+                true
+            } else {
+                *c.pending.entry(key.clone()).or_insert(0) += 1;
+                false
+            }
+        };
+        if first {
+            self.write(&key.0, &key.1, 1);
+        }
+    }
+
+    fn flush(&self) {
+        let pending = {
+            let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            c.seen.clear();
+            std::mem::take(&mut c.pending)
+        };
+        for ((who, reason), n) in pending {
+            self.write(&who, &reason, n);
+        }
+    }
+
+    fn write(&self, who: &str, reason: &str, count: u64) {
+        let mut e = Event::new(who, "tls_handshake");
+        e.outcome = Some(Outcome::Denied);
+        e.detail = Some(if count == 1 {
+            reason.to_string()
+        } else {
+            format!("{count} refused: {reason}")
+        });
+        if let Err(err) = self.audit.append(e) {
+            tracing::error!(error = %err, "audit write failed");
+        }
     }
 }
