@@ -11,6 +11,7 @@ mod demo;
 mod faults;
 mod first_hour;
 mod ha;
+mod hostile;
 mod incident;
 mod lease_path;
 mod limits;

@@ -1,0 +1,230 @@
+//! A hostile network before authentication: junk and idle connections from
+//! one host, a scraper that never sends its request, and an audit log that
+//! logrotate moves or that rotates itself — nothing may grow without bound,
+//! lock other callers out, or break the hash chain.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::support::*;
+
+fn roles() -> String {
+    role(
+        "ro",
+        "{db}",
+        "1m",
+        "5m",
+        "spiffe://credbroker.dev/ns/demo/*",
+    )
+}
+
+/// A TCP connection to the broker from `source` (another loopback address:
+/// Linux answers for all of 127/8), so one "host" can misbehave while the
+/// test's own clients on 127.0.0.1 go on.
+async fn connect_from(source: &str, port: u16) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse::<SocketAddr>().unwrap())
+        .unwrap();
+    sock.connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap()
+}
+
+/// Sum of the refusals audited for `who`: a record stands for one refusal,
+/// or for `N` when its detail reads "N refused: …".
+fn refusals_audited(b: &TestBroker, who: &str) -> (usize, u64) {
+    let records: Vec<_> = b
+        .audit_records()
+        .into_iter()
+        .filter(|r| r.action == "tls_handshake" && r.identity == who)
+        .collect();
+    let total = records
+        .iter()
+        .map(|r| {
+            let d = r.detail.as_deref().unwrap_or("");
+            d.split_once(" refused: ")
+                .and_then(|(n, _)| n.parse::<u64>().ok())
+                .unwrap_or(1)
+        })
+        .sum();
+    (records.len(), total)
+}
+
+#[tokio::test]
+async fn junk_and_idle_connections_from_one_host_neither_lock_others_out_nor_flood_the_audit_log() {
+    let mut b = TestBroker::start(&roles()).await;
+    // Connections that never speak, more than the broker holds in handshake
+    // in total (1024): without a per-host cap they would lock everyone out.
+    const IDLE: u64 = 1100;
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(connect_from("127.0.0.2", b.port).await);
+    }
+    // 300 connections that send something that is not TLS and hang up.
+    const JUNK: u64 = 300;
+    for _ in 0..JUNK {
+        let mut s = connect_from("127.0.0.2", b.port).await;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    }
+    // With all of that still open, another host is served.
+    let lease = issue(&b, "app", "ro", 0)
+        .await
+        .expect("a client on another address is locked out by one host's junk");
+    login(&b.db, &lease.username, &lease.password)
+        .await
+        .expect("the lease logs in");
+
+    // The junk is audited — not one line per connection.
+    let (records, _) = refusals_audited(&b, "unauthenticated:127.0.0.2");
+    assert!(records >= 1, "refused handshakes are not audited at all");
+    assert!(
+        records <= 4,
+        "{records} audit records for {JUNK} junk connections: refusals are not aggregated"
+    );
+    // Within the next interval the counts are written, and they add up: no
+    // refusal is lost by aggregating (the idle ones beyond the per-host cap
+    // are refusals too).
+    let counted = eventually(Duration::from_secs(15), || async {
+        refusals_audited(&b, "unauthenticated:127.0.0.2").1 >= JUNK + IDLE - 32
+    })
+    .await;
+    let (records, total) = refusals_audited(&b, "unauthenticated:127.0.0.2");
+    assert!(
+        counted,
+        "{total} refusals counted in {records} records, expected at least {}",
+        JUNK + IDLE - 32
+    );
+    assert!(records <= 10, "{records} records: not aggregated");
+    drop(idle);
+    assert!(
+        credbroker::audit::verify(&b.env.audit_path)
+            .map(|v| matches!(v, credbroker::audit::Verdict::Intact { .. }))
+            .unwrap(),
+        "audit chain broken"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_metrics_listener_drops_a_client_that_never_sends_its_request() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(credbroker::server::https::serve_plain(
+        app,
+        listener,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // A client that does speak is served meanwhile.
+    assert_eq!(http_get(port, "/healthz").await, "ok\n");
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut buf))
+        .await
+        .expect("a silent connection is held open past 30 s")
+        .unwrap_or(0);
+    let held = started.elapsed();
+    // hyper may answer 408 before closing; either way the socket ends.
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        held >= credbroker::server::https::HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {held:?}: too early to be the header timeout"
+    );
+    let _ = tx.send(());
+    server.await.unwrap();
+}
+
+fn with_audit(text: String, extra: &str) -> String {
+    text.replacen("[audit]\n", &format!("[audit]\n{extra}\n"), 1)
+}
+
+async fn verify_cli(args: &[&std::path::Path], all: bool) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"));
+    cmd.args(["audit", "verify"]);
+    if all {
+        cmd.arg("--all");
+    }
+    let out = cmd.args(args).output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn logrotate_then_sighup_continues_the_audit_chain_in_a_new_file() {
+    let mut b = TestBroker::prepare(&roles()).await;
+    b.spawn_binary().await;
+    issue(&b, "app", "ro", 0).await.unwrap();
+    // logrotate's default: move the file, then signal.
+    let moved = b.env.audit_path.with_extension("log.1");
+    std::fs::rename(&b.env.audit_path, &moved).unwrap();
+    issue(&b, "app", "ro", 0).await.unwrap();
+    b.signal_binary("HUP");
+    let reopened = eventually(Duration::from_secs(5), || async {
+        b.env.audit_path.exists()
+    })
+    .await;
+    assert!(reopened, "SIGHUP did not reopen the audit log");
+    issue(&b, "app", "ro", 0).await.unwrap();
+    let new = credbroker::audit::read_records(&b.env.audit_path).unwrap();
+    assert_eq!(new[0].action, "audit_reopen");
+    assert!(new.iter().any(|r| r.action == "issue"), "{new:?}");
+    let old = credbroker::audit::read_records(&moved).unwrap();
+    assert_eq!(
+        old.iter().filter(|r| r.action == "issue").count(),
+        2,
+        "records between the move and SIGHUP belong in the moved file"
+    );
+    let (ok, out) = verify_cli(&[&moved, &b.env.audit_path], false).await;
+    assert!(ok && out.contains("in 2 files"), "{out}");
+    // The new file alone holds together and says it continues another.
+    let (ok, out) = verify_cli(&[&b.env.audit_path], false).await;
+    assert!(ok && out.contains("continuing a file not given"), "{out}");
+    // In the wrong order the link is refused.
+    let (ok, out) = verify_cli(&[&b.env.audit_path, &moved], false).await;
+    assert!(!ok && out.contains("BROKEN"), "{out}");
+    b.kill_binary();
+}
+
+#[tokio::test]
+async fn rotate_size_splits_the_audit_log_and_verify_all_checks_every_file() {
+    let mut b = TestBroker::prepare(&roles()).await;
+    b.edit_config(|t| with_audit(t, "rotate_size = \"4KiB\""));
+    b.start_in_process().await;
+    for _ in 0..40 {
+        issue(&b, "app", "ro", 0).await.unwrap();
+    }
+    let files = credbroker::audit::rotated_files(&b.env.audit_path).unwrap();
+    assert!(
+        files.len() >= 3,
+        "40 issues did not rotate twice at 4KiB: {files:?}"
+    );
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len < 4096 + 2048, "{} is {len} bytes", f.display());
+    }
+    let (ok, out) = verify_cli(&[&b.env.audit_path], true).await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("in {} files", files.len())), "{out}");
+    // Deleting a middle file is found.
+    std::fs::remove_file(&files[1]).unwrap();
+    let (ok, out) = verify_cli(&[&b.env.audit_path], true).await;
+    assert!(!ok && out.contains("does not continue"), "{out}");
+    b.stop().await;
+
+    // A bad size is a config error that names the key.
+    b.edit_config(|t| t.replace("rotate_size = \"4KiB\"", "rotate_size = \"lots\""));
+    let err = credbroker::config::Config::load(&b.env.config_path).unwrap_err();
+    assert!(err.to_string().contains("audit.rotate_size"), "{err}");
+}
