@@ -153,6 +153,14 @@ impl Daemon {
                 stop.clone().cancelled_owned(),
             ))
         });
+        let tls_files = {
+            let b = broker.clone();
+            tokio::spawn(server::tls::watch_files(
+                move || b.config().tls.clone(),
+                self.tls.clone(),
+                stop.clone().cancelled_owned(),
+            ))
+        };
         let grace = broker.config().server.shutdown_grace;
         let grpc_stop = CancellationToken::new();
         let grpc = tokio::spawn(server::serve_grpc(
@@ -186,6 +194,7 @@ impl Daemon {
         stop.cancel();
         let _ = reaper.await;
         let _ = pruner.await;
+        let _ = tls_files.await;
         if let Some(h) = http {
             let _ = h.await;
         }

@@ -110,6 +110,66 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// How often the certificate, key, CA and CRL files are checked for
+/// changes: a CA publishes a new CRL, or cert-manager renews the server
+/// certificate, without anyone sending SIGHUP.
+pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Reloads the TLS config whenever one of its files changes (modification
+/// time, size or inode), until `stop`. `current` gives the paths as the
+/// config now names them (a SIGHUP may change them). A file that does not
+/// load (half-written, a key that does not fit) keeps the running config;
+/// the next change is tried again.
+pub async fn watch_files(
+    current: impl Fn() -> TlsConfig + Send + 'static,
+    tls: SharedTls,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::pin!(stop);
+    let mut last = stamp(&current());
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(FILE_CHECK_INTERVAL) => {}
+        }
+        let config = current();
+        let now = stamp(&config);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match server_config(&config) {
+            Ok(c) => {
+                *tls.write().unwrap_or_else(|p| p.into_inner()) = c;
+                tracing::info!("TLS files changed: certificates and CRL reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS files changed but do not load; keeping the running ones")
+            }
+        }
+    }
+}
+
+type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamp(tls: &TlsConfig) -> Vec<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    [
+        Some(&tls.cert),
+        Some(&tls.key),
+        Some(&tls.client_ca),
+        tls.crl.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+    })
+    .collect()
+}
+
 /// The current TLS config; swapped whole on reload (SIGHUP), so new
 /// connections use new certificates and CRLs while open ones continue.
 pub type SharedTls = Arc<RwLock<Arc<rustls::ServerConfig>>>;

@@ -103,6 +103,43 @@ async fn an_expired_crl_refuses_every_client() {
 }
 
 #[tokio::test]
+async fn a_new_crl_file_takes_effect_without_sighup() {
+    let mut b = TestBroker::prepare(&roles()).await;
+    let crl = b.env.pki.join("ca.crl");
+    std::fs::write(&crl, dev_ca(&b).crl(&[]).unwrap()).unwrap();
+    b.edit_config(|t| with_crl(t, &crl));
+    b.start_in_process().await;
+    issue(&b, "app", "ro", 0)
+        .await
+        .expect("app allowed at first");
+    // The CA publishes a new CRL; nobody signals the broker.
+    revoke_cert(&b, "app");
+    let refused = eventually(Duration::from_secs(10), || async {
+        issue(&b, "app", "ro", 0).await.is_err()
+    })
+    .await;
+    assert!(
+        refused,
+        "the revoked certificate is still accepted 10 s after the CRL changed"
+    );
+    issue(&b, "other", "ro", 0)
+        .await
+        .expect("a certificate not in the CRL is still served");
+    // A half-written CRL keeps the last good one: still refused, still
+    // served.
+    std::fs::write(&crl, b"-----BEGIN X509 CRL-----\ngarbage").unwrap();
+    tokio::time::sleep(credbroker::server::tls::FILE_CHECK_INTERVAL * 2).await;
+    assert!(
+        issue(&b, "app", "ro", 0).await.is_err(),
+        "a broken CRL file let the revoked certificate back in"
+    );
+    issue(&b, "other", "ro", 0)
+        .await
+        .expect("a broken CRL file stopped the broker serving");
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn sighup_reloads_crl_and_roles_without_a_restart() {
     let mut b = TestBroker::prepare(&roles()).await;
     // Start with an empty CRL in place.

@@ -228,3 +228,83 @@ async fn rotate_size_splits_the_audit_log_and_verify_all_checks_every_file() {
     let err = credbroker::config::Config::load(&b.env.config_path).unwrap_err();
     assert!(err.to_string().contains("audit.rotate_size"), "{err}");
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_password_reaches_any_file_the_broker_or_the_databases_write() {
+    use mysql_async::prelude::Queryable;
+    let mut b = TestBroker::prepare(&roles()).await;
+    let schema = unique("pwgrep");
+    let mut root = mysql_async::Conn::new(maria_opts(None, None))
+        .await
+        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
+    root.query_drop(format!("CREATE DATABASE `{schema}`"))
+        .await
+        .unwrap();
+    let maria = b.maria_section("maria", &schema);
+    let maria_role = format!(
+        "[roles.mro]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
+         allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
+         grants = [\"GRANT SELECT ON `{schema}`.* TO {{{{name}}}}\"]\n\n"
+    );
+    b.edit_config(|t| t + &maria + &maria_role);
+    // Debug logging: the most the broker ever says.
+    b.spawn_binary_with_log_level("debug").await;
+    let mut passwords = Vec::new();
+    for role in ["ro", "mro"] {
+        let lease = issue(&b, "app", role, 0).await.unwrap();
+        let mut c = b.client("app").await;
+        c.renew_lease(credbroker::pb::RenewLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl_seconds: 120,
+        })
+        .await
+        .unwrap();
+        passwords.push(lease.password.clone());
+        let second = issue(&b, "app", role, 0).await.unwrap();
+        b.revoke_as("app", &second.lease_id).await.unwrap();
+        passwords.push(second.password);
+    }
+    let out = cli(&b, "admin", &["admin", "leases", "--format", "json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.kill_binary();
+
+    let mut files = Vec::new();
+    files_under(&b.env.dir, &mut files);
+    files.push(cluster().log_path());
+    files.push(mariadb().log_path());
+    let mut read = 0;
+    for f in &files {
+        let Ok(bytes) = std::fs::read(f) else {
+            continue;
+        };
+        read += 1;
+        for p in &passwords {
+            assert!(p.len() >= 16, "a password this short proves nothing");
+            let found = bytes.windows(p.len()).any(|w| w == p.as_bytes());
+            assert!(!found, "a leased password is in {}", f.display());
+        }
+    }
+    // The store, the audit log, the broker's log and both server logs.
+    assert!(read >= 5, "only {read} files read: {files:?}");
+    let log = b.broker_log();
+    assert!(
+        log.contains("DEBUG"),
+        "the broker did not log at debug level"
+    );
+}

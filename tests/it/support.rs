@@ -251,12 +251,17 @@ impl TestBroker {
 
     /// Runs the real `credbroker serve` binary on this config.
     pub async fn spawn_binary(&mut self) {
+        self.spawn_binary_with_log_level("info").await
+    }
+
+    /// `spawn_binary` with `RUST_LOG` set to `level`.
+    pub async fn spawn_binary_with_log_level(&mut self, level: &str) {
         // The binary binds the port itself.
         self.release_port();
         let child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
             .args(["serve", "--config"])
             .arg(&self.env.config_path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(self.env.dir.join("broker.log")).unwrap(),
