@@ -152,14 +152,17 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
         Ok(Ok(s)) => {
             f.push(Finding::ok(
                 "store",
-                format!("opened {}", store_label(&config.store.url)),
+                format!("opened {}", store_label(&config.store.url.to_string())),
             ));
             Some(s)
         }
         Ok(Err(e)) => {
             f.push(Finding::error(
                 "store",
-                format!("cannot open {}: {e}", store_label(&config.store.url)),
+                format!(
+                    "cannot open {}: {e}",
+                    store_label(&config.store.url.to_string())
+                ),
                 "a SQLite store is locked while a broker runs: stop it or check its log; \
                  for PostgreSQL, check store.url and store.password_file",
             ));
@@ -170,7 +173,7 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
                 "store",
                 format!(
                     "no answer from {} within 10 s",
-                    store_label(&config.store.url)
+                    store_label(&config.store.url.to_string())
                 ),
                 "check store.url",
             ));

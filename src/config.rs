@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::dbtls::{self, Dialect, SslMode};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
-use crate::policy::IdentityPattern;
+use crate::policy::{IdentityPattern, Network};
 
 /// The whole broker configuration, validated.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ pub struct StoreConfig {
     /// libpq's TLS parameters (`sslmode`, `sslrootcert`, `sslcert`,
     /// `sslkey`) may be in it; relative paths there are made absolute
     /// against the config file's directory.
-    pub url: String,
+    pub url: StoreUrl,
     /// The PostgreSQL store's password, read when the store connects.
     pub password: SecretSource,
     /// How long a replica's claim on a lease's revocation lasts before
@@ -275,7 +275,7 @@ struct RawAudit {
     admins: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawReaper {
     batch_size: Option<usize>,
@@ -349,16 +349,116 @@ fn valid_key(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+fn cfg_err(m: String) -> Error {
+    Error::Config(m)
+}
+
+/// The one reading of a `*_password_file` / `*_password_env` pair, for the
+/// databases and the store alike. `what` names the section.
+fn secret_source(
+    what: &str,
+    file: Option<PathBuf>,
+    env: Option<String>,
+    base: &Path,
+) -> Result<SecretSource> {
+    match (file, env) {
+        (Some(_), Some(_)) => Err(cfg_err(format!(
+            "{what}: set {what_key}_file or {what_key}_env, not both",
+            what_key = if what == "store" {
+                "password"
+            } else {
+                "admin_password"
+            }
+        ))),
+        (Some(f), None) => Ok(SecretSource::File(resolve(base, &f))),
+        (None, Some(e)) => Ok(SecretSource::Env(e)),
+        (None, None) => Ok(SecretSource::None),
+    }
+}
+
+/// A list of CIDR networks under `key`: written but empty would refuse
+/// everyone, which is surely a mistake.
+fn networks(key: &str, list: &Option<Vec<String>>, empty_means: &str) -> Result<Vec<Network>> {
+    match list {
+        Some(n) if n.is_empty() => Err(cfg_err(format!(
+            "{key}: empty, so {empty_means}; list networks or leave the key out"
+        ))),
+        Some(n) => n
+            .iter()
+            .map(|s| {
+                Network::parse(s).map_err(|e| {
+                    cfg_err(format!(
+                        "{key}: {}",
+                        e.to_string().trim_start_matches("config: ")
+                    ))
+                })
+            })
+            .collect(),
+        None => Ok(Vec::new()),
+    }
+}
+
 impl RawConfig {
+    /// Each section validates itself; what crosses sections (a role's
+    /// database, the admins listed under `[audit]`) is checked here.
     fn validate(self, base: &Path) -> Result<Config> {
-        let cfg_err = |m: String| Error::Config(m);
+        let server = self.server.validate()?;
+        let tls = self.tls.validate(base);
+        let store = self.store.unwrap_or_default().validate(base)?;
+        let mut admin_patterns = self.admins;
+        let audit = match self.audit {
+            Some(a) => {
+                admin_patterns.extend(a.admins.iter().cloned());
+                a.validate(base)?
+            }
+            None => AuditConfig {
+                path: resolve(base, Path::new("audit.log")),
+                fsync: false,
+                rotate_size: None,
+            },
+        };
+        let admins = admin_patterns
+            .iter()
+            .map(|p| identity_pattern("admins", p))
+            .collect::<Result<Vec<_>>>()?;
+        let admin_networks = networks(
+            "admin_networks",
+            &self.admin_networks,
+            "no admin could call",
+        )?;
+        let reaper = self.reaper.unwrap_or_default().validate()?;
+        let databases = self
+            .databases
+            .into_iter()
+            .map(|(name, d)| Ok((name.clone(), d.validate(name, base)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let roles = self
+            .roles
+            .into_iter()
+            .map(|(name, r)| Ok((name.clone(), r.validate(name, &databases)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        debug_assert!(server_prefix_fits(&server.name_prefix));
+        Ok(Config {
+            server,
+            tls,
+            store,
+            audit,
+            reaper,
+            admins,
+            admin_networks,
+            databases,
+            roles,
+        })
+    }
+}
+
+impl RawServer {
+    fn validate(self) -> Result<ServerConfig> {
         let listen: SocketAddr = self
-            .server
             .listen
             .parse()
-            .map_err(|e| cfg_err(format!("server.listen {:?}: {e}", self.server.listen)))?;
+            .map_err(|e| cfg_err(format!("server.listen {:?}: {e}", self.listen)))?;
         let metrics_listen = self
-            .server
             .metrics_listen
             .as_deref()
             .map(|s| {
@@ -366,7 +466,7 @@ impl RawConfig {
                     .map_err(|e| cfg_err(format!("server.metrics_listen {s:?}: {e}")))
             })
             .transpose()?;
-        let name_prefix = self.server.name_prefix.unwrap_or_else(|| "cb_".to_string());
+        let name_prefix = self.name_prefix.unwrap_or_else(|| "cb_".to_string());
         // Ending in `_`, with no `_` in the role fragment that follows it,
         // makes the user names of two brokers with different prefixes
         // disjoint even when one prefix starts the other (`cb_` and
@@ -384,65 +484,60 @@ impl RawConfig {
                 "server.name_prefix {name_prefix:?}: use 2-6 characters of a-z, 0-9 and _, starting with a letter and ending with _ (e.g. \"cb_\")"
             )));
         }
-        let server = ServerConfig {
+        Ok(ServerConfig {
             listen,
             metrics_listen,
             name_prefix,
             shutdown_grace: opt_duration(
                 "server.shutdown_grace",
-                self.server.shutdown_grace.as_ref(),
+                self.shutdown_grace.as_ref(),
                 Duration::from_secs(10),
             )?,
             max_connection_age: opt_duration(
                 "server.max_connection_age",
-                self.server.max_connection_age.as_ref(),
+                self.max_connection_age.as_ref(),
                 Duration::from_secs(300),
             )?,
-        };
-        let tls = TlsConfig {
-            cert: resolve(base, &self.tls.cert),
-            key: resolve(base, &self.tls.key),
-            client_ca: resolve(base, &self.tls.client_ca),
-            crl: self.tls.crl.as_deref().map(|p| resolve(base, p)),
-        };
-        let raw_store = self.store.unwrap_or(RawStore {
+        })
+    }
+}
+
+impl RawTls {
+    fn validate(self, base: &Path) -> TlsConfig {
+        TlsConfig {
+            cert: resolve(base, &self.cert),
+            key: resolve(base, &self.key),
+            client_ca: resolve(base, &self.client_ca),
+            crl: self.crl.as_deref().map(|p| resolve(base, p)),
+        }
+    }
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
             url: "sqlite://credbroker.db".to_string(),
             password_file: None,
             password_env: None,
             claim_timeout: None,
             retention: None,
             prune_interval: None,
-        });
-        let store_url = raw_store.url;
-        let store_password = match (raw_store.password_file, raw_store.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(cfg_err(
-                    "store: set password_file or password_env, not both".to_string(),
-                ))
-            }
-            (Some(f), None) => SecretSource::File(resolve(base, &f)),
-            (None, Some(e)) => SecretSource::Env(e),
-            (None, None) => SecretSource::None,
-        };
-        if store_url.starts_with("postgres") {
-            let parsed = url::Url::parse(&store_url)
-                .map_err(|e| cfg_err(format!("store.url: not a valid URL: {e}")))?;
-            if parsed.password().is_some() {
-                return Err(cfg_err(
-                    "store.url: must not contain a password; use store.password_file or store.password_env"
-                        .to_string(),
-                ));
-            }
-            dbtls::normalize_url(&store_url, Dialect::Postgres, base)
-                .map_err(|e| cfg_err(format!("store.url: {e}")))?;
-        } else if store_password != SecretSource::None {
+        }
+    }
+}
+
+impl RawStore {
+    fn validate(self, base: &Path) -> Result<StoreConfig> {
+        let password = secret_source("store", self.password_file, self.password_env, base)?;
+        let url = StoreUrl::parse(&self.url, base)?;
+        if matches!(url, StoreUrl::Sqlite(_)) && password != SecretSource::None {
             return Err(cfg_err(
                 "store.password_file/password_env only apply to a postgres:// store".to_string(),
             ));
         }
         let claim_timeout = opt_duration(
             "store.claim_timeout",
-            raw_store.claim_timeout.as_ref(),
+            self.claim_timeout.as_ref(),
             Duration::from_secs(60),
         )?;
         if claim_timeout < Duration::from_secs(1) {
@@ -450,12 +545,12 @@ impl RawConfig {
         }
         let retention = opt_duration(
             "store.retention",
-            raw_store.retention.as_ref(),
+            self.retention.as_ref(),
             Duration::from_secs(7 * 24 * 3600),
         )?;
         let prune_interval = opt_duration(
             "store.prune_interval",
-            raw_store.prune_interval.as_ref(),
+            self.prune_interval.as_ref(),
             Duration::from_secs(600),
         )?;
         if retention < Duration::from_secs(1) || prune_interval < Duration::from_secs(1) {
@@ -463,352 +558,320 @@ impl RawConfig {
                 "store.retention and store.prune_interval: at least 1s".to_string(),
             ));
         }
-        let store = StoreConfig {
-            password: store_password,
+        Ok(StoreConfig {
+            url,
+            password,
             claim_timeout,
             retention,
             prune_interval,
-            url: match store_url.strip_prefix("sqlite://") {
-                Some(p) => format!("sqlite://{}", resolve(base, Path::new(p)).display()),
-                None if store_url.starts_with("postgres://")
-                    || store_url.starts_with("postgresql://") =>
-                {
-                    // Checked above.
-                    dbtls::normalize_url(&store_url, Dialect::Postgres, base)
-                        .map_err(|e| cfg_err(format!("store.url: {e}")))?
-                }
-                None => {
-                    return Err(cfg_err(format!(
-                        "store.url {store_url:?}: expected sqlite://PATH or postgres://…"
-                    )))
-                }
-            },
-        };
-        let mut admin_patterns = self.admins;
-        let audit = match self.audit {
-            Some(a) => {
-                admin_patterns.extend(a.admins);
-                let rotate_size = a
-                    .rotate_size
-                    .as_deref()
-                    .map(|v| {
-                        parse_size(v)
-                            .filter(|n| *n >= 4096)
-                            .ok_or_else(|| {
-                                cfg_err(format!(
-                                    "audit.rotate_size {v:?}: a size of at least 4KiB, like \"64MiB\" or \"1GB\""
-                                ))
-                            })
-                    })
-                    .transpose()?;
-                AuditConfig {
-                    path: resolve(base, &a.path),
-                    fsync: a.fsync,
-                    rotate_size,
-                }
-            }
-            None => AuditConfig {
-                path: resolve(base, Path::new("audit.log")),
-                fsync: false,
-                rotate_size: None,
-            },
-        };
-        let admins = admin_patterns
-            .iter()
-            .map(|p| identity_pattern("admins", p))
-            .collect::<Result<Vec<_>>>()?;
-        let admin_networks = match &self.admin_networks {
-            Some(n) if n.is_empty() => return Err(cfg_err(
-                "admin_networks: empty, so no admin could call; list networks or leave the key out"
-                    .to_string(),
-            )),
-            Some(n) => n
-                .iter()
-                .map(|s| {
-                    crate::policy::Network::parse(s).map_err(|e| {
-                        cfg_err(format!(
-                            "admin_networks: {}",
-                            e.to_string().trim_start_matches("config: ")
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
+        })
+    }
+}
 
-        let raw_reaper = self.reaper.unwrap_or(RawReaper {
-            batch_size: None,
-            intent_grace: None,
-            orphan_sweep_interval: None,
-            failing_after_attempts: None,
-            max_backoff: None,
-        });
-        let reaper = ReaperConfig {
-            batch_size: raw_reaper.batch_size.unwrap_or(500).clamp(1, 10_000),
+impl RawAudit {
+    fn validate(self, base: &Path) -> Result<AuditConfig> {
+        let rotate_size = self
+            .rotate_size
+            .as_deref()
+            .map(|v| {
+                parse_size(v).filter(|n| *n >= 4096).ok_or_else(|| {
+                    cfg_err(format!(
+                        "audit.rotate_size {v:?}: a size of at least 4KiB, like \"64MiB\" or \"1GB\""
+                    ))
+                })
+            })
+            .transpose()?;
+        Ok(AuditConfig {
+            path: resolve(base, &self.path),
+            fsync: self.fsync,
+            rotate_size,
+        })
+    }
+}
+
+impl RawReaper {
+    fn validate(self) -> Result<ReaperConfig> {
+        Ok(ReaperConfig {
+            batch_size: self.batch_size.unwrap_or(500).clamp(1, 10_000),
             intent_grace: opt_duration(
                 "reaper.intent_grace",
-                raw_reaper.intent_grace.as_ref(),
+                self.intent_grace.as_ref(),
                 Duration::from_secs(60),
             )?,
             orphan_sweep_interval: opt_duration(
                 "reaper.orphan_sweep_interval",
-                raw_reaper.orphan_sweep_interval.as_ref(),
+                self.orphan_sweep_interval.as_ref(),
                 Duration::from_secs(300),
             )?,
-            failing_after_attempts: raw_reaper.failing_after_attempts.unwrap_or(8).max(1),
+            failing_after_attempts: self.failing_after_attempts.unwrap_or(8).max(1),
             max_backoff: opt_duration(
                 "reaper.max_backoff",
-                raw_reaper.max_backoff.as_ref(),
+                self.max_backoff.as_ref(),
                 Duration::from_secs(300),
             )?,
-        };
+        })
+    }
+}
 
-        let mut databases = BTreeMap::new();
-        for (name, d) in self.databases {
-            if !valid_key(&name) {
-                return Err(cfg_err(format!(
-                    "databases.{name}: names use a-z, 0-9, '-', '_', '.'"
-                )));
-            }
-            let what = |k: &str| format!("databases.{name}.{k}");
-            let kind = BackendKind::parse(&d.kind)
-                .map_err(|e| cfg_err(format!("{}: {e}", what("kind"))))?;
-            let url = url::Url::parse(&d.admin_url)
-                .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
-            let scheme_ok = match kind {
-                BackendKind::Postgres => matches!(url.scheme(), "postgres" | "postgresql"),
-                BackendKind::Mysql => matches!(url.scheme(), "mysql" | "mariadb"),
-            };
-            if !scheme_ok {
-                return Err(cfg_err(format!(
-                    "{}: scheme {:?} does not match kind {:?}",
-                    what("admin_url"),
-                    url.scheme(),
-                    kind.as_str()
-                )));
-            }
-            if url.password().is_some() {
-                return Err(cfg_err(format!(
-                    "{}: must not contain a password; use admin_password_file or admin_password_env",
-                    what("admin_url")
-                )));
-            }
-            let dialect = match kind {
-                BackendKind::Postgres => Dialect::Postgres,
-                BackendKind::Mysql => Dialect::Mysql,
-            };
-            let admin_url = dbtls::normalize_url(&d.admin_url, dialect, base)
-                .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
-            let client_sslmode = d
-                .client_sslmode
-                .as_deref()
-                .map(|m| {
-                    SslMode::parse(m).ok_or_else(|| {
-                        cfg_err(format!(
-                            "{}: {m:?}: expected disable, prefer, require, verify-ca or verify-full",
-                            what("client_sslmode")
-                        ))
-                    })
+impl RawDatabase {
+    fn validate(self, name: String, base: &Path) -> Result<DatabaseConfig> {
+        if !valid_key(&name) {
+            return Err(cfg_err(format!(
+                "databases.{name}: names use a-z, 0-9, '-', '_', '.'"
+            )));
+        }
+        let what = |k: &str| format!("databases.{name}.{k}");
+        let kind = BackendKind::parse(&self.kind)
+            .map_err(|e| cfg_err(format!("{}: {e}", what("kind"))))?;
+        let url = url::Url::parse(&self.admin_url)
+            .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
+        let scheme_ok = match kind {
+            BackendKind::Postgres => matches!(url.scheme(), "postgres" | "postgresql"),
+            BackendKind::Mysql => matches!(url.scheme(), "mysql" | "mariadb"),
+        };
+        if !scheme_ok {
+            return Err(cfg_err(format!(
+                "{}: scheme {:?} does not match kind {:?}",
+                what("admin_url"),
+                url.scheme(),
+                kind.as_str()
+            )));
+        }
+        if url.password().is_some() {
+            return Err(cfg_err(format!(
+                "{}: must not contain a password; use admin_password_file or admin_password_env",
+                what("admin_url")
+            )));
+        }
+        let dialect = match kind {
+            BackendKind::Postgres => Dialect::Postgres,
+            BackendKind::Mysql => Dialect::Mysql,
+        };
+        let admin_url = dbtls::normalize_url(&self.admin_url, dialect, base)
+            .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
+        let client_sslmode = self
+            .client_sslmode
+            .as_deref()
+            .map(|m| {
+                SslMode::parse(m).ok_or_else(|| {
+                    cfg_err(format!(
+                        "{}: {m:?}: expected disable, prefer, require, verify-ca or verify-full",
+                        what("client_sslmode")
+                    ))
                 })
-                .transpose()?;
-            if d.client_sslrootcert.is_some() && client_sslmode.is_none() {
+            })
+            .transpose()?;
+        if self.client_sslrootcert.is_some() && client_sslmode.is_none() {
+            return Err(cfg_err(format!(
+                "{}: set client_sslmode too (e.g. \"verify-full\")",
+                what("client_sslrootcert")
+            )));
+        }
+        if let Some(root) = &self.client_sslrootcert {
+            if root.is_empty() || root.chars().any(char::is_control) {
                 return Err(cfg_err(format!(
-                    "{}: set client_sslmode too (e.g. \"verify-full\")",
+                    "{}: not a path",
                     what("client_sslrootcert")
                 )));
             }
-            if let Some(root) = &d.client_sslrootcert {
-                if root.is_empty() || root.chars().any(char::is_control) {
-                    return Err(cfg_err(format!(
-                        "{}: not a path",
-                        what("client_sslrootcert")
-                    )));
-                }
-            }
-            let admin_password = match (d.admin_password_file, d.admin_password_env) {
-                (Some(_), Some(_)) => {
-                    return Err(cfg_err(format!(
-                        "databases.{name}: set admin_password_file or admin_password_env, not both"
-                    )))
-                }
-                (Some(f), None) => SecretSource::File(resolve(base, &f)),
-                (None, Some(e)) => SecretSource::Env(e),
-                (None, None) => SecretSource::None,
-            };
-            let scram_iterations = d.scram_iterations.unwrap_or(1);
-            if scram_iterations == 0 || scram_iterations > 1_000_000 {
-                return Err(cfg_err(format!(
-                    "{}: must be 1..=1000000",
-                    what("scram_iterations")
-                )));
-            }
-            databases.insert(
-                name.clone(),
-                DatabaseConfig {
-                    name: name.clone(),
-                    kind,
-                    admin_url,
-                    admin_password,
-                    client_host: d.client_host,
-                    client_port: d.client_port,
-                    client_sslmode,
-                    client_sslrootcert: d.client_sslrootcert,
-                    max_connections: d.max_connections.unwrap_or(16).clamp(1, 512),
-                    connect_timeout: opt_duration(
-                        &what("connect_timeout"),
-                        d.connect_timeout.as_ref(),
-                        Duration::from_secs(3),
-                    )?,
-                    statement_timeout: opt_duration(
-                        &what("statement_timeout"),
-                        d.statement_timeout.as_ref(),
-                        Duration::from_secs(5),
-                    )?,
-                    scram_iterations,
-                },
-            );
         }
-
-        let mut roles = BTreeMap::new();
-        for (name, r) in self.roles {
-            if !valid_key(&name) {
-                return Err(cfg_err(format!(
-                    "roles.{name}: names use a-z, 0-9, '-', '_', '.'"
-                )));
-            }
-            let what = |k: &str| format!("roles.{name}.{k}");
-            let Some(db) = databases.get(&r.database) else {
-                return Err(cfg_err(format!(
-                    "{}: no [databases.{}] is configured",
-                    what("database"),
-                    r.database
-                )));
-            };
-            let default_ttl = parse_duration(&what("default_ttl"), &r.default_ttl)?;
-            let max_ttl = parse_duration(&what("max_ttl"), &r.max_ttl)?;
-            if default_ttl.is_zero() || max_ttl.is_zero() {
-                return Err(cfg_err(format!("roles.{name}: TTLs must be positive")));
-            }
-            if default_ttl > max_ttl {
-                return Err(cfg_err(format!(
-                    "roles.{name}: default_ttl exceeds max_ttl"
-                )));
-            }
-            if max_ttl > ABSOLUTE_MAX_TTL {
-                return Err(cfg_err(format!("{}: at most 31 days", what("max_ttl"))));
-            }
-            if r.allowed.is_empty() {
-                return Err(cfg_err(format!(
-                    "{}: empty, so nobody could lease this role; list identity patterns",
-                    what("allowed")
-                )));
-            }
-            let allowed = r
-                .allowed
-                .iter()
-                .map(|p| identity_pattern(&what("allowed"), p))
-                .collect::<Result<Vec<_>>>()?;
-            let allowed_networks = match &r.allowed_networks {
-                // Written but empty would refuse everyone: surely a mistake.
-                Some(n) if n.is_empty() => {
-                    return Err(cfg_err(format!(
-                        "{}: empty, so nobody could lease this role; list networks or leave the key out",
-                        what("allowed_networks")
-                    )))
-                }
-                Some(n) => n
-                    .iter()
-                    .map(|s| {
-                        crate::policy::Network::parse(s).map_err(|e| {
-                            cfg_err(format!(
-                                "{}: {}",
-                                what("allowed_networks"),
-                                e.to_string().trim_start_matches("config: ")
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-                None => Vec::new(),
-            };
-            for g in &r.grants {
-                if !g.contains("{{name}}") {
-                    return Err(cfg_err(format!(
-                        "{}: {g:?} does not mention {{{{name}}}}, so it would not apply to the leased user",
-                        what("grants")
-                    )));
-                }
-            }
-            let host = r.host.unwrap_or_else(|| "%".to_string());
-            let host_ok = !host.is_empty()
-                && host.len() <= 255
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b));
-            if !host_ok {
-                return Err(cfg_err(format!(
-                    "{}: {host:?} is not a MySQL host pattern",
-                    what("host")
-                )));
-            }
-            if db.kind == BackendKind::Postgres && host != "%" {
-                return Err(cfg_err(format!(
-                    "{}: only MySQL accounts have a host part; for PostgreSQL use pg_hba.conf",
-                    what("host")
-                )));
-            }
-            if let Some(owner) = &r.owner {
-                // Quoted wherever it reaches SQL; this only keeps out what
-                // no real role or account name holds.
-                let owner_ok = !owner.is_empty()
-                    && owner.len() <= 63
-                    && !owner
-                        .chars()
-                        .any(|c| c.is_control() || c == '\'' || c == '`' || c == '"');
-                if !owner_ok {
-                    return Err(cfg_err(format!(
-                        "{}: {owner:?} is not a role or account name",
-                        what("owner")
-                    )));
-                }
-            }
-            if let Some(rate) = r.issue_rate {
-                if !(rate.is_finite() && rate > 0.0) {
-                    return Err(cfg_err(format!(
-                        "{}: must be a positive number",
-                        what("issue_rate")
-                    )));
-                }
-            }
-            roles.insert(
-                name.clone(),
-                RoleConfig {
-                    name: name.clone(),
-                    database: r.database,
-                    default_ttl,
-                    max_ttl,
-                    allowed,
-                    allowed_networks,
-                    grants: r.grants,
-                    host,
-                    max_leases_per_identity: r.max_leases_per_identity,
-                    issue_rate: r.issue_rate,
-                    issue_burst: r.issue_burst,
-                    owner: r.owner,
-                },
-            );
+        let admin_password = secret_source(
+            &format!("databases.{name}"),
+            self.admin_password_file,
+            self.admin_password_env,
+            base,
+        )?;
+        let scram_iterations = self.scram_iterations.unwrap_or(1);
+        if scram_iterations == 0 || scram_iterations > 1_000_000 {
+            return Err(cfg_err(format!(
+                "{}: must be 1..=1000000",
+                what("scram_iterations")
+            )));
         }
-        debug_assert!(server_prefix_fits(&server.name_prefix));
-        Ok(Config {
-            server,
-            tls,
-            store,
-            audit,
-            reaper,
-            admins,
-            admin_networks,
-            databases,
-            roles,
+        Ok(DatabaseConfig {
+            kind,
+            admin_url,
+            admin_password,
+            client_host: self.client_host,
+            client_port: self.client_port,
+            client_sslmode,
+            client_sslrootcert: self.client_sslrootcert,
+            max_connections: self.max_connections.unwrap_or(16).clamp(1, 512),
+            connect_timeout: opt_duration(
+                &what("connect_timeout"),
+                self.connect_timeout.as_ref(),
+                Duration::from_secs(3),
+            )?,
+            statement_timeout: opt_duration(
+                &what("statement_timeout"),
+                self.statement_timeout.as_ref(),
+                Duration::from_secs(5),
+            )?,
+            scram_iterations,
+            name,
         })
+    }
+}
+
+impl RawRole {
+    fn validate(
+        self,
+        name: String,
+        databases: &BTreeMap<String, DatabaseConfig>,
+    ) -> Result<RoleConfig> {
+        if !valid_key(&name) {
+            return Err(cfg_err(format!(
+                "roles.{name}: names use a-z, 0-9, '-', '_', '.'"
+            )));
+        }
+        let what = |k: &str| format!("roles.{name}.{k}");
+        let Some(db) = databases.get(&self.database) else {
+            return Err(cfg_err(format!(
+                "{}: no [databases.{}] is configured",
+                what("database"),
+                self.database
+            )));
+        };
+        let default_ttl = parse_duration(&what("default_ttl"), &self.default_ttl)?;
+        let max_ttl = parse_duration(&what("max_ttl"), &self.max_ttl)?;
+        if default_ttl.is_zero() || max_ttl.is_zero() {
+            return Err(cfg_err(format!("roles.{name}: TTLs must be positive")));
+        }
+        if default_ttl > max_ttl {
+            return Err(cfg_err(format!(
+                "roles.{name}: default_ttl exceeds max_ttl"
+            )));
+        }
+        if max_ttl > ABSOLUTE_MAX_TTL {
+            return Err(cfg_err(format!("{}: at most 31 days", what("max_ttl"))));
+        }
+        if self.allowed.is_empty() {
+            return Err(cfg_err(format!(
+                "{}: empty, so nobody could lease this role; list identity patterns",
+                what("allowed")
+            )));
+        }
+        let allowed = self
+            .allowed
+            .iter()
+            .map(|p| identity_pattern(&what("allowed"), p))
+            .collect::<Result<Vec<_>>>()?;
+        let allowed_networks = networks(
+            &what("allowed_networks"),
+            &self.allowed_networks,
+            "nobody could lease this role",
+        )?;
+        for g in &self.grants {
+            if !g.contains("{{name}}") {
+                return Err(cfg_err(format!(
+                    "{}: {g:?} does not mention {{{{name}}}}, so it would not apply to the leased user",
+                    what("grants")
+                )));
+            }
+        }
+        let host = self.host.unwrap_or_else(|| "%".to_string());
+        let host_ok = !host.is_empty()
+            && host.len() <= 255
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b));
+        if !host_ok {
+            return Err(cfg_err(format!(
+                "{}: {host:?} is not a MySQL host pattern",
+                what("host")
+            )));
+        }
+        if db.kind == BackendKind::Postgres && host != "%" {
+            return Err(cfg_err(format!(
+                "{}: only MySQL accounts have a host part; for PostgreSQL use pg_hba.conf",
+                what("host")
+            )));
+        }
+        if let Some(owner) = &self.owner {
+            // Quoted wherever it reaches SQL; this only keeps out what no
+            // real role or account name holds.
+            let owner_ok = !owner.is_empty()
+                && owner.len() <= 63
+                && !owner
+                    .chars()
+                    .any(|c| c.is_control() || c == '\'' || c == '`' || c == '"');
+            if !owner_ok {
+                return Err(cfg_err(format!(
+                    "{}: {owner:?} is not a role or account name",
+                    what("owner")
+                )));
+            }
+        }
+        if let Some(rate) = self.issue_rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(cfg_err(format!(
+                    "{}: must be a positive number",
+                    what("issue_rate")
+                )));
+            }
+        }
+        Ok(RoleConfig {
+            database: self.database,
+            default_ttl,
+            max_ttl,
+            allowed,
+            allowed_networks,
+            grants: self.grants,
+            host,
+            max_leases_per_identity: self.max_leases_per_identity,
+            issue_rate: self.issue_rate,
+            issue_burst: self.issue_burst,
+            owner: self.owner,
+            name,
+        })
+    }
+}
+
+/// Where the lease store lives. `sqlite://PATH` (one broker) or a
+/// PostgreSQL URL (replicas share it; libpq TLS parameters normalised).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// Parses `store.url`; relative paths (the SQLite file, TLS files) are
+    /// made absolute against `base`.
+    pub fn parse(url: &str, base: &Path) -> Result<Self> {
+        if let Some(p) = url.strip_prefix("sqlite://") {
+            return Ok(StoreUrl::Sqlite(resolve(base, Path::new(p))));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let parsed = url::Url::parse(url)
+                .map_err(|e| cfg_err(format!("store.url: not a valid URL: {e}")))?;
+            if parsed.password().is_some() {
+                return Err(cfg_err(
+                    "store.url: must not contain a password; use store.password_file or store.password_env"
+                        .to_string(),
+                ));
+            }
+            let normalized = dbtls::normalize_url(url, Dialect::Postgres, base)
+                .map_err(|e| cfg_err(format!("store.url: {e}")))?;
+            return Ok(StoreUrl::Postgres(normalized));
+        }
+        Err(cfg_err(format!(
+            "store.url {url:?}: expected sqlite://PATH or postgres://…"
+        )))
+    }
+
+    /// A store that several replicas can share.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, StoreUrl::Postgres(_))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            StoreUrl::Postgres(u) => f.write_str(u),
+        }
     }
 }
 
@@ -875,10 +938,33 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
 "#;
 
     #[test]
+    fn store_urls_are_one_of_two_kinds() {
+        let base = Path::new("/etc/credbroker");
+        assert_eq!(
+            StoreUrl::parse("sqlite://leases.db", base).unwrap(),
+            StoreUrl::Sqlite(PathBuf::from("/etc/credbroker/leases.db"))
+        );
+        let pg = StoreUrl::parse("postgresql://cb@store/leases", base).unwrap();
+        assert!(pg.is_shared());
+        for (url, says) in [
+            ("mysql://cb@store/leases", "expected sqlite://PATH or postgres://"),
+            ("postgres://cb:secret@store/leases", "must not contain a password"),
+            ("leases.db", "expected sqlite://PATH"),
+        ] {
+            let err = StoreUrl::parse(url, base).unwrap_err().to_string();
+            assert!(err.contains(says), "{url}: {err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
     fn sample_parses_and_resolves_paths() {
         let c = Config::parse(SAMPLE, Path::new("/etc/credbroker")).unwrap();
         assert_eq!(c.tls.cert, Path::new("/etc/credbroker/pki/server.pem"));
-        assert_eq!(c.store.url, "sqlite:///etc/credbroker/credbroker.db");
+        assert_eq!(
+            c.store.url.to_string(),
+            "sqlite:///etc/credbroker/credbroker.db"
+        );
         let r = c.role("orders-readonly").unwrap();
         assert_eq!(r.max_ttl, Duration::from_secs(3600));
         assert_eq!(c.databases["orders"].scram_iterations, 1);
@@ -985,7 +1071,7 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             "url = \"postgres://cb@store:5432/leases\"\npassword_file = \"secrets/store\"\nclaim_timeout = \"15s\"",
         );
         let c = Config::parse(&text, Path::new("/etc/credbroker")).unwrap();
-        assert_eq!(c.store.url, "postgres://cb@store:5432/leases");
+        assert_eq!(c.store.url.to_string(), "postgres://cb@store:5432/leases");
         assert_eq!(
             c.store.password,
             SecretSource::File("/etc/credbroker/secrets/store".into())
@@ -1053,7 +1139,7 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         assert_eq!(db.client_sslmode, Some(SslMode::VerifyFull));
         assert_eq!(db.client_sslrootcert.as_deref(), Some("/etc/ssl/db-ca.pem"));
         assert_eq!(
-            c.store.url,
+            c.store.url.to_string(),
             "postgres://cb@store/leases?sslmode=require&sslrootcert=/etc/credbroker/store-ca.pem"
         );
         for (from, to, want) in [

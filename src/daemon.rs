@@ -68,10 +68,10 @@ impl Daemon {
             let what = format!("database {:?}", d.name);
             warnings.extend(crate::dbtls::url_warning(&what, &d.admin_url, dialect));
         }
-        if !config.store.url.starts_with("sqlite://") {
+        if let crate::config::StoreUrl::Postgres(url) = &config.store.url {
             warnings.extend(crate::dbtls::url_warning(
                 "the lease store",
-                &config.store.url,
+                url,
                 crate::dbtls::Dialect::Postgres,
             ));
         }
@@ -87,7 +87,7 @@ impl Daemon {
                 }
             }
         }
-        if !config.store.url.starts_with("sqlite://") {
+        if config.store.url.is_shared() {
             // A claim that runs out while its holder is still revoking hands
             // the lease to another replica mid-drop; keep a wide margin.
             for d in config.databases.values() {

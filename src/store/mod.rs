@@ -189,7 +189,8 @@ pub trait LeaseStore: Send + Sync {
 /// Opens the store named by `url` (a `sqlite://` path, or a `postgres://`
 /// URL whose server needs no password).
 pub async fn open(url: &str) -> Result<Arc<dyn LeaseStore>> {
-    open_with(url, &crate::config::SecretSource::None).await
+    let url = crate::config::StoreUrl::parse(url, std::path::Path::new("."))?;
+    open_with(&url, &crate::config::SecretSource::None).await
 }
 
 /// Opens the store of a config's `[store]` section.
@@ -198,21 +199,14 @@ pub async fn open_config(config: &crate::config::StoreConfig) -> Result<Arc<dyn 
 }
 
 async fn open_with(
-    url: &str,
+    url: &crate::config::StoreUrl,
     password: &crate::config::SecretSource,
 ) -> Result<Arc<dyn LeaseStore>> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        let store = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
-        return Ok(Arc::new(store));
-    }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = postgres::PostgresStore::open(url, password).await?;
-        return Ok(Arc::new(store));
-    }
-    Err(Error::Config(format!(
-        "store.url: unsupported store {:?} (expected sqlite://PATH or postgres://…)",
-        url.split("://").next().unwrap_or("")
-    )))
+    use crate::config::StoreUrl;
+    Ok(match url {
+        StoreUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),
+        StoreUrl::Postgres(url) => Arc::new(postgres::PostgresStore::open(url, password).await?),
+    })
 }
 
 /// The refusal of an intent over its identity's cap: the same words from
