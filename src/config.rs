@@ -947,8 +947,14 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         let pg = StoreUrl::parse("postgresql://cb@store/leases", base).unwrap();
         assert!(pg.is_shared());
         for (url, says) in [
-            ("mysql://cb@store/leases", "expected sqlite://PATH or postgres://"),
-            ("postgres://cb:secret@store/leases", "must not contain a password"),
+            (
+                "mysql://cb@store/leases",
+                "expected sqlite://PATH or postgres://",
+            ),
+            (
+                "postgres://cb:secret@store/leases",
+                "must not contain a password",
+            ),
             ("leases.db", "expected sqlite://PATH"),
         ] {
             let err = StoreUrl::parse(url, base).unwrap_err().to_string();

@@ -1,23 +1,18 @@
-//! The MySQL/MariaDB backend against real servers: the machine's MariaDB
-//! (127.0.0.1:3306, root without password; it checks passwords) for logins,
-//! grants, host pinning, expiry and revocation, or a shared throwaway one
-//! when none runs; a throwaway `mariadbd` of its own where a test must stop
+//! The MySQL/MariaDB backend against real servers: a shared throwaway
+//! MariaDB (it checks passwords) for logins, grants, host pinning, expiry
+//! and revocation; a throwaway `mariadbd` of its own where a test must stop
 //! or kill the database or needs the event scheduler on. Missing MariaDB
 //! binaries fail the tests with instructions; nothing skips.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use credbroker::config::Config;
-use credbroker::daemon::{Daemon, Listeners};
 use credbroker::devenv::DevEnv;
 use credbroker::pb;
 use credbroker::throwaway::{MariadbOptions, ThrowawayMariadb};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
-use tokio::net::TcpListener;
 
-use crate::support::{eventually, free_port, unique, wait_port, APP};
+use crate::support::{eventually, unique, MainDatabase, TestBroker, APP};
 
 /// A MariaDB/MySQL server the tests talk to as root over TCP.
 #[derive(Clone)]
@@ -26,27 +21,13 @@ struct Target {
     password: Option<String>,
 }
 
-const LOCAL_PORT: u16 = 3306;
-
 static SHARED: std::sync::OnceLock<ThrowawayMariadb> = std::sync::OnceLock::new();
 
-/// The machine's MariaDB when it runs (its event scheduler is OFF, which
-/// exercises the warning path); otherwise one throwaway server shared by the
-/// tests of this binary, so nothing has to be running. No MariaDB binaries
-/// either: a failure with instructions.
+/// One throwaway server (event scheduler OFF, which exercises the warning
+/// path) shared by the tests of this module; the machine's own MariaDB is
+/// never used, so a fresh machine passes and the machine's server's state
+/// cannot change a result. No MariaDB binaries: a failure with instructions.
 async fn local() -> Target {
-    let t = Target {
-        port: LOCAL_PORT,
-        password: None,
-    };
-    // Set to test against the throwaway even where the machine has a server.
-    if std::env::var_os("CREDBROKER_TEST_THROWAWAY_MARIADB").is_none() {
-        let probe = tokio::time::timeout(Duration::from_secs(3), Conn::new(t.opts(None))).await;
-        if let Ok(Ok(c)) = probe {
-            let _ = c.disconnect().await;
-            return t;
-        }
-    }
     let shared = SHARED.get_or_init(|| {
         // On its own runtime so it is not tied to any one test's.
         std::thread::spawn(|| {
@@ -60,7 +41,7 @@ async fn local() -> Target {
         .unwrap()
         .unwrap_or_else(|e| {
             panic!(
-                "no MariaDB at 127.0.0.1:{LOCAL_PORT} (root, no password) and cannot start a throwaway one: {e}; \
+                "cannot start a throwaway MariaDB: {e}; \
                  install the server (`apt-get install -y mariadb-server`)"
             )
         })
@@ -180,18 +161,25 @@ fn role(name: &str, schema: &str, ttl: &str, max: &str, host: Option<&str>) -> S
     )
 }
 
-/// One broker on a MySQL-kind database, with its own directory and prefix.
+/// One broker on a MySQL-kind database: the harness's `TestBroker` with
+/// the MariaDB target and schema, and calls as `app`/`admin`.
 struct MyBroker {
-    env: DevEnv,
+    b: TestBroker,
     target: Target,
     schema: String,
-    addr: String,
-    port: u16,
-    prefix: String,
-    _dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<credbroker::Result<()>>>,
-    child: Option<Child>,
+}
+
+impl std::ops::Deref for MyBroker {
+    type Target = TestBroker;
+    fn deref(&self) -> &TestBroker {
+        &self.b
+    }
+}
+
+impl std::ops::DerefMut for MyBroker {
+    fn deref_mut(&mut self) -> &mut TestBroker {
+        &mut self.b
+    }
 }
 
 impl MyBroker {
@@ -200,95 +188,31 @@ impl MyBroker {
         let schema = target.fresh_schema().await;
         let dir = tempfile::tempdir().unwrap();
         let env = DevEnv::create(dir.path()).unwrap();
-        let port = free_port();
-        let prefix = format!("m{}_", &unique("")[1..5]);
-        let mut text = env.config_head(&format!("127.0.0.1:{port}"), None).replace(
-            "[server]\n",
-            &format!("[server]\nname_prefix = \"{prefix}\"\n"),
-        );
-        text.push_str(
-            "[reaper]\norphan_sweep_interval = \"1s\"\nintent_grace = \"2s\"\nmax_backoff = \"1s\"\n\n",
-        );
         let section = env
             .mysql_database("main", target.port, &schema, target.password.as_deref())
-            .unwrap();
-        text.push_str(&section.replace(
-            "kind = \"mysql\"\n",
-            "kind = \"mysql\"\nconnect_timeout = \"2s\"\nstatement_timeout = \"3s\"\n",
-        ));
-        text.push_str(&roles(&schema));
-        std::fs::write(&env.config_path, text).unwrap();
-        MyBroker {
+            .unwrap()
+            .replace(
+                "kind = \"mysql\"\n",
+                "kind = \"mysql\"\nconnect_timeout = \"2s\"\nstatement_timeout = \"3s\"\n",
+            );
+        let main = MainDatabase {
+            section,
+            name: schema.clone(),
+            pg_config: tokio_postgres::Config::new(),
+        };
+        let b = TestBroker::prepare_with_main(
+            dir,
             env,
+            main,
+            &roles(&schema),
+            "orphan_sweep_interval = \"1s\"\nintent_grace = \"2s\"\nmax_backoff = \"1s\"\n",
+            'm',
+        )
+        .await;
+        MyBroker {
+            b,
             target: target.clone(),
             schema,
-            addr: format!("https://127.0.0.1:{port}"),
-            port,
-            prefix,
-            _dir: dir,
-            stop: None,
-            task: None,
-            child: None,
-        }
-    }
-
-    /// Starts in-process; the start-up warnings.
-    fn edit_config(&self, f: impl FnOnce(String) -> String) {
-        let text = std::fs::read_to_string(&self.env.config_path).unwrap();
-        std::fs::write(&self.env.config_path, f(text)).unwrap();
-    }
-
-    async fn start_in_process(&mut self) -> Vec<String> {
-        let config = Config::load(&self.env.config_path).unwrap();
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
-        let daemon = Daemon::open(config).await.unwrap();
-        let warnings = daemon.warnings.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        self.task = Some(tokio::spawn(daemon.run(
-            Listeners {
-                grpc: listener,
-                metrics: None,
-            },
-            async {
-                let _ = rx.await;
-            },
-        )));
-        self.stop = Some(tx);
-        warnings
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), t)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    async fn spawn_binary(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-            .args(["serve", "--config"])
-            .arg(&self.env.config_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(self.env.dir.join("broker.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        wait_port(self.port).await;
-    }
-
-    fn kill_binary(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
         }
     }
 
@@ -343,12 +267,6 @@ impl MyBroker {
         let _ = c
             .query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.schema))
             .await;
-    }
-}
-
-impl Drop for MyBroker {
-    fn drop(&mut self) {
-        self.kill_binary();
     }
 }
 

@@ -118,11 +118,22 @@ pub fn role(name: &str, db: &str, default_ttl: &str, max_ttl: &str, allowed: &st
 
 pub const APP: &str = "spiffe://credbroker.dev/ns/demo/app";
 
+/// The `[databases.main]` of a test broker.
+pub struct MainDatabase {
+    /// The config section, `[databases.main]` and its keys.
+    pub section: String,
+    /// The database (PostgreSQL) or schema (MySQL) it holds.
+    pub name: String,
+    /// Superuser access for PostgreSQL; for MySQL an unused default.
+    pub pg_config: tokio_postgres::Config,
+}
+
 /// One broker under test with its own directory, database and config.
 pub struct TestBroker {
     pub env: DevEnv,
+    /// The main database's name (a PostgreSQL database, or a MySQL schema).
     pub db: String,
-    /// Superuser access to this broker's database.
+    /// Superuser access to this broker's database, when it is PostgreSQL.
     pub pg_config: tokio_postgres::Config,
     pub addr: String,
     pub port: u16,
@@ -151,22 +162,49 @@ impl TestBroker {
         let db = fresh_database_on(pg).await;
         let dir = tempfile::tempdir().unwrap();
         let env = DevEnv::create(dir.path()).unwrap();
+        let main = MainDatabase {
+            section: env.pg_database("main", pg, &db).unwrap(),
+            pg_config: pg.config(&db),
+            name: db,
+        };
+        Self::prepare_with_main(
+            dir,
+            env,
+            main,
+            &roles.replace("{db}", "main"),
+            "orphan_sweep_interval = \"1s\"\n",
+            't',
+        )
+        .await
+    }
+
+    /// The one constructor: a broker in `dir` whose `[databases.main]` is
+    /// `main` (of any kind), with `roles`, extra `[reaper]` keys and a
+    /// unique name prefix starting with `letter`. The gRPC port is bound
+    /// here (port 0) and held until the broker starts.
+    pub async fn prepare_with_main(
+        dir: tempfile::TempDir,
+        env: DevEnv,
+        main: MainDatabase,
+        roles: &str,
+        reaper: &str,
+        letter: char,
+    ) -> TestBroker {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let prefix = format!("t{}_", &unique("")[1..5]);
+        let prefix = format!("{letter}{}_", &unique("")[1..5]);
         let mut text = env.config_head(&format!("127.0.0.1:{port}"), None).replace(
             "[server]\n",
             &format!("[server]\nname_prefix = \"{prefix}\"\n"),
         );
-        text.push_str("[reaper]\norphan_sweep_interval = \"1s\"\n\n");
-        text.push_str(&env.pg_database("main", pg, &db).unwrap());
-        text.push_str(&roles.replace("{db}", "main"));
+        text.push_str(&format!("[reaper]\n{reaper}\n"));
+        text.push_str(&main.section);
+        text.push_str(roles);
         std::fs::write(&env.config_path, text).unwrap();
         TestBroker {
             env,
-            pg_config: pg.config(&db),
-            db,
-
+            pg_config: main.pg_config,
+            db: main.name,
             addr: format!("https://127.0.0.1:{port}"),
             port,
             prefix,
@@ -185,7 +223,8 @@ impl TestBroker {
         b
     }
 
-    pub async fn start_in_process(&mut self) {
+    /// Starts in-process; returns the start-up warnings.
+    pub async fn start_in_process(&mut self) -> Vec<String> {
         let config = Config::load(&self.env.config_path).unwrap();
         let listener = match self.listener.take() {
             Some(l) => l,
@@ -193,6 +232,7 @@ impl TestBroker {
             None => TcpListener::bind(("127.0.0.1", self.port)).await.unwrap(),
         };
         let daemon = Daemon::open(config).await.unwrap();
+        let warnings = daemon.warnings.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.task = Some(tokio::spawn(daemon.run(
             Listeners {
@@ -204,6 +244,7 @@ impl TestBroker {
             },
         )));
         self.stop = Some(tx);
+        warnings
     }
 
     /// Stops an in-process broker gracefully.
