@@ -1121,7 +1121,9 @@ fn hostname() -> String {
 mod lock_tests {
     use super::*;
     use crate::policy::IdentityPattern;
+    use crate::store::LeaseFilter;
     use crate::testkit::{admin, app, role, Kit, APP};
+    use std::path::Path;
 
     const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
 
@@ -1135,6 +1137,42 @@ mod lock_tests {
 
     fn pattern(p: &str) -> LockTarget {
         LockTarget::Identity(IdentityPattern::new(p).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_issue_that_cannot_be_audited_hands_out_nothing_and_leaves_nothing() {
+        // Every write to /dev/full fails (ENOSPC): a full disk under the log.
+        let kit = Kit::with_audit_at("", &role("ro", "main"), Some(Path::new("/dev/full")));
+        let Err(err) = kit.broker.issue(&app(), "ro", None).await else {
+            panic!("a lease was handed out although its audit record failed");
+        };
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        assert!(err.to_string().contains("audit"), "{err}");
+        // The user the backend made is dropped again, and the lease leaves
+        // the live set: nothing can log in that nobody audited.
+        let mut created = None;
+        for _ in 0..100 {
+            let calls = kit.server.calls();
+            created = calls
+                .iter()
+                .find_map(|c| c.strip_prefix("create ").map(str::to_string));
+            let dropped = calls.iter().any(|c| c.starts_with("revoke "));
+            if created.is_some() && dropped {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let user = created.expect("the backend was asked to create the user");
+        assert!(
+            kit.server.user(&user).is_none(),
+            "{user} still exists: {:?}",
+            kit.server.calls()
+        );
+        let live = kit.store.list(&LeaseFilter::default()).await.unwrap();
+        assert!(
+            live.iter().all(|l| l.state == LeaseState::Revoked),
+            "{live:?}"
+        );
     }
 
     #[tokio::test]

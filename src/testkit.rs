@@ -29,6 +29,12 @@ impl Kit {
     /// `roles` (TOML) appended to a minimal config; `extra` goes before the
     /// first table (e.g. a `[reaper]` section is fine there too).
     pub fn new(extra: &str, roles: &str) -> Kit {
+        Self::with_audit_at(extra, roles, None)
+    }
+
+    /// `new`, with the audit log at `audit` (e.g. `/dev/full`, where every
+    /// write fails) instead of a file in the kit's directory.
+    pub fn with_audit_at(extra: &str, roles: &str, audit: Option<&std::path::Path>) -> Kit {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "admins = [\"spiffe://credbroker.dev/dba/*\"]\n\n\
@@ -47,7 +53,10 @@ impl Kit {
             backends.insert(db.to_string(), b);
         }
         let store = Arc::new(MemoryStore::new());
-        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log"), false).unwrap());
+        let audit_path = audit
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| dir.path().join("audit.log"));
+        let audit = Arc::new(AuditLog::open(&audit_path, false).unwrap());
         let broker = Arc::new(Broker::new(
             Arc::new(config),
             store.clone(),
