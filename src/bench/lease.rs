@@ -26,6 +26,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use rand::Rng;
 use serde::Serialize;
 
+use crate::bench::cpu::{PerLease, Sample};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
 use crate::bench::{pg_err, write_report, Latency, Machine};
 use crate::error::{Error, Result};
@@ -104,6 +105,8 @@ pub struct Run {
     pub cycle: Latency,
     /// Issue alone (create + grant for (a)/(b)).
     pub issue: Latency,
+    /// CPU and WAL syncs per lease, from `/proc` and `pg_stat_wal`.
+    pub cost: PerLease,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
 }
@@ -138,17 +141,21 @@ pub async fn run(opts: &Options) -> Result<Report> {
         None
     };
 
+    let meter = Meter {
+        data_dir: pg.pg.data_dir().to_path_buf(),
+        client: pg.connect().await?,
+    };
     let mut runs = Vec::new();
     for &callers in &opts.callers {
         for &scenario in &opts.scenarios {
             let r = match scenario {
                 Scenario::Plaintext | Scenario::Verifier => {
-                    measure_direct(&pg, scenario, callers, opts).await?
+                    measure_direct(&pg, &meter, scenario, callers, opts).await?
                 }
-                Scenario::BackendSql => measure_backend(&env, callers, opts).await?,
+                Scenario::BackendSql => measure_backend(&env, &meter, callers, opts).await?,
                 Scenario::Credbroker => {
                     let b = broker.as_ref().expect("started above");
-                    measure_broker(&env, &b.addr, callers, opts).await?
+                    measure_broker(&env, &meter, &b.addr, callers, opts).await?
                 }
             };
             eprintln!(
@@ -179,11 +186,25 @@ pub async fn run(opts: &Options) -> Result<Report> {
     })
 }
 
+/// Where a run's cost is read: the PostgreSQL server's processes and its
+/// `pg_stat_wal`.
+struct Meter {
+    data_dir: PathBuf,
+    client: tokio_postgres::Client,
+}
+
+impl Meter {
+    async fn sample(&self) -> Sample {
+        Sample::take(&self.data_dir, Some(&self.client)).await
+    }
+}
+
 /// Runs `callers` workers until the deadline (or the lease count) and
 /// gathers their samples. Each worker gets its state from `open` before
 /// the clock starts, and does one untimed cycle to warm up.
 async fn drive<S, O, OF, C, CF>(
     scenario: Scenario,
+    meter: &Meter,
     callers: usize,
     opts: &Options,
     open: O,
@@ -204,6 +225,7 @@ where
         states.push(s);
     }
     let remaining = Arc::new(AtomicU64::new(opts.leases.unwrap_or(u64::MAX)));
+    let before = meter.sample().await;
     let started = Instant::now();
     let deadline = started + opts.duration;
     let fixed = opts.leases.is_some();
@@ -260,10 +282,13 @@ where
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let after = meter.sample().await;
+    let leases = cycles.len() as u64;
     Ok(Run {
         scenario,
         callers,
-        leases: cycles.len() as u64,
+        cost: PerLease::between(&before, &after, leases, scenario == Scenario::Credbroker),
+        leases,
         errors,
         seconds,
         leases_per_s: cycles.len() as f64 / seconds,
@@ -275,6 +300,7 @@ where
 
 async fn measure_direct(
     pg: &BenchPostgres,
+    meter: &Meter,
     scenario: Scenario,
     callers: usize,
     opts: &Options,
@@ -287,6 +313,7 @@ async fn measure_direct(
     let kept = leftover.clone();
     let run = drive(
         scenario,
+        meter,
         callers,
         opts,
         || async { pg.connect().await.map(Arc::new) },
@@ -316,6 +343,7 @@ async fn measure_direct(
 /// callers (as the broker shares its pool).
 async fn measure_backend(
     env: &crate::devenv::DevEnv,
+    meter: &Meter,
     callers: usize,
     opts: &Options,
 ) -> Result<Run> {
@@ -337,6 +365,7 @@ async fn measure_backend(
     let role = Arc::new(role);
     let run = drive(
         Scenario::BackendSql,
+        meter,
         callers,
         opts,
         || {
@@ -449,6 +478,7 @@ async fn retrying(client: &tokio_postgres::Client, sql: &str) -> Result<(), toki
 
 async fn measure_broker(
     env: &crate::devenv::DevEnv,
+    meter: &Meter,
     addr: &str,
     callers: usize,
     opts: &Options,
@@ -459,6 +489,7 @@ async fn measure_broker(
     let kept = leftover.clone();
     let run = drive(
         Scenario::Credbroker,
+        meter,
         callers,
         opts,
         || setup::connected_client(env, addr),
@@ -521,14 +552,20 @@ impl Report {
         let mut callers: Vec<usize> = self.runs.iter().map(|r| r.callers).collect();
         callers.dedup();
         for n in callers {
-            let rows: [(&str, Figure); 4] = [
+            let rows: [(&str, Figure); 8] = [
                 ("leases/s", |r| r.leases_per_s),
                 ("p50 ms", |r| r.cycle.p50_ms),
                 ("p99 ms", |r| r.cycle.p99_ms),
                 ("max ms", |r| r.cycle.max_ms),
+                ("CPU ms/lease, broker", |r| {
+                    r.cost.broker_cpu_ms.unwrap_or(f64::NAN)
+                }),
+                ("CPU ms/lease, bench process", |r| r.cost.process_cpu_ms),
+                ("CPU ms/lease, PostgreSQL", |r| r.cost.postgres_cpu_ms),
+                ("WAL syncs/lease", |r| r.cost.wal_syncs.unwrap_or(f64::NAN)),
             ];
             for (label, get) in rows {
-                let v = |s| self.find(s, n).map(get);
+                let v = |s| self.find(s, n).map(get).filter(|x: &f64| !x.is_nan());
                 let cell = |x: Option<f64>| match x {
                     Some(x) if x >= 100.0 => format!("{x:.0}"),
                     Some(x) => format!("{x:.2}"),

@@ -12,6 +12,7 @@
 //! Figures are printed and written as Markdown and JSON. Nothing here is
 //! used by the broker itself.
 
+pub mod cpu;
 pub mod lease;
 pub mod reaper;
 pub mod scale;

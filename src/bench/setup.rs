@@ -188,41 +188,72 @@ pub fn write_env(
     Ok(env)
 }
 
-/// A broker running in this process on a free port.
+/// A broker running in this process on a free port, on a runtime of its
+/// own whose threads are named [`crate::bench::cpu::BROKER_THREAD`]: its
+/// CPU time is then told apart from the load generator's.
 pub struct InProcess {
     pub addr: String,
     pub broker: Arc<Broker>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<()>>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl InProcess {
     pub async fn start(env: &DevEnv) -> Result<Self> {
         let config = Config::load(&env.config_path)?;
-        let grpc = TcpListener::bind("127.0.0.1:0")
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(crate::bench::cpu::BROKER_THREAD.into())
+            .spawn(move || -> Result<()> {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name(crate::bench::cpu::BROKER_THREAD)
+                    .enable_all()
+                    .build()
+                    .map_err(io_err("broker runtime"))?;
+                rt.block_on(async move {
+                    // Opened on this runtime: the pools' connection tasks
+                    // run on its threads too.
+                    let opened = async {
+                        let grpc = TcpListener::bind("127.0.0.1:0")
+                            .await
+                            .map_err(io_err("bind"))?;
+                        let port = grpc.local_addr().map_err(io_err("bind"))?.port();
+                        let daemon = Daemon::open(config).await?;
+                        Ok::<_, Error>((grpc, port, daemon))
+                    }
+                    .await;
+                    let (grpc, port, daemon) = match opened {
+                        Ok(o) => o,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.clone()));
+                            return Err(e);
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((port, daemon.broker.clone())));
+                    daemon
+                        .run(
+                            Listeners {
+                                grpc,
+                                metrics: None,
+                            },
+                            async {
+                                let _ = stop_rx.await;
+                            },
+                        )
+                        .await
+                })
+            })
+            .map_err(io_err("broker thread"))?;
+        let (port, broker) = ready_rx
             .await
-            .map_err(io_err("bind"))?;
-        let addr = format!(
-            "https://127.0.0.1:{}",
-            grpc.local_addr().map_err(io_err("bind"))?.port()
-        );
-        let daemon = Daemon::open(config).await?;
-        let broker = daemon.broker.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(
-            Listeners {
-                grpc,
-                metrics: None,
-            },
-            async {
-                let _ = rx.await;
-            },
-        ));
+            .map_err(|_| Error::internal("the broker thread ended before it was ready"))??;
         Ok(InProcess {
-            addr,
+            addr: format!("https://127.0.0.1:{port}"),
             broker,
-            stop: Some(tx),
-            task: Some(task),
+            stop: Some(stop_tx),
+            thread: Some(thread),
         })
     }
 
@@ -230,11 +261,13 @@ impl InProcess {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), t)
+        if let Some(t) = self.thread.take() {
+            let joined = tokio::task::spawn_blocking(move || t.join());
+            tokio::time::timeout(Duration::from_secs(30), joined)
                 .await
                 .map_err(|_| Error::internal("broker did not stop within 30 s"))?
-                .map_err(Error::internal)??;
+                .map_err(Error::internal)?
+                .map_err(|_| Error::internal("the broker thread panicked"))??;
         }
         Ok(())
     }

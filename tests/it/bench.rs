@@ -8,7 +8,7 @@ use std::process::Command;
 fn bench_lease_writes_a_table_with_all_four_columns() {
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(["bench", "--callers", "1,2", "--leases", "3", "--out"])
+        .args(["bench", "--callers", "1,2", "--leases", "20", "--out"])
         .arg(out.path())
         .output()
         .unwrap();
@@ -34,9 +34,33 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
         .take_while(|l| l.starts_with('|'))
         .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
         .collect();
-    // Two caller counts × leases/s, p50, p99, max.
-    assert_eq!(rows.len(), 8, "{md}");
-    for row in &rows {
+    // Two caller counts × leases/s, p50, p99, max, then the costs.
+    assert_eq!(rows.len(), 16, "{md}");
+    let (timings, costs): (Vec<_>, Vec<_>) = rows
+        .iter()
+        .partition(|r| !r[1].contains('/') || r[1] == "leases/s");
+    assert_eq!(timings.len(), 8, "{md}");
+    for row in &costs {
+        assert_eq!(row.len(), 9, "row {row:?}");
+        // Only (c) has broker threads; every other cell is a count.
+        for (i, cell) in row[2..6].iter().enumerate() {
+            if row[1] == "CPU ms/lease, broker" && i < 3 {
+                assert_eq!(*cell, "–", "row {row:?}");
+                continue;
+            }
+            let v: f64 = cell
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number: {cell:?} in {row:?}"));
+            assert!(v >= 0.0, "row {row:?}");
+        }
+    }
+    let pg_cpu: f64 = costs
+        .iter()
+        .filter(|r| r[1] == "CPU ms/lease, PostgreSQL")
+        .flat_map(|r| r[2..6].iter().map(|c| c.parse::<f64>().unwrap()))
+        .sum();
+    assert!(pg_cpu > 0.0, "PostgreSQL's CPU is not counted: {md}");
+    for row in &timings {
         assert_eq!(row.len(), 9, "row {row:?}");
         assert!(matches!(row[0], "1" | "2"), "row {row:?}");
         for cell in &row[2..6] {
@@ -57,7 +81,7 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
     let runs = json["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 8);
     for r in runs {
-        assert_eq!(r["leases"], 3, "{r}");
+        assert_eq!(r["leases"], 20, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
     }
     let scenarios: Vec<&str> = runs

@@ -1,0 +1,191 @@
+//! CPU time per lease, read from `/proc`: steadier on a shared machine than
+//! rates, which move with every neighbour. Three accounts per run:
+//!
+//! - the broker: the threads of its own runtime (named [`BROKER_THREAD`]),
+//!   so the load generator in the same process is not counted as ours;
+//! - the whole bench process (load generator, and for (b′) the backend
+//!   code itself);
+//! - PostgreSQL: the postmaster and every child, live ones by their own
+//!   counters and exited ones through the postmaster's `cutime`/`cstime`.
+//!
+//! Plus WAL syncs (`pg_stat_wal.wal_sync`), PostgreSQL's fsyncs.
+
+use std::path::Path;
+
+/// Thread name of the in-process broker's runtime.
+pub const BROKER_THREAD: &str = "cb-broker";
+
+/// Counters at one instant, in clock ticks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub broker: u64,
+    pub process: u64,
+    pub postgres: u64,
+    pub wal_syncs: Option<i64>,
+}
+
+impl Sample {
+    pub async fn take(pg_data_dir: &Path, pg: Option<&tokio_postgres::Client>) -> Sample {
+        let wal_syncs = match pg {
+            Some(c) => c
+                .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+                .await
+                .ok()
+                .map(|r| r.get::<_, i64>(0)),
+            None => None,
+        };
+        Sample {
+            broker: threads_named(BROKER_THREAD),
+            process: self_ticks(),
+            postgres: postgres_ticks(pg_data_dir),
+            wal_syncs,
+        }
+    }
+}
+
+/// What a run cost, per lease.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PerLease {
+    /// Broker threads; `None` where no broker ran (a, b, b′).
+    pub broker_cpu_ms: Option<f64>,
+    pub process_cpu_ms: f64,
+    pub postgres_cpu_ms: f64,
+    pub wal_syncs: Option<f64>,
+}
+
+impl PerLease {
+    pub fn between(before: &Sample, after: &Sample, leases: u64, broker: bool) -> PerLease {
+        let n = leases.max(1) as f64;
+        let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 * 1000.0 / ticks_per_second() / n;
+        PerLease {
+            broker_cpu_ms: broker.then(|| ms(before.broker, after.broker)),
+            process_cpu_ms: ms(before.process, after.process),
+            postgres_cpu_ms: ms(before.postgres, after.postgres),
+            wal_syncs: match (before.wal_syncs, after.wal_syncs) {
+                (Some(a), Some(b)) => Some((b - a).max(0) as f64 / n),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn ticks_per_second() -> f64 {
+    match rustix::param::clock_ticks_per_second() {
+        0 => 100.0,
+        t => t as f64,
+    }
+}
+
+/// utime, stime, cutime, cstime of a `/proc/.../stat` line. The command
+/// name (field 2) may hold spaces and parentheses: parse after its last `)`.
+fn stat_times(stat: &str) -> Option<[u64; 4]> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // After the name: state is field 3, so utime (14) is index 11 here.
+    let n = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|v| v.max(0) as u64)
+    };
+    Some([n(11)?, n(12)?, n(13)?, n(14)?])
+}
+
+fn stat_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+fn self_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| stat_times(&s))
+        .map(|t| t[0] + t[1])
+        .unwrap_or(0)
+}
+
+fn threads_named(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(prefix))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|s| stat_times(&s))
+        .map(|t| t[0] + t[1])
+        .sum()
+}
+
+/// The postmaster's pid: the first line of `postmaster.pid`.
+fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn postgres_ticks(data_dir: &Path) -> u64 {
+    let Some(pm) = postmaster_pid(data_dir) else {
+        return 0;
+    };
+    let Some(own) = std::fs::read_to_string(format!("/proc/{pm}/stat"))
+        .ok()
+        .and_then(|s| stat_times(&s))
+    else {
+        return 0;
+    };
+    let mut total = own.iter().sum::<u64>();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue;
+        };
+        if stat_ppid(&stat) == Some(pm) {
+            if let Some(t) = stat_times(&stat) {
+                total += t[0] + t[1];
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_with_odd_command_names_parse() {
+        let line = "4242 (postgres: bench (x) idle) S 4000 4242 4242 0 -1 4194560 1 0 0 0 \
+                    17 5 3 2 20 0 1 0 100 0 0";
+        assert_eq!(stat_times(line), Some([17, 5, 3, 2]));
+        assert_eq!(stat_ppid(line), Some(4000));
+    }
+
+    #[test]
+    fn this_process_uses_some_cpu() {
+        let before = self_ticks();
+        let mut x = 0u64;
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(60) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        assert!(self_ticks() > before, "60 ms of spinning counted no tick");
+    }
+}
