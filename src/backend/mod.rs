@@ -7,7 +7,7 @@
 
 pub mod fake;
 pub mod mysql;
-mod mysql_auth;
+pub mod mysql_auth;
 pub mod mysql_check;
 mod mysql_definer;
 pub mod postgres;
@@ -194,7 +194,8 @@ fn staged_path(path: &std::path::Path) -> std::path::PathBuf {
     name.into()
 }
 
-fn build(db: &DatabaseConfig) -> Result<Arc<dyn Backend>> {
+/// The backend for one database's config, not yet checked or connected.
+pub fn build(db: &DatabaseConfig) -> Result<Arc<dyn Backend>> {
     Ok(match db.kind {
         BackendKind::Postgres => Arc::new(postgres::PostgresBackend::new(db)?),
         BackendKind::Mysql => Arc::new(mysql::MysqlBackend::new(db)?),

@@ -5,8 +5,9 @@
 //!   so the load generator in the same process is not counted as ours;
 //! - the whole bench process (load generator, and for (b′) the backend
 //!   code itself);
-//! - PostgreSQL: the postmaster and every child, live ones by their own
-//!   counters and exited ones through the postmaster's `cutime`/`cstime`.
+//! - the database server: PostgreSQL's postmaster and every child (live
+//!   ones by their own counters, exited ones through the postmaster's
+//!   `cutime`/`cstime`), or `mariadbd` (one process, every thread).
 //!
 //! Plus WAL syncs (`pg_stat_wal.wal_sync`), PostgreSQL's fsyncs.
 
@@ -20,25 +21,33 @@ pub const BROKER_THREAD: &str = "cb-broker";
 pub struct Sample {
     pub broker: u64,
     pub process: u64,
-    pub postgres: u64,
+    pub database: u64,
     pub wal_syncs: Option<i64>,
 }
 
 impl Sample {
-    pub async fn take(pg_data_dir: &Path, pg: Option<&tokio_postgres::Client>) -> Sample {
-        let wal_syncs = match pg {
-            Some(c) => c
-                .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
-                .await
-                .ok()
-                .map(|r| r.get::<_, i64>(0)),
-            None => None,
-        };
+    /// With a PostgreSQL server whose data directory is `data_dir`.
+    pub async fn postgres(data_dir: &Path, client: &tokio_postgres::Client) -> Sample {
+        let wal_syncs = client
+            .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+            .await
+            .ok()
+            .map(|r| r.get::<_, i64>(0));
         Sample {
             broker: threads_named(BROKER_THREAD),
             process: self_ticks(),
-            postgres: postgres_ticks(pg_data_dir),
+            database: postgres_ticks(data_dir),
             wal_syncs,
+        }
+    }
+
+    /// With a one-process database server (`mariadbd`).
+    pub fn process(pid: u32) -> Sample {
+        Sample {
+            broker: threads_named(BROKER_THREAD),
+            process: self_ticks(),
+            database: pid_ticks(pid),
+            wal_syncs: None,
         }
     }
 }
@@ -49,7 +58,7 @@ pub struct PerLease {
     /// Broker threads; `None` where no broker ran (a, b, b′).
     pub broker_cpu_ms: Option<f64>,
     pub process_cpu_ms: f64,
-    pub postgres_cpu_ms: f64,
+    pub database_cpu_ms: f64,
     pub wal_syncs: Option<f64>,
 }
 
@@ -60,7 +69,7 @@ impl PerLease {
         PerLease {
             broker_cpu_ms: broker.then(|| ms(before.broker, after.broker)),
             process_cpu_ms: ms(before.process, after.process),
-            postgres_cpu_ms: ms(before.postgres, after.postgres),
+            database_cpu_ms: ms(before.database, after.database),
             wal_syncs: match (before.wal_syncs, after.wal_syncs) {
                 (Some(a), Some(b)) => Some((b - a).max(0) as f64 / n),
                 _ => None,
@@ -97,6 +106,14 @@ fn stat_ppid(stat: &str) -> Option<u32> {
 
 fn self_ticks() -> u64 {
     std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| stat_times(&s))
+        .map(|t| t[0] + t[1])
+        .unwrap_or(0)
+}
+
+fn pid_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| stat_times(&s))
         .map(|t| t[0] + t[1])

@@ -113,6 +113,15 @@ pub struct Run {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// `lease` (PostgreSQL) or `mysql`: the report's file name.
+    #[serde(skip)]
+    pub file: &'static str,
+    /// What (a) and (b) send, for the report's first lines.
+    #[serde(skip)]
+    pub baselines: &'static str,
+    /// The grant every scenario makes, as SQL.
+    #[serde(skip)]
+    pub grant_sql: String,
     pub machine: Machine,
     pub duration_s: f64,
     pub fixed_leases: Option<u64>,
@@ -141,7 +150,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         None
     };
 
-    let meter = Meter {
+    let meter = Meter::Postgres {
         data_dir: pg.pg.data_dir().to_path_buf(),
         client: pg.connect().await?,
     };
@@ -158,16 +167,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
                     measure_broker(&env, &meter, &b.addr, callers, opts).await?
                 }
             };
-            eprintln!(
-                "  {:<15} {:>3} callers: {:>8.1} leases/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} leases, {} errors)",
-                scenario.header(),
-                callers,
-                r.leases_per_s,
-                r.cycle.p50_ms,
-                r.cycle.p99_ms,
-                r.leases,
-                r.errors
-            );
+            print_run(&r);
             runs.push(r);
         }
     }
@@ -176,6 +176,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
     }
     machine.finish();
     Ok(Report {
+        file: "lease",
+        baselines:
+            "(a) CREATE ROLE … PASSWORD 'plaintext'; (b) the same with a 1-round SCRAM verifier",
+        grant_sql: Grant::statement(opts.grant, "<role>"),
         machine,
         duration_s: opts.duration.as_secs_f64(),
         fixed_leases: opts.leases,
@@ -186,23 +190,43 @@ pub async fn run(opts: &Options) -> Result<Report> {
     })
 }
 
-/// Where a run's cost is read: the PostgreSQL server's processes and its
-/// `pg_stat_wal`.
-struct Meter {
-    data_dir: PathBuf,
-    client: tokio_postgres::Client,
+/// One progress line per run, on stderr.
+pub(crate) fn print_run(r: &Run) {
+    eprintln!(
+        "  {:<15} {:>3} callers: {:>8.1} leases/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} leases, {} errors)",
+        r.scenario.header(),
+        r.callers,
+        r.leases_per_s,
+        r.cycle.p50_ms,
+        r.cycle.p99_ms,
+        r.leases,
+        r.errors
+    );
+}
+
+/// Where a run's cost is read: the database server's processes (and
+/// PostgreSQL's `pg_stat_wal`).
+pub(crate) enum Meter {
+    Postgres {
+        data_dir: PathBuf,
+        client: tokio_postgres::Client,
+    },
+    Process(u32),
 }
 
 impl Meter {
     async fn sample(&self) -> Sample {
-        Sample::take(&self.data_dir, Some(&self.client)).await
+        match self {
+            Meter::Postgres { data_dir, client } => Sample::postgres(data_dir, client).await,
+            Meter::Process(pid) => Sample::process(*pid),
+        }
     }
 }
 
 /// Runs `callers` workers until the deadline (or the lease count) and
 /// gathers their samples. Each worker gets its state from `open` before
 /// the clock starts, and does one untimed cycle to warm up.
-async fn drive<S, O, OF, C, CF>(
+pub(crate) async fn drive<S, O, OF, C, CF>(
     scenario: Scenario,
     meter: &Meter,
     callers: usize,
@@ -341,7 +365,7 @@ async fn measure_direct(
 
 /// (b′): credbroker's backend, called straight, one pool shared by the
 /// callers (as the broker shares its pool).
-async fn measure_backend(
+pub(crate) async fn measure_backend(
     env: &crate::devenv::DevEnv,
     meter: &Meter,
     callers: usize,
@@ -357,7 +381,7 @@ async fn measure_backend(
         .role(setup::ROLE)
         .ok_or_else(|| Error::internal("bench config has no role"))?
         .clone();
-    let backend: Arc<dyn Backend> = Arc::new(crate::backend::postgres::PostgresBackend::new(db)?);
+    let backend: Arc<dyn Backend> = crate::backend::build(db)?;
     let leftover = opts
         .issue_only
         .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
@@ -476,7 +500,7 @@ async fn retrying(client: &tokio_postgres::Client, sql: &str) -> Result<(), toki
     }
 }
 
-async fn measure_broker(
+pub(crate) async fn measure_broker(
     env: &crate::devenv::DevEnv,
     meter: &Meter,
     addr: &str,
@@ -561,7 +585,7 @@ impl Report {
                     r.cost.broker_cpu_ms.unwrap_or(f64::NAN)
                 }),
                 ("CPU ms/lease, bench process", |r| r.cost.process_cpu_ms),
-                ("CPU ms/lease, PostgreSQL", |r| r.cost.postgres_cpu_ms),
+                ("CPU ms/lease, database", |r| r.cost.database_cpu_ms),
                 ("WAL syncs/lease", |r| r.cost.wal_syncs.unwrap_or(f64::NAN)),
             ];
             for (label, get) in rows {
@@ -608,9 +632,10 @@ impl Report {
             "issue + revoke; one lease = issue + revoke; latency is the whole cycle"
         };
         let mut out = format!(
-            "# credbroker bench: {what}\n\n{}- {how}\n- grant: {}\n- broker backend pool: {}\n- errors: {errors}\n\n",
+            "# credbroker bench: {what}\n\n{}- baselines: {}\n- {how}\n- grant: {}\n- broker backend pool: {}\n- errors: {errors}\n\n",
             self.machine.markdown(),
-            Grant::statement(self.grant, "<role>"),
+            self.baselines,
+            self.grant_sql,
             self.broker_pool
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "default".into()),
@@ -628,6 +653,6 @@ impl Report {
     }
 
     pub fn write(&self, dir: &std::path::Path) -> Result<()> {
-        write_report(dir, "lease", &self.markdown(), self)
+        write_report(dir, self.file, &self.markdown(), self)
     }
 }

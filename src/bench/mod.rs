@@ -14,6 +14,7 @@
 
 pub mod cpu;
 pub mod lease;
+pub mod mysql;
 pub mod reaper;
 pub mod scale;
 pub mod setup;

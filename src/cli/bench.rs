@@ -26,6 +26,9 @@ enum What {
     /// (a) plaintext, (b) 1-round verifier, (c) credbroker: issue + revoke
     /// (the default)
     Lease(LeaseArgs),
+    /// The same four columns on a throwaway MariaDB: (a) IDENTIFIED BY
+    /// plaintext, (b) by hash, (b′) credbroker's statements, (c) credbroker
+    Mysql(LeaseArgs),
     /// Many leases due at once: time until every role is gone
     Reaper(ReaperArgs),
     /// Many live leases and a million store rows: memory, restart, reaper
@@ -109,8 +112,9 @@ struct ScaleArgs {
 
 pub async fn run(args: Args) -> CliResult {
     match args.what {
-        None => lease_bench(args.lease).await?,
-        Some(What::Lease(a)) => lease_bench(a).await?,
+        None => lease_bench(args.lease, false).await?,
+        Some(What::Lease(a)) => lease_bench(a, false).await?,
+        Some(What::Mysql(a)) => lease_bench(a, true).await?,
         Some(What::Reaper(a)) => {
             let opts = reaper::Options {
                 leases: a.leases,
@@ -140,7 +144,7 @@ pub async fn run(args: Args) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
+async fn lease_bench(a: LeaseArgs, mysql: bool) -> anyhow::Result<()> {
     let scenarios = a
         .scenarios
         .iter()
@@ -167,10 +171,22 @@ async fn lease_bench(a: LeaseArgs) -> anyhow::Result<()> {
         pool: a.pool,
         out_dir: a.out.out,
     };
-    let report = lease::run(&opts).await.context("lease benchmark")?;
+    if mysql && (opts.issue_only || opts.pg_durable || a.grant != "member") {
+        return Err(crate::Error::Config(
+            "bench mysql: --issue-only, --pg-durable and --grant are PostgreSQL options".into(),
+        )
+        .into());
+    }
+    let report = if mysql {
+        crate::bench::mysql::run(&opts)
+            .await
+            .context("MySQL lease benchmark")?
+    } else {
+        lease::run(&opts).await.context("lease benchmark")?
+    };
     report.write(&opts.out_dir)?;
     println!("{}", report.markdown());
-    written(&opts.out_dir, "lease");
+    written(&opts.out_dir, report.file);
     Ok(())
 }
 

@@ -345,6 +345,11 @@ impl ThrowawayMariadb {
         &self.data_dir
     }
 
+    /// The `mariadbd` process, while it runs (for measuring its CPU).
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(|s| s.server_pid)
+    }
+
     /// Whether the server runs (it does unless [`stop`](Self::stop)ped).
     pub fn is_running(&self) -> bool {
         self.server.as_ref().is_some_and(Supervised::server_alive)

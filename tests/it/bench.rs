@@ -56,7 +56,7 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
     }
     let pg_cpu: f64 = costs
         .iter()
-        .filter(|r| r[1] == "CPU ms/lease, PostgreSQL")
+        .filter(|r| r[1] == "CPU ms/lease, database")
         .flat_map(|r| r[2..6].iter().map(|c| c.parse::<f64>().unwrap()))
         .sum();
     assert!(pg_cpu > 0.0, "PostgreSQL's CPU is not counted: {md}");

@@ -1005,6 +1005,91 @@ async fn mysql_objects_a_leased_user_defines_outlive_revoke_and_expiry() {
     b.drop_schema().await;
 }
 
+/// The definer lookup is skipped only when the user's *current* grants
+/// prove it defines nothing: a SELECT-only lease is revoked without it,
+/// but one a DBA granted CREATE VIEW by hand (after issue, outside the
+/// broker) keeps its view working through the revocation.
+#[tokio::test]
+async fn mysql_a_privilege_granted_by_hand_after_issue_still_gets_its_objects_moved() {
+    // A server of its own: the general log is switched on for it.
+    let db = throwaway().await;
+    let t = target_of(&db);
+    let mut b = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
+    let reader = reader_account(&t, &b.schema).await;
+    b.start_in_process().await;
+    let mut root = t.root().await;
+    let admin: Option<String> = root.query_first("SELECT CURRENT_USER()").await.unwrap();
+    let admin = admin.unwrap();
+    root.query_drop("SET GLOBAL log_output = 'TABLE'; SET GLOBAL general_log = 'ON'")
+        .await
+        .unwrap();
+    let lookups = |user: &str| format!("DEFINER IN ('{user}@");
+
+    // SELECT only: revoked, and the definer lookup never ran.
+    let plain = b.issue("reader", 0).await.unwrap();
+    b.login(&plain).await.expect("leased login");
+    b.revoke(&plain).await;
+    assert!(
+        t.user_hosts(&plain.username).await.is_empty(),
+        "user not dropped"
+    );
+    assert!(
+        general_log_count(&mut root, &format!("SHOW GRANTS FOR '{}'", plain.username)).await >= 1,
+        "the grants were not read"
+    );
+    assert_eq!(
+        general_log_count(&mut root, &lookups(&plain.username)).await,
+        0,
+        "a SELECT-only user's revocation scanned for definers"
+    );
+
+    // A DBA widens one lease by hand; the user makes a view with it.
+    let widened = b.issue("reader", 0).await.unwrap();
+    root.query_drop(format!(
+        "GRANT CREATE VIEW, SHOW VIEW ON `{}`.* TO '{}'@'%'",
+        b.schema, widened.username
+    ))
+    .await
+    .unwrap();
+    let mut c = b.login(&widened).await.expect("leased login");
+    c.query_drop("CREATE VIEW hand_v AS SELECT id FROM orders")
+        .await
+        .expect("the hand-granted privilege works");
+    drop(c);
+    b.revoke(&widened).await;
+    assert!(
+        t.user_hosts(&widened.username).await.is_empty(),
+        "user not dropped"
+    );
+    let definer: Option<String> = root
+        .exec_first(
+            "SELECT DEFINER FROM information_schema.VIEWS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'hand_v'",
+            (&b.schema,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        definer.as_deref(),
+        Some(admin.as_str()),
+        "the view's definer was not moved"
+    );
+    let mut other = login(&t.clone(), &b.schema, &reader.user, &reader.password)
+        .await
+        .expect("reader login");
+    let n: Vec<i64> = other
+        .query("SELECT id FROM hand_v")
+        .await
+        .expect("the view works after its definer's lease was revoked");
+    assert_eq!(n, vec![1]);
+    let rec = audit_of(&b, &widened).expect("revocation record");
+    assert_eq!(rec.objects_reassigned, Some(1), "{rec:?}");
+    assert!(
+        general_log_count(&mut root, &lookups(&widened.username)).await >= 1,
+        "the widened user's definers were not looked up"
+    );
+    b.stop().await;
+}
+
 /// Whether the server has `user` locked (MariaDB keeps it in global_priv).
 async fn is_locked(t: &Target, user: &str) -> bool {
     let v: Option<Option<String>> = t
