@@ -340,22 +340,23 @@ impl MysqlBackend {
     /// particular server codes.
     async fn timed_raw<T>(
         &self,
-        what: &str,
+        what: &'static str,
         f: impl Future<Output = std::result::Result<T, mysql_async::Error>>,
     ) -> Result<std::result::Result<T, mysql_async::Error>> {
-        tokio::time::timeout(self.config.statement_timeout, f)
-            .await
-            .map_err(|_| {
-                Error::Unavailable(format!(
-                    "database {:?}: {what} timed out after {:?}",
-                    self.config.name, self.config.statement_timeout
-                ))
-            })
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(self.config.statement_timeout, f).await;
+        crate::backend::steps::record(what, started.elapsed());
+        r.map_err(|_| {
+            Error::Unavailable(format!(
+                "database {:?}: {what} timed out after {:?}",
+                self.config.name, self.config.statement_timeout
+            ))
+        })
     }
 
     async fn timed<T>(
         &self,
-        what: &str,
+        what: &'static str,
         f: impl Future<Output = std::result::Result<T, mysql_async::Error>>,
     ) -> Result<T> {
         self.timed_raw(what, f)
@@ -561,8 +562,11 @@ impl MysqlBackend {
                 "SHOW GRANTS FOR {}",
                 account(u.username.as_str(), host_of(u))
             );
-            match conn.query::<String, _>(sql).await {
-                Ok(lines) if definer::grants_cannot_define(&lines) => {}
+            match self
+                .timed_raw("show grants", conn.query::<String, _>(sql))
+                .await
+            {
+                Ok(Ok(lines)) if definer::grants_cannot_define(&lines) => {}
                 _ => return false,
             }
         }

@@ -107,6 +107,10 @@ pub struct Run {
     pub issue: Latency,
     /// CPU and WAL syncs per lease, from `/proc` and `pg_stat_wal`.
     pub cost: PerLease,
+    /// Backend statements per lease, by kind: how many and their wall
+    /// time (only backends that time their statements: MySQL).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepCost>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
 }
@@ -190,6 +194,14 @@ pub async fn run(opts: &Options) -> Result<Report> {
     })
 }
 
+/// One kind of backend statement, per lease of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepCost {
+    pub step: &'static str,
+    pub per_lease: f64,
+    pub ms_per_lease: f64,
+}
+
 /// One progress line per run, on stderr.
 pub(crate) fn print_run(r: &Run) {
     eprintln!(
@@ -250,6 +262,7 @@ where
     }
     let remaining = Arc::new(AtomicU64::new(opts.leases.unwrap_or(u64::MAX)));
     let before = meter.sample().await;
+    crate::backend::steps::snapshot(true);
     let started = Instant::now();
     let deadline = started + opts.duration;
     let fixed = opts.leases.is_some();
@@ -308,10 +321,20 @@ where
     let seconds = started.elapsed().as_secs_f64();
     let after = meter.sample().await;
     let leases = cycles.len() as u64;
+    let n = leases.max(1) as f64;
+    let steps = crate::backend::steps::snapshot(true)
+        .into_iter()
+        .map(|(step, (count, took))| StepCost {
+            step,
+            per_lease: count as f64 / n,
+            ms_per_lease: took.as_secs_f64() * 1000.0 / n,
+        })
+        .collect();
     Ok(Run {
         scenario,
         callers,
         cost: PerLease::between(&before, &after, leases, scenario == Scenario::Credbroker),
+        steps,
         leases,
         errors,
         seconds,
@@ -620,6 +643,34 @@ impl Report {
         out
     }
 
+    /// Where a lease's backend time goes, for runs that timed their
+    /// statements: one row per statement kind.
+    pub fn steps_table(&self) -> String {
+        let timed: Vec<&Run> = self.runs.iter().filter(|r| !r.steps.is_empty()).collect();
+        if timed.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "\n### Backend statements per lease (wall time, summed over callers)\n\n\
+             | callers | scenario | statement | per lease | ms per lease |\n|---:|---|---|---:|---:|\n",
+        );
+        for r in timed {
+            let mut steps = r.steps.clone();
+            steps.sort_by(|a, b| b.ms_per_lease.total_cmp(&a.ms_per_lease));
+            for s in steps {
+                out.push_str(&format!(
+                    "| {} | {} | {} | {:.2} | {:.2} |\n",
+                    r.callers,
+                    r.scenario.header(),
+                    s.step,
+                    s.per_lease,
+                    s.ms_per_lease
+                ));
+            }
+        }
+        out
+    }
+
     pub fn markdown(&self) -> String {
         let how = match self.fixed_leases {
             Some(n) => format!("{n} leases per run"),
@@ -641,6 +692,7 @@ impl Report {
                 .unwrap_or_else(|| "default".into()),
         );
         out.push_str(&self.markdown_table());
+        out.push_str(&self.steps_table());
         for r in self.runs.iter().filter(|r| r.first_error.is_some()) {
             out.push_str(&format!(
                 "\nfirst error in {} at {} callers: {}\n",
