@@ -130,3 +130,44 @@ fn bench_issue_only_cleans_up_after_itself() {
         assert_eq!(r["errors"], 0, "{r}");
     }
 }
+
+#[test]
+fn bench_mysql_runs_the_four_columns_on_mariadb_and_names_each_statement() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["bench", "mysql", "--callers", "1", "--leases", "5", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench mysql failed: {stdout}\n{stderr}"
+    );
+    let md = std::fs::read_to_string(out.path().join("mysql.md")).unwrap();
+    assert!(md.contains("MariaDB"), "{md}");
+    assert!(md.contains("- errors: 0"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("mysql.json")).unwrap())
+            .unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "{json}");
+    for r in runs {
+        assert_eq!(r["leases"], 5, "{r}");
+    }
+    // credbroker's own statements, one failsafe event per lease, in (b′)
+    // and (c) alike; (a) and (b) go around the backend.
+    for r in runs {
+        let steps = r["steps"].as_array().cloned().unwrap_or_default();
+        let event = steps
+            .iter()
+            .find(|s| s["step"] == "create failsafe event")
+            .map(|s| s["per_lease"].as_f64().unwrap());
+        match r["scenario"].as_str().unwrap() {
+            "b2_backend_sql" | "c_credbroker" => assert_eq!(event, Some(1.0), "{r}"),
+            _ => assert!(steps.is_empty(), "{r}"),
+        }
+    }
+    assert!(md.contains("| create failsafe event |"), "{md}");
+}
