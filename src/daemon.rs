@@ -54,6 +54,10 @@ impl Daemon {
     pub async fn open(config: Config) -> Result<Self> {
         let tls = server::tls::server_config(&config.tls)?;
         let audit = Arc::new(AuditLog::open(&config.audit.path, config.audit.fsync)?);
+        if !config.static_roles.is_empty() {
+            // A missing or malformed key is the operator's to fix: exit 64.
+            crate::static_roles::Sealer::load(&config.sealing_key)?;
+        }
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = Vec::new();
@@ -143,6 +147,12 @@ impl Daemon {
 
         let reaper = tokio::spawn(reaper::run(broker.clone(), stop.clone().cancelled_owned()));
         let pruner = tokio::spawn(pruner::run(broker.clone(), stop.clone().cancelled_owned()));
+        let statics = tokio::spawn(
+            broker
+                .static_rotator()
+                .clone()
+                .run(stop.clone().cancelled_owned()),
+        );
         let http = listeners.metrics.map(|l| {
             tokio::spawn(server::http::serve(
                 broker.clone(),
@@ -183,6 +193,7 @@ impl Daemon {
         stop.cancel();
         let _ = reaper.await;
         let _ = pruner.await;
+        let _ = statics.await;
         if let Some(h) = http {
             let _ = h.await;
         }
