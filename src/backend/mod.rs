@@ -74,8 +74,9 @@ pub struct StaticUsers<'a> {
     pub role: &'a str,
     pub users: &'a [String],
     pub host: &'a str,
-    /// Both users become members of it (PostgreSQL: and act as it by
-    /// default, so what they create belongs to it).
+    /// Both users become members of it: on PostgreSQL `SET ROLE owner`
+    /// makes what they create belong to it; on MySQL/MariaDB it is their
+    /// default role.
     pub owner: &'a str,
     pub grants: &'a [String],
 }

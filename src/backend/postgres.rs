@@ -1227,14 +1227,14 @@ impl Backend for PostgresBackend {
         for u in spec.users {
             let ident = escape_identifier(u);
             // Names are validated (letters, digits, _) and quoted; the DO
-            // block makes CREATE ROLE idempotent.
+            // block makes CREATE ROLE idempotent. Membership of the owner,
+            // as for a role's leased users: `SET ROLE owner` makes what
+            // the session creates belong to the owner (migration tools).
             sql.push_str(&format!(
                 "DO $credbroker$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {}) \
                  THEN CREATE ROLE {ident} NOLOGIN; END IF; END $credbroker$;\n\
-                 GRANT {owner} TO {ident};\n\
-                 ALTER ROLE {ident} SET role = {};\n",
+                 GRANT {owner} TO {ident};\n",
                 escape_literal(u),
-                escape_literal(spec.owner),
             ));
             for g in spec.grants {
                 sql.push_str(&render_grant(g, &ident));

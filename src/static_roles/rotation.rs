@@ -359,12 +359,6 @@ impl Rotator {
         st.next_rotation_at = Some(now + role.period());
         st.pending = None;
         st.last_error = None;
-        self.save(st).await?;
-        self.metrics.static_rotated(&role.name, p.kind.as_str());
-        self.backoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&role.name);
         let mut ev = Event::new(
             actor,
             match p.kind {
@@ -385,7 +379,16 @@ impl Rotator {
                 .map(|pr| format!(" previous={} until={}", pr.user, pr.retire_at.to_rfc3339()))
                 .unwrap_or_default()
         ));
-        let _ = self.audit.append_relaxed(ev);
+        // Audited before it is committed: a broker killed in between
+        // resumes the rotation and audits it again ("resumed"), so every
+        // committed generation has its record.
+        self.audit.append(ev)?;
+        self.save(st).await?;
+        self.metrics.static_rotated(&role.name, p.kind.as_str());
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&role.name);
         tracing::info!(static_role = %role.name, user = %p.user, generation = p.generation, "static role rotated");
         Ok(())
     }
