@@ -105,7 +105,7 @@ impl Sealer {
         let mut buf = Zeroizing::new(ct.to_vec());
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(aad(role, user, generation)), &mut *buf)
+            .open_in_place(nonce, Aad::from(aad(role, user, generation)), &mut buf)
             .map_err(|_| fail())?;
         let text = std::str::from_utf8(plain).map_err(|_| fail())?;
         Ok(Password::from_secret(text.to_string()))

@@ -226,7 +226,7 @@ async fn static_alternating_users_through_five_rotations_via_the_sidecar() {
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     task.await.unwrap();
-    let o = seen.lock().unwrap();
+    let o = std::mem::take(&mut *seen.lock().unwrap());
     eprintln!(
         "static timeline ({} logins in {:?}):",
         o.logins,
@@ -698,7 +698,7 @@ async fn static_mariadb_alternating_users_through_rotations_via_the_sidecar() {
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     task.await.unwrap();
-    let o = seen.lock().unwrap();
+    let o = std::mem::take(&mut *seen.lock().unwrap());
     eprintln!("static MariaDB timeline ({} logins):", o.logins);
     for (t, u) in &o.switches {
         eprintln!("  {} now {u}", t.format("%T%.3f"));
