@@ -595,6 +595,11 @@ mod tests {
 
         let actions: Vec<String> = kit.audit().into_iter().map(|r| r.action).collect();
         assert_eq!(actions.iter().filter(|a| *a == "static_rotate").count(), 3);
+        let metrics = kit.broker.metrics().encode();
+        assert!(
+            metrics.contains("credbroker_static_rotations_total{static_role=\"orders\",kind=\"rotate\"} 3"),
+            "{metrics}"
+        );
         assert_eq!(actions.iter().filter(|a| *a == "static_retire").count(), 1);
         assert_eq!(actions.iter().filter(|a| *a == "static_read").count(), 3);
         // No password anywhere in the audit log or the stored state.
