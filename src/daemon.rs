@@ -102,6 +102,20 @@ impl Daemon {
                 }
             }
         }
+        if !config.store.url.starts_with("sqlite://") {
+            // A replica killed mid-rotation holds the role's claim until it
+            // runs out; the current password must outlive that wait.
+            for r in config.static_roles.values() {
+                if r.overlap < config.store.claim_timeout {
+                    warnings.push(format!(
+                        "static_roles.{}: overlap ({:?}) is shorter than store.claim_timeout ({:?}): if a \
+                         replica dies mid-rotation, the current password may expire before another \
+                         replica can take the rotation over",
+                        r.name, r.overlap, config.store.claim_timeout
+                    ));
+                }
+            }
+        }
         for w in &warnings {
             tracing::warn!("{w}");
         }

@@ -39,6 +39,9 @@ pub async fn run(
     let mut valid_until: Option<DateTime<Utc>> = None;
     let started = Utc::now();
     let mut last_error = String::new();
+    // Reads in a row that found the rotation overdue: backed off, so a
+    // broker that cannot rotate (database away) is not asked twice a second.
+    let mut overdue = 0u32;
     loop {
         client.refresh();
         let req = pb::GetStaticCredentialRequest {
@@ -75,8 +78,10 @@ pub async fn run(
                 }
                 let until_next = (next - Utc::now()).to_std().unwrap_or_default();
                 if until_next.is_zero() {
-                    RETRY
+                    overdue += 1;
+                    (RETRY * (1 << (overdue.min(5) - 1))).min(Duration::from_secs(5))
                 } else {
+                    overdue = 0;
                     until_next + AFTER_ROTATION
                 }
             }

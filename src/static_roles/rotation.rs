@@ -597,7 +597,9 @@ mod tests {
         assert_eq!(actions.iter().filter(|a| *a == "static_rotate").count(), 3);
         let metrics = kit.broker.metrics().encode();
         assert!(
-            metrics.contains("credbroker_static_rotations_total{static_role=\"orders\",kind=\"rotate\"} 3"),
+            metrics.contains(
+                "credbroker_static_rotations_total{static_role=\"orders\",kind=\"rotate\"} 3"
+            ),
             "{metrics}"
         );
         assert_eq!(actions.iter().filter(|a| *a == "static_retire").count(), 1);
