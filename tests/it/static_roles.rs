@@ -502,6 +502,19 @@ async fn static_admin_commands_list_rotate_and_revoke() {
         .iter()
         .any(|r| r.action == "static_rotate" && r.outcome == Outcome::Denied));
     b.stop().await;
+    // `credbroker check` reports the static role from the store.
+    let out = tokio::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&b.env.config_path)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("static_roles.st")
+            && text.contains(&format!("current user {}", third.username)),
+        "{text}"
+    );
 }
 
 /// `create = true`: the broker makes both users, members of the owner
