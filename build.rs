@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("credbroker_descriptor.bin"))
         // Lease carries the password (and the DSN holding it): its Debug is
         // written by hand in src/pb_debug.rs, redacting both.
-        .skip_debug([".credbroker.v1.Lease"])
+        .skip_debug([".credbroker.v1.Lease", ".credbroker.v1.StaticCredential"])
         .compile_protos(
             &[
                 std::path::PathBuf::from("proto/credbroker/v1/broker.proto"),

@@ -195,7 +195,67 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
         f.extend(findings);
         check_prefix(name, prefix, prefixed, store.as_deref(), f).await;
     }
+    check_static_roles(config, store.as_deref(), f).await;
     report
+}
+
+/// Static roles: the sealing key opens, and each role's last rotation in
+/// the store is recent and did not fail.
+async fn check_static_roles(
+    config: &Config,
+    store: Option<&dyn crate::store::LeaseStore>,
+    f: &mut Vec<Finding>,
+) {
+    if config.static_roles.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::static_roles::Sealer::load(&config.sealing_key) {
+        f.push(Finding::error(
+            "sealing_key",
+            e.to_string(),
+            "write 32 random bytes as hex (openssl rand -hex 32) where sealing_key_file points; \
+             every replica needs the same key",
+        ));
+    }
+    let Some(store) = store else { return };
+    let states = store.static_list().await.unwrap_or_default();
+    let now = Utc::now();
+    for r in config.static_roles.values() {
+        let scope = format!("static_roles.{}", r.name);
+        match states.iter().find(|s| s.role == r.name) {
+            None => f.push(Finding::ok(
+                &scope,
+                "not rotated yet: the broker rotates it at start",
+            )),
+            Some(s) if s.last_error.is_some() => f.push(Finding::warning(
+                &scope,
+                format!(
+                    "the last rotation failed: {}",
+                    s.last_error.as_deref().unwrap_or_default()
+                ),
+                "see the broker's log and the database's; the broker retries on its own",
+            )),
+            Some(s) if s.next_rotation_at.is_some_and(|t| t < now) => f.push(Finding::warning(
+                &scope,
+                format!(
+                    "rotation overdue since {}",
+                    s.next_rotation_at.unwrap_or(now).to_rfc3339()
+                ),
+                "is a broker running? it rotates at start",
+            )),
+            Some(s) => f.push(Finding::ok(
+                &scope,
+                format!(
+                    "current user {} (generation {}), next rotation {}",
+                    s.current.as_ref().map(|c| c.user.as_str()).unwrap_or("-"),
+                    s.generation,
+                    s.next_rotation_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default()
+                ),
+            )),
+        }
+    }
 }
 
 /// Users with our prefix that the store has no live lease for: another

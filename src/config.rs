@@ -27,6 +27,12 @@ pub struct Config {
     pub admin_networks: Vec<crate::policy::Network>,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
+    /// `[static_roles.NAME]`: existing users whose passwords the broker
+    /// rotates (see `static_roles`).
+    pub static_roles: BTreeMap<String, crate::static_roles::StaticRoleConfig>,
+    /// The key that seals static-role passwords in the store
+    /// (`sealing_key_file` / `sealing_key_env`); never in the store itself.
+    pub sealing_key: SecretSource,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +235,10 @@ struct RawConfig {
     databases: BTreeMap<String, RawDatabase>,
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
+    #[serde(default)]
+    static_roles: BTreeMap<String, crate::static_roles::config::RawStaticRole>,
+    sealing_key_file: Option<PathBuf>,
+    sealing_key_env: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -342,7 +352,7 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn valid_key(s: &str) -> bool {
+pub(crate) fn valid_key(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -438,6 +448,27 @@ impl RawConfig {
             .map(|(name, r)| Ok((name.clone(), r.validate(name, &databases)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         debug_assert!(server_prefix_fits(&server.name_prefix));
+        let static_roles = crate::static_roles::config::validate(
+            self.static_roles,
+            &databases,
+            &server.name_prefix,
+        )?;
+        let sealing_key = match (self.sealing_key_file, self.sealing_key_env) {
+            (Some(_), Some(_)) => {
+                return Err(cfg_err(
+                    "set sealing_key_file or sealing_key_env, not both".to_string(),
+                ))
+            }
+            (Some(f), None) => SecretSource::File(resolve(base, &f)),
+            (None, Some(e)) => SecretSource::Env(e),
+            (None, None) => SecretSource::None,
+        };
+        if !static_roles.is_empty() && sealing_key == SecretSource::None {
+            return Err(cfg_err(
+                "static_roles need a sealing key: set sealing_key_file or sealing_key_env (32 random bytes, hex or base64)"
+                    .to_string(),
+            ));
+        }
         Ok(Config {
             server,
             tls,
@@ -448,6 +479,8 @@ impl RawConfig {
             admin_networks,
             databases,
             roles,
+            static_roles,
+            sealing_key,
         })
     }
 }
@@ -876,7 +909,7 @@ impl std::fmt::Display for StoreUrl {
 }
 
 /// An identity pattern, its error prefixed with the key it came from.
-fn identity_pattern(key: &str, pattern: &str) -> Result<IdentityPattern> {
+pub(crate) fn identity_pattern(key: &str, pattern: &str) -> Result<IdentityPattern> {
     IdentityPattern::new(pattern).map_err(|e| match e {
         Error::Config(m) => Error::Config(format!("{key}: {m}")),
         other => other,

@@ -57,6 +57,10 @@ impl Daemon {
             AuditLog::open(&config.audit.path, config.audit.fsync)?
                 .with_rotation(config.audit.rotate_size),
         );
+        if !config.static_roles.is_empty() {
+            // A missing or malformed key is the operator's to fix: exit 64.
+            crate::static_roles::Sealer::load(&config.sealing_key)?;
+        }
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = Vec::new();
@@ -97,6 +101,20 @@ impl Daemon {
                         "store.claim_timeout ({:?}) is short for database {:?}: a revocation there may \
                          take up to {longest:?}; another replica could take it over mid-drop",
                         config.store.claim_timeout, d.name
+                    ));
+                }
+            }
+        }
+        if config.store.url.is_shared() {
+            // A replica killed mid-rotation holds the role's claim until it
+            // runs out; the current password must outlive that wait.
+            for r in config.static_roles.values() {
+                if r.overlap < config.store.claim_timeout {
+                    warnings.push(format!(
+                        "static_roles.{}: overlap ({:?}) is shorter than store.claim_timeout ({:?}): if a \
+                         replica dies mid-rotation, the current password may expire before another \
+                         replica can take the rotation over",
+                        r.name, r.overlap, config.store.claim_timeout
                     ));
                 }
             }
@@ -146,6 +164,12 @@ impl Daemon {
 
         let reaper = tokio::spawn(reaper::run(broker.clone(), stop.clone().cancelled_owned()));
         let pruner = tokio::spawn(pruner::run(broker.clone(), stop.clone().cancelled_owned()));
+        let statics = tokio::spawn(
+            broker
+                .static_rotator()
+                .clone()
+                .run(stop.clone().cancelled_owned()),
+        );
         let http = listeners.metrics.map(|l| {
             tokio::spawn(server::http::serve(
                 broker.clone(),
@@ -195,6 +219,7 @@ impl Daemon {
         let _ = reaper.await;
         let _ = pruner.await;
         let _ = tls_files.await;
+        let _ = statics.await;
         if let Some(h) = http {
             let _ = h.await;
         }

@@ -20,6 +20,8 @@
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
 //! - [`store`]: the lease store trait; SQLite (one broker) and PostgreSQL
 //!   (replicas) implementations.
+//! - [`static_roles`]: existing users whose passwords the broker rotates
+//!   (alternating users), sealed in the store, read by `GetStaticCredential`.
 //! - [`reaper`]: expiry-ordered, batched, retrying revocation; orphan sweep.
 //! - [`pruner`]: deletes revoked rows past `store.retention`, in batches.
 //! - [`audit`]: hash-chained JSON lines and their verification.
@@ -67,6 +69,7 @@ pub mod revocation;
 pub mod scram;
 pub mod server;
 pub mod sidecar;
+pub mod static_roles;
 pub mod store;
 #[cfg(test)]
 mod testkit;

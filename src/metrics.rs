@@ -43,6 +43,12 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StaticLabels {
+    pub static_role: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DatabaseLabels {
     pub database: String,
 }
@@ -66,6 +72,8 @@ pub struct Metrics {
     pub pool_max: Family<DatabaseLabels, Gauge>,
     /// Revoked rows the pruner deleted from the store (past retention).
     pub pruned: Counter,
+    pub static_rotations: Family<StaticLabels, Counter>,
+    pub static_failures: Family<StaticLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -94,6 +102,8 @@ impl Metrics {
             pool_available: Family::default(),
             pool_max: Family::default(),
             pruned: Counter::default(),
+            static_rotations: Family::default(),
+            static_failures: Family::default(),
         };
         registry.register("leases_issued", "Leases issued", m.issued.clone());
         registry.register("leases_renewed", "Leases renewed", m.renewed.clone());
@@ -152,6 +162,16 @@ impl Metrics {
             "Revoked lease rows deleted from the store after their retention",
             m.pruned.clone(),
         );
+        registry.register(
+            "static_rotations",
+            "Static-role rotations committed, by static role and kind (rotate, revoke)",
+            m.static_rotations.clone(),
+        );
+        registry.register(
+            "static_rotation_failures",
+            "Static-role rotation steps that failed (each is retried)",
+            m.static_failures.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
     }
@@ -201,6 +221,24 @@ impl Metrics {
         let _ = self.revocation_failures.get_or_create(&DatabaseLabels {
             database: database.into(),
         });
+    }
+
+    pub fn static_rotated(&self, static_role: &str, kind: &str) {
+        self.static_rotations
+            .get_or_create(&StaticLabels {
+                static_role: static_role.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn static_failed(&self, static_role: &str) {
+        self.static_failures
+            .get_or_create(&StaticLabels {
+                static_role: static_role.to_string(),
+                kind: "step".to_string(),
+            })
+            .inc();
     }
 
     pub fn revocation_failed(&self, database: &str) {

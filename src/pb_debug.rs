@@ -38,6 +38,26 @@ impl fmt::Debug for pb::Lease {
     }
 }
 
+impl fmt::Debug for pb::StaticCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticCredential")
+            .field("static_role", &self.static_role)
+            .field("database", &self.database)
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .field("dsn", &redacted(&self.dsn))
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database_name", &self.database_name)
+            .field("generation", &self.generation)
+            .field("rotated_at", &self.rotated_at)
+            .field("next_rotation_at", &self.next_rotation_at)
+            .field("valid_until", &self.valid_until)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::pb;

@@ -29,15 +29,68 @@ impl Kit {
     /// `roles` (TOML) appended to a minimal config; `extra` goes before the
     /// first table (e.g. a `[reaper]` section is fine there too).
     pub fn new(extra: &str, roles: &str) -> Kit {
-        Self::with_audit_at(extra, roles, None)
+        Self::build(tempfile::tempdir().unwrap(), "", extra, roles)
     }
 
     /// `new`, with the audit log at `audit` (e.g. `/dev/full`, where every
     /// write fails) instead of a file in the kit's directory.
     pub fn with_audit_at(extra: &str, roles: &str, audit: Option<&std::path::Path>) -> Kit {
+        let mut kit = Self::build(tempfile::tempdir().unwrap(), "", extra, roles);
+        if let Some(path) = audit {
+            let log = Arc::new(AuditLog::open(path, false).unwrap());
+            kit.broker = Arc::new(Broker::new(
+                kit.broker.config(),
+                kit.store.clone(),
+                kit.broker.backends().clone(),
+                log,
+                Arc::new(Metrics::new()),
+            ));
+        }
+        kit
+    }
+
+    /// A kit whose config also has `statics` (`[static_roles.*]` TOML)
+    /// and a sealing key file, on a store and fake server of its own.
+    pub fn with_statics(statics: &str) -> Kit {
+        Self::with_statics_on(statics, Arc::new(MemoryStore::new()), FakeServer::new())
+    }
+
+    /// `with_statics` sharing a store and a fake server with other kits:
+    /// replicas of one deployment.
+    pub fn with_statics_on(statics: &str, store: Arc<MemoryStore>, server: Arc<FakeServer>) -> Kit {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("static.key"), "42".repeat(32)).unwrap();
+        Self::build_on(
+            dir,
+            "sealing_key_file = \"static.key\"\n",
+            "",
+            statics,
+            store,
+            server,
+        )
+    }
+
+    fn build(dir: tempfile::TempDir, top: &str, extra: &str, roles: &str) -> Kit {
+        Self::build_on(
+            dir,
+            top,
+            extra,
+            roles,
+            Arc::new(MemoryStore::new()),
+            FakeServer::new(),
+        )
+    }
+
+    fn build_on(
+        dir: tempfile::TempDir,
+        top: &str,
+        extra: &str,
+        roles: &str,
+        store: Arc<MemoryStore>,
+        server: Arc<FakeServer>,
+    ) -> Kit {
         let text = format!(
-            "admins = [\"spiffe://credbroker.dev/dba/*\"]\n\n\
+            "{top}admins = [\"spiffe://credbroker.dev/dba/*\"]\n\n\
              [server]\nlisten = \"127.0.0.1:0\"\nname_prefix = \"k_\"\n\n\
              [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n\n\
              {extra}\n\
@@ -46,17 +99,12 @@ impl Kit {
              {roles}"
         );
         let config = Config::parse(&text, dir.path()).unwrap();
-        let server = FakeServer::new();
         let mut backends = Backends::new();
         for db in ["main", "second"] {
             let b: Arc<dyn Backend> = Arc::new(FakeBackend::new(db, server.clone()));
             backends.insert(db.to_string(), b);
         }
-        let store = Arc::new(MemoryStore::new());
-        let audit_path = audit
-            .map(|p| p.to_path_buf())
-            .unwrap_or_else(|| dir.path().join("audit.log"));
-        let audit = Arc::new(AuditLog::open(&audit_path, false).unwrap());
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log"), false).unwrap());
         let broker = Arc::new(Broker::new(
             Arc::new(config),
             store.clone(),
@@ -70,6 +118,10 @@ impl Kit {
             server,
             dir,
         }
+    }
+
+    pub fn audit_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("audit.log")
     }
 
     pub fn audit(&self) -> Vec<Record> {

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::backend::{Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef};
+use crate::backend::{
+    Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin, StaticUsers, UserRef,
+};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Password, Username};
 
@@ -31,6 +33,18 @@ pub struct FakeServer {
     /// Every statement-like call, in order ("create u", "revoke a,b", …).
     calls: Mutex<Vec<String>>,
     knobs: Mutex<Knobs>,
+    /// Static users: the password they accept (in the clear: a fake),
+    /// until when, and how many times their sessions were ended.
+    statics: Mutex<BTreeMap<String, FakeStatic>>,
+}
+
+/// A static user as the fake knows it.
+#[derive(Debug, Clone, Default)]
+pub struct FakeStatic {
+    pub password: Option<String>,
+    pub valid_until: Option<DateTime<Utc>>,
+    pub login: bool,
+    pub sessions_ended: u32,
 }
 
 #[derive(Default)]
@@ -41,6 +55,8 @@ struct Knobs {
     refuse_disable: bool,
     /// Runs once, at the start of the next revocation.
     before_revoke: Option<Box<dyn FnOnce() + Send>>,
+    /// Runs once, after the next static password is set (a crash there).
+    after_static_set: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl FakeServer {
@@ -70,6 +86,11 @@ impl FakeServer {
         self.knobs.lock().unwrap().before_revoke = Some(Box::new(f));
     }
 
+    /// Runs `f` right after the next static password is set.
+    pub fn after_next_static_set(&self, f: impl FnOnce() + Send + 'static) {
+        self.knobs.lock().unwrap().after_static_set = Some(Box::new(f));
+    }
+
     /// Adds a user the broker did not make (an orphan, a DBA's account).
     pub fn add_user(&self, name: &str, owns: u64) {
         self.users.lock().unwrap().insert(
@@ -91,6 +112,28 @@ impl FakeServer {
         if let Some(u) = self.users.lock().unwrap().get_mut(name) {
             u.owns += n;
         }
+    }
+
+    /// Adds a static user a DBA made (unable to log in until rotated).
+    pub fn add_static_user(&self, name: &str) {
+        self.statics
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), FakeStatic::default());
+    }
+
+    pub fn static_user(&self, name: &str) -> Option<FakeStatic> {
+        self.statics.lock().unwrap().get(name).cloned()
+    }
+
+    /// Whether `name` logs in with `password` at `at`, as the database
+    /// would decide (its own expiry included).
+    pub fn static_logs_in(&self, name: &str, password: &str, at: DateTime<Utc>) -> bool {
+        self.static_user(name).is_some_and(|u| {
+            u.login
+                && u.password.as_deref() == Some(password)
+                && u.valid_until.is_some_and(|v| at < v)
+        })
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -248,6 +291,50 @@ impl Backend for FakeBackend {
 
     fn pool_state(&self) -> PoolState {
         PoolState::default()
+    }
+
+    async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
+        self.server
+            .call(format!("static_create {}", spec.users.join(",")))?;
+        let mut all = self.server.statics.lock().unwrap();
+        for u in spec.users {
+            all.entry(u.clone()).or_default();
+        }
+        Ok(())
+    }
+
+    async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
+        self.server.call(format!("static_set {}", login.user))?;
+        match self.server.statics.lock().unwrap().get_mut(login.user) {
+            Some(u) => {
+                u.password = Some(login.password.expose().to_string());
+                u.valid_until = Some(login.valid_until);
+                u.login = true;
+            }
+            None => {
+                return Err(Error::Internal(format!(
+                    "fake database: role {:?} does not exist",
+                    login.user
+                )))
+            }
+        }
+        let hook = self.server.knobs.lock().unwrap().after_static_set.take();
+        if let Some(f) = hook {
+            f();
+        }
+        Ok(())
+    }
+
+    async fn static_retire(&self, user: &str, _host: &str, end_sessions: bool) -> Result<()> {
+        self.server.call(format!("static_retire {user}"))?;
+        if let Some(u) = self.server.statics.lock().unwrap().get_mut(user) {
+            u.password = None;
+            u.login = false;
+            if end_sessions {
+                u.sessions_ended += 1;
+            }
+        }
+        Ok(())
     }
 
     fn dsn(&self, username: &Username, password: Option<&Password>) -> String {

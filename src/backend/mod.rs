@@ -54,6 +54,34 @@ pub struct NewUser<'a> {
     pub owner: Option<&'a str>,
 }
 
+/// A static role's user getting a new password (`static_roles`).
+pub struct StaticLogin<'a> {
+    /// The static role, named in errors.
+    pub role: &'a str,
+    /// An existing user (a DBA's, or made by [`Backend::static_create`]);
+    /// from the operator's config, always quoted.
+    pub user: &'a str,
+    /// MySQL account host part; ignored by PostgreSQL.
+    pub host: &'a str,
+    pub password: &'a Password,
+    /// PostgreSQL `VALID UNTIL`; MySQL's failsafe event locks the account
+    /// then. Either way the database refuses the password afterwards,
+    /// whatever happened to the broker.
+    pub valid_until: DateTime<Utc>,
+}
+
+/// The users a static role with `create = true` needs.
+pub struct StaticUsers<'a> {
+    pub role: &'a str,
+    pub users: &'a [String],
+    pub host: &'a str,
+    /// Both users become members of it: on PostgreSQL `SET ROLE owner`
+    /// makes what they create belong to it; on MySQL/MariaDB it is their
+    /// default role.
+    pub owner: &'a str,
+    pub grants: &'a [String],
+}
+
 /// A user to extend or revoke, as the store remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRef {
@@ -141,6 +169,21 @@ pub trait Backend: Send + Sync {
     }
 
     fn pool_state(&self) -> PoolState;
+
+    /// Creates the static role's users that do not exist yet, unable to
+    /// log in until their first rotation, members of the owner, with the
+    /// grants. Idempotent.
+    async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()>;
+
+    /// Sets a static user's password — a broker-computed verifier or hash,
+    /// never the plaintext — valid until `valid_until`, and lets it log in.
+    /// Setting it again is harmless (how a crashed rotation is resumed).
+    async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()>;
+
+    /// Refuses a static user's logins (a random password nobody knows,
+    /// NOLOGIN / ACCOUNT LOCK) and, with `end_sessions`, ends its sessions.
+    /// Idempotent.
+    async fn static_retire(&self, user: &str, host: &str, end_sessions: bool) -> Result<()>;
 
     /// A connection string for `username`; with the password only when given.
     fn dsn(&self, username: &Username, password: Option<&Password>) -> String;

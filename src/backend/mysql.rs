@@ -33,7 +33,7 @@ use crate::backend::mysql_auth::{caching_sha2_hash, native_password_hash};
 use crate::backend::mysql_definer::{self as definer, Defined, ObjectKind};
 use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
-    Endpoint, NewUser, PoolState, Reassigned, Revokee, UserRef,
+    Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin, StaticUsers, UserRef,
 };
 use crate::config::DatabaseConfig;
 use crate::dbtls::{self, Dialect, TlsParams};
@@ -988,6 +988,46 @@ fn failsafe_body(username: &str, host: &str, can_lock: bool) -> String {
     )
 }
 
+/// The failsafe event of a static user: `static_` + the user, beside the
+/// leases' events (a lease's user starts with a `name_prefix` of at most
+/// six characters, so never with `static_`).
+fn static_event_name(user: &str) -> String {
+    format!(
+        "{}.{}",
+        ident(FAILSAFE_SCHEMA),
+        ident(&format!("static_{user}"))
+    )
+}
+
+/// What a static user's failsafe does at its password's `valid_until`:
+/// the password becomes a random hash nobody knows (`unknown`), the
+/// account is locked where the server can, and its sessions are killed.
+/// Never a drop: the user belongs to a DBA (or owns the static role's
+/// objects).
+fn static_failsafe_body(user: &str, host: &str, unknown: &str, can_lock: bool) -> String {
+    let acct = account(user, host);
+    let lock = if can_lock { " ACCOUNT LOCK" } else { "" };
+    format!(
+        "BEGIN \
+           DECLARE done INT DEFAULT 0; \
+           DECLARE cid BIGINT UNSIGNED; \
+           DECLARE c CURSOR FOR SELECT ID FROM information_schema.PROCESSLIST WHERE USER = {user_lit}; \
+           DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
+           DECLARE CONTINUE HANDLER FOR {no_thread} BEGIN END; \
+           ALTER USER IF EXISTS {acct} {unknown}{lock}; \
+           OPEN c; \
+           sessions: LOOP \
+             FETCH c INTO cid; \
+             IF done THEN LEAVE sessions; END IF; \
+             KILL CONNECTION cid; \
+           END LOOP; \
+           CLOSE c; \
+         END",
+        user_lit = lit(user),
+        no_thread = code::NO_SUCH_THREAD,
+    )
+}
+
 #[async_trait]
 impl Backend for MysqlBackend {
     fn kind(&self) -> BackendKind {
@@ -1437,6 +1477,118 @@ impl Backend for MysqlBackend {
             available: m.connections_in_pool.load(Relaxed),
             max_size: self.config.max_connections,
         }
+    }
+
+    async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
+        let server = self.server().await?.clone();
+        let mut conn = self.conn().await?;
+        for u in spec.users {
+            let acct = account(u, spec.host);
+            // Locked, with a password nobody knows, until its first rotation.
+            let unknown = server.identified_clause(&Password::generate());
+            let mut sql = format!("CREATE USER IF NOT EXISTS {acct} {unknown}");
+            if server.can_lock() {
+                sql.push_str(" ACCOUNT LOCK");
+            }
+            // `owner` is a role (MariaDB 10.0.5+, MySQL 8.0) the users act
+            // as by default; the statement forms differ.
+            sql.push_str(&format!(";\nGRANT {} TO {acct}", ident(spec.owner)));
+            sql.push_str(&match server.flavor {
+                Flavor::Mariadb => format!(";\nSET DEFAULT ROLE {} FOR {acct}", ident(spec.owner)),
+                Flavor::Mysql => format!(";\nSET DEFAULT ROLE {} TO {acct}", ident(spec.owner)),
+            });
+            for g in spec.grants {
+                sql.push_str(";\n");
+                sql.push_str(&render_grant(g, &acct));
+            }
+            self.timed("create static users", conn.query_drop(sql))
+                .await
+                .map_err(|e| match e {
+                    Error::Internal(m) => {
+                        Error::Internal(format!("static role {:?}: {m}", spec.role))
+                    }
+                    other => other,
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
+        let server = self.server().await?.clone();
+        let host = if login.host.is_empty() {
+            "%"
+        } else {
+            login.host
+        };
+        let acct = account(login.user, host);
+        let mut conn = self.conn().await?;
+        // The failsafe first, as for leases: the password is never valid
+        // without the database-side expiry behind it. MySQL has no CREATE
+        // OR REPLACE EVENT, so drop and create (MariaDB takes both).
+        if server.failsafe.is_ok() {
+            let unknown = server.identified_clause(&Password::generate());
+            let sql = format!(
+                "DROP EVENT IF EXISTS {ev};\nCREATE EVENT {ev} ON SCHEDULE AT {} ON COMPLETION NOT PRESERVE \
+                 COMMENT 'credbroker failsafe: locks the static user when its password expires' DO {}",
+                schedule_at(login.valid_until),
+                static_failsafe_body(login.user, host, &unknown, server.can_lock()),
+                ev = static_event_name(login.user),
+            );
+            self.timed("create static failsafe event", conn.query_drop(sql))
+                .await?;
+        }
+        // MariaDB has no dual passwords: alternating users are its only
+        // overlap. MySQL 8 would take RETAIN CURRENT PASSWORD, which
+        // single-user mode deliberately does not use (Vault's behaviour).
+        let unlock = if server.can_lock() {
+            " ACCOUNT UNLOCK"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "ALTER USER {acct} {}{unlock}",
+            server.identified_clause(login.password)
+        );
+        self.timed("set static password", conn.query_drop(sql))
+            .await
+            .map_err(|e| match e {
+                Error::Internal(m) => Error::Internal(format!("static role {:?}: {m}", login.role)),
+                other => other,
+            })
+    }
+
+    async fn static_retire(&self, user: &str, host: &str, end_sessions: bool) -> Result<()> {
+        let server = self.server().await?.clone();
+        let host = if host.is_empty() { "%" } else { host };
+        let acct = account(user, host);
+        let mut conn = self.conn().await?;
+        let lock = if server.can_lock() {
+            " ACCOUNT LOCK"
+        } else {
+            ""
+        };
+        let unknown = server.identified_clause(&Password::generate());
+        self.timed(
+            "retire static user",
+            conn.query_drop(format!("ALTER USER {acct} {unknown}{lock}")),
+        )
+        .await?;
+        if end_sessions {
+            self.kill_sessions(&mut conn, &[user]).await?;
+        }
+        if server.failsafe.is_ok() {
+            if let Err(e) = self
+                .timed(
+                    "drop static failsafe event",
+                    conn.query_drop(format!("DROP EVENT IF EXISTS {}", static_event_name(user))),
+                )
+                .await
+            {
+                tracing::warn!(database = %self.config.name, error = %e,
+                    "static failsafe event not dropped; it will fire harmlessly");
+            }
+        }
+        Ok(())
     }
 
     fn dsn(&self, username: &Username, password: Option<&Password>) -> String {

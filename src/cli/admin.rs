@@ -1,5 +1,5 @@
-//! `credbroker admin leases|revoke|rotate-root|lock|unlock|locks`: the
-//! DBA's console.
+//! `credbroker admin leases|revoke|rotate-root|lock|unlock|locks|
+//! static-roles|rotate`: the DBA's console.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -50,8 +50,28 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Revoke one lease, or all leases of a role, database or identity
+    /// Static roles: current user, last and next rotation
+    StaticRoles {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ListFormat,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Rotate a static role's password now
+    Rotate {
+        /// The static role (a `[static_roles.NAME]` of the config)
+        #[arg(long)]
+        static_role: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Revoke one lease, or all leases of a role, database or identity; or
+    /// (incident) both users of a static role
     Revoke {
+        /// Incident: replace both users' passwords of this static role and
+        /// end their sessions; the next reader gets a new credential
+        #[arg(long, conflicts_with_all = ["lease_id", "role", "database", "identity", "all", "force"])]
+        static_role: Option<String>,
         /// The lease to revoke (l_…, as `lease issue` or `admin leases` shows it)
         lease_id: Option<String>,
         /// Revoke every live lease of this role
@@ -182,6 +202,65 @@ pub async fn run(cmd: Command) -> CliResult {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::StaticRoles { format, client } => {
+            let mut c = client.admin()?;
+            let reply = c
+                .list_static_roles(pb::ListStaticRolesRequest {})
+                .await
+                .map_err(|s| grpc_error("static roles", &client, s))?
+                .into_inner();
+            match format {
+                ListFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&statics_json(&reply.static_roles))?
+                ),
+                ListFormat::Table => print!("{}", statics_table(&reply.static_roles)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rotate {
+            static_role,
+            client,
+        } => {
+            let mut c = client.admin()?;
+            let s = c
+                .rotate_static_role(pb::StaticRoleRequest { static_role })
+                .await
+                .map_err(|s| grpc_error("rotate", &client, s))?
+                .into_inner();
+            println!(
+                "rotated static role {:?}: current user {} (generation {}), next rotation {}",
+                s.static_role,
+                s.current_user,
+                s.generation,
+                rfc3339(&s.next_rotation_at)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke {
+            static_role: Some(static_role),
+            yes,
+            client,
+            ..
+        } => {
+            let what =
+                format!("both users of static role {static_role:?} (their sessions end now)");
+            if !yes && !confirm(&what)? {
+                eprintln!("nothing revoked");
+                return Ok(ExitCode::FAILURE);
+            }
+            let mut c = client.admin()?;
+            let s = c
+                .revoke_static_role(pb::StaticRoleRequest { static_role })
+                .await
+                .map_err(|s| grpc_error("revoke", &client, s))?
+                .into_inner();
+            println!(
+                "revoked static role {:?}: every old password refused, sessions ended; new credential for {} (generation {})",
+                s.static_role, s.current_user, s.generation
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Revoke {
             lease_id,
             role,
@@ -191,6 +270,7 @@ pub async fn run(cmd: Command) -> CliResult {
             yes,
             force,
             client,
+            static_role: None,
         } => {
             let (selector, what) = match (lease_id, role, database, identity, all) {
                 (Some(id), ..) => (Selector::LeaseId(id.clone()), format!("lease {id}")),
@@ -468,5 +548,65 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]], footer: &str)
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
     out.push_str(footer);
+    out
+}
+
+fn statics_json(list: &[pb::StaticRoleInfo]) -> serde_json::Value {
+    serde_json::Value::Array(
+        list.iter()
+            .map(|s| {
+                serde_json::json!({
+                    "static_role": s.static_role,
+                    "database": s.database,
+                    "users": s.users,
+                    "current_user": s.current_user,
+                    "generation": s.generation,
+                    "rotated_at": rfc3339(&s.rotated_at),
+                    "next_rotation_at": rfc3339(&s.next_rotation_at),
+                    "valid_until": rfc3339(&s.valid_until),
+                    "previous_user": s.previous_user,
+                    "previous_retire_at": rfc3339(&s.previous_retire_at),
+                    "pending": s.pending,
+                    "last_error": s.last_error,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn statics_table(list: &[pb::StaticRoleInfo]) -> String {
+    let mut out = format!(
+        "{:<20} {:<12} {:<16} {:>4} {:<24} {:<24} {}\n",
+        "STATIC ROLE", "DATABASE", "CURRENT USER", "GEN", "ROTATED AT", "NEXT ROTATION", "NOTE"
+    );
+    for s in list {
+        let note = if !s.last_error.is_empty() {
+            format!("last error: {}", s.last_error)
+        } else if s.pending {
+            "rotation being finished".to_string()
+        } else if !s.previous_user.is_empty() {
+            format!(
+                "{} valid until {}",
+                s.previous_user,
+                rfc3339(&s.previous_retire_at)
+            )
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{:<20} {:<12} {:<16} {:>4} {:<24} {:<24} {}\n",
+            s.static_role,
+            s.database,
+            if s.current_user.is_empty() {
+                "-"
+            } else {
+                &s.current_user
+            },
+            s.generation,
+            rfc3339(&s.rotated_at),
+            rfc3339(&s.next_rotation_at),
+            note
+        ));
+    }
     out
 }

@@ -12,8 +12,18 @@ use crate::sidecar::Options;
 #[derive(clap::Args)]
 pub struct Args {
     /// Role to lease
-    #[arg(long, env = "CREDBROKER_ROLE")]
-    role: String,
+    #[arg(
+        long,
+        env = "CREDBROKER_ROLE",
+        required_unless_present = "static_role",
+        conflicts_with = "static_role"
+    )]
+    role: Option<String>,
+    /// Static role to keep the credential of (an existing user whose
+    /// password the broker rotates): re-read after each rotation, the app
+    /// notified; nothing to renew or revoke
+    #[arg(long, env = "CREDBROKER_STATIC_ROLE", conflicts_with_all = ["ttl", "grace"])]
+    static_role: Option<String>,
     /// File to keep the credential in (written atomically, mode 0600)
     #[arg(long, env = "CREDBROKER_OUT")]
     out: PathBuf,
@@ -72,8 +82,9 @@ pub async fn run(args: Args) -> CliResult {
         ))
         .into());
     }
+    let is_static = args.static_role.is_some();
     let opts = Options {
-        role: args.role,
+        role: args.static_role.or(args.role).unwrap_or_default(),
         out: args.out,
         format: Format::parse(&args.format)?,
         notify,
@@ -101,6 +112,10 @@ pub async fn run(args: Args) -> CliResult {
         format = %args.format,
         "sidecar starting"
     );
-    crate::sidecar::run(opts, client, shutdown).await?;
+    if is_static {
+        crate::sidecar::static_loop::run(opts, client, shutdown).await?;
+    } else {
+        crate::sidecar::run(opts, client, shutdown).await?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -239,6 +239,34 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn get_static_credential(
+        &self,
+        req: Request<pb::GetStaticCredentialRequest>,
+    ) -> Result<Response<pb::StaticCredential>, Status> {
+        let who = identity(&self.broker, &req, "static_read")?;
+        let name = req.into_inner().static_role;
+        let c = self
+            .broker
+            .static_credential(&who, &name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::StaticCredential {
+            static_role: c.static_role.clone(),
+            database: c.database.clone(),
+            kind: c.kind.as_str().to_string(),
+            username: c.username.clone(),
+            password: c.password.expose().to_string(),
+            dsn: c.dsn.clone(),
+            host: c.endpoint.host.clone(),
+            port: u32::from(c.endpoint.port),
+            database_name: c.endpoint.database.clone(),
+            generation: c.generation,
+            rotated_at: Some(ts(c.rotated_at)),
+            next_rotation_at: Some(ts(c.next_rotation_at)),
+            valid_until: Some(ts(c.valid_until)),
+        }))
+    }
+
     async fn issue_lease(
         &self,
         req: Request<pb::IssueLeaseRequest>,
@@ -330,6 +358,23 @@ impl AdminService {
             .check_admin_network(&who, peer_ip(req), action)
             .map_err(to_status)?;
         Ok(who)
+    }
+}
+
+fn static_info(s: &crate::static_roles::StaticStatus) -> pb::StaticRoleInfo {
+    pb::StaticRoleInfo {
+        static_role: s.name.clone(),
+        database: s.database.clone(),
+        users: s.users.clone(),
+        current_user: s.current_user.clone().unwrap_or_default(),
+        generation: s.generation,
+        rotated_at: s.rotated_at.map(ts),
+        next_rotation_at: s.next_rotation_at.map(ts),
+        valid_until: s.valid_until.map(ts),
+        previous_user: s.previous_user.clone().unwrap_or_default(),
+        previous_retire_at: s.previous_retire_at.map(ts),
+        pending: s.pending,
+        last_error: s.last_error.clone().unwrap_or_default(),
     }
 }
 
@@ -533,6 +578,49 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ListLocksResponse {
             locks: locks.iter().map(lock_info).collect(),
         }))
+    }
+
+    async fn list_static_roles(
+        &self,
+        req: Request<pb::ListStaticRolesRequest>,
+    ) -> Result<Response<pb::ListStaticRolesResponse>, Status> {
+        let who = self.admin(&req, "static_roles")?;
+        let list = self
+            .broker
+            .admin_static_roles(&who)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ListStaticRolesResponse {
+            static_roles: list.iter().map(static_info).collect(),
+        }))
+    }
+
+    async fn rotate_static_role(
+        &self,
+        req: Request<pb::StaticRoleRequest>,
+    ) -> Result<Response<pb::StaticRoleInfo>, Status> {
+        let who = self.admin(&req, "static_rotate")?;
+        let name = req.into_inner().static_role;
+        let s = self
+            .broker
+            .rotate_static(&who, &name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(static_info(&s)))
+    }
+
+    async fn revoke_static_role(
+        &self,
+        req: Request<pb::StaticRoleRequest>,
+    ) -> Result<Response<pb::StaticRoleInfo>, Status> {
+        let who = self.admin(&req, "static_revoke")?;
+        let name = req.into_inner().static_role;
+        let s = self
+            .broker
+            .revoke_static(&who, &name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(static_info(&s)))
     }
 
     async fn rotate_root(

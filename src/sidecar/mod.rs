@@ -25,6 +25,7 @@ pub mod credential;
 pub mod notify;
 pub mod render;
 pub mod schedule;
+pub mod static_loop;
 #[cfg(test)]
 mod timeline;
 

@@ -16,12 +16,14 @@ use chrono::{DateTime, Utc};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
+use crate::static_roles::StaticState;
 use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseStore};
 
 #[derive(Default)]
 pub struct MemoryStore {
     rows: Mutex<BTreeMap<LeaseId, Row>>,
     locks: Mutex<Vec<Lock>>,
+    statics: Mutex<BTreeMap<String, (StaticState, Option<Claim>)>>,
     /// Calls that fail with `Unavailable` before the store answers again.
     fail_next: Mutex<u32>,
 }
@@ -52,6 +54,29 @@ impl MemoryStore {
                 owner: owner.to_string(),
                 until: Utc::now() + chrono::Duration::minutes(5),
             });
+        }
+    }
+
+    /// Hands a static role's claim to `owner` until `until`, as a replica
+    /// does when ours ran out mid-rotation.
+    pub fn steal_static_claim(&self, role: &str, owner: &str, until: DateTime<Utc>) {
+        if let Some((_, c)) = self.statics.lock().unwrap().get_mut(role) {
+            *c = Some(Claim {
+                owner: owner.to_string(),
+                until,
+            });
+        }
+    }
+
+    /// Moves a static role's clock on: its next rotation and its previous
+    /// user's retirement are due now (the fast tier's time travel).
+    pub fn make_static_due(&self, role: &str) {
+        let past = Utc::now() - chrono::Duration::milliseconds(1);
+        if let Some((s, _)) = self.statics.lock().unwrap().get_mut(role) {
+            s.next_rotation_at = Some(past);
+            if let Some(p) = s.previous.as_mut() {
+                p.retire_at = past;
+            }
         }
     }
 
@@ -402,5 +427,73 @@ impl LeaseStore for MemoryStore {
             }
             n
         })
+    }
+
+    async fn static_get(&self, role: &str) -> Result<Option<StaticState>> {
+        self.check()?;
+        Ok(self
+            .statics
+            .lock()
+            .unwrap()
+            .get(role)
+            .map(|(s, _)| s.clone()))
+    }
+
+    async fn static_list(&self) -> Result<Vec<StaticState>> {
+        self.check()?;
+        Ok(self
+            .statics
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(s, _)| s.clone())
+            .collect())
+    }
+
+    async fn static_claim(&self, role: &str, claim: &Claim) -> Result<Option<StaticState>> {
+        self.check()?;
+        let now = Utc::now();
+        let mut all = self.statics.lock().unwrap();
+        let entry = all.entry(role.to_string()).or_insert_with(|| {
+            (
+                StaticState {
+                    role: role.to_string(),
+                    ..Default::default()
+                },
+                None,
+            )
+        });
+        if entry
+            .1
+            .as_ref()
+            .is_some_and(|c| c.owner != claim.owner && c.until > now)
+        {
+            return Ok(None);
+        }
+        entry.1 = Some(claim.clone());
+        Ok(Some(entry.0.clone()))
+    }
+
+    async fn static_save(&self, state: &StaticState, owner: &str) -> Result<bool> {
+        self.check()?;
+        let now = Utc::now();
+        let mut all = self.statics.lock().unwrap();
+        match all.get_mut(&state.role) {
+            Some((s, Some(c))) if c.owner == owner && c.until > now => {
+                *s = state.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn static_release(&self, role: &str, owner: &str) -> Result<()> {
+        self.check()?;
+        if let Some((_, c)) = self.statics.lock().unwrap().get_mut(role) {
+            if c.as_ref().is_some_and(|c| c.owner == owner) {
+                *c = None;
+            }
+        }
+        Ok(())
     }
 }

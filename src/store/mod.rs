@@ -5,7 +5,9 @@
 //! - an intent row (`pending`) is written **before** the user is created;
 //! - a lease becomes `revoked` only **after** its drop succeeded;
 //! - nothing secret is stored: there is no column for a password;
-//! - nothing loads every lease into memory: the reaper asks for what is due.
+//! - nothing loads every lease into memory: the reaper asks for what is due;
+//! - static-role passwords are stored sealed only (`static_roles::seal`),
+//!   and their rotations are intents first, like leases.
 
 mod group_commit;
 pub mod memory;
@@ -22,6 +24,7 @@ use chrono::{DateTime, Utc};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
+use crate::static_roles::StaticState;
 
 /// Which leases `list` returns. Empty fields match everything; an empty
 /// `states` means every live state.
@@ -184,6 +187,26 @@ pub trait LeaseStore: Send + Sync {
     /// every pending intent due now, since its issuer is certainly dead; a
     /// shared store leaves them to their grace deadline.
     async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64>;
+
+    /// One static role's rotation state (`static_roles`); passwords in it
+    /// are sealed, never plaintext.
+    async fn static_get(&self, role: &str) -> Result<Option<StaticState>>;
+
+    /// Every static role's state, by name.
+    async fn static_list(&self) -> Result<Vec<StaticState>>;
+
+    /// Claims `role` for one rotation step — creating its row, empty, when
+    /// it has none — unless another owner holds a live claim (then None).
+    /// Like revocation claims: only one replica rotates a role at a time,
+    /// and a dead owner's claim runs out.
+    async fn static_claim(&self, role: &str, claim: &Claim) -> Result<Option<StaticState>>;
+
+    /// Writes `state` while `owner` still holds the role's claim; false
+    /// when it does not (the claim ran out and was taken over).
+    async fn static_save(&self, state: &StaticState, owner: &str) -> Result<bool>;
+
+    /// Releases `owner`'s claim on `role`.
+    async fn static_release(&self, role: &str, owner: &str) -> Result<()>;
 }
 
 /// Opens the store named by `url` (a `sqlite://` path, or a `postgres://`

@@ -18,10 +18,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
+use crate::static_roles::StaticState;
 use crate::store::group_commit::{db_err, Durability, GroupCommit, Kind};
 use crate::store::{cap_reached, stamp_lock, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATION_1: &str = "
 CREATE TABLE leases (
@@ -78,6 +79,85 @@ CREATE TABLE locks (
     expires_at INTEGER
 );
 ";
+
+/// Static roles (`static_roles`): one row per role, its current user and
+/// sealed password, the previous user until its overlap ends, and a
+/// pending rotation (the intent, written before the database hears of
+/// it). Claimed like leases, so one rotation runs at a time.
+const MIGRATION_4: &str = "
+CREATE TABLE static_roles (
+    role                TEXT PRIMARY KEY,
+    generation          INTEGER NOT NULL DEFAULT 0,
+    current_name        TEXT,
+    current_sealed      TEXT,
+    rotated_at          INTEGER,
+    valid_until         INTEGER,
+    next_rotation_at    INTEGER,
+    previous_name       TEXT,
+    retire_at           INTEGER,
+    pending_kind        TEXT,
+    pending_name        TEXT,
+    pending_sealed      TEXT,
+    pending_generation  INTEGER,
+    pending_valid_until INTEGER,
+    last_error          TEXT,
+    claimed_by          TEXT,
+    claim_until         INTEGER
+);
+";
+
+const STATIC_COLUMNS: &str =
+    "role, generation, current_name, current_sealed, rotated_at, valid_until, \
+     next_rotation_at, previous_name, retire_at, pending_kind, pending_name, pending_sealed, \
+     pending_generation, pending_valid_until, last_error";
+
+fn row_to_static(row: &Row<'_>) -> rusqlite::Result<StaticState> {
+    use crate::static_roles::{CurrentUser, Pending, PendingKind, PreviousUser};
+    let t = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
+        Ok(row.get::<_, Option<i64>>(i)?.map(from_ms))
+    };
+    let current = match (
+        row.get::<_, Option<String>>(2)?,
+        row.get::<_, Option<String>>(3)?,
+    ) {
+        (Some(user), Some(sealed)) => Some(CurrentUser {
+            user,
+            sealed,
+            rotated_at: t(4)?.unwrap_or_default(),
+            valid_until: t(5)?.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    let previous = match (row.get::<_, Option<String>>(7)?, t(8)?) {
+        (Some(user), Some(retire_at)) => Some(PreviousUser { user, retire_at }),
+        _ => None,
+    };
+    let pending = match (
+        row.get::<_, Option<String>>(9)?
+            .as_deref()
+            .and_then(PendingKind::parse),
+        row.get::<_, Option<String>>(10)?,
+        row.get::<_, Option<String>>(11)?,
+    ) {
+        (Some(kind), Some(user), Some(sealed)) => Some(Pending {
+            kind,
+            user,
+            sealed,
+            generation: row.get::<_, Option<i64>>(12)?.unwrap_or(0) as u64,
+            valid_until: t(13)?.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Ok(StaticState {
+        role: row.get(0)?,
+        generation: row.get::<_, i64>(1)? as u64,
+        current,
+        next_rotation_at: t(6)?,
+        previous,
+        pending,
+        last_error: row.get(14)?,
+    })
+}
 
 const RECORD_FAILURE: &str =
     "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = ?2, \
@@ -210,6 +290,11 @@ impl SqliteStore {
             let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_3} PRAGMA user_version = 3; COMMIT;");
             conn.execute_batch(&tx_sql)
                 .map_err(|e| ctx("cannot migrate schema to version 3", e))?;
+        }
+        if version < 4 {
+            let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_4} PRAGMA user_version = 4; COMMIT;");
+            conn.execute_batch(&tx_sql)
+                .map_err(|e| ctx("cannot migrate schema to version 4", e))?;
         }
         Ok(conn)
     }
@@ -751,6 +836,12 @@ impl LeaseStore for SqliteStore {
                  WHERE state = 'pending'",
                 params![ms(now)],
             )?;
+            // This file has one owner: claims on static roles are ours,
+            // from before the restart (a rotation's intent stays pending).
+            c.execute(
+                "UPDATE static_roles SET claimed_by = NULL, claim_until = NULL",
+                [],
+            )?;
             // A claim of our own previous life is a revocation that was under
             // way when we died: the drop may have happened without the store
             // hearing of it. Finish it now (drops are idempotent) rather than
@@ -761,6 +852,115 @@ impl LeaseStore for SqliteStore {
                 params![ms(now)],
             )
             .map(|n| n as u64)
+        })
+        .await
+    }
+
+    async fn static_get(&self, role: &str) -> Result<Option<StaticState>> {
+        let role = role.to_string();
+        self.with_read(move |c| {
+            c.query_row(
+                &format!("SELECT {STATIC_COLUMNS} FROM static_roles WHERE role = ?1"),
+                params![role],
+                row_to_static,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn static_list(&self) -> Result<Vec<StaticState>> {
+        self.with_read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {STATIC_COLUMNS} FROM static_roles ORDER BY role"
+            ))?;
+            let rows = stmt.query_map([], row_to_static)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn static_claim(&self, role: &str, claim: &Claim) -> Result<Option<StaticState>> {
+        let (role, owner, until, now) = (
+            role.to_string(),
+            claim.owner.clone(),
+            ms(claim.until),
+            ms(Utc::now()),
+        );
+        // Lazy like revocation claims: a restart voids claims anyway.
+        self.with_lazy(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO static_roles (role) VALUES (?1)",
+                params![role],
+            )?;
+            let n = c.execute(
+                "UPDATE static_roles SET claimed_by = ?2, claim_until = ?3 WHERE role = ?1 \
+                 AND (claimed_by IS NULL OR claimed_by = ?2 OR claim_until < ?4)",
+                params![role, owner, until, now],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            c.query_row(
+                &format!("SELECT {STATIC_COLUMNS} FROM static_roles WHERE role = ?1"),
+                params![role],
+                row_to_static,
+            )
+            .map(Some)
+        })
+        .await
+    }
+
+    async fn static_save(&self, state: &StaticState, owner: &str) -> Result<bool> {
+        let s = state.clone();
+        let owner = owner.to_string();
+        let now = ms(Utc::now());
+        // Full durability: a pending rotation must be on disk before the
+        // database hears of it.
+        self.with(move |c| {
+            let cur = s.current.as_ref();
+            let prev = s.previous.as_ref();
+            let pend = s.pending.as_ref();
+            c.execute(
+                "UPDATE static_roles SET generation = ?2, current_name = ?3, current_sealed = ?4, \
+                 rotated_at = ?5, valid_until = ?6, next_rotation_at = ?7, previous_name = ?8, \
+                 retire_at = ?9, pending_kind = ?10, pending_name = ?11, pending_sealed = ?12, \
+                 pending_generation = ?13, pending_valid_until = ?14, last_error = ?15 \
+                 WHERE role = ?1 AND claimed_by = ?16 AND claim_until >= ?17",
+                params![
+                    s.role,
+                    s.generation as i64,
+                    cur.map(|c| c.user.clone()),
+                    cur.map(|c| c.sealed.clone()),
+                    cur.map(|c| ms(c.rotated_at)),
+                    cur.map(|c| ms(c.valid_until)),
+                    s.next_rotation_at.map(ms),
+                    prev.map(|p| p.user.clone()),
+                    prev.map(|p| ms(p.retire_at)),
+                    pend.map(|p| p.kind.as_str()),
+                    pend.map(|p| p.user.clone()),
+                    pend.map(|p| p.sealed.clone()),
+                    pend.map(|p| p.generation as i64),
+                    pend.map(|p| ms(p.valid_until)),
+                    s.last_error,
+                    owner,
+                    now
+                ],
+            )
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn static_release(&self, role: &str, owner: &str) -> Result<()> {
+        let (role, owner) = (role.to_string(), owner.to_string());
+        self.with_lazy(move |c| {
+            c.execute(
+                "UPDATE static_roles SET claimed_by = NULL, claim_until = NULL \
+                 WHERE role = ?1 AND claimed_by = ?2",
+                params![role, owner],
+            )
+            .map(|_| ())
         })
         .await
     }

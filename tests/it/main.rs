@@ -18,4 +18,5 @@ mod limits;
 mod mysql;
 mod shapes;
 mod sidecar;
+mod static_roles;
 mod store_suite;

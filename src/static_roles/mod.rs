@@ -1,0 +1,146 @@
+//! Static roles: existing database users whose passwords the broker
+//! rotates, for applications that cannot take a new user name per lease.
+//!
+//! Alternating users (two users with the same privileges): each rotation
+//! sets a fresh password on the user *not* in use and makes it current, so
+//! the previous password keeps working for `overlap`; then the previous
+//! user's sessions are ended and its password replaced by one nobody
+//! knows. Single-user mode (one user) is Vault's: every rotation breaks
+//! whatever still holds the old password.
+//!
+//! - [`config`]: `[static_roles.NAME]` validation;
+//! - [`seal`]: the AEAD that keeps the current password readable by every
+//!   replica without plaintext at rest;
+//! - [`rotation`]: the state machine — intent in the store, then the
+//!   database, then commit — and the loop that runs it once per period on
+//!   one replica.
+//!
+//! The database enforces expiry: a password is set with `VALID UNTIL` /
+//! a failsafe event at rotation + period + overlap (≤ 2 periods), so a dead
+//! broker leaves nothing valid for long.
+
+pub mod config;
+pub mod rotation;
+pub mod seal;
+
+use chrono::{DateTime, Utc};
+
+use crate::lease::Password;
+
+pub use config::StaticRoleConfig;
+pub use rotation::Rotator;
+pub use seal::Sealer;
+
+/// A static role's credential as a reader gets it. `Debug` leaves the
+/// secrets out.
+pub struct StaticCredential {
+    pub static_role: String,
+    pub database: String,
+    pub kind: crate::lease::BackendKind,
+    pub username: String,
+    pub password: Password,
+    /// Connection string with the password in it.
+    pub dsn: String,
+    pub endpoint: crate::backend::Endpoint,
+    pub generation: u64,
+    pub rotated_at: DateTime<Utc>,
+    /// When the next rotation is planned: re-read then.
+    pub next_rotation_at: DateTime<Utc>,
+    /// When the database stops accepting this password on its own.
+    pub valid_until: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for StaticCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticCredential")
+            .field("static_role", &self.static_role)
+            .field("username", &self.username)
+            .field("generation", &self.generation)
+            .field("next_rotation_at", &self.next_rotation_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the store remembers of one static role. The passwords in it are
+/// sealed ([`Sealer`]); nothing here is secret without the key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StaticState {
+    pub role: String,
+    /// Generation of `current`; every rotation adds one.
+    pub generation: u64,
+    pub current: Option<CurrentUser>,
+    pub next_rotation_at: Option<DateTime<Utc>>,
+    /// The user rotated away from, still valid until its overlap ends.
+    pub previous: Option<PreviousUser>,
+    /// A rotation written down before the database heard of it: re-applied
+    /// (idempotent) and committed by whoever claims the role next.
+    pub pending: Option<Pending>,
+    /// The last failure, free of secrets; cleared by a success.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentUser {
+    pub user: String,
+    pub sealed: String,
+    pub rotated_at: DateTime<Utc>,
+    pub valid_until: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousUser {
+    pub user: String,
+    /// End of its overlap: sessions ended, password replaced.
+    pub retire_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingKind {
+    /// A scheduled or admin rotation.
+    Rotate,
+    /// An incident: both users retired first, then a fresh password.
+    Revoke,
+}
+
+impl PendingKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PendingKind::Rotate => "rotate",
+            PendingKind::Revoke => "revoke",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "rotate" => Some(PendingKind::Rotate),
+            "revoke" => Some(PendingKind::Revoke),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub kind: PendingKind,
+    pub user: String,
+    pub sealed: String,
+    pub generation: u64,
+    pub valid_until: DateTime<Utc>,
+}
+
+/// A static role as `admin static-roles` shows it.
+#[derive(Debug, Clone)]
+pub struct StaticStatus {
+    pub name: String,
+    pub database: String,
+    pub users: Vec<String>,
+    pub current_user: Option<String>,
+    pub generation: u64,
+    pub rotated_at: Option<DateTime<Utc>>,
+    pub next_rotation_at: Option<DateTime<Utc>>,
+    pub valid_until: Option<DateTime<Utc>>,
+    pub previous_user: Option<String>,
+    pub previous_retire_at: Option<DateTime<Utc>>,
+    pub pending: bool,
+    pub last_error: Option<String>,
+}
