@@ -546,33 +546,6 @@ impl MysqlBackend {
     }
 
     /// What the users are the DEFINER of, in every schema the admin can see.
-    /// Whether every user's current grants prove it defines nothing, so
-    /// the definer lookup (a scan of every schema) can be skipped. Asked
-    /// per user, so only for small batches; any doubt (an error, a user
-    /// already gone, a role granted) answers no.
-    async fn cannot_define(&self, conn: &mut Conn, users: &[&UserRef]) -> bool {
-        /// Above this, one lookup for the batch is cheaper than a
-        /// `SHOW GRANTS` per user.
-        const MAX_CHECKED: usize = 16;
-        if users.len() > MAX_CHECKED {
-            return false;
-        }
-        for u in users {
-            let sql = format!(
-                "SHOW GRANTS FOR {}",
-                account(u.username.as_str(), host_of(u))
-            );
-            match self
-                .timed_raw("show grants", conn.query::<String, _>(sql))
-                .await
-            {
-                Ok(Ok(lines)) if definer::grants_cannot_define(&lines) => {}
-                _ => return false,
-            }
-        }
-        true
-    }
-
     async fn defined_by(&self, conn: &mut Conn, users: &[&UserRef]) -> Result<Vec<Defined>> {
         let keys: Vec<String> = users
             .iter()
@@ -1140,11 +1113,11 @@ impl Backend for MysqlBackend {
             self.lock(&mut conn, &users).await?;
             self.kill_sessions(&mut conn, &names).await?;
         }
-        let defined = if self.cannot_define(&mut conn, &users).await {
-            Vec::new()
-        } else {
-            self.defined_by(&mut conn, &users).await?
-        };
+        // Always looked up, though it scans every schema (the costliest
+        // step of a MySQL revocation): the user's own grants prove nothing,
+        // since an account with SET USER / SUPER — a DBA, a migration tool
+        // — can create a view or routine with `DEFINER = <this user>`.
+        let defined = self.defined_by(&mut conn, &users).await?;
         let mut reassigned = Vec::new();
         if !defined.is_empty() {
             reassigned = self.move_definers(&server, revokees, &defined).await?;

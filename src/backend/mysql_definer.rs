@@ -109,60 +109,6 @@ pub fn definer_key(user: &str, host: &str) -> String {
     format!("{user}@{host}")
 }
 
-/// Privileges that cannot make a user the DEFINER of anything: a user
-/// holding only these (on any object) has no view, routine, trigger or
-/// event to move, and the definer lookup — which scans every schema's
-/// views, routines and triggers, ~10 ms on a server with 300 tables and
-/// growing with them — can be skipped for it.
-const CANNOT_DEFINE: &[&str] = &[
-    "USAGE",
-    "SELECT",
-    "INSERT",
-    "UPDATE",
-    "DELETE",
-    "EXECUTE",
-    "SHOW VIEW",
-    "REFERENCES",
-    "LOCK TABLES",
-    "CREATE TEMPORARY TABLES",
-];
-
-/// Whether the `SHOW GRANTS FOR user` lines prove the user can define
-/// nothing: every line a plain `GRANT <privileges> ON <object> TO …` with
-/// privileges from [`CANNOT_DEFINE`]. A role granted to the user (`GRANT
-/// role TO user`, no `ON`), `PROXY`, `ALL`, or anything not understood is
-/// not proof, and the lookup runs. The lines are the server's own output
-/// as of now — so a privilege a DBA added by hand after the lease was
-/// issued counts too — and they may carry a password hash: never log them.
-pub fn grants_cannot_define(show_grants: &[String]) -> bool {
-    !show_grants.is_empty()
-        && show_grants.iter().all(|line| {
-            let Some(rest) = line.strip_prefix("GRANT ") else {
-                return false;
-            };
-            let Some(at) = rest.find(" ON ") else {
-                return false;
-            };
-            let mut depth = 0usize;
-            let mut items = Vec::new();
-            let mut cur = String::new();
-            for c in rest[..at].chars() {
-                match c {
-                    '(' => depth += 1,
-                    ')' => depth = depth.saturating_sub(1),
-                    ',' if depth == 0 => items.push(std::mem::take(&mut cur)),
-                    _ if depth == 0 => cur.push(c),
-                    _ => {}
-                }
-            }
-            items.push(cur);
-            items.iter().all(|p| {
-                let p = p.trim().to_ascii_uppercase();
-                CANNOT_DEFINE.contains(&p.as_str())
-            })
-        })
-}
-
 /// Every view, routine, trigger and event whose DEFINER is one of
 /// `definers` (`user@host`), except the broker's own failsafe events.
 /// Columns: kind, schema, name, definer, extra, security (see [`Defined`]).
@@ -372,31 +318,5 @@ mod tests {
         let v = obj(ObjectKind::View, "", "");
         let t = obj(ObjectKind::Trigger, "", "");
         assert_eq!(summary(&[&v, &t, &v]), "2 view(s), 1 trigger(s)");
-    }
-
-    #[test]
-    fn only_plain_grants_of_data_privileges_prove_nothing_is_defined() {
-        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(grants_cannot_define(&lines(&[
-            "GRANT USAGE ON *.* TO `cb_x`@`%` IDENTIFIED BY PASSWORD '*0123'",
-            "GRANT SELECT, INSERT, UPDATE (item, qty), DELETE ON `shop`.`orders` TO `cb_x`@`%`",
-            "GRANT EXECUTE, SHOW VIEW ON `shop`.* TO `cb_x`@`%`",
-        ])));
-        for unsafe_line in [
-            "GRANT CREATE VIEW ON `shop`.* TO `cb_x`@`%`",
-            "GRANT SELECT, TRIGGER ON `shop`.`orders` TO `cb_x`@`%`",
-            "GRANT ALL PRIVILEGES ON `shop`.* TO `cb_x`@`%`",
-            "GRANT CREATE ROUTINE ON `shop`.* TO `cb_x`@`%`",
-            "GRANT EVENT ON `shop`.* TO `cb_x`@`%`",
-            "GRANT `app_owner` TO `cb_x`@`%`",
-            "GRANT PROXY ON ''@'%' TO `cb_x`@`%`",
-            "REVOKE SELECT ON x FROM y",
-        ] {
-            assert!(
-                !grants_cannot_define(&lines(&["GRANT USAGE ON *.* TO `cb_x`@`%`", unsafe_line])),
-                "{unsafe_line}"
-            );
-        }
-        assert!(!grants_cannot_define(&[]), "no lines prove nothing");
     }
 }

@@ -1005,43 +1005,19 @@ async fn mysql_objects_a_leased_user_defines_outlive_revoke_and_expiry() {
     b.drop_schema().await;
 }
 
-/// The definer lookup is skipped only when the user's *current* grants
-/// prove it defines nothing: a SELECT-only lease is revoked without it,
-/// but one a DBA granted CREATE VIEW by hand (after issue, outside the
-/// broker) keeps its view working through the revocation.
+/// A DBA widens one lease by hand after issue (outside the broker) and the
+/// user makes a view with it: the revocation still hands the view to the
+/// admin, so it keeps working. (The broker never decides from the role's
+/// grants that a user defines nothing.)
 #[tokio::test]
 async fn mysql_a_privilege_granted_by_hand_after_issue_still_gets_its_objects_moved() {
-    // A server of its own: the general log is switched on for it.
-    let db = throwaway().await;
-    let t = target_of(&db);
+    let t = local().await;
     let mut b = MyBroker::prepare(&t, |s| role("reader", s, "5m", "1h", None)).await;
     let reader = reader_account(&t, &b.schema).await;
     b.start_in_process().await;
     let mut root = t.root().await;
     let admin: Option<String> = root.query_first("SELECT CURRENT_USER()").await.unwrap();
     let admin = admin.unwrap();
-    root.query_drop("SET GLOBAL log_output = 'TABLE'; SET GLOBAL general_log = 'ON'")
-        .await
-        .unwrap();
-    let lookups = |user: &str| format!("DEFINER IN ('{user}@");
-
-    // SELECT only: revoked, and the definer lookup never ran.
-    let plain = b.issue("reader", 0).await.unwrap();
-    b.login(&plain).await.expect("leased login");
-    b.revoke(&plain).await;
-    assert!(
-        t.user_hosts(&plain.username).await.is_empty(),
-        "user not dropped"
-    );
-    assert!(
-        general_log_count(&mut root, &format!("SHOW GRANTS FOR '{}'", plain.username)).await >= 1,
-        "the grants were not read"
-    );
-    assert_eq!(
-        general_log_count(&mut root, &lookups(&plain.username)).await,
-        0,
-        "a SELECT-only user's revocation scanned for definers"
-    );
 
     // A DBA widens one lease by hand; the user makes a view with it.
     let widened = b.issue("reader", 0).await.unwrap();
@@ -1083,10 +1059,6 @@ async fn mysql_a_privilege_granted_by_hand_after_issue_still_gets_its_objects_mo
     assert_eq!(n, vec![1]);
     let rec = audit_of(&b, &widened).expect("revocation record");
     assert_eq!(rec.objects_reassigned, Some(1), "{rec:?}");
-    assert!(
-        general_log_count(&mut root, &lookups(&widened.username)).await >= 1,
-        "the widened user's definers were not looked up"
-    );
     b.stop().await;
 }
 
@@ -1455,10 +1427,15 @@ async fn mysql_two_databases_and_two_brokers_on_one_server_keep_their_users() {
     })
     .await;
     assert!(swept, "orphan {orphan} was not swept");
-    let rec = credbroker::audit::read_records(&a.env.audit_path)
-        .unwrap()
-        .into_iter()
-        .find(|r| r.action == "drop_orphan" && r.username.as_deref() == Some(orphan.as_str()));
+    // The record follows the drop: wait for it too.
+    let record = || {
+        credbroker::audit::read_records(&a.env.audit_path)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.action == "drop_orphan" && r.username.as_deref() == Some(orphan.as_str()))
+    };
+    eventually(Duration::from_secs(5), || async { record().is_some() }).await;
+    let rec = record();
     let rec = rec.unwrap_or_else(|| panic!("no drop_orphan record for {orphan}"));
     assert_eq!(rec.objects_reassigned, Some(1), "{rec:?}");
     assert_eq!(rec.reassigned_to, admin);
