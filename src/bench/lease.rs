@@ -302,15 +302,19 @@ where
                     }
                 }
             }
-            (cycles, issues, errors, first_error)
+            (state, cycles, issues, errors, first_error)
         }));
     }
     let mut cycles = Vec::new();
     let mut issues = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
+    // Held until the costs are read: a connection closed before then takes
+    // its server process's CPU time with it until the postmaster reaps it.
+    let mut states = Vec::with_capacity(callers);
     for t in tasks {
-        let (c, i, e, f) = t.await.map_err(Error::internal)?;
+        let (state, c, i, e, f) = t.await.map_err(Error::internal)?;
+        states.push(state);
         cycles.extend(c);
         issues.extend(i);
         errors += e;
@@ -320,6 +324,7 @@ where
     }
     let seconds = started.elapsed().as_secs_f64();
     let after = meter.sample().await;
+    drop(states);
     let leases = cycles.len() as u64;
     let n = leases.max(1) as f64;
     let steps = crate::backend::steps::snapshot(true)
