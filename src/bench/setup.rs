@@ -213,6 +213,7 @@ impl InProcess {
             Listeners {
                 grpc,
                 metrics: None,
+                vault_api: None,
             },
             async {
                 let _ = rx.await;
