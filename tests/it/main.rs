@@ -18,3 +18,4 @@ mod mysql;
 mod shapes;
 mod sidecar;
 mod store_suite;
+mod vault_api;
