@@ -287,13 +287,7 @@ async fn lookup_self(req: &Request<'_>) -> Reply {
     let t = &s.token;
     let now = Utc::now();
     // The token itself, as Vault answers: its holder just presented it.
-    let id = req
-        .headers
-        .get("x-vault-token")
-        .or_else(|| req.headers.get(axum::http::header::AUTHORIZATION))
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim_start_matches("Bearer ").trim().to_string())
-        .unwrap_or_default();
+    let id = token::presented(req.headers).unwrap_or_default();
     Ok(Envelope::data(json!({
         "accessor": t.accessor,
         "creation_time": t.issued_at.timestamp(),
@@ -302,7 +296,7 @@ async fn lookup_self(req: &Request<'_>) -> Reply {
         "entity_id": "",
         "expire_time": t.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "explicit_max_ttl": req.api.config.token_max_ttl.as_secs(),
-        "id": id,
+        "id": id.as_str(),
         "identity_policies": null,
         "issue_time": t.issued_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "meta": {"identity": t.identity},

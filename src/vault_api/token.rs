@@ -84,7 +84,7 @@ pub fn identity(broker: &Broker, peer: &Peer, action: &'static str) -> Result<Id
 
 /// The token a request carries: `X-Vault-Token`, or `Authorization:
 /// Bearer`, as Vault accepts.
-fn presented(headers: &HeaderMap) -> Option<Zeroizing<String>> {
+pub fn presented(headers: &HeaderMap) -> Option<Zeroizing<String>> {
     let raw = headers.get("x-vault-token").or_else(|| {
         headers
             .get(axum::http::header::AUTHORIZATION)

@@ -264,6 +264,7 @@ impl TestBroker {
     /// binary itself, or needs nothing listening there.
     pub fn release_port(&mut self) {
         drop(self.listener.take());
+        drop(self.vault_listener.take());
     }
 
     /// Runs the real `credbroker serve` binary on this config.

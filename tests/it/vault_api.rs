@@ -399,8 +399,16 @@ async fn vault_token_replayed_with_another_certificate_is_refused() {
 /// with Vault's code, nothing created, refusals audited.
 #[tokio::test]
 async fn vault_refusals_and_bad_input_are_vault_errors_and_lose_nothing() {
-    let roles =
-        role("ro", "{db}", "10m", "20m", APP) + &role("theirs", "{db}", "10m", "20m", OTHER);
+    let down_port = crate::support::free_port();
+    let roles = role("ro", "{db}", "10m", "20m", APP)
+        + &role("theirs", "{db}", "10m", "20m", OTHER)
+        + role("capped", "{db}", "10m", "20m", APP).trim_end()
+        + "\nmax_leases_per_identity = 1\n\n"
+        + &role("away", "down", "10m", "20m", APP)
+        + &format!(
+            "[databases.down]\nkind = \"postgres\"\n\
+             admin_url = \"postgres://nobody@127.0.0.1:{down_port}/nothing\"\nconnect_timeout = \"1s\"\n\n"
+        );
     let b = vault_broker(&roles, "").await;
     let app = Cert::dev(&b, "app");
     let token = login_token(&b, &app).await;
@@ -419,6 +427,19 @@ async fn vault_refusals_and_bad_input_are_vault_errors_and_lose_nothing() {
 
     let (class, _) = err(&hvac(&b, &app, "creds", &[&token, "nope"]).await);
     assert_eq!(class, "InvalidPath", "unknown role: 404");
+    ok(hvac(&b, &app, "creds", &[&token, "capped"]).await);
+    let (class, errors) = err(&hvac(&b, &app, "creds", &[&token, "capped"]).await);
+    assert_eq!(
+        class, "RateLimitExceeded",
+        "over max_leases_per_identity: 429 ({errors})"
+    );
+    let (class, errors) = err(&hvac(&b, &app, "creds", &[&token, "away"]).await);
+    assert_eq!(class, "VaultDown", "database unreachable: 503 ({errors})");
+    assert!(
+        errors.contains("database \\\"down\\\" is unreachable")
+            && !errors.contains(&down_port.to_string()),
+        "names the database, not its address: {errors}"
+    );
     let (class, _) = err(&hvac(&b, &app, "creds", &["-", "ro"]).await);
     assert_eq!(class, "Forbidden", "no token: 403");
     let (class, _) = err(&hvac(&b, &app, "creds", &["hvs.not-a-token", "ro"]).await);
@@ -457,7 +478,7 @@ async fn vault_refusals_and_bad_input_are_vault_errors_and_lose_nothing() {
         login(&b.db, &user, &password).await.is_ok(),
         "bad input lost nothing"
     );
-    assert_eq!(b.broker_role_count().await, 1);
+    assert_eq!(b.broker_role_count().await, 2, "ro and one capped");
 
     for path in [
         "/v1/secret/data/app",
@@ -605,4 +626,26 @@ async fn hvac_mount(b: &TestBroker, cert: &Cert, token: &str, role: &str) -> Val
     // hvac's generate_credentials takes mount_point; the flow script uses
     // the adapter for that, exactly the GET hvac would send.
     hvac(b, cert, "get", &[token, &format!("/v1/db/creds/{role}")]).await
+}
+
+/// `credbroker serve` binds `[vault_api] listen` itself and serves it:
+/// the daemon wiring, not only the in-process harness; SIGTERM stops it.
+#[tokio::test]
+async fn vault_api_served_by_the_binary() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
+    b.enable_vault_api("").await;
+    b.spawn_binary().await;
+    crate::support::wait_port(b.vault_port.unwrap()).await;
+    let app = Cert::dev(&b, "app");
+    let token = login_token(&b, &app).await;
+    let (_, user, password) = lease_of(&ok(hvac(&b, &app, "creds", &[&token, "ro"]).await));
+    assert!(login(&b.db, &user, &password).await.is_ok());
+    b.signal_binary("TERM");
+    assert_eq!(b.wait_binary(Duration::from_secs(20)).await, Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", b.vault_port.unwrap()))
+            .await
+            .is_err(),
+        "the vault api stopped with the broker"
+    );
 }
