@@ -44,12 +44,17 @@ impl Cert {
 
     /// A fresh certificate from the broker's CA for `identity`.
     fn fresh(b: &TestBroker, identity: &str) -> Cert {
+        Self::from_spec(b, &ClientSpec::spiffe(identity))
+    }
+
+    /// A fresh certificate from the broker's CA as `spec` says.
+    fn from_spec(b: &TestBroker, spec: &ClientSpec) -> Cert {
         let ca = DevCa::load(
             &std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap(),
             &std::fs::read_to_string(b.env.pki.join("ca-key.pem")).unwrap(),
         )
         .unwrap();
-        let pair = ca.client_cert(&ClientSpec::spiffe(identity)).unwrap();
+        let pair = ca.client_cert(spec).unwrap();
         let name = unique("cert");
         let cert = b.env.dir.join(format!("{name}.pem"));
         let key = b.env.dir.join(format!("{name}-key.pem"));
@@ -648,4 +653,26 @@ async fn vault_api_served_by_the_binary() {
             .is_err(),
         "the vault api stopped with the broker"
     );
+}
+
+/// A certificate the CA signed but that names no usable identity (two
+/// SPIFFE IDs) gets no token: 403, audited under its address, as the gRPC
+/// layer does.
+#[tokio::test]
+async fn vault_certificate_without_identity_gets_no_token_and_is_audited() {
+    let b = vault_broker(&role("ro", "{db}", "10m", "20m", APP), "").await;
+    let mut spec = ClientSpec::spiffe(APP);
+    spec.extra_uris = vec!["spiffe://credbroker.dev/ns/demo/other".into()];
+    let two = Cert::from_spec(&b, &spec);
+    let (class, errors) = err(&hvac(&b, &two, "login", &[]).await);
+    assert_eq!(class, "Forbidden", "{errors}");
+    assert!(errors.contains("unauthenticated"), "{errors}");
+    let audited = b.audit_records().into_iter().any(|r| {
+        r.identity == "unauthenticated:127.0.0.1"
+            && r.action == "vault_login"
+            && matches!(r.outcome, Outcome::Denied)
+            && r.via.as_deref() == Some("vault_api")
+    });
+    assert!(audited, "the refusal is audited under the peer address");
+    assert_eq!(b.broker_role_count().await, 0);
 }
