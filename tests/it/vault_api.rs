@@ -676,3 +676,34 @@ async fn vault_certificate_without_identity_gets_no_token_and_is_audited() {
     assert!(audited, "the refusal is audited under the peer address");
     assert_eq!(b.broker_role_count().await, 0);
 }
+
+/// Replicas on one PostgreSQL store share tokens and their lease links: a
+/// token from one replica issues on another, and revoke-self on the first
+/// ends the lease the second issued.
+#[tokio::test]
+async fn vault_tokens_are_shared_by_replicas_on_a_postgres_store() {
+    let mut a = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
+    crate::ha::use_pg_store(&a, crate::support::cluster(), "60s").await;
+    a.enable_vault_api("").await;
+    a.start_in_process().await;
+    let mut r = a.replica();
+    // The replica's own Vault port, not a copy of the first one's.
+    r.edit_config(|t| t[..t.find("\n[vault_api]").unwrap()].to_string());
+    r.enable_vault_api("").await;
+    r.start_in_process().await;
+
+    let app = Cert::dev(&a, "app");
+    let token = login_token(&a, &app).await;
+    let (_, user, password) = lease_of(&ok(hvac(&r, &app, "creds", &[&token, "ro"]).await));
+    assert!(login(&r.db, &user, &password).await.is_ok());
+    let gone = ok(hvac(&a, &app, "revoke_self", &[&token]).await);
+    assert_eq!(gone["status_code"], 204);
+    assert!(
+        !a.role_exists(&user).await,
+        "the replica's lease ended with the token"
+    );
+    let (class, _) = err(&hvac(&r, &app, "creds", &[&token, "ro"]).await);
+    assert_eq!(class, "Forbidden", "revoked on every replica");
+    r.stop().await;
+    a.stop().await;
+}
