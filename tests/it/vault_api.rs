@@ -707,3 +707,41 @@ async fn vault_tokens_are_shared_by_replicas_on_a_postgres_store() {
     r.stop().await;
     a.stop().await;
 }
+
+/// Requests no client library would send still get Vault's JSON errors,
+/// with Vault's codes, and change nothing.
+#[tokio::test]
+async fn vault_malformed_requests_are_json_errors() {
+    let b = vault_broker(&role("ro", "{db}", "10m", "20m", APP), "").await;
+    let app = Cert::dev(&b, "app");
+    let token = login_token(&b, &app).await;
+    for (method, path, body, status) in [
+        ("PUT", "/v1/sys/leases/renew", "[1", 400),
+        ("PUT", "/v1/sys/leases/renew", "[1]", 400),
+        ("PUT", "/v1/sys/leases/renew", "{}", 400),
+        ("PUT", "/v1/sys/leases/renew", "@100000", 413),
+        ("DELETE", "/v1/sys/leases/renew", "", 405),
+        ("POST", "/v1/database/creds/ro", "", 405),
+        ("PUT", "/v1/auth/cert/login", "{\"name\": 3}", 400),
+        (
+            "PUT",
+            "/v1/auth/token/renew-self",
+            "{\"increment\": \"-1h\"}",
+            400,
+        ),
+        ("GET", "/", "", 404),
+        ("GET", "/v1/", "", 404),
+        ("GET", "/v1/database/creds/ro/extra", "", 404),
+    ] {
+        let r = ok(hvac(&b, &app, "raw", &[&token, method, path, body]).await);
+        assert_eq!(r["status_code"], status, "{method} {path} {body:.20}: {r}");
+        let errors = r["body"]["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r}"));
+        assert!(
+            errors.len() == 1 && errors[0].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} {path}: {r}"
+        );
+    }
+    assert_eq!(b.broker_role_count().await, 0, "nothing was issued");
+}

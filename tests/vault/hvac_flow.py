@@ -15,6 +15,9 @@ Steps:
     is_authenticated TOKEN  is_authenticated()
     get TOKEN PATH          the adapter's GET of PATH (health, mounts, a
                             path the broker does not serve)
+    raw TOKEN METHOD PATH BODY
+                            the adapter's METHOD of PATH with BODY sent as
+                            is (malformed requests); "@N" sends N bytes
 
 Prints {"ok": <response>} or {"error": <hvac exception class>,
 "errors": [...]}; exits 0 either way, so the Rust test asserts on the
@@ -67,6 +70,13 @@ def main():
             out = client.is_authenticated()
         elif step == "get":
             out = response_json(client.adapter.get(args[0]))
+        elif step == "raw":
+            method, path, body = args
+            if body.startswith("@"):
+                body = "x" * int(body[1:])
+            out = response_json(
+                client.adapter.request(method, path, raise_exception=False, data=body)
+            )
         else:
             raise SystemExit(f"unknown step {step!r}")
         print(json.dumps({"ok": out}))
