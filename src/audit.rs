@@ -56,9 +56,6 @@ pub struct Event {
     /// Objects the revoked user owned, handed to `reassigned_to`.
     pub objects_reassigned: Option<u64>,
     pub reassigned_to: Option<String>,
-    /// The API the request came through when not the gRPC one
-    /// (`vault_api`); None here takes the one of the [`via`] scope.
-    pub via: Option<&'static str>,
 }
 
 tokio::task_local! {
@@ -331,10 +328,7 @@ impl AuditLog {
             detail: event.detail,
             objects_reassigned: event.objects_reassigned,
             reassigned_to: event.reassigned_to,
-            via: event
-                .via
-                .or_else(|| VIA.try_with(|v| *v).ok())
-                .map(str::to_string),
+            via: VIA.try_with(|v| v.to_string()).ok(),
             prev: chain.prev.clone(),
         };
         let json = serde_json::to_string(&record).map_err(Error::internal)?;
