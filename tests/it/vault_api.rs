@@ -745,3 +745,39 @@ async fn vault_malformed_requests_are_json_errors() {
     }
     assert_eq!(b.broker_role_count().await, 0, "nothing was issued");
 }
+
+/// The older and path forms Vault still serves: `sys/renew/<id>`,
+/// `sys/leases/renew/<id>`, `sys/revoke/<id>`, `sys/leases/revoke/<id>`.
+#[tokio::test]
+async fn vault_lease_ids_in_the_path_renew_and_revoke() {
+    let b = vault_broker(&role("ro", "{db}", "10m", "20m", APP), "").await;
+    let app = Cert::dev(&b, "app");
+    let token = login_token(&b, &app).await;
+    for (renew, revoke) in [
+        ("sys/renew", "sys/revoke"),
+        ("sys/leases/renew", "sys/leases/revoke"),
+    ] {
+        let (lease_id, user, password) =
+            lease_of(&ok(hvac(&b, &app, "creds", &[&token, "ro"]).await));
+        let path = format!("/v1/{renew}/{lease_id}");
+        let r = ok(hvac(
+            &b,
+            &app,
+            "raw",
+            &[&token, "PUT", &path, "{\"increment\": 120}"],
+        )
+        .await);
+        assert_eq!(r["lease_id"], lease_id.as_str(), "{path}: {r}");
+        let d = r["lease_duration"].as_u64().unwrap();
+        assert!((118..=120).contains(&d), "{path}: {r}");
+        let session = login(&b.db, &user, &password).await.unwrap();
+        let path = format!("/v1/{revoke}/{lease_id}");
+        let r = ok(hvac(&b, &app, "raw", &[&token, "PUT", &path, ""]).await);
+        assert_eq!(r["status_code"], 204, "{path}: {r}");
+        assert!(!b.role_exists(&user).await, "{path}");
+        assert!(
+            session.query_one("SELECT 1", &[]).await.is_err(),
+            "{path}: session ended"
+        );
+    }
+}
