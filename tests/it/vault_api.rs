@@ -523,8 +523,9 @@ async fn vault_refusals_and_bad_input_are_vault_errors_and_lose_nothing() {
     assert_eq!(class, "InvalidPath");
 }
 
-/// vaultrs, unmodified, on the ring provider: cert login and a creds read
-/// that logs in.
+/// vaultrs, unmodified, on the ring provider: cert login, lookup-self, a
+/// creds read that logs in, an unknown role (404), renew-self and
+/// revoke-self (its lease dropped, the token refused after).
 #[tokio::test]
 async fn vault_vaultrs_cert_login_and_creds() {
     use vaultrs::client::{Client, Identity, VaultClient, VaultClientSettingsBuilder};
@@ -561,7 +562,35 @@ async fn vault_vaultrs_cert_login_and_creds() {
     let e = vaultrs::database::role::creds(&client, "database", "nope")
         .await
         .unwrap_err();
-    assert!(format!("{e:?}").contains("404"), "{e:?}");
+    match e {
+        vaultrs::error::ClientError::APIError { code, errors } => {
+            assert_eq!(code, 404, "{errors:?}");
+            assert!(errors[0].contains("no role \"nope\""), "{errors:?}");
+        }
+        other => panic!("expected Vault's 404, got {other:?}"),
+    }
+    let renewed = vaultrs::token::renew_self(&client, Some("30m"))
+        .await
+        .expect("vaultrs renew-self");
+    assert!(
+        (1795..=1800).contains(&renewed.lease_duration),
+        "{}",
+        renewed.lease_duration
+    );
+    vaultrs::token::revoke_self(&client)
+        .await
+        .expect("vaultrs revoke-self");
+    assert!(
+        !b.role_exists(&creds.username).await,
+        "the token's lease went with it"
+    );
+    let e = vaultrs::database::role::creds(&client, "database", "ro")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, vaultrs::error::ClientError::APIError { code: 403, .. }),
+        "{e:?}"
+    );
 }
 
 /// The same through hvac on a MariaDB role: the user logs in, revocation
