@@ -292,6 +292,9 @@ async fn vault_hvac_revoke_self_ends_the_tokens_leases_and_tokens_expire() {
     let (_, u2, _) = lease_of(&ok(hvac(&b, &app, "creds", &[&token, "ro"]).await));
     let (_, kept, kept_pw) = lease_of(&ok(hvac(&b, &app, "creds", &[&keeper, "ro"]).await));
     let s1 = login(&b.db, &u1, &p1).await.unwrap();
+    // One of the token's leases revoked on its own before.
+    let (early, _, _) = lease_of(&ok(hvac(&b, &app, "creds", &[&token, "ro"]).await));
+    ok(hvac(&b, &app, "revoke", &[&token, &early]).await);
 
     let renewed = ok(hvac(&b, &app, "renew_self", &[&token, "2h"]).await);
     let d = renewed["auth"]["lease_duration"].as_u64().unwrap();
