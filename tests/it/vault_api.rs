@@ -666,17 +666,40 @@ async fn hvac_mount(b: &TestBroker, cert: &Cert, token: &str, role: &str) -> Val
 }
 
 /// `credbroker serve` binds `[vault_api] listen` itself and serves it:
-/// the daemon wiring, not only the in-process harness; SIGTERM stops it.
+/// the daemon wiring, not only the in-process harness. A lease issued
+/// there moves the same metrics as any other; neither the token nor the
+/// password reaches the broker's log; SIGTERM stops the listener.
 #[tokio::test]
 async fn vault_api_served_by_the_binary() {
     let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
+    let mport = crate::support::free_port();
+    b.edit_config(|t| {
+        t.replace(
+            "[server]\n",
+            &format!("[server]\nmetrics_listen = \"127.0.0.1:{mport}\"\n"),
+        )
+    });
     b.enable_vault_api("").await;
     b.spawn_binary().await;
     crate::support::wait_port(b.vault_port.unwrap()).await;
     let app = Cert::dev(&b, "app");
     let token = login_token(&b, &app).await;
-    let (_, user, password) = lease_of(&ok(hvac(&b, &app, "creds", &[&token, "ro"]).await));
+    let (lease_id, user, password) = lease_of(&ok(hvac(&b, &app, "creds", &[&token, "ro"]).await));
     assert!(login(&b.db, &user, &password).await.is_ok());
+    ok(hvac(&b, &app, "renew", &[&token, &lease_id, "60"]).await);
+    let metrics = crate::support::http_get(mport, "/metrics").await;
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("role=\"ro\""))
+            .unwrap_or_else(|| panic!("no {name} for role ro in:\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(sample("credbroker_leases_issued_total"), "1");
+    assert_eq!(sample("credbroker_leases_renewed_total"), "1");
     b.signal_binary("TERM");
     assert_eq!(b.wait_binary(Duration::from_secs(20)).await, Some(0));
     assert!(
@@ -684,6 +707,12 @@ async fn vault_api_served_by_the_binary() {
             .await
             .is_err(),
         "the vault api stopped with the broker"
+    );
+    let log = b.broker_log();
+    assert!(log.contains("vault api listening"), "{log}");
+    assert!(
+        !log.contains(&token[4..]) && !log.contains(&password),
+        "no secret in the log"
     );
 }
 
