@@ -56,15 +56,9 @@ async fn dispatch(
     headers: HeaderMap,
     body: HttpBody,
 ) -> Response {
-    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+    let bytes = match read_body(body).await {
         Ok(b) => b,
-        Err(_) => {
-            return VaultError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {MAX_BODY} bytes"),
-            )
-            .into_response()
-        }
+        Err(e) => return e.into_response(),
     };
     let req = Request {
         api: &api,
@@ -74,6 +68,42 @@ async fn dispatch(
     };
     let reply = crate::audit::via(VIA, route(&req, &method, uri.path())).await;
     reply.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Past this much an oversized body is no longer read to the end: the
+/// connection is closed with the answer instead.
+const MAX_DRAIN: usize = 1024 * 1024;
+
+/// The request body, at most `MAX_BODY`. An oversized one is read on (up
+/// to `MAX_DRAIN`) and dropped before the 413 goes out: answering while
+/// the client still sends makes the close look like a broken connection
+/// to it ("EOF occurred in violation of protocol"), not like Vault's JSON.
+async fn read_body(body: HttpBody) -> Result<Vec<u8>, VaultError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| {
+            VaultError::new(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            )
+        })?;
+        seen += chunk.len();
+        if seen <= MAX_BODY {
+            out.extend_from_slice(&chunk);
+        } else if seen > MAX_DRAIN {
+            break;
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(VaultError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 struct Request<'a> {
