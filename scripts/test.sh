@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the PostgreSQL and
 # MariaDB server binaries if they are missing (tests start throwaway servers
-# from them; nothing needs to be running), then lints and tests. Long fault
+# from them; nothing needs to be running) and the Vault client (hvac) venv,
+# then lints and tests. Long fault
 # tests (`#[ignore = "long"]`) run in a second step of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-db-binaries.sh
+scripts/ensure-vault-venv.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

@@ -33,6 +33,22 @@ pub struct Config {
     /// The key that seals static-role passwords in the store
     /// (`sealing_key_file` / `sealing_key_env`); never in the store itself.
     pub sealing_key: SecretSource,
+    /// The Vault-compatible HTTPS API (`[vault_api]`), when configured.
+    pub vault_api: Option<VaultApiConfig>,
+}
+
+/// `[vault_api]`: HashiCorp Vault's database-credentials API on a listener
+/// of its own, so Vault clients switch by changing their address.
+#[derive(Debug, Clone)]
+pub struct VaultApiConfig {
+    pub listen: SocketAddr,
+    /// The path clients read credentials under (`<mount>/creds/<role>`);
+    /// Vault's default for the database engine is `database`.
+    pub mount: String,
+    /// A token's life from login, and what each renew-self grants.
+    pub token_ttl: Duration,
+    /// No renewal moves a token's expiry past login + this.
+    pub token_max_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -239,6 +255,70 @@ struct RawConfig {
     static_roles: BTreeMap<String, crate::static_roles::config::RawStaticRole>,
     sealing_key_file: Option<PathBuf>,
     sealing_key_env: Option<String>,
+    vault_api: Option<RawVaultApi>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVaultApi {
+    listen: String,
+    mount: Option<String>,
+    token_ttl: Option<String>,
+    token_max_ttl: Option<String>,
+}
+
+impl RawVaultApi {
+    fn validate(self, grpc: SocketAddr) -> Result<VaultApiConfig> {
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|e| Error::Config(format!("vault_api.listen {:?}: {e}", self.listen)))?;
+        if listen == grpc && listen.port() != 0 {
+            return Err(Error::Config(format!(
+                "vault_api.listen {listen} is server.listen too; give it a port of its own"
+            )));
+        }
+        let mount = self.mount.unwrap_or_else(|| "database".to_string());
+        // One path segment: clients put it between `/v1/` and `/creds/`.
+        if !valid_key(&mount) {
+            return Err(Error::Config(format!(
+                "vault_api.mount {mount:?}: use 1-64 characters of a-z, A-Z, 0-9, '-', '_', '.' (e.g. \"database\")"
+            )));
+        }
+        if mount == "sys" || mount == "auth" {
+            return Err(Error::Config(format!(
+                "vault_api.mount {mount:?} is a path Vault reserves; choose another (e.g. \"database\")"
+            )));
+        }
+        let token_ttl = opt_duration(
+            "vault_api.token_ttl",
+            self.token_ttl.as_ref(),
+            Duration::from_secs(3600),
+        )?;
+        let token_max_ttl = opt_duration(
+            "vault_api.token_max_ttl",
+            self.token_max_ttl.as_ref(),
+            Duration::from_secs(24 * 3600),
+        )?;
+        if token_ttl < Duration::from_secs(1) {
+            return Err(Error::Config(
+                "vault_api.token_ttl: at least 1s".to_string(),
+            ));
+        }
+        if token_max_ttl < token_ttl {
+            return Err(Error::Config(format!(
+                "vault_api.token_max_ttl ({}) is shorter than vault_api.token_ttl ({})",
+                humantime::format_duration(token_max_ttl),
+                humantime::format_duration(token_ttl)
+            )));
+        }
+        Ok(VaultApiConfig {
+            listen,
+            mount,
+            token_ttl,
+            token_max_ttl,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -469,6 +549,17 @@ impl RawConfig {
                     .to_string(),
             ));
         }
+        let vault_api = self
+            .vault_api
+            .map(|v| v.validate(server.listen))
+            .transpose()?;
+        if let (Some(v), Some(m)) = (&vault_api, server.metrics_listen) {
+            if v.listen == m && m.port() != 0 {
+                return Err(cfg_err(format!(
+                    "vault_api.listen {m} is server.metrics_listen too; give it a port of its own"
+                )));
+            }
+        }
         Ok(Config {
             server,
             tls,
@@ -481,6 +572,7 @@ impl RawConfig {
             roles,
             static_roles,
             sealing_key,
+            vault_api,
         })
     }
 }
@@ -1007,6 +1099,62 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         let r = c.role("orders-readonly").unwrap();
         assert_eq!(r.max_ttl, Duration::from_secs(3600));
         assert_eq!(c.databases["orders"].scram_iterations, 1);
+    }
+
+    #[test]
+    fn vault_api_section_defaults_and_mistakes() {
+        let c = Config::parse(SAMPLE, Path::new("/")).unwrap();
+        assert!(c.vault_api.is_none(), "off unless configured");
+        let with = |section: &str| {
+            Config::parse(&format!("{SAMPLE}[vault_api]\n{section}"), Path::new("/"))
+        };
+        let v = with("listen = \"127.0.0.1:8200\"\n")
+            .unwrap()
+            .vault_api
+            .unwrap();
+        assert_eq!(v.listen, "127.0.0.1:8200".parse().unwrap());
+        assert_eq!(v.mount, "database");
+        assert_eq!(v.token_ttl, Duration::from_secs(3600));
+        assert_eq!(v.token_max_ttl, Duration::from_secs(86400));
+        let v = with("listen = \"127.0.0.1:8200\"\nmount = \"db-prod\"\ntoken_ttl = \"10m\"\n")
+            .unwrap()
+            .vault_api
+            .unwrap();
+        assert_eq!(
+            (v.mount.as_str(), v.token_ttl),
+            ("db-prod", Duration::from_secs(600))
+        );
+        for (section, want) in [
+            ("listen = \"nowhere\"\n", "vault_api.listen"),
+            ("listen = \"127.0.0.1:7443\"\n", "is server.listen too"),
+            (
+                "listen = \"127.0.0.1:9464\"\n",
+                "is server.metrics_listen too",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\nmount = \"a/b\"\n",
+                "vault_api.mount",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\nmount = \"sys\"\n",
+                "Vault reserves",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\ntoken_ttl = \"soon\"\n",
+                "not a duration",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\ntoken_ttl = \"2h\"\ntoken_max_ttl = \"1h\"\n",
+                "shorter than",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\ntoken = \"x\"\n",
+                "unknown field",
+            ),
+        ] {
+            let err = with(section).unwrap_err().to_string();
+            assert!(err.contains(want), "{section:?}: {err}");
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ use crate::{backend, pruner, reaper, server, store};
 pub struct Listeners {
     pub grpc: TcpListener,
     pub metrics: Option<TcpListener>,
+    /// The Vault-compatible API (`[vault_api]`); None: not served.
+    pub vault_api: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -36,7 +38,19 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Listeners { grpc, metrics })
+        let vault_api = match &config.vault_api {
+            Some(v) => Some(
+                TcpListener::bind(v.listen)
+                    .await
+                    .map_err(|e| Error::Config(format!("vault_api.listen {}: {e}", v.listen)))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            grpc,
+            metrics,
+            vault_api,
+        })
     }
 }
 
@@ -187,6 +201,22 @@ impl Daemon {
         };
         let grace = broker.config().server.shutdown_grace;
         let grpc_stop = CancellationToken::new();
+        // Stops accepting together with gRPC: one shutdown for both APIs.
+        let vault_api = match (listeners.vault_api, broker.config().vault_api.clone()) {
+            (Some(l), Some(cfg)) => Some(tokio::spawn(crate::vault_api::serve(
+                broker.clone(),
+                cfg,
+                l,
+                self.tls.clone(),
+                grpc_stop.clone().cancelled_owned(),
+            ))),
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "a vault_api listener was given but the config has no [vault_api]".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         let grpc = tokio::spawn(server::serve_grpc(
             broker.clone(),
             listeners.grpc,
@@ -215,6 +245,9 @@ impl Daemon {
                 }
             },
         };
+        if let Some(h) = vault_api {
+            let _ = h.await;
+        }
         stop.cancel();
         let _ = reaper.await;
         let _ = pruner.await;

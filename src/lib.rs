@@ -33,6 +33,8 @@
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
+//! - [`vault_api`]: HashiCorp Vault's database-credentials HTTP API, so
+//!   Vault clients switch by changing their address.
 //! - [`cli`]: one file per subcommand.
 //! - [`hardening`]: core dumps off for the commands that hold secrets.
 //! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
@@ -74,6 +76,7 @@ pub mod store;
 #[cfg(test)]
 mod testkit;
 pub mod throwaway;
+pub mod vault_api;
 pub mod watch;
 
 /// Code generated from `proto/credbroker/v1`.

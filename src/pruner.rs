@@ -55,6 +55,12 @@ impl Pruner {
         if locks > 0 {
             tracing::info!(locks, "pruned expired locks past retention");
         }
+        // Vault-API tokens are no use once expired (a token cannot be
+        // renewed after); they go at once, not after `retention`.
+        let tokens = self.store.prune_vault_tokens(Utc::now()).await?;
+        if tokens > 0 {
+            tracing::info!(tokens, "pruned expired vault api tokens");
+        }
         let mut total = 0;
         loop {
             let n = self.store.prune_revoked(before, self.batch).await?;

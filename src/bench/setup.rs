@@ -237,6 +237,7 @@ impl InProcess {
                             Listeners {
                                 grpc,
                                 metrics: None,
+                                vault_api: None,
                             },
                             async {
                                 let _ = stop_rx.await;

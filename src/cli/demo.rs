@@ -149,6 +149,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         Listeners {
             grpc,
             metrics: None,
+            vault_api: None,
         },
         async {
             let _ = stop_rx.await;

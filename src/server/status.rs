@@ -28,7 +28,7 @@ pub fn to_status(err: Error) -> Status {
 /// ": " (`database "orders" is unreachable`), which names the database
 /// but not its address, user or the server's words — those go to the log
 /// (and to `credbroker check`), where the operator reads them.
-fn public_summary(m: &str) -> String {
+pub(crate) fn public_summary(m: &str) -> String {
     match m.split_once(": ") {
         Some((head, _)) => format!("{head} (details in the broker's log)"),
         None => m.to_string(),

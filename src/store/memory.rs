@@ -17,13 +17,16 @@ use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
 use crate::static_roles::StaticState;
-use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseStore};
+use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseStore, VaultToken};
 
 #[derive(Default)]
 pub struct MemoryStore {
     rows: Mutex<BTreeMap<LeaseId, Row>>,
     locks: Mutex<Vec<Lock>>,
     statics: Mutex<BTreeMap<String, (StaticState, Option<Claim>)>>,
+    /// Vault-API tokens by hash, and (accessor, lease) links.
+    vault_tokens: Mutex<BTreeMap<String, VaultToken>>,
+    vault_links: Mutex<std::collections::BTreeSet<(String, LeaseId)>>,
     /// Calls that fail with `Unavailable` before the store answers again.
     fail_next: Mutex<u32>,
 }
@@ -402,6 +405,83 @@ impl LeaseStore for MemoryStore {
         let n = locks.len();
         locks.retain(|l| l.expires_at.is_none_or(|e| e >= before));
         Ok((n - locks.len()) as u64)
+    }
+
+    async fn insert_vault_token(&self, token: &VaultToken) -> Result<()> {
+        self.check()?;
+        let mut tokens = self.vault_tokens.lock().unwrap();
+        if tokens.contains_key(&token.hash) || tokens.values().any(|t| t.accessor == token.accessor)
+        {
+            return Err(Error::internal("vault token already stored"));
+        }
+        tokens.insert(token.hash.clone(), token.clone());
+        Ok(())
+    }
+
+    async fn vault_token(&self, hash: &str) -> Result<Option<VaultToken>> {
+        self.check()?;
+        Ok(self.vault_tokens.lock().unwrap().get(hash).cloned())
+    }
+
+    async fn set_vault_token_expiry(&self, hash: &str, expires_at: DateTime<Utc>) -> Result<bool> {
+        self.check()?;
+        Ok(match self.vault_tokens.lock().unwrap().get_mut(hash) {
+            Some(t) => {
+                t.expires_at = expires_at;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn delete_vault_token(&self, hash: &str) -> Result<bool> {
+        self.check()?;
+        let removed = self.vault_tokens.lock().unwrap().remove(hash);
+        if let Some(t) = &removed {
+            self.vault_links
+                .lock()
+                .unwrap()
+                .retain(|(a, _)| a != &t.accessor);
+        }
+        Ok(removed.is_some())
+    }
+
+    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
+        self.check()?;
+        self.vault_links
+            .lock()
+            .unwrap()
+            .insert((accessor.to_string(), lease.clone()));
+        Ok(())
+    }
+
+    async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {
+        self.check()?;
+        Ok(self
+            .vault_links
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| a == accessor)
+            .map(|(_, l)| l.clone())
+            .collect())
+    }
+
+    async fn prune_vault_tokens(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.check()?;
+        let mut tokens = self.vault_tokens.lock().unwrap();
+        let gone: Vec<String> = tokens
+            .values()
+            .filter(|t| t.expires_at < before)
+            .map(|t| t.hash.clone())
+            .collect();
+        let mut links = self.vault_links.lock().unwrap();
+        for h in &gone {
+            if let Some(t) = tokens.remove(h) {
+                links.retain(|(a, _)| a != &t.accessor);
+            }
+        }
+        Ok(gone.len() as u64)
     }
 
     async fn live_identities(&self) -> Result<Vec<String>> {

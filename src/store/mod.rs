@@ -183,6 +183,30 @@ pub trait LeaseStore: Send + Sync {
     /// it never loads every lease.
     async fn live_identities(&self) -> Result<Vec<String>>;
 
+    /// Stores a Vault-API token (`vault_api`): its hash, never the token.
+    async fn insert_vault_token(&self, token: &VaultToken) -> Result<()>;
+
+    /// The token whose SHA-256 is `hash`, expired or not (the caller
+    /// decides, so an expired token is refused with a reason).
+    async fn vault_token(&self, hash: &str) -> Result<Option<VaultToken>>;
+
+    /// Moves a token's expiry; false when there is no such token.
+    async fn set_vault_token_expiry(&self, hash: &str, expires_at: DateTime<Utc>) -> Result<bool>;
+
+    /// Deletes a token and its lease links; false when there was none.
+    async fn delete_vault_token(&self, hash: &str) -> Result<bool>;
+
+    /// Records that the token with `accessor` created `lease`, so revoking
+    /// the token revokes the lease (Vault's token → lease parentage).
+    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()>;
+
+    /// The leases the token with `accessor` created (any state).
+    async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>>;
+
+    /// Deletes tokens that expired before `before`, and their links;
+    /// returns how many tokens went.
+    async fn prune_vault_tokens(&self, before: DateTime<Utc>) -> Result<u64>;
+
     /// Called once at start. A store only this process can use (SQLite) makes
     /// every pending intent due now, since its issuer is certainly dead; a
     /// shared store leaves them to their grace deadline.
@@ -207,6 +231,23 @@ pub trait LeaseStore: Send + Sync {
 
     /// Releases `owner`'s claim on `role`.
     async fn static_release(&self, role: &str, owner: &str) -> Result<()>;
+}
+
+/// A token of the Vault-compatible API, as stored: the SHA-256 of the
+/// token (so a copy of the store logs no one in), bound to the identity
+/// and the certificate that logged in. No field holds the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultToken {
+    /// Lowercase hex SHA-256 of the token.
+    pub hash: String,
+    /// Vault's token accessor: names the token (audit, lease links)
+    /// without being usable as one.
+    pub accessor: String,
+    pub identity: String,
+    /// Lowercase hex SHA-256 of the client certificate's DER.
+    pub cert_sha256: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// Opens the store named by `url` (a `sqlite://` path, or a `postgres://`

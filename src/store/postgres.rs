@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::static_roles::StaticState;
-use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
+use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore, VaultToken};
 
 /// `pg_advisory_xact_lock` key held while migrating ("credbrkr").
 const MIGRATION_LOCK: i64 = 0x6372_6564_6272_6b72;
@@ -117,6 +117,28 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             claim_until         timestamptz
         );",
     ),
+    // Tokens of the Vault-compatible API, by the SHA-256 of the token
+    // (never the token), shared by replicas like the leases; and which
+    // leases each token created, so revoking a token revokes them. No
+    // foreign key to the lease table: pruning leases must not touch links.
+    (
+        5,
+        "vault api tokens",
+        "CREATE TABLE credbroker_vault_tokens (
+            hash        text PRIMARY KEY,
+            accessor    text NOT NULL UNIQUE,
+            identity    text NOT NULL,
+            cert_sha256 text NOT NULL,
+            issued_at   timestamptz NOT NULL,
+            expires_at  timestamptz NOT NULL
+        );
+        CREATE INDEX credbroker_vault_tokens_expires_at ON credbroker_vault_tokens (expires_at);
+        CREATE TABLE credbroker_vault_token_leases (
+            accessor text NOT NULL,
+            lease_id text NOT NULL,
+            PRIMARY KEY (accessor, lease_id)
+        );",
+    ),
 ];
 
 const STATIC_COLUMNS: &str =
@@ -166,6 +188,8 @@ fn row_to_static(row: &Row) -> Result<StaticState> {
         last_error: text(14)?,
     })
 }
+
+const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued_at, expires_at";
 
 /// The newest schema this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -840,6 +864,105 @@ impl LeaseStore for PostgresStore {
             &[&before],
         )
         .await
+    }
+
+    async fn insert_vault_token(&self, token: &VaultToken) -> Result<()> {
+        self.execute(
+            "insert vault token",
+            &format!(
+                "INSERT INTO credbroker_vault_tokens ({VAULT_TOKEN_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6)"
+            ),
+            &[
+                &token.hash,
+                &token.accessor,
+                &token.identity,
+                &token.cert_sha256,
+                &token.issued_at,
+                &token.expires_at,
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn vault_token(&self, hash: &str) -> Result<Option<VaultToken>> {
+        let rows = self
+            .query(
+                "read vault token",
+                &format!(
+                    "SELECT {VAULT_TOKEN_COLUMNS} FROM credbroker_vault_tokens WHERE hash = $1"
+                ),
+                &[&hash],
+            )
+            .await?;
+        Ok(rows.first().map(|r| VaultToken {
+            hash: r.get(0),
+            accessor: r.get(1),
+            identity: r.get(2),
+            cert_sha256: r.get(3),
+            issued_at: r.get(4),
+            expires_at: r.get(5),
+        }))
+    }
+
+    async fn set_vault_token_expiry(&self, hash: &str, expires_at: DateTime<Utc>) -> Result<bool> {
+        self.execute(
+            "renew vault token",
+            "UPDATE credbroker_vault_tokens SET expires_at = $2 WHERE hash = $1",
+            &[&hash, &expires_at],
+        )
+        .await
+        .map(|n| n > 0)
+    }
+
+    async fn delete_vault_token(&self, hash: &str) -> Result<bool> {
+        // One statement: the links and the token go together or not at all.
+        let rows = self
+            .query(
+                "delete vault token",
+                "WITH t AS (DELETE FROM credbroker_vault_tokens WHERE hash = $1 RETURNING accessor), \
+                 l AS (DELETE FROM credbroker_vault_token_leases WHERE accessor IN (SELECT accessor FROM t)) \
+                 SELECT count(*) FROM t",
+                &[&hash],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0)
+    }
+
+    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
+        self.execute(
+            "link vault lease",
+            "INSERT INTO credbroker_vault_token_leases (accessor, lease_id) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING",
+            &[&accessor, &lease.as_str()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {
+        let rows = self
+            .query(
+                "read vault token leases",
+                "SELECT lease_id FROM credbroker_vault_token_leases WHERE accessor = $1 ORDER BY lease_id",
+                &[&accessor],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| LeaseId::from_store(r.get(0))).collect())
+    }
+
+    async fn prune_vault_tokens(&self, before: DateTime<Utc>) -> Result<u64> {
+        let rows = self
+            .query(
+                "prune vault tokens",
+                "WITH t AS (DELETE FROM credbroker_vault_tokens WHERE expires_at < $1 RETURNING accessor), \
+                 l AS (DELETE FROM credbroker_vault_token_leases WHERE accessor IN (SELECT accessor FROM t)) \
+                 SELECT count(*) FROM t",
+                &[&before],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
     }
 
     async fn live_identities(&self) -> Result<Vec<String>> {

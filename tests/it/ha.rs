@@ -31,7 +31,7 @@ fn roles() -> String {
 
 /// Points `b` at a fresh store database in `pg` (password from a file,
 /// as in production) with the given claim timeout; returns its name.
-async fn use_pg_store(b: &TestBroker, pg: &ThrowawayPostgres, claim_timeout: &str) -> String {
+pub async fn use_pg_store(b: &TestBroker, pg: &ThrowawayPostgres, claim_timeout: &str) -> String {
     let db = unique("leases");
     pg.create_database(&db).await.unwrap();
     let secret = b.env.dir.join("secrets").join("store-password");

@@ -20,3 +20,4 @@ mod shapes;
 mod sidecar;
 mod static_roles;
 mod store_suite;
+mod vault_api;

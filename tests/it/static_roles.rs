@@ -21,7 +21,11 @@ const KEY_HEX: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5
 
 /// Users `{base}_a`, `{base}_b` (or one) made by the "DBA" on the test's
 /// PostgreSQL database, and a broker config with `[static_roles.st]`.
-async fn pg_static(users: usize, period: &str, extra: &str) -> (TestBroker, Vec<String>) {
+pub(crate) async fn pg_static(
+    users: usize,
+    period: &str,
+    extra: &str,
+) -> (TestBroker, Vec<String>) {
     let b = TestBroker::prepare("").await;
     let base = unique("st");
     let names: Vec<String> = ["a", "b"][..users]

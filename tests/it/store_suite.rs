@@ -993,6 +993,85 @@ pub async fn case_static_roles_are_claimed_saved_only_by_the_holder_and_round_tr
     );
 }
 
+/// Vault-API tokens: stored by hash, found by hash only, renewed, linked
+/// to the leases they created, deleted with their links, pruned once
+/// expired — and a second token's links are never touched.
+async fn case_vault_tokens_and_their_lease_links(s: Store) {
+    use credbroker::store::VaultToken;
+    let now = credbroker::lease::truncate_ms(Utc::now());
+    let token = |n: u8, expires: i64| VaultToken {
+        hash: format!("{n:02x}").repeat(32),
+        accessor: format!("acc{n}"),
+        identity: APP.to_string(),
+        cert_sha256: "ab".repeat(32),
+        issued_at: now,
+        expires_at: t(now, expires),
+    };
+    let (a, b, old) = (token(1, 3600), token(2, 3600), token(3, -10));
+    for tok in [&a, &b, &old] {
+        s.insert_vault_token(tok).await.unwrap();
+    }
+    assert!(
+        s.insert_vault_token(&a).await.is_err(),
+        "a token hash is stored once"
+    );
+    assert_eq!(s.vault_token(&a.hash).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(s.vault_token(&"ff".repeat(32)).await.unwrap(), None);
+
+    assert!(s
+        .set_vault_token_expiry(&a.hash, t(now, 7200))
+        .await
+        .unwrap());
+    assert!(!s
+        .set_vault_token_expiry(&"ff".repeat(32), now)
+        .await
+        .unwrap());
+    assert_eq!(
+        ms(s.vault_token(&a.hash).await.unwrap().unwrap().expires_at),
+        ms(t(now, 7200))
+    );
+
+    let (l1, l2, l3) = (
+        active(&s, 1, "ro", APP, 600).await,
+        active(&s, 2, "ro", APP, 600).await,
+        active(&s, 3, "ro", APP, 600).await,
+    );
+    s.link_vault_lease(&a.accessor, &l1.id).await.unwrap();
+    s.link_vault_lease(&a.accessor, &l2.id).await.unwrap();
+    s.link_vault_lease(&a.accessor, &l2.id).await.unwrap(); // idempotent
+    s.link_vault_lease(&b.accessor, &l3.id).await.unwrap();
+    s.link_vault_lease(&old.accessor, &l3.id).await.unwrap();
+    let mut got = s.vault_token_leases(&a.accessor).await.unwrap();
+    got.sort();
+    let mut want = vec![l1.id.clone(), l2.id.clone()];
+    want.sort();
+    assert_eq!(got, want);
+
+    assert!(s.delete_vault_token(&a.hash).await.unwrap());
+    assert!(!s.delete_vault_token(&a.hash).await.unwrap());
+    assert!(s.vault_token(&a.hash).await.unwrap().is_none());
+    assert!(s.vault_token_leases(&a.accessor).await.unwrap().is_empty());
+
+    assert_eq!(
+        s.prune_vault_tokens(now).await.unwrap(),
+        1,
+        "only the expired one"
+    );
+    assert!(s.vault_token(&old.hash).await.unwrap().is_none());
+    assert!(s
+        .vault_token_leases(&old.accessor)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.vault_token_leases(&b.accessor).await.unwrap(),
+        vec![l3.id.clone()]
+    );
+    assert!(s.vault_token(&b.hash).await.unwrap().is_some());
+    // Lease rows are untouched by any of it.
+    assert!(s.get(&l1.id).await.unwrap().is_some());
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1063,6 +1142,7 @@ store_suite!(
     case_failures_are_recorded_and_release_the_claim,
     case_queries_see_only_what_they_ask_for,
     case_static_roles_are_claimed_saved_only_by_the_holder_and_round_trip,
+    case_vault_tokens_and_their_lease_links,
 );
 
 // Where the stores differ on purpose: start-up recovery.
@@ -1107,7 +1187,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
             .unwrap()
             .execute_batch(
                 "DROP INDEX leases_revoked_at; DROP TABLE locks; DROP TABLE static_roles; \
-                 PRAGMA user_version = 1;",
+                 DROP TABLE vault_tokens; DROP TABLE vault_token_leases; PRAGMA user_version = 1;",
             )
             .unwrap();
     })
@@ -1134,7 +1214,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
     })
     .await
     .unwrap();
-    assert_eq!((version, indexed), (4, 1));
+    assert_eq!((version, indexed), (5, 1));
 }
 
 #[tokio::test]

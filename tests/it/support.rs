@@ -145,6 +145,10 @@ pub struct TestBroker {
     /// Bound when the port is chosen and held until the broker starts in
     /// process, so no parallel test can take the port in between.
     listener: Option<TcpListener>,
+    /// The Vault API's port, once `enable_vault_api` bound it; held like
+    /// `listener` until the broker starts.
+    pub vault_port: Option<u16>,
+    vault_listener: Option<TcpListener>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<credbroker::Result<()>>>,
     pub child: Option<Child>,
@@ -210,6 +214,8 @@ impl TestBroker {
             prefix,
             _dir: dir,
             listener: Some(listener),
+            vault_port: None,
+            vault_listener: None,
             stop: None,
             task: None,
             child: None,
@@ -238,6 +244,7 @@ impl TestBroker {
             Listeners {
                 grpc: listener,
                 metrics: None,
+                vault_api: self.vault_listener.take(),
             },
             async {
                 let _ = rx.await;
@@ -245,6 +252,16 @@ impl TestBroker {
         )));
         self.stop = Some(tx);
         warnings
+    }
+
+    /// Adds a `[vault_api]` section (on a port of its own, bound now) to a
+    /// prepared broker's config; `extra` holds more of its keys.
+    pub async fn enable_vault_api(&mut self, extra: &str) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        self.edit_config(|t| format!("{t}\n[vault_api]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n"));
+        self.vault_port = Some(port);
+        self.vault_listener = Some(l);
     }
 
     /// Stops an in-process broker gracefully.
@@ -288,6 +305,7 @@ impl TestBroker {
     /// binary itself, or needs nothing listening there.
     pub fn release_port(&mut self) {
         drop(self.listener.take());
+        drop(self.vault_listener.take());
     }
 
     /// Runs the real `credbroker serve` binary on this config.
@@ -351,6 +369,8 @@ impl TestBroker {
             prefix: self.prefix.clone(),
             _dir: dir,
             listener: None,
+            vault_port: None,
+            vault_listener: None,
             stop: None,
             task: None,
             child: None,
