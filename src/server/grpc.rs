@@ -426,6 +426,7 @@ impl pb::admin_server::Admin for AdminService {
             } else {
                 r.limit as usize
             }),
+            ..Default::default()
         };
         let leases = self
             .broker

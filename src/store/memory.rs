@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
-use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseStore};
+use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseOrder, LeaseStore};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -260,25 +260,23 @@ impl LeaseStore for MemoryStore {
             let mut out: Vec<Lease> = rows
                 .values()
                 .map(|r| &r.lease)
-                .filter(|l| f.role.as_ref().is_none_or(|x| &l.role == x))
-                .filter(|l| f.database.as_ref().is_none_or(|x| &l.database == x))
-                .filter(|l| f.identity.as_ref().is_none_or(|x| &l.identity == x))
-                .filter(|l| {
-                    if f.states.is_empty() {
-                        live(l)
-                    } else {
-                        f.states.contains(&l.state)
-                    }
-                })
-                .filter(|l| f.expiring_before.is_none_or(|t| l.expires_at < t))
+                .filter(|l| matches(f, l))
                 .cloned()
                 .collect();
             out.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
-            if let Some(n) = f.limit {
-                out.truncate(n);
+            if f.order == LeaseOrder::ExpiresLast {
+                out.reverse();
             }
-            out
+            let out = out.into_iter().skip(f.offset.unwrap_or(0));
+            match f.limit {
+                Some(n) => out.take(n).collect(),
+                None => out.collect(),
+            }
         })
+    }
+
+    async fn count(&self, f: &LeaseFilter) -> Result<u64> {
+        self.with(|rows| rows.values().filter(|r| matches(f, &r.lease)).count() as u64)
     }
 
     async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {
@@ -403,4 +401,17 @@ impl LeaseStore for MemoryStore {
             n
         })
     }
+}
+
+/// Whether `l` passes every field of `f` (limit and offset aside).
+fn matches(f: &LeaseFilter, l: &Lease) -> bool {
+    f.role.as_ref().is_none_or(|x| &l.role == x)
+        && f.database.as_ref().is_none_or(|x| &l.database == x)
+        && f.identity.as_ref().is_none_or(|x| &l.identity == x)
+        && if f.states.is_empty() {
+            live(l)
+        } else {
+            f.states.contains(&l.state)
+        }
+        && f.expiring_before.is_none_or(|t| l.expires_at <= t)
 }

@@ -30,6 +30,37 @@ use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
+/// The WHERE condition of a [`LeaseFilter`] and its arguments, shared by
+/// `list` and `count` so a page and its total never disagree.
+fn filter_sql(f: &LeaseFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+    let mut sql = String::from("true");
+    let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut push = |sql: &mut String, cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+        args.push(v);
+        sql.push_str(&format!(" AND {cond} ${}", args.len()));
+    };
+    if let Some(r) = &f.role {
+        push(&mut sql, "role =", Box::new(r.clone()));
+    }
+    if let Some(d) = &f.database {
+        push(&mut sql, "database =", Box::new(d.clone()));
+    }
+    if let Some(i) = &f.identity {
+        push(&mut sql, "identity =", Box::new(i.clone()));
+    }
+    if let Some(t) = f.expiring_before {
+        push(&mut sql, "expires_at <=", Box::new(t));
+    }
+    if f.states.is_empty() {
+        sql.push_str(" AND state <> 'revoked'");
+    } else {
+        let states: Vec<String> = f.states.iter().map(|s| s.as_str().to_string()).collect();
+        push(&mut sql, "state = ANY(", Box::new(states));
+        sql.push(')');
+    }
+    (sql, args)
+}
+
 /// `pg_advisory_xact_lock` key held while migrating ("credbrkr").
 const MIGRATION_LOCK: i64 = 0x6372_6564_6272_6b72;
 
@@ -583,34 +614,14 @@ impl LeaseStore for PostgresStore {
     }
 
     async fn list(&self, f: &LeaseFilter) -> Result<Vec<Lease>> {
-        let mut sql = format!("SELECT {COLUMNS} FROM credbroker_leases WHERE true");
-        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut push = |sql: &mut String, cond: &str, v: Box<dyn ToSql + Sync + Send>| {
-            args.push(v);
-            sql.push_str(&format!(" AND {cond} ${}", args.len()));
-        };
-        if let Some(r) = &f.role {
-            push(&mut sql, "role =", Box::new(r.clone()));
-        }
-        if let Some(d) = &f.database {
-            push(&mut sql, "database =", Box::new(d.clone()));
-        }
-        if let Some(i) = &f.identity {
-            push(&mut sql, "identity =", Box::new(i.clone()));
-        }
-        if let Some(t) = f.expiring_before {
-            push(&mut sql, "expires_at <=", Box::new(t));
-        }
-        if f.states.is_empty() {
-            sql.push_str(" AND state <> 'revoked'");
-        } else {
-            let states: Vec<String> = f.states.iter().map(|s| s.as_str().to_string()).collect();
-            push(&mut sql, "state = ANY(", Box::new(states));
-            sql.push(')');
-        }
-        sql.push_str(" ORDER BY expires_at, id");
+        let (cond, args) = filter_sql(f);
+        let mut sql = format!("SELECT {COLUMNS} FROM credbroker_leases WHERE {cond}");
+        sql.push_str(f.order.sql());
         if let Some(limit) = f.limit {
             sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        if let Some(offset) = f.offset {
+            sql.push_str(&format!(" OFFSET {offset}"));
         }
         let params: Vec<&(dyn ToSql + Sync)> = args
             .iter()
@@ -618,6 +629,17 @@ impl LeaseStore for PostgresStore {
             .collect();
         let rows = self.query("list", &sql, &params).await?;
         rows_to_leases(&rows)
+    }
+
+    async fn count(&self, f: &LeaseFilter) -> Result<u64> {
+        let (cond, args) = filter_sql(f);
+        let sql = format!("SELECT count(*) FROM credbroker_leases WHERE {cond}");
+        let params: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = self.query("count", &sql, &params).await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
     }
 
     async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {

@@ -242,6 +242,41 @@ impl SqliteStore {
     }
 }
 
+/// The WHERE condition of a [`LeaseFilter`] and its arguments, shared by
+/// `list` and `count` so a page and its total never disagree.
+fn filter_sql(f: &LeaseFilter) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = String::from("1 = 1");
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let mut push = |sql: &mut String, cond: &str, v: rusqlite::types::Value| {
+        args.push(v);
+        sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+    };
+    if let Some(r) = &f.role {
+        push(&mut sql, "role =", r.clone().into());
+    }
+    if let Some(d) = &f.database {
+        push(&mut sql, "database =", d.clone().into());
+    }
+    if let Some(i) = &f.identity {
+        push(&mut sql, "identity =", i.clone().into());
+    }
+    if let Some(t) = f.expiring_before {
+        push(&mut sql, "expires_at <=", ms(t).into());
+    }
+    if f.states.is_empty() {
+        sql.push_str(" AND state <> 'revoked'");
+    } else {
+        // `as_str` is one of a fixed set of words, never caller text.
+        let states: Vec<String> = f
+            .states
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        sql.push_str(&format!(" AND state IN ({})", states.join(",")));
+    }
+    (sql, args)
+}
+
 const LOCK_COLUMNS: &str = "id, kind, value, reason, created_by, created_at, expires_at";
 
 /// Every stored lock. One that this build cannot read (a pattern syntax it
@@ -541,43 +576,32 @@ impl LeaseStore for SqliteStore {
     async fn list(&self, filter: &LeaseFilter) -> Result<Vec<Lease>> {
         let f = filter.clone();
         self.with_read(move |c| {
-            let mut sql = format!("SELECT {COLUMNS} FROM leases WHERE 1 = 1");
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            let mut push = |sql: &mut String, cond: &str, v: rusqlite::types::Value| {
-                args.push(v);
-                sql.push_str(&format!(" AND {cond} ?{}", args.len()));
-            };
-            if let Some(r) = &f.role {
-                push(&mut sql, "role =", r.clone().into());
-            }
-            if let Some(d) = &f.database {
-                push(&mut sql, "database =", d.clone().into());
-            }
-            if let Some(i) = &f.identity {
-                push(&mut sql, "identity =", i.clone().into());
-            }
-            if let Some(t) = f.expiring_before {
-                push(&mut sql, "expires_at <=", ms(t).into());
-            }
-            if f.states.is_empty() {
-                sql.push_str(" AND state <> 'revoked'");
-            } else {
-                let states: Vec<String> = f
-                    .states
-                    .iter()
-                    .map(|s| format!("'{}'", s.as_str()))
-                    .collect();
-                sql.push_str(&format!(" AND state IN ({})", states.join(",")));
-            }
-            sql.push_str(" ORDER BY expires_at, id");
-            if let Some(limit) = f.limit {
-                sql.push_str(&format!(" LIMIT {limit}"));
+            let (cond, args) = filter_sql(&f);
+            let mut sql = format!("SELECT {COLUMNS} FROM leases WHERE {cond}");
+            sql.push_str(f.order.sql());
+            // SQLite wants a LIMIT before an OFFSET; -1 is "no limit".
+            if f.limit.is_some() || f.offset.is_some() {
+                let limit = f.limit.map(|l| l as i64).unwrap_or(-1);
+                sql.push_str(&format!(" LIMIT {limit} OFFSET {}", f.offset.unwrap_or(0)));
             }
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_lease)?;
             rows.collect()
         })
         .await
+    }
+
+    async fn count(&self, filter: &LeaseFilter) -> Result<u64> {
+        let f = filter.clone();
+        self.with_read(move |c| {
+            let (cond, args) = filter_sql(&f);
+            let sql = format!("SELECT COUNT(*) FROM leases WHERE {cond}");
+            c.query_row(&sql, rusqlite::params_from_iter(args), |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .await
+        .map(|n| n as u64)
     }
 
     async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {
