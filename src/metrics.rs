@@ -66,6 +66,8 @@ pub struct Metrics {
     pub pool_max: Family<DatabaseLabels, Gauge>,
     /// Revoked rows the pruner deleted from the store (past retention).
     pub pruned: Counter,
+    /// The last hour per minute, for the console's charts.
+    pub history: crate::rate_history::RateHistory,
 }
 
 impl Default for Metrics {
@@ -94,6 +96,7 @@ impl Metrics {
             pool_available: Family::default(),
             pool_max: Family::default(),
             pruned: Counter::default(),
+            history: Default::default(),
         };
         registry.register("leases_issued", "Leases issued", m.issued.clone());
         registry.register("leases_renewed", "Leases renewed", m.renewed.clone());
@@ -164,6 +167,7 @@ impl Metrics {
             })
             .inc();
         self.issue_seconds.observe(took.as_secs_f64());
+        self.history.issued(chrono::Utc::now());
     }
 
     pub fn renewed(&self, role: &str, database: &str) {
@@ -184,6 +188,7 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+        self.history.revoked(chrono::Utc::now());
     }
 
     pub fn request_failed(&self, action: &str, error: &Error) {
