@@ -27,6 +27,14 @@ pub struct Config {
     pub admin_networks: Vec<crate::policy::Network>,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
+    /// The web console (`[console]`); off unless configured.
+    pub console: Option<ConsoleConfig>,
+}
+
+/// `[console]`: the admins' web console on its own mTLS listener.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +237,14 @@ struct RawConfig {
     databases: BTreeMap<String, RawDatabase>,
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
+    #[serde(default)]
+    console: Option<RawConsole>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    listen: String,
 }
 
 #[derive(Deserialize)]
@@ -798,6 +814,21 @@ impl RawConfig {
             );
         }
         debug_assert!(server_prefix_fits(&server.name_prefix));
+        let console = self
+            .console
+            .map(|c| {
+                let listen = c
+                    .listen
+                    .parse()
+                    .map_err(|e| cfg_err(format!("console.listen {:?}: {e}", c.listen)))?;
+                if listen == server.listen || Some(listen) == server.metrics_listen {
+                    return Err(cfg_err(format!(
+                        "console.listen {listen}: already used by [server]; give the console a port of its own"
+                    )));
+                }
+                Ok(ConsoleConfig { listen })
+            })
+            .transpose()?;
         Ok(Config {
             server,
             tls,
@@ -808,6 +839,7 @@ impl RawConfig {
             admin_networks,
             databases,
             roles,
+            console,
         })
     }
 }

@@ -20,6 +20,8 @@ use crate::{backend, pruner, reaper, server, store};
 pub struct Listeners {
     pub grpc: TcpListener,
     pub metrics: Option<TcpListener>,
+    /// The web console (`[console] listen`), when configured.
+    pub console: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -36,7 +38,19 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Listeners { grpc, metrics })
+        let console = match &config.console {
+            Some(c) => Some(
+                TcpListener::bind(c.listen)
+                    .await
+                    .map_err(|e| Error::Config(format!("console.listen {}: {e}", c.listen)))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            grpc,
+            metrics,
+            console,
+        })
     }
 }
 
@@ -153,6 +167,14 @@ impl Daemon {
                 stop.clone().cancelled_owned(),
             ))
         });
+        let console = listeners.console.map(|l| {
+            tokio::spawn(crate::console::serve(
+                broker.clone(),
+                l,
+                self.tls.clone(),
+                stop.clone().cancelled_owned(),
+            ))
+        });
         let grace = broker.config().server.shutdown_grace;
         let grpc_stop = CancellationToken::new();
         let grpc = tokio::spawn(server::serve_grpc(
@@ -187,6 +209,9 @@ impl Daemon {
         let _ = reaper.await;
         let _ = pruner.await;
         if let Some(h) = http {
+            let _ = h.await;
+        }
+        if let Some(h) = console {
             let _ = h.await;
         }
         let mut end = Event::new("credbroker:system", "stop");

@@ -213,6 +213,7 @@ impl InProcess {
             Listeners {
                 grpc,
                 metrics: None,
+                console: None,
             },
             async {
                 let _ = rx.await;

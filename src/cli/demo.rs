@@ -149,6 +149,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         Listeners {
             grpc,
             metrics: None,
+            console: None,
         },
         async {
             let _ = stop_rx.await;

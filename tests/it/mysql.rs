@@ -248,6 +248,7 @@ impl MyBroker {
             Listeners {
                 grpc: listener,
                 metrics: None,
+                console: None,
             },
             async {
                 let _ = rx.await;

@@ -198,6 +198,7 @@ impl TestBroker {
             Listeners {
                 grpc: listener,
                 metrics: None,
+                console: None,
             },
             async {
                 let _ = rx.await;
