@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-db-binaries.sh
+scripts/ensure-console-deps.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

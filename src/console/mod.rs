@@ -11,7 +11,7 @@
 //! broker's admin calls (`admin_revoke`, `admin_lock`, `admin_unlock`), so
 //! they are audited exactly as the CLI's are. Responses carry a strict
 //! Content-Security-Policy: no inline script or style, only the two assets
-//! served from the binary (`assets.rs`).
+//! served from the binary (`assets.rs`), and an icon.
 
 mod assets;
 mod audit_view;
@@ -103,6 +103,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/locks/remove", post(locks::remove))
         .route("/static/console.css", get(assets::css))
         .route("/static/console.js", get(assets::js))
+        .route("/static/favicon.svg", get(assets::icon))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(console.clone(), admit))
         .layer(middleware::map_response(security_headers))

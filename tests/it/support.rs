@@ -134,6 +134,8 @@ pub struct TestBroker {
     /// Bound when the port is chosen and held until the broker starts in
     /// process, so no parallel test can take the port in between.
     listener: Option<TcpListener>,
+    /// The web console's listener, from `enable_console` until the start.
+    console: Option<TcpListener>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<credbroker::Result<()>>>,
     pub child: Option<Child>,
@@ -172,6 +174,7 @@ impl TestBroker {
             prefix,
             _dir: dir,
             listener: Some(listener),
+            console: None,
             stop: None,
             task: None,
             child: None,
@@ -198,13 +201,23 @@ impl TestBroker {
             Listeners {
                 grpc: listener,
                 metrics: None,
-                console: None,
+                console: self.console.take(),
             },
             async {
                 let _ = rx.await;
             },
         )));
         self.stop = Some(tx);
+    }
+
+    /// Adds a `[console]` section on a port of its own, held until the
+    /// in-process start; returns the port.
+    pub async fn enable_console(&mut self) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        self.edit_config(|t| format!("{t}\n[console]\nlisten = \"127.0.0.1:{port}\"\n"));
+        self.console = Some(l);
+        port
     }
 
     /// Stops an in-process broker gracefully.
@@ -306,6 +319,7 @@ impl TestBroker {
             prefix: self.prefix.clone(),
             _dir: dir,
             listener: None,
+            console: None,
             stop: None,
             task: None,
             child: None,
