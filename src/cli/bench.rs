@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench::{lease, reaper, scale};
+use crate::bench::{console, lease, reaper, scale};
 use crate::cli::CliResult;
 
 #[derive(clap::Args)]
@@ -30,6 +30,20 @@ enum What {
     Reaper(ReaperArgs),
     /// Many live leases and a million store rows: memory, restart, reaper
     Scale(ScaleArgs),
+    /// The web console's pages over many live leases: ms per page request
+    Console(ConsoleArgs),
+}
+
+#[derive(clap::Args)]
+struct ConsoleArgs {
+    /// Synthetic live leases in the store
+    #[arg(long, default_value_t = 100_000)]
+    leases: u64,
+    /// Timed requests per page
+    #[arg(long, default_value_t = 50)]
+    requests: usize,
+    #[command(flatten)]
+    out: Out,
 }
 
 #[derive(clap::Args, Clone)]
@@ -135,6 +149,20 @@ pub async fn run(args: Args) -> CliResult {
             report.write(&opts.out_dir)?;
             println!("{}", report.markdown());
             written(&opts.out_dir, "scale");
+        }
+        Some(What::Console(a)) => {
+            if a.requests == 0 {
+                return Err(crate::Error::Config("--requests: at least 1".into()).into());
+            }
+            let opts = console::Options {
+                leases: a.leases,
+                requests: a.requests,
+                out_dir: a.out.out,
+            };
+            let report = console::run(&opts).await.context("console benchmark")?;
+            report.write(&opts.out_dir)?;
+            println!("{}", report.markdown());
+            written(&opts.out_dir, "console");
         }
     }
     Ok(ExitCode::SUCCESS)

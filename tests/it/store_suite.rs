@@ -1140,7 +1140,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
     })
     .await
     .unwrap();
-    assert_eq!((version, indexed), (3, 1));
+    assert_eq!((version, indexed), (4, 1));
 }
 
 #[tokio::test]
