@@ -116,7 +116,7 @@ impl FilterForm {
         match nonempty(&self.page) {
             None => Ok(1),
             Some(p) => match p.parse::<usize>() {
-                Ok(n) if n >= 1 && n <= 1_000_000 => Ok(n),
+                Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
                 _ => Err(Error::invalid(format!("page {p:?}: a whole number from 1"))),
             },
         }
