@@ -974,6 +974,35 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         }
     }
     #[test]
+    fn console_section_is_optional_checked_and_needs_a_port_of_its_own() {
+        assert!(Config::parse(SAMPLE, Path::new("/"))
+            .unwrap()
+            .console
+            .is_none());
+        let with = |section: &str| Config::parse(&format!("{SAMPLE}\n{section}"), Path::new("/"));
+        let c = with("[console]\nlisten = \"127.0.0.1:7444\"\n").unwrap();
+        assert_eq!(c.console.unwrap().listen, "127.0.0.1:7444".parse().unwrap());
+        for (section, want) in [
+            (
+                "[console]\nlisten = \"localhost\"\n",
+                "console.listen \"localhost\"",
+            ),
+            (
+                "[console]\nlisten = \"127.0.0.1:7443\"\n",
+                "already used by [server]",
+            ),
+            (
+                "[console]\nlisten = \"127.0.0.1:7444\"\nport = 1\n",
+                "unknown field",
+            ),
+            ("[console]\n", "missing field `listen`"),
+        ] {
+            let err = with(section).unwrap_err().to_string();
+            assert!(err.contains(want), "{section}: {err}");
+        }
+    }
+
+    #[test]
     fn identity_patterns_without_a_kind_say_what_to_write() {
         let text = SAMPLE.replace(
             "allowed = [\"spiffe://example.org/ns/shop/*\"]",

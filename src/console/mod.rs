@@ -23,6 +23,8 @@ mod locks;
 mod overview;
 mod page;
 mod probe;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
