@@ -106,3 +106,51 @@ fn bench_issue_only_cleans_up_after_itself() {
         assert_eq!(r["errors"], 0, "{r}");
     }
 }
+
+#[test]
+fn bench_console_writes_a_row_per_page() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "bench",
+            "console",
+            "--leases",
+            "300",
+            "--requests",
+            "2",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench console failed: {}\n{stdout}\n{stderr}",
+        run.status
+    );
+    let md = std::fs::read_to_string(out.path().join("console.md")).unwrap();
+    assert!(md.contains("over 300 live leases"), "{md}");
+    let rows: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| page |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(rows.len(), 7, "{md}");
+    for row in rows {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let p50: f64 = cells[1].parse().unwrap_or_else(|_| panic!("{row}"));
+        assert!(p50 > 0.0, "{row}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("console.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["pages"].as_array().unwrap().len(), 7);
+    assert!(json["pages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["requests"] == 2 && p["bytes"].as_u64().unwrap() > 0));
+}

@@ -260,3 +260,79 @@ async fn console_overview_shows_a_stopped_database_as_unreachable() {
     .await;
     b.stop().await;
 }
+
+/// One HTTP/1.1 request over mTLS as `who` (a dev certificate's name, or
+/// None for no client certificate); the status code and body, or the error.
+async fn https_get(
+    b: &TestBroker,
+    port: u16,
+    who: Option<&str>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    credbroker::server::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(b.env.pki.join("ca.pem")).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match who {
+        Some(w) => {
+            let cert = CertificateDer::from_pem_file(b.env.pki.join(format!("{w}.pem"))).unwrap();
+            let key = PrivateKeyDer::from_pem_file(b.env.pki.join(format!("{w}-key.pem"))).unwrap();
+            builder.with_client_auth_cert(vec![cert], key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {raw:?}"))?;
+    Ok((status, raw))
+}
+
+/// `credbroker serve` binds `[console] listen` and serves it over mTLS:
+/// the admin's certificate gets the overview, another a 403, none no
+/// connection at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_serve_binary_serves_the_console_to_admins_only() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    let port = b.enable_console().await;
+    b.spawn_binary().await;
+    wait_port(port).await;
+    let (status, page) = https_get(&b, port, Some("admin"), "/").await.unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<h1>Overview</h1>") && page.contains("data-database=\"main\""));
+    assert!(page
+        .to_ascii_lowercase()
+        .contains("content-security-policy: default-src 'none'"));
+    let (status, page) = https_get(&b, port, Some("app"), "/leases").await.unwrap();
+    assert_eq!(status, 403, "{page}");
+    let refused = https_get(&b, port, None, "/").await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate got an answer: {refused:?}"
+    );
+    assert!(
+        b.broker_log().contains("console=https://127.0.0.1:"),
+        "serve does not log where the console is: {}",
+        b.broker_log()
+    );
+}

@@ -261,6 +261,7 @@ impl TestBroker {
     /// binary itself, or needs nothing listening there.
     pub fn release_port(&mut self) {
         drop(self.listener.take());
+        drop(self.console.take());
     }
 
     /// Runs the real `credbroker serve` binary on this config.
