@@ -328,6 +328,19 @@ pub struct RevokeOne {
     /// The listing to go back to.
     #[serde(default)]
     back: String,
+    /// `yes` once the admin confirmed: the script sets it after the
+    /// browser's confirm dialog; without script, a confirmation page does.
+    #[serde(default)]
+    confirmed: String,
+}
+
+#[derive(Template)]
+#[template(path = "confirm_one.html")]
+pub struct ConfirmOnePage {
+    pub head: Head,
+    pub csrf: String,
+    pub row: Row,
+    pub back: String,
 }
 
 pub async fn revoke_one(
@@ -348,11 +361,43 @@ pub async fn revoke_one(
             )
         }
     };
+    if form.confirmed != "yes" {
+        return confirm_one(&console, &viewer, &id, back).await;
+    }
     let out = console
         .broker
         .admin_revoke(&viewer.identity, &Selector::Lease(id), Mode::UntilDropped)
         .await;
     outcome(&viewer, out, &back)
+}
+
+/// The confirmation of a single revoke, for a browser without script.
+async fn confirm_one(console: &Console, viewer: &Viewer, id: &LeaseId, back: String) -> Response {
+    match console.broker.store().get(id).await {
+        Ok(Some(lease)) if lease.state.is_live() => page::render(
+            StatusCode::OK,
+            &ConfirmOnePage {
+                head: Head::new("Confirm revocation", "leases", Some(viewer)),
+                csrf: viewer.csrf.clone(),
+                row: Row::new(&lease, Utc::now()),
+                back,
+            },
+        ),
+        Ok(_) => page::outcome(
+            viewer,
+            StatusCode::NOT_FOUND,
+            "Nothing to revoke",
+            vec![format!("no live lease {id}")],
+            &back,
+        ),
+        Err(e) => page::outcome(
+            viewer,
+            page::status_of(&e),
+            "Nothing revoked",
+            vec![page::caller_text(&e)],
+            &back,
+        ),
+    }
 }
 
 /// `back` if it is one of the console's own paths, else the listing: a

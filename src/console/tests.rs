@@ -222,3 +222,48 @@ async fn bad_input_is_a_clear_400_that_keeps_what_was_typed_escaped() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_single_revoke_without_script_asks_on_a_page_first() {
+    let (kit, console) = kit();
+    let app = crate::testkit::app();
+    let issued = kit.broker.issue(&app, "ro", None).await.unwrap();
+    let id = issued.lease.id.to_string();
+    let admin = peer(Ok(ADMIN));
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let form = format!("lease_id={id}&back=%2Fleases&csrf={token}");
+    let asked = send(&console, &admin, post("/leases/revoke", &form)).await;
+    assert_eq!(asked.status, StatusCode::OK);
+    assert!(
+        asked.body.contains("Revoke lease")
+            && asked.body.contains("name=\"confirmed\" value=\"yes\"")
+    );
+    let live = kit
+        .broker
+        .store()
+        .get(&issued.lease.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(live.state.is_live(), "revoked before it was confirmed");
+    let done = send(
+        &console,
+        &admin,
+        post("/leases/revoke", &format!("{form}&confirmed=yes")),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert!(done.body.contains("1 lease revoked"), "{}", done.body);
+    let gone = kit
+        .broker
+        .store()
+        .get(&issued.lease.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!gone.state.is_live());
+    assert!(kit
+        .audit()
+        .iter()
+        .any(|r| r.action == "admin_revoke" && r.identity == ADMIN));
+}

@@ -55,7 +55,7 @@ const ARGS = [
 ];
 
 /// A fresh browser profile presenting `cert` to the console.
-async function browserAs(cert) {
+async function browserAs(cert, options = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "credbroker-console-"));
   const context = await chromium.launchPersistentContext(dir, {
     executablePath,
@@ -63,6 +63,7 @@ async function browserAs(cert) {
     headless: true,
     viewport: { width: 1500, height: 900 },
     clientCertificates: [{ origin: url, ...cert }],
+    ...options,
   });
   // Any CSP violation or script error shows up here: the pages must need
   // nothing the policy forbids.
@@ -271,7 +272,27 @@ async function flow() {
     await context.close();
   }
 
-  // 10. A certificate that is not an admin's sees a 403 page and nothing else.
+  // 10. Without JavaScript: reading works, and a single revoke asks on a
+  // page of its own before anything happens.
+  const nojs = await browserAs(admin, { javaScriptEnabled: false });
+  try {
+    await go(nojs.page, "/leases");
+    const keep = data.leases.find((l) => l.id === data.keep);
+    check((await leaseRows(nojs.page)).includes(keep.id), "no-script listing");
+    await Promise.all([
+      nojs.page.waitForNavigation(),
+      nojs.page.click(`tr[data-lease="${keep.id}"] form.revoke button`),
+    ]);
+    const ask = await nojs.page.innerText("#confirm-count");
+    check(ask.includes(keep.username), `no-script confirmation: ${ask}`);
+    await shot(nojs.page, "confirm-one-no-script");
+    await nojs.page.click("#cancel");
+    check((await leaseRows(nojs.page)).includes(keep.id), "cancelled revoke revoked");
+  } finally {
+    await nojs.context.close();
+  }
+
+  // 11. A certificate that is not an admin's sees a 403 page and nothing else.
   const o = await browserAs(other);
   try {
     for (const where of ["/", "/leases", "/audit", "/locks"]) {
