@@ -442,10 +442,10 @@ fn outcome(viewer: &Viewer, out: Result<BulkOutcome>, back: &str) -> Response {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let heading = if out.failed.is_empty() {
-                "Revoked"
-            } else {
-                "Revoked in part"
+            let heading = match (out.revoked.is_empty(), out.failed.is_empty()) {
+                (_, true) => "Revoked",
+                (false, false) => "Revoked in part",
+                (true, false) => "Not revoked yet",
             };
             page::outcome(viewer, status, heading, lines, back)
         }

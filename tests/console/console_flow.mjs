@@ -317,6 +317,22 @@ async function unreachable() {
     check(/UNREACHABLE/.test(row), `stopped database shown as: ${row}`);
     check(/unknown/.test(row), `failsafe status of a stopped database: ${row}`);
     await shot(page, "overview-unreachable");
+    // A revoke while the database is away: the page says it failed and
+    // will be retried; the row then shows the attempt and its error.
+    await go(page, "/leases");
+    page.once("dialog", (d) => d.accept());
+    await Promise.all([
+      page.waitForURL(/\/leases\/revoke$/),
+      page.click(`tr[data-lease="${data.lease}"] form.revoke button`),
+    ]);
+    const result = await page.innerText("main");
+    check(/Not revoked yet/.test(result) && /will be retried/.test(result), `revoke while down: ${result}`);
+    await page.click("#back");
+    const leaseRow = page.locator(`tr[data-lease="${data.lease}"]`);
+    const attempts = Number(await leaseRow.locator("td").nth(8).innerText());
+    check(attempts >= 1, `revocation attempts shown: ${attempts}`);
+    check((await leaseRow.locator("td.last-error").innerText()).length > 0, "last error not shown");
+    await shot(page, "leases-failing-revocation");
     check(problems.length === 0, `browser problems: ${problems.join("; ")}`);
   } finally {
     await context.close();

@@ -249,15 +249,20 @@ async fn console_overview_shows_a_stopped_database_as_unreachable() {
     let mut b = TestBroker::prepare_on(&pg, &role("ro", "{db}", "5m", "10m", APP)).await;
     let port = b.enable_console().await;
     b.start_in_process().await;
-    issue(&b, "app", "ro", 0).await.unwrap();
+    let lease = issue(&b, "app", "ro", 0).await.unwrap();
     pg.stop().await.unwrap();
     browse(
         &b,
         port,
         "unreachable",
-        serde_json::json!({ "stopped": "main" }),
+        serde_json::json!({ "stopped": "main", "lease": lease.lease_id }),
     )
     .await;
+    // The failed attempt is the store's, not the page's: recorded, retried.
+    let records = b.audit_records();
+    assert!(records.iter().any(|r| r.action == "admin_revoke"
+        && r.lease_id.as_deref() == Some(lease.lease_id.as_str())
+        && matches!(r.outcome, credbroker::audit::Outcome::Error)));
     b.stop().await;
 }
 
