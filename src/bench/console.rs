@@ -3,7 +3,8 @@
 //! own router (page handlers, store queries, templates) without the TLS
 //! handshake, which a browser pays once per connection, not per page.
 //!
-//! The store is the default SQLite file, filled with synthetic live rows;
+//! The store is the default SQLite file (or, with `--store postgres`, a
+//! PostgreSQL store on the bench server), filled with synthetic live rows;
 //! every listing is filtered, counted and paged in the store, so a page
 //! costs the same whether it is the first or the thousandth.
 
@@ -26,9 +27,28 @@ use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::server::https::Peer;
 
+/// Which lease store the pages read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+impl StoreKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sqlite" => Some(StoreKind::Sqlite),
+            "postgres" => Some(StoreKind::Postgres),
+            _ => None,
+        }
+    }
+}
+
 pub struct Options {
     /// Synthetic live leases in the store.
     pub leases: u64,
+    pub store: StoreKind,
     /// Timed requests per page (after two untimed ones).
     pub requests: usize,
     pub out_dir: PathBuf,
@@ -48,6 +68,7 @@ pub struct PageFigures {
 pub struct Report {
     pub machine: Machine,
     pub leases: u64,
+    pub store: StoreKind,
     pub setup_seconds: f64,
     pub pages: Vec<PageFigures>,
 }
@@ -75,7 +96,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let dir = bench_dir("console")?;
     let (env, _) = env_for(dir.path(), &pg, "bc_")?;
     let t = Instant::now();
-    write_synthetic(&env.store_path, opts.leases).await?;
+    match opts.store {
+        StoreKind::Sqlite => write_synthetic(&env.store_path, opts.leases).await?,
+        StoreKind::Postgres => postgres_store(&pg, &env, opts.leases).await?,
+    }
     let setup_seconds = t.elapsed().as_secs_f64();
     eprintln!(
         "  wrote {} synthetic live leases in {setup_seconds:.1} s",
@@ -134,17 +158,70 @@ pub async fn run(opts: &Options) -> Result<Report> {
     Ok(Report {
         machine,
         leases: opts.leases,
+        store: opts.store,
         setup_seconds,
         pages,
     })
 }
 
+/// A PostgreSQL lease store on the bench server (database `store`),
+/// migrated by the broker's own code and filled with `n` live leases like
+/// the SQLite ones; the config is pointed at it.
+async fn postgres_store(pg: &BenchPostgres, env: &crate::devenv::DevEnv, n: u64) -> Result<()> {
+    pg.pg
+        .create_database("store")
+        .await
+        .map_err(Error::internal)?;
+    let secret = env.dir.join("secrets").join("store");
+    crate::fsutil::write_secret_file(&secret, pg.pg.superuser_password().as_bytes())
+        .map_err(Error::internal)?;
+    let url = pg.pg.url("store");
+    let password = crate::config::SecretSource::File(secret.clone());
+    drop(crate::store::postgres::PostgresStore::open(&url, &password).await?);
+    let client = pg.pg.connect("store").await.map_err(Error::internal)?;
+    client
+        .execute(
+            "INSERT INTO credbroker_leases (id, role, database, kind, username, user_host, identity, state, \
+             issued_at, expires_at, max_expires_at, due_at) \
+             SELECT 'lease_' || lpad(i::text, 26, '0'), $1, $2, 'postgres', \
+                    'sy_bench_' || lpad(to_hex(i), 16, '0'), '', \
+                    'spiffe://credbroker.dev/ns/synthetic/svc' || (i % 500), 'active', now(), \
+                    now() + interval '1 hour' + ((i * 7) % 3600000) * interval '1 millisecond', \
+                    now() + interval '2 hours' + ((i * 7) % 3600000) * interval '1 millisecond', \
+                    now() + interval '1 hour' + ((i * 7) % 3600000) * interval '1 millisecond' \
+             FROM generate_series(0::bigint, $3::bigint - 1) AS i",
+            &[&crate::bench::setup::ROLE, &crate::bench::setup::DB, &(n as i64)],
+        )
+        .await
+        .map_err(|e| Error::internal(format!("synthetic rows: {e}")))?;
+    // What autovacuum does to a store in steady state: statistics, and the
+    // visibility map that lets counts read the index alone.
+    client
+        .batch_execute("VACUUM ANALYZE credbroker_leases")
+        .await
+        .map_err(Error::internal)?;
+    let config = std::fs::read_to_string(&env.config_path).map_err(Error::internal)?;
+    let sqlite = format!("url = \"sqlite://{}\"", env.store_path.display());
+    if !config.contains(&sqlite) {
+        return Err(Error::internal("bench config has no sqlite store line"));
+    }
+    let config = config.replace(
+        &sqlite,
+        &format!("url = \"{url}\"\npassword_file = \"{}\"", secret.display()),
+    );
+    std::fs::write(&env.config_path, config).map_err(Error::internal)
+}
+
 impl Report {
     pub fn markdown(&self) -> String {
         let mut md = format!(
-            "## Console pages over {} live leases (SQLite store)\n\n{}\n\
+            "## Console pages over {} live leases ({} store)\n\n{}\n\
              | page | p50 ms | p99 ms | mean ms | max ms | KiB |\n|---|---:|---:|---:|---:|---:|\n",
             self.leases,
+            match self.store {
+                StoreKind::Sqlite => "SQLite",
+                StoreKind::Postgres => "PostgreSQL",
+            },
             self.machine.markdown()
         );
         for p in &self.pages {

@@ -42,6 +42,9 @@ struct ConsoleArgs {
     /// Timed requests per page
     #[arg(long, default_value_t = 50)]
     requests: usize,
+    /// The lease store the pages read: sqlite or postgres
+    #[arg(long, default_value = "sqlite")]
+    store: String,
     #[command(flatten)]
     out: Out,
 }
@@ -154,8 +157,12 @@ pub async fn run(args: Args) -> CliResult {
             if a.requests == 0 {
                 return Err(crate::Error::Config("--requests: at least 1".into()).into());
             }
+            let store = console::StoreKind::parse(&a.store).ok_or_else(|| {
+                crate::Error::Config(format!("--store {:?}: use sqlite or postgres", a.store))
+            })?;
             let opts = console::Options {
                 leases: a.leases,
+                store,
                 requests: a.requests,
                 out_dir: a.out.out,
             };

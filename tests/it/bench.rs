@@ -109,11 +109,22 @@ fn bench_issue_only_cleans_up_after_itself() {
 
 #[test]
 fn bench_console_writes_a_row_per_page() {
+    console_bench("sqlite", "SQLite");
+}
+
+#[test]
+fn bench_console_on_a_postgres_store_writes_a_row_per_page() {
+    console_bench("postgres", "PostgreSQL");
+}
+
+fn console_bench(store: &str, named: &str) {
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
         .args([
             "bench",
             "console",
+            "--store",
+            store,
             "--leases",
             "300",
             "--requests",
@@ -131,7 +142,10 @@ fn bench_console_writes_a_row_per_page() {
         run.status
     );
     let md = std::fs::read_to_string(out.path().join("console.md")).unwrap();
-    assert!(md.contains("over 300 live leases"), "{md}");
+    assert!(
+        md.contains(&format!("over 300 live leases ({named} store)")),
+        "{md}"
+    );
     let rows: Vec<&str> = md
         .lines()
         .skip_while(|l| !l.starts_with("| page |"))
