@@ -90,7 +90,10 @@ pub fn refused(status: StatusCode, err: &Error) -> Response {
 /// for internal errors, whose detail is logged and not shown.
 pub fn caller_text(err: &Error) -> String {
     match err {
-        Error::Internal(_) => "internal error (details are in the broker's log)".into(),
+        Error::Internal(_) => {
+            tracing::error!(error = %err, "console request failed");
+            "internal error (details are in the broker's log)".into()
+        }
         other => other.to_string(),
     }
 }
