@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-db-binaries.sh
 scripts/ensure-vault-venv.sh
+scripts/ensure-console-deps.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

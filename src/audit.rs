@@ -531,9 +531,57 @@ pub fn read_records(path: &Path) -> std::io::Result<Vec<Record>> {
         .collect())
 }
 
+/// The records in the last `max_bytes` of a file, oldest first: what a
+/// listing of the latest records reads, so a large log costs no more than
+/// its tail. A line cut by the start of the window is skipped.
+pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<Record>> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(max_bytes);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::with_capacity((len - start) as usize);
+    file.read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines = text.lines();
+    if start > 0 {
+        lines.next();
+    }
+    Ok(lines
+        .filter_map(|l| {
+            split_hash(l).and_then(|(body, _)| serde_json::from_str(&format!("{body}}}")).ok())
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_tail_reads_only_the_last_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, false).unwrap();
+        for _ in 0..50 {
+            log.append(Event::new("spiffe://x/y", "issue")).unwrap();
+        }
+        let all = read_records(&path).unwrap();
+        assert_eq!(all.len(), 50);
+        let line = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .len() as u64
+            + 1;
+        // Three and a half lines: the cut one is skipped, three remain.
+        let tail = read_tail(&path, line * 7 / 2).unwrap();
+        assert_eq!(
+            tail.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![48, 49, 50]
+        );
+        assert_eq!(read_tail(&path, 1 << 20).unwrap().len(), 50);
+    }
 
     #[test]
     fn a_new_audit_log_is_0600() {

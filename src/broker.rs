@@ -49,6 +49,9 @@ pub enum Selector {
     /// Matched against the stored canonical text (`spiffe://…`, `dns:…`,
     /// `cn:…`); typed, so a bare name cannot get here and match nothing.
     Identity(Identity),
+    /// Every live lease a listing filter selects (the console's "revoke
+    /// all these"): its limit and offset are ignored.
+    Matching(LeaseFilter),
     All,
 }
 
@@ -250,6 +253,15 @@ impl Broker {
             tracing::error!(error = %e, "audit write failed");
         }
         err
+    }
+
+    /// Refuses a request of `who` that a front end turned down itself
+    /// (e.g. the console's missing CSRF token): counted and audited like
+    /// the broker's own refusals.
+    pub fn refuse(&self, who: &str, action: &'static str, err: Error) -> Error {
+        tracing::info!(identity = %who, action, error = %err, "request refused");
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(Event::new(who, action), err)
     }
 
     /// Audits a request refused because its certificate yields no identity
@@ -759,6 +771,13 @@ impl Broker {
             Selector::Role(r) => filter.role = Some(r.clone()),
             Selector::Database(d) => filter.database = Some(d.clone()),
             Selector::Identity(i) => filter.identity = Some(i.as_str().to_string()),
+            Selector::Matching(f) => {
+                filter = LeaseFilter {
+                    limit: None,
+                    offset: None,
+                    ..f.clone()
+                }
+            }
             Selector::All => {}
         }
         self.revoke_matching(who, &filter, Reason::Admin, mode, |_| true)
@@ -1020,7 +1039,8 @@ impl Broker {
         Err(self.audit_failure(Event::new(who.as_str(), action), err))
     }
 
-    fn require_admin(&self, who: &Identity, action: &'static str) -> Result<()> {
+    /// Refuses (and audits) `who` unless it is an admin.
+    pub fn require_admin(&self, who: &Identity, action: &'static str) -> Result<()> {
         if self.is_admin(who) {
             return Ok(());
         }

@@ -35,6 +35,14 @@ pub struct Config {
     pub sealing_key: SecretSource,
     /// The Vault-compatible HTTPS API (`[vault_api]`), when configured.
     pub vault_api: Option<VaultApiConfig>,
+    /// The web console (`[console]`); off unless configured.
+    pub console: Option<ConsoleConfig>,
+}
+
+/// `[console]`: the admins' web console on its own mTLS listener.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    pub listen: SocketAddr,
 }
 
 /// `[vault_api]`: HashiCorp Vault's database-credentials API on a listener
@@ -256,6 +264,29 @@ struct RawConfig {
     sealing_key_file: Option<PathBuf>,
     sealing_key_env: Option<String>,
     vault_api: Option<RawVaultApi>,
+    #[serde(default)]
+    console: Option<RawConsole>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    listen: String,
+}
+
+impl RawConsole {
+    fn validate(self, server: &ServerConfig) -> Result<ConsoleConfig> {
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|e| cfg_err(format!("console.listen {:?}: {e}", self.listen)))?;
+        if listen == server.listen || Some(listen) == server.metrics_listen {
+            return Err(cfg_err(format!(
+                "console.listen {listen}: already used by [server]; give the console a port of its own"
+            )));
+        }
+        Ok(ConsoleConfig { listen })
+    }
 }
 
 #[derive(Deserialize)]
@@ -560,6 +591,15 @@ impl RawConfig {
                 )));
             }
         }
+        let console = self.console.map(|c| c.validate(&server)).transpose()?;
+        if let (Some(c), Some(v)) = (&console, &vault_api) {
+            if c.listen == v.listen && c.listen.port() != 0 {
+                return Err(cfg_err(format!(
+                    "console.listen {}: already used by [vault_api]; give the console a port of its own",
+                    c.listen
+                )));
+            }
+        }
         Ok(Config {
             server,
             tls,
@@ -573,6 +613,7 @@ impl RawConfig {
             static_roles,
             sealing_key,
             vault_api,
+            console,
         })
     }
 }
@@ -1214,6 +1255,35 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             assert!(!err.contains("hunter2"), "{err}");
         }
     }
+    #[test]
+    fn console_section_is_optional_checked_and_needs_a_port_of_its_own() {
+        assert!(Config::parse(SAMPLE, Path::new("/"))
+            .unwrap()
+            .console
+            .is_none());
+        let with = |section: &str| Config::parse(&format!("{SAMPLE}\n{section}"), Path::new("/"));
+        let c = with("[console]\nlisten = \"127.0.0.1:7444\"\n").unwrap();
+        assert_eq!(c.console.unwrap().listen, "127.0.0.1:7444".parse().unwrap());
+        for (section, want) in [
+            (
+                "[console]\nlisten = \"localhost\"\n",
+                "console.listen \"localhost\"",
+            ),
+            (
+                "[console]\nlisten = \"127.0.0.1:7443\"\n",
+                "already used by [server]",
+            ),
+            (
+                "[console]\nlisten = \"127.0.0.1:7444\"\nport = 1\n",
+                "unknown field",
+            ),
+            ("[console]\n", "missing field `listen`"),
+        ] {
+            let err = with(section).unwrap_err().to_string();
+            assert!(err.contains(want), "{section}: {err}");
+        }
+    }
+
     #[test]
     fn identity_patterns_without_a_kind_say_what_to_write() {
         let text = SAMPLE.replace(

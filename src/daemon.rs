@@ -22,6 +22,8 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// The Vault-compatible API (`[vault_api]`); None: not served.
     pub vault_api: Option<TcpListener>,
+    /// The web console (`[console] listen`), when configured.
+    pub console: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -46,10 +48,19 @@ impl Listeners {
             ),
             None => None,
         };
+        let console = match &config.console {
+            Some(c) => Some(
+                TcpListener::bind(c.listen)
+                    .await
+                    .map_err(|e| Error::Config(format!("console.listen {}: {e}", c.listen)))?,
+            ),
+            None => None,
+        };
         Ok(Listeners {
             grpc,
             metrics,
             vault_api,
+            console,
         })
     }
 }
@@ -199,6 +210,14 @@ impl Daemon {
                 stop.clone().cancelled_owned(),
             ))
         };
+        let console = listeners.console.map(|l| {
+            tokio::spawn(crate::console::serve(
+                broker.clone(),
+                l,
+                self.tls.clone(),
+                stop.clone().cancelled_owned(),
+            ))
+        });
         let grace = broker.config().server.shutdown_grace;
         let grpc_stop = CancellationToken::new();
         // Stops accepting together with gRPC: one shutdown for both APIs.
@@ -254,6 +273,9 @@ impl Daemon {
         let _ = tls_files.await;
         let _ = statics.await;
         if let Some(h) = http {
+            let _ = h.await;
+        }
+        if let Some(h) = console {
             let _ = h.await;
         }
         let mut end = Event::new("credbroker:system", "stop");

@@ -27,6 +27,9 @@
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
+//! - [`console`]: the admins' web console (HTTPS, server-rendered pages).
+//! - [`rate_history`]: issuance and revocation per minute over the last
+//!   hour, in memory, for the console's charts.
 //! - [`check`]: `credbroker check`, what a broker needs from its
 //!   surroundings, verified (certificates, store, databases, privileges).
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
@@ -52,6 +55,7 @@ pub mod check;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod dbtls;
 pub mod devenv;
@@ -66,6 +70,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod pruner;
+pub mod rate_history;
 pub mod reaper;
 pub mod revocation;
 pub mod scram;

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub pruned: Counter,
     pub static_rotations: Family<StaticLabels, Counter>,
     pub static_failures: Family<StaticLabels, Counter>,
+    /// The last hour per minute, for the console's charts.
+    pub history: crate::rate_history::RateHistory,
 }
 
 impl Default for Metrics {
@@ -104,6 +106,7 @@ impl Metrics {
             pruned: Counter::default(),
             static_rotations: Family::default(),
             static_failures: Family::default(),
+            history: Default::default(),
         };
         registry.register("leases_issued", "Leases issued", m.issued.clone());
         registry.register("leases_renewed", "Leases renewed", m.renewed.clone());
@@ -184,6 +187,7 @@ impl Metrics {
             })
             .inc();
         self.issue_seconds.observe(took.as_secs_f64());
+        self.history.issued(chrono::Utc::now());
     }
 
     pub fn renewed(&self, role: &str, database: &str) {
@@ -204,6 +208,7 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+        self.history.revoked(chrono::Utc::now());
     }
 
     pub fn request_failed(&self, action: &str, error: &Error) {

@@ -22,6 +22,12 @@ pub const DEV_APP_ID: &str = "spiffe://credbroker.dev/ns/demo/app";
 pub const DEV_OTHER_ID: &str = "spiffe://credbroker.dev/ns/demo/other";
 pub const DEV_ADMIN_ID: &str = "spiffe://credbroker.dev/dba/oncall";
 
+/// The password of the dev PKI's `admin.p12` (browsers refuse to import a
+/// PKCS#12 file without one). Published on purpose: the dev PKI's CA key
+/// sits next to it anyway, so this protects nothing and is never used
+/// for a real certificate.
+pub const DEV_P12_PASSWORD: &str = "credbroker-dev";
+
 /// rcgen wants `time::OffsetDateTime`. Adding a `std::time::Duration` to
 /// rcgen's own epoch value builds one without a direct dependency on `time`
 /// (whose type we could not otherwise name).
@@ -386,6 +392,7 @@ pub fn write_dev_pki(out_dir: &Path) -> io::Result<Vec<PathBuf>> {
         .map_err(pki_error)?;
     write("server.pem", &server.cert_pem, false)?;
     write("server-key.pem", &server.key_pem, true)?;
+    let mut admin = None;
     for (name, id) in [
         ("app", DEV_APP_ID),
         ("other", DEV_OTHER_ID),
@@ -394,11 +401,52 @@ pub fn write_dev_pki(out_dir: &Path) -> io::Result<Vec<PathBuf>> {
         let pair = ca.client_cert(&ClientSpec::spiffe(id)).map_err(pki_error)?;
         write(&format!("{name}.pem"), &pair.cert_pem, false)?;
         write(&format!("{name}-key.pem"), &pair.key_pem, true)?;
+        if name == "admin" {
+            admin = Some(pair);
+        }
+    }
+    if let Some(pair) = admin {
+        // For the web console: a browser imports a PKCS#12 file.
+        let p12 = pkcs12(&pair, &ca.cert_pem(), DEV_P12_PASSWORD).map_err(pki_error)?;
+        let path = out_dir.join("admin.p12");
+        write_bytes(&path, &p12, true)
+            .map_err(|e| io::Error::other(format!("cannot write {}: {e}", path.display())))?;
+        written.push(path);
     }
     Ok(written)
 }
 
+/// `pair` (with the CA certificate as its chain) as a PKCS#12 file under
+/// `password`: PBES2 with AES-256 and an HMAC-SHA256 MAC, which current
+/// browsers and `openssl pkcs12` read.
+pub fn pkcs12(pair: &CertPair, ca_pem: &str, password: &str) -> Result<Vec<u8>, rcgen::Error> {
+    let bad = |_| rcgen::Error::CouldNotParseCertificate;
+    let leaf =
+        p12_keystore::Certificate::from_der(&pem_certificate_der(&pair.cert_pem)?).map_err(bad)?;
+    let ca = p12_keystore::Certificate::from_der(&pem_certificate_der(ca_pem)?).map_err(bad)?;
+    let (_, key) = x509_parser::pem::parse_x509_pem(pair.key_pem.as_bytes())
+        .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+    let key = zeroize::Zeroizing::new(key.contents);
+    let key =
+        p12_keystore::PrivateKey::from_der(&key).map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+    let key_id: [u8; 20] = rand::random();
+    let chain = p12_keystore::PrivateKeyChain::new(key_id.to_vec(), key, [leaf, ca]);
+    let mut store = p12_keystore::KeyStore::new();
+    store.add_entry(
+        "credbroker admin",
+        p12_keystore::KeyStoreEntry::PrivateKeyChain(chain),
+    );
+    store
+        .writer(password)
+        .write()
+        .map_err(|_| rcgen::Error::CouldNotParseKeyPair)
+}
+
 fn write_file(path: &Path, contents: &str, secret: bool) -> io::Result<()> {
+    write_bytes(path, contents.as_bytes(), secret)
+}
+
+fn write_bytes(path: &Path, contents: &[u8], secret: bool) -> io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mode = if secret { 0o600 } else { 0o644 };
     let mut file = std::fs::OpenOptions::new()
@@ -409,13 +457,56 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> io::Result<()> {
         .open(path)?;
     // `mode` only applies to new files; an existing key file may be looser.
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    file.write_all(contents.as_bytes())?;
+    file.write_all(contents)?;
     file.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_p12_holds_the_admin_key_and_chain_under_the_dev_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_dev_pki(dir.path()).unwrap();
+        let p12 = dir.path().join("admin.p12");
+        assert!(written.contains(&p12));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p12).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let bytes = std::fs::read(&p12).unwrap();
+        assert!(
+            p12_keystore::KeyStore::from_pkcs12(
+                &bytes,
+                "wrong",
+                p12_keystore::Pkcs12ImportPolicy::Relaxed
+            )
+            .is_err(),
+            "a wrong password must not open it"
+        );
+        let store = p12_keystore::KeyStore::from_pkcs12(
+            &bytes,
+            DEV_P12_PASSWORD,
+            p12_keystore::Pkcs12ImportPolicy::Relaxed,
+        )
+        .unwrap();
+        let (_, chain) = store.private_key_chain().expect("a key with its chain");
+        let admin_pem = std::fs::read_to_string(dir.path().join("admin.pem")).unwrap();
+        let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        assert_eq!(
+            chain.certs()[0].as_der(),
+            pem_certificate_der(&admin_pem).unwrap()
+        );
+        assert_eq!(
+            chain.certs()[1].as_der(),
+            pem_certificate_der(&ca_pem).unwrap()
+        );
+        let key_pem = std::fs::read_to_string(dir.path().join("admin-key.pem")).unwrap();
+        let (_, key) = x509_parser::pem::parse_x509_pem(key_pem.as_bytes()).unwrap();
+        assert_eq!(chain.key().as_der(), key.contents.as_slice());
+    }
 
     #[test]
     fn client_cert_carries_spiffe_uri_and_client_auth() {

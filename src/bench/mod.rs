@@ -6,12 +6,14 @@
 //! - [`lease`]: (a) plaintext baseline, (b) 1-round verifier, (c) credbroker
 //!   end to end over gRPC + mTLS, at several caller counts.
 //! - [`reaper`]: many leases due at once; time until every role is gone.
+//! - [`console`]: the web console's pages over 100,000 live leases.
 //! - [`scale`]: many live leases (broker memory) and a million store rows
 //!   (restart to ready, memory, reaper wake-up cost).
 //!
 //! Figures are printed and written as Markdown and JSON. Nothing here is
 //! used by the broker itself.
 
+pub mod console;
 pub mod cpu;
 pub mod lease;
 pub mod mysql;

@@ -84,7 +84,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     Ok(report)
 }
 
-fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
+pub(crate) fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix(&format!("credbroker-bench-{tag}-"))
         .tempdir()
@@ -93,7 +93,7 @@ fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
 
 /// Each part gets its own user-name prefix: a broker sweeps every user with
 /// its prefix that its store does not know, and both parts share a server.
-fn env_for(dir: &Path, pg: &BenchPostgres, prefix: &str) -> Result<(DevEnv, u16)> {
+pub(crate) fn env_for(dir: &Path, pg: &BenchPostgres, prefix: &str) -> Result<(DevEnv, u16)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(io_err("free port"))?
@@ -201,7 +201,7 @@ async fn wake_cost(store: &Path) -> Result<f64> {
 }
 
 /// Fills a fresh store with `n` live leases due over the next hours.
-async fn write_synthetic(path: &Path, n: u64) -> Result<()> {
+pub(crate) async fn write_synthetic(path: &Path, n: u64) -> Result<()> {
     // The broker's own code creates the schema.
     drop(crate::store::sqlite::SqliteStore::open(path).await?);
     let path = path.to_path_buf();

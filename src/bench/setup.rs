@@ -238,6 +238,7 @@ impl InProcess {
                                 grpc,
                                 metrics: None,
                                 vault_api: None,
+                                console: None,
                             },
                             async {
                                 let _ = stop_rx.await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench::{lease, reaper, scale};
+use crate::bench::{console, lease, reaper, scale};
 use crate::cli::CliResult;
 
 #[derive(clap::Args)]
@@ -33,6 +33,23 @@ enum What {
     Reaper(ReaperArgs),
     /// Many live leases and a million store rows: memory, restart, reaper
     Scale(ScaleArgs),
+    /// The web console's pages over many live leases: ms per page request
+    Console(ConsoleArgs),
+}
+
+#[derive(clap::Args)]
+struct ConsoleArgs {
+    /// Synthetic live leases in the store
+    #[arg(long, default_value_t = 100_000)]
+    leases: u64,
+    /// Timed requests per page
+    #[arg(long, default_value_t = 50)]
+    requests: usize,
+    /// The lease store the pages read: sqlite or postgres
+    #[arg(long, default_value = "sqlite")]
+    store: String,
+    #[command(flatten)]
+    out: Out,
 }
 
 #[derive(clap::Args, Clone)]
@@ -139,6 +156,24 @@ pub async fn run(args: Args) -> CliResult {
             report.write(&opts.out_dir)?;
             println!("{}", report.markdown());
             written(&opts.out_dir, "scale");
+        }
+        Some(What::Console(a)) => {
+            if a.requests == 0 {
+                return Err(crate::Error::Config("--requests: at least 1".into()).into());
+            }
+            let store = console::StoreKind::parse(&a.store).ok_or_else(|| {
+                crate::Error::Config(format!("--store {:?}: use sqlite or postgres", a.store))
+            })?;
+            let opts = console::Options {
+                leases: a.leases,
+                store,
+                requests: a.requests,
+                out_dir: a.out.out,
+            };
+            let report = console::run(&opts).await.context("console benchmark")?;
+            report.write(&opts.out_dir)?;
+            println!("{}", report.markdown());
+            written(&opts.out_dir, "console");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -150,6 +150,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             grpc,
             metrics: None,
             vault_api: None,
+            console: None,
         },
         async {
             let _ = stop_rx.await;

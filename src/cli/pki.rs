@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::CliResult;
-use crate::pki::{DEV_ADMIN_ID, DEV_APP_ID, DEV_OTHER_ID};
+use crate::pki::{DEV_ADMIN_ID, DEV_APP_ID, DEV_OTHER_ID, DEV_P12_PASSWORD};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -46,6 +46,10 @@ pub fn run(cmd: Command) -> CliResult {
         (
             p("admin.pem"),
             format!("client {DEV_ADMIN_ID}: an admin, matched by admins = [\"spiffe://credbroker.dev/dba/*\"]"),
+        ),
+        (
+            p("admin.p12"),
+            format!("the admin's certificate and key for a browser (web console); import password {DEV_P12_PASSWORD:?}"),
         ),
     ];
     let width = rows.iter().map(|(f, _)| f.len()).max().unwrap_or(0);

@@ -45,9 +45,16 @@ pub async fn run(args: Args) -> CliResult {
         .and_then(|l| l.local_addr().ok())
         .map(|a| a.to_string())
         .unwrap_or_else(|| "off".to_string());
+    let console = listeners
+        .console
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| format!("https://{a}/"))
+        .unwrap_or_else(|| "off".to_string());
     tracing::info!(
         listen = %listeners.grpc.local_addr()?,
         metrics = %metrics,
+        console = %console,
         databases = %databases.join(", "),
         roles = %roles.join(", "),
         warnings = daemon.warnings.len(),

@@ -471,6 +471,7 @@ impl pb::admin_server::Admin for AdminService {
             } else {
                 r.limit as usize
             }),
+            ..Default::default()
         };
         let leases = self
             .broker

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
 use crate::static_roles::StaticState;
-use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseStore, VaultToken};
+use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseOrder, LeaseStore, VaultToken};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -288,25 +288,23 @@ impl LeaseStore for MemoryStore {
             let mut out: Vec<Lease> = rows
                 .values()
                 .map(|r| &r.lease)
-                .filter(|l| f.role.as_ref().is_none_or(|x| &l.role == x))
-                .filter(|l| f.database.as_ref().is_none_or(|x| &l.database == x))
-                .filter(|l| f.identity.as_ref().is_none_or(|x| &l.identity == x))
-                .filter(|l| {
-                    if f.states.is_empty() {
-                        live(l)
-                    } else {
-                        f.states.contains(&l.state)
-                    }
-                })
-                .filter(|l| f.expiring_before.is_none_or(|t| l.expires_at < t))
+                .filter(|l| matches(f, l))
                 .cloned()
                 .collect();
             out.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
-            if let Some(n) = f.limit {
-                out.truncate(n);
+            if f.order == LeaseOrder::ExpiresLast {
+                out.reverse();
             }
-            out
+            let out = out.into_iter().skip(f.offset.unwrap_or(0));
+            match f.limit {
+                Some(n) => out.take(n).collect(),
+                None => out.collect(),
+            }
         })
+    }
+
+    async fn count(&self, f: &LeaseFilter) -> Result<u64> {
+        self.with(|rows| rows.values().filter(|r| matches(f, &r.lease)).count() as u64)
     }
 
     async fn count_live(&self, identity: &str, role: &str) -> Result<u64> {
@@ -576,4 +574,17 @@ impl LeaseStore for MemoryStore {
         }
         Ok(())
     }
+}
+
+/// Whether `l` passes every field of `f` (limit and offset aside).
+fn matches(f: &LeaseFilter, l: &Lease) -> bool {
+    f.role.as_ref().is_none_or(|x| &l.role == x)
+        && f.database.as_ref().is_none_or(|x| &l.database == x)
+        && f.identity.as_ref().is_none_or(|x| &l.identity == x)
+        && if f.states.is_empty() {
+            live(l)
+        } else {
+            f.states.contains(&l.state)
+        }
+        && f.expiring_before.is_none_or(|t| l.expires_at <= t)
 }

@@ -36,6 +36,29 @@ pub struct LeaseFilter {
     pub states: Vec<LeaseState>,
     pub expiring_before: Option<DateTime<Utc>>,
     pub limit: Option<usize>,
+    /// Rows to skip before the first one returned (a page of a listing).
+    pub offset: Option<usize>,
+    /// Expiry order; the id breaks ties, so pages never overlap.
+    pub order: LeaseOrder,
+}
+
+/// The order `list` returns leases in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LeaseOrder {
+    /// Soonest expiry first: what the reaper and an on-call want first.
+    #[default]
+    ExpiresFirst,
+    ExpiresLast,
+}
+
+impl LeaseOrder {
+    /// The SQL `ORDER BY` both SQL stores use.
+    pub fn sql(self) -> &'static str {
+        match self {
+            LeaseOrder::ExpiresFirst => " ORDER BY expires_at, id",
+            LeaseOrder::ExpiresLast => " ORDER BY expires_at DESC, id DESC",
+        }
+    }
 }
 
 /// One failed revocation attempt, for [`LeaseStore::record_failures`].
@@ -140,6 +163,10 @@ pub trait LeaseStore: Send + Sync {
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>>;
 
     async fn list(&self, filter: &LeaseFilter) -> Result<Vec<Lease>>;
+
+    /// How many leases `filter` matches, ignoring its limit and offset:
+    /// a listing's page count, counted in the store.
+    async fn count(&self, filter: &LeaseFilter) -> Result<u64>;
 
     /// Live leases of `identity` on `role`. The cap itself is checked by
     /// `insert_intent`, atomically; a separate count would race.

@@ -171,3 +171,65 @@ fn bench_mysql_runs_the_four_columns_on_mariadb_and_names_each_statement() {
     }
     assert!(md.contains("| create failsafe event |"), "{md}");
 }
+
+#[test]
+fn bench_console_writes_a_row_per_page() {
+    console_bench("sqlite", "SQLite");
+}
+
+#[test]
+fn bench_console_on_a_postgres_store_writes_a_row_per_page() {
+    console_bench("postgres", "PostgreSQL");
+}
+
+fn console_bench(store: &str, named: &str) {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "bench",
+            "console",
+            "--store",
+            store,
+            "--leases",
+            "300",
+            "--requests",
+            "2",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench console failed: {}\n{stdout}\n{stderr}",
+        run.status
+    );
+    let md = std::fs::read_to_string(out.path().join("console.md")).unwrap();
+    assert!(
+        md.contains(&format!("over 300 live leases ({named} store)")),
+        "{md}"
+    );
+    let rows: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| page |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(rows.len(), 7, "{md}");
+    for row in rows {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let p50: f64 = cells[1].parse().unwrap_or_else(|_| panic!("{row}"));
+        assert!(p50 > 0.0, "{row}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("console.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["pages"].as_array().unwrap().len(), 7);
+    assert!(json["pages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["requests"] == 2 && p["bytes"].as_u64().unwrap() > 0));
+}

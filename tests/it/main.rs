@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod bench;
 mod certificates;
+mod console;
 mod db_tls;
 mod demo;
 mod faults;

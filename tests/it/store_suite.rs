@@ -17,7 +17,7 @@ use credbroker::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use credbroker::metrics::Metrics;
 use credbroker::pruner::Pruner;
 use credbroker::store::postgres::PostgresStore;
-use credbroker::store::{Claim, FailureRecord, LeaseFilter, LeaseStore};
+use credbroker::store::{Claim, FailureRecord, LeaseFilter, LeaseOrder, LeaseStore};
 
 use crate::support::*;
 
@@ -440,6 +440,91 @@ pub async fn case_queries_see_only_what_they_ask_for(s: Store) {
         ]
     );
     assert_eq!(ms(s.next_due().await.unwrap().unwrap()), ms(p.due_at));
+}
+
+/// A console page: filtered, sorted and paged in the store, with a total
+/// that ignores the page — the same answer from every store.
+pub async fn case_pages_are_counted_sorted_and_disjoint(s: Store) {
+    let mut made = Vec::new();
+    for n in 0..7 {
+        made.push(
+            active(
+                &s,
+                n,
+                if n % 2 == 0 { "ro" } else { "rw" },
+                APP,
+                100 + n as i64,
+            )
+            .await,
+        );
+    }
+    let gone = active(&s, 9, "ro", APP, 50).await;
+    s.mark_revoked(std::slice::from_ref(&gone.id), Utc::now())
+        .await
+        .unwrap();
+    let ids = |v: Vec<Lease>| v.into_iter().map(|l| l.id).collect::<Vec<_>>();
+    let page = |offset: usize, order: LeaseOrder, role: Option<&str>| {
+        let s = s.clone();
+        let f = LeaseFilter {
+            role: role.map(str::to_string),
+            limit: Some(3),
+            offset: Some(offset),
+            order,
+            ..Default::default()
+        };
+        async move { ids(s.list(&f).await.unwrap()) }
+    };
+    let want: Vec<LeaseId> = made.iter().map(|l| l.id.clone()).collect();
+    let first = LeaseOrder::ExpiresFirst;
+    assert_eq!(page(0, first, None).await, want[0..3]);
+    assert_eq!(page(3, first, None).await, want[3..6]);
+    assert_eq!(page(6, first, None).await, want[6..7]);
+    assert_eq!(page(9, first, None).await, Vec::<LeaseId>::new());
+    let mut reversed = want.clone();
+    reversed.reverse();
+    assert_eq!(page(0, LeaseOrder::ExpiresLast, None).await, reversed[0..3]);
+    assert_eq!(page(3, LeaseOrder::ExpiresLast, None).await, reversed[3..6]);
+    let ro: Vec<LeaseId> = made.iter().step_by(2).map(|l| l.id.clone()).collect();
+    assert_eq!(page(2, first, Some("ro")).await, ro[2..4]);
+    let count = |f: LeaseFilter| {
+        let s = s.clone();
+        async move { s.count(&f).await.unwrap() }
+    };
+    // The total ignores limit and offset, and counts only what matches.
+    assert_eq!(
+        count(LeaseFilter {
+            limit: Some(1),
+            offset: Some(5),
+            ..Default::default()
+        })
+        .await,
+        7
+    );
+    assert_eq!(
+        count(LeaseFilter {
+            role: Some("ro".into()),
+            ..Default::default()
+        })
+        .await,
+        4
+    );
+    assert_eq!(
+        count(LeaseFilter {
+            states: vec![LeaseState::Revoked],
+            ..Default::default()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        count(LeaseFilter {
+            expiring_before: Some(made[2].expires_at),
+            ..Default::default()
+        })
+        .await,
+        3,
+        "expiring_before includes a lease expiring at that instant"
+    );
 }
 
 /// Two handles (two replicas) reaping at once split the due leases between
@@ -1143,7 +1228,15 @@ store_suite!(
     case_queries_see_only_what_they_ask_for,
     case_static_roles_are_claimed_saved_only_by_the_holder_and_round_trip,
     case_vault_tokens_and_their_lease_links,
+    case_pages_are_counted_sorted_and_disjoint,
 );
+
+/// The memory store (the fast tier's) pages like the real ones.
+#[tokio::test]
+async fn memory_case_pages_are_counted_sorted_and_disjoint() {
+    let s: Store = Arc::new(credbroker::store::memory::MemoryStore::new());
+    case_pages_are_counted_sorted_and_disjoint(s).await;
+}
 
 // Where the stores differ on purpose: start-up recovery.
 
@@ -1214,7 +1307,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
     })
     .await
     .unwrap();
-    assert_eq!((version, indexed), (5, 1));
+    assert_eq!((version, indexed), (6, 1));
 }
 
 #[tokio::test]

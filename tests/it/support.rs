@@ -149,6 +149,8 @@ pub struct TestBroker {
     /// `listener` until the broker starts.
     pub vault_port: Option<u16>,
     vault_listener: Option<TcpListener>,
+    /// The web console's listener, from `enable_console` until the start.
+    console: Option<TcpListener>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<credbroker::Result<()>>>,
     pub child: Option<Child>,
@@ -216,6 +218,7 @@ impl TestBroker {
             listener: Some(listener),
             vault_port: None,
             vault_listener: None,
+            console: None,
             stop: None,
             task: None,
             child: None,
@@ -245,6 +248,7 @@ impl TestBroker {
                 grpc: listener,
                 metrics: None,
                 vault_api: self.vault_listener.take(),
+                console: self.console.take(),
             },
             async {
                 let _ = rx.await;
@@ -262,6 +266,16 @@ impl TestBroker {
         self.edit_config(|t| format!("{t}\n[vault_api]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n"));
         self.vault_port = Some(port);
         self.vault_listener = Some(l);
+    }
+
+    /// Adds a `[console]` section on a port of its own, held until the
+    /// in-process start; returns the port.
+    pub async fn enable_console(&mut self) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        self.edit_config(|t| format!("{t}\n[console]\nlisten = \"127.0.0.1:{port}\"\n"));
+        self.console = Some(l);
+        port
     }
 
     /// Stops an in-process broker gracefully.
@@ -306,6 +320,7 @@ impl TestBroker {
     pub fn release_port(&mut self) {
         drop(self.listener.take());
         drop(self.vault_listener.take());
+        drop(self.console.take());
     }
 
     /// Runs the real `credbroker serve` binary on this config.
@@ -371,6 +386,7 @@ impl TestBroker {
             listener: None,
             vault_port: None,
             vault_listener: None,
+            console: None,
             stop: None,
             task: None,
             child: None,

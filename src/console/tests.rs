@@ -1,0 +1,269 @@
+//! The console's rules over the fast tier's broker (memory store, fake
+//! databases): who gets in, what every response carries, CSRF, bad input.
+//! The browser tests (`tests/it/console.rs`) do the same through Chromium
+//! against real databases; these pin the rules in milliseconds.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use tower::ServiceExt;
+
+use crate::audit::Outcome;
+use crate::console::{router, Console};
+use crate::identity::Identity;
+use crate::server::https::Peer;
+use crate::testkit::{role, Kit, ADMIN, APP};
+
+const CERT: [u8; 32] = [9; 32];
+
+fn peer(identity: std::result::Result<&str, &str>) -> Peer {
+    Peer {
+        addr: "127.0.0.1:5555".parse().unwrap(),
+        identity: identity.map(Identity::from_trusted).map_err(str::to_string),
+        cert_sha256: CERT,
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+async fn send(console: &Arc<Console>, who: &Peer, req: Request<Body>) -> Answer {
+    let app = router(console.clone()).layer(axum::Extension(who.clone()));
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+    }
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+fn post(path: &str, form: &str) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_string()))
+        .unwrap()
+}
+
+fn kit() -> (Kit, Arc<Console>) {
+    let kit = Kit::new("", &role("ro", "main"));
+    let console = Arc::new(Console::new(kit.broker.clone()));
+    (kit, console)
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    // Held to the end: its directory has the audit log.
+    let (_kit, console) = kit();
+    let admin = peer(Ok(ADMIN));
+    for (who, path, status) in [
+        (&admin, "/leases", StatusCode::OK),
+        (&admin, "/", StatusCode::OK),
+        (&admin, "/audit", StatusCode::OK),
+        (&admin, "/locks", StatusCode::OK),
+        (&admin, "/nope", StatusCode::NOT_FOUND),
+        (&admin, "/static/console.css", StatusCode::OK),
+        (&peer(Ok(APP)), "/leases", StatusCode::FORBIDDEN),
+    ] {
+        let a = send(&console, who, get(path)).await;
+        assert_eq!(a.status, status, "{path}");
+        let h = |k| a.headers.get(k).map(|v| v.to_str().unwrap().to_string());
+        let csp = h(header::CONTENT_SECURITY_POLICY).unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
+        assert!(!csp.contains("unsafe-inline"), "{csp}");
+        assert_eq!(h(header::X_FRAME_OPTIONS).as_deref(), Some("DENY"));
+        assert_eq!(h(header::CACHE_CONTROL).as_deref(), Some("no-store"));
+        // No inline script or style on any page: the CSP would refuse it.
+        assert!(
+            !a.body.contains("<style") && !a.body.contains("style=\""),
+            "{path}"
+        );
+        assert!(!a.body.contains("<script>"), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn non_admins_and_certificates_without_identity_get_403_and_are_audited() {
+    let (kit, console) = kit();
+    let a = send(&console, &peer(Ok(APP)), get("/leases")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.body.contains("Access refused") && a.body.contains("not an admin"));
+    let a = send(&console, &peer(Err("two SPIFFE IDs")), get("/")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    let records = kit.audit();
+    let denied = |who: &str| {
+        records
+            .iter()
+            .any(|r| r.identity == who && r.action == "console" && r.outcome == Outcome::Denied)
+    };
+    assert!(denied(APP));
+    assert!(denied("unauthenticated:127.0.0.1"));
+}
+
+#[tokio::test]
+async fn a_post_needs_this_certificates_csrf_token() {
+    let (kit, console) = kit();
+    let admin = peer(Ok(ADMIN));
+    let form = "kind=role&value=ro&reason=INC-1";
+    let missing = send(&console, &admin, post("/locks", form)).await;
+    assert_eq!(missing.status, StatusCode::FORBIDDEN);
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let other_cert = console.csrf.token(&[1; 32], &Identity::from_trusted(ADMIN));
+    let forged = send(
+        &console,
+        &admin,
+        post("/locks", &format!("{form}&csrf={other_cert}")),
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert!(kit
+        .broker
+        .admin_locks(&Identity::from_trusted(ADMIN))
+        .await
+        .unwrap()
+        .is_empty());
+    let ok = send(
+        &console,
+        &admin,
+        post("/locks", &format!("{form}&csrf={token}")),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+    assert_eq!(
+        kit.broker
+            .admin_locks(&Identity::from_trusted(ADMIN))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // The page's own forms carry the token.
+    let page = send(&console, &admin, get("/locks")).await;
+    assert!(page
+        .body
+        .contains(&format!("name=\"csrf\" value=\"{token}\"")));
+    let put = send(
+        &console,
+        &admin,
+        Request::put("/locks").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_400_that_keeps_what_was_typed_escaped() {
+    let (kit, console) = kit();
+    let admin = peer(Ok(ADMIN));
+    for (path, want) in [
+        ("/leases?within=banana", "expiring within \"banana\""),
+        ("/leases?state=dead", "unknown state \"dead\""),
+        (
+            "/leases?database=nope",
+            "no database \"nope\" is configured",
+        ),
+        ("/leases?page=0", "page \"0\""),
+        ("/leases?sort=size", "unknown sort"),
+        ("/audit?outcome=maybe", "unknown outcome"),
+    ] {
+        let a = send(&console, &admin, get(path)).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path}");
+        assert!(
+            a.body.contains(&want.replace('"', "&#34;")) || a.body.contains(want),
+            "{path}: {}",
+            a.body
+        );
+    }
+    let a = send(
+        &console,
+        &admin,
+        get("/leases?identity=%3Cscript%3Ex&within=%3Cb%3E"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(
+        !a.body.contains("<script>x") && !a.body.contains("<b>"),
+        "not escaped"
+    );
+    assert!(
+        a.body.contains("value=\"&#60;b&#62;\"") || a.body.contains("value=\"&lt;b&gt;\""),
+        "typed value lost: {}",
+        a.body
+    );
+    // A lock form with a bad target keeps the reason typed.
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let a = send(
+        &console,
+        &admin,
+        post(
+            "/locks",
+            &format!("kind=identity&value=bare&reason=keep+me&csrf={token}"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.body.contains("value=\"keep me\""), "{}", a.body);
+    assert!(kit
+        .broker
+        .admin_locks(&Identity::from_trusted(ADMIN))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_single_revoke_without_script_asks_on_a_page_first() {
+    let (kit, console) = kit();
+    let app = crate::testkit::app();
+    let issued = kit.broker.issue(&app, "ro", None).await.unwrap();
+    let id = issued.lease.id.to_string();
+    let admin = peer(Ok(ADMIN));
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let form = format!("lease_id={id}&back=%2Fleases&csrf={token}");
+    let asked = send(&console, &admin, post("/leases/revoke", &form)).await;
+    assert_eq!(asked.status, StatusCode::OK);
+    assert!(
+        asked.body.contains("Revoke lease")
+            && asked.body.contains("name=\"confirmed\" value=\"yes\"")
+    );
+    let live = kit
+        .broker
+        .store()
+        .get(&issued.lease.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(live.state.is_live(), "revoked before it was confirmed");
+    let done = send(
+        &console,
+        &admin,
+        post("/leases/revoke", &format!("{form}&confirmed=yes")),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert!(done.body.contains("1 lease revoked"), "{}", done.body);
+    let gone = kit
+        .broker
+        .store()
+        .get(&issued.lease.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!gone.state.is_live());
+    assert!(kit
+        .audit()
+        .iter()
+        .any(|r| r.action == "admin_revoke" && r.identity == ADMIN));
+}
