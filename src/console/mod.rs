@@ -85,8 +85,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let audit = broker.audit().clone();
+    let max_age = broker.config().server.max_connection_age;
     let app = router(Arc::new(Console::new(broker)));
-    https::serve(app, listener, tls, audit, shutdown).await
+    https::serve(app, listener, tls, audit, max_age, shutdown).await
 }
 
 /// The console's routes. Public so the benchmark can serve pages without a

@@ -53,11 +53,15 @@ impl Peer {
 
 /// Serves `router` over mTLS HTTP/1.1 until `shutdown`; then stops
 /// accepting and lets open connections finish their current request.
+/// A connection older than `max_age` is closed after its current request,
+/// as gRPC's are (`server.max_connection_age`): a client whose certificate
+/// a new CRL revoked must handshake again, and fails then.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
     tls: SharedTls,
     audit: Arc<AuditLog>,
+    max_age: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let mut streams = tls::incoming(listener, tls, audit, Alpn::Http1);
@@ -94,7 +98,13 @@ pub async fn serve(
             cert_sha256,
         };
         let app = router.clone().layer(axum::Extension(peer));
-        tokio::spawn(serve_connection(stream, app, stop.clone(), permit));
+        tokio::spawn(serve_connection(
+            stream,
+            app,
+            stop.clone(),
+            permit,
+            Some(max_age),
+        ));
     }
     stop.cancel();
 }
@@ -126,7 +136,13 @@ pub async fn serve_plain(
             tracing::warn!("too many HTTP connections; closing one");
             continue;
         };
-        tokio::spawn(serve_connection(tcp, router.clone(), stop.clone(), permit));
+        tokio::spawn(serve_connection(
+            tcp,
+            router.clone(),
+            stop.clone(),
+            permit,
+            None,
+        ));
     }
     stop.cancel();
 }
@@ -136,6 +152,7 @@ async fn serve_connection<S>(
     app: Router,
     stop: CancellationToken,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    max_age: Option<Duration>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -145,6 +162,12 @@ async fn serve_connection<S>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let aged = async {
+        match max_age {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -154,6 +177,10 @@ async fn serve_connection<S>(
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        }
+        _ = aged => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
         }
     }
 }

@@ -37,9 +37,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let audit = broker.audit().clone();
+    let max_age = broker.config().server.max_connection_age;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, mount = %config.mount, "vault api listening");
     }
     let router = routes::router(broker, config);
-    https::serve(router, listener, tls, audit, shutdown).await
+    https::serve(router, listener, tls, audit, max_age, shutdown).await
 }

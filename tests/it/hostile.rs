@@ -308,3 +308,72 @@ async fn no_password_reaches_any_file_the_broker_or_the_databases_write() {
         "the broker did not log at debug level"
     );
 }
+
+/// An HTTPS connection (console, Vault API) lives no longer than
+/// `server.max_connection_age`, like a gRPC one: a keep-alive connection
+/// is closed after its request once it is older, so a client whose
+/// certificate a new CRL revoked must handshake again.
+#[tokio::test]
+async fn an_https_connection_older_than_max_connection_age_is_closed() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut b = TestBroker::prepare(&roles()).await;
+    let port = b.enable_console().await;
+    b.edit_config(|t| t.replacen("[server]\n", "[server]\nmax_connection_age = \"2s\"\n", 1));
+    b.start_in_process().await;
+    credbroker::server::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(b.env.pki.join("ca.pem")).unwrap())
+        .unwrap();
+    let cert = CertificateDer::from_pem_file(b.env.pki.join("admin.pem")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(b.env.pki.join("admin-key.pem")).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)
+        .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // One keep-alive request, read to the end of its body.
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16384];
+    let complete = |raw: &[u8]| {
+        let text = String::from_utf8_lossy(raw);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        head.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            })
+            .is_some_and(|n| body.len() >= n)
+    };
+    while !complete(&raw) {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("the console did not answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the answer: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
+    // Past the age, the idle connection is closed by the server — well
+    // before the 10 s an idle client is otherwise given.
+    let n = tokio::time::timeout(Duration::from_secs(6), tls.read(&mut buf))
+        .await
+        .expect("a connection past max_connection_age is still open");
+    assert!(matches!(n, Ok(0) | Err(_)), "unexpected bytes: {n:?}");
+    b.stop().await;
+}
