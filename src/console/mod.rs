@@ -8,7 +8,8 @@
 //! `admin_networks` is a 403 page, audited. Every state-changing request is
 //! a POST whose CSRF token (`csrf.rs`) is checked there too, before any
 //! handler runs, so no handler can forget it. Actions go through the
-//! broker's admin calls (`admin_revoke`, `admin_lock`, `admin_unlock`), so
+//! broker's admin calls (`admin_revoke`, `admin_lock`, `admin_unlock`,
+//! `rotate_static`, `revoke_static`), so
 //! they are audited exactly as the CLI's are. Responses carry a strict
 //! Content-Security-Policy: no inline script or style, only the two assets
 //! served from the binary (`assets.rs`), and an icon.
@@ -23,6 +24,7 @@ mod locks;
 mod overview;
 mod page;
 mod probe;
+mod statics;
 #[cfg(test)]
 mod tests;
 
@@ -104,6 +106,9 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/audit", get(audit_view::page))
         .route("/locks", get(locks::page).post(locks::create))
         .route("/locks/remove", post(locks::remove))
+        .route("/static-roles", get(statics::page))
+        .route("/static-roles/rotate", post(statics::rotate))
+        .route("/static-roles/revoke", post(statics::revoke))
         .route("/static/console.css", get(assets::css))
         .route("/static/console.js", get(assets::js))
         .route("/static/favicon.svg", get(assets::icon))

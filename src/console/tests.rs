@@ -13,6 +13,7 @@ use crate::audit::Outcome;
 use crate::console::{router, Console};
 use crate::identity::Identity;
 use crate::server::https::Peer;
+use crate::store::LeaseStore;
 use crate::testkit::{role, Kit, ADMIN, APP};
 
 const CERT: [u8; 32] = [9; 32];
@@ -73,6 +74,7 @@ async fn every_answer_carries_the_security_headers() {
         (&admin, "/", StatusCode::OK),
         (&admin, "/audit", StatusCode::OK),
         (&admin, "/locks", StatusCode::OK),
+        (&admin, "/static-roles", StatusCode::OK),
         (&admin, "/nope", StatusCode::NOT_FOUND),
         (&admin, "/static/console.css", StatusCode::OK),
         (&peer(Ok(APP)), "/leases", StatusCode::FORBIDDEN),
@@ -266,4 +268,261 @@ async fn a_single_revoke_without_script_asks_on_a_page_first() {
         .audit()
         .iter()
         .any(|r| r.action == "admin_revoke" && r.identity == ADMIN));
+}
+
+fn statics_kit() -> (Kit, Arc<Console>) {
+    let kit = Kit::with_statics(&format!(
+        "[static_roles.orders]\ndatabase = \"main\"\nallowed = [\"{APP}\"]\n\
+         rotation_period = \"1h\"\nusers = [\"app_a\", \"app_b\"]\n\n"
+    ));
+    for u in ["app_a", "app_b"] {
+        kit.server.add_static_user(u);
+    }
+    let console = Arc::new(Console::new(kit.broker.clone()));
+    (kit, console)
+}
+
+async fn generation(kit: &Kit) -> u64 {
+    kit.store
+        .static_get("orders")
+        .await
+        .unwrap()
+        .map(|s| s.generation)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_static_roles_page_lists_each_role_and_no_secret() {
+    let (kit, console) = statics_kit();
+    let cred = kit
+        .broker
+        .static_credential(&crate::testkit::app(), "orders")
+        .await
+        .unwrap();
+    let admin = peer(Ok(ADMIN));
+    let a = send(&console, &admin, get("/static-roles")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    for want in [
+        "data-static-role=\"orders\"",
+        "alternating (app_a, app_b)",
+        "<code>app_a</code>",
+        "class=\"generation\">1<",
+        "Rotate now",
+        "Revoke (incident)",
+        "href=\"/static-roles\" class=\"active\"",
+    ] {
+        assert!(a.body.contains(want), "{want}: {}", a.body);
+    }
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    assert!(a.body.contains(&format!("name=\"csrf\" value=\"{token}\"")));
+    let sealed = kit
+        .store
+        .static_get("orders")
+        .await
+        .unwrap()
+        .unwrap()
+        .current
+        .unwrap()
+        .sealed;
+    assert!(!a.body.contains(cred.password.expose()), "password shown");
+    assert!(!a.body.contains(&sealed), "sealed value shown");
+    assert!(!a.body.to_lowercase().contains("password\""));
+
+    // A kit without static roles says so; the tab is there all the same.
+    let (_plain, console) = self::kit();
+    let a = send(&console, &admin, get("/static-roles")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.body.contains("No static role is configured"),
+        "{}",
+        a.body
+    );
+    let a = send(&console, &admin, get("/locks")).await;
+    assert!(a.body.contains("href=\"/static-roles\""));
+}
+
+#[tokio::test]
+async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
+    let (kit, console) = statics_kit();
+    let admin = peer(Ok(ADMIN));
+    kit.broker
+        .static_credential(&crate::testkit::app(), "orders")
+        .await
+        .unwrap();
+    assert_eq!(generation(&kit).await, 1);
+
+    let form = "static_role=orders&confirmed=yes";
+    let missing = send(&console, &admin, post("/static-roles/rotate", form)).await;
+    assert_eq!(missing.status, StatusCode::FORBIDDEN);
+    let forged = console.csrf.token(&[1; 32], &Identity::from_trusted(ADMIN));
+    let a = send(
+        &console,
+        &admin,
+        post("/static-roles/rotate", &format!("{form}&csrf={forged}")),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(generation(&kit).await, 1, "rotated without a CSRF token");
+
+    // Without script (no `confirmed`): a confirmation page, nothing yet.
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let asked = send(
+        &console,
+        &admin,
+        post(
+            "/static-roles/rotate",
+            &format!("static_role=orders&csrf={token}"),
+        ),
+    )
+    .await;
+    assert_eq!(asked.status, StatusCode::OK);
+    assert!(
+        asked.body.contains("Rotate static role orders now?")
+            && asked.body.contains("name=\"confirmed\" value=\"yes\""),
+        "{}",
+        asked.body
+    );
+    assert_eq!(generation(&kit).await, 1, "rotated before it was confirmed");
+
+    let done = send(
+        &console,
+        &admin,
+        post("/static-roles/rotate", &format!("{form}&csrf={token}")),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert!(
+        done.body.contains("current user app_b (generation 2)"),
+        "{}",
+        done.body
+    );
+    assert_eq!(generation(&kit).await, 2);
+
+    // The CLI's path (gRPC → the same broker call), for comparison.
+    kit.broker
+        .rotate_static(&Identity::from_trusted(ADMIN), "orders")
+        .await
+        .unwrap();
+    assert_eq!(generation(&kit).await, 3);
+    let rotations: Vec<_> = kit
+        .audit()
+        .into_iter()
+        .filter(|r| r.action == "static_rotate" && r.identity == ADMIN)
+        .collect();
+    assert_eq!(rotations.len(), 2, "{rotations:?}");
+    let key = |r: &crate::audit::Record| {
+        (
+            r.identity.clone(),
+            r.action.clone(),
+            r.role.clone(),
+            r.database.clone(),
+            r.outcome,
+            r.via.clone(),
+            // What was done; the generation and times after the `;` differ.
+            r.detail
+                .as_deref()
+                .and_then(|d| d.split(';').next())
+                .map(str::to_string),
+        )
+    };
+    assert_eq!(key(&rotations[0]), key(&rotations[1]));
+    assert_eq!(rotations[0].username.as_deref(), Some("app_b"));
+    assert_eq!(rotations[0].outcome, Outcome::Ok);
+
+    // An unknown role is a clear 404 and changes nothing.
+    let a = send(
+        &console,
+        &admin,
+        post(
+            "/static-roles/rotate",
+            &format!("static_role=%3Cb%3Enope&confirmed=yes&csrf={token}"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(!a.body.contains("<b>nope"), "not escaped");
+    assert_eq!(generation(&kit).await, 3);
+}
+
+#[tokio::test]
+async fn revoke_incident_confirms_then_replaces_both_passwords() {
+    let (kit, console) = statics_kit();
+    let admin = peer(Ok(ADMIN));
+    let first = kit
+        .broker
+        .static_credential(&crate::testkit::app(), "orders")
+        .await
+        .unwrap();
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let asked = send(
+        &console,
+        &admin,
+        post(
+            "/static-roles/revoke",
+            &format!("static_role=orders&csrf={token}"),
+        ),
+    )
+    .await;
+    assert_eq!(asked.status, StatusCode::OK);
+    assert!(
+        asked
+            .body
+            .contains("Both users' passwords are replaced and their sessions ended"),
+        "{}",
+        asked.body
+    );
+    assert_eq!(generation(&kit).await, 1);
+    let done = send(
+        &console,
+        &admin,
+        post(
+            "/static-roles/revoke",
+            &format!("static_role=orders&confirmed=yes&csrf={token}"),
+        ),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(generation(&kit).await, 2);
+    assert!(!kit.server.static_logs_in(
+        &first.username,
+        first.password.expose(),
+        chrono::Utc::now()
+    ));
+    assert!(kit
+        .audit()
+        .iter()
+        .any(|r| r.action == "static_revoke" && r.identity == ADMIN && r.outcome == Outcome::Ok));
+}
+
+#[tokio::test]
+async fn non_admins_cannot_see_or_rotate_static_roles() {
+    let (kit, console) = statics_kit();
+    let app = peer(Ok(APP));
+    let a = send(&console, &app, get("/static-roles")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(!a.body.contains("app_a"));
+    // Even with a token of its own certificate: the identity is refused
+    // before any form is read.
+    let token = console.csrf.token(&CERT, &Identity::from_trusted(APP));
+    for path in ["/static-roles/rotate", "/static-roles/revoke"] {
+        let a = send(
+            &console,
+            &app,
+            post(
+                path,
+                &format!("static_role=orders&confirmed=yes&csrf={token}"),
+            ),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(generation(&kit).await, 0, "rotated for a non-admin");
+    assert!(kit
+        .audit()
+        .iter()
+        .all(|r| r.action != "static_rotate" && r.action != "static_revoke"));
+    assert!(kit
+        .audit()
+        .iter()
+        .any(|r| r.identity == APP && r.action == "console" && r.outcome == Outcome::Denied));
 }

@@ -15,7 +15,7 @@
 // redirects) is Chromium's.
 //
 // Environment: CONSOLE_URL, CONSOLE_PKI (dir), CONSOLE_SCENARIO (flow |
-// unreachable), CONSOLE_DATA (JSON: leases, database names),
+// unreachable | static), CONSOLE_DATA (JSON: leases, database names),
 // CONSOLE_SCREENSHOTS (a directory, or empty: none), CHROMIUM.
 
 import { chromium } from "playwright-core";
@@ -309,6 +309,82 @@ async function flow() {
   }
 }
 
+async function staticRoles() {
+  const name = data.staticRole;
+  const [firstUser, secondUser] = data.users;
+  const { context, page, problems } = await browserAs(admin);
+  try {
+    await go(page, "/");
+    await Promise.all([page.waitForNavigation(), page.click('nav a[href="/static-roles"]')]);
+    check(new URL(page.url()).pathname === "/static-roles", `tab went to ${page.url()}`);
+    const row = page.locator(`#static-roles tr[data-static-role="${name}"]`);
+    const text = await row.innerText();
+    for (const want of [data.database, "alternating", firstUser]) {
+      check(text.includes(want), `row of ${name} lacks ${want}: ${text}`);
+    }
+    check((await row.locator("td.generation").innerText()) === String(data.generation), `generation: ${text}`);
+    check(!(await page.content()).includes(data.password), "a password is on the page");
+    await shot(page, "static-roles");
+    // Revoke asks first; dismissed, nothing happens.
+    let asked = "";
+    page.once("dialog", (d) => {
+      asked = d.message();
+      d.dismiss();
+    });
+    await row.locator("form.revoke button").click();
+    await page.waitForTimeout(200);
+    check(/passwords are replaced and their sessions ended/.test(asked), `revoke dialog: ${asked}`);
+    check(new URL(page.url()).pathname === "/static-roles", "a dismissed revoke navigated");
+    // Rotate now, accepted.
+    page.once("dialog", (d) => d.accept());
+    await Promise.all([
+      page.waitForURL(/\/static-roles\/rotate$/),
+      row.locator("form.rotate button").click(),
+    ]);
+    const result = await page.innerText("#message");
+    check(result.includes(`current user ${secondUser} (generation ${data.generation + 1})`), `rotate: ${result}`);
+    check(result.includes(`previous user ${firstUser} keeps working`), `rotate overlap: ${result}`);
+    await page.click("#back");
+    const after = page.locator(`#static-roles tr[data-static-role="${name}"]`);
+    check((await after.locator("td.generation").innerText()) === String(data.generation + 1), "generation not moved");
+    check((await after.locator("td.current-user").innerText()) === secondUser, "current user not moved");
+    check(problems.length === 0, `browser problems: ${problems.join("; ")}`);
+  } finally {
+    await context.close();
+  }
+
+  // Without JavaScript: "Rotate now" asks on a page first; cancel changes nothing.
+  const nojs = await browserAs(admin, { javaScriptEnabled: false });
+  try {
+    await go(nojs.page, "/static-roles");
+    await Promise.all([
+      nojs.page.waitForNavigation(),
+      nojs.page.click(`tr[data-static-role="${name}"] form.rotate button`),
+    ]);
+    const ask = await nojs.page.innerText("#confirm-text");
+    check(ask.includes(name) && ask.includes(secondUser), `no-script confirmation: ${ask}`);
+    await nojs.page.click("#cancel");
+    const gen = await nojs.page.innerText(`tr[data-static-role="${name}"] td.generation`);
+    check(gen === String(data.generation + 1), `a cancelled rotation rotated: ${gen}`);
+  } finally {
+    await nojs.context.close();
+  }
+
+  // A certificate that is not an admin's: 403, and its POST changes nothing.
+  const o = await browserAs(other);
+  try {
+    await go(o.page, "/static-roles", 403);
+    const body = await o.page.innerText("body");
+    check(/Access refused/.test(body) && !body.includes(firstUser), `non-admin: ${body}`);
+    const post = await o.context.request.post(url + "/static-roles/rotate", {
+      form: { static_role: name, confirmed: "yes" },
+    });
+    check(post.status() === 403, `non-admin POST: ${post.status()}`);
+  } finally {
+    await o.context.close();
+  }
+}
+
 async function unreachable() {
   const { context, page, problems } = await browserAs(admin);
   try {
@@ -342,6 +418,7 @@ async function unreachable() {
 try {
   if (scenario === "flow") await flow();
   else if (scenario === "unreachable") await unreachable();
+  else if (scenario === "static") await staticRoles();
   else fail(`unknown scenario ${scenario}`);
   console.log(`console_flow: ${scenario} ok`);
 } catch (e) {

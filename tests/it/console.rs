@@ -4,6 +4,8 @@
 //! `tests/console/console_flow.mjs` uses the pages as an on-call would;
 //! then this side checks that what the page revoked is gone — sessions
 //! ended, logins refused — and that what it did not touch still works.
+//! A static role's "Rotate now" is clicked on a real PostgreSQL user and
+//! the new credential logged in with from here.
 //!
 //! A missing browser or node module fails with the command that installs
 //! them. Screenshots go to `docs/console/` only with CONSOLE_SCREENSHOTS=1,
@@ -340,4 +342,69 @@ async fn console_serve_binary_serves_the_console_to_admins_only() {
         "serve does not log where the console is: {}",
         b.broker_log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_static_role_rotate_now_rotates_a_real_postgres_user() {
+    require_browser();
+    let (mut b, users) = crate::static_roles::pg_static(2, "1h", "").await;
+    let port = b.enable_console().await;
+    b.start_in_process().await;
+    let first = read(&b).await;
+    assert_eq!(
+        (first.username.as_str(), first.generation),
+        (users[0].as_str(), 1)
+    );
+    login(&b.db, &first.username, &first.password)
+        .await
+        .expect("the static role's first credential logs in");
+
+    let data = serde_json::json!({
+        "staticRole": "st",
+        "database": "main",
+        "users": users,
+        "generation": first.generation,
+        // Only to check that no page shows it.
+        "password": first.password,
+    });
+    browse(&b, port, "static", data).await;
+
+    // The page's "Rotate now" (confirmed in the dialog) moved the role on
+    // once — the no-script confirmation it then cancelled did nothing.
+    let second = read(&b).await;
+    assert_eq!(
+        (second.username.as_str(), second.generation),
+        (users[1].as_str(), 2)
+    );
+    let session = login(&b.db, &second.username, &second.password)
+        .await
+        .expect("the credential the page rotated to logs in");
+    session
+        .simple_query("SELECT count(*) FROM orders")
+        .await
+        .unwrap();
+    // Alternating users: the previous password works for the overlap.
+    assert!(login(&b.db, &first.username, &first.password).await.is_ok());
+    let records = b.audit_records();
+    let by_admin: Vec<_> = records
+        .iter()
+        .filter(|r| r.action == "static_rotate" && r.identity == ADMIN)
+        .collect();
+    assert_eq!(by_admin.len(), 1, "{by_admin:?}");
+    assert_eq!(by_admin[0].role.as_deref(), Some("st"));
+    assert_eq!(by_admin[0].username.as_deref(), Some(users[1].as_str()));
+    let log = std::fs::read_to_string(&b.env.audit_path).unwrap();
+    assert!(!log.contains(&first.password) && !log.contains(&second.password));
+    b.stop().await;
+}
+
+async fn read(b: &TestBroker) -> credbroker::pb::StaticCredential {
+    b.client("app")
+        .await
+        .get_static_credential(credbroker::pb::GetStaticCredentialRequest {
+            static_role: "st".into(),
+        })
+        .await
+        .expect("the app reads static role st")
+        .into_inner()
 }
