@@ -79,6 +79,10 @@ pub struct TlsConfig {
     pub key: PathBuf,
     pub client_ca: PathBuf,
     pub crl: Option<PathBuf>,
+    /// A CRL past its nextUpdate refuses every client (true, the default)
+    /// or is used anyway with a loud warning at every load (`crl_expired =
+    /// "warn"`), for CAs that publish late.
+    pub refuse_expired_crl: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -369,6 +373,8 @@ struct RawTls {
     key: PathBuf,
     client_ca: PathBuf,
     crl: Option<PathBuf>,
+    /// "refuse" (default) or "warn".
+    crl_expired: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -524,7 +530,7 @@ impl RawConfig {
     /// database, the admins listed under `[audit]`) is checked here.
     fn validate(self, base: &Path) -> Result<Config> {
         let server = self.server.validate()?;
-        let tls = self.tls.validate(base);
+        let tls = self.tls.validate(base)?;
         let store = self.store.unwrap_or_default().validate(base)?;
         let mut admin_patterns = self.admins;
         let audit = match self.audit {
@@ -669,13 +675,28 @@ impl RawServer {
 }
 
 impl RawTls {
-    fn validate(self, base: &Path) -> TlsConfig {
-        TlsConfig {
+    fn validate(self, base: &Path) -> Result<TlsConfig> {
+        let refuse_expired_crl = match self.crl_expired.as_deref() {
+            None | Some("refuse") => true,
+            Some("warn") => false,
+            Some(other) => {
+                return Err(cfg_err(format!(
+                    "tls.crl_expired {other:?}: \"refuse\" (every client, until a fresh CRL is in place) or \"warn\""
+                )))
+            }
+        };
+        if self.crl_expired.is_some() && self.crl.is_none() {
+            return Err(cfg_err(
+                "tls.crl_expired: set tls.crl too; without a CRL nothing can expire".to_string(),
+            ));
+        }
+        Ok(TlsConfig {
             cert: resolve(base, &self.cert),
             key: resolve(base, &self.key),
             client_ca: resolve(base, &self.client_ca),
             crl: self.crl.as_deref().map(|p| resolve(base, p)),
-        }
+            refuse_expired_crl,
+        })
     }
 }
 

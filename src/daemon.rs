@@ -88,7 +88,7 @@ impl Daemon {
         }
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
-        let mut warnings = Vec::new();
+        let mut warnings = server::tls::crl_warnings(&config.tls, chrono::Utc::now());
         for d in config.databases.values() {
             let dialect = match d.kind {
                 crate::lease::BackendKind::Postgres => crate::dbtls::Dialect::Postgres,
@@ -319,7 +319,7 @@ impl Reloader {
         }
         let config = Config::load(path)?;
         let tls = server::tls::server_config(&config.tls)?;
-        let mut warnings = Vec::new();
+        let mut warnings = server::tls::crl_warnings(&config.tls, chrono::Utc::now());
         let old = self.broker.config();
         for (name, db) in &config.databases {
             match old.databases.get(name) {

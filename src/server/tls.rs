@@ -96,8 +96,12 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
                 .map_err(|e| Error::Config(format!("tls.crl {}: {e}", crl_path.display())))?;
         // A CRL past its nextUpdate no longer says which certificates are
         // revoked: refuse every client until a fresh one is in place,
-        // rather than trust a list the CA has stopped vouching for.
-        builder = builder.with_crls(crls).enforce_revocation_expiration();
+        // rather than trust a list the CA has stopped vouching for —
+        // unless the operator chose to be warned instead.
+        builder = builder.with_crls(crls);
+        if tls.refuse_expired_crl {
+            builder = builder.enforce_revocation_expiration();
+        }
     }
     let verifier = builder
         .build()
@@ -142,6 +146,9 @@ pub async fn watch_files(
             Ok(c) => {
                 *tls.write().unwrap_or_else(|p| p.into_inner()) = c;
                 tracing::info!("TLS files changed: certificates and CRL reloaded");
+                for w in crl_warnings(&config, chrono::Utc::now()) {
+                    tracing::warn!("{w}");
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS files changed but do not load; keeping the running ones")
@@ -168,6 +175,43 @@ fn stamp(tls: &TlsConfig) -> Vec<FileStamp> {
             .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
     })
     .collect()
+}
+
+/// What an operator must hear about the CRL at every load: none
+/// configured, or one past its `nextUpdate` (refused or, with
+/// `crl_expired = "warn"`, used anyway).
+pub fn crl_warnings(tls: &TlsConfig, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    let Some(path) = &tls.crl else {
+        return vec![
+            "tls.crl is not set: a leaked client certificate is accepted until it expires; configure the CA's CRL"
+                .to_string(),
+        ];
+    };
+    let Ok(pem) = std::fs::read(path) else {
+        return Vec::new(); // server_config reports an unreadable CRL
+    };
+    let mut out = Vec::new();
+    for der in CertificateRevocationListDer::pem_slice_iter(&pem).flatten() {
+        let Ok((_, parsed)) = x509_parser::parse_x509_crl(&der) else {
+            continue;
+        };
+        let next = parsed
+            .next_update()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.timestamp(), 0));
+        if let Some(next) = next.filter(|n| *n < now) {
+            let what = if tls.refuse_expired_crl {
+                "every client is refused until a fresh CRL is in place"
+            } else {
+                "it is used anyway (tls.crl_expired = \"warn\"): revocations since then are unknown"
+            };
+            out.push(format!(
+                "tls.crl {} is past its next update ({}): {what}",
+                path.display(),
+                next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ));
+        }
+    }
+    out
 }
 
 /// The current TLS config; swapped whole on reload (SIGHUP), so new
