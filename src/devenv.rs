@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::throwaway::ThrowawayPostgres;
 
 /// Paths of one dev set-up, all inside `dir`.
+#[derive(Clone)]
 pub struct DevEnv {
     pub dir: PathBuf,
     pub pki: PathBuf,
