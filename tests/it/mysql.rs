@@ -1005,6 +1005,58 @@ async fn mysql_objects_a_leased_user_defines_outlive_revoke_and_expiry() {
     b.drop_schema().await;
 }
 
+/// Revocations that run at once share one definer lookup: each still
+/// hands exactly its own objects to the admin, and says so in its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_concurrent_revocations_each_move_their_own_definers() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| ddl_role("maker", s, "5m", None)).await;
+    b.start_in_process().await;
+    let mut root = t.root().await;
+    let admin: Option<String> = root.query_first("SELECT CURRENT_USER()").await.unwrap();
+    let admin = admin.unwrap();
+    let mut leases = Vec::new();
+    for i in 0..6 {
+        let lease = b.issue("maker", 300).await.unwrap();
+        let mut c = b.login(&lease).await.expect("leased login");
+        // Lease i defines i + 1 views.
+        for v in 0..=i {
+            c.query_drop(format!("CREATE VIEW cc_{i}_{v} AS SELECT id FROM orders"))
+                .await
+                .unwrap();
+        }
+        leases.push(lease);
+    }
+    let revokes = leases.iter().map(|l| b.revoke(l));
+    futures::future::join_all(revokes).await;
+    for (i, lease) in leases.iter().enumerate() {
+        assert!(
+            t.user_hosts(&lease.username).await.is_empty(),
+            "user {i} not dropped"
+        );
+        let rec = audit_of(&b, lease).expect("revocation record");
+        assert_eq!(
+            rec.objects_reassigned,
+            Some(i as u64 + 1),
+            "lease {i}: {rec:?}"
+        );
+        let definers: Vec<String> = root
+            .exec(
+                "SELECT DEFINER FROM information_schema.VIEWS WHERE TABLE_SCHEMA = ? AND TABLE_NAME LIKE ?",
+                (&b.schema, format!("cc\\_{i}\\_%")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(definers.len(), i + 1, "lease {i}'s views");
+        assert!(
+            definers.iter().all(|d| d == &admin),
+            "lease {i}: {definers:?}"
+        );
+    }
+    b.stop().await;
+    b.drop_schema().await;
+}
+
 /// A DBA widens one lease by hand after issue (outside the broker) and the
 /// user makes a view with it: the revocation still hands the view to the
 /// admin, so it keeps working. (The broker never decides from the role's
