@@ -480,23 +480,25 @@ fn cfg_err(m: String) -> Error {
     Error::Config(m)
 }
 
-/// The one reading of a `*_password_file` / `*_password_env` pair, for the
-/// databases and the store alike. `what` names the section.
+/// The one reading of a `<key>_file` / `<key>_env` pair, for the
+/// databases' admin passwords, the store's password and the sealing key.
+/// `section` prefixes the message ("" for a top-level key).
 fn secret_source(
-    what: &str,
+    section: &str,
+    key: &str,
     file: Option<PathBuf>,
     env: Option<String>,
     base: &Path,
 ) -> Result<SecretSource> {
     match (file, env) {
-        (Some(_), Some(_)) => Err(cfg_err(format!(
-            "{what}: set {what_key}_file or {what_key}_env, not both",
-            what_key = if what == "store" {
-                "password"
+        (Some(_), Some(_)) => {
+            let both = format!("set {key}_file or {key}_env, not both");
+            Err(cfg_err(if section.is_empty() {
+                both
             } else {
-                "admin_password"
-            }
-        ))),
+                format!("{section}: {both}")
+            }))
+        }
         (Some(f), None) => Ok(SecretSource::File(resolve(base, &f))),
         (None, Some(e)) => Ok(SecretSource::Env(e)),
         (None, None) => Ok(SecretSource::None),
@@ -570,16 +572,13 @@ impl RawConfig {
             &databases,
             &server.name_prefix,
         )?;
-        let sealing_key = match (self.sealing_key_file, self.sealing_key_env) {
-            (Some(_), Some(_)) => {
-                return Err(cfg_err(
-                    "set sealing_key_file or sealing_key_env, not both".to_string(),
-                ))
-            }
-            (Some(f), None) => SecretSource::File(resolve(base, &f)),
-            (None, Some(e)) => SecretSource::Env(e),
-            (None, None) => SecretSource::None,
-        };
+        let sealing_key = secret_source(
+            "",
+            "sealing_key",
+            self.sealing_key_file,
+            self.sealing_key_env,
+            base,
+        )?;
         if !static_roles.is_empty() && sealing_key == SecretSource::None {
             return Err(cfg_err(
                 "static_roles need a sealing key: set sealing_key_file or sealing_key_env (32 random bytes, hex or base64)"
@@ -715,7 +714,13 @@ impl Default for RawStore {
 
 impl RawStore {
     fn validate(self, base: &Path) -> Result<StoreConfig> {
-        let password = secret_source("store", self.password_file, self.password_env, base)?;
+        let password = secret_source(
+            "store",
+            "password",
+            self.password_file,
+            self.password_env,
+            base,
+        )?;
         let url = StoreUrl::parse(&self.url, base)?;
         if matches!(url, StoreUrl::Sqlite(_)) && password != SecretSource::None {
             return Err(cfg_err(
@@ -864,6 +869,7 @@ impl RawDatabase {
         }
         let admin_password = secret_source(
             &format!("databases.{name}"),
+            "admin_password",
             self.admin_password_file,
             self.admin_password_env,
             base,
