@@ -187,18 +187,13 @@ pub fn crl_warnings(tls: &TlsConfig, now: chrono::DateTime<chrono::Utc>) -> Vec<
                 .to_string(),
         ];
     };
-    let Ok(pem) = std::fs::read(path) else {
-        return Vec::new(); // server_config reports an unreadable CRL
+    // An unreadable or malformed CRL is server_config's to report.
+    let Ok(crls) = read_crls(path) else {
+        return Vec::new();
     };
     let mut out = Vec::new();
-    for der in CertificateRevocationListDer::pem_slice_iter(&pem).flatten() {
-        let Ok((_, parsed)) = x509_parser::parse_x509_crl(&der) else {
-            continue;
-        };
-        let next = parsed
-            .next_update()
-            .and_then(|t| chrono::DateTime::from_timestamp(t.timestamp(), 0));
-        if let Some(next) = next.filter(|n| *n < now) {
+    for crl in crls.into_iter().flatten() {
+        if let Some(next) = crl.next_update.filter(|n| *n < now) {
             let what = if tls.refuse_expired_crl {
                 "every client is refused until a fresh CRL is in place"
             } else {
@@ -212,6 +207,41 @@ pub fn crl_warnings(tls: &TlsConfig, now: chrono::DateTime<chrono::Utc>) -> Vec<
         }
     }
     out
+}
+
+/// What `credbroker check` and the start-up warnings need of one CRL.
+#[derive(Debug, Clone, Copy)]
+pub struct CrlSummary {
+    pub revoked: usize,
+    pub next_update: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Why one PEM item of a CRL file gives no [`CrlSummary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlItemError {
+    NotPem,
+    Unparsable,
+}
+
+/// Each PEM item of the CRL file at `path`, read and parsed (the
+/// file's read error if it cannot be read).
+pub fn read_crls(
+    path: &Path,
+) -> std::io::Result<Vec<std::result::Result<CrlSummary, CrlItemError>>> {
+    let pem = std::fs::read(path)?;
+    Ok(CertificateRevocationListDer::pem_slice_iter(&pem)
+        .map(|der| {
+            let der = der.map_err(|_| CrlItemError::NotPem)?;
+            let (_, parsed) =
+                x509_parser::parse_x509_crl(&der).map_err(|_| CrlItemError::Unparsable)?;
+            Ok(CrlSummary {
+                revoked: parsed.iter_revoked_certificates().count(),
+                next_update: parsed
+                    .next_update()
+                    .and_then(|t| chrono::DateTime::from_timestamp(t.timestamp(), 0)),
+            })
+        })
+        .collect())
 }
 
 /// The current TLS config; swapped whole on reload (SIGHUP), so new
