@@ -549,3 +549,51 @@ fn check_crl(path: &Path, now: DateTime<Utc>, f: &mut Vec<Finding>) {
         }
     }
 }
+
+#[cfg(test)]
+mod crl_tests {
+    use super::*;
+
+    #[test]
+    fn a_crl_is_counted_fresh_or_stale_and_a_broken_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::pki::DevCa::generate("test ca").unwrap();
+        let now = Utc::now();
+        let path = dir.path().join("ca.crl");
+        let findings = |pem: &[u8]| {
+            std::fs::write(&path, pem).unwrap();
+            let mut f = Vec::new();
+            check_crl(&path, now, &mut f);
+            f
+        };
+        let fresh = findings(ca.crl(&[7, 9]).unwrap().as_bytes());
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh[0].level, Level::Ok);
+        assert!(
+            fresh[0].message.contains("2 revoked"),
+            "{}",
+            fresh[0].message
+        );
+        let stale = ca
+            .crl_between(
+                &[],
+                now - chrono::Duration::hours(2),
+                now - chrono::Duration::hours(1),
+            )
+            .unwrap();
+        let stale = findings(stale.as_bytes());
+        assert_eq!(stale[0].level, Level::Warning);
+        assert!(
+            stale[0].message.contains("is stale"),
+            "{}",
+            stale[0].message
+        );
+        let broken = findings(b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n");
+        assert_eq!(broken[0].level, Level::Error);
+        assert!(
+            broken[0].message.contains("cannot parse"),
+            "{}",
+            broken[0].message
+        );
+    }
+}

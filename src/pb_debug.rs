@@ -80,4 +80,21 @@ mod tests {
         let reply = tonic::Response::new(lease);
         assert!(!format!("{reply:?}").contains("hunter2"));
     }
+
+    #[test]
+    fn a_static_credential_prints_no_password() {
+        let c = pb::StaticCredential {
+            static_role: "orders".into(),
+            username: "app_a".into(),
+            password: "hunter2hunter2".into(),
+            dsn: "postgresql://app_a:hunter2hunter2@h:5432/d".into(),
+            ..Default::default()
+        };
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("app_a") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
 }
