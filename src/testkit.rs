@@ -35,18 +35,15 @@ impl Kit {
     /// `new`, with the audit log at `audit` (e.g. `/dev/full`, where every
     /// write fails) instead of a file in the kit's directory.
     pub fn with_audit_at(extra: &str, roles: &str, audit: Option<&std::path::Path>) -> Kit {
-        let mut kit = Self::build(tempfile::tempdir().unwrap(), "", extra, roles);
-        if let Some(path) = audit {
-            let log = Arc::new(AuditLog::open(path, false).unwrap());
-            kit.broker = Arc::new(Broker::new(
-                kit.broker.config(),
-                kit.store.clone(),
-                kit.broker.backends().clone(),
-                log,
-                Arc::new(Metrics::new()),
-            ));
-        }
-        kit
+        Self::build_on(
+            tempfile::tempdir().unwrap(),
+            "",
+            extra,
+            roles,
+            Arc::new(MemoryStore::new()),
+            FakeServer::new(),
+            audit,
+        )
     }
 
     /// A kit whose config also has `statics` (`[static_roles.*]` TOML)
@@ -67,6 +64,7 @@ impl Kit {
             statics,
             store,
             server,
+            None,
         )
     }
 
@@ -78,6 +76,7 @@ impl Kit {
             roles,
             Arc::new(MemoryStore::new()),
             FakeServer::new(),
+            None,
         )
     }
 
@@ -88,6 +87,7 @@ impl Kit {
         roles: &str,
         store: Arc<MemoryStore>,
         server: Arc<FakeServer>,
+        audit: Option<&std::path::Path>,
     ) -> Kit {
         let text = format!(
             "{top}admins = [\"spiffe://credbroker.dev/dba/*\"]\n\n\
@@ -104,7 +104,10 @@ impl Kit {
             let b: Arc<dyn Backend> = Arc::new(FakeBackend::new(db, server.clone()));
             backends.insert(db.to_string(), b);
         }
-        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log"), false).unwrap());
+        let audit_path = audit
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| dir.path().join("audit.log"));
+        let audit = Arc::new(AuditLog::open(&audit_path, false).unwrap());
         let broker = Arc::new(Broker::new(
             Arc::new(config),
             store.clone(),

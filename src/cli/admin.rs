@@ -193,13 +193,11 @@ pub async fn run(cmd: Command) -> CliResult {
                 .await
                 .map_err(|s| grpc_error("list leases", &client, s))?
                 .into_inner();
-            match format {
-                ListFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&leases_json(&reply.leases))?
-                ),
-                ListFormat::Table => print!("{}", leases_table(&reply.leases)),
-            }
+            print_listing(
+                format,
+                || leases_json(&reply.leases),
+                || leases_table(&reply.leases),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::StaticRoles { format, client } => {
@@ -209,13 +207,11 @@ pub async fn run(cmd: Command) -> CliResult {
                 .await
                 .map_err(|s| grpc_error("static roles", &client, s))?
                 .into_inner();
-            match format {
-                ListFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&statics_json(&reply.static_roles))?
-                ),
-                ListFormat::Table => print!("{}", statics_table(&reply.static_roles)),
-            }
+            print_listing(
+                format,
+                || statics_json(&reply.static_roles),
+                || statics_table(&reply.static_roles),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Rotate {
@@ -393,13 +389,11 @@ pub async fn run(cmd: Command) -> CliResult {
                 .await
                 .map_err(|s| grpc_error("list locks", &client, s))?
                 .into_inner();
-            match format {
-                ListFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&locks_json(&reply.locks))?
-                ),
-                ListFormat::Table => print!("{}", locks_table(&reply.locks)),
-            }
+            print_listing(
+                format,
+                || locks_json(&reply.locks),
+                || locks_table(&reply.locks),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::RotateRoot { database, client } => {
@@ -437,6 +431,19 @@ fn until(expires_at: &Option<prost_types::Timestamp>) -> String {
         Some(_) => format!("until {}", rfc3339(expires_at)),
         None => "until unlocked".into(),
     }
+}
+
+/// A listing as the `--format` asked: JSON for scripts, a table for people.
+fn print_listing(
+    format: ListFormat,
+    json: impl FnOnce() -> serde_json::Value,
+    table: impl FnOnce() -> String,
+) -> serde_json::Result<()> {
+    match format {
+        ListFormat::Json => println!("{}", serde_json::to_string_pretty(&json())?),
+        ListFormat::Table => print!("{}", table()),
+    }
+    Ok(())
 }
 
 fn locks_json(locks: &[pb::LockInfo]) -> serde_json::Value {
