@@ -21,7 +21,6 @@ use rand::Rng;
 use crate::bench::lease::{self, Meter, Options, Report, Run, Scenario};
 use crate::bench::setup::{self, BrokerSettings, InProcess};
 use crate::bench::{io_err, Machine};
-use crate::devenv::DevEnv;
 use crate::error::{Error, Result};
 use crate::lease::Password;
 use crate::throwaway::{MariadbOptions, ThrowawayMariadb};
@@ -50,7 +49,17 @@ pub async fn run(opts: &Options) -> Result<Report> {
         .prefix("credbroker-bench-mysql-")
         .tempdir()
         .map_err(Error::internal)?;
-    let env = write_env(dir.path(), &db, opts)?;
+    let settings = BrokerSettings {
+        max_connections: opts.pool,
+        ..Default::default()
+    };
+    let env = setup::write_env_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &settings,
+        |env| env.mysql_database(setup::DB, db.port(), SCHEMA, Some(db.root_password())),
+        &format!("GRANT SELECT ON `{SCHEMA}`.orders TO {{{{name}}}}"),
+    )?;
     let broker = if opts.scenarios.contains(&Scenario::Credbroker) {
         Some(InProcess::start(&env).await?)
     } else {
@@ -103,31 +112,6 @@ async fn root(db: &ThrowawayMariadb) -> Result<mysql_async::Conn> {
     mysql_async::Conn::new(db.opts())
         .await
         .map_err(my_err("root login"))
-}
-
-fn write_env(dir: &std::path::Path, db: &ThrowawayMariadb, opts: &Options) -> Result<DevEnv> {
-    let env = DevEnv::create(dir).map_err(io_err("dev certificates"))?;
-    let settings = BrokerSettings::default();
-    let mut text = env.config_head("127.0.0.1:0", None).replace(
-        "[server]\n",
-        &format!("[server]\nname_prefix = \"{}\"\n", settings.name_prefix),
-    );
-    let mut section = env
-        .mysql_database(setup::DB, db.port(), SCHEMA, Some(db.root_password()))
-        .map_err(io_err("admin password file"))?;
-    if let Some(n) = opts.pool {
-        section = section.trim_end().to_string() + &format!("\nmax_connections = {n}\n\n");
-    }
-    text.push_str(&section);
-    text.push_str(&format!(
-        "[roles.{}]\ndatabase = \"{}\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n\
-         allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
-         grants = [\"GRANT SELECT ON `{SCHEMA}`.orders TO {{{{name}}}}\"]\n",
-        setup::ROLE,
-        setup::DB
-    ));
-    std::fs::write(&env.config_path, text).map_err(io_err("write config"))?;
-    Ok(env)
 }
 
 async fn measure_direct(

@@ -163,6 +163,24 @@ pub fn write_env(
     listen: &str,
     settings: &BrokerSettings,
 ) -> Result<DevEnv> {
+    write_env_with(
+        dir,
+        listen,
+        settings,
+        |env| env.pg_database(DB, &pg.pg, DB),
+        &settings.grant.statement("{{name}}"),
+    )
+}
+
+/// The one bench config: dev certificates, `settings`, the `[databases.DB]`
+/// section `database` writes (of any kind), and role [`ROLE`] with `grant`.
+pub fn write_env_with(
+    dir: &Path,
+    listen: &str,
+    settings: &BrokerSettings,
+    database: impl FnOnce(&DevEnv) -> std::io::Result<String>,
+    grant: &str,
+) -> Result<DevEnv> {
     let env = DevEnv::create(dir).map_err(io_err("dev certificates"))?;
     let mut text = env.config_head(listen, None).replace(
         "[server]\n",
@@ -171,9 +189,7 @@ pub fn write_env(
     if let Some(b) = settings.reaper_batch {
         text.push_str(&format!("[reaper]\nbatch_size = {b}\n\n"));
     }
-    let mut db = env
-        .pg_database(DB, &pg.pg, DB)
-        .map_err(io_err("admin password file"))?;
+    let mut db = database(&env).map_err(io_err("admin password file"))?;
     if let Some(n) = settings.max_connections {
         db = db.trim_end().to_string() + &format!("\nmax_connections = {n}\n\n");
     }
@@ -181,8 +197,7 @@ pub fn write_env(
     text.push_str(&format!(
         "[roles.{ROLE}]\ndatabase = \"{DB}\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n\
          allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
-         grants = [\"{}\"]\n",
-        settings.grant.statement("{{name}}")
+         grants = [\"{grant}\"]\n"
     ));
     std::fs::write(&env.config_path, text).map_err(io_err("write config"))?;
     Ok(env)

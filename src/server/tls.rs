@@ -431,12 +431,11 @@ impl RefusalLog {
             tick.tick().await;
             loop {
                 tick.tick().await;
+                flusher.flush();
                 // The listener is gone once only this task holds the counts.
                 if weak.strong_count() <= 1 {
-                    flusher.flush();
                     return;
                 }
-                flusher.flush();
             }
         });
         log
