@@ -154,26 +154,39 @@ fn tail_of(file: &mut File) -> std::io::Result<Option<(u64, String)>> {
 /// compressed ones cannot be read and are skipped), for continuing the
 /// chain when the log itself starts empty.
 fn newest_rotated(path: &Path) -> Option<PathBuf> {
+    let compressed = [".gz", ".xz", ".zst", ".bz2", ".lz4"];
+    siblings(path)
+        .ok()?
+        .into_iter()
+        .filter(|(suffix, _)| {
+            suffix.len() > 1
+                && matches!(suffix.as_bytes()[0], b'.' | b'-')
+                && !compressed.iter().any(|c| suffix.ends_with(c))
+        })
+        .filter_map(|(_, p)| Some((std::fs::symlink_metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+}
+
+/// The files beside `path` whose names start with its name, each with the
+/// rest of its name (`.5000`, `.1`, `-20261201`): where rotated logs are.
+fn siblings(path: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path.file_name()?.to_str()?;
-    let compressed = [".gz", ".xz", ".zst", ".bz2", ".lz4"];
-    std::fs::read_dir(dir)
-        .ok()?
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::other("not a file name"))?;
+    Ok(std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            let n = e.file_name();
-            let Some(n) = n.to_str() else { return false };
-            n.len() > name.len() + 1
-                && n.starts_with(name)
-                && matches!(n.as_bytes()[name.len()], b'.' | b'-')
-                && !compressed.iter().any(|c| n.ends_with(c))
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            let suffix = n.strip_prefix(name)?.to_string();
+            Some((suffix, e.path()))
         })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .max()
-        .map(|(_, p)| p)
+        .collect())
 }
 
 impl AuditLog {
@@ -485,25 +498,9 @@ pub fn verify_files(paths: &[PathBuf]) -> std::io::Result<Verdict> {
 /// The files of a log in chain order: our own rotations `<path>.<seq>`
 /// by sequence number, then `path` itself.
 pub fn rotated_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| std::io::Error::other("not a file name"))?;
-    let mut rotated: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().into_string().ok()?;
-            let seq = n
-                .strip_prefix(name)?
-                .strip_prefix('.')?
-                .parse::<u64>()
-                .ok()?;
-            Some((seq, e.path()))
-        })
+    let mut rotated: Vec<(u64, PathBuf)> = siblings(path)?
+        .into_iter()
+        .filter_map(|(suffix, p)| Some((suffix.strip_prefix('.')?.parse::<u64>().ok()?, p)))
         .collect();
     rotated.sort();
     let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
