@@ -25,6 +25,7 @@ use crate::revocation::UNREACHABLE_RETRY_CAP;
 pub use crate::revocation::{BulkOutcome, Mode, Revoker};
 use crate::static_roles::rotation::Force;
 use crate::static_roles::{Rotator, Sealer, StaticCredential, StaticRoleConfig, StaticStatus};
+use crate::steps;
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 use crate::watch::{LeaseEvent, Scope, WatchHub};
 
@@ -59,7 +60,7 @@ pub struct Broker {
     config: ConfigHandle,
     /// The revocation engine, sharing this broker's store, databases,
     /// audit log and config.
-    revoker: Revoker,
+    revoker: Arc<Revoker>,
     store: Arc<dyn LeaseStore>,
     backends: Backends,
     audit: Arc<AuditLog>,
@@ -101,15 +102,17 @@ impl Broker {
             .collect();
         let config = ConfigHandle::new(config);
         let watch = Arc::new(WatchHub::new());
-        let revoker = Revoker::new(
-            config.clone(),
-            store.clone(),
-            backends.clone(),
-            audit.clone(),
-            metrics.clone(),
-            owner.clone(),
-        )
-        .with_watch(watch.clone());
+        let revoker = Arc::new(
+            Revoker::new(
+                config.clone(),
+                store.clone(),
+                backends.clone(),
+                audit.clone(),
+                metrics.clone(),
+                owner.clone(),
+            )
+            .with_watch(watch.clone()),
+        );
         let sealer = if config.get().static_roles.is_empty() {
             None
         } else {
@@ -235,9 +238,12 @@ impl Broker {
 
     /// Writes the audit record; when that fails, the request fails too.
     fn audit_event(&self, event: Event) -> Result<()> {
-        self.audit.append(event).inspect_err(|e| {
+        let started = std::time::Instant::now();
+        let r = self.audit.append(event).inspect_err(|e| {
             tracing::error!(error = %e, "audit write failed");
-        })
+        });
+        steps::record("audit: append", started.elapsed());
+        r
     }
 
     /// Audits a refused or failed request and hands the error back.
@@ -384,11 +390,10 @@ impl Broker {
         // Invariant 1: the intent is durable before the user exists. The
         // per-identity cap is checked by the store in the same step, so
         // parallel issues cannot overshoot it.
-        if let Err(e) = self
+        let intent = self
             .store
-            .insert_intent(&lease, role.max_leases_per_identity)
-            .await
-        {
+            .insert_intent(&lease, role.max_leases_per_identity);
+        if let Err(e) = steps::timed("store: write intent", intent).await {
             if matches!(e, Error::ResourceExhausted(_)) {
                 // Refused: no such lease or user ever existed.
                 event.lease_id = None;
@@ -416,11 +421,12 @@ impl Broker {
             host: &lease.user_host,
             owner: role.owner.as_deref(),
         };
-        if let Err(e) = backend.create_user(&new_user).await {
+        if let Err(e) = steps::timed("database: create user", backend.create_user(&new_user)).await
+        {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
             return Err(e);
         }
-        if let Err(e) = self.store.activate(&lease.id).await {
+        if let Err(e) = steps::timed("store: activate", self.store.activate(&lease.id)).await {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
             return Err(e);
         }
@@ -492,7 +498,7 @@ impl Broker {
     /// Refuses a lease that an active lock matches. Read from the store on
     /// every call, so a lock written by any replica applies at once.
     async fn check_locks(&self, identity: &Identity, role: &str, database: &str) -> Result<()> {
-        let locks = self.store.active_locks().await?;
+        let locks = steps::timed("store: read locks", self.store.active_locks()).await?;
         match crate::lock::first_match(&locks, identity, role, database) {
             Some(lock) => Err(lock.refusal()),
             None => Ok(()),
@@ -541,9 +547,7 @@ impl Broker {
 
     /// Loads a lease the caller may act on: its own, or any for an admin.
     async fn owned_lease(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
-        let lease = self
-            .store
-            .get(id)
+        let lease = steps::timed("store: read lease", self.store.get(id))
             .await?
             .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
         if lease.identity != who.as_str() && !self.is_admin(who) {
@@ -700,7 +704,9 @@ impl Broker {
             self.audit_event(event)?;
             return Ok(lease);
         }
-        let Some(claimed) = self.store.claim_one(id, &self.claim()).await? else {
+        let claim = self.claim();
+        let Some(claimed) = steps::timed("store: claim", self.store.claim_one(id, &claim)).await?
+        else {
             return Err(self.audit_failure(
                 event,
                 Error::Unavailable(format!(
@@ -709,15 +715,7 @@ impl Broker {
             ));
         };
         let mut lease = claimed.clone();
-        let outcome = self
-            .revoke_claimed(
-                vec![claimed],
-                who.as_str(),
-                Reason::Requested,
-                Mode::UntilDropped,
-            )
-            .await;
-        if let Some((_, err)) = outcome.failed.into_iter().next() {
+        if let Err(err) = self.revoker.revoke_requested(claimed, who.as_str()).await {
             return Err(Error::Unavailable(format!(
                 "revocation of lease {id} failed and will be retried: {err}"
             )));

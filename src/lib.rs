@@ -77,6 +77,7 @@ pub mod scram;
 pub mod server;
 pub mod sidecar;
 pub mod static_roles;
+pub mod steps;
 pub mod store;
 #[cfg(test)]
 mod testkit;

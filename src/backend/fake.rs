@@ -57,6 +57,8 @@ struct Knobs {
     before_revoke: Option<Box<dyn FnOnce() + Send>>,
     /// Runs once, after the next static password is set (a crash there).
     after_static_set: Option<Box<dyn FnOnce() + Send>>,
+    /// While set, each revocation waits for a permit (a slow database).
+    revoke_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl FakeServer {
@@ -84,6 +86,14 @@ impl FakeServer {
     /// Runs `f` when the next revocation starts (e.g. to steal a claim).
     pub fn before_next_revoke(&self, f: impl FnOnce() + Send + 'static) {
         self.knobs.lock().unwrap().before_revoke = Some(Box::new(f));
+    }
+
+    /// From now on each revocation waits for one permit of the returned
+    /// semaphore (it starts with none): a database that is slow to answer.
+    pub fn gate_revokes(&self) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        self.knobs.lock().unwrap().revoke_gate = Some(gate.clone());
+        gate
     }
 
     /// Runs `f` right after the next static password is set.
@@ -220,6 +230,10 @@ impl Backend for FakeBackend {
         }
         let names: Vec<&str> = users.iter().map(|r| r.user.username.as_str()).collect();
         self.server.call(format!("revoke {}", names.join(",")))?;
+        let gate = self.server.knobs.lock().unwrap().revoke_gate.clone();
+        if let Some(g) = gate {
+            g.acquire().await.expect("gate open").forget();
+        }
         let mut all = self.server.users.lock().unwrap();
         // Login goes first, whatever happens next (as NOLOGIN commits on
         // its own in the real backend).

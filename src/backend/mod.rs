@@ -11,7 +11,7 @@ pub mod mysql_auth;
 pub mod mysql_check;
 mod mysql_definer;
 pub mod postgres;
-pub mod steps;
+pub use crate::steps;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
