@@ -79,14 +79,15 @@ struct Job {
 #[derive(Default)]
 struct Lanes(std::sync::Mutex<std::collections::HashMap<String, Arc<Lane>>>);
 
+/// A queued job and where its outcome goes.
+type Waiter = (
+    Job,
+    tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+);
+
 #[derive(Default)]
 struct Lane {
-    queue: std::sync::Mutex<
-        Vec<(
-            Job,
-            tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
-        )>,
-    >,
+    queue: std::sync::Mutex<Vec<Waiter>>,
     running: tokio::sync::Mutex<()>,
 }
 
