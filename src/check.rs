@@ -5,7 +5,7 @@
 //! run of each role's grants) and the name prefix (no users with it that
 //! the store does not know). Each finding is ok, a warning or an error,
 //! with the fix; the SQL lives in the backends (`postgres::check`,
-//! `mysql_check`).
+//! `mysql::check`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -190,7 +190,7 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
         let prefix = &config.server.name_prefix;
         let (findings, prefixed) = match db.kind {
             BackendKind::Postgres => crate::backend::postgres::check(db, &roles, prefix).await,
-            BackendKind::Mysql => crate::backend::mysql_check::check(db, &roles, prefix).await,
+            BackendKind::Mysql => crate::backend::mysql::check::check(db, &roles, prefix).await,
         };
         f.extend(findings);
         check_prefix(name, prefix, prefixed, store.as_deref(), f).await;

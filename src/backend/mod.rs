@@ -7,9 +7,6 @@
 
 pub mod fake;
 pub mod mysql;
-pub mod mysql_auth;
-pub mod mysql_check;
-mod mysql_definer;
 pub mod postgres;
 pub use crate::steps;
 

@@ -151,7 +151,7 @@ async fn direct_cycle(conn: &mut mysql_async::Conn, hashed: bool) -> Result<Dura
     let secret = if hashed {
         format!(
             "PASSWORD '{}'",
-            crate::backend::mysql_auth::native_password_hash(&password)
+            crate::backend::mysql::auth::native_password_hash(&password)
         )
     } else {
         format!("'{}'", password.expose())

@@ -35,7 +35,8 @@
 //! charset such as GBK is the one case not checked here.) On MySQL 8 a
 //! trigger is absent for the moment between its drop and its re-creation.
 
-use crate::backend::mysql::{ident, lit, Flavor};
+use super::quote::{ident, lit};
+use super::Flavor;
 use crate::error::{Error, Result};
 
 /// The kinds of stored objects that carry a DEFINER.

@@ -1,0 +1,164 @@
+//! MySQL and MariaDB backend: users with a broker-computed password hash,
+//! pinned to the role's host pattern, each with a failsafe event that
+//! locks it at its expiry even if the broker never comes back.
+//!
+//! MySQL has no `VALID UNTIL`. The database-side expiry is a one-shot
+//! `EVENT … ON SCHEDULE AT` in the broker's schema ([`FAILSAFE_SCHEMA`]),
+//! named like the user, that locks the account, kills its sessions and
+//! drops it unless it is the DEFINER of something. It is created *before*
+//! the user (so no user ever exists without one), moved by renew and
+//! dropped by revoke. Where the server cannot run it (event scheduler off,
+//! no `EVENT` privilege) preflight says so loudly and the broker keeps
+//! working on its reaper alone.
+//!
+//! Revocation: `ACCOUNT LOCK` (refuses new logins at once) → `KILL
+//! CONNECTION` for each session → DEFINERs moved to the role's owner
+//! (`reassign`, `definer`) → `DROP USER` → the failsafe event dropped.
+//! Whatever fails after the lock leaves a locked account without sessions
+//! and the lease `failing`: never a usable credential, never a broken view.
+//! MariaDB 10.11 is what the tests run; the MySQL 8 branches (lock state
+//! in `mysql.user.account_locked`, drop-and-create of routines, `DROP
+//! USER` refused for a definer from 8.0.22) follow MySQL's manual.
+//!
+//! One file per concern, each an `impl MysqlBackend` block over the fields
+//! here: `connection` (pool, options, timeouts, rotate-root), `errors`,
+//! `server` (flavour, version, preflight), `failsafe`, `users` (create,
+//! extend, list), `revoke`, `reassign` (DEFINER moves), `static_users`.
+//! A trait impl is one block, so `impl Backend` is here and only
+//! delegates. Free functions: `quote`, `auth` (password hashes), `definer`
+//! (the DEFINER-move SQL, pure) and `check` (`credbroker check`).
+
+pub mod auth;
+pub mod check;
+mod connection;
+mod definer;
+mod errors;
+mod failsafe;
+mod quote;
+mod reassign;
+mod revoke;
+mod server;
+mod static_users;
+mod users;
+
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use mysql_async::{OptsBuilder, Pool};
+use tokio::sync::OnceCell;
+
+use crate::backend::{
+    Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin, StaticUsers, UserRef,
+};
+use crate::config::DatabaseConfig;
+use crate::dbtls::TlsParams;
+use crate::error::Result;
+use crate::lease::{BackendKind, Password, Username};
+use reassign::DefinerLookups;
+
+pub use failsafe::FAILSAFE_SCHEMA;
+pub use quote::account;
+pub use server::{Flavor, ServerInfo};
+
+pub struct MysqlBackend {
+    config: DatabaseConfig,
+    endpoint: Endpoint,
+    /// Connection options without the password.
+    base: OptsBuilder,
+    /// Replaced whole by rotate-root.
+    pool: RwLock<Pool>,
+    /// Learnt on the first successful connection, which may be long after
+    /// start-up when the database was down then.
+    server: OnceCell<ServerInfo>,
+    /// `ssl-mode`, `ssl-ca`, `ssl-cert`, `ssl-key` from `admin_url`.
+    tls_params: TlsParams,
+    /// Concurrent revocations share one definer lookup.
+    lookups: DefinerLookups,
+}
+
+#[async_trait]
+impl Backend for MysqlBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Mysql
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
+        self.create_leased(user).await
+    }
+
+    async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
+        self.extend_leased(user, valid_until).await
+    }
+
+    async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
+        self.revoke_users(revokees).await
+    }
+
+    async fn disable(&self, users: &[UserRef]) -> Result<()> {
+        self.disable_users(users).await
+    }
+
+    async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
+        self.list_prefixed(prefix).await
+    }
+
+    async fn rotate_root(&self) -> Result<()> {
+        self.rotate_admin_password().await
+    }
+
+    async fn check_tls(&self) -> Result<()> {
+        self.check_tls_handshake().await
+    }
+
+    async fn preflight(&self) -> Result<Vec<String>> {
+        self.preflight_warnings().await
+    }
+
+    fn pool_state(&self) -> PoolState {
+        self.pool_metrics()
+    }
+
+    async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
+        self.create_static_users(spec).await
+    }
+
+    async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
+        self.set_static_password(login).await
+    }
+
+    async fn static_retire(&self, user: &str, host: &str, end_sessions: bool) -> Result<()> {
+        self.retire_static_user(user, host, end_sessions).await
+    }
+
+    fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+        let e = &self.endpoint;
+        let host = if e.host.contains(':') {
+            format!("[{}]", e.host)
+        } else {
+            e.host.clone()
+        };
+        let tls = crate::dbtls::client_query(
+            crate::dbtls::Dialect::Mysql,
+            self.config.client_sslmode,
+            self.config.client_sslrootcert.as_deref(),
+        );
+        match password {
+            Some(p) => format!(
+                "mysql://{username}:{}@{host}:{}/{}{tls}",
+                p.expose(),
+                e.port,
+                e.database
+            ),
+            None => format!("mysql://{username}@{host}:{}/{}{tls}", e.port, e.database),
+        }
+    }
+}

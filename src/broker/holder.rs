@@ -1,0 +1,201 @@
+//! What a lease's holder does with it afterwards: look it up, renew it,
+//! revoke it. Each call loads the lease through `owned_lease` (its own, or
+//! any for an admin); renew checks policy again, as issue does.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::issue::{check_network, effective_ttl};
+use super::Broker;
+use crate::audit::{Event, Outcome};
+use crate::backend::{Endpoint, UserRef};
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState};
+use crate::policy::any_matches;
+use crate::watch::LeaseEvent;
+
+impl Broker {
+    /// Loads a lease the caller may act on: its own, or any for an admin.
+    async fn owned_lease(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
+        let lease = crate::steps::timed("store: read lease", self.store.get(id))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no lease {id}")))?;
+        if lease.identity != who.as_str() && !self.is_admin(who) {
+            return Err(Error::denied(format!(
+                "lease {id} belongs to another identity"
+            )));
+        }
+        Ok(lease)
+    }
+
+    pub async fn lookup(&self, who: &Identity, id: &LeaseId) -> Result<(Lease, String)> {
+        let lease = self.owned_lease(who, id).await?;
+        let dsn = self
+            .backends
+            .get(&lease.database)
+            .map(|b| b.dsn(&lease.username, None))
+            .unwrap_or_default();
+        Ok((lease, dsn))
+    }
+
+    pub fn endpoint(&self, database: &str) -> Option<Endpoint> {
+        self.backends.get(database).map(|b| b.endpoint().clone())
+    }
+
+    /// Moves a live lease's expiry to now + ttl, capped at its hard limit.
+    /// For callers inside the broker; see [`Broker::renew_from`].
+    pub async fn renew(
+        &self,
+        who: &Identity,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Lease> {
+        self.renew_from(who, None, id, ttl).await
+    }
+
+    /// `renew` for a caller at `peer`, checked against `allowed_networks`.
+    pub async fn renew_from(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+    ) -> Result<Lease> {
+        let mut event = Event::new(who.as_str(), "renew");
+        event.lease_id = Some(id.to_string());
+        match self.renew_inner(who, peer, id, ttl, &mut event).await {
+            Ok(lease) => {
+                event.outcome = Some(Outcome::Ok);
+                event.detail = Some(format!("expires_at={}", lease.expires_at.to_rfc3339()));
+                self.audit_event(event)?;
+                self.metrics.renewed(&lease.role, &lease.database);
+                self.watch
+                    .publish(LeaseEvent::renewed(&lease, who.as_str()));
+                Ok(lease)
+            }
+            Err(e) => {
+                self.metrics.request_failed("renew", &e);
+                Err(self.audit_failure(event, e))
+            }
+        }
+    }
+
+    async fn renew_inner(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        id: &LeaseId,
+        ttl: Option<Duration>,
+        event: &mut Event,
+    ) -> Result<Lease> {
+        let mut lease = self.owned_lease(who, id).await?;
+        event.role = Some(lease.role.clone());
+        event.database = Some(lease.database.clone());
+        event.username = Some(lease.username.to_string());
+        let now = Utc::now();
+        if lease.state != LeaseState::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} is {}, not active",
+                lease.state.as_str()
+            )));
+        }
+        if lease.expires_at <= now {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} has expired; issue a new one"
+            )));
+        }
+        if lease.expires_at >= lease.max_expires_at {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} is at its hard limit ({}); issue a new one",
+                lease.max_expires_at.to_rfc3339()
+            )));
+        }
+        // A removed role keeps its leases revocable, but not renewable.
+        let config = self.config();
+        let role = config.role(&lease.role).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "role {:?} is no longer configured; lease {id} cannot be renewed",
+                lease.role
+            ))
+        })?;
+        // Policy is checked on every call that extends a credential's life:
+        // an identity removed from `allowed` (SIGHUP) stops renewing too.
+        if !any_matches(
+            &role.allowed,
+            &Identity::from_trusted(lease.identity.clone()),
+        ) {
+            return Err(Error::denied(format!(
+                "identity may no longer lease role {:?}; lease {id} cannot be renewed",
+                lease.role
+            )));
+        }
+        check_network(role, peer)?;
+        self.check_locks(
+            &Identity::from_trusted(lease.identity.clone()),
+            &lease.role,
+            &lease.database,
+        )
+        .await?;
+        let ttl = effective_ttl(role, ttl)?;
+        let new_expiry = truncate_ms((now + ttl).min(lease.max_expires_at));
+        let backend = self.backend(&lease.database)?.clone();
+        let user = UserRef {
+            username: lease.username.clone(),
+            host: lease.user_host.clone(),
+        };
+        // Database first: if the store write then fails, the database allows
+        // less than the store would revoke at, never more.
+        backend.extend(&user, new_expiry).await?;
+        if !self.store.set_expiry(id, new_expiry).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {id} is being revoked"
+            )));
+        }
+        lease.expires_at = new_expiry;
+        lease.due_at = new_expiry;
+        Ok(lease)
+    }
+
+    /// Revokes one lease at its holder's request.
+    pub async fn revoke(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
+        let mut event = Event::new(who.as_str(), "revoke");
+        event.lease_id = Some(id.to_string());
+        let lease = match self.owned_lease(who, id).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.metrics.request_failed("revoke", &e);
+                return Err(self.audit_failure(event, e));
+            }
+        };
+        if lease.state == LeaseState::Revoked {
+            event.role = Some(lease.role.clone());
+            event.outcome = Some(Outcome::Ok);
+            event.detail = Some("already revoked".into());
+            self.audit_event(event)?;
+            return Ok(lease);
+        }
+        let claim = self.claim();
+        let claiming = self.store.claim_one(id, &claim);
+        let Some(claimed) = crate::steps::timed("store: claim", claiming).await? else {
+            return Err(self.audit_failure(
+                event,
+                Error::Unavailable(format!(
+                    "lease {id} is being revoked right now; look it up again shortly"
+                )),
+            ));
+        };
+        let mut lease = claimed.clone();
+        if let Err(err) = self.revoker.revoke_requested(claimed, who.as_str()).await {
+            return Err(Error::Unavailable(format!(
+                "revocation of lease {id} failed and will be retried: {err}"
+            )));
+        }
+        // As marked; reading it back would cost a store round trip.
+        lease.state = LeaseState::Revoked;
+        lease.revoked_at = Some(Utc::now());
+        Ok(lease)
+    }
+}

@@ -1,0 +1,328 @@
+//! The lease path: issue, renew, revoke, look up, the admin calls — and
+//! the revocation routine the reaper shares. No gRPC types here; the server
+//! module turns requests into these calls and `Error`s into statuses.
+//!
+//! One `Broker`; its calls live in `impl Broker` blocks by who makes them,
+//! so a change to one path is read in one file: `issue` (a new lease, and
+//! the network and TTL checks renew shares), `holder` (a holder's calls on
+//! its lease), `admin`, `locks` and `static_roles`. What they all use
+//! (audit, the backend of a database, claims) stays here.
+
+mod admin;
+mod holder;
+mod issue;
+mod locks;
+mod static_roles;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+use rand::Rng;
+use tokio::sync::Notify;
+
+use crate::audit::{AuditLog, Event, Outcome};
+use crate::backend::{Backend, Backends, Endpoint, UserRef};
+use crate::config::{Config, ConfigHandle};
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::lease::{Lease, LeaseId, Password, Reason};
+use crate::limits::RateLimiter;
+use crate::metrics::Metrics;
+use crate::policy::any_matches;
+pub use crate::revocation::{BulkOutcome, Mode, Revoker};
+use crate::static_roles::{Rotator, Sealer};
+use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
+use crate::watch::{Scope, WatchHub};
+
+pub use issue::CALLER_HOST;
+
+/// Longest role name a request may carry; config keys are shorter.
+const MAX_ROLE_LEN: usize = 64;
+
+/// A freshly issued credential. The only value that ever holds a leased
+/// password, and only until the reply is sent.
+pub struct IssuedLease {
+    pub lease: Lease,
+    pub password: Password,
+    pub dsn: String,
+    pub endpoint: Endpoint,
+}
+
+/// Which leases an admin revokes at once.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    Lease(LeaseId),
+    Role(String),
+    Database(String),
+    /// Matched against the stored canonical text (`spiffe://…`, `dns:…`,
+    /// `cn:…`); typed, so a bare name cannot get here and match nothing.
+    Identity(Identity),
+    /// Every live lease a listing filter selects (the console's "revoke
+    /// all these"): its limit and offset are ignored.
+    Matching(LeaseFilter),
+    All,
+}
+
+pub struct Broker {
+    config: ConfigHandle,
+    /// The revocation engine, sharing this broker's store, databases,
+    /// audit log and config.
+    revoker: Arc<Revoker>,
+    store: Arc<dyn LeaseStore>,
+    backends: Backends,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    limiter: RateLimiter,
+    /// Wakes the reaper when a lease may be due earlier than it planned.
+    reaper_wake: Arc<Notify>,
+    /// This process, for revocation claims in a shared store.
+    owner: String,
+    /// One per database: concurrent rotate-root calls otherwise interleave
+    /// staging, `ALTER ROLE` and keeping, and the password file can end up
+    /// holding a password the database no longer accepts. Per process
+    /// only: replicas keep password files of their own (docs/HA.md).
+    rotations: BTreeMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Lease events for `WatchLeases` streams.
+    watch: Arc<WatchHub>,
+    /// Static roles' rotations (`static_roles`), sharing store, databases,
+    /// audit log and config.
+    statics: Arc<Rotator>,
+}
+
+impl Broker {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn LeaseStore>,
+        backends: Backends,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let owner = format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            rand::rng().random::<u32>()
+        );
+        let rotations = backends
+            .keys()
+            .map(|db| (db.clone(), Arc::new(tokio::sync::Mutex::new(()))))
+            .collect();
+        let config = ConfigHandle::new(config);
+        let watch = Arc::new(WatchHub::new());
+        let revoker = Arc::new(
+            Revoker::new(
+                config.clone(),
+                store.clone(),
+                backends.clone(),
+                audit.clone(),
+                metrics.clone(),
+                owner.clone(),
+            )
+            .with_watch(watch.clone()),
+        );
+        let sealer = if config.get().static_roles.is_empty() {
+            None
+        } else {
+            // Daemon::open has refused to start without a readable key;
+            // here (tests, tools) a missing one fails static calls only.
+            match Sealer::load(&config.get().sealing_key) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::error!(error = %e, "static roles disabled: no sealing key");
+                    None
+                }
+            }
+        };
+        let statics = Arc::new(Rotator::new(
+            config.clone(),
+            store.clone(),
+            backends.clone(),
+            audit.clone(),
+            metrics.clone(),
+            sealer,
+            owner.clone(),
+        ));
+        Broker {
+            statics,
+            config,
+            revoker,
+            store,
+            rotations,
+            backends,
+            audit,
+            metrics,
+            limiter: RateLimiter::default(),
+            reaper_wake: Arc::new(Notify::new()),
+            owner,
+            watch,
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    /// Swaps in a reloaded config (roles, policies, limits). Databases are
+    /// not reconnected: their changes need a restart.
+    pub fn replace_config(&self, config: Arc<Config>) {
+        self.config.replace(config);
+    }
+
+    pub fn revoker(&self) -> &Revoker {
+        &self.revoker
+    }
+
+    /// See [`Revoker::revoke_claimed`].
+    pub async fn revoke_claimed(
+        &self,
+        leases: Vec<Lease>,
+        actor: &str,
+        reason: Reason,
+        mode: Mode,
+    ) -> BulkOutcome {
+        self.revoker
+            .revoke_claimed(leases, actor, reason, mode)
+            .await
+    }
+
+    /// See [`Revoker::revoke_orphans`].
+    pub async fn revoke_orphans(&self, database: &str, users: Vec<UserRef>) -> Result<()> {
+        self.revoker.revoke_orphans(database, users).await
+    }
+
+    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
+    }
+
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.watch
+    }
+
+    /// What a `WatchLeases` stream of `who` may see: its own leases, or for
+    /// an admin whatever the selector names (an empty one: everything).
+    pub fn watch_scope(&self, who: &Identity, requested: Scope, others: bool) -> Result<Scope> {
+        if !others {
+            return Ok(Scope {
+                identity: Some(who.as_str().to_string()),
+                ..requested
+            });
+        }
+        self.require_admin(who, "watch")?;
+        Ok(requested)
+    }
+
+    pub fn reaper_wake(&self) -> Arc<Notify> {
+        self.reaper_wake.clone()
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    pub fn is_admin(&self, who: &Identity) -> bool {
+        any_matches(&self.config().admins, who)
+    }
+
+    fn backend(&self, database: &str) -> Result<&Arc<dyn Backend>> {
+        self.backends.get(database).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "database {database:?} is not configured on this broker"
+            ))
+        })
+    }
+
+    /// Writes the audit record; when that fails, the request fails too.
+    fn audit_event(&self, event: Event) -> Result<()> {
+        let started = std::time::Instant::now();
+        let r = self.audit.append(event).inspect_err(|e| {
+            tracing::error!(error = %e, "audit write failed");
+        });
+        crate::steps::record("audit: append", started.elapsed());
+        r
+    }
+
+    /// Audits a refused or failed request and hands the error back.
+    fn audit_failure(&self, mut event: Event, err: Error) -> Error {
+        event.outcome = Some(match err {
+            Error::PermissionDenied(_)
+            | Error::Unauthenticated(_)
+            | Error::ResourceExhausted(_) => Outcome::Denied,
+            _ => Outcome::Error,
+        });
+        event.detail = Some(err.to_string());
+        if let Err(e) = self.audit.append_relaxed(event) {
+            tracing::error!(error = %e, "audit write failed");
+        }
+        err
+    }
+
+    /// Refuses a request of `who` that a front end turned down itself
+    /// (e.g. the console's missing CSRF token): counted and audited like
+    /// the broker's own refusals.
+    pub fn refuse(&self, who: &str, action: &'static str, err: Error) -> Error {
+        tracing::info!(identity = %who, action, error = %err, "request refused");
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(Event::new(who, action), err)
+    }
+
+    /// Audits a request refused because its certificate yields no identity
+    /// (more than one SPIFFE ID, a malformed one…) and hands the error
+    /// back. Like a refused TLS handshake, the record names the peer
+    /// address: the only identity such a caller has.
+    pub fn refuse_unauthenticated(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        action: &'static str,
+        err: Error,
+    ) -> Error {
+        let who = match peer {
+            Some(p) => format!("unauthenticated:{}", p.ip()),
+            None => "unauthenticated".to_string(),
+        };
+        tracing::info!(peer = %who, error = %err, "request refused: no usable identity");
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(Event::new(who, action), err)
+    }
+
+    pub fn claim(&self) -> Claim {
+        Claim {
+            owner: self.owner.clone(),
+            until: Utc::now()
+                + chrono::Duration::from_std(self.config().store.claim_timeout).unwrap_or_else(
+                    |_| chrono::Duration::from_std(DEFAULT_CLAIM).unwrap_or_default(),
+                ),
+        }
+    }
+}
+
+/// Caps caller-supplied text before it goes into an audit record.
+fn truncate_text(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_ROLE_LEN)
+        .collect();
+    if s.chars().count() > MAX_ROLE_LEN {
+        out.push('…');
+    }
+    out
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "broker".into())
+}
