@@ -2,7 +2,7 @@
 //! `VALID UNTIL`, revoked in the order that leaves no session behind.
 
 use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -39,6 +39,31 @@ pub struct PostgresBackend {
     /// CREATEROLE must make itself a member of a leased role before
     /// `REASSIGN OWNED`/`DROP OWNED` may touch what that role owns.
     superuser: tokio::sync::OnceCell<bool>,
+    /// Role creations waiting for a shared round.
+    creates: Arc<CreateRounds>,
+}
+
+/// Most creations one shared round sends.
+const MAX_CREATE_ROUND: usize = 64;
+
+/// Role creations that arrive while another is running share the next
+/// round: one simple-query message, so one implicit transaction and one
+/// commit for all of them, as the lease store group-commits its writes.
+/// A round that fails (one refused grant, a lost catalog race) commits
+/// nothing, and each of its creations is then run alone, so one lease's
+/// failure stays its own and keeps its diagnostics. A broker role whose
+/// last creation failed is kept out of shared rounds until one of its
+/// creations succeeds again, so a misconfigured grant does not make every
+/// other lease pay for two rounds.
+#[derive(Default)]
+struct CreateRounds {
+    /// Broker roles whose last creation failed.
+    suspect: std::sync::Mutex<std::collections::HashSet<String>>,
+    queue: std::sync::Mutex<Vec<(String, tokio::sync::oneshot::Sender<bool>)>>,
+    running: tokio::sync::Mutex<()>,
+    /// Rounds that committed, and the creations they carried.
+    committed: std::sync::atomic::AtomicU64,
+    carried: std::sync::atomic::AtomicU64,
 }
 
 impl PostgresBackend {
@@ -88,6 +113,7 @@ impl PostgresBackend {
             tls_params,
             admin_addr,
             superuser: tokio::sync::OnceCell::new(),
+            creates: Arc::default(),
         })
     }
 
@@ -991,6 +1017,85 @@ pub async fn check(
     (out, prefixed)
 }
 
+impl PostgresBackend {
+    /// Shared creation rounds that committed, and how many creations they
+    /// carried between them (what the tests and the bench read).
+    pub fn shared_creates(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.creates.committed.load(Relaxed),
+            self.creates.carried.load(Relaxed),
+        )
+    }
+
+    /// Queues `sql` for the next shared round; true once it committed with
+    /// it, false when the caller must run it alone. The round runs in a
+    /// task of its own: a caller that goes away cannot cancel the others'.
+    async fn create_in_shared_round(&self, sql: String) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.creates
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((sql, tx));
+        let rounds = self.creates.clone();
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
+        tokio::spawn(async move {
+            let _round = rounds.running.lock().await;
+            let batch: Vec<_> = {
+                let mut q = rounds.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.len().min(MAX_CREATE_ROUND);
+                q.drain(..n).collect()
+            };
+            // Empty: a round that started after we queued took ours too.
+            if batch.is_empty() {
+                return;
+            }
+            let (sqls, waiters): (Vec<String>, Vec<_>) = batch.into_iter().unzip();
+            let committed = match pool.get().await {
+                Ok(client) => {
+                    let all = crate::steps::timed(
+                        "database: shared create round",
+                        client.batch_execute(&sqls.join("\n")),
+                    )
+                    .await;
+                    all.is_ok()
+                }
+                Err(_) => false,
+            };
+            if committed {
+                use std::sync::atomic::Ordering::Relaxed;
+                rounds.committed.fetch_add(1, Relaxed);
+                rounds.carried.fetch_add(waiters.len() as u64, Relaxed);
+            }
+            for tx in waiters {
+                let _ = tx.send(committed);
+            }
+        });
+        rx.await.unwrap_or(false)
+    }
+
+    async fn create_alone(&self, sql: &str, user: &NewUser<'_>) -> Result<()> {
+        let client = self.client().await?;
+        // One simple-query message without BEGIN runs as one implicit
+        // transaction: any failing grant rolls the role back with it, and the
+        // pooled connection is left clean.
+        match self.batch_retrying(&client, sql, "create role").await {
+            // A refusal: say which statement, not only the server's words.
+            Err(Error::Internal(m)) => match self.failing_statement(&client, user).await {
+                Some(stmt) => Err(Error::Internal(format!(
+                    "database {:?}: create role for role {:?}: {stmt} as {}",
+                    self.config.name,
+                    user.role,
+                    self.admin_location()
+                ))),
+                None => Err(Error::Internal(m)),
+            },
+            other => other,
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for PostgresBackend {
     fn kind(&self) -> BackendKind {
@@ -1030,23 +1135,42 @@ impl Backend for PostgresBackend {
             sql.push_str(&render_grant(g, &ident));
             sql.push(';');
         }
-        let client = self.client().await?;
-        // One simple-query message without BEGIN runs as one implicit
-        // transaction: any failing grant rolls the role back with it, and the
-        // pooled connection is left clean.
-        match self.batch_retrying(&client, &sql, "create role").await {
-            // A refusal: say which statement, not only the server's words.
-            Err(Error::Internal(m)) => match self.failing_statement(&client, user).await {
-                Some(stmt) => Err(Error::Internal(format!(
-                    "database {:?}: create role for role {:?}: {stmt} as {}",
-                    self.config.name,
-                    user.role,
-                    self.admin_location()
-                ))),
-                None => Err(Error::Internal(m)),
-            },
-            other => other,
+        // Nobody else is creating: no round to share, so no hop to one.
+        let alone = self.creates.running.try_lock().ok().filter(|_| {
+            self.creates
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        });
+        let suspect = || {
+            self.creates
+                .suspect
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(user.role)
+        };
+        let result = match alone {
+            Some(_lane) => self.create_alone(&sql, user).await,
+            None if suspect() => self.create_alone(&sql, user).await,
+            None if self.create_in_shared_round(sql.clone()).await => return Ok(()),
+            None => self.create_alone(&sql, user).await,
+        };
+        let mut suspects = self
+            .creates
+            .suspect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Err(Error::Unavailable(_)) => {}
+            Err(_) => {
+                suspects.insert(user.role.to_string());
+            }
+            Ok(()) => {
+                suspects.remove(user.role);
+            }
         }
+        result
     }
 
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {

@@ -1,8 +1,9 @@
 //! CPU time per lease, read from `/proc`: steadier on a shared machine than
 //! rates, which move with every neighbour. Three accounts per run:
 //!
-//! - the broker: the threads of its own runtime (named [`BROKER_THREAD`]),
-//!   so the load generator in the same process is not counted as ours;
+//! - the broker: the threads of its own runtime (named [`BROKER_THREAD`])
+//!   and the SQLite store's worker ([`STORE_THREAD`]), so the load
+//!   generator in the same process is not counted as ours;
 //! - the whole bench process (load generator, and for (b′) the backend
 //!   code itself);
 //! - the database server: PostgreSQL's postmaster and every child (live
@@ -15,6 +16,8 @@ use std::path::Path;
 
 /// Thread name of the in-process broker's runtime.
 pub const BROKER_THREAD: &str = "cb-broker";
+/// The SQLite store's group-commit thread, which the broker owns.
+pub const STORE_THREAD: &str = crate::store::group_commit::THREAD_NAME;
 
 /// Counters at one instant, in clock ticks.
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,7 +37,7 @@ impl Sample {
             .ok()
             .map(|r| r.get::<_, i64>(0));
         Sample {
-            broker: threads_named(BROKER_THREAD),
+            broker: threads_named(BROKER_THREAD) + threads_named(STORE_THREAD),
             process: self_ticks(),
             database: postgres_ticks(data_dir),
             wal_syncs,
@@ -44,7 +47,7 @@ impl Sample {
     /// With a one-process database server (`mariadbd`).
     pub fn process(pid: u32) -> Sample {
         Sample {
-            broker: threads_named(BROKER_THREAD),
+            broker: threads_named(BROKER_THREAD) + threads_named(STORE_THREAD),
             process: self_ticks(),
             database: pid_ticks(pid),
             wal_syncs: None,

@@ -10,6 +10,9 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
+/// The worker thread's name (the bench counts its CPU as the broker's).
+pub const THREAD_NAME: &str = "lease-store";
+
 /// The worker thread and the queue to it; dropping it ends the thread and
 /// closes the connection before `drop` returns (a restarted broker in the
 /// same process can reopen the file).
@@ -22,7 +25,7 @@ impl GroupCommit {
     pub fn start(conn: Connection) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let worker = std::thread::Builder::new()
-            .name("lease-store".into())
+            .name(THREAD_NAME.into())
             .spawn(move || worker(conn, rx))
             .map_err(|e| Error::internal(format!("lease store thread: {e}")))?;
         Ok(GroupCommit {

@@ -9,7 +9,7 @@
 //! - static-role passwords are stored sealed only (`static_roles::seal`),
 //!   and their rotations are intents first, like leases.
 
-mod group_commit;
+pub(crate) mod group_commit;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

@@ -17,6 +17,7 @@ mod incident;
 mod lease_path;
 mod limits;
 mod mysql;
+mod rounds;
 mod shapes;
 mod sidecar;
 mod static_roles;

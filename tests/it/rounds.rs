@@ -1,0 +1,103 @@
+//! Shared database rounds: creations (and holder revocations) that arrive
+//! together go to PostgreSQL as one round, and one that the database
+//! refuses fails alone.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use credbroker::backend::postgres::PostgresBackend;
+use credbroker::backend::{Backend, NewUser};
+use credbroker::lease::{Password, Username};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creations_that_arrive_together_share_rounds_and_a_refused_one_fails_alone() {
+    let b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    let config = credbroker::config::Config::load(&b.env.config_path).unwrap();
+    let backend = Arc::new(PostgresBackend::new(&config.databases["main"]).unwrap());
+    let good = vec!["GRANT SELECT ON orders TO {{name}}".to_string()];
+    let bad = vec!["GRANT SELECT ON no_such_table TO {{name}}".to_string()];
+
+    // Twenty at once: the first runs alone, the rest queue behind it and
+    // share rounds.
+    create_together(&b, &backend, 20, &good, &bad, usize::MAX).await;
+    let (rounds, carried) = backend.shared_creates();
+    assert!(
+        rounds >= 1 && carried > rounds,
+        "creations queued behind the first shared rounds: {rounds} rounds carried {carried}"
+    );
+
+    // One creation in six refused: each refused one fails alone, every
+    // other one is created — also the ones that shared its round.
+    create_together(&b, &backend, 30, &good, &bad, 6).await;
+    // Now the refused role is known: it stays out of shared rounds, which
+    // commit for the others.
+    let before = backend.shared_creates();
+    create_together(&b, &backend, 30, &good, &bad, 6).await;
+    let after = backend.shared_creates();
+    assert!(
+        after.0 > before.0 && after.1 - before.1 > after.0 - before.0,
+        "rounds commit again with the refused role kept out: {before:?} → {after:?}"
+    );
+}
+
+/// Creates `n` users at once, every `bad_every`-th with the `bad` grant
+/// under another broker role; checks each outcome as that user.
+async fn create_together(
+    b: &TestBroker,
+    backend: &Arc<PostgresBackend>,
+    n: usize,
+    good: &[String],
+    bad: &[String],
+    bad_every: usize,
+) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let backend = backend.clone();
+        let refused = i % bad_every == bad_every - 1;
+        let grants = if refused { bad.to_vec() } else { good.to_vec() };
+        let role = if refused { "misconfigured" } else { "ro" };
+        let prefix = b.prefix.clone();
+        tasks.push(tokio::spawn(async move {
+            let username = Username::generate(&prefix, role);
+            let password = Password::generate();
+            let until = Utc::now() + chrono::Duration::minutes(5);
+            let r = backend
+                .create_user(&NewUser {
+                    role,
+                    username: &username,
+                    password: &password,
+                    valid_until: until,
+                    hard_limit: until,
+                    grants: &grants,
+                    host: "",
+                    owner: None,
+                })
+                .await;
+            (i, refused, username, password, r)
+        }));
+    }
+    for t in tasks {
+        let (i, refused, username, password, r) = t.await.unwrap();
+        let exists = b.role_exists(username.as_str()).await;
+        if refused {
+            let e = r
+                .expect_err("a grant on a missing table is refused")
+                .to_string();
+            assert!(
+                e.contains("no_such_table") && e.contains("GRANT SELECT"),
+                "names the refused statement: {e}"
+            );
+            assert!(!exists, "a refused creation leaves no role behind");
+        } else {
+            r.unwrap_or_else(|e| panic!("creation {i} failed: {e}"));
+            assert!(exists);
+            // The credential works, and reads what it was granted.
+            let c = login(&b.db, username.as_str(), password.expose())
+                .await
+                .unwrap_or_else(|e| panic!("login as creation {i}: {e}"));
+            c.query("SELECT count(*) FROM orders", &[]).await.unwrap();
+        }
+    }
+}
