@@ -41,6 +41,8 @@ pub struct PostgresBackend {
     superuser: tokio::sync::OnceCell<bool>,
     /// Role creations waiting for a shared round.
     creates: Arc<CreateRounds>,
+    /// Off only for the bench's (b′), which sends one lease's statements.
+    share_creates: bool,
 }
 
 /// Most creations one shared round sends.
@@ -114,6 +116,7 @@ impl PostgresBackend {
             admin_addr,
             superuser: tokio::sync::OnceCell::new(),
             creates: Arc::default(),
+            share_creates: true,
         })
     }
 
@@ -1020,6 +1023,13 @@ pub async fn check(
 impl PostgresBackend {
     /// Shared creation rounds that committed, and how many creations they
     /// carried between them (what the tests and the bench read).
+    /// Every creation alone, as one lease would send it without a broker
+    /// in front (the bench's (b′)).
+    pub fn without_shared_rounds(mut self) -> Self {
+        self.share_creates = false;
+        self
+    }
+
     pub fn shared_creates(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (
@@ -1134,6 +1144,9 @@ impl Backend for PostgresBackend {
             sql.push('\n');
             sql.push_str(&render_grant(g, &ident));
             sql.push(';');
+        }
+        if !self.share_creates {
+            return self.create_alone(&sql, user).await;
         }
         // Nobody else is creating: no round to share, so no hop to one.
         let alone = self.creates.running.try_lock().ok().filter(|_| {

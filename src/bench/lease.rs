@@ -428,7 +428,13 @@ pub(crate) async fn measure_backend(
         .role(setup::ROLE)
         .ok_or_else(|| Error::internal("bench config has no role"))?
         .clone();
-    let backend: Arc<dyn Backend> = crate::backend::build(db)?;
+    // One lease's statements: no round shared with other callers.
+    let backend: Arc<dyn Backend> = match db.kind {
+        crate::lease::BackendKind::Postgres => {
+            Arc::new(crate::backend::postgres::PostgresBackend::new(db)?.without_shared_rounds())
+        }
+        crate::lease::BackendKind::Mysql => crate::backend::build(db)?,
+    };
     let leftover = opts
         .issue_only
         .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
