@@ -186,6 +186,9 @@ impl OrphanSweeper {
 }
 
 #[cfg(test)]
+mod timeline;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::LeaseStore;
