@@ -65,7 +65,8 @@ async fn a_lease_is_revoked_at_its_expiry_not_before() {
     let kit = Kit::paused("", &role("ro", "main"));
     let _reaper = start(&kit).await;
     // Longer than the reaper's longest sleep (30 s) and its first sweep
-    // (10 s): it wakes on the way and must leave the lease alone.
+    // (10 s): it wakes on the way and must leave the lease alone; and
+    // when it wakes for a neighbour due a second earlier, too.
     let l = kit
         .broker
         .issue(&app(), "ro", Some(Duration::from_secs(90)))
@@ -73,7 +74,15 @@ async fn a_lease_is_revoked_at_its_expiry_not_before() {
         .unwrap()
         .lease;
     let name = l.username.as_str();
+    let neighbour = kit
+        .broker
+        .issue(&app(), "ro", Some(Duration::from_secs(89)))
+        .await
+        .unwrap()
+        .lease;
 
+    sleep_until(&kit, neighbour.expires_at + TICK).await;
+    assert_eq!(row(&kit, &neighbour.id).await.state, LeaseState::Revoked);
     sleep_until(&kit, l.expires_at - JUST_BEFORE).await;
     assert_eq!(row(&kit, &l.id).await.state, LeaseState::Active);
     assert!(kit.server.user(name).unwrap().login, "revoked early");
