@@ -5,8 +5,9 @@
 //! sleeps and backoff — runs in milliseconds with every deadline exact.
 //! Sleeps are tokio's, so they follow it.
 //!
-//! The SQLite and PostgreSQL stores keep their own clock where they compute
-//! times in SQL (claim expiry, locks): production runs on `System` only.
+//! The SQLite and PostgreSQL stores keep their own clocks (the system's;
+//! PostgreSQL's `clock_timestamp()` in SQL) for claim expiry and locks:
+//! production runs on `System` only.
 
 use std::time::Duration;
 
