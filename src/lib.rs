@@ -54,6 +54,7 @@ pub mod broker;
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod console;
 pub mod daemon;

@@ -7,7 +7,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::time::Instant;
 
 use crate::backend::UserRef;
@@ -26,7 +25,11 @@ const MAX_SLEEP: Duration = Duration::from_secs(30);
 pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let wake = broker.reaper_wake();
-    if let Err(e) = broker.store().recover_after_start(Utc::now()).await {
+    if let Err(e) = broker
+        .store()
+        .recover_after_start(broker.clock().now())
+        .await
+    {
         tracing::error!(error = %e, "start-up recovery of pending intents failed; will retry as they fall due");
     }
     let mut sweeper = OrphanSweeper::default();
@@ -70,7 +73,7 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
     loop {
         let due = broker
             .store()
-            .claim_due(Utc::now(), batch, &broker.claim())
+            .claim_due(broker.clock().now(), batch, &broker.claim())
             .await?;
         if due.is_empty() {
             break;
@@ -104,7 +107,7 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
         }
     }
     let next = broker.store().next_due().await?;
-    let now = Utc::now();
+    let now = broker.clock().now();
     Ok(match next {
         // Due already (e.g. a claim held by another replica): look again soon.
         Some(t) if t <= now => Duration::from_millis(500),
@@ -183,10 +186,14 @@ impl OrphanSweeper {
 }
 
 #[cfg(test)]
+mod timeline;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::LeaseStore;
     use crate::testkit::{app, role, Kit};
+    use chrono::Utc;
 
     /// Two `[databases.*]` on one server: each database's sweep sees the
     /// other's users, and must leave them alone.

@@ -18,13 +18,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::Utc;
 use rand::Rng;
 
 use std::sync::Arc;
 
 use crate::audit::{AuditLog, Event, Outcome};
 use crate::backend::{Backend, Backends, Reassigned, Revokee, UserRef};
+use crate::clock::Clock;
 use crate::config::{Config, ConfigHandle};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, Reason};
@@ -112,6 +112,8 @@ pub struct Revoker {
     /// Where revocations are announced (`WatchLeases`).
     watch: Arc<crate::watch::WatchHub>,
     lanes: Lanes,
+    /// Revocation and retry times (`Clock::System` but in the fast tier).
+    clock: Clock,
 }
 
 impl Revoker {
@@ -119,6 +121,12 @@ impl Revoker {
     /// hub of its own that nobody listens to.
     pub fn with_watch(mut self, watch: Arc<crate::watch::WatchHub>) -> Self {
         self.watch = watch;
+        self
+    }
+
+    /// Reads time from `clock` (the broker's) instead of the system's.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -143,6 +151,7 @@ impl Revoker {
             owner,
             watch: Arc::new(crate::watch::WatchHub::new()),
             lanes: Lanes::default(),
+            clock: Clock::System,
         }
     }
 
@@ -328,7 +337,7 @@ impl Revoker {
         let ids: Vec<LeaseId> = jobs.iter().map(|j| j.lease.id.clone()).collect();
         let mark = self
             .store()
-            .mark_revoked_claimed(&ids, self.owner(), Utc::now());
+            .mark_revoked_claimed(&ids, self.owner(), self.clock.now());
         let marked = match steps::timed("store: mark revoked", mark).await {
             Ok(m) => m,
             Err(e) => {
@@ -384,7 +393,7 @@ impl Revoker {
         tracing::warn!(lease_id = %lease.id, error = %error, "revocation failed; account disabled and forced off by an admin");
         if let Err(e) = self
             .store()
-            .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
+            .mark_revoked(std::slice::from_ref(&lease.id), self.clock.now())
             .await
         {
             out.failed.push((lease.id.clone(), format!("store: {e}")));
@@ -429,7 +438,8 @@ impl Revoker {
                 FailureRecord {
                     id: l.id.clone(),
                     error: msg.clone(),
-                    next_due: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    next_due: self.clock.now()
+                        + chrono::Duration::from_std(delay).unwrap_or_default(),
                     failing: attempts >= cfg.reaper.failing_after_attempts,
                 }
             })
@@ -509,6 +519,7 @@ mod tests {
     use crate::lease::LeaseState;
     use crate::store::LeaseStore;
     use crate::testkit::{admin, app, role, Kit};
+    use chrono::Utc;
 
     async fn claimed(kit: &Kit, n: usize, role: &str) -> Vec<Lease> {
         let mut out = Vec::new();

@@ -2,6 +2,9 @@
 //! fake backends, so the rules of the lease path, the revocation engine and
 //! the sweep are tested in milliseconds. Only the store and the databases
 //! are fakes; config, policy, audit chain and metrics are the real ones.
+//! [`Kit::paused`] puts broker, revocation engine, reaper and store on
+//! tokio's clock, for `#[tokio::test(start_paused = true)]`: the reaper's
+//! schedule (expiry, intent grace, backoff) then runs in milliseconds.
 
 use std::sync::Arc;
 
@@ -9,6 +12,7 @@ use crate::audit::{AuditLog, Record};
 use crate::backend::fake::{FakeBackend, FakeServer};
 use crate::backend::{Backend, Backends};
 use crate::broker::Broker;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -32,6 +36,23 @@ impl Kit {
         Self::build(tempfile::tempdir().unwrap(), "", extra, roles)
     }
 
+    /// `new` on tokio's clock, starting now: in a test started paused,
+    /// time moves only when every task waits, and then straight to the
+    /// next timer, so sleeps cost nothing and every deadline is exact.
+    pub fn paused(extra: &str, roles: &str) -> Kit {
+        let clock = Clock::tokio();
+        Self::build_on(
+            tempfile::tempdir().unwrap(),
+            "",
+            extra,
+            roles,
+            Arc::new(MemoryStore::with_clock(clock)),
+            FakeServer::new(),
+            None,
+            clock,
+        )
+    }
+
     /// `new`, with the audit log at `audit` (e.g. `/dev/full`, where every
     /// write fails) instead of a file in the kit's directory.
     pub fn with_audit_at(extra: &str, roles: &str, audit: Option<&std::path::Path>) -> Kit {
@@ -43,6 +64,7 @@ impl Kit {
             Arc::new(MemoryStore::new()),
             FakeServer::new(),
             audit,
+            Clock::System,
         )
     }
 
@@ -65,6 +87,7 @@ impl Kit {
             store,
             server,
             None,
+            Clock::System,
         )
     }
 
@@ -77,9 +100,11 @@ impl Kit {
             Arc::new(MemoryStore::new()),
             FakeServer::new(),
             None,
+            Clock::System,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build_on(
         dir: tempfile::TempDir,
         top: &str,
@@ -88,6 +113,7 @@ impl Kit {
         store: Arc<MemoryStore>,
         server: Arc<FakeServer>,
         audit: Option<&std::path::Path>,
+        clock: Clock,
     ) -> Kit {
         let text = format!(
             "{top}admins = [\"spiffe://credbroker.dev/dba/*\"]\n\n\
@@ -108,12 +134,13 @@ impl Kit {
             .map(|p| p.to_path_buf())
             .unwrap_or_else(|| dir.path().join("audit.log"));
         let audit = Arc::new(AuditLog::open(&audit_path, false).unwrap());
-        let broker = Arc::new(Broker::new(
+        let broker = Arc::new(Broker::with_clock(
             Arc::new(config),
             store.clone(),
             backends,
             audit,
             Arc::new(Metrics::new()),
+            clock,
         ));
         Kit {
             broker,

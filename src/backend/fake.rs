@@ -59,6 +59,9 @@ struct Knobs {
     after_static_set: Option<Box<dyn FnOnce() + Send>>,
     /// While set, each revocation waits for a permit (a slow database).
     revoke_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// While set, each create makes its user, then waits for a permit
+    /// before answering (a reply that is slow to come).
+    create_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl FakeServer {
@@ -79,6 +82,11 @@ impl FakeServer {
             .insert(username.to_string());
     }
 
+    /// Undoes `refuse_revoke`: the database drops `username` again.
+    pub fn accept_revoke(&self, username: &str) {
+        self.knobs.lock().unwrap().refuse.remove(username);
+    }
+
     pub fn refuse_disable(&self, yes: bool) {
         self.knobs.lock().unwrap().refuse_disable = yes;
     }
@@ -93,6 +101,14 @@ impl FakeServer {
     pub fn gate_revokes(&self) -> Arc<tokio::sync::Semaphore> {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         self.knobs.lock().unwrap().revoke_gate = Some(gate.clone());
+        gate
+    }
+
+    /// From now on each create makes its user, then waits for one permit
+    /// of the returned semaphore (it starts with none) before answering.
+    pub fn stall_creates(&self) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        self.knobs.lock().unwrap().create_gate = Some(gate.clone());
         gate
     }
 
@@ -203,6 +219,10 @@ impl Backend for FakeBackend {
                 login: true,
             },
         );
+        let gate = self.server.knobs.lock().unwrap().create_gate.clone();
+        if let Some(g) = gate {
+            g.acquire().await.expect("gate open").forget();
+        }
         Ok(())
     }
 

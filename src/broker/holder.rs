@@ -5,8 +5,6 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use chrono::Utc;
-
 use super::issue::{check_network, effective_ttl};
 use super::Broker;
 use crate::audit::{Event, Outcome};
@@ -95,7 +93,7 @@ impl Broker {
         event.role = Some(lease.role.clone());
         event.database = Some(lease.database.clone());
         event.username = Some(lease.username.to_string());
-        let now = Utc::now();
+        let now = self.clock.now();
         if lease.state != LeaseState::Active {
             return Err(Error::FailedPrecondition(format!(
                 "lease {id} is {}, not active",
@@ -195,7 +193,7 @@ impl Broker {
         }
         // As marked; reading it back would cost a store round trip.
         lease.state = LeaseState::Revoked;
-        lease.revoked_at = Some(Utc::now());
+        lease.revoked_at = Some(self.clock.now());
         Ok(lease)
     }
 }

@@ -8,8 +8,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-
 use super::{truncate_text, Broker, IssuedLease, MAX_ROLE_LEN};
 use crate::audit::{Event, Outcome};
 use crate::backend::{Backend, NewUser};
@@ -87,7 +85,7 @@ impl Broker {
         self.check_limits(who, role).await?;
         let backend = self.backend(&role.database)?.clone();
 
-        let now = truncate_ms(Utc::now());
+        let now = truncate_ms(self.clock.now());
         let expires_at = now + ttl;
         let max_expires_at =
             now + chrono::Duration::from_std(role.max_ttl).map_err(Error::internal)?;
@@ -194,11 +192,12 @@ impl Broker {
         let store = self.store.clone();
         let audit = self.audit.clone();
         let revokee = self.revoker.revokee(&lease);
+        let clock = self.clock;
         tokio::spawn(async move {
             match backend.revoke(&[revokee]).await {
                 Ok(_) => {
                     if store
-                        .mark_revoked(std::slice::from_ref(&lease.id), Utc::now())
+                        .mark_revoked(std::slice::from_ref(&lease.id), clock.now())
                         .await
                         .is_ok()
                     {
@@ -217,7 +216,7 @@ impl Broker {
                     // reaper need not wait out the intent grace: it retries
                     // on its usual backoff and resolves the intent as soon
                     // as the database is back.
-                    let next = Utc::now()
+                    let next = clock.now()
                         + chrono::Duration::from_std(UNREACHABLE_RETRY_CAP).unwrap_or_default();
                     let _ = store
                         .record_failure(&lease.id, &e.to_string(), next, false)
@@ -236,7 +235,11 @@ impl Broker {
             Ok(Some(_)) => {
                 if let Err(e) = self
                     .store
-                    .mark_revoked_claimed(std::slice::from_ref(&lease.id), &self.owner, Utc::now())
+                    .mark_revoked_claimed(
+                        std::slice::from_ref(&lease.id),
+                        &self.owner,
+                        self.clock.now(),
+                    )
                     .await
                 {
                     // The reaper resolves it after the intent grace.

@@ -17,12 +17,12 @@ mod static_roles;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chrono::Utc;
 use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::audit::{AuditLog, Event, Outcome};
 use crate::backend::{Backend, Backends, Endpoint, UserRef};
+use crate::clock::Clock;
 use crate::config::{Config, ConfigHandle};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
@@ -88,6 +88,9 @@ pub struct Broker {
     /// Static roles' rotations (`static_roles`), sharing store, databases,
     /// audit log and config.
     statics: Arc<Rotator>,
+    /// Lease times and claims; the revocation engine and the reaper read
+    /// it too. `Clock::System` but in the fast tier.
+    clock: Clock,
 }
 
 impl Broker {
@@ -97,6 +100,18 @@ impl Broker {
         backends: Backends,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::with_clock(config, store, backends, audit, metrics, Clock::System)
+    }
+
+    /// `new` on `clock` (the fast tier's paused tokio time).
+    pub fn with_clock(
+        config: Arc<Config>,
+        store: Arc<dyn LeaseStore>,
+        backends: Backends,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Self {
         let owner = format!(
             "{}-{}-{}",
@@ -119,7 +134,8 @@ impl Broker {
                 metrics.clone(),
                 owner.clone(),
             )
-            .with_watch(watch.clone()),
+            .with_watch(watch.clone())
+            .with_clock(clock),
         );
         let sealer = if config.get().static_roles.is_empty() {
             None
@@ -156,7 +172,12 @@ impl Broker {
             reaper_wake: Arc::new(Notify::new()),
             owner,
             watch,
+            clock,
         }
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -300,7 +321,7 @@ impl Broker {
     pub fn claim(&self) -> Claim {
         Claim {
             owner: self.owner.clone(),
-            until: Utc::now()
+            until: self.clock.now()
                 + chrono::Duration::from_std(self.config().store.claim_timeout).unwrap_or_else(
                     |_| chrono::Duration::from_std(DEFAULT_CLAIM).unwrap_or_default(),
                 ),

@@ -19,7 +19,6 @@
 //! log line, an error, a hook's environment or `Debug` output.
 
 pub mod api;
-pub mod clock;
 pub mod connect;
 pub mod credential;
 pub mod notify;
@@ -36,10 +35,10 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use tonic::transport::Channel;
 
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::pb;
 use api::{classify, CallError, EventStream, LeaseApi};
-use clock::Clock;
 pub use credential::Credential;
 use credential::{rfc3339, time};
 use notify::Notify;

@@ -47,10 +47,7 @@ impl Step {
 
 /// Durations from the command line are capped at a century, so adding one
 /// to a timestamp cannot overflow.
-pub fn delta(d: Duration) -> TimeDelta {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    TimeDelta::from_std(d.min(CENTURY)).unwrap_or(TimeDelta::zero())
-}
+pub use crate::clock::delta;
 
 /// When a replacement lease is issued: before the hard limit by the grace
 /// period (or a third of the lease's life, whichever is longer), but never

@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::api::LeaseApi;
-use super::clock::Clock;
 use super::notify::Notify;
 use super::render::Format;
 use super::{run_with, Options};
+use crate::clock::Clock;
 use crate::pb;
 
 #[derive(Debug, Clone)]

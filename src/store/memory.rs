@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
@@ -29,6 +30,10 @@ pub struct MemoryStore {
     vault_links: Mutex<std::collections::BTreeSet<(String, LeaseId)>>,
     /// Calls that fail with `Unavailable` before the store answers again.
     fail_next: Mutex<u32>,
+    /// Claim expiry and lock times: the broker's clock, as a real store's
+    /// are its own. Static roles' claims stay on the system clock, which
+    /// their `Rotator` uses.
+    clock: Clock,
 }
 
 struct Row {
@@ -49,13 +54,21 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// A store on `clock` (the broker's, in the fast tier's paused time).
+    pub fn with_clock(clock: Clock) -> Self {
+        MemoryStore {
+            clock,
+            ..Self::default()
+        }
+    }
+
     /// Hands a lease's claim to `owner`, as a replica does when ours ran
     /// out mid-revocation.
     pub fn steal_claim(&self, id: &LeaseId, owner: &str) {
         if let Some(row) = self.rows.lock().unwrap().get_mut(id) {
             row.claim = Some(Claim {
                 owner: owner.to_string(),
-                until: Utc::now() + chrono::Duration::minutes(5),
+                until: self.clock.now() + chrono::Duration::minutes(5),
             });
         }
     }
@@ -177,7 +190,7 @@ impl LeaseStore for MemoryStore {
     }
 
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
-        let now = Utc::now();
+        let now = self.clock.now();
         self.with(|rows| match rows.get_mut(id) {
             Some(r) if live(&r.lease) && !r.claimed_by_other(&claim.owner, now) => {
                 r.claim = Some(claim.clone());
@@ -193,7 +206,7 @@ impl LeaseStore for MemoryStore {
         limit: usize,
         claim: &Claim,
     ) -> Result<Vec<Lease>> {
-        let wall = Utc::now();
+        let wall = self.clock.now();
         self.with(|rows| {
             let mut due: Vec<&mut Row> = rows
                 .values_mut()
@@ -370,7 +383,7 @@ impl LeaseStore for MemoryStore {
 
     async fn insert_lock(&self, new: &NewLock) -> Result<Lock> {
         self.check()?;
-        let lock = stamp_lock(new, Utc::now());
+        let lock = stamp_lock(new, self.clock.now());
         self.locks.lock().unwrap().push(lock.clone());
         Ok(lock)
     }
@@ -386,7 +399,7 @@ impl LeaseStore for MemoryStore {
 
     async fn active_locks(&self) -> Result<Vec<Lock>> {
         self.check()?;
-        let now = Utc::now();
+        let now = self.clock.now();
         Ok(self
             .locks
             .lock()
