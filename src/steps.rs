@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 static ON: AtomicBool = AtomicBool::new(false);
 static STEPS: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
 
+/// Whether `what` names a step of the broker's own ("store: …",
+/// "database: …", "audit: …") rather than a statement inside one
+/// ("statement: …", or a MySQL statement kind): the broker's steps do not
+/// overlap, so they add up to the part of a lease they account for.
+pub fn is_broker_step(what: &str) -> bool {
+    ["store: ", "database: ", "audit: "]
+        .iter()
+        .any(|p| what.starts_with(p))
+}
+
 /// Starts (or stops) recording.
 pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);

@@ -1065,7 +1065,7 @@ impl PostgresBackend {
             let committed = match pool.get().await {
                 Ok(client) => {
                     let all = crate::steps::timed(
-                        "database: shared create round",
+                        "statement: shared create round",
                         client.batch_execute(&sqls.join("\n")),
                     )
                     .await;
@@ -1205,13 +1205,15 @@ impl Backend for PostgresBackend {
         }
         let revokees: Vec<&Revokee> = revokees.iter().collect();
         let client = self.client().await?;
-        match self.revoke_fast(&client, &revokees).await {
+        let fast = self.revoke_fast(&client, &revokees);
+        match crate::steps::timed("statement: revoke in one round trip", fast).await {
             Ok(r) => Ok(r),
             // A role already gone, something owned in another database, a
             // lost catalog race: nothing was dropped; look, then act.
             Err(e) => {
                 tracing::debug!(error = %e, "one-round-trip revocation declined; checking first");
-                self.revoke_checked(&client, &revokees).await
+                let checked = self.revoke_checked(&client, &revokees);
+                crate::steps::timed("statement: revoke, looking first", checked).await
             }
         }
     }

@@ -345,7 +345,7 @@ where
         let cycle_ms = cycles.iter().map(|d| d.as_secs_f64()).sum::<f64>() * 1000.0 / n;
         let in_steps: f64 = steps
             .iter()
-            .filter(|s| s.step.contains(": "))
+            .filter(|s| crate::steps::is_broker_step(s.step))
             .map(|s| s.ms_per_lease)
             .sum();
         steps.push(StepCost {

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{truncate_ms, Lease, LeaseId, LeaseState};
 use crate::policy::any_matches;
+use crate::store::HolderClaim;
 use crate::watch::LeaseEvent;
 
 impl Broker {
@@ -161,29 +162,37 @@ impl Broker {
     pub async fn revoke(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
         let mut event = Event::new(who.as_str(), "revoke");
         event.lease_id = Some(id.to_string());
-        let lease = match self.owned_lease(who, id).await {
-            Ok(l) => l,
-            Err(e) => {
+        // Ownership, state and the claim in one store step.
+        let claim = self.claim();
+        let holder = (!self.is_admin(who)).then(|| who.as_str());
+        let claiming = self.store.claim_for(id, &claim, holder);
+        let claimed = match crate::steps::timed("store: claim", claiming).await? {
+            HolderClaim::Claimed(l) => l,
+            HolderClaim::Missing => {
+                let e = Error::NotFound(format!("no lease {id}"));
                 self.metrics.request_failed("revoke", &e);
                 return Err(self.audit_failure(event, e));
             }
-        };
-        if lease.state == LeaseState::Revoked {
-            event.role = Some(lease.role.clone());
-            event.outcome = Some(Outcome::Ok);
-            event.detail = Some("already revoked".into());
-            self.audit_event(event)?;
-            return Ok(lease);
-        }
-        let claim = self.claim();
-        let claiming = self.store.claim_one(id, &claim);
-        let Some(claimed) = crate::steps::timed("store: claim", claiming).await? else {
-            return Err(self.audit_failure(
-                event,
-                Error::Unavailable(format!(
-                    "lease {id} is being revoked right now; look it up again shortly"
-                )),
-            ));
+            HolderClaim::Refused(l) if holder.is_some_and(|h| h != l.identity) => {
+                let e = Error::denied(format!("lease {id} belongs to another identity"));
+                self.metrics.request_failed("revoke", &e);
+                return Err(self.audit_failure(event, e));
+            }
+            HolderClaim::Refused(l) if l.state == LeaseState::Revoked => {
+                event.role = Some(l.role.clone());
+                event.outcome = Some(Outcome::Ok);
+                event.detail = Some("already revoked".into());
+                self.audit_event(event)?;
+                return Ok(l);
+            }
+            HolderClaim::Refused(_) => {
+                return Err(self.audit_failure(
+                    event,
+                    Error::Unavailable(format!(
+                        "lease {id} is being revoked right now; look it up again shortly"
+                    )),
+                ))
+            }
         };
         let mut lease = claimed.clone();
         if let Err(err) = self.revoker.revoke_requested(claimed, who.as_str()).await {

@@ -80,6 +80,17 @@ pub struct Claim {
     pub until: DateTime<Utc>,
 }
 
+/// What [`LeaseStore::claim_for`] found.
+#[derive(Debug)]
+pub enum HolderClaim {
+    /// Claimed for revocation now.
+    Claimed(Lease),
+    /// Not claimed: another identity's, already revoked, or held by another
+    /// claim; the lease as stored says which.
+    Refused(Lease),
+    Missing,
+}
+
 #[async_trait]
 pub trait LeaseStore: Send + Sync {
     /// Records the intent to create `lease.username`. `lease.state` is
@@ -104,6 +115,27 @@ pub trait LeaseStore: Send + Sync {
     /// Claims one live lease for revocation now (an explicit revoke).
     /// Returns None when it is not live or another owner holds a claim.
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>>;
+
+    /// A holder's revoke in one store step where the store can: claims the
+    /// lease when it is live, claimable and `holder`'s (any identity's
+    /// when `holder` is None, an admin's call); otherwise says why not.
+    async fn claim_for(
+        &self,
+        id: &LeaseId,
+        claim: &Claim,
+        holder: Option<&str>,
+    ) -> Result<HolderClaim> {
+        let Some(lease) = self.get(id).await? else {
+            return Ok(HolderClaim::Missing);
+        };
+        if holder.is_some_and(|h| h != lease.identity) || lease.state == LeaseState::Revoked {
+            return Ok(HolderClaim::Refused(lease));
+        }
+        Ok(match self.claim_one(id, claim).await? {
+            Some(claimed) => HolderClaim::Claimed(claimed),
+            None => HolderClaim::Refused(lease),
+        })
+    }
 
     /// Claims up to `limit` live leases due at or before `now` that no one
     /// else holds a live claim on, earliest first.

@@ -21,7 +21,7 @@ use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::static_roles::StaticState;
 use crate::store::group_commit::{db_err, Durability, GroupCommit, Kind};
 use crate::store::{
-    cap_reached, stamp_lock, Claim, FailureRecord, LeaseFilter, LeaseStore, VaultToken,
+    cap_reached, stamp_lock, Claim, FailureRecord, HolderClaim, LeaseFilter, LeaseStore, VaultToken,
 };
 
 const SCHEMA_VERSION: i64 = 6;
@@ -571,6 +571,43 @@ impl LeaseStore for SqliteStore {
             };
             tx.commit()?;
             Ok(lease)
+        })
+        .await
+    }
+
+    async fn claim_for(
+        &self,
+        id: &LeaseId,
+        claim: &Claim,
+        holder: Option<&str>,
+    ) -> Result<HolderClaim> {
+        let id = id.as_str().to_string();
+        let claim = claim.clone();
+        let holder = holder.map(str::to_string);
+        // One job on the worker: the claim and, when it was refused, the
+        // read that says why.
+        self.with_lazy(move |c| {
+            let now = ms(Utc::now());
+            let tx = c.savepoint()?;
+            let n = tx.execute(
+                "UPDATE leases SET claimed_by = ?2, claim_until = ?3, due_at = MIN(due_at, ?4) \
+                 WHERE id = ?1 AND state <> 'revoked' AND (?5 IS NULL OR identity = ?5) \
+                 AND (claimed_by IS NULL OR claimed_by = ?2 OR claim_until < ?4)",
+                params![id, claim.owner, ms(claim.until), now, holder],
+            )?;
+            let lease = tx
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
+                    params![id],
+                    row_to_lease,
+                )
+                .optional()?;
+            tx.commit()?;
+            Ok(match lease {
+                Some(l) if n == 1 => HolderClaim::Claimed(l),
+                Some(l) => HolderClaim::Refused(l),
+                None => HolderClaim::Missing,
+            })
         })
         .await
     }

@@ -1157,6 +1157,64 @@ async fn case_vault_tokens_and_their_lease_links(s: Store) {
     assert!(s.get(&l1.id).await.unwrap().is_some());
 }
 
+/// A holder's revoke claims in one step: its own live lease only (any
+/// lease for an admin's None), never a revoked one or one claimed by
+/// another owner, and it says which of these it was.
+pub async fn case_a_holder_claims_only_its_own_live_unclaimed_lease(s: Store) {
+    use credbroker::store::HolderClaim;
+    let mine = active(&s, 1, "ro", APP, 600).await;
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    match s
+        .claim_for(&mine.id, &claim("me", 60), Some(other))
+        .await
+        .unwrap()
+    {
+        HolderClaim::Refused(l) => assert_eq!(l.identity, APP),
+        got => panic!("another identity's claim: {got:?}"),
+    }
+    // Refused means not claimed: the holder still gets it.
+    match s
+        .claim_for(&mine.id, &claim("me", 60), Some(APP))
+        .await
+        .unwrap()
+    {
+        HolderClaim::Claimed(l) => assert_eq!(l.id, mine.id),
+        got => panic!("the holder's claim: {got:?}"),
+    }
+    // Claimed by "me" now: another owner's claim is refused, live state kept.
+    match s
+        .claim_for(&mine.id, &claim("you", 60), None)
+        .await
+        .unwrap()
+    {
+        HolderClaim::Refused(l) => assert_eq!(l.state, LeaseState::Active),
+        got => panic!("a claimed lease: {got:?}"),
+    }
+    s.mark_revoked_claimed(std::slice::from_ref(&mine.id), "me", Utc::now())
+        .await
+        .unwrap();
+    match s
+        .claim_for(&mine.id, &claim("me", 60), Some(APP))
+        .await
+        .unwrap()
+    {
+        HolderClaim::Refused(l) => assert_eq!(l.state, LeaseState::Revoked),
+        got => panic!("a revoked lease: {got:?}"),
+    }
+    let theirs = active(&s, 2, "ro", other, 600).await;
+    assert!(matches!(
+        s.claim_for(&theirs.id, &claim("admin", 60), None)
+            .await
+            .unwrap(),
+        HolderClaim::Claimed(_)
+    ));
+    let missing = credbroker::lease::LeaseId::generate();
+    assert!(matches!(
+        s.claim_for(&missing, &claim("me", 60), None).await.unwrap(),
+        HolderClaim::Missing
+    ));
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1222,6 +1280,7 @@ store_suite!(
     case_lifecycle,
     case_username_is_unique_per_database,
     case_claims_exclude_other_owners_until_they_expire,
+    case_a_holder_claims_only_its_own_live_unclaimed_lease,
     case_claim_due_is_ordered_limited_and_only_due,
     case_only_the_claim_holder_marks_revoked,
     case_failures_are_recorded_and_release_the_claim,
@@ -1236,6 +1295,12 @@ store_suite!(
 async fn memory_case_pages_are_counted_sorted_and_disjoint() {
     let s: Store = Arc::new(credbroker::store::memory::MemoryStore::new());
     case_pages_are_counted_sorted_and_disjoint(s).await;
+}
+
+#[tokio::test]
+async fn memory_case_a_holder_claims_only_its_own_live_unclaimed_lease() {
+    let s: Store = Arc::new(credbroker::store::memory::MemoryStore::new());
+    case_a_holder_claims_only_its_own_live_unclaimed_lease(s).await;
 }
 
 // Where the stores differ on purpose: start-up recovery.
