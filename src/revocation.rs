@@ -257,11 +257,13 @@ impl Revoker {
                 });
             }
         });
-        rx.await.unwrap_or_else(|_| {
-            Err(format!(
-                "the revocation round of lease {id} was interrupted; the reaper retries it"
-            ))
-        })
+        steps::timed("database: revoke in a shared round (waiting included)", rx)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the revocation round of lease {id} was interrupted; the reaper retries it"
+                ))
+            })
     }
 
     #[cfg(test)]
@@ -289,7 +291,7 @@ impl Revoker {
                 }
             };
             let revokees: Vec<Revokee> = jobs.iter().map(|j| self.revokee(&j.lease)).collect();
-            match steps::timed("database: revoke", backend.revoke(&revokees)).await {
+            match steps::timed("round: database revoke", backend.revoke(&revokees)).await {
                 Ok(reassigned) => {
                     self.finish_batch(&jobs, &reassigned, reason, &mut out)
                         .await
@@ -338,7 +340,7 @@ impl Revoker {
         let mark = self
             .store()
             .mark_revoked_claimed(&ids, self.owner(), self.clock.now());
-        let marked = match steps::timed("store: mark revoked", mark).await {
+        let marked = match steps::timed("round: store mark revoked", mark).await {
             Ok(m) => m,
             Err(e) => {
                 // The users are gone; the next pass finds nothing to drop

@@ -14,9 +14,10 @@ static ON: AtomicBool = AtomicBool::new(false);
 static STEPS: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
 
 /// Whether `what` names a step of the broker's own ("store: …",
-/// "database: …", "audit: …") rather than a statement inside one
-/// ("statement: …", or a MySQL statement kind): the broker's steps do not
-/// overlap, so they add up to the part of a lease they account for.
+/// "database: …", "audit: …") rather than a part of one ("round: …" of a
+/// shared revocation round, "statement: …", or a MySQL statement kind):
+/// the broker's steps do not overlap, so they add up to the part of a
+/// lease they account for.
 pub fn is_broker_step(what: &str) -> bool {
     ["store: ", "database: ", "audit: "]
         .iter()
