@@ -192,13 +192,15 @@ fn siblings(path: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
 impl AuditLog {
     pub fn open(path: &Path, sync: bool) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Config(format!("audit directory {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::config_from(format!("audit directory {}: {e}", dir.display()), e)
+            })?;
         }
-        let mut file = open_append(path)
-            .map_err(|e| Error::Config(format!("cannot open audit log {}: {e}", path.display())))?;
+        let mut file = open_append(path).map_err(|e| {
+            Error::config_from(format!("cannot open audit log {}: {e}", path.display()), e)
+        })?;
         let cannot_read = |e: std::io::Error| {
-            Error::Config(format!("cannot read audit log {}: {e}", path.display()))
+            Error::config_from(format!("cannot read audit log {}: {e}", path.display()), e)
         };
         let len = file.seek(SeekFrom::End(0)).map_err(cannot_read)?;
         let mut continued_from = None;
@@ -225,7 +227,7 @@ impl AuditLog {
                 // hash of nothing: `verify` will point at exactly this spot.
                 None => {
                     file.write_all(b"\n")
-                        .map_err(|e| Error::internal(format!("audit log: {e}")))?;
+                        .map_err(|e| Error::internal_from(format!("audit log: {e}"), e))?;
                     (0, GENESIS.to_string())
                 }
             }
@@ -280,14 +282,14 @@ impl AuditLog {
     /// links to the last one of the file before.
     fn start_file(&self, chain: &mut Chain, action: &'static str, why: &str) -> Result<()> {
         let mut file = open_append(&self.path).map_err(|e| {
-            Error::unavailable(format!(
-                "cannot open audit log {}: {e}",
-                self.path.display()
-            ))
+            Error::unavailable_from(
+                format!("cannot open audit log {}: {e}", self.path.display()),
+                e,
+            )
         })?;
         chain.len = file
             .seek(SeekFrom::End(0))
-            .map_err(|e| Error::unavailable(format!("audit log: {e}")))?;
+            .map_err(|e| Error::unavailable_from(format!("audit log: {e}"), e))?;
         chain.file = file;
         let mut e = Event::new("credbroker:system", action);
         e.outcome = Some(Outcome::Ok);
@@ -319,7 +321,10 @@ impl AuditLog {
         if self.rotate_size.is_some_and(|max| chain.len >= max) {
             let rotated = PathBuf::from(format!("{}.{}", self.path.display(), chain.seq));
             std::fs::rename(&self.path, &rotated).map_err(|e| {
-                Error::unavailable(format!("audit log rotation to {}: {e}", rotated.display()))
+                Error::unavailable_from(
+                    format!("audit log rotation to {}: {e}", rotated.display()),
+                    e,
+                )
             })?;
             let why = format!("rotated; the previous file is {}", rotated.display());
             self.start_file(&mut chain, "audit_rotate", &why)?;
@@ -351,12 +356,12 @@ impl AuditLog {
         chain
             .file
             .write_all(line.as_bytes())
-            .map_err(|e| Error::unavailable(format!("audit log write failed: {e}")))?;
+            .map_err(|e| Error::unavailable_from(format!("audit log write failed: {e}"), e))?;
         if sync {
             chain
                 .file
                 .sync_data()
-                .map_err(|e| Error::unavailable(format!("audit log sync failed: {e}")))?;
+                .map_err(|e| Error::unavailable_from(format!("audit log sync failed: {e}"), e))?;
         }
         chain.seq = record.seq;
         chain.prev = hash;
@@ -553,6 +558,20 @@ pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_errors_keep_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        // The audit log's directory is a file: the open fails.
+        let e = AuditLog::open(&file.join("audit.log"), false)
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        let src = std::error::Error::source(&e).expect("source");
+        assert!(src.downcast_ref::<std::io::Error>().is_some());
+    }
 
     #[test]
     fn read_tail_reads_only_the_last_records() {

@@ -30,7 +30,7 @@ pub struct ClientOpts {
 }
 
 fn read(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Config(format!("--{what} {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| Error::config(format!("--{what} {}: {e}", path.display())))
 }
 
 impl ClientOpts {
@@ -45,7 +45,7 @@ impl ClientOpts {
         };
         let uri: http::Uri = addr
             .parse()
-            .map_err(|e| Error::Config(format!("--addr {addr:?}: {e}")))?;
+            .map_err(|e| Error::config(format!("--addr {addr:?}: {e}")))?;
         let host = uri
             .host()
             .unwrap_or("localhost")
@@ -60,7 +60,7 @@ impl ClientOpts {
             .domain_name(host);
         let channel = Channel::builder(uri)
             .tls_config(tls)
-            .map_err(|e| Error::Config(format!("client TLS: {e}")))?
+            .map_err(|e| Error::config(format!("client TLS: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
             .connect_lazy();

@@ -157,10 +157,10 @@ impl SecretSource {
                         t.trim_end_matches(['\n', '\r']).to_string(),
                     ))
                 })
-                .map_err(|e| Error::Config(format!("{key}_file {}: {e}", path.display()))),
+                .map_err(|e| Error::config(format!("{key}_file {}: {e}", path.display()))),
             SecretSource::Env(var) => std::env::var(var)
                 .map(|v| Some(Password::from_secret(v)))
-                .map_err(|_| Error::Config(format!("{key}_env: ${var} is not set"))),
+                .map_err(|_| Error::config(format!("{key}_env: ${var} is not set"))),
         }
     }
 }
@@ -229,14 +229,14 @@ pub const ABSOLUTE_MAX_TTL: Duration = Duration::from_secs(31 * 24 * 3600);
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         Self::parse(&text, base)
     }
 
     /// Parses TOML text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(Error::config)?;
         raw.validate(base)
     }
 
@@ -307,21 +307,21 @@ impl RawVaultApi {
         let listen: SocketAddr = self
             .listen
             .parse()
-            .map_err(|e| Error::Config(format!("vault_api.listen {:?}: {e}", self.listen)))?;
+            .map_err(|e| Error::config(format!("vault_api.listen {:?}: {e}", self.listen)))?;
         if listen == grpc && listen.port() != 0 {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "vault_api.listen {listen} is server.listen too; give it a port of its own"
             )));
         }
         let mount = self.mount.unwrap_or_else(|| "database".to_string());
         // One path segment: clients put it between `/v1/` and `/creds/`.
         if !valid_key(&mount) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "vault_api.mount {mount:?}: use 1-64 characters of a-z, A-Z, 0-9, '-', '_', '.' (e.g. \"database\")"
             )));
         }
         if mount == "sys" || mount == "auth" {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "vault_api.mount {mount:?} is a path Vault reserves; choose another (e.g. \"database\")"
             )));
         }
@@ -336,12 +336,10 @@ impl RawVaultApi {
             Duration::from_secs(24 * 3600),
         )?;
         if token_ttl < Duration::from_secs(1) {
-            return Err(Error::Config(
-                "vault_api.token_ttl: at least 1s".to_string(),
-            ));
+            return Err(Error::Config("vault_api.token_ttl: at least 1s".into()));
         }
         if token_max_ttl < token_ttl {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "vault_api.token_max_ttl ({}) is shorter than vault_api.token_ttl ({})",
                 humantime::format_duration(token_max_ttl),
                 humantime::format_duration(token_ttl)
@@ -449,7 +447,7 @@ struct RawRole {
 
 pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
     humantime::parse_duration(s.trim()).map_err(|e| {
-        Error::Config(format!(
+        Error::config(format!(
             "{what}: {s:?} is not a duration ({e}); use e.g. \"15m\""
         ))
     })
@@ -477,7 +475,7 @@ pub(crate) fn valid_key(s: &str) -> bool {
 }
 
 fn cfg_err(m: String) -> Error {
-    Error::Config(m)
+    Error::config(m)
 }
 
 /// The one reading of a `<key>_file` / `<key>_env` pair, for the
@@ -1071,7 +1069,7 @@ impl std::fmt::Display for StoreUrl {
 /// An identity pattern, its error prefixed with the key it came from.
 pub(crate) fn identity_pattern(key: &str, pattern: &str) -> Result<IdentityPattern> {
     IdentityPattern::new(pattern).map_err(|e| match e {
-        Error::Config(m) => Error::Config(format!("{key}: {m}")),
+        Error::Config(m) => Error::Config(m.map_message(|m| format!("{key}: {m}"))),
         other => other,
     })
 }

@@ -31,12 +31,12 @@ impl Listeners {
     pub async fn bind(config: &Config) -> Result<Self> {
         let grpc = TcpListener::bind(config.server.listen)
             .await
-            .map_err(|e| Error::Config(format!("server.listen {}: {e}", config.server.listen)))?;
+            .map_err(|e| Error::config(format!("server.listen {}: {e}", config.server.listen)))?;
         let metrics = match config.server.metrics_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
-                    .map_err(|e| Error::Config(format!("server.metrics_listen {addr}: {e}")))?,
+                    .map_err(|e| Error::config(format!("server.metrics_listen {addr}: {e}")))?,
             ),
             None => None,
         };
@@ -44,7 +44,7 @@ impl Listeners {
             Some(v) => Some(
                 TcpListener::bind(v.listen)
                     .await
-                    .map_err(|e| Error::Config(format!("vault_api.listen {}: {e}", v.listen)))?,
+                    .map_err(|e| Error::config(format!("vault_api.listen {}: {e}", v.listen)))?,
             ),
             None => None,
         };
@@ -52,7 +52,7 @@ impl Listeners {
             Some(c) => Some(
                 TcpListener::bind(c.listen)
                     .await
-                    .map_err(|e| Error::Config(format!("console.listen {}: {e}", c.listen)))?,
+                    .map_err(|e| Error::config(format!("console.listen {}: {e}", c.listen)))?,
             ),
             None => None,
         };
@@ -314,7 +314,7 @@ impl Reloader {
             Ok(true) => tracing::info!("audit log reopened"),
             Ok(false) => {}
             Err(e) => {
-                tracing::error!(error = %e, "audit log reopen failed; still writing the old file")
+                tracing::error!(error = %crate::error::chain(&e), "audit log reopen failed; still writing the old file")
             }
         }
         let config = Config::load(path)?;

@@ -262,7 +262,7 @@ impl BackendKind {
         match s {
             "postgres" | "postgresql" => Ok(BackendKind::Postgres),
             "mysql" | "mariadb" => Ok(BackendKind::Mysql),
-            other => Err(Error::Config(format!(
+            other => Err(Error::config(format!(
                 "unknown database kind {other:?} (expected \"postgres\" or \"mysql\")"
             ))),
         }

@@ -31,9 +31,9 @@ pub struct IdentityPattern {
 
 impl IdentityPattern {
     pub fn new(pattern: &str) -> Result<Self> {
-        let err = |m: &str| Error::Config(format!("identity pattern {pattern:?} {m}"));
+        let err = |m: &str| Error::config(format!("identity pattern {pattern:?} {m}"));
         if pattern.is_empty() {
-            return Err(Error::Config("empty identity pattern".into()));
+            return Err(Error::config("empty identity pattern"));
         }
         let (kind, trust_domain, glob) = if has_spiffe_scheme(pattern) {
             let rest = pattern.strip_prefix("spiffe://").ok_or_else(|| {
@@ -152,7 +152,7 @@ pub struct Network {
 
 impl Network {
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| Error::Config(format!("network {s:?}: {why}"));
+        let bad = |why: &str| Error::config(format!("network {s:?}: {why}"));
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),

@@ -108,7 +108,7 @@ pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
                 "pruned revoked leases past retention from the store"
             ),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?wait, "pruning the lease store failed")
+                tracing::warn!(error = %crate::error::chain(&e), retry_in = ?wait, "pruning the lease store failed")
             }
         }
     }

@@ -30,7 +30,7 @@ pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
         .recover_after_start(broker.clock().now())
         .await
     {
-        tracing::error!(error = %e, "start-up recovery of pending intents failed; will retry as they fall due");
+        tracing::error!(error = %crate::error::chain(&e), "start-up recovery of pending intents failed; will retry as they fall due");
     }
     let mut sweeper = OrphanSweeper::default();
     let mut next_sweep = Instant::now()
@@ -49,7 +49,7 @@ pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
             Err(e) => {
                 store_failures += 1;
                 let d = backoff(store_failures, Duration::from_secs(30));
-                tracing::warn!(error = %e, retry_in = ?d, "reaper pass failed");
+                tracing::warn!(error = %crate::error::chain(&e), retry_in = ?d, "reaper pass failed");
                 d
             }
         };
@@ -140,7 +140,7 @@ impl OrphanSweeper {
             let users = match backend.list_broker_users(&prefix).await {
                 Ok(u) => u,
                 Err(e) => {
-                    tracing::debug!(database = %db, error = %e, "orphan sweep skipped");
+                    tracing::debug!(database = %db, error = %crate::error::chain(&e), "orphan sweep skipped");
                     continue;
                 }
             };
@@ -151,7 +151,7 @@ impl OrphanSweeper {
             let live = match broker.store().live_among(&names).await {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, "orphan sweep: store unreadable");
+                    tracing::warn!(error = %crate::error::chain(&e), "orphan sweep: store unreadable");
                     return;
                 }
             };
@@ -176,7 +176,7 @@ impl OrphanSweeper {
             match broker.revoke_orphans(db, confirmed.clone()).await {
                 Ok(()) => {}
                 Err(e) => {
-                    tracing::warn!(database = %db, error = %e, "orphan drop failed; retrying next sweep");
+                    tracing::warn!(database = %db, error = %crate::error::chain(&e), "orphan drop failed; retrying next sweep");
                     let entry = self.suspects.entry(db.clone()).or_default();
                     entry.extend(confirmed.iter().map(|u| u.username.as_str().to_string()));
                 }

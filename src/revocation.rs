@@ -299,7 +299,7 @@ impl Revoker {
                 // A database that is down fails every lease the same way:
                 // splitting the batch would only multiply connection attempts.
                 Err(e) if jobs.len() > 1 && !matches!(e, Error::Unavailable(_)) => {
-                    tracing::warn!(database = %db, error = %e, "batch revocation failed; revoking one by one");
+                    tracing::warn!(database = %db, error = %crate::error::chain(&e), "batch revocation failed; revoking one by one");
                     for (job, revokee) in jobs.iter().zip(&revokees) {
                         let one = std::slice::from_ref(job);
                         match backend.revoke(std::slice::from_ref(revokee)).await {
@@ -345,7 +345,7 @@ impl Revoker {
             Err(e) => {
                 // The users are gone; the next pass finds nothing to drop
                 // and marks them then.
-                tracing::error!(error = %e, "cannot mark leases revoked");
+                tracing::error!(error = %crate::error::chain(&e), "cannot mark leases revoked");
                 for j in jobs {
                     out.failed.push((j.lease.id.clone(), format!("store: {e}")));
                 }
@@ -447,7 +447,7 @@ impl Revoker {
             })
             .collect();
         if let Err(se) = self.store().record_failures(&failures).await {
-            tracing::error!(error = %se, "cannot record revocation failures");
+            tracing::error!(error = %crate::error::chain(&se), "cannot record revocation failures");
         }
         tracing::warn!(count = jobs.len(), error = %msg, "revocation failed; will retry");
         for Job { lease: l, actor } in jobs {
@@ -484,7 +484,7 @@ impl Revoker {
         }
         let started = std::time::Instant::now();
         if let Err(err) = self.audit().append(e) {
-            tracing::error!(error = %err, "audit write failed");
+            tracing::error!(error = %crate::error::chain(&err), "audit write failed");
         }
         steps::record("audit: append", started.elapsed());
     }

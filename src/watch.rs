@@ -147,7 +147,7 @@ impl WatchHub {
     /// Opens a stream for `identity`, or refuses when the bounds are hit.
     pub fn subscribe(self: &Arc<Self>, identity: &str) -> Result<Subscription> {
         if self.closed.is_cancelled() {
-            return Err(Error::Unavailable("the broker is shutting down".into()));
+            return Err(Error::unavailable("the broker is shutting down"));
         }
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mine = open.by_identity.get(identity).copied().unwrap_or(0);

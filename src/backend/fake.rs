@@ -169,7 +169,7 @@ impl FakeServer {
     fn call(&self, what: String) -> Result<()> {
         self.calls.lock().unwrap().push(what);
         if self.knobs.lock().unwrap().unavailable {
-            return Err(Error::Unavailable("fake database is unreachable".into()));
+            return Err(Error::unavailable("fake database is unreachable"));
         }
         Ok(())
     }
@@ -264,7 +264,7 @@ impl Backend for FakeBackend {
         }
         let refuse = &self.server.knobs.lock().unwrap().refuse;
         if let Some(bad) = names.iter().find(|n| refuse.contains(**n)) {
-            return Err(Error::Internal(format!(
+            return Err(Error::internal(format!(
                 "fake database refuses to drop {bad}"
             )));
         }
@@ -346,7 +346,7 @@ impl Backend for FakeBackend {
                 u.login = true;
             }
             None => {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "fake database: role {:?} does not exist",
                     login.user
                 )))

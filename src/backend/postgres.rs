@@ -71,7 +71,7 @@ struct CreateRounds {
 impl PostgresBackend {
     pub fn new(config: &DatabaseConfig) -> Result<Self> {
         let url_err = |e: &dyn std::fmt::Display| {
-            Error::Config(format!("databases.{}.admin_url: {e}", config.name))
+            Error::config(format!("databases.{}.admin_url: {e}", config.name))
         };
         // tokio-postgres refuses verify-ca/verify-full and every path
         // parameter: they are ours to read, and the rest is its.
@@ -147,12 +147,12 @@ impl PostgresBackend {
                 recycle: Some(config.connect_timeout),
             })
             .build()
-            .map_err(|e| Error::Config(format!("databases.{}: {e}", config.name)))
+            .map_err(|e| Error::config(format!("databases.{}: {e}", config.name)))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
-        pool.get().await.map_err(|e| self.unavailable(&e))
+        pool.get().await.map_err(|e| self.unavailable(e))
     }
 
     /// `user@host:port/db` of the admin connection: where a failure
@@ -166,47 +166,69 @@ impl PostgresBackend {
     /// print only "db error" or "error connecting to server" on top. The
     /// text before the first ": " is what a caller sees (`server::status`);
     /// the rest, for the log and `check`, says where and why.
-    fn unavailable(&self, e: &(dyn std::error::Error + 'static)) -> Error {
-        let cause = Cause::of(e);
-        Error::Unavailable(format!(
+    /// The driver's (or the pool's) error is kept as the source: failing
+    /// to connect quotes no statement.
+    fn unavailable<E>(&self, e: E) -> Error
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let cause = Cause::of(&e);
+        let m = format!(
             "database {:?} is unreachable: {} as {}: {}",
             self.config.name,
             cause.kind.as_str(),
             self.admin_location(),
             cause.detail
-        ))
+        );
+        Error::unavailable_from(m, e)
     }
 
     /// Maps a driver error: connection trouble is `Unavailable` (retry),
     /// a database refusal is `Internal` with the server's message and
     /// SQLSTATE, which never hold our password (we never send one).
+    ///
+    /// The driver's error is kept as the source (its text adds the
+    /// server's DETAIL and HINT), except for a syntax error (42601): our
+    /// statements can hold a SCRAM verifier (`CREATE ROLE … PASSWORD`,
+    /// `ALTER ROLE … PASSWORD`), and a syntax error's DETAIL/position may
+    /// quote the statement around it — so that source is dropped and only
+    /// the message below is kept.
     fn db_error(&self, what: &str, e: tokio_postgres::Error) -> Error {
         match e.as_db_error() {
             Some(db) if db.code() == &tokio_postgres::error::SqlState::QUERY_CANCELED => {
-                Error::Unavailable(format!(
+                let m = format!(
                     "database {:?}: {what} timed out: {} (SQLSTATE {}) at {}",
                     self.config.name,
                     db.message(),
                     db.code().code(),
                     self.admin_location()
-                ))
+                );
+                Error::unavailable_from(m, e)
             }
-            Some(db) => Error::Internal(format!(
-                "database {:?}: {what}: {} (SQLSTATE {}) as {}",
-                self.config.name,
-                db.message(),
-                db.code().code(),
-                self.admin_location()
-            )),
+            Some(db) => {
+                let m = format!(
+                    "database {:?}: {what}: {} (SQLSTATE {}) as {}",
+                    self.config.name,
+                    db.message(),
+                    db.code().code(),
+                    self.admin_location()
+                );
+                if may_quote_statement(db.code()) {
+                    Error::internal(m)
+                } else {
+                    Error::internal_from(m, e)
+                }
+            }
             None => {
                 let cause = Cause::of(&e);
-                Error::Unavailable(format!(
+                let m = format!(
                     "database {:?} is unreachable: {what}: {} as {}: {}",
                     self.config.name,
                     cause.kind.as_str(),
                     self.admin_location(),
                     cause.detail
-                ))
+                );
+                Error::unavailable_from(m, e)
             }
         }
     }
@@ -489,7 +511,7 @@ impl PostgresBackend {
         let (client, conn) = cfg
             .connect(self.tls.clone())
             .await
-            .map_err(|e| self.unavailable(&e))?;
+            .map_err(|e| self.unavailable(e))?;
         let task = tokio::spawn(conn);
         let result = client
             .batch_execute(&format!("{ACL_LOCK}; {sql}"))
@@ -605,6 +627,13 @@ pub fn location(cfg: &tokio_postgres::Config) -> String {
     let user = cfg.get_user().unwrap_or("?");
     let db = cfg.get_dbname().unwrap_or(user);
     format!("{user}@{host}:{port}/{db}")
+}
+
+/// Whether a server error's text (DETAIL, position) may quote the statement
+/// around it — and with it a SCRAM verifier: such an error is not kept as
+/// a source (`PostgresBackend::db_error`).
+fn may_quote_statement(code: &tokio_postgres::error::SqlState) -> bool {
+    code == &tokio_postgres::error::SqlState::SYNTAX_ERROR
 }
 
 /// `host:port` of a connection config.
@@ -1092,13 +1121,17 @@ impl PostgresBackend {
         // pooled connection is left clean.
         match self.batch_retrying(&client, sql, "create role").await {
             // A refusal: say which statement, not only the server's words.
+            // The batch's error stays the source (`db_error` dropped it if
+            // it could quote the verifier).
             Err(Error::Internal(m)) => match self.failing_statement(&client, user).await {
-                Some(stmt) => Err(Error::Internal(format!(
-                    "database {:?}: create role for role {:?}: {stmt} as {}",
-                    self.config.name,
-                    user.role,
-                    self.admin_location()
-                ))),
+                Some(stmt) => Err(Error::Internal(m.map_message(|_| {
+                    format!(
+                        "database {:?}: create role for role {:?}: {stmt} as {}",
+                        self.config.name,
+                        user.role,
+                        self.admin_location()
+                    )
+                }))),
                 None => Err(Error::Internal(m)),
             },
             other => other,
@@ -1211,7 +1244,7 @@ impl Backend for PostgresBackend {
             // A role already gone, something owned in another database, a
             // lost catalog race: nothing was dropped; look, then act.
             Err(e) => {
-                tracing::debug!(error = %e, "one-round-trip revocation declined; checking first");
+                tracing::debug!(error = %crate::error::chain(&e), "one-round-trip revocation declined; checking first");
                 let checked = self.revoke_checked(&client, &revokees);
                 crate::steps::timed("statement: revoke, looking first", checked).await
             }
@@ -1250,7 +1283,7 @@ impl Backend for PostgresBackend {
             .map_err(|e| self.db_error("check login disabled", e))?
             .get(0);
         if still > 0 {
-            return Err(Error::Internal(format!(
+            return Err(Error::internal(format!(
                 "database {:?}: {still} role(s) can still log in after NOLOGIN",
                 self.config.name
             )));
@@ -1310,7 +1343,7 @@ impl Backend for PostgresBackend {
         let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
         match pool.get().await {
             Err(deadpool_postgres::PoolError::Backend(e)) => match dbtls::tls_failure(&e) {
-                Some(why) => Err(Error::Config(format!(
+                Some(why) => Err(Error::config(format!(
                     "database {:?}: TLS to {} failed ({}): {why}",
                     self.config.name, self.admin_addr, self.tls_params
                 ))),
@@ -1389,7 +1422,9 @@ impl Backend for PostgresBackend {
         self.batch_retrying(&client, &format!("{lock}{sql}"), "create static users")
             .await
             .map_err(|e| match e {
-                Error::Internal(m) => Error::Internal(format!("static role {:?}: {m}", spec.role)),
+                Error::Internal(m) => {
+                    Error::Internal(m.map_message(|m| format!("static role {:?}: {m}", spec.role)))
+                }
                 other => other,
             })
     }
@@ -1405,7 +1440,9 @@ impl Backend for PostgresBackend {
         let client = self.client().await?;
         client.batch_execute(&sql).await.map_err(|e| {
             match self.db_error("set static password", e) {
-                Error::Internal(m) => Error::Internal(format!("static role {:?}: {m}", login.role)),
+                Error::Internal(m) => {
+                    Error::Internal(m.map_message(|m| format!("static role {:?}: {m}", login.role)))
+                }
                 other => other,
             }
         })
@@ -1466,6 +1503,73 @@ impl Backend for PostgresBackend {
 #[cfg(test)]
 mod tests {
     use super::rewrites_an_acl;
+    use crate::config::{DatabaseConfig, SecretSource};
+    use crate::error::Error;
+    use std::time::Duration;
+
+    fn refused_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    fn backend(port: u16) -> super::PostgresBackend {
+        super::PostgresBackend::new(&DatabaseConfig {
+            name: "orders".into(),
+            kind: crate::lease::BackendKind::Postgres,
+            admin_url: format!("postgres://admin@127.0.0.1:{port}/orders"),
+            admin_password: SecretSource::None,
+            client_host: None,
+            client_port: None,
+            client_sslmode: None,
+            client_sslrootcert: None,
+            max_connections: 1,
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(2),
+            scram_iterations: 1,
+        })
+        .unwrap()
+    }
+
+    /// Both boundaries of the backend keep the driver's error: the pool's
+    /// (`client`) and tokio-postgres's (`db_error` without a server answer).
+    #[tokio::test]
+    async fn connection_errors_keep_their_source() {
+        let port = refused_port();
+        let b = backend(port);
+        let e = b.client().await.expect_err("refused");
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        let src = std::error::Error::source(&e).expect("source");
+        assert!(
+            src.downcast_ref::<deadpool_postgres::PoolError>().is_some(),
+            "{src:?}"
+        );
+
+        let pg = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=a connect_timeout=2"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .expect("refused");
+        let e = b.db_error("create role", pg);
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        let src = std::error::Error::source(&e).expect("source");
+        assert!(src.downcast_ref::<tokio_postgres::Error>().is_some());
+        // The log line says why, once.
+        let line = crate::error::chain(&e).to_string();
+        assert_eq!(line.matches("Connection refused").count(), 1, "{line}");
+    }
+
+    #[test]
+    fn a_syntax_error_is_not_kept_as_a_source() {
+        use tokio_postgres::error::SqlState;
+        assert!(super::may_quote_statement(&SqlState::SYNTAX_ERROR));
+        assert!(!super::may_quote_statement(&SqlState::DUPLICATE_OBJECT));
+        assert!(!super::may_quote_statement(
+            &SqlState::INSUFFICIENT_PRIVILEGE
+        ));
+    }
 
     #[test]
     fn only_object_privileges_take_the_acl_lock() {

@@ -188,7 +188,7 @@ impl Broker {
             HolderClaim::Refused(_) => {
                 return Err(self.audit_failure(
                     event,
-                    Error::Unavailable(format!(
+                    Error::unavailable(format!(
                         "lease {id} is being revoked right now; look it up again shortly"
                     )),
                 ))
@@ -196,7 +196,7 @@ impl Broker {
         };
         let mut lease = claimed.clone();
         if let Err(err) = self.revoker.revoke_requested(claimed, who.as_str()).await {
-            return Err(Error::Unavailable(format!(
+            return Err(Error::unavailable(format!(
                 "revocation of lease {id} failed and will be retried: {err}"
             )));
         }

@@ -221,7 +221,7 @@ impl Broker {
                     let _ = store
                         .record_failure(&lease.id, &e.to_string(), next, false)
                         .await;
-                    tracing::warn!(lease_id = %lease.id, error = %e, "cleanup after failed issue deferred to the reaper")
+                    tracing::warn!(lease_id = %lease.id, error = %crate::error::chain(&e), "cleanup after failed issue deferred to the reaper")
                 }
             }
         });
@@ -243,12 +243,12 @@ impl Broker {
                     .await
                 {
                     // The reaper resolves it after the intent grace.
-                    tracing::warn!(lease_id = %lease.id, error = %e, "cannot retire a refused intent");
+                    tracing::warn!(lease_id = %lease.id, error = %crate::error::chain(&e), "cannot retire a refused intent");
                 }
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(lease_id = %lease.id, error = %e, "cannot retire a refused intent")
+                tracing::warn!(lease_id = %lease.id, error = %crate::error::chain(&e), "cannot retire a refused intent")
             }
         }
     }

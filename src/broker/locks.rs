@@ -62,7 +62,9 @@ impl Broker {
                         self.watch.publish(LeaseEvent::locked(l, &lock));
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot tell watchers about the lock"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::chain(&e), "cannot tell watchers about the lock")
+                }
             }
             return Ok((lock, None));
         }

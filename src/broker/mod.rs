@@ -145,7 +145,7 @@ impl Broker {
             match Sealer::load(&config.get().sealing_key) {
                 Ok(s) => Some(Arc::new(s)),
                 Err(e) => {
-                    tracing::error!(error = %e, "static roles disabled: no sealing key");
+                    tracing::error!(error = %crate::error::chain(&e), "static roles disabled: no sealing key");
                     None
                 }
             }
@@ -269,7 +269,7 @@ impl Broker {
     fn audit_event(&self, event: Event) -> Result<()> {
         let started = std::time::Instant::now();
         let r = self.audit.append(event).inspect_err(|e| {
-            tracing::error!(error = %e, "audit write failed");
+            tracing::error!(error = %crate::error::chain(e), "audit write failed");
         });
         crate::steps::record("audit: append", started.elapsed());
         r
@@ -285,7 +285,7 @@ impl Broker {
         });
         event.detail = Some(err.to_string());
         if let Err(e) = self.audit.append_relaxed(event) {
-            tracing::error!(error = %e, "audit write failed");
+            tracing::error!(error = %crate::error::chain(&e), "audit write failed");
         }
         err
     }
@@ -294,7 +294,7 @@ impl Broker {
     /// (e.g. the console's missing CSRF token): counted and audited like
     /// the broker's own refusals.
     pub fn refuse(&self, who: &str, action: &'static str, err: Error) -> Error {
-        tracing::info!(identity = %who, action, error = %err, "request refused");
+        tracing::info!(identity = %who, action, error = %crate::error::chain(&err), "request refused");
         self.metrics.request_failed(action, &err);
         self.audit_failure(Event::new(who, action), err)
     }
@@ -313,7 +313,7 @@ impl Broker {
             Some(p) => format!("unauthenticated:{}", p.ip()),
             None => "unauthenticated".to_string(),
         };
-        tracing::info!(peer = %who, error = %err, "request refused: no usable identity");
+        tracing::info!(peer = %who, error = %crate::error::chain(&err), "request refused: no usable identity");
         self.metrics.request_failed(action, &err);
         self.audit_failure(Event::new(who, action), err)
     }

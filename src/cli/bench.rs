@@ -159,10 +159,10 @@ pub async fn run(args: Args) -> CliResult {
         }
         Some(What::Console(a)) => {
             if a.requests == 0 {
-                return Err(crate::Error::Config("--requests: at least 1".into()).into());
+                return Err(crate::Error::config("--requests: at least 1").into());
             }
             let store = console::StoreKind::parse(&a.store).ok_or_else(|| {
-                crate::Error::Config(format!("--store {:?}: use sqlite or postgres", a.store))
+                crate::Error::config(format!("--store {:?}: use sqlite or postgres", a.store))
             })?;
             let opts = console::Options {
                 leases: a.leases,
@@ -185,15 +185,15 @@ async fn lease_bench(a: LeaseArgs, mysql: bool) -> anyhow::Result<()> {
         .iter()
         .map(|c| {
             lease::Scenario::parse(&c.to_string()).ok_or_else(|| {
-                crate::Error::Config(format!("--scenarios: unknown {c:?}; use a, b, p, c"))
+                crate::Error::config(format!("--scenarios: unknown {c:?}; use a, b, p, c"))
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
     if a.callers.is_empty() || a.callers.contains(&0) {
-        return Err(crate::Error::Config("--callers: give counts of at least 1".into()).into());
+        return Err(crate::Error::config("--callers: give counts of at least 1").into());
     }
     let grant = crate::bench::setup::Grant::parse(&a.grant).ok_or_else(|| {
-        crate::Error::Config(format!("--grant {:?}: use member or table", a.grant))
+        crate::Error::config(format!("--grant {:?}: use member or table", a.grant))
     })?;
     let opts = lease::Options {
         grant,

@@ -72,7 +72,7 @@ pub async fn run(args: Args) -> CliResult {
                 Ok(_) => tracing::info!(config = %path.display(), "configuration reloaded"),
                 // A bad edit keeps the running config: say why and carry on.
                 Err(e) => {
-                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
+                    tracing::error!(error = %crate::error::chain(&e), "reload failed; keeping the running configuration")
                 }
             }
         }

@@ -75,7 +75,7 @@ pub async fn run(args: Args) -> CliResult {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     if !out_dir.is_dir() {
-        return Err(crate::Error::Config(format!(
+        return Err(crate::Error::config(format!(
             "--out {}: directory {} does not exist",
             args.out.display(),
             out_dir.display()

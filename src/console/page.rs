@@ -36,7 +36,7 @@ pub fn render(status: StatusCode, t: &impl Template) -> Response {
         )
             .into_response(),
         Err(e) => {
-            tracing::error!(error = %e, "console template failed");
+            tracing::error!(error = %crate::error::chain(&e), "console template failed");
             (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
         }
     }
@@ -91,7 +91,7 @@ pub fn refused(status: StatusCode, err: &Error) -> Response {
 pub fn caller_text(err: &Error) -> String {
     match err {
         Error::Internal(_) => {
-            tracing::error!(error = %err, "console request failed");
+            tracing::error!(error = %crate::error::chain(err), "console request failed");
             "internal error (details are in the broker's log)".into()
         }
         other => other.to_string(),

@@ -127,7 +127,7 @@ pub async fn serve_plain(
         let tcp = match accepted {
             Ok((tcp, _)) => tcp,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = %crate::error::chain(&e), "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -171,7 +171,7 @@ async fn serve_connection<S>(
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+                tracing::debug!(error = %crate::error::chain(&e), "HTTP connection ended with an error");
             }
         }
         _ = stop.cancelled() => {

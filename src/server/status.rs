@@ -13,12 +13,14 @@ pub fn to_status(err: Error) -> Status {
         Error::NotFound(m) => Status::not_found(m),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-        Error::Unavailable(m) => {
-            tracing::warn!(error = %m, "unavailable");
-            Status::unavailable(public_summary(&m))
+        // The log gets the message and its sources (`error::chain`); the
+        // caller only the message's head, or nothing of it.
+        Error::Unavailable(ref m) => {
+            tracing::warn!(error = %m.chain(), "unavailable");
+            Status::unavailable(public_summary(m))
         }
-        Error::Internal(m) | Error::Config(m) => {
-            tracing::error!(error = %m, "internal error");
+        Error::Internal(ref m) | Error::Config(ref m) => {
+            tracing::error!(error = %m.chain(), "internal error");
             Status::new(Code::Internal, "internal error; see the broker's log")
         }
     }
@@ -37,7 +39,38 @@ pub(crate) fn public_summary(m: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::public_summary;
+    use super::{public_summary, to_status};
+    use crate::error::Error;
+
+    #[derive(Debug)]
+    struct Secretish;
+    impl std::fmt::Display for Secretish {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("SOURCE-TEXT at 10.0.0.1:5432")
+        }
+    }
+    impl std::error::Error for Secretish {}
+
+    /// A caller sees neither an `Internal`'s message nor its source, and of
+    /// an `Unavailable` only the message's head.
+    #[test]
+    fn a_status_never_carries_the_source() {
+        let s = to_status(Error::internal_from("lease store: insert", Secretish));
+        assert_eq!(s.code(), tonic::Code::Internal);
+        assert_eq!(s.message(), "internal error; see the broker's log");
+        let s = to_status(Error::unavailable_from(
+            "database \"orders\" is unreachable: connection refused",
+            Secretish,
+        ));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            s.message(),
+            "database \"orders\" is unreachable (details in the broker's log)"
+        );
+        let s = to_status(Error::unavailable_from("lease store is busy", Secretish));
+        assert_eq!(s.message(), "lease store is busy");
+        assert!(!format!("{s:?}").contains("SOURCE-TEXT"));
+    }
 
     #[test]
     fn unavailable_keeps_the_database_and_drops_the_detail() {

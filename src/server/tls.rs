@@ -54,7 +54,8 @@ pub fn install_crypto_provider() {
 }
 
 fn read_file(what: &str, path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Config(format!("tls.{what} {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| Error::config_from(format!("tls.{what} {}: {e}", path.display()), e))
 }
 
 /// Builds the server config: our certificate, client certificates required
@@ -64,26 +65,26 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(&read_file("cert", &tls.cert)?)
             .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::Config(format!("tls.cert {}: {e}", tls.cert.display())))?;
+            .map_err(|e| Error::config_from(format!("tls.cert {}: {e}", tls.cert.display()), e))?;
     if certs.is_empty() {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "tls.cert {}: no certificate in it",
             tls.cert.display()
         )));
     }
     let key = PrivateKeyDer::from_pem_slice(&read_file("key", &tls.key)?)
-        .map_err(|e| Error::Config(format!("tls.key {}: {e}", tls.key.display())))?;
+        .map_err(|e| Error::config_from(format!("tls.key {}: {e}", tls.key.display()), e))?;
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(&read_file("client_ca", &tls.client_ca)?) {
         let ca = ca.map_err(|e| {
-            Error::Config(format!("tls.client_ca {}: {e}", tls.client_ca.display()))
+            Error::config_from(format!("tls.client_ca {}: {e}", tls.client_ca.display()), e)
         })?;
         roots.add(ca).map_err(|e| {
-            Error::Config(format!("tls.client_ca {}: {e}", tls.client_ca.display()))
+            Error::config_from(format!("tls.client_ca {}: {e}", tls.client_ca.display()), e)
         })?;
     }
     if roots.is_empty() {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "tls.client_ca {}: no certificate in it",
             tls.client_ca.display()
         )));
@@ -93,7 +94,9 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
         let crls: Vec<CertificateRevocationListDer<'static>> =
             CertificateRevocationListDer::pem_slice_iter(&read_file("crl", crl_path)?)
                 .collect::<std::result::Result<_, _>>()
-                .map_err(|e| Error::Config(format!("tls.crl {}: {e}", crl_path.display())))?;
+                .map_err(|e| {
+                    Error::config_from(format!("tls.crl {}: {e}", crl_path.display()), e)
+                })?;
         // A CRL past its nextUpdate no longer says which certificates are
         // revoked: refuse every client until a fresh one is in place,
         // rather than trust a list the CA has stopped vouching for —
@@ -105,11 +108,11 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>> {
     }
     let verifier = builder
         .build()
-        .map_err(|e| Error::Config(format!("tls: cannot build client verifier: {e}")))?;
+        .map_err(|e| Error::config_from(format!("tls: cannot build client verifier: {e}"), e))?;
     let mut config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| Error::Config(format!("tls: certificate and key do not fit: {e}")))?;
+        .map_err(|e| Error::config_from(format!("tls: certificate and key do not fit: {e}"), e))?;
     config.alpn_protocols = Alpn::H2.protocols();
     Ok(Arc::new(config))
 }
@@ -151,7 +154,7 @@ pub async fn watch_files(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "TLS files changed but do not load; keeping the running ones")
+                tracing::error!(error = %crate::error::chain(&e), "TLS files changed but do not load; keeping the running ones")
             }
         }
     }
@@ -273,7 +276,7 @@ pub fn incoming(
             let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(error = %crate::error::chain(&e), "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -301,7 +304,7 @@ pub fn incoming(
                     // A refused client certificate ends here; the client
                     // sees the TLS alert. Log without secrets.
                     Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        tracing::info!(%peer, error = %crate::error::chain(&e), "TLS handshake refused");
                         refusals.record(peer.ip(), &e.to_string());
                     }
                     Err(_) => {
@@ -481,7 +484,7 @@ impl RefusalLog {
             format!("{count} refused: {reason}")
         });
         if let Err(err) = self.audit.append(e) {
-            tracing::error!(error = %err, "audit write failed");
+            tracing::error!(error = %crate::error::chain(&err), "audit write failed");
         }
     }
 }

@@ -373,7 +373,7 @@ impl<A: LeaseApi> Sidecar<A> {
                 Err(CallError::Transient(msg)) => {
                     let waited = (self.clock.now() - started).to_std().unwrap_or_default();
                     if waited >= self.opts.give_up_after {
-                        return Err(Error::Unavailable(format!(
+                        return Err(Error::unavailable(format!(
                             "no valid credential for role {:?}: the broker has been unreachable \
                              for {}s (last error: {msg})",
                             self.opts.role,
@@ -396,7 +396,7 @@ impl<A: LeaseApi> Sidecar<A> {
     fn write(&self, c: &Credential) -> Result<()> {
         let text = self.opts.format.render(c);
         crate::fsutil::write_secret_file(&self.opts.out, text.as_bytes()).map_err(|e| {
-            Error::Unavailable(format!("cannot write {}: {e}", self.opts.out.display()))
+            Error::unavailable(format!("cannot write {}: {e}", self.opts.out.display()))
         })?;
         tracing::info!(
             path = %self.opts.out.display(),
@@ -706,7 +706,7 @@ impl<A: LeaseApi> Sidecar<A> {
             self.file_removed = true;
         }
         if now >= expires_at + delta(self.opts.give_up_after) {
-            return Err(Error::Unavailable(format!(
+            return Err(Error::unavailable(format!(
                 "no valid credential for role {:?} since {} and none could be obtained for {}s \
                  (last error: {})",
                 self.opts.role,

@@ -47,7 +47,7 @@ impl Notify {
     /// Parses `--signal PID_OR_PIDFILE:SIG`, e.g. `1234:HUP`,
     /// `/run/app.pid:SIGUSR1`, `1234:10`.
     pub fn parse_signal(s: &str) -> Result<Notify> {
-        let bad = |why: &str| Error::Config(format!("--signal {s:?}: {why}"));
+        let bad = |why: &str| Error::config(format!("--signal {s:?}: {why}"));
         let (target, sig) = s
             .rsplit_once(':')
             .ok_or_else(|| bad("expected PID_OR_PIDFILE:SIGNAL"))?;

@@ -53,10 +53,10 @@ impl Template {
             let after = &rest[open + 2..];
             let close = after
                 .find("}}")
-                .ok_or_else(|| Error::Config("template: unclosed {{".into()))?;
+                .ok_or_else(|| Error::config("template: unclosed {{"))?;
             let name = after[..close].trim();
             if !PLACEHOLDERS.contains(&name) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "template: unknown placeholder {{{{{name}}}}} (known: {})",
                     PLACEHOLDERS.join(", ")
                 )));
@@ -109,11 +109,11 @@ impl Format {
             _ => match s.strip_prefix("template:") {
                 Some(path) => {
                     let text = std::fs::read_to_string(Path::new(path))
-                        .map_err(|e| Error::Config(format!("--format template {path}: {e}")))?;
+                        .map_err(|e| Error::config(format!("--format template {path}: {e}")))?;
                     Format::Template(Template::parse(text)?)
                 }
                 None => {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "--format {s:?}: expected dsn, kv, jdbc, env, json or template:FILE"
                     )))
                 }

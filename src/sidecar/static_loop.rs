@@ -56,7 +56,7 @@ pub async fn run(
                 if generation != Some(c.generation) {
                     let text = opts.format.render(&c.credential);
                     crate::fsutil::write_secret_file(&opts.out, text.as_bytes()).map_err(|e| {
-                        Error::Unavailable(format!("cannot write {}: {e}", opts.out.display()))
+                        Error::unavailable(format!("cannot write {}: {e}", opts.out.display()))
                     })?;
                     tracing::info!(
                         path = %opts.out.display(),
@@ -108,7 +108,7 @@ pub async fn run(
         let since = valid_until.unwrap_or(started);
         if now >= since + TimeDelta::from_std(opts.give_up_after).unwrap_or_default() {
             remove_file(&opts.out);
-            return Err(Error::Unavailable(format!(
+            return Err(Error::unavailable(format!(
                 "no valid credential for static role {:?} since {} (last error: {last_error})",
                 opts.role,
                 rfc3339(since)

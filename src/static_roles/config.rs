@@ -90,7 +90,7 @@ pub(crate) fn validate(
         for u in &role.users {
             let key = (role.database.clone(), u.clone());
             if let Some(other) = taken.insert(key, name.clone()) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "static_roles.{name}.users: {u:?} is already a user of static_roles.{other}; two rotations would fight over its password"
                 )));
             }
@@ -106,7 +106,7 @@ fn validate_one(
     databases: &BTreeMap<String, DatabaseConfig>,
     prefix: &str,
 ) -> Result<StaticRoleConfig> {
-    let err = |m: String| Error::Config(m);
+    let err = |m: String| Error::config(m);
     let what = |k: &str| format!("static_roles.{name}.{k}");
     if !valid_key(name) {
         return Err(err(format!(

@@ -129,7 +129,7 @@ impl Rotator {
     /// Opens the sealed password of the state's current user.
     pub fn unseal_current(&self, st: &StaticState) -> Result<(CurrentUser, Password)> {
         let cur = st.current.clone().ok_or_else(|| {
-            Error::Unavailable(format!(
+            Error::unavailable(format!(
                 "static role {:?} has not been rotated yet",
                 st.role
             ))
@@ -176,7 +176,7 @@ impl Rotator {
                 },
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Unavailable(format!(
+                return Err(Error::unavailable(format!(
                     "static role {:?} is being rotated by another replica; try again",
                     role.name
                 )));
@@ -294,7 +294,7 @@ impl Rotator {
         if self.store.static_save(st, &self.owner).await? {
             Ok(())
         } else {
-            Err(Error::Unavailable(format!(
+            Err(Error::unavailable(format!(
                 "static role {:?}: the claim ran out mid-rotation; another replica finishes it",
                 st.role
             )))
@@ -444,7 +444,7 @@ impl Rotator {
             let st = match self.store.static_get(&role.name).await {
                 Ok(st) => st,
                 Err(e) => {
-                    tracing::warn!(static_role = %role.name, error = %e, "cannot read static role state");
+                    tracing::warn!(static_role = %role.name, error = %crate::error::chain(&e), "cannot read static role state");
                     continue;
                 }
             };
@@ -459,7 +459,7 @@ impl Rotator {
                         entry.0 += 1;
                         let secs = (1u64 << entry.0.min(5)).min(30);
                         entry.1 = now + chrono::Duration::seconds(secs as i64);
-                        tracing::warn!(static_role = %role.name, error = %e, retry_in_s = secs, "static role rotation failed");
+                        tracing::warn!(static_role = %role.name, error = %crate::error::chain(&e), retry_in_s = secs, "static role rotation failed");
                         continue;
                     }
                 },

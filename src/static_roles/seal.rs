@@ -38,7 +38,7 @@ impl Sealer {
     /// or as base64 (e.g. `openssl rand -hex 32`). Errors are `Config`.
     pub fn load(source: &SecretSource) -> Result<Sealer> {
         let text = source.read("sealing_key")?.ok_or_else(|| {
-            Error::Config("static_roles need sealing_key_file or sealing_key_env".into())
+            Error::config("static_roles need sealing_key_file or sealing_key_env")
         })?;
         let t = text.expose().trim();
         let bytes = Zeroizing::new(if t.len() == 64 {
@@ -89,7 +89,7 @@ impl Sealer {
     /// so without any of the value.
     pub fn open(&self, role: &str, user: &str, generation: u64, sealed: &str) -> Result<Password> {
         let fail = || {
-            Error::Internal(format!(
+            Error::internal(format!(
                 "static role {role:?}: the sealed password of {user} (generation {generation}) does not open with this sealing key"
             ))
         };

@@ -4,11 +4,11 @@
 //! answered after its one fsync (acknowledged ⇒ durable). Reads are
 //! answered at once from committed rows.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use rusqlite::Connection;
 
-use crate::error::{Error, Result};
+use crate::error::{Detail, Error, Result};
 
 /// The worker thread's name (the bench counts its CPU as the broker's).
 pub const THREAD_NAME: &str = "lease-store";
@@ -90,7 +90,7 @@ trait Job: Send {
     /// Runs the request; true when it succeeded.
     fn run(&mut self, conn: &mut Connection) -> bool;
     /// Answers the caller. `commit` is the batch's outcome (Ok for reads).
-    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+    fn finish(self: Box<Self>, commit: std::result::Result<(), Arc<rusqlite::Error>>);
 }
 
 struct Op<T, F> {
@@ -119,14 +119,16 @@ where
         ok
     }
 
-    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+    fn finish(self: Box<Self>, commit: std::result::Result<(), Arc<rusqlite::Error>>) {
         let out = match (self.result, commit) {
             (Some(Err(e)), _) => Err(db_err(e)),
             (Some(Ok(v)), Ok(())) => Ok(v),
             // A failed COMMIT is the disk's doing (full, read-only, I/O),
             // not a bug: the caller may retry once it is fixed.
-            (_, Err(msg)) => Err(Error::Unavailable(format!(
-                "lease store: commit failed: {msg}"
+            // Every writer of the batch shares the one driver error.
+            (_, Err(e)) => Err(Error::Unavailable(Detail::with_shared_source(
+                format!("lease store: commit failed: {e}"),
+                e,
             ))),
             (None, Ok(())) => Err(Error::internal("lease store: request was not run")),
         };
@@ -139,15 +141,21 @@ struct Request {
     job: Box<dyn Job>,
 }
 
+/// SQLite's answer as the broker's: the file's surroundings (busy, locked,
+/// full, read-only, I/O) are `Unavailable`; everything else — a constraint,
+/// a syntax error, a row we cannot read, a corrupt file — is our bug or the
+/// file's, `Internal`. The driver's error is kept as the source: it can
+/// quote our SQL (`SqlInputError`), which holds no secret — values are
+/// bound parameters, never spliced in.
 pub fn db_err(e: rusqlite::Error) -> Error {
-    match e {
+    match &e {
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(
                 f.code,
                 rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
             ) =>
         {
-            Error::Unavailable("lease store is busy".into())
+            Error::unavailable_from("lease store is busy", e)
         }
         // The file's surroundings, not our SQL: retry once they are fixed.
         rusqlite::Error::SqliteFailure(f, _)
@@ -159,9 +167,9 @@ pub fn db_err(e: rusqlite::Error) -> Error {
                     | rusqlite::ErrorCode::CannotOpen
             ) =>
         {
-            Error::Unavailable(format!("lease store: {e}"))
+            Error::unavailable_from(format!("lease store: {e}"), e)
         }
-        other => Error::Internal(format!("lease store: {other}")),
+        _ => Error::internal_from(format!("lease store: {e}"), e),
     }
 }
 
@@ -202,10 +210,10 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
             }
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            tracing::error!(error = %msg, "lease store: cannot begin a transaction");
+            tracing::error!(error = %crate::error::chain(&e), "lease store: cannot begin a transaction");
+            let e = Arc::new(e);
             for (_, job) in writes {
-                job.finish(Err(msg.clone()));
+                job.finish(Err(e.clone()));
             }
             continue;
         }
@@ -226,12 +234,89 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
             // live lease that no start-up could know was half revoked.
             done.push(job);
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        let commit = conn.execute_batch("COMMIT").map_err(Arc::new);
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
         for job in done {
             job.finish(commit.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::db_err;
+    use crate::error::Error;
+    use rusqlite::Connection;
+
+    fn source_is_rusqlite(e: &Error) -> bool {
+        std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<rusqlite::Error>())
+            .is_some()
+    }
+
+    /// A store bug — a constraint, a syntax error, a row we cannot read, a
+    /// file that is not a database — is `Internal`, with SQLite's error as
+    /// the source; only the file's surroundings are `Unavailable`.
+    #[test]
+    fn a_store_bug_is_internal_not_unavailable() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+            .unwrap();
+        c.execute("INSERT INTO t VALUES ('a', 1)", []).unwrap();
+
+        let dup = db_err(c.execute("INSERT INTO t VALUES ('a', 2)", []).unwrap_err());
+        let syntax = db_err(c.execute_batch("SELEC id FROM t").unwrap_err());
+        let row = db_err(
+            c.query_row("SELECT id FROM t", [], |r| r.get::<_, i64>(0))
+                .unwrap_err(),
+        );
+        let conversion = db_err(rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            Box::new(crate::lease::LeaseState::parse("bogus").unwrap_err()),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+        let not_a_db = db_err(
+            Connection::open(&junk)
+                .and_then(|c| c.execute_batch("SELECT * FROM sqlite_master"))
+                .unwrap_err(),
+        );
+        for e in [&dup, &syntax, &row, &conversion, &not_a_db] {
+            assert!(matches!(e, Error::Internal(_)), "{e}");
+            assert!(source_is_rusqlite(e), "{e:?}");
+        }
+        assert!(
+            dup.to_string().contains("UNIQUE constraint failed"),
+            "{dup}"
+        );
+        assert!(
+            conversion.to_string().contains("unknown lease state"),
+            "{conversion}"
+        );
+    }
+
+    #[test]
+    fn a_busy_store_is_unavailable_and_keeps_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let a = Connection::open(&path).unwrap();
+        a.execute_batch("CREATE TABLE t (n INTEGER); BEGIN EXCLUSIVE")
+            .unwrap();
+        let b = Connection::open(&path).unwrap();
+        b.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let e = db_err(b.execute("INSERT INTO t VALUES (1)", []).unwrap_err());
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert_eq!(e.to_string(), "unavailable: lease store is busy");
+        assert!(source_is_rusqlite(&e));
+        // The log says why; the message does not change.
+        let line = crate::error::chain(&e).to_string();
+        assert!(
+            line.starts_with("unavailable: lease store is busy: "),
+            "{line}"
+        );
     }
 }

@@ -114,7 +114,7 @@ impl MemoryStore {
         let mut n = self.fail_next.lock().unwrap();
         if *n > 0 {
             *n -= 1;
-            return Err(Error::Unavailable("lease store: in-memory outage".into()));
+            return Err(Error::unavailable("lease store: in-memory outage"));
         }
         Ok(())
     }

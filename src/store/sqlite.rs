@@ -241,7 +241,7 @@ impl SqliteStore {
         let (conn, locks) = tokio::task::spawn_blocking(move || {
             let conn = Self::open_blocking(&path)?;
             let locks = load_locks(&conn)
-                .map_err(|e| Error::Config(format!("lease store {}: {e}", path.display())))?;
+                .map_err(|e| Error::config(format!("lease store {}: {e}", path.display())))?;
             Ok::<_, Error>((conn, locks))
         })
         .await
@@ -254,11 +254,11 @@ impl SqliteStore {
 
     fn open_blocking(path: &Path) -> Result<Connection> {
         let ctx = |what: &str, e: rusqlite::Error| {
-            Error::Config(format!("lease store {}: {what}: {e}", path.display()))
+            Error::config(format!("lease store {}: {what}: {e}", path.display()))
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Config(format!("lease store directory {}: {e}", dir.display()))
+                Error::config(format!("lease store directory {}: {e}", dir.display()))
             })?;
         }
         // Created 0600 before SQLite sees it (SQLite would use 0644 less
@@ -271,7 +271,7 @@ impl SqliteStore {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| {
-                    Error::Config(format!(
+                    Error::config(format!(
                         "lease store {}: cannot create: {e}",
                         path.display()
                     ))
@@ -286,7 +286,7 @@ impl SqliteStore {
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(|e| ctx("not a readable SQLite database", e))?;
         if check != "ok" {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "lease store {} is corrupt ({check}); restore it from a backup",
                 path.display()
             )));
@@ -302,7 +302,7 @@ impl SqliteStore {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| ctx("schema version", e))?;
         if version > SCHEMA_VERSION {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "lease store {} has schema version {version}, newer than this broker ({SCHEMA_VERSION})",
                 path.display()
             )));
@@ -439,7 +439,7 @@ fn load_locks(conn: &Connection) -> Result<Vec<Lock>> {
     for row in rows {
         let (id, kind, value, reason, created_by, created_at, expires_at) = row.map_err(db_err)?;
         let target = LockTarget::from_parts(&kind, &value)
-            .map_err(|e| Error::Config(format!("lock {id} cannot be read by this broker: {e}")))?;
+            .map_err(|e| Error::config(format!("lock {id} cannot be read by this broker: {e}")))?;
         out.push(Lock {
             id: LockId::from_store(id),
             target,

@@ -126,14 +126,14 @@ impl From<Error> for VaultError {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(m) => {
-                tracing::warn!(error = %m, "unavailable");
+                tracing::warn!(error = %m.chain(), "unavailable");
                 return VaultError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("unavailable: {}", crate::server::status::public_summary(m)),
                 );
             }
             Error::Internal(m) | Error::Config(m) => {
-                tracing::error!(error = %m, "internal error");
+                tracing::error!(error = %m.chain(), "internal error");
                 return VaultError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal error; see the broker's log",
@@ -163,7 +163,7 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
         Err(e) => {
-            tracing::error!(error = %e, "cannot serialize a vault api response");
+            tracing::error!(error = %crate::error::chain(&e), "cannot serialize a vault api response");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 [(header::CONTENT_TYPE, "application/json")],

@@ -435,7 +435,7 @@ async fn creds(req: &Request<'_>, role: &str) -> Reply {
         // Unlinked, revoking the token would miss this lease: end it now
         // rather than hand it out (the reaper ends it if this fails too).
         if let Err(re) = broker.revoke(&s.identity, &lease.id).await {
-            tracing::warn!(lease_id = %lease.id, error = %re, "cannot revoke an unlinked lease");
+            tracing::warn!(lease_id = %lease.id, error = %crate::error::chain(&re), "cannot revoke an unlinked lease");
         }
         return Err(e.into());
     }

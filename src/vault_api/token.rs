@@ -116,7 +116,7 @@ pub async fn authenticate(
             None => err.to_string(),
         });
         if let Err(ae) = broker.audit().append_relaxed(e) {
-            tracing::error!(error = %ae, "audit write failed");
+            tracing::error!(error = %crate::error::chain(&ae), "audit write failed");
         }
         broker.metrics().request_failed(action, &err);
         err

@@ -24,7 +24,7 @@ use crate::lease::Password;
 impl MysqlBackend {
     pub fn new(config: &DatabaseConfig) -> Result<Self> {
         let bad_url = |e: &dyn std::fmt::Display| {
-            Error::Config(format!("databases.{}.admin_url: {e}", config.name))
+            Error::config(format!("databases.{}.admin_url: {e}", config.name))
         };
         // The `mysql` client's TLS names are ours to read: mysql_async
         // refuses parameters it does not know.
@@ -49,7 +49,7 @@ impl MysqlBackend {
         };
         let max = config.max_connections.max(1);
         let constraints = PoolConstraints::new(0, max)
-            .ok_or_else(|| Error::Config(format!("databases.{}: bad pool size", config.name)))?;
+            .ok_or_else(|| Error::config(format!("databases.{}: bad pool size", config.name)))?;
         let base = OptsBuilder::from_opts(opts)
             // Otherwise a loopback admin URL is silently switched to the Unix
             // socket, where accounts match as 'user'@'localhost'.
@@ -87,7 +87,7 @@ impl MysqlBackend {
         let wait = self.config.connect_timeout + self.config.statement_timeout;
         match tokio::time::timeout(wait, pool.get_conn()).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(self.unavailable(&e)),
+            Ok(Err(e)) => Err(self.unavailable_from(e)),
             Err(_) => Err(self.unavailable(&format!("no connection within {wait:?}"))),
         }
     }
@@ -104,7 +104,7 @@ impl MysqlBackend {
         let r = tokio::time::timeout(self.config.statement_timeout, f).await;
         crate::backend::steps::record(what, started.elapsed());
         r.map_err(|_| {
-            Error::Unavailable(format!(
+            Error::unavailable(format!(
                 "database {:?}: {what} timed out after {:?}",
                 self.config.name, self.config.statement_timeout
             ))
@@ -150,7 +150,7 @@ impl MysqlBackend {
             .await?;
         let me = me.unwrap_or_default();
         let (user, host) = me.rsplit_once('@').ok_or_else(|| {
-            Error::Internal(format!(
+            Error::internal(format!(
                 "database {:?}: unexpected CURRENT_USER() {me:?}",
                 self.config.name
             ))
@@ -183,7 +183,7 @@ impl MysqlBackend {
             let applied =
                 stored.as_deref() == Some(hash.as_str()) || self.logs_in_with(&password).await;
             if !applied {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "database {:?}: the server did not apply the new admin password; the old one stays",
                     self.config.name
                 )));
@@ -214,7 +214,7 @@ impl MysqlBackend {
                 Some(why) => {
                     let opts = self.base.clone();
                     let opts = mysql_async::Opts::from(opts);
-                    Err(Error::Config(format!(
+                    Err(Error::config(format!(
                         "database {:?}: TLS to {}:{} failed ({}): {why}",
                         self.config.name,
                         opts.ip_or_hostname(),

@@ -234,7 +234,7 @@ pub fn recreate_sql(
 }
 
 fn unexpected(object: &Defined, what: &str) -> Error {
-    Error::Internal(format!(
+    Error::internal(format!(
         "{} {} (definer {}): {what} answered in an unexpected form; its definer was not moved",
         object.kind.keyword().to_ascii_lowercase(),
         object.qualified(),

@@ -28,6 +28,17 @@ impl MysqlBackend {
     /// mysql_async on its own prints "Input/output error: Input/output
     /// error". The text before the first ": " is all a caller sees.
     pub(super) fn unavailable<E: std::fmt::Display + 'static>(&self, e: &E) -> Error {
+        Error::unavailable(self.unreachable(e))
+    }
+
+    /// [`Self::unavailable`] of a driver error, kept as the source:
+    /// connection trouble quotes no statement.
+    pub(super) fn unavailable_from(&self, e: mysql_async::Error) -> Error {
+        Error::unavailable_from(self.unreachable(&e), e)
+    }
+
+    /// The message of [`Self::unavailable`].
+    fn unreachable<E: std::fmt::Display + 'static>(&self, e: &E) -> String {
         let at = url::Url::parse(&self.config.admin_url)
             .map(|u| {
                 format!(
@@ -75,44 +86,134 @@ impl MysqlBackend {
             }
             None => ("connection failed", e.to_string()),
         };
-        Error::Unavailable(format!(
+        format!(
             "database {:?} is unreachable: {kind} as {at}: {detail}",
             self.config.name
-        ))
+        )
     }
 
     /// Maps a driver error: connection trouble is `Unavailable`; a refusal
     /// is `Internal` with the server's message. A syntax error's message
-    /// quotes the statement (and so a password hash): that one is withheld.
+    /// quotes the statement (and so a password hash): that one is withheld,
+    /// and so is the driver's error — it is *not* kept as the source, whose
+    /// text is that very message. Every other server error is kept: its
+    /// text (code, SQLSTATE, message) is what our message already says.
     pub(super) fn db_error(&self, what: &str, e: mysql_async::Error) -> Error {
         let name = &self.config.name;
-        match e {
+        match &e {
             mysql_async::Error::Server(s) if code::UNAVAILABLE.contains(&s.code) => {
-                Error::Unavailable(format!(
+                let m = format!(
                     "database {name:?} is unavailable: {what}: {} (error {})",
                     s.message, s.code
-                ))
+                );
+                Error::unavailable_from(m, e)
             }
-            mysql_async::Error::Server(s) if s.code == code::PARSE_ERROR => Error::Internal(format!(
+            mysql_async::Error::Server(s) if s.code == code::PARSE_ERROR => Error::internal(format!(
                 "database {name:?}: {what}: syntax error ({}); the server's message is withheld because it quotes the statement",
                 s.code
             )),
-            mysql_async::Error::Server(s) => Error::Internal(format!(
-                "database {name:?}: {what}: {} (error {}, SQLSTATE {})",
-                s.message, s.code, s.state
-            )),
-            mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => {
-                let what = what.to_string();
-                match self.unavailable(&e) {
-                    Error::Unavailable(m) => Error::Unavailable(m.replacen(
-                        " is unreachable: ",
-                        &format!(" is unreachable: {what}: "),
-                        1,
-                    )),
-                    other => other,
-                }
+            mysql_async::Error::Server(s) => {
+                let m = format!(
+                    "database {name:?}: {what}: {} (error {}, SQLSTATE {})",
+                    s.message, s.code, s.state
+                );
+                Error::internal_from(m, e)
             }
-            other => Error::Internal(format!("database {name:?}: {what}: {other}")),
+            mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => {
+                let m = self.unreachable(&e).replacen(
+                    " is unreachable: ",
+                    &format!(" is unreachable: {what}: "),
+                    1,
+                );
+                Error::unavailable_from(m, e)
+            }
+            // URL and other errors: the message has their text; nothing
+            // more to keep.
+            other => Error::internal(format!("database {name:?}: {what}: {other}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code;
+    use crate::config::{DatabaseConfig, SecretSource};
+    use crate::error::Error;
+    use std::time::Duration;
+
+    fn backend(port: u16) -> super::MysqlBackend {
+        super::MysqlBackend::new(&DatabaseConfig {
+            name: "orders".into(),
+            kind: crate::lease::BackendKind::Mysql,
+            admin_url: format!("mysql://admin@127.0.0.1:{port}/"),
+            admin_password: SecretSource::None,
+            client_host: None,
+            client_port: None,
+            client_sslmode: None,
+            client_sslrootcert: None,
+            max_connections: 1,
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(2),
+            scram_iterations: 1,
+        })
+        .unwrap()
+    }
+
+    fn server(code: u16, message: &str) -> mysql_async::Error {
+        mysql_async::Error::Server(mysql_async::ServerError {
+            code,
+            message: message.into(),
+            state: "42000".into(),
+        })
+    }
+
+    fn source(e: &Error) -> Option<&mysql_async::Error> {
+        std::error::Error::source(e).and_then(|s| s.downcast_ref::<mysql_async::Error>())
+    }
+
+    #[test]
+    fn a_syntax_error_keeps_neither_its_text_nor_its_source() {
+        let b = backend(3306);
+        let hash = "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19";
+        let e = b.db_error(
+            "create user",
+            server(
+                code::PARSE_ERROR,
+                &format!("You have an error in your SQL syntax; near 'AS '{hash}'' at line 1"),
+            ),
+        );
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(std::error::Error::source(&e).is_none());
+        for text in [
+            e.to_string(),
+            format!("{e:?}"),
+            crate::error::chain(&e).to_string(),
+        ] {
+            assert!(!text.contains(hash), "{text}");
+        }
+    }
+
+    #[test]
+    fn server_errors_keep_their_source() {
+        let b = backend(3306);
+        let e = b.db_error("drop user", server(1396, "Operation DROP USER failed"));
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(matches!(source(&e), Some(mysql_async::Error::Server(s)) if s.code == 1396));
+        let e = b.db_error("create user", server(1205, "Lock wait timeout exceeded"));
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(source(&e).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_keeps_its_source() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let b = backend(port);
+        let e = b.conn().await.expect_err("refused");
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        assert!(source(&e).is_some(), "{e:?}");
     }
 }

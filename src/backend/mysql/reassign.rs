@@ -91,7 +91,7 @@ impl MysqlBackend {
         rows.into_iter()
             .map(|(kind, schema, name, definer, extra, security)| {
                 let kind = ObjectKind::parse(&kind).ok_or_else(|| {
-                    Error::Internal(format!(
+                    Error::internal(format!(
                         "database {:?}: unknown object kind {kind:?} defined by {definer}",
                         self.config.name
                     ))
@@ -291,7 +291,7 @@ impl MysqlBackend {
                             .await
                         {
                             tracing::error!(database = %self.config.name, object = %o.qualified(),
-                                error = %undo, "could not restore an object after a failed definer move");
+                                error = %crate::error::chain(&undo), "could not restore an object after a failed definer move");
                         }
                         Err(e)
                     }
@@ -301,7 +301,7 @@ impl MysqlBackend {
     }
 
     fn not_shown(&self, o: &Defined) -> Error {
-        Error::Internal(format!(
+        Error::internal(format!(
             "database {:?}: SHOW CREATE {} {} gave no statement; the admin account needs SELECT (views) or \
              the right to read routine bodies (SHOW_ROUTINE on MySQL, SELECT on mysql.proc on MariaDB)",
             self.config.name,
@@ -322,7 +322,7 @@ impl MysqlBackend {
         me.rsplit_once('@')
             .map(|(u, h)| (u.to_string(), h.to_string()))
             .ok_or_else(|| {
-                Error::Internal(format!(
+                Error::internal(format!(
                     "database {:?}: unexpected CURRENT_USER() {me:?}",
                     self.config.name
                 ))

@@ -70,7 +70,7 @@ impl MysqlBackend {
             .timed("drop failsafe event", conn.query_drop(drops))
             .await
         {
-            tracing::warn!(database = %self.config.name, error = %e,
+            tracing::warn!(database = %self.config.name, error = %crate::error::chain(&e),
                 "failsafe events not dropped; they will fire harmlessly");
         }
         Ok(reassigned)

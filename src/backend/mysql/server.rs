@@ -51,7 +51,7 @@ impl ServerInfo {
             parts.next().unwrap_or(0),
         );
         if triple.0 == 0 {
-            return Err(Error::Internal(format!(
+            return Err(Error::internal(format!(
                 "cannot read the server version {version:?}"
             )));
         }
@@ -124,7 +124,7 @@ impl MysqlBackend {
         let version = version.unwrap_or_default();
         let (flavor, v) = ServerInfo::from_version(&version)?;
         if flavor == Flavor::Mysql && v < (5, 7, 6) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "databases.{}: MySQL {version} is too old (needs 5.7.6 or later for CREATE USER … AS)",
                 self.config.name
             )));

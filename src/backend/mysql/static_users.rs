@@ -38,9 +38,9 @@ impl MysqlBackend {
             self.timed("create static users", conn.query_drop(sql))
                 .await
                 .map_err(|e| match e {
-                    Error::Internal(m) => {
-                        Error::Internal(format!("static role {:?}: {m}", spec.role))
-                    }
+                    Error::Internal(m) => Error::Internal(
+                        m.map_message(|m| format!("static role {:?}: {m}", spec.role)),
+                    ),
                     other => other,
                 })?;
         }
@@ -86,7 +86,9 @@ impl MysqlBackend {
         self.timed("set static password", conn.query_drop(sql))
             .await
             .map_err(|e| match e {
-                Error::Internal(m) => Error::Internal(format!("static role {:?}: {m}", login.role)),
+                Error::Internal(m) => {
+                    Error::Internal(m.map_message(|m| format!("static role {:?}: {m}", login.role)))
+                }
                 other => other,
             })
     }
@@ -123,7 +125,7 @@ impl MysqlBackend {
                 )
                 .await
             {
-                tracing::warn!(database = %self.config.name, error = %e,
+                tracing::warn!(database = %self.config.name, error = %crate::error::chain(&e),
                     "static failsafe event not dropped; it will fire harmlessly");
             }
         }

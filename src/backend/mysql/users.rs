@@ -19,7 +19,7 @@ impl MysqlBackend {
         let server = self.server().await?;
         let name = user.username.as_str();
         if name.len() > server.max_user_len {
-            return Err(Error::Internal(format!(
+            return Err(Error::internal(format!(
                 "database {:?}: user name of {} characters exceeds the server's limit of {}",
                 self.config.name,
                 name.len(),
@@ -55,7 +55,7 @@ impl MysqlBackend {
                 None,
             );
             if let Err(e) = self.revoke(std::slice::from_ref(&undo)).await {
-                tracing::warn!(database = %self.config.name, username = %name, error = %e,
+                tracing::warn!(database = %self.config.name, username = %name, error = %crate::error::chain(&e),
                     "could not undo a failed create; the reaper will");
             }
         }
