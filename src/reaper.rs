@@ -70,10 +70,13 @@ pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
 /// lease.
 pub async fn pass(broker: &Broker) -> Result<Duration> {
     let batch = broker.config().reaper.batch_size;
+    // The instant of the last look for due leases.
+    let mut looked;
     loop {
+        looked = broker.clock().now();
         let due = broker
             .store()
-            .claim_due(broker.clock().now(), batch, &broker.claim())
+            .claim_due(looked, batch, &broker.claim())
             .await?;
         if due.is_empty() {
             break;
@@ -109,8 +112,11 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
     let next = broker.store().next_due().await?;
     let now = broker.clock().now();
     Ok(match next {
-        // Due already (e.g. a claim held by another replica): look again soon.
-        Some(t) if t <= now => Duration::from_millis(500),
+        // Due when we looked, yet not ours to claim (a claim held by another
+        // replica or task): look again soon.
+        Some(t) if t <= looked => Duration::from_millis(500),
+        // Fell due while this pass revoked what was due before it: now.
+        Some(t) if t <= now => Duration::ZERO,
         Some(t) => (t - now).to_std().unwrap_or_default().min(MAX_SLEEP) + Duration::from_millis(5),
         None => MAX_SLEEP,
     })
@@ -132,6 +138,8 @@ pub struct OrphanSweeper {
 
 impl OrphanSweeper {
     pub async fn sweep(&mut self, broker: &Broker) {
+        let started = Instant::now();
+        let (mut listed, mut suspected) = (0usize, 0usize);
         let prefix = broker.config().server.name_prefix.clone();
         for (db, backend) in broker.backends() {
             // Database first, store second: an intent is written before its
@@ -144,21 +152,32 @@ impl OrphanSweeper {
                     continue;
                 }
             };
-            let names: Vec<String> = users
-                .iter()
-                .map(|u| u.username.as_str().to_string())
-                .collect();
-            let live = match broker.store().live_among(&names).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %crate::error::chain(&e), "orphan sweep: store unreadable");
-                    return;
-                }
-            };
-            let orphans: Vec<UserRef> = users
-                .into_iter()
-                .filter(|u| !live.contains(u.username.as_str()))
-                .collect();
+            listed += users.len();
+            // The store is asked a slice at a time and only the orphans are
+            // kept: over a million roles, a set of every live name would
+            // cost the sweep as much memory again as the list itself.
+            let mut orphans: Vec<UserRef> = Vec::new();
+            for slice in users.chunks(SWEEP_SLICE) {
+                let names: Vec<String> = slice
+                    .iter()
+                    .map(|u| u.username.as_str().to_string())
+                    .collect();
+                let live = match broker.store().live_among(&names).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::chain(&e), "orphan sweep: store unreadable");
+                        return;
+                    }
+                };
+                orphans.extend(
+                    slice
+                        .iter()
+                        .filter(|u| !live.contains(u.username.as_str()))
+                        .cloned(),
+                );
+            }
+            drop(users);
+            suspected += orphans.len();
             let previous = self.suspects.remove(db).unwrap_or_default();
             let (confirmed, fresh): (Vec<UserRef>, Vec<UserRef>) = orphans
                 .into_iter()
@@ -182,8 +201,17 @@ impl OrphanSweeper {
                 }
             }
         }
+        tracing::debug!(
+            users = listed,
+            orphans = suspected,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "orphan sweep finished"
+        );
     }
 }
+
+/// User names per store question in a sweep.
+const SWEEP_SLICE: usize = 10_000;
 
 #[cfg(test)]
 mod timeline;

@@ -7,7 +7,9 @@
 //!   end to end over gRPC + mTLS, at several caller counts.
 //! - [`reaper`]: many leases due at once; time until every role is gone.
 //! - [`console`]: the web console's pages over 100,000 live leases.
-//! - [`scale`]: many live leases (broker memory) and a million store rows
+//! - [`scale`]: many live leases with real roles (issue rate and memory as
+//!   they grow, restart, orphan sweep, `admin leases` with filters, reaper
+//!   order over a staggered slice, teardown) and a million store rows
 //!   (restart to ready, memory, reaper wake-up cost).
 //!
 //! Figures are printed and written as Markdown and JSON. Nothing here is

@@ -31,7 +31,8 @@ enum What {
     Mysql(LeaseArgs),
     /// Many leases due at once: time until every role is gone
     Reaper(ReaperArgs),
-    /// Many live leases and a million store rows: memory, restart, reaper
+    /// Many live leases and a million store rows: memory, restart, sweep,
+    /// admin listings, reaper order, teardown
     Scale(ScaleArgs),
     /// The web console's pages over many live leases: ms per page request
     Console(ConsoleArgs),

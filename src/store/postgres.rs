@@ -185,6 +185,22 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         CREATE INDEX credbroker_leases_live_counts ON credbroker_leases (role, database, state)
             WHERE state <> 'revoked';",
     ),
+    // At a million live leases. The orphan sweep's question, 'which of
+    // these users has a live lease', by user name across every database:
+    // the unique index leads with the database, so `username = ANY($1)`
+    // read every live row. And a role's or a database's live leases
+    // by expiry (`admin leases --role/--database`), one page without
+    // sorting all of them.
+    (
+        7,
+        "live leases by user name (orphan sweep) and by role and database in expiry order",
+        "CREATE INDEX credbroker_leases_live_username ON credbroker_leases (username)
+            WHERE state <> 'revoked';
+        CREATE INDEX credbroker_leases_live_role_expiry ON credbroker_leases (role, expires_at, id)
+            WHERE state <> 'revoked';
+        CREATE INDEX credbroker_leases_live_database_expiry
+            ON credbroker_leases (database, expires_at, id) WHERE state <> 'revoked';",
+    ),
 ];
 
 const STATIC_COLUMNS: &str =

@@ -24,7 +24,7 @@ use crate::store::{
     cap_reached, stamp_lock, Claim, FailureRecord, HolderClaim, LeaseFilter, LeaseStore, VaultToken,
 };
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 const MIGRATION_1: &str = "
 CREATE TABLE leases (
@@ -66,6 +66,21 @@ CREATE INDEX leases_revoked_at ON leases(revoked_at) WHERE state = 'revoked';
 const MIGRATION_6: &str = "
 CREATE INDEX IF NOT EXISTS leases_live_expiry ON leases(expires_at, id) WHERE state <> 'revoked';
 CREATE INDEX IF NOT EXISTS leases_live_counts ON leases(role, database, state) WHERE state <> 'revoked';
+";
+
+/// At a million live leases. The orphan sweep's question, 'which of these
+/// users has a live lease', asked per user name across every database:
+/// `leases_username` leads with the database, so each name was a scan of
+/// every live row (a sweep over 100,000 roles never finished). And `admin
+/// leases --role` / `--database`, soonest expiry first: a role or a
+/// database often holds most live leases, and without an index in that
+/// order each listing read and sorted all of them to return one page
+/// (`filter_sql` keeps them off a listing by identity, which its own index
+/// narrows better).
+const MIGRATION_7: &str = "
+CREATE INDEX IF NOT EXISTS leases_live_username ON leases(username) WHERE state <> 'revoked';
+CREATE INDEX IF NOT EXISTS leases_live_role_expiry ON leases(role, expires_at, id) WHERE state <> 'revoked';
+CREATE INDEX IF NOT EXISTS leases_live_database_expiry ON leases(database, expires_at, id) WHERE state <> 'revoked';
 ";
 
 pub struct SqliteStore {
@@ -341,6 +356,11 @@ impl SqliteStore {
             conn.execute_batch(&tx_sql)
                 .map_err(|e| ctx("cannot migrate schema to version 6", e))?;
         }
+        if version < 7 {
+            let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_7} PRAGMA user_version = 7; COMMIT;");
+            conn.execute_batch(&tx_sql)
+                .map_err(|e| ctx("cannot migrate schema to version 7", e))?;
+        }
         Ok(conn)
     }
 
@@ -381,11 +401,21 @@ fn filter_sql(f: &LeaseFilter) -> (String, Vec<rusqlite::types::Value>) {
         args.push(v);
         sql.push_str(&format!(" AND {cond} ?{}", args.len()));
     };
+    // SQLite plans without statistics: given an identity, it would rather
+    // walk a whole role's or database's leases in expiry order than sort
+    // the identity's few. A unary `+` keeps a column off index choice. A
+    // role belongs to one database, so with both the role's index serves.
+    let narrower = |by: bool| if by { "+" } else { "" };
     if let Some(r) = &f.role {
-        push(&mut sql, "role =", r.clone().into());
+        let cond = format!("{}role =", narrower(f.identity.is_some()));
+        push(&mut sql, &cond, r.clone().into());
     }
     if let Some(d) = &f.database {
-        push(&mut sql, "database =", d.clone().into());
+        let cond = format!(
+            "{}database =",
+            narrower(f.identity.is_some() || f.role.is_some())
+        );
+        push(&mut sql, &cond, d.clone().into());
     }
     if let Some(i) = &f.identity {
         push(&mut sql, "identity =", i.clone().into());
@@ -1189,5 +1219,80 @@ impl LeaseStore for SqliteStore {
             .map(|_| ())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LeaseOrder;
+
+    /// SQLite's plan for a listing with `f` (no statistics, as in a broker).
+    fn plan(c: &Connection, f: &LeaseFilter) -> String {
+        let (cond, args) = filter_sql(f);
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT {COLUMNS} FROM leases WHERE {cond}{} LIMIT 100",
+            f.order.sql()
+        );
+        let mut stmt = c.prepare(&sql).unwrap();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("; ")
+    }
+
+    /// A page of one role's or database's leases walks an index in expiry
+    /// order (no sort of every lease they hold); a listing by identity
+    /// keeps to the identity's index; the sweep's lookup by name uses one.
+    #[test]
+    fn listings_and_the_sweep_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = SqliteStore::open_blocking(&dir.path().join("s.db")).unwrap();
+        let s = |v: &str| Some(v.to_string());
+        let role = LeaseFilter {
+            role: s("r"),
+            ..Default::default()
+        };
+        let p = plan(&c, &role);
+        assert!(
+            p.contains("leases_live_role_expiry") && !p.contains("B-TREE"),
+            "{p}"
+        );
+        let db = LeaseFilter {
+            database: s("d"),
+            order: LeaseOrder::ExpiresLast,
+            ..Default::default()
+        };
+        let p = plan(&c, &db);
+        assert!(
+            p.contains("leases_live_database_expiry") && !p.contains("B-TREE"),
+            "{p}"
+        );
+        let both = LeaseFilter {
+            role: s("r"),
+            database: s("d"),
+            expiring_before: Some(Utc::now()),
+            ..Default::default()
+        };
+        let p = plan(&c, &both);
+        assert!(
+            p.contains("leases_live_role_expiry") && !p.contains("B-TREE"),
+            "{p}"
+        );
+        let who = LeaseFilter {
+            identity: s("spiffe://td/a"),
+            role: s("r"),
+            database: s("d"),
+            ..Default::default()
+        };
+        assert!(plan(&c, &who).contains("leases_live_identity"));
+        let detail: String = c
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT 1 FROM leases WHERE username = ?1 AND state <> 'revoked'",
+                ["u"],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(detail.contains("leases_live_username"), "{detail}");
     }
 }

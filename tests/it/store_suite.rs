@@ -1372,7 +1372,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
     })
     .await
     .unwrap();
-    assert_eq!((version, indexed), (6, 1));
+    assert_eq!((version, indexed), (7, 1));
 }
 
 #[tokio::test]
