@@ -87,6 +87,7 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
             .partition(|l| l.state == LeaseState::Pending);
         if !abandoned.is_empty() {
             broker
+                .revoker()
                 .revoke_claimed(
                     abandoned,
                     REAPER_IDENTITY,
@@ -97,6 +98,7 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
         }
         if !expired.is_empty() {
             broker
+                .revoker()
                 .revoke_claimed(
                     expired,
                     REAPER_IDENTITY,
@@ -192,7 +194,7 @@ impl OrphanSweeper {
             if confirmed.is_empty() {
                 continue;
             }
-            match broker.revoke_orphans(db, confirmed.clone()).await {
+            match broker.revoker().revoke_orphans(db, confirmed.clone()).await {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(database = %db, error = %crate::error::chain(&e), "orphan drop failed; retrying next sweep");

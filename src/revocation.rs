@@ -549,6 +549,7 @@ mod tests {
         kit.server.give_objects(leases[1].username.as_str(), 4);
         let out = kit
             .broker
+            .revoker()
             .revoke_claimed(leases.clone(), "t", Reason::Admin, Mode::UntilDropped)
             .await;
         assert_eq!(out.revoked.len(), 3);
@@ -587,6 +588,7 @@ mod tests {
         let leases = claimed(&kit, 1, "mig").await;
         kit.server.give_objects(leases[0].username.as_str(), 2);
         kit.broker
+            .revoker()
             .revoke_claimed(leases, "t", Reason::Expired, Mode::UntilDropped)
             .await;
         let rec = kit
@@ -605,6 +607,7 @@ mod tests {
         kit.server.refuse_revoke(leases[0].username.as_str());
         let out = kit
             .broker
+            .revoker()
             .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
             .await;
         assert_eq!(out.revoked.len(), 2);
@@ -637,6 +640,7 @@ mod tests {
         kit.server.set_unavailable(true);
         let out = kit
             .broker
+            .revoker()
             .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
             .await;
         assert_eq!(out.failed.len(), 4);
@@ -669,6 +673,7 @@ mod tests {
                 .unwrap()
                 .unwrap();
             kit.broker
+                .revoker()
                 .revoke_claimed(vec![l], "t", Reason::Expired, Mode::UntilDropped)
                 .await;
             let s = state(&kit, &leases[0].id).await;
@@ -693,6 +698,7 @@ mod tests {
         }
         let out = kit
             .broker
+            .revoker()
             .revoke_claimed(vec![leases[0].clone()], "t", Reason::Admin, Mode::Forced)
             .await;
         assert_eq!(out.revoked, vec![leases[0].id.clone()]);
@@ -709,6 +715,7 @@ mod tests {
         kit.server.refuse_disable(true);
         let out = kit
             .broker
+            .revoker()
             .revoke_claimed(vec![leases[1].clone()], "t", Reason::Admin, Mode::Forced)
             .await;
         assert!(out.revoked.is_empty());
@@ -735,6 +742,7 @@ mod tests {
             .before_next_revoke(move || store.steal_claim(&id, "another-replica"));
         let out = kit
             .broker
+            .revoker()
             .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
             .await;
         assert!(out.revoked.is_empty());
@@ -751,6 +759,7 @@ mod tests {
         kit.server.before_next_revoke(move || store.fail_next(1));
         let out = kit
             .broker
+            .revoker()
             .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
             .await;
         assert!(out.revoked.is_empty());

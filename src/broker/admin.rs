@@ -41,7 +41,8 @@ impl Broker {
                 let claimed = self.store.claim_one(id, &self.claim()).await?;
                 return Ok(match claimed {
                     Some(l) => {
-                        self.revoke_claimed(vec![l], who.as_str(), Reason::Admin, mode)
+                        self.revoker
+                            .revoke_claimed(vec![l], who.as_str(), Reason::Admin, mode)
                             .await
                     }
                     None => BulkOutcome {
@@ -106,6 +107,7 @@ impl Broker {
         }
         for chunk in claimed.chunks(batch) {
             let out = self
+                .revoker
                 .revoke_claimed(chunk.to_vec(), who.as_str(), reason, mode)
                 .await;
             total.revoked.extend(out.revoked);

@@ -21,12 +21,12 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::audit::{AuditLog, Event, Outcome};
-use crate::backend::{Backend, Backends, Endpoint, UserRef};
+use crate::backend::{Backend, Backends, Endpoint};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigHandle};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
-use crate::lease::{Lease, LeaseId, Password, Reason};
+use crate::lease::{Lease, LeaseId, Password};
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
@@ -192,24 +192,6 @@ impl Broker {
 
     pub fn revoker(&self) -> &Revoker {
         &self.revoker
-    }
-
-    /// See [`Revoker::revoke_claimed`].
-    pub async fn revoke_claimed(
-        &self,
-        leases: Vec<Lease>,
-        actor: &str,
-        reason: Reason,
-        mode: Mode,
-    ) -> BulkOutcome {
-        self.revoker
-            .revoke_claimed(leases, actor, reason, mode)
-            .await
-    }
-
-    /// See [`Revoker::revoke_orphans`].
-    pub async fn revoke_orphans(&self, database: &str, users: Vec<UserRef>) -> Result<()> {
-        self.revoker.revoke_orphans(database, users).await
     }
 
     pub fn store(&self) -> &Arc<dyn LeaseStore> {

@@ -142,19 +142,8 @@ impl MysqlBackend {
         // CURRENT_USER() IDENTIFIED BY PASSWORD …` and silently changes
         // nothing, which would lock the broker out once it kept the new
         // password.
-        let me: Option<String> = self
-            .timed(
-                "read current user",
-                conn.query_first("SELECT CURRENT_USER()"),
-            )
-            .await?;
-        let me = me.unwrap_or_default();
-        let (user, host) = me.rsplit_once('@').ok_or_else(|| {
-            Error::internal(format!(
-                "database {:?}: unexpected CURRENT_USER() {me:?}",
-                self.config.name
-            ))
-        })?;
+        let (user, host) = self.current_user(&mut conn).await?;
+        let (user, host) = (user.as_str(), host.as_str());
         self.timed(
             "rotate admin password",
             conn.query_drop(format!(

@@ -311,7 +311,7 @@ impl MysqlBackend {
     }
 
     /// The admin account, which inherits what a role without owner defined.
-    async fn current_user(&self, conn: &mut Conn) -> Result<(String, String)> {
+    pub(super) async fn current_user(&self, conn: &mut Conn) -> Result<(String, String)> {
         let me: Option<String> = self
             .timed(
                 "read current user",
