@@ -75,7 +75,7 @@ struct Job {
 }
 
 /// Per database: the holder revocations waiting for the next round, and
-/// the round running now.
+/// the rounds running now.
 #[derive(Default)]
 struct Lanes(std::sync::Mutex<std::collections::HashMap<String, Arc<Lane>>>);
 
@@ -85,10 +85,23 @@ type Waiter = (
     tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
 );
 
-#[derive(Default)]
 struct Lane {
     queue: std::sync::Mutex<Vec<Waiter>>,
-    running: tokio::sync::Mutex<()>,
+    /// Two rounds at a time: while one waits on the database (or marks
+    /// its leases in the store), the next is already on its way.
+    running: tokio::sync::Semaphore,
+}
+
+/// Rounds of one database in flight at once.
+const ROUNDS_IN_FLIGHT: usize = 2;
+
+impl Default for Lane {
+    fn default() -> Self {
+        Lane {
+            queue: Default::default(),
+            running: tokio::sync::Semaphore::new(ROUNDS_IN_FLIGHT),
+        }
+    }
 }
 
 impl Lanes {
@@ -238,7 +251,9 @@ impl Revoker {
         ));
         let this = self.clone();
         tokio::spawn(async move {
-            let _round = lane.running.lock().await;
+            let Ok(_round) = lane.running.acquire().await else {
+                return;
+            };
             let batch = std::mem::take(&mut *lane.queue.lock().unwrap_or_else(|p| p.into_inner()));
             // Empty: a round that started after we queued took ours too.
             if batch.is_empty() {
@@ -808,8 +823,9 @@ mod tests {
         panic!("fewer than {n} revoke calls: {:?}", kit.server.calls());
     }
 
-    /// Issues `n` leases and starts a holder revoke of each, the first one
-    /// alone (it holds the round at the gate), the rest while it waits.
+    /// Issues `n` leases and starts a holder revoke of each: the first
+    /// [`ROUNDS_IN_FLIGHT`] one by one (each holds its round at the gate),
+    /// the rest while they wait.
     async fn revokes_behind_a_slow_round(
         kit: &Kit,
         n: usize,
@@ -828,14 +844,14 @@ mod tests {
         for (i, l) in leases.iter().enumerate() {
             let (broker, id, who) = (kit.broker.clone(), l.id.clone(), who(i));
             tasks.push(tokio::spawn(async move { broker.revoke(&who, &id).await }));
-            if i == 0 {
-                revoke_calls(kit, 1).await;
+            if i < ROUNDS_IN_FLIGHT {
+                revoke_calls(kit, i + 1).await;
             }
         }
         // Every later revoke has claimed its lease and queued behind the
         // first round, which waits at the gate.
         for _ in 0..2000 {
-            if kit.broker.revoker().queued("main") == n - 1 {
+            if kit.broker.revoker().queued("main") == n - ROUNDS_IN_FLIGHT {
                 return (leases, tasks, gate);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -847,20 +863,21 @@ mod tests {
     async fn holder_revokes_that_arrive_together_share_one_round() {
         let kit = Kit::new("", &role("ro", "main"));
         let (leases, tasks, gate) =
-            revokes_behind_a_slow_round(&kit, 4, |i| if i == 3 { admin() } else { app() }).await;
-        gate.add_permits(2);
+            revokes_behind_a_slow_round(&kit, 5, |i| if i == 4 { admin() } else { app() }).await;
+        gate.add_permits(3);
         for t in tasks {
             assert_eq!(t.await.unwrap().unwrap().state, LeaseState::Revoked);
         }
-        let calls = revoke_calls(&kit, 2).await;
-        let names: Vec<String> = leases[1..].iter().map(|l| l.username.to_string()).collect();
+        let calls = revoke_calls(&kit, 3).await;
+        let names: Vec<String> = leases[2..].iter().map(|l| l.username.to_string()).collect();
         assert_eq!(
             calls,
             vec![
                 format!("revoke {}", leases[0].username),
+                format!("revoke {}", leases[1].username),
                 format!("revoke {}", names.join(","))
             ],
-            "the first alone, the three that queued behind it in one call"
+            "the first two alone, the three that queued behind them in one call"
         );
         for l in &leases {
             assert_eq!(state(&kit, &l.id).await.state, LeaseState::Revoked);
@@ -873,9 +890,9 @@ mod tests {
             .filter(|r| r.action == "revoke")
             .map(|r| (r.lease_id.unwrap(), r.identity))
             .collect();
-        assert_eq!(actors.len(), 4, "{actors:?}");
+        assert_eq!(actors.len(), 5, "{actors:?}");
         for (i, l) in leases.iter().enumerate() {
-            let who = if i == 3 { admin() } else { app() };
+            let who = if i == 4 { admin() } else { app() };
             assert!(
                 actors.contains(&(l.id.to_string(), who.as_str().to_string())),
                 "{actors:?}"
@@ -886,37 +903,37 @@ mod tests {
     #[tokio::test]
     async fn a_refused_lease_in_a_shared_round_fails_alone() {
         let kit = Kit::new("", &role("ro", "main"));
-        let (leases, tasks, gate) = revokes_behind_a_slow_round(&kit, 4, |_| app()).await;
-        kit.server.refuse_revoke(leases[2].username.as_str());
-        // The first round, the shared one, then one call per lease of it.
-        gate.add_permits(5);
+        let (leases, tasks, gate) = revokes_behind_a_slow_round(&kit, 5, |_| app()).await;
+        kit.server.refuse_revoke(leases[3].username.as_str());
+        // The first two rounds, the shared one, then one call per lease of it.
+        gate.add_permits(6);
         let mut results = Vec::new();
         for t in tasks {
             results.push(t.await.unwrap());
         }
         for (i, r) in results.iter().enumerate() {
             match (i, r) {
-                (2, Err(Error::Unavailable(m))) => assert!(m.contains("will be retried"), "{m}"),
-                (2, other) => panic!("the refused lease: {other:?}"),
+                (3, Err(Error::Unavailable(m))) => assert!(m.contains("will be retried"), "{m}"),
+                (3, other) => panic!("the refused lease: {other:?}"),
                 (_, r) => assert_eq!(r.as_ref().unwrap().state, LeaseState::Revoked),
             }
         }
-        let bad = state(&kit, &leases[2].id).await;
+        let bad = state(&kit, &leases[3].id).await;
         assert_eq!(bad.state, LeaseState::Active);
         assert_eq!(bad.revoke_attempts, 1);
-        assert!(kit.server.user(leases[2].username.as_str()).is_some());
+        assert!(kit.server.user(leases[3].username.as_str()).is_some());
     }
 
     #[tokio::test]
     async fn a_caller_that_goes_away_does_not_cancel_the_round() {
         let kit = Kit::new("", &role("ro", "main"));
-        let (leases, tasks, gate) = revokes_behind_a_slow_round(&kit, 3, |_| app()).await;
-        // The first caller, whose request started the round, hangs up; so
+        let (leases, tasks, gate) = revokes_behind_a_slow_round(&kit, 4, |_| app()).await;
+        // The first caller, whose request started a round, hangs up; so
         // does one of those waiting behind it.
         tasks[0].abort();
-        tasks[1].abort();
-        gate.add_permits(2);
-        tasks.into_iter().nth(2).unwrap().await.unwrap().unwrap();
+        tasks[2].abort();
+        gate.add_permits(3);
+        tasks.into_iter().nth(3).unwrap().await.unwrap().unwrap();
         for l in &leases {
             for _ in 0..2000 {
                 if state(&kit, &l.id).await.state == LeaseState::Revoked {
