@@ -27,6 +27,16 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// gRPC alone (the demo, the bench): no metrics, Vault API or console.
+    pub fn grpc_only(grpc: TcpListener) -> Self {
+        Listeners {
+            grpc,
+            metrics: None,
+            vault_api: None,
+            console: None,
+        }
+    }
+
     /// Binds the addresses named in the config.
     pub async fn bind(config: &Config) -> Result<Self> {
         let grpc = TcpListener::bind(config.server.listen)

@@ -248,17 +248,9 @@ impl InProcess {
                     };
                     let _ = ready_tx.send(Ok((port, daemon.broker.clone())));
                     daemon
-                        .run(
-                            Listeners {
-                                grpc,
-                                metrics: None,
-                                vault_api: None,
-                                console: None,
-                            },
-                            async {
-                                let _ = stop_rx.await;
-                            },
-                        )
+                        .run(Listeners::grpc_only(grpc), async {
+                            let _ = stop_rx.await;
+                        })
                         .await
                 })
             })

@@ -145,17 +145,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         println!("    WARNING: {w}");
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(daemon.run(
-        Listeners {
-            grpc,
-            metrics: None,
-            vault_api: None,
-            console: None,
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(daemon.run(Listeners::grpc_only(grpc), async {
+        let _ = stop_rx.await;
+    }));
     println!("    {addr}, config {}", env.config_path.display());
 
     step(
@@ -164,16 +156,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     );
     let client = env.client(&addr, "app");
     let mut broker = client.broker()?;
-    let lease = broker
-        .issue_lease(pb::IssueLeaseRequest {
-            role: "shop-readonly".into(),
-            ttl_seconds: 120,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("issue: {}", crate::client::describe(&s)))?
-        .into_inner();
-    println!("    lease    {}", lease.lease_id);
-    println!("    username {}", lease.username);
+    let lease = issue(&mut broker, "shop-readonly").await?;
     println!(
         "    password ({} characters, shown only to the caller)",
         lease.password.len()
@@ -272,13 +255,14 @@ async fn demo(args: Args) -> anyhow::Result<()> {
 }
 
 /// Leases a MariaDB user, uses it, shows its failsafe event, revokes it.
-async fn mysql_part(
+/// Leases `role` for two minutes and prints what a caller is told.
+async fn issue(
     broker: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
-    db: &ThrowawayMariadb,
-) -> anyhow::Result<()> {
+    role: &str,
+) -> anyhow::Result<pb::Lease> {
     let lease = broker
         .issue_lease(pb::IssueLeaseRequest {
-            role: "shop-mysql-readonly".into(),
+            role: role.into(),
             ttl_seconds: 120,
         })
         .await
@@ -286,6 +270,14 @@ async fn mysql_part(
         .into_inner();
     println!("    lease    {}", lease.lease_id);
     println!("    username {}", lease.username);
+    Ok(lease)
+}
+
+async fn mysql_part(
+    broker: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    db: &ThrowawayMariadb,
+) -> anyhow::Result<()> {
+    let lease = issue(broker, "shop-mysql-readonly").await?;
     let mut root = db.connect().await?;
     let (plugin, hash_len): (String, u64) = root
         .exec_first(
