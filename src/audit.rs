@@ -70,6 +70,20 @@ pub async fn via<F: std::future::Future>(api: &'static str, fut: F) -> F::Output
     VIA.scope(api, fut).await
 }
 
+/// The front end of the request this task serves, if any: to be carried
+/// by work handed to another task (a shared revocation round).
+pub fn current_via() -> Option<&'static str> {
+    VIA.try_with(|v| *v).ok()
+}
+
+/// Runs `f` with the records it writes marked `via` (none: as they are).
+pub fn in_via<R>(via: Option<&'static str>, f: impl FnOnce() -> R) -> R {
+    match via {
+        Some(v) => VIA.sync_scope(v, f),
+        None => f(),
+    }
+}
+
 impl Event {
     pub fn new(identity: impl Into<String>, action: &'static str) -> Self {
         Event {

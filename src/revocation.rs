@@ -68,10 +68,12 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
-/// One lease to revoke, and who asked (for its audit record).
+/// One lease to revoke, who asked, and through which front end (for its
+/// audit record, which a shared round writes in a task of its own).
 struct Job {
     lease: Lease,
     actor: Arc<str>,
+    via: Option<&'static str>,
 }
 
 /// Per database: the holder revocations waiting for the next round, and
@@ -223,6 +225,7 @@ impl Revoker {
             .map(|lease| Job {
                 lease,
                 actor: actor.clone(),
+                via: crate::audit::current_via(),
             })
             .collect();
         self.revoke_jobs(jobs, reason, mode).await
@@ -246,6 +249,7 @@ impl Revoker {
             Job {
                 lease,
                 actor: Arc::from(actor),
+                via: crate::audit::current_via(),
             },
             tx,
         ));
@@ -367,10 +371,15 @@ impl Revoker {
                 return;
             }
         };
-        for Job { lease: l, actor } in jobs {
+        for Job {
+            lease: l,
+            actor,
+            via,
+        } in jobs
+        {
             if marked.contains(&l.id) {
                 let moved = reassigned.iter().find(|r| r.username == l.username);
-                self.audit_revocation(l, actor, reason, Ok(moved));
+                self.audit_revocation(l, actor, *via, reason, Ok(moved));
                 self.metrics().revoked(&l.role, &l.database, reason);
                 self.watch()
                     .publish(crate::watch::LeaseEvent::revoked(l, actor, reason));
@@ -392,7 +401,7 @@ impl Revoker {
         mode: Mode,
         out: &mut BulkOutcome,
     ) {
-        let Job { lease, actor } = job;
+        let Job { lease, actor, via } = job;
         if mode == Mode::UntilDropped {
             return self
                 .record_failures(std::slice::from_ref(job), &error, reason, out)
@@ -419,6 +428,7 @@ impl Revoker {
         self.audit_revocation(
             lease,
             actor,
+            *via,
             reason,
             Err(&format!(
                 "forced; drop failed ({error}); login disabled and sessions ended, the account is left in the database"
@@ -465,8 +475,13 @@ impl Revoker {
             tracing::error!(error = %crate::error::chain(&se), "cannot record revocation failures");
         }
         tracing::warn!(count = jobs.len(), error = %msg, "revocation failed; will retry");
-        for Job { lease: l, actor } in jobs {
-            self.audit_revocation(l, actor, reason, Err(&msg));
+        for Job {
+            lease: l,
+            actor,
+            via,
+        } in jobs
+        {
+            self.audit_revocation(l, actor, *via, reason, Err(&msg));
             self.metrics().revocation_failed(&l.database);
             out.failed.push((l.id.clone(), msg.clone()));
         }
@@ -476,6 +491,7 @@ impl Revoker {
         &self,
         lease: &Lease,
         actor: &str,
+        via: Option<&'static str>,
         reason: Reason,
         result: std::result::Result<Option<&Reassigned>, &str>,
     ) {
@@ -498,7 +514,7 @@ impl Revoker {
             }
         }
         let started = std::time::Instant::now();
-        if let Err(err) = self.audit().append(e) {
+        if let Err(err) = crate::audit::in_via(via, || self.audit().append(e)) {
             tracing::error!(error = %crate::error::chain(&err), "audit write failed");
         }
         steps::record("audit: append", started.elapsed());
@@ -944,5 +960,27 @@ mod tests {
             assert_eq!(state(&kit, &l.id).await.state, LeaseState::Revoked);
             assert!(kit.server.user(l.username.as_str()).is_none());
         }
+    }
+
+    /// The round writes its records in a task of its own: each still says
+    /// which front end its request came through.
+    #[tokio::test]
+    async fn a_shared_round_keeps_each_request_s_front_end_in_its_record() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let a = kit.broker.issue(&app(), "ro", None).await.unwrap().lease;
+        let b = kit.broker.issue(&app(), "ro", None).await.unwrap().lease;
+        crate::audit::via("vault_api", kit.broker.revoke(&app(), &a.id))
+            .await
+            .unwrap();
+        kit.broker.revoke(&app(), &b.id).await.unwrap();
+        let via = |id: &LeaseId| {
+            kit.audit()
+                .into_iter()
+                .find(|r| r.action == "revoke" && r.lease_id.as_deref() == Some(id.as_str()))
+                .unwrap()
+                .via
+        };
+        assert_eq!(via(&a.id).as_deref(), Some("vault_api"));
+        assert_eq!(via(&b.id), None);
     }
 }
