@@ -62,6 +62,7 @@ pub mod dbtls;
 pub mod devenv;
 pub mod error;
 pub mod fsutil;
+pub mod gate;
 pub mod hardening;
 pub mod identity;
 pub mod lease;

@@ -77,7 +77,31 @@ pub enum LockTarget {
     /// `allowed`, so an admin writes what the config already uses.
     Identity(IdentityPattern),
     Role(String),
+    /// A static role: its current password is not served while locked.
+    StaticRole(String),
     Database(String),
+}
+
+/// What a request would obtain, as locks see it: who, and which role,
+/// static role or database (None: not one of those).
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub identity: Option<&'a Identity>,
+    pub role: Option<&'a str>,
+    pub static_role: Option<&'a str>,
+    pub database: Option<&'a str>,
+}
+
+impl<'a> Subject<'a> {
+    /// Only an identity: a token, a watch, an admin call.
+    pub fn identity(who: &'a Identity) -> Self {
+        Subject {
+            identity: Some(who),
+            role: None,
+            static_role: None,
+            database: None,
+        }
+    }
 }
 
 impl LockTarget {
@@ -86,6 +110,7 @@ impl LockTarget {
         match kind {
             "identity" => Ok(LockTarget::Identity(IdentityPattern::new(value)?)),
             "role" => Ok(LockTarget::Role(value.to_string())),
+            "static_role" => Ok(LockTarget::StaticRole(value.to_string())),
             "database" => Ok(LockTarget::Database(value.to_string())),
             other => Err(Error::internal(format!("unknown lock kind {other:?}"))),
         }
@@ -95,6 +120,7 @@ impl LockTarget {
         match self {
             LockTarget::Identity(_) => "identity",
             LockTarget::Role(_) => "role",
+            LockTarget::StaticRole(_) => "static_role",
             LockTarget::Database(_) => "database",
         }
     }
@@ -103,6 +129,7 @@ impl LockTarget {
         match self {
             LockTarget::Identity(p) => p.as_str(),
             LockTarget::Role(r) => r,
+            LockTarget::StaticRole(r) => r,
             LockTarget::Database(d) => d,
         }
     }
@@ -110,10 +137,21 @@ impl LockTarget {
     /// Whether a lease of `identity` on `role` / `database` is refused. A
     /// pattern matches identities of its own kind only (`policy.rs`).
     pub fn matches(&self, identity: &Identity, role: &str, database: &str) -> bool {
+        self.matches_subject(&Subject {
+            identity: Some(identity),
+            role: Some(role),
+            static_role: None,
+            database: Some(database),
+        })
+    }
+
+    /// Whether a request for `s` is refused.
+    pub fn matches_subject(&self, s: &Subject<'_>) -> bool {
         match self {
-            LockTarget::Identity(p) => p.matches(identity),
-            LockTarget::Role(r) => r == role,
-            LockTarget::Database(d) => d == database,
+            LockTarget::Identity(p) => s.identity.is_some_and(|i| p.matches(i)),
+            LockTarget::Role(r) => s.role == Some(r.as_str()),
+            LockTarget::StaticRole(r) => s.static_role == Some(r.as_str()),
+            LockTarget::Database(d) => s.database == Some(d.as_str()),
         }
     }
 }
@@ -192,6 +230,11 @@ pub fn first_match<'l>(
     locks
         .iter()
         .find(|l| l.target.matches(identity, role, database))
+}
+
+/// The first of `locks` that refuses a request for `subject`, if any.
+pub fn first_match_subject<'l>(locks: &'l [Lock], subject: &Subject<'_>) -> Option<&'l Lock> {
+    locks.iter().find(|l| l.target.matches_subject(subject))
 }
 
 #[cfg(test)]

@@ -62,6 +62,12 @@ struct Knobs {
     /// While set, each create makes its user, then waits for a permit
     /// before answering (a reply that is slow to come).
     create_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// While set, each create waits for a permit *before* it makes its
+    /// user (an issue between its intent and its CREATE).
+    before_create_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// While set, each revocation waits for a permit after it dropped what
+    /// existed and before it answers (a reply that is slow to come).
+    after_revoke_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl FakeServer {
@@ -109,6 +115,22 @@ impl FakeServer {
     pub fn stall_creates(&self) -> Arc<tokio::sync::Semaphore> {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         self.knobs.lock().unwrap().create_gate = Some(gate.clone());
+        gate
+    }
+
+    /// From now on each create waits for one permit of the returned
+    /// semaphore (it starts with none) before it makes its user.
+    pub fn stall_before_create(&self) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        self.knobs.lock().unwrap().before_create_gate = Some(gate.clone());
+        gate
+    }
+
+    /// From now on each revocation, once done, waits for one permit of
+    /// the returned semaphore (it starts with none) before it answers.
+    pub fn stall_after_revoke(&self) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        self.knobs.lock().unwrap().after_revoke_gate = Some(gate.clone());
         gate
     }
 
@@ -210,6 +232,12 @@ impl Backend for FakeBackend {
     }
 
     async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
+        let before = self.server.knobs.lock().unwrap().before_create_gate.clone();
+        if let Some(g) = before {
+            self.server
+                .call(format!("waiting to create {}", user.username))?;
+            g.acquire().await.expect("gate open").forget();
+        }
         self.server.call(format!("create {}", user.username))?;
         self.server.users.lock().unwrap().insert(
             user.username.to_string(),
@@ -254,31 +282,38 @@ impl Backend for FakeBackend {
         if let Some(g) = gate {
             g.acquire().await.expect("gate open").forget();
         }
-        let mut all = self.server.users.lock().unwrap();
-        // Login goes first, whatever happens next (as NOLOGIN commits on
-        // its own in the real backend).
-        for n in &names {
-            if let Some(u) = all.get_mut(*n) {
-                u.login = false;
-            }
-        }
-        let refuse = &self.server.knobs.lock().unwrap().refuse;
-        if let Some(bad) = names.iter().find(|n| refuse.contains(**n)) {
-            return Err(Error::internal(format!(
-                "fake database refuses to drop {bad}"
-            )));
-        }
-        let mut moved = Vec::new();
-        for r in users {
-            if let Some(u) = all.remove(r.user.username.as_str()) {
-                if u.owns > 0 {
-                    moved.push(Reassigned {
-                        username: r.user.username.clone(),
-                        objects: u.owns,
-                        to: r.owner.clone().unwrap_or_else(|| "fake_admin".into()),
-                    });
+        let moved = {
+            let mut all = self.server.users.lock().unwrap();
+            // Login goes first, whatever happens next (as NOLOGIN commits on
+            // its own in the real backend).
+            for n in &names {
+                if let Some(u) = all.get_mut(*n) {
+                    u.login = false;
                 }
             }
+            let refuse = self.server.knobs.lock().unwrap().refuse.clone();
+            if let Some(bad) = names.iter().find(|n| refuse.contains(**n)) {
+                return Err(Error::internal(format!(
+                    "fake database refuses to drop {bad}"
+                )));
+            }
+            let mut moved = Vec::new();
+            for r in users {
+                if let Some(u) = all.remove(r.user.username.as_str()) {
+                    if u.owns > 0 {
+                        moved.push(Reassigned {
+                            username: r.user.username.clone(),
+                            objects: u.owns,
+                            to: r.owner.clone().unwrap_or_else(|| "fake_admin".into()),
+                        });
+                    }
+                }
+            }
+            moved
+        };
+        let after = self.server.knobs.lock().unwrap().after_revoke_gate.clone();
+        if let Some(g) = after {
+            g.acquire().await.expect("gate open").forget();
         }
         Ok(moved)
     }

@@ -40,6 +40,15 @@ impl Broker {
         Ok((lease, dsn))
     }
 
+    /// The connection string of a lease (no password), "" when its
+    /// database is no longer configured.
+    pub fn dsn_of(&self, lease: &Lease) -> String {
+        self.backends
+            .get(&lease.database)
+            .map(|b| b.dsn(&lease.username, None))
+            .unwrap_or_default()
+    }
+
     pub fn endpoint(&self, database: &str) -> Option<Endpoint> {
         self.backends.get(database).map(|b| b.endpoint().clone())
     }

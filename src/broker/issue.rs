@@ -272,7 +272,7 @@ impl Broker {
     }
 }
 
-fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
+pub(crate) fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
     if name.is_empty() {
         return Err(Error::invalid("role is required"));
     }

@@ -30,7 +30,7 @@ impl Broker {
         self.require_admin(who, "lock")?;
         let mut event = Event::new(who.as_str(), "lock");
         event.detail = Some(truncate_text(&format!("{target}")));
-        let checked = self.check_lock_request(&target, duration, &reason);
+        let checked = self.check_lock_request(who, &target, duration, &reason);
         if let Err(e) = checked {
             self.metrics.request_failed("lock", &e);
             return Err(self.audit_failure(event, e));
@@ -68,12 +68,19 @@ impl Broker {
             }
             return Ok((lock, None));
         }
+        if let LockTarget::StaticRole(name) = &lock.target {
+            // The incident: the password already read must stop working
+            // too — both users' passwords replaced, their sessions ended.
+            self.revoke_static(who, name).await?;
+            return Ok((lock, Some(BulkOutcome::default())));
+        }
         let out = self.revoke_locked(who, &lock).await?;
         Ok((lock, Some(out)))
     }
 
     fn check_lock_request(
         &self,
+        who: &Identity,
         target: &LockTarget,
         duration: Option<Duration>,
         reason: &str,
@@ -86,6 +93,17 @@ impl Broker {
                 ));
             }
         }
+        // An identity lock holds on every door, admin calls included (the
+        // gate): one that matched its own author would lock the admin out
+        // of `unlock` too. Another admin locks an admin.
+        if let LockTarget::Identity(p) = target {
+            if p.matches(who) {
+                return Err(Error::invalid(format!(
+                    "identity pattern {:?} matches you ({who}): a lock holds on admin calls too, so you could not lift it; ask another admin",
+                    p.as_str()
+                )));
+            }
+        }
         // A typo must not look like a lock that holds.
         let config = self.config();
         match target {
@@ -95,6 +113,9 @@ impl Broker {
             LockTarget::Database(d) if !config.databases.contains_key(d) => {
                 Err(Error::NotFound(format!("no database {d:?} is configured")))
             }
+            LockTarget::StaticRole(r) if !config.static_roles.contains_key(r) => Err(
+                Error::NotFound(format!("no static role {r:?} is configured")),
+            ),
             _ => Ok(()),
         }
     }
@@ -112,6 +133,9 @@ impl Broker {
                 database: Some(d.clone()),
                 ..Default::default()
             }],
+            // A static role has no leases; `--revoke` replaces its
+            // passwords instead (`admin_lock`).
+            LockTarget::StaticRole(_) => vec![],
             LockTarget::Identity(p) => self
                 .store
                 .live_identities()
@@ -203,6 +227,8 @@ fn lock_detail(lock: &Lock, revoke: bool) -> String {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use std::sync::Arc;
 
     use super::*;
     use crate::lease::LeaseState;
@@ -413,5 +439,78 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         kit.broker.issue(&app(), "ro", None).await.unwrap();
         assert!(kit.broker.admin_locks(&admin()).await.unwrap().is_empty());
+    }
+
+    /// The race of issue 25: a lock's `--revoke` claims an issue's intent,
+    /// finds no user yet (revoking a missing user is done), and only then
+    /// does the issue create its user. The interleaving is forced with the
+    /// fake's gates: the issue waits before its CREATE, the revocation
+    /// waits after its (empty) drop until the issue has tried to activate.
+    /// A claimed intent never becomes active: the issue fails, drops what
+    /// it made, and no user is left behind a `revoked` row.
+    #[tokio::test]
+    async fn an_intent_claimed_by_a_lock_revoke_never_becomes_a_working_credential() {
+        let kit = Arc::new(kit());
+        let before_create = kit.server.stall_before_create();
+        let issuing = tokio::spawn({
+            let kit = kit.clone();
+            async move { kit.broker.issue(&app(), "ro", None).await }
+        });
+        // The intent is stored, checked against locks again, and its issue
+        // waits before the CREATE.
+        let pending = loop {
+            let live = kit.store.list(&LeaseFilter::default()).await.unwrap();
+            let waiting = |l: &Lease| {
+                let call = format!("waiting to create {}", l.username);
+                kit.server.calls().contains(&call)
+            };
+            if let Some(l) = live.into_iter().find(|l| waiting(l)) {
+                break l;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let after_revoke = kit.server.stall_after_revoke();
+        let locking = tokio::spawn({
+            let kit = kit.clone();
+            async move {
+                kit.broker
+                    .admin_lock(&admin(), pattern(APP), None, "INC-25".into(), true)
+                    .await
+            }
+        });
+        // The lock's revocation ran its drop (nothing to drop yet) and
+        // waits to answer, holding its claim.
+        let revoke_call = format!("revoke {}", pending.username);
+        while !kit.server.calls().contains(&revoke_call) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Now the issue creates its user and tries to activate.
+        before_create.add_permits(1);
+        let issued = issuing.await.unwrap();
+        let Err(err) = issued else {
+            panic!("a lease claimed by a lock's --revoke was handed out");
+        };
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        // The revocation and the issue's own clean-up both finish.
+        after_revoke.add_permits(16);
+        let (_, out) = locking.await.unwrap().unwrap();
+        assert!(out.unwrap().failed.is_empty());
+        let mut gone = false;
+        for _ in 0..500 {
+            let row = kit.store.get(&pending.id).await.unwrap().unwrap();
+            if kit.server.user(pending.username.as_str()).is_none()
+                && row.state == LeaseState::Revoked
+            {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(
+            gone,
+            "user {} exists or its row is live: {:?}",
+            pending.username,
+            kit.server.calls()
+        );
     }
 }

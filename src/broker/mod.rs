@@ -35,7 +35,9 @@ use crate::static_roles::{Rotator, Sealer};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 use crate::watch::{Scope, WatchHub};
 
+pub(crate) use issue::lookup_role;
 pub use issue::CALLER_HOST;
+pub(crate) use static_roles::lookup_static;
 
 /// Longest role name a request may carry; config keys are shorter.
 const MAX_ROLE_LEN: usize = 64;
@@ -281,6 +283,14 @@ impl Broker {
         self.audit_failure(Event::new(who, action), err)
     }
 
+    /// Refuses a request the gate turned down: counted, and audited as
+    /// `event` (which names what the request was about) with the error.
+    pub fn refuse_event(&self, event: Event, err: Error) -> Error {
+        tracing::info!(identity = %event.identity, action = event.action, error = %crate::error::chain(&err), "request refused");
+        self.metrics.request_failed(event.action, &err);
+        self.audit_failure(event, err)
+    }
+
     /// Audits a request refused because its certificate yields no identity
     /// (more than one SPIFFE ID, a malformed one…) and hands the error
     /// back. Like a refused TLS handshake, the record names the peer
@@ -312,7 +322,7 @@ impl Broker {
 }
 
 /// Caps caller-supplied text before it goes into an audit record.
-fn truncate_text(s: &str) -> String {
+pub(crate) fn truncate_text(s: &str) -> String {
     let mut out: String = s
         .chars()
         .filter(|c| !c.is_control())

@@ -167,7 +167,7 @@ impl Broker {
     }
 }
 
-fn lookup_static<'c>(config: &'c Config, name: &str) -> Result<&'c StaticRoleConfig> {
+pub(crate) fn lookup_static<'c>(config: &'c Config, name: &str) -> Result<&'c StaticRoleConfig> {
     if name.is_empty() {
         return Err(Error::invalid("static_role is required"));
     }

@@ -95,14 +95,19 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Refuse issue and renew to an identity pattern, a role or a database
-    /// on every replica, at once; with --revoke also end its live leases
+    /// Refuse everything an identity pattern, a role, a static role or a
+    /// database could obtain (leases, renewals, static passwords, Vault
+    /// tokens, watches) on every door and replica, at once; with --revoke
+    /// also end its live leases (a static role: replace its passwords)
     Lock {
         /// An identity pattern (the same glob as a role's `allowed`)
-        #[arg(long, conflicts_with_all = ["role", "database"], required_unless_present_any = ["role", "database"])]
+        #[arg(long, conflicts_with_all = ["role", "database", "static_role"], required_unless_present_any = ["role", "database", "static_role"])]
         identity: Option<String>,
-        #[arg(long, conflicts_with = "database")]
+        #[arg(long, conflicts_with_all = ["database", "static_role"])]
         role: Option<String>,
+        /// A static role (`[static_roles.NAME]`)
+        #[arg(long, conflicts_with = "database")]
+        static_role: Option<String>,
         #[arg(long)]
         database: Option<String>,
         /// Lift the lock on its own after this long, e.g. 30m (default: until unlocked)
@@ -319,6 +324,7 @@ pub async fn run(cmd: Command) -> CliResult {
         Command::Lock {
             identity,
             role,
+            static_role,
             database,
             duration,
             reason,
@@ -327,13 +333,17 @@ pub async fn run(cmd: Command) -> CliResult {
             client,
         } => {
             use pb::lock_request::Target;
-            let (target, what) = match (identity, role, database) {
+            let (target, what) = match (identity, role, static_role, database) {
                 (Some(i), ..) => (Target::Identity(i.clone()), format!("identity {i:?}")),
-                (_, Some(r), _) => (Target::Role(r.clone()), format!("role {r:?}")),
+                (_, Some(r), ..) => (Target::Role(r.clone()), format!("role {r:?}")),
+                (_, _, Some(s), _) => (
+                    Target::StaticRole(s.clone()),
+                    format!("static role {s:?} (both users' passwords replaced)"),
+                ),
                 (.., Some(d)) => (Target::Database(d.clone()), format!("database {d:?}")),
                 _ => {
                     return Err(anyhow::anyhow!(crate::Error::Config(
-                        "name what to lock: --identity, --role or --database".into()
+                        "name what to lock: --identity, --role, --static-role or --database".into()
                     ))
                     .into())
                 }

@@ -118,9 +118,10 @@ fn target(form: &LockForm) -> Result<LockTarget> {
             .map(LockTarget::Identity)
             .map_err(|e| Error::invalid(e.to_string().trim_start_matches("config: ").to_string())),
         "role" => Ok(LockTarget::Role(value.to_string())),
+        "static_role" => Ok(LockTarget::StaticRole(value.to_string())),
         "database" => Ok(LockTarget::Database(value.to_string())),
         other => Err(Error::invalid(format!(
-            "unknown lock kind {other:?}: identity, role or database"
+            "unknown lock kind {other:?}: identity, role, static_role or database"
         ))),
     }
 }

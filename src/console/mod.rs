@@ -42,12 +42,15 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::error::Error;
+use crate::gate::{Ask, Door, Target};
 use crate::identity::Identity;
 use crate::server::https::{self, Peer};
 use crate::server::SharedTls;
 
 /// The action name the console's refusals are counted and audited under.
 const ACTION: &str = "console";
+/// The action of a page view (GET), audited by the gate.
+const VIEW_ACTION: &str = "console_view";
 
 /// The largest form body the console reads (its forms are a few fields).
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -131,23 +134,24 @@ async fn admit(
         return next.run(req).await;
     }
     let broker = &console.broker;
-    let who = match &peer.identity {
-        Ok(who) => who.clone(),
-        Err(why) => {
-            let err = broker.refuse_unauthenticated(
-                Some(peer.addr),
-                ACTION,
-                Error::Unauthenticated(why.clone()),
-            );
-            return page::refused(StatusCode::FORBIDDEN, &err);
-        }
+    // Page views are audited by the gate; a POST's handler calls the
+    // broker's admin call, which audits what it did.
+    let action = if req.method() == Method::POST {
+        ACTION
+    } else {
+        VIEW_ACTION
     };
-    if let Err(err) = broker
-        .check_admin_network(&who, Some(peer.addr.ip()), ACTION)
-        .and_then(|()| broker.require_admin(&who, ACTION))
-    {
-        return page::refused(StatusCode::FORBIDDEN, &err);
-    }
+    let ask = Ask {
+        door: Door::Console,
+        peer: Some(peer.addr.ip()),
+        identity: peer.identity.as_ref().map_err(String::as_str),
+        action,
+        target: Target::Admin,
+    };
+    let who = match crate::gate::admit(broker, ask).await {
+        Ok(pass) => pass.identity,
+        Err(err) => return page::refused(StatusCode::FORBIDDEN, &err),
+    };
     let viewer = Viewer {
         csrf: console.csrf.token(&peer.cert_sha256, &who),
         identity: who,
@@ -169,7 +173,7 @@ async fn admit(
     };
     let mut req = req;
     req.extensions_mut().insert(viewer);
-    next.run(req).await
+    crate::audit::via(Door::Console.as_str(), next.run(req)).await
 }
 
 /// Reads the form body, checks its `csrf` field against the token of this

@@ -108,7 +108,13 @@ async fn non_admins_and_certificates_without_identity_get_403_and_are_audited() 
     let denied = |who: &str| {
         records
             .iter()
-            .any(|r| r.identity == who && r.action == "console" && r.outcome == Outcome::Denied)
+            // A page view is `console_view`, decided and audited by the gate.
+            .any(|r| {
+                r.identity == who
+                    && r.action == "console_view"
+                    && r.outcome == Outcome::Denied
+                    && r.via.as_deref() == Some("console")
+            })
     };
     assert!(denied(APP));
     assert!(denied("unauthenticated:127.0.0.1"));

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Selector};
 use crate::error::Error;
+use crate::gate::{Ask, Door, Pass, Target, Use};
 use crate::identity::{Identity, MAX_SPIFFE_ID_LEN};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, LockTarget};
@@ -22,23 +23,32 @@ use crate::store::LeaseFilter;
 /// overflow.
 const MAX_REQUEST_TTL_SECS: i64 = 366 * 24 * 3600;
 
-/// The caller's identity from its verified leaf certificate. A refusal
-/// (no certificate, two SPIFFE IDs, a malformed one…) is audited here, as
-/// `action`: the TLS layer let the certificate through, so no one else
-/// would record it (invariant 6).
-fn identity<T>(
+/// Asks the gate (`crate::gate`) about a request before its handler runs:
+/// the identity from the verified leaf certificate, the TCP peer address,
+/// what the request does and to what. A refusal has been audited there.
+async fn gate<T>(
     broker: &Broker,
+    door: Door,
     req: &Request<T>,
     action: &'static str,
-) -> Result<Identity, Status> {
+    target: Target<'_>,
+) -> Result<Pass, Status> {
     let leaf = req.peer_certs().and_then(|certs| certs.first().cloned());
-    let result = match leaf {
-        Some(leaf) => Identity::from_cert_der(leaf.as_ref()),
-        None => Err(Error::Unauthenticated(
-            "a client certificate is required".into(),
-        )),
+    let identity = match leaf {
+        Some(leaf) => Identity::from_cert_der(leaf.as_ref()).map_err(|e| match e {
+            Error::Unauthenticated(m) => m,
+            other => other.to_string(),
+        }),
+        None => Err("a client certificate is required".to_string()),
     };
-    result.map_err(|e| to_status(broker.refuse_unauthenticated(req.remote_addr(), action, e)))
+    let ask = Ask {
+        door,
+        peer: peer_ip(req),
+        identity: identity.as_ref().map_err(String::as_str),
+        action,
+        target,
+    };
+    crate::gate::admit(broker, ask).await.map_err(to_status)
 }
 
 /// An identity an admin selects leases by: canonical text with its kind.
@@ -176,6 +186,50 @@ fn event_to_pb(e: &crate::watch::LeaseEvent) -> pb::LeaseEvent {
 pub type EventStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::LeaseEvent, Status>> + Send>>;
 
+/// The holders' door.
+const DOOR: Door = Door::GrpcBroker;
+
+/// Wraps a gRPC service so that every audit record its requests write —
+/// the gate's, the broker's, the revocation engine's — names its door in
+/// `via`, as the HTTP doors' records do.
+#[derive(Clone)]
+pub struct Via<S> {
+    inner: S,
+    door: Door,
+}
+
+impl<S> Via<S> {
+    pub fn new(door: Door, inner: S) -> Self {
+        Via { inner, door }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Via<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Via<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        Box::pin(crate::audit::via(self.door.as_str(), self.inner.call(req)))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::broker_server::Broker for BrokerService {
     type WatchLeasesStream = EventStream;
@@ -185,23 +239,24 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::WatchLeasesRequest>,
     ) -> Result<Response<EventStream>, Status> {
         use tokio::sync::broadcast::error::RecvError;
-        let who = identity(&self.broker, &req, "watch")?;
-        let peer = peer_ip(&req);
-        let r = req.into_inner();
+        let r = req.get_ref();
         let requested = crate::watch::Scope {
-            identity: bounded("identity", r.identity)?,
-            role: bounded("role", r.role)?,
-            database: bounded("database", r.database)?,
+            identity: bounded("identity", r.identity.clone())?,
+            role: bounded("role", r.role.clone())?,
+            database: bounded("database", r.database.clone())?,
         };
         let others = r.all
             || requested.identity.is_some()
             || requested.role.is_some()
             || requested.database.is_some();
-        if others {
-            self.broker
-                .check_admin_network(&who, peer, "watch")
-                .map_err(to_status)?;
-        }
+        let target = if others {
+            Target::Admin
+        } else {
+            Target::Own(Use::Obtain)
+        };
+        let who = gate(&self.broker, DOOR, &req, "watch", target)
+            .await?
+            .identity;
         let scope = self
             .broker
             .watch_scope(&who, requested, others)
@@ -243,13 +298,23 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::GetStaticCredentialRequest>,
     ) -> Result<Response<pb::StaticCredential>, Status> {
-        let who = identity(&self.broker, &req, "static_read")?;
-        let name = req.into_inner().static_role;
-        let c = self
-            .broker
-            .static_credential(&who, &name)
-            .await
-            .map_err(to_status)?;
+        let name = req.get_ref().static_role.clone();
+        let c = async {
+            let who = gate(
+                &self.broker,
+                DOOR,
+                &req,
+                "static_read",
+                Target::StaticRole(&name),
+            )
+            .await?
+            .identity;
+            self.broker
+                .static_credential(&who, &name)
+                .await
+                .map_err(to_status)
+        }
+        .await?;
         Ok(Response::new(pb::StaticCredential {
             static_role: c.static_role.clone(),
             database: c.database.clone(),
@@ -271,15 +336,19 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::IssueLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let who = identity(&self.broker, &req, "issue")?;
         let peer = peer_ip(&req);
-        let r = req.into_inner();
+        let r = req.get_ref();
         let ttl = ttl(r.ttl_seconds)?;
-        let issued = self
-            .broker
-            .issue_from(&who, peer, &r.role, ttl)
-            .await
-            .map_err(to_status)?;
+        let issued = async {
+            let who = gate(&self.broker, DOOR, &req, "issue", Target::Role(&r.role))
+                .await?
+                .identity;
+            self.broker
+                .issue_from(&who, peer, &r.role, ttl)
+                .await
+                .map_err(to_status)
+        }
+        .await?;
         let reply = lease_reply(
             &self.broker,
             &issued.lease,
@@ -293,22 +362,27 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let who = identity(&self.broker, &req, "renew")?;
         let peer = peer_ip(&req);
-        let r = req.into_inner();
+        let r = req.get_ref();
         let id = lease_id(&r.lease_id)?;
         let ttl = ttl(r.ttl_seconds)?;
-        let lease = self
-            .broker
-            .renew_from(&who, peer, &id, ttl)
-            .await
-            .map_err(to_status)?;
-        let dsn = self
-            .broker
-            .lookup(&who, &id)
-            .await
-            .map(|(_, d)| d)
-            .unwrap_or_default();
+        let lease = async {
+            let who = gate(
+                &self.broker,
+                DOOR,
+                &req,
+                "renew",
+                Target::Lease(&id, Use::Obtain),
+            )
+            .await?
+            .identity;
+            self.broker
+                .renew_from(&who, peer, &id, ttl)
+                .await
+                .map_err(to_status)
+        }
+        .await?;
+        let dsn = self.broker.dsn_of(&lease);
         Ok(Response::new(lease_reply(
             &self.broker,
             &lease,
@@ -321,9 +395,20 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        let who = identity(&self.broker, &req, "revoke")?;
         let id = lease_id(&req.get_ref().lease_id)?;
-        let lease = self.broker.revoke(&who, &id).await.map_err(to_status)?;
+        let lease = async {
+            let who = gate(
+                &self.broker,
+                DOOR,
+                &req,
+                "revoke",
+                Target::Lease(&id, Use::GiveUp),
+            )
+            .await?
+            .identity;
+            self.broker.revoke(&who, &id).await.map_err(to_status)
+        }
+        .await?;
         Ok(Response::new(pb::RevokeLeaseResponse {
             lease_id: lease.id.to_string(),
             state: state_to_pb(lease.state) as i32,
@@ -334,9 +419,19 @@ impl pb::broker_server::Broker for BrokerService {
         &self,
         req: Request<pb::LookupLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let who = identity(&self.broker, &req, "lookup")?;
         let id = lease_id(&req.get_ref().lease_id)?;
-        let (lease, dsn) = self.broker.lookup(&who, &id).await.map_err(to_status)?;
+        let pass = gate(
+            &self.broker,
+            DOOR,
+            &req,
+            "lookup",
+            Target::Lease(&id, Use::Read),
+        )
+        .await?;
+        let lease = pass
+            .lease
+            .ok_or_else(|| Status::not_found(format!("no lease {id}")))?;
+        let dsn = self.broker.dsn_of(&lease);
         Ok(Response::new(lease_reply(
             &self.broker,
             &lease,
@@ -351,13 +446,10 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    /// The caller's identity, once its address passed `admin_networks`.
-    fn admin<T>(&self, req: &Request<T>, action: &'static str) -> Result<Identity, Status> {
-        let who = identity(&self.broker, req, action)?;
-        self.broker
-            .check_admin_network(&who, peer_ip(req), action)
-            .map_err(to_status)?;
-        Ok(who)
+    /// The caller's identity, once the gate admitted it as an admin.
+    async fn admin<T>(&self, req: &Request<T>, action: &'static str) -> Result<Identity, Status> {
+        let pass = gate(&self.broker, Door::GrpcAdmin, req, action, Target::Admin).await?;
+        Ok(pass.identity)
     }
 }
 
@@ -422,10 +514,11 @@ fn lock_target(t: Option<pb::lock_request::Target>) -> Result<LockTarget, Status
             })?)
         }
         Some(T::Role(v)) => LockTarget::Role(nonempty("role", v)?),
+        Some(T::StaticRole(v)) => LockTarget::StaticRole(nonempty("static_role", v)?),
         Some(T::Database(v)) => LockTarget::Database(nonempty("database", v)?),
         None => {
             return Err(Status::invalid_argument(
-                "name what to lock: identity, role or database",
+                "name what to lock: identity, role, static_role or database",
             ))
         }
     })
@@ -446,7 +539,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let who = self.admin(&req, "admin_list")?;
+        let who = self.admin(&req, "admin_list").await?;
         let r = req.into_inner();
         let mut states = Vec::new();
         for s in &r.states {
@@ -487,7 +580,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RevokeLeasesRequest>,
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
-        let who = self.admin(&req, "admin_revoke")?;
+        let who = self.admin(&req, "admin_revoke").await?;
         let r = req.into_inner();
         use pb::revoke_leases_request::Selector as S;
         let selector = match r.selector {
@@ -533,7 +626,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::LockRequest>,
     ) -> Result<Response<pb::LockResponse>, Status> {
-        let who = self.admin(&req, "lock")?;
+        let who = self.admin(&req, "lock").await?;
         let r = req.into_inner();
         let target = lock_target(r.target)?;
         let duration = optional_seconds("duration_seconds", r.duration_seconds)?;
@@ -554,7 +647,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::UnlockRequest>,
     ) -> Result<Response<pb::UnlockResponse>, Status> {
-        let who = self.admin(&req, "unlock")?;
+        let who = self.admin(&req, "unlock").await?;
         let r = req.into_inner();
         if r.lock_id.is_empty() {
             return Err(Status::invalid_argument("lock_id is required"));
@@ -574,7 +667,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListLocksRequest>,
     ) -> Result<Response<pb::ListLocksResponse>, Status> {
-        let who = self.admin(&req, "list_locks")?;
+        let who = self.admin(&req, "list_locks").await?;
         let locks = self.broker.admin_locks(&who).await.map_err(to_status)?;
         Ok(Response::new(pb::ListLocksResponse {
             locks: locks.iter().map(lock_info).collect(),
@@ -585,7 +678,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListStaticRolesRequest>,
     ) -> Result<Response<pb::ListStaticRolesResponse>, Status> {
-        let who = self.admin(&req, "static_roles")?;
+        let who = self.admin(&req, "static_roles").await?;
         let list = self
             .broker
             .admin_static_roles(&who)
@@ -600,7 +693,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::StaticRoleRequest>,
     ) -> Result<Response<pb::StaticRoleInfo>, Status> {
-        let who = self.admin(&req, "static_rotate")?;
+        let who = self.admin(&req, "static_rotate").await?;
         let name = req.into_inner().static_role;
         let s = self
             .broker
@@ -614,7 +707,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::StaticRoleRequest>,
     ) -> Result<Response<pb::StaticRoleInfo>, Status> {
-        let who = self.admin(&req, "static_revoke")?;
+        let who = self.admin(&req, "static_revoke").await?;
         let name = req.into_inner().static_role;
         let s = self
             .broker
@@ -628,7 +721,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RotateRootRequest>,
     ) -> Result<Response<pb::RotateRootResponse>, Status> {
-        let who = self.admin(&req, "rotate_root")?;
+        let who = self.admin(&req, "rotate_root").await?;
         let database = req.into_inner().database;
         self.broker
             .rotate_root(&who, &database)

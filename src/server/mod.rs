@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::broker::Broker;
 use crate::error::{Error, Result};
+use crate::gate::Door;
 use crate::pb;
 
 pub use tls::SharedTls;
@@ -57,12 +58,16 @@ pub async fn serve_grpc(
         .timeout(Duration::from_secs(60))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::broker_server::BrokerServer::new(grpc::BrokerService {
-            broker: broker.clone(),
-        }))
-        .add_service(pb::admin_server::AdminServer::new(grpc::AdminService {
-            broker,
-        }))
+        .add_service(grpc::Via::new(
+            Door::GrpcBroker,
+            pb::broker_server::BrokerServer::new(grpc::BrokerService {
+                broker: broker.clone(),
+            }),
+        ))
+        .add_service(grpc::Via::new(
+            Door::GrpcAdmin,
+            pb::admin_server::AdminServer::new(grpc::AdminService { broker }),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::unavailable(format!("gRPC server: {e}")))

@@ -164,14 +164,21 @@ impl LeaseStore for MemoryStore {
     }
 
     async fn activate(&self, id: &LeaseId) -> Result<()> {
-        self.with(|rows| {
-            if let Some(r) = rows.get_mut(id) {
-                if r.lease.state == LeaseState::Pending {
-                    r.lease.state = LeaseState::Active;
-                    r.lease.due_at = r.lease.expires_at;
-                }
+        let activated = self.with(|rows| match rows.get_mut(id) {
+            Some(r) if r.lease.state == LeaseState::Pending && r.claim.is_none() => {
+                r.lease.state = LeaseState::Active;
+                r.lease.due_at = r.lease.expires_at;
+                true
             }
-        })
+            _ => false,
+        })?;
+        if activated {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(
+                "the lease was revoked while it was being issued (a lock or an admin revoke claimed it); nothing was handed out".into(),
+            ))
+        }
     }
 
     async fn get(&self, id: &LeaseId) -> Result<Option<Lease>> {

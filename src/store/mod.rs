@@ -103,7 +103,12 @@ pub trait LeaseStore: Send + Sync {
     /// step — across replicas too — so parallel issues cannot overshoot.
     async fn insert_intent(&self, lease: &Lease, cap: Option<u32>) -> Result<()>;
 
-    /// Pending → active, due at its expiry.
+    /// Pending → active, due at its expiry — only while nobody has claimed
+    /// the intent. A revoker (a lock's `--revoke`, an admin's bulk revoke,
+    /// the reaper after `intent_grace`) that claimed it may already have
+    /// found no user and be marking it revoked: activating it then would
+    /// leave a working credential behind a `revoked` row. Fails with
+    /// `FailedPrecondition` instead; the issuing path drops what it made.
     async fn activate(&self, id: &LeaseId) -> Result<()>;
 
     async fn get(&self, id: &LeaseId) -> Result<Option<Lease>>;

@@ -631,14 +631,16 @@ impl LeaseStore for PostgresStore {
             .execute(
                 "activate",
                 "UPDATE credbroker_leases SET state = 'active', due_at = expires_at \
-                 WHERE id = $1 AND state = 'pending'",
+                 WHERE id = $1 AND state = 'pending' AND claimed_by IS NULL",
                 &[&id.as_str()],
             )
             .await?;
         if n == 1 {
             Ok(())
         } else {
-            Err(Error::internal("lease intent vanished before activation"))
+            Err(Error::FailedPrecondition(
+                "the lease was revoked while it was being issued (a lock or an admin revoke claimed it); nothing was handed out".into(),
+            ))
         }
     }
 

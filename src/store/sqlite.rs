@@ -538,7 +538,7 @@ impl LeaseStore for SqliteStore {
         let n = self
             .with(move |c| {
                 c.execute(
-                    "UPDATE leases SET state = 'active', due_at = expires_at WHERE id = ?1 AND state = 'pending'",
+                    "UPDATE leases SET state = 'active', due_at = expires_at WHERE id = ?1 AND state = 'pending' AND claimed_by IS NULL",
                     params![id],
                 )
             })
@@ -546,7 +546,9 @@ impl LeaseStore for SqliteStore {
         if n == 1 {
             Ok(())
         } else {
-            Err(Error::internal("lease intent vanished before activation"))
+            Err(Error::FailedPrecondition(
+                "the lease was revoked while it was being issued (a lock or an admin revoke claimed it); nothing was handed out".into(),
+            ))
         }
     }
 

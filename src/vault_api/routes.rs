@@ -21,6 +21,7 @@ use crate::audit::{Event, Outcome};
 use crate::broker::Broker;
 use crate::config::VaultApiConfig;
 use crate::error::Error;
+use crate::gate::{Ask, Door, Pass, Target, Use};
 use crate::lease::{truncate_ms, LeaseState};
 use crate::server::https::Peer;
 use crate::store::VaultToken;
@@ -118,8 +119,37 @@ impl Request<'_> {
         Ok(Body::parse(self.bytes)?)
     }
 
-    async fn session(&self, action: &'static str) -> Result<Session, VaultError> {
+    /// The request's token, checked (`token::authenticate`), then the
+    /// gate's decision on `target`.
+    async fn session(
+        &self,
+        action: &'static str,
+        target: Target<'_>,
+    ) -> Result<Session, VaultError> {
+        let s = self.authenticate(action).await?;
+        self.admit(&s, action, target).await?;
+        Ok(s)
+    }
+
+    async fn authenticate(&self, action: &'static str) -> Result<Session, VaultError> {
         Ok(token::authenticate(&self.api.broker, self.peer, self.headers, action).await?)
+    }
+
+    /// The gate, for a caller whose token was checked.
+    async fn admit(
+        &self,
+        s: &Session,
+        action: &'static str,
+        target: Target<'_>,
+    ) -> Result<Pass, VaultError> {
+        let ask = Ask {
+            door: Door::VaultApi,
+            peer: Some(self.peer.addr.ip()),
+            identity: Ok(&s.identity),
+            action,
+            target,
+        };
+        Ok(crate::gate::admit(&self.api.broker, ask).await?)
     }
 }
 
@@ -233,7 +263,7 @@ fn health(req: &Request<'_>) -> Reply {
 /// which engine serves a path before reading it. Only the database mount
 /// exists here.
 async fn ui_mount(req: &Request<'_>, path: &str) -> Reply {
-    req.session("vault_mounts").await?;
+    req.session("vault_mounts", Target::Own(Use::Read)).await?;
     let mount = &req.api.config.mount;
     if path != mount.as_str() && !path.starts_with(&format!("{mount}/")) {
         return Err(VaultError::new(
@@ -263,7 +293,14 @@ const MAX_NAME_LEN: usize = 64;
 /// to it comes back.
 async fn login(req: &Request<'_>) -> Reply {
     let broker = &req.api.broker;
-    let who = token::identity(broker, req.peer, "vault_login")?;
+    let ask = Ask {
+        door: Door::VaultApi,
+        peer: Some(req.peer.addr.ip()),
+        identity: req.peer.identity.as_ref().map_err(String::as_str),
+        action: "vault_login",
+        target: Target::Own(Use::Obtain),
+    };
+    let who = crate::gate::admit(broker, ask).await?.identity;
     let name = req.body()?.string("name")?.unwrap_or_default();
     if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
         return Err(Error::invalid(format!(
@@ -317,7 +354,9 @@ async fn login(req: &Request<'_>) -> Reply {
 /// `auth/token/lookup-self`: the token's own record (hvac's
 /// `is_authenticated` calls it).
 async fn lookup_self(req: &Request<'_>) -> Reply {
-    let s = req.session("vault_token_lookup").await?;
+    let s = req
+        .session("vault_token_lookup", Target::Own(Use::Read))
+        .await?;
     let t = &s.token;
     let now = Utc::now();
     // The token itself, as Vault answers: its holder just presented it.
@@ -348,7 +387,9 @@ async fn lookup_self(req: &Request<'_>) -> Reply {
 /// `auth/token/renew-self`: `increment` (default `token_ttl`) from now,
 /// never past login + `token_max_ttl`.
 async fn renew_self(req: &Request<'_>) -> Reply {
-    let s = req.session("vault_token_renew").await?;
+    let s = req
+        .session("vault_token_renew", Target::Own(Use::Obtain))
+        .await?;
     let cfg = &req.api.config;
     let requested = req.body()?.duration("increment")?.unwrap_or(cfg.token_ttl);
     let now = truncate_ms(Utc::now());
@@ -393,7 +434,9 @@ async fn renew_self(req: &Request<'_>) -> Reply {
 /// the token. A lease that cannot be revoked now (database away) fails
 /// the request and keeps the token, so the client can try again.
 async fn revoke_self(req: &Request<'_>) -> Reply {
-    let s = req.session("vault_token_revoke").await?;
+    let s = req
+        .session("vault_token_revoke", Target::Own(Use::GiveUp))
+        .await?;
     let broker = &req.api.broker;
     let leases = broker.store().vault_token_leases(&s.token.accessor).await?;
     let mut revoked = 0;
@@ -421,7 +464,7 @@ async fn revoke_self(req: &Request<'_>) -> Reply {
 
 /// `<mount>/creds/<role>`: a new lease with the role's default TTL.
 async fn creds(req: &Request<'_>, role: &str) -> Reply {
-    let s = req.session("issue").await?;
+    let s = req.session("issue", Target::Role(role)).await?;
     let broker = &req.api.broker;
     let issued = broker
         .issue_from(&s.identity, Some(req.peer.addr.ip()), role, None)
@@ -462,7 +505,7 @@ async fn creds(req: &Request<'_>, role: &str) -> Reply {
 /// `rotation_period`, `ttl` until the next rotation). No lease: the broker
 /// rotates it; clients re-read after `ttl`.
 async fn static_creds(req: &Request<'_>, name: &str) -> Reply {
-    let s = req.session("static_read").await?;
+    let s = req.session("static_read", Target::StaticRole(name)).await?;
     let broker = &req.api.broker;
     let cred = broker.static_credential(&s.identity, name).await?;
     let period = broker
@@ -495,28 +538,37 @@ fn lease_ref(
     Ok(LeaseRef::parse(&req.api.config.mount, &text)?)
 }
 
-/// Loads the named lease as `s` may see it; a role that does not match
-/// the name is "no such lease".
+/// The gate's decision on the named lease, and the lease as it read it; a
+/// role that does not match the name is "no such lease".
 async fn owned(
     req: &Request<'_>,
     s: &Session,
     r: &LeaseRef,
+    action: &'static str,
+    what: Use,
 ) -> Result<crate::lease::Lease, VaultError> {
-    let (lease, _) = req.api.broker.lookup(&s.identity, &r.id).await?;
-    if lease.role != r.role {
-        return Err(Error::NotFound(format!("no lease {}", r.id)).into());
+    let pass = req.admit(s, action, Target::Lease(&r.id, what)).await?;
+    match pass.lease {
+        Some(lease) if lease.role == r.role => Ok(lease),
+        _ => {
+            let err = Error::NotFound(format!("no lease {}", r.id));
+            Err(req
+                .api
+                .broker
+                .refuse(s.identity.as_str(), action, err)
+                .into())
+        }
     }
-    Ok(lease)
 }
 
 /// `sys/leases/renew`: `increment` (default: the role's default TTL) from
 /// now, capped at the lease's hard limit with Vault's warning.
 async fn renew(req: &Request<'_>, in_path: Option<&str>) -> Reply {
-    let s = req.session("renew").await?;
+    let s = req.authenticate("renew").await?;
     let body = req.body()?;
     let r = lease_ref(req, &body, in_path)?;
     let increment = body.duration("increment")?;
-    let lease = owned(req, &s, &r).await?;
+    let lease = owned(req, &s, &r, "renew", Use::Obtain).await?;
     let broker = &req.api.broker;
     let config = broker.config();
     // A role gone from the config: the broker refuses the renewal itself.
@@ -551,20 +603,20 @@ async fn renew(req: &Request<'_>, in_path: Option<&str>) -> Reply {
 /// `sys/leases/revoke`: ends the lease now — the user dropped and its
 /// open sessions terminated — and answers 204.
 async fn revoke(req: &Request<'_>, in_path: Option<&str>) -> Reply {
-    let s = req.session("revoke").await?;
+    let s = req.authenticate("revoke").await?;
     let body = req.body()?;
     let r = lease_ref(req, &body, in_path)?;
-    owned(req, &s, &r).await?;
+    owned(req, &s, &r, "revoke", Use::GiveUp).await?;
     req.api.broker.revoke(&s.identity, &r.id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `sys/leases/lookup`: Vault's view of one lease.
 async fn lookup(req: &Request<'_>) -> Reply {
-    let s = req.session("lookup").await?;
+    let s = req.authenticate("lookup").await?;
     let body = req.body()?;
     let r = lease_ref(req, &body, None)?;
-    let lease = owned(req, &s, &r).await?;
+    let lease = owned(req, &s, &r, "lookup", Use::Read).await?;
     if lease.state == LeaseState::Revoked {
         return Err(Error::NotFound(format!("lease {} was revoked", r.id)).into());
     }

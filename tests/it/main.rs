@@ -11,6 +11,7 @@ mod db_tls;
 mod demo;
 mod faults;
 mod first_hour;
+mod gate;
 mod ha;
 mod hostile;
 mod incident;

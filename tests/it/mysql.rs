@@ -1536,3 +1536,33 @@ async fn mysql_two_databases_and_two_brokers_on_one_server_keep_their_users() {
         .query_drop(format!("DROP DATABASE IF EXISTS `{second_schema}`"))
         .await;
 }
+
+/// Issue 25 item 6 on real MariaDB: 50 issues racing `lock --revoke`.
+/// Afterwards no broker-made user exists whose lease is not live (the
+/// lock revoked all it found and refuses the rest: none at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_fifty_issues_racing_lock_revoke_leave_no_user_behind_a_dead_lease() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| role("ro", s, "5m", "10m", None)).await;
+    b.start_in_process().await;
+    let issued = crate::gate::race_issues_against_lock_revoke(&b, "ro", 50).await;
+    let mut settled = false;
+    let mut last = Default::default();
+    for _ in 0..300 {
+        let users = t.users_with_prefix(&b.prefix).await;
+        let live = crate::gate::live_usernames(&b).await;
+        settled = users.is_subset(&live) && live.is_empty();
+        last = (users, live);
+        if settled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        settled,
+        "{issued} of 50 issued; users in the database {:?}, live leases {:?}",
+        last.0, last.1
+    );
+    b.stop().await;
+    b.drop_schema().await;
+}
