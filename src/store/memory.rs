@@ -473,6 +473,11 @@ impl LeaseStore for MemoryStore {
 
     async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
         self.check()?;
+        // Held over the insert: an eviction cannot slip in between.
+        let tokens = self.vault_tokens.lock().unwrap();
+        if !tokens.values().any(|t| t.accessor == accessor) {
+            return Err(crate::store::gone_token());
+        }
         self.vault_links
             .lock()
             .unwrap()

@@ -272,6 +272,9 @@ pub trait LeaseStore: Send + Sync {
 
     /// Records that the token with `accessor` created `lease`, so revoking
     /// the token revokes the lease (Vault's token → lease parentage).
+    /// Fails with [`gone_token`] when the token is no longer stored
+    /// (evicted or revoked while the request ran): a link to it would
+    /// never be pruned, and its lease never reached by revoke-self.
     async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()>;
 
     /// The leases the token with `accessor` created (any state).
@@ -322,6 +325,12 @@ pub struct VaultToken {
     pub cert_sha256: String,
     pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+}
+
+/// A lease link refused because its token went meanwhile: the same
+/// words from every store; the caller sees a 403 and logs in again.
+pub fn gone_token() -> Error {
+    Error::denied("invalid token: it was revoked or evicted while this request ran; log in again")
 }
 
 /// Which of an identity's stored tokens a new login evicts to stay at

@@ -1028,16 +1028,21 @@ impl LeaseStore for PostgresStore {
             .collect();
         let gone = crate::store::evictions(held, cap);
         if !gone.is_empty() {
-            let evict = tx
-                .prepare_cached(
-                    "WITH t AS (DELETE FROM credbroker_vault_tokens WHERE accessor = ANY($1)) \
-                     DELETE FROM credbroker_vault_token_leases WHERE accessor = ANY($1)",
-                )
-                .await
-                .map_err(|e| pg_err("evict vault tokens", e))?;
-            tx.execute(&evict, &[&gone])
-                .await
-                .map_err(|e| pg_err("evict vault tokens", e))?;
+            // Two statements, tokens first: a link being written holds its
+            // token's row (`link_vault_lease`), so the token delete waits
+            // for it, and the link delete's fresh snapshot then sees it.
+            for sql in [
+                "DELETE FROM credbroker_vault_tokens WHERE accessor = ANY($1)",
+                "DELETE FROM credbroker_vault_token_leases WHERE accessor = ANY($1)",
+            ] {
+                let evict = tx
+                    .prepare_cached(sql)
+                    .await
+                    .map_err(|e| pg_err("evict vault tokens", e))?;
+                tx.execute(&evict, &[&gone])
+                    .await
+                    .map_err(|e| pg_err("evict vault tokens", e))?;
+            }
         }
         let insert = tx
             .prepare_cached(&format!(
@@ -1108,14 +1113,24 @@ impl LeaseStore for PostgresStore {
     }
 
     async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
-        self.execute(
-            "link vault lease",
-            "INSERT INTO credbroker_vault_token_leases (accessor, lease_id) VALUES ($1, $2) \
-             ON CONFLICT DO NOTHING",
-            &[&accessor, &lease.as_str()],
-        )
-        .await
-        .map(|_| ())
+        // The token row is share-locked until this commits: an eviction or
+        // a revoke-self deleting it waits, then deletes this link too (its
+        // link delete is a statement of its own, after the token's).
+        let rows = self
+            .query(
+                "link vault lease",
+                "WITH t AS (SELECT accessor FROM credbroker_vault_tokens WHERE accessor = $1 FOR SHARE), \
+                 i AS (INSERT INTO credbroker_vault_token_leases (accessor, lease_id) \
+                       SELECT accessor, $2 FROM t ON CONFLICT DO NOTHING) \
+                 SELECT count(*) FROM t",
+                &[&accessor, &lease.as_str()],
+            )
+            .await?;
+        if rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0 {
+            Ok(())
+        } else {
+            Err(crate::store::gone_token())
+        }
     }
 
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {

@@ -1063,14 +1063,27 @@ impl LeaseStore for SqliteStore {
         // can lose it, and then revoke-self misses a lease that still
         // ends at its own expiry and stays in the store (invariant 1 is
         // the lease row's, written durably before the user exists).
-        self.with_lazy(move |c| {
-            c.execute(
-                "INSERT OR IGNORE INTO vault_token_leases (accessor, lease_id) VALUES (?1, ?2)",
-                params![accessor, lease],
-            )
-            .map(|_| ())
-        })
-        .await
+        // One writer: nothing evicts the token between the check and the
+        // insert.
+        let linked = self
+            .with_lazy(move |c| {
+                let held: bool = c
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM vault_tokens WHERE accessor = ?1)")?
+                    .query_row(params![accessor], |r| r.get(0))?;
+                if held {
+                    c.prepare_cached(
+                        "INSERT OR IGNORE INTO vault_token_leases (accessor, lease_id) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![accessor, lease])?;
+                }
+                Ok(held)
+            })
+            .await?;
+        if linked {
+            Ok(())
+        } else {
+            Err(crate::store::gone_token())
+        }
     }
 
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {

@@ -1205,6 +1205,14 @@ async fn case_vault_tokens_are_capped_per_identity(s: Store) {
     );
     assert!(s.vault_token(&t1.hash).await.unwrap().is_none(), "evicted");
     assert!(s.vault_token_leases(&t1.accessor).await.unwrap().is_empty());
+    // A request that authenticated just before the eviction links no
+    // lease to the gone token: refused, nothing left behind.
+    let late = active(&s, 2, "ro", APP, 600).await;
+    match s.link_vault_lease(&t1.accessor, &late.id).await {
+        Err(credbroker::Error::PermissionDenied(m)) => assert!(m.contains("log in again"), "{m}"),
+        other => panic!("a link to an evicted token: {other:?}"),
+    }
+    assert!(s.vault_token_leases(&t1.accessor).await.unwrap().is_empty());
     assert!(
         s.get(&lease.id).await.unwrap().is_some(),
         "its lease stays, to end at its own expiry"
