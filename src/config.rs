@@ -57,6 +57,10 @@ pub struct VaultApiConfig {
     pub token_ttl: Duration,
     /// No renewal moves a token's expiry past login + this.
     pub token_max_ttl: Duration,
+    /// Most tokens one identity holds at once; a login beyond it evicts
+    /// the identity's token nearest its expiry (see
+    /// [`crate::store::LeaseStore::insert_vault_token`]).
+    pub max_tokens_per_identity: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +297,14 @@ impl RawConsole {
     }
 }
 
+/// `[vault_api] max_tokens_per_identity` unless set: room for a few
+/// dozen clients (or restarts within `token_ttl`) of one identity, while
+/// a login flood leaves at most this many rows per identity in the store.
+pub const DEFAULT_MAX_TOKENS_PER_IDENTITY: u32 = 32;
+/// The largest `max_tokens_per_identity` taken: beyond it the cap bounds
+/// nothing a store would notice.
+const MAX_TOKENS_PER_IDENTITY_LIMIT: u32 = 10_000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVaultApi {
@@ -300,6 +312,7 @@ struct RawVaultApi {
     mount: Option<String>,
     token_ttl: Option<String>,
     token_max_ttl: Option<String>,
+    max_tokens_per_identity: Option<i64>,
 }
 
 impl RawVaultApi {
@@ -345,11 +358,23 @@ impl RawVaultApi {
                 humantime::format_duration(token_ttl)
             )));
         }
+        let max_tokens_per_identity = match self.max_tokens_per_identity {
+            None => DEFAULT_MAX_TOKENS_PER_IDENTITY,
+            Some(n) if (1..=i64::from(MAX_TOKENS_PER_IDENTITY_LIMIT)).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(Error::config(format!(
+                    "vault_api.max_tokens_per_identity = {n}: use 1 to {MAX_TOKENS_PER_IDENTITY_LIMIT} \
+                     (default {DEFAULT_MAX_TOKENS_PER_IDENTITY}); at least the number of clients \
+                     that share one identity"
+                )))
+            }
+        };
         Ok(VaultApiConfig {
             listen,
             mount,
             token_ttl,
             token_max_ttl,
+            max_tokens_per_identity,
         })
     }
 }
@@ -1182,6 +1207,12 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         assert_eq!(v.mount, "database");
         assert_eq!(v.token_ttl, Duration::from_secs(3600));
         assert_eq!(v.token_max_ttl, Duration::from_secs(86400));
+        assert_eq!(v.max_tokens_per_identity, 32);
+        let v = with("listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = 1\n")
+            .unwrap()
+            .vault_api
+            .unwrap();
+        assert_eq!(v.max_tokens_per_identity, 1);
         let v = with("listen = \"127.0.0.1:8200\"\nmount = \"db-prod\"\ntoken_ttl = \"10m\"\n")
             .unwrap()
             .vault_api
@@ -1216,6 +1247,22 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             (
                 "listen = \"127.0.0.1:8200\"\ntoken = \"x\"\n",
                 "unknown field",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = 0\n",
+                "vault_api.max_tokens_per_identity = 0: use 1 to 10000",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = -3\n",
+                "vault_api.max_tokens_per_identity = -3",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = 10001\n",
+                "use 1 to 10000",
+            ),
+            (
+                "listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = \"many\"\n",
+                "max_tokens_per_identity",
             ),
         ] {
             let err = with(section).unwrap_err().to_string();

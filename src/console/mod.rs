@@ -242,6 +242,7 @@ async fn security_headers(mut resp: Response) -> Response {
     );
     set(h, header::X_FRAME_OPTIONS, "DENY");
     set(h, header::CACHE_CONTROL, "no-store");
+    set(h, header::PRAGMA, "no-cache");
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::REFERRER_POLICY, "no-referrer");
     resp

@@ -87,6 +87,7 @@ async fn every_answer_carries_the_security_headers() {
         assert!(!csp.contains("unsafe-inline"), "{csp}");
         assert_eq!(h(header::X_FRAME_OPTIONS).as_deref(), Some("DENY"));
         assert_eq!(h(header::CACHE_CONTROL).as_deref(), Some("no-store"));
+        assert_eq!(h(header::PRAGMA).as_deref(), Some("no-cache"));
         // No inline script or style on any page: the CSP would refuse it.
         assert!(
             !a.body.contains("<style") && !a.body.contains("style=\""),

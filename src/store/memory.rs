@@ -425,15 +425,29 @@ impl LeaseStore for MemoryStore {
         Ok((n - locks.len()) as u64)
     }
 
-    async fn insert_vault_token(&self, token: &VaultToken) -> Result<()> {
+    async fn insert_vault_token(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>> {
         self.check()?;
+        // One lock over the count, the evictions and the insert: atomic.
         let mut tokens = self.vault_tokens.lock().unwrap();
         if tokens.contains_key(&token.hash) || tokens.values().any(|t| t.accessor == token.accessor)
         {
             return Err(Error::internal("vault token already stored"));
         }
+        let held = tokens
+            .values()
+            .filter(|t| t.identity == token.identity)
+            .map(|t| (t.accessor.clone(), t.expires_at, t.issued_at))
+            .collect();
+        let gone = crate::store::evictions(held, cap);
+        if !gone.is_empty() {
+            tokens.retain(|_, t| !gone.contains(&t.accessor));
+            self.vault_links
+                .lock()
+                .unwrap()
+                .retain(|(a, _)| !gone.contains(a));
+        }
         tokens.insert(token.hash.clone(), token.clone());
-        Ok(())
+        Ok(gone)
     }
 
     async fn vault_token(&self, hash: &str) -> Result<Option<VaultToken>> {
@@ -466,6 +480,11 @@ impl LeaseStore for MemoryStore {
 
     async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
         self.check()?;
+        // Held over the insert: an eviction cannot slip in between.
+        let tokens = self.vault_tokens.lock().unwrap();
+        if !tokens.values().any(|t| t.accessor == accessor) {
+            return Err(crate::store::gone_token());
+        }
         self.vault_links
             .lock()
             .unwrap()

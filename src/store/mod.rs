@@ -247,8 +247,23 @@ pub trait LeaseStore: Send + Sync {
     /// it never loads every lease.
     async fn live_identities(&self) -> Result<Vec<String>>;
 
-    /// Stores a Vault-API token (`vault_api`): its hash, never the token.
-    async fn insert_vault_token(&self, token: &VaultToken) -> Result<()>;
+    /// Stores a Vault-API token (`vault_api`): its hash, never the token;
+    /// and keeps `token.identity` at `cap` tokens or fewer, in the same
+    /// atomic step — across replicas too — so parallel logins cannot
+    /// overshoot. When the identity already holds `cap`, those nearest
+    /// their expiry (expired ones first) are **evicted** — deleted with
+    /// their lease links — until the new one fits (see [`evictions`]);
+    /// their accessors are returned, for the audit record. An evicted
+    /// token is refused afterwards like an unknown one.
+    ///
+    /// Evict rather than refuse: a client that restarts often (Vault Agent
+    /// logs in at every start) must never lock itself out, and a login
+    /// flood then costs only the flooding identity its own oldest tokens,
+    /// never anyone else a login. The leases an evicted token created stay
+    /// live: revoke-self can no longer reach them, but they end at their
+    /// own expiry, and their holder (any token of the identity, by lease
+    /// id) or an admin can still revoke them.
+    async fn insert_vault_token(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>>;
 
     /// The token whose SHA-256 is `hash`, expired or not (the caller
     /// decides, so an expired token is refused with a reason).
@@ -262,6 +277,9 @@ pub trait LeaseStore: Send + Sync {
 
     /// Records that the token with `accessor` created `lease`, so revoking
     /// the token revokes the lease (Vault's token → lease parentage).
+    /// Fails with [`gone_token`] when the token is no longer stored
+    /// (evicted or revoked while the request ran): a link to it would
+    /// never be pruned, and its lease never reached by revoke-self.
     async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()>;
 
     /// The leases the token with `accessor` created (any state).
@@ -312,6 +330,31 @@ pub struct VaultToken {
     pub cert_sha256: String,
     pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+}
+
+/// A lease link refused because its token went meanwhile: the same
+/// words from every store; the caller sees a 403 and logs in again.
+pub fn gone_token() -> Error {
+    Error::denied("invalid token: it was revoked or evicted while this request ran; log in again")
+}
+
+/// Which of an identity's stored tokens a new login evicts to stay at
+/// `cap` (one store's rows → accessors, in the order every store uses):
+/// all but the `cap - 1` furthest from their expiry. Nearest expiry goes
+/// first — an expired token first of all, then one nobody renewed (a
+/// dead client's is likeliest), while a token its client keeps renewing
+/// is kept; the older issue, then the accessor, break ties. `held` is
+/// (accessor, expires_at, issued_at).
+pub fn evictions(mut held: Vec<(String, DateTime<Utc>, DateTime<Utc>)>, cap: u32) -> Vec<String> {
+    let keep = (cap.max(1) - 1) as usize;
+    if held.len() <= keep {
+        return Vec::new();
+    }
+    // Newest first: the kept ones lead, the evicted follow.
+    held.sort_by(|a, b| (b.1, b.2, &b.0).cmp(&(a.1, a.2, &a.0)));
+    let mut gone: Vec<String> = held.drain(keep..).map(|(a, _, _)| a).collect();
+    gone.reverse();
+    gone
 }
 
 /// Opens the store named by `url` (a `sqlite://` path, or a `postgres://`
@@ -365,3 +408,27 @@ pub fn stamp_lock(new: &NewLock, now: DateTime<Utc>) -> Lock {
 /// How long a claim lasts before another owner may take the lease over,
 /// unless `store.claim_timeout` says otherwise.
 pub const DEFAULT_CLAIM: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evictions_keep_the_tokens_furthest_from_expiry() {
+        let t0 = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        let at = |s: i64| t0 + chrono::Duration::seconds(s);
+        let held = |v: &[(&str, i64, i64)]| {
+            v.iter()
+                .map(|(a, e, i)| (a.to_string(), at(*e), at(*i)))
+                .collect::<Vec<_>>()
+        };
+        let rows = held(&[("c", 300, 0), ("a", 100, 0), ("b", 200, 0)]);
+        assert!(evictions(rows.clone(), 4).is_empty(), "room left");
+        assert_eq!(evictions(rows.clone(), 3), ["a"], "full: one goes");
+        assert_eq!(evictions(rows.clone(), 1), ["a", "b", "c"]);
+        assert_eq!(evictions(rows, 0), ["a", "b", "c"], "0 acts as 1");
+        // Same expiry: the older issue goes first, then the accessor.
+        let rows = held(&[("y", 100, 5), ("x", 100, 5), ("z", 100, 1)]);
+        assert_eq!(evictions(rows, 2), ["z", "x"]);
+    }
+}

@@ -201,6 +201,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         CREATE INDEX credbroker_leases_live_database_expiry
             ON credbroker_leases (database, expires_at, id) WHERE state <> 'revoked';",
     ),
+    // A login's question, 'which tokens does this identity hold' (the
+    // cap, `max_tokens_per_identity`), without reading every identity's.
+    (
+        8,
+        "vault api tokens by identity",
+        "CREATE INDEX credbroker_vault_tokens_identity
+            ON credbroker_vault_tokens (identity, expires_at);",
+    ),
 ];
 
 const STATIC_COLUMNS: &str =
@@ -252,6 +260,10 @@ fn row_to_static(row: &Row) -> Result<StaticState> {
 }
 
 const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued_at, expires_at";
+
+/// First key of the `pg_advisory_xact_lock(int4, int4)` a login holds
+/// per identity ("vtok"; the second key is the identity's hash).
+const VAULT_TOKEN_LOCK: i32 = 0x7674_6f6b;
 
 /// The newest schema this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -985,13 +997,64 @@ impl LeaseStore for PostgresStore {
         .await
     }
 
-    async fn insert_vault_token(&self, token: &VaultToken) -> Result<()> {
-        self.execute(
-            "insert vault token",
-            &format!(
+    async fn insert_vault_token(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>> {
+        const WHAT: &str = "insert vault token";
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| pg_err(WHAT, e))?;
+        // As `insert_intent`'s cap: replicas share the table, so the read
+        // of the identity's tokens, the evictions and the insert are
+        // serialized on the store itself by a transaction-scoped lock per
+        // identity (released by COMMIT or a dead connection); the read
+        // comes after the lock, so under READ COMMITTED it sees the
+        // previous holder's committed insert.
+        let lock = tx
+            .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .await
+            .map_err(|e| pg_err("vault token cap lock", e))?;
+        tx.execute(&lock, &[&VAULT_TOKEN_LOCK, &token.identity])
+            .await
+            .map_err(|e| pg_err("vault token cap lock", e))?;
+        let held = tx
+            .prepare_cached(
+                "SELECT accessor, expires_at, issued_at FROM credbroker_vault_tokens \
+                 WHERE identity = $1",
+            )
+            .await
+            .map_err(|e| pg_err("read vault tokens", e))?;
+        let held = tx
+            .query(&held, &[&token.identity])
+            .await
+            .map_err(|e| pg_err("read vault tokens", e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let gone = crate::store::evictions(held, cap);
+        if !gone.is_empty() {
+            // Two statements, tokens first: a link being written holds its
+            // token's row (`link_vault_lease`), so the token delete waits
+            // for it, and the link delete's fresh snapshot then sees it.
+            for sql in [
+                "DELETE FROM credbroker_vault_tokens WHERE accessor = ANY($1)",
+                "DELETE FROM credbroker_vault_token_leases WHERE accessor = ANY($1)",
+            ] {
+                let evict = tx
+                    .prepare_cached(sql)
+                    .await
+                    .map_err(|e| pg_err("evict vault tokens", e))?;
+                tx.execute(&evict, &[&gone])
+                    .await
+                    .map_err(|e| pg_err("evict vault tokens", e))?;
+            }
+        }
+        let insert = tx
+            .prepare_cached(&format!(
                 "INSERT INTO credbroker_vault_tokens ({VAULT_TOKEN_COLUMNS}) \
                  VALUES ($1, $2, $3, $4, $5, $6)"
-            ),
+            ))
+            .await
+            .map_err(|e| pg_err(WHAT, e))?;
+        tx.execute(
+            &insert,
             &[
                 &token.hash,
                 &token.accessor,
@@ -1002,7 +1065,9 @@ impl LeaseStore for PostgresStore {
             ],
         )
         .await
-        .map(|_| ())
+        .map_err(|e| pg_err(WHAT, e))?;
+        tx.commit().await.map_err(|e| pg_err(WHAT, e))?;
+        Ok(gone)
     }
 
     async fn vault_token(&self, hash: &str) -> Result<Option<VaultToken>> {
@@ -1050,14 +1115,24 @@ impl LeaseStore for PostgresStore {
     }
 
     async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
-        self.execute(
-            "link vault lease",
-            "INSERT INTO credbroker_vault_token_leases (accessor, lease_id) VALUES ($1, $2) \
-             ON CONFLICT DO NOTHING",
-            &[&accessor, &lease.as_str()],
-        )
-        .await
-        .map(|_| ())
+        // The token row is share-locked until this commits: an eviction or
+        // a revoke-self deleting it waits, then deletes this link too (its
+        // link delete is a statement of its own, after the token's).
+        let rows = self
+            .query(
+                "link vault lease",
+                "WITH t AS (SELECT accessor FROM credbroker_vault_tokens WHERE accessor = $1 FOR SHARE), \
+                 i AS (INSERT INTO credbroker_vault_token_leases (accessor, lease_id) \
+                       SELECT accessor, $2 FROM t ON CONFLICT DO NOTHING) \
+                 SELECT count(*) FROM t",
+                &[&accessor, &lease.as_str()],
+            )
+            .await?;
+        if rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0 {
+            Ok(())
+        } else {
+            Err(crate::store::gone_token())
+        }
     }
 
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {

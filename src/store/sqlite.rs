@@ -24,7 +24,7 @@ use crate::store::{
     cap_reached, stamp_lock, Claim, FailureRecord, HolderClaim, LeaseFilter, LeaseStore, VaultToken,
 };
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 const MIGRATION_1: &str = "
 CREATE TABLE leases (
@@ -81,6 +81,12 @@ const MIGRATION_7: &str = "
 CREATE INDEX IF NOT EXISTS leases_live_username ON leases(username) WHERE state <> 'revoked';
 CREATE INDEX IF NOT EXISTS leases_live_role_expiry ON leases(role, expires_at, id) WHERE state <> 'revoked';
 CREATE INDEX IF NOT EXISTS leases_live_database_expiry ON leases(database, expires_at, id) WHERE state <> 'revoked';
+";
+
+/// A login's question, 'which tokens does this identity hold' (the cap,
+/// `max_tokens_per_identity`), without reading every identity's.
+const MIGRATION_8: &str = "
+CREATE INDEX IF NOT EXISTS vault_tokens_identity ON vault_tokens(identity, expires_at);
 ";
 
 pub struct SqliteStore {
@@ -360,6 +366,11 @@ impl SqliteStore {
             let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_7} PRAGMA user_version = 7; COMMIT;");
             conn.execute_batch(&tx_sql)
                 .map_err(|e| ctx("cannot migrate schema to version 7", e))?;
+        }
+        if version < 8 {
+            let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_8} PRAGMA user_version = 8; COMMIT;");
+            conn.execute_batch(&tx_sql)
+                .map_err(|e| ctx("cannot migrate schema to version 8", e))?;
         }
         Ok(conn)
     }
@@ -960,9 +971,27 @@ impl LeaseStore for SqliteStore {
         Ok(n as u64)
     }
 
-    async fn insert_vault_token(&self, token: &VaultToken) -> Result<()> {
+    async fn insert_vault_token(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>> {
         let t = token.clone();
         self.with(move |c| {
+            // Atomic as `insert_intent`'s cap is: one thread runs the
+            // batch's writes one after another, and this job's savepoint
+            // rolls the evictions back if the insert fails.
+            let held = c
+                .prepare_cached(
+                    "SELECT accessor, expires_at, issued_at FROM vault_tokens WHERE identity = ?1",
+                )?
+                .query_map(params![t.identity], |r| {
+                    Ok((r.get(0)?, from_ms(r.get(1)?), from_ms(r.get(2)?)))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let gone = crate::store::evictions(held, cap);
+            for accessor in &gone {
+                c.prepare_cached("DELETE FROM vault_token_leases WHERE accessor = ?1")?
+                    .execute(params![accessor])?;
+                c.prepare_cached("DELETE FROM vault_tokens WHERE accessor = ?1")?
+                    .execute(params![accessor])?;
+            }
             c.execute(
                 &format!(
                     "INSERT INTO vault_tokens ({VAULT_TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
@@ -975,8 +1004,8 @@ impl LeaseStore for SqliteStore {
                     ms(t.issued_at),
                     ms(t.expires_at)
                 ],
-            )
-            .map(|_| ())
+            )?;
+            Ok(gone)
         })
         .await
     }
@@ -1036,14 +1065,27 @@ impl LeaseStore for SqliteStore {
         // can lose it, and then revoke-self misses a lease that still
         // ends at its own expiry and stays in the store (invariant 1 is
         // the lease row's, written durably before the user exists).
-        self.with_lazy(move |c| {
-            c.execute(
-                "INSERT OR IGNORE INTO vault_token_leases (accessor, lease_id) VALUES (?1, ?2)",
-                params![accessor, lease],
-            )
-            .map(|_| ())
-        })
-        .await
+        // One writer: nothing evicts the token between the check and the
+        // insert.
+        let linked = self
+            .with_lazy(move |c| {
+                let held: bool = c
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM vault_tokens WHERE accessor = ?1)")?
+                    .query_row(params![accessor], |r| r.get(0))?;
+                if held {
+                    c.prepare_cached(
+                        "INSERT OR IGNORE INTO vault_token_leases (accessor, lease_id) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![accessor, lease])?;
+                }
+                Ok(held)
+            })
+            .await?;
+        if linked {
+            Ok(())
+        } else {
+            Err(crate::store::gone_token())
+        }
     }
 
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {

@@ -11,6 +11,9 @@
 //!   certificate, stored as hashes.
 //! - `params.rs`: request bodies, lease ids, increments.
 //! - `envelope.rs`: Vault's response shapes and the one error mapping.
+//!
+//! Every answer carries `Cache-Control: no-store` (a layer here, not per
+//! handler).
 
 mod envelope;
 mod params;
@@ -41,6 +44,18 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, mount = %config.mount, "vault api listening");
     }
-    let router = routes::router(broker, config);
+    let router = routes::router(broker, config).layer(axum::middleware::map_response(no_store));
     https::serve(router, listener, tls, audit, max_age, shutdown).await
+}
+
+/// On every answer of this API, whatever the handler or the outcome:
+/// `creds`, `static-creds` and a login carry secrets, and nothing on the
+/// way (a proxy, a client's HTTP cache) may keep them. `Pragma` for
+/// HTTP/1.0 caches.
+async fn no_store(mut resp: axum::response::Response) -> axum::response::Response {
+    use axum::http::{header, HeaderValue};
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
 }

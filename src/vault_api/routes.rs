@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::envelope::{capped_warning, request_id, Auth, Envelope, VaultError};
 use super::params::{Body, LeaseRef};
-use super::token::{self, ttl_secs, Session, Token};
+use super::token::{self, ttl_secs, Session};
 use crate::audit::{Event, Outcome};
 use crate::broker::Broker;
 use crate::config::VaultApiConfig;
@@ -24,7 +24,6 @@ use crate::error::Error;
 use crate::gate::{Ask, Door, Pass, Target, Use};
 use crate::lease::{truncate_ms, LeaseState};
 use crate::server::https::Peer;
-use crate::store::VaultToken;
 
 /// What audit records written by this API say in `via`.
 pub const VIA: &str = "vault_api";
@@ -286,52 +285,24 @@ async fn ui_mount(req: &Request<'_>, path: &str) -> Reply {
     .into_response())
 }
 
-/// Longest `name` a login may carry (Vault's cert role name).
-const MAX_NAME_LEN: usize = 64;
-
 /// `auth/cert/login`: the certificate is the credential; a token bound
-/// to it comes back.
+/// to it comes back (made, capped and audited in `token::login`).
 async fn login(req: &Request<'_>) -> Reply {
     let broker = &req.api.broker;
     let ask = Ask {
         door: Door::VaultApi,
         peer: Some(req.peer.addr.ip()),
         identity: req.peer.identity.as_ref().map_err(String::as_str),
-        action: "vault_login",
+        action: token::LOGIN,
         target: Target::Own(Use::Obtain),
     };
     let who = crate::gate::admit(broker, ask).await?.identity;
-    let name = req.body()?.string("name")?.unwrap_or_default();
-    if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
-        return Err(Error::invalid(format!(
-            "name must be at most {MAX_NAME_LEN} printable characters"
-        ))
-        .into());
-    }
+    let token::Login {
+        token,
+        stored,
+        name,
+    } = token::login(broker, req.peer, &who, req.bytes, &req.api.config).await?;
     let ttl = req.api.config.token_ttl;
-    let now = truncate_ms(Utc::now());
-    let token = Token::generate();
-    let stored = VaultToken {
-        hash: token.hash(),
-        accessor: token::accessor(),
-        identity: who.as_str().to_string(),
-        cert_sha256: req.peer.cert_fingerprint(),
-        issued_at: now,
-        expires_at: now + chrono::Duration::from_std(ttl).map_err(Error::internal)?,
-    };
-    broker.store().insert_vault_token(&stored).await?;
-    let mut e = Event::new(who.as_str(), "vault_login");
-    e.outcome = Some(Outcome::Ok);
-    e.detail = Some(format!(
-        "accessor={}; ttl={}s",
-        stored.accessor,
-        ttl.as_secs()
-    ));
-    if let Err(err) = broker.audit().append(e) {
-        // An unaudited token must not be handed out.
-        let _ = broker.store().delete_vault_token(&stored.hash).await;
-        return Err(err.into());
-    }
     let mut metadata = BTreeMap::new();
     metadata.insert("identity".to_string(), who.as_str().to_string());
     metadata.insert("cert_name".to_string(), name);

@@ -11,10 +11,13 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::params::Body;
 use crate::audit::{Event, Outcome};
 use crate::broker::Broker;
+use crate::config::VaultApiConfig;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
+use crate::lease::truncate_ms;
 use crate::server::https::Peer;
 use crate::store::VaultToken;
 
@@ -127,7 +130,12 @@ pub async fn authenticate(
             None,
         ));
     };
-    let stored = broker.store().vault_token(&hash(&token)).await?;
+    // A store that cannot answer refuses too, and is audited as an error.
+    let stored = broker
+        .store()
+        .vault_token(&hash(&token))
+        .await
+        .map_err(|e| broker.refuse(who.as_str(), action, e))?;
     let Some(stored) = stored else {
         return Err(refuse("invalid token", None));
     };
@@ -143,6 +151,88 @@ pub async fn authenticate(
     Ok(Session {
         identity: who,
         token: stored,
+    })
+}
+
+/// What `auth/cert/login` audits under.
+pub const LOGIN: &str = "vault_login";
+
+/// Longest `name` a login may carry (Vault's cert role name).
+const MAX_NAME_LEN: usize = 64;
+
+/// A token made by [`login`]: the secret for the caller, its stored form,
+/// and the `name` the login carried.
+pub struct Login {
+    pub token: Token,
+    pub stored: VaultToken,
+    pub name: String,
+}
+
+/// `auth/cert/login` for `who` (the caller's certificate, already
+/// checked): a new token bound to the identity and this certificate,
+/// stored under the identity's cap (`max_tokens_per_identity`; the
+/// tokens nearest their expiry are evicted to make room, see
+/// `LeaseStore::insert_vault_token` for why evict rather than refuse).
+/// Exactly one audit record either way: `ok` naming the new accessor and
+/// any evicted ones, or the refusal (bad input, the store away).
+pub async fn login(
+    broker: &Broker,
+    peer: &Peer,
+    who: &Identity,
+    body: &[u8],
+    config: &VaultApiConfig,
+) -> Result<Login> {
+    let refuse = |err: Error| broker.refuse(who.as_str(), LOGIN, err);
+    let name = Body::parse(body)
+        .and_then(|b| b.string("name"))
+        .map_err(refuse)?
+        .unwrap_or_default();
+    if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(refuse(Error::invalid(format!(
+            "name must be at most {MAX_NAME_LEN} printable characters"
+        ))));
+    }
+    let ttl = config.token_ttl;
+    let now = truncate_ms(Utc::now());
+    let token = Token::generate();
+    let stored = VaultToken {
+        hash: token.hash(),
+        accessor: accessor(),
+        identity: who.as_str().to_string(),
+        cert_sha256: peer.cert_fingerprint(),
+        issued_at: now,
+        expires_at: now
+            + chrono::Duration::from_std(ttl).map_err(|e| refuse(Error::internal(e)))?,
+    };
+    let cap = config.max_tokens_per_identity;
+    let evicted = broker
+        .store()
+        .insert_vault_token(&stored, cap)
+        .await
+        .map_err(refuse)?;
+    let mut e = Event::new(who.as_str(), LOGIN);
+    e.outcome = Some(Outcome::Ok);
+    let mut detail = format!("accessor={}; ttl={}s", stored.accessor, ttl.as_secs());
+    if !evicted.is_empty() {
+        detail.push_str(&format!(
+            "; evicted={} (max_tokens_per_identity={cap})",
+            evicted.join(",")
+        ));
+    }
+    e.detail = Some(detail);
+    if let Err(err) = broker.audit().append(e) {
+        // An unaudited token must not be handed out. The evictions stand
+        // (they only shortened tokens of this identity): say so here.
+        let _ = broker.store().delete_vault_token(&stored.hash).await;
+        if !evicted.is_empty() {
+            tracing::error!(identity = %who, evicted = %evicted.join(","), "vault tokens evicted while the audit log failed");
+        }
+        return Err(err);
+    }
+    Ok(Login {
+        token,
+        stored,
+        name,
     })
 }
 

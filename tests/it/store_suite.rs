@@ -1094,10 +1094,10 @@ async fn case_vault_tokens_and_their_lease_links(s: Store) {
     };
     let (a, b, old) = (token(1, 3600), token(2, 3600), token(3, -10));
     for tok in [&a, &b, &old] {
-        s.insert_vault_token(tok).await.unwrap();
+        assert!(s.insert_vault_token(tok, 32).await.unwrap().is_empty());
     }
     assert!(
-        s.insert_vault_token(&a).await.is_err(),
+        s.insert_vault_token(&a, 32).await.is_err(),
         "a token hash is stored once"
     );
     assert_eq!(s.vault_token(&a.hash).await.unwrap().as_ref(), Some(&a));
@@ -1155,6 +1155,171 @@ async fn case_vault_tokens_and_their_lease_links(s: Store) {
     assert!(s.vault_token(&b.hash).await.unwrap().is_some());
     // Lease rows are untouched by any of it.
     assert!(s.get(&l1.id).await.unwrap().is_some());
+}
+
+/// A Vault-API token as a login stores it: `n` names it, `identity` and
+/// `cert` bind it, it expires `expires` seconds after `now`.
+fn vault_token(
+    n: usize,
+    identity: &str,
+    cert: &str,
+    now: DateTime<Utc>,
+    expires: i64,
+) -> credbroker::store::VaultToken {
+    let now = credbroker::lease::truncate_ms(now);
+    credbroker::store::VaultToken {
+        hash: format!("{:064x}", n + 1),
+        accessor: format!("acc{n:04}"),
+        identity: identity.to_string(),
+        cert_sha256: cert.repeat(32),
+        issued_at: now,
+        expires_at: t(now, expires),
+    }
+}
+
+/// `max_tokens_per_identity`: a login beyond the cap evicts the
+/// identity's token nearest its expiry (an expired one first, a renewed
+/// one last), deletes it with its lease links (the lease rows stay), and
+/// says which; another identity's tokens are never touched; a refused
+/// insert (a hash stored twice) evicts nothing.
+async fn case_vault_tokens_are_capped_per_identity(s: Store) {
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    let now = Utc::now();
+    let (t1, t2, t3) = (
+        vault_token(1, APP, "ab", now, 100),
+        vault_token(2, APP, "cd", now, 200),
+        vault_token(3, APP, "ab", now, 300),
+    );
+    let theirs = vault_token(9, other, "ef", now, 10);
+    for tok in [&t1, &theirs, &t2, &t3] {
+        assert!(s.insert_vault_token(tok, 3).await.unwrap().is_empty());
+    }
+    let lease = active(&s, 1, "ro", APP, 600).await;
+    s.link_vault_lease(&t1.accessor, &lease.id).await.unwrap();
+
+    let t4 = vault_token(4, APP, "ab", now, 400);
+    assert_eq!(
+        s.insert_vault_token(&t4, 3).await.unwrap(),
+        vec![t1.accessor.clone()],
+        "the one nearest its expiry makes room"
+    );
+    assert!(s.vault_token(&t1.hash).await.unwrap().is_none(), "evicted");
+    assert!(s.vault_token_leases(&t1.accessor).await.unwrap().is_empty());
+    // A request that authenticated just before the eviction links no
+    // lease to the gone token: refused, nothing left behind.
+    let late = active(&s, 2, "ro", APP, 600).await;
+    match s.link_vault_lease(&t1.accessor, &late.id).await {
+        Err(credbroker::Error::PermissionDenied(m)) => assert!(m.contains("log in again"), "{m}"),
+        other => panic!("a link to an evicted token: {other:?}"),
+    }
+    assert!(s.vault_token_leases(&t1.accessor).await.unwrap().is_empty());
+    assert!(
+        s.get(&lease.id).await.unwrap().is_some(),
+        "its lease stays, to end at its own expiry"
+    );
+    for tok in [&t2, &t3, &t4, &theirs] {
+        assert!(s.vault_token(&tok.hash).await.unwrap().is_some());
+    }
+
+    // A renewed token is a live client's: the unrenewed one goes first.
+    assert!(s
+        .set_vault_token_expiry(&t2.hash, t(now, 900))
+        .await
+        .unwrap());
+    let t5 = vault_token(5, APP, "ab", now, 500);
+    assert_eq!(
+        s.insert_vault_token(&t5, 3).await.unwrap(),
+        vec![t3.accessor.clone()]
+    );
+
+    // The same hash twice is refused and evicts nothing.
+    assert!(s.insert_vault_token(&t5, 3).await.is_err());
+    for tok in [&t2, &t4, &t5] {
+        assert!(s.vault_token(&tok.hash).await.unwrap().is_some());
+    }
+
+    // A smaller cap (a config change) evicts down to it at the next login,
+    // expired tokens first.
+    let expired = vault_token(6, APP, "ab", now, -5);
+    assert_eq!(
+        s.insert_vault_token(&expired, 32).await.unwrap(),
+        Vec::<String>::new()
+    );
+    let t7 = vault_token(7, APP, "ab", now, 700);
+    assert_eq!(
+        s.insert_vault_token(&t7, 2).await.unwrap(),
+        vec![
+            expired.accessor.clone(),
+            t4.accessor.clone(),
+            t5.accessor.clone()
+        ]
+    );
+    assert!(s.vault_token(&t2.hash).await.unwrap().is_some());
+    assert!(s.vault_token(&t7.hash).await.unwrap().is_some());
+
+    // Cap 1: each login replaces the identity's one token.
+    let t8 = vault_token(8, APP, "ab", now, 800);
+    let mut gone = s.insert_vault_token(&t8, 1).await.unwrap();
+    gone.sort();
+    assert_eq!(gone, vec![t2.accessor.clone(), t7.accessor.clone()]);
+    assert!(
+        s.vault_token(&theirs.hash).await.unwrap().is_some(),
+        "another identity is never evicted, even expiring first"
+    );
+}
+
+/// 60 parallel logins of one identity, on two handles (two replicas on a
+/// shared store), against a cap of 8: exactly 8 tokens stay, the newest
+/// one among them; each of the other 52 was evicted by exactly one login
+/// and is gone; the other identity's token is untouched.
+pub async fn case_vault_token_cap_holds_under_concurrency(open: Opener, shared: bool) {
+    let first = open().await;
+    let second = if shared { open().await } else { first.clone() };
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    let now = Utc::now();
+    let theirs = vault_token(999, other, "ef", now, 1);
+    first.insert_vault_token(&theirs, 8).await.unwrap();
+    let tokens: Vec<_> = (0..60)
+        .map(|i| vault_token(i, APP, "ab", now, 100 + i as i64))
+        .collect();
+    let tasks: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, tok)| {
+            let s = if i % 2 == 0 { &first } else { &second }.clone();
+            let tok = tok.clone();
+            tokio::spawn(async move { s.insert_vault_token(&tok, 8).await })
+        })
+        .collect();
+    let mut evicted = Vec::new();
+    for task in tasks {
+        evicted.extend(task.await.unwrap().unwrap());
+    }
+    let unique: BTreeSet<&String> = evicted.iter().collect();
+    assert_eq!(
+        evicted.len(),
+        52,
+        "each eviction reported once: {evicted:?}"
+    );
+    assert_eq!(unique.len(), 52);
+    let mut kept = 0;
+    for tok in &tokens {
+        let stored = second.vault_token(&tok.hash).await.unwrap();
+        assert_eq!(
+            stored.is_some(),
+            !unique.contains(&tok.accessor),
+            "{} is stored iff not evicted",
+            tok.accessor
+        );
+        kept += usize::from(stored.is_some());
+    }
+    assert_eq!(kept, 8, "the cap holds under parallel logins");
+    assert!(first.vault_token(&theirs.hash).await.unwrap().is_some());
+    // Serially, the cap keeps the ones furthest from expiry.
+    let last = vault_token(60, APP, "ab", now, 10_000);
+    let gone = first.insert_vault_token(&last, 8).await.unwrap();
+    assert_eq!(gone.len(), 1);
+    assert!(first.vault_token(&last.hash).await.unwrap().is_some());
 }
 
 /// A holder's revoke claims in one step: its own live lease only (any
@@ -1236,6 +1401,11 @@ macro_rules! store_suite {
                 super::case_identity_cap_holds_under_concurrency(home.open.clone(), false).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_vault_token_cap_holds_under_concurrency() {
+                let home = super::sqlite_home().await;
+                super::case_vault_token_cap_holds_under_concurrency(home.open.clone(), false).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn case_pruning_deletes_only_old_revoked_rows() {
                 super::case_pruning_deletes_only_old_revoked_rows(super::sqlite_home().await).await;
             }
@@ -1264,6 +1434,11 @@ macro_rules! store_suite {
                 super::case_identity_cap_holds_under_concurrency(home.open.clone(), true).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn case_vault_token_cap_holds_under_concurrency() {
+                let home = super::postgres_home().await;
+                super::case_vault_token_cap_holds_under_concurrency(home.open.clone(), true).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn case_pruning_deletes_only_old_revoked_rows() {
                 super::case_pruning_deletes_only_old_revoked_rows(super::postgres_home().await).await;
             }
@@ -1287,8 +1462,26 @@ store_suite!(
     case_queries_see_only_what_they_ask_for,
     case_static_roles_are_claimed_saved_only_by_the_holder_and_round_trip,
     case_vault_tokens_and_their_lease_links,
+    case_vault_tokens_are_capped_per_identity,
     case_pages_are_counted_sorted_and_disjoint,
 );
+
+/// The memory store (the fast tier's) caps Vault tokens like the real ones.
+#[tokio::test]
+async fn memory_case_vault_tokens_are_capped_per_identity() {
+    let s: Store = Arc::new(credbroker::store::memory::MemoryStore::new());
+    case_vault_tokens_are_capped_per_identity(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_case_vault_token_cap_holds_under_concurrency() {
+    let s: Store = Arc::new(credbroker::store::memory::MemoryStore::new());
+    let open: Opener = Arc::new(move || {
+        let s = s.clone();
+        Box::pin(async move { s })
+    });
+    case_vault_token_cap_holds_under_concurrency(open, true).await;
+}
 
 /// The memory store (the fast tier's) pages like the real ones.
 #[tokio::test]
@@ -1372,7 +1565,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
     })
     .await
     .unwrap();
-    assert_eq!((version, indexed), (7, 1));
+    assert_eq!((version, indexed), (8, 1));
 }
 
 #[tokio::test]

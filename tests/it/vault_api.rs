@@ -884,3 +884,218 @@ async fn vault_hvac_static_creds_log_in_and_are_refused_to_others() {
     );
     b.stop().await;
 }
+
+/// `[vault_api] max_tokens_per_identity` against the real binary: 300
+/// logins with one certificate (16 at a time, through vaultrs) leave at
+/// most the cap (the default, 32) of token rows in the store, not 300;
+/// the oldest token is refused afterwards like an unknown one, the newest
+/// works; each login is one audit record, and every evicted accessor is
+/// named by exactly one of them.
+#[tokio::test]
+async fn vault_login_flood_keeps_at_most_the_cap_of_tokens() {
+    use futures::StreamExt;
+    use vaultrs::client::{Client, Identity, VaultClient, VaultClientSettingsBuilder};
+    const LOGINS: usize = 300;
+    const CAP: usize = 32; // the default
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
+    b.enable_vault_api("").await;
+    b.spawn_binary().await;
+    crate::support::wait_port(b.vault_port.unwrap()).await;
+    let mut pem = std::fs::read(b.env.pki.join("app.pem")).unwrap();
+    pem.extend(std::fs::read(b.env.pki.join("app-key.pem")).unwrap());
+    let client = |token: Option<&str>| {
+        let mut c = VaultClient::new(
+            VaultClientSettingsBuilder::default()
+                .address(vault_url(&b))
+                .ca_certs(vec![b.env.pki.join("ca.pem").display().to_string()])
+                .identity(Some(Identity::from_pem(&pem).unwrap()))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        if let Some(t) = token {
+            c.set_token(t);
+        }
+        c
+    };
+    let anon = client(None);
+    let login = || async {
+        vaultrs::auth::cert::login(&anon, "cert", "")
+            .await
+            .expect("a login within the cap's reach is never refused")
+    };
+    let oldest = login().await;
+    let as_oldest = client(Some(&oldest.client_token));
+    vaultrs::token::lookup_self(&as_oldest)
+        .await
+        .expect("the first token works at first");
+    let middle: Vec<_> = futures::stream::iter(0..LOGINS - 2)
+        .map(|_| login())
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert_eq!(middle.len(), LOGINS - 2);
+    let newest = login().await;
+
+    // Asked now, checked once the rows are counted (so a run without the
+    // cap still reports its numbers).
+    let oldest_now = vaultrs::token::lookup_self(&as_oldest).await;
+    let as_newest = client(Some(&newest.client_token));
+    let me = vaultrs::token::lookup_self(&as_newest)
+        .await
+        .expect("the newest token works");
+    assert_eq!(me.accessor, newest.accessor);
+    let creds = vaultrs::database::role::creds(&as_newest, "database", "ro")
+        .await
+        .expect("the newest token issues");
+    assert!(login_db(&b, &creds.username, &creds.password).await);
+
+    b.signal_binary("TERM");
+    assert_eq!(b.wait_binary(Duration::from_secs(20)).await, Some(0));
+    let path = b.env.store_path.clone();
+    let rows: i64 = rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM vault_tokens", [], |r| r.get(0))
+        .unwrap();
+    eprintln!("token rows after {LOGINS} logins of one certificate: {rows} (cap {CAP})");
+    assert_eq!(rows as usize, CAP, "at most the cap of token rows");
+    // The oldest was evicted: refused as an unknown token is.
+    match oldest_now {
+        Err(vaultrs::error::ClientError::APIError { code: 403, errors }) => {
+            assert!(errors[0].contains("invalid token"), "{errors:?}")
+        }
+        other => panic!("an evicted token must be refused: {other:?}"),
+    }
+
+    let records = b.audit_records();
+    let logins: Vec<_> = records
+        .iter()
+        .filter(|r| r.action == "vault_login" && r.identity == APP)
+        .collect();
+    assert_eq!(logins.len(), LOGINS, "one record per login");
+    assert!(logins.iter().all(|r| r.outcome == Outcome::Ok));
+    let mut evicted: Vec<String> = logins
+        .iter()
+        .filter_map(|r| r.detail.as_deref()?.split("; evicted=").nth(1))
+        .flat_map(|d| {
+            assert!(d.ends_with(" (max_tokens_per_identity=32)"), "{d}");
+            d.split(' ').next().unwrap().split(',').map(str::to_string)
+        })
+        .collect();
+    let named = evicted.len();
+    evicted.sort();
+    evicted.dedup();
+    assert_eq!(
+        (named, evicted.len()),
+        (LOGINS - CAP, LOGINS - CAP),
+        "each eviction named once"
+    );
+    assert!(evicted.contains(&oldest.accessor));
+    assert!(!evicted.contains(&newest.accessor));
+    let refused = records
+        .iter()
+        .filter(|r| {
+            r.action == "vault_token_lookup"
+                && r.outcome == Outcome::Denied
+                && r.detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("invalid token"))
+        })
+        .count();
+    assert_eq!(refused, 1, "the evicted token's refusal is audited once");
+}
+
+async fn login_db(b: &TestBroker, user: &str, password: &str) -> bool {
+    login(&b.db, user, password).await.is_ok()
+}
+
+/// Every Vault API answer says `Cache-Control: no-store` and `Pragma:
+/// no-cache` — a login (its token), `creds` and `static-creds` (their
+/// passwords), a refusal and an unknown path — asked over hvac's own
+/// HTTP session.
+#[tokio::test]
+async fn vault_answers_are_never_cached() {
+    let (mut b, _) = crate::static_roles::pg_static(1, "1h", "").await;
+    b.edit_config(|t| t + &role("ro", "main", "10m", "20m", APP));
+    b.enable_vault_api("").await;
+    b.start_in_process().await;
+    let app = Cert::dev(&b, "app");
+    let token = login_token(&b, &app).await;
+    for (token, method, path, body, status) in [
+        ("-", "PUT", "/v1/auth/cert/login", "{}", 200),
+        (token.as_str(), "GET", "/v1/database/creds/ro", "", 200),
+        (
+            token.as_str(),
+            "GET",
+            "/v1/database/static-creds/st",
+            "",
+            200,
+        ),
+        ("-", "GET", "/v1/database/creds/ro", "", 403),
+        (
+            "hvs.made-up",
+            "GET",
+            "/v1/database/static-creds/st",
+            "",
+            403,
+        ),
+        ("-", "PUT", "/v1/auth/cert/login", "[1", 400),
+        (token.as_str(), "GET", "/v1/secret/data/app", "", 404),
+        ("-", "GET", "/v1/sys/health", "", 200),
+    ] {
+        let r = ok(hvac(&b, &app, "headers", &[token, method, path, body]).await);
+        assert_eq!(r["status_code"], status, "{method} {path}: {r}");
+        assert_eq!(
+            r["headers"]["cache-control"], "no-store",
+            "{method} {path}: {r}"
+        );
+        assert_eq!(r["headers"]["pragma"], "no-cache", "{method} {path}: {r}");
+    }
+}
+
+/// Every refusal of `auth/cert/login` and of a token check is exactly
+/// one audit record, under the caller's identity, via vault_api: a body
+/// that is not JSON, a `name` of the wrong type or too long; no token, a
+/// made-up one.
+#[tokio::test]
+async fn vault_login_and_token_refusals_are_audited_once_each() {
+    let b = vault_broker(&role("ro", "{db}", "10m", "20m", APP), "").await;
+    let app = Cert::dev(&b, "app");
+    let count = |action: &str| {
+        b.audit_records()
+            .into_iter()
+            .filter(|r| {
+                r.identity == APP
+                    && r.action == action
+                    && r.outcome != Outcome::Ok
+                    && r.via.as_deref() == Some("vault_api")
+            })
+            .count()
+    };
+    let long = format!("{{\"name\": \"{}\"}}", "n".repeat(65));
+    for (i, body) in ["[1", "{\"name\": 3}", long.as_str()].iter().enumerate() {
+        let r = ok(hvac(&b, &app, "raw", &["-", "PUT", "/v1/auth/cert/login", body]).await);
+        assert_eq!(r["status_code"], 400, "{body:.20}: {r}");
+        assert_eq!(count("vault_login"), i + 1, "{body:.20}: one record");
+    }
+    for (i, token) in ["-", "hvs.made-up"].iter().enumerate() {
+        let r = ok(hvac(
+            &b,
+            &app,
+            "raw",
+            &[token, "GET", "/v1/auth/token/lookup-self", ""],
+        )
+        .await);
+        assert_eq!(r["status_code"], 403, "{token}: {r}");
+        assert_eq!(count("vault_token_lookup"), i + 1, "{token}: one record");
+    }
+    assert_eq!(
+        b.audit_records()
+            .iter()
+            .filter(|r| r.action == "vault_login" && r.outcome == Outcome::Ok)
+            .count(),
+        0,
+        "no token was made"
+    );
+}

@@ -18,6 +18,10 @@ Steps:
     raw TOKEN METHOD PATH BODY
                             the adapter's METHOD of PATH with BODY sent as
                             is (malformed requests); "@N" sends N bytes
+    headers TOKEN METHOD PATH BODY
+                            METHOD of PATH over hvac's own HTTP session
+                            (its certificate, CA and token header); prints
+                            the status and the response headers only
 
 Prints {"ok": <response>} or {"error": <hvac exception class>,
 "errors": [...]}; exits 0 either way, so the Rust test asserts on the
@@ -79,6 +83,20 @@ def main():
             out = response_json(
                 client.adapter.request(method, path, raise_exception=False, data=body)
             )
+        elif step == "headers":
+            method, path, body = args
+            r = client.adapter.session.request(
+                method,
+                url + path,
+                data=body or None,
+                headers={"X-Vault-Token": token} if token else {},
+                cert=(cert, key),
+                verify=ca,
+            )
+            out = {
+                "status_code": r.status_code,
+                "headers": {k.lower(): v for k, v in r.headers.items()},
+            }
         else:
             raise SystemExit(f"unknown step {step!r}")
         print(json.dumps({"ok": out}))
