@@ -209,6 +209,13 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "CREATE INDEX credbroker_vault_tokens_identity
             ON credbroker_vault_tokens (identity, expires_at);",
     ),
+    (
+        9,
+        "locks on static roles",
+        "ALTER TABLE credbroker_locks DROP CONSTRAINT IF EXISTS credbroker_locks_kind_check;
+         ALTER TABLE credbroker_locks ADD CONSTRAINT credbroker_locks_kind_check
+            CHECK (kind IN ('identity', 'role', 'static_role', 'database'));",
+    ),
 ];
 
 const STATIC_COLUMNS: &str =

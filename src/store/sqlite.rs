@@ -24,7 +24,7 @@ use crate::store::{
     cap_reached, stamp_lock, Claim, FailureRecord, HolderClaim, LeaseFilter, LeaseStore, VaultToken,
 };
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 const MIGRATION_1: &str = "
 CREATE TABLE leases (
@@ -87,6 +87,24 @@ CREATE INDEX IF NOT EXISTS leases_live_database_expiry ON leases(database, expir
 /// `max_tokens_per_identity`), without reading every identity's.
 const MIGRATION_8: &str = "
 CREATE INDEX IF NOT EXISTS vault_tokens_identity ON vault_tokens(identity, expires_at);
+";
+
+/// Locks on static roles (`admin lock --static-role`). SQLite cannot
+/// alter a CHECK constraint: the table is copied into one that allows the
+/// new kind.
+const MIGRATION_9: &str = "
+CREATE TABLE locks_9 (
+    id         TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('identity', 'role', 'static_role', 'database')),
+    value      TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+INSERT INTO locks_9 SELECT id, kind, value, reason, created_by, created_at, expires_at FROM locks;
+DROP TABLE locks;
+ALTER TABLE locks_9 RENAME TO locks;
 ";
 
 pub struct SqliteStore {
@@ -371,6 +389,11 @@ impl SqliteStore {
             let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_8} PRAGMA user_version = 8; COMMIT;");
             conn.execute_batch(&tx_sql)
                 .map_err(|e| ctx("cannot migrate schema to version 8", e))?;
+        }
+        if version < 9 {
+            let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_9} PRAGMA user_version = 9; COMMIT;");
+            conn.execute_batch(&tx_sql)
+                .map_err(|e| ctx("cannot migrate schema to version 9", e))?;
         }
         Ok(conn)
     }

@@ -210,7 +210,9 @@ async fn console_browser_sees_filters_and_revokes_leases_with_their_sessions() {
         records
             .iter()
             .filter(|r| {
-                r.action == "console"
+                // Page views are `console_view` (the gate's record), forms
+                // `console`.
+                (r.action == "console" || r.action == "console_view")
                     && r.identity == who
                     && matches!(r.outcome, credbroker::audit::Outcome::Denied)
             })

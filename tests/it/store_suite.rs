@@ -928,6 +928,18 @@ pub async fn case_locks_survive_a_restart_run_out_and_are_deleted(home: StoreHom
         .insert_lock(&new(LockTarget::Database("main".into()), Some(3600)))
         .await
         .unwrap();
+    // A static role's lock (schema 9): stored, read back as its kind.
+    let st = s
+        .insert_lock(&new(LockTarget::StaticRole("orders-app".into()), None))
+        .await
+        .unwrap();
+    let read = s.active_locks().await.unwrap();
+    let back = read.iter().find(|l| l.id == st.id).unwrap();
+    assert_eq!(
+        (back.target.kind(), back.target.value()),
+        ("static_role", "orders-app")
+    );
+    assert!(s.delete_lock(&st.id).await.unwrap().is_some());
     assert!(forever.expires_at.is_none());
     assert!(forever.created_at > before && forever.created_at < Utc::now() + CDuration::seconds(2));
     let left = short.expires_at.unwrap() - short.created_at;
@@ -1565,7 +1577,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
     })
     .await
     .unwrap();
-    assert_eq!((version, indexed), (8, 1));
+    assert_eq!((version, indexed), (9, 1));
 }
 
 #[tokio::test]
