@@ -58,7 +58,16 @@ async fn dispatch(
 ) -> Response {
     let bytes = match read_body(body).await {
         Ok(b) => b,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            // Refused before routing: still one audit record (invariant 6).
+            let who = match &peer.identity {
+                Ok(i) => i.as_str().to_string(),
+                Err(_) => format!("unauthenticated:{}", peer.addr.ip()),
+            };
+            let err = Error::invalid(e.message.clone());
+            crate::audit::in_via(Some(VIA), || api.broker.refuse(&who, "vault_request", err));
+            return e.into_response();
+        }
     };
     let req = Request {
         api: &api,
@@ -374,7 +383,11 @@ async fn renew_self(req: &Request<'_>) -> Reply {
         .set_vault_token_expiry(&s.token.hash, expires_at)
         .await?
     {
-        return Err(Error::denied("invalid token").into());
+        // Evicted or revoked since the check: refused, and audited.
+        let err = Error::denied("invalid token");
+        return Err(broker
+            .refuse(s.identity.as_str(), "vault_token_renew", err)
+            .into());
     }
     let granted = ttl_secs(expires_at, now);
     let mut warnings = vec![];
