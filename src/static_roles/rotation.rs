@@ -847,6 +847,91 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pending_rotation_sealed_under_another_key_is_abandoned_and_rotated_afresh_by_an_admin(
+    ) {
+        let kit = kit("[\"app_a\", \"app_b\"]");
+        let first = read(&kit).await;
+        // A replica with another sealing key left an intent behind.
+        let other = Sealer::from_bytes(&[9u8; 32]).unwrap();
+        let claim = Claim {
+            owner: "other-replica".into(),
+            until: Utc::now() + chrono::Duration::seconds(60),
+        };
+        let mut st = kit
+            .store
+            .static_claim("orders", &claim)
+            .await
+            .unwrap()
+            .unwrap();
+        st.pending = Some(Pending {
+            kind: PendingKind::Rotate,
+            user: "app_b".into(),
+            sealed: other
+                .seal("orders", "app_b", 2, &Password::generate())
+                .unwrap(),
+            generation: 2,
+            valid_until: Utc::now() + chrono::Duration::hours(2),
+        });
+        assert!(kit.store.static_save(&st, "other-replica").await.unwrap());
+        kit.store
+            .static_release("orders", "other-replica")
+            .await
+            .unwrap();
+        // No step can finish it: each fails naming the key mismatch, while
+        // readers keep the committed credential.
+        let role = kit.broker.config().static_roles["orders"].clone();
+        for _ in 0..2 {
+            let e = kit
+                .broker
+                .static_rotator()
+                .step(&role, Force::None, SYSTEM)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, Error::FailedPrecondition(m) if m.contains(other.key_id())),
+                "{e}"
+            );
+        }
+        let still = read(&kit).await;
+        assert_eq!(still.generation, 1);
+        assert!(logs_in(&kit, &first));
+        // Only an admin may abandon it.
+        let e = kit
+            .broker
+            .recover_static(&app(), "orders")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+        let status = kit.broker.recover_static(&admin(), "orders").await.unwrap();
+        assert_eq!(
+            (
+                status.current_user.as_deref(),
+                status.generation,
+                status.pending
+            ),
+            (Some("app_b"), 2, false)
+        );
+        let after = read(&kit).await;
+        assert!(
+            logs_in(&kit, &after) && logs_in(&kit, &first),
+            "overlap kept"
+        );
+        let audit = kit.audit();
+        let abandoned = audit
+            .iter()
+            .find(|r| r.action == "static_abandon" && r.outcome == Outcome::Ok)
+            .expect("the abandon is audited");
+        assert_eq!(abandoned.identity, crate::testkit::ADMIN);
+        assert!(abandoned
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("generation 2") && d.contains(other.key_id())));
+        assert!(audit.iter().any(|r| r.action == "static_abandon"
+            && r.outcome == Outcome::Denied
+            && r.identity == crate::testkit::APP));
+    }
+
+    #[tokio::test]
     async fn single_user_mode_replaces_the_one_password_at_every_rotation() {
         let kit = kit("[\"app\"]");
         let first = read(&kit).await;
