@@ -15,6 +15,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 echo "== fast tier: unit tests, in-memory store and fake databases, no servers"
 cargo test --lib
+# Its own binary: a scanning global allocator (no key copy freed unwiped).
+cargo test --test secret_memory
 echo "== integration tests: real PostgreSQL and MariaDB, real mTLS, the real binary"
 cargo test --bins --test it
 echo "== long tests"

@@ -139,6 +139,9 @@ pub struct AuditLog {
     sync: bool,
     /// Rotate to `<path>.<last seq>` once the file is this large.
     rotate_size: Option<u64>,
+    /// Tests: every write fails, as on a full disk ([`AuditLog::fail_writes`]).
+    #[cfg(test)]
+    failing: std::sync::atomic::AtomicBool,
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -256,6 +259,8 @@ impl AuditLog {
             }),
             sync,
             rotate_size: None,
+            #[cfg(test)]
+            failing: Default::default(),
         };
         if let Some(p) = continued_from {
             let mut e = Event::new("credbroker:system", "audit_continue");
@@ -329,17 +334,23 @@ impl AuditLog {
         self.write(event, false)
     }
 
+    /// Tests: makes every write fail (or work again), as a full disk would.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn write(&self, event: Event, sync: bool) -> Result<()> {
+        #[cfg(test)]
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable(
+                "audit log write failed: No space left on device (injected)",
+            ));
+        }
         let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
         self.write_locked(&mut chain, event, sync)?;
         if self.rotate_size.is_some_and(|max| chain.len >= max) {
-            let rotated = PathBuf::from(format!("{}.{}", self.path.display(), chain.seq));
-            std::fs::rename(&self.path, &rotated).map_err(|e| {
-                Error::unavailable_from(
-                    format!("audit log rotation to {}: {e}", rotated.display()),
-                    e,
-                )
-            })?;
+            let rotated = rotate_away(&self.path, chain.seq)?;
             let why = format!("rotated; the previous file is {}", rotated.display());
             self.start_file(&mut chain, "audit_rotate", &why)?;
         }
@@ -382,6 +393,71 @@ impl AuditLog {
         chain.len += line.len() as u64;
         Ok(())
     }
+}
+
+/// Most names `rotate_away` tries for one sequence number.
+const ROTATE_TRIES: u32 = 1000;
+
+/// Moves `path` to `<path>.<seq>`, or, when that name is taken, to the
+/// first free `<path>.<seq>-<n>` — never over an existing file. A name is
+/// taken again after a restart on a torn tail, where the chain (and `seq`)
+/// starts over: the older rotated file of that number is evidence and
+/// stays. The move itself refuses to replace (`RENAME_NOREPLACE`), so even
+/// a file that appears between the look and the move is kept.
+fn rotate_away(path: &Path, seq: u64) -> Result<PathBuf> {
+    let mut last = None;
+    for n in 0..ROTATE_TRIES {
+        let to = if n == 0 {
+            PathBuf::from(format!("{}.{seq}", path.display()))
+        } else {
+            PathBuf::from(format!("{}.{seq}-{n}", path.display()))
+        };
+        match rename_noreplace(path, &to) {
+            Ok(()) => {
+                if n > 0 {
+                    tracing::warn!(
+                        rotated = %to.display(),
+                        "audit log rotation: {}.{seq} exists already (the chain restarted after a torn tail); kept it and used the next free name",
+                        path.display()
+                    );
+                }
+                return Ok(to);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(to),
+            Err(e) => {
+                return Err(Error::unavailable_from(
+                    format!("audit log rotation to {}: {e}", to.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    Err(Error::unavailable(format!(
+        "audit log rotation: {ROTATE_TRIES} names up to {} exist already; move old rotated files away",
+        last.map(|p| p.display().to_string()).unwrap_or_default()
+    )))
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(()),
+            // A file system (or kernel) without the flag: look, then
+            // move, under the log's lock.
+            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "exists already",
+        ));
+    }
+    std::fs::rename(from, to)
 }
 
 fn split_hash(line: &str) -> Option<(&str, &str)> {
@@ -515,11 +591,20 @@ pub fn verify_files(paths: &[PathBuf]) -> std::io::Result<Verdict> {
 }
 
 /// The files of a log in chain order: our own rotations `<path>.<seq>`
-/// by sequence number, then `path` itself.
+/// (and `<path>.<seq>-<n>`, a name `<path>.<seq>` had taken already) by
+/// sequence number, then `path` itself.
 pub fn rotated_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut rotated: Vec<(u64, PathBuf)> = siblings(path)?
+    let mut rotated: Vec<((u64, u32), PathBuf)> = siblings(path)?
         .into_iter()
-        .filter_map(|(suffix, p)| Some((suffix.strip_prefix('.')?.parse::<u64>().ok()?, p)))
+        .filter_map(|(suffix, p)| {
+            let rest = suffix.strip_prefix('.')?;
+            // `<seq>`, or `<seq>-<n>` when `<seq>` was taken (`rotate_away`).
+            let (seq, n) = match rest.split_once('-') {
+                Some((seq, n)) => (seq.parse().ok()?, n.parse().ok()?),
+                None => (rest.parse().ok()?, 0),
+            };
+            Some(((seq, n), p))
+        })
         .collect();
     rotated.sort();
     let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
@@ -788,6 +873,58 @@ mod tests {
         log.append(Event::new("b", "issue")).unwrap();
         assert_eq!(read_records(&path).unwrap()[0].action, "audit_continue");
         assert_eq!(records_in(verify_files(&[moved, path]).unwrap()), 3);
+    }
+
+    #[test]
+    fn rotation_after_a_torn_tail_restart_never_overwrites_an_older_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // Every append rotates: records 1, 3, 5 go to `.1`, `.3`, `.5`.
+        let log = AuditLog::open(&path, false).unwrap().with_rotation(Some(1));
+        for i in 0..3 {
+            log.append(Event::new(format!("spiffe://t/{i}"), "issue"))
+                .unwrap();
+        }
+        drop(log);
+        let one = path.with_file_name("audit.log.1");
+        let evidence = std::fs::read(&one).unwrap();
+        assert!(String::from_utf8_lossy(&evidence).contains("spiffe://t/0"));
+        // Killed mid-write: the restart ends the torn line and starts the
+        // chain over, so its seq runs through 1 again.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":7,\"ts\":\"2026").unwrap();
+        drop(f);
+        let log = AuditLog::open(&path, false).unwrap().with_rotation(Some(1));
+        log.append(Event::new("spiffe://t/after", "issue")).unwrap();
+        log.append(Event::new("spiffe://t/later", "issue")).unwrap();
+        assert_eq!(
+            std::fs::read(&one).unwrap(),
+            evidence,
+            "the older audit.log.1 was overwritten"
+        );
+        let moved = path.with_file_name("audit.log.1-1");
+        let text = std::fs::read_to_string(&moved).unwrap();
+        assert!(text.contains("spiffe://t/after"), "{text}");
+        let names: Vec<String> = rotated_files(&path)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "audit.log.1",
+                "audit.log.1-1",
+                "audit.log.3",
+                "audit.log.3-1",
+                "audit.log.5",
+                "audit.log"
+            ]
+        );
+        // The move itself refuses to replace a file.
+        let e = rename_noreplace(&path, &one).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&one).unwrap(), evidence);
     }
 
     #[test]

@@ -209,20 +209,53 @@ async fn check_static_roles(
     if config.static_roles.is_empty() {
         return;
     }
-    if let Err(e) = crate::static_roles::Sealer::load(&config.sealing_key) {
-        f.push(Finding::error(
-            "sealing_key",
-            e.to_string(),
-            "write 32 random bytes as hex (openssl rand -hex 32) where sealing_key_file points; \
-             every replica needs the same key",
-        ));
-    }
+    let sealer = match crate::static_roles::Sealer::load(&config.sealing_key) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            f.push(Finding::error(
+                "sealing_key",
+                e.to_string(),
+                "write 32 random bytes as hex (openssl rand -hex 32) where sealing_key_file points; \
+                 every replica needs the same key",
+            ));
+            None
+        }
+    };
     let Some(store) = store else { return };
     let states = store.static_list().await.unwrap_or_default();
     let now = Utc::now();
     for r in config.static_roles.values() {
         let scope = format!("static_roles.{}", r.name);
-        match states.iter().find(|s| s.role == r.name) {
+        // The stored values open with this key: a replaced key (or
+        // replicas with different ones) is found here, not by a reader.
+        let st = states.iter().find(|s| s.role == r.name);
+        let bad = match (&sealer, st) {
+            (Some(k), Some(s)) => crate::static_roles::unopenable(k, s),
+            _ => Vec::new(),
+        };
+        if !bad.is_empty() {
+            for (which, e) in bad {
+                let fix = match &e {
+                    crate::Error::FailedPrecondition(_) => format!(
+                        "put the key the values were sealed with back on every replica (sealing_key_file), \
+                         or, if it was replaced on purpose, run `credbroker admin rotate --static-role {} --abandon-pending`: \
+                         it abandons what cannot be opened and rotates afresh under the current key",
+                        r.name
+                    ),
+                    _ => format!(
+                        "the stored value is damaged: run `credbroker admin rotate --static-role {} --abandon-pending`",
+                        r.name
+                    ),
+                };
+                f.push(Finding::error(
+                    &scope,
+                    format!("the {which} password does not open with the sealing key: {e}"),
+                    fix,
+                ));
+            }
+            continue;
+        }
+        match st {
             None => f.push(Finding::ok(
                 &scope,
                 "not rotated yet: the broker rotates it at start",

@@ -155,16 +155,36 @@ impl SecretSource {
         use crate::lease::Password;
         match self {
             SecretSource::None => Ok(None),
-            SecretSource::File(path) => std::fs::read_to_string(path)
-                .map(|t| {
-                    Some(Password::from_secret(
-                        t.trim_end_matches(['\n', '\r']).to_string(),
-                    ))
-                })
+            SecretSource::File(path) => read_secret_file(path)
+                .map(|t| Some(Password::from_secret(t)))
                 .map_err(|e| Error::config(format!("{key}_file {}: {e}", path.display()))),
             SecretSource::Env(var) => std::env::var(var)
                 .map(|v| Some(Password::from_secret(v)))
                 .map_err(|_| Error::config(format!("{key}_env: ${var} is not set"))),
+        }
+    }
+}
+
+/// A secret file's text without its trailing line end, read so that no
+/// copy of it is left behind un-wiped: one buffer of the file's size
+/// (`fs::read` reserves exactly that, so it never grows and leaves an old
+/// block behind), wiped on every error path, cut in place and moved — not
+/// copied — into the caller's zeroizing wrapper.
+fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    let mut bytes = zeroize::Zeroizing::new(std::fs::read(path)?);
+    let keep = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b'\n' | b'\r'))
+        .map_or(0, |i| i + 1);
+    bytes.truncate(keep);
+    match String::from_utf8(std::mem::take(&mut *bytes)) {
+        Ok(text) => Ok(text),
+        Err(e) => {
+            drop(zeroize::Zeroizing::new(e.into_bytes()));
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not UTF-8 text",
+            ))
         }
     }
 }

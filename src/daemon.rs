@@ -92,10 +92,12 @@ impl Daemon {
             AuditLog::open(&config.audit.path, config.audit.fsync)?
                 .with_rotation(config.audit.rotate_size),
         );
-        if !config.static_roles.is_empty() {
+        let sealer = if config.static_roles.is_empty() {
+            None
+        } else {
             // A missing or malformed key is the operator's to fix: exit 64.
-            crate::static_roles::Sealer::load(&config.sealing_key)?;
-        }
+            Some(crate::static_roles::Sealer::load(&config.sealing_key)?)
+        };
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = server::tls::crl_warnings(&config.tls, chrono::Utc::now());
@@ -152,6 +154,31 @@ impl Daemon {
                         r.name, r.overlap, config.store.claim_timeout
                     ));
                 }
+            }
+        }
+        if let Some(sealer) = &sealer {
+            // Values sealed under another key (the key file replaced, or
+            // replicas with different keys): a warning, not a refusal to
+            // start. Leases do not need the key, and the recovery
+            // (`admin rotate --static-role NAME --abandon-pending`) goes
+            // through a running broker; meanwhile that role's reads fail
+            // with a FailedPrecondition that says the same.
+            match store.static_list().await {
+                Ok(states) => {
+                    for st in states
+                        .iter()
+                        .filter(|s| config.static_roles.contains_key(&s.role))
+                    {
+                        for (which, e) in crate::static_roles::unopenable(sealer, st) {
+                            warnings.push(format!(
+                                "static_roles.{}: the {which} password does not open with the sealing key (key id {}): {e}",
+                                st.role,
+                                sealer.key_id()
+                            ));
+                        }
+                    }
+                }
+                Err(e) => warnings.push(format!("cannot read the static roles' state: {e}")),
             }
         }
         for w in &warnings {

@@ -115,6 +115,16 @@ impl Broker {
             .await
     }
 
+    /// Recovery: abandons static role `name`'s pending rotation (one that
+    /// cannot be finished, e.g. sealed under a sealing key this broker
+    /// does not have) and rotates afresh under this broker's key; with
+    /// nothing pending, a plain rotation (admin). Audited
+    /// (`static_abandon`, then the rotation).
+    pub async fn recover_static(&self, who: &Identity, name: &str) -> Result<StaticStatus> {
+        self.force_static(who, name, Force::Abandon, "static_abandon")
+            .await
+    }
+
     async fn force_static(
         &self,
         who: &Identity,

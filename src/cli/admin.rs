@@ -62,6 +62,11 @@ pub enum Command {
         /// The static role (a `[static_roles.NAME]` of the config)
         #[arg(long)]
         static_role: String,
+        /// Recovery: abandon a pending rotation that cannot be finished
+        /// (e.g. sealed under a sealing key the broker no longer has) and
+        /// rotate afresh under the broker's current key
+        #[arg(long)]
+        abandon_pending: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -221,17 +226,26 @@ pub async fn run(cmd: Command) -> CliResult {
         }
         Command::Rotate {
             static_role,
+            abandon_pending,
             client,
         } => {
             let mut c = client.admin()?;
-            let s = c
-                .rotate_static_role(pb::StaticRoleRequest { static_role })
-                .await
-                .map_err(|s| grpc_error("rotate", &client, s))?
-                .into_inner();
+            let req = pb::StaticRoleRequest { static_role };
+            let s = if abandon_pending {
+                c.recover_static_role(req).await
+            } else {
+                c.rotate_static_role(req).await
+            }
+            .map_err(|s| grpc_error("rotate", &client, s))?
+            .into_inner();
             println!(
-                "rotated static role {:?}: current user {} (generation {}), next rotation {}",
+                "rotated static role {:?}{}: current user {} (generation {}), next rotation {}",
                 s.static_role,
+                if abandon_pending {
+                    " afresh (any pending rotation abandoned)"
+                } else {
+                    ""
+                },
                 s.current_user,
                 s.generation,
                 rfc3339(&s.next_rotation_at)

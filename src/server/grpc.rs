@@ -732,4 +732,18 @@ impl pb::admin_server::Admin for AdminService {
             rotated_at: Some(ts(Utc::now())),
         }))
     }
+
+    async fn recover_static_role(
+        &self,
+        req: Request<pb::StaticRoleRequest>,
+    ) -> Result<Response<pb::StaticRoleInfo>, Status> {
+        let who = self.admin(&req, "static_abandon")?;
+        let name = req.into_inner().static_role;
+        let s = self
+            .broker
+            .recover_static(&who, &name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(static_info(&s)))
+    }
 }

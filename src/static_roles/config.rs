@@ -84,20 +84,117 @@ pub(crate) fn validate(
     prefix: &str,
 ) -> Result<BTreeMap<String, StaticRoleConfig>> {
     let mut out = BTreeMap::new();
-    let mut taken: BTreeMap<(String, String), String> = BTreeMap::new();
+    // Users are per server (a PostgreSQL cluster, a MySQL server), not per
+    // `[databases]` entry: two entries on one server name the same users.
+    let mut taken: BTreeMap<(Server, String, String), String> = BTreeMap::new();
     for (name, r) in raw {
         let role = validate_one(&name, r, databases, prefix)?;
+        let db = &databases[&role.database];
+        let server = server_of(db);
         for u in &role.users {
-            let key = (role.database.clone(), u.clone());
-            if let Some(other) = taken.insert(key, name.clone()) {
+            // The broker's own admin user of that server (any entry's).
+            if let Some((other_db, _)) = databases
+                .iter()
+                .find(|(_, d)| server_of(d) == server && admin_user_of(d).as_deref() == Some(u))
+            {
                 return Err(Error::config(format!(
-                    "static_roles.{name}.users: {u:?} is already a user of static_roles.{other}; two rotations would fight over its password"
+                    "static_roles.{name}.users: {u:?} is the broker's own admin user on {} (databases.{other_db}.admin_url); rotating it would lock the broker out — name another user",
+                    server.show()
+                )));
+            }
+            let key = (server.clone(), u.clone(), role.host.clone());
+            if let Some(other) = taken.insert(key, name.clone()) {
+                let other_db = &out
+                    .get(&other)
+                    .map(|o: &StaticRoleConfig| o.database.clone())
+                    .unwrap_or_default();
+                let place = if *other_db == role.database {
+                    format!("database {other_db:?}")
+                } else {
+                    format!(
+                        "databases {other_db:?} and {:?}, both on {}",
+                        role.database,
+                        server.show()
+                    )
+                };
+                return Err(Error::config(format!(
+                    "static_roles.{name}.users: {u:?} is already a user of static_roles.{other} ({place}, where users are shared); two static roles would rotate one user and retire each other's current password — give each static role users of its own"
                 )));
             }
         }
         out.insert(name, role);
     }
     Ok(out)
+}
+
+/// A database server as users see it: users belong to it, not to one
+/// `[databases]` entry. `localhost`, `127.0.0.1` and `::1` are one host;
+/// other names are compared as written (the broker resolves nothing here).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Server {
+    kind: &'static str,
+    host: String,
+    port: u16,
+}
+
+impl Server {
+    fn show(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn server_of(db: &DatabaseConfig) -> Server {
+    let (kind, default_port) = match db.kind {
+        BackendKind::Postgres => ("postgres", 5432),
+        BackendKind::Mysql => ("mysql", 3306),
+    };
+    let url = url::Url::parse(&db.admin_url).ok();
+    let query = |k: &str| {
+        url.as_ref().and_then(|u| {
+            u.query_pairs()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    let host = url
+        .as_ref()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .filter(|h| !h.is_empty())
+        .or_else(|| query("host"))
+        .unwrap_or_else(|| "localhost".to_string())
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    let host = match host.as_str() {
+        "localhost" | "127.0.0.1" | "::1" => "localhost".to_string(),
+        _ => host,
+    };
+    let port = url
+        .as_ref()
+        .and_then(|u| u.port())
+        .or_else(|| query("port").and_then(|p| p.parse().ok()))
+        .unwrap_or(default_port);
+    Server { kind, host, port }
+}
+
+/// The user in a database's `admin_url` (the broker's own account there).
+fn admin_user_of(db: &DatabaseConfig) -> Option<String> {
+    let url = url::Url::parse(&db.admin_url).ok()?;
+    let user = percent_encoding::percent_decode_str(url.username())
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    if user.is_empty() {
+        url.query_pairs()
+            .find(|(k, _)| k == "user")
+            .map(|(_, v)| v.into_owned())
+    } else {
+        Some(user)
+    }
 }
 
 fn validate_one(
@@ -437,6 +534,51 @@ users = ["app_a", "app_b"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("already a user of static_roles"), "{err}");
+        // Nor on two `[databases]` entries of one server: users are the
+        // server's (any database name, `localhost` or `127.0.0.1`).
+        let same_cluster = format!(
+            "{BASE}[databases.billing]\nkind = \"postgres\"\nadmin_url = \"postgres://broker_admin@localhost/billing\"\n\
+             [static_roles.billing-app]\ndatabase = \"billing\"\nallowed = [\"dns:x\"]\nrotation_period = \"1h\"\nusers = [\"app_b\", \"app_c\"]\n"
+        );
+        let err = Config::parse(&same_cluster, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "static_roles.orders-app.users: \"app_b\" is already a user of static_roles.billing-app",
+            "databases \"billing\" and \"orders\", both on localhost:5432",
+        ] {
+            assert!(err.contains(want), "{err}");
+        }
+        // Another server (port) keeps its own users.
+        let elsewhere = same_cluster.replace("@localhost/billing", "@localhost:5433/billing");
+        let c = Config::parse(&elsewhere, Path::new("/")).unwrap();
+        assert_eq!(c.static_roles.len(), 2);
+        // MySQL accounts are user@host: another host part is another account.
+        let mysql_two = format!(
+            "{BASE}[static_roles.shop-a]\ndatabase = \"shop\"\nallowed = [\"dns:x\"]\nrotation_period = \"1h\"\nusers = [\"app\"]\nhost = \"10.0.0.%\"\n\
+             [static_roles.shop-b]\ndatabase = \"shop\"\nallowed = [\"dns:x\"]\nrotation_period = \"1h\"\nusers = [\"app\"]\n"
+        );
+        assert!(Config::parse(&mysql_two, Path::new("/")).is_ok());
+        // The broker's own admin user, of this entry or another on the server.
+        for (db, url) in [
+            ("orders", "postgres://app_a@127.0.0.1:5432/orders"),
+            ("billing", "postgres://app_a@127.0.0.1/billing"),
+        ] {
+            let text = if db == "orders" {
+                BASE.replace("postgres://broker_admin@127.0.0.1:5432/orders", url)
+            } else {
+                format!("{BASE}[databases.billing]\nkind = \"postgres\"\nadmin_url = \"{url}\"\n")
+            };
+            let err = Config::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "static_roles.orders-app.users: \"app_a\" is the broker's own admin user on localhost:5432 (databases.{db}.admin_url)"
+                )),
+                "{err}"
+            );
+        }
         // The host part is a MySQL thing; `caller` makes no sense for a shared user.
         let mysql = BASE.replace("database = \"orders\"", "database = \"shop\"");
         let c = Config::parse(

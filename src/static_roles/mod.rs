@@ -144,3 +144,22 @@ pub struct StaticStatus {
     pub pending: bool,
     pub last_error: Option<String>,
 }
+
+/// The sealed values of `st` that `sealer` cannot open — "current" and/or
+/// "pending" — each with the error that says why (another key's id names
+/// both ids and the fix). For `check` and the start-up warnings: a
+/// mismatch found before a reader or the rotation loop runs into it.
+pub fn unopenable(sealer: &Sealer, st: &StaticState) -> Vec<(&'static str, crate::error::Error)> {
+    let mut out = Vec::new();
+    if let Some(c) = &st.current {
+        if let Err(e) = sealer.open(&st.role, &c.user, st.generation, &c.sealed) {
+            out.push(("current", e));
+        }
+    }
+    if let Some(p) = &st.pending {
+        if let Err(e) = sealer.open(&st.role, &p.user, p.generation, &p.sealed) {
+            out.push(("pending", e));
+        }
+    }
+    out
+}

@@ -10,9 +10,14 @@
 //!    logins refused;
 //! 3. when the period is up (or an admin asks), a **rotation**: a fresh
 //!    password for the user not in use, sealed into an intent that is
-//!    durable *before* the database hears of it; then the database
-//!    (`VALID UNTIL` / failsafe at now + period + overlap); then commit:
-//!    that user is current, the old one is previous until the overlap ends.
+//!    durable *before* the database hears of it, and audited before it
+//!    too; then the database (`VALID UNTIL` / failsafe at now + period +
+//!    overlap); then commit: that user is current, the old one is previous
+//!    until the overlap ends.
+//!
+//! An audit log that cannot be written stops a step before the database
+//! changes (the intent stays pending, the database keeps the served
+//! password): nothing is rotated, retired or committed unaudited.
 //!
 //! A broker killed anywhere in between leaves either the old state (the
 //! database may or may not have the new password on the *other* user,
@@ -58,6 +63,12 @@ pub enum Force {
     Rotate,
     /// Incident: retire both users, then rotate (`admin revoke --static-role`).
     Revoke,
+    /// Recovery (`admin rotate --static-role --abandon-pending`): drop a
+    /// pending rotation without finishing it — e.g. one sealed under a
+    /// sealing key this broker does not have, which no step could ever
+    /// finish — and rotate afresh under this broker's key (an abandoned
+    /// incident is redone as an incident).
+    Abandon,
 }
 
 pub struct Rotator {
@@ -221,11 +232,25 @@ impl Rotator {
         actor: &str,
     ) -> Result<()> {
         let backend = self.backend(&role.database)?.clone();
+        let mut force = force;
+        if force == Force::Abandon {
+            force = match st.pending.clone() {
+                Some(p) => {
+                    self.abandon(role, st, &p, actor).await?;
+                    match p.kind {
+                        PendingKind::Revoke => Force::Revoke,
+                        PendingKind::Rotate => Force::Rotate,
+                    }
+                }
+                None => Force::Rotate,
+            };
+        }
         if let Some(p) = st.pending.clone() {
             // A rotation a broker died in the middle of: finish it.
+            let at = crate::lease::truncate_ms(Utc::now());
+            self.audit_rotation(role, st, &p, SYSTEM, "resumed an interrupted rotation", at)?;
             self.apply(role, &*backend, st, &p).await?;
-            self.commit(role, st, p, SYSTEM, "resumed an interrupted rotation")
-                .await?;
+            self.commit(role, st, p, at).await?;
         }
         let now = Utc::now();
         if let Some(prev) = st.previous.clone() {
@@ -279,7 +304,6 @@ impl Rotator {
         st.pending = Some(p.clone());
         // The intent is durable before the database hears of it.
         self.save(st).await?;
-        self.apply(role, &*backend, st, &p).await?;
         let detail = match kind {
             PendingKind::Rotate if actor == SYSTEM => "scheduled rotation",
             PendingKind::Rotate => "rotation asked by an admin",
@@ -287,7 +311,51 @@ impl Rotator {
                 "both users' passwords replaced and sessions ended; new credential"
             }
         };
-        self.commit(role, st, p, actor, detail).await
+        // And audited before the database hears of it: an audit log that
+        // cannot be written stops the rotation here, with the intent kept
+        // and the database (so the served password) untouched.
+        // Committed as of the instant `valid_until` was counted from.
+        let at = crate::lease::truncate_ms(now);
+        self.audit_rotation(role, st, &p, actor, detail, at)?;
+        self.apply(role, &*backend, st, &p).await?;
+        self.commit(role, st, p, at).await
+    }
+
+    /// Drops the pending rotation `p`, audited first. Its password is lost
+    /// with it; the database may or may not have it on `p.user`, which
+    /// nobody was ever told and the fresh rotation that follows replaces
+    /// (it targets the same user: the current one is unchanged).
+    async fn abandon(
+        &self,
+        role: &StaticRoleConfig,
+        st: &mut StaticState,
+        p: &Pending,
+        actor: &str,
+    ) -> Result<()> {
+        let why = match self
+            .sealer()?
+            .open(&st.role, &p.user, p.generation, &p.sealed)
+        {
+            Ok(_) => "it opened with this broker's key".to_string(),
+            Err(e) => match super::seal::key_id_of(&p.sealed) {
+                Some(id) => format!("sealed under key id {id}"),
+                None => format!("it does not open: {}", e.kind()),
+            },
+        };
+        let mut ev = Event::new(actor, "static_abandon");
+        ev.role = Some(role.name.clone());
+        ev.database = Some(role.database.clone());
+        ev.username = Some(p.user.clone());
+        ev.outcome = Some(Outcome::Ok);
+        ev.detail = Some(format!(
+            "abandoned the pending {} of generation {} ({why}; this broker's key id {}); rotating afresh",
+            p.kind.as_str(),
+            p.generation,
+            self.sealer()?.key_id()
+        ));
+        self.audit.append(ev)?;
+        st.pending = None;
+        self.save(st).await
     }
 
     async fn save(&self, st: &StaticState) -> Result<()> {
@@ -328,37 +396,23 @@ impl Rotator {
             .await
     }
 
-    async fn commit(
+    /// The record of a rotation, written (durably) once its intent is in
+    /// the store and before the database is changed: every generation the
+    /// database ever has — so every committed one — has its record first.
+    /// A broker killed after it resumes the rotation and writes another
+    /// ("resumed"). An error here is the step's error: nothing changed but
+    /// the stored intent, which the next step takes up. `at` is the time
+    /// the commit uses, so the record and the committed state agree.
+    fn audit_rotation(
         &self,
         role: &StaticRoleConfig,
-        st: &mut StaticState,
-        p: Pending,
+        st: &StaticState,
+        p: &Pending,
         actor: &str,
         detail: &str,
+        at: DateTime<Utc>,
     ) -> Result<()> {
-        let now = crate::lease::truncate_ms(Utc::now());
-        let old = st.current.take();
-        st.previous = match p.kind {
-            PendingKind::Revoke => None,
-            PendingKind::Rotate => {
-                old.as_ref()
-                    .filter(|c| c.user != p.user)
-                    .map(|c| PreviousUser {
-                        user: c.user.clone(),
-                        retire_at: now + role.overlap_delta(),
-                    })
-            }
-        };
-        st.current = Some(CurrentUser {
-            user: p.user.clone(),
-            sealed: p.sealed.clone(),
-            rotated_at: now,
-            valid_until: p.valid_until,
-        });
-        st.generation = p.generation;
-        st.next_rotation_at = Some(now + role.period());
-        st.pending = None;
-        st.last_error = None;
+        let previous = previous_after(role, st, p, at);
         let mut ev = Event::new(
             actor,
             match p.kind {
@@ -374,15 +428,33 @@ impl Rotator {
             "{detail}; generation={} valid_until={}{}",
             p.generation,
             p.valid_until.to_rfc3339(),
-            st.previous
+            previous
                 .as_ref()
                 .map(|pr| format!(" previous={} until={}", pr.user, pr.retire_at.to_rfc3339()))
                 .unwrap_or_default()
         ));
-        // Audited before it is committed: a broker killed in between
-        // resumes the rotation and audits it again ("resumed"), so every
-        // committed generation has its record.
-        self.audit.append(ev)?;
+        self.audit.append(ev)
+    }
+
+    /// Makes an applied (and audited) rotation current.
+    async fn commit(
+        &self,
+        role: &StaticRoleConfig,
+        st: &mut StaticState,
+        p: Pending,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        st.previous = previous_after(role, st, &p, at);
+        st.current = Some(CurrentUser {
+            user: p.user.clone(),
+            sealed: p.sealed.clone(),
+            rotated_at: at,
+            valid_until: p.valid_until,
+        });
+        st.generation = p.generation;
+        st.next_rotation_at = Some(at + role.period());
+        st.pending = None;
+        st.last_error = None;
         self.save(st).await?;
         self.metrics.static_rotated(&role.name, p.kind.as_str());
         self.backoff
@@ -402,11 +474,8 @@ impl Rotator {
         end_sessions: bool,
         actor: &str,
     ) -> Result<()> {
-        backend
-            .static_retire(user, &role.host, end_sessions)
-            .await?;
-        st.previous = None;
-        self.save(st).await?;
+        // Audited before the database changes, like a rotation: an audit
+        // log that cannot be written leaves the user as it was.
         let mut ev = Event::new(actor, "static_retire");
         ev.role = Some(role.name.clone());
         ev.database = Some(role.database.clone());
@@ -417,7 +486,12 @@ impl Rotator {
         } else {
             "overlap over: logins refused".into()
         });
-        let _ = self.audit.append_relaxed(ev);
+        self.audit.append(ev)?;
+        backend
+            .static_retire(user, &role.host, end_sessions)
+            .await?;
+        st.previous = None;
+        self.save(st).await?;
         Ok(())
     }
 
@@ -495,6 +569,28 @@ impl Rotator {
     }
 }
 
+/// The previous user once `p` is committed at `at`: the user rotated away
+/// from keeps its overlap; an incident (or single-user mode) keeps none.
+fn previous_after(
+    role: &StaticRoleConfig,
+    st: &StaticState,
+    p: &Pending,
+    at: DateTime<Utc>,
+) -> Option<PreviousUser> {
+    match p.kind {
+        PendingKind::Revoke => None,
+        PendingKind::Rotate => {
+            st.current
+                .as_ref()
+                .filter(|c| c.user != p.user)
+                .map(|c| PreviousUser {
+                    user: c.user.clone(),
+                    retire_at: at + role.overlap_delta(),
+                })
+        }
+    }
+}
+
 /// Whether a step has anything to do for `st` at `now`.
 pub fn is_due(st: &StaticState, now: DateTime<Utc>) -> bool {
     st.pending.is_some()
@@ -517,7 +613,8 @@ pub fn next_user(role: &StaticRoleConfig, st: &StaticState) -> String {
 fn force_action(force: Force) -> &'static str {
     match force {
         Force::Revoke => "static_revoke",
-        _ => "static_rotate",
+        Force::Abandon => "static_abandon",
+        Force::None | Force::Rotate => "static_rotate",
     }
 }
 
@@ -702,6 +799,136 @@ mod tests {
             2,
             "the tick's and the reader's"
         );
+    }
+
+    #[tokio::test]
+    async fn a_rotation_whose_audit_record_cannot_be_written_is_neither_applied_nor_committed() {
+        // Single-user mode: a database change without its commit would
+        // leave readers with a password the database no longer has.
+        let kit = kit("[\"app\"]");
+        let first = read(&kit).await;
+        let before = kit.store.static_get("orders").await.unwrap().unwrap();
+        kit.broker.audit().fail_writes(true);
+        due_step(&kit).await;
+        let st = kit.store.static_get("orders").await.unwrap().unwrap();
+        assert_eq!(
+            (st.generation, &st.current),
+            (1, &before.current),
+            "committed without its audit record"
+        );
+        assert_eq!(st.pending.as_ref().map(|p| p.generation), Some(2));
+        assert!(
+            st.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("audit")),
+            "{st:?}"
+        );
+        assert!(
+            logs_in(&kit, &first),
+            "the database changed: the served password is no longer the database's"
+        );
+        // The audit log works again: the next step finishes the rotation,
+        // audited.
+        kit.broker.audit().fail_writes(false);
+        let role = kit.broker.config().static_roles["orders"].clone();
+        kit.broker
+            .static_rotator()
+            .step(&role, Force::None, SYSTEM)
+            .await
+            .unwrap();
+        let second = read(&kit).await;
+        assert_eq!(second.generation, 2);
+        assert!(logs_in(&kit, &second) && !logs_in(&kit, &first));
+        assert!(kit.audit().iter().any(|r| r.action == "static_rotate"
+            && r.outcome == Outcome::Ok
+            && r.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("generation=2 "))));
+    }
+
+    #[tokio::test]
+    async fn a_pending_rotation_sealed_under_another_key_is_abandoned_and_rotated_afresh_by_an_admin(
+    ) {
+        let kit = kit("[\"app_a\", \"app_b\"]");
+        let first = read(&kit).await;
+        // A replica with another sealing key left an intent behind.
+        let other = Sealer::from_bytes(&[9u8; 32]).unwrap();
+        let claim = Claim {
+            owner: "other-replica".into(),
+            until: Utc::now() + chrono::Duration::seconds(60),
+        };
+        let mut st = kit
+            .store
+            .static_claim("orders", &claim)
+            .await
+            .unwrap()
+            .unwrap();
+        st.pending = Some(Pending {
+            kind: PendingKind::Rotate,
+            user: "app_b".into(),
+            sealed: other
+                .seal("orders", "app_b", 2, &Password::generate())
+                .unwrap(),
+            generation: 2,
+            valid_until: Utc::now() + chrono::Duration::hours(2),
+        });
+        assert!(kit.store.static_save(&st, "other-replica").await.unwrap());
+        kit.store
+            .static_release("orders", "other-replica")
+            .await
+            .unwrap();
+        // No step can finish it: each fails naming the key mismatch, while
+        // readers keep the committed credential.
+        let role = kit.broker.config().static_roles["orders"].clone();
+        for _ in 0..2 {
+            let e = kit
+                .broker
+                .static_rotator()
+                .step(&role, Force::None, SYSTEM)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, Error::FailedPrecondition(m) if m.contains(other.key_id())),
+                "{e}"
+            );
+        }
+        let still = read(&kit).await;
+        assert_eq!(still.generation, 1);
+        assert!(logs_in(&kit, &first));
+        // Only an admin may abandon it.
+        let e = kit
+            .broker
+            .recover_static(&app(), "orders")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+        let status = kit.broker.recover_static(&admin(), "orders").await.unwrap();
+        assert_eq!(
+            (
+                status.current_user.as_deref(),
+                status.generation,
+                status.pending
+            ),
+            (Some("app_b"), 2, false)
+        );
+        let after = read(&kit).await;
+        assert!(
+            logs_in(&kit, &after) && logs_in(&kit, &first),
+            "overlap kept"
+        );
+        let audit = kit.audit();
+        let abandoned = audit
+            .iter()
+            .find(|r| r.action == "static_abandon" && r.outcome == Outcome::Ok)
+            .expect("the abandon is audited");
+        assert_eq!(abandoned.identity, crate::testkit::ADMIN);
+        assert!(abandoned
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("generation 2") && d.contains(other.key_id())));
+        assert!(audit.iter().any(|r| r.action == "static_abandon"
+            && r.outcome == Outcome::Denied
+            && r.identity == crate::testkit::APP));
     }
 
     #[tokio::test]

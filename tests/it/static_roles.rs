@@ -521,6 +521,148 @@ async fn static_admin_commands_list_rotate_and_revoke() {
     );
 }
 
+/// `credbroker check` on `b`'s config: (exit code, stdout).
+async fn check(b: &TestBroker) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&b.env.config_path)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A pending rotation sealed under key A, the broker restarted with key B:
+/// start-up warns, reads fail with a clear FailedPrecondition (not a 500),
+/// `check` names the mismatch and the fix, and `admin rotate
+/// --abandon-pending` rotates afresh under B — audited — after which reads
+/// work and the database has the served password.
+#[tokio::test]
+async fn static_sealing_key_changed_under_a_pending_rotation_is_named_and_recovered() {
+    let (mut b, users) = pg_static(2, "1h", "").await;
+    b.start_in_process().await;
+    let first = read(&b, "app").await.unwrap();
+    assert_eq!(
+        (first.username.as_str(), first.generation),
+        (users[0].as_str(), 1)
+    );
+    // The next rotation's target is refused by the database (its role is
+    // gone): the intent, sealed under key A, stays pending.
+    let su = b.superuser().await;
+    su.batch_execute(&format!(
+        "REVOKE SELECT ON orders FROM \"{u}\"; DROP ROLE \"{u}\"",
+        u = users[1]
+    ))
+    .await
+    .unwrap();
+    let e = b
+        .admin("admin")
+        .await
+        .rotate_static_role(pb::StaticRoleRequest {
+            static_role: "st".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(e.code(), tonic::Code::Ok);
+    b.stop().await;
+    su.batch_execute(&format!(
+        "CREATE ROLE \"{u}\" NOLOGIN; GRANT SELECT ON orders TO \"{u}\";",
+        u = users[1]
+    ))
+    .await
+    .unwrap();
+    // The key file replaced (key B).
+    std::fs::write(b.env.dir.join("static.key"), "a7".repeat(32)).unwrap();
+
+    // Start-up: a warning naming the role, and leases still served.
+    let warnings = b.start_in_process().await;
+    assert!(
+        warnings.iter().any(|w| w.contains("static_roles.st")
+            && w.contains("pending")
+            && w.contains("sealed under another sealing key")),
+        "{warnings:?}"
+    );
+    // A read: a clear FailedPrecondition with both key ids and the fix.
+    let e = read(&b, "app").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    for want in [
+        "sealed under another sealing key",
+        "key id",
+        "--abandon-pending",
+    ] {
+        assert!(e.message().contains(want), "{e}");
+    }
+    b.stop().await;
+    // `check`: an error with the fix (exit 1).
+    let (code, text) = check(&b).await;
+    assert_eq!(code, Some(1), "{text}");
+    for want in [
+        "static_roles.st",
+        "sealed under another sealing key",
+        "admin rotate --static-role st --abandon-pending",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+
+    // Recovery through the broker.
+    b.start_in_process().await;
+    let out = cli(
+        &b,
+        "admin",
+        &[
+            "admin",
+            "rotate",
+            "--static-role",
+            "st",
+            "--abandon-pending",
+        ],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("afresh") && said.contains(&users[1]),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = read(&b, "app").await.unwrap();
+    assert_eq!(
+        (after.username.as_str(), after.generation),
+        (users[1].as_str(), 2)
+    );
+    login(&b.db, &after.username, &after.password)
+        .await
+        .expect("the served password is the database's");
+    login(&b.db, &first.username, &first.password)
+        .await
+        .expect("the previous user keeps its overlap");
+    let records = b.audit_records();
+    let admin_id = "spiffe://credbroker.dev/dba/";
+    assert!(
+        records.iter().any(|r| r.action == "static_abandon"
+            && r.outcome == Outcome::Ok
+            && r.identity.starts_with(admin_id)
+            && r.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("generation 2"))),
+        "{records:?}"
+    );
+    assert!(records.iter().any(|r| r.action == "static_rotate"
+        && r.outcome == Outcome::Ok
+        && r.identity.starts_with(admin_id)
+        && r.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("generation=2 "))));
+    b.stop().await;
+    let (_, text) = check(&b).await;
+    assert!(
+        !text.contains("does not open") && text.contains(&format!("current user {}", users[1])),
+        "{text}"
+    );
+}
+
 /// `create = true`: the broker makes both users, members of the owner
 /// with the grants; after `SET ROLE owner` what they create belongs to it.
 #[tokio::test]
