@@ -737,7 +737,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::StaticRoleRequest>,
     ) -> Result<Response<pb::StaticRoleInfo>, Status> {
-        let who = self.admin(&req, "static_abandon")?;
+        let who = self.admin(&req, "static_abandon").await?;
         let name = req.into_inner().static_role;
         let s = self
             .broker
