@@ -590,3 +590,38 @@ impl RefusalLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_source_handshake_cap_counts_one_ipv6_64_as_one_source() {
+        let slots = Arc::new(SourceSlots::default());
+        let source = |ip: &str| Source::of(ip.parse().unwrap(), 64);
+        // One host with a /64: every handshake from a new address of it.
+        let held: Vec<_> = (1..=MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| {
+                slots
+                    .acquire(source(&format!("2001:db8:0:1::{i:x}")))
+                    .expect("within the cap")
+            })
+            .collect();
+        assert!(
+            slots
+                .acquire(source("2001:db8:0:1:ffff:ffff:ffff:ffff"))
+                .is_none(),
+            "another address of the same /64 got past the per-source cap"
+        );
+        // Another /64, and an IPv4 address, are other sources.
+        assert!(slots.acquire(source("2001:db8:0:2::1")).is_some());
+        assert!(slots.acquire(source("192.0.2.1")).is_some());
+        // A finished handshake gives its slot back.
+        drop(held);
+        assert!(slots.acquire(source("2001:db8:0:1::99")).is_some());
+        assert!(
+            slots.inner.lock().unwrap().is_empty(),
+            "nothing kept for finished handshakes"
+        );
+    }
+}

@@ -423,3 +423,94 @@ async fn one_identity_past_its_grpc_share_is_refused_while_another_still_issues(
     assert!(again, "app stays refused after closing its connections");
     b.kill_binary();
 }
+
+/// Sends `head` (and `body`, if any, after `pause`) on a fresh connection
+/// as `config`; the answer and how long after the head the server closed.
+async fn slow_request(
+    config: Arc<rustls::ClientConfig>,
+    port: u16,
+    head: &str,
+    body: Option<(Duration, &str)>,
+    close_after: Duration,
+) -> (Option<String>, Duration) {
+    let mut s = tls_from(config, "127.0.0.1", port).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let sent = Instant::now();
+    if let Some((pause, body)) = body {
+        tokio::time::sleep(pause).await;
+        s.write_all(body.as_bytes()).await.unwrap();
+    }
+    let answer = read_to_close(&mut s, close_after).await;
+    (answer, sent.elapsed())
+}
+
+/// `server.request_timeout` on both HTTP listeners, through the binary:
+/// a console form and a Vault request whose bodies never finish arriving
+/// are answered 408 and closed at the deadline; a body that arrives late
+/// but in time is served.
+#[tokio::test]
+async fn a_request_body_that_does_not_arrive_in_time_ends_its_connection_on_both_http_listeners() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
+    b.edit_config(|t| t.replacen("[server]\n", "[server]\nrequest_timeout = \"2s\"\n", 1));
+    let console = b.enable_console().await;
+    b.enable_vault_api("").await;
+    b.spawn_binary().await;
+    let vport = b.vault_port.unwrap();
+    wait_port(vport).await;
+    wait_port(console).await;
+    let timeout = Duration::from_secs(2);
+    // Generous: the deadline, plus a loaded machine's slack.
+    let close_after = timeout + Duration::from_secs(10);
+
+    let admin = client_config(&b, &dev_pem(&b, "admin"), b"http/1.1");
+    let (answer, held) = slow_request(
+        admin,
+        console,
+        "POST /leases/revoke HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ncsrf=",
+        None,
+        close_after,
+    )
+    .await;
+    let answer =
+        answer.unwrap_or_else(|| panic!("the console held a body-less form past {close_after:?}"));
+    assert!(answer.starts_with("HTTP/1.1 408"), "console: {answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    println!("console: a form body that never came held its connection {held:?}");
+
+    let app = client_config(&b, &dev_pem(&b, "app"), b"http/1.1");
+    let (answer, held) = slow_request(
+        app.clone(),
+        vport,
+        "PUT /v1/sys/leases/renew HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/json\r\nContent-Length: 65536\r\n\r\n{\"lease_id\":",
+        None,
+        close_after,
+    )
+    .await;
+    let answer = answer
+        .unwrap_or_else(|| panic!("the Vault API held a body-less request past {close_after:?}"));
+    assert!(answer.starts_with("HTTP/1.1 408"), "vault api: {answer}");
+    assert!(answer.contains("did not arrive within 2s"), "{answer}");
+    println!("vault api: a body that never came held its connection {held:?}");
+
+    // A body that comes late, but within the deadline, is served.
+    let (answer, _) = slow_request(
+        app,
+        vport,
+        "POST /v1/auth/cert/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\n",
+        Some((Duration::from_millis(500), "{}")),
+        close_after,
+    )
+    .await;
+    let answer = answer.expect("a login whose body came in time was not answered");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("client_token"),
+        "{answer}"
+    );
+    b.kill_binary();
+}
