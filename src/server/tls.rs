@@ -361,12 +361,14 @@ pub fn incoming(
                             Ok(id) => id.to_string(),
                             Err(_) => format!("unauthenticated:{source}"),
                         };
-                        tracing::debug!(%peer, listener = options.name, reason = refusal.label(), "connection refused");
-                        refusals.record(
-                            who,
-                            "connection",
-                            &refusal.reason(options.name, &options.limits),
-                        );
+                        let reason = refusal.reason(options.name, &options.limits);
+                        // Once per caller and interval, like its audit
+                        // record: an operator sees a share that is too
+                        // small for a real deployment without a flood of
+                        // lines from an attack.
+                        if refusals.record(who.clone(), "connection", &reason) {
+                            tracing::warn!(%peer, who = %who, "{reason} (more this interval are counted in the audit log and credbroker_connections_refused_total)");
+                        }
                         refuse(stream, alpn).await;
                     }
                 }
@@ -546,7 +548,9 @@ impl RefusalLog {
         log
     }
 
-    fn record(&self, who: String, action: &'static str, reason: &str) {
+    /// Counts one refusal; true when it is the first of its kind this
+    /// interval (written at once).
+    fn record(&self, who: String, action: &'static str, reason: &str) -> bool {
         let reason: String = reason.chars().take(200).collect();
         let mut key = (who, action, reason);
         let first = {
@@ -564,6 +568,7 @@ impl RefusalLog {
         if first {
             self.write(&key, 1);
         }
+        first
     }
 
     fn flush(&self) {

@@ -414,6 +414,20 @@ async fn one_identity_past_its_grpc_share_is_refused_while_another_still_issues(
     let (records, _, details) = audited(&b, APP, "connection");
     assert!(records >= 1, "app's refusal is not audited");
     assert!(details.iter().all(|d| d.contains("grpc")), "{details:?}");
+    // The operator hears of it, naming the identity — once per interval
+    // (two, should the refusals straddle the 10 s boundary), not once per
+    // refusal.
+    let log = b.broker_log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("share of the grpc listener"))
+        .collect::<Vec<_>>();
+    assert!(
+        (1..=2).contains(&warned.len()) && (counted as usize) >= warned.len(),
+        "{} warnings for {counted} refusals:\n{log}",
+        warned.len()
+    );
+    assert!(warned[0].contains(APP), "{}", warned[0]);
     // Closed connections give their places back.
     drop(held);
     let again = eventually(Duration::from_secs(10), || async {
