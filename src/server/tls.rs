@@ -343,12 +343,16 @@ pub fn incoming(
                         return;
                     }
                 };
-                // The handshake is over: its slots go to the next one,
-                // whatever admission says.
-                drop((permit, source_slot));
+                // The handshake is over: its source's slot goes to the
+                // next one, whatever admission says. The permit is kept
+                // while a refused connection is told so (a write into an
+                // empty socket buffer, bounded anyway), so refusals in
+                // progress stay within the handshake bound.
+                drop(source_slot);
                 let (identity, cert_sha256) = leaf_identity(&stream);
                 match shares.admit(&identity_key(&identity, &cert_sha256), source) {
                     Ok(held) => {
+                        drop(permit);
                         let _ = tx
                             .send(Ok(Admitted::new(stream, identity, cert_sha256, held)))
                             .await;
@@ -370,6 +374,7 @@ pub fn incoming(
                             tracing::warn!(%peer, who = %who, "{reason} (more this interval are counted in the audit log and credbroker_connections_refused_total)");
                         }
                         refuse(stream, alpn).await;
+                        drop(permit);
                     }
                 }
             });
