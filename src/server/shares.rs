@@ -170,6 +170,8 @@ struct Counts {
 pub struct Shares {
     limits: ShareLimits,
     counts: Mutex<Counts>,
+    /// `connections_open{listener}`, when the listener reports it.
+    gauge: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Shares {
@@ -177,6 +179,19 @@ impl Shares {
         Arc::new(Shares {
             limits,
             counts: Mutex::default(),
+            gauge: None,
+        })
+    }
+
+    /// Shares whose open connections `gauge` shows.
+    pub fn with_gauge(
+        limits: ShareLimits,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Arc<Self> {
+        Arc::new(Shares {
+            limits,
+            counts: Mutex::default(),
+            gauge: Some(gauge),
         })
     }
 
@@ -200,6 +215,9 @@ impl Shares {
         c.total += 1;
         *c.identities.entry(identity.to_string()).or_insert(0) += 1;
         *c.sources.entry(source).or_insert(0) += 1;
+        if let Some(g) = &self.gauge {
+            g.inc();
+        }
         Ok(Held {
             shares: self.clone(),
             identity: identity.to_string(),
@@ -229,6 +247,9 @@ impl Drop for Held {
     fn drop(&mut self) {
         let mut c = self.shares.counts.lock().unwrap_or_else(|p| p.into_inner());
         c.total = c.total.saturating_sub(1);
+        if let Some(g) = &self.shares.gauge {
+            g.dec();
+        }
         if let Some(n) = c.identities.get_mut(&self.identity) {
             *n -= 1;
             if *n == 0 {
@@ -475,6 +496,18 @@ mod tests {
         );
         let neighbour: IpAddr = "2001:db8:0:2::1".parse().unwrap();
         shares.admit("id4", Source::of(neighbour, 64)).unwrap();
+    }
+
+    #[test]
+    fn the_open_connections_gauge_counts_admitted_connections_only() {
+        let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let shares = Shares::with_gauge(limits(10, 1, 10), gauge.clone());
+        let a = shares.admit("a", v4("10.0.0.1")).unwrap();
+        assert!(shares.admit("a", v4("10.0.0.1")).is_err());
+        let b = shares.admit("b", v4("10.0.0.1")).unwrap();
+        assert_eq!(gauge.get(), 2, "a refusal is not an open connection");
+        drop((a, b));
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

@@ -274,7 +274,10 @@ pub fn incoming(
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let per_source = Arc::new(SourceSlots::default());
     let refusals = RefusalLog::start(options.audit.clone(), REFUSAL_INTERVAL);
-    let shares = Shares::new(options.limits);
+    let shares = Shares::with_gauge(
+        options.limits,
+        options.metrics.connections_open(options.name),
+    );
     let ipv6_prefix = options.limits.ipv6_prefix;
     tokio::spawn(async move {
         let mut acceptors = AcceptorCache::new(alpn);

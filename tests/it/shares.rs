@@ -411,6 +411,8 @@ async fn one_identity_past_its_grpc_share_is_refused_while_another_still_issues(
     )
     .await;
     assert!(counted >= 2.0, "{counted} refusals counted");
+    let open = metric(mport, "credbroker_connections_open", &["listener=\"grpc\""]).await;
+    assert!(open >= 3.0, "{open} gRPC connections open, app holds 3");
     let (records, _, details) = audited(&b, APP, "connection");
     assert!(records >= 1, "app's refusal is not audited");
     assert!(details.iter().all(|d| d.contains("grpc")), "{details:?}");
