@@ -140,6 +140,25 @@ fn audited(b: &TestBroker, who: &str, action: &str) -> (usize, u64, Vec<String>)
     (records.len(), total, details)
 }
 
+/// Raises this process's open-file limit to its hard limit (the broker the
+/// test spawns inherits it): the flood holds over a thousand sockets here,
+/// and the broker as many before the fix. Fails, saying so, when the hard
+/// limit is too low.
+fn raise_fd_limit(need: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    setrlimit(Resource::Nofile, raised).expect("raise RLIMIT_NOFILE to its hard limit");
+    let now = getrlimit(Resource::Nofile).current;
+    assert!(
+        now.is_none_or(|n| n >= need),
+        "the open-file limit is {now:?}, the test needs {need}: raise the hard limit (ulimit -Hn)"
+    );
+}
+
 /// How one flooding connection ended.
 #[derive(Debug)]
 struct Ended {
@@ -162,6 +181,7 @@ struct Ended {
 /// identity's logins are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_certificate_sending_no_bodies_holds_only_its_share_of_the_vault_api() {
+    raise_fd_limit(4096);
     let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
     let mport = free_port();
     b.edit_config(|t| {
