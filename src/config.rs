@@ -75,6 +75,21 @@ pub struct ServerConfig {
     /// Connections are closed after this long so a client whose certificate
     /// was revoked must handshake again.
     pub max_connection_age: Duration,
+    /// An HTTP request's head must arrive within this, and its body within
+    /// this again; a request still arriving then ends its connection (408).
+    pub request_timeout: Duration,
+    /// Most open connections per listener (gRPC, Vault API, console).
+    pub max_connections: usize,
+    /// Most of a listener's connections one identity holds; past it that
+    /// identity's new connections are closed, nobody else's.
+    pub max_connections_per_identity: usize,
+    /// Most of a listener's connections one source holds (an IPv4 address,
+    /// an IPv6 network of `ipv6_source_prefix` bits).
+    pub max_connections_per_source: usize,
+    /// IPv6 sources are counted per network of this many bits (64: one
+    /// host's usual allotment), for the connection shares and the
+    /// per-source handshake cap.
+    pub ipv6_source_prefix: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -407,6 +422,11 @@ struct RawServer {
     name_prefix: Option<String>,
     shutdown_grace: Option<String>,
     max_connection_age: Option<String>,
+    request_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_identity: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    ipv6_source_prefix: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -698,7 +718,58 @@ impl RawServer {
                 "server.name_prefix {name_prefix:?}: use 2-6 characters of a-z, 0-9 and _, starting with a letter and ending with _ (e.g. \"cb_\")"
             )));
         }
+        let request_timeout = opt_duration(
+            "server.request_timeout",
+            self.request_timeout.as_ref(),
+            Duration::from_secs(10),
+        )?;
+        if request_timeout < Duration::from_secs(1) || request_timeout > Duration::from_secs(600) {
+            return Err(cfg_err(format!(
+                "server.request_timeout {}: between 1s and 10m (e.g. \"10s\")",
+                humantime::format_duration(request_timeout)
+            )));
+        }
+        let max_connections = self
+            .max_connections
+            .unwrap_or(crate::server::shares::DEFAULT_MAX_CONNECTIONS);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(cfg_err(format!(
+                "server.max_connections {max_connections}: between 1 and 1000000 (e.g. 1024)"
+            )));
+        }
+        let share = |key: &str, given: Option<usize>| -> Result<usize> {
+            let n = given
+                .unwrap_or((max_connections / crate::server::shares::DEFAULT_SHARE_DIVISOR).max(1));
+            if n == 0 || n > max_connections {
+                return Err(cfg_err(format!(
+                    "server.{key} {n}: between 1 and server.max_connections ({max_connections}); \
+                     at most a fraction of it, or one caller can take the whole listener"
+                )));
+            }
+            Ok(n)
+        };
+        let max_connections_per_identity = share(
+            "max_connections_per_identity",
+            self.max_connections_per_identity,
+        )?;
+        let max_connections_per_source = share(
+            "max_connections_per_source",
+            self.max_connections_per_source,
+        )?;
+        let ipv6_source_prefix = self
+            .ipv6_source_prefix
+            .unwrap_or(crate::server::shares::DEFAULT_IPV6_PREFIX);
+        if !(16..=128).contains(&ipv6_source_prefix) {
+            return Err(cfg_err(format!(
+                "server.ipv6_source_prefix {ipv6_source_prefix}: between 16 and 128 bits (e.g. 64)"
+            )));
+        }
         Ok(ServerConfig {
+            request_timeout,
+            max_connections,
+            max_connections_per_identity,
+            max_connections_per_source,
+            ipv6_source_prefix,
             listen,
             metrics_listen,
             name_prefix,
@@ -1210,6 +1281,63 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         let r = c.role("orders-readonly").unwrap();
         assert_eq!(r.max_ttl, Duration::from_secs(3600));
         assert_eq!(c.databases["orders"].scram_iterations, 1);
+    }
+
+    #[test]
+    fn listener_share_keys_default_to_a_fraction_of_the_cap_and_refuse_mistakes() {
+        let c = Config::parse(SAMPLE, Path::new("/")).unwrap();
+        assert_eq!(c.server.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.max_connections, 1024);
+        assert_eq!(c.server.max_connections_per_identity, 128);
+        assert_eq!(c.server.max_connections_per_source, 128);
+        assert_eq!(c.server.ipv6_source_prefix, 64);
+        let with = |keys: &str| {
+            Config::parse(
+                &SAMPLE.replacen("[server]\n", &format!("[server]\n{keys}\n"), 1),
+                Path::new("/"),
+            )
+        };
+        // The shares follow a changed cap unless set.
+        let c = with("max_connections = 80").unwrap();
+        assert_eq!(
+            (
+                c.server.max_connections_per_identity,
+                c.server.max_connections_per_source
+            ),
+            (10, 10)
+        );
+        let c = with(
+            "request_timeout = \"3s\"\nmax_connections_per_identity = 4\n\
+             max_connections_per_source = 6\nipv6_source_prefix = 56",
+        )
+        .unwrap();
+        assert_eq!(c.server.request_timeout, Duration::from_secs(3));
+        assert_eq!(
+            (
+                c.server.max_connections_per_identity,
+                c.server.max_connections_per_source,
+                c.server.ipv6_source_prefix
+            ),
+            (4, 6, 56)
+        );
+        for (keys, says) in [
+            ("request_timeout = \"0s\"", "server.request_timeout"),
+            ("request_timeout = \"soon\"", "server.request_timeout"),
+            ("max_connections = 0", "server.max_connections"),
+            (
+                "max_connections = 10\nmax_connections_per_identity = 11",
+                "server.max_connections_per_identity",
+            ),
+            (
+                "max_connections_per_source = 0",
+                "server.max_connections_per_source",
+            ),
+            ("ipv6_source_prefix = 129", "server.ipv6_source_prefix"),
+            ("ipv6_source_prefix = 8", "server.ipv6_source_prefix"),
+        ] {
+            let err = with(keys).unwrap_err().to_string();
+            assert!(err.contains(says), "{keys}: {err}");
+        }
     }
 
     #[test]
