@@ -273,7 +273,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let per_source = Arc::new(SourceSlots::default());
-    let refusals = RefusalLog::start(options.audit.clone(), REFUSAL_INTERVAL);
+    let refusals = RefusalLog::start(options.audit.clone(), options.name, REFUSAL_INTERVAL);
     let shares = Shares::with_gauge(
         options.limits,
         options.metrics.connections_open(options.name),
@@ -521,6 +521,9 @@ const OTHER_SOURCES: &str = "unauthenticated:other-sources";
 struct RefusalLog {
     counts: Arc<Mutex<RefusalCounts>>,
     audit: Arc<AuditLog>,
+    /// The listener, in each record's `via`: a connection is refused
+    /// before any door is known (the gRPC listener serves two).
+    via: &'static str,
 }
 
 type RefusalKey = (String, &'static str, String);
@@ -534,10 +537,11 @@ struct RefusalCounts {
 }
 
 impl RefusalLog {
-    fn start(audit: Arc<AuditLog>, interval: Duration) -> Self {
+    fn start(audit: Arc<AuditLog>, via: &'static str, interval: Duration) -> Self {
         let log = RefusalLog {
             counts: Arc::default(),
             audit,
+            via,
         };
         let flusher = log.clone();
         let weak = Arc::downgrade(&log.counts);
@@ -598,7 +602,7 @@ impl RefusalLog {
         } else {
             format!("{count} refused: {reason}")
         });
-        if let Err(err) = self.audit.append(e) {
+        if let Err(err) = crate::audit::in_via(Some(self.via), || self.audit.append(e)) {
             tracing::error!(error = %crate::error::chain(&err), "audit write failed");
         }
     }
