@@ -156,7 +156,12 @@ async fn admit(
         identity: who,
     };
     let req = if req.method() == Method::POST {
-        match check_csrf(&console, &peer, &viewer, req).await {
+        match crate::audit::via(
+            Door::Console.as_str(),
+            check_csrf(&console, &peer, &viewer, req),
+        )
+        .await
+        {
             Ok(req) => req,
             Err(resp) => return resp,
         }
