@@ -18,8 +18,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
-use crate::static_roles::StaticState;
 use crate::store::group_commit::{db_err, Durability, GroupCommit, Kind};
+use crate::store::StaticState;
 use crate::store::{
     cap_reached, stamp_lock, Claim, FailureRecord, HolderClaim, LeaseFilter, LeaseStore, VaultToken,
 };
@@ -163,7 +163,7 @@ const STATIC_COLUMNS: &str =
      pending_generation, pending_valid_until, last_error";
 
 fn row_to_static(row: &Row<'_>) -> rusqlite::Result<StaticState> {
-    use crate::static_roles::{CurrentUser, Pending, PendingKind, PreviousUser};
+    use crate::store::static_state::{CurrentUser, Pending, PendingKind, PreviousUser};
     let t = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
         Ok(row.get::<_, Option<i64>>(i)?.map(from_ms))
     };
