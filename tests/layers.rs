@@ -71,6 +71,32 @@ fn no_import_cycle_among_top_level_modules() {
     }
 }
 
+/// `lib.rs`'s `//!` map names every public module, so a newcomer's first
+/// page lists the whole library.
+#[test]
+fn the_map_in_lib_rs_names_every_public_module() {
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs"))
+        .expect("read src/lib.rs");
+    let map: String = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let public: Vec<&str> = lib
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub mod ")?.strip_suffix(';'))
+        .collect();
+    assert!(public.len() > 30, "found only {public:?} in src/lib.rs");
+    let missing: Vec<&&str> = public
+        .iter()
+        .filter(|m| !map.contains(&format!("[`{m}`]")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "src/lib.rs's //! map does not name these public modules: {missing:?}"
+    );
+}
+
 #[test]
 fn scanner_reads_paths_and_skips_tests_comments_and_strings() {
     let text = r##"
