@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
 use crate::policy::{IdentityPattern, Network};
 
+pub mod static_roles;
+pub use static_roles::StaticRoleConfig;
+
 /// The whole broker configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -29,7 +32,7 @@ pub struct Config {
     pub roles: BTreeMap<String, RoleConfig>,
     /// `[static_roles.NAME]`: existing users whose passwords the broker
     /// rotates (see `static_roles`).
-    pub static_roles: BTreeMap<String, crate::static_roles::StaticRoleConfig>,
+    pub static_roles: BTreeMap<String, StaticRoleConfig>,
     /// The key that seals static-role passwords in the store
     /// (`sealing_key_file` / `sealing_key_env`); never in the store itself.
     pub sealing_key: SecretSource,
@@ -234,6 +237,14 @@ pub struct DatabaseConfig {
     pub scram_iterations: u32,
 }
 
+/// `host = "caller"` on a MySQL role: the account is `'user'@'<caller's
+/// address>'`, so the credential logs in only from the machine that
+/// leased it (as the database sees it: through NAT or a proxy, that is
+/// the last hop's address). A static role's host may not be it. Here, not
+/// in `broker` (which re-exports it), so that `config` imports nothing
+/// above it.
+pub const CALLER_HOST: &str = "caller";
+
 #[derive(Debug, Clone)]
 pub struct RoleConfig {
     pub name: String,
@@ -247,7 +258,7 @@ pub struct RoleConfig {
     /// SQL run after the user is created; `{{name}}` becomes the quoted user.
     pub grants: Vec<String>,
     /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network;
-    /// `caller`: the leasing caller's own address, see `broker::CALLER_HOST`).
+    /// `caller`: the leasing caller's own address, see [`CALLER_HOST`]).
     pub host: String,
     /// Most live leases one identity may hold on this role.
     pub max_leases_per_identity: Option<u32>,
@@ -303,7 +314,7 @@ struct RawConfig {
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
     #[serde(default)]
-    static_roles: BTreeMap<String, crate::static_roles::config::RawStaticRole>,
+    static_roles: BTreeMap<String, static_roles::RawStaticRole>,
     sealing_key_file: Option<PathBuf>,
     sealing_key_env: Option<String>,
     vault_api: Option<RawVaultApi>,
@@ -630,11 +641,8 @@ impl RawConfig {
             .map(|(name, r)| Ok((name.clone(), r.validate(name, &databases)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         debug_assert!(server_prefix_fits(&server.name_prefix));
-        let static_roles = crate::static_roles::config::validate(
-            self.static_roles,
-            &databases,
-            &server.name_prefix,
-        )?;
+        let static_roles =
+            static_roles::validate(self.static_roles, &databases, &server.name_prefix)?;
         let sealing_key = secret_source(
             "",
             "sealing_key",
@@ -1694,8 +1702,13 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
                     _ => format!("{l}\n"),
                 })
                 .collect();
+            // A Config error (exit 64) that says more than its class: the
+            // text after "config: " names what is wrong.
             if let Err(e) = Config::parse(&text, Path::new("/etc/credbroker")) {
-                proptest::prop_assert!(!e.to_string().is_empty());
+                proptest::prop_assert!(
+                    matches!(&e, Error::Config(d) if !d.message().trim().is_empty()),
+                    "not a Config error with a message: {e:?}"
+                );
             }
         }
     }
