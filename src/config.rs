@@ -66,6 +66,16 @@ pub struct VaultApiConfig {
     pub max_tokens_per_identity: u32,
 }
 
+/// `server.max_connections` unless set.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// One identity's (and one source's) share is the listener's cap divided by
+/// this unless set: eight callers at their share fill a listener, one
+/// cannot.
+pub const DEFAULT_SHARE_DIVISOR: usize = 8;
+/// `server.ipv6_source_prefix` unless set: what one host or site is
+/// usually given.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -737,17 +747,14 @@ impl RawServer {
                 humantime::format_duration(request_timeout)
             )));
         }
-        let max_connections = self
-            .max_connections
-            .unwrap_or(crate::server::shares::DEFAULT_MAX_CONNECTIONS);
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if !(1..=1_000_000).contains(&max_connections) {
             return Err(cfg_err(format!(
                 "server.max_connections {max_connections}: between 1 and 1000000 (e.g. 1024)"
             )));
         }
         let share = |key: &str, given: Option<usize>| -> Result<usize> {
-            let n = given
-                .unwrap_or((max_connections / crate::server::shares::DEFAULT_SHARE_DIVISOR).max(1));
+            let n = given.unwrap_or((max_connections / DEFAULT_SHARE_DIVISOR).max(1));
             if n == 0 || n > max_connections {
                 return Err(cfg_err(format!(
                     "server.{key} {n}: between 1 and server.max_connections ({max_connections}); \
@@ -764,9 +771,7 @@ impl RawServer {
             "max_connections_per_source",
             self.max_connections_per_source,
         )?;
-        let ipv6_source_prefix = self
-            .ipv6_source_prefix
-            .unwrap_or(crate::server::shares::DEFAULT_IPV6_PREFIX);
+        let ipv6_source_prefix = self.ipv6_source_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
         if !(16..=128).contains(&ipv6_source_prefix) {
             return Err(cfg_err(format!(
                 "server.ipv6_source_prefix {ipv6_source_prefix}: between 16 and 128 bits (e.g. 64)"

@@ -64,15 +64,9 @@ impl Default for ShareLimits {
     }
 }
 
-/// `server.max_connections` unless set.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// One identity's (and one source's) share is the listener's cap divided by
-/// this unless set: eight callers at their share fill a listener, one
-/// cannot.
-pub const DEFAULT_SHARE_DIVISOR: usize = 8;
-/// `server.ipv6_source_prefix` unless set: what one host or site is
-/// usually given.
-pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+// The defaults live in `config` (which reads them; config sits below
+// server in the layers).
+pub use crate::config::{DEFAULT_IPV6_PREFIX, DEFAULT_MAX_CONNECTIONS, DEFAULT_SHARE_DIVISOR};
 
 /// Where a connection comes from, as the per-source limits count it: an
 /// IPv4 address, or an IPv6 network (IPv4-mapped IPv6 addresses count as
