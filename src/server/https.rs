@@ -38,7 +38,7 @@ pub struct Peer {
     /// The identity, or why the certificate gives none (two SPIFFE IDs, a
     /// malformed one…). Handlers refuse and audit the latter through
     /// `Broker::refuse_unauthenticated`, as the gRPC layer does.
-    pub identity: std::result::Result<Identity, String>,
+    pub identity: std::result::Result<Identity, crate::error::Error>,
     /// SHA-256 of the leaf certificate's DER: what binds a token or a CSRF
     /// token to one certificate, not merely to one identity.
     pub cert_sha256: [u8; 32],
@@ -87,10 +87,15 @@ pub async fn serve(
         // missing anyway is refused like any certificate without identity.
         let (identity, cert_sha256) = match session.peer_certificates().and_then(|c| c.first()) {
             Some(leaf) => (
-                Identity::from_cert_der(leaf.as_ref()).map_err(|e| e.to_string()),
+                Identity::from_cert_der(leaf.as_ref()),
                 Sha256::digest(leaf.as_ref()).into(),
             ),
-            None => (Err("a client certificate is required".into()), [0; 32]),
+            None => (
+                Err(crate::error::Error::Unauthenticated(
+                    "a client certificate is required".into(),
+                )),
+                [0; 32],
+            ),
         };
         let peer = Peer {
             addr,
