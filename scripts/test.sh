@@ -17,6 +17,8 @@ echo "== fast tier: unit tests, in-memory store and fake databases, no servers"
 cargo test --lib
 # Its own binary: a scanning global allocator (no key copy freed unwiped).
 cargo test --test secret_memory
+# Its own binary: no import cycle among the top-level modules (reads src/).
+cargo test --test layers
 echo "== integration tests: real PostgreSQL and MariaDB, real mTLS, the real binary"
 cargo test --bins --test it
 echo "== long tests"

@@ -22,7 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -612,13 +612,6 @@ pub fn rotated_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
         files.push(path.to_path_buf());
     }
     Ok(files)
-}
-
-/// Parses an RFC 3339 `ts` of a record (used by tests and tooling).
-pub fn record_time(r: &Record) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(&r.ts)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Reads every record of a file, for tests and `admin` tooling.

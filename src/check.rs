@@ -15,67 +15,12 @@ use chrono::{DateTime, Utc};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+pub use crate::backend::finding::{Finding, Level};
 use crate::config::{Config, RoleConfig};
 use crate::lease::BackendKind;
 
 /// A certificate that expires within this is a warning: renewal is due.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    Ok,
-    Warning,
-    Error,
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Ok => "ok",
-            Level::Warning => "warning",
-            Level::Error => "error",
-        }
-    }
-}
-
-/// One line of the report. Never holds a secret: messages come from
-/// certificates, catalogs and server errors about the admin role.
-#[derive(Debug, Clone)]
-pub struct Finding {
-    pub level: Level,
-    /// What was checked: `tls.cert`, `database orders`, `role orders-ro`…
-    pub scope: String,
-    pub message: String,
-    /// What to do about it (warnings and errors).
-    pub fix: Option<String>,
-}
-
-impl Finding {
-    pub fn ok(scope: &str, message: impl Into<String>) -> Self {
-        Finding {
-            level: Level::Ok,
-            scope: scope.to_string(),
-            message: message.into(),
-            fix: None,
-        }
-    }
-    pub fn warning(scope: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        Finding {
-            level: Level::Warning,
-            scope: scope.to_string(),
-            message: message.into(),
-            fix: Some(fix.into()),
-        }
-    }
-    pub fn error(scope: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        Finding {
-            level: Level::Error,
-            scope: scope.to_string(),
-            message: message.into(),
-            fix: Some(fix.into()),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct Report {

@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
 use crate::policy::{IdentityPattern, Network};
 
+pub mod static_roles;
+pub use static_roles::StaticRoleConfig;
+
 /// The whole broker configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -29,7 +32,7 @@ pub struct Config {
     pub roles: BTreeMap<String, RoleConfig>,
     /// `[static_roles.NAME]`: existing users whose passwords the broker
     /// rotates (see `static_roles`).
-    pub static_roles: BTreeMap<String, crate::static_roles::StaticRoleConfig>,
+    pub static_roles: BTreeMap<String, StaticRoleConfig>,
     /// The key that seals static-role passwords in the store
     /// (`sealing_key_file` / `sealing_key_env`); never in the store itself.
     pub sealing_key: SecretSource,
@@ -75,6 +78,21 @@ pub struct ServerConfig {
     /// Connections are closed after this long so a client whose certificate
     /// was revoked must handshake again.
     pub max_connection_age: Duration,
+    /// An HTTP request's head must arrive within this, and its body within
+    /// this again; a request still arriving then ends its connection (408).
+    pub request_timeout: Duration,
+    /// Most open connections per listener (gRPC, Vault API, console).
+    pub max_connections: usize,
+    /// Most of a listener's connections one identity holds; past it that
+    /// identity's new connections are closed, nobody else's.
+    pub max_connections_per_identity: usize,
+    /// Most of a listener's connections one source holds (an IPv4 address,
+    /// an IPv6 network of `ipv6_source_prefix` bits).
+    pub max_connections_per_source: usize,
+    /// IPv6 sources are counted per network of this many bits (64: one
+    /// host's usual allotment), for the connection shares and the
+    /// per-source handshake cap.
+    pub ipv6_source_prefix: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +237,14 @@ pub struct DatabaseConfig {
     pub scram_iterations: u32,
 }
 
+/// `host = "caller"` on a MySQL role: the account is `'user'@'<caller's
+/// address>'`, so the credential logs in only from the machine that
+/// leased it (as the database sees it: through NAT or a proxy, that is
+/// the last hop's address). A static role's host may not be it. Here, not
+/// in `broker` (which re-exports it), so that `config` imports nothing
+/// above it.
+pub const CALLER_HOST: &str = "caller";
+
 #[derive(Debug, Clone)]
 pub struct RoleConfig {
     pub name: String,
@@ -232,7 +258,7 @@ pub struct RoleConfig {
     /// SQL run after the user is created; `{{name}}` becomes the quoted user.
     pub grants: Vec<String>,
     /// MySQL account host (`%` by default, e.g. `10.0.0.%` to pin a network;
-    /// `caller`: the leasing caller's own address, see `broker::CALLER_HOST`).
+    /// `caller`: the leasing caller's own address, see [`CALLER_HOST`]).
     pub host: String,
     /// Most live leases one identity may hold on this role.
     pub max_leases_per_identity: Option<u32>,
@@ -288,7 +314,7 @@ struct RawConfig {
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
     #[serde(default)]
-    static_roles: BTreeMap<String, crate::static_roles::config::RawStaticRole>,
+    static_roles: BTreeMap<String, static_roles::RawStaticRole>,
     sealing_key_file: Option<PathBuf>,
     sealing_key_env: Option<String>,
     vault_api: Option<RawVaultApi>,
@@ -407,6 +433,11 @@ struct RawServer {
     name_prefix: Option<String>,
     shutdown_grace: Option<String>,
     max_connection_age: Option<String>,
+    request_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_identity: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    ipv6_source_prefix: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -603,11 +634,8 @@ impl RawConfig {
             .map(|(name, r)| Ok((name.clone(), r.validate(name, &databases)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         debug_assert!(server_prefix_fits(&server.name_prefix));
-        let static_roles = crate::static_roles::config::validate(
-            self.static_roles,
-            &databases,
-            &server.name_prefix,
-        )?;
+        let static_roles =
+            static_roles::validate(self.static_roles, &databases, &server.name_prefix)?;
         let sealing_key = secret_source(
             "",
             "sealing_key",
@@ -691,7 +719,58 @@ impl RawServer {
                 "server.name_prefix {name_prefix:?}: use 2-6 characters of a-z, 0-9 and _, starting with a letter and ending with _ (e.g. \"cb_\")"
             )));
         }
+        let request_timeout = opt_duration(
+            "server.request_timeout",
+            self.request_timeout.as_ref(),
+            Duration::from_secs(10),
+        )?;
+        if request_timeout < Duration::from_secs(1) || request_timeout > Duration::from_secs(600) {
+            return Err(cfg_err(format!(
+                "server.request_timeout {}: between 1s and 10m (e.g. \"10s\")",
+                humantime::format_duration(request_timeout)
+            )));
+        }
+        let max_connections = self
+            .max_connections
+            .unwrap_or(crate::server::shares::DEFAULT_MAX_CONNECTIONS);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(cfg_err(format!(
+                "server.max_connections {max_connections}: between 1 and 1000000 (e.g. 1024)"
+            )));
+        }
+        let share = |key: &str, given: Option<usize>| -> Result<usize> {
+            let n = given
+                .unwrap_or((max_connections / crate::server::shares::DEFAULT_SHARE_DIVISOR).max(1));
+            if n == 0 || n > max_connections {
+                return Err(cfg_err(format!(
+                    "server.{key} {n}: between 1 and server.max_connections ({max_connections}); \
+                     at most a fraction of it, or one caller can take the whole listener"
+                )));
+            }
+            Ok(n)
+        };
+        let max_connections_per_identity = share(
+            "max_connections_per_identity",
+            self.max_connections_per_identity,
+        )?;
+        let max_connections_per_source = share(
+            "max_connections_per_source",
+            self.max_connections_per_source,
+        )?;
+        let ipv6_source_prefix = self
+            .ipv6_source_prefix
+            .unwrap_or(crate::server::shares::DEFAULT_IPV6_PREFIX);
+        if !(16..=128).contains(&ipv6_source_prefix) {
+            return Err(cfg_err(format!(
+                "server.ipv6_source_prefix {ipv6_source_prefix}: between 16 and 128 bits (e.g. 64)"
+            )));
+        }
         Ok(ServerConfig {
+            request_timeout,
+            max_connections,
+            max_connections_per_identity,
+            max_connections_per_source,
+            ipv6_source_prefix,
             listen,
             metrics_listen,
             name_prefix,
@@ -1203,6 +1282,63 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
     }
 
     #[test]
+    fn listener_share_keys_default_to_a_fraction_of_the_cap_and_refuse_mistakes() {
+        let c = Config::parse(SAMPLE, Path::new("/")).unwrap();
+        assert_eq!(c.server.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.max_connections, 1024);
+        assert_eq!(c.server.max_connections_per_identity, 128);
+        assert_eq!(c.server.max_connections_per_source, 128);
+        assert_eq!(c.server.ipv6_source_prefix, 64);
+        let with = |keys: &str| {
+            Config::parse(
+                &SAMPLE.replacen("[server]\n", &format!("[server]\n{keys}\n"), 1),
+                Path::new("/"),
+            )
+        };
+        // The shares follow a changed cap unless set.
+        let c = with("max_connections = 80").unwrap();
+        assert_eq!(
+            (
+                c.server.max_connections_per_identity,
+                c.server.max_connections_per_source
+            ),
+            (10, 10)
+        );
+        let c = with(
+            "request_timeout = \"3s\"\nmax_connections_per_identity = 4\n\
+             max_connections_per_source = 6\nipv6_source_prefix = 56",
+        )
+        .unwrap();
+        assert_eq!(c.server.request_timeout, Duration::from_secs(3));
+        assert_eq!(
+            (
+                c.server.max_connections_per_identity,
+                c.server.max_connections_per_source,
+                c.server.ipv6_source_prefix
+            ),
+            (4, 6, 56)
+        );
+        for (keys, says) in [
+            ("request_timeout = \"0s\"", "server.request_timeout"),
+            ("request_timeout = \"soon\"", "server.request_timeout"),
+            ("max_connections = 0", "server.max_connections"),
+            (
+                "max_connections = 10\nmax_connections_per_identity = 11",
+                "server.max_connections_per_identity",
+            ),
+            (
+                "max_connections_per_source = 0",
+                "server.max_connections_per_source",
+            ),
+            ("ipv6_source_prefix = 129", "server.ipv6_source_prefix"),
+            ("ipv6_source_prefix = 8", "server.ipv6_source_prefix"),
+        ] {
+            let err = with(keys).unwrap_err().to_string();
+            assert!(err.contains(says), "{keys}: {err}");
+        }
+    }
+
+    #[test]
     fn vault_api_section_defaults_and_mistakes() {
         let c = Config::parse(SAMPLE, Path::new("/")).unwrap();
         assert!(c.vault_api.is_none(), "off unless configured");
@@ -1556,8 +1692,13 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
                     _ => format!("{l}\n"),
                 })
                 .collect();
+            // A Config error (exit 64) that says more than its class: the
+            // text after "config: " names what is wrong.
             if let Err(e) = Config::parse(&text, Path::new("/etc/credbroker")) {
-                proptest::prop_assert!(!e.to_string().is_empty());
+                proptest::prop_assert!(
+                    matches!(&e, Error::Config(d) if !d.message().trim().is_empty()),
+                    "not a Config error with a message: {e:?}"
+                );
             }
         }
     }

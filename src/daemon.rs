@@ -333,6 +333,64 @@ pub async fn termination_signal() {
     }
 }
 
+/// Keys read once, when the listeners start: a changed one is said at
+/// SIGHUP, never silently ignored. Compared by their `Debug` text, which
+/// holds every field (and no secret: these sections have none).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let (o, n) = (&old.server, &new.server);
+    let keys: [(&str, String, String); 9] = [
+        (
+            "server.listen",
+            format!("{:?}", o.listen),
+            format!("{:?}", n.listen),
+        ),
+        (
+            "server.metrics_listen",
+            format!("{:?}", o.metrics_listen),
+            format!("{:?}", n.metrics_listen),
+        ),
+        (
+            "server.request_timeout",
+            format!("{:?}", o.request_timeout),
+            format!("{:?}", n.request_timeout),
+        ),
+        (
+            "server.max_connections",
+            o.max_connections.to_string(),
+            n.max_connections.to_string(),
+        ),
+        (
+            "server.max_connections_per_identity",
+            o.max_connections_per_identity.to_string(),
+            n.max_connections_per_identity.to_string(),
+        ),
+        (
+            "server.max_connections_per_source",
+            o.max_connections_per_source.to_string(),
+            n.max_connections_per_source.to_string(),
+        ),
+        (
+            "server.ipv6_source_prefix",
+            o.ipv6_source_prefix.to_string(),
+            n.ipv6_source_prefix.to_string(),
+        ),
+        (
+            "[vault_api]",
+            format!("{:?}", old.vault_api),
+            format!("{:?}", new.vault_api),
+        ),
+        (
+            "[console]",
+            format!("{:?}", old.console),
+            format!("{:?}", new.console),
+        ),
+    ];
+    keys.into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(k, _, _)| format!("{k} changed: restart the broker to apply"))
+        .collect()
+}
+
 /// Applies a re-read config (SIGHUP): certificates, CRL, roles, policies,
 /// admins and limits take effect for new requests and connections; open
 /// connections continue. Databases are connected once at start, so their
@@ -369,6 +427,7 @@ impl Reloader {
                 Some(_) => {}
             }
         }
+        warnings.extend(restart_only_changes(&old, &config));
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
         self.broker.replace_config(Arc::new(config));
         let mut e = Event::new("credbroker:system", "reload");
@@ -379,5 +438,42 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         Ok(warnings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(server: &str, tail: &str) -> Config {
+        let text = format!(
+            "admins = [\"spiffe://credbroker.dev/dba/*\"]\n\n\
+             [server]\nlisten = \"127.0.0.1:7443\"\n{server}\n\
+             [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n\n\
+             [databases.main]\nkind = \"postgres\"\nadmin_url = \"postgres://a@127.0.0.1:1/main\"\n\n\
+             {tail}"
+        );
+        Config::parse(&text, std::path::Path::new("/tmp")).unwrap()
+    }
+
+    /// A SIGHUP that changes what the listeners read at start says so
+    /// (it used to say "configuration reloaded" and keep the old values).
+    #[test]
+    fn restart_only_keys_changed_at_sighup_are_named() {
+        let old = config("", "");
+        assert!(restart_only_changes(&old, &config("", "")).is_empty());
+        let new = config(
+            "metrics_listen = \"127.0.0.1:9464\"\nmax_connections_per_identity = 5\n",
+            "[console]\nlisten = \"127.0.0.1:8443\"\n",
+        );
+        let said = restart_only_changes(&old, &new).join("; ");
+        for key in [
+            "server.metrics_listen",
+            "server.max_connections_per_identity",
+            "[console]",
+        ] {
+            assert!(said.contains(&format!("{key} changed: restart")), "{said}");
+        }
+        assert!(!said.contains("server.listen "), "{said}");
     }
 }

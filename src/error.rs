@@ -104,10 +104,6 @@ impl Detail {
         &self.message
     }
 
-    pub fn into_message(self) -> String {
-        self.message
-    }
-
     pub fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source
             .as_deref()

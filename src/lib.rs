@@ -8,8 +8,12 @@
 //!
 //! Modules:
 //! - [`config`]: TOML → validated types; the only place config text is read.
+//! - [`error`]: the one error type; its class decides what each door says.
+//! - [`clock`]: the one clock (the system's, or paused time in the fast tier).
 //! - [`identity`], [`policy`]: who the caller is, and what it may lease.
 //! - [`lease`]: ids, broker-made user names, zeroizing passwords, states.
+//! - [`gate`]: every request, whatever its door, admitted or refused here
+//!   (identity, networks, policy, locks) before a handler runs.
 //! - [`broker`]: issue / renew / revoke / admin; no gRPC types inside.
 //! - [`revocation`]: the one engine that ends leases, whoever asks.
 //! - [`limits`]: per-identity rate limits.
@@ -40,10 +44,14 @@
 //!   Vault clients switch by changing their address.
 //! - [`cli`]: one file per subcommand.
 //! - [`hardening`]: core dumps off for the commands that hold secrets.
+//! - [`fsutil`]: secret files written atomically, mode 0600, through a
+//!   fresh temporary file renamed over the target.
 //! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
-//!   own limits, the reaper and scale.
+//!   own limits, the reaper and scale; [`steps`]: its wall time per lease
+//!   step (off unless the bench turns it on).
 //! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
-//!   for the demo and tests.
+//!   for the demo and tests; [`devenv`]: a whole dev set-up (certificates,
+//!   config, a throwaway database) for `demo`, the tests and the bench.
 
 #![forbid(unsafe_code)]
 

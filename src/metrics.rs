@@ -49,6 +49,17 @@ pub struct StaticLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionRefusalLabels {
+    pub listener: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DatabaseLabels {
     pub database: String,
 }
@@ -74,6 +85,11 @@ pub struct Metrics {
     pub pruned: Counter,
     pub static_rotations: Family<StaticLabels, Counter>,
     pub static_failures: Family<StaticLabels, Counter>,
+    /// Connections closed after the handshake, by listener and reason
+    /// (`identity_share`, `source_share`, `listener_full`).
+    pub connections_refused: Family<ConnectionRefusalLabels, Counter>,
+    /// Connections admitted and open, by listener.
+    pub connections_open: Family<ListenerLabels, Gauge>,
     /// The last hour per minute, for the console's charts.
     pub history: crate::rate_history::RateHistory,
     /// Leases issued, renewed or revoked by this process: `/metrics`
@@ -110,6 +126,8 @@ impl Metrics {
             pruned: Counter::default(),
             static_rotations: Family::default(),
             static_failures: Family::default(),
+            connections_refused: Family::default(),
+            connections_open: Family::default(),
             history: Default::default(),
             changes: Default::default(),
         };
@@ -179,6 +197,16 @@ impl Metrics {
             "static_rotation_failures",
             "Static-role rotation steps that failed (each is retried)",
             m.static_failures.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed after the handshake: the caller's identity or source held its share of the listener, or the listener was full",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections admitted after the handshake and still open, by listener (at most server.max_connections each)",
+            m.connections_open.clone(),
         );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
@@ -255,6 +283,24 @@ impl Metrics {
             .get_or_create(&StaticLabels {
                 static_role: static_role.to_string(),
                 kind: "step".to_string(),
+            })
+            .inc();
+    }
+
+    /// The gauge of `listener`'s open connections.
+    pub fn connections_open(&self, listener: &str) -> Gauge {
+        self.connections_open
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .clone()
+    }
+
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.connections_refused
+            .get_or_create(&ConnectionRefusalLabels {
+                listener: listener.to_string(),
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -6,6 +6,7 @@
 //! quoted; caller text never reaches a statement.
 
 pub mod fake;
+pub mod finding;
 pub mod mysql;
 pub mod postgres;
 pub use crate::steps;

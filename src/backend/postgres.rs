@@ -10,11 +10,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::backend::finding::Finding;
 use crate::backend::{
     read_admin_password, render_grant, stage_admin_password, store_admin_password, Backend,
     Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin, StaticUsers, UserRef,
 };
-use crate::check::Finding;
 use crate::config::DatabaseConfig;
 use crate::dbtls::{self, Dialect, TlsParams};
 use crate::error::{Error, Result};

@@ -286,11 +286,8 @@ pub(crate) fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c Role
         .ok_or_else(|| Error::NotFound(format!("no role {name:?} is configured")))
 }
 
-/// `host = "caller"` on a MySQL role: the account is `'user'@'<caller's
-/// address>'`, so the credential logs in only from the machine that
-/// leased it (as the database sees it: through NAT or a proxy, that is
-/// the last hop's address).
-pub const CALLER_HOST: &str = "caller";
+/// Defined in `config` (static roles' validation refuses it too).
+pub use crate::config::CALLER_HOST;
 
 fn account_host(role: &RoleConfig, peer: Option<IpAddr>) -> Result<String> {
     if role.host != CALLER_HOST {

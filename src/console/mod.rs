@@ -89,10 +89,9 @@ pub async fn serve(
     tls: SharedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let audit = broker.audit().clone();
-    let max_age = broker.config().server.max_connection_age;
+    let options = https::ListenerOptions::of("console", &broker);
     let app = router(Arc::new(Console::new(broker)));
-    https::serve(app, listener, tls, audit, max_age, shutdown).await
+    https::serve(app, listener, tls, options, shutdown).await
 }
 
 /// The console's routes. Public so the benchmark can serve pages without a
@@ -157,7 +156,12 @@ async fn admit(
         identity: who,
     };
     let req = if req.method() == Method::POST {
-        match check_csrf(&console, &peer, &viewer, req).await {
+        match crate::audit::via(
+            Door::Console.as_str(),
+            check_csrf(&console, &peer, &viewer, req),
+        )
+        .await
+        {
             Ok(req) => req,
             Err(resp) => return resp,
         }

@@ -139,6 +139,14 @@ async fn a_post_needs_this_certificates_csrf_token() {
     )
     .await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    // Each refusal is one record naming the door.
+    let refused: Vec<_> = kit
+        .audit()
+        .into_iter()
+        .filter(|r| r.action == "console" && r.outcome == Outcome::Denied)
+        .collect();
+    assert_eq!(refused.len(), 2, "missing and forged tokens");
+    assert!(refused.iter().all(|r| r.via.as_deref() == Some("console")));
     assert!(kit
         .broker
         .admin_locks(&Identity::from_trusted(ADMIN))

@@ -5,6 +5,7 @@
 pub mod grpc;
 pub mod http;
 pub mod https;
+pub mod shares;
 pub mod status;
 pub mod tls;
 
@@ -43,10 +44,12 @@ pub async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::internal(format!("reflection: {e}")))?;
+    // Admitted within the listener's shares: one identity or source past
+    // its share has its new connections closed, nobody else's.
     let incoming = ReceiverStream::new(tls::incoming(
         listener,
         tls,
-        broker.audit().clone(),
+        shares::ListenerOptions::of("grpc", &broker),
         tls::Alpn::H2,
     ));
     tonic::transport::Server::builder()

@@ -3,7 +3,6 @@
 //! `TlsStream`s (which still carry the peer certificates to requests).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -20,14 +19,18 @@ use tokio_rustls::TlsAcceptor;
 use crate::audit::{AuditLog, Event, Outcome};
 use crate::config::TlsConfig;
 use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::server::shares::{identity_key, Admitted, ListenerOptions, Shares, Source};
 
 /// A handshake that takes longer than this is dropped, so slow or idle
 /// clients cannot hold accept slots.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in flight at once.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
-/// Most handshakes in flight from one source address: one host that opens
-/// connections and never speaks cannot take every slot from the others.
+/// Most handshakes in flight from one source (an IPv4 address, an IPv6
+/// network of `server.ipv6_source_prefix` bits): one host that opens
+/// connections and never speaks cannot take every slot from the others,
+/// even with a whole /64 of addresses to speak from.
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
 
 /// The application protocol a listener speaks: gRPC needs h2; the HTTPS
@@ -251,19 +254,31 @@ pub fn read_crls(
 /// connections use new certificates and CRLs while open ones continue.
 pub type SharedTls = Arc<RwLock<Arc<rustls::ServerConfig>>>;
 
+/// A finished handshake, admitted to its listener's connection shares.
+pub type AdmittedTls = Admitted<TlsStream<TcpStream>>;
+
 /// Accepts TCP connections and runs their TLS handshakes concurrently, each
-/// bounded in time, in total and per source address; finished streams come
-/// out of the returned channel.
+/// bounded in time, in total and per source; then admits each finished
+/// connection to the listener's shares (per identity, per source, in
+/// total — `shares.rs`), closing it when its identity or source holds its
+/// share already. Admitted streams come out of the returned channel and
+/// hold their place until they close. Every refusal is counted in metrics
+/// and audited, aggregated ([`RefusalLog`]).
 pub fn incoming(
     listener: TcpListener,
     tls: SharedTls,
-    audit: Arc<AuditLog>,
+    options: ListenerOptions,
     alpn: Alpn,
-) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
+) -> mpsc::Receiver<std::io::Result<AdmittedTls>> {
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     let per_source = Arc::new(SourceSlots::default());
-    let refusals = RefusalLog::start(audit, REFUSAL_INTERVAL);
+    let refusals = RefusalLog::start(options.audit.clone(), options.name, REFUSAL_INTERVAL);
+    let shares = Shares::with_gauge(
+        options.limits,
+        options.metrics.connections_open(options.name),
+    );
+    let ipv6_prefix = options.limits.ipv6_prefix;
     tokio::spawn(async move {
         let mut acceptors = AcceptorCache::new(alpn);
         loop {
@@ -282,40 +297,139 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let Some(source_slot) = per_source.acquire(peer.ip()) else {
-                refusals.record(peer.ip(), "too many handshakes in flight from this address");
+            let source = Source::of(peer.ip(), ipv6_prefix);
+            let Some(source_slot) = per_source.acquire(source) else {
+                refusals.record(
+                    format!("unauthenticated:{source}"),
+                    "tls_handshake",
+                    "too many handshakes in flight from this address",
+                );
                 continue;
             };
             let Ok(permit) = pending.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "too many TLS handshakes in flight; dropping connection");
-                refusals.record(peer.ip(), "too many handshakes in flight");
+                refusals.record(
+                    format!("unauthenticated:{}", peer.ip()),
+                    "tls_handshake",
+                    "too many handshakes in flight",
+                );
                 continue;
             };
             let acceptor = acceptors.get(&tls);
             let tx = tx.clone();
             let refusals = refusals.clone();
+            let shares = shares.clone();
+            let options = options.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let _source_slot = source_slot;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
                     // A refused client certificate ends here; the client
                     // sees the TLS alert. Log without secrets.
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %crate::error::chain(&e), "TLS handshake refused");
-                        refusals.record(peer.ip(), &e.to_string());
+                        refusals.record(
+                            format!("unauthenticated:{}", peer.ip()),
+                            "tls_handshake",
+                            &e.to_string(),
+                        );
+                        return;
                     }
                     Err(_) => {
                         tracing::info!(%peer, "TLS handshake timed out");
-                        refusals.record(peer.ip(), "handshake timed out");
+                        refusals.record(
+                            format!("unauthenticated:{}", peer.ip()),
+                            "tls_handshake",
+                            "handshake timed out",
+                        );
+                        return;
+                    }
+                };
+                // The handshake is over: its source's slot goes to the
+                // next one, whatever admission says. The permit is kept
+                // while a refused connection is told so (a write into an
+                // empty socket buffer, bounded anyway), so refusals in
+                // progress stay within the handshake bound.
+                drop(source_slot);
+                let (identity, cert_sha256) = leaf_identity(&stream);
+                match shares.admit(&identity_key(&identity, &cert_sha256), source) {
+                    Ok(held) => {
+                        drop(permit);
+                        let _ = tx
+                            .send(Ok(Admitted::new(stream, identity, cert_sha256, held)))
+                            .await;
+                    }
+                    Err(refusal) => {
+                        options
+                            .metrics
+                            .connection_refused(options.name, refusal.label());
+                        let who = match &identity {
+                            Ok(id) => id.to_string(),
+                            Err(_) => format!("unauthenticated:{source}"),
+                        };
+                        let reason = refusal.reason(options.name, &options.limits);
+                        // Once per caller and interval, like its audit
+                        // record: an operator sees a share that is too
+                        // small for a real deployment without a flood of
+                        // lines from an attack.
+                        if refusals.record(who.clone(), "connection", &reason) {
+                            tracing::warn!(%peer, who = %who, "{reason} (more this interval are counted in the audit log and credbroker_connections_refused_total)");
+                        }
+                        refuse(stream, alpn).await;
+                        drop(permit);
                     }
                 }
             });
         }
     });
     rx
+}
+
+/// The caller of a finished handshake: the leaf certificate's identity (or
+/// why it names none) and its SHA-256. The verifier required a certificate,
+/// so there is one; a leaf missing anyway is refused like any certificate
+/// without identity.
+fn leaf_identity(
+    stream: &TlsStream<TcpStream>,
+) -> (std::result::Result<Identity, crate::error::Error>, [u8; 32]) {
+    use sha2::{Digest, Sha256};
+    match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
+        Some(leaf) => (
+            Identity::from_cert_der(leaf.as_ref()),
+            Sha256::digest(leaf.as_ref()).into(),
+        ),
+        None => (
+            Err(crate::error::Error::Unauthenticated(
+                "a client certificate is required".into(),
+            )),
+            [0; 32],
+        ),
+    }
+}
+
+/// Closes a connection that was not admitted. An HTTP/1.1 client is told
+/// why first (503, `Connection: close`); an h2 client sees the close.
+async fn refuse(mut stream: TlsStream<TcpStream>, alpn: Alpn) {
+    use tokio::io::AsyncWriteExt;
+    if alpn == Alpn::Http1 {
+        let body = "too many connections from this caller: close some and try again\n";
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
 }
 
 /// The acceptor for the current TLS config with this listener's ALPN,
@@ -356,14 +470,14 @@ impl AcceptorCache {
     }
 }
 
-/// Handshakes in flight per source address.
+/// Handshakes in flight per source (IPv6 grouped by its prefix).
 #[derive(Default)]
 struct SourceSlots {
-    inner: Mutex<HashMap<IpAddr, usize>>,
+    inner: Mutex<HashMap<Source, usize>>,
 }
 
 impl SourceSlots {
-    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+    fn acquire(self: &Arc<Self>, ip: Source) -> Option<SourceSlot> {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= MAX_HANDSHAKES_PER_SOURCE {
@@ -379,7 +493,7 @@ impl SourceSlots {
 
 struct SourceSlot {
     slots: Arc<SourceSlots>,
-    ip: IpAddr,
+    ip: Source,
 }
 
 impl Drop for SourceSlot {
@@ -403,29 +517,36 @@ const MAX_REFUSAL_KEYS: usize = 1024;
 const OTHER_SOURCES: &str = "unauthenticated:other-sources";
 
 /// Refused handshakes are denied requests like any other and are audited,
-/// with the peer address as the only identity we have — but junk
-/// connections must not fill the disk, so the first refusal of a (source,
-/// reason) in an interval is written at once and the rest of that interval
-/// as one record with their count.
+/// with the peer address as the only identity we have (a connection
+/// refused after the handshake, over its share, under its identity) — but
+/// junk connections must not fill the disk, so the first refusal of a
+/// (who, action, reason) in an interval is written at once and the rest of
+/// that interval as one record with their count.
 #[derive(Clone)]
 struct RefusalLog {
     counts: Arc<Mutex<RefusalCounts>>,
     audit: Arc<AuditLog>,
+    /// The listener, in each record's `via`: a connection is refused
+    /// before any door is known (the gRPC listener serves two).
+    via: &'static str,
 }
+
+type RefusalKey = (String, &'static str, String);
 
 #[derive(Default)]
 struct RefusalCounts {
-    /// (identity, reason) → refusals not yet written this interval.
-    pending: HashMap<(String, String), u64>,
-    /// Pairs already written once this interval.
-    seen: std::collections::HashSet<(String, String)>,
+    /// (identity, action, reason) → refusals not yet written this interval.
+    pending: HashMap<RefusalKey, u64>,
+    /// Keys already written once this interval.
+    seen: std::collections::HashSet<RefusalKey>,
 }
 
 impl RefusalLog {
-    fn start(audit: Arc<AuditLog>, interval: Duration) -> Self {
+    fn start(audit: Arc<AuditLog>, via: &'static str, interval: Duration) -> Self {
         let log = RefusalLog {
             counts: Arc::default(),
             audit,
+            via,
         };
         let flusher = log.clone();
         let weak = Arc::downgrade(&log.counts);
@@ -444,9 +565,11 @@ impl RefusalLog {
         log
     }
 
-    fn record(&self, ip: IpAddr, reason: &str) {
+    /// Counts one refusal; true when it is the first of its kind this
+    /// interval (written at once).
+    fn record(&self, who: String, action: &'static str, reason: &str) -> bool {
         let reason: String = reason.chars().take(200).collect();
-        let mut key = (format!("unauthenticated:{ip}"), reason);
+        let mut key = (who, action, reason);
         let first = {
             let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
             if !c.seen.contains(&key) && c.seen.len() >= MAX_REFUSAL_KEYS {
@@ -460,8 +583,9 @@ impl RefusalLog {
             }
         };
         if first {
-            self.write(&key.0, &key.1, 1);
+            self.write(&key, 1);
         }
+        first
     }
 
     fn flush(&self) {
@@ -470,21 +594,56 @@ impl RefusalLog {
             c.seen.clear();
             std::mem::take(&mut c.pending)
         };
-        for ((who, reason), n) in pending {
-            self.write(&who, &reason, n);
+        for (key, n) in pending {
+            self.write(&key, n);
         }
     }
 
-    fn write(&self, who: &str, reason: &str, count: u64) {
-        let mut e = Event::new(who, "tls_handshake");
+    fn write(&self, (who, action, reason): &RefusalKey, count: u64) {
+        let mut e = Event::new(who.as_str(), action);
         e.outcome = Some(Outcome::Denied);
         e.detail = Some(if count == 1 {
             reason.to_string()
         } else {
             format!("{count} refused: {reason}")
         });
-        if let Err(err) = self.audit.append(e) {
+        if let Err(err) = crate::audit::in_via(Some(self.via), || self.audit.append(e)) {
             tracing::error!(error = %crate::error::chain(&err), "audit write failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_source_handshake_cap_counts_one_ipv6_64_as_one_source() {
+        let slots = Arc::new(SourceSlots::default());
+        let source = |ip: &str| Source::of(ip.parse().unwrap(), 64);
+        // One host with a /64: every handshake from a new address of it.
+        let held: Vec<_> = (1..=MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| {
+                slots
+                    .acquire(source(&format!("2001:db8:0:1::{i:x}")))
+                    .expect("within the cap")
+            })
+            .collect();
+        assert!(
+            slots
+                .acquire(source("2001:db8:0:1:ffff:ffff:ffff:ffff"))
+                .is_none(),
+            "another address of the same /64 got past the per-source cap"
+        );
+        // Another /64, and an IPv4 address, are other sources.
+        assert!(slots.acquire(source("2001:db8:0:2::1")).is_some());
+        assert!(slots.acquire(source("192.0.2.1")).is_some());
+        // A finished handshake gives its slot back.
+        drop(held);
+        assert!(slots.acquire(source("2001:db8:0:1::99")).is_some());
+        assert!(
+            slots.inner.lock().unwrap().is_empty(),
+            "nothing kept for finished handshakes"
+        );
     }
 }

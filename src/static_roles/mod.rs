@@ -19,7 +19,9 @@
 //! a failsafe event at rotation + period + overlap (≤ 2 periods), so a dead
 //! broker leaves nothing valid for long.
 
-pub mod config;
+/// `[static_roles.NAME]` validation lives in `config` (below this module);
+/// this name keeps `static_roles::config::…` paths working.
+pub use crate::config::static_roles as config;
 pub mod rotation;
 pub mod seal;
 
@@ -27,6 +29,11 @@ use chrono::{DateTime, Utc};
 
 use crate::lease::Password;
 
+/// The rotation state the store keeps lives in `store` (below this
+/// module); re-exported so `static_roles::StaticState` still names it.
+pub use crate::store::static_state::{
+    CurrentUser, Pending, PendingKind, PreviousUser, StaticState,
+};
 pub use config::StaticRoleConfig;
 pub use rotation::Rotator;
 pub use seal::Sealer;
@@ -59,73 +66,6 @@ impl std::fmt::Debug for StaticCredential {
             .field("next_rotation_at", &self.next_rotation_at)
             .finish_non_exhaustive()
     }
-}
-
-/// What the store remembers of one static role. The passwords in it are
-/// sealed ([`Sealer`]); nothing here is secret without the key.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StaticState {
-    pub role: String,
-    /// Generation of `current`; every rotation adds one.
-    pub generation: u64,
-    pub current: Option<CurrentUser>,
-    pub next_rotation_at: Option<DateTime<Utc>>,
-    /// The user rotated away from, still valid until its overlap ends.
-    pub previous: Option<PreviousUser>,
-    /// A rotation written down before the database heard of it: re-applied
-    /// (idempotent) and committed by whoever claims the role next.
-    pub pending: Option<Pending>,
-    /// The last failure, free of secrets; cleared by a success.
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CurrentUser {
-    pub user: String,
-    pub sealed: String,
-    pub rotated_at: DateTime<Utc>,
-    pub valid_until: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreviousUser {
-    pub user: String,
-    /// End of its overlap: sessions ended, password replaced.
-    pub retire_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PendingKind {
-    /// A scheduled or admin rotation.
-    Rotate,
-    /// An incident: both users retired first, then a fresh password.
-    Revoke,
-}
-
-impl PendingKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PendingKind::Rotate => "rotate",
-            PendingKind::Revoke => "revoke",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "rotate" => Some(PendingKind::Rotate),
-            "revoke" => Some(PendingKind::Revoke),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pending {
-    pub kind: PendingKind,
-    pub user: String,
-    pub sealed: String,
-    pub generation: u64,
-    pub valid_until: DateTime<Utc>,
 }
 
 /// A static role as `admin static-roles` shows it.

@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
-use crate::static_roles::StaticState;
+use crate::store::StaticState;
 use crate::store::{stamp_lock, Claim, LeaseFilter, LeaseOrder, LeaseStore, VaultToken};
 
 #[derive(Default)]

@@ -13,6 +13,7 @@ pub(crate) mod group_commit;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
+pub mod static_state;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use chrono::{DateTime, Utc};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
-use crate::static_roles::StaticState;
+pub use static_state::StaticState;
 
 /// Which leases `list` returns. Empty fields match everything; an empty
 /// `states` means every live state.

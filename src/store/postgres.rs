@@ -28,7 +28,7 @@ use crate::dbtls::{self, Dialect};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
-use crate::static_roles::StaticState;
+use crate::store::StaticState;
 use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore, VaultToken};
 
 /// The WHERE condition of a [`LeaseFilter`] and its arguments, shared by
@@ -224,7 +224,7 @@ const STATIC_COLUMNS: &str =
      pending_generation, pending_valid_until, last_error";
 
 fn row_to_static(row: &Row) -> Result<StaticState> {
-    use crate::static_roles::{CurrentUser, Pending, PendingKind, PreviousUser};
+    use crate::store::static_state::{CurrentUser, Pending, PendingKind, PreviousUser};
     let bad = |e: tokio_postgres::Error| Error::internal(format!("static role row: {e}"));
     let text = |i: usize| row.try_get::<_, Option<String>>(i).map_err(bad);
     let time = |i: usize| row.try_get::<_, Option<DateTime<Utc>>>(i).map_err(bad);

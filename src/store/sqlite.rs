@@ -18,8 +18,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
-use crate::static_roles::StaticState;
 use crate::store::group_commit::{db_err, Durability, GroupCommit, Kind};
+use crate::store::StaticState;
 use crate::store::{
     cap_reached, stamp_lock, Claim, FailureRecord, HolderClaim, LeaseFilter, LeaseStore, VaultToken,
 };
@@ -56,6 +56,67 @@ CREATE INDEX leases_live_identity ON leases(identity, role) WHERE state <> 'revo
 /// the live ones or the whole table.
 const MIGRATION_2: &str = "
 CREATE INDEX leases_revoked_at ON leases(revoked_at) WHERE state = 'revoked';
+";
+
+/// Admin locks (`credbroker admin lock`). `expires_at` NULL: until
+/// unlocked.
+const MIGRATION_3: &str = "
+CREATE TABLE locks (
+    id         TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('identity', 'role', 'database')),
+    value      TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+";
+
+/// Static roles (`static_roles`): one row per role, its current user and
+/// sealed password, the previous user until its overlap ends, and a
+/// pending rotation (the intent, written before the database hears of
+/// it). Claimed like leases, so one rotation runs at a time.
+const MIGRATION_4: &str = "
+CREATE TABLE static_roles (
+    role                TEXT PRIMARY KEY,
+    generation          INTEGER NOT NULL DEFAULT 0,
+    current_name        TEXT,
+    current_sealed      TEXT,
+    rotated_at          INTEGER,
+    valid_until         INTEGER,
+    next_rotation_at    INTEGER,
+    previous_name       TEXT,
+    retire_at           INTEGER,
+    pending_kind        TEXT,
+    pending_name        TEXT,
+    pending_sealed      TEXT,
+    pending_generation  INTEGER,
+    pending_valid_until INTEGER,
+    last_error          TEXT,
+    claimed_by          TEXT,
+    claim_until         INTEGER
+);
+";
+
+/// Tokens of the Vault-compatible API (`vault_api`), by the SHA-256 of the
+/// token — never the token — and the leases each token created. No
+/// foreign key to `leases`: pruned lease rows must not take links along
+/// (nor block on them); a link to a pruned lease is simply skipped.
+const MIGRATION_5: &str = "
+CREATE TABLE vault_tokens (
+    hash        TEXT PRIMARY KEY,
+    accessor    TEXT NOT NULL UNIQUE,
+    identity    TEXT NOT NULL,
+    cert_sha256 TEXT NOT NULL,
+    issued_at   INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL
+);
+CREATE INDEX vault_tokens_expires_at ON vault_tokens(expires_at);
+CREATE TABLE vault_token_leases (
+    accessor TEXT NOT NULL,
+    lease_id TEXT NOT NULL,
+    PRIMARY KEY (accessor, lease_id)
+);
 ";
 
 /// The console's questions. 'The live leases by expiry, one page at a
@@ -117,53 +178,13 @@ pub struct SqliteStore {
     locks: std::sync::RwLock<Vec<Lock>>,
 }
 
-/// Admin locks (`credbroker admin lock`). `expires_at` NULL: until
-/// unlocked.
-const MIGRATION_3: &str = "
-CREATE TABLE locks (
-    id         TEXT PRIMARY KEY,
-    kind       TEXT NOT NULL CHECK (kind IN ('identity', 'role', 'database')),
-    value      TEXT NOT NULL,
-    reason     TEXT NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER
-);
-";
-
-/// Static roles (`static_roles`): one row per role, its current user and
-/// sealed password, the previous user until its overlap ends, and a
-/// pending rotation (the intent, written before the database hears of
-/// it). Claimed like leases, so one rotation runs at a time.
-const MIGRATION_4: &str = "
-CREATE TABLE static_roles (
-    role                TEXT PRIMARY KEY,
-    generation          INTEGER NOT NULL DEFAULT 0,
-    current_name        TEXT,
-    current_sealed      TEXT,
-    rotated_at          INTEGER,
-    valid_until         INTEGER,
-    next_rotation_at    INTEGER,
-    previous_name       TEXT,
-    retire_at           INTEGER,
-    pending_kind        TEXT,
-    pending_name        TEXT,
-    pending_sealed      TEXT,
-    pending_generation  INTEGER,
-    pending_valid_until INTEGER,
-    last_error          TEXT,
-    claimed_by          TEXT,
-    claim_until         INTEGER
-);
-";
-
 const STATIC_COLUMNS: &str =
     "role, generation, current_name, current_sealed, rotated_at, valid_until, \
      next_rotation_at, previous_name, retire_at, pending_kind, pending_name, pending_sealed, \
      pending_generation, pending_valid_until, last_error";
 
 fn row_to_static(row: &Row<'_>) -> rusqlite::Result<StaticState> {
-    use crate::static_roles::{CurrentUser, Pending, PendingKind, PreviousUser};
+    use crate::store::static_state::{CurrentUser, Pending, PendingKind, PreviousUser};
     let t = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
         Ok(row.get::<_, Option<i64>>(i)?.map(from_ms))
     };
@@ -209,27 +230,6 @@ fn row_to_static(row: &Row<'_>) -> rusqlite::Result<StaticState> {
         last_error: row.get(14)?,
     })
 }
-
-/// Tokens of the Vault-compatible API (`vault_api`), by the SHA-256 of the
-/// token — never the token — and the leases each token created. No
-/// foreign key to `leases`: pruned lease rows must not take links along
-/// (nor block on them); a link to a pruned lease is simply skipped.
-const MIGRATION_5: &str = "
-CREATE TABLE vault_tokens (
-    hash        TEXT PRIMARY KEY,
-    accessor    TEXT NOT NULL UNIQUE,
-    identity    TEXT NOT NULL,
-    cert_sha256 TEXT NOT NULL,
-    issued_at   INTEGER NOT NULL,
-    expires_at  INTEGER NOT NULL
-);
-CREATE INDEX vault_tokens_expires_at ON vault_tokens(expires_at);
-CREATE TABLE vault_token_leases (
-    accessor TEXT NOT NULL,
-    lease_id TEXT NOT NULL,
-    PRIMARY KEY (accessor, lease_id)
-);
-";
 
 const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued_at, expires_at";
 
@@ -1306,6 +1306,19 @@ mod tests {
             .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
             .unwrap();
         rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("; ")
+    }
+
+    /// The schema reads top-down: `MIGRATION_1` … `MIGRATION_{SCHEMA_VERSION}`
+    /// declared in that order, each once, none missing.
+    #[test]
+    fn migrations_are_declared_in_order() {
+        let declared: Vec<i64> = include_str!("sqlite.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("const MIGRATION_"))
+            .filter_map(|rest| rest.split(':').next()?.parse().ok())
+            .collect();
+        let want: Vec<i64> = (1..=SCHEMA_VERSION).collect();
+        assert_eq!(declared, want);
     }
 
     /// A page of one role's or database's leases walks an index in expiry

@@ -72,8 +72,9 @@ impl fmt::Debug for ThrowawayMariadb {
     }
 }
 
-/// Whether the MariaDB server binaries are installed, so tests can skip
-/// instead of fail where they are not.
+/// Whether the MariaDB server binaries are installed. `demo` runs without a
+/// MariaDB where they are not; `start` (and so every test that needs one)
+/// fails saying how to install them (tests never skip).
 pub fn mariadb_binaries_present() -> bool {
     Path::new(MARIADBD).is_file() && Path::new(INSTALL_DB).is_file()
 }

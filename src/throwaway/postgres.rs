@@ -77,7 +77,8 @@ impl fmt::Debug for ThrowawayPostgres {
 }
 
 /// Whether PostgreSQL server binaries (`initdb`, `postgres`) are installed, so
-/// tests can skip instead of fail where they are not.
+/// `demo`, the bench and the tests can fail up front saying how to install
+/// them (tests never skip).
 pub fn postgres_binaries_present() -> bool {
     find_bin_dir().is_ok()
 }

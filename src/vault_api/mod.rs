@@ -39,13 +39,12 @@ pub async fn serve(
     tls: SharedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let audit = broker.audit().clone();
-    let max_age = broker.config().server.max_connection_age;
+    let options = https::ListenerOptions::of("vault_api", &broker);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, mount = %config.mount, "vault api listening");
     }
     let router = routes::router(broker, config).layer(axum::middleware::map_response(no_store));
-    https::serve(router, listener, tls, audit, max_age, shutdown).await
+    https::serve(router, listener, tls, options, shutdown).await
 }
 
 /// On every answer of this API, whatever the handler or the outcome:

@@ -20,6 +20,7 @@ mod limits;
 mod mysql;
 mod rounds;
 mod shapes;
+mod shares;
 mod sidecar;
 mod static_roles;
 mod store_suite;

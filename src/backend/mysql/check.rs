@@ -6,9 +6,9 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 
+use crate::backend::finding::Finding;
 use crate::backend::mysql::FAILSAFE_SCHEMA;
 use crate::backend::read_admin_password;
-use crate::check::Finding;
 use crate::config::{DatabaseConfig, RoleConfig};
 
 pub async fn check(

@@ -1,6 +1,8 @@
 //! `[static_roles.NAME]`: TOML → a validated [`StaticRoleConfig`]. Called
 //! by `config.rs`, so a bad static role is a `Config` error (exit 64) like
-//! every other typo.
+//! every other typo. Part of `config` (the rotation in `crate::static_roles`
+//! reads these types; `config` imports no module above it), re-exported as
+//! `static_roles::config`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -315,7 +317,7 @@ fn validate_one(
     let host = r.host.unwrap_or_else(|| "%".to_string());
     let host_ok = !host.is_empty()
         && host.len() <= 255
-        && host != crate::broker::CALLER_HOST
+        && host != crate::config::CALLER_HOST
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b));
