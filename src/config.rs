@@ -598,14 +598,7 @@ fn networks(key: &str, list: &Option<Vec<String>>, empty_means: &str) -> Result<
         ))),
         Some(n) => n
             .iter()
-            .map(|s| {
-                Network::parse(s).map_err(|e| {
-                    cfg_err(format!(
-                        "{key}: {}",
-                        e.to_string().trim_start_matches("config: ")
-                    ))
-                })
-            })
+            .map(|s| Network::parse(s).map_err(|e| e.config(key)))
             .collect(),
         None => Ok(Vec::new()),
     }
@@ -1197,10 +1190,7 @@ impl std::fmt::Display for StoreUrl {
 
 /// An identity pattern, its error prefixed with the key it came from.
 pub(crate) fn identity_pattern(key: &str, pattern: &str) -> Result<IdentityPattern> {
-    IdentityPattern::new(pattern).map_err(|e| match e {
-        Error::Config(m) => Error::Config(m.map_message(|m| format!("{key}: {m}"))),
-        other => other,
-    })
+    IdentityPattern::new(pattern).map_err(|e| e.config(key))
 }
 
 fn server_prefix_fits(prefix: &str) -> bool {

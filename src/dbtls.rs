@@ -183,11 +183,48 @@ const PATH_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// Why a database URL's TLS parameters or the files they name cannot be
+/// used: lowercase, naming the parameter (and file), no secret (a URL holds
+/// none; a file's contents are never quoted). Its class is the reader's —
+/// a config key makes it `Config`, `check` a finding — so it is not an
+/// `Error` here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSetupError(String);
+
+impl fmt::Display for TlsSetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for TlsSetupError {}
+
+/// The text, for a caller that reads it as before (`e.contains(..)`).
+impl std::ops::Deref for TlsSetupError {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for TlsSetupError {
+    fn from(m: String) -> Self {
+        TlsSetupError(m)
+    }
+}
+
+/// For a test helper that reports by text.
+impl From<TlsSetupError> for String {
+    fn from(e: TlsSetupError) -> Self {
+        e.0
+    }
+}
+
 /// Takes the TLS parameters out of `url`: the URL without them (every
 /// other parameter kept byte for byte), and what they said. Errors are
 /// lowercase and name the parameter; a URL holds no secret (the config
 /// refuses passwords in it).
-pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), String> {
+pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), TlsSetupError> {
     let (head, query) = match url.split_once('?') {
         Some((h, q)) => (h, q),
         None => (url, ""),
@@ -212,7 +249,7 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Str
             .map_err(|_| format!("{key}: not UTF-8"))?
             .into_owned();
         if value.is_empty() {
-            return Err(format!("{key}: empty value"));
+            return Err(format!("{key}: empty value").into());
         }
         match param {
             Param::Mode => {
@@ -234,7 +271,8 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Str
         return Err(format!(
             "{mode_key}=PREFERRED: the driver cannot fall back to plaintext; use REQUIRED or \
              VERIFY_IDENTITY (or DISABLED)"
-        ));
+        )
+        .into());
     }
     if dialect == Dialect::Mysql && params.effective_mode() == SslMode::VerifyCa {
         // mysql_async skips only the name check by matching rustls's error
@@ -243,10 +281,11 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Str
         return Err(format!(
             "{mode_key}=VERIFY_CA (or REQUIRED with {root_key}) is not supported for MySQL: \
              use VERIFY_IDENTITY with {root_key}, or REQUIRED without it"
-        ));
+        )
+        .into());
     }
     if params.cert.is_some() != params.key.is_some() {
-        return Err(format!("{cert_key} and {key_key}: give both or neither"));
+        return Err(format!("{cert_key} and {key_key}: give both or neither").into());
     }
     if params.mode >= SslMode::VerifyCa && params.rootcert.is_none() {
         return Err(format!(
@@ -256,12 +295,13 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Str
                 Dialect::Postgres => params.mode.libpq(),
                 Dialect::Mysql => params.mode.mysql(),
             }
-        ));
+        )
+        .into());
     }
     if params.mode == SslMode::Disable && (params.rootcert.is_some() || params.cert.is_some()) {
         return Err(format!(
             "{mode_key} disables TLS, but {root_key}/{cert_key} are set: remove them or choose a mode"
-        ));
+        ).into());
     }
     let stripped = if kept.is_empty() {
         head.to_string()
@@ -275,7 +315,7 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Str
 /// absolute against `base` (the config file's directory), leaving the
 /// rest of the URL as it was: the config is read once, and every later
 /// user of the URL sees the same files whatever its working directory.
-pub fn normalize_url(url: &str, dialect: Dialect, base: &Path) -> Result<String, String> {
+pub fn normalize_url(url: &str, dialect: Dialect, base: &Path) -> Result<String, TlsSetupError> {
     split_url(url, dialect)?;
     let Some((head, query)) = url.split_once('?') else {
         return Ok(url.to_string());
@@ -352,7 +392,7 @@ fn pem_certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 /// A rustls client configuration for these parameters (ring provider;
 /// TLS 1.2 and 1.3). Reads the certificate files now, so a missing or
 /// broken file is a start-up error.
-pub fn client_config(params: &TlsParams) -> Result<rustls::ClientConfig, String> {
+pub fn client_config(params: &TlsParams) -> Result<rustls::ClientConfig, TlsSetupError> {
     let [_, root_key, cert_key, key_key] = params.dialect.names();
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -364,7 +404,7 @@ pub fn client_config(params: &TlsParams) -> Result<rustls::ClientConfig, String>
             Some(RootCert::File(path)) => pem_certs(root_key, path)?,
             Some(RootCert::System) => system_roots()?,
             // split_url refuses verify-* without a root certificate.
-            None => return Err(format!("{root_key} is missing")),
+            None => return Err(format!("{root_key} is missing").into()),
         };
         let mut roots = RootCertStore::empty();
         for cert in certs {
@@ -399,7 +439,7 @@ pub fn client_config(params: &TlsParams) -> Result<rustls::ClientConfig, String>
                 .map_err(|e| format!("{key_key} {}: not a PEM private key: {e}", key.display()))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("{cert_key}/{key_key}: {e}"))
+                .map_err(|e| format!("{cert_key}/{key_key}: {e}").into())
         }
         _ => Ok(builder.with_no_client_auth()),
     }
@@ -474,7 +514,7 @@ pub fn postgres_connector(
         tokio_postgres_rustls::MakeRustlsConnect,
         tokio_postgres::config::SslMode,
     ),
-    String,
+    TlsSetupError,
 > {
     use tokio_postgres::config::SslMode as Pg;
     let mode = match params.mode {
@@ -491,7 +531,7 @@ pub fn postgres_connector(
 /// mysql_async's TLS options for these parameters (it builds its own
 /// rustls config, on the ring provider: the only one compiled in). The
 /// files are read now, so a broken one is a start-up error.
-pub fn mysql_ssl_opts(params: &TlsParams) -> Result<Option<mysql_async::SslOpts>, String> {
+pub fn mysql_ssl_opts(params: &TlsParams) -> Result<Option<mysql_async::SslOpts>, TlsSetupError> {
     use mysql_async::{ClientIdentity, SslOpts};
     let [_, root_key, cert_key, key_key] = params.dialect.names();
     let opts = match params.effective_mode() {
@@ -510,7 +550,7 @@ pub fn mysql_ssl_opts(params: &TlsParams) -> Result<Option<mysql_async::SslOpts>
             }
             // The driver's built-in (webpki) roots.
             Some(RootCert::System) => SslOpts::default(),
-            None => return Err(format!("{root_key} is missing")),
+            None => return Err(format!("{root_key} is missing").into()),
         },
     };
     let opts = match (&params.cert, &params.key) {

@@ -1,11 +1,11 @@
-//! The one error type of the library. Every message here may reach a caller
-//! or a log, so none may carry a secret: passwords never enter an `Error`.
+//! The one error type of the library, and **the one rule for what a caller
+//! may see** of it. Every message here may reach a caller or a log, so none
+//! may carry a secret: passwords never enter an `Error`.
 //!
-//! Nine classes, by what the caller can do about it; `server::status` maps
-//! each to one gRPC code (and `vault_api::envelope` to one HTTP status). The
-//! classes that wrap lower-layer failures — `Unavailable`, `Internal`,
-//! `Config` — hold a [`Detail`]: the message (what `Display` prints, exactly
-//! as before) plus, where it is safe, the driver's error as the *source*
+//! Nine classes, by what the caller can do about it. The classes that wrap
+//! lower-layer failures — `Unavailable`, `Internal`, `Config` — hold a
+//! [`Detail`]: the message (what `Display` prints, exactly as before) plus,
+//! where it is safe, the driver's error as the *source*
 //! (`std::error::Error::source()` on the `Error`), shared through an `Arc`
 //! so that `Error: Clone` (revocation hands one error to many leases)
 //! copies nothing and loses nothing.
@@ -18,9 +18,35 @@
 //! `backend::postgres::db_error`). `Detail`'s `Debug` prints the message
 //! and only the *type* of its source, never the source's text.
 //!
-//! Logs read the whole chain through [`chain`]; callers never see a source
-//! (`server::status` sends an `Internal`'s generic text and an
-//! `Unavailable`'s message up to its first ": ").
+//! ## What a caller sees
+//!
+//! Every door — gRPC (`server::status`), the Vault API
+//! (`vault_api::envelope`), the console (`console::page`), and a bulk
+//! revocation's per-lease failures — asks [`Error::for_caller`] and maps
+//! only the [`Class`] to its own code; the text is the same everywhere:
+//!
+//! | error | class | caller text |
+//! |---|---|---|
+//! | the six request classes | the same | their message, no class prefix |
+//! | `Unavailable` | Unavailable | the message up to its first ": " (`database "orders" is unreachable (details in the broker's log)`) |
+//! | `Internal` | Internal | `internal error; see the broker's log` |
+//! | `Config` | Internal | `internal error; see the broker's log` |
+//!
+//! `Config` reaching a caller is a *broker* problem — a backend the
+//! operator set up wrong, a stored lock this build cannot read — never
+//! the request's: the caller cannot fix it, and its text names files, URLs
+//! and hosts. So it is an internal error to every caller (it was on gRPC
+//! and the Vault API; the console answered 400 with the full text). At
+//! start-up it stays `Config` (exit code 64, `cli`).
+//!
+//! Where the door's code is not words (an HTTP body, a revoke failure's
+//! text) the door shows [`Caller::line`]: the class's words in front of
+//! the same text (`permission denied: identity may not lease role "x"`),
+//! which is what Vault's clients and the CLI print.
+//!
+//! Logs read the whole chain through [`chain`]; `for_caller` logs it
+//! whenever it withholds something (an `Unavailable`'s tail, an
+//! `Internal`'s or `Config`'s text), and callers never see a source.
 
 use std::fmt;
 use std::sync::Arc;
@@ -133,9 +159,9 @@ impl From<&str> for Detail {
     }
 }
 
-/// What went wrong, classified by what the caller can do about it. The gRPC
-/// layer maps each variant to one status code in one place
-/// (`server::status`), so internals never decide what a caller sees.
+/// What went wrong, classified by what the caller can do about it. What a
+/// caller sees of it is decided here too ([`Error::for_caller`]); each door
+/// only maps its [`Class`] to a code, so internals never decide it.
 #[derive(Debug, Clone)]
 pub enum Error {
     /// The request itself is malformed: fix it and retry.
@@ -161,16 +187,22 @@ pub enum Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The class's words, as a caller line writes them (`Class::words`),
+        // then the whole message; `Config` keeps its own name in a log.
+        let words = match self {
+            Error::Config(_) => "config",
+            other => other.class().words(),
+        };
         match self {
-            Error::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
-            Error::PermissionDenied(m) => write!(f, "permission denied: {m}"),
-            Error::Unauthenticated(m) => write!(f, "unauthenticated: {m}"),
-            Error::NotFound(m) => write!(f, "not found: {m}"),
-            Error::FailedPrecondition(m) => write!(f, "failed precondition: {m}"),
-            Error::ResourceExhausted(m) => write!(f, "resource exhausted: {m}"),
-            Error::Unavailable(d) => write!(f, "unavailable: {d}"),
-            Error::Internal(d) => write!(f, "internal error: {d}"),
-            Error::Config(d) => write!(f, "config: {d}"),
+            Error::InvalidArgument(m)
+            | Error::PermissionDenied(m)
+            | Error::Unauthenticated(m)
+            | Error::NotFound(m)
+            | Error::FailedPrecondition(m)
+            | Error::ResourceExhausted(m) => write!(f, "{words}: {m}"),
+            Error::Unavailable(d) | Error::Internal(d) | Error::Config(d) => {
+                write!(f, "{words}: {d}")
+            }
         }
     }
 }
@@ -247,6 +279,166 @@ impl Error {
     }
 }
 
+/// An error's class as every caller sees it: what each door maps to its
+/// own code (gRPC code, HTTP status, console status). `Config` is
+/// `Internal` here (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    NotFound,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    Internal,
+}
+
+impl Class {
+    /// Every class, for the doors' tests.
+    pub const ALL: [Class; 8] = [
+        Class::InvalidArgument,
+        Class::PermissionDenied,
+        Class::Unauthenticated,
+        Class::NotFound,
+        Class::FailedPrecondition,
+        Class::ResourceExhausted,
+        Class::Unavailable,
+        Class::Internal,
+    ];
+
+    /// The class in words, as `Display` and [`Caller::line`] write it.
+    pub fn words(self) -> &'static str {
+        match self {
+            Class::InvalidArgument => "invalid argument",
+            Class::PermissionDenied => "permission denied",
+            Class::Unauthenticated => "unauthenticated",
+            Class::NotFound => "not found",
+            Class::FailedPrecondition => "failed precondition",
+            Class::ResourceExhausted => "resource exhausted",
+            Class::Unavailable => "unavailable",
+            Class::Internal => "internal error",
+        }
+    }
+}
+
+/// What a caller may see of an error: its class and one text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub class: Class,
+    pub message: String,
+}
+
+impl Caller {
+    /// The text with the class's words in front, for a door whose code is
+    /// not words: `permission denied: identity may not lease role "x"`.
+    /// An internal error's text names its class already.
+    pub fn line(&self) -> String {
+        match self.class {
+            Class::Internal => self.message.clone(),
+            c => format!("{}: {}", c.words(), self.message),
+        }
+    }
+}
+
+/// An internal error's (and a `Config` error's) text for a caller.
+pub const INTERNAL_CALLER_TEXT: &str = "internal error; see the broker's log";
+
+/// What a caller learns of an `Unavailable`: the text before the first
+/// ": " (`database "orders" is unreachable`), which names the database
+/// but not its address, user or the server's words — those go to the log
+/// (and to `credbroker check`), where the operator reads them.
+fn unavailable_summary(m: &str) -> String {
+    match m.split_once(": ") {
+        Some((head, _)) => format!("{head} (details in the broker's log)"),
+        None => m.to_string(),
+    }
+}
+
+impl Error {
+    /// The class a caller sees (`Config` is `Internal`).
+    pub fn class(&self) -> Class {
+        match self {
+            Error::InvalidArgument(_) => Class::InvalidArgument,
+            Error::PermissionDenied(_) => Class::PermissionDenied,
+            Error::Unauthenticated(_) => Class::Unauthenticated,
+            Error::NotFound(_) => Class::NotFound,
+            Error::FailedPrecondition(_) => Class::FailedPrecondition,
+            Error::ResourceExhausted(_) => Class::ResourceExhausted,
+            Error::Unavailable(_) => Class::Unavailable,
+            Error::Internal(_) | Error::Config(_) => Class::Internal,
+        }
+    }
+
+    /// The text a caller may see, without the class (see the module doc's
+    /// table). Pure: it logs nothing; a door uses [`Error::for_caller`].
+    pub fn caller_message(&self) -> String {
+        match self {
+            Error::InvalidArgument(m)
+            | Error::PermissionDenied(m)
+            | Error::Unauthenticated(m)
+            | Error::NotFound(m)
+            | Error::FailedPrecondition(m)
+            | Error::ResourceExhausted(m) => m.clone(),
+            Error::Unavailable(d) => unavailable_summary(d),
+            Error::Internal(_) | Error::Config(_) => INTERNAL_CALLER_TEXT.to_string(),
+        }
+    }
+
+    /// The class and the caller text together; logs nothing (a bulk
+    /// revocation's failures are logged where they happen).
+    pub fn caller(&self) -> Caller {
+        Caller {
+            class: self.class(),
+            message: self.caller_message(),
+        }
+    }
+
+    /// What a caller may see, for a door to answer with. What the caller
+    /// does not see — an `Unavailable`'s detail, an `Internal`'s or
+    /// `Config`'s text, any source — is logged here with its whole chain.
+    pub fn for_caller(&self) -> Caller {
+        match self {
+            Error::Unavailable(d) => tracing::warn!(error = %d.chain(), "unavailable"),
+            Error::Internal(d) | Error::Config(d) => {
+                tracing::error!(class = self.kind(), error = %d.chain(), "internal error")
+            }
+            _ => {}
+        }
+        self.caller()
+    }
+}
+
+/// One error of every variant, holding a source and text a caller must not
+/// see, for the doors' tests: each asserts its mapping agrees with
+/// [`Error::for_caller`] on every one of these.
+#[cfg(test)]
+pub(crate) fn samples() -> Vec<Error> {
+    #[derive(Debug)]
+    struct Hidden;
+    impl fmt::Display for Hidden {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("SOURCE-TEXT at 10.0.0.1:5432")
+        }
+    }
+    impl std::error::Error for Hidden {}
+    vec![
+        Error::invalid("lease_id is required"),
+        Error::denied("identity may not lease role \"x\""),
+        Error::Unauthenticated("no client certificate".into()),
+        Error::NotFound("no lease lease-1".into()),
+        Error::FailedPrecondition("lease lease-1 has expired".into()),
+        Error::ResourceExhausted("identity has 25 live leases".into()),
+        Error::unavailable_from(
+            "database \"orders\" is unreachable: auth failed as admin@10.0.0.1",
+            Hidden,
+        ),
+        Error::unavailable("lease store is busy"),
+        Error::internal_from("lease store: insert at 10.0.0.1", Hidden),
+        Error::config_from("databases.orders: TLS to 10.0.0.1 failed", Hidden),
+    ]
+}
+
 /// An error and its sources for a log line: `Display` joins them with
 /// ": ", skipping a source whose text is already in what came before (the
 /// drivers' errors often repeat their cause), so the line says why once.
@@ -265,7 +457,7 @@ pub fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
 
 impl Detail {
     /// The message and its sources, without the class's name in front:
-    /// what `server::status` logs for an `Unavailable` or `Internal`.
+    /// what [`Error::for_caller`] logs for an `Unavailable` or `Internal`.
     pub fn chain(&self) -> Chain<'_> {
         Chain {
             head: self.message.clone(),
@@ -354,6 +546,77 @@ mod tests {
             chain(&Error::internal("x")).to_string(),
             "internal error: x"
         );
+    }
+
+    /// The rule, one row per sample: class, caller text, caller line. No
+    /// caller text holds a source's text or what follows an
+    /// `Unavailable`'s first ": ".
+    #[test]
+    fn every_class_has_one_caller_text() {
+        let internal = INTERNAL_CALLER_TEXT;
+        let table: [(Class, &str, &str); 10] = [
+            (
+                Class::InvalidArgument,
+                "lease_id is required",
+                "invalid argument: lease_id is required",
+            ),
+            (
+                Class::PermissionDenied,
+                "identity may not lease role \"x\"",
+                "permission denied: identity may not lease role \"x\"",
+            ),
+            (
+                Class::Unauthenticated,
+                "no client certificate",
+                "unauthenticated: no client certificate",
+            ),
+            (
+                Class::NotFound,
+                "no lease lease-1",
+                "not found: no lease lease-1",
+            ),
+            (
+                Class::FailedPrecondition,
+                "lease lease-1 has expired",
+                "failed precondition: lease lease-1 has expired",
+            ),
+            (
+                Class::ResourceExhausted,
+                "identity has 25 live leases",
+                "resource exhausted: identity has 25 live leases",
+            ),
+            (
+                Class::Unavailable,
+                "database \"orders\" is unreachable (details in the broker's log)",
+                "unavailable: database \"orders\" is unreachable (details in the broker's log)",
+            ),
+            (
+                Class::Unavailable,
+                "lease store is busy",
+                "unavailable: lease store is busy",
+            ),
+            (Class::Internal, internal, internal),
+            // Config is internal to a caller (see the module doc).
+            (Class::Internal, internal, internal),
+        ];
+        let samples = samples();
+        assert_eq!(samples.len(), table.len());
+        for (e, (class, message, line)) in samples.iter().zip(table) {
+            let c = e.for_caller();
+            assert_eq!(c.class, class, "{e}");
+            assert_eq!(e.class(), class, "{e}");
+            assert_eq!(c.message, message, "{e}");
+            assert_eq!(e.caller_message(), message, "{e}");
+            assert_eq!(c.line(), line, "{e}");
+            assert!(!c.message.contains("SOURCE-TEXT") && !c.message.contains("10.0.0.1"));
+            // A request class hides nothing: its line is its `Display`.
+            if !matches!(class, Class::Unavailable | Class::Internal) {
+                assert_eq!(e.to_string(), line);
+            }
+        }
+        for class in Class::ALL {
+            assert!(samples.iter().any(|e| e.class() == class), "{class:?}");
+        }
     }
 
     #[test]

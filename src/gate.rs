@@ -141,8 +141,9 @@ pub struct Ask<'a> {
     /// The TCP peer's address; None for a caller without one, which every
     /// network restriction refuses.
     pub peer: Option<IpAddr>,
-    /// The identity the certificate yields, or why it yields none.
-    pub identity: std::result::Result<&'a Identity, &'a str>,
+    /// The identity the certificate yields, or why it yields none
+    /// (`Unauthenticated`, as `Identity::from_cert_der` says it).
+    pub identity: std::result::Result<&'a Identity, &'a Error>,
     /// The audit action name.
     pub action: &'static str,
     pub target: Target<'a>,
@@ -180,8 +181,12 @@ pub async fn admit(broker: &Broker, ask: Ask<'_>) -> Result<Pass> {
     let who = match ask.identity {
         Ok(who) => who.clone(),
         Err(why) => {
-            let why = why.trim_start_matches("unauthenticated: ");
-            let err = Error::Unauthenticated(why.to_string());
+            // A certificate without identity is refused as unauthenticated,
+            // whatever its reader called it; the same words either way.
+            let err = match why {
+                Error::Unauthenticated(_) => why.clone(),
+                other => Error::Unauthenticated(other.caller_message()),
+            };
             return Err(crate::audit::in_via(Some(door.as_str()), || {
                 broker.refuse_unauthenticated(
                     ask.peer.map(|ip| std::net::SocketAddr::new(ip, 0)),

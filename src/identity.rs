@@ -138,7 +138,8 @@ impl Identity {
     /// (`spiffe://…`, `dns:…`, `cn:…`). A bare name is refused with a hint,
     /// because it could only ever select nothing.
     pub fn parse(text: &str) -> Result<Self> {
-        let invalid = |m: String| Error::InvalidArgument(format!("identity {}: {m}", quote(text)));
+        let invalid =
+            |m: NameError| Error::InvalidArgument(format!("identity {}: {m}", quote(text)));
         if has_spiffe_scheme(text) {
             return parse_spiffe_id(text).map_err(invalid);
         }
@@ -201,14 +202,50 @@ pub fn has_spiffe_scheme(uri: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case("spiffe:"))
 }
 
+/// Why a name cannot be an identity (a SPIFFE ID, trust domain, DNS SAN or
+/// CN): lowercase text without the name. Its class is the reader's — a
+/// certificate's makes it `Unauthenticated`, a typed one `InvalidArgument`
+/// (`Identity::parse`), a pattern's a `policy::PatternError` — each adding
+/// which name it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameError(String);
+
+impl std::fmt::Display for NameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NameError {}
+
+/// The text, for a reader that checks it (`e.contains(..)`).
+impl std::ops::Deref for NameError {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for NameError {
+    fn from(m: String) -> Self {
+        NameError(m)
+    }
+}
+
+impl From<&str> for NameError {
+    fn from(m: &str) -> Self {
+        NameError(m.to_string())
+    }
+}
+
 /// Checks a SPIFFE ID as the SPIFFE-ID and X.509-SVID specs define it:
 /// scheme exactly `spiffe`, a trust domain of `[a-z0-9._-]` with no
 /// userinfo or port, a non-empty path of segments of `[A-Za-z0-9._-]`
 /// (no empty, `.` or `..` segment, no trailing `/`), no query or fragment,
 /// at most 2048 bytes. The reason for a refusal is lowercase text.
-pub fn parse_spiffe_id(uri: &str) -> std::result::Result<Identity, String> {
+pub fn parse_spiffe_id(uri: &str) -> std::result::Result<Identity, NameError> {
     if uri.len() > MAX_SPIFFE_ID_LEN {
-        return Err(format!("longer than {MAX_SPIFFE_ID_LEN} bytes"));
+        return Err(format!("longer than {MAX_SPIFFE_ID_LEN} bytes").into());
     }
     let rest = uri
         .strip_prefix("spiffe://")
@@ -232,7 +269,7 @@ pub fn parse_spiffe_id(uri: &str) -> std::result::Result<Identity, String> {
 }
 
 /// A trust domain: the host part of the URI, `[a-z0-9._-]`, 1..=255 bytes.
-pub fn check_trust_domain(td: &str) -> std::result::Result<(), String> {
+pub fn check_trust_domain(td: &str) -> std::result::Result<(), NameError> {
     if td.is_empty() {
         return Err("the trust domain is empty".into());
     }
@@ -243,9 +280,7 @@ pub fn check_trust_domain(td: &str) -> std::result::Result<(), String> {
         return Err("a trust domain has no port".into());
     }
     if td.len() > MAX_TRUST_DOMAIN_LEN {
-        return Err(format!(
-            "the trust domain is longer than {MAX_TRUST_DOMAIN_LEN} bytes"
-        ));
+        return Err(format!("the trust domain is longer than {MAX_TRUST_DOMAIN_LEN} bytes").into());
     }
     if td.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err("the trust domain must be lowercase".into());
@@ -261,7 +296,7 @@ pub fn check_trust_domain(td: &str) -> std::result::Result<(), String> {
 
 /// A leaf SVID's path: non-empty (the X.509-SVID spec: "non-root"), each
 /// segment non-empty, not `.` or `..`, of `[A-Za-z0-9._-]`.
-fn check_spiffe_path(path: &str) -> std::result::Result<(), String> {
+fn check_spiffe_path(path: &str) -> std::result::Result<(), NameError> {
     if path.is_empty() || path == "/" {
         return Err("a workload's SPIFFE ID needs a path below the trust domain".into());
     }
@@ -290,12 +325,12 @@ fn check_spiffe_path(path: &str) -> std::result::Result<(), String> {
 /// A DNS SAN as an identity: lowercased, since DNS names are
 /// case-insensitive. Letters, digits, `.`, `-`, `_` and the `*` of a
 /// wildcard; no `/`, so policy can treat labels as segments.
-fn dns_identity(name: &str) -> std::result::Result<Identity, String> {
+fn dns_identity(name: &str) -> std::result::Result<Identity, NameError> {
     if name.is_empty() {
         return Err("empty".into());
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("longer than {MAX_NAME_LEN} bytes"));
+        return Err(format!("longer than {MAX_NAME_LEN} bytes").into());
     }
     if !name
         .bytes()
@@ -310,12 +345,12 @@ fn dns_identity(name: &str) -> std::result::Result<Identity, String> {
 }
 
 /// A subject CN as an identity, exactly as written (CNs are free text).
-fn cn_identity(cn: &str) -> std::result::Result<Identity, String> {
+fn cn_identity(cn: &str) -> std::result::Result<Identity, NameError> {
     if cn.is_empty() {
         return Err("empty".into());
     }
     if cn.len() > MAX_NAME_LEN {
-        return Err(format!("longer than {MAX_NAME_LEN} bytes"));
+        return Err(format!("longer than {MAX_NAME_LEN} bytes").into());
     }
     if cn.chars().any(char::is_control) {
         return Err("has control characters".into());

@@ -108,7 +108,9 @@ impl LockTarget {
     /// Rebuilds a target from its stored (kind, value) pair.
     pub fn from_parts(kind: &str, value: &str) -> Result<Self> {
         match kind {
-            "identity" => Ok(LockTarget::Identity(IdentityPattern::new(value)?)),
+            "identity" => Ok(LockTarget::Identity(
+                IdentityPattern::new(value).map_err(|e| e.config("stored lock"))?,
+            )),
             "role" => Ok(LockTarget::Role(value.to_string())),
             "static_role" => Ok(LockTarget::StaticRole(value.to_string())),
             "database" => Ok(LockTarget::Database(value.to_string())),

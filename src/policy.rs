@@ -5,10 +5,39 @@
 //! kind (invariant 8). A pattern without a kind is a config error: which
 //! kind it meant is the operator's call, not ours.
 
-use crate::error::{Error, Result};
+use crate::error::Error;
+
 use crate::identity::{
     check_trust_domain, has_spiffe_scheme, no_kind_hint, Identity, IdentityKind,
 };
+
+/// Why a pattern or network someone wrote cannot be read. Its class is
+/// the writer's: a config key makes it `Config` (`config::identity_pattern`),
+/// a lock request `InvalidArgument`, a stored lock `Config` again
+/// (`lock::LockTarget::from_parts`) — through the two helpers below, so
+/// no reader strips a class off an error's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternError(String);
+
+impl std::fmt::Display for PatternError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PatternError {}
+
+impl PatternError {
+    /// A request's error: the caller wrote it (a lock's target).
+    pub fn invalid(self) -> Error {
+        Error::InvalidArgument(self.0)
+    }
+
+    /// A configuration error under `key` (a config key, a stored row).
+    pub fn config(self, key: &str) -> Error {
+        Error::config_from(format!("{key}: {self}"), self)
+    }
+}
 
 /// A glob over the identities of one kind. `*` matches within one segment,
 /// `**` crosses segments, so `spiffe://example.org/ns/shop/*` grants the
@@ -30,10 +59,10 @@ pub struct IdentityPattern {
 }
 
 impl IdentityPattern {
-    pub fn new(pattern: &str) -> Result<Self> {
-        let err = |m: &str| Error::config(format!("identity pattern {pattern:?} {m}"));
+    pub fn new(pattern: &str) -> Result<Self, PatternError> {
+        let err = |m: &str| PatternError(format!("identity pattern {pattern:?} {m}"));
         if pattern.is_empty() {
-            return Err(Error::config("empty identity pattern"));
+            return Err(PatternError("empty identity pattern".into()));
         }
         let (kind, trust_domain, glob) = if has_spiffe_scheme(pattern) {
             let rest = pattern.strip_prefix("spiffe://").ok_or_else(|| {
@@ -151,8 +180,8 @@ pub struct Network {
 }
 
 impl Network {
-    pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| Error::config(format!("network {s:?}: {why}"));
+    pub fn parse(s: &str) -> Result<Self, PatternError> {
+        let bad = |why: &str| PatternError(format!("network {s:?}: {why}"));
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
@@ -322,6 +351,32 @@ mod tests {
             let err = IdentityPattern::new(p).unwrap_err().to_string();
             assert!(err.contains(why), "{p}: {err}");
         }
+    }
+
+    /// A bad pattern is the writer's error: `Config` under a config key,
+    /// `InvalidArgument` as a request — the same words, no class to strip.
+    #[test]
+    fn a_bad_pattern_is_classed_by_whoever_wrote_it() {
+        let e = IdentityPattern::new("bare").unwrap_err();
+        let request = e.clone().invalid();
+        assert!(matches!(&request, Error::InvalidArgument(m) if m == &e.to_string()));
+        assert!(request
+            .caller_message()
+            .starts_with("identity pattern \"bare\" has no kind"));
+        let config = e.config("admins");
+        assert!(matches!(&config, Error::Config(_)), "{config}");
+        assert!(
+            config
+                .to_string()
+                .starts_with("config: admins: identity pattern \"bare\""),
+            "{config}"
+        );
+        let n = Network::parse("10.1.2.3/8").unwrap_err();
+        assert!(!n.to_string().starts_with("config"), "{n}");
+        assert!(n
+            .config("roles.x.allowed_networks")
+            .to_string()
+            .contains("host bits"));
     }
 
     #[test]

@@ -35,11 +35,12 @@ use crate::store::{FailureRecord, LeaseStore};
 /// Identity recorded in the audit log for the reaper's own actions.
 pub const REAPER_IDENTITY: &str = "credbroker:reaper";
 
-/// The outcome of a (bulk) revocation.
+/// The outcome of a (bulk) revocation. A failure is the typed error, so
+/// each door shows its caller text (`Error::for_caller`), not its detail.
 #[derive(Debug, Default)]
 pub struct BulkOutcome {
     pub revoked: Vec<LeaseId>,
-    pub failed: Vec<(LeaseId, String)>,
+    pub failed: Vec<(LeaseId, Error)>,
 }
 
 /// Whether a failed drop may still end the lease's bookkeeping.
@@ -60,6 +61,10 @@ pub(crate) const UNREACHABLE_RETRY_CAP: Duration = Duration::from_secs(2);
 /// lease over: it records and audits the revocation, not us.
 const CLAIM_LOST: &str =
     "claim taken over by another broker replica, which completes the revocation";
+
+fn claim_lost() -> Error {
+    Error::FailedPrecondition(CLAIM_LOST.into())
+}
 
 /// Exponential backoff with full jitter: 1 s, 2 s, 4 s … capped.
 pub fn backoff(attempt: u32, max: Duration) -> Duration {
@@ -82,10 +87,7 @@ struct Job {
 struct Lanes(std::sync::Mutex<std::collections::HashMap<String, Arc<Lane>>>);
 
 /// A queued job and where its outcome goes.
-type Waiter = (
-    Job,
-    tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
-);
+type Waiter = (Job, tokio::sync::oneshot::Sender<Result<()>>);
 
 struct Lane {
     queue: std::sync::Mutex<Vec<Waiter>>,
@@ -237,11 +239,7 @@ impl Revoker {
     /// under load a round costs the database a few statements for many
     /// roles instead of a few per role. Each round runs in a task of its
     /// own, so a caller that goes away cannot cancel the others'.
-    pub async fn revoke_requested(
-        self: &Arc<Self>,
-        lease: Lease,
-        actor: &str,
-    ) -> std::result::Result<(), String> {
+    pub async fn revoke_requested(self: &Arc<Self>, lease: Lease, actor: &str) -> Result<()> {
         let lane = self.lanes.get(&lease.database);
         let id = lease.id.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -279,9 +277,9 @@ impl Revoker {
         steps::timed("database: revoke in a shared round (waiting included)", rx)
             .await
             .unwrap_or_else(|_| {
-                Err(format!(
+                Err(Error::unavailable(format!(
                     "the revocation round of lease {id} was interrupted; the reaper retries it"
-                ))
+                )))
             })
     }
 
@@ -366,7 +364,7 @@ impl Revoker {
                 // and marks them then.
                 tracing::error!(error = %crate::error::chain(&e), "cannot mark leases revoked");
                 for j in jobs {
-                    out.failed.push((j.lease.id.clone(), format!("store: {e}")));
+                    out.failed.push((j.lease.id.clone(), e.clone()));
                 }
                 return;
             }
@@ -385,7 +383,7 @@ impl Revoker {
                     .publish(crate::watch::LeaseEvent::revoked(l, actor, reason));
                 out.revoked.push(l.id.clone());
             } else {
-                out.failed.push((l.id.clone(), CLAIM_LOST.into()));
+                out.failed.push((l.id.clone(), claim_lost()));
             }
         }
     }
@@ -422,7 +420,7 @@ impl Revoker {
             .mark_revoked(std::slice::from_ref(&lease.id), self.clock.now())
             .await
         {
-            out.failed.push((lease.id.clone(), format!("store: {e}")));
+            out.failed.push((lease.id.clone(), e));
             return;
         }
         self.audit_revocation(
@@ -483,7 +481,7 @@ impl Revoker {
         {
             self.audit_revocation(l, actor, *via, reason, Err(&msg));
             self.metrics().revocation_failed(&l.database);
-            out.failed.push((l.id.clone(), msg.clone()));
+            out.failed.push((l.id.clone(), error.clone()));
         }
     }
 
@@ -751,7 +749,10 @@ mod tests {
             .await;
         assert!(out.revoked.is_empty());
         assert!(
-            out.failed[0].1.contains("forced revoke refused"),
+            out.failed[0]
+                .1
+                .to_string()
+                .contains("forced revoke refused"),
             "{:?}",
             out.failed
         );
@@ -777,7 +778,11 @@ mod tests {
             .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
             .await;
         assert!(out.revoked.is_empty());
-        assert_eq!(out.failed[0].1, CLAIM_LOST);
+        assert!(
+            matches!(&out.failed[0].1, Error::FailedPrecondition(m) if m == CLAIM_LOST),
+            "{:?}",
+            out.failed
+        );
         assert_ne!(state(&kit, &leases[0].id).await.state, LeaseState::Revoked);
         assert!(!kit.audit().iter().any(|r| r.action == "reap"));
     }
@@ -794,7 +799,10 @@ mod tests {
             .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
             .await;
         assert!(out.revoked.is_empty());
-        assert!(out.failed[0].1.starts_with("store:"));
+        let e = &out.failed[0].1;
+        // The store's own error, which names the store to every caller.
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(e.caller_message().starts_with("lease store"), "{e}");
         // Invariant 2: still live, so the next pass finds the user gone and
         // marks it then.
         assert_ne!(state(&kit, &leases[0].id).await.state, LeaseState::Revoked);

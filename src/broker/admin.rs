@@ -49,7 +49,9 @@ impl Broker {
                         revoked: vec![],
                         failed: vec![(
                             id.clone(),
-                            "being revoked by another task right now".into(),
+                            Error::FailedPrecondition(
+                                "being revoked by another task right now".into(),
+                            ),
                         )],
                     },
                 });
@@ -101,7 +103,7 @@ impl Broker {
                 Some(l) => claimed.push(l),
                 None => total.failed.push((
                     lease.id.clone(),
-                    "being revoked by another task right now".into(),
+                    Error::FailedPrecondition("being revoked by another task right now".into()),
                 )),
             }
         }

@@ -68,8 +68,7 @@ impl FilterForm {
         }
         let identity = nonempty(&self.identity)
             .map(|i| Identity::parse(&i).map(|i| i.as_str().to_string()))
-            .transpose()
-            .map_err(|e| Error::invalid(plain(&e)))?;
+            .transpose()?;
         let states = match nonempty(&self.state) {
             None => vec![],
             Some(s) => vec![LeaseState::parse(&s).map_err(|_| {
@@ -168,13 +167,10 @@ fn nonempty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-/// An error's message without its kind prefix (`invalid argument: `).
+/// An error's caller text without its class's words, for a form's own
+/// message line (the same text `page::caller_text` shows after them).
 fn plain(e: &Error) -> String {
-    let text = e.to_string();
-    match text.split_once(": ") {
-        Some((_, rest)) => rest.to_string(),
-        None => text,
-    }
+    e.for_caller().message
 }
 
 pub struct Row {
@@ -434,7 +430,7 @@ fn outcome(viewer: &Viewer, out: Result<BulkOutcome>, back: &str) -> Response {
                     out.failed
                         .iter()
                         .take(20)
-                        .map(|(id, e)| format!("{id}: {e}")),
+                        .map(|(id, e)| format!("{id}: {}", e.caller().line())),
                 );
             }
             let status = if out.failed.is_empty() {

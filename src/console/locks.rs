@@ -116,7 +116,7 @@ fn target(form: &LockForm) -> Result<LockTarget> {
     match form.kind.as_str() {
         "identity" => IdentityPattern::new(value)
             .map(LockTarget::Identity)
-            .map_err(|e| Error::invalid(e.to_string().trim_start_matches("config: ").to_string())),
+            .map_err(|e| e.invalid()),
         "role" => Ok(LockTarget::Role(value.to_string())),
         "static_role" => Ok(LockTarget::StaticRole(value.to_string())),
         "database" => Ok(LockTarget::Database(value.to_string())),

@@ -143,7 +143,7 @@ async fn admit(
     let ask = Ask {
         door: Door::Console,
         peer: Some(peer.addr.ip()),
-        identity: peer.identity.as_ref().map_err(String::as_str),
+        identity: peer.identity.as_ref(),
         action,
         target: Target::Admin,
     };

@@ -6,7 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::console::Viewer;
-use crate::error::Error;
+use crate::error::{Class, Error};
 
 /// The frame's fields: the page title, which tab is lit, who is looking.
 pub struct Head {
@@ -86,28 +86,31 @@ pub fn refused(status: StatusCode, err: &Error) -> Response {
     )
 }
 
-/// What a caller is told about an error: the broker's own message, except
-/// for internal errors, whose detail is logged and not shown.
+/// What a caller is told about an error: the one caller text
+/// (`Error::for_caller`, which logs what it withholds), with the class's
+/// words in front as an HTML page has no code to carry them — the same
+/// text the Vault API sends.
 pub fn caller_text(err: &Error) -> String {
-    match err {
-        Error::Internal(_) => {
-            tracing::error!(error = %crate::error::chain(err), "console request failed");
-            "internal error (details are in the broker's log)".into()
-        }
-        other => other.to_string(),
-    }
+    err.for_caller().line()
 }
 
-/// The status a failed admin call answers with.
+/// The status a failed admin call answers with: the error's class, mapped.
 pub fn status_of(err: &Error) -> StatusCode {
-    match err {
-        Error::InvalidArgument(_) | Error::Config(_) => StatusCode::BAD_REQUEST,
-        Error::PermissionDenied(_) | Error::Unauthenticated(_) => StatusCode::FORBIDDEN,
-        Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::FailedPrecondition(_) => StatusCode::CONFLICT,
-        Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    status(err.class())
+}
+
+/// Each class's HTTP status on the console. A state conflict is 409 here
+/// (a form is re-posted against a changed lease), where the Vault API keeps
+/// Vault's 400.
+pub fn status(class: Class) -> StatusCode {
+    match class {
+        Class::InvalidArgument => StatusCode::BAD_REQUEST,
+        Class::PermissionDenied | Class::Unauthenticated => StatusCode::FORBIDDEN,
+        Class::NotFound => StatusCode::NOT_FOUND,
+        Class::FailedPrecondition => StatusCode::CONFLICT,
+        Class::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -129,4 +132,27 @@ pub fn outcome(
             ok: status.is_success(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The console agrees with the rule on every class: the status is the
+    /// class's, the text the caller line — so a `Config` error is a 500
+    /// with no detail and an `Unavailable` is cut as on the other doors.
+    #[test]
+    fn every_class_maps_by_the_rule() {
+        for e in crate::error::samples() {
+            let caller = e.for_caller();
+            assert_eq!(status_of(&e), status(caller.class), "{e}");
+            assert_eq!(caller_text(&e), caller.line(), "{e}");
+            assert!(!caller_text(&e).contains("SOURCE-TEXT"), "{e}");
+            assert!(!caller_text(&e).contains("10.0.0.1"), "{e}");
+        }
+        assert_eq!(
+            status_of(&Error::config("x")),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 }

@@ -22,7 +22,8 @@ pub enum Reach {
         took: Duration,
         warnings: Vec<String>,
     },
-    /// The error (already free of secrets) or the timeout.
+    /// The error's caller line (`Error::for_caller`, which logs the rest)
+    /// or the timeout.
     Down(String),
 }
 
@@ -46,7 +47,7 @@ impl Probes {
                 took: start.elapsed(),
                 warnings,
             },
-            Ok(Err(e)) => Reach::Down(e.to_string()),
+            Ok(Err(e)) => Reach::Down(e.for_caller().line()),
             Err(_) => Reach::Down(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
         };
         self.lock().insert(name, (Instant::now(), r.clone()));

@@ -21,7 +21,9 @@ const CERT: [u8; 32] = [9; 32];
 fn peer(identity: std::result::Result<&str, &str>) -> Peer {
     Peer {
         addr: "127.0.0.1:5555".parse().unwrap(),
-        identity: identity.map(Identity::from_trusted).map_err(str::to_string),
+        identity: identity
+            .map(Identity::from_trusted)
+            .map_err(|why| crate::error::Error::Unauthenticated(why.into())),
         cert_sha256: CERT,
     }
 }

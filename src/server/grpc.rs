@@ -15,7 +15,7 @@ use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, LockTarget};
 use crate::pb;
 use crate::policy::IdentityPattern;
-use crate::server::status::to_status;
+use crate::server::status::{revoke_failures, to_status};
 use crate::store::LeaseFilter;
 
 /// Longest TTL a request may name, before any role's limit applies:
@@ -35,16 +35,15 @@ async fn gate<T>(
 ) -> Result<Pass, Status> {
     let leaf = req.peer_certs().and_then(|certs| certs.first().cloned());
     let identity = match leaf {
-        Some(leaf) => Identity::from_cert_der(leaf.as_ref()).map_err(|e| match e {
-            Error::Unauthenticated(m) => m,
-            other => other.to_string(),
-        }),
-        None => Err("a client certificate is required".to_string()),
+        Some(leaf) => Identity::from_cert_der(leaf.as_ref()),
+        None => Err(Error::Unauthenticated(
+            "a client certificate is required".into(),
+        )),
     };
     let ask = Ask {
         door,
         peer: peer_ip(req),
-        identity: identity.as_ref().map_err(String::as_str),
+        identity: identity.as_ref(),
         action,
         target,
     };
@@ -112,16 +111,6 @@ fn optional_seconds(field: &str, seconds: i64) -> Result<Option<Duration>, Statu
         ))),
         s => Ok(Some(Duration::from_secs(s as u64))),
     }
-}
-
-fn revoke_failures(failed: Vec<(LeaseId, String)>) -> Vec<pb::RevokeFailure> {
-    failed
-        .into_iter()
-        .map(|(id, error)| pb::RevokeFailure {
-            lease_id: id.to_string(),
-            error,
-        })
-        .collect()
 }
 
 fn lease_id(s: &str) -> Result<LeaseId, Status> {
@@ -509,9 +498,7 @@ fn lock_target(t: Option<pb::lock_request::Target>) -> Result<LockTarget, Status
     Ok(match t {
         Some(T::Identity(v)) => {
             let v = nonempty("identity", v)?;
-            LockTarget::Identity(IdentityPattern::new(&v).map_err(|e| {
-                Status::invalid_argument(e.to_string().trim_start_matches("config: ").to_string())
-            })?)
+            LockTarget::Identity(IdentityPattern::new(&v).map_err(|e| to_status(e.invalid()))?)
         }
         Some(T::Role(v)) => LockTarget::Role(nonempty("role", v)?),
         Some(T::StaticRole(v)) => LockTarget::StaticRole(nonempty("static_role", v)?),

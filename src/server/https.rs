@@ -44,7 +44,7 @@ pub struct Peer {
     /// The identity, or why the certificate gives none (two SPIFFE IDs, a
     /// malformed one…). Handlers refuse and audit the latter through
     /// `Broker::refuse_unauthenticated`, as the gRPC layer does.
-    pub identity: std::result::Result<Identity, String>,
+    pub identity: std::result::Result<Identity, crate::error::Error>,
     /// SHA-256 of the leaf certificate's DER: what binds a token or a CSRF
     /// token to one certificate, not merely to one identity.
     pub cert_sha256: [u8; 32],

@@ -294,7 +294,10 @@ impl ListenerOptions {
 /// The key a connection's identity is counted under: the identity, or for a
 /// certificate that names none, the certificate itself (its handlers refuse
 /// it, but it still holds a connection).
-pub fn identity_key(identity: &Result<Identity, String>, cert_sha256: &[u8; 32]) -> String {
+pub fn identity_key(
+    identity: &Result<Identity, crate::error::Error>,
+    cert_sha256: &[u8; 32],
+) -> String {
     match identity {
         Ok(id) => id.as_str().to_string(),
         Err(_) => format!("certificate:{}", hex::encode(cert_sha256)),
@@ -306,7 +309,7 @@ pub fn identity_key(identity: &Result<Identity, String>, cert_sha256: &[u8; 32])
 pub struct Admitted<S> {
     pub io: S,
     /// The identity of the leaf certificate, or why it names none.
-    pub identity: Result<Identity, String>,
+    pub identity: Result<Identity, crate::error::Error>,
     /// SHA-256 of the leaf certificate's DER.
     pub cert_sha256: [u8; 32],
     _held: Held,
@@ -315,7 +318,7 @@ pub struct Admitted<S> {
 impl<S> Admitted<S> {
     pub fn new(
         io: S,
-        identity: Result<Identity, String>,
+        identity: Result<Identity, crate::error::Error>,
         cert_sha256: [u8; 32],
         held: Held,
     ) -> Self {
@@ -506,7 +509,9 @@ mod tests {
 
     #[test]
     fn a_certificate_without_identity_is_counted_by_its_fingerprint() {
-        let none: Result<Identity, String> = Err("two SPIFFE IDs".into());
+        let none: Result<Identity, crate::error::Error> = Err(
+            crate::error::Error::Unauthenticated("two SPIFFE IDs".into()),
+        );
         assert_eq!(
             identity_key(&none, &[0xab; 32]),
             format!("certificate:{}", "ab".repeat(32))

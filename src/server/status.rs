@@ -1,86 +1,108 @@
-//! The one place where a library `Error` becomes a gRPC `Status`.
-//! Internal details are logged here and replaced by a generic message.
+//! The one place where a library `Error` becomes a gRPC `Status`: the
+//! error's [`Class`] picks the code, [`Error::for_caller`] the text (and
+//! logs what it withholds), the same text every door shows.
 
 use tonic::{Code, Status};
 
-use crate::error::Error;
+use crate::error::{Class, Error};
+use crate::lease::LeaseId;
+use crate::pb;
 
 pub fn to_status(err: Error) -> Status {
-    match err {
-        Error::InvalidArgument(m) => Status::invalid_argument(m),
-        Error::PermissionDenied(m) => Status::permission_denied(m),
-        Error::Unauthenticated(m) => Status::unauthenticated(m),
-        Error::NotFound(m) => Status::not_found(m),
-        Error::FailedPrecondition(m) => Status::failed_precondition(m),
-        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-        // The log gets the message and its sources (`error::chain`); the
-        // caller only the message's head, or nothing of it.
-        Error::Unavailable(ref m) => {
-            tracing::warn!(error = %m.chain(), "unavailable");
-            Status::unavailable(public_summary(m))
-        }
-        Error::Internal(ref m) | Error::Config(ref m) => {
-            tracing::error!(error = %m.chain(), "internal error");
-            Status::new(Code::Internal, "internal error; see the broker's log")
-        }
+    let caller = err.for_caller();
+    Status::new(code(caller.class), caller.message)
+}
+
+/// Each class's gRPC code.
+pub fn code(class: Class) -> Code {
+    match class {
+        Class::InvalidArgument => Code::InvalidArgument,
+        Class::PermissionDenied => Code::PermissionDenied,
+        Class::Unauthenticated => Code::Unauthenticated,
+        Class::NotFound => Code::NotFound,
+        Class::FailedPrecondition => Code::FailedPrecondition,
+        Class::ResourceExhausted => Code::ResourceExhausted,
+        Class::Unavailable => Code::Unavailable,
+        Class::Internal => Code::Internal,
     }
 }
 
-/// What a caller learns of an `Unavailable`: the text before the first
-/// ": " (`database "orders" is unreachable`), which names the database
-/// but not its address, user or the server's words — those go to the log
-/// (and to `credbroker check`), where the operator reads them.
-pub(crate) fn public_summary(m: &str) -> String {
-    match m.split_once(": ") {
-        Some((head, _)) => format!("{head} (details in the broker's log)"),
-        None => m.to_string(),
-    }
+/// A bulk revocation's failures for the reply: each one's caller text with
+/// its class's words in front (the reply has no code per lease; its detail
+/// was logged where it failed).
+pub fn revoke_failures(failed: Vec<(LeaseId, Error)>) -> Vec<pb::RevokeFailure> {
+    failed
+        .into_iter()
+        .map(|(id, error)| pb::RevokeFailure {
+            lease_id: id.to_string(),
+            error: error.caller().line(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{public_summary, to_status};
-    use crate::error::Error;
+    use super::{code, revoke_failures, to_status};
+    use crate::error::{samples, Class, Error};
 
-    #[derive(Debug)]
-    struct Secretish;
-    impl std::fmt::Display for Secretish {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("SOURCE-TEXT at 10.0.0.1:5432")
+    /// gRPC agrees with the rule on every class: the code is the class's,
+    /// the message is the caller text, nothing more.
+    #[test]
+    fn every_class_maps_by_the_rule() {
+        for e in samples() {
+            let caller = e.for_caller();
+            let s = to_status(e.clone());
+            assert_eq!(s.code(), code(caller.class), "{e}");
+            assert_eq!(s.message(), caller.message, "{e}");
+            assert!(!format!("{s:?}").contains("SOURCE-TEXT"), "{e}");
         }
+        // Distinct codes: the mapping loses no class.
+        let codes: std::collections::HashSet<_> = Class::ALL.iter().map(|c| code(*c)).collect();
+        assert_eq!(codes.len(), Class::ALL.len());
     }
-    impl std::error::Error for Secretish {}
 
     /// A caller sees neither an `Internal`'s message nor its source, and of
     /// an `Unavailable` only the message's head.
     #[test]
     fn a_status_never_carries_the_source() {
-        let s = to_status(Error::internal_from("lease store: insert", Secretish));
+        let s = to_status(Error::internal("lease store: insert"));
         assert_eq!(s.code(), tonic::Code::Internal);
         assert_eq!(s.message(), "internal error; see the broker's log");
-        let s = to_status(Error::unavailable_from(
-            "database \"orders\" is unreachable: connection refused",
-            Secretish,
+        let s = to_status(Error::unavailable(
+            "database \"orders\" is unreachable: authentication failed as a@10.0.0.1:5432/o: \
+             password authentication failed for user \"a\" (SQLSTATE 28P01)",
         ));
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert_eq!(
             s.message(),
             "database \"orders\" is unreachable (details in the broker's log)"
         );
-        let s = to_status(Error::unavailable_from("lease store is busy", Secretish));
+        let s = to_status(Error::unavailable("lease store is busy"));
         assert_eq!(s.message(), "lease store is busy");
-        assert!(!format!("{s:?}").contains("SOURCE-TEXT"));
+        let s = to_status(Error::config("databases.orders: MySQL 5.6 is too old"));
+        assert_eq!(s.code(), tonic::Code::Internal);
+        assert_eq!(s.message(), "internal error; see the broker's log");
     }
 
+    /// A revoke failure says what every door says of its error: the
+    /// caller line, never the detail (it carried the full text before).
     #[test]
-    fn unavailable_keeps_the_database_and_drops_the_detail() {
-        let m = "database \"orders\" is unreachable: authentication failed as a@10.0.0.1:5432/o: \
-                 password authentication failed for user \"a\" (SQLSTATE 28P01)";
-        let s = public_summary(m);
-        assert_eq!(
-            s,
-            "database \"orders\" is unreachable (details in the broker's log)"
-        );
-        assert_eq!(public_summary("lease store is busy"), "lease store is busy");
+    fn revoke_failures_carry_the_caller_line() {
+        let samples = samples();
+        let failed = samples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    crate::lease::LeaseId::from_store(format!("lease-{i}")),
+                    e.clone(),
+                )
+            })
+            .collect();
+        let out = revoke_failures(failed);
+        for (f, e) in out.iter().zip(&samples) {
+            assert_eq!(f.error, e.caller().line(), "{e}");
+            assert!(!f.error.contains("10.0.0.1"), "{}", f.error);
+        }
     }
 }

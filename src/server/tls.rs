@@ -392,7 +392,7 @@ pub fn incoming(
 /// without identity.
 fn leaf_identity(
     stream: &TlsStream<TcpStream>,
-) -> (std::result::Result<Identity, String>, [u8; 32]) {
+) -> (std::result::Result<Identity, crate::error::Error>, [u8; 32]) {
     use sha2::{Digest, Sha256};
     match stream
         .get_ref()
@@ -401,10 +401,15 @@ fn leaf_identity(
         .and_then(|c| c.first())
     {
         Some(leaf) => (
-            Identity::from_cert_der(leaf.as_ref()).map_err(|e| e.to_string()),
+            Identity::from_cert_der(leaf.as_ref()),
             Sha256::digest(leaf.as_ref()).into(),
         ),
-        None => (Err("a client certificate is required".into()), [0; 32]),
+        None => (
+            Err(crate::error::Error::Unauthenticated(
+                "a client certificate is required".into(),
+            )),
+            [0; 32],
+        ),
     }
 }
 

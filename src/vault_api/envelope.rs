@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::error::Error;
+use crate::error::{Class, Error};
 
 /// The envelope of every Vault response with a body. Fields Vault sends
 /// as `null` are `None` here, never left out: some clients (vaultrs)
@@ -114,33 +114,28 @@ impl VaultError {
     }
 }
 
-/// The one mapping of credbroker's error kinds to Vault's codes. Vault
-/// answers 403 for every token or permission problem, so both
-/// `Unauthenticated` and `PermissionDenied` are 403; internal details are
-/// logged here and replaced, as the gRPC layer does.
+/// The one mapping of credbroker's error classes to Vault's codes: the
+/// class picks the status, [`Error::for_caller`] the text (the same every
+/// door shows), written as [`Caller::line`](crate::error::Caller::line) — the class's words in front,
+/// as Vault's clients print and match them (`permission denied: …`).
+/// Vault answers 403 for every token or permission problem, so both
+/// `Unauthenticated` and `PermissionDenied` are 403.
 impl From<Error> for VaultError {
     fn from(err: Error) -> Self {
-        let status = match &err {
-            Error::InvalidArgument(_) | Error::FailedPrecondition(_) => StatusCode::BAD_REQUEST,
-            Error::PermissionDenied(_) | Error::Unauthenticated(_) => StatusCode::FORBIDDEN,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::Unavailable(m) => {
-                tracing::warn!(error = %m.chain(), "unavailable");
-                return VaultError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("unavailable: {}", crate::server::status::public_summary(m)),
-                );
-            }
-            Error::Internal(m) | Error::Config(m) => {
-                tracing::error!(error = %m.chain(), "internal error");
-                return VaultError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error; see the broker's log",
-                );
-            }
-        };
-        VaultError::new(status, err.to_string())
+        let caller = err.for_caller();
+        VaultError::new(status(caller.class), caller.line())
+    }
+}
+
+/// Each class's HTTP status on the Vault API.
+pub fn status(class: Class) -> StatusCode {
+    match class {
+        Class::InvalidArgument | Class::FailedPrecondition => StatusCode::BAD_REQUEST,
+        Class::PermissionDenied | Class::Unauthenticated => StatusCode::FORBIDDEN,
+        Class::NotFound => StatusCode::NOT_FOUND,
+        Class::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Class::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -240,6 +235,7 @@ mod tests {
         assert_eq!(code(Error::ResourceExhausted("x".into())), 429);
         assert_eq!(code(Error::unavailable("x")), 503);
         assert_eq!(code(Error::internal("x")), 500);
+        assert_eq!(code(Error::config("x")), 500);
         let e = VaultError::from(Error::internal("password=hunter2 at 10.0.0.1"));
         assert!(!e.message.contains("hunter2"), "{}", e.message);
         let e = VaultError::from(Error::unavailable(
@@ -252,6 +248,20 @@ mod tests {
         );
         let e = VaultError::from(Error::denied("identity may not lease role \"x\""));
         assert!(e.message.starts_with("permission denied"), "{}", e.message);
+    }
+
+    /// The Vault API agrees with the rule on every class: the status is the
+    /// class's, the text the caller line.
+    #[test]
+    fn every_class_maps_by_the_rule() {
+        for e in crate::error::samples() {
+            let caller = e.for_caller();
+            let v = VaultError::from(e.clone());
+            assert_eq!(v.status, status(caller.class), "{e}");
+            assert_eq!(v.message, caller.line(), "{e}");
+            assert!(v.message.ends_with(&caller.message), "{e}");
+            assert!(!v.message.contains("SOURCE-TEXT"), "{e}");
+        }
     }
 
     #[test]

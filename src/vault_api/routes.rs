@@ -301,7 +301,7 @@ async fn login(req: &Request<'_>) -> Reply {
     let ask = Ask {
         door: Door::VaultApi,
         peer: Some(req.peer.addr.ip()),
-        identity: req.peer.identity.as_ref().map_err(String::as_str),
+        identity: req.peer.identity.as_ref(),
         action: token::LOGIN,
         target: Target::Own(Use::Obtain),
     };

@@ -80,9 +80,9 @@ pub struct Session {
 /// The caller's identity from its certificate; a certificate that yields
 /// none is refused and audited as the gRPC layer does.
 pub fn identity(broker: &Broker, peer: &Peer, action: &'static str) -> Result<Identity> {
-    peer.identity.clone().map_err(|reason| {
-        broker.refuse_unauthenticated(Some(peer.addr), action, Error::Unauthenticated(reason))
-    })
+    peer.identity
+        .clone()
+        .map_err(|why| broker.refuse_unauthenticated(Some(peer.addr), action, why))
 }
 
 /// The token a request carries: `X-Vault-Token`, or `Authorization:

@@ -733,6 +733,17 @@ async fn vault_certificate_without_identity_gets_no_token_and_is_audited() {
     let (class, errors) = err(&hvac(&b, &two, "login", &[]).await);
     assert_eq!(class, "Forbidden", "{errors}");
     assert!(errors.contains("unauthenticated"), "{errors}");
+    // Said once, at login and on a token request alike: the reason travels
+    // typed, not as a text with its class that a reader wraps again.
+    let token = login_token(&b, &Cert::dev(&b, "app")).await;
+    let (_, with_token) = err(&hvac(&b, &two, "creds", &[&token, "ro"]).await);
+    for said in [&errors, &with_token] {
+        assert!(
+            said.contains("unauthenticated: client certificate has 2 SPIFFE URI SANs")
+                && !said.contains("unauthenticated: unauthenticated"),
+            "{said}"
+        );
+    }
     let audited = b.audit_records().into_iter().any(|r| {
         r.identity == "unauthenticated:127.0.0.1"
             && r.action == "vault_login"
