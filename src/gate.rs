@@ -248,18 +248,7 @@ async fn decide(broker: &Broker, ask: &Ask<'_>, who: &Identity, event: &mut Even
         _ => None,
     };
     if let Some(role) = role_of_request {
-        if !network_allowed(&role.allowed_networks, ask.peer) {
-            return Err(Error::denied(match ask.peer {
-                Some(p) => format!(
-                    "caller address {p} is outside the allowed networks of role {:?}",
-                    role.name
-                ),
-                None => format!(
-                    "caller address unknown; role {:?} allows only some networks",
-                    role.name
-                ),
-            }));
-        }
+        crate::broker::check_network(role, ask.peer)?;
     }
 
     // 3. Locks: on what the request would obtain.

@@ -310,7 +310,7 @@ fn account_host(role: &RoleConfig, peer: Option<IpAddr>) -> Result<String> {
 
 /// The role's `allowed_networks` against the caller's address; the
 /// refusal names the address, so the audit record has it.
-pub(super) fn check_network(role: &RoleConfig, peer: Option<IpAddr>) -> Result<()> {
+pub(crate) fn check_network(role: &RoleConfig, peer: Option<IpAddr>) -> Result<()> {
     if crate::policy::network_allowed(&role.allowed_networks, peer) {
         return Ok(());
     }

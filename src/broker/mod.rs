@@ -35,8 +35,8 @@ use crate::static_roles::{Rotator, Sealer};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 use crate::watch::{Scope, WatchHub};
 
-pub(crate) use issue::lookup_role;
 pub use issue::CALLER_HOST;
+pub(crate) use issue::{check_network, lookup_role};
 pub(crate) use static_roles::lookup_static;
 
 /// Longest role name a request may carry; config keys are shorter.

@@ -50,12 +50,6 @@ async fn try_issue(
     .map(|r| r.into_inner())
 }
 
-fn dev_ca(b: &TestBroker) -> DevCa {
-    let cert = std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap();
-    let key = std::fs::read_to_string(b.env.pki.join("ca-key.pem")).unwrap();
-    DevCa::load(&cert, &key).unwrap()
-}
-
 /// A refused handshake surfaces as a transport error on the client.
 fn assert_refused(err: &tonic::Status, what: &str) {
     assert!(
@@ -149,14 +143,6 @@ async fn identity_falls_back_from_spiffe_to_dns_to_cn() {
         "the SPIFFE ID must win over the DNS SAN"
     );
     b.stop().await;
-}
-
-/// Writes a CA-signed client certificate as `pki/{name}.pem` (and key), so
-/// `b.client(name)`, `b.admin(name)` and the CLI can use it.
-fn write_client(b: &TestBroker, name: &str, spec: &ClientSpec) {
-    let pair = dev_ca(b).client_cert(spec).unwrap();
-    std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
-    std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
 }
 
 async fn try_admin_list(

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use credbroker::pb;
-use credbroker::pki::{cert_serial, DevCa};
+use credbroker::pki::cert_serial;
 use credbroker::store::LeaseFilter;
 use tonic::Code;
 
@@ -26,12 +26,6 @@ fn roles() -> String {
         "1m",
         "spiffe://credbroker.dev/ns/demo/*",
     )
-}
-
-fn dev_ca(b: &TestBroker) -> DevCa {
-    let cert = std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap();
-    let key = std::fs::read_to_string(b.env.pki.join("ca-key.pem")).unwrap();
-    DevCa::load(&cert, &key).unwrap()
 }
 
 /// Writes a CRL revoking `who`'s dev certificate and returns its path.

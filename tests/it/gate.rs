@@ -15,23 +15,11 @@ use std::time::Duration;
 use credbroker::audit::{Outcome, Record};
 use credbroker::gate::{Control, Door};
 use credbroker::pb;
-use credbroker::pki::{ClientSpec, DevCa};
+use credbroker::pki::ClientSpec;
 
-use crate::support::{issue, role, TestBroker, APP};
+use crate::support::{issue, role, write_client, TestBroker, APP};
 
 const ADMIN2: &str = "spiffe://credbroker.dev/dba/second";
-
-fn dev_ca(b: &TestBroker) -> DevCa {
-    let cert = std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap();
-    let key = std::fs::read_to_string(b.env.pki.join("ca-key.pem")).unwrap();
-    DevCa::load(&cert, &key).unwrap()
-}
-
-fn write_client(b: &TestBroker, name: &str, spec: &ClientSpec) {
-    let pair = dev_ca(b).client_cert(spec).unwrap();
-    std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
-    std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
-}
 
 /// What a door answered: its own code (gRPC code name or HTTP status).
 #[derive(Debug)]

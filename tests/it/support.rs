@@ -621,3 +621,18 @@ pub async fn http_get(port: u16, path: &str) -> String {
     );
     body.to_string()
 }
+
+/// The broker's dev CA (from its pki directory), to sign more certificates.
+pub fn dev_ca(b: &TestBroker) -> credbroker::pki::DevCa {
+    let cert = std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap();
+    let key = std::fs::read_to_string(b.env.pki.join("ca-key.pem")).unwrap();
+    credbroker::pki::DevCa::load(&cert, &key).unwrap()
+}
+
+/// Writes a client certificate signed by the dev CA as `<name>.pem` and
+/// `<name>-key.pem` in the broker's pki directory (what `client(name)` reads).
+pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker::pki::ClientSpec) {
+    let pair = dev_ca(b).client_cert(spec).unwrap();
+    std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
+    std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
+}
