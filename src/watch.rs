@@ -121,6 +121,9 @@ pub struct WatchHub {
 struct Open {
     total: usize,
     by_identity: HashMap<String, usize>,
+    /// Per identity with streams open: cancelled when a lock ends them,
+    /// with the refusal they end on.
+    ends: HashMap<String, (CancellationToken, Arc<std::sync::OnceLock<String>>)>,
 }
 
 impl Default for WatchHub {
@@ -163,11 +166,34 @@ impl WatchHub {
         }
         open.total += 1;
         *open.by_identity.entry(identity.to_string()).or_default() += 1;
+        let (ended, why) = open
+            .ends
+            .entry(identity.to_string())
+            .or_insert_with(|| (self.closed.child_token(), Arc::default()))
+            .clone();
         Ok(Subscription {
             rx: self.tx.subscribe(),
             hub: self.clone(),
             identity: identity.to_string(),
+            ended,
+            why,
         })
+    }
+
+    /// Ends the open streams of every identity `locked` matches (a lock
+    /// covers watches too: a locked identity stops learning about leases
+    /// at once, not only at its next subscription). Returns how many
+    /// identities had streams. This replica's streams only.
+    pub fn end_locked(&self, locked: impl Fn(&str) -> bool, refusal: &str) -> usize {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let hit: Vec<String> = open.ends.keys().filter(|i| locked(i)).cloned().collect();
+        for id in &hit {
+            if let Some((token, why)) = open.ends.remove(id) {
+                let _ = why.set(refusal.to_string());
+                token.cancel();
+            }
+        }
+        hit.len()
     }
 
     /// Ends every stream (shutdown).
@@ -189,6 +215,17 @@ pub struct Subscription {
     pub rx: broadcast::Receiver<Arc<LeaseEvent>>,
     hub: Arc<WatchHub>,
     identity: String,
+    /// Cancelled at shutdown (a child of the hub's), or when a lock ends
+    /// this identity's streams.
+    pub ended: CancellationToken,
+    why: Arc<std::sync::OnceLock<String>>,
+}
+
+impl Subscription {
+    /// Why the stream was ended by a lock; None at shutdown.
+    pub fn lock_refusal(&self) -> Option<&str> {
+        self.why.get().map(String::as_str)
+    }
 }
 
 impl Drop for Subscription {
@@ -199,6 +236,7 @@ impl Drop for Subscription {
             *n -= 1;
             if *n == 0 {
                 open.by_identity.remove(&self.identity);
+                open.ends.remove(&self.identity);
             }
         }
     }
@@ -225,5 +263,25 @@ mod tests {
         drop(other);
         hub.close();
         assert!(matches!(hub.subscribe("a"), Err(Error::Unavailable(_))));
+    }
+
+    #[test]
+    fn a_lock_ends_only_the_matching_identities_streams_and_says_why() {
+        let hub = Arc::new(WatchHub::new());
+        let a1 = hub.subscribe("a").unwrap();
+        let a2 = hub.subscribe("a").unwrap();
+        let b = hub.subscribe("b").unwrap();
+        assert_eq!(hub.end_locked(|i| i == "a", "locked: INC-1"), 1);
+        assert!(a1.ended.is_cancelled() && a2.ended.is_cancelled());
+        assert_eq!(a1.lock_refusal(), Some("locked: INC-1"));
+        assert!(!b.ended.is_cancelled() && b.lock_refusal().is_none());
+        // A stream opened afterwards is not ended by the old lock's call.
+        let a3 = hub.subscribe("a").unwrap();
+        assert!(!a3.ended.is_cancelled());
+        // Shutdown ends every stream, without a lock's refusal.
+        hub.close();
+        assert!(b.ended.is_cancelled() && b.lock_refusal().is_none());
+        drop((a1, a2, a3, b));
+        assert_eq!(hub.open_streams(), 0);
     }
 }

@@ -66,6 +66,7 @@ impl Broker {
                     tracing::warn!(error = %crate::error::chain(&e), "cannot tell watchers about the lock")
                 }
             }
+            self.end_locked_watches(&lock);
             return Ok((lock, None));
         }
         if let LockTarget::StaticRole(name) = &lock.target {
@@ -75,7 +76,25 @@ impl Broker {
             return Ok((lock, Some(BulkOutcome::default())));
         }
         let out = self.revoke_locked(who, &lock).await?;
+        self.end_locked_watches(&lock);
         Ok((lock, Some(out)))
+    }
+
+    /// A lock covers watch streams too: once the lock's own events are
+    /// published (locked, or revoked with `--revoke`), the locked
+    /// identity's open streams end with the lock's refusal — after
+    /// delivering what was queued. This replica's streams only.
+    fn end_locked_watches(&self, lock: &Lock) {
+        let LockTarget::Identity(p) = &lock.target else {
+            return;
+        };
+        let refusal = lock.refusal().caller_message();
+        let ended = self
+            .watch
+            .end_locked(|id| p.matches(&Identity::from_trusted(id)), &refusal);
+        if ended > 0 {
+            tracing::info!(lock_id = %lock.id, identities = ended, "lease watches of locked identities ended");
+        }
     }
 
     fn check_lock_request(

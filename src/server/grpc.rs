@@ -252,21 +252,37 @@ impl pb::broker_server::Broker for BrokerService {
             .map_err(to_status)?;
         let hub = self.broker.watch().clone();
         let sub = hub.subscribe(who.as_str()).map_err(to_status)?;
-        let closed = hub.closed();
         tracing::debug!(identity = %who, "lease watch opened");
         // The subscription (and its slot) lives as long as the stream.
-        let stream = futures::stream::unfold(Some(sub), move |state| {
-            let (scope, closed) = (scope.clone(), closed.clone());
+        let stream = futures::stream::unfold(Some((sub, 0usize)), move |state| {
+            let scope = scope.clone();
             async move {
-                let mut sub = state?;
+                // `after_end`: events read since the stream was ended, so
+                // a busy hub cannot keep an ended stream alive (what was
+                // queued when it ended, at most the buffer, still goes out).
+                let (mut sub, mut after_end) = state?;
+                let end = |sub: &crate::watch::Subscription| {
+                    // Shutdown ends the stream cleanly; a lock on the
+                    // watcher ends it with the lock's refusal.
+                    let refusal = sub.lock_refusal().map(Status::permission_denied);
+                    refusal.map(|s| (Err(s), None))
+                };
                 loop {
+                    if sub.ended.is_cancelled() {
+                        after_end += 1;
+                        if after_end > crate::watch::BUFFER {
+                            return end(&sub);
+                        }
+                    }
                     let got = tokio::select! {
-                        _ = closed.cancelled() => return None,
+                        // Events already queued go out first.
+                        biased;
                         got = sub.rx.recv() => got,
+                        _ = sub.ended.cancelled() => return end(&sub),
                     };
                     match got {
                         Ok(e) if scope.matches(&e) => {
-                            return Some((Ok(event_to_pb(&e)), Some(sub)))
+                            return Some((Ok(event_to_pb(&e)), Some((sub, after_end))))
                         }
                         Ok(_) => continue,
                         Err(RecvError::Lagged(n)) => {

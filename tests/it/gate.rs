@@ -430,7 +430,7 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
             drop(held);
             // The connection closes right after its handshake; the client
             // reports it as one of these, depending on timing.
-            let mut e = refused("Unavailable|Cancelled", ADMIN2, "connection");
+            let mut e = refused("Unavailable|Cancelled|Unknown", ADMIN2, "connection");
             e.listener = Some("grpc");
             (Answer::grpc(r), e)
         }
@@ -827,4 +827,76 @@ async fn gate_fifty_issues_racing_lock_revoke_leave_no_role_behind_a_dead_lease(
         last.0, last.1
     );
     b.stop().await;
+}
+
+/// A lock covers watch streams: the locked identity's open stream gets
+/// the lock's own event first, then ends with the lock's refusal, and a
+/// new watch is refused (audited). Another identity's stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_an_identity_lock_ends_the_identitys_open_watch_streams() {
+    let roles = role(
+        "ro",
+        "{db}",
+        "5m",
+        "10m",
+        "spiffe://credbroker.dev/ns/demo/*",
+    );
+    let mut b = TestBroker::start(&roles).await;
+    let held = issue(&b, "app", "ro", 0).await.unwrap();
+    let mut mine = b
+        .client("app")
+        .await
+        .watch_leases(pb::WatchLeasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut theirs = b
+        .client("other")
+        .await
+        .watch_leases(pb::WatchLeasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    lock_identity(&b, APP).await;
+    let e = next_within_2s(&mut mine).await.unwrap().unwrap().unwrap();
+    assert_eq!(
+        (e.kind, e.lease_id.as_str()),
+        (pb::LeaseEventKind::Locked as i32, held.lease_id.as_str()),
+        "the lock's own event is delivered first: {e:?}"
+    );
+    let end = next_within_2s(&mut mine)
+        .await
+        .expect("the stream ended within 2 s");
+    let err = end.expect_err("ended with the lock's refusal");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("INC-25 gate matrix"), "{err:?}");
+    let again = b
+        .client("app")
+        .await
+        .watch_leases(pb::WatchLeasesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::PermissionDenied, "{again:?}");
+    // The other identity's stream is untouched: it still hears its own.
+    let other_lease = issue(&b, "other", "ro", 0).await.unwrap();
+    b.client("other")
+        .await
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: other_lease.lease_id.clone(),
+        })
+        .await
+        .unwrap();
+    let e = next_within_2s(&mut theirs).await.unwrap().unwrap().unwrap();
+    assert_eq!(e.lease_id, other_lease.lease_id);
+    assert!(b.audit_records().iter().any(|r| r.action == "watch"
+        && r.identity == APP
+        && r.outcome == Outcome::Denied
+        && r.via.as_deref() == Some("grpc_broker")));
+    b.stop().await;
+}
+
+async fn next_within_2s(
+    s: &mut tonic::Streaming<pb::LeaseEvent>,
+) -> Result<Result<Option<pb::LeaseEvent>, tonic::Status>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(2), s.message()).await
 }
