@@ -1,0 +1,168 @@
+//! The admin connection: where it points, one-off connections to other
+//! databases of the cluster, batches retried after a lost catalog race,
+//! rotate-root, the TLS check, preflight's warnings and the pool's state.
+
+use postgres_protocol::escape::escape_literal;
+
+use super::errors::lost_catalog_race;
+use super::sql::ACL_LOCK;
+use super::PostgresBackend;
+use crate::backend::{read_admin_password, stage_admin_password, store_admin_password, PoolState};
+use crate::dbtls;
+use crate::error::{Error, Result};
+use crate::lease::Password;
+use crate::scram;
+
+impl PostgresBackend {
+    /// `user@host:port/db` of the admin connection: where a failure
+    /// happened, for the operator (no password: the URL carries none).
+    pub fn admin_location(&self) -> String {
+        location(&self.base)
+    }
+
+    /// Runs one implicit transaction, again when it lost a race on a shared
+    /// catalog row: concurrent `GRANT … ON t` / `DROP OWNED` for different
+    /// roles all rewrite `t`'s ACL, and all but one fail with "tuple
+    /// concurrently updated" (XX000). The loser was rolled back whole, so
+    /// running it again is safe; under load (many leases of one role at
+    /// once) this is the normal case, not an error.
+    pub(super) async fn batch_retrying(
+        &self,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        what: &str,
+    ) -> Result<()> {
+        const ATTEMPTS: u32 = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match client.batch_execute(sql).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < ATTEMPTS && lost_catalog_race(&e) => {
+                    let ms = rand::Rng::random_range(&mut rand::rng(), 1..=2u64 << attempt.min(5));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err(e) => return Err(self.db_error(what, e)),
+            }
+        }
+    }
+
+    /// Runs `sql` (under the ACL lock) in another database of the cluster:
+    /// `REASSIGN OWNED` and `DROP OWNED` act on the connected database only.
+    pub(super) async fn in_database(&self, dbname: &str, sql: &str) -> Result<()> {
+        let mut cfg = self.base.clone();
+        cfg.dbname(dbname);
+        if let Some(p) = read_admin_password(&self.config)? {
+            cfg.password(p.expose());
+        }
+        let (client, conn) = cfg
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let task = tokio::spawn(conn);
+        let result = client
+            .batch_execute(&format!("{ACL_LOCK}; {sql}"))
+            .await
+            .map_err(|e| self.db_error(&format!("reassign owned objects in {dbname:?}"), e));
+        drop(client);
+        let _ = task.await;
+        result
+    }
+
+    pub(super) async fn rotate_admin_password(&self) -> Result<()> {
+        let password = Password::generate();
+        let verifier = scram::verifier(&password, self.config.scram_iterations.max(4096));
+        stage_admin_password(&self.config, &password)?;
+        let client = self.client().await?;
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE CURRENT_USER PASSWORD {}",
+                escape_literal(&verifier)
+            ))
+            .await
+            .map_err(|e| self.db_error("rotate admin password", e))?;
+        drop(client);
+        // The database has the new password now: keep it before anything
+        // else can fail, or nobody would know it.
+        store_admin_password(&self.config, &password)?;
+        let pool = Self::build_pool(&self.config, &self.base, &self.tls, Some(password))?;
+        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = pool;
+        Ok(())
+    }
+
+    pub(super) async fn check_tls_handshake(&self) -> Result<()> {
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match pool.get().await {
+            Err(deadpool_postgres::PoolError::Backend(e)) => match dbtls::tls_failure(&e) {
+                Some(why) => Err(Error::config(format!(
+                    "database {:?}: TLS to {} failed ({}): {why}",
+                    self.config.name, self.admin_addr, self.tls_params
+                ))),
+                None => Ok(()),
+            },
+            // Connected (the connection stays pooled for preflight), or a
+            // failure that is not about TLS.
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) async fn preflight_warnings(&self) -> Result<Vec<String>> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT rolsuper, rolcreaterole, pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+                 FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db_error("check privileges", e))?;
+        let (superuser, createrole, signal): (bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        let mut warnings = Vec::new();
+        if !superuser && !createrole {
+            warnings.push(format!(
+                "database {:?}: the admin role lacks CREATEROLE: issuing will fail",
+                self.config.name
+            ));
+        }
+        if !superuser && !signal {
+            warnings.push(format!(
+                "database {:?}: the admin role is not in pg_signal_backend: revocation cannot end live sessions",
+                self.config.name
+            ));
+        }
+        Ok(warnings)
+    }
+
+    pub(super) fn pool_metrics(&self) -> PoolState {
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
+        let s = pool.status();
+        PoolState {
+            size: s.size,
+            available: s.available,
+            max_size: s.max_size,
+        }
+    }
+}
+
+/// `user@host:port/db` of a connection config (it never holds a password
+/// we print: `Config`'s password is not part of this).
+pub fn location(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("?");
+    let db = cfg.get_dbname().unwrap_or(user);
+    format!("{user}@{host}:{port}/{db}")
+}
+
+/// `host:port` of a connection config.
+pub(super) fn host_port(cfg: &tokio_postgres::Config) -> String {
+    let at = location(cfg);
+    let at = at.split_once('@').map_or(at.as_str(), |(_, rest)| rest);
+    at.rsplit_once('/').map_or(at, |(hp, _)| hp).to_string()
+}

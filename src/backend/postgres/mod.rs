@@ -1,0 +1,247 @@
+//! PostgreSQL backend: roles with a broker-computed SCRAM verifier and
+//! `VALID UNTIL`, revoked in the order that leaves no session behind.
+//!
+//! One file per concern, each an `impl PostgresBackend` block over the
+//! fields here, as in `mysql/`: `connection` (the admin URL's location,
+//! one-off connections to other databases, retried batches, rotate-root,
+//! TLS check, preflight, pool state), `errors` (driver errors → `Error`,
+//! `Cause`), `sql` (statement pieces several concerns share: the ACL
+//! lock, `VALID UNTIL` literals, NOLOGIN), `create` (role creation and its
+//! shared rounds, `CreateRounds`), `users` (extend, the users with the
+//! prefix), `revoke` (revoke and disable), `static_users`, `dry_run`
+//! (statements replayed in a rolled-back transaction). A trait impl is one
+//! block, so `impl Backend` is here and only delegates. `check`
+//! (`credbroker check`) is a free function.
+
+mod check;
+mod connection;
+mod create;
+mod dry_run;
+mod errors;
+mod revoke;
+mod sql;
+mod static_users;
+mod users;
+
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::backend::{
+    read_admin_password, Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin,
+    StaticUsers, UserRef,
+};
+use crate::config::DatabaseConfig;
+use crate::dbtls::{self, Dialect, TlsParams};
+use crate::error::{Error, Result};
+use crate::lease::{BackendKind, Password, Username};
+use create::CreateRounds;
+
+pub use check::check;
+pub use connection::location;
+pub use dry_run::{DryRun, DryRunFailure, DryRunStep};
+pub use errors::{lost_catalog_race, Cause, CauseKind};
+
+pub struct PostgresBackend {
+    config: DatabaseConfig,
+    endpoint: Endpoint,
+    /// Replaced whole by rotate-root; sessions already open keep working.
+    pool: RwLock<Pool>,
+    /// tokio-postgres config without password, for one-off connections to
+    /// other databases of the cluster (DROP OWNED acts per database).
+    base: tokio_postgres::Config,
+    /// rustls (ring) as `admin_url`'s `sslmode`/`sslrootcert`/`sslcert`/
+    /// `sslkey` ask; shared by the pool and one-off connections.
+    tls: MakeRustlsConnect,
+    tls_params: TlsParams,
+    /// `host:port` of the admin URL, for TLS error messages.
+    admin_addr: String,
+    /// Whether the admin role is a superuser, asked once. A role with only
+    /// CREATEROLE must make itself a member of a leased role before
+    /// `REASSIGN OWNED`/`DROP OWNED` may touch what that role owns.
+    superuser: tokio::sync::OnceCell<bool>,
+    /// Role creations waiting for a shared round.
+    creates: Arc<CreateRounds>,
+    /// Off only for the bench's (b′), which sends one lease's statements.
+    share_creates: bool,
+}
+
+impl PostgresBackend {
+    pub fn new(config: &DatabaseConfig) -> Result<Self> {
+        let url_err = |e: &dyn std::fmt::Display| {
+            Error::config(format!("databases.{}.admin_url: {e}", config.name))
+        };
+        // tokio-postgres refuses verify-ca/verify-full and every path
+        // parameter: they are ours to read, and the rest is its.
+        let (url, tls_params) =
+            dbtls::split_url(&config.admin_url, Dialect::Postgres).map_err(|e| url_err(&e))?;
+        let mut base: tokio_postgres::Config = url.parse().map_err(|e| url_err(&e))?;
+        let (tls, ssl_mode) = dbtls::postgres_connector(&tls_params).map_err(|e| url_err(&e))?;
+        base.ssl_mode(ssl_mode);
+        base.connect_timeout(config.connect_timeout);
+        base.application_name("credbroker");
+        // plan_cache_mode: our prepared catalog queries are planned once per
+        // connection, not on every execution (PostgreSQL 12+).
+        base.options(format!(
+            "-c statement_timeout={} -c lock_timeout={} -c plan_cache_mode=force_generic_plan",
+            config.statement_timeout.as_millis(),
+            config.statement_timeout.as_millis()
+        ));
+        let host = match base.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "localhost".to_string(),
+        };
+        let port = base.get_ports().first().copied().unwrap_or(5432);
+        let admin_addr = format!("{host}:{port}");
+        let database = base
+            .get_dbname()
+            .map(str::to_string)
+            .or_else(|| base.get_user().map(str::to_string))
+            .unwrap_or_else(|| "postgres".to_string());
+        let endpoint = Endpoint {
+            host: config.client_host.clone().unwrap_or(host),
+            port: config.client_port.unwrap_or(port),
+            database,
+        };
+        let pool = Self::build_pool(config, &base, &tls, read_admin_password(config)?)?;
+        Ok(PostgresBackend {
+            config: config.clone(),
+            endpoint,
+            pool: RwLock::new(pool),
+            base,
+            tls,
+            tls_params,
+            admin_addr,
+            superuser: tokio::sync::OnceCell::new(),
+            creates: Arc::default(),
+            share_creates: true,
+        })
+    }
+
+    fn build_pool(
+        config: &DatabaseConfig,
+        base: &tokio_postgres::Config,
+        tls: &MakeRustlsConnect,
+        password: Option<Password>,
+    ) -> Result<Pool> {
+        let mut pg = base.clone();
+        if let Some(p) = &password {
+            pg.password(p.expose());
+        }
+        let manager = Manager::from_config(
+            pg,
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let wait = config.connect_timeout + config.statement_timeout;
+        Pool::builder(manager)
+            .max_size(config.max_connections)
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(wait),
+                create: Some(config.connect_timeout),
+                recycle: Some(config.connect_timeout),
+            })
+            .build()
+            .map_err(|e| Error::config(format!("databases.{}: {e}", config.name)))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner()).clone();
+        pool.get().await.map_err(|e| self.unavailable(e))
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Postgres
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
+        self.create_leased(user).await
+    }
+
+    async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
+        self.extend_leased(user, valid_until).await
+    }
+
+    async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
+        self.revoke_users(revokees).await
+    }
+
+    async fn disable(&self, users: &[UserRef]) -> Result<()> {
+        self.disable_users(users).await
+    }
+
+    async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
+        self.list_prefixed(prefix).await
+    }
+
+    async fn rotate_root(&self) -> Result<()> {
+        self.rotate_admin_password().await
+    }
+
+    async fn check_tls(&self) -> Result<()> {
+        self.check_tls_handshake().await
+    }
+
+    async fn preflight(&self) -> Result<Vec<String>> {
+        self.preflight_warnings().await
+    }
+
+    fn pool_state(&self) -> PoolState {
+        self.pool_metrics()
+    }
+
+    async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
+        self.create_static_users(spec).await
+    }
+
+    async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
+        self.set_static_password(login).await
+    }
+
+    async fn static_retire(&self, user: &str, host: &str, end_sessions: bool) -> Result<()> {
+        self.retire_static_user(user, host, end_sessions).await
+    }
+
+    fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+        let e = &self.endpoint;
+        let host = if e.host.contains(':') {
+            format!("[{}]", e.host)
+        } else {
+            e.host.clone()
+        };
+        let tls = dbtls::client_query(
+            Dialect::Postgres,
+            self.config.client_sslmode,
+            self.config.client_sslrootcert.as_deref(),
+        );
+        match password {
+            Some(p) => format!(
+                "postgresql://{username}:{}@{host}:{}/{}{tls}",
+                p.expose(),
+                e.port,
+                e.database
+            ),
+            None => format!(
+                "postgresql://{username}@{host}:{}/{}{tls}",
+                e.port, e.database
+            ),
+        }
+    }
+}

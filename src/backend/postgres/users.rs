@@ -1,0 +1,57 @@
+//! Leased users after creation: a later `VALID UNTIL`, and the roles that
+//! carry the broker's prefix.
+
+use chrono::{DateTime, Utc};
+use postgres_protocol::escape::escape_identifier;
+
+use super::sql::pg_timestamp;
+use super::PostgresBackend;
+use crate::backend::UserRef;
+use crate::error::Result;
+use crate::lease::Username;
+
+impl PostgresBackend {
+    pub(super) async fn extend_leased(
+        &self,
+        user: &UserRef,
+        valid_until: DateTime<Utc>,
+    ) -> Result<()> {
+        let client = self.client().await?;
+        let sql = format!(
+            "ALTER ROLE {} VALID UNTIL {}",
+            escape_identifier(user.username.as_str()),
+            pg_timestamp(valid_until)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| self.db_error("extend role", e))
+    }
+
+    pub(super) async fn list_prefixed(&self, prefix: &str) -> Result<Vec<UserRef>> {
+        let client = self.client().await?;
+        let pattern = format!(
+            "{}%",
+            prefix
+                .replace('\\', "\\\\")
+                .replace('_', "\\_")
+                .replace('%', "\\%")
+        );
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
+                &[&pattern],
+            )
+            .await
+            .map_err(|e| self.db_error("list roles", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|n| Username::is_broker_made(prefix, n))
+            .map(|n| UserRef {
+                username: Username::from_store(n),
+                host: String::new(),
+            })
+            .collect())
+    }
+}
