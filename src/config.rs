@@ -933,8 +933,15 @@ impl RawDatabase {
             )));
         }
         let what = |k: &str| format!("databases.{name}.{k}");
-        let kind = BackendKind::parse(&self.kind)
-            .map_err(|e| cfg_err(format!("{}: {e}", what("kind"))))?;
+        // The parse error's own text, not its Display: that would say
+        // "config: " a second time inside this one.
+        let kind = BackendKind::parse(&self.kind).map_err(|e| {
+            let text = match &e {
+                Error::Config(d) => d.message().to_string(),
+                other => other.to_string(),
+            };
+            cfg_err(format!("{}: {text}", what("kind")))
+        })?;
         let url = url::Url::parse(&self.admin_url)
             .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
         let scheme_ok = match kind {
@@ -1476,6 +1483,8 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
                 .to_string();
             assert!(err.contains(want), "{to}: {err}");
             assert!(!err.contains("hunter2"), "{err}");
+            // The class is said once, at the start.
+            assert_eq!(err.matches("config: ").count(), 1, "{err}");
         }
     }
     #[test]
