@@ -337,56 +337,45 @@ pub async fn termination_signal() {
 /// SIGHUP, never silently ignored. Compared by their `Debug` text, which
 /// holds every field (and no secret: these sections have none).
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    use std::fmt::Debug;
     let (o, n) = (&old.server, &new.server);
-    let keys: [(&str, String, String); 9] = [
-        (
-            "server.listen",
-            format!("{:?}", o.listen),
-            format!("{:?}", n.listen),
-        ),
+    let keys: [(&str, &dyn Debug, &dyn Debug); 9] = [
+        ("server.listen", &o.listen, &n.listen),
         (
             "server.metrics_listen",
-            format!("{:?}", o.metrics_listen),
-            format!("{:?}", n.metrics_listen),
+            &o.metrics_listen,
+            &n.metrics_listen,
         ),
         (
             "server.request_timeout",
-            format!("{:?}", o.request_timeout),
-            format!("{:?}", n.request_timeout),
+            &o.request_timeout,
+            &n.request_timeout,
         ),
         (
             "server.max_connections",
-            o.max_connections.to_string(),
-            n.max_connections.to_string(),
+            &o.max_connections,
+            &n.max_connections,
         ),
         (
             "server.max_connections_per_identity",
-            o.max_connections_per_identity.to_string(),
-            n.max_connections_per_identity.to_string(),
+            &o.max_connections_per_identity,
+            &n.max_connections_per_identity,
         ),
         (
             "server.max_connections_per_source",
-            o.max_connections_per_source.to_string(),
-            n.max_connections_per_source.to_string(),
+            &o.max_connections_per_source,
+            &n.max_connections_per_source,
         ),
         (
             "server.ipv6_source_prefix",
-            o.ipv6_source_prefix.to_string(),
-            n.ipv6_source_prefix.to_string(),
+            &o.ipv6_source_prefix,
+            &n.ipv6_source_prefix,
         ),
-        (
-            "[vault_api]",
-            format!("{:?}", old.vault_api),
-            format!("{:?}", new.vault_api),
-        ),
-        (
-            "[console]",
-            format!("{:?}", old.console),
-            format!("{:?}", new.console),
-        ),
+        ("[vault_api]", &old.vault_api, &new.vault_api),
+        ("[console]", &old.console, &new.console),
     ];
     keys.into_iter()
-        .filter(|(_, a, b)| a != b)
+        .filter(|(_, a, b)| format!("{a:?}") != format!("{b:?}"))
         .map(|(k, _, _)| format!("{k} changed: restart the broker to apply"))
         .collect()
 }

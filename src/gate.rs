@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{Lease, LeaseId};
 use crate::lock::Subject;
-use crate::policy::{any_matches, network_allowed};
+use crate::policy::any_matches;
 
 /// The ways into the broker. Every one calls [`admit`] first; the matrix
 /// test (`tests/it/gate.rs`) runs every control on every door in this list.
@@ -188,11 +188,7 @@ pub async fn admit(broker: &Broker, ask: Ask<'_>) -> Result<Pass> {
                 other => Error::Unauthenticated(other.caller_message()),
             };
             return Err(crate::audit::in_via(Some(door.as_str()), || {
-                broker.refuse_unauthenticated(
-                    ask.peer.map(|ip| std::net::SocketAddr::new(ip, 0)),
-                    ask.action,
-                    err,
-                )
+                broker.refuse_unauthenticated(ask.peer, ask.action, err)
             }));
         }
     };
@@ -236,11 +232,8 @@ async fn decide(broker: &Broker, ask: &Ask<'_>, who: &Identity, event: &mut Even
     let as_admin = matches!(ask.target, Target::Admin) || others_lease;
 
     // 2. Networks.
-    if as_admin && !network_allowed(&config.admin_networks, ask.peer) {
-        return Err(Error::denied(match ask.peer {
-            Some(p) => format!("admin calls from {p} are outside admin_networks"),
-            None => "admin calls need a known caller address (admin_networks)".into(),
-        }));
+    if as_admin {
+        crate::broker::check_admin_network(&config, ask.peer)?;
     }
     let role_of_request = match (ask.target, &lease) {
         (Target::Role(r), _) => config.role(r),
@@ -267,14 +260,13 @@ async fn decide(broker: &Broker, ask: &Ask<'_>, who: &Identity, event: &mut Even
     match (ask.target, &lease) {
         (Target::Role(r), _) => {
             event.role = Some(crate::broker::truncate_text(r));
-            if let Some(role) = config.role(r) {
-                event.database = Some(role.database.clone());
-            }
+            let database = config.role(r).map(|x| x.database.as_str());
+            event.database = database.map(str::to_string);
             subjects.push(Subject {
                 identity: Some(who),
                 role: Some(r),
                 static_role: None,
-                database: config.role(r).map(|x| x.database.as_str()),
+                database,
             });
         }
         (Target::Lease(_, Use::Obtain), Some(l)) => {

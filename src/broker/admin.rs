@@ -1,12 +1,14 @@
 //! Admin calls on leases and on the broker's own database logins. Each
-//! starts with `require_admin`; the front ends (gRPC, the console) check
-//! `admin_networks` first through `check_admin_network`. Bulk revocations
-//! claim each lease before revoking it, so they never race the reaper.
+//! starts with `require_admin`; every door's gate checks `admin_networks`
+//! first (`check_admin_network`, here so its wording lives beside the
+//! admin calls). Bulk revocations claim each lease before revoking it, so
+//! they never race the reaper.
 
 use std::net::IpAddr;
 
 use super::{truncate_text, Broker, BulkOutcome, Mode, Selector};
 use crate::audit::{Event, Outcome};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::{Lease, Reason};
@@ -153,27 +155,6 @@ impl Broker {
         }
     }
 
-    /// Refuses an admin call from outside `admin_networks` (audited with
-    /// the address). The gRPC layer calls it before any Admin method, and
-    /// for a watch of other identities' leases.
-    pub fn check_admin_network(
-        &self,
-        who: &Identity,
-        peer: Option<IpAddr>,
-        action: &'static str,
-    ) -> Result<()> {
-        let config = self.config();
-        if crate::policy::network_allowed(&config.admin_networks, peer) {
-            return Ok(());
-        }
-        let err = Error::denied(match peer {
-            Some(p) => format!("admin calls from {p} are outside admin_networks"),
-            None => "admin calls need a known caller address (admin_networks)".into(),
-        });
-        self.metrics.request_failed(action, &err);
-        Err(self.audit_failure(Event::new(who.as_str(), action), err))
-    }
-
     /// Refuses (and audits) `who` unless it is an admin.
     pub fn require_admin(&self, who: &Identity, action: &'static str) -> Result<()> {
         if self.is_admin(who) {
@@ -183,4 +164,17 @@ impl Broker {
         self.metrics.request_failed(action, &err);
         Err(self.audit_failure(Event::new(who.as_str(), action), err))
     }
+}
+
+/// Refuses an admin call from outside `admin_networks`; the gate asks it
+/// whenever a caller acts as an admin, on every door, and audits the
+/// refusal with the door.
+pub(crate) fn check_admin_network(config: &Config, peer: Option<IpAddr>) -> Result<()> {
+    if crate::policy::network_allowed(&config.admin_networks, peer) {
+        return Ok(());
+    }
+    Err(Error::denied(match peer {
+        Some(p) => format!("admin calls from {p} are outside admin_networks"),
+        None => "admin calls need a known caller address (admin_networks)".into(),
+    }))
 }

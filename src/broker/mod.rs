@@ -35,6 +35,7 @@ use crate::static_roles::{Rotator, Sealer};
 use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
 use crate::watch::{Scope, WatchHub};
 
+pub(crate) use admin::check_admin_network;
 pub use issue::CALLER_HOST;
 pub(crate) use issue::{check_network, lookup_role};
 pub(crate) use static_roles::lookup_static;
@@ -297,12 +298,12 @@ impl Broker {
     /// address: the only identity such a caller has.
     pub fn refuse_unauthenticated(
         &self,
-        peer: Option<std::net::SocketAddr>,
+        peer: Option<std::net::IpAddr>,
         action: &'static str,
         err: Error,
     ) -> Error {
         let who = match peer {
-            Some(p) => format!("unauthenticated:{}", p.ip()),
+            Some(ip) => format!("unauthenticated:{ip}"),
             None => "unauthenticated".to_string(),
         };
         tracing::info!(peer = %who, error = %crate::error::chain(&err), "request refused: no usable identity");

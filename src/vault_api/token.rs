@@ -82,7 +82,7 @@ pub struct Session {
 pub fn identity(broker: &Broker, peer: &Peer, action: &'static str) -> Result<Identity> {
     peer.identity
         .clone()
-        .map_err(|why| broker.refuse_unauthenticated(Some(peer.addr), action, why))
+        .map_err(|why| broker.refuse_unauthenticated(Some(peer.addr.ip()), action, why))
 }
 
 /// The token a request carries: `X-Vault-Token`, or `Authorization:
