@@ -201,6 +201,9 @@ impl LeaseStore for MemoryStore {
         self.with(|rows| match rows.get_mut(id) {
             Some(r) if live(&r.lease) && !r.claimed_by_other(&claim.owner, now) => {
                 r.claim = Some(claim.clone());
+                // Due now, as in both real stores: a claim that runs out
+                // mid-revocation leaves the lease to the next reaper pass.
+                r.lease.due_at = r.lease.due_at.min(now);
                 Some(r.lease.clone())
             }
             _ => None,
