@@ -148,7 +148,7 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
 /// the store is recent and did not fail.
 async fn check_static_roles(
     config: &Config,
-    store: Option<&dyn crate::store::LeaseStore>,
+    store: Option<&dyn crate::store::Store>,
     f: &mut Vec<Finding>,
 ) {
     if config.static_roles.is_empty() {
@@ -243,7 +243,7 @@ async fn check_prefix(
     db: &str,
     prefix: &str,
     prefixed: Vec<String>,
-    store: Option<&dyn crate::store::LeaseStore>,
+    store: Option<&dyn crate::store::Store>,
     f: &mut Vec<Finding>,
 ) {
     let scope = format!("database {db}");

@@ -62,7 +62,7 @@ pub struct VaultApiConfig {
     pub token_max_ttl: Duration,
     /// Most tokens one identity holds at once; a login beyond it evicts
     /// the identity's token nearest its expiry (see
-    /// [`crate::store::LeaseStore::insert_vault_token`]).
+    /// [`crate::store::TokenStore::insert_vault_token`]).
     pub max_tokens_per_identity: u32,
 }
 

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use crate::broker::Broker;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::store::LeaseStore;
+use crate::store::Store;
 
 /// Rows deleted per statement: small enough that one batch holds the
 /// SQLite writer (or PostgreSQL row locks) for milliseconds, not seconds.
@@ -29,14 +29,14 @@ const FIRST_RUN_AFTER: Duration = Duration::from_secs(60);
 
 /// Deletes old revoked rows from one store, batch by batch.
 pub struct Pruner {
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     batch: usize,
     pause: Duration,
 }
 
 impl Pruner {
-    pub fn new(store: Arc<dyn LeaseStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         Pruner {
             store,
             metrics,

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, Reason};
 use crate::metrics::Metrics;
 use crate::steps;
-use crate::store::{FailureRecord, LeaseStore};
+use crate::store::{FailureRecord, Store};
 
 /// Identity recorded in the audit log for the reaper's own actions.
 pub const REAPER_IDENTITY: &str = "credbroker:reaper";
@@ -120,7 +120,7 @@ impl Lanes {
 /// them depending on the others.
 pub struct Revoker {
     config: ConfigHandle,
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn Store>,
     backends: Backends,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
@@ -153,7 +153,7 @@ impl Revoker {
 
     pub fn new(
         config: ConfigHandle,
-        store: Arc<dyn LeaseStore>,
+        store: Arc<dyn Store>,
         backends: Backends,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
@@ -176,7 +176,7 @@ impl Revoker {
         self.config.get()
     }
 
-    fn store(&self) -> &Arc<dyn LeaseStore> {
+    fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 

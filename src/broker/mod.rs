@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::policy::any_matches;
 pub use crate::revocation::{BulkOutcome, Mode, Revoker};
 use crate::static_roles::{Rotator, Sealer};
-use crate::store::{Claim, LeaseFilter, LeaseStore, DEFAULT_CLAIM};
+use crate::store::{Claim, LeaseFilter, Store, DEFAULT_CLAIM};
 use crate::watch::{Scope, WatchHub};
 
 pub(crate) use admin::check_admin_network;
@@ -72,7 +72,7 @@ pub struct Broker {
     /// The revocation engine, sharing this broker's store, databases,
     /// audit log and config.
     revoker: Arc<Revoker>,
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn Store>,
     backends: Backends,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
@@ -99,7 +99,7 @@ pub struct Broker {
 impl Broker {
     pub fn new(
         config: Arc<Config>,
-        store: Arc<dyn LeaseStore>,
+        store: Arc<dyn Store>,
         backends: Backends,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
@@ -110,7 +110,7 @@ impl Broker {
     /// `new` on `clock` (the fast tier's paused tokio time).
     pub fn with_clock(
         config: Arc<Config>,
-        store: Arc<dyn LeaseStore>,
+        store: Arc<dyn Store>,
         backends: Backends,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
@@ -197,7 +197,7 @@ impl Broker {
         &self.revoker
     }
 
-    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+    pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 

@@ -13,7 +13,7 @@ use crate::audit::Outcome;
 use crate::console::{router, Console};
 use crate::identity::Identity;
 use crate::server::https::Peer;
-use crate::store::LeaseStore;
+use crate::store::StaticStore;
 use crate::testkit::{role, Kit, ADMIN, APP};
 
 const CERT: [u8; 32] = [9; 32];

@@ -38,7 +38,7 @@ use crate::config::ConfigHandle;
 use crate::error::{Error, Result};
 use crate::lease::Password;
 use crate::metrics::Metrics;
-use crate::store::{Claim, LeaseStore, DEFAULT_CLAIM};
+use crate::store::{Claim, Store, DEFAULT_CLAIM};
 
 use super::{
     CurrentUser, Pending, PendingKind, PreviousUser, Sealer, StaticRoleConfig, StaticState,
@@ -73,7 +73,7 @@ pub enum Force {
 
 pub struct Rotator {
     config: ConfigHandle,
-    store: Arc<dyn LeaseStore>,
+    store: Arc<dyn Store>,
     backends: Backends,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
@@ -90,7 +90,7 @@ pub struct Rotator {
 impl Rotator {
     pub fn new(
         config: ConfigHandle,
-        store: Arc<dyn LeaseStore>,
+        store: Arc<dyn Store>,
         backends: Backends,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
@@ -623,6 +623,7 @@ mod tests {
     use super::*;
     use crate::identity::Identity;
     use crate::store::memory::MemoryStore;
+    use crate::store::StaticStore;
     use crate::testkit::{admin, app, Kit, APP};
 
     fn statics(users: &str) -> String {

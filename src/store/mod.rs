@@ -92,6 +92,7 @@ pub enum HolderClaim {
     Missing,
 }
 
+/// Leases: intents, activation, claims for revocation, listings.
 #[async_trait]
 pub trait LeaseStore: Send + Sync {
     /// Records the intent to create `lease.username`. `lease.state` is
@@ -229,6 +230,15 @@ pub trait LeaseStore: Send + Sync {
     /// in small batches so the lease path's writes are never held up long.
     async fn prune_revoked(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
 
+    /// The distinct identities holding live leases: a lock on an identity
+    /// pattern revokes by matching these, then listing per identity, so
+    /// it never loads every lease.
+    async fn live_identities(&self) -> Result<Vec<String>>;
+}
+
+/// Admin locks (`broker::locks`).
+#[async_trait]
+pub trait LockStore: Send + Sync {
     /// Writes a lock; the store stamps `created_at` and `expires_at` on its
     /// own clock, so every replica agrees on when a lock ends.
     async fn insert_lock(&self, lock: &NewLock) -> Result<Lock>;
@@ -242,12 +252,12 @@ pub trait LeaseStore: Send + Sync {
 
     /// Deletes locks that ran out before `before`; returns how many.
     async fn prune_locks(&self, before: DateTime<Utc>) -> Result<u64>;
+}
 
-    /// The distinct identities holding live leases: a lock on an identity
-    /// pattern revokes by matching these, then listing per identity, so
-    /// it never loads every lease.
-    async fn live_identities(&self) -> Result<Vec<String>>;
-
+/// Tokens of the Vault-compatible API (`vault_api`, through
+/// `broker::tokens`) and the leases each created.
+#[async_trait]
+pub trait TokenStore: Send + Sync {
     /// Stores a Vault-API token (`vault_api`): its hash, never the token;
     /// and keeps `token.identity` at `cap` tokens or fewer, in the same
     /// atomic step — across replicas too — so parallel logins cannot
@@ -289,12 +299,11 @@ pub trait LeaseStore: Send + Sync {
     /// Deletes tokens that expired before `before`, and their links;
     /// returns how many tokens went.
     async fn prune_vault_tokens(&self, before: DateTime<Utc>) -> Result<u64>;
+}
 
-    /// Called once at start. A store only this process can use (SQLite) makes
-    /// every pending intent due now, since its issuer is certainly dead; a
-    /// shared store leaves them to their grace deadline.
-    async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64>;
-
+/// Static roles' rotation state (`static_roles`).
+#[async_trait]
+pub trait StaticStore: Send + Sync {
     /// One static role's rotation state (`static_roles`); passwords in it
     /// are sealed, never plaintext.
     async fn static_get(&self, role: &str) -> Result<Option<StaticState>>;
@@ -314,6 +323,16 @@ pub trait LeaseStore: Send + Sync {
 
     /// Releases `owner`'s claim on `role`.
     async fn static_release(&self, role: &str, owner: &str) -> Result<()>;
+}
+
+/// Every concern in one store: what the daemon and the broker hold
+/// (`Arc<dyn Store>`). Code that needs one concern may take its trait.
+#[async_trait]
+pub trait Store: LeaseStore + LockStore + TokenStore + StaticStore {
+    /// Called once at start. A store only this process can use (SQLite) makes
+    /// every pending intent due now, since its issuer is certainly dead; a
+    /// shared store leaves them to their grace deadline.
+    async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64>;
 }
 
 /// A token of the Vault-compatible API, as stored: the SHA-256 of the
@@ -360,20 +379,20 @@ pub fn evictions(mut held: Vec<(String, DateTime<Utc>, DateTime<Utc>)>, cap: u32
 
 /// Opens the store named by `url` (a `sqlite://` path, or a `postgres://`
 /// URL whose server needs no password).
-pub async fn open(url: &str) -> Result<Arc<dyn LeaseStore>> {
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     let url = crate::config::StoreUrl::parse(url, std::path::Path::new("."))?;
     open_with(&url, &crate::config::SecretSource::None).await
 }
 
 /// Opens the store of a config's `[store]` section.
-pub async fn open_config(config: &crate::config::StoreConfig) -> Result<Arc<dyn LeaseStore>> {
+pub async fn open_config(config: &crate::config::StoreConfig) -> Result<Arc<dyn Store>> {
     open_with(&config.url, &config.password).await
 }
 
 async fn open_with(
     url: &crate::config::StoreUrl,
     password: &crate::config::SecretSource,
-) -> Result<Arc<dyn LeaseStore>> {
+) -> Result<Arc<dyn Store>> {
     use crate::config::StoreUrl;
     Ok(match url {
         StoreUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),

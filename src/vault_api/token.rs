@@ -172,7 +172,7 @@ pub struct Login {
 /// checked): a new token bound to the identity and this certificate,
 /// stored under the identity's cap (`max_tokens_per_identity`; the
 /// tokens nearest their expiry are evicted to make room, see
-/// `LeaseStore::insert_vault_token` for why evict rather than refuse).
+/// `TokenStore::insert_vault_token` for why evict rather than refuse).
 /// Exactly one audit record either way: `ok` naming the new accessor and
 /// any evicted ones, or the refusal (bad input, the store away).
 pub async fn login(

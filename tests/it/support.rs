@@ -428,7 +428,7 @@ impl TestBroker {
 
     /// Opens this broker's SQLite store (the broker must be stopped: the
     /// store is locked exclusively while one runs).
-    pub async fn open_store(&self) -> std::sync::Arc<dyn credbroker::store::LeaseStore> {
+    pub async fn open_store(&self) -> std::sync::Arc<dyn credbroker::store::Store> {
         credbroker::store::open(&format!("sqlite://{}", self.env.store_path.display()))
             .await
             .unwrap()

@@ -1,0 +1,180 @@
+//! Vault-API tokens and their lease links in PostgreSQL.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{pg_err, PostgresStore};
+use crate::error::Result;
+use crate::lease::LeaseId;
+use crate::store::{TokenStore, VaultToken};
+
+const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued_at, expires_at";
+
+/// First key of the `pg_advisory_xact_lock(int4, int4)` a login holds
+/// per identity ("vtok"; the second key is the identity's hash).
+const VAULT_TOKEN_LOCK: i32 = 0x7674_6f6b;
+
+#[async_trait]
+impl TokenStore for PostgresStore {
+    async fn insert_vault_token(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>> {
+        const WHAT: &str = "insert vault token";
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| pg_err(WHAT, e))?;
+        // As `insert_intent`'s cap: replicas share the table, so the read
+        // of the identity's tokens, the evictions and the insert are
+        // serialized on the store itself by a transaction-scoped lock per
+        // identity (released by COMMIT or a dead connection); the read
+        // comes after the lock, so under READ COMMITTED it sees the
+        // previous holder's committed insert.
+        let lock = tx
+            .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .await
+            .map_err(|e| pg_err("vault token cap lock", e))?;
+        tx.execute(&lock, &[&VAULT_TOKEN_LOCK, &token.identity])
+            .await
+            .map_err(|e| pg_err("vault token cap lock", e))?;
+        let held = tx
+            .prepare_cached(
+                "SELECT accessor, expires_at, issued_at FROM credbroker_vault_tokens \
+                 WHERE identity = $1",
+            )
+            .await
+            .map_err(|e| pg_err("read vault tokens", e))?;
+        let held = tx
+            .query(&held, &[&token.identity])
+            .await
+            .map_err(|e| pg_err("read vault tokens", e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let gone = crate::store::evictions(held, cap);
+        if !gone.is_empty() {
+            // Two statements, tokens first: a link being written holds its
+            // token's row (`link_vault_lease`), so the token delete waits
+            // for it, and the link delete's fresh snapshot then sees it.
+            for sql in [
+                "DELETE FROM credbroker_vault_tokens WHERE accessor = ANY($1)",
+                "DELETE FROM credbroker_vault_token_leases WHERE accessor = ANY($1)",
+            ] {
+                let evict = tx
+                    .prepare_cached(sql)
+                    .await
+                    .map_err(|e| pg_err("evict vault tokens", e))?;
+                tx.execute(&evict, &[&gone])
+                    .await
+                    .map_err(|e| pg_err("evict vault tokens", e))?;
+            }
+        }
+        let insert = tx
+            .prepare_cached(&format!(
+                "INSERT INTO credbroker_vault_tokens ({VAULT_TOKEN_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6)"
+            ))
+            .await
+            .map_err(|e| pg_err(WHAT, e))?;
+        tx.execute(
+            &insert,
+            &[
+                &token.hash,
+                &token.accessor,
+                &token.identity,
+                &token.cert_sha256,
+                &token.issued_at,
+                &token.expires_at,
+            ],
+        )
+        .await
+        .map_err(|e| pg_err(WHAT, e))?;
+        tx.commit().await.map_err(|e| pg_err(WHAT, e))?;
+        Ok(gone)
+    }
+
+    async fn vault_token(&self, hash: &str) -> Result<Option<VaultToken>> {
+        let rows = self
+            .query(
+                "read vault token",
+                &format!(
+                    "SELECT {VAULT_TOKEN_COLUMNS} FROM credbroker_vault_tokens WHERE hash = $1"
+                ),
+                &[&hash],
+            )
+            .await?;
+        Ok(rows.first().map(|r| VaultToken {
+            hash: r.get(0),
+            accessor: r.get(1),
+            identity: r.get(2),
+            cert_sha256: r.get(3),
+            issued_at: r.get(4),
+            expires_at: r.get(5),
+        }))
+    }
+
+    async fn set_vault_token_expiry(&self, hash: &str, expires_at: DateTime<Utc>) -> Result<bool> {
+        self.execute(
+            "renew vault token",
+            "UPDATE credbroker_vault_tokens SET expires_at = $2 WHERE hash = $1",
+            &[&hash, &expires_at],
+        )
+        .await
+        .map(|n| n > 0)
+    }
+
+    async fn delete_vault_token(&self, hash: &str) -> Result<bool> {
+        // One statement: the links and the token go together or not at all.
+        let rows = self
+            .query(
+                "delete vault token",
+                "WITH t AS (DELETE FROM credbroker_vault_tokens WHERE hash = $1 RETURNING accessor), \
+                 l AS (DELETE FROM credbroker_vault_token_leases WHERE accessor IN (SELECT accessor FROM t)) \
+                 SELECT count(*) FROM t",
+                &[&hash],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0)
+    }
+
+    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
+        // The token row is share-locked until this commits: an eviction or
+        // a revoke-self deleting it waits, then deletes this link too (its
+        // link delete is a statement of its own, after the token's).
+        let rows = self
+            .query(
+                "link vault lease",
+                "WITH t AS (SELECT accessor FROM credbroker_vault_tokens WHERE accessor = $1 FOR SHARE), \
+                 i AS (INSERT INTO credbroker_vault_token_leases (accessor, lease_id) \
+                       SELECT accessor, $2 FROM t ON CONFLICT DO NOTHING) \
+                 SELECT count(*) FROM t",
+                &[&accessor, &lease.as_str()],
+            )
+            .await?;
+        if rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0 {
+            Ok(())
+        } else {
+            Err(crate::store::gone_token())
+        }
+    }
+
+    async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {
+        let rows = self
+            .query(
+                "read vault token leases",
+                "SELECT lease_id FROM credbroker_vault_token_leases WHERE accessor = $1 ORDER BY lease_id",
+                &[&accessor],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| LeaseId::from_store(r.get(0))).collect())
+    }
+
+    async fn prune_vault_tokens(&self, before: DateTime<Utc>) -> Result<u64> {
+        let rows = self
+            .query(
+                "prune vault tokens",
+                "WITH t AS (DELETE FROM credbroker_vault_tokens WHERE expires_at < $1 RETURNING accessor), \
+                 l AS (DELETE FROM credbroker_vault_token_leases WHERE accessor IN (SELECT accessor FROM t)) \
+                 SELECT count(*) FROM t",
+                &[&before],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
+    }
+}

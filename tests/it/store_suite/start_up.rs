@@ -1,0 +1,174 @@
+//! Where the stores differ on purpose: start-up recovery, migrations,
+//! a store that is down.
+
+use super::*;
+
+#[tokio::test]
+async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
+    let home = sqlite_home().await;
+    let s = (home.open)().await;
+    let now = Utc::now();
+    let p = lease(1, "ro", APP, now, 600);
+    s.insert_intent(&p, None).await.unwrap();
+    let a = active(&s, 2, "ro", APP, 600).await;
+    s.claim_one(&a.id, &claim("previous-life", 60))
+        .await
+        .unwrap()
+        .unwrap();
+    s.recover_after_start(now).await.unwrap();
+    assert_eq!(ms(s.get(&p.id).await.unwrap().unwrap().due_at), ms(now));
+    // The interrupted revocation is due at once, to be finished.
+    assert_eq!(ms(s.get(&a.id).await.unwrap().unwrap().due_at), ms(now));
+    assert!(s
+        .claim_one(&a.id, &claim("me", 60))
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
+    let home = sqlite_home().await;
+    let s = (home.open)().await;
+    let gone = active(&s, 1, "ro", APP, 600).await;
+    s.mark_revoked(std::slice::from_ref(&gone.id), t(Utc::now(), -7200))
+        .await
+        .unwrap();
+    let live = active(&s, 2, "ro", APP, 600).await;
+    drop(s);
+    // Back to what a broker of schema 1 left behind.
+    let path = home.sqlite_path.clone().unwrap();
+    tokio::task::spawn_blocking(move || {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(
+                "DROP INDEX leases_revoked_at; DROP TABLE locks; DROP TABLE static_roles; \
+                 DROP TABLE vault_tokens; DROP TABLE vault_token_leases; PRAGMA user_version = 1;",
+            )
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let s = (home.open)().await;
+    assert_eq!(s.prune_revoked(t(Utc::now(), -3600), 100).await.unwrap(), 1);
+    assert!(s.get(&live.id).await.unwrap().is_some());
+    drop(s);
+    let path = home.sqlite_path.clone().unwrap();
+    let (version, indexed) = tokio::task::spawn_blocking(move || {
+        let c = rusqlite::Connection::open(path).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'leases_revoked_at'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (v, n)
+    })
+    .await
+    .unwrap();
+    assert_eq!((version, indexed), (9, 1));
+}
+
+#[tokio::test]
+async fn postgres_start_up_leaves_other_replicas_intents_and_claims_alone() {
+    let home = postgres_home().await;
+    let s = (home.open)().await;
+    let now = Utc::now();
+    let p = lease(1, "ro", APP, now, 600);
+    s.insert_intent(&p, None).await.unwrap();
+    let a = active(&s, 2, "ro", APP, 600).await;
+    s.claim_one(&a.id, &claim("replica-a", 60))
+        .await
+        .unwrap()
+        .unwrap();
+    // Replica B starts while A is creating p's user and revoking a.
+    let b = (home.open)().await;
+    b.recover_after_start(Utc::now()).await.unwrap();
+    assert_eq!(
+        ms(b.get(&p.id).await.unwrap().unwrap().due_at),
+        ms(p.due_at),
+        "a pending intent keeps its grace deadline"
+    );
+    assert!(
+        b.claim_one(&a.id, &claim("replica-b", 60))
+            .await
+            .unwrap()
+            .is_none(),
+        "a live claim of another replica survives a start-up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_starting_together_migrate_once() {
+    let home = postgres_home().await;
+    let opens: Vec<_> = (0..6).map(|_| tokio::spawn((home.open)())).collect();
+    for o in opens {
+        o.await.unwrap();
+    }
+    let c = cluster()
+        .connect(home.pg_database.as_deref().unwrap())
+        .await
+        .unwrap();
+    let versions: Vec<i32> = c
+        .query(
+            "SELECT version FROM credbroker_schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=credbroker::store::postgres::SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    let secret_columns: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name LIKE 'credbroker%' \
+             AND (column_name LIKE '%pass%' OR column_name LIKE '%secret%' OR column_name LIKE '%verifier%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(secret_columns, 0, "the store has no column for a secret");
+
+    // A database migrated by a newer broker is refused, not misread.
+    c.batch_execute(
+        "INSERT INTO credbroker_schema_migrations (version, description) VALUES (9999, 'future')",
+    )
+    .await
+    .unwrap();
+    let secret = home._dir.path().join("store-password");
+    let err = PostgresStore::open(
+        &cluster().url(home.pg_database.as_deref().unwrap()),
+        &SecretSource::File(secret),
+    )
+    .await
+    .err()
+    .expect("a newer schema must be refused");
+    assert!(err.to_string().contains("newer than this broker"), "{err}");
+}
+
+#[tokio::test]
+async fn postgres_store_down_is_unavailable_and_names_no_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pw");
+    std::fs::write(&secret, "s3cret-store-pw").unwrap();
+    let port = free_port();
+    let err = PostgresStore::open(
+        &format!("postgres://broker@127.0.0.1:{port}/leases"),
+        &SecretSource::File(secret),
+    )
+    .await
+    .err()
+    .expect("nothing listens there");
+    assert!(matches!(err, credbroker::Error::Unavailable(_)), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("s3cret-store-pw"));
+}
