@@ -198,6 +198,26 @@ impl LeaseStore for PostgresStore {
         Ok(n == 1)
     }
 
+    async fn start_drain(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<Option<Lease>> {
+        let rows = self
+            .query(
+                "start drain",
+                &format!(
+                    "UPDATE credbroker_leases SET state = 'draining', expires_at = $3, due_at = $3 \
+                     WHERE id = $1 AND identity = $2 AND state = 'active' AND claimed_by IS NULL \
+                     RETURNING {COLUMNS}"
+                ),
+                &[&id.as_str(), &holder, &until],
+            )
+            .await?;
+        rows.first().map(row_to_lease).transpose()
+    }
+
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
         // A concurrent claimer blocks on the row lock, then re-checks the
         // WHERE clause against the committed row and finds it taken.

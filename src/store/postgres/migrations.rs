@@ -154,6 +154,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          ALTER TABLE credbroker_locks ADD CONSTRAINT credbroker_locks_kind_check
             CHECK (kind IN ('identity', 'role', 'static_role', 'database'));",
     ),
+    // A routine handover's lease drains before it is revoked
+    // (`revocation::drain`): a live state of its own, so listings, metrics
+    // and the reaper see it.
+    (
+        10,
+        "draining leases",
+        "ALTER TABLE credbroker_leases DROP CONSTRAINT IF EXISTS credbroker_leases_state_check;
+         ALTER TABLE credbroker_leases ADD CONSTRAINT credbroker_leases_state_check
+            CHECK (state IN ('pending', 'active', 'draining', 'failing', 'revoked'));",
+    ),
 ];
 
 /// The newest schema this build knows.
