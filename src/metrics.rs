@@ -64,6 +64,25 @@ pub struct DatabaseLabels {
     pub database: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `server` (tls.cert) or `client_ca` (tls.client_ca).
+    pub certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LockLabels {
+    /// What the locks hold: `identity`, `role`, `static_role`, `database`.
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleOnlyLabels {
+    pub role: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub issued: Family<RoleLabels, Counter>,
@@ -88,8 +107,28 @@ pub struct Metrics {
     /// Connections closed after the handshake, by listener and reason
     /// (`identity_share`, `source_share`, `listener_full`).
     pub connections_refused: Family<ConnectionRefusalLabels, Counter>,
+    /// TLS handshakes refused, by listener and reason (`refused`: the
+    /// handshake failed, a client certificate refused included; `timeout`;
+    /// `in_flight`, `source_in_flight`: too many handshakes at once).
+    pub handshakes_refused: Family<ConnectionRefusalLabels, Counter>,
     /// Connections admitted and open, by listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
+    /// 1 when the lease store answered the last refresh of the store
+    /// gauges (at most `STORE_GAUGES_TTL` old when scraped), else 0.
+    pub store_up: Gauge,
+    /// 1 when the database answered a ping at the last scrape, else 0.
+    pub database_up: Family<DatabaseLabels, Gauge>,
+    /// When the certificate expires (its `notAfter`, Unix seconds); the
+    /// client CA's is the earliest of its file's certificates.
+    pub certificate_expiry: Family<CertificateLabels, FloatGauge>,
+    /// The CRL's earliest `nextUpdate` (Unix seconds); absent without a CRL.
+    pub crl_next_update: Family<CertificateLabels, FloatGauge>,
+    /// Locks in force, by what they hold.
+    pub locks: Family<LockLabels, Gauge>,
+    /// Per role, the most live leases one identity holds …
+    pub identity_leases_most: Family<RoleOnlyLabels, Gauge>,
+    /// … and the role's `max_leases_per_identity` (roles with one).
+    pub identity_leases_cap: Family<RoleOnlyLabels, Gauge>,
     /// The last hour per minute, for the console's charts.
     pub history: crate::rate_history::RateHistory,
     /// Leases issued, renewed or revoked by this process: `/metrics`
@@ -128,6 +167,14 @@ impl Metrics {
             static_failures: Family::default(),
             connections_refused: Family::default(),
             connections_open: Family::default(),
+            handshakes_refused: Family::default(),
+            store_up: Gauge::default(),
+            database_up: Family::default(),
+            certificate_expiry: Family::default(),
+            crl_next_update: Family::default(),
+            locks: Family::default(),
+            identity_leases_most: Family::default(),
+            identity_leases_cap: Family::default(),
             history: Default::default(),
             changes: Default::default(),
         };
@@ -207,6 +254,46 @@ impl Metrics {
             "connections_open",
             "Connections admitted after the handshake and still open, by listener (at most server.max_connections each)",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused, by listener and reason (refused, timeout, in_flight, source_in_flight)",
+            m.handshakes_refused.clone(),
+        );
+        registry.register(
+            "store_up",
+            "1 when the lease store answered the last refresh of the store gauges, 0 when it did not",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "database_up",
+            "1 when the database answered a ping at the last scrape, 0 when it did not",
+            m.database_up.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the server certificate (certificate=server) or the earliest client CA certificate (certificate=client_ca) expires, Unix time",
+            m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "tls_crl_next_update_timestamp_seconds",
+            "The CRL's earliest nextUpdate, Unix time (absent when tls.crl is not set)",
+            m.crl_next_update.clone(),
+        );
+        registry.register(
+            "locks_active",
+            "Admin locks in force, by what they hold (identity, role, static_role, database)",
+            m.locks.clone(),
+        );
+        registry.register(
+            "identity_leases_most",
+            "Per role, the most live leases any one identity holds",
+            m.identity_leases_most.clone(),
+        );
+        registry.register(
+            "identity_leases_cap",
+            "Per role with one, max_leases_per_identity: an identity holding this many is refused more",
+            m.identity_leases_cap.clone(),
         );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
@@ -305,12 +392,34 @@ impl Metrics {
             .inc();
     }
 
+    pub fn handshake_refused(&self, listener: &str, reason: &str) {
+        self.handshakes_refused
+            .get_or_create(&ConnectionRefusalLabels {
+                listener: listener.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     pub fn revocation_failed(&self, database: &str) {
         self.revocation_failures
             .get_or_create(&DatabaseLabels {
                 database: database.into(),
             })
             .inc();
+    }
+
+    /// Registers the audit log's count of records it could not write
+    /// (the log counts them itself: it sits below this module).
+    pub fn count_audit_failures(&self, failures: Counter) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(
+                "audit_write_failures",
+                "Audit records that could not be written; each failed the request or step it recorded",
+                failures,
+            );
     }
 
     /// The Prometheus text exposition of every metric.
