@@ -33,7 +33,7 @@ fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| {
             panic!(
                 "{name} is not on the PATH: run scripts/ensure-prometheus.sh \
-                 (apt-get install -y --no-install-recommends prometheus prometheus-alertmanager)"
+                 (apt-get install -y prometheus prometheus-alertmanager)"
             )
         })
 }
@@ -148,13 +148,7 @@ fn exported(scrape: &str) -> BTreeSet<String> {
 #[tokio::test]
 async fn the_dashboard_and_the_rules_name_only_series_a_running_broker_exports() {
     let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
-    let mport = free_port();
-    b.edit_config(|t| {
-        t.replace(
-            "[server]\n",
-            &format!("[server]\nmetrics_listen = \"127.0.0.1:{mport}\"\n"),
-        )
-    });
+    let mport = b.listen_metrics();
     b.spawn_binary().await;
     wait_port(mport).await;
     let scrape = http_get(mport, "/metrics").await;
@@ -212,14 +206,14 @@ async fn the_dashboard_and_the_rules_name_only_series_a_running_broker_exports()
 
 /// A child process killed (and waited for) when the test ends, however it
 /// ends; its output goes to `log`.
-struct Daemon {
+struct Running {
     name: &'static str,
     child: Child,
     log: PathBuf,
 }
 
-impl Daemon {
-    fn spawn(name: &'static str, program: PathBuf, args: &[String], log: PathBuf) -> Daemon {
+impl Running {
+    fn spawn(name: &'static str, program: PathBuf, args: &[String], log: PathBuf) -> Running {
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(program)
             .args(args)
@@ -227,7 +221,7 @@ impl Daemon {
             .stderr(Stdio::from(out))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Daemon { name, child, log }
+        Running { name, child, log }
     }
 
     fn log_tail(&self) -> String {
@@ -241,7 +235,7 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -341,13 +335,7 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
         &role("short", "{db}", "2s", "1m", "spiffe://credbroker.dev/ns/demo/*"),
     )
     .await;
-    let mport = free_port();
-    b.edit_config(|t| {
-        t.replace(
-            "[server]\n",
-            &format!("[server]\nmetrics_listen = \"127.0.0.1:{mport}\"\n"),
-        )
-    });
+    let mport = b.listen_metrics();
     b.spawn_binary().await;
     wait_port(mport).await;
 
@@ -382,7 +370,7 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
     )
     .unwrap();
     let p = |f: &str| dir.path().join(f).display().to_string();
-    let am = Daemon::spawn(
+    let am = Running::spawn(
         "alertmanager",
         alertmanager,
         &[
@@ -394,7 +382,7 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
         ],
         dir.path().join("alertmanager.log"),
     );
-    let prom = Daemon::spawn(
+    let prom = Running::spawn(
         "prometheus",
         prometheus,
         &[
