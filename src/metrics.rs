@@ -2,6 +2,7 @@
 //! about the store and pools are refreshed when `/metrics` is scraped, so
 //! nothing polls the store in the background.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::error::Error;
 use crate::lease::Reason;
@@ -83,8 +85,40 @@ pub struct RoleOnlyLabels {
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
+/// The registry, and the sample names it exports (each family's name with
+/// the suffixes its type adds), kept as families are registered: a family
+/// with no series yet prints nothing at all, so a scrape alone cannot say
+/// what a dashboard or an alert rule may name.
+struct Families {
+    registry: Registry,
+    names: BTreeSet<String>,
+}
+
+impl Families {
+    const PREFIX: &'static str = "credbroker";
+
+    fn new() -> Self {
+        Families {
+            registry: Registry::with_prefix(Self::PREFIX),
+            names: BTreeSet::new(),
+        }
+    }
+
+    fn register(&mut self, name: &str, help: &str, metric: impl Metric) {
+        let suffixes: &[&str] = match metric.metric_type() {
+            MetricType::Counter => &["_total"],
+            MetricType::Histogram => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        for s in suffixes {
+            self.names.insert(format!("{}_{name}{s}", Self::PREFIX));
+        }
+        self.registry.register(name, help, metric);
+    }
+}
+
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: Mutex<Families>,
     pub issued: Family<RoleLabels, Counter>,
     pub renewed: Family<RoleLabels, Counter>,
     pub revoked: Family<RevokeLabels, Counter>,
@@ -145,9 +179,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("credbroker");
+        let mut registry = Families::new();
         let m = Metrics {
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(Families::new()),
             issued: Family::default(),
             renewed: Family::default(),
             revoked: Family::default(),
@@ -416,18 +450,78 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .register(
-                "audit_write_failures",
-                "Audit records that could not be written; each failed the request or step it recorded",
-                failures,
-            );
+            "audit_write_failures",
+            "Audit records that could not be written; each failed the request or step it recorded",
+            failures,
+        );
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let families = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &registry);
+        let _ = encode(&mut out, &families.registry);
         out
+    }
+
+    /// Every sample name this registry may export (`credbroker_leases_issued_total`,
+    /// `credbroker_issue_duration_seconds_bucket`, …), series or not yet:
+    /// what alert rules and dashboards are checked against.
+    pub fn sample_names(&self) -> BTreeSet<String> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .names
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_names_list_every_family_with_its_type_suffixes_and_the_scrape_holds_no_other() {
+        let m = Metrics::new();
+        let names = m.sample_names();
+        for n in [
+            "credbroker_leases_issued_total",
+            "credbroker_issue_duration_seconds_bucket",
+            "credbroker_issue_duration_seconds_count",
+            "credbroker_store_up",
+            "credbroker_tls_handshakes_refused_total",
+            "credbroker_identity_leases_cap",
+        ] {
+            assert!(names.contains(n), "{n} missing from {names:?}");
+        }
+        assert!(
+            !names.contains("credbroker_leases_issued"),
+            "a counter's samples end in _total"
+        );
+        assert!(!names.contains("credbroker_audit_write_failures_total"));
+        let failures = Counter::default();
+        m.count_audit_failures(failures.clone());
+        failures.inc();
+        assert!(m
+            .sample_names()
+            .contains("credbroker_audit_write_failures_total"));
+
+        m.issued("ro", "main", Duration::from_millis(3));
+        m.revocation_failed("main");
+        m.handshake_refused("grpc", "refused");
+        m.store_up.set(1);
+        let text = m.encode();
+        assert!(
+            text.contains("credbroker_audit_write_failures_total 1"),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                m.sample_names().contains(name),
+                "{name} is exported but not listed"
+            );
+        }
     }
 }

@@ -130,7 +130,10 @@ async fn refresh_store_gauges(broker: &Broker) {
     if let Ok(locks) = broker.store().active_locks().await {
         m.locks.clear();
         for kind in ["identity", "role", "static_role", "database"] {
-            let n = locks.iter().filter(|l| l.target.kind() == kind && l.is_active(now)).count();
+            let n = locks
+                .iter()
+                .filter(|l| l.target.kind() == kind && l.is_active(now))
+                .count();
             m.locks
                 .get_or_create(&LockLabels {
                     target: kind.into(),
@@ -205,7 +208,12 @@ fn refresh_tls_gauges(broker: &Broker) {
         .crl
         .as_deref()
         .and_then(|p| crate::server::tls::read_crls(p).ok())
-        .and_then(|crls| crls.into_iter().flatten().filter_map(|c| c.next_update).min());
+        .and_then(|crls| {
+            crls.into_iter()
+                .flatten()
+                .filter_map(|c| c.next_update)
+                .min()
+        });
     if let Some(t) = next {
         m.crl_next_update
             .get_or_create(&CertificateLabels {
@@ -268,7 +276,13 @@ mod tests {
             kit.broker.issue(&app(), "ro", None).await.unwrap();
         }
         kit.broker
-            .admin_lock(&admin(), LockTarget::Role("rw".into()), None, "t".into(), false)
+            .admin_lock(
+                &admin(),
+                LockTarget::Role("rw".into()),
+                None,
+                "t".into(),
+                false,
+            )
             .await
             .unwrap();
 
@@ -276,24 +290,46 @@ mod tests {
         refresh(&s).await;
         let text = kit.broker.metrics().encode();
         let at = |series: &str| sample(&text, series);
-        assert_eq!(at("credbroker_identity_leases_most{role=\"ro\"}"), Some(3.0), "{text}");
+        assert_eq!(
+            at("credbroker_identity_leases_most{role=\"ro\"}"),
+            Some(3.0),
+            "{text}"
+        );
         assert_eq!(at("credbroker_identity_leases_cap{role=\"ro\"}"), Some(5.0));
-        assert_eq!(at("credbroker_identity_leases_most{role=\"rw\"}"), Some(0.0));
-        assert_eq!(at("credbroker_identity_leases_cap{role=\"rw\"}"), None, "rw has no cap");
+        assert_eq!(
+            at("credbroker_identity_leases_most{role=\"rw\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            at("credbroker_identity_leases_cap{role=\"rw\"}"),
+            None,
+            "rw has no cap"
+        );
         assert_eq!(at("credbroker_locks_active{target=\"role\"}"), Some(1.0));
-        assert_eq!(at("credbroker_locks_active{target=\"identity\"}"), Some(0.0));
+        assert_eq!(
+            at("credbroker_locks_active{target=\"identity\"}"),
+            Some(0.0)
+        );
         assert_eq!(at("credbroker_store_up"), Some(1.0));
         assert_eq!(at("credbroker_database_up{database=\"main\"}"), Some(1.0));
         assert_eq!(at("credbroker_database_up{database=\"second\"}"), Some(1.0));
         assert_eq!(at("credbroker_audit_write_failures_total"), Some(0.0));
         // The dev CA is valid for ten years, its server certificates for one.
         let now = Utc::now().timestamp() as f64;
-        let server_exp = at("credbroker_tls_certificate_expiry_timestamp_seconds{certificate=\"server\"}")
-            .expect("server certificate expiry");
-        let ca_exp = at("credbroker_tls_certificate_expiry_timestamp_seconds{certificate=\"client_ca\"}")
-            .expect("client CA expiry");
-        assert!((server_exp - (now + 365.0 * 86400.0)).abs() < 120.0, "{server_exp}");
-        assert!((ca_exp - (now + 3650.0 * 86400.0)).abs() < 120.0, "{ca_exp}");
+        let server_exp =
+            at("credbroker_tls_certificate_expiry_timestamp_seconds{certificate=\"server\"}")
+                .expect("server certificate expiry");
+        let ca_exp =
+            at("credbroker_tls_certificate_expiry_timestamp_seconds{certificate=\"client_ca\"}")
+                .expect("client CA expiry");
+        assert!(
+            (server_exp - (now + 365.0 * 86400.0)).abs() < 120.0,
+            "{server_exp}"
+        );
+        assert!(
+            (ca_exp - (now + 3650.0 * 86400.0)).abs() < 120.0,
+            "{ca_exp}"
+        );
         assert!(
             !text.contains("credbroker_tls_crl_next_update_timestamp_seconds{"),
             "no tls.crl, no CRL series"
@@ -303,7 +339,7 @@ mod tests {
         // an audit record cannot be written.
         kit.server.set_unavailable(true);
         kit.broker.audit().fail_writes(true);
-        kit.broker.issue(&app(), "ro", None).await.unwrap_err();
+        assert!(kit.broker.issue(&app(), "ro", None).await.is_err());
         kit.broker.audit().fail_writes(false);
         // The refresh's first two questions: live counts, next due.
         kit.store.fail_next(2);
@@ -311,7 +347,11 @@ mod tests {
         refresh(&s).await;
         let text = kit.broker.metrics().encode();
         let at = |series: &str| sample(&text, series);
-        assert_eq!(at("credbroker_database_up{database=\"main\"}"), Some(0.0), "{text}");
+        assert_eq!(
+            at("credbroker_database_up{database=\"main\"}"),
+            Some(0.0),
+            "{text}"
+        );
         assert_eq!(at("credbroker_database_up{database=\"second\"}"), Some(0.0));
         assert_eq!(at("credbroker_store_up"), Some(0.0));
         assert!(at("credbroker_audit_write_failures_total").unwrap() >= 1.0);

@@ -313,7 +313,9 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let source = Source::of(peer.ip(), ipv6_prefix);
             let Some(source_slot) = per_source.acquire(source) else {
-                options.metrics.handshake_refused(options.name, "source_in_flight");
+                options
+                    .metrics
+                    .handshake_refused(options.name, "source_in_flight");
                 refusals.record(
                     format!("unauthenticated:{source}"),
                     "tls_handshake",

@@ -358,8 +358,7 @@ impl LeaseStore for MemoryStore {
         self.with(|rows| {
             let mut per: BTreeMap<(String, String), u64> = BTreeMap::new();
             for r in rows.values().filter(|r| live(&r.lease)) {
-                *per
-                    .entry((r.lease.role.clone(), r.lease.identity.to_string()))
+                *per.entry((r.lease.role.clone(), r.lease.identity.to_string()))
                     .or_default() += 1;
             }
             let mut most: BTreeMap<String, u64> = BTreeMap::new();

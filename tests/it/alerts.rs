@@ -49,16 +49,28 @@ fn promtool(args: &[&str], dir: &Path) -> std::process::Output {
 #[test]
 fn promtool_checks_the_shipped_rules_and_their_unit_tests_pass() {
     let out = promtool(&["check", "rules", RULES], &repo(""));
-    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "promtool check rules {RULES}:\n{said}");
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "promtool check rules {RULES}:\n{said}"
+    );
     println!("{said}");
     let tests = repo(RULE_TESTS);
     let out = promtool(
-        &["test", "rules", tests.file_name().unwrap().to_str().unwrap()],
+        &[
+            "test",
+            "rules",
+            tests.file_name().unwrap().to_str().unwrap(),
+        ],
         tests.parent().unwrap(),
     );
-    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "promtool test rules {RULE_TESTS}:\n{said}");
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "promtool test rules {RULE_TESTS}:\n{said}"
+    );
     println!("{said}");
 
     // The same checks refuse what is wrong: a rule that does not parse, and
@@ -71,7 +83,10 @@ fn promtool_checks_the_shipped_rules_and_their_unit_tests_pass() {
     )
     .unwrap();
     let out = promtool(&["check", "rules", "broken.yml"], dir.path());
-    assert!(!out.status.success(), "promtool accepted a broken expression");
+    assert!(
+        !out.status.success(),
+        "promtool accepted a broken expression"
+    );
     std::fs::write(dir.path().join("credbroker-alerts.yml"), &shipped).unwrap();
     let unit = std::fs::read_to_string(&tests)
         .unwrap()
@@ -102,9 +117,12 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 /// Every query string of a Grafana dashboard: targets' `expr` and the
-/// template variables' `query`/`definition`.
+/// template variables' `query`/`definition` (not a data-source variable's,
+/// whose `query` is the kind of data source).
 fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
+        serde_json::Value::Object(m)
+            if m.get("type").and_then(|t| t.as_str()) == Some("datasource") => {}
         serde_json::Value::Object(m) => {
             for (k, v) in m {
                 match (k.as_str(), v) {
@@ -120,29 +138,14 @@ fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
-/// The sample names a scrape may carry: each `# TYPE` family's name, with
-/// the suffixes its type adds (`_total` for counters; `_bucket`, `_sum`,
-/// `_count` for histograms).
-fn exported(scrape: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in scrape.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
-        };
-        let mut it = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (it.next(), it.next()) else {
-            continue;
-        };
-        let suffixes: &[&str] = match kind {
-            "counter" => &["_total"],
-            "histogram" => &["_bucket", "_sum", "_count"],
-            _ => &[""],
-        };
-        for s in suffixes {
-            names.insert(format!("{name}{s}"));
-        }
-    }
-    names
+/// The sample names in a scrape (labels and values cut off).
+fn scraped(scrape: &str) -> BTreeSet<String> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test]
@@ -151,11 +154,23 @@ async fn the_dashboard_and_the_rules_name_only_series_a_running_broker_exports()
     let mport = b.listen_metrics();
     b.spawn_binary().await;
     wait_port(mport).await;
-    let scrape = http_get(mport, "/metrics").await;
-    let exported = exported(&scrape);
+    // What the registry exports: every family, with or without series (a
+    // family without one prints nothing, so a scrape alone is not enough).
+    let metrics = credbroker::metrics::Metrics::new();
+    metrics.count_audit_failures(Default::default());
+    let exported = metrics.sample_names();
     assert!(
-        exported.contains("credbroker_leases_issued_total") && exported.len() > 20,
-        "the scrape's families: {exported:?}"
+        exported.contains("credbroker_leases_issued_total") && exported.len() > 25,
+        "the registry's sample names: {exported:?}"
+    );
+    // … and it is the whole truth: a running broker exports nothing else.
+    let scrape = http_get(mport, "/metrics").await;
+    let live = scraped(&scrape);
+    assert!(live.contains("credbroker_store_up"), "{scrape}");
+    let unlisted: Vec<_> = live.difference(&exported).collect();
+    assert!(
+        unlisted.is_empty(),
+        "scraped but not in the registry's names: {unlisted:?}"
     );
 
     let dashboard: serde_json::Value =
@@ -168,7 +183,10 @@ async fn the_dashboard_and_the_rules_name_only_series_a_running_broker_exports()
     let mut named = BTreeSet::new();
     for q in &queries {
         let names = metric_names(q);
-        assert!(!names.is_empty(), "dashboard query names no credbroker metric: {q}");
+        assert!(
+            !names.is_empty(),
+            "dashboard query names no credbroker metric: {q}"
+        );
         for n in names {
             assert!(
                 exported.contains(&n),
@@ -195,11 +213,12 @@ async fn the_dashboard_and_the_rules_name_only_series_a_running_broker_exports()
         }
     }
     println!(
-        "{} dashboard queries in {panels} panels and {} rules; {} of the {} exported series named by the dashboard",
+        "{} dashboard queries in {panels} panels and {} rules; {} of the {} exported sample names named by the dashboard; {} of them in a fresh broker's scrape",
         queries.len(),
         exprs.len(),
         named.len(),
-        exported.len()
+        exported.len(),
+        live.len()
     );
     b.kill_binary();
 }
@@ -292,7 +311,9 @@ async fn webhook() -> (u16, tokio::sync::mpsc::UnboundedReceiver<(Instant, Strin
 /// of a 200, else None.
 async fn try_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
         .ok()?;
@@ -332,7 +353,13 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
         .expect("throwaway PostgreSQL for the alert test");
     let mut b = TestBroker::prepare_on(
         &pg,
-        &role("short", "{db}", "2s", "1m", "spiffe://credbroker.dev/ns/demo/*"),
+        &role(
+            "short",
+            "{db}",
+            "2s",
+            "1m",
+            "spiffe://credbroker.dev/ns/demo/*",
+        ),
     )
     .await;
     let mport = b.listen_metrics();
@@ -401,9 +428,17 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
             .is_some_and(|body| body.contains("\"main\""))
     })
     .await;
-    assert!(scraping, "Prometheus does not scrape the broker\n{}", logs());
+    assert!(
+        scraping,
+        "Prometheus does not scrape the broker\n{}",
+        logs()
+    );
     let loaded = http_get(prom_port, "/api/v1/rules").await;
-    assert!(loaded.contains(ALERT), "rules not loaded: {loaded}\n{}", logs());
+    assert!(
+        loaded.contains(ALERT),
+        "rules not loaded: {loaded}\n{}",
+        logs()
+    );
 
     // Three live leases, then the database goes away before they expire.
     let mut leases = Vec::new();
@@ -417,7 +452,8 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
 
     // The moment the broker's own /metrics first shows a failing lease:
     // where the alert's condition becomes true for any scraper.
-    let failing_series = "credbroker_leases_live{role=\"short\",database=\"main\",state=\"failing\"}";
+    let failing_series =
+        "credbroker_leases_live{role=\"short\",database=\"main\",state=\"failing\"}";
     let mut visible = None;
     let deadline = Instant::now() + Duration::from_secs(90);
     while Instant::now() < deadline {
@@ -444,18 +480,19 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
         loop {
             let (at, body) = hooks.recv().await.expect("webhook open");
             let v: serde_json::Value = serde_json::from_str(&body).expect("webhook JSON");
-            let ours = v["alerts"].as_array().into_iter().flatten().find(|a| {
-                a["labels"]["alertname"] == ALERT && a["status"] == "firing"
-            });
+            let ours = v["alerts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["labels"]["alertname"] == ALERT && a["status"] == "firing");
             if let Some(a) = ours {
                 return (at, a.clone());
             }
         }
     })
     .await;
-    let (paged, alert) = page.unwrap_or_else(|_| {
-        panic!("{ALERT} did not reach the webhook within 120 s\n{}", logs())
-    });
+    let (paged, alert) = page
+        .unwrap_or_else(|_| panic!("{ALERT} did not reach the webhook within 120 s\n{}", logs()));
     let took = paged.duration_since(visible);
     println!(
         "{ALERT} reached the webhook {:.1} s after the broker first showed a failing lease \
