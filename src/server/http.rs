@@ -266,12 +266,18 @@ mod tests {
             role("ro", "main"),
             role("rw", "second")
         );
-        let kit = Kit::new("", &roles);
+        // `extra` lands in [tls].
+        let kit = Kit::new("crl = \"ca.crl\"\n", &roles);
         let dir = kit.audit_path().parent().unwrap().to_path_buf();
         let ca = crate::pki::DevCa::generate("alerts test CA").unwrap();
         let server = ca.server_cert(&["localhost"], &[]).unwrap();
         std::fs::write(dir.join("c.pem"), &server.cert_pem).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        let next_update = Utc::now() + chrono::Duration::hours(5);
+        let crl = ca
+            .crl_between(&[], Utc::now() - chrono::Duration::hours(1), next_update)
+            .unwrap();
+        std::fs::write(dir.join("ca.crl"), crl).unwrap();
         for _ in 0..3 {
             kit.broker.issue(&app(), "ro", None).await.unwrap();
         }
@@ -330,9 +336,9 @@ mod tests {
             (ca_exp - (now + 3650.0 * 86400.0)).abs() < 120.0,
             "{ca_exp}"
         );
-        assert!(
-            !text.contains("credbroker_tls_crl_next_update_timestamp_seconds{"),
-            "no tls.crl, no CRL series"
+        assert_eq!(
+            at("credbroker_tls_crl_next_update_timestamp_seconds{certificate=\"crl\"}"),
+            Some(next_update.timestamp() as f64)
         );
 
         // The databases stop answering, the store fails its questions, and

@@ -445,6 +445,12 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
     for _ in 0..3 {
         leases.push(issue(&b, "app", "short", 3).await.expect("issue"));
     }
+    let up = "credbroker_database_up{database=\"main\"}";
+    assert_eq!(
+        broker_sample(mport, up).await,
+        1.0,
+        "the database answers its ping"
+    );
     pg.stop().await.unwrap();
     let stopped = Instant::now();
     let expiry = leases.iter().map(|l| ts(&l.expires_at)).max().unwrap();
@@ -472,6 +478,14 @@ async fn revocations_failing_pages_through_prometheus_and_alertmanager_to_a_webh
     println!(
         "the broker showed failing leases {:.1} s after the database stopped",
         visible.duration_since(stopped).as_secs_f64()
+    );
+
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            broker_sample(mport, up).await == 0.0
+        })
+        .await,
+        "credbroker_database_up stays 1 for a stopped database"
     );
 
     // Then the alert, through Prometheus and Alertmanager.
