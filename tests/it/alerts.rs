@@ -38,40 +38,33 @@ fn tool(name: &str) -> PathBuf {
         })
 }
 
-fn promtool(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(tool("promtool"))
+/// Runs promtool in `dir`: whether it succeeded, and all it said.
+fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
+    let out = Command::new(tool("promtool"))
         .args(args)
         .current_dir(dir)
         .output()
-        .expect("promtool runs")
+        .expect("promtool runs");
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said)
 }
 
 #[test]
 fn promtool_checks_the_shipped_rules_and_their_unit_tests_pass() {
-    let out = promtool(&["check", "rules", RULES], &repo(""));
-    let said =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "promtool check rules {RULES}:\n{said}"
-    );
-    println!("{said}");
     let tests = repo(RULE_TESTS);
-    let out = promtool(
-        &[
-            "test",
-            "rules",
-            tests.file_name().unwrap().to_str().unwrap(),
-        ],
-        tests.parent().unwrap(),
-    );
-    let said =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "promtool test rules {RULE_TESTS}:\n{said}"
-    );
-    println!("{said}");
+    let test_file = tests.file_name().unwrap().to_str().unwrap();
+    for (args, dir) in [
+        (["check", "rules", RULES], repo("")),
+        (
+            ["test", "rules", test_file],
+            tests.parent().unwrap().to_path_buf(),
+        ),
+    ] {
+        let (ok, said) = promtool(&args, &dir);
+        assert!(ok, "promtool {}:\n{said}", args.join(" "));
+        println!("{said}");
+    }
 
     // The same checks refuse what is wrong: a rule that does not parse, and
     // a unit test whose expectation the rules do not meet.
@@ -82,11 +75,8 @@ fn promtool_checks_the_shipped_rules_and_their_unit_tests_pass() {
         shipped.replace("credbroker_store_up) == 0", "credbroker_store_up) == = 0"),
     )
     .unwrap();
-    let out = promtool(&["check", "rules", "broken.yml"], dir.path());
-    assert!(
-        !out.status.success(),
-        "promtool accepted a broken expression"
-    );
+    let (ok, _) = promtool(&["check", "rules", "broken.yml"], dir.path());
+    assert!(!ok, "promtool accepted a broken expression");
     std::fs::write(dir.path().join("credbroker-alerts.yml"), &shipped).unwrap();
     let unit = std::fs::read_to_string(&tests)
         .unwrap()
@@ -96,8 +86,8 @@ fn promtool_checks_the_shipped_rules_and_their_unit_tests_pass() {
             "summary: \"something else\"",
         );
     std::fs::write(dir.path().join("wrong.test.yml"), unit).unwrap();
-    let out = promtool(&["test", "rules", "wrong.test.yml"], dir.path());
-    assert!(!out.status.success(), "promtool passed a wrong expectation");
+    let (ok, _) = promtool(&["test", "rules", "wrong.test.yml"], dir.path());
+    assert!(!ok, "promtool passed a wrong expectation");
 }
 
 /// The `credbroker_*` names in `text` (metric names are lowercase; alert
