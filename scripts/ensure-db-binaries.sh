@@ -10,14 +10,4 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(ma
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "missing: ${missing[*]} — install them (e.g. sudo apt-get install -y ${missing[*]})" >&2
-  exit 1
-fi
-echo "installing ${missing[*]} (database server binaries for throwaway test servers)" >&2
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-# Package install scripts try to start the services; we do not need them to.
-printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-apt-get install -y -qq "${missing[@]}" >/dev/null
+exec "$(dirname "$0")/apt-install.sh" "database server binaries for throwaway test servers" "${missing[@]}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the PostgreSQL and
-# MariaDB server binaries if they are missing (tests start throwaway servers
+# MariaDB server binaries, and Prometheus' tools, if they are missing (tests start throwaway servers
 # from them; nothing needs to be running) and the Vault client (hvac) venv,
 # then lints and tests. Long fault
 # tests (`#[ignore = "long"]`) run in a second step of their own.
@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 scripts/ensure-db-binaries.sh
 scripts/ensure-vault-venv.sh
 scripts/ensure-console-deps.sh
+# promtool, prometheus and alertmanager: tests/it/alerts.rs checks and
+# unit-tests deploy/prometheus/ and pages through a real Prometheus.
+scripts/ensure-prometheus.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

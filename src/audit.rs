@@ -139,6 +139,10 @@ pub struct AuditLog {
     sync: bool,
     /// Rotate to `<path>.<last seq>` once the file is this large.
     rotate_size: Option<u64>,
+    /// Records that could not be written (each failed what it recorded):
+    /// registered by the metrics as `credbroker_audit_write_failures`, so
+    /// a full disk pages someone before every request fails with it.
+    write_failures: prometheus_client::metrics::counter::Counter,
     /// Tests: every write fails, as on a full disk ([`AuditLog::fail_writes`]).
     #[cfg(test)]
     failing: std::sync::atomic::AtomicBool,
@@ -259,6 +263,7 @@ impl AuditLog {
             }),
             sync,
             rotate_size: None,
+            write_failures: Default::default(),
             #[cfg(test)]
             failing: Default::default(),
         };
@@ -340,7 +345,21 @@ impl AuditLog {
         self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The counter of records that could not be written (shared: the
+    /// metrics registry holds a clone).
+    pub fn write_failures(&self) -> prometheus_client::metrics::counter::Counter {
+        self.write_failures.clone()
+    }
+
     fn write(&self, event: Event, sync: bool) -> Result<()> {
+        let written = self.write_one(event, sync);
+        if written.is_err() {
+            self.write_failures.inc();
+        }
+        written
+    }
+
+    fn write_one(&self, event: Event, sync: bool) -> Result<()> {
         #[cfg(test)]
         if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::unavailable(

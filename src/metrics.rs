@@ -2,6 +2,7 @@
 //! about the store and pools are refreshed when `/metrics` is scraped, so
 //! nothing polls the store in the background.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::error::Error;
 use crate::lease::Reason;
@@ -76,8 +78,59 @@ pub struct DatabaseLabels {
     pub database: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `server` (tls.cert) or `client_ca` (tls.client_ca).
+    pub certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LockLabels {
+    /// What the locks hold: `identity`, `role`, `static_role`, `database`.
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleOnlyLabels {
+    pub role: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The registry, and the sample names it exports (each family's name with
+/// the suffixes its type adds), kept as families are registered: a family
+/// with no series yet prints nothing at all, so a scrape alone cannot say
+/// what a dashboard or an alert rule may name.
+struct Families {
+    registry: Registry,
+    names: BTreeSet<String>,
+}
+
+impl Families {
+    const PREFIX: &'static str = "credbroker";
+
+    fn new() -> Self {
+        Families {
+            registry: Registry::with_prefix(Self::PREFIX),
+            names: BTreeSet::new(),
+        }
+    }
+
+    fn register(&mut self, name: &str, help: &str, metric: impl Metric) {
+        let suffixes: &[&str] = match metric.metric_type() {
+            MetricType::Counter => &["_total"],
+            MetricType::Histogram => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        for s in suffixes {
+            self.names.insert(format!("{}_{name}{s}", Self::PREFIX));
+        }
+        self.registry.register(name, help, metric);
+    }
+}
+
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: Mutex<Families>,
     pub issued: Family<RoleLabels, Counter>,
     pub renewed: Family<RoleLabels, Counter>,
     pub revoked: Family<RevokeLabels, Counter>,
@@ -100,6 +153,10 @@ pub struct Metrics {
     /// Connections closed after the handshake, by listener and reason
     /// (`identity_share`, `source_share`, `listener_full`).
     pub connections_refused: Family<ConnectionRefusalLabels, Counter>,
+    /// TLS handshakes refused, by listener and reason (`refused`: the
+    /// handshake failed, a client certificate refused included; `timeout`;
+    /// `in_flight`, `source_in_flight`: too many handshakes at once).
+    pub handshakes_refused: Family<ConnectionRefusalLabels, Counter>,
     /// Connections admitted and open, by listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Sessions a handover's drain ended, by how (`idle`, `deadline`): a
@@ -107,6 +164,22 @@ pub struct Metrics {
     pub drain_sessions: Family<DrainLabels, Counter>,
     /// Drains finished, by outcome (`drained`, `deadline`, `cut`).
     pub drains: Family<DrainLabels, Counter>,
+    /// 1 when the lease store answered the last refresh of the store
+    /// gauges (at most `STORE_GAUGES_TTL` old when scraped), else 0.
+    pub store_up: Gauge,
+    /// 1 when the database answered a ping at the last scrape, else 0.
+    pub database_up: Family<DatabaseLabels, Gauge>,
+    /// When the certificate expires (its `notAfter`, Unix seconds); the
+    /// client CA's is the earliest of its file's certificates.
+    pub certificate_expiry: Family<CertificateLabels, FloatGauge>,
+    /// The CRL's earliest `nextUpdate` (Unix seconds); absent without a CRL.
+    pub crl_next_update: Family<CertificateLabels, FloatGauge>,
+    /// Locks in force, by what they hold.
+    pub locks: Family<LockLabels, Gauge>,
+    /// Per role, the most live leases one identity holds …
+    pub identity_leases_most: Family<RoleOnlyLabels, Gauge>,
+    /// … and the role's `max_leases_per_identity` (roles with one).
+    pub identity_leases_cap: Family<RoleOnlyLabels, Gauge>,
     /// The last hour per minute, for the console's charts.
     pub history: crate::rate_history::RateHistory,
     /// Leases issued, renewed or revoked by this process: `/metrics`
@@ -123,9 +196,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("credbroker");
+        let mut registry = Families::new();
         let m = Metrics {
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(Families::new()),
             issued: Family::default(),
             renewed: Family::default(),
             revoked: Family::default(),
@@ -147,6 +220,14 @@ impl Metrics {
             connections_open: Family::default(),
             drain_sessions: Family::default(),
             drains: Family::default(),
+            handshakes_refused: Family::default(),
+            store_up: Gauge::default(),
+            database_up: Family::default(),
+            certificate_expiry: Family::default(),
+            crl_next_update: Family::default(),
+            locks: Family::default(),
+            identity_leases_most: Family::default(),
+            identity_leases_cap: Family::default(),
             history: Default::default(),
             changes: Default::default(),
         };
@@ -236,6 +317,46 @@ impl Metrics {
             "drains",
             "Handover drains finished, by how: drained (last session gone before the deadline), deadline, or cut (revoked at once meanwhile)",
             m.drains.clone(),
+        );
+        registry.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused, by listener and reason (refused, timeout, in_flight, source_in_flight)",
+            m.handshakes_refused.clone(),
+        );
+        registry.register(
+            "store_up",
+            "1 when the lease store answered the last refresh of the store gauges, 0 when it did not",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "database_up",
+            "1 when the database answered a ping at the last scrape, 0 when it did not",
+            m.database_up.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the server certificate (certificate=server) or the earliest client CA certificate (certificate=client_ca) expires, Unix time",
+            m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "tls_crl_next_update_timestamp_seconds",
+            "The CRL's earliest nextUpdate, Unix time (absent when tls.crl is not set)",
+            m.crl_next_update.clone(),
+        );
+        registry.register(
+            "locks_active",
+            "Admin locks in force, by what they hold (identity, role, static_role, database)",
+            m.locks.clone(),
+        );
+        registry.register(
+            "identity_leases_most",
+            "Per role, the most live leases any one identity holds",
+            m.identity_leases_most.clone(),
+        );
+        registry.register(
+            "identity_leases_cap",
+            "Per role with one, max_leases_per_identity: an identity holding this many is refused more",
+            m.identity_leases_cap.clone(),
         );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
@@ -358,6 +479,15 @@ impl Metrics {
             .inc();
     }
 
+    pub fn handshake_refused(&self, listener: &str, reason: &str) {
+        self.handshakes_refused
+            .get_or_create(&ConnectionRefusalLabels {
+                listener: listener.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     pub fn revocation_failed(&self, database: &str) {
         self.revocation_failures
             .get_or_create(&DatabaseLabels {
@@ -366,12 +496,85 @@ impl Metrics {
             .inc();
     }
 
+    /// Registers the audit log's count of records it could not write
+    /// (the log counts them itself: it sits below this module).
+    pub fn count_audit_failures(&self, failures: Counter) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(
+            "audit_write_failures",
+            "Audit records that could not be written; each failed the request or step it recorded",
+            failures,
+        );
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let families = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &registry);
+        let _ = encode(&mut out, &families.registry);
         out
+    }
+
+    /// Every sample name this registry may export (`credbroker_leases_issued_total`,
+    /// `credbroker_issue_duration_seconds_bucket`, …), series or not yet:
+    /// what alert rules and dashboards are checked against.
+    pub fn sample_names(&self) -> BTreeSet<String> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .names
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_names_list_every_family_with_its_type_suffixes_and_the_scrape_holds_no_other() {
+        let m = Metrics::new();
+        let names = m.sample_names();
+        for n in [
+            "credbroker_leases_issued_total",
+            "credbroker_issue_duration_seconds_bucket",
+            "credbroker_issue_duration_seconds_count",
+            "credbroker_store_up",
+            "credbroker_tls_handshakes_refused_total",
+            "credbroker_identity_leases_cap",
+        ] {
+            assert!(names.contains(n), "{n} missing from {names:?}");
+        }
+        assert!(
+            !names.contains("credbroker_leases_issued"),
+            "a counter's samples end in _total"
+        );
+        assert!(!names.contains("credbroker_audit_write_failures_total"));
+        let failures = Counter::default();
+        m.count_audit_failures(failures.clone());
+        failures.inc();
+        assert!(m
+            .sample_names()
+            .contains("credbroker_audit_write_failures_total"));
+
+        m.issued("ro", "main", Duration::from_millis(3));
+        m.revocation_failed("main");
+        m.handshake_refused("grpc", "refused");
+        m.store_up.set(1);
+        let text = m.encode();
+        assert!(
+            text.contains("credbroker_audit_write_failures_total 1"),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                m.sample_names().contains(name),
+                "{name} is exported but not listed"
+            );
+        }
     }
 }

@@ -217,6 +217,15 @@ impl FakeServer {
         self.calls.lock().unwrap().clone()
     }
 
+    /// Whether the fake database would answer, without recording a call
+    /// (scrapes must not show in the tests' call lists).
+    pub fn answers(&self) -> Result<()> {
+        if self.knobs.lock().unwrap().unavailable {
+            return Err(Error::unavailable("fake database is unreachable"));
+        }
+        Ok(())
+    }
+
     fn call(&self, what: String) -> Result<()> {
         self.calls.lock().unwrap().push(what);
         if self.knobs.lock().unwrap().unavailable {
@@ -418,6 +427,10 @@ impl Backend for FakeBackend {
 
     async fn preflight(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.server.answers()
     }
 
     fn pool_state(&self) -> PoolState {

@@ -198,6 +198,12 @@ pub trait Backend: Send + Sync {
 
     fn pool_state(&self) -> PoolState;
 
+    /// One trivial round trip (`SELECT 1`, a MySQL ping) on a pooled
+    /// connection: whether the database answers now. Asked by the
+    /// `/metrics` scrape for `credbroker_database_up`, so an outage shows
+    /// before any lease falls due on it.
+    async fn ping(&self) -> Result<()>;
+
     /// Creates the static role's users that do not exist yet, unable to
     /// log in until their first rotation, members of the owner, with the
     /// grants. Idempotent.

@@ -126,6 +126,7 @@ impl Broker {
             .keys()
             .map(|db| (db.clone(), Arc::new(tokio::sync::Mutex::new(()))))
             .collect();
+        metrics.count_audit_failures(audit.write_failures());
         let config = ConfigHandle::new(config);
         let watch = Arc::new(WatchHub::new());
         let revoker = Arc::new(

@@ -250,6 +250,20 @@ pub fn read_crls(
         .collect())
 }
 
+/// The earliest `notAfter` among the PEM certificates of the file at
+/// `path`, for the expiry metrics (None when it holds none that parse:
+/// `server_config` reports that file).
+pub fn earliest_expiry(path: &Path) -> Option<chrono::DateTime<chrono::Utc>> {
+    let pem = std::fs::read(path).ok()?;
+    CertificateDer::pem_slice_iter(&pem)
+        .filter_map(|der| {
+            let der = der.ok()?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            chrono::DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
+        })
+        .min()
+}
+
 /// The current TLS config; swapped whole on reload (SIGHUP), so new
 /// connections use new certificates and CRLs while open ones continue.
 pub type SharedTls = Arc<RwLock<Arc<rustls::ServerConfig>>>;
@@ -299,6 +313,9 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let source = Source::of(peer.ip(), ipv6_prefix);
             let Some(source_slot) = per_source.acquire(source) else {
+                options
+                    .metrics
+                    .handshake_refused(options.name, "source_in_flight");
                 refusals.record(
                     format!("unauthenticated:{source}"),
                     "tls_handshake",
@@ -308,6 +325,7 @@ pub fn incoming(
             };
             let Ok(permit) = pending.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "too many TLS handshakes in flight; dropping connection");
+                options.metrics.handshake_refused(options.name, "in_flight");
                 refusals.record(
                     format!("unauthenticated:{}", peer.ip()),
                     "tls_handshake",
@@ -329,6 +347,7 @@ pub fn incoming(
                     // sees the TLS alert. Log without secrets.
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %crate::error::chain(&e), "TLS handshake refused");
+                        options.metrics.handshake_refused(options.name, "refused");
                         refusals.record(
                             format!("unauthenticated:{}", peer.ip()),
                             "tls_handshake",
@@ -338,6 +357,7 @@ pub fn incoming(
                     }
                     Err(_) => {
                         tracing::info!(%peer, "TLS handshake timed out");
+                        options.metrics.handshake_refused(options.name, "timeout");
                         refusals.record(
                             format!("unauthenticated:{}", peer.ip()),
                             "tls_handshake",

@@ -238,6 +238,11 @@ pub trait LeaseStore: Send + Sync {
     /// Live lease counts by (role, database, state), for metrics.
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>>;
 
+    /// Per role, the most live leases any one identity holds: what
+    /// `max_leases_per_identity` is compared with, for the metric an
+    /// alert warns on before callers are refused. One row per role.
+    async fn busiest_identity(&self) -> Result<Vec<(String, u64)>>;
+
     /// Deletes up to `limit` rows that are `revoked` with `revoked_at`
     /// before `before`; returns how many. Never touches a live row: those
     /// are the broker's memory of users that may still exist. Callers prune

@@ -321,13 +321,7 @@ async fn audit_verify_finds_a_flipped_byte_a_deleted_line_and_a_swap() {
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
     let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
-    let mport = free_port();
-    b.edit_config(|t| {
-        t.replace(
-            "[server]\n",
-            &format!("[server]\nmetrics_listen = \"127.0.0.1:{mport}\"\n"),
-        )
-    });
+    let mport = b.listen_metrics();
     b.spawn_binary().await;
     let scrape = || async move {
         let body = http_get(mport, "/metrics").await;

@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod alerts;
 mod bench;
 mod certificates;
 mod console;

@@ -268,6 +268,19 @@ impl TestBroker {
         self.vault_listener = Some(l);
     }
 
+    /// Sets `metrics_listen` to a free port (the binary binds it);
+    /// returns the port.
+    pub fn listen_metrics(&mut self) -> u16 {
+        let port = free_port();
+        self.edit_config(|t| {
+            t.replace(
+                "[server]\n",
+                &format!("[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+            )
+        });
+        port
+    }
+
     /// Adds a `[console]` section on a port of its own, held until the
     /// in-process start; returns the port.
     pub async fn enable_console(&mut self) -> u16 {

@@ -218,6 +218,13 @@ impl MysqlBackend {
         }
     }
 
+    /// A MySQL ping on a pooled connection, under the statement timeout:
+    /// whether the database answers now.
+    pub(super) async fn answers(&self) -> Result<()> {
+        let mut c = self.conn().await?;
+        self.timed("ping", c.ping()).await
+    }
+
     pub(super) fn pool_metrics(&self) -> PoolState {
         let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
         let m = pool.metrics();

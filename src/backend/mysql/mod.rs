@@ -132,6 +132,10 @@ impl Backend for MysqlBackend {
         self.preflight_warnings().await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.answers().await
+    }
+
     fn pool_state(&self) -> PoolState {
         self.pool_metrics()
     }

@@ -134,6 +134,26 @@ impl PostgresBackend {
         Ok(warnings)
     }
 
+    /// `SELECT 1` on a pooled connection, bounded by the connect and
+    /// statement timeouts: whether the database answers now.
+    pub(super) async fn answers(&self) -> Result<()> {
+        let wait = self.config.connect_timeout + self.config.statement_timeout;
+        let asked = async {
+            let client = self.client().await?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| self.db_error("ping", e))
+        };
+        match tokio::time::timeout(wait, asked).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(Error::unavailable(format!(
+                "database {:?}: no answer to SELECT 1 within {wait:?}",
+                self.config.name
+            ))),
+        }
+    }
+
     pub(super) fn pool_metrics(&self) -> PoolState {
         let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
         let s = pool.status();

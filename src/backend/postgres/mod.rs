@@ -212,6 +212,10 @@ impl Backend for PostgresBackend {
         self.preflight_warnings().await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.answers().await
+    }
+
     fn pool_state(&self) -> PoolState {
         self.pool_metrics()
     }

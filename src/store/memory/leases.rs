@@ -259,6 +259,22 @@ impl LeaseStore for MemoryStore {
         })
     }
 
+    async fn busiest_identity(&self) -> Result<Vec<(String, u64)>> {
+        self.with(|rows| {
+            let mut per: BTreeMap<(String, String), u64> = BTreeMap::new();
+            for r in rows.values().filter(|r| live(&r.lease)) {
+                *per.entry((r.lease.role.clone(), r.lease.identity.to_string()))
+                    .or_default() += 1;
+            }
+            let mut most: BTreeMap<String, u64> = BTreeMap::new();
+            for ((role, _), n) in per {
+                let m = most.entry(role).or_default();
+                *m = (*m).max(n);
+            }
+            most.into_iter().collect()
+        })
+    }
+
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
         self.with(|rows| {
             let mut counts: BTreeMap<(String, String, &'static str), (LeaseState, u64)> =

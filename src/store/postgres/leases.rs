@@ -429,6 +429,22 @@ impl LeaseStore for PostgresStore {
         Ok(live)
     }
 
+    async fn busiest_identity(&self) -> Result<Vec<(String, u64)>> {
+        let rows = self
+            .query(
+                "busiest identity",
+                "SELECT role, max(n) FROM (SELECT role, identity, count(*) AS n \
+                 FROM credbroker_leases WHERE state <> 'revoked' GROUP BY role, identity) per \
+                 GROUP BY role",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
         let rows = self
             .query(

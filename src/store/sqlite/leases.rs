@@ -499,6 +499,20 @@ impl LeaseStore for SqliteStore {
         Ok(live)
     }
 
+    async fn busiest_identity(&self) -> Result<Vec<(String, u64)>> {
+        self.with_read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT role, MAX(n) FROM (SELECT role, identity, COUNT(*) AS n FROM leases \
+                 WHERE state <> 'revoked' GROUP BY role, identity) GROUP BY role",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
     async fn live_counts(&self) -> Result<Vec<(String, String, LeaseState, u64)>> {
         self.with_read(|c| {
             let mut stmt = c.prepare_cached(

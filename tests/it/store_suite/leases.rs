@@ -384,6 +384,33 @@ pub async fn case_queries_see_only_what_they_ask_for(s: Store) {
     assert_eq!(ms(s.next_due().await.unwrap().unwrap()), ms(p.due_at));
 }
 
+/// Per role, the most live leases one identity holds (what the lease-cap
+/// alert compares with `max_leases_per_identity`): pending leases count,
+/// revoked ones and other identities' smaller counts do not.
+pub async fn case_busiest_identity_is_counted_per_role(s: Store) {
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    assert_eq!(s.busiest_identity().await.unwrap(), vec![]);
+    for n in 0..2 {
+        active(&s, 200 + n, "ro", APP, 600).await;
+    }
+    s.insert_intent(&lease(210, "ro", APP, Utc::now(), 600), None)
+        .await
+        .unwrap();
+    for n in 0..2 {
+        active(&s, 220 + n, "ro", other, 600).await;
+    }
+    active(&s, 230, "rw", other, 600).await;
+    for n in 0..3 {
+        let gone = active(&s, 240 + n, "rw", APP, 600).await;
+        s.mark_revoked(std::slice::from_ref(&gone.id), Utc::now())
+            .await
+            .unwrap();
+    }
+    let mut most = s.busiest_identity().await.unwrap();
+    most.sort();
+    assert_eq!(most, vec![("ro".to_string(), 3), ("rw".to_string(), 1)]);
+}
+
 /// A console page: filtered, sorted and paged in the store, with a total
 /// that ignores the page — the same answer from every store.
 pub async fn case_pages_are_counted_sorted_and_disjoint(s: Store) {
@@ -603,6 +630,7 @@ store_suite! {
         case_failures_are_recorded_and_release_the_claim,
         case_queries_see_only_what_they_ask_for,
         case_pages_are_counted_sorted_and_disjoint,
+        case_busiest_identity_is_counted_per_role,
     ],
     openers: [
         case_concurrent_reapers_claim_disjoint_sets,
