@@ -120,6 +120,39 @@ mod tests {
         }
     }
 
+    /// An issue through `t` (stored first) whose user exists and whose
+    /// CREATE has not answered yet: its task, the gate that lets the
+    /// reply go, and the user's name.
+    async fn stalled_issue(
+        kit: &Kit,
+        t: &VaultToken,
+    ) -> (
+        tokio::task::JoinHandle<crate::error::Result<crate::lease::Lease>>,
+        std::sync::Arc<tokio::sync::Semaphore>,
+        String,
+    ) {
+        kit.broker.tokens().create(t, 4).await.unwrap();
+        let gate = kit.server.stall_creates();
+        let (broker, accessor) = (kit.broker.clone(), t.accessor.clone());
+        let issuing = tokio::spawn(async move {
+            let tokens = broker.tokens();
+            tokens
+                .issue(&app(), None, "ro", &accessor)
+                .await
+                .map(|i| i.lease)
+        });
+        loop {
+            let made = kit.server.calls().iter().find_map(|c| {
+                c.strip_prefix("create ")
+                    .map(|u| u.split_whitespace().next().unwrap_or(u).to_string())
+            });
+            match made {
+                Some(user) => return (issuing, gate, user),
+                None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+    }
+
     /// Issued through a token, a lease is active and linked at once; and
     /// revoking the token revokes it.
     #[tokio::test]
@@ -149,26 +182,15 @@ mod tests {
     /// handed out, and the intent stays for the reaper to resolve.
     #[tokio::test]
     async fn a_failed_link_leaves_no_active_lease() {
-        let kit = Kit::new("", &role("ro", "main"));
-        let t = token(2);
-        kit.broker.tokens().create(&t, 4).await.unwrap();
-        let gate = kit.server.stall_creates();
-        let broker = kit.broker.clone();
-        let accessor = t.accessor.clone();
-        let issuing = tokio::spawn(async move {
-            broker
-                .tokens()
-                .issue(&app(), None, "ro", &accessor)
-                .await
-                .map(|i| i.lease)
-        });
-        // The user exists; its issue is waiting for the CREATE's reply.
-        while !kit.server.calls().iter().any(|c| c.starts_with("create ")) {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        let (kit, t) = (Kit::new("", &role("ro", "main")), token(2));
+        let (issuing, gate, user) = stalled_issue(&kit, &t).await;
         assert!(kit.store.delete_vault_token(&t.hash).await.unwrap());
         kit.server.set_unavailable(true);
         gate.add_permits(1);
+        assert!(
+            kit.server.user(&user).is_some(),
+            "made before the token went"
+        );
         match issuing.await.unwrap() {
             Err(Error::PermissionDenied(m)) => assert!(m.contains("log in again"), "{m}"),
             other => panic!("an issue whose token went meanwhile: {other:?}"),
@@ -192,29 +214,8 @@ mod tests {
     /// is not active either, and its user is dropped.
     #[tokio::test]
     async fn a_store_failure_at_the_link_leaves_no_active_lease() {
-        let kit = Kit::new("", &role("ro", "main"));
-        let t = token(3);
-        kit.broker.tokens().create(&t, 4).await.unwrap();
-        let gate = kit.server.stall_creates();
-        let broker = kit.broker.clone();
-        let accessor = t.accessor.clone();
-        let issuing = tokio::spawn(async move {
-            broker
-                .tokens()
-                .issue(&app(), None, "ro", &accessor)
-                .await
-                .map(|i| i.lease)
-        });
-        let user = loop {
-            let made = kit.server.calls().iter().find_map(|c| {
-                c.strip_prefix("create ")
-                    .map(|u| u.split_whitespace().next().unwrap_or(u).to_string())
-            });
-            match made {
-                Some(u) => break u,
-                None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-            }
-        };
+        let (kit, t) = (Kit::new("", &role("ro", "main")), token(3));
+        let (issuing, gate, user) = stalled_issue(&kit, &t).await;
         // The next store call is the activation with its link.
         kit.store.fail_next(1);
         gate.add_permits(1);
