@@ -153,6 +153,21 @@ mod tests {
         }
     }
 
+    /// What a failed issue through `t` must leave: no active lease, no
+    /// link. Every lease the kit's store holds, in any state.
+    async fn no_active_lease_and_no_link(kit: &Kit, t: &VaultToken) -> Vec<crate::lease::Lease> {
+        use LeaseState::*;
+        let every = LeaseFilter {
+            states: vec![Pending, Active, Failing, Revoked],
+            ..Default::default()
+        };
+        let leases = kit.store.list(&every).await.unwrap();
+        assert!(leases.iter().all(|l| l.state != Active), "{leases:?}");
+        let links = kit.store.vault_token_leases(&t.accessor).await.unwrap();
+        assert!(links.is_empty(), "{links:?}");
+        leases
+    }
+
     /// Issued through a token, a lease is active and linked at once; and
     /// revoking the token revokes it.
     #[tokio::test]
@@ -195,19 +210,13 @@ mod tests {
             Err(Error::PermissionDenied(m)) => assert!(m.contains("log in again"), "{m}"),
             other => panic!("an issue whose token went meanwhile: {other:?}"),
         }
-        let filter = LeaseFilter {
-            states: vec![],
-            ..Default::default()
-        };
-        let leases = kit.store.list(&filter).await.unwrap();
+        let leases = no_active_lease_and_no_link(&kit, &t).await;
         assert_eq!(leases.len(), 1, "{leases:?}");
-        assert_ne!(leases[0].state, LeaseState::Active, "{leases:?}");
-        assert!(kit
-            .store
-            .vault_token_leases(&t.accessor)
-            .await
-            .unwrap()
-            .is_empty());
+        assert_ne!(
+            leases[0].state,
+            LeaseState::Revoked,
+            "its user still exists: the intent stays live for the reaper"
+        );
     }
 
     /// The store fails at the step that activates and links: the lease
@@ -228,28 +237,6 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(kit.server.user(&user).is_none(), "{user} still exists");
-        let leases = kit
-            .store
-            .list(&LeaseFilter {
-                states: vec![
-                    LeaseState::Pending,
-                    LeaseState::Active,
-                    LeaseState::Failing,
-                    LeaseState::Revoked,
-                ],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert!(
-            leases.iter().all(|l| l.state != LeaseState::Active),
-            "{leases:?}"
-        );
-        assert!(kit
-            .store
-            .vault_token_leases(&t.accessor)
-            .await
-            .unwrap()
-            .is_empty());
+        no_active_lease_and_no_link(&kit, &t).await;
     }
 }
