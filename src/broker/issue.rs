@@ -40,11 +40,25 @@ impl Broker {
         role_name: &str,
         ttl: Option<Duration>,
     ) -> Result<IssuedLease> {
+        self.issue_through(who, peer, role_name, ttl, None).await
+    }
+
+    /// `issue_from`, and with `token` (a Vault token's accessor) the lease
+    /// is linked to that token in the step that activates it
+    /// (`broker::tokens`).
+    pub(super) async fn issue_through(
+        &self,
+        who: &Identity,
+        peer: Option<IpAddr>,
+        role_name: &str,
+        ttl: Option<Duration>,
+        token: Option<&str>,
+    ) -> Result<IssuedLease> {
         let started = Instant::now();
         let mut event = Event::new(who.as_str(), "issue");
         event.role = Some(truncate_text(role_name));
         let result = self
-            .issue_inner(who, peer, role_name, ttl, &mut event)
+            .issue_inner(who, peer, role_name, ttl, token, &mut event)
             .await;
         match result {
             Ok(issued) => {
@@ -68,6 +82,7 @@ impl Broker {
         peer: Option<IpAddr>,
         role_name: &str,
         ttl: Option<Duration>,
+        token: Option<&str>,
         event: &mut Event,
     ) -> Result<IssuedLease> {
         let config = self.config();
@@ -156,8 +171,16 @@ impl Broker {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
             return Err(e);
         }
-        if let Err(e) = crate::steps::timed("store: activate", self.store.activate(&lease.id)).await
-        {
+        // Through a token, the link is written in the activation's own
+        // step: a lease is never active without the link that lets
+        // revoking its token reach it.
+        let activate = async {
+            match token {
+                Some(accessor) => self.store.activate_linked(&lease.id, accessor).await,
+                None => self.store.activate(&lease.id).await,
+            }
+        };
+        if let Err(e) = crate::steps::timed("store: activate", activate).await {
             self.clean_up_failed_issue(lease.clone(), backend.clone());
             return Err(e);
         }

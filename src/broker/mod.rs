@@ -5,7 +5,8 @@
 //! One `Broker`; its calls live in `impl Broker` blocks by who makes them,
 //! so a change to one path is read in one file: `issue` (a new lease, and
 //! the network and TTL checks renew shares), `holder` (a holder's calls on
-//! its lease), `admin`, `locks` and `static_roles`. What they all use
+//! its lease), `admin`, `locks`, `static_roles` and `tokens` (the Vault
+//! API's). What they all use
 //! (audit, the backend of a database, claims) stays here.
 
 mod admin;
@@ -13,6 +14,7 @@ mod holder;
 mod issue;
 mod locks;
 mod static_roles;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +41,7 @@ pub(crate) use admin::check_admin_network;
 pub use issue::CALLER_HOST;
 pub(crate) use issue::{check_network, lookup_role};
 pub(crate) use static_roles::lookup_static;
+pub use tokens::Tokens;
 
 /// Longest role name a request may carry; config keys are shorter.
 const MAX_ROLE_LEN: usize = 64;

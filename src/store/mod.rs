@@ -305,12 +305,16 @@ pub trait TokenStore: Send + Sync {
     /// Deletes a token and its lease links; false when there was none.
     async fn delete_vault_token(&self, hash: &str) -> Result<bool>;
 
-    /// Records that the token with `accessor` created `lease`, so revoking
-    /// the token revokes the lease (Vault's token → lease parentage).
-    /// Fails with [`gone_token`] when the token is no longer stored
-    /// (evicted or revoked while the request ran): a link to it would
-    /// never be pruned, and its lease never reached by revoke-self.
-    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()>;
+    /// Pending → active, as [`LeaseStore::activate`], *and* linked to the
+    /// token with `accessor`, in one atomic step: a lease issued through a
+    /// token is never active without the link that lets revoking the
+    /// token reach it (two writes could stop between them, leaving an
+    /// active lease its token's revoke-self misses). Fails with
+    /// [`gone_token`] when the token is no longer stored (evicted or
+    /// revoked while the request ran), and with [`not_activated`] when the
+    /// intent was claimed; either way nothing is written, the lease stays
+    /// pending, and the issuing path drops its user.
+    async fn activate_linked(&self, id: &LeaseId, accessor: &str) -> Result<()>;
 
     /// The leases the token with `accessor` created (any state).
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>>;
@@ -375,6 +379,40 @@ pub struct VaultToken {
 /// words from every store; the caller sees a 403 and logs in again.
 pub fn gone_token() -> Error {
     Error::denied("invalid token: it was revoked or evicted while this request ran; log in again")
+}
+
+/// An activation refused because a revoker claimed the intent first:
+/// the same words from every store.
+pub fn not_activated() -> Error {
+    Error::FailedPrecondition(
+        "the lease was revoked while it was being issued (a lock or an admin revoke claimed it); nothing was handed out".into(),
+    )
+}
+
+/// What one store step of [`TokenStore::activate_linked`] found.
+pub(crate) enum Linked {
+    Done,
+    TokenGone,
+    NotPending,
+}
+
+impl Linked {
+    /// `held`: the token was stored; `activated`: the intent became active.
+    pub(crate) fn of(held: bool, activated: bool) -> Linked {
+        match (held, activated) {
+            (false, _) => Linked::TokenGone,
+            (true, false) => Linked::NotPending,
+            (true, true) => Linked::Done,
+        }
+    }
+
+    pub(crate) fn into_result(self) -> Result<()> {
+        match self {
+            Linked::Done => Ok(()),
+            Linked::TokenGone => Err(gone_token()),
+            Linked::NotPending => Err(not_activated()),
+        }
+    }
 }
 
 /// Which of an identity's stored tokens a new login evicts to stay at

@@ -378,11 +378,7 @@ async fn renew_self(req: &Request<'_>) -> Reply {
     let wanted = now + chrono::Duration::from_std(requested).map_err(Error::internal)?;
     let expires_at = wanted.min(hard);
     let broker = &req.api.broker;
-    if !broker
-        .store()
-        .set_vault_token_expiry(&s.token.hash, expires_at)
-        .await?
-    {
+    if !broker.tokens().renew(&s.token.hash, expires_at).await? {
         // Evicted or revoked since the check: refused, and audited.
         let err = Error::denied("invalid token");
         return Err(broker
@@ -422,23 +418,7 @@ async fn revoke_self(req: &Request<'_>) -> Reply {
         .session("vault_token_revoke", Target::Own(Use::GiveUp))
         .await?;
     let broker = &req.api.broker;
-    let leases = broker.store().vault_token_leases(&s.token.accessor).await?;
-    let mut revoked = 0;
-    for id in &leases {
-        // A token renewed all day links many leases long since ended:
-        // skip those rather than audit an "already revoked" for each.
-        match broker.store().get(id).await? {
-            Some(l) if l.state != LeaseState::Revoked => {}
-            _ => continue,
-        }
-        match broker.revoke(&s.identity, id).await {
-            Ok(_) => revoked += 1,
-            // Pruned since: nothing left to end.
-            Err(Error::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    broker.store().delete_vault_token(&s.token.hash).await?;
+    let revoked = broker.tokens().revoke(&s.identity, &s.token).await?;
     let mut e = Event::new(s.identity.as_str(), "vault_token_revoke");
     e.outcome = Some(Outcome::Ok);
     e.detail = Some(format!("accessor={}; leases={revoked}", s.token.accessor));
@@ -450,22 +430,17 @@ async fn revoke_self(req: &Request<'_>) -> Reply {
 async fn creds(req: &Request<'_>, role: &str) -> Reply {
     let s = req.session("issue", Target::Role(role)).await?;
     let broker = &req.api.broker;
+    // Linked to the token as it becomes active (`broker::tokens`).
     let issued = broker
-        .issue_from(&s.identity, Some(req.peer.addr.ip()), role, None)
+        .tokens()
+        .issue(
+            &s.identity,
+            Some(req.peer.addr.ip()),
+            role,
+            &s.token.accessor,
+        )
         .await?;
     let lease = &issued.lease;
-    if let Err(e) = broker
-        .store()
-        .link_vault_lease(&s.token.accessor, &lease.id)
-        .await
-    {
-        // Unlinked, revoking the token would miss this lease: end it now
-        // rather than hand it out (the reaper ends it if this fails too).
-        if let Err(re) = broker.revoke(&s.identity, &lease.id).await {
-            tracing::warn!(lease_id = %lease.id, error = %crate::error::chain(&re), "cannot revoke an unlinked lease");
-        }
-        return Err(e.into());
-    }
     let now = Utc::now();
     let mount = &req.api.config.mount;
     let body = Envelope {

@@ -132,8 +132,8 @@ pub async fn authenticate(
     };
     // A store that cannot answer refuses too, and is audited as an error.
     let stored = broker
-        .store()
-        .vault_token(&hash(&token))
+        .tokens()
+        .lookup(&hash(&token))
         .await
         .map_err(|e| broker.refuse(who.as_str(), action, e))?;
     let Some(stored) = stored else {
@@ -205,11 +205,7 @@ pub async fn login(
             + chrono::Duration::from_std(ttl).map_err(|e| refuse(Error::internal(e)))?,
     };
     let cap = config.max_tokens_per_identity;
-    let evicted = broker
-        .store()
-        .insert_vault_token(&stored, cap)
-        .await
-        .map_err(refuse)?;
+    let evicted = broker.tokens().create(&stored, cap).await.map_err(refuse)?;
     let mut e = Event::new(who.as_str(), LOGIN);
     e.outcome = Some(Outcome::Ok);
     let mut detail = format!("accessor={}; ttl={}s", stored.accessor, ttl.as_secs());
@@ -223,7 +219,7 @@ pub async fn login(
     if let Err(err) = broker.audit().append(e) {
         // An unaudited token must not be handed out. The evictions stand
         // (they only shortened tokens of this identity): say so here.
-        let _ = broker.store().delete_vault_token(&stored.hash).await;
+        let _ = broker.tokens().discard(&stored.hash).await;
         if !evicted.is_empty() {
             tracing::error!(identity = %who, evicted = %evicted.join(","), "vault tokens evicted while the audit log failed");
         }

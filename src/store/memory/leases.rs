@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{live, MemoryStore, Row};
+use super::{activate_row, live, MemoryStore, Row};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::store::{Claim, LeaseFilter, LeaseOrder, LeaseStore};
@@ -45,20 +45,11 @@ impl LeaseStore for MemoryStore {
     }
 
     async fn activate(&self, id: &LeaseId) -> Result<()> {
-        let activated = self.with(|rows| match rows.get_mut(id) {
-            Some(r) if r.lease.state == LeaseState::Pending && r.claim.is_none() => {
-                r.lease.state = LeaseState::Active;
-                r.lease.due_at = r.lease.expires_at;
-                true
-            }
-            _ => false,
-        })?;
+        let activated = self.with(|rows| activate_row(rows, id))?;
         if activated {
             Ok(())
         } else {
-            Err(Error::FailedPrecondition(
-                "the lease was revoked while it was being issued (a lock or an admin revoke claimed it); nothing was handed out".into(),
-            ))
+            Err(crate::store::not_activated())
         }
     }
 

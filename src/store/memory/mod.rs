@@ -130,6 +130,18 @@ impl MemoryStore {
     }
 }
 
+/// Pending → active, unless a revoker claimed the intent; whether it was.
+fn activate_row(rows: &mut BTreeMap<LeaseId, Row>, id: &LeaseId) -> bool {
+    match rows.get_mut(id) {
+        Some(r) if r.lease.state == LeaseState::Pending && r.claim.is_none() => {
+            r.lease.state = LeaseState::Active;
+            r.lease.due_at = r.lease.expires_at;
+            true
+        }
+        _ => false,
+    }
+}
+
 fn live(l: &Lease) -> bool {
     l.state != LeaseState::Revoked
 }

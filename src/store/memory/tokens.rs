@@ -3,10 +3,10 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::MemoryStore;
+use super::{activate_row, MemoryStore};
 use crate::error::{Error, Result};
 use crate::lease::LeaseId;
-use crate::store::{TokenStore, VaultToken};
+use crate::store::{Linked, TokenStore, VaultToken};
 
 #[async_trait]
 impl TokenStore for MemoryStore {
@@ -63,18 +63,19 @@ impl TokenStore for MemoryStore {
         Ok(removed.is_some())
     }
 
-    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
+    async fn activate_linked(&self, id: &LeaseId, accessor: &str) -> Result<()> {
         self.check()?;
-        // Held over the insert: an eviction cannot slip in between.
+        // The tokens are held over both writes: an eviction cannot slip in.
         let tokens = self.vault_tokens.lock().unwrap();
-        if !tokens.values().any(|t| t.accessor == accessor) {
-            return Err(crate::store::gone_token());
+        let held = tokens.values().any(|t| t.accessor == accessor);
+        let activated = held && activate_row(&mut self.rows.lock().unwrap(), id);
+        if activated {
+            self.vault_links
+                .lock()
+                .unwrap()
+                .insert((accessor.to_string(), id.clone()));
         }
-        self.vault_links
-            .lock()
-            .unwrap()
-            .insert((accessor.to_string(), lease.clone()));
-        Ok(())
+        Linked::of(held, activated).into_result()
     }
 
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {

@@ -8,7 +8,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::{corrupt, pg_err, PostgresStore};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
@@ -169,9 +169,7 @@ impl LeaseStore for PostgresStore {
         if n == 1 {
             Ok(())
         } else {
-            Err(Error::FailedPrecondition(
-                "the lease was revoked while it was being issued (a lock or an admin revoke claimed it); nothing was handed out".into(),
-            ))
+            Err(crate::store::not_activated())
         }
     }
 

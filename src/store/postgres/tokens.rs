@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use super::{pg_err, PostgresStore};
 use crate::error::Result;
 use crate::lease::LeaseId;
-use crate::store::{TokenStore, VaultToken};
+use crate::store::{Linked, TokenStore, VaultToken};
 
 const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued_at, expires_at";
 
@@ -50,7 +50,7 @@ impl TokenStore for PostgresStore {
         let gone = crate::store::evictions(held, cap);
         if !gone.is_empty() {
             // Two statements, tokens first: a link being written holds its
-            // token's row (`link_vault_lease`), so the token delete waits
+            // token's row (`activate_linked`), so the token delete waits
             // for it, and the link delete's fresh snapshot then sees it.
             for sql in [
                 "DELETE FROM credbroker_vault_tokens WHERE accessor = ANY($1)",
@@ -133,25 +133,26 @@ impl TokenStore for PostgresStore {
         Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0)
     }
 
-    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
-        // The token row is share-locked until this commits: an eviction or
-        // a revoke-self deleting it waits, then deletes this link too (its
-        // link delete is a statement of its own, after the token's).
+    async fn activate_linked(&self, id: &LeaseId, accessor: &str) -> Result<()> {
+        // One statement, so one atomic step: the token row is share-locked
+        // (an eviction or a revoke-self deleting it waits, then deletes
+        // this link too), the intent activated only while the token is
+        // held, and the link written only with the activation.
         let rows = self
             .query(
-                "link vault lease",
+                "activate linked lease",
                 "WITH t AS (SELECT accessor FROM credbroker_vault_tokens WHERE accessor = $1 FOR SHARE), \
+                 a AS (UPDATE credbroker_leases SET state = 'active', due_at = expires_at \
+                       WHERE id = $2 AND state = 'pending' AND claimed_by IS NULL \
+                       AND EXISTS (SELECT 1 FROM t) RETURNING id), \
                  i AS (INSERT INTO credbroker_vault_token_leases (accessor, lease_id) \
-                       SELECT accessor, $2 FROM t ON CONFLICT DO NOTHING) \
-                 SELECT count(*) FROM t",
-                &[&accessor, &lease.as_str()],
+                       SELECT t.accessor, a.id FROM t, a ON CONFLICT DO NOTHING) \
+                 SELECT (SELECT count(*) FROM t), (SELECT count(*) FROM a)",
+                &[&accessor, &id.as_str()],
             )
             .await?;
-        if rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) > 0 {
-            Ok(())
-        } else {
-            Err(crate::store::gone_token())
-        }
+        let count = |i: usize| rows.first().map(|r| r.get::<_, i64>(i)).unwrap_or(0);
+        Linked::of(count(0) > 0, count(1) > 0).into_result()
     }
 
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {

@@ -19,6 +19,10 @@ const RECORD_FAILURE: &str =
 const COLUMNS: &str = "id, role, database, kind, username, user_host, identity, state, issued_at, \
                        expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error";
 
+/// Pending → active, unless a revoker claimed the intent (`activate`).
+pub(super) const ACTIVATE: &str = "UPDATE leases SET state = 'active', due_at = expires_at \
+     WHERE id = ?1 AND state = 'pending' AND claimed_by IS NULL";
+
 fn row_to_lease(row: &Row<'_>) -> rusqlite::Result<Lease> {
     let kind: String = row.get(3)?;
     let state: String = row.get(7)?;
@@ -147,19 +151,12 @@ impl LeaseStore for SqliteStore {
     async fn activate(&self, id: &LeaseId) -> Result<()> {
         let id = id.as_str().to_string();
         let n = self
-            .with(move |c| {
-                c.execute(
-                    "UPDATE leases SET state = 'active', due_at = expires_at WHERE id = ?1 AND state = 'pending' AND claimed_by IS NULL",
-                    params![id],
-                )
-            })
+            .with(move |c| c.prepare_cached(ACTIVATE)?.execute(params![id]))
             .await?;
         if n == 1 {
             Ok(())
         } else {
-            Err(Error::FailedPrecondition(
-                "the lease was revoked while it was being issued (a lock or an admin revoke claimed it); nothing was handed out".into(),
-            ))
+            Err(crate::store::not_activated())
         }
     }
 

@@ -4,10 +4,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, OptionalExtension};
 
+use super::leases::ACTIVATE;
 use super::{from_ms, ms, SqliteStore};
 use crate::error::Result;
 use crate::lease::LeaseId;
-use crate::store::{TokenStore, VaultToken};
+use crate::store::{Linked, TokenStore, VaultToken};
 
 const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued_at, expires_at";
 
@@ -99,35 +100,30 @@ impl TokenStore for SqliteStore {
         .await
     }
 
-    async fn link_vault_lease(&self, accessor: &str, lease: &LeaseId) -> Result<()> {
-        let (accessor, lease) = (accessor.to_string(), lease.as_str().to_string());
-        // Lazy: a fsync of its own tripled the cost of a Vault `creds`
-        // call (11.9 ms → 3.8 ms measured, gRPC issue 3.5 ms). A process
-        // crash keeps it; only a power loss before the next full commit
-        // can lose it, and then revoke-self misses a lease that still
-        // ends at its own expiry and stays in the store (invariant 1 is
-        // the lease row's, written durably before the user exists).
-        // One writer: nothing evicts the token between the check and the
-        // insert.
-        let linked = self
-            .with_lazy(move |c| {
-                let held: bool = c
-                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM vault_tokens WHERE accessor = ?1)")?
-                    .query_row(params![accessor], |r| r.get(0))?;
-                if held {
-                    c.prepare_cached(
-                        "INSERT OR IGNORE INTO vault_token_leases (accessor, lease_id) VALUES (?1, ?2)",
-                    )?
-                    .execute(params![accessor, lease])?;
-                }
-                Ok(held)
-            })
-            .await?;
-        if linked {
-            Ok(())
-        } else {
-            Err(crate::store::gone_token())
-        }
+    async fn activate_linked(&self, id: &LeaseId, accessor: &str) -> Result<()> {
+        let (id, accessor) = (id.as_str().to_string(), accessor.to_string());
+        // One job on the one writer, in its own savepoint: nothing evicts
+        // the token between the check and the writes, and the activation
+        // and the link commit together. Full durability, as `activate`'s:
+        // the link rides the same commit, so it costs no fsync of its own.
+        self.with(move |c| {
+            let held: bool = c
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM vault_tokens WHERE accessor = ?1)")?
+                .query_row(params![accessor], |r| r.get(0))?;
+            if !held {
+                return Ok(Linked::TokenGone);
+            }
+            if c.prepare_cached(ACTIVATE)?.execute(params![id])? != 1 {
+                return Ok(Linked::NotPending);
+            }
+            c.prepare_cached(
+                "INSERT OR IGNORE INTO vault_token_leases (accessor, lease_id) VALUES (?1, ?2)",
+            )?
+            .execute(params![accessor, id])?;
+            Ok(Linked::Done)
+        })
+        .await?
+        .into_result()
     }
 
     async fn vault_token_leases(&self, accessor: &str) -> Result<Vec<LeaseId>> {

@@ -113,6 +113,13 @@ fn claim(owner: &str, secs: i64) -> Claim {
     }
 }
 
+/// An intent, written and read back (pending).
+async fn pending(s: &Store, n: usize, role: &str, who: &str, ttl: i64) -> Lease {
+    let l = lease(n, role, who, Utc::now(), ttl);
+    s.insert_intent(&l, None).await.unwrap();
+    s.get(&l.id).await.unwrap().unwrap()
+}
+
 async fn active(s: &Store, n: usize, role: &str, who: &str, ttl: i64) -> Lease {
     let now = Utc::now();
     let l = lease(n, role, who, now, ttl);

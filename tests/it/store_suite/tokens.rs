@@ -3,8 +3,9 @@
 use super::*;
 
 /// Vault-API tokens: stored by hash, found by hash only, renewed, linked
-/// to the leases they created, deleted with their links, pruned once
-/// expired — and a second token's links are never touched.
+/// to the leases they created as those become active, deleted with their
+/// links, pruned once expired — and a second token's links are never
+/// touched.
 async fn case_vault_tokens_and_their_lease_links(s: Store) {
     use credbroker::store::VaultToken;
     let now = credbroker::lease::truncate_ms(Utc::now());
@@ -40,16 +41,27 @@ async fn case_vault_tokens_and_their_lease_links(s: Store) {
         ms(t(now, 7200))
     );
 
-    let (l1, l2, l3) = (
-        active(&s, 1, "ro", APP, 600).await,
-        active(&s, 2, "ro", APP, 600).await,
-        active(&s, 3, "ro", APP, 600).await,
+    let (l1, l2, l3, l4) = (
+        pending(&s, 1, "ro", APP, 600).await,
+        pending(&s, 2, "ro", APP, 600).await,
+        pending(&s, 3, "ro", APP, 600).await,
+        pending(&s, 4, "ro", APP, 600).await,
     );
-    s.link_vault_lease(&a.accessor, &l1.id).await.unwrap();
-    s.link_vault_lease(&a.accessor, &l2.id).await.unwrap();
-    s.link_vault_lease(&a.accessor, &l2.id).await.unwrap(); // idempotent
-    s.link_vault_lease(&b.accessor, &l3.id).await.unwrap();
-    s.link_vault_lease(&old.accessor, &l3.id).await.unwrap();
+    s.activate_linked(&l1.id, &a.accessor).await.unwrap();
+    s.activate_linked(&l2.id, &a.accessor).await.unwrap();
+    // Only an intent is activated and linked: a second time links nothing.
+    match s.activate_linked(&l2.id, &b.accessor).await {
+        Err(credbroker::Error::FailedPrecondition(_)) => {}
+        other => panic!("an active lease activated again: {other:?}"),
+    }
+    s.activate_linked(&l3.id, &b.accessor).await.unwrap();
+    // An expired token still stored still links (pruning takes it later).
+    s.activate_linked(&l4.id, &old.accessor).await.unwrap();
+    for l in [&l1, &l2, &l3, &l4] {
+        let got = s.get(&l.id).await.unwrap().unwrap();
+        assert_eq!(got.state, LeaseState::Active);
+        assert_eq!(ms(got.due_at), ms(l.expires_at), "due at its expiry");
+    }
     let mut got = s.vault_token_leases(&a.accessor).await.unwrap();
     got.sort();
     let mut want = vec![l1.id.clone(), l2.id.clone()];
@@ -118,8 +130,8 @@ async fn case_vault_tokens_are_capped_per_identity(s: Store) {
     for tok in [&t1, &theirs, &t2, &t3] {
         assert!(s.insert_vault_token(tok, 3).await.unwrap().is_empty());
     }
-    let lease = active(&s, 1, "ro", APP, 600).await;
-    s.link_vault_lease(&t1.accessor, &lease.id).await.unwrap();
+    let lease = pending(&s, 1, "ro", APP, 600).await;
+    s.activate_linked(&lease.id, &t1.accessor).await.unwrap();
 
     let t4 = vault_token(4, APP, "ab", now, 400);
     assert_eq!(
@@ -131,11 +143,16 @@ async fn case_vault_tokens_are_capped_per_identity(s: Store) {
     assert!(s.vault_token_leases(&t1.accessor).await.unwrap().is_empty());
     // A request that authenticated just before the eviction links no
     // lease to the gone token: refused, nothing left behind.
-    let late = active(&s, 2, "ro", APP, 600).await;
-    match s.link_vault_lease(&t1.accessor, &late.id).await {
+    let late = pending(&s, 2, "ro", APP, 600).await;
+    match s.activate_linked(&late.id, &t1.accessor).await {
         Err(credbroker::Error::PermissionDenied(m)) => assert!(m.contains("log in again"), "{m}"),
         other => panic!("a link to an evicted token: {other:?}"),
     }
+    assert_eq!(
+        s.get(&late.id).await.unwrap().unwrap().state,
+        LeaseState::Pending,
+        "refused as one step: not active without its link"
+    );
     assert!(s.vault_token_leases(&t1.accessor).await.unwrap().is_empty());
     assert!(
         s.get(&lease.id).await.unwrap().is_some(),
