@@ -73,9 +73,7 @@ impl Broker {
         let config = self.config();
         let role = lookup_role(&config, role_name)?;
         if !any_matches(&role.allowed, who) {
-            return Err(Error::denied(format!(
-                "identity may not lease role {role_name:?}"
-            )));
+            return Err(not_allowed(who, role_name));
         }
         check_network(role, peer)?;
         event.database = Some(role.database.clone());
@@ -270,6 +268,17 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// The refusal of a role to an identity not in its `allowed`, in the same
+/// words from the gate and the broker. It names the caller's own identity
+/// (from its certificate: no secret), so a service run under the wrong
+/// certificate sees which one the broker saw.
+pub(crate) fn not_allowed(who: &Identity, role: &str) -> Error {
+    Error::denied(format!(
+        "identity {:?} may not lease role {role:?}",
+        who.as_str()
+    ))
 }
 
 pub(crate) fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {

@@ -43,7 +43,9 @@ enum Command {
     /// Issue, renew, revoke or look up a lease (as a service would)
     #[command(subcommand)]
     Lease(lease::Command),
-    /// List and revoke leases, rotate admin passwords (admin identities only)
+    /// List and revoke leases, lock and unlock identities, roles and
+    /// databases, show and rotate static roles, rotate the database admin
+    /// passwords (admin identities only)
     #[command(subcommand)]
     Admin(admin::Command),
     /// Keep a credential file fresh for an application: issue, renew,
@@ -92,8 +94,52 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 pub(crate) type CliResult = Result<ExitCode, Failure>;
 
+/// The clap definition, with the global `--log-json` hidden on the
+/// commands that only print text (completions, man) and log nothing.
+fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Globals reach the subcommands when the command is built.
+    cmd.build();
+    for name in ["completions", "man"] {
+        cmd = cmd.mut_subcommand(name, |c| c.mut_arg("log_json", |a| a.hide(true)));
+    }
+    cmd
+}
+
+/// The man page: one page, so its command list names `credbroker serve`
+/// and the others as commands of this page (clap_mangen would point to
+/// `credbroker-serve(1)` pages that do not exist).
+fn man_page(w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let cmd = command();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    let esc = |t: &str| t.replace('\\', "\\e").replace('-', "\\-");
+    writeln!(w, ".SH COMMANDS")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        writeln!(w, ".TP\n\\fBcredbroker {}\\fR", esc(sub.get_name()))?;
+        if let Some(about) = sub.get_about() {
+            for line in about.to_string().lines() {
+                writeln!(w, "{}", esc(line.trim_start_matches(['.', '\''])))?;
+            }
+        }
+    }
+    writeln!(
+        w,
+        ".PP\nEach command's flags: \\fBcredbroker COMMAND \\-\\-help\\fR."
+    )?;
+    man.render_version_section(w)
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command().get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     init_logging(
         cli.log_json,
         matches!(cli.command, Command::Serve(_) | Command::Sidecar(_)),
@@ -120,15 +166,12 @@ pub fn main() -> ExitCode {
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Completions { shell } => {
-                let mut cmd = <Cli as clap::CommandFactory>::command();
+                let mut cmd = command();
                 clap_complete::generate(shell, &mut cmd, "credbroker", &mut std::io::stdout());
                 Ok(ExitCode::SUCCESS)
             }
             Command::Man => {
-                let cmd = <Cli as clap::CommandFactory>::command();
-                clap_mangen::Man::new(cmd)
-                    .render(&mut std::io::stdout())
-                    .map_err(anyhow::Error::from)?;
+                man_page(&mut std::io::stdout()).map_err(anyhow::Error::from)?;
                 Ok(ExitCode::SUCCESS)
             }
         }
