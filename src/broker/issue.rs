@@ -396,6 +396,23 @@ mod tests {
         );
     }
 
+    /// Over the role's max_ttl a renewal is capped, as Vault (and our
+    /// Vault API) does, not refused; an issue over it is still refused.
+    #[tokio::test]
+    async fn a_renewal_over_max_ttl_is_capped_not_refused() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let two_h = Some(std::time::Duration::from_secs(7200));
+        let held = kit.broker.issue(&app(), "ro", None).await.unwrap();
+        let renewed = kit
+            .broker
+            .renew(&app(), &held.lease.id, two_h)
+            .await
+            .unwrap();
+        assert_eq!(renewed.expires_at, held.lease.max_expires_at);
+        let e = kit.broker.issue(&app(), "ro", two_h).await.err().unwrap();
+        assert!(e.to_string().contains("exceeds the role's max_ttl"), "{e}");
+    }
+
     #[tokio::test]
     async fn allowed_networks_hold_for_issue_and_renew() {
         let kit = Kit::new(

@@ -87,9 +87,12 @@ fn renewal_warning(
         return None;
     }
     let by = if lease.expires_at == lease.max_expires_at {
-        "the lease's hard limit (max_expires_at)"
+        format!(
+            "the role's max_ttl, counted from issue (this lease's hard limit, {})",
+            rfc3339(&lease.max_expires_at)
+        )
     } else {
-        "the role's max_ttl"
+        "the role's max_ttl".to_string()
     };
     Some(format!(
         "warning: renewed until {} ({} from now), not the {asked} asked for: capped by {by}",
@@ -251,5 +254,81 @@ pub fn render(l: &pb::Lease, format: Format) -> String {
             }
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t: chrono::DateTime<chrono::Utc>) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        })
+    }
+
+    fn lease(
+        expires: chrono::DateTime<chrono::Utc>,
+        max: chrono::DateTime<chrono::Utc>,
+    ) -> pb::Lease {
+        pb::Lease {
+            lease_id: "l_abc".into(),
+            kind: "postgres".into(),
+            host: "db.internal".into(),
+            port: 5432,
+            username: "cb_ro_x".into(),
+            password: "p&w'd".into(),
+            database_name: "orders".into(),
+            dsn: "postgres://cb_ro_x@db.internal:5432/orders?sslmode=require&x=y".into(),
+            expires_at: at(expires),
+            max_expires_at: at(max),
+            ..Default::default()
+        }
+    }
+
+    /// `--format env` names the lease and its expiry, and quotes what a
+    /// shell would read (a DSN's `&`, a quote in a password).
+    #[test]
+    fn env_format_carries_the_lease_id_and_expiry_and_sources_safely() {
+        let now = chrono::Utc::now();
+        let env = render(&lease(now, now), Format::Env);
+        assert!(env.contains("CREDBROKER_LEASE_ID=l_abc\n"), "{env}");
+        assert!(
+            env.contains(&format!(
+                "CREDBROKER_LEASE_EXPIRES_AT={}\n",
+                rfc3339(&at(now))
+            )),
+            "{env}"
+        );
+        assert!(env.contains("PGPASSWORD='p&w'\\''d'\n"), "{env}");
+        assert!(env.contains("DATABASE_URL='postgres://"), "{env}");
+    }
+
+    /// A renewal granted less than asked says so, and by what.
+    #[test]
+    fn a_capped_renewal_is_named_and_a_full_one_is_not() {
+        let now = chrono::Utc::now();
+        let hour = chrono::Duration::hours(1);
+        let two_h: humantime::Duration = "2h".parse().unwrap();
+        let capped = renewal_warning(Some(two_h), &lease(now + hour, now + hour), now).unwrap();
+        assert!(
+            capped.starts_with("warning: renewed until ")
+                && capped.contains(
+                    "not the 2h asked for: capped by the role's max_ttl, counted from issue"
+                ),
+            "{capped}"
+        );
+        let hard = now + chrono::Duration::hours(5);
+        let by_role = renewal_warning(Some(two_h), &lease(now + hour, hard), now).unwrap();
+        assert!(
+            by_role.ends_with("capped by the role's max_ttl"),
+            "{by_role}"
+        );
+        let full = lease(now + chrono::Duration::hours(2), hard);
+        assert_eq!(renewal_warning(Some(two_h), &full, now), None);
+        assert_eq!(renewal_warning(None, &lease(now + hour, hard), now), None);
+        assert!(positive_ttl("0s").unwrap_err().contains("at least 1s"));
+        assert_eq!(positive_ttl("90s").unwrap().as_secs(), 90);
     }
 }

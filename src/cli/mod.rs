@@ -69,10 +69,18 @@ enum Command {
         /// The shell to complete for
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+        /// Nothing logs here: the global flag, hidden (a subcommand's own
+        /// arg is not replaced by the global of the same name)
+        #[arg(long = "log-json", id = "log_json", hide = true)]
+        _log_json: bool,
     },
     /// Print the man page (roff) for `credbroker`, e.g. `credbroker man |
     /// man -l -`
-    Man,
+    Man {
+        /// Nothing logs here: the global flag, hidden
+        #[arg(long = "log-json", id = "log_json", hide = true)]
+        _log_json: bool,
+    },
 }
 
 /// Errors that decide the exit code.
@@ -94,23 +102,15 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 pub(crate) type CliResult = Result<ExitCode, Failure>;
 
-/// The clap definition, with the global `--log-json` hidden on the
-/// commands that only print text (completions, man) and log nothing.
+/// The clap definition (completions and the man page come from it).
 fn command() -> clap::Command {
-    let mut cmd = <Cli as clap::CommandFactory>::command();
-    // Globals reach the subcommands when the command is built.
-    cmd.build();
-    for name in ["completions", "man"] {
-        cmd = cmd.mut_subcommand(name, |c| c.mut_arg("log_json", |a| a.hide(true)));
-    }
-    cmd
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// The man page: one page, so its command list names `credbroker serve`
 /// and the others as commands of this page (clap_mangen would point to
 /// `credbroker-serve(1)` pages that do not exist).
 fn man_page(w: &mut dyn std::io::Write) -> std::io::Result<()> {
-    use std::io::Write as _;
     let cmd = command();
     let man = clap_mangen::Man::new(cmd.clone());
     man.render_title(w)?;
@@ -136,10 +136,7 @@ fn man_page(w: &mut dyn std::io::Write) -> std::io::Result<()> {
 }
 
 pub fn main() -> ExitCode {
-    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command().get_matches()) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
-    };
+    let cli = Cli::parse();
     init_logging(
         cli.log_json,
         matches!(cli.command, Command::Serve(_) | Command::Sidecar(_)),
@@ -165,12 +162,12 @@ pub fn main() -> ExitCode {
             Command::Pki(c) => pki::run(c),
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
-            Command::Completions { shell } => {
+            Command::Completions { shell, .. } => {
                 let mut cmd = command();
                 clap_complete::generate(shell, &mut cmd, "credbroker", &mut std::io::stdout());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Man => {
+            Command::Man { .. } => {
                 man_page(&mut std::io::stdout()).map_err(anyhow::Error::from)?;
                 Ok(ExitCode::SUCCESS)
             }

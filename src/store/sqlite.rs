@@ -1442,7 +1442,10 @@ mod tests {
         assert_eq!(live.len(), 1, "{live:?}");
         assert!(live.contains(&lease.username.to_string()));
         assert!(
-            inspect.mark_revoked(&[lease.id.clone()], now).await.is_err(),
+            inspect
+                .mark_revoked(&[lease.id.clone()], now)
+                .await
+                .is_err(),
             "the inspecting view writes nothing"
         );
         assert_eq!(

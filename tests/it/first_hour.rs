@@ -131,9 +131,13 @@ impl Setup {
     /// this build's `credbroker` and PostgreSQL's `psql` on the PATH and
     /// the broker's address (the README's is the default port).
     async fn sh(&self, script: &str) -> Out {
-        let bin = Path::new(env!("CARGO_BIN_EXE_credbroker")).parent().unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_credbroker"))
+            .parent()
+            .unwrap();
         let mut path = vec![bin.to_path_buf()];
-        path.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+        path.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
         // Debian keeps psql beside the server binaries too.
         if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
             path.extend(dirs.flatten().map(|d| d.path().join("bin")));
@@ -148,7 +152,10 @@ impl Setup {
             .arg(script)
             .current_dir(self.path())
             .env("PATH", std::env::join_paths(path).unwrap())
-            .env("CREDBROKER_ADDR", format!("https://127.0.0.1:{}", self.port))
+            .env(
+                "CREDBROKER_ADDR",
+                format!("https://127.0.0.1:{}", self.port),
+            )
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG");
         for (k, _) in std::env::vars() {
@@ -179,17 +186,12 @@ fn readme_sh(marker: &str) -> String {
 /// What `check` concluded, line by line: (status, check), without the
 /// details that differ between runs.
 fn verdict(out: &Out) -> Vec<(String, String)> {
-    out.stdout
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("fix:"))
-        .take_while(|l| !l.contains("error(s)"))
-        .map(|l| {
-            let mut words = l.split_whitespace();
-            let level = words.next().unwrap_or_default().to_string();
-            let scope: Vec<&str> = words.take(2).collect();
-            (level, scope.join(" "))
-        })
+    let mut lines = out.stdout.lines();
+    let header = lines.next().unwrap_or_default();
+    let detail = header.find("DETAIL").expect("check's table header");
+    lines
+        .filter(|l| l.len() > detail && !l.starts_with(' '))
+        .map(|l| (l[..7].trim().to_string(), l[9..detail].trim().to_string()))
         .collect()
 }
 
@@ -422,7 +424,10 @@ async fn first_hour_getting_started_works_as_written() {
     let lease_id = env_value(&env, "CREDBROKER_LEASE_ID").to_string();
     assert!(lease_id.starts_with("l_"), "{env}");
     let expires = env_value(&env, "CREDBROKER_LEASE_EXPIRES_AT");
-    assert!(chrono::DateTime::parse_from_rfc3339(expires).is_ok(), "{expires}");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(expires).is_ok(),
+        "{expires}"
+    );
     let c = login(&s.db, user, pw)
         .await
         .expect("the leased credential logs in");
@@ -441,14 +446,23 @@ async fn first_hour_getting_started_works_as_written() {
     assert_eq!(out.code, 0, "check beside a running broker: {out:?}");
     assert!(out.stdout.contains("(read-only)"), "{out:?}");
     assert!(
-        out.stdout
-            .contains(&format!("name prefix {:?}: 1 user(s) with it, all leased", s.prefix)),
+        out.stdout.contains(&format!(
+            "name prefix {:?}: 1 user(s) with it, all leased",
+            s.prefix
+        )),
         "{out:?}"
     );
     assert_eq!(verdict(&out), stopped, "{out:?}");
 
     // The README's renew and revoke, from the shell, with lease.env.
-    let out = s.sh(&readme_sh("lease renew \"$CREDBROKER_LEASE_ID\"")).await;
+    // In the same shell as step 7: its `export` still holds.
+    let exports: String = readme_sh("--format env > lease.env")
+        .lines()
+        .filter(|l| l.starts_with("export "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let renew = readme_sh("lease renew \"$CREDBROKER_LEASE_ID\"");
+    let out = s.sh(&format!("{exports}{renew}")).await;
     println!("{out:?}");
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
@@ -504,7 +518,9 @@ async fn first_hour_getting_started_works_as_written() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stderr.starts_with("warning: renewed until ")
-            && out.stderr.contains("not the 2h asked for: capped by the role's max_ttl"),
+            && out
+                .stderr
+                .contains("not the 2h asked for: capped by the role's max_ttl"),
         "{out:?}"
     );
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -521,7 +537,8 @@ async fn first_hour_getting_started_works_as_written() {
         let out = s.cli(&args, &s.client_env("app")).await;
         assert_eq!(out.code, 2, "{args:?}: {out:?}");
         assert!(
-            out.stderr.contains("a lease lives at least 1s; leave --ttl out"),
+            out.stderr
+                .contains("a lease lives at least 1s; leave --ttl out"),
             "{args:?}: {out:?}"
         );
     }
@@ -770,9 +787,8 @@ async fn first_hour_tls_failures_name_the_likely_causes() {
     println!("{out:?}");
     assert_eq!(out.code, 64, "{out:?}");
     assert!(
-        out.stderr.starts_with(
-            "error: --key pki/other-key.pem does not belong to --cert pki/app.pem"
-        ),
+        out.stderr
+            .starts_with("error: --key pki/other-key.pem does not belong to --cert pki/app.pem"),
         "{out:?}"
     );
 
@@ -1053,7 +1069,12 @@ fn completions_and_man_page_are_generated_from_the_cli() {
         "{help}"
     );
     let help = run(&["admin", "lock", "--help"]);
-    for said in ["Lock a role", "Lock a database", "Lock a static role", "Lock an identity"] {
+    for said in [
+        "Lock a role",
+        "Lock a database",
+        "Lock a static role",
+        "Lock an identity",
+    ] {
         assert!(help.contains(said), "{said}: {help}");
     }
 }
@@ -1065,14 +1086,13 @@ fn completions_and_man_page_are_generated_from_the_cli() {
 /// misspelt admin is "role … does not exist": the fix creates it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_hour_check_flags_a_database_that_checks_no_passwords() {
-    let pg = credbroker::throwaway::ThrowawayPostgres::start(
-        credbroker::throwaway::PostgresOptions {
+    let pg =
+        credbroker::throwaway::ThrowawayPostgres::start(credbroker::throwaway::PostgresOptions {
             hba: Some(vec!["host all all 127.0.0.1/32 trust".into()]),
             ..Default::default()
-        },
-    )
-    .await
-    .expect("a throwaway PostgreSQL (scripts/ensure-db-binaries.sh installs the binaries)");
+        })
+        .await
+        .expect("a throwaway PostgreSQL (scripts/ensure-db-binaries.sh installs the binaries)");
     let s = setup_on(&pg, Changes::default()).await;
     let out = s.check().await;
     println!("{out:?}");
@@ -1105,7 +1125,10 @@ async fn first_hour_check_flags_a_database_that_checks_no_passwords() {
     let config = std::fs::read_to_string(s.path().join("broker.toml")).unwrap();
     std::fs::write(
         s.path().join("broker.toml"),
-        config.replace(&format!("postgres://{}@", s.admin), "postgres://no_such_admin@"),
+        config.replace(
+            &format!("postgres://{}@", s.admin),
+            "postgres://no_such_admin@",
+        ),
     )
     .unwrap();
     let out = s.check().await;
@@ -1140,14 +1163,22 @@ async fn first_hour_check_warns_when_a_role_grants_no_table() {
         "{out:?}"
     );
     assert!(
-        out.stdout.contains("create the tables before issuing leases"),
+        out.stdout
+            .contains("create the tables before issuing leases"),
         "{out:?}"
     );
 
     let _serve = Serve::start(&s).await;
     let out = s
         .cli(
-            &["lease", "issue", "--role", "orders-readonly", "--format", "env"],
+            &[
+                "lease",
+                "issue",
+                "--role",
+                "orders-readonly",
+                "--format",
+                "env",
+            ],
             &s.client_env("app"),
         )
         .await;
@@ -1206,10 +1237,7 @@ async fn first_hour_port_in_use_missing_audit_file_and_lock_without_target() {
 
     let out = credbroker(dir.path(), &["audit", "verify", "missing.log"], &[]).await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr.contains("cannot read missing.log: "),
-        "{out:?}"
-    );
+    assert!(out.stderr.contains("cannot read missing.log: "), "{out:?}");
 
     let out = credbroker(dir.path(), &["admin", "lock", "--reason", "x"], &[]).await;
     assert_eq!(out.code, 2, "{out:?}");

@@ -311,7 +311,9 @@ async fn password_probe(
             &[&name],
         )
         .await;
-    let _ = client.batch_execute(&format!("DROP ROLE IF EXISTS {ident}")).await;
+    let _ = client
+        .batch_execute(&format!("DROP ROLE IF EXISTS {ident}"))
+        .await;
     admitted.then(|| {
         Finding::error(
             scope,
