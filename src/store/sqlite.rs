@@ -1419,23 +1419,7 @@ mod tests {
 
         let inspect = SqliteStore::open_to_inspect(&path).await.unwrap().unwrap();
         let now = Utc::now();
-        let lease = Lease {
-            id: LeaseId::generate(),
-            role: "r".into(),
-            database: "d".into(),
-            kind: BackendKind::Postgres,
-            username: Username::from_store("k_r_0123456789abcdef".into()),
-            user_host: String::new(),
-            identity: "spiffe://x/app".into(),
-            state: LeaseState::Pending,
-            issued_at: now,
-            expires_at: now + chrono::Duration::minutes(1),
-            max_expires_at: now + chrono::Duration::minutes(1),
-            due_at: now + chrono::Duration::minutes(1),
-            revoked_at: None,
-            revoke_attempts: 0,
-            last_error: None,
-        };
+        let lease = crate::testkit::pending_lease("k_r_0123456789abcdef");
         broker.insert_intent(&lease, None).await.unwrap();
         let names = vec![lease.username.to_string(), "k_r_other".to_string()];
         let live = inspect.live_among(&names).await.unwrap();

@@ -119,6 +119,13 @@ impl Setup {
         credbroker(self.path(), args, &env).await
     }
 
+    /// `lease issue --role orders-readonly` and `more`, as `env` says.
+    async fn issue(&self, more: &[&str], env: &[(&'static str, String)]) -> Out {
+        let mut args = vec!["lease", "issue", "--role", "orders-readonly"];
+        args.extend_from_slice(more);
+        self.cli(&args, env).await
+    }
+
     async fn check(&self) -> Out {
         self.cli(&["check", "--config", "broker.toml"], &[]).await
     }
@@ -545,17 +552,7 @@ async fn first_hour_getting_started_works_as_written() {
 
     // An argument error is not called a config error.
     let out = s
-        .cli(
-            &[
-                "lease",
-                "issue",
-                "--role",
-                "orders-readonly",
-                "--ca",
-                "pki/nope.pem",
-            ],
-            &s.client_env("app"),
-        )
+        .issue(&["--ca", "pki/nope.pem"], &s.client_env("app"))
         .await;
     assert_eq!(out.code, 64, "{out:?}");
     assert!(
@@ -1169,19 +1166,7 @@ async fn first_hour_check_warns_when_a_role_grants_no_table() {
     );
 
     let _serve = Serve::start(&s).await;
-    let out = s
-        .cli(
-            &[
-                "lease",
-                "issue",
-                "--role",
-                "orders-readonly",
-                "--format",
-                "env",
-            ],
-            &s.client_env("app"),
-        )
-        .await;
+    let out = s.issue(&["--format", "env"], &s.client_env("app")).await;
     assert_eq!(out.code, 0, "{out:?}");
     let (user, pw) = (
         env_value(&out.stdout, "PGUSER"),
