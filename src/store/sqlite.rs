@@ -373,14 +373,15 @@ impl SqliteStore {
                     lock_path.display()
                 ))
             })?;
-        match file.try_lock() {
+        // rustix's flock (std's File::try_lock is newer than our MSRV).
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::config(format!(
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(Error::config(format!(
                 "lease store {} is in use by another broker (it holds {}); stop it first",
                 path.display(),
                 lock_path.display()
             ))),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::config(format!(
+            Err(e) => Err(Error::config(format!(
                 "lease store lock {}: {e}",
                 lock_path.display()
             ))),
@@ -1427,7 +1428,7 @@ mod tests {
         assert!(live.contains(&lease.username.to_string()));
         assert!(
             inspect
-                .mark_revoked(&[lease.id.clone()], now)
+                .mark_revoked(std::slice::from_ref(&lease.id), now)
                 .await
                 .is_err(),
             "the inspecting view writes nothing"
