@@ -88,38 +88,38 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
     ));
     check_tls(config, f);
 
-    let store = match tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::store::open_config(&config.store),
+    // Read-only and without creating anything, so that the verdict is the
+    // same with the broker serving the store or stopped.
+    let label = store_label(&config.store.url.to_string());
+    let store: Option<std::sync::Arc<dyn crate::store::Store>> = match tokio::time::timeout(
+        Duration::from_secs(15),
+        crate::store::open_to_inspect(&config.store),
     )
     .await
     {
-        Ok(Ok(s)) => {
+        Ok(Ok(Some(s))) => {
+            f.push(Finding::ok("store", format!("opened {label} (read-only)")));
+            Some(s)
+        }
+        Ok(Ok(None)) => {
             f.push(Finding::ok(
                 "store",
-                format!("opened {}", store_label(&config.store.url.to_string())),
+                format!("{label} does not exist yet: `serve` creates it (no leases yet)"),
             ));
-            Some(s)
+            Some(std::sync::Arc::new(crate::store::memory::MemoryStore::new()))
         }
         Ok(Err(e)) => {
             f.push(Finding::error(
                 "store",
-                format!(
-                    "cannot open {}: {e}",
-                    store_label(&config.store.url.to_string())
-                ),
-                "a SQLite store is locked while a broker runs: stop it or check its log; \
-                 for PostgreSQL, check store.url and store.password_file",
+                format!("cannot open {label}: {e}"),
+                "check store.url (and store.password_file for PostgreSQL) and the file's permissions",
             ));
             None
         }
         Err(_) => {
             f.push(Finding::error(
                 "store",
-                format!(
-                    "no answer from {} within 10 s",
-                    store_label(&config.store.url.to_string())
-                ),
+                format!("no answer from {label} within 15 s"),
                 "check store.url",
             ));
             None
@@ -238,15 +238,18 @@ async fn check_static_roles(
 
 /// Users with our prefix that the store has no live lease for: another
 /// deployment with the same prefix (whose users our orphan sweep would
-/// drop), or leftovers.
+/// drop), or leftovers. `prefixed` is `None` when the database could not
+/// be asked: nothing is said then (the database's own error stands), never
+/// an `ok` for what was not checked.
 async fn check_prefix(
     db: &str,
     prefix: &str,
-    prefixed: Vec<String>,
+    prefixed: Option<Vec<String>>,
     store: Option<&dyn crate::store::Store>,
     f: &mut Vec<Finding>,
 ) {
     let scope = format!("database {db}");
+    let Some(prefixed) = prefixed else { return };
     let Some(store) = store else {
         if !prefixed.is_empty() {
             f.push(Finding::warning(
@@ -360,8 +363,14 @@ fn check_tls(config: &Config, f: &mut Vec<Finding>) {
             "fix the files named; the key must belong to tls.cert",
         ));
     }
-    if let Some(crl) = &tls.crl {
-        check_crl(crl, now, f);
+    match &tls.crl {
+        Some(crl) => check_crl(crl, now, f),
+        // The warning `serve` logs at every start, counted here too.
+        None => f.push(Finding::warning(
+            "tls.crl",
+            "not set: a leaked client certificate is accepted until it expires",
+            "set tls.crl to the CA's CRL (PEM); the broker reloads it when it changes",
+        )),
     }
 }
 

@@ -46,17 +46,24 @@ impl ClientOpts {
         let uri: http::Uri = addr
             .parse()
             .map_err(|e| Error::config(format!("--addr {addr:?}: {e}")))?;
+        // Plain HTTP/2 to a TLS port fails later as "frame with invalid
+        // size": say it here.
+        if uri.scheme_str() != Some("https") {
+            return Err(Error::config(format!(
+                "--addr {addr}: the broker speaks only TLS: use https://{}",
+                uri.authority().map(|a| a.as_str()).unwrap_or("HOST:PORT")
+            )));
+        }
         let host = uri
             .host()
             .unwrap_or("localhost")
             .trim_matches(['[', ']'])
             .to_string();
+        let (cert, key) = (read("cert", &self.cert)?, read("key", &self.key)?);
+        self.key_matches_cert(&cert, &key)?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("ca", &self.ca)?))
-            .identity(TlsIdentity::from_pem(
-                read("cert", &self.cert)?,
-                read("key", &self.key)?,
-            ))
+            .identity(TlsIdentity::from_pem(cert, key))
             .domain_name(host);
         let channel = Channel::builder(uri)
             .tls_config(tls)
@@ -65,6 +72,30 @@ impl ClientOpts {
             .timeout(Duration::from_secs(60))
             .connect_lazy();
         Ok(channel)
+    }
+
+    /// The files parse and the key is the certificate's: tonic would only
+    /// say "transport error" at the first call.
+    fn key_matches_cert(&self, cert: &[u8], key: &[u8]) -> Result<()> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let (c, k) = (self.cert.display(), self.key.display());
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .ok()
+            .filter(|chain| !chain.is_empty())
+            .ok_or_else(|| Error::config(format!("--cert {c}: no PEM certificate in it")))?;
+        let der = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|_| Error::config(format!("--key {k}: no PEM private key in it")))?;
+        let provider = rustls::crypto::ring::default_provider();
+        match rustls::sign::CertifiedKey::from_der(chain, der, &provider) {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InconsistentKeys(_)) => Err(Error::config(format!(
+                "--key {k} does not belong to --cert {c} (their public keys differ): pass the \
+                 key that was made with this certificate"
+            ))),
+            Err(e) => Err(Error::config(format!("--key {k} / --cert {c}: {e}"))),
+        }
     }
 
     pub fn broker(&self) -> Result<pb::broker_client::BrokerClient<Channel>> {

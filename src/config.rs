@@ -379,12 +379,37 @@ impl Config {
 
     /// Parses TOML text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
-        let raw: RawConfig = toml::from_str(text).map_err(Error::config)?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::config(placement_hint(e)))?;
         raw.validate(base)
     }
 
     pub fn role(&self, name: &str) -> Option<&RoleConfig> {
         self.roles.get(name)
+    }
+}
+
+/// Keys of the file's top level. In TOML a key written below a `[table]`
+/// belongs to that table, so one of these placed after the first table
+/// reads as an unknown field of that table: the error says where it goes.
+const TOP_LEVEL_KEYS: [&str; 4] = [
+    "admins",
+    "admin_networks",
+    "sealing_key_file",
+    "sealing_key_env",
+];
+
+fn placement_hint(e: toml::de::Error) -> String {
+    let text = e.to_string();
+    match TOP_LEVEL_KEYS
+        .iter()
+        .find(|k| text.contains(&format!("unknown field `{k}`")))
+    {
+        Some(k) => format!(
+            "{}\nhint: `{k}` is a top-level key: move it above the first [table] (in TOML, a key \
+             below a [table] belongs to that table)",
+            text.trim_end()
+        ),
+        None => text,
     }
 }
 
@@ -1581,6 +1606,27 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             assert_eq!(err.matches("config: ").count(), 1, "{err}");
         }
     }
+    /// `admins` written below a table reads as that table's field; the
+    /// error says to move it up.
+    #[test]
+    fn a_top_level_key_below_a_table_is_told_to_move_up() {
+        let line = "admins = [\"spiffe://example.org/dba/*\"]\n";
+        let text = format!("{}{line}", SAMPLE.replacen(line, "", 1));
+        let err = Config::parse(&text, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `admins`"), "{err}");
+        assert!(
+            err.contains("`admins` is a top-level key: move it above the first [table]"),
+            "{err}"
+        );
+        // Another unknown field gets no such hint.
+        let err = Config::parse(&SAMPLE.replace("[store]", "[stor]"), Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("top-level key"), "{err}");
+    }
+
     #[test]
     fn console_section_is_optional_checked_and_needs_a_port_of_its_own() {
         assert!(Config::parse(SAMPLE, Path::new("/"))

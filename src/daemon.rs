@@ -39,31 +39,17 @@ impl Listeners {
 
     /// Binds the addresses named in the config.
     pub async fn bind(config: &Config) -> Result<Self> {
-        let grpc = TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|e| Error::config(format!("server.listen {}: {e}", config.server.listen)))?;
+        let grpc = listen("server.listen", config.server.listen).await?;
         let metrics = match config.server.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::config(format!("server.metrics_listen {addr}: {e}")))?,
-            ),
+            Some(addr) => Some(listen("server.metrics_listen", addr).await?),
             None => None,
         };
         let vault_api = match &config.vault_api {
-            Some(v) => Some(
-                TcpListener::bind(v.listen)
-                    .await
-                    .map_err(|e| Error::config(format!("vault_api.listen {}: {e}", v.listen)))?,
-            ),
+            Some(v) => Some(listen("vault_api.listen", v.listen).await?),
             None => None,
         };
         let console = match &config.console {
-            Some(c) => Some(
-                TcpListener::bind(c.listen)
-                    .await
-                    .map_err(|e| Error::config(format!("console.listen {}: {e}", c.listen)))?,
-            ),
+            Some(c) => Some(listen("console.listen", c.listen).await?),
             None => None,
         };
         Ok(Listeners {
@@ -379,6 +365,23 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         .filter(|(_, a, b)| format!("{a:?}") != format!("{b:?}"))
         .map(|(k, _, _)| format!("{k} changed: restart the broker to apply"))
         .collect()
+}
+
+/// Binds one configured address. A port in use is the machine's state at
+/// this moment (another broker, a leftover process), not a mistake in the
+/// file: `unavailable`, exit 1, where other bind errors stay `config` (64).
+async fn listen(key: &str, addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            Error::unavailable(format!(
+                "{key} {addr}: {e}; is another broker (or another program) listening there? \
+                 (`ss -ltnp 'sport = :{}'` shows which)",
+                addr.port()
+            ))
+        } else {
+            Error::config(format!("{key} {addr}: {e}"))
+        }
+    })
 }
 
 /// Applies a re-read config (SIGHUP): certificates, CRL, roles, policies,

@@ -313,7 +313,7 @@ async fn decide(broker: &Broker, ask: &Ask<'_>, who: &Identity, event: &mut Even
             // NotFound, exactly as the broker says.
             let role = crate::broker::lookup_role(&config, r)?;
             if !any_matches(&role.allowed, who) {
-                return Err(Error::denied(format!("identity may not lease role {r:?}")));
+                return Err(crate::broker::not_allowed(who, r));
             }
         }
         (Target::Lease(id, _), Some(_)) if others_lease && !is_admin => {

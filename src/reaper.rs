@@ -248,7 +248,6 @@ mod tests {
     use super::*;
     use crate::store::LeaseStore;
     use crate::testkit::{app, role, Kit};
-    use chrono::Utc;
 
     /// Two `[databases.*]` on one server: each database's sweep sees the
     /// other's users, and must leave them alone.
@@ -298,24 +297,7 @@ mod tests {
         kit.server.add_user(name, 0);
         let mut sweeper = OrphanSweeper::default();
         sweeper.sweep(&kit.broker).await;
-        let now = Utc::now();
-        let lease = crate::lease::Lease {
-            id: crate::lease::LeaseId::generate(),
-            role: "a".into(),
-            database: "second".into(),
-            kind: crate::lease::BackendKind::Postgres,
-            username: crate::lease::Username::from_store(name.into()),
-            user_host: String::new(),
-            identity: "x".into(),
-            state: LeaseState::Pending,
-            issued_at: now,
-            expires_at: now + chrono::Duration::minutes(1),
-            max_expires_at: now + chrono::Duration::minutes(1),
-            due_at: now + chrono::Duration::minutes(1),
-            revoked_at: None,
-            revoke_attempts: 0,
-            last_error: None,
-        };
+        let lease = crate::testkit::pending_lease(name);
         kit.store.insert_intent(&lease, None).await.unwrap();
         sweeper.sweep(&kit.broker).await;
         sweeper.sweep(&kit.broker).await;

@@ -173,3 +173,27 @@ pub fn app() -> Identity {
 pub fn admin() -> Identity {
     Identity::from_trusted(ADMIN)
 }
+
+/// A pending lease on role `a`, database `second`, expiring in a minute:
+/// what a store or sweep test writes and looks for by `username`.
+pub fn pending_lease(username: &str) -> crate::lease::Lease {
+    let now = chrono::Utc::now();
+    let soon = now + chrono::Duration::minutes(1);
+    crate::lease::Lease {
+        id: crate::lease::LeaseId::generate(),
+        role: "a".into(),
+        database: "second".into(),
+        kind: crate::lease::BackendKind::Postgres,
+        username: crate::lease::Username::from_store(username.into()),
+        user_host: String::new(),
+        identity: "x".into(),
+        state: crate::lease::LeaseState::Pending,
+        issued_at: now,
+        expires_at: soon,
+        max_expires_at: soon,
+        due_at: soon,
+        revoked_at: None,
+        revoke_attempts: 0,
+        last_error: None,
+    }
+}

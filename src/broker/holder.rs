@@ -147,7 +147,9 @@ impl Broker {
             &lease.database,
         )
         .await?;
-        let ttl = effective_ttl(role, ttl)?;
+        // Over max_ttl a renewal is capped, not refused, as Vault does
+        // (and our Vault API); `lease renew` says so.
+        let ttl = effective_ttl(role, ttl.map(|t| t.min(role.max_ttl)))?;
         let new_expiry = truncate_ms((now + ttl).min(lease.max_expires_at));
         let backend = self.backend(&lease.database)?.clone();
         let user = UserRef {

@@ -88,9 +88,7 @@ impl Broker {
         let config = self.config();
         let role = lookup_role(&config, role_name)?;
         if !any_matches(&role.allowed, who) {
-            return Err(Error::denied(format!(
-                "identity may not lease role {role_name:?}"
-            )));
+            return Err(not_allowed(who, role_name));
         }
         check_network(role, peer)?;
         event.database = Some(role.database.clone());
@@ -295,6 +293,17 @@ impl Broker {
     }
 }
 
+/// The refusal of a role to an identity not in its `allowed`, in the same
+/// words from the gate and the broker. It names the caller's own identity
+/// (from its certificate: no secret), so a service run under the wrong
+/// certificate sees which one the broker saw.
+pub(crate) fn not_allowed(who: &Identity, role: &str) -> Error {
+    Error::denied(format!(
+        "identity {:?} may not lease role {role:?}",
+        who.as_str()
+    ))
+}
+
 pub(crate) fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
     if name.is_empty() {
         return Err(Error::invalid("role is required"));
@@ -408,6 +417,23 @@ mod tests {
             live.iter().all(|l| l.state == LeaseState::Revoked),
             "{live:?}"
         );
+    }
+
+    /// Over the role's max_ttl a renewal is capped, as Vault (and our
+    /// Vault API) does, not refused; an issue over it is still refused.
+    #[tokio::test]
+    async fn a_renewal_over_max_ttl_is_capped_not_refused() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let two_h = Some(std::time::Duration::from_secs(7200));
+        let held = kit.broker.issue(&app(), "ro", None).await.unwrap();
+        let renewed = kit
+            .broker
+            .renew(&app(), &held.lease.id, two_h)
+            .await
+            .unwrap();
+        assert_eq!(renewed.expires_at, held.lease.max_expires_at);
+        let e = kit.broker.issue(&app(), "ro", two_h).await.err().unwrap();
+        assert!(e.to_string().contains("exceeds the role's max_ttl"), "{e}");
     }
 
     #[tokio::test]

@@ -39,7 +39,7 @@ use crate::watch::{Scope, WatchHub};
 
 pub(crate) use admin::check_admin_network;
 pub use issue::CALLER_HOST;
-pub(crate) use issue::{check_network, lookup_role};
+pub(crate) use issue::{check_network, lookup_role, not_allowed};
 pub(crate) use static_roles::lookup_static;
 pub use tokens::Tokens;
 

@@ -53,6 +53,7 @@ pub enum Command {
     },
     /// Static roles: current user, last and next rotation
     StaticRoles {
+        /// Output: a table for people, or JSON for scripts
         #[arg(long, value_enum, default_value = "table")]
         format: ListFormat,
         #[command(flatten)]
@@ -105,15 +106,28 @@ pub enum Command {
     /// database could obtain (leases, renewals, static passwords, Vault
     /// tokens, watches) on every door and replica, at once; with --revoke
     /// also end its live leases (a static role: replace its passwords)
+    // One target, whichever: clap then names all four when none is given.
+    #[command(group(
+        clap::ArgGroup::new("target")
+            .required(true)
+            .multiple(false)
+            .args(["identity", "role", "static_role", "database"])
+    ))]
     Lock {
-        /// An identity pattern (the same glob as a role's `allowed`)
-        #[arg(long, conflicts_with_all = ["role", "database", "static_role"], required_unless_present_any = ["role", "database", "static_role"])]
+        /// Lock an identity pattern (the same glob as a role's `allowed`),
+        /// e.g. spiffe://credbroker.dev/ns/demo/app
+        #[arg(long)]
         identity: Option<String>,
-        #[arg(long, conflicts_with_all = ["database", "static_role"])]
+        /// Lock a role (a `[roles.NAME]` of the config): no one leases or
+        /// renews it
+        #[arg(long)]
         role: Option<String>,
-        /// A static role (`[static_roles.NAME]`)
-        #[arg(long, conflicts_with = "database")]
+        /// Lock a static role (a `[static_roles.NAME]` of the config): no
+        /// one reads its password
+        #[arg(long)]
         static_role: Option<String>,
+        /// Lock a database (a `[databases.NAME]` of the config): every
+        /// role on it
         #[arg(long)]
         database: Option<String>,
         /// Lift the lock on its own after this long, e.g. 30m (default: until unlocked)
@@ -133,12 +147,14 @@ pub enum Command {
     },
     /// Lift a lock
     Unlock {
+        /// The lock to lift (k_…, as `admin lock` or `admin locks` shows it)
         lock_id: String,
         #[command(flatten)]
         client: ClientOpts,
     },
     /// List the locks in force
     Locks {
+        /// Output: a table for people, or JSON for scripts
         #[arg(long, value_enum, default_value = "table")]
         format: ListFormat,
         #[command(flatten)]
@@ -314,11 +330,20 @@ pub async fn run(cmd: Command) -> CliResult {
                 }
             };
             let bulk = !matches!(selector, Selector::LeaseId(_));
-            if bulk && !yes && !confirm(&what)? {
-                eprintln!("nothing revoked");
-                return Ok(ExitCode::FAILURE);
-            }
             let mut c = client.admin()?;
+            if bulk && !yes {
+                // Counted only when someone is there to read it (confirm
+                // refuses a script without --yes).
+                let what = if std::io::stdin().is_terminal() {
+                    format!("{what} ({})", live_count(&mut c, &client, &selector).await?)
+                } else {
+                    what
+                };
+                if !confirm(&what)? {
+                    eprintln!("nothing revoked");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             let reply = c
                 .revoke_leases(pb::RevokeLeasesRequest {
                     selector: Some(selector),
@@ -437,6 +462,30 @@ pub async fn run(cmd: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// How many live leases a bulk revoke would end, for its prompt: "3 now"
+/// (the broker's listing, so a lease issued meanwhile is revoked too).
+async fn live_count(
+    c: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    client: &ClientOpts,
+    selector: &Selector,
+) -> Result<String, Failure> {
+    let mut req = pb::ListLeasesRequest::default();
+    match selector {
+        Selector::Role(r) => req.role = r.clone(),
+        Selector::Database(d) => req.database = d.clone(),
+        Selector::Identity(i) => req.identity = i.clone(),
+        _ => {}
+    }
+    let n = c
+        .list_leases(req)
+        .await
+        .map_err(|s| grpc_error("list leases", client, s))?
+        .into_inner()
+        .leases
+        .len();
+    Ok(format!("{n} now"))
 }
 
 /// Asks on the terminal. Without one (a script), refuse: bulk revocation

@@ -37,6 +37,10 @@ pub fn run(cmd: Command) -> CliResult {
     } else {
         files
     };
+    // Named here: the reader's own error does not say which file.
+    for f in &files {
+        std::fs::File::open(f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+    }
     let verdict = verify_files(&files).map_err(|e| anyhow::anyhow!("cannot read: {e}"))?;
     match verdict {
         Verdict::Intact {

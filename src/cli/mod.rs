@@ -43,7 +43,9 @@ enum Command {
     /// Issue, renew, revoke or look up a lease (as a service would)
     #[command(subcommand)]
     Lease(lease::Command),
-    /// List and revoke leases, rotate admin passwords (admin identities only)
+    /// List and revoke leases, lock and unlock identities, roles and
+    /// databases, show and rotate static roles, rotate the database admin
+    /// passwords (admin identities only)
     #[command(subcommand)]
     Admin(admin::Command),
     /// Keep a credential file fresh for an application: issue, renew,
@@ -67,10 +69,18 @@ enum Command {
         /// The shell to complete for
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+        /// Nothing logs here: the global flag, hidden (a subcommand's own
+        /// arg is not replaced by the global of the same name)
+        #[arg(long = "log-json", id = "log_json", hide = true)]
+        _log_json: bool,
     },
     /// Print the man page (roff) for `credbroker`, e.g. `credbroker man |
     /// man -l -`
-    Man,
+    Man {
+        /// Nothing logs here: the global flag, hidden
+        #[arg(long = "log-json", id = "log_json", hide = true)]
+        _log_json: bool,
+    },
 }
 
 /// Errors that decide the exit code.
@@ -91,6 +101,39 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 pub(crate) type CliResult = Result<ExitCode, Failure>;
+
+/// The clap definition (completions and the man page come from it).
+fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
+/// The man page: one page, so its command list names `credbroker serve`
+/// and the others as commands of this page (clap_mangen would point to
+/// `credbroker-serve(1)` pages that do not exist).
+fn man_page(w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let cmd = command();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    let esc = |t: &str| t.replace('\\', "\\e").replace('-', "\\-");
+    writeln!(w, ".SH COMMANDS")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        writeln!(w, ".TP\n\\fBcredbroker {}\\fR", esc(sub.get_name()))?;
+        if let Some(about) = sub.get_about() {
+            for line in about.to_string().lines() {
+                writeln!(w, "{}", esc(line.trim_start_matches(['.', '\''])))?;
+            }
+        }
+    }
+    writeln!(
+        w,
+        ".PP\nEach command's flags: \\fBcredbroker COMMAND \\-\\-help\\fR."
+    )?;
+    man.render_version_section(w)
+}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -119,16 +162,13 @@ pub fn main() -> ExitCode {
             Command::Pki(c) => pki::run(c),
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
-            Command::Completions { shell } => {
-                let mut cmd = <Cli as clap::CommandFactory>::command();
+            Command::Completions { shell, .. } => {
+                let mut cmd = command();
                 clap_complete::generate(shell, &mut cmd, "credbroker", &mut std::io::stdout());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Man => {
-                let cmd = <Cli as clap::CommandFactory>::command();
-                clap_mangen::Man::new(cmd)
-                    .render(&mut std::io::stdout())
-                    .map_err(anyhow::Error::from)?;
+            Command::Man { .. } => {
+                man_page(&mut std::io::stdout()).map_err(anyhow::Error::from)?;
                 Ok(ExitCode::SUCCESS)
             }
         }

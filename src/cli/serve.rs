@@ -22,10 +22,8 @@ pub async fn run(args: Args) -> CliResult {
     let config = Config::load(&args.config)?;
     let listeners = Listeners::bind(&config).await?;
     let daemon = Daemon::open(config).await?;
-    // Also logged; printed bare as well so nobody misses them among the logs.
-    for w in &daemon.warnings {
-        eprintln!("credbroker: WARNING: {w}");
-    }
+    // `Daemon::open` logged each warning once (a second, bare copy on the
+    // same stderr read as two problems); the summary below counts them.
     // One summary of what was loaded, so an operator sees at a glance
     // whether the broker runs the config they meant.
     let config = daemon.broker.config();
@@ -78,5 +76,7 @@ pub async fn run(args: Args) -> CliResult {
         }
     });
     daemon.run(listeners, termination_signal()).await?;
+    // The last line of a clean shutdown: the log says it ended, not died.
+    tracing::info!("credbroker stopped");
     Ok(ExitCode::SUCCESS)
 }

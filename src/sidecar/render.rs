@@ -287,7 +287,7 @@ fn jdbc(c: &Credential) -> Zeroizing<String> {
 /// Shell-style env values, so `. FILE` and `set -a; . FILE` work: bare
 /// when no character means anything to a shell (a URI's `&`, `?` or `[`
 /// would), else single-quoted.
-fn env_value(out: &mut String, v: &str) {
+pub fn env_value(out: &mut String, v: &str) {
     let bare = !v.is_empty()
         && v.bytes().all(|b| {
             b.is_ascii_alphanumeric()

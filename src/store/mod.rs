@@ -446,6 +446,22 @@ pub async fn open_config(config: &crate::config::StoreConfig) -> Result<Arc<dyn 
     open_with(&config.url, &config.password).await
 }
 
+/// The store as `credbroker check` reads it, beside a broker that may be
+/// serving it: SQLite read-only and never created (`None` when the file
+/// does not exist yet: `serve` creates it); PostgreSQL as `serve` opens it
+/// (replicas share it by design).
+pub async fn open_to_inspect(
+    config: &crate::config::StoreConfig,
+) -> Result<Option<Arc<dyn Store>>> {
+    use crate::config::StoreUrl;
+    Ok(match &config.url {
+        StoreUrl::Sqlite(path) => sqlite::SqliteStore::open_to_inspect(path)
+            .await?
+            .map(|s| Arc::new(s) as Arc<dyn Store>),
+        StoreUrl::Postgres(_) => Some(open_config(config).await?),
+    })
+}
+
 async fn open_with(
     url: &crate::config::StoreUrl,
     password: &crate::config::SecretSource,

@@ -440,8 +440,8 @@ impl TestBroker {
         }
     }
 
-    /// Opens this broker's SQLite store (the broker must be stopped: the
-    /// store is locked exclusively while one runs).
+    /// Opens this broker's SQLite store (the broker must be stopped: one
+    /// broker per store file, by its `.lock` file).
     pub async fn open_store(&self) -> std::sync::Arc<dyn credbroker::store::Store> {
         credbroker::store::open(&format!("sqlite://{}", self.env.store_path.display()))
             .await

@@ -15,7 +15,7 @@ pub async fn check(
     db: &DatabaseConfig,
     roles: &[&RoleConfig],
     prefix: &str,
-) -> (Vec<Finding>, Vec<String>) {
+) -> (Vec<Finding>, Option<Vec<String>>) {
     let scope = format!("database {}", db.name);
     let mut out = Vec::new();
     // TLS parameters as the broker reads them (mysql_async rejects them).
@@ -37,7 +37,7 @@ pub async fn check(
                 format!("admin_url: {e}"),
                 "fix admin_url",
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
     };
     let at = format!(
@@ -59,7 +59,7 @@ pub async fn check(
                 e.to_string(),
                 "create the password file (mode 0600) or set the variable the config names",
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
     }
     let mut conn = match tokio::time::timeout(db.connect_timeout, Conn::new(builder)).await {
@@ -90,7 +90,7 @@ pub async fn check(
                 format!("cannot connect: {what} as {at}: {}", cause_text(&e)),
                 fix,
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
         Err(_) => {
             out.push(Finding::error(
@@ -98,7 +98,7 @@ pub async fn check(
                 format!("cannot connect: connection timed out as {at}"),
                 "check admin_url's host and port, and any firewall",
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
     };
     let version: String = conn
@@ -213,21 +213,21 @@ pub async fn check(
             .replace('_', "\\_")
             .replace('%', "\\%")
     );
-    let prefixed: Vec<String> = match conn
+    let prefixed: Option<Vec<String>> = match conn
         .exec(
             "SELECT DISTINCT User FROM mysql.user WHERE User LIKE ?",
             (pattern,),
         )
         .await
     {
-        Ok(v) => v,
+        Ok(v) => Some(v),
         Err(e) => {
             out.push(Finding::error(
                 &scope,
                 format!("cannot list users: {}", cause_text(&e)),
                 format!("GRANT SELECT ON mysql.user TO {account}"),
             ));
-            Vec::new()
+            None
         }
     };
     let _ = conn.disconnect().await;

@@ -16,7 +16,7 @@ pub async fn check(
     db: &DatabaseConfig,
     roles: &[&crate::config::RoleConfig],
     prefix: &str,
-) -> (Vec<Finding>, Vec<String>) {
+) -> (Vec<Finding>, Option<Vec<String>>) {
     let scope = format!("database {}", db.name);
     let mut out = Vec::new();
     // TLS parameters as the broker reads them (tokio-postgres rejects most).
@@ -32,7 +32,7 @@ pub async fn check(
                 format!("admin_url: {e}"),
                 "fix admin_url",
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
     };
     cfg.ssl_mode(ssl_mode);
@@ -51,9 +51,10 @@ pub async fn check(
                 e.to_string(),
                 "create the password file (mode 0600) or set the variable the config names",
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
     }
+    let probe_tls = tls.clone();
     let client = match cfg.connect(tls).await {
         Ok((client, conn)) => {
             tokio::spawn(conn);
@@ -67,7 +68,7 @@ pub async fn check(
                 "point sslrootcert at the CA that signed the server's certificate, and use the \
                  host name in it (admin_url)",
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
         Err(e) => {
             let cause = Cause::of(&e);
@@ -82,6 +83,12 @@ pub async fn check(
                     "the host does not answer: check admin_url's host and port, and any firewall"
                         .to_string()
                 }
+                // No ALTER ROLE for a role that is not there.
+                CauseKind::Authentication if cause.detail.contains("does not exist") => format!(
+                    "create role {admin:?} (CREATE ROLE {} LOGIN CREATEROLE PASSWORD '…', as the \
+                     README's step 2 does), or put the right user in admin_url",
+                    escape_identifier(&admin)
+                ),
                 CauseKind::Authentication => format!(
                     "make the password in admin_password_file/env the one of role {admin:?} \
                      (ALTER ROLE {admin} PASSWORD '…') and let pg_hba.conf admit it"
@@ -97,7 +104,7 @@ pub async fn check(
                 ),
                 fix,
             ));
-            return (out, Vec::new());
+            return (out, None);
         }
     };
     let row = match client
@@ -112,7 +119,7 @@ pub async fn check(
         Ok(r) => r,
         Err(e) => {
             out.push(Finding::error(&scope, format!("cannot read the admin's privileges: {}", Cause::of(&e).detail), "check the server's log"));
-            return (out, Vec::new());
+            return (out, None);
         }
     };
     let (superuser, createrole, signal, version): (bool, bool, bool, String) =
@@ -150,6 +157,11 @@ pub async fn check(
             format!("GRANT pg_signal_backend TO {}", escape_identifier(&admin)),
         ));
     }
+    if superuser || createrole {
+        if let Some(f) = password_probe(&client, &cfg, probe_tls, &scope).await {
+            out.push(f);
+        }
+    }
     for role in roles {
         let rscope = format!("role {}", role.name);
         if let Some(owner) = &role.owner {
@@ -176,7 +188,8 @@ pub async fn check(
         }
         // A name that is not broker-shaped, so no sweep could ever take it
         // for a lease; it never outlives the rolled-back transaction.
-        let ident = escape_identifier(&format!("credbroker_check_{:016x}", rand::random::<u64>()));
+        let probe = format!("credbroker_check_{:016x}", rand::random::<u64>());
+        let ident = escape_identifier(&probe);
         let plan = DryRun {
             create: format!("CREATE ROLE {ident} NOLOGIN"),
             owner: role
@@ -190,8 +203,24 @@ pub async fn check(
                 .collect(),
         };
         let result = plan.run(&client).await;
+        let held = match (&result, role.grants.is_empty()) {
+            (Ok(()), false) => privileges_held(&client, &probe, role.owner.as_deref()).await,
+            _ => None,
+        };
         let _ = client.batch_execute("ROLLBACK").await;
         match result {
+            Ok(()) if held == Some(0) => out.push(Finding::warning(
+                &rscope,
+                format!(
+                    "dry run of CREATE ROLE and {} grant(s) passed, but they gave the role no \
+                     privilege at all: no table matched (`ON ALL TABLES IN SCHEMA …` grants only \
+                     the tables that exist when a lease is issued)",
+                    role.grants.len()
+                ),
+                "create the tables before issuing leases (a lease issued before a table exists \
+                 never gets it: renew does not grant again; issue a new one), or fix the \
+                 schema/table names in the role's grants",
+            )),
             Ok(()) => out.push(Finding::ok(
                 &rscope,
                 format!(
@@ -230,15 +259,113 @@ pub async fn check(
         )
         .await
     {
-        Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        Ok(rows) => Some(rows.iter().map(|r| r.get::<_, String>(0)).collect()),
         Err(e) => {
             out.push(Finding::error(
                 &scope,
                 format!("cannot list roles: {}", Cause::of(&e).detail),
                 "check the server's log",
             ));
-            Vec::new()
+            None
         }
     };
     (out, prefixed)
+}
+
+/// Does the server check passwords at all, for the address `check`
+/// connects from? A throwaway login role (not broker-shaped, valid for a
+/// few minutes at most, dropped at once) is logged in with a wrong
+/// password: a `trust` line in `pg_hba.conf` — common in containers —
+/// lets it in, and then a leased password and its expiry mean nothing
+/// there. `None` when the server refused, as it should.
+async fn password_probe(
+    client: &tokio_postgres::Client,
+    cfg: &tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    scope: &str,
+) -> Option<Finding> {
+    let at = host_port(cfg);
+    let name = format!("credbroker_check_{:016x}", rand::random::<u64>());
+    let ident = escape_identifier(&name);
+    let until = (chrono::Utc::now() + chrono::Duration::minutes(5))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let password = hex::encode(rand::random::<[u8; 24]>());
+    let create = format!(
+        "CREATE ROLE {ident} LOGIN PASSWORD '{password}' VALID UNTIL '{until}' CONNECTION LIMIT 1"
+    );
+    if let Err(e) = client.batch_execute(&create).await {
+        return Some(Finding::warning(
+            scope,
+            format!(
+                "could not test whether the server checks passwords (creating a probe role failed: {})",
+                Cause::of(&e).detail
+            ),
+            "make sure pg_hba.conf asks for scram-sha-256 from where clients connect",
+        ));
+    }
+    let mut probe = cfg.clone();
+    probe
+        .user(&name)
+        .password(hex::encode(rand::random::<[u8; 24]>()))
+        .application_name("credbroker check probe");
+    let admitted = match probe.connect(tls).await {
+        Ok((c, conn)) => {
+            drop(c);
+            drop(conn);
+            true
+        }
+        Err(_) => false,
+    };
+    // Its session (if any) ends before the role goes; VALID UNTIL bounds
+    // the role should the DROP fail.
+    let _ = client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&name],
+        )
+        .await;
+    let _ = client
+        .batch_execute(&format!("DROP ROLE IF EXISTS {ident}"))
+        .await;
+    admitted.then(|| {
+        Finding::error(
+            scope,
+            format!(
+                "the server at {at} let a login in with a wrong password (pg_hba.conf `trust` for \
+                 this address): leased passwords and their expiry are not enforced there"
+            ),
+            "use scram-sha-256 (not trust) in pg_hba.conf for every address clients and the broker \
+             connect from, then reload PostgreSQL",
+        )
+    })
+}
+
+/// How many privileges the dry run's role holds, inside its transaction:
+/// ACL entries naming it on relations, columns, schemas, functions and
+/// databases, memberships (but in its `owner`) and per-role settings. 0
+/// means the role's grants matched nothing — `GRANT … ON ALL TABLES IN
+/// SCHEMA public` on a schema with no tables yet. `None` if the catalog
+/// could not be read (then nothing is claimed).
+async fn privileges_held(
+    client: &tokio_postgres::Client,
+    role: &str,
+    owner: Option<&str>,
+) -> Option<i64> {
+    let owner = owner.unwrap_or("");
+    client
+        .query_one(
+            "WITH r AS (SELECT oid FROM pg_roles WHERE rolname = $1) SELECT \
+               (SELECT count(*) FROM pg_class c, aclexplode(c.relacl) a, r WHERE a.grantee = r.oid) \
+             + (SELECT count(*) FROM pg_attribute t, aclexplode(t.attacl) a, r WHERE a.grantee = r.oid) \
+             + (SELECT count(*) FROM pg_namespace n, aclexplode(n.nspacl) a, r WHERE a.grantee = r.oid) \
+             + (SELECT count(*) FROM pg_proc p, aclexplode(p.proacl) a, r WHERE a.grantee = r.oid) \
+             + (SELECT count(*) FROM pg_database d, aclexplode(d.datacl) a, r WHERE a.grantee = r.oid) \
+             + (SELECT count(*) FROM pg_auth_members m, r WHERE m.member = r.oid \
+                  AND m.roleid NOT IN (SELECT oid FROM pg_roles WHERE rolname = $2)) \
+             + (SELECT count(*) FROM pg_db_role_setting s, r WHERE s.setrole = r.oid)",
+            &[&role, &owner],
+        )
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, i64>(0).ok())
 }

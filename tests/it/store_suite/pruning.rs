@@ -13,7 +13,7 @@ pub struct Bulk {
 }
 
 /// Test-only bulk insert, straight into the store's table. The store must
-/// be closed: SQLite holds its file exclusively while open.
+/// be closed: one writer per file (the broker's `.lock`).
 pub async fn bulk_insert(home: &StoreHome, batches: &[Bulk]) {
     let now = Utc::now();
     let (expires, due) = (t(now, 3600), t(now, 3600));
