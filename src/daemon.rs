@@ -102,19 +102,19 @@ impl Daemon {
         let backends = backend::connect_all(&config).await?;
         let mut warnings = server::tls::crl_warnings(&config.tls, chrono::Utc::now());
         for d in config.databases.values() {
-            let dialect = match d.kind {
-                crate::lease::BackendKind::Postgres => crate::dbtls::Dialect::Postgres,
-                crate::lease::BackendKind::Mysql => crate::dbtls::Dialect::Mysql,
-            };
             let what = format!("database {:?}", d.name);
-            warnings.extend(crate::dbtls::url_warning(&what, &d.admin_url, dialect));
+            // Every host of a PostgreSQL admin_url; MySQL's has one.
+            warnings.extend(match d.kind {
+                crate::lease::BackendKind::Postgres => {
+                    crate::connstr::tls_warning(&what, &d.admin_url)
+                }
+                crate::lease::BackendKind::Mysql => {
+                    crate::dbtls::url_warning(&what, &d.admin_url, crate::dbtls::Dialect::Mysql)
+                }
+            });
         }
         if let crate::config::StoreUrl::Postgres(url) = &config.store.url {
-            warnings.extend(crate::dbtls::url_warning(
-                "the lease store",
-                url,
-                crate::dbtls::Dialect::Postgres,
-            ));
+            warnings.extend(crate::connstr::tls_warning("the lease store", url));
         }
         for (name, b) in &backends {
             // A refused TLS certificate (wrong CA, wrong host name) is the

@@ -19,6 +19,8 @@
 //! - [`limits`]: per-identity rate limits.
 //! - [`lock`]: admin locks that refuse issue and renew (the incident button).
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
+//! - [`connstr`]: PostgreSQL connection strings as libpq takes them (several
+//!   hosts, key=value), checked key by key for the store and the databases.
 //! - [`dbtls`]: TLS to the databases and the store: libpq/MySQL URL
 //!   parameters → rustls (ring) client configs, start-up warnings.
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
@@ -64,6 +66,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod connstr;
 pub mod console;
 pub mod daemon;
 pub mod dbtls;
