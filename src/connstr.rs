@@ -204,7 +204,10 @@ fn pairs(s: &str) -> Result<Vec<(String, String)>> {
         url_pairs(s)
     } else if s.contains("://") {
         let scheme = s.split("://").next().unwrap_or("");
-        Err(format!("scheme {scheme:?}: expected postgres:// or postgresql:// (or key=value words)").into())
+        Err(format!(
+            "scheme {scheme:?}: expected postgres:// or postgresql:// (or key=value words)"
+        )
+        .into())
     } else {
         keyword_pairs(s)
     }
@@ -273,9 +276,10 @@ fn url_pairs(s: &str) -> Result<Vec<(String, String)>> {
                 };
                 let port = match after {
                     "" => None,
-                    p => Some(p.strip_prefix(':').ok_or_else(|| {
-                        format!("{which}: expected \":PORT\" after the ']'")
-                    })?),
+                    p => Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| format!("{which}: expected \":PORT\" after the ']'"))?,
+                    ),
                 };
                 (addr.to_string(), port)
             } else {
@@ -434,15 +438,23 @@ fn list<'a>(
     Ok(entries)
 }
 
-fn one_of(key: &str, value: &str, allowed: &[&str], hint: &str) -> Result<()> {
+fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&value) {
         return Ok(());
     }
-    Err(format!("{key}={value:?}: expected {}{hint}", allowed.join(", ")).into())
+    let (last, rest) = allowed.split_last().unwrap_or((&"", &[]));
+    let choices = if rest.is_empty() {
+        last.to_string()
+    } else {
+        format!("{} or {last}", rest.join(", "))
+    };
+    Err(format!("{key}={value:?}: expected {choices}").into())
 }
 
 fn seconds(key: &str, value: &str) -> Result<()> {
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) && value.parse::<u32>().is_ok()
+    if !value.is_empty()
+        && value.bytes().all(|b| b.is_ascii_digit())
+        && value.parse::<u32>().is_ok()
     {
         return Ok(());
     }
@@ -471,9 +483,12 @@ fn check(pairs: &[(String, String)]) -> Result<PgConnStr> {
             "password" => return Err(ConnStrError::Password),
             k if dbtls::is_tls_key(k, Dialect::Postgres) => continue,
             "host" => {
-                list(key, value, "a host name, IP address or socket directory", |h| {
-                    !h.is_empty() && !h.chars().any(|c| c.is_whitespace() || c.is_control())
-                })?;
+                list(
+                    key,
+                    value,
+                    "a host name, IP address or socket directory",
+                    |h| !h.is_empty() && !h.chars().any(|c| c.is_whitespace() || c.is_control()),
+                )?;
             }
             "hostaddr" => {
                 list(key, value, "an IP address", |h| h.parse::<IpAddr>().is_ok())?;
@@ -484,9 +499,12 @@ fn check(pairs: &[(String, String)]) -> Result<PgConnStr> {
                 })?;
             }
             "user" | "dbname" | "options" | "application_name" => {}
-            "connect_timeout" | "tcp_user_timeout" | "keepalives_idle"
-            | "keepalives_interval" | "keepalives_retries" => seconds(key, value)?,
-            "keepalives" => one_of(key, value, &["0", "1"], "")?,
+            "connect_timeout"
+            | "tcp_user_timeout"
+            | "keepalives_idle"
+            | "keepalives_interval"
+            | "keepalives_retries" => seconds(key, value)?,
+            "keepalives" => one_of(key, value, &["0", "1"])?,
             "target_session_attrs" => match value {
                 "primary" | "standby" | "prefer-standby" => {
                     return Err(format!(
@@ -495,11 +513,11 @@ fn check(pairs: &[(String, String)]) -> Result<PgConnStr> {
                     )
                     .into())
                 }
-                _ => one_of(key, value, &["any", "read-write", "read-only"], "")?,
+                _ => one_of(key, value, &["any", "read-write", "read-only"])?,
             },
-            "channel_binding" => one_of(key, value, &["disable", "prefer", "require"], "")?,
-            "load_balance_hosts" => one_of(key, value, &["disable", "random"], "")?,
-            "sslnegotiation" => one_of(key, value, &["postgres", "direct"], "")?,
+            "channel_binding" => one_of(key, value, &["disable", "prefer", "require"])?,
+            "load_balance_hosts" => one_of(key, value, &["disable", "random"])?,
+            "sslnegotiation" => one_of(key, value, &["postgres", "direct"])?,
             k if LIBPQ_UNSUPPORTED.contains(&k) => {
                 return Err(format!(
                     "{k:?}: a libpq parameter this broker's PostgreSQL driver does not support; \
@@ -518,15 +536,21 @@ fn check(pairs: &[(String, String)]) -> Result<PgConnStr> {
         words.push(word(key, value));
     }
     let tls = dbtls::tls_params(last.iter().copied(), Dialect::Postgres)?;
-    let hosts: Vec<&str> = get("host").map(|h| h.split(',').collect()).unwrap_or_default();
+    let hosts: Vec<&str> = get("host")
+        .map(|h| h.split(',').collect())
+        .unwrap_or_default();
     let addrs: Vec<&str> = get("hostaddr")
         .map(|h| h.split(',').collect())
         .unwrap_or_default();
-    let ports: Vec<&str> = get("port").map(|p| p.split(',').collect()).unwrap_or_default();
+    let ports: Vec<&str> = get("port")
+        .map(|p| p.split(',').collect())
+        .unwrap_or_default();
     if hosts.is_empty() && addrs.is_empty() {
-        return Err("no host: name the server (postgres://user@HOST:PORT/db, or host=HOST)"
-            .to_string()
-            .into());
+        return Err(
+            "no host: name the server (postgres://user@HOST:PORT/db, or host=HOST)"
+                .to_string()
+                .into(),
+        );
     }
     if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
         return Err(format!(
@@ -658,12 +682,24 @@ mod tests {
                 "the 2nd of 2 hosts, \"db2:54x2\",: port \"54x2\" is not a port number",
             ),
             ("postgres://u@db1:0/x", "port \"0\" is not a port number"),
-            ("postgres://u@db1,,db3/x", "the 2nd of 3 hosts, \"\", names no host"),
-            ("postgres://u@db1,:5433/x", "the 2nd of 2 hosts, \":5433\", names no host"),
+            (
+                "postgres://u@db1,,db3/x",
+                "the 2nd of 3 hosts, \"\", names no host",
+            ),
+            (
+                "postgres://u@db1,:5433/x",
+                "the 2nd of 2 hosts, \":5433\", names no host",
+            ),
             ("postgres://u@[::1/x", "lacks the ']'"),
-            ("postgres://u@[::1]5432/x", "expected \":PORT\" after the ']'"),
+            (
+                "postgres://u@[::1]5432/x",
+                "expected \":PORT\" after the ']'",
+            ),
             ("postgres://u@::1:5432/x", "IPv6 address goes in brackets"),
-            ("postgres://u@db/x?sslmode", "parameter \"sslmode\": expected key=value"),
+            (
+                "postgres://u@db/x?sslmode",
+                "parameter \"sslmode\": expected key=value",
+            ),
             (
                 "postgres://u@db/x?target_session_attrs=readwrite",
                 "target_session_attrs=\"readwrite\": expected any, read-write or read-only",
@@ -672,25 +708,67 @@ mod tests {
                 "postgres://u@db/x?target_session_attrs=primary",
                 "read-write finds the primary",
             ),
-            ("postgres://u@db/x?conect_timeout=3", "\"conect_timeout\": not a libpq connection parameter"),
-            ("postgres://u@db/x?connect_timeout=3s", "connect_timeout=\"3s\": expected a whole number of seconds"),
-            ("postgres://u@db/x?service=prod", "\"service\": a libpq parameter this broker's PostgreSQL driver does not support"),
-            ("postgres://u@db/x?sslmode=verify-full", "sslmode=verify-full needs sslrootcert"),
+            (
+                "postgres://u@db/x?conect_timeout=3",
+                "\"conect_timeout\": not a libpq connection parameter",
+            ),
+            (
+                "postgres://u@db/x?connect_timeout=3s",
+                "connect_timeout=\"3s\": expected a whole number of seconds",
+            ),
+            (
+                "postgres://u@db/x?service=prod",
+                "\"service\": a libpq parameter this broker's PostgreSQL driver does not support",
+            ),
+            (
+                "postgres://u@db/x?sslmode=verify-full",
+                "sslmode=verify-full needs sslrootcert",
+            ),
             ("postgres:///x", "no host"),
             // key=value form.
-            ("host=db1,db2 port=5432,5433,5434", "port: 3 ports for 2 hosts"),
-            ("host=db1,,db3", "host: an empty entry (the 2nd of 3) is not a host name"),
-            ("host=db1 port=5432,x", "port: \"x\" (the 2nd of 2) is not a port number"),
-            ("host=db1 port=99999", "port: \"99999\" is not a port number"),
-            ("hostaddr=10.0.0.1,db2", "hostaddr: \"db2\" (the 2nd of 2) is not an IP address"),
-            ("host=a,b hostaddr=10.0.0.1", "hostaddr: 1 addresses for 2 hosts"),
+            (
+                "host=db1,db2 port=5432,5433,5434",
+                "port: 3 ports for 2 hosts",
+            ),
+            (
+                "host=db1,,db3",
+                "host: an empty entry (the 2nd of 3) is not a host name",
+            ),
+            (
+                "host=db1 port=5432,x",
+                "port: \"x\" (the 2nd of 2) is not a port number",
+            ),
+            (
+                "host=db1 port=99999",
+                "port: \"99999\" is not a port number",
+            ),
+            (
+                "hostaddr=10.0.0.1,db2",
+                "hostaddr: \"db2\" (the 2nd of 2) is not an IP address",
+            ),
+            (
+                "host=a,b hostaddr=10.0.0.1",
+                "hostaddr: 1 addresses for 2 hosts",
+            ),
             ("host=db1 dbname", "\"dbname\": expected key=value"),
-            ("host=db1 dbname='x", "dbname: the quoted value has no closing '"),
+            (
+                "host=db1 dbname='x",
+                "dbname: the quoted value has no closing '",
+            ),
             ("host=db1 =x", "no key before it"),
-            ("host=db1 keepalives=yes", "keepalives=\"yes\": expected 0, 1"),
-            ("host=db1 sslmode=verify-ca", "sslmode=verify-ca needs sslrootcert"),
+            (
+                "host=db1 keepalives=yes",
+                "keepalives=\"yes\": expected 0 or 1",
+            ),
+            (
+                "host=db1 sslmode=verify-ca",
+                "sslmode=verify-ca needs sslrootcert",
+            ),
             ("host=db1 sslmode=maybe", "sslmode=\"maybe\""),
-            ("host=db1 channel_binding=always", "channel_binding=\"always\""),
+            (
+                "host=db1 channel_binding=always",
+                "channel_binding=\"always\"",
+            ),
             ("dbname=x", "no host"),
             ("", "empty"),
             ("mysql://u@db/x", "scheme \"mysql\""),
@@ -744,9 +822,15 @@ mod tests {
 
     #[test]
     fn warnings_cover_every_remote_host() {
-        let w = tls_warning("the lease store", "host=127.0.0.1,db2.internal sslmode=require")
-            .unwrap();
-        assert!(w.contains("db2.internal") && !w.contains("127.0.0.1"), "{w}");
+        let w = tls_warning(
+            "the lease store",
+            "host=127.0.0.1,db2.internal sslmode=require",
+        )
+        .unwrap();
+        assert!(
+            w.contains("db2.internal") && !w.contains("127.0.0.1"),
+            "{w}"
+        );
         assert!(tls_warning("s", "postgres://u@127.0.0.1,localhost/x?sslmode=disable").is_none());
     }
 

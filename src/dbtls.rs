@@ -244,10 +244,7 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Tls
             .into_owned();
         tls.push((key.into_owned(), value));
     }
-    let params = tls_params(
-        tls.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        dialect,
-    )?;
+    let params = tls_params(tls.iter().map(|(k, v)| (k.as_str(), v.as_str())), dialect)?;
     let stripped = if kept.is_empty() {
         head.to_string()
     } else {

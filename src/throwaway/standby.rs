@@ -27,7 +27,15 @@ impl ThrowawayPostgres {
         let data_dir = dir.path().join("data");
         let log_path = dir.path().join("postgres.log");
         create_log(&log_path, run_as.as_ref())?;
-        let mut basebackup = Command::new(self.bin_dir.join("pg_basebackup"));
+        let program = self.bin_dir.join("pg_basebackup");
+        if !program.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is missing: install PostgreSQL's client tools beside the server \
+                 (`apt-get install postgresql-client`, the same version as initdb)",
+                program.display()
+            )));
+        }
+        let mut basebackup = Command::new(program);
         basebackup
             .arg("--pgdata")
             .arg(&data_dir)
@@ -87,14 +95,21 @@ impl ThrowawayPostgres {
         standby.start_server().await?;
 
         let primary = self.connect("postgres").await?;
-        primary
-            .batch_execute(
-                "ALTER SYSTEM SET synchronous_standby_names = '*';
-                 ALTER SYSTEM SET synchronous_commit = 'on';
-                 SELECT pg_reload_conf();",
-            )
-            .await
-            .map_err(|e| io::Error::other(format!("cannot make the standby synchronous: {e}")))?;
+        // One statement each: ALTER SYSTEM refuses to run in a transaction
+        // block, which a multi-statement query is.
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "ALTER SYSTEM SET synchronous_commit = 'on'",
+            "SELECT pg_reload_conf()",
+        ] {
+            primary.batch_execute(sql).await.map_err(|e| {
+                io::Error::other(format!(
+                    "cannot make the standby synchronous ({sql}): {}",
+                    e.as_db_error()
+                        .map_or(e.to_string(), |d| d.message().to_string())
+                ))
+            })?;
+        }
         let deadline = Instant::now() + SYNC_TIMEOUT;
         loop {
             let sync = primary

@@ -28,7 +28,9 @@ async fn primary_and_standby() -> (ThrowawayPostgres, ThrowawayPostgres) {
     .await
     .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL primary: {e}"));
     let standby = primary.start_sync_standby().await.unwrap_or_else(|e| {
-        panic!("cannot start a synchronous standby (pg_basebackup -R; PostgreSQL's client tools): {e}")
+        panic!(
+            "cannot start a synchronous standby (pg_basebackup -R; PostgreSQL's client tools): {e}"
+        )
     });
     (primary, standby)
 }
@@ -87,6 +89,28 @@ async fn load(
     tasks
 }
 
+/// Two callers start issuing on `b`; half a second later the primary is
+/// stopped immediately and the standby promoted. Returns the callers and
+/// their stop flag, when the stop began, and how long promotion took.
+async fn fail_over_under_load(
+    b: &TestBroker,
+    primary: &mut ThrowawayPostgres,
+    standby: &ThrowawayPostgres,
+) -> (
+    Vec<JoinHandle<Vec<Call>>>,
+    Arc<AtomicBool>,
+    Instant,
+    Duration,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(b, "ro", 2, &stop).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = Instant::now();
+    primary.stop_immediately();
+    standby.promote().await.unwrap();
+    (tasks, stop, stopped, stopped.elapsed())
+}
+
 /// What a failover cost the callers: seconds from the primary's stop to
 /// the first lease issued by a call begun after it, and the calls refused
 /// in between. Panics on any refusal that is not `Unavailable`.
@@ -118,7 +142,10 @@ async fn cost(tasks: Vec<JoinHandle<Vec<Call>>>, stopped: Instant) -> Cost {
                     Code::Unavailable,
                     "a call during the failover was refused otherwise: {message}"
                 );
-                assert!(c.ended >= stopped, "a call failed before the failover: {message}");
+                assert!(
+                    c.ended >= stopped,
+                    "a call failed before the failover: {message}"
+                );
                 refused += 1;
             }
         }
@@ -174,7 +201,10 @@ async fn a_store_failover_to_a_synchronous_standby_loses_no_lease_and_heals_by_i
         .unwrap();
     let url = both_hosts(&primary, &standby, &store_db);
     b.edit_config(|t| {
-        let old = format!("[store]\nurl = \"sqlite://{}\"\n", b.env.store_path.display());
+        let old = format!(
+            "[store]\nurl = \"sqlite://{}\"\n",
+            b.env.store_path.display()
+        );
         assert!(t.contains(&old), "unexpected config head");
         t.replace(
             &old,
@@ -232,14 +262,7 @@ async fn a_store_failover_to_a_synchronous_standby_loses_no_lease_and_heals_by_i
         "the capped issue never waited on the store"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(&b, "ro", 2, &stop).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    primary.stop_immediately();
-    let stopped = Instant::now();
-    standby.promote().await.unwrap();
-    let promoted = stopped.elapsed();
+    let (tasks, stop, stopped, promoted) = fail_over_under_load(&b, &mut primary, &standby).await;
 
     let in_flight = in_flight.await.unwrap();
     let in_flight_code = in_flight.as_ref().map(|_| ()).map_err(|s| s.code());
@@ -251,7 +274,6 @@ async fn a_store_failover_to_a_synchronous_standby_loses_no_lease_and_heals_by_i
 
     // Callers keep going until issuing has worked for a while again.
     let again = issue_again(&b, "the store's").await;
-    before.push(again);
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let cost = cost(tasks, stopped).await;
@@ -267,24 +289,20 @@ async fn a_store_failover_to_a_synchronous_standby_loses_no_lease_and_heals_by_i
         .await
         .unwrap()
         .get(0);
-    assert_eq!(known as usize, ids.len(), "a lease acknowledged before the failover is gone");
+    assert_eq!(
+        known as usize,
+        ids.len(),
+        "a lease acknowledged before the failover is gone"
+    );
 
     // …and is revoked through the broker, its role gone from the database.
-    for l in before.iter().chain(&cost.issued) {
+    for l in before.iter().chain(&cost.issued).chain([&again]) {
         revoke(&b, l).await;
         assert!(!b.role_exists(&l.username).await, "{} survived", l.username);
     }
     // Nothing half-made: the cut-short issues leave no role and no live row.
     let clean = eventually(Duration::from_secs(30), || async {
-        let live: i64 = store
-            .query_one(
-                "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        live == 0 && b.broker_roles().await.is_empty()
+        live_lease_rows(&store).await == 0 && b.broker_roles().await.is_empty()
     })
     .await;
     assert!(
@@ -362,17 +380,13 @@ async fn a_target_database_behind_a_multi_host_admin_url_keeps_issuing_after_its
             "the leased DSN does not follow the failover: {}",
             l.dsn.replace(&l.password, "<password>")
         );
-        login(&l).await.expect("a leased credential works on the primary");
+        login(&l)
+            .await
+            .expect("a leased credential works on the primary");
         before.push(l);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(&b, "ro", 2, &stop).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    primary.stop_immediately();
-    let stopped = Instant::now();
-    standby.promote().await.unwrap();
-    let promoted = stopped.elapsed();
+    let (tasks, stop, stopped, promoted) = fail_over_under_load(&b, &mut primary, &standby).await;
 
     let after = issue_again(&b, "the target database's").await;
     tokio::time::sleep(Duration::from_secs(1)).await;

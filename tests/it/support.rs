@@ -636,3 +636,15 @@ pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker::pki::ClientSp
     std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
     std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
 }
+
+/// Live (not revoked) rows in a PostgreSQL lease store.
+pub async fn live_lease_rows(store: &tokio_postgres::Client) -> i64 {
+    store
+        .query_one(
+            "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
