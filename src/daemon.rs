@@ -224,6 +224,19 @@ impl Daemon {
         start.outcome = Some(Outcome::Ok);
         broker.audit().append(start)?;
 
+        // Lease events to and from the other replicas of a shared store.
+        let relay = match &broker.config().store.url {
+            crate::config::StoreUrl::Postgres(url) => Some(
+                crate::relay::start(
+                    url,
+                    &broker.config().store.password,
+                    broker.watch().clone(),
+                    stop.clone(),
+                )
+                .await?,
+            ),
+            crate::config::StoreUrl::Sqlite(_) => None,
+        };
         let reaper = tokio::spawn(reaper::run(broker.clone(), stop.clone().cancelled_owned()));
         let pruner = tokio::spawn(pruner::run(broker.clone(), stop.clone().cancelled_owned()));
         let statics = tokio::spawn(
@@ -307,6 +320,9 @@ impl Daemon {
         stop.cancel();
         let _ = reaper.await;
         let _ = pruner.await;
+        if let Some(h) = relay {
+            let _ = h.await;
+        }
         let _ = tls_files.await;
         let _ = statics.await;
         if let Some(h) = http {

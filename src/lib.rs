@@ -40,7 +40,8 @@
 //!   surroundings, verified (certificates, store, databases, privileges).
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
-//! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`.
+//! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`;
+//!   [`relay`] carries them between replicas through the PostgreSQL store.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`vault_api`]: HashiCorp Vault's database-credentials HTTP API, so
 //!   Vault clients switch by changing their address.
@@ -85,6 +86,7 @@ pub mod policy;
 pub mod pruner;
 pub mod rate_history;
 pub mod reaper;
+pub mod relay;
 pub mod revocation;
 pub mod scram;
 pub mod server;

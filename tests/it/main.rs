@@ -9,6 +9,7 @@ mod certificates;
 mod console;
 mod db_tls;
 mod demo;
+mod events;
 mod failover;
 mod faults;
 mod first_hour;
