@@ -299,16 +299,19 @@ async fn check_prefix(
 }
 
 fn store_label(url: &str) -> String {
-    // A postgres:// store URL never carries a password (config refuses it),
-    // but keep only scheme, host and path anyway.
-    match url::Url::parse(url) {
-        Ok(u) if u.scheme() != "sqlite" => format!(
-            "{}://{}{}",
-            u.scheme(),
-            u.host_str().unwrap_or(""),
-            u.path()
+    // A PostgreSQL store string never carries a password (config refuses
+    // it), but keep only its hosts and database anyway.
+    match crate::connstr::parse(url) {
+        Ok(c) => format!(
+            "postgres://{}/{}",
+            c.hosts
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            c.dbname.as_deref().unwrap_or("")
         ),
-        _ => url.to_string(),
+        Err(_) => url.to_string(),
     }
 }
 

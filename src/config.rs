@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::connstr::{self, ConnStrError};
 use crate::dbtls::{self, Dialect, SslMode};
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
@@ -231,9 +232,11 @@ fn read_secret_file(path: &Path) -> std::io::Result<String> {
 pub struct DatabaseConfig {
     pub name: String,
     pub kind: BackendKind,
-    /// Connection URL for the broker's own admin account, without password.
-    /// TLS parameters may be in its query (see `dbtls`), with relative
-    /// paths already made absolute against the config file's directory.
+    /// Connection string for the broker's own admin account, without
+    /// password: for PostgreSQL a URL with one host or several, or libpq
+    /// key=value words (see `connstr`); for MySQL a single-host URL. TLS
+    /// parameters may be in it (see `dbtls`), with relative paths already
+    /// made absolute against the config file's directory.
     pub admin_url: String,
     pub admin_password: SecretSource,
     /// Host handed to clients in their DSN, when not the admin URL's host.
@@ -1057,32 +1060,48 @@ impl RawDatabase {
             };
             cfg_err(format!("{}: {text}", what("kind")))
         })?;
-        let url = url::Url::parse(&self.admin_url)
-            .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
-        let scheme_ok = match kind {
-            BackendKind::Postgres => matches!(url.scheme(), "postgres" | "postgresql"),
-            BackendKind::Mysql => matches!(url.scheme(), "mysql" | "mariadb"),
-        };
-        if !scheme_ok {
-            return Err(cfg_err(format!(
-                "{}: scheme {:?} does not match kind {:?}",
-                what("admin_url"),
-                url.scheme(),
-                kind.as_str()
-            )));
-        }
-        if url.password().is_some() {
-            return Err(cfg_err(format!(
+        let no_password = || {
+            cfg_err(format!(
                 "{}: must not contain a password; use admin_password_file or admin_password_env",
                 what("admin_url")
-            )));
-        }
-        let dialect = match kind {
-            BackendKind::Postgres => Dialect::Postgres,
-            BackendKind::Mysql => Dialect::Mysql,
+            ))
         };
-        let admin_url = dbtls::normalize_url(&self.admin_url, dialect, base)
-            .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
+        let scheme = self.admin_url.split_once("://").map(|(s, _)| s);
+        let admin_url = match kind {
+            // libpq's forms: a URL with one host or several, or key=value.
+            BackendKind::Postgres => {
+                if scheme.is_some_and(|s| !matches!(s, "postgres" | "postgresql")) {
+                    return Err(cfg_err(format!(
+                        "{}: scheme {:?} does not match kind \"postgres\"",
+                        what("admin_url"),
+                        scheme.unwrap_or_default()
+                    )));
+                }
+                connstr::normalize(&self.admin_url, base).map_err(|e| match e {
+                    ConnStrError::Password => no_password(),
+                    e => cfg_err(format!("{}: {e}", what("admin_url"))),
+                })?
+            }
+            BackendKind::Mysql => {
+                if let Some(why) = connstr::mysql_host_count_error(&self.admin_url) {
+                    return Err(cfg_err(format!("{}: {why}", what("admin_url"))));
+                }
+                let url = url::Url::parse(&self.admin_url)
+                    .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?;
+                if !matches!(url.scheme(), "mysql" | "mariadb") {
+                    return Err(cfg_err(format!(
+                        "{}: scheme {:?} does not match kind \"mysql\"",
+                        what("admin_url"),
+                        url.scheme()
+                    )));
+                }
+                if url.password().is_some() {
+                    return Err(no_password());
+                }
+                dbtls::normalize_url(&self.admin_url, Dialect::Mysql, base)
+                    .map_err(|e| cfg_err(format!("{}: {e}", what("admin_url"))))?
+            }
+        };
         let client_sslmode = self
             .client_sslmode
             .as_deref()
@@ -1267,7 +1286,8 @@ impl RawRole {
 }
 
 /// Where the lease store lives. `sqlite://PATH` (one broker) or a
-/// PostgreSQL URL (replicas share it; libpq TLS parameters normalised).
+/// PostgreSQL connection string as libpq takes it (replicas share it; one
+/// host or several, URL or key=value; TLS parameters normalised).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     Sqlite(PathBuf),
@@ -1281,21 +1301,19 @@ impl StoreUrl {
         if let Some(p) = url.strip_prefix("sqlite://") {
             return Ok(StoreUrl::Sqlite(resolve(base, Path::new(p))));
         }
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let parsed = url::Url::parse(url)
-                .map_err(|e| cfg_err(format!("store.url: not a valid URL: {e}")))?;
-            if parsed.password().is_some() {
-                return Err(cfg_err(
+        if connstr::looks_like_postgres(url) {
+            let normalized = connstr::normalize(url, base).map_err(|e| match e {
+                ConnStrError::Password => cfg_err(
                     "store.url: must not contain a password; use store.password_file or store.password_env"
                         .to_string(),
-                ));
-            }
-            let normalized = dbtls::normalize_url(url, Dialect::Postgres, base)
-                .map_err(|e| cfg_err(format!("store.url: {e}")))?;
+                ),
+                e => cfg_err(format!("store.url: {e}")),
+            })?;
             return Ok(StoreUrl::Postgres(normalized));
         }
         Err(cfg_err(format!(
-            "store.url {url:?}: expected sqlite://PATH or postgres://…"
+            "store.url {url:?}: expected sqlite://PATH, postgres://… (one host or several) or \
+             libpq key=value words (host=… dbname=…)"
         )))
     }
 
@@ -1385,7 +1403,7 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
         for (url, says) in [
             (
                 "mysql://cb@store/leases",
-                "expected sqlite://PATH or postgres://",
+                "expected sqlite://PATH, postgres://",
             ),
             (
                 "postgres://cb:secret@store/leases",
@@ -1397,6 +1415,98 @@ grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
             assert!(err.contains(says), "{url}: {err}");
             assert!(!err.contains("secret"), "{err}");
         }
+    }
+
+    /// Issue 28: libpq's forms for the store and a PostgreSQL admin_url
+    /// (several hosts, key=value), each mistake named under its config
+    /// key; MySQL keeps one host and says so.
+    #[test]
+    fn store_and_admin_urls_take_libpq_forms() {
+        let multi = "postgres://cb@db1:5432,db2:5433/leases?target_session_attrs=read-write";
+        let kv = "host=db1,db2 port=5432 dbname=orders user=broker_admin \
+                  target_session_attrs=read-write sslmode=verify-full sslrootcert=pki/ca.pem";
+        let text = SAMPLE
+            .replace(
+                "url = \"sqlite://credbroker.db\"",
+                &format!("url = \"{multi}\""),
+            )
+            .replace(
+                "\"postgres://broker_admin@127.0.0.1:5432/orders\"",
+                &format!("\"{kv}\""),
+            );
+        let c = Config::parse(&text, Path::new("/etc/credbroker")).unwrap();
+        assert_eq!(c.store.url.to_string(), multi);
+        let admin = &c.databases["orders"].admin_url;
+        assert!(
+            admin.contains("sslrootcert='/etc/credbroker/pki/ca.pem'"),
+            "{admin}"
+        );
+        let parsed = connstr::parse(admin).unwrap();
+        assert_eq!(parsed.hosts_label(), "db1:5432, db2:5432");
+        for (store, want) in [
+            (
+                "postgres://cb@db1:5432,db2:x/leases",
+                "store.url: the 2nd of 2 hosts, \"db2:x\",: port \"x\" is not a port number",
+            ),
+            (
+                "host=db1,db2 port=1,2,3 dbname=leases",
+                "store.url: port: 3 ports for 2 hosts",
+            ),
+            (
+                "host=db1 dbname=leases password=hunter2",
+                "store.url: must not contain a password; use store.password_file",
+            ),
+            (
+                "postgres://cb@db1/leases?target_session_attrs=standby",
+                "store.url: target_session_attrs=\"standby\": not supported",
+            ),
+        ] {
+            let text = SAMPLE.replace(
+                "url = \"sqlite://credbroker.db\"",
+                &format!("url = \"{store}\""),
+            );
+            let e = Config::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{store}: {e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        for (admin, want) in [
+            (
+                "host=db1,db2 dbname=orders user=broker_admin keepalives=on",
+                "databases.orders.admin_url: keepalives=\"on\": expected 0 or 1",
+            ),
+            (
+                "postgres://broker_admin@db1,db2/orders?sslmod=require",
+                "databases.orders.admin_url: \"sslmod\": not a libpq connection parameter",
+            ),
+            (
+                "mysql://broker_admin@db1/orders",
+                "scheme \"mysql\" does not match kind \"postgres\"",
+            ),
+        ] {
+            let text = SAMPLE.replace(
+                "\"postgres://broker_admin@127.0.0.1:5432/orders\"",
+                &format!("\"{admin}\""),
+            );
+            let e = Config::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{admin}: {e}");
+        }
+        let mysql = SAMPLE
+            .replace("kind = \"postgres\"", "kind = \"mysql\"")
+            .replace(
+                "\"postgres://broker_admin@127.0.0.1:5432/orders\"",
+                "\"mysql://broker_admin@db1:3306,db2:3306/orders\"",
+            );
+        let e = Config::parse(&mysql, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("databases.orders.admin_url: \"db1:3306,db2:3306\" names several hosts, but a MySQL admin_url takes one"),
+            "{e}"
+        );
     }
 
     #[test]

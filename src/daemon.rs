@@ -89,19 +89,19 @@ impl Daemon {
         let mut warnings = server::tls::crl_warnings(&config.tls, chrono::Utc::now());
         warnings.extend(config.drain_clamps());
         for d in config.databases.values() {
-            let dialect = match d.kind {
-                crate::lease::BackendKind::Postgres => crate::dbtls::Dialect::Postgres,
-                crate::lease::BackendKind::Mysql => crate::dbtls::Dialect::Mysql,
-            };
             let what = format!("database {:?}", d.name);
-            warnings.extend(crate::dbtls::url_warning(&what, &d.admin_url, dialect));
+            // Every host of a PostgreSQL admin_url; MySQL's has one.
+            warnings.extend(match d.kind {
+                crate::lease::BackendKind::Postgres => {
+                    crate::connstr::tls_warning(&what, &d.admin_url)
+                }
+                crate::lease::BackendKind::Mysql => {
+                    crate::dbtls::url_warning(&what, &d.admin_url, crate::dbtls::Dialect::Mysql)
+                }
+            });
         }
         if let crate::config::StoreUrl::Postgres(url) = &config.store.url {
-            warnings.extend(crate::dbtls::url_warning(
-                "the lease store",
-                url,
-                crate::dbtls::Dialect::Postgres,
-            ));
+            warnings.extend(crate::connstr::tls_warning("the lease store", url));
         }
         for (name, b) in &backends {
             // A refused TLS certificate (wrong CA, wrong host name) is the
@@ -211,6 +211,19 @@ impl Daemon {
         start.outcome = Some(Outcome::Ok);
         broker.audit().append(start)?;
 
+        // Lease events to and from the other replicas of a shared store.
+        let relay = match &broker.config().store.url {
+            crate::config::StoreUrl::Postgres(url) => Some(
+                crate::relay::start(
+                    url,
+                    &broker.config().store.password,
+                    broker.watch().clone(),
+                    stop.clone(),
+                )
+                .await?,
+            ),
+            crate::config::StoreUrl::Sqlite(_) => None,
+        };
         let reaper = tokio::spawn(reaper::run(broker.clone(), stop.clone().cancelled_owned()));
         let pruner = tokio::spawn(pruner::run(broker.clone(), stop.clone().cancelled_owned()));
         let statics = tokio::spawn(
@@ -294,6 +307,9 @@ impl Daemon {
         stop.cancel();
         let _ = reaper.await;
         let _ = pruner.await;
+        if let Some(h) = relay {
+            let _ = h.await;
+        }
         let _ = tls_files.await;
         let _ = statics.await;
         if let Some(h) = http {

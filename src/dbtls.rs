@@ -230,6 +230,50 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Tls
         None => (url, ""),
     };
     let mut kept: Vec<&str> = Vec::new();
+    let mut tls: Vec<(String, String)> = Vec::new();
+    for segment in query.split('&').filter(|s| !s.is_empty()) {
+        let (raw_key, raw_value) = segment.split_once('=').unwrap_or((segment, ""));
+        let key = percent_decode_str(raw_key).decode_utf8_lossy();
+        if !is_tls_key(&key, dialect) {
+            kept.push(segment);
+            continue;
+        }
+        let value = percent_decode_str(raw_value)
+            .decode_utf8()
+            .map_err(|_| format!("{key}: not UTF-8"))?
+            .into_owned();
+        tls.push((key.into_owned(), value));
+    }
+    let params = tls_params(tls.iter().map(|(k, v)| (k.as_str(), v.as_str())), dialect)?;
+    let stripped = if kept.is_empty() {
+        head.to_string()
+    } else {
+        format!("{head}?{}", kept.join("&"))
+    };
+    Ok((stripped, params))
+}
+
+/// Whether `key` is one of the TLS parameters read here (not the driver's).
+pub fn is_tls_key(key: &str, dialect: Dialect) -> bool {
+    dialect.role(key).is_some()
+}
+
+/// Whether `key` names a file (`sslrootcert`, `sslcert`, `sslkey`, and
+/// MySQL's names), which the config makes absolute.
+pub fn is_path_key(key: &str, dialect: Dialect) -> bool {
+    matches!(
+        dialect.role(key),
+        Some(Param::Root | Param::Cert | Param::Key)
+    )
+}
+
+/// What the TLS parameters among `pairs` (decoded keys and values, in
+/// order; a later one wins, as in libpq) say, checked together. Other keys
+/// are ignored: a URL's query and a key=value string both come here.
+pub fn tls_params<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    dialect: Dialect,
+) -> Result<TlsParams, TlsSetupError> {
     let mut params = TlsParams {
         dialect,
         mode: dialect.default_mode(),
@@ -237,23 +281,16 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Tls
         cert: None,
         key: None,
     };
-    for segment in query.split('&').filter(|s| !s.is_empty()) {
-        let (raw_key, raw_value) = segment.split_once('=').unwrap_or((segment, ""));
-        let key = percent_decode_str(raw_key).decode_utf8_lossy();
-        let Some(param) = dialect.role(&key) else {
-            kept.push(segment);
+    for (key, value) in pairs {
+        let Some(param) = dialect.role(key) else {
             continue;
         };
-        let value = percent_decode_str(raw_value)
-            .decode_utf8()
-            .map_err(|_| format!("{key}: not UTF-8"))?
-            .into_owned();
         if value.is_empty() {
             return Err(format!("{key}: empty value").into());
         }
         match param {
             Param::Mode => {
-                params.mode = SslMode::parse(&value).ok_or_else(|| {
+                params.mode = SslMode::parse(value).ok_or_else(|| {
                     format!(
                         "{key}={value:?}: expected disable, prefer, require, verify-ca or verify-full \
                          (MySQL: DISABLED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY)"
@@ -303,12 +340,7 @@ pub fn split_url(url: &str, dialect: Dialect) -> Result<(String, TlsParams), Tls
             "{mode_key} disables TLS, but {root_key}/{cert_key} are set: remove them or choose a mode"
         ).into());
     }
-    let stripped = if kept.is_empty() {
-        head.to_string()
-    } else {
-        format!("{head}?{}", kept.join("&"))
-    };
-    Ok((stripped, params))
+    Ok(params)
 }
 
 /// Checks the TLS parameters of `url` and makes relative paths in them
@@ -325,10 +357,7 @@ pub fn normalize_url(url: &str, dialect: Dialect, base: &Path) -> Result<String,
         .map(|segment| {
             let (raw_key, raw_value) = segment.split_once('=').unwrap_or((segment, ""));
             let key = percent_decode_str(raw_key).decode_utf8_lossy();
-            let is_path = matches!(
-                dialect.role(&key),
-                Some(Param::Root | Param::Cert | Param::Key)
-            );
+            let is_path = is_path_key(&key, dialect);
             let value = percent_decode_str(raw_value).decode_utf8_lossy();
             let path = Path::new(value.as_ref());
             if !is_path || value == "system" || path.is_absolute() {

@@ -19,6 +19,8 @@
 //! - [`limits`]: per-identity rate limits.
 //! - [`lock`]: admin locks that refuse issue and renew (the incident button).
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
+//! - [`connstr`]: PostgreSQL connection strings as libpq takes them (several
+//!   hosts, key=value), checked key by key for the store and the databases.
 //! - [`dbtls`]: TLS to the databases and the store: libpq/MySQL URL
 //!   parameters → rustls (ring) client configs, start-up warnings.
 //! - [`scram`]: SCRAM-SHA-256 verifiers, so no plaintext reaches PostgreSQL.
@@ -38,7 +40,8 @@
 //!   surroundings, verified (certificates, store, databases, privileges).
 //! - [`daemon`]: wires the parts together for `serve`, `demo` and tests.
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
-//! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`.
+//! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`;
+//!   [`relay`] carries them between replicas through the PostgreSQL store.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`vault_api`]: HashiCorp Vault's database-credentials HTTP API, so
 //!   Vault clients switch by changing their address.
@@ -64,6 +67,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod connstr;
 pub mod console;
 pub mod daemon;
 pub mod dbtls;
@@ -82,6 +86,7 @@ pub mod policy;
 pub mod pruner;
 pub mod rate_history;
 pub mod reaper;
+pub mod relay;
 pub mod revocation;
 pub mod scram;
 pub mod server;

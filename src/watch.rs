@@ -3,11 +3,10 @@
 //! they happen, so a sidecar replaces a revoked credential at once instead
 //! of at its next renewal.
 //!
-//! One in-process broadcast channel: a subscriber sees what *this* replica
-//! did. With several replicas sharing a PostgreSQL store, a revocation made
-//! on another replica reaches this one's watchers only through their
-//! fallback (the sidecar's schedule); relaying events between replicas
-//! (e.g. `LISTEN`/`NOTIFY` on the store) is not built yet.
+//! One in-process broadcast channel. With several replicas sharing a
+//! PostgreSQL store, `relay.rs` carries each replica's events to the
+//! others (`NOTIFY` and an event table in the store), so a subscriber sees
+//! what every replica did.
 //!
 //! Bounded: at most [`MAX_PER_IDENTITY`] streams per identity and
 //! [`MAX_TOTAL`] in all, so a leaked certificate cannot pin the broker's
@@ -57,6 +56,9 @@ pub struct LeaseEvent {
     pub reason: String,
     pub lock_id: Option<String>,
     pub at: DateTime<Utc>,
+    /// Made on another replica and relayed here through the store
+    /// (`relay.rs`), so not relayed again.
+    pub relayed: bool,
 }
 
 impl LeaseEvent {
@@ -72,6 +74,7 @@ impl LeaseEvent {
             reason,
             lock_id: None,
             at: Utc::now(),
+            relayed: false,
         }
     }
 
@@ -145,6 +148,12 @@ impl WatchHub {
     /// Sends to every subscriber; nobody listening is fine.
     pub fn publish(&self, e: LeaseEvent) {
         let _ = self.tx.send(Arc::new(e));
+    }
+
+    /// Every event, for the relay to other replicas (`relay.rs`): not a
+    /// caller's stream, so not counted against the bounds.
+    pub fn tap(&self) -> broadcast::Receiver<Arc<LeaseEvent>> {
+        self.tx.subscribe()
     }
 
     /// Opens a stream for `identity`, or refuses when the bounds are hit.

@@ -132,59 +132,88 @@ pub(crate) fn validate(
 /// A database server as users see it: users belong to it, not to one
 /// `[databases]` entry. `localhost`, `127.0.0.1` and `::1` are one host;
 /// other names are compared as written (the broker resolves nothing here).
+/// A PostgreSQL `admin_url` naming several hosts (a primary and its
+/// standbys) is one server: its hosts, sorted, whatever their order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Server {
     kind: &'static str,
-    host: String,
-    port: u16,
+    hosts: Vec<(String, u16)>,
 }
 
 impl Server {
     fn show(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        self.hosts
+            .iter()
+            .map(|(host, port)| {
+                if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn same_host(host: &str) -> String {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    match host.as_str() {
+        "localhost" | "127.0.0.1" | "::1" | "" => "localhost".to_string(),
+        _ => host,
     }
 }
 
 fn server_of(db: &DatabaseConfig) -> Server {
-    let (kind, default_port) = match db.kind {
-        BackendKind::Postgres => ("postgres", 5432),
-        BackendKind::Mysql => ("mysql", 3306),
+    let mut hosts = match db.kind {
+        BackendKind::Postgres => crate::connstr::parse(&db.admin_url)
+            .map(|c| {
+                c.hosts
+                    .into_iter()
+                    .map(|h| (same_host(&h.host), h.port))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        BackendKind::Mysql => {
+            let url = url::Url::parse(&db.admin_url).ok();
+            let query = |k: &str| {
+                url.as_ref().and_then(|u| {
+                    u.query_pairs()
+                        .find(|(key, _)| key == k)
+                        .map(|(_, v)| v.into_owned())
+                })
+            };
+            let host = url
+                .as_ref()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .filter(|h| !h.is_empty())
+                .or_else(|| query("host"))
+                .unwrap_or_default();
+            let port = url
+                .as_ref()
+                .and_then(|u| u.port())
+                .or_else(|| query("port").and_then(|p| p.parse().ok()))
+                .unwrap_or(3306);
+            vec![(same_host(&host), port)]
+        }
     };
-    let url = url::Url::parse(&db.admin_url).ok();
-    let query = |k: &str| {
-        url.as_ref().and_then(|u| {
-            u.query_pairs()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.into_owned())
-        })
+    hosts.sort();
+    hosts.dedup();
+    let kind = match db.kind {
+        BackendKind::Postgres => "postgres",
+        BackendKind::Mysql => "mysql",
     };
-    let host = url
-        .as_ref()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .filter(|h| !h.is_empty())
-        .or_else(|| query("host"))
-        .unwrap_or_else(|| "localhost".to_string())
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
-    let host = match host.as_str() {
-        "localhost" | "127.0.0.1" | "::1" => "localhost".to_string(),
-        _ => host,
-    };
-    let port = url
-        .as_ref()
-        .and_then(|u| u.port())
-        .or_else(|| query("port").and_then(|p| p.parse().ok()))
-        .unwrap_or(default_port);
-    Server { kind, host, port }
+    Server { kind, hosts }
 }
 
 /// The user in a database's `admin_url` (the broker's own account there).
 fn admin_user_of(db: &DatabaseConfig) -> Option<String> {
+    if db.kind == BackendKind::Postgres {
+        return crate::connstr::parse(&db.admin_url).ok()?.user;
+    }
     let url = url::Url::parse(&db.admin_url).ok()?;
     let user = percent_encoding::percent_decode_str(url.username())
         .decode_utf8()

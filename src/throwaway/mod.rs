@@ -15,6 +15,7 @@
 
 mod mariadb;
 mod postgres;
+mod standby;
 
 pub use mariadb::{mariadb_binaries_present, MariadbOptions, ThrowawayMariadb};
 pub use postgres::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};

@@ -12,8 +12,8 @@ use super::{
     ServerCommand, ServerTls, Supervised, TempDir,
 };
 
-const SUPERUSER: &str = "postgres";
-const HOST: &str = "127.0.0.1";
+pub(super) const SUPERUSER: &str = "postgres";
+pub(super) const HOST: &str = "127.0.0.1";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -51,18 +51,19 @@ impl Default for PostgresOptions {
 
 /// A PostgreSQL server on 127.0.0.1 that lives as long as this value (and never
 /// longer than this process).
+/// (Fields are the module's and `standby.rs`'s, which builds a standby.)
 pub struct ThrowawayPostgres {
     // Declared before `dir`: the server must be gone before its directory is.
-    server: Option<Supervised>,
-    dir: TempDir,
-    data_dir: PathBuf,
-    log_path: PathBuf,
-    bin_dir: PathBuf,
-    run_as: Option<RunAs>,
-    port: u16,
-    password: String,
+    pub(super) server: Option<Supervised>,
+    pub(super) dir: TempDir,
+    pub(super) data_dir: PathBuf,
+    pub(super) log_path: PathBuf,
+    pub(super) bin_dir: PathBuf,
+    pub(super) run_as: Option<RunAs>,
+    pub(super) port: u16,
+    pub(super) password: String,
     /// The harness connects over the Unix socket (custom `pg_hba.conf`).
-    via_socket: bool,
+    pub(super) via_socket: bool,
 }
 
 impl fmt::Debug for ThrowawayPostgres {
@@ -133,7 +134,7 @@ fn conf_value(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-fn conf_line(key: &str, value: &str) -> io::Result<String> {
+pub(super) fn conf_line(key: &str, value: &str) -> io::Result<String> {
     if key.is_empty()
         || !key
             .chars()
@@ -259,7 +260,7 @@ impl ThrowawayPostgres {
         Ok(pg)
     }
 
-    async fn start_server(&mut self) -> io::Result<()> {
+    pub(super) async fn start_server(&mut self) -> io::Result<()> {
         let program = self.bin_dir.join("postgres");
         let server = Supervised::spawn(&ServerCommand {
             program: &program,

@@ -545,15 +545,7 @@ async fn the_per_identity_cap_holds_across_replicas() {
     assert_eq!((issued, refused), (5, 45));
     assert_eq!(a.broker_role_count().await, 5, "roles in the database");
     let store = cluster().connect(&store_db).await.unwrap();
-    let live: i64 = store
-        .query_one(
-            "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(live, 5);
+    assert_eq!(live_lease_rows(&store).await, 5);
     a.kill_binary();
     b.kill_binary();
 }

@@ -593,32 +593,19 @@ impl SidecarProc {
     fn spawn(b: &TestBroker, dir: &std::path::Path, role: &str) -> SidecarProc {
         let out = dir.join("db.json");
         let log = dir.join("sidecar.log");
-        let pki = &b.env.pki;
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-            .arg("sidecar")
-            .args([
+        let child = spawn_sidecar(
+            b,
+            &[
                 "--role",
                 role,
                 "--format",
                 "json",
                 "--give-up-after",
                 "120s",
-                "--out",
-            ])
-            .arg(&out)
-            .args(["--addr", &b.addr, "--ca"])
-            .arg(pki.join("ca.pem"))
-            .arg("--cert")
-            .arg(pki.join("app.pem"))
-            .arg("--key")
-            .arg(pki.join("app-key.pem"))
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::from(
-                std::fs::File::create(&log).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
+            ],
+            &out,
+            &log,
+        );
         SidecarProc { child, out, log }
     }
 

@@ -11,6 +11,8 @@ mod console;
 mod db_tls;
 mod demo;
 mod drain;
+mod events;
+mod failover;
 mod faults;
 mod first_hour;
 mod gate;

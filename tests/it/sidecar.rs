@@ -33,23 +33,8 @@ impl Sidecar {
     fn spawn(b: &TestBroker, dir: &Path, role: &str, extra: &[&str]) -> Sidecar {
         let out = dir.join("db.conn");
         let log = dir.join("sidecar.log");
-        let pki = &b.env.pki;
-        let child = Command::new(BIN)
-            .arg("sidecar")
-            .args(["--role", role, "--out"])
-            .arg(&out)
-            .args(["--addr", &b.addr, "--ca"])
-            .arg(pki.join("ca.pem"))
-            .arg("--cert")
-            .arg(pki.join("app.pem"))
-            .arg("--key")
-            .arg(pki.join("app-key.pem"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
+        let args = [&["--role", role][..], extra].concat();
+        let child = spawn_sidecar(b, &args, &out, &log);
         Sidecar {
             child: Some(child),
             out,

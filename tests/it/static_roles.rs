@@ -5,7 +5,7 @@
 //! store, and the same main cases on MariaDB.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,28 +99,7 @@ impl Sidecar {
     fn spawn(b: &TestBroker, dir: &Path) -> Sidecar {
         let out = dir.join("db.json");
         let log = dir.join("sidecar.log");
-        let pki = &b.env.pki;
-        let child = Command::new(BIN)
-            .args([
-                "sidecar",
-                "--static-role",
-                "st",
-                "--format",
-                "json",
-                "--out",
-            ])
-            .arg(&out)
-            .args(["--addr", &b.addr, "--ca"])
-            .arg(pki.join("ca.pem"))
-            .arg("--cert")
-            .arg(pki.join("app.pem"))
-            .arg("--key")
-            .arg(pki.join("app-key.pem"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
+        let child = spawn_sidecar(b, &["--static-role", "st", "--format", "json"], &out, &log);
         Sidecar { child, out, log }
     }
 

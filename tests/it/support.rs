@@ -650,3 +650,42 @@ pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker::pki::ClientSp
     std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
     std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
 }
+
+/// Live (not revoked) rows in a PostgreSQL lease store.
+pub async fn live_lease_rows(store: &tokio_postgres::Client) -> i64 {
+    store
+        .query_one(
+            "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Starts the real `credbroker sidecar` as the dev identity `app` against
+/// `b`: `args`, then `--out OUT`; its log (`RUST_LOG=info`) goes to `log`.
+pub fn spawn_sidecar(
+    b: &TestBroker,
+    args: &[&str],
+    out: &std::path::Path,
+    log: &std::path::Path,
+) -> Child {
+    let pki = &b.env.pki;
+    Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .arg("sidecar")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .args(["--addr", &b.addr, "--ca"])
+        .arg(pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.join("app.pem"))
+        .arg("--key")
+        .arg(pki.join("app-key.pem"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .unwrap()
+}

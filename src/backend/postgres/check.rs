@@ -7,7 +7,7 @@ use super::{location, Cause, CauseKind, DryRun, DryRunStep};
 use crate::backend::finding::Finding;
 use crate::backend::{read_admin_password, render_grant};
 use crate::config::DatabaseConfig;
-use crate::dbtls::{self, Dialect};
+use crate::dbtls;
 
 /// What `credbroker check` learns from one PostgreSQL database: findings,
 /// and the users that carry the broker's prefix (the caller asks the
@@ -20,10 +20,12 @@ pub async fn check(
     let scope = format!("database {}", db.name);
     let mut out = Vec::new();
     // TLS parameters as the broker reads them (tokio-postgres rejects most).
-    let parsed = dbtls::split_url(&db.admin_url, Dialect::Postgres).and_then(|(url, params)| {
-        let cfg: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
-        Ok((cfg, dbtls::postgres_connector(&params)?, params))
-    });
+    let parsed = crate::connstr::parse(&db.admin_url)
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            let connector = dbtls::postgres_connector(&c.tls).map_err(String::from)?;
+            Ok((c.config, connector, c.tls))
+        });
     let (mut cfg, (tls, ssl_mode), tls_params) = match parsed {
         Ok(c) => c,
         Err(e) => {

@@ -168,16 +168,28 @@ impl PostgresBackend {
 /// `user@host:port/db` of a connection config (it never holds a password
 /// we print: `Config`'s password is not part of this).
 pub fn location(cfg: &tokio_postgres::Config) -> String {
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
+    use tokio_postgres::config::Host;
+    let ports = cfg.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    // Every host of a multi-host admin_url, in the order they are tried.
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| match h {
+            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", port(i)),
+            Host::Tcp(h) => format!("{h}:{}", port(i)),
+            Host::Unix(p) => format!("{}:{}", p.display(), port(i)),
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        format!("localhost:{}", port(0))
+    } else {
+        hosts.join(",")
     };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
     let user = cfg.get_user().unwrap_or("?");
     let db = cfg.get_dbname().unwrap_or(user);
-    format!("{user}@{host}:{port}/{db}")
+    format!("{user}@{hosts}/{db}")
 }
 
 /// `host:port` of a connection config.

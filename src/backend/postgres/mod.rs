@@ -58,8 +58,14 @@ pub struct PostgresBackend {
     /// `sslkey` ask; shared by the pool and one-off connections.
     tls: MakeRustlsConnect,
     tls_params: TlsParams,
-    /// `host:port` of the admin URL, for TLS error messages.
+    /// `host:port` of the admin URL (each host, when it names several),
+    /// for TLS error messages.
     admin_addr: String,
+    /// Every host of a multi-host `admin_url` and its
+    /// `target_session_attrs`, for leased DSNs (`h1:p1,h2:p2`, `read-write`):
+    /// an application then follows the database's failover as the broker
+    /// does. `None` for one host, or when `client_host` says where clients go.
+    dsn_hosts: Option<(String, Option<String>)>,
     /// Whether the admin role is a superuser, asked once. A role with only
     /// CREATEROLE must make itself a member of a leased role before
     /// `REASSIGN OWNED`/`DROP OWNED` may touch what that role owns.
@@ -75,15 +81,21 @@ impl PostgresBackend {
         let url_err = |e: &dyn std::fmt::Display| {
             Error::config(format!("databases.{}.admin_url: {e}", config.name))
         };
-        // tokio-postgres refuses verify-ca/verify-full and every path
-        // parameter: they are ours to read, and the rest is its.
-        let (url, tls_params) =
-            dbtls::split_url(&config.admin_url, Dialect::Postgres).map_err(|e| url_err(&e))?;
-        let mut base: tokio_postgres::Config = url.parse().map_err(|e| url_err(&e))?;
+        // One host or several, URL or key=value (`connstr`); the TLS
+        // parameters are ours to read, and the rest is tokio-postgres's.
+        let parsed = crate::connstr::parse(&config.admin_url).map_err(|e| url_err(&e))?;
+        let admin_addr = parsed.hosts_label();
+        let dsn_hosts = dsn_hosts(config, &parsed);
+        let (mut base, tls_params) = (parsed.config, parsed.tls);
         let (tls, ssl_mode) = dbtls::postgres_connector(&tls_params).map_err(|e| url_err(&e))?;
         base.ssl_mode(ssl_mode);
         base.connect_timeout(config.connect_timeout);
         base.application_name("credbroker");
+        // A primary that vanished without a word (a partition, a dead
+        // machine) fails our statements within this, not after the
+        // kernel's retransmissions: a multi-host admin_url then moves on.
+        base.keepalives_idle(std::time::Duration::from_secs(10))
+            .tcp_user_timeout(config.statement_timeout + config.connect_timeout);
         // plan_cache_mode: our prepared catalog queries are planned once per
         // connection, not on every execution (PostgreSQL 12+).
         base.options(format!(
@@ -96,7 +108,6 @@ impl PostgresBackend {
             _ => "localhost".to_string(),
         };
         let port = base.get_ports().first().copied().unwrap_or(5432);
-        let admin_addr = format!("{host}:{port}");
         let database = base
             .get_dbname()
             .map(str::to_string)
@@ -116,6 +127,7 @@ impl PostgresBackend {
             tls,
             tls_params,
             admin_addr,
+            dsn_hosts,
             superuser: tokio::sync::OnceCell::new(),
             creates: Arc::default(),
             share_creates: true,
@@ -239,11 +251,25 @@ impl Backend for PostgresBackend {
         } else {
             e.host.clone()
         };
-        let tls = dbtls::client_query(
+        let mut tls = dbtls::client_query(
             Dialect::Postgres,
             self.config.client_sslmode,
             self.config.client_sslrootcert.as_deref(),
         );
+        if let Some((hosts, attrs)) = &self.dsn_hosts {
+            if let Some(attrs) = attrs {
+                let join = if tls.is_empty() { '?' } else { '&' };
+                tls.push_str(&format!("{join}target_session_attrs={attrs}"));
+            }
+            return match password {
+                Some(p) => format!(
+                    "postgresql://{username}:{}@{hosts}/{}{tls}",
+                    p.expose(),
+                    e.database
+                ),
+                None => format!("postgresql://{username}@{hosts}/{}{tls}", e.database),
+            };
+        }
         match password {
             Some(p) => format!(
                 "postgresql://{username}:{}@{host}:{}/{}{tls}",
@@ -257,4 +283,26 @@ impl Backend for PostgresBackend {
             ),
         }
     }
+}
+
+/// The hosts a leased DSN names when `admin_url` names several (TCP hosts
+/// only; a socket directory has no place in a URL's host list).
+fn dsn_hosts(
+    config: &DatabaseConfig,
+    parsed: &crate::connstr::PgConnStr,
+) -> Option<(String, Option<String>)> {
+    if config.client_host.is_some()
+        || parsed.hosts.len() < 2
+        || parsed.hosts.iter().any(|h| h.host.starts_with('/'))
+    {
+        return None;
+    }
+    let hosts = parsed
+        .hosts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let attrs = (parsed.target_session_attrs != "any").then(|| parsed.target_session_attrs.clone());
+    Some((hosts, attrs))
 }

@@ -29,7 +29,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::config::SecretSource;
-use crate::dbtls::{self, Dialect};
+use crate::dbtls;
 use crate::error::{Error, Result};
 use crate::store::Store;
 pub use migrations::SCHEMA_VERSION;
@@ -143,19 +143,14 @@ impl PostgresStore {
     /// knows only some of them); a refused certificate is a `Config` error.
     pub async fn open(url: &str, password: &SecretSource) -> Result<Self> {
         let url_err = |e: &dyn std::fmt::Display| Error::config(format!("store.url: {e}"));
-        let (url, tls_params) =
-            dbtls::split_url(url, Dialect::Postgres).map_err(|e| url_err(&e))?;
-        let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| url_err(&e))?;
+        // One host or several (`target_session_attrs=read-write` finds the
+        // primary on every new connection, so a pool refilled after a
+        // failover lands on the promoted standby), URL or key=value.
+        let parsed = crate::connstr::parse(url).map_err(|e| url_err(&e))?;
+        let addr = parsed.hosts_label();
+        let (mut cfg, tls_params) = (parsed.config, parsed.tls);
         let (tls, ssl_mode) = dbtls::postgres_connector(&tls_params).map_err(|e| url_err(&e))?;
         cfg.ssl_mode(ssl_mode);
-        let addr = format!(
-            "{}:{}",
-            match cfg.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.as_str(),
-                _ => "localhost",
-            },
-            cfg.get_ports().first().copied().unwrap_or(5432)
-        );
         if let Some(p) = password.read("store.password")? {
             cfg.password(p.expose());
         }
@@ -165,6 +160,12 @@ impl PostgresStore {
             // seconds, not after the kernel's two-hour keepalive default.
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(3))
+            .keepalives_retries(3)
+            // A statement sent to a primary that vanished without a word
+            // (a network partition) fails within this, not the kernel's
+            // fifteen minutes of retransmissions.
+            .tcp_user_timeout(STATEMENT_TIMEOUT + CONNECT_TIMEOUT)
             .options(format!(
                 "-c statement_timeout={} -c lock_timeout={}",
                 STATEMENT_TIMEOUT.as_millis(),

@@ -1,0 +1,363 @@
+//! Lease events across replicas, through the PostgreSQL store: what one
+//! replica publishes to its [`WatchHub`] (renewed, revoked, locked) is
+//! written to the store and announced with `NOTIFY`; every other replica
+//! `LISTEN`s, reads the new rows and publishes them to its own hub. So a
+//! sidecar watching its lease through replica A hears of a revoke made
+//! through replica B at once, not at its next renewal.
+//!
+//! Rows, not only notifications: a notification says "look", the row is
+//! the event. A replica whose `LISTEN` connection dropped reconnects and
+//! reads every row after the last it saw, so it catches up instead of
+//! skipping; it also looks every few seconds, and rereads the last
+//! [`LATE`] of rows, because a row with a lower `seq` can commit after a
+//! higher one was read. Rows older than [`KEEP`] are deleted.
+//!
+//! Own table, created here (`CREATE TABLE IF NOT EXISTS` under an advisory
+//! lock) rather than a numbered store migration, while `store/` is being
+//! reorganised; it holds no secret (lease ids, identities, reasons).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SecretSource;
+use crate::dbtls;
+use crate::error::{Error, Result};
+use crate::lease::LeaseId;
+use crate::watch::{EventKind, LeaseEvent, WatchHub};
+
+const CHANNEL: &str = "credbroker_lease_events";
+/// How far back every read looks again for rows committed late.
+const LATE: Duration = Duration::from_secs(10);
+/// How long rows are kept: a replica away longer misses events (and says so).
+const KEEP: Duration = Duration::from_secs(3600);
+/// A read every this often even without a notification.
+const POLL: Duration = Duration::from_secs(5);
+/// `pg_advisory_xact_lock` key while creating the table ("cbevents").
+const CREATE_LOCK: i64 = 0x6362_6576_656e_7473;
+
+/// Where the relay connects: the store's connection string, checked.
+#[derive(Clone)]
+struct Target {
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+/// Starts relaying between this replica's `hub` and the store at `url`
+/// (a PostgreSQL store; SQLite has one broker and nothing to relay) until
+/// `stop`. Creates the table first, so a broken store stops start-up.
+pub async fn start(
+    url: &str,
+    password: &SecretSource,
+    hub: Arc<WatchHub>,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let parsed =
+        crate::connstr::parse(url).map_err(|e| Error::config(format!("store.url: {e}")))?;
+    let (tls, ssl_mode) = dbtls::postgres_connector(&parsed.tls)
+        .map_err(|e| Error::config(format!("store.url: {e}")))?;
+    let mut config = parsed.config;
+    config
+        .ssl_mode(ssl_mode)
+        .application_name("credbroker-events")
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(3))
+        .keepalives_retries(3);
+    if let Some(p) = password.read("store.password")? {
+        config.password(p.expose());
+    }
+    let target = Target { config, tls };
+    let client = connect(&target, None).await?;
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock({CREATE_LOCK});
+             CREATE TABLE IF NOT EXISTS {CHANNEL} (
+                 seq     bigserial PRIMARY KEY,
+                 origin  text NOT NULL,
+                 at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 event   jsonb NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS {CHANNEL}_at ON {CHANNEL} (at);
+             COMMIT;"
+        ))
+        .await
+        .map_err(|e| unavailable("create the event table", e))?;
+    let start: i64 = client
+        .query_one(&format!("SELECT coalesce(max(seq), 0) FROM {CHANNEL}"), &[])
+        .await
+        .map_err(|e| unavailable("read the last event", e))?
+        .get(0);
+    let origin = format!("{:016x}", rand::random::<u64>());
+    let outbound = tokio::spawn(send(
+        target.clone(),
+        hub.clone(),
+        origin.clone(),
+        stop.clone(),
+    ));
+    Ok(tokio::spawn(async move {
+        receive(target, hub, origin, start, stop).await;
+        let _ = outbound.await;
+    }))
+}
+
+fn unavailable(what: &str, e: tokio_postgres::Error) -> Error {
+    Error::unavailable_from(format!("lease events: {what}: {e}"), e)
+}
+
+/// A connection whose notifications (if `notify` is given) go to it.
+async fn connect(
+    target: &Target,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> Result<tokio_postgres::Client> {
+    let (client, mut conn) = target
+        .config
+        .connect(target.tls.clone())
+        .await
+        .map_err(|e| unavailable("connect", e))?;
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let (AsyncMessage::Notification(_), Some(tx)) = (m, &notify) {
+                let _ = tx.send(());
+            }
+        }
+        // Dropping `notify` here tells the listener its connection is gone.
+    });
+    Ok(client)
+}
+
+/// Writes this replica's own events (not relayed ones) to the store,
+/// each with its `NOTIFY` in one statement; prunes old rows now and then.
+async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: CancellationToken) {
+    let mut rx = hub.tap();
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut pruned = Instant::now();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = rx.recv() => e,
+        };
+        let event = match event {
+            Ok(e) if e.relayed => continue,
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "lease events: too many to relay; other replicas' watchers learn of these at their next renewal");
+                continue;
+            }
+            Err(_) => return,
+        };
+        // One reconnect per event at most: an event that cannot be written
+        // is dropped with a warning (its watchers fall back to renewal).
+        for attempt in 0..2 {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = connect(&target, None).await.ok();
+            }
+            let Some(c) = &client else { continue };
+            let sql = format!(
+                "WITH e AS (INSERT INTO {CHANNEL} (origin, event) VALUES ($1, $2::text::jsonb) RETURNING seq) \
+                 SELECT pg_notify('{CHANNEL}', seq::text) FROM e"
+            );
+            match c.execute(&sql, &[&origin, &encode(&event)]).await {
+                Ok(_) => break,
+                Err(e) if attempt == 1 => {
+                    tracing::warn!(error = %e, "lease events: cannot relay an event to the other replicas");
+                }
+                Err(_) => client = None,
+            }
+        }
+        if pruned.elapsed() > Duration::from_secs(60) {
+            pruned = Instant::now();
+            if let Some(c) = &client {
+                let _ = c
+                    .execute(
+                        &format!("DELETE FROM {CHANNEL} WHERE at < clock_timestamp() - $1::float8 * interval '1 second'"),
+                        &[&KEEP.as_secs_f64()],
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+/// Listens, reads the rows other replicas wrote after `last`, publishes
+/// them here as relayed; reconnects with backoff and catches up.
+async fn receive(
+    target: Target,
+    hub: Arc<WatchHub>,
+    origin: String,
+    mut last: i64,
+    stop: CancellationToken,
+) {
+    // Rows published recently, by seq: reread within LATE, never twice.
+    let mut seen: BTreeMap<i64, Instant> = BTreeMap::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
+        let client = match connect(&target, Some(tx)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "lease events: cannot listen; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        // Listening before reading: nothing committed in between is missed.
+        loop {
+            match read(&client, &origin, last, &mut seen).await {
+                Ok(events) => {
+                    for (seq, e) in events {
+                        last = last.max(seq);
+                        hub.publish(e);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease events: read failed; reconnecting");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                n = notified.recv() => if n.is_none() { break },
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+}
+
+/// Rows after `last`, and rows of the last [`LATE`] not yet seen, from
+/// other replicas, in order.
+async fn read(
+    client: &tokio_postgres::Client,
+    origin: &str,
+    last: i64,
+    seen: &mut BTreeMap<i64, Instant>,
+) -> std::result::Result<Vec<(i64, LeaseEvent)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT seq, event::text FROM {CHANNEL} \
+                 WHERE (seq > $1 OR at > clock_timestamp() - $3::float8 * interval '1 second') \
+                   AND origin <> $2 ORDER BY seq LIMIT 10000"
+            ),
+            &[&last, &origin, &LATE.as_secs_f64()],
+        )
+        .await?;
+    let now = Instant::now();
+    seen.retain(|_, at| now.duration_since(*at) < LATE * 3);
+    let mut out = Vec::new();
+    for row in rows {
+        let seq: i64 = row.get(0);
+        if seen.insert(seq, now).is_some() {
+            continue;
+        }
+        let text: String = row.get(1);
+        match decode(&text) {
+            Some(e) => out.push((seq, e)),
+            None => tracing::warn!(seq, "lease events: a row this broker cannot read; skipped"),
+        }
+    }
+    Ok(out)
+}
+
+fn kind_name(k: EventKind) -> &'static str {
+    match k {
+        EventKind::Renewed => "renewed",
+        EventKind::Revoked => "revoked",
+        EventKind::Locked => "locked",
+    }
+}
+
+fn encode(e: &LeaseEvent) -> String {
+    serde_json::json!({
+        "kind": kind_name(e.kind),
+        "lease_id": e.lease_id.as_str(),
+        "identity": e.identity,
+        "role": e.role,
+        "database": e.database,
+        "expires_at": e.expires_at.map(|t| t.to_rfc3339()),
+        "actor": e.actor,
+        "reason": e.reason,
+        "lock_id": e.lock_id,
+        "at": e.at.to_rfc3339(),
+    })
+    .to_string()
+}
+
+fn decode(text: &str) -> Option<LeaseEvent> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let time = |k: &str| {
+        s(k).and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    };
+    let kind = match s("kind")?.as_str() {
+        "renewed" => EventKind::Renewed,
+        "revoked" => EventKind::Revoked,
+        "locked" => EventKind::Locked,
+        _ => return None,
+    };
+    Some(LeaseEvent {
+        kind,
+        lease_id: LeaseId::parse(&s("lease_id")?).ok()?,
+        identity: s("identity")?,
+        role: s("role")?,
+        database: s("database")?,
+        expires_at: time("expires_at"),
+        actor: s("actor")?,
+        reason: s("reason")?,
+        lock_id: s("lock_id"),
+        at: time("at")?,
+        relayed: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_reads_back_as_written_and_marked_relayed() {
+        let e = LeaseEvent {
+            kind: EventKind::Revoked,
+            lease_id: LeaseId::generate(),
+            identity: "spiffe://td/app".into(),
+            role: "ro".into(),
+            database: "main".into(),
+            expires_at: Some(Utc::now()),
+            actor: "admin".into(),
+            reason: "admin".into(),
+            lock_id: None,
+            at: Utc::now(),
+            relayed: false,
+        };
+        let back = decode(&encode(&e)).unwrap();
+        assert_eq!(back.lease_id, e.lease_id);
+        assert_eq!(back.kind, e.kind);
+        assert_eq!(back.identity, e.identity);
+        assert_eq!(
+            back.expires_at.map(|t| t.timestamp_millis()),
+            e.expires_at.map(|t| t.timestamp_millis())
+        );
+        assert!(back.relayed);
+        assert!(decode("{\"kind\":\"exploded\"}").is_none());
+    }
+}
