@@ -205,7 +205,9 @@ async fn drive(callers: Vec<Caller>, job: &Job) -> Result<(Vec<Caller>, Outcome)
                 loop {
                     let more = if fixed {
                         remaining
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            })
                             .is_ok()
                     } else {
                         Instant::now() < deadline

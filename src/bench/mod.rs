@@ -23,7 +23,6 @@
 pub mod client;
 pub mod console;
 pub mod cpu;
-pub mod vault_http;
 pub mod lease;
 pub mod mysql;
 pub mod openbao;
@@ -31,6 +30,7 @@ pub mod outside;
 pub mod reaper;
 pub mod scale;
 pub mod setup;
+pub mod vault_http;
 
 use std::path::Path;
 use std::time::Duration;

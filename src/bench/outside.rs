@@ -237,7 +237,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
                     leases: opts.leases,
                 };
                 let r = measure(column, job, server, &pg, &meter, dir.path()).await?;
-                if best.as_ref().is_none_or(|b| r.leases_per_s > b.leases_per_s) {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| r.leases_per_s > b.leases_per_s)
+                {
                     best = Some(r);
                 }
             }
@@ -398,7 +401,10 @@ impl ClientProcess {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(10).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Error::internal(format!("bench-client: {what}; its log:\n{}", tail.join("\n")))
+        Error::internal(format!(
+            "bench-client: {what}; its log:\n{}",
+            tail.join("\n")
+        ))
     }
 }
 
@@ -456,7 +462,11 @@ impl Report {
         cols.extend(RATIOS.iter().map(|r| r.2.to_string()));
         let mut out = format!("| {} |\n|", cols.join(" | "));
         for (i, _) in cols.iter().enumerate() {
-            out.push_str(if i < 1 + usize::from(second.is_some()) { "---|" } else { "---:|" });
+            out.push_str(if i < 1 + usize::from(second.is_some()) {
+                "---|"
+            } else {
+                "---:|"
+            });
         }
         out + "\n"
     }
@@ -491,12 +501,23 @@ impl Report {
             ("p50 ms", |r| Some(r.cycle.p50_ms), true),
             ("p99 ms", |r| Some(r.cycle.p99_ms), true),
             ("CPU ms/lease, server", |r| r.cost.server_cpu_ms, true),
-            ("CPU ms/lease, database", |r| Some(r.cost.database_cpu_ms), true),
+            (
+                "CPU ms/lease, database",
+                |r| Some(r.cost.database_cpu_ms),
+                true,
+            ),
             ("CPU ms/lease, client", |r| Some(r.cost.client_cpu_ms), true),
             ("WAL syncs/lease", |r| r.cost.wal_syncs, true),
-            ("load (1 min) at start", |r| {
-                r.load.split_whitespace().next().and_then(|l| l.parse().ok())
-            }, false),
+            (
+                "load (1 min) at start",
+                |r| {
+                    r.load
+                        .split_whitespace()
+                        .next()
+                        .and_then(|l| l.parse().ok())
+                },
+                false,
+            ),
         ];
         let mut out = Self::header("callers", Some("figure"));
         for n in self.callers() {

@@ -2,8 +2,8 @@
 //! to grant on, dev certificates, and a broker config pointing at both.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
