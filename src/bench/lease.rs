@@ -739,14 +739,11 @@ impl Report {
         );
         out.push_str(&self.markdown_table());
         out.push_str(&self.steps_table());
-        for r in self.runs.iter().filter(|r| r.first_error.is_some()) {
-            out.push_str(&format!(
-                "\nfirst error in {} at {} callers: {}\n",
-                r.scenario.header(),
-                r.callers,
-                r.first_error.as_deref().unwrap_or_default()
-            ));
-        }
+        out.push_str(&crate::bench::first_errors(
+            self.runs
+                .iter()
+                .map(|r| (r.scenario.header(), r.callers, r.first_error.as_deref())),
+        ));
         out
     }
 

@@ -147,6 +147,21 @@ pub(crate) fn loadavg() -> String {
         .join(" ")
 }
 
+/// The report's closing lines: each run's first error, by its column.
+pub(crate) fn first_errors<'a>(
+    runs: impl Iterator<Item = (&'a str, usize, Option<&'a str>)>,
+) -> String {
+    let mut out = String::new();
+    for (column, callers, error) in runs {
+        if let Some(e) = error {
+            out.push_str(&format!(
+                "\nfirst error in {column} at {callers} callers: {e}\n"
+            ));
+        }
+    }
+    out
+}
+
 /// Resident memory of a process, in MB (`VmRSS`).
 pub fn rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -212,18 +212,7 @@ impl OpenBao {
 
     /// SIGTERM, then SIGKILL after 20 s.
     pub async fn stop(mut self) -> Result<()> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let limit = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().map_err(io_err("wait"))?.is_none() {
-            if Instant::now() > limit {
-                let _ = self.child.kill();
-                return Err(Error::internal("bao server did not stop on SIGTERM"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        setup::terminate(&mut self.child, "bao server", Duration::from_secs(20)).await
     }
 }
 

@@ -544,16 +544,13 @@ impl Report {
             self.rounds,
         );
         out.push_str(&self.headline());
-        out.push_str("\n");
+        out.push('\n');
         out.push_str(&self.figures());
-        for r in self.runs.iter().filter(|r| r.first_error.is_some()) {
-            out.push_str(&format!(
-                "\nfirst error in {} at {} callers: {}\n",
-                r.column.header(),
-                r.callers,
-                r.first_error.as_deref().unwrap_or_default()
-            ));
-        }
+        out.push_str(&crate::bench::first_errors(
+            self.runs
+                .iter()
+                .map(|r| (r.column.header(), r.callers, r.first_error.as_deref())),
+        ));
         out
     }
 

@@ -379,19 +379,25 @@ impl Spawned {
     }
 
     pub async fn stop(&mut self) -> Result<()> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let limit = Instant::now() + Duration::from_secs(60);
-        while self.child.try_wait().map_err(io_err("wait"))?.is_none() {
-            if Instant::now() > limit {
-                let _ = self.child.kill();
-                return Err(Error::internal("credbroker serve did not stop on SIGTERM"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        terminate(&mut self.child, "credbroker serve", Duration::from_secs(60)).await
     }
+}
+
+/// SIGTERM to a child server, then SIGKILL if it has not exited within
+/// `grace` (which is an error: a clean stop is part of what we measure).
+pub async fn terminate(child: &mut Child, what: &str, grace: Duration) -> Result<()> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let limit = Instant::now() + grace;
+    while child.try_wait().map_err(io_err("wait"))?.is_none() {
+        if Instant::now() > limit {
+            let _ = child.kill();
+            return Err(Error::internal(format!("{what} did not stop on SIGTERM")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 impl Drop for Spawned {

@@ -27,13 +27,7 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
     );
     let header = "| callers | figure | (a) plaintext | (b) verifier | (b′) its SQL | (c) credbroker | c/a | c/b | c/b′ |";
     assert!(md.contains(header), "no table header in:\n{md}");
-    let rows: Vec<Vec<&str>> = md
-        .lines()
-        .skip_while(|l| *l != header)
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
-        .collect();
+    let rows = table_rows(&md, header);
     // Two caller counts × leases/s, p50, p99, max, then the costs.
     assert_eq!(rows.len(), 16, "{md}");
     let (timings, costs): (Vec<_>, Vec<_>) = rows
@@ -96,6 +90,16 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
     ] {
         assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
     }
+}
+
+/// The cells of the Markdown table under `header`, row by row.
+fn table_rows<'a>(md: &'a str, header: &str) -> Vec<Vec<&'a str>> {
+    md.lines()
+        .skip_while(|l| *l != header)
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect()
 }
 
 #[test]
@@ -280,13 +284,7 @@ fn bench_outside_has_every_column_from_a_separate_process() {
     );
     let header = "| leases/s | (a) plaintext | (b′) same SQL | (c) gRPC | (c-v) Vault API | OpenBao | c/a | c/b′ | c-v/c | c/OpenBao |";
     assert!(md.contains(header), "no headline in:\n{md}");
-    let rows: Vec<Vec<&str>> = md
-        .lines()
-        .skip_while(|l| *l != header)
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
-        .collect();
+    let rows = table_rows(&md, header);
     assert_eq!(rows.len(), 2, "{md}");
     for row in &rows {
         assert_eq!(row.len(), 10, "row {row:?}");
