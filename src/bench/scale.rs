@@ -16,7 +16,6 @@
 //! file is locked by the broker that has it open).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -198,7 +197,7 @@ async fn live(pg: &BenchPostgres, opts: &Options) -> Result<(Figures, LiveScale)
     let dir = bench_dir("live")?;
     let (env, port) = env_for(dir.path(), pg, PREFIX_LIVE)?;
     let addr = format!("https://127.0.0.1:{port}");
-    let mut broker = Spawned::start(&env, &addr).await?;
+    let mut broker = setup::Spawned::start(&env, &addr).await?;
     let mut f = Figures {
         leases: opts.live,
         rss_empty_mb: rss_mb(broker.pid()),
@@ -424,7 +423,7 @@ async fn reaper_order(
         Ok(out)
     })
     .await?;
-    let broker = Spawned::start(env, addr).await?;
+    let broker = setup::Spawned::start(env, addr).await?;
     let batch_size = crate::config::Config::load(&env.config_path)?
         .reaper
         .batch_size;
@@ -536,7 +535,7 @@ async fn teardown(pg: &BenchPostgres, env: &DevEnv, addr: &str) -> Result<Teardo
         )
     })
     .await? as u64;
-    let broker = Spawned::start(env, addr).await?;
+    let broker = setup::Spawned::start(env, addr).await?;
     tokio::time::sleep_until(due.into()).await;
     let admin = pg.connect().await?;
     let pattern = format!("{}%", PREFIX_LIVE.replace('_', "\\_"));
@@ -608,9 +607,9 @@ async fn rows(pg: &BenchPostgres, opts: &Options) -> Result<Figures> {
 
 /// Starts the broker over an existing store and measures it until its
 /// first orphan sweep has finished; returns it still running.
-async fn restart(env: &DevEnv, addr: &str, f: &mut Figures) -> Result<Spawned> {
+async fn restart(env: &DevEnv, addr: &str, f: &mut Figures) -> Result<setup::Spawned> {
     let t = Instant::now();
-    let broker = Spawned::start(env, addr).await?;
+    let broker = setup::Spawned::start(env, addr).await?;
     f.restart_ready_s = t.elapsed().as_secs_f64();
     f.restart_rss_mb = rss_mb(broker.pid()).unwrap_or_default();
     let mut client = setup::connected_client(env, addr).await?;
@@ -619,7 +618,7 @@ async fn restart(env: &DevEnv, addr: &str, f: &mut Figures) -> Result<Spawned> {
     f.restart_rss_peak_mb = hwm_mb(broker.pid()).unwrap_or_default();
     // The sweep's own peak: VmHWM starts again from the current RSS.
     let _ = std::fs::write(format!("/proc/{}/clear_refs", broker.pid()), "5");
-    let (users, sweep_ms) = broker.first_sweep(env).await?;
+    let (users, sweep_ms) = first_sweep(env).await?;
     f.sweep_users = users;
     f.sweep_s = sweep_ms as f64 / 1000.0;
     f.sweep_rss_peak_mb = hwm_mb(broker.pid()).unwrap_or_default();
@@ -712,98 +711,31 @@ fn hwm_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// `credbroker serve` as a child process.
-struct Spawned {
-    child: Child,
-}
-
-impl Spawned {
-    /// Spawns it and returns once it answers a gRPC health check.
-    async fn start(env: &DevEnv, addr: &str) -> Result<Self> {
-        let exe = std::env::current_exe().map_err(io_err("own executable"))?;
-        let log = std::fs::File::create(env.dir.join("broker.log")).map_err(io_err("log"))?;
-        let child = Command::new(exe)
-            .args(["serve", "--config"])
-            .arg(&env.config_path)
-            // The reaper's debug lines say when a sweep finished.
-            .env("RUST_LOG", "warn,credbroker::reaper=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(io_err("spawn credbroker serve"))?;
-        let mut me = Spawned { child };
-        let limit = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(status) = me.child.try_wait().map_err(io_err("wait"))? {
-                return Err(Error::internal(format!(
-                    "credbroker serve exited with {status}; see {}",
-                    env.dir.join("broker.log").display()
-                )));
-            }
-            if setup::connected_client(env, addr).await.is_ok() {
-                return Ok(me);
-            }
-            if Instant::now() > limit {
-                return Err(Error::internal("credbroker serve not ready within 120 s"));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+/// Waits for the first "orphan sweep finished" line in the broker's
+/// log (the sweep runs 10 s after start); the roles it listed and how
+/// long it took, in ms.
+async fn first_sweep(env: &DevEnv) -> Result<(u64, u64)> {
+    let log = env.dir.join("broker.log");
+    let limit = Instant::now() + Duration::from_secs(1800);
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("orphan sweep finished")) {
+            return Ok((
+                field(line, "users=").unwrap_or_default(),
+                field(line, "elapsed_ms=").unwrap_or_default(),
+            ));
         }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the first "orphan sweep finished" line in the broker's
-    /// log (the sweep runs 10 s after start); the roles it listed and how
-    /// long it took, in ms.
-    async fn first_sweep(&self, env: &DevEnv) -> Result<(u64, u64)> {
-        let log = env.dir.join("broker.log");
-        let limit = Instant::now() + Duration::from_secs(1800);
-        let field = |line: &str, name: &str| -> Option<u64> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .and_then(|v| v.parse().ok())
-        };
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains("orphan sweep finished")) {
-                return Ok((
-                    field(line, "users=").unwrap_or_default(),
-                    field(line, "elapsed_ms=").unwrap_or_default(),
-                ));
-            }
-            if Instant::now() > limit {
-                return Err(Error::internal(
-                    "no orphan sweep finished within 30 minutes",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if Instant::now() > limit {
+            return Err(Error::internal(
+                "no orphan sweep finished within 30 minutes",
+            ));
         }
-    }
-
-    async fn stop(&mut self) -> Result<()> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let limit = Instant::now() + Duration::from_secs(60);
-        while self.child.try_wait().map_err(io_err("wait"))?.is_none() {
-            if Instant::now() > limit {
-                let _ = self.child.kill();
-                return Err(Error::internal("credbroker serve did not stop on SIGTERM"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -2,8 +2,9 @@
 //! to grant on, dev certificates, and a broker config pointing at both.
 
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -104,6 +105,13 @@ impl BenchPostgres {
             .map_err(pg_err("count roles"))?
             .get(0))
     }
+}
+
+/// A port free on 127.0.0.1 now, for a child process to bind (the
+/// bench's own processes are the only ones racing for it).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("bind"))?;
+    Ok(l.local_addr().map_err(io_err("bind"))?.port())
 }
 
 /// Broker settings a scenario varies.
@@ -329,4 +337,77 @@ pub async fn revoke(
         .await
         .map_err(|s| Error::internal(format!("revoke: {}", crate::client::describe(&s))))?;
     Ok(())
+}
+
+/// `credbroker serve` as a child process.
+pub struct Spawned {
+    child: Child,
+}
+
+impl Spawned {
+    /// Spawns it and returns once it answers a gRPC health check.
+    pub async fn start(env: &DevEnv, addr: &str) -> Result<Self> {
+        let exe = std::env::current_exe().map_err(io_err("own executable"))?;
+        let log = std::fs::File::create(env.dir.join("broker.log")).map_err(io_err("log"))?;
+        let child = Command::new(exe)
+            .args(["serve", "--config"])
+            .arg(&env.config_path)
+            // The reaper's debug lines say when a sweep finished.
+            .env("RUST_LOG", "warn,credbroker::reaper=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(io_err("spawn credbroker serve"))?;
+        let mut me = Spawned { child };
+        let limit = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = me.child.try_wait().map_err(io_err("wait"))? {
+                return Err(Error::internal(format!(
+                    "credbroker serve exited with {status}; see {}",
+                    env.dir.join("broker.log").display()
+                )));
+            }
+            if connected_client(env, addr).await.is_ok() {
+                return Ok(me);
+            }
+            if Instant::now() > limit {
+                return Err(Error::internal("credbroker serve not ready within 120 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn stop(&mut self) -> Result<()> {
+        terminate(&mut self.child, "credbroker serve", Duration::from_secs(60)).await
+    }
+}
+
+/// SIGTERM to a child server, then SIGKILL if it has not exited within
+/// `grace` (which is an error: a clean stop is part of what we measure).
+pub async fn terminate(child: &mut Child, what: &str, grace: Duration) -> Result<()> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let limit = Instant::now() + grace;
+    while child.try_wait().map_err(io_err("wait"))?.is_none() {
+        if Instant::now() > limit {
+            let _ = child.kill();
+            return Err(Error::internal(format!("{what} did not stop on SIGTERM")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

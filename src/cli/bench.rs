@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench::{console, lease, reaper, scale};
+use crate::bench::{console, lease, outside, reaper, scale};
 use crate::cli::CliResult;
 
 #[derive(clap::Args)]
@@ -29,6 +29,11 @@ enum What {
     /// The same four columns on a throwaway MariaDB: (a) IDENTIFIED BY
     /// plaintext, (b) by hash, (b′) credbroker's statements, (c) credbroker
     Mysql(LeaseArgs),
+    /// As users meet it: a `credbroker serve` process driven from a separate
+    /// client process over mTLS gRPC and the Vault API, beside (a)
+    /// plaintext, (b′) the same SQL and OpenBao (when `bao` is on the PATH);
+    /// PostgreSQL with fsync on
+    Outside(OutsideArgs),
     /// Many leases due at once: time until every role is gone
     Reaper(ReaperArgs),
     /// Many live leases and a million store rows: memory, restart, sweep,
@@ -96,6 +101,28 @@ struct Out {
 }
 
 #[derive(clap::Args)]
+struct OutsideArgs {
+    /// Concurrent callers, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 16])]
+    callers: Vec<usize>,
+    /// How long each run lasts (per column and caller count)
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// A fixed number of leases per run instead of --duration
+    #[arg(long)]
+    leases: Option<u64>,
+    /// Columns: a (plaintext), p (b′: the same SQL), c (gRPC), v (c-v: the
+    /// Vault API), o (OpenBao; needs `bao` on the PATH)
+    #[arg(long, value_delimiter = ',', default_values_t = vec!['a', 'p', 'c', 'v', 'o'])]
+    columns: Vec<char>,
+    /// Runs of each column and caller count; the fastest is kept
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    #[command(flatten)]
+    out: Out,
+}
+
+#[derive(clap::Args)]
 struct ReaperArgs {
     /// Leases falling due at the same instant
     #[arg(long, default_value_t = 10_000)]
@@ -133,6 +160,32 @@ pub async fn run(args: Args) -> CliResult {
         None => lease_bench(args.lease, false).await?,
         Some(What::Lease(a)) => lease_bench(a, false).await?,
         Some(What::Mysql(a)) => lease_bench(a, true).await?,
+        Some(What::Outside(a)) => {
+            let columns = a
+                .columns
+                .iter()
+                .map(|c| {
+                    outside::Column::parse(&c.to_string()).ok_or_else(|| {
+                        crate::Error::config(format!("--columns: unknown {c:?}; use a, p, c, v, o"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if a.callers.is_empty() || a.callers.contains(&0) {
+                return Err(crate::Error::config("--callers: give counts of at least 1").into());
+            }
+            let opts = outside::Options {
+                callers: a.callers,
+                duration: a.duration,
+                leases: a.leases,
+                columns,
+                rounds: a.rounds.max(1),
+                out_dir: a.out.out,
+            };
+            let report = outside::run(&opts).await.context("outside benchmark")?;
+            report.write(&opts.out_dir)?;
+            println!("{}", report.markdown());
+            written(&opts.out_dir, "outside");
+        }
         Some(What::Reaper(a)) => {
             let opts = reaper::Options {
                 leases: a.leases,
@@ -177,6 +230,12 @@ pub async fn run(args: Args) -> CliResult {
             written(&opts.out_dir, "console");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `credbroker bench-client`: see `bench::client`.
+pub async fn client() -> CliResult {
+    crate::bench::client::run().await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -63,6 +63,10 @@ enum Command {
     /// Measure issue/revoke against PostgreSQL's own limits, the reaper and
     /// scale, on a throwaway server
     Bench(bench::Args),
+    /// The load of `bench outside`, in a process of its own (started by
+    /// the bench, spoken to on stdin/stdout)
+    #[command(hide = true)]
+    BenchClient,
     /// Print a shell completion script (e.g. `credbroker completions bash >
     /// /etc/bash_completion.d/credbroker`)
     Completions {
@@ -162,6 +166,7 @@ pub fn main() -> ExitCode {
             Command::Pki(c) => pki::run(c),
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::BenchClient => bench::client().await,
             Command::Completions { shell, .. } => {
                 let mut cmd = command();
                 clap_complete::generate(shell, &mut cmd, "credbroker", &mut std::io::stdout());

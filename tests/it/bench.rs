@@ -27,13 +27,7 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
     );
     let header = "| callers | figure | (a) plaintext | (b) verifier | (b′) its SQL | (c) credbroker | c/a | c/b | c/b′ |";
     assert!(md.contains(header), "no table header in:\n{md}");
-    let rows: Vec<Vec<&str>> = md
-        .lines()
-        .skip_while(|l| *l != header)
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
-        .collect();
+    let rows = table_rows(&md, header);
     // Two caller counts × leases/s, p50, p99, max, then the costs.
     assert_eq!(rows.len(), 16, "{md}");
     let (timings, costs): (Vec<_>, Vec<_>) = rows
@@ -96,6 +90,16 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
     ] {
         assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
     }
+}
+
+/// The cells of the Markdown table under `header`, row by row.
+fn table_rows<'a>(md: &'a str, header: &str) -> Vec<Vec<&'a str>> {
+    md.lines()
+        .skip_while(|l| *l != header)
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect()
 }
 
 #[test]
@@ -232,4 +236,90 @@ fn console_bench(store: &str, named: &str) {
         .unwrap()
         .iter()
         .all(|p| p["requests"] == 2 && p["bytes"].as_u64().unwrap() > 0));
+}
+
+/// `bench outside`: `credbroker serve` driven from a separate
+/// `bench-client` process, every column side by side — OpenBao included,
+/// from the `bao` that scripts/ensure-vault-venv.sh installs.
+#[test]
+fn bench_outside_has_every_column_from_a_separate_process() {
+    let venv_bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vault-venv/bin");
+    assert!(
+        venv_bin.join("bao").is_file(),
+        "OpenBao's bao is missing ({}): run scripts/ensure-vault-venv.sh (scripts/test.sh runs it)",
+        venv_bin.join("bao").display()
+    );
+    let path = std::env::join_paths(std::iter::once(venv_bin.clone()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "bench",
+            "outside",
+            "--callers",
+            "1,2",
+            "--leases",
+            "4",
+            "--out",
+        ])
+        .arg(out.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench outside failed: {}\n{stdout}\n{stderr}",
+        run.status
+    );
+    let md = std::fs::read_to_string(out.path().join("outside.md")).unwrap();
+    assert!(stdout.contains(md.trim()), "stdout is not the report");
+    assert!(md.contains("- errors: 0"), "{md}");
+    assert!(
+        md.contains("OpenBao: OpenBao v"),
+        "OpenBao did not run: {md}"
+    );
+    let header = "| leases/s | (a) plaintext | (b′) same SQL | (c) gRPC | (c-v) Vault API | OpenBao | c/a | c/b′ | c-v/c | c/OpenBao |";
+    assert!(md.contains(header), "no headline in:\n{md}");
+    let rows = table_rows(&md, header);
+    assert_eq!(rows.len(), 2, "{md}");
+    for row in &rows {
+        assert_eq!(row.len(), 10, "row {row:?}");
+        for cell in &row[1..6] {
+            let v: f64 = cell
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number: {cell:?} in {row:?}"));
+            assert!(v > 0.0, "row {row:?}");
+        }
+        for ratio in &row[6..10] {
+            assert!(ratio.ends_with('×'), "row {row:?}");
+        }
+    }
+    // Costs: the server's CPU where a server ran, a load average per run.
+    for label in [
+        "CPU ms/lease, server",
+        "CPU ms/lease, client",
+        "load (1 min) at start",
+    ] {
+        assert!(md.contains(&format!("| 1 | {label} |")), "{label}: {md}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("outside.json")).unwrap())
+            .unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 10, "{json}");
+    for r in runs {
+        assert_eq!(r["leases"], 4, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["cycle"]["p50_ms"].as_f64().unwrap() > 0.0, "{r}");
+        let server = r["cost"]["server_cpu_ms"].as_f64();
+        match r["column"].as_str().unwrap() {
+            "a_plaintext" | "b2_same_sql" => assert_eq!(server, None, "{r}"),
+            "c_grpc" | "cv_vault_api" | "openbao" => assert!(server.is_some(), "{r}"),
+            other => panic!("unknown column {other}"),
+        }
+    }
 }
