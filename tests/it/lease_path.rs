@@ -307,17 +307,24 @@ async fn renew_moves_valid_until_but_never_past_the_hard_limit() {
         "renew must not resend the password"
     );
 
-    // Beyond max_ttl (8s) is an error, not silently clamped.
-    let err = app
+    // Beyond max_ttl (8s) a renewal is capped, as Vault (and our Vault API)
+    // does — `lease renew` says so — and never past the hard limit.
+    let capped = app
         .renew_lease(pb::RenewLeaseRequest {
             lease_id: lease.lease_id.clone(),
             ttl_seconds: 9,
         })
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+        .expect("a renewal over max_ttl is capped, not refused")
+        .into_inner();
+    assert!(ts(&capped.expires_at) > ts(&renewed.expires_at));
+    assert!(ts(&capped.expires_at) <= ts(&lease.max_expires_at));
+    assert_eq!(
+        valid_until(lease.username.clone()).await,
+        ts(&capped.expires_at)
+    );
     // Renewals stop at the hard limit.
-    let mut last = renewed;
+    let mut last = capped;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         match app
