@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 scripts/ensure-db-binaries.sh
 scripts/ensure-vault-venv.sh
 scripts/ensure-console-deps.sh
+scripts/ensure-pool-deps.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
