@@ -204,12 +204,13 @@ async fn run_pools(
         &["--grace", &grace, "--format", "json"],
     );
     wait_for_file(&mut sc).await;
+    let (checked_name, defaults_name) = (
+        format!("{name}, liveness check"),
+        format!("{name}, defaults"),
+    );
     let (checked, defaults) = tokio::join!(
-        run_client(
-            &format!("{name}, liveness check"),
-            client(&sc.out, "checked")
-        ),
-        run_client(&format!("{name}, defaults"), client(&sc.out, "defaults")),
+        run_client(&checked_name, client(&sc.out, "checked")),
+        run_client(&defaults_name, client(&sc.out, "defaults")),
     );
     let log = sc.log_text();
     assert!(sc.running(), "the sidecar died:\n{log}");
@@ -257,8 +258,17 @@ fn pg_role(name: &str) -> String {
     role(name, "{db}", DEFAULT_TTL, MAX_TTL, APP)
 }
 
-async fn pg_broker(role_name: &str) -> TestBroker {
+/// A broker binary on a fresh PostgreSQL database; `database_keys` are
+/// added to its `[databases.main]`.
+async fn pg_broker(role_name: &str, database_keys: &str) -> TestBroker {
     let mut b = TestBroker::prepare(&pg_role(role_name)).await;
+    b.edit_config(|t| {
+        t.replacen(
+            "[databases.main]\n",
+            &format!("[databases.main]\n{database_keys}"),
+            1,
+        )
+    });
     b.spawn_binary().await;
     b
 }
@@ -266,7 +276,7 @@ async fn pg_broker(role_name: &str) -> TestBroker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlalchemy_psycopg_pool_sees_no_failed_query_across_handovers() {
     let python = python();
-    let b = pg_broker("pool_sa").await;
+    let b = pg_broker("pool_sa", "").await;
     let config = run_config();
     run_pools("SQLAlchemy + psycopg 3", &b, "pool_sa", |file, mode| {
         let mut c = tokio::process::Command::new(&python);
@@ -284,7 +294,9 @@ async fn hikaricp_pool_sees_no_failed_query_across_handovers() {
     let classes = tempfile::tempdir().unwrap();
     let cp = compile_hikari(classes.path()).await;
     let java = on_path("java");
-    let b = pg_broker("pool_hk").await;
+    // PgJDBC's SCRAM client refuses a verifier of fewer than 4096
+    // iterations ("iteration must be >= 4096"); the broker's default is 1.
+    let b = pg_broker("pool_hk", "scram_iterations = 4096\n").await;
     let config = run_config();
     run_pools("HikariCP + PostgreSQL JDBC", &b, "pool_hk", |file, mode| {
         let mut c = tokio::process::Command::new(&java);
@@ -303,7 +315,7 @@ async fn node_pg_pool_sees_no_failed_query_across_handovers() {
         &repo("tests/pools/node_modules/pg/package.json"),
         "node-postgres (tests/pools/node_modules)",
     );
-    let b = pg_broker("pool_nd").await;
+    let b = pg_broker("pool_nd", "").await;
     let config = run_config();
     run_pools("node-postgres Pool", &b, "pool_nd", |file, mode| {
         let mut c = tokio::process::Command::new(&node);
