@@ -11,6 +11,7 @@
 //! What the clients need is installed by scripts/ensure-pool-deps.sh; a
 //! missing piece fails the test saying so.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -188,13 +189,15 @@ async fn run_client(pool: &str, mut cmd: tokio::process::Command) -> Report {
 }
 
 /// The checked pool and the defaults pool, side by side on one sidecar's
-/// file; `client(mode)` builds the command for `checked` or `defaults`.
-async fn run_pools(
-    name: &str,
-    b: &TestBroker,
-    role: &str,
-    client: impl Fn(&Path, &str) -> tokio::process::Command,
-) {
+/// file: `program` with `args`, then the file, `checked` or `defaults`, and
+/// the run's config (the same arguments for every client).
+async fn run_pools(name: &str, b: &TestBroker, role: &str, program: &Path, args: &[&OsStr]) {
+    let config = run_config();
+    let client = |file: &Path, mode: &str| {
+        let mut c = tokio::process::Command::new(program);
+        c.args(args).arg(file).args([mode, &config]);
+        c
+    };
     let dir = tempfile::tempdir().unwrap();
     let grace = format!("{GRACE_S}s");
     let mut sc = Sidecar::spawn(
@@ -273,20 +276,20 @@ async fn pg_broker(role_name: &str, database_keys: &str) -> TestBroker {
     b
 }
 
+fn sqlalchemy_args(kind: &str) -> [std::ffi::OsString; 2] {
+    [repo("tests/pools/sqlalchemy_pool.py").into(), kind.into()]
+}
+
+fn os(args: &[std::ffi::OsString]) -> Vec<&OsStr> {
+    args.iter().map(|a| a.as_os_str()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlalchemy_psycopg_pool_sees_no_failed_query_across_handovers() {
     let python = python();
     let b = pg_broker("pool_sa", "").await;
-    let config = run_config();
-    run_pools("SQLAlchemy + psycopg 3", &b, "pool_sa", |file, mode| {
-        let mut c = tokio::process::Command::new(&python);
-        c.arg(repo("tests/pools/sqlalchemy_pool.py"))
-            .arg("postgresql")
-            .arg(file)
-            .args([mode, &config]);
-        c
-    })
-    .await;
+    let args = sqlalchemy_args("postgresql");
+    run_pools("SQLAlchemy + psycopg 3", &b, "pool_sa", &python, &os(&args)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,15 +300,8 @@ async fn hikaricp_pool_sees_no_failed_query_across_handovers() {
     // PgJDBC's SCRAM client refuses a verifier of fewer than 4096
     // iterations ("iteration must be >= 4096"); the broker's default is 1.
     let b = pg_broker("pool_hk", "scram_iterations = 4096\n").await;
-    let config = run_config();
-    run_pools("HikariCP + PostgreSQL JDBC", &b, "pool_hk", |file, mode| {
-        let mut c = tokio::process::Command::new(&java);
-        c.args(["-Xmx128m", "-cp", &cp, "HikariPool"])
-            .arg(file)
-            .args([mode, &config]);
-        c
-    })
-    .await;
+    let args = ["-Xmx128m", "-cp", &cp, "HikariPool"].map(OsStr::new);
+    run_pools("HikariCP + PostgreSQL JDBC", &b, "pool_hk", &java, &args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,14 +312,14 @@ async fn node_pg_pool_sees_no_failed_query_across_handovers() {
         "node-postgres (tests/pools/node_modules)",
     );
     let b = pg_broker("pool_nd", "").await;
-    let config = run_config();
-    run_pools("node-postgres Pool", &b, "pool_nd", |file, mode| {
-        let mut c = tokio::process::Command::new(&node);
-        c.arg(repo("tests/pools/pg_pool.js"))
-            .arg(file)
-            .args([mode, &config]);
-        c
-    })
+    let script = repo("tests/pools/pg_pool.js");
+    run_pools(
+        "node-postgres Pool",
+        &b,
+        "pool_nd",
+        &node,
+        &[script.as_os_str()],
+    )
     .await;
 }
 
@@ -366,19 +362,7 @@ async fn sqlalchemy_pymysql_pool_on_mariadb_sees_no_failed_query_across_handover
     )
     .await;
     b.spawn_binary().await;
-    let config = run_config();
-    run_pools(
-        "SQLAlchemy + PyMySQL (MariaDB)",
-        &b,
-        "pool_my",
-        |file, mode| {
-            let mut c = tokio::process::Command::new(&python);
-            c.arg(repo("tests/pools/sqlalchemy_pool.py"))
-                .arg("mariadb")
-                .arg(file)
-                .args([mode, &config]);
-            c
-        },
-    )
-    .await;
+    let args = sqlalchemy_args("mariadb");
+    let name = "SQLAlchemy + PyMySQL (MariaDB)";
+    run_pools(name, &b, "pool_my", &python, &os(&args)).await;
 }

@@ -23,33 +23,21 @@ from pool_run import read_credential, run
 def creator(kind, path):
     def connect():
         c = read_credential(path)
+        common = {
+            "host": c["host"],
+            "port": c["port"],
+            "user": c["username"],
+            "password": c["password"],
+            "connect_timeout": 5,
+        }
         if kind == "postgresql":
             import psycopg
 
-            kw = {}
-            if c.get("sslmode"):
-                kw["sslmode"] = c["sslmode"]
-            if c.get("sslrootcert"):
-                kw["sslrootcert"] = c["sslrootcert"]
-            return psycopg.connect(
-                host=c["host"],
-                port=c["port"],
-                user=c["username"],
-                password=c["password"],
-                dbname=c["database"],
-                connect_timeout=5,
-                **kw,
-            )
+            tls = {k: c[k] for k in ("sslmode", "sslrootcert") if c.get(k)}
+            return psycopg.connect(dbname=c["database"], **tls, **common)
         import pymysql
 
-        return pymysql.connect(
-            host=c["host"],
-            port=c["port"],
-            user=c["username"],
-            password=c["password"],
-            database=c["database"],
-            connect_timeout=5,
-        )
+        return pymysql.connect(database=c["database"], **common)
 
     return connect
 
