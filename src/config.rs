@@ -103,7 +103,17 @@ pub struct ServerConfig {
     /// host's usual allotment), for the connection shares and the
     /// per-source handshake cap.
     pub ipv6_source_prefix: u8,
+    /// How long a routine handover's replaced credential may drain
+    /// (`revocation::drain`) before what is left of its sessions is ended
+    /// and it is dropped; a role may set its own (`[roles.X]
+    /// drain_deadline`). "0s": no draining, handovers revoke at once.
+    pub drain_deadline: Duration,
 }
+
+/// `server.drain_deadline` unless set: long enough for a query or a
+/// transaction a pool has in flight to finish, short enough that a pool
+/// which never lets go is not kept waiting for.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
@@ -280,6 +290,9 @@ pub struct RoleConfig {
     /// works); MySQL: the account (`name` or `name@host`) that becomes
     /// the DEFINER of its views and routines. `None`: the broker's admin.
     pub owner: Option<String>,
+    /// This role's own `drain_deadline`, when set; see
+    /// [`Config::drain_deadline`] for the one a handover uses.
+    pub drain_deadline: Option<Duration>,
 }
 
 /// Upper bound for any TTL: a "short-lived" credential living longer than
@@ -287,6 +300,76 @@ pub struct RoleConfig {
 pub const ABSOLUTE_MAX_TTL: Duration = Duration::from_secs(31 * 24 * 3600);
 
 impl Config {
+    /// How long a handover of a `role` lease drains: the role's own
+    /// `drain_deadline`, else `server.drain_deadline`, never longer than
+    /// the role's `max_ttl` — a lease's whole life (see
+    /// [`Config::drain_clamps`]). A removed role drains by the server's.
+    pub fn drain_deadline(&self, role: &str) -> Duration {
+        match self.roles.get(role) {
+            Some(r) => r
+                .drain_deadline
+                .unwrap_or(self.server.drain_deadline)
+                .min(r.max_ttl),
+            None => self.server.drain_deadline,
+        }
+    }
+
+    /// How long a static role's previous user drains once its overlap is
+    /// over (`static_roles`): `server.drain_deadline`, but never into the
+    /// next rotation, which targets that user again (alternating users) —
+    /// so at most `rotation_period - overlap`. Zero (retired at once, as
+    /// before) without `end_sessions` or with a single user.
+    pub fn static_drain_deadline(&self, r: &StaticRoleConfig) -> Duration {
+        if !r.end_sessions || !r.alternating() {
+            return Duration::ZERO;
+        }
+        self.server
+            .drain_deadline
+            .min(r.rotation_period.saturating_sub(r.overlap))
+    }
+
+    /// One start-up warning per role whose drain deadline (its own or the
+    /// server's) is longer than its `max_ttl` and so is clamped to it, and
+    /// per static role whose overlap leaves less room to drain than
+    /// `server.drain_deadline`.
+    pub fn drain_clamps(&self) -> Vec<String> {
+        let statics = self.static_roles.values().filter_map(|r| {
+            let room = self.static_drain_deadline(r);
+            (r.end_sessions && r.alternating() && room < self.server.drain_deadline).then(|| {
+                format!(
+                    "static_roles.{}: the previous user is the next rotation's target \
+                     rotation_period - overlap ({}) after its overlap ends, so its sessions drain \
+                     for at most that, not server.drain_deadline ({}){}",
+                    r.name,
+                    humantime::format_duration(room),
+                    humantime::format_duration(self.server.drain_deadline),
+                    if room.is_zero() {
+                        "; they are ended at once: shorten overlap to let them drain"
+                    } else {
+                        ""
+                    }
+                )
+            })
+        });
+        let leases = self.roles.values().filter_map(|r| {
+            let (d, key) = match r.drain_deadline {
+                Some(d) => (d, format!("roles.{}.drain_deadline", r.name)),
+                None => (self.server.drain_deadline, "server.drain_deadline".into()),
+            };
+            (d > r.max_ttl).then(|| {
+                format!(
+                    "{key} ({}) is longer than role {:?}'s max_ttl ({}); its handovers drain \
+                         for at most {} (a drain never outlives the lease's hard limit)",
+                    humantime::format_duration(d),
+                    r.name,
+                    humantime::format_duration(r.max_ttl),
+                    humantime::format_duration(r.max_ttl)
+                )
+            })
+        });
+        leases.chain(statics).collect()
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
@@ -448,6 +531,7 @@ struct RawServer {
     max_connections_per_identity: Option<usize>,
     max_connections_per_source: Option<usize>,
     ipv6_source_prefix: Option<u8>,
+    drain_deadline: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -529,6 +613,7 @@ struct RawRole {
     issue_rate: Option<f64>,
     issue_burst: Option<u32>,
     owner: Option<String>,
+    drain_deadline: Option<String>,
 }
 
 pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
@@ -788,6 +873,11 @@ impl RawServer {
                 "server.max_connection_age",
                 self.max_connection_age.as_ref(),
                 Duration::from_secs(300),
+            )?,
+            drain_deadline: opt_duration(
+                "server.drain_deadline",
+                self.drain_deadline.as_ref(),
+                DEFAULT_DRAIN_DEADLINE,
             )?,
         })
     }
@@ -1142,6 +1232,10 @@ impl RawRole {
             issue_rate: self.issue_rate,
             issue_burst: self.issue_burst,
             owner: self.owner,
+            drain_deadline: self
+                .drain_deadline
+                .map(|d| parse_duration(&what("drain_deadline"), &d))
+                .transpose()?,
             name,
         })
     }

@@ -101,6 +101,7 @@ impl Daemon {
         let store = store::open_config(&config.store).await?;
         let backends = backend::connect_all(&config).await?;
         let mut warnings = server::tls::crl_warnings(&config.tls, chrono::Utc::now());
+        warnings.extend(config.drain_clamps());
         for d in config.databases.values() {
             let dialect = match d.kind {
                 crate::lease::BackendKind::Postgres => crate::dbtls::Dialect::Postgres,

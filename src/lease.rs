@@ -76,6 +76,10 @@ pub enum Reason {
     AbandonedIntent,
     /// An admin's `lock --revoke`: ended with the lock that refuses more.
     Locked,
+    /// A routine handover's end: the replaced lease drained (its idle
+    /// sessions ended as they went idle) and is now dropped, at its last
+    /// session's end or at the drain deadline (`revocation::drain`).
+    Handover,
 }
 
 impl Reason {
@@ -96,6 +100,7 @@ impl Reason {
             Reason::Expired => ("reap", "expired"),
             Reason::AbandonedIntent => ("resolve_intent", "abandoned_intent"),
             Reason::Locked => ("lock_revoke", "locked"),
+            Reason::Handover => ("handover_revoke", "handover"),
         }
     }
 }
@@ -212,6 +217,11 @@ pub enum LeaseState {
     /// Intent written; the database user may or may not exist yet.
     Pending,
     Active,
+    /// Replaced by its holder's handover: logins refused, idle sessions
+    /// ended as they go idle, busy ones left to finish until `due_at` (the
+    /// drain deadline), when the lease is revoked in full — by the drain
+    /// task, or by the reaper should the broker have died meanwhile.
+    Draining,
     /// Revocation failed repeatedly; retried on a slow schedule.
     Failing,
     Revoked,
@@ -222,6 +232,7 @@ impl LeaseState {
         match self {
             LeaseState::Pending => "pending",
             LeaseState::Active => "active",
+            LeaseState::Draining => "draining",
             LeaseState::Failing => "failing",
             LeaseState::Revoked => "revoked",
         }
@@ -231,6 +242,7 @@ impl LeaseState {
         match s {
             "pending" => Ok(LeaseState::Pending),
             "active" => Ok(LeaseState::Active),
+            "draining" => Ok(LeaseState::Draining),
             "failing" => Ok(LeaseState::Failing),
             "revoked" => Ok(LeaseState::Revoked),
             other => Err(Error::invalid(format!("unknown lease state {other:?}"))),

@@ -59,6 +59,18 @@ pub struct ConnectionRefusalLabels {
     pub reason: String,
 }
 
+/// A drain's counts: `role` is the lease's role or the static role.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainLabels {
+    pub role: String,
+    pub database: String,
+    /// Sessions: `idle` (ended once idle) or `deadline` (still busy at
+    /// the drain deadline). Drains: `drained` (the last session went
+    /// before the deadline), `deadline`, or `cut` (an admin revoke, a
+    /// lock or the reaper ended the lease first).
+    pub how: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DatabaseLabels {
     pub database: String,
@@ -90,6 +102,11 @@ pub struct Metrics {
     pub connections_refused: Family<ConnectionRefusalLabels, Counter>,
     /// Connections admitted and open, by listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
+    /// Sessions a handover's drain ended, by how (`idle`, `deadline`): a
+    /// pool that never lets go shows as `deadline`.
+    pub drain_sessions: Family<DrainLabels, Counter>,
+    /// Drains finished, by outcome (`drained`, `deadline`, `cut`).
+    pub drains: Family<DrainLabels, Counter>,
     /// The last hour per minute, for the console's charts.
     pub history: crate::rate_history::RateHistory,
     /// Leases issued, renewed or revoked by this process: `/metrics`
@@ -128,6 +145,8 @@ impl Metrics {
             static_failures: Family::default(),
             connections_refused: Family::default(),
             connections_open: Family::default(),
+            drain_sessions: Family::default(),
+            drains: Family::default(),
             history: Default::default(),
             changes: Default::default(),
         };
@@ -208,6 +227,16 @@ impl Metrics {
             "Connections admitted after the handshake and still open, by listener (at most server.max_connections each)",
             m.connections_open.clone(),
         );
+        registry.register(
+            "drain_sessions_ended",
+            "Sessions of a replaced credential a handover's drain ended, by how: idle (once idle) or deadline (still busy at the drain deadline)",
+            m.drain_sessions.clone(),
+        );
+        registry.register(
+            "drains",
+            "Handover drains finished, by how: drained (last session gone before the deadline), deadline, or cut (revoked at once meanwhile)",
+            m.drains.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
     }
@@ -267,6 +296,30 @@ impl Metrics {
         let _ = self.revocation_failures.get_or_create(&DatabaseLabels {
             database: database.into(),
         });
+    }
+
+    /// A drain's sessions ended `how` (`idle`, `deadline`).
+    pub fn drain_sessions_ended(&self, role: &str, database: &str, how: &str, n: u64) {
+        if n > 0 {
+            self.drain_sessions
+                .get_or_create(&DrainLabels {
+                    role: role.into(),
+                    database: database.into(),
+                    how: how.into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// A drain finished `how` (`drained`, `deadline`, `cut`).
+    pub fn drain_finished(&self, role: &str, database: &str, how: &str) {
+        self.drains
+            .get_or_create(&DrainLabels {
+                role: role.into(),
+                database: database.into(),
+                how: how.into(),
+            })
+            .inc();
     }
 
     pub fn static_rotated(&self, static_role: &str, kind: &str) {

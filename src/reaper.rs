@@ -32,6 +32,15 @@ pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
     {
         tracing::error!(error = %crate::error::chain(&e), "start-up recovery of pending intents failed; will retry as they fall due");
     }
+    // Drains a previous run left: resumed, so idle sessions need not wait
+    // for the deadline, at which the reaper revokes them regardless.
+    match broker.resume_drains().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(drains = n, "resumed handover drains left by a previous run"),
+        Err(e) => {
+            tracing::warn!(error = %crate::error::chain(&e), "cannot resume handover drains; the reaper revokes them at their deadlines")
+        }
+    }
     let mut sweeper = OrphanSweeper::default();
     let mut next_sweep = Instant::now()
         + broker
@@ -92,6 +101,22 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
                     abandoned,
                     REAPER_IDENTITY,
                     Reason::AbandonedIntent,
+                    Mode::UntilDropped,
+                )
+                .await;
+        }
+        // A handover's drain that reached its deadline without its task
+        // (the broker died meanwhile): revoked in full now, as one.
+        let (drained, expired): (Vec<_>, Vec<_>) = expired
+            .into_iter()
+            .partition(|l| l.state == LeaseState::Draining);
+        if !drained.is_empty() {
+            broker
+                .revoker()
+                .revoke_claimed(
+                    drained,
+                    REAPER_IDENTITY,
+                    Reason::Handover,
                     Mode::UntilDropped,
                 )
                 .await;

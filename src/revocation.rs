@@ -15,6 +15,8 @@
 //! - failures are recorded with attempts, error and next retry; after
 //!   `failing_after_attempts` the lease shows as `failing`.
 
+pub mod drain;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::backend::{
-    Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin, StaticUsers, UserRef,
+    Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, Sessions, StaticLogin, StaticUsers,
+    UserRef,
 };
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Password, Username};
@@ -36,6 +37,9 @@ pub struct FakeServer {
     /// Static users: the password they accept (in the clear: a fake),
     /// until when, and how many times their sessions were ended.
     statics: Mutex<BTreeMap<String, FakeStatic>>,
+    /// Open sessions by user: (id, busy). Revocation ends them all, a
+    /// drain pass the idle ones.
+    sessions: Mutex<BTreeMap<String, Vec<(i64, bool)>>>,
 }
 
 /// A static user as the fake knows it.
@@ -184,6 +188,31 @@ impl FakeServer {
         })
     }
 
+    /// Opens a session as `user`, busy (in a query) or idle; its id.
+    pub fn open_session(&self, user: &str, busy: bool) -> i64 {
+        let mut all = self.sessions.lock().unwrap();
+        let id = all.values().map(Vec::len).sum::<usize>() as i64 + 1;
+        all.entry(user.to_string()).or_default().push((id, busy));
+        id
+    }
+
+    /// A session's query ends (`busy = false`) or starts.
+    pub fn set_session_busy(&self, id: i64, busy: bool) {
+        for s in self.sessions.lock().unwrap().values_mut().flatten() {
+            if s.0 == id {
+                s.1 = busy;
+            }
+        }
+    }
+
+    /// The ids of `user`'s open sessions.
+    pub fn session_ids(&self, user: &str) -> Vec<i64> {
+        let all = self.sessions.lock().unwrap();
+        all.get(user)
+            .map(|v| v.iter().map(|s| s.0).collect())
+            .unwrap_or_default()
+    }
+
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
@@ -298,6 +327,9 @@ impl Backend for FakeBackend {
                 )));
             }
             let mut moved = Vec::new();
+            for n in &names {
+                self.server.sessions.lock().unwrap().remove(*n);
+            }
             for r in users {
                 if let Some(u) = all.remove(r.user.username.as_str()) {
                     if u.owns > 0 {
@@ -332,6 +364,36 @@ impl Backend for FakeBackend {
             }
         }
         Ok(())
+    }
+
+    async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
+        self.server.call(format!("drain {}", user.username))?;
+        match self
+            .server
+            .users
+            .lock()
+            .unwrap()
+            .get_mut(user.username.as_str())
+        {
+            Some(u) => {
+                u.login = false;
+                u.valid_until = until;
+                Ok(())
+            }
+            None => Err(Error::FailedPrecondition("user no longer exists".into())),
+        }
+    }
+
+    async fn end_idle_sessions(&self, user: &str, _host: &str) -> Result<Sessions> {
+        self.server.call(format!("end_idle {user}"))?;
+        let mut all = self.server.sessions.lock().unwrap();
+        let mut out = Sessions::default();
+        if let Some(v) = all.get_mut(user) {
+            out.ended_idle = v.iter().filter(|s| !s.1).map(|s| s.0).collect();
+            v.retain(|s| s.1);
+            out.busy = v.len() as u32;
+        }
+        Ok(out)
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
@@ -401,6 +463,7 @@ impl Backend for FakeBackend {
             u.login = false;
             if end_sessions {
                 u.sessions_ended += 1;
+                self.server.sessions.lock().unwrap().remove(user);
             }
         }
         Ok(())

@@ -111,6 +111,18 @@ pub struct Reassigned {
     pub to: String,
 }
 
+/// What one pass over a draining user's sessions did
+/// ([`Backend::end_idle_sessions`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sessions {
+    /// The server's ids of the idle sessions ended by this pass (a
+    /// PostgreSQL pid, a MySQL thread id): the drain counts each once,
+    /// though a session being terminated may still be listed next pass.
+    pub ended_idle: Vec<i64>,
+    /// Sessions left running: in a query, or inside an open transaction.
+    pub busy: u32,
+}
+
 /// Connection pool figures for metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PoolState {
@@ -146,6 +158,24 @@ pub trait Backend: Send + Sync {
     /// dropping them: the last word of a forced revoke. Succeeds for users
     /// that are gone; fails unless the database confirms it.
     async fn disable(&self, users: &[UserRef]) -> Result<()>;
+
+    /// Starts a routine handover's drain of a leased user: from now on no
+    /// new login (PostgreSQL NOLOGIN, MySQL/MariaDB ACCOUNT LOCK), and the
+    /// database's own end of the credential (`VALID UNTIL`, the failsafe
+    /// event) moved to `until`, the drain deadline — so a broker that dies
+    /// mid-drain still leaves nothing usable past it. Sessions are left
+    /// alone. `FailedPrecondition` where logins cannot be refused without
+    /// dropping the user (MariaDB before 10.4): the caller revokes at once.
+    async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()>;
+
+    /// One pass of a drain: ends `user`'s idle sessions — not in a query,
+    /// not inside an open transaction (PostgreSQL `state = 'idle'`;
+    /// MySQL/MariaDB `Command = 'Sleep'` with no InnoDB transaction) —
+    /// and counts the busy ones left to finish. Needs the admin to see
+    /// other sessions' state (`pg_read_all_stats`; `PROCESS`), which
+    /// `credbroker check` requires; without it every session looks busy
+    /// and lasts until the drain deadline.
+    async fn end_idle_sessions(&self, user: &str, host: &str) -> Result<Sessions>;
 
     /// Users on the server whose names this broker could have made.
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>>;

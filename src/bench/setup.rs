@@ -322,7 +322,10 @@ pub async fn revoke(
     id: String,
 ) -> Result<()> {
     client
-        .revoke_lease(pb::RevokeLeaseRequest { lease_id: id })
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: id,
+            ..Default::default()
+        })
         .await
         .map_err(|s| Error::internal(format!("revoke: {}", crate::client::describe(&s))))?;
     Ok(())

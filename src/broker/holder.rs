@@ -167,6 +167,76 @@ impl Broker {
         Ok(lease)
     }
 
+    /// A routine handover's revoke — the sidecar's, of the lease it has
+    /// replaced: the lease drains (`revocation::drain`) instead of being
+    /// cut, and the answer comes at once, the lease `draining`. Only its
+    /// own holder may hand a lease over (an admin's revoke never drains).
+    /// A lease with no drain time left (a zero `drain_deadline`, its hard
+    /// limit reached), not active, or on a database that cannot refuse
+    /// logins while sessions stay, is revoked at once, as by `revoke`.
+    pub async fn revoke_handover(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
+        let mut event = Event::new(who.as_str(), "revoke");
+        event.lease_id = Some(id.to_string());
+        let lease = match self.store.get(id).await? {
+            Some(l) => l,
+            None => return self.revoke(who, id).await,
+        };
+        event.role = Some(lease.role.clone());
+        event.database = Some(lease.database.clone());
+        event.username = Some(lease.username.to_string());
+        if lease.identity != who.as_str() {
+            let e = Error::denied(format!(
+                "lease {id} belongs to another identity; only its holder hands it over"
+            ));
+            self.metrics.request_failed("revoke", &e);
+            return Err(self.audit_failure(event, e));
+        }
+        if lease.state == LeaseState::Draining {
+            event.outcome = Some(Outcome::Ok);
+            event.detail = Some("handover: already draining".into());
+            self.audit_event(event)?;
+            return Ok(lease);
+        }
+        let now = self.clock.now();
+        let drain = self.config().drain_deadline(&lease.role);
+        let until = truncate_ms(
+            (now + chrono::Duration::from_std(drain).unwrap_or_default()).min(lease.max_expires_at),
+        );
+        let backend = match self.backends.get(&lease.database) {
+            Some(b) if lease.state == LeaseState::Active && until > now => b.clone(),
+            _ => return self.revoke(who, id).await,
+        };
+        // Durable first: from here the reaper revokes it at `until`
+        // whatever happens to this process.
+        let Some(draining) = self.store.start_drain(id, who.as_str(), until).await? else {
+            return self.revoke(who, id).await;
+        };
+        let user = UserRef {
+            username: lease.username.clone(),
+            host: lease.user_host.clone(),
+        };
+        if let Err(e) = backend.drain_begin(&user, until).await {
+            // Logins may still work: no draining without that. Cut instead.
+            tracing::warn!(lease_id = %id, error = %crate::error::chain(&e),
+                "cannot refuse the replaced credential's logins; revoking it at once");
+            return self.revoke(who, id).await;
+        }
+        event.outcome = Some(Outcome::Ok);
+        event.detail = Some(format!(
+            "handover: logins refused, sessions drain until {}",
+            until.to_rfc3339()
+        ));
+        self.audit_event(event)?;
+        self.revoker.drain(draining.clone(), who.as_str());
+        Ok(draining)
+    }
+
+    /// Resumes the handover drains a previous run left (see
+    /// `Revoker::resume_drains`); how many.
+    pub async fn resume_drains(&self) -> Result<usize> {
+        self.revoker.resume_drains().await
+    }
+
     /// Revokes one lease at its holder's request.
     pub async fn revoke(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
         let mut event = Event::new(who.as_str(), "revoke");

@@ -20,6 +20,7 @@ pub enum ListFormat {
 pub enum StateArg {
     Pending,
     Active,
+    Draining,
     Failing,
     Revoked,
 }
@@ -168,6 +169,7 @@ fn to_pb_state(s: StateArg) -> i32 {
     (match s {
         StateArg::Pending => pb::LeaseState::Pending,
         StateArg::Active => pb::LeaseState::Active,
+        StateArg::Draining => pb::LeaseState::Draining,
         StateArg::Failing => pb::LeaseState::Failing,
         StateArg::Revoked => pb::LeaseState::Revoked,
     }) as i32

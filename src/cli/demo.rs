@@ -197,6 +197,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     broker
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: lease.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("revoke: {}", crate::client::describe(&s)))?;
@@ -330,6 +331,7 @@ async fn mysql_part(
     broker
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: lease.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("revoke: {}", crate::client::describe(&s)))?;

@@ -45,6 +45,12 @@ pub enum Command {
     Revoke {
         /// The lease to end (l_…, as `lease issue` printed it)
         lease_id: String,
+        /// A routine handover of a lease you have replaced: new logins are
+        /// refused at once, its sessions end as they go idle and busy ones
+        /// at the drain deadline (`drain_deadline`), so a connection pool
+        /// fails no query. Without it every session ends at once.
+        #[arg(long)]
+        handover: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -96,14 +102,22 @@ pub async fn run(cmd: Command) -> CliResult {
                 .into_inner();
             print!("{}", render(&lease, Format::Json));
         }
-        Command::Revoke { lease_id, client } => {
+        Command::Revoke {
+            lease_id,
+            handover,
+            client,
+        } => {
             let mut c = client.broker()?;
             let r = c
-                .revoke_lease(pb::RevokeLeaseRequest { lease_id })
+                .revoke_lease(pb::RevokeLeaseRequest { lease_id, handover })
                 .await
                 .map_err(|s| grpc_error("revoke", &client, s))?
                 .into_inner();
-            println!("revoked {}", r.lease_id);
+            if r.state == pb::LeaseState::Draining as i32 {
+                println!("draining {}", r.lease_id);
+            } else {
+                println!("revoked {}", r.lease_id);
+            }
         }
         Command::Lookup { lease_id, client } => {
             let mut c = client.broker()?;
@@ -129,6 +143,7 @@ pub fn state_name(state: i32) -> &'static str {
     match pb::LeaseState::try_from(state).unwrap_or(pb::LeaseState::Unspecified) {
         pb::LeaseState::Pending => "pending",
         pb::LeaseState::Active => "active",
+        pb::LeaseState::Draining => "draining",
         pb::LeaseState::Failing => "failing",
         pb::LeaseState::Revoked => "revoked",
         pb::LeaseState::Unspecified => "unknown",

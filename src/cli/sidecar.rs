@@ -49,7 +49,9 @@ pub struct Args {
     /// Leave the file in place on shutdown
     #[arg(long)]
     keep: bool,
-    /// How long an old lease stays valid after its replacement is written
+    /// How long an old lease stays valid after its replacement is written;
+    /// then it is handed over: logins refused, its sessions drained (ended
+    /// as they go idle, busy ones at the broker's drain deadline)
     #[arg(long, default_value = "30s")]
     grace: humantime::Duration,
     /// Exit with an error after holding no valid credential for this long

@@ -80,6 +80,7 @@ pub fn state_to_pb(s: LeaseState) -> pb::LeaseState {
     match s {
         LeaseState::Pending => pb::LeaseState::Pending,
         LeaseState::Active => pb::LeaseState::Active,
+        LeaseState::Draining => pb::LeaseState::Draining,
         LeaseState::Failing => pb::LeaseState::Failing,
         LeaseState::Revoked => pb::LeaseState::Revoked,
     }
@@ -90,6 +91,7 @@ pub fn state_from_pb(s: pb::LeaseState) -> Option<LeaseState> {
         pb::LeaseState::Unspecified => None,
         pb::LeaseState::Pending => Some(LeaseState::Pending),
         pb::LeaseState::Active => Some(LeaseState::Active),
+        pb::LeaseState::Draining => Some(LeaseState::Draining),
         pb::LeaseState::Failing => Some(LeaseState::Failing),
         pb::LeaseState::Revoked => Some(LeaseState::Revoked),
     }
@@ -401,6 +403,7 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
         let id = lease_id(&req.get_ref().lease_id)?;
+        let handover = req.get_ref().handover;
         let lease = async {
             let who = gate(
                 &self.broker,
@@ -411,7 +414,12 @@ impl pb::broker_server::Broker for BrokerService {
             )
             .await?
             .identity;
-            self.broker.revoke(&who, &id).await.map_err(to_status)
+            let revoked = if handover {
+                self.broker.revoke_handover(&who, &id).await
+            } else {
+                self.broker.revoke(&who, &id).await
+            };
+            revoked.map_err(to_status)
         }
         .await?;
         Ok(Response::new(pb::RevokeLeaseResponse {

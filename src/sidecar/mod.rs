@@ -348,6 +348,18 @@ impl<A: LeaseApi> Sidecar<A> {
     async fn revoke(&self, lease_id: &str) -> std::result::Result<(), CallError> {
         let req = pb::RevokeLeaseRequest {
             lease_id: lease_id.to_string(),
+            handover: false,
+        };
+        self.call(self.api.revoke(req)).await
+    }
+
+    /// The revoke that ends a handover: the broker drains the replaced
+    /// credential (new logins refused, sessions ended as they go idle,
+    /// busy ones until its drain deadline) instead of cutting its sessions.
+    async fn hand_over(&self, lease_id: &str) -> std::result::Result<(), CallError> {
+        let req = pb::RevokeLeaseRequest {
+            lease_id: lease_id.to_string(),
+            handover: true,
         };
         self.call(self.api.revoke(req)).await
     }
@@ -659,8 +671,10 @@ impl<A: LeaseApi> Sidecar<A> {
             .partition(|d| d.revoke_at <= now);
         self.draining = rest;
         for mut d in due {
-            match self.revoke(&d.lease_id).await {
-                Ok(()) => tracing::info!(lease_id = %d.lease_id, "old lease revoked"),
+            match self.hand_over(&d.lease_id).await {
+                Ok(()) => {
+                    tracing::info!(lease_id = %d.lease_id, "old lease handed over: it drains, then is revoked")
+                }
                 Err(CallError::Refused(code, msg)) => {
                     // Typically already revoked or expired and reaped.
                     tracing::info!(lease_id = %d.lease_id, ?code, error = %msg, "old lease not revoked by us")

@@ -22,6 +22,9 @@ struct FakeLease {
     expires: DateTime<Utc>,
     max: DateTime<Utc>,
     revoked_at: Option<DateTime<Utc>>,
+    /// Revoked as a handover (`RevokeLeaseRequest.handover`): drained by
+    /// the broker instead of cut.
+    handed_over: bool,
 }
 
 #[derive(Default)]
@@ -122,6 +125,7 @@ impl LeaseApi for FakeBroker {
             expires: now + chrono::Duration::seconds(ttl.min(self.max)),
             max: now + chrono::Duration::seconds(self.max),
             revoked_at: None,
+            handed_over: false,
         };
         let reply = Self::reply(&id, &l, now);
         s.issued.push((id.clone(), now));
@@ -170,6 +174,9 @@ impl LeaseApi for FakeBroker {
         }
         let now = self.clock.now();
         if let Some(l) = s.leases.get_mut(&req.lease_id) {
+            if l.revoked_at.is_none() {
+                l.handed_over = req.handover;
+            }
             l.revoked_at.get_or_insert(now);
         }
         Ok(())
@@ -288,6 +295,7 @@ async fn the_file_always_holds_a_valid_credential_through_rotations() {
                 old.0
             );
             let revoked = l.revoked_at.expect("replaced lease revoked");
+            assert!(l.handed_over, "{} replaced: handed over, to drain", old.0);
             let after = (revoked - new.1).num_seconds();
             assert!(
                 (30..=32).contains(&after),
@@ -303,6 +311,8 @@ async fn the_file_always_holds_a_valid_credential_through_rotations() {
     assert!(!out.exists(), "file left behind at shutdown");
     let s = broker.state.lock().unwrap();
     assert!(s.leases.values().all(|l| l.revoked_at.is_some()));
+    let current = &s.leases[&s.issued.last().unwrap().0];
+    assert!(!current.handed_over, "shutdown revokes at once, no drain");
 }
 
 /// The broker goes away: the file stays exactly while its credential is

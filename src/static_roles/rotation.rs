@@ -85,6 +85,9 @@ pub struct Rotator {
     steps: tokio::sync::Mutex<()>,
     /// Per role: failures in a row and when to try again.
     backoff: Mutex<BTreeMap<String, (u32, DateTime<Utc>)>>,
+    /// Per role: the sessions its running drain has ended idle, for the
+    /// drain's audit record and metrics (this process's share only).
+    drained: Mutex<BTreeMap<String, std::collections::HashSet<i64>>>,
 }
 
 impl Rotator {
@@ -108,6 +111,7 @@ impl Rotator {
             wake: Notify::new(),
             steps: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(BTreeMap::new()),
+            drained: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -254,10 +258,8 @@ impl Rotator {
         }
         let now = Utc::now();
         if let Some(prev) = st.previous.clone() {
-            if now >= prev.retire_at {
-                self.retire(role, &*backend, st, &prev.user, role.end_sessions, actor)
-                    .await?;
-            }
+            self.end_overlap(role, &*backend, st, &prev, now, actor)
+                .await?;
         }
         let due = force != Force::None
             || st.current.is_none()
@@ -465,6 +467,126 @@ impl Rotator {
         Ok(())
     }
 
+    /// The previous user's overlap, at `now`: nothing while it lasts;
+    /// once over, a drain (routine handover, `revocation::drain`) when the
+    /// role ends sessions and leaves room before the next rotation, else
+    /// retired at once as before.
+    ///
+    /// The drain is held in the stored state, so it survives a broker
+    /// crash and needs no task of its own: at the overlap's end logins are
+    /// refused and `retire_at` moves to the drain deadline (a `retire_at`
+    /// past the overlap's end *is* "draining"); every step until then (the
+    /// loop runs one a second while a drain is on, `is_due`) ends the
+    /// sessions that went idle; the user is retired in full — its
+    /// remaining sessions ended — when none is left, or at the deadline.
+    async fn end_overlap(
+        &self,
+        role: &StaticRoleConfig,
+        backend: &dyn Backend,
+        st: &mut StaticState,
+        prev: &PreviousUser,
+        now: DateTime<Utc>,
+        actor: &str,
+    ) -> Result<()> {
+        let overlap_end = overlap_end(role, st);
+        let draining = overlap_end.is_some_and(|e| prev.retire_at > e && now >= e);
+        if !draining && now < prev.retire_at {
+            return Ok(());
+        }
+        let room = self.config.get().static_drain_deadline(role);
+        if !draining && !room.is_zero() {
+            // The overlap just ended: refuse logins (password replaced by
+            // one nobody knows, NOLOGIN / ACCOUNT LOCK), then drain.
+            let deadline = crate::lease::truncate_ms(now)
+                + chrono::Duration::from_std(room).unwrap_or_default();
+            let deadline = match st.next_rotation_at {
+                Some(next) => deadline.min(next),
+                None => deadline,
+            };
+            let detail = format!(
+                "overlap over: logins refused, sessions drain until {}",
+                deadline.to_rfc3339()
+            );
+            self.audit_retire(role, &prev.user, actor, &detail)?;
+            backend.static_retire(&prev.user, &role.host, false).await?;
+            st.previous = Some(PreviousUser {
+                user: prev.user.clone(),
+                retire_at: deadline,
+            });
+            self.save(st).await?;
+            tracing::info!(static_role = %role.name, user = %prev.user, until = %deadline.to_rfc3339(), "previous user's overlap over; draining its sessions");
+        }
+        if !room.is_zero() {
+            let deadline = st.previous.as_ref().map_or(now, |p| p.retire_at);
+            let pass = backend.end_idle_sessions(&prev.user, &role.host).await;
+            let busy = match pass {
+                Ok(s) => {
+                    self.metrics.drain_sessions_ended(
+                        &role.name,
+                        &role.database,
+                        "idle",
+                        s.ended_idle.len() as u64,
+                    );
+                    self.drained_ids(&role.name, s.ended_idle);
+                    Some(s.busy)
+                }
+                Err(e) => {
+                    tracing::warn!(static_role = %role.name, error = %crate::error::chain(&e), "drain pass failed; retrying until the deadline");
+                    None
+                }
+            };
+            if busy != Some(0) && now < deadline {
+                return Ok(());
+            }
+            let idle = self.drained_ids(&role.name, Vec::new()).len() as u64;
+            let (how, at_deadline) = match busy {
+                Some(0) => ("drained", 0),
+                Some(n) => ("deadline", u64::from(n)),
+                None => ("deadline", 0),
+            };
+            let detail = format!(
+                "drain over ({how}): sessions ended idle={idle} at_deadline={at_deadline}; retired"
+            );
+            self.retire_with(role, backend, st, &prev.user, true, actor, &detail)
+                .await?;
+            self.metrics
+                .drain_sessions_ended(&role.name, &role.database, "deadline", at_deadline);
+            self.metrics.drain_finished(&role.name, &role.database, how);
+            self.drained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&role.name);
+            return Ok(());
+        }
+        self.retire(role, backend, st, &prev.user, role.end_sessions, actor)
+            .await
+    }
+
+    /// Adds `ids` to the sessions this process saw a static role's drain
+    /// end (a session being terminated may be listed twice); returns them.
+    fn drained_ids(&self, role: &str, ids: Vec<i64>) -> std::collections::HashSet<i64> {
+        let mut m = self.drained.lock().unwrap_or_else(|e| e.into_inner());
+        let set = m.entry(role.to_string()).or_default();
+        set.extend(ids);
+        set.clone()
+    }
+
+    fn audit_retire(
+        &self,
+        role: &StaticRoleConfig,
+        user: &str,
+        actor: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let mut ev = Event::new(actor, "static_retire");
+        ev.role = Some(role.name.clone());
+        ev.database = Some(role.database.clone());
+        ev.username = Some(user.to_string());
+        ev.outcome = Some(Outcome::Ok);
+        ev.detail = Some(detail.to_string());
+        self.audit.append(ev)
+    }
+
     async fn retire(
         &self,
         role: &StaticRoleConfig,
@@ -474,19 +596,29 @@ impl Rotator {
         end_sessions: bool,
         actor: &str,
     ) -> Result<()> {
+        let detail = if end_sessions {
+            "overlap over: logins refused, sessions ended"
+        } else {
+            "overlap over: logins refused"
+        };
+        self.retire_with(role, backend, st, user, end_sessions, actor, detail)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn retire_with(
+        &self,
+        role: &StaticRoleConfig,
+        backend: &dyn Backend,
+        st: &mut StaticState,
+        user: &str,
+        end_sessions: bool,
+        actor: &str,
+        detail: &str,
+    ) -> Result<()> {
         // Audited before the database changes, like a rotation: an audit
         // log that cannot be written leaves the user as it was.
-        let mut ev = Event::new(actor, "static_retire");
-        ev.role = Some(role.name.clone());
-        ev.database = Some(role.database.clone());
-        ev.username = Some(user.to_string());
-        ev.outcome = Some(Outcome::Ok);
-        ev.detail = Some(if end_sessions {
-            "overlap over: logins refused, sessions ended".into()
-        } else {
-            "overlap over: logins refused".into()
-        });
-        self.audit.append(ev)?;
+        self.audit_retire(role, user, actor, detail)?;
         backend
             .static_retire(user, &role.host, end_sessions)
             .await?;
@@ -523,7 +655,7 @@ impl Rotator {
                 }
             };
             let st = match st {
-                Some(s) if !is_due(&s, now) => s,
+                Some(s) if !is_due(role, &s, now) => s,
                 _ => match self.step(role, Force::None, SYSTEM).await {
                     Ok(Some(s)) => s,
                     Ok(None) => continue,
@@ -591,12 +723,24 @@ fn previous_after(
     }
 }
 
-/// Whether a step has anything to do for `st` at `now`.
-pub fn is_due(st: &StaticState, now: DateTime<Utc>) -> bool {
+/// Whether a step has anything to do for `st` at `now`: a drain of the
+/// previous user (its overlap over, its `retire_at` moved to the drain
+/// deadline) makes every step due, each one pass.
+pub fn is_due(role: &StaticRoleConfig, st: &StaticState, now: DateTime<Utc>) -> bool {
     st.pending.is_some()
         || st.current.is_none()
         || st.next_rotation_at.is_none_or(|t| now >= t)
-        || st.previous.as_ref().is_some_and(|p| now >= p.retire_at)
+        || st
+            .previous
+            .as_ref()
+            .is_some_and(|p| now >= p.retire_at || overlap_end(role, st).is_some_and(|e| now >= e))
+}
+
+/// When the current user's rotation ends the previous user's overlap.
+fn overlap_end(role: &StaticRoleConfig, st: &StaticState) -> Option<DateTime<Utc>> {
+    st.current
+        .as_ref()
+        .map(|c| c.rotated_at + role.overlap_delta())
 }
 
 /// The user a rotation changes: the one not in use (alternating), or the

@@ -196,6 +196,27 @@ impl LeaseStore for MemoryStore {
         })
     }
 
+    async fn start_drain(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<Option<Lease>> {
+        self.with(|rows| match rows.get_mut(id) {
+            Some(r)
+                if r.lease.state == LeaseState::Active
+                    && r.claim.is_none()
+                    && r.lease.identity == holder =>
+            {
+                r.lease.state = LeaseState::Draining;
+                r.lease.expires_at = until;
+                r.lease.due_at = until;
+                Some(r.lease.clone())
+            }
+            _ => None,
+        })
+    }
+
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
         let now = self.clock.now();
         self.with(|rows| match rows.get_mut(id) {

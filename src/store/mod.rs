@@ -118,6 +118,20 @@ pub trait LeaseStore: Send + Sync {
     /// lease is no longer active (revoked or being revoked meanwhile).
     async fn set_expiry(&self, id: &LeaseId, expires_at: DateTime<Utc>) -> Result<bool>;
 
+    /// Starts a handover's drain (`revocation::drain`): an active,
+    /// unclaimed lease of `holder` becomes `draining`, its expiry and due
+    /// time both `until` (the drain deadline), durably, before the database
+    /// is touched — so should the drain's task die with its broker, the
+    /// reaper revokes the lease in full at the deadline all the same.
+    /// Returns the lease as now stored, or None when it was not active,
+    /// unclaimed and `holder`'s (the caller then revokes it at once).
+    async fn start_drain(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<Option<Lease>>;
+
     /// Claims one live lease for revocation now (an explicit revoke).
     /// Returns None when it is not live or another owner holds a claim.
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>>;

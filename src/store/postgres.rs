@@ -216,6 +216,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          ALTER TABLE credbroker_locks ADD CONSTRAINT credbroker_locks_kind_check
             CHECK (kind IN ('identity', 'role', 'static_role', 'database'));",
     ),
+    // A routine handover's lease drains before it is revoked
+    // (`revocation::drain`): a live state of its own, so listings, metrics
+    // and the reaper see it.
+    (
+        10,
+        "draining leases",
+        "ALTER TABLE credbroker_leases DROP CONSTRAINT IF EXISTS credbroker_leases_state_check;
+         ALTER TABLE credbroker_leases ADD CONSTRAINT credbroker_leases_state_check
+            CHECK (state IN ('pending', 'active', 'draining', 'failing', 'revoked'));",
+    ),
 ];
 
 const STATIC_COLUMNS: &str =
@@ -684,6 +694,26 @@ impl LeaseStore for PostgresStore {
             )
             .await?;
         Ok(n == 1)
+    }
+
+    async fn start_drain(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<Option<Lease>> {
+        let rows = self
+            .query(
+                "start drain",
+                &format!(
+                    "UPDATE credbroker_leases SET state = 'draining', expires_at = $3, due_at = $3 \
+                     WHERE id = $1 AND identity = $2 AND state = 'active' AND claimed_by IS NULL \
+                     RETURNING {COLUMNS}"
+                ),
+                &[&id.as_str(), &holder, &until],
+            )
+            .await?;
+        rows.first().map(row_to_lease).transpose()
     }
 
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {

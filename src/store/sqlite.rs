@@ -613,6 +613,37 @@ impl LeaseStore for SqliteStore {
         Ok(n == 1)
     }
 
+    async fn start_drain(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> Result<Option<Lease>> {
+        let id = id.as_str().to_string();
+        let holder = holder.to_string();
+        self.with(move |c| {
+            let tx = c.savepoint()?;
+            let n = tx.execute(
+                "UPDATE leases SET state = 'draining', expires_at = ?3, due_at = ?3 \
+                 WHERE id = ?1 AND identity = ?2 AND state = 'active' AND claimed_by IS NULL",
+                params![id, holder, ms(until)],
+            )?;
+            let lease = if n == 1 {
+                tx.query_row(
+                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
+                    params![id],
+                    row_to_lease,
+                )
+                .optional()?
+            } else {
+                None
+            };
+            tx.commit()?;
+            Ok(lease)
+        })
+        .await
+    }
+
     async fn claim_one(&self, id: &LeaseId, claim: &Claim) -> Result<Option<Lease>> {
         let id = id.as_str().to_string();
         let claim = claim.clone();

@@ -271,6 +271,7 @@ async fn audit_verify_finds_a_flipped_byte_a_deleted_line_and_a_swap() {
             .await
             .revoke_lease(pb::RevokeLeaseRequest {
                 lease_id: l.lease_id,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -361,6 +362,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
         .await
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: l.lease_id,
+            ..Default::default()
         })
         .await
         .unwrap();

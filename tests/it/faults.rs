@@ -405,6 +405,7 @@ async fn hostile_requests_get_clear_errors_and_create_nothing() {
                 1 => app
                     .revoke_lease(pb::RevokeLeaseRequest {
                         lease_id: h.clone(),
+                        ..Default::default()
                     })
                     .await
                     .map(|_| ()),
@@ -670,6 +671,7 @@ async fn crash_loop_leaves_no_untracked_role_and_loses_no_acknowledged_lease() {
                             attempted.push(l.lease_id.clone());
                             if c.revoke_lease(pb::RevokeLeaseRequest {
                                 lease_id: l.lease_id.clone(),
+                                ..Default::default()
                             })
                             .await
                             .is_ok()
@@ -888,6 +890,7 @@ async fn generated_requests_never_panic_the_broker_or_create_a_role() {
                 issued += 1;
                 app.revoke_lease(pb::RevokeLeaseRequest {
                     lease_id: l.into_inner().lease_id,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

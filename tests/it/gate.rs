@@ -281,6 +281,7 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
                 .await
                 .revoke_lease(pb::RevokeLeaseRequest {
                     lease_id: lease.lease_id.clone(),
+                    ..Default::default()
                 })
                 .await;
             (
@@ -563,6 +564,7 @@ async fn gate_an_admin_outside_admin_networks_cannot_use_the_holder_door() {
     let revoke = admin
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: lease.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -883,6 +885,7 @@ async fn gate_an_identity_lock_ends_the_identitys_open_watch_streams() {
         .await
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: other_lease.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -200,6 +200,7 @@ async fn replicas_share_leases_and_a_killed_replicas_claims_pass_to_the_other() 
     assert!(listed.contains(&kept.lease_id) && due_ids.iter().all(|id| listed.contains(id)));
     bc.revoke_lease(pb::RevokeLeaseRequest {
         lease_id: kept.lease_id.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -338,6 +339,7 @@ async fn clients_over_two_replicas(clients: usize, run_for: Duration) {
                 } else {
                     away.revoke_lease(pb::RevokeLeaseRequest {
                         lease_id: lease.lease_id,
+                        ..Default::default()
                     })
                     .await
                     .unwrap_or_else(|e| panic!("revoke: {e}"));

@@ -212,6 +212,7 @@ async fn revoke_ends_login_and_drops_role_and_refuses_unknown_or_foreign_leases(
     let err = app
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: theirs.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -220,13 +221,17 @@ async fn revoke_ends_login_and_drops_role_and_refuses_unknown_or_foreign_leases(
     // Unknown and malformed ids.
     let unknown = "l_aaaaaaaaaaaaaaaaaaaaaaaaaa".to_string();
     let err = app
-        .revoke_lease(pb::RevokeLeaseRequest { lease_id: unknown })
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: unknown,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = app
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: "'; DROP ROLE x; --".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -235,6 +240,7 @@ async fn revoke_ends_login_and_drops_role_and_refuses_unknown_or_foreign_leases(
     let r = app
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: mine.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

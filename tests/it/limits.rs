@@ -69,6 +69,7 @@ async fn parallel_issues_never_overshoot_the_per_identity_cap() {
         .clone()
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: issued[0].lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -95,6 +96,7 @@ async fn the_pruner_removes_revoked_rows_past_retention_and_keeps_live_ones() {
     let done = issue(&b, "app", "ro", 0).await.unwrap();
     app.revoke_lease(pb::RevokeLeaseRequest {
         lease_id: done.lease_id.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -9,6 +9,7 @@ mod certificates;
 mod console;
 mod db_tls;
 mod demo;
+mod drain;
 mod faults;
 mod first_hour;
 mod gate;

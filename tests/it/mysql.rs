@@ -240,6 +240,7 @@ impl MyBroker {
             .await
             .revoke_lease(pb::RevokeLeaseRequest {
                 lease_id: lease.lease_id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -1160,6 +1161,7 @@ async fn mysql_lock_and_kill_hold_when_the_drop_cannot_run() {
         .await
         .revoke_lease(pb::RevokeLeaseRequest {
             lease_id: lease.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1562,6 +1564,208 @@ async fn mysql_fifty_issues_racing_lock_revoke_leave_no_user_behind_a_dead_lease
         settled,
         "{issued} of 50 issued; users in the database {:?}, live leases {:?}",
         last.0, last.1
+    );
+    b.stop().await;
+    b.drop_schema().await;
+}
+
+/// A role whose leases may insert (to prove a transaction commits) and
+/// drain for `deadline` on a handover.
+fn drain_role(schema: &str, deadline: &str) -> String {
+    format!(
+        "[roles.app]\ndatabase = \"main\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
+         allowed = [\"{APP}\"]\ndrain_deadline = \"{deadline}\"\n\
+         grants = [\"GRANT SELECT, INSERT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
+    )
+}
+
+impl MyBroker {
+    /// The sidecar's revoke of a lease it replaced: a handover, drained.
+    async fn hand_over(&self, lease: &pb::Lease) -> pb::LeaseState {
+        let r = self
+            .client()
+            .await
+            .revoke_lease(pb::RevokeLeaseRequest {
+                lease_id: lease.lease_id.clone(),
+                handover: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pb::LeaseState::try_from(r.state).unwrap()
+    }
+
+    /// Waits until `user` runs a statement starting with `prefix`.
+    async fn wait_running(&self, user: &str, prefix: &str) {
+        let mut root = self.target.root().await;
+        for _ in 0..50 {
+            let n: Option<u64> = root
+                .exec_first(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = ? AND INFO LIKE ?",
+                    (user, format!("{prefix}%")),
+                )
+                .await
+                .unwrap();
+            if n == Some(1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{prefix}… never started");
+    }
+}
+
+/// Whether the session stops answering within `within` (probed every 100 ms).
+async fn gone_within(c: &mut Conn, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if !answers(c).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn answers(c: &mut Conn) -> bool {
+    tokio::time::timeout(Duration::from_secs(2), c.query_drop("SELECT 1"))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// A handover on MariaDB: the account is locked at once, an idle session
+/// (`Sleep`, no InnoDB transaction) is killed within about a second, a
+/// `SLEEP(3)` in flight completes and an open transaction commits — then
+/// their sessions end too, and the user is dropped before the deadline.
+/// Immediate termination would fail the query and the transaction.
+#[tokio::test]
+async fn mysql_handover_drains_idle_sessions_and_lets_a_query_and_a_transaction_finish() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| drain_role(s, "30s")).await;
+    b.start_in_process().await;
+    let lease = b.issue("app", 0).await.unwrap();
+    let user = lease.username.clone();
+    let mut idle = b.login(&lease).await.unwrap();
+    let mut busy = b.login(&lease).await.unwrap();
+    let mut tx = b.login(&lease).await.unwrap();
+    tx.query_drop("START TRANSACTION").await.unwrap();
+    tx.query_drop("INSERT INTO orders VALUES (1000, 'tea')")
+        .await
+        .unwrap();
+    let query = tokio::spawn(async move {
+        let r: Result<Option<(i64, i64)>, _> = busy.query_first("SELECT SLEEP(3), 42").await;
+        (r, busy)
+    });
+    b.wait_running(&user, "SELECT SLEEP").await;
+
+    let started = Instant::now();
+    assert_eq!(b.hand_over(&lease).await, pb::LeaseState::Draining);
+    let refused = b.login(&lease).await.map(|_| ()).unwrap_err();
+    assert!(
+        locked_out(&refused),
+        "a new login is refused at once: {refused}"
+    );
+    assert!(is_locked(&t, &user).await);
+    assert!(
+        gone_within(&mut idle, Duration::from_secs(3)).await,
+        "the idle session is killed within about a second"
+    );
+    let idle_gone = started.elapsed();
+    let (result, mut busy) = query.await.unwrap();
+    assert_eq!(
+        result.expect("the query in flight completes").map(|r| r.1),
+        Some(42)
+    );
+    assert!(
+        gone_within(&mut busy, Duration::from_secs(3)).await,
+        "the finished query's session ends once idle"
+    );
+    assert!(
+        answers(&mut tx).await,
+        "a session inside a transaction is left alone"
+    );
+    tx.query_drop("COMMIT")
+        .await
+        .expect("the open transaction commits");
+    let mut root = t.root().await;
+    let n: Option<u64> = root
+        .query_first(format!(
+            "SELECT COUNT(*) FROM `{}`.orders WHERE id = 1000",
+            b.schema
+        ))
+        .await
+        .unwrap();
+    assert_eq!(n, Some(1), "what the transaction wrote is there");
+    let mut dropped = false;
+    for _ in 0..50 {
+        if t.user_hosts(&user).await.is_empty() {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dropped, "the user is dropped once its last session is gone");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "before the 30 s deadline"
+    );
+    assert_eq!(b.state(&lease).await, pb::LeaseState::Revoked);
+    println!("handover → idle MariaDB session killed in {idle_gone:?}");
+    b.stop().await;
+    b.drop_schema().await;
+}
+
+/// At the deadline, a session that never goes idle — here one idle *inside*
+/// an open transaction, which must not be taken for idle — is killed and
+/// the user dropped.
+#[tokio::test]
+async fn mysql_handover_drain_deadline_ends_an_open_transaction() {
+    let t = local().await;
+    let mut b = MyBroker::prepare(&t, |s| drain_role(s, "3s")).await;
+    b.start_in_process().await;
+    let lease = b.issue("app", 0).await.unwrap();
+    let mut tx = b.login(&lease).await.unwrap();
+    tx.query_drop("START TRANSACTION").await.unwrap();
+    tx.query_drop("INSERT INTO orders VALUES (1001, 'tea')")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    b.hand_over(&lease).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        answers(&mut tx).await,
+        "asleep inside a transaction is not idle: left alone until the deadline"
+    );
+    let mut ended = None;
+    for _ in 0..100 {
+        if !answers(&mut tx).await {
+            ended = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ended = ended.expect("ended at the deadline");
+    assert!(
+        ended >= Duration::from_millis(2500),
+        "not before the deadline: {ended:?}"
+    );
+    let mut dropped = false;
+    for _ in 0..50 {
+        if t.user_hosts(&lease.username).await.is_empty() {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dropped, "the user is dropped at the deadline");
+    let rec = b
+        .audit_records()
+        .into_iter()
+        .find(|r| r.action == "drain" && r.lease_id.as_deref() == Some(&lease.lease_id))
+        .expect("the drain is audited");
+    assert_eq!(
+        rec.detail.as_deref(),
+        Some("deadline: sessions ended idle=0 at_deadline=1")
     );
     b.stop().await;
     b.drop_schema().await;

@@ -362,7 +362,8 @@ async fn objects_in_another_database_of_the_cluster_are_reassigned_there() {
     b.stop().await;
 }
 
-/// An admin role with CREATEROLE and pg_signal_backend, not a superuser:
+/// An admin role with CREATEROLE, pg_signal_backend and pg_read_all_stats
+/// (the README's setup), not a superuser:
 /// issue, end a live session, keep the objects (owner set up as the
 /// README says: the admin is a member of the owner).
 #[tokio::test]
@@ -376,6 +377,7 @@ async fn a_non_superuser_admin_revokes_and_keeps_objects() {
         su.batch_execute(&format!(
             "CREATE ROLE \"{admin}\" LOGIN CREATEROLE PASSWORD 'admin-pw-{admin}';
              GRANT pg_signal_backend TO \"{admin}\";
+             GRANT pg_read_all_stats TO \"{admin}\";
              CREATE ROLE \"{owner}\" NOLOGIN;
              GRANT \"{owner}\" TO \"{admin}\";
              GRANT CREATE, USAGE ON SCHEMA public TO \"{owner}\";

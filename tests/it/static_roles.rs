@@ -986,3 +986,86 @@ async fn static_mariadb_created_users_have_the_owner_as_default_role() {
     assert_eq!(other, Some(1), "the second user is made too");
     b.stop().await;
 }
+
+/// The end of a static role's overlap drains like a lease's handover: the
+/// previous user's password stops working at once, its idle session is
+/// ended, while a query in flight completes and an open transaction
+/// commits; then those sessions end too, before the next rotation.
+/// Immediate termination (as before) would fail both.
+#[tokio::test]
+async fn static_overlap_end_drains_the_previous_user() {
+    let (mut b, users) = pg_static(2, "10s", "overlap = \"3s\"").await;
+    let warnings = b.start_in_process().await;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("static_roles.st") && w.contains("(7s)")),
+        "the clamp to rotation_period - overlap is said at start-up: {warnings:?}"
+    );
+    let first = read(&b, "app").await.unwrap();
+    let (user, pw) = (first.username.clone(), first.password.clone());
+    let idle = login(&b.db, &user, &pw).await.unwrap();
+    let busy = login(&b.db, &user, &pw).await.unwrap();
+    let tx = login(&b.db, &user, &pw).await.unwrap();
+    let second = read_after(&b, first.generation, Duration::from_secs(15)).await;
+    let rotated = Instant::now();
+    assert_ne!(second.username, user);
+    assert!(users.contains(&second.username));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        login(&b.db, &user, &pw).await.is_ok(),
+        "still within the overlap"
+    );
+    tx.batch_execute("BEGIN; SELECT count(*) FROM orders")
+        .await
+        .unwrap();
+    let query = tokio::spawn(async move {
+        let r = busy.simple_query("SELECT pg_sleep(4)").await;
+        (r.is_ok(), busy)
+    });
+    // The overlap ends ~3 s after the rotation: logins stop, the idle
+    // session is ended within a pass or two.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            idle.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
+        "the idle session is ended after the overlap"
+    );
+    assert!(
+        login(&b.db, &user, &pw).await.is_err(),
+        "the previous password no longer logs in"
+    );
+    let (completed, busy) = query.await.unwrap();
+    assert!(
+        completed,
+        "the query in flight at the overlap's end completes"
+    );
+    tx.batch_execute("COMMIT")
+        .await
+        .expect("the open transaction commits");
+    assert!(
+        rotated.elapsed() < Duration::from_secs(9),
+        "still before the next rotation"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            busy.simple_query("SELECT 1").await.is_err()
+                && tx.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
+        "the drained sessions end once idle"
+    );
+    let records = b.audit_records();
+    let retire: Vec<String> = records
+        .iter()
+        .filter(|r| r.action == "static_retire")
+        .filter_map(|r| r.detail.clone())
+        .collect();
+    assert!(
+        retire.iter().any(|d| d.contains("sessions drain until"))
+            && retire.iter().any(|d| d.starts_with("drain over (drained)")),
+        "{retire:?}"
+    );
+    b.stop().await;
+}

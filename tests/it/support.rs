@@ -310,6 +310,7 @@ impl TestBroker {
             .await
             .revoke_lease(pb::RevokeLeaseRequest {
                 lease_id: lease_id.to_string(),
+                ..Default::default()
             })
             .await
             .map(|_| ())

@@ -150,7 +150,10 @@ pub async fn check(
     let account = "'<admin>'@'<host>'";
     for (privilege, why) in [
         ("CREATE USER", "issuing creates users"),
-        ("PROCESS", "revocation finds a user's sessions"),
+        (
+            "PROCESS",
+            "revocation finds a user's sessions, and a handover's drain which of them are idle",
+        ),
     ] {
         if !has(privilege) {
             out.push(Finding::error(

@@ -32,6 +32,7 @@ pub mod auth;
 pub mod check;
 mod connection;
 mod definer;
+mod drain;
 mod errors;
 mod failsafe;
 mod quote;
@@ -105,6 +106,14 @@ impl Backend for MysqlBackend {
 
     async fn disable(&self, users: &[UserRef]) -> Result<()> {
         self.disable_users(users).await
+    }
+
+    async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
+        self.drain_begin_user(user, until).await
+    }
+
+    async fn end_idle_sessions(&self, user: &str, _host: &str) -> Result<crate::backend::Sessions> {
+        self.end_idle(user).await
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {

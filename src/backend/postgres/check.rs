@@ -103,7 +103,8 @@ pub async fn check(
     let row = match client
         .query_one(
             "SELECT rolsuper, rolcreaterole, pg_has_role(current_user, 'pg_signal_backend', 'MEMBER'), \
-             current_setting('server_version') FROM pg_roles WHERE rolname = current_user",
+             current_setting('server_version'), pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') \
+             FROM pg_roles WHERE rolname = current_user",
             &[],
         )
         .await
@@ -128,6 +129,18 @@ pub async fn check(
             &scope,
             format!("admin role {admin:?} lacks CREATEROLE: every issue will fail"),
             format!("ALTER ROLE {} CREATEROLE", escape_identifier(&admin)),
+        ));
+    }
+    let read_stats: bool = row.get(4);
+    if !superuser && !read_stats {
+        // pg_stat_activity hides other roles' `state` from an admin without
+        // it: every session of a draining credential then looks busy, and
+        // handovers end them all at the drain deadline instead of as they
+        // go idle (`revocation::drain`).
+        out.push(Finding::error(
+            &scope,
+            format!("admin role {admin:?} cannot see other sessions' state (pg_stat_activity): handovers cannot drain leased sessions as they go idle"),
+            format!("GRANT pg_read_all_stats TO {}", escape_identifier(&admin)),
         ));
     }
     if !superuser && !signal {

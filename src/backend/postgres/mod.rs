@@ -16,6 +16,7 @@
 mod check;
 mod connection;
 mod create;
+mod drain;
 mod dry_run;
 mod errors;
 mod revoke;
@@ -185,6 +186,14 @@ impl Backend for PostgresBackend {
 
     async fn disable(&self, users: &[UserRef]) -> Result<()> {
         self.disable_users(users).await
+    }
+
+    async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
+        self.drain_begin_user(user, until).await
+    }
+
+    async fn end_idle_sessions(&self, user: &str, _host: &str) -> Result<crate::backend::Sessions> {
+        self.end_idle(user).await
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
