@@ -103,6 +103,7 @@ impl Sidecar {
             "credential rotated",
             "old lease kept valid",
             "old lease revoked",
+            "old lease handed over",
             "old lease expired before",
             "cannot revoke the old lease yet",
             "lease revoked",

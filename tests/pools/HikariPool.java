@@ -102,6 +102,10 @@ public class HikariPool {
     HikariConfig hc = new HikariConfig();
     hc.setDataSource(new FileDataSource(file));
     if (checked) {
+      // Validate on every checkout: by default Hikari skips the check for a
+      // connection used in the last 500 ms, and a handover's drain ends
+      // sessions within milliseconds of their going idle.
+      System.setProperty("com.zaxxer.hikari.aliveBypassWindowMs", "0");
       hc.setMaximumPoolSize(workers + 2);
       hc.setMaxLifetime(Math.max(30_000L, intOf(config, "max_lifetime_s") * 1000));
     }
@@ -132,6 +136,10 @@ public class HikariPool {
     Thread[] threads = new Thread[workers];
     for (int i = 0; i < workers; i++) { threads[i] = new Thread(worker); threads[i].start(); }
 
+    // The long query runs on a connection checked out now (as a request
+    // handler holds one), so it is a session of the replaced credential
+    // that is busy when that lease is handed over.
+    Connection held = pool.getConnection();
     long started = System.currentTimeMillis();
     Map<String, String> current = readCredential(file);
     long handovers = 0;
@@ -153,7 +161,7 @@ public class HikariPool {
             longReport.put("started", true);
             longReport.put("old_user", oldUser);
             long t0 = System.currentTimeMillis();
-            try (Connection c = pool.getConnection();
+            try (Connection c = held;
                  PreparedStatement ps = c.prepareStatement("SELECT current_user::text, pg_sleep(?)::text")) {
               ps.setLong(1, longS);
               try (ResultSet rs = ps.executeQuery()) {
@@ -176,6 +184,7 @@ public class HikariPool {
     stop.set(true);
     for (Thread t : threads) t.join();
     if (longThread != null) longThread.join();
+    else held.close();
     pool.close();
 
     StringBuilder out = new StringBuilder();

@@ -62,12 +62,16 @@ async function worker() {
   }
 }
 
+// The long query runs on a client checked out at the start (as a request
+// handler holds one), so it is a session of the replaced credential that is
+// busy when that lease is handed over.
 const longReport = { started: false };
+let held = null;
 async function longQuery(oldUser) {
   Object.assign(longReport, { started: true, old_user: oldUser });
   const t0 = Date.now();
   try {
-    const r = await pool.query('SELECT current_user::text AS u, pg_sleep($1)::text', [config.long_s]);
+    const r = await held.query('SELECT current_user::text AS u, pg_sleep($1)::text', [config.long_s]);
     longReport.user = r.rows[0].u;
     longReport.ok = true;
   } catch (e) {
@@ -77,9 +81,15 @@ async function longQuery(oldUser) {
     errors[k] = (errors[k] || 0) + 1;
   }
   longReport.seconds = (Date.now() - t0) / 1000;
+  held.release(); // back to the pool (and its 'error' listener) at once
+  held = null;
 }
 
 async function main() {
+  held = await pool.connect();
+  // A checked-out client is not the pool's to watch: its session ending
+  // would otherwise be an unhandled 'error' event.
+  held.on('error', () => { idleErrors += 1; });
   const workers = Array.from({ length: config.workers }, worker);
   const started = Date.now();
   let current = readCredential();
@@ -103,6 +113,7 @@ async function main() {
   stop = true;
   await Promise.all(workers);
   if (long) await long;
+  if (held) held.release();
   await pool.end();
   console.log(JSON.stringify({
     queries: counts.queries,

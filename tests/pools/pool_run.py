@@ -1,9 +1,11 @@
 """The run every Python pool client shares: worker threads query through the
 pool every `interval_ms` while a watcher counts handovers (the sidecar's
-file naming a new lease); right after the first handover one long query
-starts on the pool, so it is in flight when the replaced lease is revoked
-`--grace` later. Ends `tail_s` after the last handover it waits for. The
-report is one JSON line (the same shape as pools.js and HikariPool.java).
+file naming a new lease). One connection is checked out of the pool at the
+start (as a request handler holds one); right after the first handover the
+long query runs on it, so a session of the replaced credential is busy when
+that lease is handed over `--grace` later. Ends `tail_s` after the last
+handover it waits for. The report is one JSON line (the same shape as
+pg_pool.js's and HikariPool.java's).
 """
 
 import collections
@@ -42,11 +44,14 @@ def run(path, config, query, long_query):
                     errors[first_line(e)] += 1
             time.sleep(config["interval_ms"] / 1000)
 
+    held = long_query()  # a generator: checks a connection out now
+    next(held)
+
     def long_runner(old_user):
         long_report.update(started=True, old_user=old_user)
         t0 = time.monotonic()
         try:
-            long_report["user"] = long_query(config["long_s"])
+            long_report["user"] = held.send(config["long_s"])
             long_report["ok"] = True
         except Exception as e:
             long_report["ok"] = False
@@ -84,6 +89,7 @@ def run(path, config, query, long_query):
         t.join()
     if long_thread is not None:
         long_thread.join()
+    held.close()  # returns the connection if the long query never ran
     return {
         "queries": counts["queries"],
         "failed": counts["failed"],

@@ -61,9 +61,13 @@ def main():
             if item != "coffee":
                 raise RuntimeError(f"unexpected row {item!r}")
 
-    def long_query(seconds):
+    def long_query():
+        # Checks a connection out at once; runs the query when sent its
+        # duration and gives the connection back as soon as it is done.
         with engine.connect() as conn:
-            return conn.execute(sa.text(long_sql), {"s": seconds}).one()[0]
+            seconds = yield
+            user = conn.execute(sa.text(long_sql), {"s": seconds}).one()[0]
+        yield user
 
     report = run(path, config, query, long_query)
     engine.dispose()
