@@ -233,6 +233,23 @@ pub struct FakeBackend {
 }
 
 impl FakeBackend {
+    /// Changes an existing user, as an `ALTER` would; fails for one gone.
+    fn alter(&self, user: &UserRef, f: impl FnOnce(&mut FakeUser)) -> Result<()> {
+        match self
+            .server
+            .users
+            .lock()
+            .unwrap()
+            .get_mut(user.username.as_str())
+        {
+            Some(u) => {
+                f(u);
+                Ok(())
+            }
+            None => Err(Error::FailedPrecondition("user no longer exists".into())),
+        }
+    }
+
     pub fn new(name: &str, server: Arc<FakeServer>) -> Self {
         FakeBackend {
             name: name.to_string(),
@@ -285,19 +302,7 @@ impl Backend for FakeBackend {
 
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
         self.server.call(format!("extend {}", user.username))?;
-        match self
-            .server
-            .users
-            .lock()
-            .unwrap()
-            .get_mut(user.username.as_str())
-        {
-            Some(u) => {
-                u.valid_until = valid_until;
-                Ok(())
-            }
-            None => Err(Error::FailedPrecondition("user no longer exists".into())),
-        }
+        self.alter(user, |u| u.valid_until = valid_until)
     }
 
     async fn revoke(&self, users: &[Revokee]) -> Result<Vec<Reassigned>> {
@@ -368,20 +373,10 @@ impl Backend for FakeBackend {
 
     async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
         self.server.call(format!("drain {}", user.username))?;
-        match self
-            .server
-            .users
-            .lock()
-            .unwrap()
-            .get_mut(user.username.as_str())
-        {
-            Some(u) => {
-                u.login = false;
-                u.valid_until = until;
-                Ok(())
-            }
-            None => Err(Error::FailedPrecondition("user no longer exists".into())),
-        }
+        self.alter(user, |u| {
+            u.login = false;
+            u.valid_until = until;
+        })
     }
 
     async fn end_idle_sessions(&self, user: &str, _host: &str) -> Result<Sessions> {

@@ -246,6 +246,29 @@ fn from_ms(v: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(v).unwrap_or_default()
 }
 
+/// Runs a guarded `UPDATE` of lease `id` in a savepoint and reads the row
+/// back when it matched (the guard held): one step of the writer.
+fn update_one(
+    c: &mut Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    id: &str,
+) -> rusqlite::Result<Option<Lease>> {
+    let tx = c.savepoint()?;
+    let lease = if tx.execute(sql, params)? == 1 {
+        tx.query_row(
+            &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
+            params![id],
+            row_to_lease,
+        )
+        .optional()?
+    } else {
+        None
+    };
+    tx.commit()?;
+    Ok(lease)
+}
+
 const COLUMNS: &str = "id, role, database, kind, username, user_host, identity, state, issued_at, \
                        expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error";
 
@@ -622,24 +645,13 @@ impl LeaseStore for SqliteStore {
         let id = id.as_str().to_string();
         let holder = holder.to_string();
         self.with(move |c| {
-            let tx = c.savepoint()?;
-            let n = tx.execute(
+            update_one(
+                c,
                 "UPDATE leases SET state = 'draining', expires_at = ?3, due_at = ?3 \
                  WHERE id = ?1 AND identity = ?2 AND state = 'active' AND claimed_by IS NULL",
                 params![id, holder, ms(until)],
-            )?;
-            let lease = if n == 1 {
-                tx.query_row(
-                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
-                    params![id],
-                    row_to_lease,
-                )
-                .optional()?
-            } else {
-                None
-            };
-            tx.commit()?;
-            Ok(lease)
+                &id,
+            )
         })
         .await
     }
@@ -649,25 +661,14 @@ impl LeaseStore for SqliteStore {
         let claim = claim.clone();
         self.with_lazy(move |c| {
             let now = ms(Utc::now());
-            let tx = c.savepoint()?;
-            let n = tx.execute(
+            update_one(
+                c,
                 "UPDATE leases SET claimed_by = ?2, claim_until = ?3, due_at = MIN(due_at, ?4) \
                  WHERE id = ?1 AND state <> 'revoked' \
                  AND (claimed_by IS NULL OR claimed_by = ?2 OR claim_until < ?4)",
                 params![id, claim.owner, ms(claim.until), now],
-            )?;
-            let lease = if n == 1 {
-                tx.query_row(
-                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
-                    params![id],
-                    row_to_lease,
-                )
-                .optional()?
-            } else {
-                None
-            };
-            tx.commit()?;
-            Ok(lease)
+                &id,
+            )
         })
         .await
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use credbroker::pb;
 
-use crate::support::{eventually, issue, login, TestBroker, APP};
+use crate::support::{admin_revoke, eventually, issue, login, TestBroker, APP};
 
 /// A role whose leases may insert (to prove a transaction commits) and
 /// drain for `deadline`.
@@ -224,16 +224,7 @@ async fn drain_is_cut_by_an_admin_revoke_and_only_the_holder_hands_over() {
         pb::LeaseState::Draining
     );
     let started = Instant::now();
-    b.admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                lease.lease_id.clone(),
-            )),
-            force: false,
-        })
-        .await
-        .unwrap();
+    admin_revoke(&b, &lease.lease_id).await;
     tokio::time::timeout(Duration::from_secs(2), query)
         .await
         .expect("an admin revoke ends a draining lease's busy session within a second or so")

@@ -1392,6 +1392,64 @@ pub async fn case_a_holder_claims_only_its_own_live_unclaimed_lease(s: Store) {
     ));
 }
 
+/// A handover's drain starts only on an active, unclaimed lease of its
+/// holder; the row is then `draining`, expiry and due time the deadline
+/// (what the reaper finds after a crash), is due then and not before, is
+/// no longer renewable, and is listed by its state.
+pub async fn case_a_drain_marks_the_holder_s_active_lease_due_at_its_deadline(s: Store) {
+    let l = active(&s, 1, "ro", APP, 600).await;
+    let until = Utc::now() + CDuration::seconds(30);
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    assert!(
+        s.start_drain(&l.id, other, until).await.unwrap().is_none(),
+        "not the holder's"
+    );
+    let d = s
+        .start_drain(&l.id, APP, until)
+        .await
+        .unwrap()
+        .expect("the holder's active lease");
+    assert_eq!(d.state, LeaseState::Draining);
+    assert_eq!(ms(d.expires_at), ms(until));
+    assert_eq!(ms(d.due_at), ms(until));
+    let again = s.get(&l.id).await.unwrap().unwrap();
+    assert_eq!(again.state, LeaseState::Draining, "stored");
+    assert!(
+        s.start_drain(&l.id, APP, until).await.unwrap().is_none(),
+        "not twice"
+    );
+    assert!(
+        !s.set_expiry(&l.id, t(until, 600)).await.unwrap(),
+        "not renewable"
+    );
+    let filter = LeaseFilter {
+        states: vec![LeaseState::Draining],
+        ..Default::default()
+    };
+    assert_eq!(s.list(&filter).await.unwrap().len(), 1);
+    assert!(s
+        .claim_due(Utc::now(), 10, &claim("reaper", 60))
+        .await
+        .unwrap()
+        .is_empty());
+    let due = s
+        .claim_due(t(until, 1), 10, &claim("reaper", 60))
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1, "due at the deadline");
+    assert_eq!(due[0].state, LeaseState::Draining);
+    // Claimed: a second drain cannot start on another lease being revoked.
+    let c = active(&s, 2, "ro", APP, 600).await;
+    s.claim_one(&c.id, &claim("admin", 60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        s.start_drain(&c.id, APP, until).await.unwrap().is_none(),
+        "claimed"
+    );
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1476,7 +1534,14 @@ store_suite!(
     case_vault_tokens_and_their_lease_links,
     case_vault_tokens_are_capped_per_identity,
     case_pages_are_counted_sorted_and_disjoint,
+    case_a_drain_marks_the_holder_s_active_lease_due_at_its_deadline,
 );
+
+#[tokio::test]
+async fn memory_case_a_drain_marks_the_holder_s_active_lease_due_at_its_deadline() {
+    let s: Store = Arc::new(credbroker::store::memory::MemoryStore::new());
+    case_a_drain_marks_the_holder_s_active_lease_due_at_its_deadline(s).await;
+}
 
 /// The memory store (the fast tier's) caps Vault tokens like the real ones.
 #[tokio::test]
