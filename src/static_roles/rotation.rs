@@ -527,7 +527,13 @@ impl Rotator {
         }
         if !room.is_zero() {
             let deadline = st.previous.as_ref().map_or(now, |p| p.retire_at);
-            let pass = backend.end_idle_sessions(&prev.user, &role.host).await;
+            // The drain started at the overlap's end; the same settle rule
+            // as a lease's drain (`revocation::drain::settle`).
+            let start = overlap_end.unwrap_or(now).min(now);
+            let settled = crate::revocation::drain::settle(start, deadline, now);
+            let pass = backend
+                .end_idle_sessions(&prev.user, &role.host, settled)
+                .await;
             let busy = match pass {
                 Ok(s) => {
                     self.metrics.drain_sessions_ended(
