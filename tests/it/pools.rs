@@ -44,9 +44,12 @@ fn run_config() -> String {
         "max_s": 80,
         "long_s": LONG_S,
         // A pool's maximum connection lifetime: below the lease's TTL and
-        // below what a replaced lease has left at a handover (a third of
-        // max_ttl, ~6.7 s), so the pool retires its old connections itself
-        // before the drain deadline.
+        // below the grace plus two thirds of the drain (3 s + 2/3 of the
+        // ~3.7 s a replaced lease has left after it, ~5.4 s), so the pool
+        // retires its old connections itself before the drain's final
+        // third, where any idle session is ended at once
+        // (`revocation::drain::settle`). HikariCP cannot go below 30 s:
+        // its connections are ended between queries in that third.
         "max_lifetime_s": 5,
     })
     .to_string()

@@ -103,8 +103,10 @@ public class HikariPool {
     hc.setDataSource(new FileDataSource(file));
     if (checked) {
       // Validate on every checkout: by default Hikari skips the check for a
-      // connection used in the last 500 ms, and a handover's drain ends
-      // sessions within milliseconds of their going idle.
+      // connection used in the last 500 ms, and in a handover drain's final
+      // third sessions are ended within milliseconds of their going idle
+      // (this pool keeps its connections busy, and its 30 s lifetime floor
+      // keeps them past the drain).
       System.setProperty("com.zaxxer.hikari.aliveBypassWindowMs", "0");
       hc.setMaximumPoolSize(workers + 2);
       hc.setMaxLifetime(Math.max(30_000L, intOf(config, "max_lifetime_s") * 1000));
