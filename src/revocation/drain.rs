@@ -431,10 +431,7 @@ mod tests {
         });
         let d = kit.broker.revoke_handover(&app(), &l.id).await.unwrap();
         let final_third = d.due_at - chrono::Duration::seconds(2);
-        tokio::time::sleep(
-            kit.broker.clock().until(final_third) - Duration::from_millis(50),
-        )
-        .await;
+        tokio::time::sleep(kit.broker.clock().until(final_third) - Duration::from_millis(50)).await;
         assert_eq!(
             kit.server.session_ids(&name),
             [conn],
