@@ -13,6 +13,9 @@ scripts/ensure-console-deps.sh
 # promtool, prometheus and alertmanager: tests/it/alerts.rs checks and
 # unit-tests deploy/prometheus/ and pages through a real Prometheus.
 scripts/ensure-prometheus.sh
+# SQLAlchemy, HikariCP and node-postgres: tests/it/pools.rs runs real pools
+# through the sidecar across handovers.
+scripts/ensure-pool-deps.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

@@ -37,9 +37,18 @@ pub struct FakeServer {
     /// Static users: the password they accept (in the clear: a fake),
     /// until when, and how many times their sessions were ended.
     statics: Mutex<BTreeMap<String, FakeStatic>>,
-    /// Open sessions by user: (id, busy). Revocation ends them all, a
-    /// drain pass the idle ones.
-    sessions: Mutex<BTreeMap<String, Vec<(i64, bool)>>>,
+    /// Open sessions by user. Revocation ends them all, a drain pass the
+    /// ones idle long enough.
+    sessions: Mutex<BTreeMap<String, Vec<FakeSession>>>,
+}
+
+/// An open session: busy (in a query) or idle since `since` (tokio's
+/// clock, so paused-time tests can let it settle).
+#[derive(Debug, Clone, Copy)]
+struct FakeSession {
+    id: i64,
+    busy: bool,
+    since: tokio::time::Instant,
 }
 
 /// A static user as the fake knows it.
@@ -192,15 +201,21 @@ impl FakeServer {
     pub fn open_session(&self, user: &str, busy: bool) -> i64 {
         let mut all = self.sessions.lock().unwrap();
         let id = all.values().map(Vec::len).sum::<usize>() as i64 + 1;
-        all.entry(user.to_string()).or_default().push((id, busy));
+        all.entry(user.to_string()).or_default().push(FakeSession {
+            id,
+            busy,
+            since: tokio::time::Instant::now(),
+        });
         id
     }
 
-    /// A session's query ends (`busy = false`) or starts.
+    /// A session's query ends (`busy = false`) or starts: either way its
+    /// idle time starts over.
     pub fn set_session_busy(&self, id: i64, busy: bool) {
         for s in self.sessions.lock().unwrap().values_mut().flatten() {
-            if s.0 == id {
-                s.1 = busy;
+            if s.id == id {
+                s.busy = busy;
+                s.since = tokio::time::Instant::now();
             }
         }
     }
@@ -209,7 +224,7 @@ impl FakeServer {
     pub fn session_ids(&self, user: &str) -> Vec<i64> {
         let all = self.sessions.lock().unwrap();
         all.get(user)
-            .map(|v| v.iter().map(|s| s.0).collect())
+            .map(|v| v.iter().map(|s| s.id).collect())
             .unwrap_or_default()
     }
 
@@ -242,6 +257,23 @@ pub struct FakeBackend {
 }
 
 impl FakeBackend {
+    /// Changes an existing user, as an `ALTER` would; fails for one gone.
+    fn alter(&self, user: &UserRef, f: impl FnOnce(&mut FakeUser)) -> Result<()> {
+        match self
+            .server
+            .users
+            .lock()
+            .unwrap()
+            .get_mut(user.username.as_str())
+        {
+            Some(u) => {
+                f(u);
+                Ok(())
+            }
+            None => Err(Error::FailedPrecondition("user no longer exists".into())),
+        }
+    }
+
     pub fn new(name: &str, server: Arc<FakeServer>) -> Self {
         FakeBackend {
             name: name.to_string(),
@@ -294,19 +326,7 @@ impl Backend for FakeBackend {
 
     async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
         self.server.call(format!("extend {}", user.username))?;
-        match self
-            .server
-            .users
-            .lock()
-            .unwrap()
-            .get_mut(user.username.as_str())
-        {
-            Some(u) => {
-                u.valid_until = valid_until;
-                Ok(())
-            }
-            None => Err(Error::FailedPrecondition("user no longer exists".into())),
-        }
+        self.alter(user, |u| u.valid_until = valid_until)
     }
 
     async fn revoke(&self, users: &[Revokee]) -> Result<Vec<Reassigned>> {
@@ -377,29 +397,25 @@ impl Backend for FakeBackend {
 
     async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
         self.server.call(format!("drain {}", user.username))?;
-        match self
-            .server
-            .users
-            .lock()
-            .unwrap()
-            .get_mut(user.username.as_str())
-        {
-            Some(u) => {
-                u.login = false;
-                u.valid_until = until;
-                Ok(())
-            }
-            None => Err(Error::FailedPrecondition("user no longer exists".into())),
-        }
+        self.alter(user, |u| {
+            u.login = false;
+            u.valid_until = until;
+        })
     }
 
-    async fn end_idle_sessions(&self, user: &str, _host: &str) -> Result<Sessions> {
+    async fn end_idle_sessions(
+        &self,
+        user: &str,
+        _host: &str,
+        settled: std::time::Duration,
+    ) -> Result<Sessions> {
         self.server.call(format!("end_idle {user}"))?;
         let mut all = self.server.sessions.lock().unwrap();
         let mut out = Sessions::default();
         if let Some(v) = all.get_mut(user) {
-            out.ended_idle = v.iter().filter(|s| !s.1).map(|s| s.0).collect();
-            v.retain(|s| s.1);
+            let ends = |s: &FakeSession| !s.busy && s.since.elapsed() >= settled;
+            out.ended_idle = v.iter().filter(|s| ends(s)).map(|s| s.id).collect();
+            v.retain(|s| !ends(s));
             out.busy = v.len() as u32;
         }
         Ok(out)

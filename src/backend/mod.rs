@@ -119,7 +119,8 @@ pub struct Sessions {
     /// PostgreSQL pid, a MySQL thread id): the drain counts each once,
     /// though a session being terminated may still be listed next pass.
     pub ended_idle: Vec<i64>,
-    /// Sessions left running: in a query, or inside an open transaction.
+    /// Sessions left: in a query, inside an open transaction, or idle for
+    /// less than the pass asked.
     pub busy: u32,
 }
 
@@ -168,14 +169,22 @@ pub trait Backend: Send + Sync {
     /// dropping the user (MariaDB before 10.4): the caller revokes at once.
     async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()>;
 
-    /// One pass of a drain: ends `user`'s idle sessions — not in a query,
-    /// not inside an open transaction (PostgreSQL `state = 'idle'`;
-    /// MySQL/MariaDB `Command = 'Sleep'` with no InnoDB transaction) —
-    /// and counts the busy ones left to finish. Needs the admin to see
-    /// other sessions' state (`pg_read_all_stats`; `PROCESS`), which
-    /// `credbroker check` requires; without it every session looks busy
-    /// and lasts until the drain deadline.
-    async fn end_idle_sessions(&self, user: &str, host: &str) -> Result<Sessions>;
+    /// One pass of a drain: ends `user`'s sessions that have been idle for
+    /// at least `settled` — not in a query, not inside an open transaction
+    /// (PostgreSQL `state = 'idle'` since `state_change`; MySQL/MariaDB
+    /// `Command = 'Sleep'` for `TIME` seconds, with no InnoDB transaction)
+    /// — and counts the others left (busy, or idle for less). `settled`
+    /// zero ends every idle session; `revocation::drain::settle` says which
+    /// a pass asks for. Needs the admin to see other sessions' state
+    /// (`pg_read_all_stats`; `PROCESS`), which `credbroker check` requires;
+    /// without it every session looks busy and lasts until the drain
+    /// deadline.
+    async fn end_idle_sessions(
+        &self,
+        user: &str,
+        host: &str,
+        settled: std::time::Duration,
+    ) -> Result<Sessions>;
 
     /// Users on the server whose names this broker could have made.
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>>;

@@ -174,8 +174,11 @@ impl Broker {
     /// cut, and the answer comes at once, the lease `draining`. Only its
     /// own holder may hand a lease over (an admin's revoke never drains).
     /// A lease with no drain time left (a zero `drain_deadline`, its hard
-    /// limit reached), not active, or on a database that cannot refuse
-    /// logins while sessions stay, is revoked at once, as by `revoke`.
+    /// limit reached), expired or not active, or on a database that cannot
+    /// refuse logins while sessions stay, is revoked at once, as by
+    /// `revoke`. The drain may outlast the lease's current expiry, never
+    /// its hard limit: the database's own end (`VALID UNTIL`, the failsafe)
+    /// moves to the deadline with it, and no login is possible meanwhile.
     pub async fn revoke_handover(&self, who: &Identity, id: &LeaseId) -> Result<Lease> {
         let mut event = Event::new(who.as_str(), "revoke");
         event.lease_id = Some(id.to_string());
@@ -205,7 +208,11 @@ impl Broker {
             (now + chrono::Duration::from_std(drain).unwrap_or_default()).min(lease.max_expires_at),
         );
         let backend = match self.backends.get(&lease.database) {
-            Some(b) if lease.state == LeaseState::Active && until > now => b.clone(),
+            Some(b)
+                if lease.state == LeaseState::Active && lease.expires_at > now && until > now =>
+            {
+                b.clone()
+            }
             _ => return self.revoke(who, id).await,
         };
         // Durable first: from here the reaper revokes it at `until`

@@ -73,7 +73,7 @@ impl FilterForm {
             None => vec![],
             Some(s) => vec![LeaseState::parse(&s).map_err(|_| {
                 Error::invalid(format!(
-                    "unknown state {s:?}: choose pending, active, failing or revoked"
+                    "unknown state {s:?}: choose pending, active, draining, failing or revoked"
                 ))
             })?],
         };

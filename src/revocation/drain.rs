@@ -14,7 +14,9 @@
 //! 3. every [`POLL`], ends the sessions that are idle — a pool's pre-ping
 //!    or validation then opens a new connection with the new credential —
 //!    and leaves a session in a query or an open transaction to finish
-//!    (`Backend::end_idle_sessions`);
+//!    (`Backend::end_idle_sessions`). "Idle" is idle for [`SETTLE`] at
+//!    first and merely idle in the drain's final third ([`settle`] says
+//!    why);
 //! 4. revokes the lease in full (`Reason::Handover`) as soon as no session
 //!    is left, or at the deadline, ending whatever is left as any
 //!    revocation does.
@@ -40,6 +42,47 @@ use crate::store::Claim;
 /// How often a drain looks for sessions that went idle: a pooled
 /// connection returned to its pool is ended within this.
 pub const POLL: Duration = Duration::from_millis(250);
+
+/// How long a session must have been idle before a pass ends it, until
+/// the drain's final third ([`settle`]). A pool hands a connection out and
+/// sends its query within milliseconds, and the server shows the session
+/// idle until it has read that query: a session ended the instant it is
+/// idle races the pool's next query, which then fails (node-postgres,
+/// which does not check a connection at checkout, lost 2–4 queries in 2 of
+/// 3 runs; SQLAlchemy's pre-ping passes and the query after it dies). A
+/// session idle for a whole second is one the pool is not using.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// The idle time a pass at `now` asks of a session, in a drain from
+/// `start` to `deadline`: [`SETTLE`] for its first two thirds, then none —
+/// every idle session is ended at each pass, as soon as it is seen.
+///
+/// The drain has two jobs. First, let a pool retire the old credential's
+/// connections itself (its maximum lifetime, its idle eviction) and end
+/// only what it has stopped using: that can fail nothing. Then end, between
+/// two of its queries, a connection a pool keeps busy and would never let
+/// go, rather than cut it at the deadline mid-query: a pool that validates
+/// at checkout (pre-ping, HikariCP's `isValid` with `aliveBypassWindowMs =
+/// 0`) replaces it at its next checkout. That brings the race back, but
+/// only for connections the pool would otherwise lose at the deadline.
+///
+/// A third, rather than a fixed last few seconds, because both jobs scale
+/// with the deadline the operator chose: the final third of the default
+/// 30 s is 40 passes to catch every busy connection between two queries,
+/// and a pool whose maximum lifetime is below the handover's grace plus
+/// two thirds of the drain never sees an instant kill; a fixed window
+/// would be most of a short drain (the sidecar's ~4 s ones in the pool
+/// tests) or a handful of passes in a long one. The start is not stored: a
+/// drain resumed after a crash counts from its resumption, so its final
+/// third is a third of what was left — shorter, and the stored deadline
+/// holds regardless.
+pub fn settle(start: DateTime<Utc>, deadline: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    if (deadline - now) * 3 <= deadline - start {
+        Duration::ZERO
+    } else {
+        SETTLE
+    }
+}
 
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,22 +117,25 @@ pub struct Tally {
     pub left_busy: u32,
 }
 
-/// Drains one database user's sessions: a pass every [`POLL`] until none
-/// is left or `deadline` passes. (A static role's drain runs one pass per
-/// rotation step instead, its state in the store: `static_roles`.) A pass
-/// that fails (the database away) is logged and retried; the deadline
-/// holds regardless.
+/// Drains one database user's sessions, from `start`: a pass every
+/// [`POLL`] (asking the idle time [`settle`] says) until none is left or
+/// `deadline` passes. (A static role's drain runs one pass per rotation
+/// step instead, its state in the store: `static_roles`.) A pass that
+/// fails (the database away) is logged and retried; the deadline holds
+/// regardless.
 pub async fn pass_until(
     backend: &dyn Backend,
     user: &str,
     host: &str,
+    start: DateTime<Utc>,
     deadline: DateTime<Utc>,
     clock: &Clock,
 ) -> Tally {
     let mut ended: HashSet<i64> = HashSet::new();
     let mut busy = 0;
     loop {
-        match backend.end_idle_sessions(user, host).await {
+        let settled = settle(start, deadline, clock.now());
+        match backend.end_idle_sessions(user, host, settled).await {
             Ok(s) => {
                 ended.extend(s.ended_idle);
                 busy = s.busy;
@@ -156,6 +202,7 @@ impl Revoker {
             backend.as_ref(),
             lease.username.as_str(),
             &lease.user_host,
+            self.clock.now(),
             deadline,
             &self.clock,
         )
@@ -305,18 +352,26 @@ mod tests {
 
         tokio::time::sleep(super::POLL + Duration::from_millis(1)).await;
         assert_eq!(
+            kit.server.session_ids(name).len(),
+            2,
+            "idle for less than SETTLE: not yet"
+        );
+        tokio::time::sleep(super::SETTLE).await;
+        assert_eq!(
             kit.server.session_ids(name),
             [busy],
-            "the idle one is ended"
+            "the idle one is ended once settled"
         );
         // Replaced by immediate termination, the busy session would be gone.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(kit.server.session_ids(name), [busy], "the busy one is left");
         assert!(kit.server.user(name).is_some());
         assert_eq!(state(&kit, &l.id).await, LeaseState::Draining);
 
         kit.server.set_session_busy(busy, false);
         tokio::time::sleep(super::POLL + Duration::from_millis(1)).await;
+        assert_eq!(kit.server.session_ids(name), [busy], "just idle: not yet");
+        tokio::time::sleep(super::SETTLE).await;
         assert!(
             kit.server.user(name).is_none(),
             "dropped at the last session"
@@ -337,6 +392,60 @@ mod tests {
             "credbroker_drain_sessions_ended_total{role=\"ro\",database=\"main\",how=\"idle\"} 2"
         ));
         let _ = idle;
+    }
+
+    #[test]
+    fn the_final_third_of_a_drain_ends_any_idle_session_before_it_only_settled_ones() {
+        let start = chrono::DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let at = |ms: i64| start + chrono::Duration::milliseconds(ms);
+        let deadline = at(30_000);
+        assert_eq!(super::settle(start, deadline, start), super::SETTLE);
+        assert_eq!(super::settle(start, deadline, at(19_999)), super::SETTLE);
+        assert_eq!(super::settle(start, deadline, at(20_000)), Duration::ZERO);
+        assert_eq!(super::settle(start, deadline, deadline), Duration::ZERO);
+        assert_eq!(super::settle(start, deadline, at(31_000)), Duration::ZERO);
+        // No room at all: nothing to wait for.
+        assert_eq!(super::settle(start, start, start), Duration::ZERO);
+    }
+
+    /// A pooled connection in constant use: busy 20 ms every 100 ms, so
+    /// idle most of the time but never for SETTLE. It is left alone for
+    /// the drain's first two thirds (ending it there would race the pool's
+    /// next query), then ended between two queries in the final third —
+    /// not cut at the deadline. Replaced by instant idle kills, it would be
+    /// gone at the first pass; by settled kills alone, cut at the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_a_pool_keeps_busy_is_ended_between_queries_in_the_final_third() {
+        let kit = Kit::paused("", &draining_role("6s"));
+        let l = kit.broker.issue(&app(), "ro", None).await.unwrap().lease;
+        let name = l.username.to_string();
+        let conn = kit.server.open_session(&name, true);
+        let server = kit.server.clone();
+        let pool = tokio::spawn(async move {
+            loop {
+                server.set_session_busy(conn, true);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                server.set_session_busy(conn, false);
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+        });
+        let d = kit.broker.revoke_handover(&app(), &l.id).await.unwrap();
+        let final_third = d.due_at - chrono::Duration::seconds(2);
+        tokio::time::sleep(kit.broker.clock().until(final_third) - Duration::from_millis(50)).await;
+        assert_eq!(
+            kit.server.session_ids(&name),
+            [conn],
+            "left alone for two thirds"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(kit.server.session_ids(&name).is_empty(), "ended when idle");
+        assert!(kit.server.user(&name).is_none(), "then dropped");
+        assert!(kit.broker.clock().now() < d.due_at, "before the deadline");
+        assert_eq!(
+            audit_detail(&kit, &l.id, "drain").as_deref(),
+            Some("drained: sessions ended idle=1 at_deadline=0")
+        );
+        pool.abort();
     }
 
     #[tokio::test(start_paused = true)]
@@ -361,8 +470,10 @@ mod tests {
 
     /// The broker died after the store marked the lease draining, before
     /// the database heard of it: the restarted reaper resumes the drain
-    /// (logins refused, the idle session ended at once) and revokes the
-    /// lease in full at the deadline, the busy session with it.
+    /// (logins refused, the idle session ended) and revokes the
+    /// lease in full at the deadline, the busy session with it. (The idle
+    /// session is ended once settled: the resumed drain's final third is a
+    /// third of what was left.)
     #[tokio::test(start_paused = true)]
     async fn a_restart_resumes_a_drain_whose_task_died_and_ends_it_at_its_deadline() {
         let kit = Kit::paused("", &draining_role("5s"));
@@ -388,6 +499,7 @@ mod tests {
             !kit.server.user(name).unwrap().login,
             "logins refused again"
         );
+        tokio::time::sleep(super::SETTLE).await;
         assert_eq!(kit.server.session_ids(name), [busy], "idle {idle} ended");
         tokio::time::sleep(kit.broker.clock().until(until) - Duration::from_millis(1)).await;
         assert!(

@@ -282,8 +282,17 @@ impl Rotator {
         if let Some(prev) = st.previous.clone().filter(|p| p.user == target) {
             // An early (admin) rotation onto a user still in its overlap:
             // whoever holds that password loses it now, so say so.
-            self.retire(role, &*backend, st, &prev.user, role.end_sessions, actor)
-                .await?;
+            let detail = retired(role.end_sessions);
+            self.retire(
+                role,
+                &*backend,
+                st,
+                &prev.user,
+                role.end_sessions,
+                actor,
+                detail,
+            )
+            .await?;
         }
         let kind = match force {
             Force::Revoke => PendingKind::Revoke,
@@ -518,7 +527,13 @@ impl Rotator {
         }
         if !room.is_zero() {
             let deadline = st.previous.as_ref().map_or(now, |p| p.retire_at);
-            let pass = backend.end_idle_sessions(&prev.user, &role.host).await;
+            // The drain started at the overlap's end; the same settle rule
+            // as a lease's drain (`revocation::drain::settle`).
+            let start = overlap_end.unwrap_or(now).min(now);
+            let settled = crate::revocation::drain::settle(start, deadline, now);
+            let pass = backend
+                .end_idle_sessions(&prev.user, &role.host, settled)
+                .await;
             let busy = match pass {
                 Ok(s) => {
                     self.metrics.drain_sessions_ended(
@@ -547,7 +562,7 @@ impl Rotator {
             let detail = format!(
                 "drain over ({how}): sessions ended idle={idle} at_deadline={at_deadline}; retired"
             );
-            self.retire_with(role, backend, st, &prev.user, true, actor, &detail)
+            self.retire(role, backend, st, &prev.user, true, actor, &detail)
                 .await?;
             self.metrics
                 .drain_sessions_ended(&role.name, &role.database, "deadline", at_deadline);
@@ -558,8 +573,17 @@ impl Rotator {
                 .remove(&role.name);
             return Ok(());
         }
-        self.retire(role, backend, st, &prev.user, role.end_sessions, actor)
-            .await
+        let detail = retired(role.end_sessions);
+        self.retire(
+            role,
+            backend,
+            st,
+            &prev.user,
+            role.end_sessions,
+            actor,
+            detail,
+        )
+        .await
     }
 
     /// Adds `ids` to the sessions this process saw a static role's drain
@@ -587,26 +611,8 @@ impl Rotator {
         self.audit.append(ev)
     }
 
-    async fn retire(
-        &self,
-        role: &StaticRoleConfig,
-        backend: &dyn Backend,
-        st: &mut StaticState,
-        user: &str,
-        end_sessions: bool,
-        actor: &str,
-    ) -> Result<()> {
-        let detail = if end_sessions {
-            "overlap over: logins refused, sessions ended"
-        } else {
-            "overlap over: logins refused"
-        };
-        self.retire_with(role, backend, st, user, end_sessions, actor, detail)
-            .await
-    }
-
     #[allow(clippy::too_many_arguments)]
-    async fn retire_with(
+    async fn retire(
         &self,
         role: &StaticRoleConfig,
         backend: &dyn Backend,
@@ -720,6 +726,15 @@ fn previous_after(
                     retire_at: at + role.overlap_delta(),
                 })
         }
+    }
+}
+
+/// The audit detail of a retirement without a drain.
+fn retired(end_sessions: bool) -> &'static str {
+    if end_sessions {
+        "overlap over: logins refused, sessions ended"
+    } else {
+        "overlap over: logins refused"
     }
 }
 

@@ -1,7 +1,8 @@
 //! Routine handovers drain (issue 27), on a real PostgreSQL, connected as
 //! the issued credential: after a handover revoke the old credential
-//! refuses new logins at once, its idle sessions end within about a
-//! second, a query in flight completes and an open transaction commits —
+//! refuses new logins at once, its sessions end once idle for a second
+//! (at once in the drain's final third), a query in flight completes and
+//! an open transaction commits —
 //! then they end too; at the drain deadline what never went idle is ended
 //! and the role dropped. An admin revoke still cuts at once, and a broker
 //! killed mid-drain leaves the reaper to finish it. The MariaDB cases are
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use credbroker::pb;
 
-use crate::support::{eventually, issue, login, TestBroker, APP};
+use crate::support::{admin_revoke, eventually, issue, login, TestBroker, APP};
 
 /// A role whose leases may insert (to prove a transaction commits) and
 /// drain for `deadline`.
@@ -51,7 +52,10 @@ async fn state(b: &TestBroker, id: &str) -> pb::LeaseState {
     pb::LeaseState::try_from(l.state).unwrap()
 }
 
-/// Whether the session still answers a query.
+/// Whether the session still answers a query. (A session a drain is to
+/// end once idle is watched with `is_closed` instead: a query would make
+/// it busy, and a drain ends only a session idle for a second,
+/// `drain::SETTLE`, until its final third.)
 async fn alive(c: &tokio_postgres::Client) -> bool {
     tokio::time::timeout(Duration::from_secs(2), c.simple_query("SELECT 1"))
         .await
@@ -120,18 +124,28 @@ async fn drain_refuses_logins_ends_idle_and_lets_a_query_and_a_transaction_finis
         "a new login is refused at once: {refused}"
     );
     assert_eq!(state(&b, &lease.lease_id).await, pb::LeaseState::Draining);
+    // Idle since before the handover: settled, ended at a pass or two.
     assert!(
-        eventually(Duration::from_secs(3), || async { !alive(&idle).await }).await,
+        eventually(Duration::from_secs(3), || async { idle.is_closed() }).await,
         "the idle session ends within about a second"
     );
+    assert!(!alive(&idle).await);
     let idle_gone = started.elapsed();
 
-    // The query in flight completes, then its session (now idle) ends.
+    // The query in flight completes, then its session, once idle for the
+    // settle time, ends — long before the drain's final third (20 s on).
     let (result, busy) = query.await.unwrap();
     assert_eq!(result.expect("the query in flight completes"), 42);
+    let done = Instant::now();
     assert!(
-        eventually(Duration::from_secs(3), || async { !alive(&busy).await }).await,
-        "the finished query's session ends once idle"
+        eventually(Duration::from_secs(4), || async { busy.is_closed() }).await,
+        "the finished query's session ends once idle for the settle time"
+    );
+    assert!(!alive(&busy).await);
+    let settled = done.elapsed();
+    assert!(
+        settled >= Duration::from_millis(900),
+        "not the instant it went idle ({settled:?}): that races a pool's next query"
     );
     // The open transaction still works and commits, then its session ends
     // and, the last one gone, the lease is revoked in full.
@@ -167,7 +181,10 @@ async fn drain_refuses_logins_ends_idle_and_lets_a_query_and_a_transaction_finis
         .audit_records()
         .iter()
         .any(|r| r.action == "handover_revoke" && r.lease_id.as_deref() == Some(&lease.lease_id)));
-    eprintln!("idle session ended {idle_gone:?} after the handover");
+    eprintln!(
+        "idle session ended {idle_gone:?} after the handover; the finished query's {settled:?} \
+         after it went idle"
+    );
 }
 
 #[tokio::test]
@@ -224,16 +241,7 @@ async fn drain_is_cut_by_an_admin_revoke_and_only_the_holder_hands_over() {
         pb::LeaseState::Draining
     );
     let started = Instant::now();
-    b.admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                lease.lease_id.clone(),
-            )),
-            force: false,
-        })
-        .await
-        .unwrap();
+    admin_revoke(&b, &lease.lease_id).await;
     tokio::time::timeout(Duration::from_secs(2), query)
         .await
         .expect("an admin revoke ends a draining lease's busy session within a second or so")
@@ -279,9 +287,10 @@ async fn drain_survives_a_broker_sigkill() {
     let (completed, busy) = query.await.unwrap();
     assert!(completed, "the query in flight completes across the crash");
     assert!(
-        eventually(Duration::from_secs(4), || async { !alive(&busy).await }).await,
+        eventually(Duration::from_secs(5), || async { busy.is_closed() }).await,
         "the restarted broker resumes the drain: the session ends once idle"
     );
+    assert!(!alive(&busy).await);
     assert!(
         eventually(Duration::from_secs(12), || async {
             !b.role_exists(&user).await

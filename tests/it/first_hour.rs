@@ -3,7 +3,7 @@
 //! from README.md, with only names, ports and passwords made unique), and
 //! each likely first mistake — wrong admin password, database down, broker
 //! down, a client certificate from another CA, a grant the admin cannot
-//! give, a missing `pg_signal_backend`, an expired certificate, a prefix
+//! give, a missing `pg_signal_backend` or `pg_read_all_stats`, an expired certificate, a prefix
 //! collision — shown to name its cause and where, on the real binary.
 
 use std::path::{Path, PathBuf};
@@ -869,23 +869,31 @@ async fn first_hour_grant_the_admin_cannot_give_names_the_statement_and_role() {
     println!("broker log:\n{log}");
 }
 
+/// Each grant of the README's admin setup left out: `check` fails naming
+/// it and the statement that fixes it — `pg_signal_backend` (revocation
+/// ends sessions) and `pg_read_all_stats` (a handover sees which sessions
+/// are idle, to drain them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_hour_check_names_a_missing_pg_signal_backend() {
-    let s = setup(Changes {
-        skip_sql: vec!["pg_signal_backend"],
-        ..Changes::default()
-    })
-    .await;
-    let out = s.check().await;
-    println!("{out:?}");
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stdout.contains(&format!(
-            "admin role {:?} is not a member of pg_signal_backend",
-            s.admin
-        )) && out.stdout.contains("fix: GRANT pg_signal_backend TO"),
-        "{out:?}"
-    );
+async fn first_hour_check_names_a_missing_pg_signal_backend_or_pg_read_all_stats() {
+    for (grant, finding) in [
+        ("pg_signal_backend", "is not a member of pg_signal_backend"),
+        ("pg_read_all_stats", "cannot see other sessions' state"),
+    ] {
+        let s = setup(Changes {
+            skip_sql: vec![grant],
+            ..Changes::default()
+        })
+        .await;
+        let out = s.check().await;
+        println!("{out:?}");
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(
+            out.stdout
+                .contains(&format!("admin role {:?} {finding}", s.admin))
+                && out.stdout.contains(&format!("fix: GRANT {grant} TO")),
+            "{out:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

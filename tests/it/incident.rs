@@ -662,22 +662,6 @@ impl Drop for SidecarProc {
     }
 }
 
-async fn admin_revoke(b: &TestBroker, lease_id: &str) {
-    let out = b
-        .admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                lease_id.into(),
-            )),
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(out.revoked, 1, "{out:?}");
-}
-
 /// The sidecar subscribes to its lease events: an admin revocation is
 /// replaced by a fresh, working credential in the file at once (measured
 /// from the admin call to the new file; goal under 1 s), again after the

@@ -22,6 +22,7 @@ mod incident;
 mod lease_path;
 mod limits;
 mod mysql;
+mod pools;
 mod rounds;
 mod shapes;
 mod shares;

@@ -1615,16 +1615,30 @@ impl MyBroker {
     }
 }
 
-/// Whether the session stops answering within `within` (probed every 100 ms).
-async fn gone_within(c: &mut Conn, within: Duration) -> bool {
+/// Whether the server ends the session within `within`: watched from
+/// root's PROCESSLIST every 100 ms, not by querying it (a query wakes it,
+/// and a drain kills only a session asleep for a second, `drain::SETTLE`,
+/// until its final third); then it no longer answers.
+async fn gone_within(t: &Target, c: &mut Conn, within: Duration) -> bool {
+    let id = c.id();
+    let mut root = t.root().await;
     let until = Instant::now() + within;
-    while Instant::now() < until {
-        if !answers(c).await {
-            return true;
+    loop {
+        let n: Option<u64> = root
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?",
+                (id,),
+            )
+            .await
+            .unwrap();
+        if n == Some(0) {
+            return !answers(c).await;
+        }
+        if Instant::now() >= until {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    false
 }
 
 async fn answers(c: &mut Conn) -> bool {
@@ -1634,7 +1648,8 @@ async fn answers(c: &mut Conn) -> bool {
 }
 
 /// A handover on MariaDB: the account is locked at once, an idle session
-/// (`Sleep`, no InnoDB transaction) is killed within about a second, a
+/// (`Sleep` for a second, no InnoDB transaction) is killed within about a
+/// second (it slept since before the handover), a
 /// `SLEEP(3)` in flight completes and an open transaction commits — then
 /// their sessions end too, and the user is dropped before the deadline.
 /// Immediate termination would fail the query and the transaction.
@@ -1667,7 +1682,7 @@ async fn mysql_handover_drains_idle_sessions_and_lets_a_query_and_a_transaction_
     );
     assert!(is_locked(&t, &user).await);
     assert!(
-        gone_within(&mut idle, Duration::from_secs(3)).await,
+        gone_within(&t, &mut idle, Duration::from_secs(3)).await,
         "the idle session is killed within about a second"
     );
     let idle_gone = started.elapsed();
@@ -1676,9 +1691,15 @@ async fn mysql_handover_drains_idle_sessions_and_lets_a_query_and_a_transaction_
         result.expect("the query in flight completes").map(|r| r.1),
         Some(42)
     );
+    let done = Instant::now();
     assert!(
-        gone_within(&mut busy, Duration::from_secs(3)).await,
-        "the finished query's session ends once idle"
+        gone_within(&t, &mut busy, Duration::from_secs(4)).await,
+        "the finished query's session ends once asleep for the settle time"
+    );
+    let settled = done.elapsed();
+    assert!(
+        settled >= Duration::from_millis(900),
+        "not the instant it went idle ({settled:?}): that races a pool's next query"
     );
     assert!(
         answers(&mut tx).await,
@@ -1758,11 +1779,23 @@ async fn mysql_handover_drain_deadline_ends_an_open_transaction() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(dropped, "the user is dropped at the deadline");
-    let rec = b
-        .audit_records()
-        .into_iter()
-        .find(|r| r.action == "drain" && r.lease_id.as_deref() == Some(&lease.lease_id))
-        .expect("the drain is audited");
+    // The drain task and the reaper are both due at the deadline; when the
+    // reaper claims first, the drain's own record follows the drop by a
+    // pass, so wait for it rather than race it.
+    let drain_rec = || {
+        b.audit_records()
+            .into_iter()
+            .find(|r| r.action == "drain" && r.lease_id.as_deref() == Some(&lease.lease_id))
+    };
+    let mut rec = drain_rec();
+    for _ in 0..50 {
+        if rec.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rec = drain_rec();
+    }
+    let rec = rec.expect("the drain is audited");
     assert_eq!(
         rec.detail.as_deref(),
         Some("deadline: sessions ended idle=0 at_deadline=1")

@@ -365,7 +365,8 @@ async fn objects_in_another_database_of_the_cluster_are_reassigned_there() {
 /// An admin role with CREATEROLE, pg_signal_backend and pg_read_all_stats
 /// (the README's setup), not a superuser:
 /// issue, end a live session, keep the objects (owner set up as the
-/// README says: the admin is a member of the owner).
+/// README says: the admin is a member of the owner); and a handover
+/// drains (it sees which sessions are idle).
 #[tokio::test]
 async fn a_non_superuser_admin_revokes_and_keeps_objects() {
     let pg = cluster();
@@ -428,6 +429,42 @@ async fn a_non_superuser_admin_revokes_and_keeps_objects() {
         .await
         .is_err());
     assert_objects(&b, "ns", &owner).await;
+
+    // A handover drains with this admin too: pg_read_all_stats lets it
+    // tell the idle session (ended) from the one in a transaction (left).
+    let lease = issue(&b, "app", "migrate", 0).await.unwrap();
+    let idle = login(&b.db, &lease.username, &lease.password)
+        .await
+        .unwrap();
+    let tx = login(&b.db, &lease.username, &lease.password)
+        .await
+        .unwrap();
+    tx.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    b.client("app")
+        .await
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: lease.lease_id.clone(),
+            handover: true,
+        })
+        .await
+        .expect("a non-superuser admin drains");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            idle.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
+        "the idle session is seen idle and ended"
+    );
+    tx.batch_execute("COMMIT")
+        .await
+        .expect("the transaction was left to finish");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            !b.role_exists(&lease.username).await
+        })
+        .await,
+        "dropped once drained"
+    );
     b.stop().await;
 }
 

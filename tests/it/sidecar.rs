@@ -22,15 +22,15 @@ fn short_role(name: &str) -> String {
     role(name, "{db}", "3s", "8s", APP)
 }
 
-/// One sidecar process and its files.
-struct Sidecar {
+/// One sidecar process and its files (the pool tests run it too).
+pub(crate) struct Sidecar {
     child: Option<Child>,
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     log: PathBuf,
 }
 
 impl Sidecar {
-    fn spawn(b: &TestBroker, dir: &Path, role: &str, extra: &[&str]) -> Sidecar {
+    pub(crate) fn spawn(b: &TestBroker, dir: &Path, role: &str, extra: &[&str]) -> Sidecar {
         let out = dir.join("db.conn");
         let log = dir.join("sidecar.log");
         let args = [&["--role", role][..], extra].concat();
@@ -42,11 +42,11 @@ impl Sidecar {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn running(&mut self) -> bool {
+    pub(crate) fn running(&mut self) -> bool {
         self.child.as_mut().unwrap().try_wait().unwrap().is_none()
     }
 
@@ -80,7 +80,7 @@ impl Sidecar {
     }
 
     /// Timeline lines (issue, renew, rotate, revoke) for the closing note.
-    fn timeline(&self) -> Vec<String> {
+    pub(crate) fn timeline(&self) -> Vec<String> {
         const EVENTS: &[&str] = &[
             "lease issued",
             "lease renewed",
@@ -88,6 +88,7 @@ impl Sidecar {
             "credential rotated",
             "old lease kept valid",
             "old lease revoked",
+            "old lease handed over",
             "old lease expired before",
             "cannot revoke the old lease yet",
             "lease revoked",
@@ -128,7 +129,7 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-async fn wait_for_file(sidecar: &mut Sidecar) {
+pub(crate) async fn wait_for_file(sidecar: &mut Sidecar) {
     let path = sidecar.out.clone();
     let ok = eventually(Duration::from_secs(20), || async { path.exists() }).await;
     assert!(

@@ -596,6 +596,23 @@ where
     }
 }
 
+/// An admin (`admin`) revokes one lease by id, at once.
+pub async fn admin_revoke(b: &TestBroker, lease_id: &str) {
+    let out = b
+        .admin("admin")
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
+                lease_id.into(),
+            )),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.revoked, 1, "{out:?}");
+}
+
 pub async fn issue(
     b: &TestBroker,
     who: &str,

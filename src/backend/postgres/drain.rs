@@ -1,6 +1,9 @@
 //! A routine handover's drain (`revocation::drain`): refuse new logins,
-//! then end the role's sessions as they become idle, leaving a session in a
-//! query or an open transaction to finish.
+//! then end the role's sessions once idle (for the settle time the pass
+//! asks for), leaving a session in a query or an open transaction to
+//! finish.
+
+use std::time::Duration;
 
 use postgres_protocol::escape::escape_identifier;
 
@@ -9,18 +12,25 @@ use super::PostgresBackend;
 use crate::backend::{Sessions, UserRef};
 use crate::error::Result;
 
-/// Ends the idle sessions of role `$1` and counts the others. `CASE` fixes
-/// the order: `pg_terminate_backend` runs only for a session seen idle
-/// (an `AND` would let the planner call it first). `idle in transaction`
-/// is busy: its transaction may still commit. A state the admin may not
-/// see (NULL: no `pg_read_all_stats`) counts as busy, never as idle.
+/// Ends the sessions of role `$1` idle for at least `$2` seconds and
+/// counts the others. Idle since `state_change`: a pooled connection
+/// between two queries is `idle` too, and ending it the instant it is
+/// races the query its pool already sent (`revocation::drain::settle`).
+/// `CASE` fixes the order: `pg_terminate_backend` runs only for a session
+/// seen idle (an `AND` would let the planner call it first). `idle in
+/// transaction` is busy: its transaction may still commit. A state the
+/// admin may not see (NULL: no `pg_read_all_stats`) counts as busy, never
+/// as idle.
 const END_IDLE: &str = "WITH s AS MATERIALIZED ( \
-       SELECT a.pid, a.state FROM pg_stat_get_activity(NULL) a \
+       SELECT a.pid, \
+              a.state = 'idle' \
+                AND a.state_change <= clock_timestamp() - make_interval(secs => $2) AS idle \
+       FROM pg_stat_get_activity(NULL) a \
        WHERE a.usesysid = (SELECT oid FROM pg_roles WHERE rolname = $1)) \
      SELECT \
        ARRAY(SELECT pid::int8 FROM s \
-             WHERE CASE WHEN s.state = 'idle' THEN pg_terminate_backend(s.pid) ELSE false END), \
-       (SELECT count(*) FROM s WHERE s.state IS DISTINCT FROM 'idle')";
+             WHERE CASE WHEN s.idle THEN pg_terminate_backend(s.pid) ELSE false END), \
+       (SELECT count(*) FROM s WHERE s.idle IS NOT TRUE)";
 
 impl PostgresBackend {
     pub(super) async fn drain_begin_user(
@@ -42,14 +52,14 @@ impl PostgresBackend {
             .map_err(|e| self.db_error("refuse logins (drain)", e))
     }
 
-    pub(super) async fn end_idle(&self, user: &str) -> Result<Sessions> {
+    pub(super) async fn end_idle(&self, user: &str, settled: Duration) -> Result<Sessions> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(END_IDLE)
             .await
             .map_err(|e| self.db_error("prepare", e))?;
         let row = client
-            .query_one(&stmt, &[&user])
+            .query_one(&stmt, &[&user, &settled.as_secs_f64()])
             .await
             .map_err(|e| self.db_error("end idle sessions", e))?;
         let busy: i64 = row.get(1);

@@ -204,8 +204,13 @@ impl Backend for PostgresBackend {
         self.drain_begin_user(user, until).await
     }
 
-    async fn end_idle_sessions(&self, user: &str, _host: &str) -> Result<crate::backend::Sessions> {
-        self.end_idle(user).await
+    async fn end_idle_sessions(
+        &self,
+        user: &str,
+        _host: &str,
+        settled: std::time::Duration,
+    ) -> Result<crate::backend::Sessions> {
+        self.end_idle(user, settled).await
     }
 
     async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{from_ms, ms, SqliteStore};
 use crate::error::{Error, Result};
@@ -95,6 +95,29 @@ fn filter_sql(f: &LeaseFilter) -> (String, Vec<rusqlite::types::Value>) {
         }
     }
     (sql, args)
+}
+
+/// Runs a guarded `UPDATE` of lease `id` in a savepoint and reads the row
+/// back when it matched (the guard held): one step of the writer.
+fn update_one(
+    c: &mut Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    id: &str,
+) -> rusqlite::Result<Option<Lease>> {
+    let tx = c.savepoint()?;
+    let lease = if tx.execute(sql, params)? == 1 {
+        tx.query_row(
+            &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
+            params![id],
+            row_to_lease,
+        )
+        .optional()?
+    } else {
+        None
+    };
+    tx.commit()?;
+    Ok(lease)
 }
 
 #[async_trait]
@@ -196,24 +219,13 @@ impl LeaseStore for SqliteStore {
         let id = id.as_str().to_string();
         let holder = holder.to_string();
         self.with(move |c| {
-            let tx = c.savepoint()?;
-            let n = tx.execute(
+            update_one(
+                c,
                 "UPDATE leases SET state = 'draining', expires_at = ?3, due_at = ?3 \
                  WHERE id = ?1 AND identity = ?2 AND state = 'active' AND claimed_by IS NULL",
                 params![id, holder, ms(until)],
-            )?;
-            let lease = if n == 1 {
-                tx.query_row(
-                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
-                    params![id],
-                    row_to_lease,
-                )
-                .optional()?
-            } else {
-                None
-            };
-            tx.commit()?;
-            Ok(lease)
+                &id,
+            )
         })
         .await
     }
@@ -223,25 +235,14 @@ impl LeaseStore for SqliteStore {
         let claim = claim.clone();
         self.with_lazy(move |c| {
             let now = ms(Utc::now());
-            let tx = c.savepoint()?;
-            let n = tx.execute(
+            update_one(
+                c,
                 "UPDATE leases SET claimed_by = ?2, claim_until = ?3, due_at = MIN(due_at, ?4) \
                  WHERE id = ?1 AND state <> 'revoked' \
                  AND (claimed_by IS NULL OR claimed_by = ?2 OR claim_until < ?4)",
                 params![id, claim.owner, ms(claim.until), now],
-            )?;
-            let lease = if n == 1 {
-                tx.query_row(
-                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
-                    params![id],
-                    row_to_lease,
-                )
-                .optional()?
-            } else {
-                None
-            };
-            tx.commit()?;
-            Ok(lease)
+                &id,
+            )
         })
         .await
     }

@@ -411,6 +411,64 @@ pub async fn case_busiest_identity_is_counted_per_role(s: Store) {
     assert_eq!(most, vec![("ro".to_string(), 3), ("rw".to_string(), 1)]);
 }
 
+/// A handover's drain starts only on an active, unclaimed lease of its
+/// holder; the row is then `draining`, expiry and due time the deadline
+/// (what the reaper finds after a crash), is due then and not before, is
+/// no longer renewable, and is listed by its state.
+pub async fn case_a_drain_marks_the_holder_s_active_lease_due_at_its_deadline(s: Store) {
+    let l = active(&s, 1, "ro", APP, 600).await;
+    let until = Utc::now() + CDuration::seconds(30);
+    let other = "spiffe://credbroker.dev/ns/demo/other";
+    assert!(
+        s.start_drain(&l.id, other, until).await.unwrap().is_none(),
+        "not the holder's"
+    );
+    let d = s
+        .start_drain(&l.id, APP, until)
+        .await
+        .unwrap()
+        .expect("the holder's active lease");
+    assert_eq!(d.state, LeaseState::Draining);
+    assert_eq!(ms(d.expires_at), ms(until));
+    assert_eq!(ms(d.due_at), ms(until));
+    let again = s.get(&l.id).await.unwrap().unwrap();
+    assert_eq!(again.state, LeaseState::Draining, "stored");
+    assert!(
+        s.start_drain(&l.id, APP, until).await.unwrap().is_none(),
+        "not twice"
+    );
+    assert!(
+        !s.set_expiry(&l.id, t(until, 600)).await.unwrap(),
+        "not renewable"
+    );
+    let filter = LeaseFilter {
+        states: vec![LeaseState::Draining],
+        ..Default::default()
+    };
+    assert_eq!(s.list(&filter).await.unwrap().len(), 1);
+    assert!(s
+        .claim_due(Utc::now(), 10, &claim("reaper", 60))
+        .await
+        .unwrap()
+        .is_empty());
+    let due = s
+        .claim_due(t(until, 1), 10, &claim("reaper", 60))
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1, "due at the deadline");
+    assert_eq!(due[0].state, LeaseState::Draining);
+    // Claimed: a second drain cannot start on another lease being revoked.
+    let c = active(&s, 2, "ro", APP, 600).await;
+    s.claim_one(&c.id, &claim("admin", 60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        s.start_drain(&c.id, APP, until).await.unwrap().is_none(),
+        "claimed"
+    );
+}
+
 /// A console page: filtered, sorted and paged in the store, with a total
 /// that ignores the page — the same answer from every store.
 pub async fn case_pages_are_counted_sorted_and_disjoint(s: Store) {
@@ -631,6 +689,7 @@ store_suite! {
         case_queries_see_only_what_they_ask_for,
         case_pages_are_counted_sorted_and_disjoint,
         case_busiest_identity_is_counted_per_role,
+        case_a_drain_marks_the_holder_s_active_lease_due_at_its_deadline,
     ],
     openers: [
         case_concurrent_reapers_claim_disjoint_sets,
