@@ -157,6 +157,14 @@ public class HikariPool {
       if (!seen.get("lease_id").equals(current.get("lease_id"))) {
         handovers++;
         lastChange = now;
+        if (checked) {
+          // HikariCP's own way to follow a rotated credential: idle
+          // connections of the old one close now, busy ones as they are
+          // returned, so none is left for the handover's drain to end
+          // between a validation and a query (Hikari's lifetime floor of
+          // 30 s would keep them past the drain's final third).
+          pool.getHikariPoolMXBean().softEvictConnections();
+        }
         if (longThread == null) {
           String oldUser = current.get("username");
           longThread = new Thread(() -> {
