@@ -336,13 +336,18 @@ pub async fn termination_signal() {
     }
 }
 
-/// Keys read once, when the listeners start: a changed one is said at
-/// SIGHUP, never silently ignored. Compared by their `Debug` text, which
-/// holds every field (and no secret: these sections have none).
+/// Keys read once, when the listeners, the store and the audit log open:
+/// a changed one is said at SIGHUP, never silently ignored. Compared by
+/// their `Debug` text, which holds every field; it is never printed (a
+/// store URL names its user and host). `server.name_prefix` is read live
+/// elsewhere, so [`Reloader::reload`] keeps the old one until a restart:
+/// the orphan sweep must not stop seeing the users issued under it.
+/// `store.claim_timeout`, `retention` and `prune_interval` are read live
+/// and so are not here.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     use std::fmt::Debug;
     let (o, n) = (&old.server, &new.server);
-    let keys: [(&str, &dyn Debug, &dyn Debug); 9] = [
+    let keys: [(&str, &dyn Debug, &dyn Debug); 13] = [
         ("server.listen", &o.listen, &n.listen),
         (
             "server.metrics_listen",
@@ -376,6 +381,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         ),
         ("[vault_api]", &old.vault_api, &new.vault_api),
         ("[console]", &old.console, &new.console),
+        ("server.name_prefix", &o.name_prefix, &n.name_prefix),
+        ("store.url", &old.store.url, &new.store.url),
+        ("store.password", &old.store.password, &new.store.password),
+        ("[audit]", &old.audit, &new.audit),
     ];
     keys.into_iter()
         .filter(|(_, a, b)| format!("{a:?}") != format!("{b:?}"))
@@ -421,7 +430,7 @@ impl Reloader {
                 tracing::error!(error = %crate::error::chain(&e), "audit log reopen failed; still writing the old file")
             }
         }
-        let config = Config::load(path)?;
+        let mut config = Config::load(path)?;
         let tls = server::tls::server_config(&config.tls)?;
         let mut warnings = server::tls::crl_warnings(&config.tls, chrono::Utc::now());
         let old = self.broker.config();
@@ -437,6 +446,8 @@ impl Reloader {
             }
         }
         warnings.extend(restart_only_changes(&old, &config));
+        // Restart-only like the rest, though read live (see above).
+        config.server.name_prefix = old.server.name_prefix.clone();
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
         self.broker.replace_config(Arc::new(config));
         let mut e = Event::new("credbroker:system", "reload");
@@ -472,17 +483,31 @@ mod tests {
         let old = config("", "");
         assert!(restart_only_changes(&old, &config("", "")).is_empty());
         let new = config(
-            "metrics_listen = \"127.0.0.1:9464\"\nmax_connections_per_identity = 5\n",
-            "[console]\nlisten = \"127.0.0.1:8443\"\n",
+            "metrics_listen = \"127.0.0.1:9464\"\nmax_connections_per_identity = 5\n\
+             name_prefix = \"other_\"\n",
+            "[console]\nlisten = \"127.0.0.1:8443\"\n\n\
+             [store]\nurl = \"sqlite:///var/lib/other/leases.db\"\n\n\
+             [audit]\npath = \"/var/log/other/audit.log\"\n",
         );
         let said = restart_only_changes(&old, &new).join("; ");
         for key in [
             "server.metrics_listen",
             "server.max_connections_per_identity",
             "[console]",
+            "server.name_prefix",
+            "store.url",
+            "[audit]",
         ] {
             assert!(said.contains(&format!("{key} changed: restart")), "{said}");
         }
         assert!(!said.contains("server.listen "), "{said}");
+        assert!(!said.contains("store.password"), "{said}");
+        // Keys read live are not restart-only.
+        let live = config(
+            "",
+            "[store]\nurl = \"sqlite://credbroker.db\"\nretention = \"1h\"\n\
+             prune_interval = \"5m\"\n",
+        );
+        assert!(restart_only_changes(&old, &live).is_empty());
     }
 }

@@ -91,7 +91,8 @@ pub async fn page(
                 Reach::Down(why) => (false, why, vec![]),
             };
             // The MySQL backend's preflight says when its failsafe events
-            // cannot run; PostgreSQL's VALID UNTIL needs nothing.
+            // cannot run; PostgreSQL's when the server lets a wrong
+            // password in (`trust`), which makes VALID UNTIL moot.
             let no_expiry = warnings
                 .iter()
                 .find(|w| w.contains("NO DATABASE-SIDE EXPIRY"));

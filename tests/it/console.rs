@@ -346,6 +346,72 @@ async fn console_serve_binary_serves_the_console_to_admins_only() {
     );
 }
 
+/// A database that checks no passwords (`trust` in pg_hba.conf): the
+/// broker's own preflight logs in as a throwaway role with a wrong
+/// password, is let in, and says so — `serve` logs it at start and the
+/// overview shows NOT ENFORCED with the reason, not "VALID UNTIL". On a
+/// server that asks for scram-sha-256 the overview shows VALID UNTIL and
+/// nothing is logged. Either way the probe role does not outlive the probe,
+/// and a later refresh reuses the verdict instead of probing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_overview_shows_a_trust_database_as_not_enforced() {
+    for trust in [true, false] {
+        let hba = trust.then(|| vec!["host all all 127.0.0.1/32 trust".to_string()]);
+        let pg = ThrowawayPostgres::start(PostgresOptions {
+            hba,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL: {e}"));
+        let mut b = TestBroker::prepare_on(&pg, &role("ro", "{db}", "5m", "10m", APP)).await;
+        let port = b.enable_console().await;
+        b.spawn_binary().await;
+        wait_port(port).await;
+        let (status, page) = https_get(&b, port, Some("admin"), "/").await.unwrap();
+        assert_eq!(status, 200, "{page}");
+        assert!(page.contains("data-database=\"main\""), "{page}");
+        let log = b.broker_log();
+        if trust {
+            assert!(page.contains("NOT ENFORCED"), "{page}");
+            assert!(
+                page.contains("NO DATABASE-SIDE EXPIRY")
+                    && page.contains("pg_hba.conf trust for this address"),
+                "{page}"
+            );
+            assert!(!page.contains("VALID UNTIL on every leased role"), "{page}");
+            assert!(
+                log.contains("NO DATABASE-SIDE EXPIRY") && log.contains("pg_hba.conf trust"),
+                "serve did not log the warning at start: {log}"
+            );
+        } else {
+            assert!(page.contains("VALID UNTIL on every leased role"), "{page}");
+            assert!(!page.contains("NOT ENFORCED"), "{page}");
+            assert!(!log.contains("NO DATABASE-SIDE EXPIRY"), "{log}");
+        }
+        // The verdict is cached: a refresh after the console's own 5 s
+        // cache asks preflight again, which creates no second probe role.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let (status, again) = https_get(&b, port, Some("admin"), "/").await.unwrap();
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(
+            page.contains("NOT ENFORCED"),
+            again.contains("NOT ENFORCED")
+        );
+        let created = pg
+            .read_log()
+            .unwrap()
+            .matches("CREATE ROLE \"credbroker_check_")
+            .count();
+        assert_eq!(created, 1, "one probe role per 10 minutes, not per refresh");
+        assert_eq!(
+            probe_roles_left(&pg, &b.db).await,
+            0,
+            "a probe role was left behind (trust: {trust})"
+        );
+        b.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_static_role_rotate_now_rotates_a_real_postgres_user() {
     require_browser();

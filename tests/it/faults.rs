@@ -243,6 +243,31 @@ async fn sighup_reloads_crl_and_roles_without_a_restart() {
     b.kill_binary();
 }
 
+/// `server.name_prefix` is read live, but a SIGHUP that changes it is
+/// named as restart-only and the old prefix stays: the orphan sweep keeps
+/// seeing the users issued under it.
+#[tokio::test]
+async fn sighup_names_a_changed_name_prefix_and_keeps_the_old_one() {
+    let mut b = TestBroker::prepare(&roles()).await;
+    b.spawn_binary().await;
+    let old = b.prefix.clone();
+    b.edit_config(|t| t.replace(&format!("name_prefix = \"{old}\""), "name_prefix = \"zz_\""));
+    b.signal_binary("HUP");
+    let said = eventually(Duration::from_secs(5), || async {
+        b.broker_log()
+            .contains("server.name_prefix changed: restart the broker to apply")
+    })
+    .await;
+    assert!(said, "SIGHUP did not name name_prefix: {}", b.broker_log());
+    let lease = issue(&b, "app", "ro", 0).await.unwrap();
+    assert!(
+        lease.username.starts_with(&old),
+        "{} does not keep the old prefix {old}",
+        lease.username
+    );
+    b.kill_binary();
+}
+
 #[tokio::test]
 async fn leases_of_a_role_removed_from_the_config_are_still_revoked_at_expiry() {
     let mut b = TestBroker::start(&roles()).await;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{cluster, free_port, login, unique, wait_port};
+use crate::support::{cluster, free_port, login, probe_roles_left, unique, wait_port};
 
 const README: &str = include_str!("../../README.md");
 const SECTION: &str = "## Getting started from nothing";
@@ -1115,16 +1115,11 @@ async fn first_hour_check_flags_a_database_that_checks_no_passwords() {
         "{out:?}"
     );
     assert!(out.stdout.contains("fix: use scram-sha-256"), "{out:?}");
-    let c = pg.connect(&s.db).await.unwrap();
-    let left: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'credbroker\\_check\\_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "the probe role is dropped");
+    assert_eq!(
+        probe_roles_left(&pg, &s.db).await,
+        0,
+        "the probe role is dropped"
+    );
 
     // A misspelt admin: its fix creates the role, not ALTER ROLE.
     let config = std::fs::read_to_string(s.path().join("broker.toml")).unwrap();

@@ -706,3 +706,18 @@ pub fn spawn_sidecar(
         .spawn()
         .unwrap()
 }
+
+/// Roles named like the password probe's (`credbroker_check_…`, made by
+/// `check` and preflight) still on `pg`: 0 once every probe cleaned up.
+pub async fn probe_roles_left(pg: &ThrowawayPostgres, db: &str) -> i64 {
+    pg.connect(db)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'credbroker\\_check\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

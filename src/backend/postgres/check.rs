@@ -3,6 +3,7 @@
 use postgres_protocol::escape::escape_identifier;
 
 use super::connection::host_port;
+use super::password_probe::{password_check, PasswordCheck};
 use super::{location, Cause, CauseKind, DryRun, DryRunStep};
 use crate::backend::finding::Finding;
 use crate::backend::{read_admin_password, render_grant};
@@ -274,12 +275,8 @@ pub async fn check(
     (out, prefixed)
 }
 
-/// Does the server check passwords at all, for the address `check`
-/// connects from? A throwaway login role (not broker-shaped, valid for a
-/// few minutes at most, dropped at once) is logged in with a wrong
-/// password: a `trust` line in `pg_hba.conf` — common in containers —
-/// lets it in, and then a leased password and its expiry mean nothing
-/// there. `None` when the server refused, as it should.
+/// [`password_check`] as a finding: `None` when the server refused a
+/// wrong password, as it should.
 async fn password_probe(
     client: &tokio_postgres::Client,
     cfg: &tokio_postgres::Config,
@@ -287,50 +284,16 @@ async fn password_probe(
     scope: &str,
 ) -> Option<Finding> {
     let at = host_port(cfg);
-    let name = format!("credbroker_check_{:016x}", rand::random::<u64>());
-    let ident = escape_identifier(&name);
-    let until = (chrono::Utc::now() + chrono::Duration::minutes(5))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let password = hex::encode(rand::random::<[u8; 24]>());
-    let create = format!(
-        "CREATE ROLE {ident} LOGIN PASSWORD '{password}' VALID UNTIL '{until}' CONNECTION LIMIT 1"
-    );
-    if let Err(e) = client.batch_execute(&create).await {
-        return Some(Finding::warning(
+    match password_check(client, cfg, tls).await {
+        PasswordCheck::Enforced => None,
+        PasswordCheck::Unknown(why) => Some(Finding::warning(
             scope,
             format!(
-                "could not test whether the server checks passwords (creating a probe role failed: {})",
-                Cause::of(&e).detail
+                "could not test whether the server checks passwords (creating a probe role failed: {why})"
             ),
             "make sure pg_hba.conf asks for scram-sha-256 from where clients connect",
-        ));
-    }
-    let mut probe = cfg.clone();
-    probe
-        .user(&name)
-        .password(hex::encode(rand::random::<[u8; 24]>()))
-        .application_name("credbroker check probe");
-    let admitted = match probe.connect(tls).await {
-        Ok((c, conn)) => {
-            drop(c);
-            drop(conn);
-            true
-        }
-        Err(_) => false,
-    };
-    // Its session (if any) ends before the role goes; VALID UNTIL bounds
-    // the role should the DROP fail.
-    let _ = client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-            &[&name],
-        )
-        .await;
-    let _ = client
-        .batch_execute(&format!("DROP ROLE IF EXISTS {ident}"))
-        .await;
-    admitted.then(|| {
-        Finding::error(
+        )),
+        PasswordCheck::NotEnforced => Some(Finding::error(
             scope,
             format!(
                 "the server at {at} let a login in with a wrong password (pg_hba.conf `trust` for \
@@ -338,8 +301,8 @@ async fn password_probe(
             ),
             "use scram-sha-256 (not trust) in pg_hba.conf for every address clients and the broker \
              connect from, then reload PostgreSQL",
-        )
-    })
+        )),
+    }
 }
 
 /// How many privileges the dry run's role holds, inside its transaction:

@@ -5,6 +5,7 @@
 use postgres_protocol::escape::escape_literal;
 
 use super::errors::lost_catalog_race;
+use super::password_probe::PasswordCheck;
 use super::sql::ACL_LOCK;
 use super::PostgresBackend;
 use crate::backend::{read_admin_password, stage_admin_password, store_admin_password, PoolState};
@@ -130,6 +131,22 @@ impl PostgresBackend {
                 "database {:?}: the admin role is not in pg_signal_backend: revocation cannot end live sessions",
                 self.config.name
             ));
+        }
+        // Without CREATEROLE there is no probe role; `check` says so.
+        if superuser || createrole {
+            let verdict = self
+                .password_check
+                .get(client, self.base.clone(), self.tls.clone())
+                .await;
+            if verdict == Some(PasswordCheck::NotEnforced) {
+                warnings.push(format!(
+                    "database {:?}: NO DATABASE-SIDE EXPIRY: the server at {} let a login in with a \
+                     wrong password (pg_hba.conf trust for this address): leased passwords and their \
+                     VALID UNTIL are not enforced there; use scram-sha-256 in pg_hba.conf",
+                    self.config.name,
+                    host_port(&self.base)
+                ));
+            }
         }
         Ok(warnings)
     }

@@ -4,7 +4,8 @@
 //! One file per concern, each an `impl PostgresBackend` block over the
 //! fields here, as in `mysql/`: `connection` (the admin URL's location,
 //! one-off connections to other databases, retried batches, rotate-root,
-//! TLS check, preflight, pool state), `errors` (driver errors → `Error`,
+//! TLS check, preflight, pool state), `password_probe` (does the server
+//! check passwords at all; `check` and preflight share it), `errors` (driver errors → `Error`,
 //! `Cause`), `sql` (statement pieces several concerns share: the ACL
 //! lock, `VALID UNTIL` literals, NOLOGIN), `create` (role creation and its
 //! shared rounds, `CreateRounds`), `users` (extend, the users with the
@@ -19,6 +20,7 @@ mod create;
 mod drain;
 mod dry_run;
 mod errors;
+mod password_probe;
 mod revoke;
 mod sql;
 mod static_users;
@@ -74,6 +76,10 @@ pub struct PostgresBackend {
     creates: Arc<CreateRounds>,
     /// Off only for the bench's (b′), which sends one lease's statements.
     share_creates: bool,
+    /// Whether the server refuses a wrong password (`trust` in
+    /// pg_hba.conf does not), probed by preflight at most every
+    /// [`password_probe::REPROBE_AFTER`].
+    password_check: Arc<password_probe::CachedCheck>,
 }
 
 impl PostgresBackend {
@@ -131,6 +137,7 @@ impl PostgresBackend {
             superuser: tokio::sync::OnceCell::new(),
             creates: Arc::default(),
             share_creates: true,
+            password_check: Arc::default(),
         })
     }
 
