@@ -144,14 +144,20 @@ pub async fn page(
     // The charts count what this process did (`rate_history`): on a store
     // shared by replicas that is one replica's share, and the titles say
     // so, lest an on-call read a third of the traffic as all of it.
-    let shared = matches!(broker.config().store.url, crate::config::StoreUrl::Postgres(_));
+    let shared = matches!(
+        broker.config().store.url,
+        crate::config::StoreUrl::Postgres(_)
+    );
     let (suffix, counted) = if shared {
         (
             ", this replica",
             "Counted by this replica since it started: the store is shared, and each replica charts only the requests it served. Open each replica's console (or ask Prometheus for the sum of credbroker's counters) for the cluster.",
         )
     } else {
-        ("", "Counted by this broker since it started (it is the only one on its store).")
+        (
+            "",
+            "Counted by this broker since it started (it is the only one on its store).",
+        )
     };
     let view = OverviewPage {
         head: Head::new("Overview", "overview", Some(&viewer)),

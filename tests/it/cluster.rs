@@ -497,7 +497,10 @@ async fn a_console_form_from_replica_a_is_accepted_by_replica_b() {
     assert_eq!(code, 200, "A's form posted to B: {raw}");
     assert!(raw.contains("1 lease revoked"), "{raw}");
     assert!(!b.role_exists(&target.username).await, "revoked through B");
-    assert!(b.role_exists(&kept.username).await, "the other lease is kept");
+    assert!(
+        b.role_exists(&kept.username).await,
+        "the other lease is kept"
+    );
 
     // One key in the store, made by whichever replica asked first.
     let store = cluster().connect(&store_db).await.unwrap();
