@@ -1,9 +1,11 @@
 //! Lease events across replicas, through the PostgreSQL store: what one
-//! replica publishes to its [`WatchHub`] (renewed, revoked, locked) is
-//! written to the store and announced with `NOTIFY`; every other replica
-//! `LISTEN`s, reads the new rows and publishes them to its own hub. So a
-//! sidecar watching its lease through replica A hears of a revoke made
-//! through replica B at once, not at its next renewal.
+//! replica publishes to its [`WatchHub`] (renewed, revoked, locked; locks
+//! placed and lifted) is written to the store and announced with `NOTIFY`;
+//! every other replica `LISTEN`s, reads the new rows and publishes them to
+//! its own hub. So a sidecar watching its lease through replica A hears of
+//! a revoke made through replica B at once, not at its next renewal; and a
+//! lock placed on A ends the locked identity's streams on B too
+//! ([`WatchHub::publish_lock`]).
 //!
 //! Rows, not only notifications: a notification says "look", the row is
 //! the event. A replica whose `LISTEN` connection dropped reconnects and
@@ -12,9 +14,16 @@
 //! [`LATE`] of rows, because a row with a lower `seq` can commit after a
 //! higher one was read. Rows older than [`KEEP`] are deleted.
 //!
-//! Own table, created here (`CREATE TABLE IF NOT EXISTS` under an advisory
-//! lock) rather than a numbered store migration, while `store/` is being
-//! reorganised; it holds no secret (lease ids, identities, reasons).
+//! Catch-up, not resync: a missed notification costs nothing but time,
+//! since the rows are what is read; watchers get every event a lost
+//! connection hid from them, each once, in order — no "resync" marker is
+//! needed. Only a replica away for longer than [`KEEP`] loses events.
+//!
+//! The table is PostgreSQL store migration 11 (`credbroker_lease_events`;
+//! the migrations run before the relay starts). It holds no secret (lease
+//! ids, identities, lock targets, reasons). The relay's two connections
+//! name themselves [`LISTENER`] and [`SENDER`] in `application_name`, so
+//! an operator (or a test) can tell them apart in `pg_stat_activity`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,18 +38,21 @@ use crate::config::SecretSource;
 use crate::dbtls;
 use crate::error::{Error, Result};
 use crate::lease::LeaseId;
-use crate::watch::{EventKind, LeaseEvent, WatchHub};
+use crate::lock::{Lock, LockId, LockTarget};
+use crate::watch::{EventKind, LeaseEvent, LockEvent, Note, WatchHub};
 
+/// The `NOTIFY` channel, and the table (store migration 11).
 const CHANNEL: &str = "credbroker_lease_events";
+/// `application_name` of the connection that `LISTEN`s and reads.
+pub const LISTENER: &str = "credbroker-events-listen";
+/// `application_name` of the connection that writes this replica's events.
+pub const SENDER: &str = "credbroker-events-send";
 /// How far back every read looks again for rows committed late.
 const LATE: Duration = Duration::from_secs(10);
 /// How long rows are kept: a replica away longer misses events (and says so).
 const KEEP: Duration = Duration::from_secs(3600);
 /// A read every this often even without a notification.
 const POLL: Duration = Duration::from_secs(5);
-/// `pg_advisory_xact_lock` key while creating the table ("cbevents").
-const CREATE_LOCK: i64 = 0x6362_6576_656e_7473;
-
 /// Where the relay connects: the store's connection string, checked.
 #[derive(Clone)]
 struct Target {
@@ -48,9 +60,19 @@ struct Target {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
+impl Target {
+    /// The same target under another `application_name`.
+    fn named(&self, name: &str) -> Target {
+        let mut t = self.clone();
+        t.config.application_name(name);
+        t
+    }
+}
+
 /// Starts relaying between this replica's `hub` and the store at `url`
 /// (a PostgreSQL store; SQLite has one broker and nothing to relay) until
-/// `stop`. Creates the table first, so a broken store stops start-up.
+/// `stop`. Reads where the event table ends first, so a store that cannot
+/// be read (or was not migrated) stops start-up.
 pub async fn start(
     url: &str,
     password: &SecretSource,
@@ -73,36 +95,22 @@ pub async fn start(
         config.password(p.expose());
     }
     let target = Target { config, tls };
-    let client = connect(&target, None).await?;
-    client
-        .batch_execute(&format!(
-            "BEGIN;
-             SELECT pg_advisory_xact_lock({CREATE_LOCK});
-             CREATE TABLE IF NOT EXISTS {CHANNEL} (
-                 seq     bigserial PRIMARY KEY,
-                 origin  text NOT NULL,
-                 at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-                 event   jsonb NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS {CHANNEL}_at ON {CHANNEL} (at);
-             COMMIT;"
-        ))
-        .await
-        .map_err(|e| unavailable("create the event table", e))?;
+    let client = connect(&target.named(SENDER), None).await?;
     let start: i64 = client
         .query_one(&format!("SELECT coalesce(max(seq), 0) FROM {CHANNEL}"), &[])
         .await
         .map_err(|e| unavailable("read the last event", e))?
         .get(0);
     let origin = format!("{:016x}", rand::random::<u64>());
+    drop(client);
     let outbound = tokio::spawn(send(
-        target.clone(),
+        target.named(SENDER),
         hub.clone(),
         origin.clone(),
         stop.clone(),
     ));
     Ok(tokio::spawn(async move {
-        receive(target, hub, origin, start, stop).await;
+        receive(target.named(LISTENER), hub, origin, start, stop).await;
         let _ = outbound.await;
     }))
 }
@@ -145,7 +153,7 @@ async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: Cancella
             e = rx.recv() => e,
         };
         let event = match event {
-            Ok(e) if e.relayed => continue,
+            Ok(e) if e.relayed() => continue,
             Ok(e) => e,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "lease events: too many to relay; other replicas' watchers learn of these at their next renewal");
@@ -226,7 +234,15 @@ async fn receive(
                 Ok(events) => {
                     for (seq, e) in events {
                         last = last.max(seq);
-                        hub.publish(e);
+                        match e {
+                            Note::Lease(e) => hub.publish(e),
+                            Note::Lock(e) => {
+                                let ended = hub.publish_lock(e);
+                                if ended > 0 {
+                                    tracing::info!(identities = ended, "lease watches of an identity locked on another replica ended");
+                                }
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -250,7 +266,7 @@ async fn read(
     origin: &str,
     last: i64,
     seen: &mut BTreeMap<i64, Instant>,
-) -> std::result::Result<Vec<(i64, LeaseEvent)>, tokio_postgres::Error> {
+) -> std::result::Result<Vec<(i64, Note)>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
@@ -286,7 +302,28 @@ fn kind_name(k: EventKind) -> &'static str {
     }
 }
 
-fn encode(e: &LeaseEvent) -> String {
+/// A lease event as one JSON object (the format of the brokers before lock
+/// events, unchanged), or a lock's with `kind` `lock_placed`/`lock_lifted`
+/// — which a broker before them skips with a warning.
+fn encode(n: &Note) -> String {
+    let e = match n {
+        Note::Lease(e) => e,
+        Note::Lock(e) => {
+            return serde_json::json!({
+                "kind": if e.placed { "lock_placed" } else { "lock_lifted" },
+                "lock_id": e.lock.id.as_str(),
+                "target_kind": e.lock.target.kind(),
+                "target_value": e.lock.target.value(),
+                "reason": e.lock.reason,
+                "created_by": e.lock.created_by,
+                "created_at": e.lock.created_at.to_rfc3339(),
+                "expires_at": e.lock.expires_at.map(|t| t.to_rfc3339()),
+                "actor": e.actor,
+                "at": e.at.to_rfc3339(),
+            })
+            .to_string()
+        }
+    };
     serde_json::json!({
         "kind": kind_name(e.kind),
         "lease_id": e.lease_id.as_str(),
@@ -302,7 +339,7 @@ fn encode(e: &LeaseEvent) -> String {
     .to_string()
 }
 
-fn decode(text: &str) -> Option<LeaseEvent> {
+fn decode(text: &str) -> Option<Note> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     let time = |k: &str| {
@@ -313,9 +350,30 @@ fn decode(text: &str) -> Option<LeaseEvent> {
         "renewed" => EventKind::Renewed,
         "revoked" => EventKind::Revoked,
         "locked" => EventKind::Locked,
+        lock @ ("lock_placed" | "lock_lifted") => {
+            let lock_id = s("lock_id")?;
+            // Checked like caller text: a row is another broker's output,
+            // not this one's, and a malformed one is skipped.
+            LockId::parse(&lock_id).ok()?;
+            let target = LockTarget::from_parts(&s("target_kind")?, &s("target_value")?).ok()?;
+            return Some(Note::Lock(LockEvent {
+                placed: lock == "lock_placed",
+                lock: Lock {
+                    id: LockId::from_store(lock_id),
+                    target,
+                    reason: s("reason")?,
+                    created_by: s("created_by")?,
+                    created_at: time("created_at")?,
+                    expires_at: time("expires_at"),
+                },
+                actor: s("actor")?,
+                at: time("at")?,
+                relayed: true,
+            }));
+        }
         _ => return None,
     };
-    Some(LeaseEvent {
+    Some(Note::Lease(LeaseEvent {
         kind,
         lease_id: LeaseId::parse(&s("lease_id")?).ok()?,
         identity: s("identity")?,
@@ -327,7 +385,7 @@ fn decode(text: &str) -> Option<LeaseEvent> {
         lock_id: s("lock_id"),
         at: time("at")?,
         relayed: true,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -349,7 +407,9 @@ mod tests {
             at: Utc::now(),
             relayed: false,
         };
-        let back = decode(&encode(&e)).unwrap();
+        let Some(Note::Lease(back)) = decode(&encode(&Note::Lease(e.clone()))) else {
+            panic!("not a lease event");
+        };
         assert_eq!(back.lease_id, e.lease_id);
         assert_eq!(back.kind, e.kind);
         assert_eq!(back.identity, e.identity);
@@ -359,5 +419,40 @@ mod tests {
         );
         assert!(back.relayed);
         assert!(decode("{\"kind\":\"exploded\"}").is_none());
+    }
+
+    #[test]
+    fn a_lock_event_reads_back_as_written_and_a_malformed_one_is_skipped() {
+        let lock = Lock {
+            id: LockId::generate(),
+            target: LockTarget::Identity(
+                crate::policy::IdentityPattern::new("spiffe://td/ns/shop/*").unwrap(),
+            ),
+            reason: "INC-9".into(),
+            created_by: "spiffe://td/dba/oncall".into(),
+            created_at: Utc::now(),
+            expires_at: None,
+        };
+        for placed in [true, false] {
+            let e = LockEvent::new(placed, &lock, "spiffe://td/dba/oncall");
+            let text = encode(&Note::Lock(e));
+            let Some(Note::Lock(back)) = decode(&text) else {
+                panic!("not a lock event: {text}");
+            };
+            assert_eq!(back.placed, placed);
+            assert_eq!(back.lock.id, lock.id);
+            assert_eq!(back.lock.target.to_string(), lock.target.to_string());
+            assert_eq!(back.lock.reason, "INC-9");
+            assert!(back.lock.expires_at.is_none() && back.relayed);
+        }
+        let good = encode(&Note::Lock(LockEvent::new(true, &lock, "a")));
+        for (from, to) in [
+            (lock.id.as_str(), "k_'; DROP"),
+            ("\"identity\"", "\"table\""),
+        ] {
+            let bad = good.replace(from, to);
+            assert_ne!(bad, good);
+            assert!(decode(&bad).is_none(), "{bad}");
+        }
     }
 }

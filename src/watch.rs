@@ -6,7 +6,9 @@
 //! One in-process broadcast channel. With several replicas sharing a
 //! PostgreSQL store, `relay.rs` carries each replica's events to the
 //! others (`NOTIFY` and an event table in the store), so a subscriber sees
-//! what every replica did.
+//! what every replica did. Locks placed and lifted travel the same way
+//! ([`LockEvent`]): a lock on an identity ends that identity's streams on
+//! every replica, wherever it was placed ([`WatchHub::publish_lock`]).
 //!
 //! Bounded: at most [`MAX_PER_IDENTITY`] streams per identity and
 //! [`MAX_TOTAL`] in all, so a leaked certificate cannot pin the broker's
@@ -21,8 +23,9 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::identity::Identity;
 use crate::lease::{Lease, LeaseId, Reason};
-use crate::lock::Lock;
+use crate::lock::{Lock, LockTarget};
 
 /// Streams one identity may hold open: a sidecar needs one, a few
 /// replicas of a service behind one certificate a few more.
@@ -95,6 +98,49 @@ impl LeaseEvent {
     }
 }
 
+/// A lock placed or lifted (an expiry lifts a lock silently: nothing is
+/// published when one runs out). Never carries a secret.
+#[derive(Debug, Clone)]
+pub struct LockEvent {
+    /// Placed (true) or lifted.
+    pub placed: bool,
+    pub lock: Lock,
+    /// Who placed or lifted it.
+    pub actor: String,
+    pub at: DateTime<Utc>,
+    /// Made on another replica and relayed here (`relay.rs`).
+    pub relayed: bool,
+}
+
+impl LockEvent {
+    pub fn new(placed: bool, lock: &Lock, actor: &str) -> Self {
+        LockEvent {
+            placed,
+            lock: lock.clone(),
+            actor: actor.to_string(),
+            at: Utc::now(),
+            relayed: false,
+        }
+    }
+}
+
+/// What the hub carries: a lease's change or a lock's.
+#[derive(Debug, Clone)]
+pub enum Note {
+    Lease(LeaseEvent),
+    Lock(LockEvent),
+}
+
+impl Note {
+    /// Relayed from another replica (so not relayed again).
+    pub fn relayed(&self) -> bool {
+        match self {
+            Note::Lease(e) => e.relayed,
+            Note::Lock(e) => e.relayed,
+        }
+    }
+}
+
 /// Which events a stream gets.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
@@ -110,10 +156,37 @@ impl Scope {
             && self.role.as_ref().is_none_or(|r| *r == e.role)
             && self.database.as_ref().is_none_or(|d| *d == e.database)
     }
+
+    /// Whether a lock's event goes to this stream: to streams of every
+    /// identity (an admin's) whose role/database filter the lock concerns.
+    /// Not to a stream of one identity (a caller's own): a lock on that
+    /// identity ends the stream with the lock's refusal, which says all the
+    /// event would; a role or database lock reaches it as the `Locked`
+    /// events of its leases; other identities' locks are none of its
+    /// business.
+    pub fn matches_lock(&self, e: &LockEvent) -> bool {
+        if self.identity.is_some() {
+            return false;
+        }
+        match &e.lock.target {
+            LockTarget::Identity(_) | LockTarget::StaticRole(_) => {
+                self.role.is_none() && self.database.is_none()
+            }
+            LockTarget::Role(r) => self.role.as_ref().is_none_or(|x| x == r),
+            LockTarget::Database(d) => self.database.as_ref().is_none_or(|x| x == d),
+        }
+    }
+
+    pub fn matches_note(&self, n: &Note) -> bool {
+        match n {
+            Note::Lease(e) => self.matches(e),
+            Note::Lock(e) => self.matches_lock(e),
+        }
+    }
 }
 
 pub struct WatchHub {
-    tx: broadcast::Sender<Arc<LeaseEvent>>,
+    tx: broadcast::Sender<Arc<Note>>,
     open: Mutex<Open>,
     /// Cancelled when the broker shuts down: every stream ends cleanly,
     /// so graceful shutdown is not held up by watchers.
@@ -147,12 +220,32 @@ impl WatchHub {
 
     /// Sends to every subscriber; nobody listening is fine.
     pub fn publish(&self, e: LeaseEvent) {
-        let _ = self.tx.send(Arc::new(e));
+        let _ = self.tx.send(Arc::new(Note::Lease(e)));
+    }
+
+    /// Sends a lock's event to every subscriber (and, through the relay's
+    /// tap, to the other replicas); a placed identity lock then ends the
+    /// open streams of every identity it matches, with the lock's refusal
+    /// — after what was queued, this event included. The same call for a
+    /// lock placed here and one relayed from another replica, so streams
+    /// end on every replica. Returns how many identities had streams.
+    pub fn publish_lock(&self, e: LockEvent) -> usize {
+        let ended = match (&e.lock.target, e.placed) {
+            (LockTarget::Identity(p), true) => Some((p.clone(), e.lock.refusal().caller_message())),
+            _ => None,
+        };
+        let _ = self.tx.send(Arc::new(Note::Lock(e)));
+        match ended {
+            Some((p, refusal)) => {
+                self.end_locked(|id| p.matches(&Identity::from_trusted(id)), &refusal)
+            }
+            None => 0,
+        }
     }
 
     /// Every event, for the relay to other replicas (`relay.rs`): not a
     /// caller's stream, so not counted against the bounds.
-    pub fn tap(&self) -> broadcast::Receiver<Arc<LeaseEvent>> {
+    pub fn tap(&self) -> broadcast::Receiver<Arc<Note>> {
         self.tx.subscribe()
     }
 
@@ -192,7 +285,8 @@ impl WatchHub {
     /// Ends the open streams of every identity `locked` matches (a lock
     /// covers watches too: a locked identity stops learning about leases
     /// at once, not only at its next subscription). Returns how many
-    /// identities had streams. This replica's streams only.
+    /// identities had streams. This replica's streams only: other replicas
+    /// end theirs when the lock's event reaches them ([`Self::publish_lock`]).
     pub fn end_locked(&self, locked: impl Fn(&str) -> bool, refusal: &str) -> usize {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let hit: Vec<String> = open.ends.keys().filter(|i| locked(i)).cloned().collect();
@@ -221,7 +315,7 @@ impl WatchHub {
 
 /// One open stream; gives its slot back when dropped.
 pub struct Subscription {
-    pub rx: broadcast::Receiver<Arc<LeaseEvent>>,
+    pub rx: broadcast::Receiver<Arc<Note>>,
     hub: Arc<WatchHub>,
     identity: String,
     /// Cancelled at shutdown (a child of the hub's), or when a lock ends
@@ -292,5 +386,52 @@ mod tests {
         assert!(b.ended.is_cancelled() && b.lock_refusal().is_none());
         drop((a1, a2, a3, b));
         assert_eq!(hub.open_streams(), 0);
+    }
+
+    /// The same call for a lock placed here and one relayed from another
+    /// replica: the event goes out first, then the locked identity's
+    /// streams end with the lock's refusal; a lifted lock ends nothing.
+    #[test]
+    fn a_lock_event_ends_the_locked_identitys_streams_after_reaching_the_admins() {
+        let hub = Arc::new(WatchHub::new());
+        let mut admin = hub.subscribe("spiffe://td/dba/oncall").unwrap();
+        let app = hub.subscribe("spiffe://td/ns/shop/cart").unwrap();
+        let lock = Lock {
+            id: crate::lock::LockId::generate(),
+            target: LockTarget::Identity(
+                crate::policy::IdentityPattern::new("spiffe://td/ns/shop/*").unwrap(),
+            ),
+            reason: "INC-9".into(),
+            created_by: "spiffe://td/dba/oncall".into(),
+            created_at: Utc::now(),
+            expires_at: None,
+        };
+        let mut relayed = LockEvent::new(true, &lock, "spiffe://td/dba/oncall");
+        relayed.relayed = true;
+        assert_eq!(hub.publish_lock(relayed), 1);
+        assert!(app.ended.is_cancelled() && !admin.ended.is_cancelled());
+        assert!(app.lock_refusal().unwrap().contains("INC-9"));
+        let got = admin.rx.try_recv().unwrap();
+        let everything = Scope::default();
+        let own = Scope {
+            identity: Some("spiffe://td/ns/shop/cart".into()),
+            ..Scope::default()
+        };
+        let other_role = Scope {
+            role: Some("ro".into()),
+            ..Scope::default()
+        };
+        assert!(everything.matches_note(&got) && got.relayed());
+        assert!(!own.matches_note(&got), "the refusal tells the identity");
+        assert!(!other_role.matches_note(&got));
+        let role_lock = Lock {
+            target: LockTarget::Role("ro".into()),
+            ..lock.clone()
+        };
+        let lifted = LockEvent::new(false, &role_lock, "a");
+        assert!(other_role.matches_lock(&lifted) && everything.matches_lock(&lifted));
+        let again = hub.subscribe("spiffe://td/ns/shop/cart").unwrap();
+        assert_eq!(hub.publish_lock(LockEvent::new(false, &lock, "a")), 0);
+        assert!(!again.ended.is_cancelled(), "lifting ends nothing");
     }
 }

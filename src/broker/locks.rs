@@ -11,7 +11,7 @@ use crate::identity::Identity;
 use crate::lease::{Lease, Reason};
 use crate::lock::{Lock, LockId, LockTarget, NewLock};
 use crate::store::LeaseFilter;
-use crate::watch::LeaseEvent;
+use crate::watch::{LeaseEvent, LockEvent};
 
 impl Broker {
     /// Locks `target` out: from now on issue and renew refuse whatever it
@@ -66,32 +66,32 @@ impl Broker {
                     tracing::warn!(error = %crate::error::chain(&e), "cannot tell watchers about the lock")
                 }
             }
-            self.end_locked_watches(&lock);
+            self.announce_lock(who, &lock, true);
             return Ok((lock, None));
         }
         if let LockTarget::StaticRole(name) = &lock.target {
             // The incident: the password already read must stop working
             // too — both users' passwords replaced, their sessions ended.
-            self.revoke_static(who, name).await?;
+            let replaced = self.revoke_static(who, name).await;
+            self.announce_lock(who, &lock, true);
+            replaced?;
             return Ok((lock, Some(BulkOutcome::default())));
         }
-        let out = self.revoke_locked(who, &lock).await?;
-        self.end_locked_watches(&lock);
-        Ok((lock, Some(out)))
+        let out = self.revoke_locked(who, &lock).await;
+        self.announce_lock(who, &lock, true);
+        Ok((lock, Some(out?)))
     }
 
-    /// A lock covers watch streams too: once the lock's own events are
-    /// published (locked, or revoked with `--revoke`), the locked
-    /// identity's open streams end with the lock's refusal — after
-    /// delivering what was queued. This replica's streams only.
-    fn end_locked_watches(&self, lock: &Lock) {
-        let LockTarget::Identity(p) = &lock.target else {
-            return;
-        };
-        let refusal = lock.refusal().caller_message();
+    /// Publishes a lock placed or lifted, after the lock's own lease events
+    /// (locked, or revoked with `--revoke`): watchers here and — through
+    /// the relay, in the same order — on every other replica hear of it,
+    /// and a placed identity lock ends the locked identities' open streams
+    /// with its refusal on every replica. Refusing requests needs no event:
+    /// every replica reads the locks from the store on every call.
+    fn announce_lock(&self, who: &Identity, lock: &Lock, placed: bool) {
         let ended = self
             .watch
-            .end_locked(|id| p.matches(&Identity::from_trusted(id)), &refusal);
+            .publish_lock(LockEvent::new(placed, lock, who.as_str()));
         if ended > 0 {
             tracing::info!(lock_id = %lock.id, identities = ended, "lease watches of locked identities ended");
         }
@@ -198,6 +198,7 @@ impl Broker {
                 event.detail = Some(lock_detail(&lock, false));
                 self.audit_event(event)?;
                 tracing::warn!(lock_id = %lock.id, target = %lock.target, "lock lifted");
+                self.announce_lock(who, &lock, false);
                 Ok(lock)
             }
             Err(e) => {

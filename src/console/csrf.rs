@@ -1,9 +1,13 @@
 //! CSRF tokens bound to one client certificate and identity: the HMAC of
-//! the certificate's SHA-256 and the identity under a key made at start.
+//! the certificate's SHA-256 and the identity under the console's key.
 //! A page from another site cannot read the token (the CSP, same-origin
 //! rules), and a token taken from one admin's page is worthless with
-//! another certificate. No cookie or server-side session is needed; a
-//! restart (new key) simply asks the admin to reload the page.
+//! another certificate. No cookie or server-side session is needed.
+//!
+//! The key: on a shared PostgreSQL store, one for every replica, kept in
+//! the store ([`shared`]), so a form served by replica A and posted through
+//! a load balancer to replica B is accepted; with SQLite (one broker) a
+//! key made at start, and a restart simply asks the admin to reload.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -45,6 +49,25 @@ impl CsrfKey {
         match hex::decode(token) {
             Ok(bytes) => self.mac(cert_sha256, who).verify_slice(&bytes).is_ok(),
             Err(_) => false,
+        }
+    }
+}
+
+/// The key every broker on this store uses (`Store::console_key`), or a
+/// key of this process's own where the store is only its own. A store that
+/// cannot be read is retried (1 s, doubling to 30 s): a key made up instead
+/// would refuse, behind a load balancer, every form another replica served.
+pub async fn shared(broker: &crate::broker::Broker) -> CsrfKey {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match broker.store().console_key().await {
+            Ok(Some(k)) => return CsrfKey(k),
+            Ok(None) => return CsrfKey::random(),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "console: cannot read its key from the store; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
         }
     }
 }

@@ -72,25 +72,36 @@ pub struct Viewer {
 }
 
 impl Console {
+    /// A console with a CSRF key of its own (tests, the benchmark).
     pub fn new(broker: Arc<Broker>) -> Self {
+        Self::with_key(broker, csrf::CsrfKey::random())
+    }
+
+    fn with_key(broker: Arc<Broker>, csrf: csrf::CsrfKey) -> Self {
         Console {
             broker,
-            csrf: csrf::CsrfKey::random(),
+            csrf,
             probes: probe::Probes::default(),
             audit_check: audit_view::ChainCheck::default(),
         }
     }
 }
 
-/// Serves the console on `listener` until `shutdown`.
+/// Serves the console on `listener` until `shutdown`, with the CSRF key
+/// shared by every replica of the store (`csrf::shared`).
 pub async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
     tls: SharedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let mut shutdown = Box::pin(shutdown);
+    let key = tokio::select! {
+        k = csrf::shared(&broker) => k,
+        _ = &mut shutdown => return,
+    };
     let options = https::ListenerOptions::of("console", &broker);
-    let app = router(Arc::new(Console::new(broker)));
+    let app = router(Arc::new(Console::with_key(broker, key)));
     https::serve(app, listener, tls, options, shutdown).await
 }
 

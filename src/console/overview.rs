@@ -44,6 +44,8 @@ pub struct OverviewPage {
     pub failing_total: u64,
     pub store_error: Option<String>,
     pub charts: Vec<Chart>,
+    /// Whose traffic the charts count, said under them.
+    pub counted: &'static str,
     pub width: u32,
     pub height: u32,
 }
@@ -139,6 +141,24 @@ pub async fn page(
         })
         .collect();
     let minutes = broker.metrics().history.last_hour(Utc::now());
+    // The charts count what this process did (`rate_history`): on a store
+    // shared by replicas that is one replica's share, and the titles say
+    // so, lest an on-call read a third of the traffic as all of it.
+    let shared = matches!(
+        broker.config().store.url,
+        crate::config::StoreUrl::Postgres(_)
+    );
+    let (suffix, counted) = if shared {
+        (
+            ", this replica",
+            "Counted by this replica since it started: the store is shared, and each replica charts only the requests it served. Open each replica's console (or ask Prometheus for the sum of credbroker's counters) for the cluster.",
+        )
+    } else {
+        (
+            "",
+            "Counted by this broker since it started (it is the only one on its store).",
+        )
+    };
     let view = OverviewPage {
         head: Head::new("Overview", "overview", Some(&viewer)),
         live_total: rows.iter().map(|r| r.live).sum(),
@@ -146,9 +166,18 @@ pub async fn page(
         rows,
         store_error,
         charts: vec![
-            chart::chart("Leases issued per minute", &minutes, |m| m.issued),
-            chart::chart("Leases revoked per minute", &minutes, |m| m.revoked),
+            chart::chart(
+                &format!("Leases issued per minute{suffix}"),
+                &minutes,
+                |m| m.issued,
+            ),
+            chart::chart(
+                &format!("Leases revoked per minute{suffix}"),
+                &minutes,
+                |m| m.revoked,
+            ),
         ],
+        counted,
         width: chart::WIDTH,
         height: chart::HEIGHT,
     };

@@ -99,6 +99,19 @@ async fn every_answer_carries_the_security_headers() {
     }
 }
 
+/// The charts count this process's traffic: with a store of its own the
+/// broker is the whole deployment and the titles say nothing more; on a
+/// shared store they say "this replica" (`tests/it/cluster.rs`).
+#[tokio::test]
+async fn the_charts_of_a_broker_alone_on_its_store_do_not_say_replica() {
+    let (_kit, console) = kit();
+    let a = send(&console, &peer(Ok(ADMIN)), get("/")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("Leases issued per minute:"), "{}", a.body);
+    assert!(a.body.contains("the only one on its store"), "{}", a.body);
+    assert!(!a.body.contains("this replica"), "{}", a.body);
+}
+
 #[tokio::test]
 async fn non_admins_and_certificates_without_identity_get_403_and_are_audited() {
     let (kit, console) = kit();

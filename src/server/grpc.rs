@@ -154,6 +154,26 @@ pub struct BrokerService {
     pub broker: Arc<Broker>,
 }
 
+fn note_to_pb(n: &crate::watch::Note) -> pb::LeaseEvent {
+    match n {
+        crate::watch::Note::Lease(e) => event_to_pb(e),
+        crate::watch::Note::Lock(e) => pb::LeaseEvent {
+            kind: if e.placed {
+                pb::LeaseEventKind::LockPlaced
+            } else {
+                pb::LeaseEventKind::LockLifted
+            } as i32,
+            expires_at: e.lock.expires_at.map(ts),
+            actor: e.actor.clone(),
+            reason: e.lock.reason.clone(),
+            lock_id: e.lock.id.to_string(),
+            lock_target: e.lock.target.to_string(),
+            at: Some(ts(e.at)),
+            ..Default::default()
+        },
+    }
+}
+
 fn event_to_pb(e: &crate::watch::LeaseEvent) -> pb::LeaseEvent {
     use crate::watch::EventKind;
     pb::LeaseEvent {
@@ -171,6 +191,7 @@ fn event_to_pb(e: &crate::watch::LeaseEvent) -> pb::LeaseEvent {
         reason: e.reason.clone(),
         lock_id: e.lock_id.clone().unwrap_or_default(),
         at: Some(ts(e.at)),
+        lock_target: String::new(),
     }
 }
 
@@ -254,6 +275,26 @@ impl pb::broker_server::Broker for BrokerService {
             .map_err(to_status)?;
         let hub = self.broker.watch().clone();
         let sub = hub.subscribe(who.as_str()).map_err(to_status)?;
+        // The gate read the locks before this stream existed; a lock on
+        // this identity stored in between (on any replica) may have ended
+        // this identity's streams before this one was counted. Read them
+        // again now that it is: a lock committed before this read refuses
+        // here, one committed after ends the stream when its event comes.
+        let locks = self
+            .broker
+            .store()
+            .active_locks()
+            .await
+            .map_err(to_status)?;
+        if let Some(lock) =
+            crate::lock::first_match_subject(&locks, &crate::lock::Subject::identity(&who))
+        {
+            return Err(to_status(self.broker.refuse(
+                who.as_str(),
+                "watch",
+                lock.refusal(),
+            )));
+        }
         tracing::debug!(identity = %who, "lease watch opened");
         // The subscription (and its slot) lives as long as the stream.
         let stream = futures::stream::unfold(Some((sub, 0usize)), move |state| {
@@ -283,8 +324,8 @@ impl pb::broker_server::Broker for BrokerService {
                         _ = sub.ended.cancelled() => return end(&sub),
                     };
                     match got {
-                        Ok(e) if scope.matches(&e) => {
-                            return Some((Ok(event_to_pb(&e)), Some((sub, after_end))))
+                        Ok(e) if scope.matches_note(&e) => {
+                            return Some((Ok(note_to_pb(&e)), Some((sub, after_end))))
                         }
                         Ok(_) => continue,
                         Err(RecvError::Lagged(n)) => {

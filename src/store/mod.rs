@@ -356,6 +356,15 @@ pub trait Store: LeaseStore + LockStore + TokenStore + StaticStore {
     /// every pending intent due now, since its issuer is certainly dead; a
     /// shared store leaves them to their grace deadline.
     async fn recover_after_start(&self, now: DateTime<Utc>) -> Result<u64>;
+
+    /// The web console's CSRF key when several brokers share this store:
+    /// the same for all, so a form served by one replica is accepted by
+    /// another behind a load balancer. The one secret a shared store holds
+    /// (docs/HA.md says why it is there). None: a store only this process
+    /// uses (SQLite, memory), where a key made at start is as good.
+    async fn console_key(&self) -> Result<Option<[u8; 32]>> {
+        Ok(None)
+    }
 }
 
 /// A token of the Vault-compatible API, as stored: the SHA-256 of the

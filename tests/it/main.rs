@@ -7,6 +7,7 @@ mod admin;
 mod alerts;
 mod bench;
 mod certificates;
+mod cluster;
 mod console;
 mod db_tls;
 mod demo;

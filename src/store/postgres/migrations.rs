@@ -164,6 +164,33 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          ALTER TABLE credbroker_leases ADD CONSTRAINT credbroker_leases_state_check
             CHECK (state IN ('pending', 'active', 'draining', 'failing', 'revoked'));",
     ),
+    // Lease and lock events across replicas (`relay.rs`): each row is one
+    // event a replica published, announced with NOTIFY; the others read the
+    // rows after the last they saw. `IF NOT EXISTS` on purpose: brokers
+    // before this migration created the same table (same columns, same
+    // index) themselves at start, so a store they ran on has it already
+    // and must migrate without error — the statement then does nothing
+    // and keeps the rows, which other replicas may still be reading.
+    //
+    // And named keys shared by the replicas: the console's CSRF key
+    // (`console_csrf`), made by the first broker that asks (`console_key`)
+    // so a form served by one replica is accepted by another.
+    (
+        11,
+        "event table of the relay across replicas, and shared keys",
+        "CREATE TABLE IF NOT EXISTS credbroker_lease_events (
+            seq     bigserial PRIMARY KEY,
+            origin  text NOT NULL,
+            at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+            event   jsonb NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS credbroker_lease_events_at ON credbroker_lease_events (at);
+        CREATE TABLE credbroker_keys (
+            name       text PRIMARY KEY,
+            key        bytea NOT NULL CHECK (length(key) = 32),
+            created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        );",
+    ),
 ];
 
 /// The newest schema this build knows.

@@ -233,6 +233,35 @@ impl Store for PostgresStore {
     async fn recover_after_start(&self, _now: DateTime<Utc>) -> Result<u64> {
         Ok(0)
     }
+
+    /// The first replica to ask stores a fresh random key; `ON CONFLICT DO
+    /// NOTHING` makes replicas asking at once agree on the first one
+    /// committed, which every one then reads back.
+    async fn console_key(&self) -> Result<Option<[u8; 32]>> {
+        let fresh: [u8; 32] = rand::random();
+        self.execute(
+            "store console key",
+            "INSERT INTO credbroker_keys (name, key) VALUES ('console_csrf', $1) \
+             ON CONFLICT (name) DO NOTHING",
+            &[&fresh.as_slice()],
+        )
+        .await?;
+        let rows = self
+            .query(
+                "read console key",
+                "SELECT key FROM credbroker_keys WHERE name = 'console_csrf'",
+                &[],
+            )
+            .await?;
+        let key: Vec<u8> = rows
+            .first()
+            .ok_or_else(|| Error::internal("the console key is not in the store"))?
+            .get(0);
+        let key: [u8; 32] = key
+            .try_into()
+            .map_err(|_| Error::internal("the stored console key is not 32 bytes"))?;
+        Ok(Some(key))
+    }
 }
 
 #[cfg(test)]

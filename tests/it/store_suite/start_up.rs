@@ -172,3 +172,76 @@ async fn postgres_store_down_is_unavailable_and_names_no_password() {
     assert!(matches!(err, credbroker::Error::Unavailable(_)), "{err:?}");
     assert!(!format!("{err} {err:?}").contains("s3cret-store-pw"));
 }
+
+/// Store migration 11 on a store whose relay made the event table itself
+/// (brokers before it ran `CREATE TABLE IF NOT EXISTS` at start): the
+/// migration's own `IF NOT EXISTS` finds the table, keeps its rows, and
+/// the store reaches the newest schema. The console's key is made once
+/// and read back the same by every store on the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_with_the_old_relays_event_table_migrates_to_11() {
+    let home = postgres_home().await;
+    (home.open)().await;
+    let db = home.pg_database.as_deref().unwrap();
+    let c = cluster().connect(db).await.unwrap();
+    // Back to what a broker of schema 10 left: its relay's table (the old
+    // code's statements, verbatim) holding an event, and no key table.
+    c.batch_execute(
+        "DELETE FROM credbroker_schema_migrations WHERE version >= 11;
+         DROP TABLE credbroker_keys;
+         DROP TABLE credbroker_lease_events;
+         BEGIN;
+         SELECT pg_advisory_xact_lock(7161397916654793843);
+         CREATE TABLE IF NOT EXISTS credbroker_lease_events (
+             seq     bigserial PRIMARY KEY,
+             origin  text NOT NULL,
+             at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+             event   jsonb NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS credbroker_lease_events_at ON credbroker_lease_events (at);
+         COMMIT;
+         INSERT INTO credbroker_lease_events (origin, event) VALUES ('old', '{\"kind\":\"renewed\"}');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(schema_versions(&c).await, (1..=10).collect::<Vec<_>>());
+    // Two stores opening at once: one migrates, neither fails.
+    let (s1, s2) = tokio::join!((home.open)(), (home.open)());
+    assert!(credbroker::store::postgres::SCHEMA_VERSION >= 11);
+    assert_eq!(
+        schema_versions(&c).await,
+        (1..=credbroker::store::postgres::SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM credbroker_lease_events WHERE origin = 'old'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "the old relay's events are kept");
+    let (k1, k2) = tokio::join!(s1.console_key(), s2.console_key());
+    let (k1, k2) = (k1.unwrap().unwrap(), k2.unwrap().unwrap());
+    assert_eq!(k1, k2, "one console key for every replica");
+    assert_ne!(k1, [0u8; 32]);
+    assert_eq!(s1.console_key().await.unwrap().unwrap(), k1, "made once");
+    let keys: i64 = c
+        .query_one("SELECT count(*) FROM credbroker_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 1);
+}
+
+async fn schema_versions(c: &tokio_postgres::Client) -> Vec<i32> {
+    c.query(
+        "SELECT version FROM credbroker_schema_migrations ORDER BY version",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
