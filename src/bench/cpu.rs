@@ -20,7 +20,7 @@ use std::path::Path;
 /// Thread name of the in-process broker's runtime.
 pub const BROKER_THREAD: &str = "cb-broker";
 /// The SQLite store's group-commit thread, which the broker owns.
-pub const STORE_THREAD: &str = crate::store::group_commit::THREAD_NAME;
+pub const STORE_THREAD: &str = credbroker::store::group_commit::THREAD_NAME;
 
 /// Counters at one instant, in clock ticks.
 #[derive(Debug, Clone, Copy, Default)]

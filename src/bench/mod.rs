@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use credbroker::error::{Error, Result};
 
 /// Latency figures of one run, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::audit::{rotated_files, verify_files, Verdict, GENESIS};
+use credbroker::audit::{rotated_files, verify_files, Verdict, GENESIS};
 use crate::cli::CliResult;
 
 #[derive(clap::Subcommand)]

@@ -97,8 +97,8 @@ pub(crate) enum Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let e: anyhow::Error = e.into();
-        match e.downcast_ref::<crate::Error>() {
-            Some(crate::Error::Config(_)) => Failure::Usage(e),
+        match e.downcast_ref::<credbroker::Error>() {
+            Some(credbroker::Error::Config(_)) => Failure::Usage(e),
             _ => Failure::Other(e),
         }
     }
@@ -185,8 +185,8 @@ pub fn main() -> ExitCode {
         Err(Failure::Usage(e)) => {
             // A bad flag (`--ca FILE: not found`) is not a config-file
             // problem: no "config:" in front of it.
-            match e.downcast_ref::<crate::Error>() {
-                Some(crate::Error::Config(m)) if m.starts_with("--") => eprintln!("error: {m}"),
+            match e.downcast_ref::<credbroker::Error>() {
+                Some(credbroker::Error::Config(m)) if m.starts_with("--") => eprintln!("error: {m}"),
                 _ => eprintln!("error: {e:#}"),
             }
             ExitCode::from(EXIT_USAGE)
@@ -226,7 +226,7 @@ pub(crate) fn use_color(stream: &impl std::io::IsTerminal) -> bool {
 /// that failed, where and why (`ClientOpts::explain`).
 pub(crate) fn grpc_error(
     what: &str,
-    client: &crate::client::ClientOpts,
+    client: &credbroker::client::ClientOpts,
     status: tonic::Status,
 ) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", client.explain(&status))

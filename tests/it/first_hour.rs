@@ -210,7 +210,7 @@ async fn setup(changes: Changes) -> Setup {
 
 /// [`setup`] on a given server. The database is created empty, as
 /// `createdb` would: everything in it comes from the README's SQL.
-async fn setup_on(pg: &credbroker::throwaway::ThrowawayPostgres, changes: Changes) -> Setup {
+async fn setup_on(pg: &credbroker_testkit::throwaway::ThrowawayPostgres, changes: Changes) -> Setup {
     let db = unique("t");
     pg.create_database(&db).await.unwrap();
     let admin = unique("adm");
@@ -900,13 +900,13 @@ async fn first_hour_check_names_a_missing_pg_signal_backend_or_pg_read_all_stats
 async fn first_hour_check_names_an_expired_certificate() {
     let s = setup(Changes::default()).await;
     let pki = s.path().join("pki");
-    let ca = credbroker::pki::DevCa::load(
+    let ca = credbroker_testkit::pki::DevCa::load(
         &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
         &std::fs::read_to_string(pki.join("ca-key.pem")).unwrap(),
     )
     .unwrap();
     let expired = ca
-        .client_cert(&credbroker::pki::ClientSpec::expired(
+        .client_cert(&credbroker_testkit::pki::ClientSpec::expired(
             "spiffe://credbroker.dev/ns/demo/server",
         ))
         .unwrap();
@@ -963,7 +963,7 @@ async fn first_hour_check_exit_64_for_an_unreadable_config() {
 async fn first_hour_check_names_mariadb_event_scheduler_off() {
     use mysql_async::prelude::Queryable;
     let maria =
-        credbroker::throwaway::ThrowawayMariadb::start(credbroker::throwaway::MariadbOptions {
+        credbroker_testkit::throwaway::ThrowawayMariadb::start(credbroker_testkit::throwaway::MariadbOptions {
             event_scheduler: false,
             ..Default::default()
         })
@@ -1092,7 +1092,7 @@ fn completions_and_man_page_are_generated_from_the_cli() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_hour_check_flags_a_database_that_checks_no_passwords() {
     let pg =
-        credbroker::throwaway::ThrowawayPostgres::start(credbroker::throwaway::PostgresOptions {
+        credbroker_testkit::throwaway::ThrowawayPostgres::start(credbroker_testkit::throwaway::PostgresOptions {
             hba: Some(vec!["host all all 127.0.0.1/32 trust".into()]),
             ..Default::default()
         })
