@@ -200,7 +200,9 @@ fn module_graph(src: &Path) -> Graph {
         let Some(from) = top_module(src, path) else {
             continue;
         };
-        let rel = path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(path);
+        let rel = path
+            .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+            .unwrap_or(path);
         for to in crate_paths(text, &root_aliases) {
             if to != from && modules.contains(&to) {
                 graph

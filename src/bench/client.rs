@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::transport::Channel;
 
-use credbroker::backend::Backend;
 use crate::bench::setup::{self, Grant};
 use crate::bench::{io_err, lease, pg_err, vault_http, Latency};
+use credbroker::backend::Backend;
 use credbroker::config::RoleConfig;
 use credbroker::error::{Error, Result};
 use credbroker::pb;

@@ -167,7 +167,11 @@ pub async fn run(opts: &Options) -> Result<Report> {
 /// A PostgreSQL lease store on the bench server (database `store`),
 /// migrated by the broker's own code and filled with `n` live leases like
 /// the SQLite ones; the config is pointed at it.
-async fn postgres_store(pg: &BenchPostgres, env: &credbroker_testkit::devenv::DevEnv, n: u64) -> Result<()> {
+async fn postgres_store(
+    pg: &BenchPostgres,
+    env: &credbroker_testkit::devenv::DevEnv,
+    n: u64,
+) -> Result<()> {
     pg.pg
         .create_database("store")
         .await

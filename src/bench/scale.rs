@@ -24,10 +24,10 @@ use serde::Serialize;
 use crate::bench::reaper::issue_many;
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings};
 use crate::bench::{io_err, pg_err, rss_mb, write_report, Latency, Machine};
-use credbroker_testkit::devenv::DevEnv;
 use credbroker::error::{Error, Result};
 use credbroker::pb;
 use credbroker::store::{Claim, LeaseStore};
+use credbroker_testkit::devenv::DevEnv;
 
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -13,10 +13,12 @@ use crate::bench::{io_err, pg_err};
 use credbroker::broker::Broker;
 use credbroker::config::Config;
 use credbroker::daemon::{Daemon, Listeners};
-use credbroker_testkit::devenv::DevEnv;
 use credbroker::error::{Error, Result};
 use credbroker::pb;
-use credbroker_testkit::throwaway::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};
+use credbroker_testkit::devenv::DevEnv;
+use credbroker_testkit::throwaway::{
+    postgres_binaries_present, PostgresOptions, ThrowawayPostgres,
+};
 
 /// The database every scenario grants on, and the broker role leasing it.
 pub const DB: &str = "bench";

@@ -166,12 +166,16 @@ pub async fn run(args: Args) -> CliResult {
                 .iter()
                 .map(|c| {
                     outside::Column::parse(&c.to_string()).ok_or_else(|| {
-                        credbroker::Error::config(format!("--columns: unknown {c:?}; use a, p, c, v, o"))
+                        credbroker::Error::config(format!(
+                            "--columns: unknown {c:?}; use a, p, c, v, o"
+                        ))
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if a.callers.is_empty() || a.callers.contains(&0) {
-                return Err(credbroker::Error::config("--callers: give counts of at least 1").into());
+                return Err(
+                    credbroker::Error::config("--callers: give counts of at least 1").into(),
+                );
             }
             let opts = outside::Options {
                 callers: a.callers,

@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use crate::cli::CliResult;
 use credbroker::config::Config;
 use credbroker::daemon::{Daemon, Listeners};
-use credbroker_testkit::devenv::DevEnv;
 use credbroker::pb;
+use credbroker_testkit::devenv::DevEnv;
 use credbroker_testkit::throwaway::{
     mariadb_binaries_present, postgres_binaries_present, MariadbOptions, PostgresOptions,
     ThrowawayMariadb, ThrowawayPostgres,

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use credbroker_testkit::devenv::DevEnv;
 use credbroker::pb;
+use credbroker_testkit::devenv::DevEnv;
 use credbroker_testkit::throwaway::{PostgresOptions, ThrowawayPostgres};
 use tokio::task::JoinHandle;
 use tonic::Code;

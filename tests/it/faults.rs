@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use credbroker::pb;
-use credbroker_testkit::pki::cert_serial;
 use credbroker::store::LeaseFilter;
+use credbroker_testkit::pki::cert_serial;
 use tonic::Code;
 
 use crate::support::*;

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use credbroker_testkit::devenv::DevEnv;
 use credbroker::pb;
+use credbroker_testkit::devenv::DevEnv;
 use credbroker_testkit::throwaway::{MariadbOptions, ThrowawayMariadb};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use credbroker::config::Config;
 use credbroker::daemon::{Daemon, Listeners};
-use credbroker_testkit::devenv::DevEnv;
 use credbroker::pb;
+use credbroker_testkit::devenv::DevEnv;
 use credbroker_testkit::throwaway::{
     postgres_binaries_present, MariadbOptions, PostgresOptions, ThrowawayMariadb, ThrowawayPostgres,
 };

@@ -159,11 +159,7 @@ enum StoreView {
 
 /// Static roles: the sealing key opens, and each role's last rotation in
 /// the store is recent and did not fail.
-async fn check_static_roles(
-    config: &Config,
-    store: &StoreView,
-    f: &mut Vec<Finding>,
-) {
+async fn check_static_roles(config: &Config, store: &StoreView, f: &mut Vec<Finding>) {
     if config.static_roles.is_empty() {
         return;
     }
