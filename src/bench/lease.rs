@@ -26,10 +26,10 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use rand::Rng;
 use serde::Serialize;
 
-use credbroker::backend::{Backend, NewUser, Revokee, UserRef};
 use crate::bench::cpu::{PerLease, Sample};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
 use crate::bench::{pg_err, write_report, Latency, Machine};
+use credbroker::backend::{Backend, NewUser, Revokee, UserRef};
 use credbroker::error::{Error, Result};
 use credbroker::lease::Password;
 
@@ -191,7 +191,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
 /// One kind of backend statement, per lease of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepCost {
-    pub step: &'static str,
+    pub step: String,
     pub per_lease: f64,
     pub ms_per_lease: f64,
 }
@@ -256,8 +256,7 @@ where
     }
     let remaining = Arc::new(AtomicU64::new(opts.leases.unwrap_or(u64::MAX)));
     let before = meter.sample().await;
-    credbroker::steps::enable(true);
-    credbroker::steps::snapshot(true);
+    crate::bench::steps::take();
     let started = Instant::now();
     let deadline = started + opts.duration;
     let fixed = opts.leases.is_some();
@@ -322,13 +321,12 @@ where
     drop(states);
     let leases = cycles.len() as u64;
     let n = leases.max(1) as f64;
-    let recorded = credbroker::steps::snapshot(true);
-    credbroker::steps::enable(false);
+    let recorded = crate::bench::steps::take();
     let mut steps: Vec<StepCost> = recorded
-        .iter()
+        .into_iter()
         .map(|(step, (count, took))| StepCost {
             step,
-            per_lease: *count as f64 / n,
+            per_lease: count as f64 / n,
             ms_per_lease: took.as_secs_f64() * 1000.0 / n,
         })
         .collect();
@@ -339,11 +337,11 @@ where
         let cycle_ms = cycles.iter().map(|d| d.as_secs_f64()).sum::<f64>() * 1000.0 / n;
         let in_steps: f64 = steps
             .iter()
-            .filter(|s| credbroker::steps::is_broker_step(s.step))
+            .filter(|s| credbroker::steps::is_broker_step(&s.step))
             .map(|s| s.ms_per_lease)
             .sum();
         steps.push(StepCost {
-            step: "rest of the cycle (gRPC, TLS, handler, queueing)",
+            step: "rest of the cycle (gRPC, TLS, handler, queueing)".into(),
             per_lease: 1.0,
             ms_per_lease: (cycle_ms - in_steps).max(0.0),
         });
@@ -462,9 +460,9 @@ pub(crate) fn backend_of(
         .clone();
     // One lease's statements: no round shared with other callers.
     let backend: Arc<dyn Backend> = match db.kind {
-        credbroker::lease::BackendKind::Postgres => {
-            Arc::new(credbroker::backend::postgres::PostgresBackend::new(db)?.without_shared_rounds())
-        }
+        credbroker::lease::BackendKind::Postgres => Arc::new(
+            credbroker::backend::postgres::PostgresBackend::new(db)?.without_shared_rounds(),
+        ),
         credbroker::lease::BackendKind::Mysql => credbroker::backend::build(db)?,
     };
     Ok((backend, Arc::new(role)))

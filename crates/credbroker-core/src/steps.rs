@@ -1,17 +1,17 @@
-//! Wall time per step of a lease — a broker step ("store: write intent",
-//! "audit") or a backend statement ("create role", "drop user") — summed
-//! process-wide: what the bench prints to say which part of a lease costs
-//! what. Off unless the bench turns it on, so a serving broker pays one
-//! relaxed atomic load per step and nothing else.
+//! The steps of a lease — a broker step ("store: write intent", "audit:
+//! append") or a backend statement ("create role", "drop user") — as
+//! `tracing` spans: TRACE level, target [`TARGET`], the step's name in the
+//! field `step`. `credbroker bench` installs a layer that sums their wall
+//! time per step (src/bench/steps.rs) to say which part of a lease costs
+//! what. Any other subscriber (a serving broker logs at INFO) leaves the
+//! callsite disabled: the span is never built and the step runs as it is.
 
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-static ON: AtomicBool = AtomicBool::new(false);
-static STEPS: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
+use tracing::Instrument;
+
+/// The target of every step span (and nothing else).
+pub const TARGET: &str = "credbroker::step";
 
 /// Whether `what` names a step of the broker's own ("store: …",
 /// "database: …", "audit: …") rather than a part of one ("round: …" of a
@@ -24,63 +24,18 @@ pub fn is_broker_step(what: &str) -> bool {
         .any(|p| what.starts_with(p))
 }
 
-/// Starts (or stops) recording.
-pub fn enable(on: bool) {
-    ON.store(on, Ordering::Relaxed);
+/// The span of one step `what`; it ends when dropped (for code that is not
+/// a future: `let _step = steps::span("audit: append").entered();`).
+pub fn span(what: &'static str) -> tracing::Span {
+    tracing::trace_span!(target: TARGET, "step", step = what)
 }
 
-fn on() -> bool {
-    ON.load(Ordering::Relaxed)
-}
-
-/// Adds one step of kind `what` that took `took`.
-pub fn record(what: &'static str, took: Duration) {
-    if !on() {
-        return;
-    }
-    let mut m = STEPS.lock().unwrap_or_else(|p| p.into_inner());
-    let e = m.entry(what).or_default();
-    e.0 += 1;
-    e.1 += took;
-}
-
-/// Runs `fut`, recording its wall time as `what`.
+/// Runs `fut` as step `what`: inside its span, or, with the span disabled,
+/// as it is.
 pub async fn timed<T>(what: &'static str, fut: impl Future<Output = T>) -> T {
-    if !on() {
+    let span = span(what);
+    if span.is_disabled() {
         return fut.await;
     }
-    let started = Instant::now();
-    let out = fut.await;
-    record(what, started.elapsed());
-    out
-}
-
-/// Every kind so far: (count, total time). `take` also resets them.
-pub fn snapshot(take: bool) -> BTreeMap<&'static str, (u64, Duration)> {
-    let mut m = STEPS.lock().unwrap_or_else(|p| p.into_inner());
-    if take {
-        std::mem::take(&mut *m)
-    } else {
-        m.clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn records_only_while_enabled() {
-        // One test touches the global, so parallel tests cannot interleave.
-        enable(false);
-        timed("t: off", async {}).await;
-        assert!(!snapshot(false).contains_key("t: off"));
-        enable(true);
-        timed("t: on", tokio::time::sleep(Duration::from_millis(2))).await;
-        record("t: on", Duration::from_millis(1));
-        let (n, took) = snapshot(false)["t: on"];
-        enable(false);
-        assert_eq!(n, 2);
-        assert!(took >= Duration::from_millis(3), "{took:?}");
-    }
+    fut.instrument(span).await
 }

@@ -12,7 +12,6 @@ pub mod fake;
 pub mod finding;
 pub mod mysql;
 pub mod postgres;
-pub use crate::steps;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
