@@ -18,14 +18,17 @@ scripts/ensure-prometheus.sh
 scripts/ensure-pool-deps.sh
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+# The whole workspace (ARCHITECTURE.md, "Crates"): core, testkit, the binary.
+cargo clippy --workspace --all-targets -- -D warnings
 echo "== fast tier: unit tests, in-memory store and fake databases, no servers"
-cargo test --lib
+# core's unit tests (--lib) and the binary's (cli, bench: --bins)
+cargo test --workspace --lib --bins
 # Its own binary: a scanning global allocator (no key copy freed unwiped).
 cargo test --test secret_memory
-# Its own binary: no import cycle among the top-level modules (reads src/).
+# Its own binary: no import cycle among core's top-level modules (reads
+# crates/credbroker-core/src/).
 cargo test --test layers
 echo "== integration tests: real PostgreSQL and MariaDB, real mTLS, the real binary"
-cargo test --bins --test it
+cargo test --test it
 echo "== long tests"
 cargo test --test it -- --ignored --nocapture

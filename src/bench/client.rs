@@ -22,12 +22,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::transport::Channel;
 
-use crate::backend::Backend;
 use crate::bench::setup::{self, Grant};
 use crate::bench::{io_err, lease, pg_err, vault_http, Latency};
-use crate::config::RoleConfig;
-use crate::error::{Error, Result};
-use crate::pb;
+use credbroker::backend::Backend;
+use credbroker::config::RoleConfig;
+use credbroker::error::{Error, Result};
+use credbroker::pb;
 
 /// What the client process sends, and how long.
 #[derive(Serialize, Deserialize)]
@@ -143,7 +143,7 @@ async fn open(work: &Work, n: usize) -> Result<Vec<Caller>> {
         }
         Work::Grpc { port, pki } => {
             for _ in 0..n {
-                let opts = crate::client::ClientOpts {
+                let opts = credbroker::client::ClientOpts {
                     addr: format!("https://127.0.0.1:{port}"),
                     ca: pki.join("ca.pem"),
                     cert: pki.join("app.pem"),

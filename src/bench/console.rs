@@ -20,12 +20,12 @@ use tower::ServiceExt;
 use crate::bench::scale::{bench_dir, env_for, write_synthetic};
 use crate::bench::setup::BenchPostgres;
 use crate::bench::{write_report, Latency, Machine};
-use crate::config::Config;
-use crate::console::{router, Console};
-use crate::daemon::Daemon;
-use crate::error::{Error, Result};
-use crate::identity::Identity;
-use crate::server::https::Peer;
+use credbroker::config::Config;
+use credbroker::console::{router, Console};
+use credbroker::daemon::Daemon;
+use credbroker::error::{Error, Result};
+use credbroker::identity::Identity;
+use credbroker::server::https::Peer;
 
 /// Which lease store the pages read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -107,7 +107,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     );
     // Opened, not run: no reaper or sweep touches the synthetic rows.
     let daemon = Daemon::open(Config::load(&env.config_path)?).await?;
-    let admin = Identity::parse(crate::pki::DEV_ADMIN_ID)?;
+    let admin = Identity::parse(credbroker_testkit::pki::DEV_ADMIN_ID)?;
     let peer = Peer {
         addr: "127.0.0.1:1".parse().map_err(Error::internal)?,
         identity: Ok(admin),
@@ -167,17 +167,21 @@ pub async fn run(opts: &Options) -> Result<Report> {
 /// A PostgreSQL lease store on the bench server (database `store`),
 /// migrated by the broker's own code and filled with `n` live leases like
 /// the SQLite ones; the config is pointed at it.
-async fn postgres_store(pg: &BenchPostgres, env: &crate::devenv::DevEnv, n: u64) -> Result<()> {
+async fn postgres_store(
+    pg: &BenchPostgres,
+    env: &credbroker_testkit::devenv::DevEnv,
+    n: u64,
+) -> Result<()> {
     pg.pg
         .create_database("store")
         .await
         .map_err(Error::internal)?;
     let secret = env.dir.join("secrets").join("store");
-    crate::fsutil::write_secret_file(&secret, pg.pg.superuser_password().as_bytes())
+    credbroker::fsutil::write_secret_file(&secret, pg.pg.superuser_password().as_bytes())
         .map_err(Error::internal)?;
     let url = pg.pg.url("store");
-    let password = crate::config::SecretSource::File(secret.clone());
-    drop(crate::store::postgres::PostgresStore::open(&url, &password).await?);
+    let password = credbroker::config::SecretSource::File(secret.clone());
+    drop(credbroker::store::postgres::PostgresStore::open(&url, &password).await?);
     let client = pg.pg.connect("store").await.map_err(Error::internal)?;
     client
         .execute(

@@ -20,7 +20,7 @@ use std::path::Path;
 /// Thread name of the in-process broker's runtime.
 pub const BROKER_THREAD: &str = "cb-broker";
 /// The SQLite store's group-commit thread, which the broker owns.
-pub const STORE_THREAD: &str = crate::store::group_commit::THREAD_NAME;
+pub const STORE_THREAD: &str = credbroker::store::group_commit::THREAD_NAME;
 
 /// Counters at one instant, in clock ticks.
 #[derive(Debug, Clone, Copy, Default)]
@@ -259,13 +259,18 @@ mod tests {
 
     #[test]
     fn this_process_uses_some_cpu() {
+        // Spins until a tick is counted: on a loaded machine 60 ms of wall
+        // time can hold less than one 10 ms tick of CPU. 10 s without one
+        // means the count is broken.
         let before = self_ticks();
         let mut x = 0u64;
         let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_millis(60) {
-            x = x.wrapping_mul(31).wrapping_add(7);
+        while self_ticks() <= before && t.elapsed() < std::time::Duration::from_secs(10) {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(31).wrapping_add(7);
+            }
+            std::hint::black_box(x);
         }
-        std::hint::black_box(x);
-        assert!(self_ticks() > before, "60 ms of spinning counted no tick");
+        assert!(self_ticks() > before, "10 s of spinning counted no tick");
     }
 }

@@ -26,12 +26,12 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::backend::{Backend, NewUser, Revokee, UserRef};
 use crate::bench::cpu::{PerLease, Sample};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
 use crate::bench::{pg_err, write_report, Latency, Machine};
-use crate::error::{Error, Result};
-use crate::lease::Password;
+use credbroker::backend::{Backend, NewUser, Revokee, UserRef};
+use credbroker::error::{Error, Result};
+use credbroker::lease::Password;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -66,13 +66,6 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
-        Scenario::Plaintext,
-        Scenario::Verifier,
-        Scenario::BackendSql,
-        Scenario::Credbroker,
-    ];
-
     pub fn parse(s: &str) -> Option<Scenario> {
         match s {
             "a" | "plaintext" => Some(Scenario::Plaintext),
@@ -198,7 +191,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
 /// One kind of backend statement, per lease of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepCost {
-    pub step: &'static str,
+    pub step: String,
     pub per_lease: f64,
     pub ms_per_lease: f64,
 }
@@ -263,8 +256,7 @@ where
     }
     let remaining = Arc::new(AtomicU64::new(opts.leases.unwrap_or(u64::MAX)));
     let before = meter.sample().await;
-    crate::steps::enable(true);
-    crate::steps::snapshot(true);
+    crate::bench::steps::take();
     let started = Instant::now();
     let deadline = started + opts.duration;
     let fixed = opts.leases.is_some();
@@ -329,13 +321,12 @@ where
     drop(states);
     let leases = cycles.len() as u64;
     let n = leases.max(1) as f64;
-    let recorded = crate::steps::snapshot(true);
-    crate::steps::enable(false);
+    let recorded = crate::bench::steps::take();
     let mut steps: Vec<StepCost> = recorded
-        .iter()
+        .into_iter()
         .map(|(step, (count, took))| StepCost {
             step,
-            per_lease: *count as f64 / n,
+            per_lease: count as f64 / n,
             ms_per_lease: took.as_secs_f64() * 1000.0 / n,
         })
         .collect();
@@ -346,11 +337,11 @@ where
         let cycle_ms = cycles.iter().map(|d| d.as_secs_f64()).sum::<f64>() * 1000.0 / n;
         let in_steps: f64 = steps
             .iter()
-            .filter(|s| crate::steps::is_broker_step(s.step))
+            .filter(|s| credbroker::steps::is_broker_step(&s.step))
             .map(|s| s.ms_per_lease)
             .sum();
         steps.push(StepCost {
-            step: "rest of the cycle (gRPC, TLS, handler, queueing)",
+            step: "rest of the cycle (gRPC, TLS, handler, queueing)".into(),
             per_lease: 1.0,
             ms_per_lease: (cycle_ms - in_steps).max(0.0),
         });
@@ -414,7 +405,7 @@ async fn measure_direct(
 /// (b′): credbroker's backend, called straight, one pool shared by the
 /// callers (as the broker shares its pool).
 pub(crate) async fn measure_backend(
-    env: &crate::devenv::DevEnv,
+    env: &credbroker_testkit::devenv::DevEnv,
     meter: &Meter,
     callers: usize,
     opts: &Options,
@@ -457,8 +448,8 @@ pub(crate) async fn measure_backend(
 /// `bench-client`.
 pub(crate) fn backend_of(
     config_path: &std::path::Path,
-) -> Result<(Arc<dyn Backend>, Arc<crate::config::RoleConfig>)> {
-    let config = crate::config::Config::load(config_path)?;
+) -> Result<(Arc<dyn Backend>, Arc<credbroker::config::RoleConfig>)> {
+    let config = credbroker::config::Config::load(config_path)?;
     let db = config
         .databases
         .get(setup::DB)
@@ -469,10 +460,10 @@ pub(crate) fn backend_of(
         .clone();
     // One lease's statements: no round shared with other callers.
     let backend: Arc<dyn Backend> = match db.kind {
-        crate::lease::BackendKind::Postgres => {
-            Arc::new(crate::backend::postgres::PostgresBackend::new(db)?.without_shared_rounds())
-        }
-        crate::lease::BackendKind::Mysql => crate::backend::build(db)?,
+        credbroker::lease::BackendKind::Postgres => Arc::new(
+            credbroker::backend::postgres::PostgresBackend::new(db)?.without_shared_rounds(),
+        ),
+        credbroker::lease::BackendKind::Mysql => credbroker::backend::build(db)?,
     };
     Ok((backend, Arc::new(role)))
 }
@@ -481,11 +472,11 @@ pub(crate) fn backend_of(
 /// as the broker revokes it — or, with `keep`, left for after the run.
 pub(crate) async fn backend_cycle(
     backend: &dyn Backend,
-    role: &crate::config::RoleConfig,
+    role: &credbroker::config::RoleConfig,
     keep: Option<&std::sync::Mutex<Vec<UserRef>>>,
 ) -> Result<Duration> {
     let t = Instant::now();
-    let username = crate::lease::Username::generate("bb_", &role.name);
+    let username = credbroker::lease::Username::generate("bb_", &role.name);
     let password = Password::generate();
     let until = Utc::now() + chrono::Duration::minutes(10);
     let user = NewUser {
@@ -526,7 +517,7 @@ pub(crate) async fn direct_cycle(
     let name = escape_identifier(&format!("bd_{n:016x}"));
     let password = Password::generate();
     let secret = if verifier {
-        crate::scram::verifier(&password, 1)
+        credbroker::scram::verifier(&password, 1)
     } else {
         password.expose().to_string()
     };
@@ -560,7 +551,7 @@ async fn retrying(client: &tokio_postgres::Client, sql: &str) -> Result<(), toki
     loop {
         attempt += 1;
         match client.batch_execute(sql).await {
-            Err(e) if attempt < 8 && crate::backend::postgres::lost_catalog_race(&e) => {
+            Err(e) if attempt < 8 && credbroker::backend::postgres::lost_catalog_race(&e) => {
                 let ms = rand::rng().random_range(1..=2u64 << attempt.min(5));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
@@ -570,7 +561,7 @@ async fn retrying(client: &tokio_postgres::Client, sql: &str) -> Result<(), toki
 }
 
 pub(crate) async fn measure_broker(
-    env: &crate::devenv::DevEnv,
+    env: &credbroker_testkit::devenv::DevEnv,
     meter: &Meter,
     addr: &str,
     callers: usize,

@@ -12,6 +12,8 @@
 //!   the PATH; CPU per lease of every process.
 //! - [`reaper`]: many leases due at once; time until every role is gone.
 //! - [`console`]: the web console's pages over 100,000 live leases.
+//! - [`steps`]: the layer that sums the lease path's step spans for
+//!   [`lease`]'s table of where a lease's time goes.
 //! - [`scale`]: many live leases with real roles (issue rate and memory as
 //!   they grow, restart, orphan sweep, `admin leases` with filters, reaper
 //!   order over a staggered slice, teardown) and a million store rows
@@ -30,6 +32,7 @@ pub mod outside;
 pub mod reaper;
 pub mod scale;
 pub mod setup;
+pub mod steps;
 pub mod vault_http;
 
 use std::path::Path;
@@ -37,7 +40,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use credbroker::error::{Error, Result};
 
 /// Latency figures of one run, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]

@@ -21,9 +21,9 @@ use rand::Rng;
 use crate::bench::lease::{self, Meter, Options, Report, Run, Scenario};
 use crate::bench::setup::{self, BrokerSettings, InProcess};
 use crate::bench::{io_err, Machine};
-use crate::error::{Error, Result};
-use crate::lease::Password;
-use crate::throwaway::{MariadbOptions, ThrowawayMariadb};
+use credbroker::error::{Error, Result};
+use credbroker::lease::Password;
+use credbroker_testkit::throwaway::{MariadbOptions, ThrowawayMariadb};
 
 const SCHEMA: &str = "bench";
 
@@ -151,7 +151,7 @@ async fn direct_cycle(conn: &mut mysql_async::Conn, hashed: bool) -> Result<Dura
     let secret = if hashed {
         format!(
             "PASSWORD '{}'",
-            crate::backend::mysql::auth::native_password_hash(&password)
+            credbroker::backend::mysql::auth::native_password_hash(&password)
         )
     } else {
         format!("'{}'", password.expose())

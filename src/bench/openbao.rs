@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::bench::setup::{self, BenchPostgres, DB, GRANT_ROLE};
 use crate::bench::{io_err, vault_http};
-use crate::error::{Error, Result};
+use credbroker::error::{Error, Result};
 
 /// Where the engine is mounted and the role leased, as on credbroker's
 /// Vault API.

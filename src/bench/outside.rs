@@ -27,7 +27,7 @@ use crate::bench::cpu::{Apart, ApartPerLease};
 use crate::bench::openbao::{self, OpenBao};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings};
 use crate::bench::{io_err, loadavg, write_report, Latency, Machine};
-use crate::error::{Error, Result};
+use credbroker::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -117,7 +117,7 @@ pub struct Report {
 /// The ports and files every column's job points at.
 struct Targets<'a> {
     pg: &'a BenchPostgres,
-    env: &'a crate::devenv::DevEnv,
+    env: &'a credbroker_testkit::devenv::DevEnv,
     grpc_port: u16,
     vault_port: u16,
     bao: Option<&'a OpenBao>,

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, InProcess};
 use crate::bench::{write_report, Machine};
-use crate::error::{Error, Result};
+use credbroker::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -132,7 +132,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
 
 /// Issues `n` leases with `callers` concurrent clients; keeps none of them.
 pub async fn issue_many(
-    env: &crate::devenv::DevEnv,
+    env: &credbroker_testkit::devenv::DevEnv,
     addr: &str,
     n: u64,
     callers: usize,

@@ -24,10 +24,10 @@ use serde::Serialize;
 use crate::bench::reaper::issue_many;
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings};
 use crate::bench::{io_err, pg_err, rss_mb, write_report, Latency, Machine};
-use crate::devenv::DevEnv;
-use crate::error::{Error, Result};
-use crate::pb;
-use crate::store::{Claim, LeaseStore};
+use credbroker::error::{Error, Result};
+use credbroker::pb;
+use credbroker::store::{Claim, LeaseStore};
+use credbroker_testkit::devenv::DevEnv;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -353,7 +353,7 @@ async fn listings(
                 .map_err(|s| {
                     Error::internal(format!(
                         "admin leases {filter}: {}",
-                        crate::client::describe(&s)
+                        credbroker::client::describe(&s)
                     ))
                 })?
                 .into_inner();
@@ -424,7 +424,7 @@ async fn reaper_order(
     })
     .await?;
     let broker = setup::Spawned::start(env, addr).await?;
-    let batch_size = crate::config::Config::load(&env.config_path)?
+    let batch_size = credbroker::config::Config::load(&env.config_path)?
         .reaper
         .batch_size;
     tokio::time::sleep_until((first_due_at + ORDER_SPAN).into()).await;
@@ -639,7 +639,7 @@ async fn restart(env: &DevEnv, addr: &str, f: &mut Figures) -> Result<setup::Spa
 
 /// The work of one reaper wake-up with nothing due, averaged.
 async fn wake_cost(store: &Path) -> Result<f64> {
-    let store = crate::store::sqlite::SqliteStore::open(store).await?;
+    let store = credbroker::store::sqlite::SqliteStore::open(store).await?;
     let claim = Claim {
         owner: "bench".into(),
         until: Utc::now() + chrono::Duration::seconds(60),
@@ -659,7 +659,7 @@ async fn wake_cost(store: &Path) -> Result<f64> {
 /// Fills a fresh store with `n` live leases due over the next hours.
 pub(crate) async fn write_synthetic(path: &Path, n: u64) -> Result<()> {
     // The broker's own code creates the schema.
-    drop(crate::store::sqlite::SqliteStore::open(path).await?);
+    drop(credbroker::store::sqlite::SqliteStore::open(path).await?);
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
         let mut c = rusqlite::Connection::open(&path)?;

@@ -10,13 +10,15 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
 use crate::bench::{io_err, pg_err};
-use crate::broker::Broker;
-use crate::config::Config;
-use crate::daemon::{Daemon, Listeners};
-use crate::devenv::DevEnv;
-use crate::error::{Error, Result};
-use crate::pb;
-use crate::throwaway::{postgres_binaries_present, PostgresOptions, ThrowawayPostgres};
+use credbroker::broker::Broker;
+use credbroker::config::Config;
+use credbroker::daemon::{Daemon, Listeners};
+use credbroker::error::{Error, Result};
+use credbroker::pb;
+use credbroker_testkit::devenv::DevEnv;
+use credbroker_testkit::throwaway::{
+    postgres_binaries_present, PostgresOptions, ThrowawayPostgres,
+};
 
 /// The database every scenario grants on, and the broker role leasing it.
 pub const DB: &str = "bench";
@@ -320,7 +322,7 @@ pub async fn issue(
             ttl_seconds,
         })
         .await
-        .map_err(|s| Error::internal(format!("issue: {}", crate::client::describe(&s))))?
+        .map_err(|s| Error::internal(format!("issue: {}", credbroker::client::describe(&s))))?
         .into_inner();
     Ok((lease.lease_id, lease.username))
 }
@@ -335,7 +337,7 @@ pub async fn revoke(
             ..Default::default()
         })
         .await
-        .map_err(|s| Error::internal(format!("revoke: {}", crate::client::describe(&s))))?;
+        .map_err(|s| Error::internal(format!("revoke: {}", credbroker::client::describe(&s))))?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 
 use crate::bench::io_err;
-use crate::error::{Error, Result};
+use credbroker::error::{Error, Result};
 
 /// Largest answer read: a creds or login answer is well under 4 KiB.
 const MAX_ANSWER: usize = 1 << 20;
@@ -23,7 +23,7 @@ const MAX_ANSWER: usize = 1 << 20;
 /// TLS towards `ca`'s servers, presenting `identity` (certificate, key
 /// PEM files) when given.
 pub fn tls(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Arc<rustls::ClientConfig>> {
-    crate::server::tls::install_crypto_provider();
+    credbroker::server::tls::install_crypto_provider();
     let pem = |p: &Path| std::fs::read(p).map_err(io_err("read PEM"));
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&pem(ca)?) {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use crate::cli::lease::{rfc3339, state_name};
 use crate::cli::{grpc_error, CliResult, Failure};
-use crate::client::ClientOpts;
-use crate::pb;
-use crate::pb::revoke_leases_request::Selector;
+use credbroker::client::ClientOpts;
+use credbroker::pb;
+use credbroker::pb::revoke_leases_request::Selector;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum ListFormat {
@@ -176,7 +176,7 @@ pub enum Command {
 /// Checked here as well as by the broker, so a bare name fails before the
 /// confirmation prompt, with a hint at what to write.
 fn identity_arg(i: &str) -> Result<String, Failure> {
-    crate::identity::Identity::parse(i)
+    credbroker::identity::Identity::parse(i)
         .map(|id| id.as_str().to_string())
         .map_err(|e| Failure::Usage(anyhow::anyhow!("--identity: {e}")))
 }
@@ -383,7 +383,7 @@ pub async fn run(cmd: Command) -> CliResult {
                 ),
                 (.., Some(d)) => (Target::Database(d.clone()), format!("database {d:?}")),
                 _ => {
-                    return Err(anyhow::anyhow!(crate::Error::Config(
+                    return Err(anyhow::anyhow!(credbroker::Error::Config(
                         "name what to lock: --identity, --role, --static-role or --database".into()
                     ))
                     .into())

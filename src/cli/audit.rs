@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::audit::{rotated_files, verify_files, Verdict, GENESIS};
 use crate::cli::CliResult;
+use credbroker::audit::{rotated_files, verify_files, Verdict, GENESIS};
 
 #[derive(clap::Subcommand)]
 pub enum Command {

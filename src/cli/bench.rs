@@ -166,12 +166,16 @@ pub async fn run(args: Args) -> CliResult {
                 .iter()
                 .map(|c| {
                     outside::Column::parse(&c.to_string()).ok_or_else(|| {
-                        crate::Error::config(format!("--columns: unknown {c:?}; use a, p, c, v, o"))
+                        credbroker::Error::config(format!(
+                            "--columns: unknown {c:?}; use a, p, c, v, o"
+                        ))
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if a.callers.is_empty() || a.callers.contains(&0) {
-                return Err(crate::Error::config("--callers: give counts of at least 1").into());
+                return Err(
+                    credbroker::Error::config("--callers: give counts of at least 1").into(),
+                );
             }
             let opts = outside::Options {
                 callers: a.callers,
@@ -213,10 +217,10 @@ pub async fn run(args: Args) -> CliResult {
         }
         Some(What::Console(a)) => {
             if a.requests == 0 {
-                return Err(crate::Error::config("--requests: at least 1").into());
+                return Err(credbroker::Error::config("--requests: at least 1").into());
             }
             let store = console::StoreKind::parse(&a.store).ok_or_else(|| {
-                crate::Error::config(format!("--store {:?}: use sqlite or postgres", a.store))
+                credbroker::Error::config(format!("--store {:?}: use sqlite or postgres", a.store))
             })?;
             let opts = console::Options {
                 leases: a.leases,
@@ -245,15 +249,15 @@ async fn lease_bench(a: LeaseArgs, mysql: bool) -> anyhow::Result<()> {
         .iter()
         .map(|c| {
             lease::Scenario::parse(&c.to_string()).ok_or_else(|| {
-                crate::Error::config(format!("--scenarios: unknown {c:?}; use a, b, p, c"))
+                credbroker::Error::config(format!("--scenarios: unknown {c:?}; use a, b, p, c"))
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
     if a.callers.is_empty() || a.callers.contains(&0) {
-        return Err(crate::Error::config("--callers: give counts of at least 1").into());
+        return Err(credbroker::Error::config("--callers: give counts of at least 1").into());
     }
     let grant = crate::bench::setup::Grant::parse(&a.grant).ok_or_else(|| {
-        crate::Error::config(format!("--grant {:?}: use member or table", a.grant))
+        credbroker::Error::config(format!("--grant {:?}: use member or table", a.grant))
     })?;
     let opts = lease::Options {
         grant,
@@ -267,7 +271,7 @@ async fn lease_bench(a: LeaseArgs, mysql: bool) -> anyhow::Result<()> {
         out_dir: a.out.out,
     };
     if mysql && (opts.issue_only || opts.pg_durable || a.grant != "member") {
-        return Err(crate::Error::Config(
+        return Err(credbroker::Error::Config(
             "bench mysql: --issue-only, --pg-durable and --grant are PostgreSQL options".into(),
         )
         .into());

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::CliResult;
-use crate::config::Config;
+use credbroker::config::Config;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,7 +18,7 @@ pub struct Args {
 /// so CI can gate a deploy on it.
 pub async fn run(args: Args) -> CliResult {
     let config = Config::load(&args.config)?;
-    let report = crate::check::run(&config, &args.config).await;
+    let report = credbroker::check::run(&config, &args.config).await;
     print!("{}", report.table(super::use_color(&std::io::stdout())));
     Ok(if report.errors() > 0 {
         ExitCode::FAILURE

@@ -12,11 +12,11 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::cli::CliResult;
-use crate::config::Config;
-use crate::daemon::{Daemon, Listeners};
-use crate::devenv::DevEnv;
-use crate::pb;
-use crate::throwaway::{
+use credbroker::config::Config;
+use credbroker::daemon::{Daemon, Listeners};
+use credbroker::pb;
+use credbroker_testkit::devenv::DevEnv;
+use credbroker_testkit::throwaway::{
     mariadb_binaries_present, postgres_binaries_present, MariadbOptions, PostgresOptions,
     ThrowawayMariadb, ThrowawayPostgres,
 };
@@ -200,7 +200,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         })
         .await
-        .map_err(|s| anyhow::anyhow!("revoke: {}", crate::client::describe(&s)))?;
+        .map_err(|s| anyhow::anyhow!("revoke: {}", credbroker::client::describe(&s)))?;
     match as_lease.query_one("SELECT 1", &[]).await {
         Err(e) => println!("    the open session's next query -> {}", db_message(&e)),
         Ok(_) => anyhow::bail!("the revoked role's session still runs queries"),
@@ -224,14 +224,14 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(15), server)
         .await
         .context("broker shutdown")???;
-    match crate::audit::verify(&env.audit_path)? {
-        crate::audit::Verdict::Intact { records, .. } => {
+    match credbroker::audit::verify(&env.audit_path)? {
+        credbroker::audit::Verdict::Intact { records, .. } => {
             println!(
                 "    audit log {}: {records} records, hash chain intact",
                 env.audit_path.display()
             )
         }
-        crate::audit::Verdict::Broken { line, reason, .. } => {
+        credbroker::audit::Verdict::Broken { line, reason, .. } => {
             anyhow::bail!("audit chain broken at line {line}: {reason}")
         }
     }
@@ -267,7 +267,7 @@ async fn issue(
             ttl_seconds: 120,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("issue: {}", crate::client::describe(&s)))?
+        .map_err(|s| anyhow::anyhow!("issue: {}", credbroker::client::describe(&s)))?
         .into_inner();
     println!("    lease    {}", lease.lease_id);
     println!("    username {}", lease.username);
@@ -334,7 +334,7 @@ async fn mysql_part(
             ..Default::default()
         })
         .await
-        .map_err(|s| anyhow::anyhow!("revoke: {}", crate::client::describe(&s)))?;
+        .map_err(|s| anyhow::anyhow!("revoke: {}", credbroker::client::describe(&s)))?;
     println!(
         "    revoked: ACCOUNT LOCK, KILL of its sessions, DEFINERs moved, DROP USER, failsafe event dropped"
     );

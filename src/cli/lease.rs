@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use crate::cli::{grpc_error, CliResult};
-use crate::client::ClientOpts;
-use crate::pb;
+use credbroker::client::ClientOpts;
+use credbroker::pb;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Format {
@@ -264,7 +264,7 @@ pub fn render(l: &pb::Lease, format: Format) -> String {
                 out.push_str(k);
                 out.push('=');
                 // Quoted where a shell would read a character (a DSN's `&`).
-                crate::sidecar::render::env_value(&mut out, v);
+                credbroker::sidecar::render::env_value(&mut out, v);
                 out.push('\n');
             }
             out

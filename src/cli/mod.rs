@@ -97,8 +97,8 @@ pub(crate) enum Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let e: anyhow::Error = e.into();
-        match e.downcast_ref::<crate::Error>() {
-            Some(crate::Error::Config(_)) => Failure::Usage(e),
+        match e.downcast_ref::<credbroker::Error>() {
+            Some(credbroker::Error::Config(_)) => Failure::Usage(e),
             _ => Failure::Other(e),
         }
     }
@@ -144,6 +144,7 @@ pub fn main() -> ExitCode {
     init_logging(
         cli.log_json,
         matches!(cli.command, Command::Serve(_) | Command::Sidecar(_)),
+        matches!(cli.command, Command::Bench(_)),
     );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -185,8 +186,10 @@ pub fn main() -> ExitCode {
         Err(Failure::Usage(e)) => {
             // A bad flag (`--ca FILE: not found`) is not a config-file
             // problem: no "config:" in front of it.
-            match e.downcast_ref::<crate::Error>() {
-                Some(crate::Error::Config(m)) if m.starts_with("--") => eprintln!("error: {m}"),
+            match e.downcast_ref::<credbroker::Error>() {
+                Some(credbroker::Error::Config(m)) if m.starts_with("--") => {
+                    eprintln!("error: {m}")
+                }
                 _ => eprintln!("error: {e:#}"),
             }
             ExitCode::from(EXIT_USAGE)
@@ -200,20 +203,28 @@ pub fn main() -> ExitCode {
 
 /// Logs go to stderr. Client commands log warnings only unless RUST_LOG
 /// says otherwise, so their stdout stays parseable; the long-running ones
-/// (serve, sidecar) log at info.
-fn init_logging(json: bool, server: bool) {
+/// (serve, sidecar) log at info. The bench adds the layer that sums the
+/// lease path's step spans (bench/steps.rs), behind a filter of its own:
+/// the log's filter stays what RUST_LOG says, and every other command
+/// leaves the step spans disabled at their callsites.
+fn init_logging(json: bool, server: bool, bench: bool) {
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     let default = if server { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_ansi(use_color(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+    let log = if json {
+        log.json().boxed()
     } else {
-        builder.init();
-    }
+        log.boxed()
+    };
+    let steps = bench.then(|| crate::bench::steps::StepTimes::default().filtered());
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(steps)
+        .init();
 }
 
 /// ANSI colours only for a terminal, and never when `NO_COLOR` is set
@@ -226,7 +237,7 @@ pub(crate) fn use_color(stream: &impl std::io::IsTerminal) -> bool {
 /// that failed, where and why (`ClientOpts::explain`).
 pub(crate) fn grpc_error(
     what: &str,
-    client: &crate::client::ClientOpts,
+    client: &credbroker::client::ClientOpts,
     status: tonic::Status,
 ) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", client.explain(&status))

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::CliResult;
-use crate::pki::{DEV_ADMIN_ID, DEV_APP_ID, DEV_OTHER_ID, DEV_P12_PASSWORD};
+use credbroker_testkit::pki::{DEV_ADMIN_ID, DEV_APP_ID, DEV_OTHER_ID, DEV_P12_PASSWORD};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -20,7 +20,7 @@ pub enum Command {
 
 pub fn run(cmd: Command) -> CliResult {
     let Command::Dev { out } = cmd;
-    crate::pki::write_dev_pki(&out)?;
+    credbroker_testkit::pki::write_dev_pki(&out)?;
     let p = |f: &str| out.join(f).display().to_string();
     // Each identity with what it is for, so a first config can name them
     // and the reader knows which one to expect a refusal for.

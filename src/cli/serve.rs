@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::CliResult;
-use crate::config::Config;
-use crate::daemon::{termination_signal, Daemon, Listeners};
+use credbroker::config::Config;
+use credbroker::daemon::{termination_signal, Daemon, Listeners};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,7 +16,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> CliResult {
     // Before any secret is read: a core dump would hold them all.
-    if let Err(e) = crate::hardening::disable_core_dumps() {
+    if let Err(e) = credbroker::hardening::disable_core_dumps() {
         eprintln!("credbroker: WARNING: cannot turn core dumps off: {e}");
     }
     let config = Config::load(&args.config)?;
@@ -70,7 +70,7 @@ pub async fn run(args: Args) -> CliResult {
                 Ok(_) => tracing::info!(config = %path.display(), "configuration reloaded"),
                 // A bad edit keeps the running config: say why and carry on.
                 Err(e) => {
-                    tracing::error!(error = %crate::error::chain(&e), "reload failed; keeping the running configuration")
+                    tracing::error!(error = %credbroker::error::chain(&e), "reload failed; keeping the running configuration")
                 }
             }
         }

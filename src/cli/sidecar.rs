@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::CliResult;
-use crate::client::ClientOpts;
-use crate::sidecar::notify::Notify;
-use crate::sidecar::render::Format;
-use crate::sidecar::Options;
+use credbroker::client::ClientOpts;
+use credbroker::sidecar::notify::Notify;
+use credbroker::sidecar::render::Format;
+use credbroker::sidecar::Options;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -63,7 +63,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> CliResult {
     // Before any secret is read: a core dump would hold them all.
-    if let Err(e) = crate::hardening::disable_core_dumps() {
+    if let Err(e) = credbroker::hardening::disable_core_dumps() {
         eprintln!("credbroker: WARNING: cannot turn core dumps off: {e}");
     }
     let notify = match (&args.exec, &args.signal) {
@@ -77,7 +77,7 @@ pub async fn run(args: Args) -> CliResult {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     if !out_dir.is_dir() {
-        return Err(crate::Error::config(format!(
+        return Err(credbroker::Error::config(format!(
             "--out {}: directory {} does not exist",
             args.out.display(),
             out_dir.display()
@@ -96,7 +96,7 @@ pub async fn run(args: Args) -> CliResult {
         grace: args.grace.into(),
         give_up_after: args.give_up_after.into(),
     };
-    let client = crate::sidecar::connect::Connector::new(args.client)?;
+    let client = credbroker::sidecar::connect::Connector::new(args.client)?;
     // Handlers are installed now, before the first lease exists, so a
     // signal at any point takes the clean-up path.
     use tokio::signal::unix::{signal, SignalKind};
@@ -115,9 +115,9 @@ pub async fn run(args: Args) -> CliResult {
         "sidecar starting"
     );
     if is_static {
-        crate::sidecar::static_loop::run(opts, client, shutdown).await?;
+        credbroker::sidecar::static_loop::run(opts, client, shutdown).await?;
     } else {
-        crate::sidecar::run(opts, client, shutdown).await?;
+        credbroker::sidecar::run(opts, client, shutdown).await?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use credbroker::throwaway::{PostgresOptions, ThrowawayPostgres};
+use credbroker_testkit::throwaway::{PostgresOptions, ThrowawayPostgres};
 
 use crate::support::*;
 
@@ -359,7 +359,7 @@ async fn page_when_revocations_fail(for_: Option<Duration>, interval: Duration) 
     let prometheus = tool("prometheus");
     let alertmanager = tool("prometheus-alertmanager");
     assert!(
-        credbroker::throwaway::postgres_binaries_present(),
+        credbroker_testkit::throwaway::postgres_binaries_present(),
         "PostgreSQL server binaries are missing: install them with `apt-get install -y postgresql`"
     );
     // A cluster of the test's own: it is stopped while it holds leases.

@@ -78,6 +78,27 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
         assert_eq!(r["leases"], 20, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
     }
+    // Where (c)'s time goes: the broker's steps, each once per issue or
+    // revoke, summed from their tracing spans by the bench's layer.
+    for r in runs.iter().filter(|r| r["scenario"] == "c_credbroker") {
+        let steps = r["steps"].as_array().unwrap();
+        let per_lease = |name: &str| {
+            steps
+                .iter()
+                .find(|s| s["step"] == name)
+                .and_then(|s| s["per_lease"].as_f64())
+        };
+        for name in [
+            "store: write intent",
+            "database: create user",
+            "store: activate",
+            "audit: append",
+            "rest of the cycle (gRPC, TLS, handler, queueing)",
+        ] {
+            assert!(per_lease(name).is_some_and(|n| n >= 1.0), "{name}: {r}");
+        }
+    }
+    assert!(md.contains("| store: write intent |"), "{md}");
     let scenarios: Vec<&str> = runs
         .iter()
         .map(|r| r["scenario"].as_str().unwrap())

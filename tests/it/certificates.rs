@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use credbroker::pb;
-use credbroker::pki::{ClientSpec, DevCa};
+use credbroker_testkit::pki::{ClientSpec, DevCa};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::support::*;

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use credbroker::throwaway::{PostgresOptions, ThrowawayPostgres};
+use credbroker_testkit::throwaway::{PostgresOptions, ThrowawayPostgres};
 use mysql_async::prelude::Queryable;
 
 use crate::support::*;

@@ -15,8 +15,8 @@ use std::time::Duration;
 use credbroker::config::Config;
 use credbroker::daemon::Daemon;
 use credbroker::dbtls::{self, Dialect};
-use credbroker::pki::{ClientSpec, DevCa};
-use credbroker::throwaway::{PostgresOptions, ServerTls, ThrowawayPostgres};
+use credbroker_testkit::pki::{ClientSpec, DevCa};
+use credbroker_testkit::throwaway::{PostgresOptions, ServerTls, ThrowawayPostgres};
 
 use crate::support::*;
 
@@ -46,7 +46,7 @@ fn tls_cluster() -> &'static TlsCluster {
     TLS_CLUSTER.get_or_init(|| {
         // The shared cluster's check, for the same message on missing binaries.
         assert!(
-            credbroker::throwaway::postgres_binaries_present(),
+            credbroker_testkit::throwaway::postgres_binaries_present(),
             "PostgreSQL server binaries are missing: install them with `apt-get install -y postgresql`"
         );
         let dir = tempfile::tempdir().unwrap();
@@ -415,8 +415,8 @@ async fn mariadb_with_require_secure_transport_over_verify_identity() {
     let server = ca
         .server_cert(&[SERVER_NAME], &[IpAddr::V4(Ipv4Addr::LOCALHOST)])
         .unwrap();
-    let maria =
-        credbroker::throwaway::ThrowawayMariadb::start(credbroker::throwaway::MariadbOptions {
+    let maria = credbroker_testkit::throwaway::ThrowawayMariadb::start(
+        credbroker_testkit::throwaway::MariadbOptions {
             event_scheduler: true,
             tls: Some(ServerTls {
                 cert_pem: server.cert_pem.clone(),
@@ -424,11 +424,12 @@ async fn mariadb_with_require_secure_transport_over_verify_identity() {
                 client_ca_pem: None,
             }),
             require_secure_transport: true,
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!("cannot start a throwaway MariaDB: {e} (`apt-get install -y mariadb-server`)")
-        });
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!("cannot start a throwaway MariaDB: {e} (`apt-get install -y mariadb-server`)")
+    });
     let schema = unique("cbt");
     let mut root = maria.connect().await.unwrap();
     root.query_drop(format!(

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use credbroker::devenv::DevEnv;
 use credbroker::pb;
-use credbroker::throwaway::{PostgresOptions, ThrowawayPostgres};
+use credbroker_testkit::devenv::DevEnv;
+use credbroker_testkit::throwaway::{PostgresOptions, ThrowawayPostgres};
 use tokio::task::JoinHandle;
 use tonic::Code;
 

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use credbroker::pb;
-use credbroker::pki::cert_serial;
 use credbroker::store::LeaseFilter;
+use credbroker_testkit::pki::cert_serial;
 use tonic::Code;
 
 use crate::support::*;
@@ -789,9 +789,9 @@ async fn crash_loop_leaves_no_untracked_role_and_loses_no_acknowledged_lease() {
 
 #[tokio::test]
 async fn database_outage_fails_fast_and_the_reaper_catches_up_when_it_returns() {
-    use credbroker::throwaway::{PostgresOptions, ThrowawayPostgres};
+    use credbroker_testkit::throwaway::{PostgresOptions, ThrowawayPostgres};
     assert!(
-        credbroker::throwaway::postgres_binaries_present(),
+        credbroker_testkit::throwaway::postgres_binaries_present(),
         "PostgreSQL server binaries are missing: install them with `apt-get install -y postgresql`"
     );
     // A cluster of this test's own: it is stopped for 20 s.

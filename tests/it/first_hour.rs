@@ -210,7 +210,10 @@ async fn setup(changes: Changes) -> Setup {
 
 /// [`setup`] on a given server. The database is created empty, as
 /// `createdb` would: everything in it comes from the README's SQL.
-async fn setup_on(pg: &credbroker::throwaway::ThrowawayPostgres, changes: Changes) -> Setup {
+async fn setup_on(
+    pg: &credbroker_testkit::throwaway::ThrowawayPostgres,
+    changes: Changes,
+) -> Setup {
     let db = unique("t");
     pg.create_database(&db).await.unwrap();
     let admin = unique("adm");
@@ -900,13 +903,13 @@ async fn first_hour_check_names_a_missing_pg_signal_backend_or_pg_read_all_stats
 async fn first_hour_check_names_an_expired_certificate() {
     let s = setup(Changes::default()).await;
     let pki = s.path().join("pki");
-    let ca = credbroker::pki::DevCa::load(
+    let ca = credbroker_testkit::pki::DevCa::load(
         &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
         &std::fs::read_to_string(pki.join("ca-key.pem")).unwrap(),
     )
     .unwrap();
     let expired = ca
-        .client_cert(&credbroker::pki::ClientSpec::expired(
+        .client_cert(&credbroker_testkit::pki::ClientSpec::expired(
             "spiffe://credbroker.dev/ns/demo/server",
         ))
         .unwrap();
@@ -962,18 +965,19 @@ async fn first_hour_check_exit_64_for_an_unreadable_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_hour_check_names_mariadb_event_scheduler_off() {
     use mysql_async::prelude::Queryable;
-    let maria =
-        credbroker::throwaway::ThrowawayMariadb::start(credbroker::throwaway::MariadbOptions {
+    let maria = credbroker_testkit::throwaway::ThrowawayMariadb::start(
+        credbroker_testkit::throwaway::MariadbOptions {
             event_scheduler: false,
             ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start a throwaway MariaDB: {e} (needs /usr/sbin/mariadbd and \
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "cannot start a throwaway MariaDB: {e} (needs /usr/sbin/mariadbd and \
              mariadb-install-db: `apt-get install -y mariadb-server`)"
-            )
-        });
+        )
+    });
     let mut root = maria.connect().await.unwrap();
     let password = unique("pw");
     let sql = &readme_blocks("sql")[1];
@@ -1091,13 +1095,14 @@ fn completions_and_man_page_are_generated_from_the_cli() {
 /// misspelt admin is "role … does not exist": the fix creates it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_hour_check_flags_a_database_that_checks_no_passwords() {
-    let pg =
-        credbroker::throwaway::ThrowawayPostgres::start(credbroker::throwaway::PostgresOptions {
+    let pg = credbroker_testkit::throwaway::ThrowawayPostgres::start(
+        credbroker_testkit::throwaway::PostgresOptions {
             hba: Some(vec!["host all all 127.0.0.1/32 trust".into()]),
             ..Default::default()
-        })
-        .await
-        .expect("a throwaway PostgreSQL (scripts/ensure-db-binaries.sh installs the binaries)");
+        },
+    )
+    .await
+    .expect("a throwaway PostgreSQL (scripts/ensure-db-binaries.sh installs the binaries)");
     let s = setup_on(&pg, Changes::default()).await;
     let out = s.check().await;
     println!("{out:?}");

@@ -15,7 +15,7 @@ use std::time::Duration;
 use credbroker::audit::{Outcome, Record};
 use credbroker::gate::{Control, Door};
 use credbroker::pb;
-use credbroker::pki::ClientSpec;
+use credbroker_testkit::pki::ClientSpec;
 
 use crate::support::{issue, role, write_client, TestBroker, APP};
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use credbroker::audit::{Outcome, Record};
 use credbroker::pb;
-use credbroker::throwaway::{PostgresOptions, ThrowawayPostgres};
+use credbroker_testkit::throwaway::{PostgresOptions, ThrowawayPostgres};
 
 use crate::support::*;
 

@@ -301,7 +301,7 @@ async fn incident_lock_with_revoke_cuts_sessions_and_every_replica_refuses() {
     let lock = records(&a, "lock", Outcome::Ok);
     assert_eq!(lock.len(), 1, "{lock:?}");
     assert!(lock[0].detail.as_deref().unwrap().contains(REASON));
-    assert_eq!(lock[0].identity, credbroker::devenv::ADMIN_IDENTITY);
+    assert_eq!(lock[0].identity, credbroker_testkit::devenv::ADMIN_IDENTITY);
     let revoked: Vec<String> = records(&a, "lock_revoke", Outcome::Ok)
         .into_iter()
         .filter_map(|r| r.lease_id)
@@ -529,7 +529,7 @@ async fn incident_watch_streams_own_lease_events_and_ends_on_shutdown() {
     println!("admin revoke → event at the watcher: {:?}", t0.elapsed());
     assert_eq!(e.kind, pb::LeaseEventKind::Revoked as i32);
     assert_eq!(e.lease_id, l.lease_id);
-    assert_eq!(e.actor, credbroker::devenv::ADMIN_IDENTITY);
+    assert_eq!(e.actor, credbroker_testkit::devenv::ADMIN_IDENTITY);
     assert_eq!(e.reason, "admin");
     // The admin's selector sees both identities' events.
     let mut seen = Vec::new();
@@ -885,7 +885,7 @@ async fn incident_admin_networks_refuse_admins_outside_them() {
         .audit_records()
         .into_iter()
         .filter(|r| {
-            r.outcome == Outcome::Denied && r.identity == credbroker::devenv::ADMIN_IDENTITY
+            r.outcome == Outcome::Denied && r.identity == credbroker_testkit::devenv::ADMIN_IDENTITY
         })
         .count();
     assert_eq!(denied, 3);

@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use credbroker::devenv::DevEnv;
 use credbroker::pb;
-use credbroker::throwaway::{MariadbOptions, ThrowawayMariadb};
+use credbroker_testkit::devenv::DevEnv;
+use credbroker_testkit::throwaway::{MariadbOptions, ThrowawayMariadb};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 

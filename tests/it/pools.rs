@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use credbroker::devenv::DevEnv;
+use credbroker_testkit::devenv::DevEnv;
 use mysql_async::prelude::Queryable;
 
 use crate::sidecar::{wait_for_file, Sidecar};

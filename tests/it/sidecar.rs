@@ -701,7 +701,7 @@ async fn sidecar_replaces_a_lease_an_admin_revoked() {
 /// without a restart.
 #[tokio::test]
 async fn sidecar_reloads_its_client_certificate_from_disk() {
-    use credbroker::pki::{ClientSpec, DevCa};
+    use credbroker_testkit::pki::{ClientSpec, DevCa};
     let mut b = TestBroker::prepare(&short_role("sc_cert")).await;
     b.spawn_binary().await;
     let dir = tempfile::tempdir().unwrap();

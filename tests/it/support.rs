@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use credbroker::config::Config;
 use credbroker::daemon::{Daemon, Listeners};
-use credbroker::devenv::DevEnv;
 use credbroker::pb;
-use credbroker::throwaway::{
+use credbroker_testkit::devenv::DevEnv;
+use credbroker_testkit::throwaway::{
     postgres_binaries_present, MariadbOptions, PostgresOptions, ThrowawayMariadb, ThrowawayPostgres,
 };
 use tokio::net::TcpListener;
@@ -654,15 +654,15 @@ pub async fn http_get(port: u16, path: &str) -> String {
 }
 
 /// The broker's dev CA (from its pki directory), to sign more certificates.
-pub fn dev_ca(b: &TestBroker) -> credbroker::pki::DevCa {
+pub fn dev_ca(b: &TestBroker) -> credbroker_testkit::pki::DevCa {
     let cert = std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap();
     let key = std::fs::read_to_string(b.env.pki.join("ca-key.pem")).unwrap();
-    credbroker::pki::DevCa::load(&cert, &key).unwrap()
+    credbroker_testkit::pki::DevCa::load(&cert, &key).unwrap()
 }
 
 /// Writes a client certificate signed by the dev CA as `<name>.pem` and
 /// `<name>-key.pem` in the broker's pki directory (what `client(name)` reads).
-pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker::pki::ClientSpec) {
+pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker_testkit::pki::ClientSpec) {
     let pair = dev_ca(b).client_cert(spec).unwrap();
     std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
     std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use credbroker::audit::Outcome;
 use credbroker::pb;
-use credbroker::pki::{ClientSpec, DevCa};
+use credbroker_testkit::pki::{ClientSpec, DevCa};
 use mysql_async::prelude::Queryable;
 use serde_json::Value;
 

@@ -9,7 +9,10 @@
 //! - static-role passwords are stored sealed only (`static_roles::seal`),
 //!   and their rotations are intents first, like leases.
 
-pub(crate) mod group_commit;
+pub mod group_commit;
+// Test doubles: core's unit tests, and the integration tests through the
+// `fakes` feature; not in the shipped binary.
+#[cfg(any(test, feature = "fakes"))]
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

@@ -44,7 +44,7 @@ impl DevEnv {
         pg: &ThrowawayPostgres,
     ) -> std::io::Result<PathBuf> {
         let path = self.dir.join("secrets").join(format!("{name}-admin"));
-        crate::fsutil::write_secret_file(&path, pg.superuser_password().as_bytes())?;
+        credbroker::fsutil::write_secret_file(&path, pg.superuser_password().as_bytes())?;
         Ok(path)
     }
 
@@ -94,7 +94,7 @@ impl DevEnv {
         let secret = match root_password {
             Some(p) => {
                 let path = self.dir.join("secrets").join(format!("{name}-admin"));
-                crate::fsutil::write_secret_file(&path, p.as_bytes())?;
+                credbroker::fsutil::write_secret_file(&path, p.as_bytes())?;
                 format!("admin_password_file = \"{}\"\n", path.display())
             }
             None => String::new(),
@@ -104,8 +104,8 @@ impl DevEnv {
         ))
     }
 
-    pub fn client(&self, addr: &str, who: &str) -> crate::client::ClientOpts {
-        crate::client::ClientOpts {
+    pub fn client(&self, addr: &str, who: &str) -> credbroker::client::ClientOpts {
+        credbroker::client::ClientOpts {
             addr: addr.to_string(),
             ca: self.pki.join("ca.pem"),
             cert: self.pki.join(format!("{who}.pem")),

@@ -377,7 +377,7 @@ fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{ClientSpec, DevCa};
+    use credbroker_testkit::pki::{ClientSpec, DevCa};
 
     fn der(pem: &str) -> Vec<u8> {
         x509_parser::pem::parse_x509_pem(pem.as_bytes())

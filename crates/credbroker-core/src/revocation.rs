@@ -513,11 +513,10 @@ impl Revoker {
                 e.detail = Some(msg.to_string());
             }
         }
-        let started = std::time::Instant::now();
+        let _step = steps::span("audit: append").entered();
         if let Err(err) = crate::audit::in_via(via, || self.audit().append(e)) {
             tracing::error!(error = %crate::error::chain(&err), "audit write failed");
         }
-        steps::record("audit: append", started.elapsed());
     }
 
     /// Drops users of `database` that no live lease accounts for (the

@@ -100,9 +100,8 @@ impl MysqlBackend {
         what: &'static str,
         f: impl Future<Output = std::result::Result<T, mysql_async::Error>>,
     ) -> Result<std::result::Result<T, mysql_async::Error>> {
-        let started = std::time::Instant::now();
-        let r = tokio::time::timeout(self.config.statement_timeout, f).await;
-        crate::backend::steps::record(what, started.elapsed());
+        let r =
+            crate::steps::timed(what, tokio::time::timeout(self.config.statement_timeout, f)).await;
         r.map_err(|_| {
             Error::unavailable(format!(
                 "database {:?}: {what} timed out after {:?}",

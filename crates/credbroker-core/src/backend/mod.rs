@@ -5,11 +5,13 @@
 //! broker-made [`Username`] or a value from the operator's config, always
 //! quoted; caller text never reaches a statement.
 
+// Test doubles: core's unit tests, and the integration tests through the
+// `fakes` feature; not in the shipped binary.
+#[cfg(any(test, feature = "fakes"))]
 pub mod fake;
 pub mod finding;
 pub mod mysql;
 pub mod postgres;
-pub use crate::steps;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -91,7 +91,7 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
     // Read-only and without creating anything, so that the verdict is the
     // same with the broker serving the store or stopped.
     let label = store_label(&config.store.url.to_string());
-    let store: Option<std::sync::Arc<dyn crate::store::Store>> = match tokio::time::timeout(
+    let store: StoreView = match tokio::time::timeout(
         Duration::from_secs(15),
         crate::store::open_to_inspect(&config.store),
     )
@@ -99,14 +99,14 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
     {
         Ok(Ok(Some(s))) => {
             f.push(Finding::ok("store", format!("opened {label} (read-only)")));
-            Some(s)
+            StoreView::Open(s)
         }
         Ok(Ok(None)) => {
             f.push(Finding::ok(
                 "store",
                 format!("{label} does not exist yet: `serve` creates it (no leases yet)"),
             ));
-            Some(std::sync::Arc::new(crate::store::memory::MemoryStore::new()))
+            StoreView::NotCreatedYet
         }
         Ok(Err(e)) => {
             f.push(Finding::error(
@@ -114,7 +114,7 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
                 format!("cannot open {label}: {e}"),
                 "check store.url (and store.password_file for PostgreSQL) and the file's permissions",
             ));
-            None
+            StoreView::Unreadable
         }
         Err(_) => {
             f.push(Finding::error(
@@ -122,7 +122,7 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
                 format!("no answer from {label} within 15 s"),
                 "check store.url",
             ));
-            None
+            StoreView::Unreadable
         }
     };
 
@@ -138,19 +138,28 @@ pub async fn run(config: &Config, config_path: &Path) -> Report {
             BackendKind::Mysql => crate::backend::mysql::check::check(db, &roles, prefix).await,
         };
         f.extend(findings);
-        check_prefix(name, prefix, prefixed, store.as_deref(), f).await;
+        check_prefix(name, prefix, prefixed, &store, f).await;
     }
-    check_static_roles(config, store.as_deref(), f).await;
+    check_static_roles(config, &store, f).await;
     report
+}
+
+/// What the checks read the store through.
+enum StoreView {
+    /// Opened read-only.
+    Open(std::sync::Arc<dyn crate::store::Store>),
+    /// Not there yet (`serve` creates it): no lease and no rotation is
+    /// recorded, which is what the checks read then — nothing is opened
+    /// or created to say so.
+    NotCreatedYet,
+    /// Could not be opened (an error finding says why): what needs it is
+    /// not checked.
+    Unreadable,
 }
 
 /// Static roles: the sealing key opens, and each role's last rotation in
 /// the store is recent and did not fail.
-async fn check_static_roles(
-    config: &Config,
-    store: Option<&dyn crate::store::Store>,
-    f: &mut Vec<Finding>,
-) {
+async fn check_static_roles(config: &Config, store: &StoreView, f: &mut Vec<Finding>) {
     if config.static_roles.is_empty() {
         return;
     }
@@ -166,8 +175,11 @@ async fn check_static_roles(
             None
         }
     };
-    let Some(store) = store else { return };
-    let states = store.static_list().await.unwrap_or_default();
+    let states = match store {
+        StoreView::Open(s) => s.static_list().await.unwrap_or_default(),
+        StoreView::NotCreatedYet => Vec::new(),
+        StoreView::Unreadable => return,
+    };
     let now = Utc::now();
     for r in config.static_roles.values() {
         let scope = format!("static_roles.{}", r.name);
@@ -245,25 +257,30 @@ async fn check_prefix(
     db: &str,
     prefix: &str,
     prefixed: Option<Vec<String>>,
-    store: Option<&dyn crate::store::Store>,
+    store: &StoreView,
     f: &mut Vec<Finding>,
 ) {
     let scope = format!("database {db}");
     let Some(prefixed) = prefixed else { return };
-    let Some(store) = store else {
-        if !prefixed.is_empty() {
-            f.push(Finding::warning(
-                &scope,
-                format!(
-                    "{} user(s) with prefix {prefix:?} exist; without the store, cannot tell whose",
-                    prefixed.len()
-                ),
-                "fix the store, then run check again",
-            ));
+    let known = match store {
+        StoreView::Open(store) => store.live_among(&prefixed).await,
+        // No store yet, so no lease: every prefixed user is a stranger.
+        StoreView::NotCreatedYet => Ok(Default::default()),
+        StoreView::Unreadable => {
+            if !prefixed.is_empty() {
+                f.push(Finding::warning(
+                    &scope,
+                    format!(
+                        "{} user(s) with prefix {prefix:?} exist; without the store, cannot tell whose",
+                        prefixed.len()
+                    ),
+                    "fix the store, then run check again",
+                ));
+            }
+            return;
         }
-        return;
     };
-    let known = match store.live_among(&prefixed).await {
+    let known = match known {
         Ok(k) => k,
         Err(e) => {
             f.push(Finding::error(
@@ -547,7 +564,7 @@ mod crl_tests {
     #[test]
     fn a_crl_is_counted_fresh_or_stale_and_a_broken_one_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::pki::DevCa::generate("test ca").unwrap();
+        let ca = credbroker_testkit::pki::DevCa::generate("test ca").unwrap();
         let now = Utc::now();
         let path = dir.path().join("ca.crl");
         let findings = |pem: &[u8]| {

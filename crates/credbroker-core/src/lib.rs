@@ -1,5 +1,8 @@
-//! credbroker: short-lived, audited database credentials for services that
-//! prove who they are with a client certificate.
+//! credbroker's core: short-lived, audited database credentials for
+//! services that prove who they are with a client certificate. Everything
+//! `credbroker serve` runs; the command line and the bench are the
+//! `credbroker` binary crate's, the throwaway servers and the dev CA
+//! `credbroker-testkit`'s (ARCHITECTURE.md, "Crates").
 //!
 //! A lease travels: [`server`] (mTLS, gRPC) → [`identity`] → [`broker`]
 //! (policy, TTLs, limits) → [`store`] (intent first) → [`backend`] (the
@@ -45,25 +48,19 @@
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`vault_api`]: HashiCorp Vault's database-credentials HTTP API, so
 //!   Vault clients switch by changing their address.
-//! - [`cli`]: one file per subcommand.
 //! - [`hardening`]: core dumps off for the commands that hold secrets.
 //! - [`fsutil`]: secret files written atomically, mode 0600, through a
 //!   fresh temporary file renamed over the target.
-//! - [`bench`]: `credbroker bench`, the lease path against PostgreSQL's
-//!   own limits, the reaper and scale; [`steps`]: its wall time per lease
-//!   step (off unless the bench turns it on).
-//! - [`pki`]: dev certificates; [`throwaway`]: disposable database servers
-//!   for the demo and tests; [`devenv`]: a whole dev set-up (certificates,
-//!   config, a throwaway database) for `demo`, the tests and the bench.
+//! - [`steps`]: the lease path's steps as `tracing` spans (TRACE, target
+//!   `credbroker::step`), which `credbroker bench` sums per step; off at
+//!   the callsite under any other subscriber.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod backend;
-pub mod bench;
 pub mod broker;
 pub mod check;
-pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -71,7 +68,6 @@ pub mod connstr;
 pub mod console;
 pub mod daemon;
 pub mod dbtls;
-pub mod devenv;
 pub mod error;
 pub mod fsutil;
 pub mod gate;
@@ -81,7 +77,6 @@ pub mod lease;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
-pub mod pki;
 pub mod policy;
 pub mod pruner;
 pub mod rate_history;
@@ -96,7 +91,6 @@ pub mod steps;
 pub mod store;
 #[cfg(test)]
 mod testkit;
-pub mod throwaway;
 pub mod vault_api;
 pub mod watch;
 

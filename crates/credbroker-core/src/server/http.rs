@@ -269,7 +269,7 @@ mod tests {
         // `extra` lands in [tls].
         let kit = Kit::new("crl = \"ca.crl\"\n", &roles);
         let dir = kit.audit_path().parent().unwrap().to_path_buf();
-        let ca = crate::pki::DevCa::generate("alerts test CA").unwrap();
+        let ca = credbroker_testkit::pki::DevCa::generate("alerts test CA").unwrap();
         let server = ca.server_cert(&["localhost"], &[]).unwrap();
         std::fs::write(dir.join("c.pem"), &server.cert_pem).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();

@@ -256,12 +256,10 @@ impl Broker {
 
     /// Writes the audit record; when that fails, the request fails too.
     fn audit_event(&self, event: Event) -> Result<()> {
-        let started = std::time::Instant::now();
-        let r = self.audit.append(event).inspect_err(|e| {
+        let _step = crate::steps::span("audit: append").entered();
+        self.audit.append(event).inspect_err(|e| {
             tracing::error!(error = %crate::error::chain(e), "audit write failed");
-        });
-        crate::steps::record("audit: append", started.elapsed());
-        r
+        })
     }
 
     /// Audits a refused or failed request and hands the error back.

@@ -1,4 +1,5 @@
-//! Generates the gRPC code from `proto/`. protoc comes from the
+//! Generates the gRPC code from the workspace's `proto/` (at the root: the
+//! API is the project's, not this crate's). protoc comes from the
 //! `protoc-bin-vendored` crate so a fresh machine builds with cargo alone.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,11 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([".credbroker.v1.Lease", ".credbroker.v1.StaticCredential"])
         .compile_protos(
             &[
-                std::path::PathBuf::from("proto/credbroker/v1/broker.proto"),
-                std::path::PathBuf::from("proto/credbroker/v1/admin.proto"),
+                std::path::PathBuf::from("../../proto/credbroker/v1/broker.proto"),
+                std::path::PathBuf::from("../../proto/credbroker/v1/admin.proto"),
             ],
-            &[std::path::PathBuf::from("proto"), include],
+            &[std::path::PathBuf::from("../../proto"), include],
         )?;
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=../../proto");
     Ok(())
 }
