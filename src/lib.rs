@@ -58,6 +58,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod backend;
 pub mod bench;

@@ -16,6 +16,7 @@
 
 mod leases;
 mod locks;
+mod access;
 mod migrations;
 mod statics;
 mod tokens;
@@ -32,7 +33,7 @@ use crate::config::SecretSource;
 use crate::dbtls;
 use crate::error::{Error, Result};
 use crate::store::Store;
-pub use migrations::SCHEMA_VERSION;
+pub use migrations::{migration_versions, SCHEMA_VERSION};
 
 /// Longest a single store statement may run: past it the request fails as
 /// `Unavailable` rather than hanging a caller on a sick store.

@@ -125,7 +125,7 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .collect();
     assert_eq!(
         versions,
-        (1..=credbroker::store::postgres::SCHEMA_VERSION).collect::<Vec<_>>()
+        credbroker::store::postgres::migration_versions()
     );
     let secret_columns: i64 = c
         .query_one(
