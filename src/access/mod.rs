@@ -137,8 +137,8 @@ impl Access {
                 Error::NotFound(format!("no access policy {:?}", crate::broker::truncate_text(name)))
             });
         }
-        let covers = |p: &&AccessPolicy| req.roles.iter().all(|r| p.roles.contains(r));
-        let admits = |p: &&AccessPolicy| {
+        let covers = |p: &AccessPolicy| req.roles.iter().all(|r| p.roles.contains(r));
+        let admits = |p: &AccessPolicy| {
             let list = if req.break_glass {
                 &p.break_glass
             } else {
@@ -146,8 +146,8 @@ impl Access {
             };
             crate::policy::any_matches(list, who)
         };
-        let candidates: Vec<&AccessPolicy> = config.access.values().filter(covers).collect();
-        if let Some(p) = candidates.iter().find(admits) {
+        let candidates: Vec<&AccessPolicy> = config.access.values().filter(|p| covers(p)).collect();
+        if let Some(p) = candidates.iter().find(|p| admits(p)) {
             return Ok((*p).clone());
         }
         // None admits the caller: the first covering policy says why

@@ -340,7 +340,7 @@ mod tests {
             (check_request(&p, &id(REQUESTER), &roles, &"x".repeat(501), h(1), false), "invalid", "at most 500"),
             (check_request(&p, &id(REQUESTER), &roles, "a\nb", h(1), false), "invalid", "one line"),
             (check_request(&p, &id(REQUESTER), &roles, "INC-1", h(5), false), "invalid", "longer than access policy"),
-            (check_request(&p, &id(REQUESTER), &["orders-rw".into()], "INC-1", h(1), false), "denied", "does not cover role \"orders-rw\""),
+            (check_request(&p, &id(REQUESTER), &["orders-rw".to_string()], "INC-1", h(1), false), "denied", "does not cover role \"orders-rw\""),
             (check_request(&p, &id(REQUESTER), &[], "INC-1", h(1), false), "invalid", "at least one role"),
             (check_request(&p, &id("spiffe://example.org/svc/app"), &roles, "INC-1", h(1), false), "denied", "may not request"),
             (check_request(&p, &id(REQUESTER), &roles, "INC-1", h(1), true), "denied", "may not break glass"),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::notify::Recorder;
 use super::*;
 use crate::error::Error;
+use crate::store::LeaseStore;
 use crate::testkit::{role, Kit, APP};
 
 const ALICE: &str = "spiffe://credbroker.dev/user/alice";
@@ -113,10 +114,11 @@ async fn racing_approvals_count_each_approver_once() {
     let (_kit, access, _) = setup(kit());
     let access = Arc::new(access);
     let r = access.request(&id(ALICE), None, ask("INC-1", 1800)).await.unwrap();
+    let (d1, d2, d3) = (id(DBA1), id(DBA2), id(DBA3));
     let (x, y, z) = tokio::join!(
-        access.approve(&id(DBA1), &r.id),
-        access.approve(&id(DBA2), &r.id),
-        access.approve(&id(DBA3), &r.id)
+        access.approve(&d1, &r.id),
+        access.approve(&d2, &r.id),
+        access.approve(&d3, &r.id)
     );
     let oks = [x.is_ok(), y.is_ok(), z.is_ok()];
     let stored = access.broker().store().get_access(&r.id).await.unwrap().unwrap();

@@ -448,3 +448,52 @@ async fn locks_refuse_each_step_and_suspend_grants() {
     assert_eq!(get(&b, &r.request_id).await.state, "granted");
     let _ = DBA2;
 }
+
+/// Two replicas on one PostgreSQL store: a request made on A is approved
+/// on B, used on A, and revoked on B — which ends A's lease and its
+/// session (the grant, like leases and locks, lives in the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_requests_and_grants_through_the_store() {
+    let roles = role("ro", "{db}", "5m", "1h", APP);
+    let mut a = TestBroker::prepare(&roles).await;
+    crate::ha::use_pg_store(&a, cluster(), "5s").await;
+    a.edit_config(|t| format!("{t}\n{POLICIES}"));
+    for who in ["alice", "dba-1", "dba-2"] {
+        write_client(
+            &a,
+            who,
+            &ClientSpec::spiffe(&format!("spiffe://credbroker.dev/user/{who}")),
+        );
+    }
+    let mut b = a.replica();
+    a.start_in_process().await;
+    b.start_in_process().await;
+    wait_port(b.port).await;
+
+    let r = request(&a, "alice", "INC-6: replicas", 1800, "").await.unwrap();
+    approve(&b, "dba-1", &r.request_id).await.unwrap();
+    let g = approve(&b, "dba-2", &r.request_id).await.unwrap();
+    assert_eq!(g.state, "granted");
+    let lease = issue(&a, "alice", "ro", 600).await.unwrap();
+    let session = login(&a.db, &lease.username, &lease.password).await.unwrap();
+    session.simple_query("SELECT 1").await.unwrap();
+    acc(&b, "dba-1")
+        .revoke(pb::RevokeAccessRequest {
+            request_id: r.request_id.clone(),
+            reason: "replica test".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            session.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
+        "A's session ended by B's revoke"
+    );
+    assert!(login(&a.db, &lease.username, &lease.password).await.is_err());
+    let e = issue(&a, "alice", "ro", 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    b.stop().await;
+    a.stop().await;
+}
