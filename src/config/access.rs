@@ -216,6 +216,8 @@ kind = "postgres"
 admin_url = "postgres://admin@127.0.0.1:5432/orders"
 [roles.orders-ro]
 database = "orders"
+default_ttl = "15m"
+max_ttl = "1h"
 allowed = ["spiffe://example.org/svc/*"]
 grants = ["GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}}"]
 "#;
