@@ -472,18 +472,25 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
             e.listener = Some("grpc");
             (Answer::grpc(r), e)
         }
+        // A person's share of the gRPC listener, as the admin's above;
+        // another identity, since the listener's refusal log folds one
+        // identity's refusals within 10 s into one later record.
         (Control::Quota, Door::GrpcAccess) => {
             let mut held = Vec::new();
             for _ in 0..SHARE {
-                let mut c = access(b, "admin2");
+                let mut c = access(b, "other");
                 c.list(pb::ListAccessRequest::default()).await.unwrap();
                 held.push(c);
             }
-            let r = access(b, "admin2")
+            let r = access(b, "other")
                 .list(pb::ListAccessRequest::default())
                 .await;
             drop(held);
-            let mut e = refused("Unavailable|Cancelled|Unknown", ADMIN2, "connection");
+            let mut e = refused(
+                "Unavailable|Cancelled|Unknown",
+                "spiffe://credbroker.dev/ns/demo/other",
+                "connection",
+            );
             e.listener = Some("grpc");
             (Answer::grpc(r), e)
         }
