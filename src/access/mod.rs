@@ -134,7 +134,10 @@ impl Access {
         let config = self.broker.config();
         if let Some(name) = &req.policy {
             return config.access.get(name).cloned().ok_or_else(|| {
-                Error::NotFound(format!("no access policy {:?}", crate::broker::truncate_text(name)))
+                Error::NotFound(format!(
+                    "no access policy {:?}",
+                    crate::broker::truncate_text(name)
+                ))
             });
         }
         let covers = |p: &AccessPolicy| req.roles.iter().all(|r| p.roles.contains(r));

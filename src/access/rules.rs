@@ -335,16 +335,77 @@ mod tests {
         let roles = vec!["orders-ro".to_string()];
         let h = |x: u64| Some(Duration::from_secs(x * 3600));
         let cases: Vec<(Result<Duration>, &str, &str)> = vec![
-            (check_request(&p, &id(REQUESTER), &roles, "", h(1), false), "invalid", "a reason is required"),
-            (check_request(&p, &id(REQUESTER), &roles, "   ", h(1), false), "invalid", "a reason is required"),
-            (check_request(&p, &id(REQUESTER), &roles, &"x".repeat(501), h(1), false), "invalid", "at most 500"),
-            (check_request(&p, &id(REQUESTER), &roles, "a\nb", h(1), false), "invalid", "one line"),
-            (check_request(&p, &id(REQUESTER), &roles, "INC-1", h(5), false), "invalid", "longer than access policy"),
-            (check_request(&p, &id(REQUESTER), &["orders-rw".to_string()], "INC-1", h(1), false), "denied", "does not cover role \"orders-rw\""),
-            (check_request(&p, &id(REQUESTER), &[], "INC-1", h(1), false), "invalid", "at least one role"),
-            (check_request(&p, &id("spiffe://example.org/svc/app"), &roles, "INC-1", h(1), false), "denied", "may not request"),
-            (check_request(&p, &id(REQUESTER), &roles, "INC-1", h(1), true), "denied", "may not break glass"),
-            (check_request(&p, &id(REQUESTER), &roles, "INC-1", Some(Duration::from_secs(5)), false), "invalid", "at least 10s"),
+            (
+                check_request(&p, &id(REQUESTER), &roles, "", h(1), false),
+                "invalid",
+                "a reason is required",
+            ),
+            (
+                check_request(&p, &id(REQUESTER), &roles, "   ", h(1), false),
+                "invalid",
+                "a reason is required",
+            ),
+            (
+                check_request(&p, &id(REQUESTER), &roles, &"x".repeat(501), h(1), false),
+                "invalid",
+                "at most 500",
+            ),
+            (
+                check_request(&p, &id(REQUESTER), &roles, "a\nb", h(1), false),
+                "invalid",
+                "one line",
+            ),
+            (
+                check_request(&p, &id(REQUESTER), &roles, "INC-1", h(5), false),
+                "invalid",
+                "longer than access policy",
+            ),
+            (
+                check_request(
+                    &p,
+                    &id(REQUESTER),
+                    &["orders-rw".to_string()],
+                    "INC-1",
+                    h(1),
+                    false,
+                ),
+                "denied",
+                "does not cover role \"orders-rw\"",
+            ),
+            (
+                check_request(&p, &id(REQUESTER), &[], "INC-1", h(1), false),
+                "invalid",
+                "at least one role",
+            ),
+            (
+                check_request(
+                    &p,
+                    &id("spiffe://example.org/svc/app"),
+                    &roles,
+                    "INC-1",
+                    h(1),
+                    false,
+                ),
+                "denied",
+                "may not request",
+            ),
+            (
+                check_request(&p, &id(REQUESTER), &roles, "INC-1", h(1), true),
+                "denied",
+                "may not break glass",
+            ),
+            (
+                check_request(
+                    &p,
+                    &id(REQUESTER),
+                    &roles,
+                    "INC-1",
+                    Some(Duration::from_secs(5)),
+                    false,
+                ),
+                "invalid",
+                "at least 10s",
+            ),
         ];
         for (r, k, text) in cases {
             let e = r.unwrap_err();
@@ -431,7 +492,10 @@ mod tests {
         assert!(deny(&p, &r, &id(REQUESTER), "", now).is_err());
         // Revoke: requester, approver, admin; nobody else.
         let stranger = id("spiffe://example.org/user/eve");
-        assert_eq!(kind(&revoke(Some(&p), &r, &stranger, false, "", now).unwrap_err()), "denied");
+        assert_eq!(
+            kind(&revoke(Some(&p), &r, &stranger, false, "", now).unwrap_err()),
+            "denied"
+        );
         assert!(revoke(Some(&p), &r, &stranger, true, "", now).is_ok());
         assert!(revoke(None, &r, &id(DBA1), false, "", now).is_err());
         let withdrawn = revoke(Some(&p), &r, &id(REQUESTER), false, "", now).unwrap();
@@ -441,6 +505,9 @@ mod tests {
         let ended = revoke(Some(&p), &g, &id(DBA2), false, "done", now).unwrap();
         assert_eq!(ended.state, AccessState::Ended);
         assert!(!ended.leases_done);
-        assert_eq!(kind(&revoke(Some(&p), &ended, &id(DBA2), false, "", now).unwrap_err()), "precondition");
+        assert_eq!(
+            kind(&revoke(Some(&p), &ended, &id(DBA2), false, "", now).unwrap_err()),
+            "precondition"
+        );
     }
 }

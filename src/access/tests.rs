@@ -34,7 +34,10 @@ fn setup(kit: Kit) -> (Kit, Access, Arc<Recorder>) {
 }
 
 fn kit() -> Kit {
-    Kit::new("", &format!("{}{}{POLICY}", role("ro", "main"), role("rw", "main")))
+    Kit::new(
+        "",
+        &format!("{}{}{POLICY}", role("ro", "main"), role("rw", "main")),
+    )
 }
 
 fn ask(reason: &str, secs: u64) -> NewRequest {
@@ -51,7 +54,10 @@ async fn request_approve_issue_then_revoke_ends_every_lease_and_notifies() {
     let (kit, access, rec) = setup(kit());
     let alice = id(ALICE);
     assert!(kit.broker.issue(&alice, "ro", None).await.is_err());
-    let r = access.request(&alice, None, ask("INC-4711", 1800)).await.unwrap();
+    let r = access
+        .request(&alice, None, ask("INC-4711", 1800))
+        .await
+        .unwrap();
     assert_eq!(r.state, AccessState::Pending);
     let one = access.approve(&id(DBA1), &r.id).await.unwrap();
     assert_eq!(one.state, AccessState::Pending);
@@ -60,13 +66,23 @@ async fn request_approve_issue_then_revoke_ends_every_lease_and_notifies() {
     assert_eq!(two.state, AccessState::Granted);
     let until = two.until.unwrap();
 
-    let a = kit.broker.issue(&alice, "ro", Some(Duration::from_secs(60))).await.unwrap();
+    let a = kit
+        .broker
+        .issue(&alice, "ro", Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
     let b = kit.broker.issue(&alice, "ro", None).await.unwrap();
     assert_eq!(a.lease.grant_id.as_deref(), Some(r.id.as_str()));
     assert!(a.lease.max_expires_at <= until);
-    assert!(kit.broker.issue(&alice, "rw", None).await.is_err(), "rw is not granted");
+    assert!(
+        kit.broker.issue(&alice, "rw", None).await.is_err(),
+        "rw is not granted"
+    );
     // Renewal while the grant lives.
-    kit.broker.renew(&alice, &a.lease.id, Some(Duration::from_secs(300))).await.unwrap();
+    kit.broker
+        .renew(&alice, &a.lease.id, Some(Duration::from_secs(300)))
+        .await
+        .unwrap();
 
     let ended = access.revoke(&id(DBA3), &r.id, "done").await.unwrap();
     assert_eq!(ended.state, AccessState::Ended);
@@ -74,9 +90,16 @@ async fn request_approve_issue_then_revoke_ends_every_lease_and_notifies() {
     for l in [&a.lease, &b.lease] {
         let stored = kit.store.get(&l.id).await.unwrap().unwrap();
         assert_eq!(stored.state, crate::lease::LeaseState::Revoked);
-        assert!(kit.server.user(l.username.as_str()).is_none(), "user dropped");
+        assert!(
+            kit.server.user(l.username.as_str()).is_none(),
+            "user dropped"
+        );
     }
-    let e = kit.broker.renew(&alice, &a.lease.id, None).await.unwrap_err();
+    let e = kit
+        .broker
+        .renew(&alice, &a.lease.id, None)
+        .await
+        .unwrap_err();
     assert!(!matches!(e, Error::Internal(_)), "{e}");
     assert!(kit.broker.issue(&alice, "ro", None).await.is_err());
 
@@ -106,14 +129,19 @@ async fn request_approve_issue_then_revoke_ends_every_lease_and_notifies() {
         .filter(|x| x.action == "grant_revoke")
         .collect();
     assert_eq!(revoked.len(), 2);
-    assert!(revoked.iter().all(|x| x.request_id.as_deref() == Some(r.id.as_str())));
+    assert!(revoked
+        .iter()
+        .all(|x| x.request_id.as_deref() == Some(r.id.as_str())));
 }
 
 #[tokio::test]
 async fn racing_approvals_count_each_approver_once() {
     let (_kit, access, _) = setup(kit());
     let access = Arc::new(access);
-    let r = access.request(&id(ALICE), None, ask("INC-1", 1800)).await.unwrap();
+    let r = access
+        .request(&id(ALICE), None, ask("INC-1", 1800))
+        .await
+        .unwrap();
     let (d1, d2, d3) = (id(DBA1), id(DBA2), id(DBA3));
     let (x, y, z) = tokio::join!(
         access.approve(&d1, &r.id),
@@ -121,7 +149,13 @@ async fn racing_approvals_count_each_approver_once() {
         access.approve(&d3, &r.id)
     );
     let oks = [x.is_ok(), y.is_ok(), z.is_ok()];
-    let stored = access.broker().store().get_access(&r.id).await.unwrap().unwrap();
+    let stored = access
+        .broker()
+        .store()
+        .get_access(&r.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.state, AccessState::Granted);
     // Two made the grant; the third found it decided (or, racing, came
     // first and counted): never more approvals than approvers who got Ok.
@@ -133,12 +167,26 @@ async fn racing_approvals_count_each_approver_once() {
 async fn break_glass_grants_at_once_and_is_marked() {
     let (kit, access, rec) = setup(kit());
     let e = access
-        .request(&id(ALICE), None, NewRequest { break_glass: true, ..ask("INC-9", 600) })
+        .request(
+            &id(ALICE),
+            None,
+            NewRequest {
+                break_glass: true,
+                ..ask("INC-9", 600)
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
     let g = access
-        .request(&id(ONCALL), None, NewRequest { break_glass: true, ..ask("INC-9", 600) })
+        .request(
+            &id(ONCALL),
+            None,
+            NewRequest {
+                break_glass: true,
+                ..ask("INC-9", 600)
+            },
+        )
         .await
         .unwrap();
     assert_eq!(g.state, AccessState::Granted);
@@ -157,9 +205,19 @@ async fn break_glass_grants_at_once_and_is_marked() {
 async fn undecided_requests_expire_and_grants_end_at_their_time() {
     let kit = Kit::paused("", &format!("{}{POLICY}", role("ro", "main")));
     let (kit, access, rec) = setup(kit);
-    let pending = access.request(&id(ALICE), None, ask("INC-2", 1800)).await.unwrap();
+    let pending = access
+        .request(&id(ALICE), None, ask("INC-2", 1800))
+        .await
+        .unwrap();
     let g = access
-        .request(&id(ONCALL), None, NewRequest { break_glass: true, ..ask("INC-3", 900) })
+        .request(
+            &id(ONCALL),
+            None,
+            NewRequest {
+                break_glass: true,
+                ..ask("INC-3", 900)
+            },
+        )
         .await
         .unwrap();
     let lease = kit.broker.issue(&id(ONCALL), "ro", None).await.unwrap();
@@ -167,7 +225,13 @@ async fn undecided_requests_expire_and_grants_end_at_their_time() {
 
     tokio::time::advance(Duration::from_secs(15 * 60)).await;
     assert_eq!(access.run_due().await.unwrap(), 1, "the grant ended");
-    let ended = access.broker().store().get_access(&g.id).await.unwrap().unwrap();
+    let ended = access
+        .broker()
+        .store()
+        .get_access(&g.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ended.state, AccessState::Ended);
     assert!(ended.leases_done);
     let l = kit.store.get(&lease.lease.id).await.unwrap().unwrap();
@@ -175,7 +239,13 @@ async fn undecided_requests_expire_and_grants_end_at_their_time() {
 
     tokio::time::advance(Duration::from_secs(15 * 60)).await;
     assert_eq!(access.run_due().await.unwrap(), 1, "the request expired");
-    let expired = access.broker().store().get_access(&pending.id).await.unwrap().unwrap();
+    let expired = access
+        .broker()
+        .store()
+        .get_access(&pending.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(expired.state, AccessState::Expired);
     let e = access.approve(&id(DBA1), &pending.id).await.unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
@@ -202,10 +272,16 @@ async fn locks_refuse_requests_approvals_and_use() {
         .admin_lock(&admin, pattern(ALICE), None, "INC-8".into(), false)
         .await
         .unwrap();
-    let e = access.request(&id(ALICE), None, ask("INC-8", 600)).await.unwrap_err();
+    let e = access
+        .request(&id(ALICE), None, ask("INC-8", 600))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
     kit.broker.admin_unlock(&admin, &l.id).await.unwrap();
-    let r = access.request(&id(ALICE), None, ask("INC-8", 600)).await.unwrap();
+    let r = access
+        .request(&id(ALICE), None, ask("INC-8", 600))
+        .await
+        .unwrap();
     let (l, _) = kit
         .broker
         .admin_lock(&admin, pattern(DBA1), None, "INC-8".into(), false)
@@ -218,19 +294,37 @@ async fn locks_refuse_requests_approvals_and_use() {
     access.approve(&id(DBA3), &r.id).await.unwrap();
     let (l, _) = kit
         .broker
-        .admin_lock(&admin, LockTarget::Role("ro".into()), None, "INC-8".into(), false)
+        .admin_lock(
+            &admin,
+            LockTarget::Role("ro".into()),
+            None,
+            "INC-8".into(),
+            false,
+        )
         .await
         .unwrap();
-    assert!(kit.broker.issue(&id(ALICE), "ro", None).await.is_err(), "suspended");
+    assert!(
+        kit.broker.issue(&id(ALICE), "ro", None).await.is_err(),
+        "suspended"
+    );
     kit.broker.admin_unlock(&admin, &l.id).await.unwrap();
     kit.broker.issue(&id(ALICE), "ro", None).await.unwrap();
     // A role lock asked for: refused to request it too.
     let (_l, _) = kit
         .broker
-        .admin_lock(&admin, LockTarget::Role("ro".into()), None, "INC-8".into(), false)
+        .admin_lock(
+            &admin,
+            LockTarget::Role("ro".into()),
+            None,
+            "INC-8".into(),
+            false,
+        )
         .await
         .unwrap();
-    assert!(access.request(&id(ALICE), None, ask("INC-8", 600)).await.is_err());
+    assert!(access
+        .request(&id(ALICE), None, ask("INC-8", 600))
+        .await
+        .is_err());
     let _ = APP;
 }
 
@@ -239,7 +333,14 @@ fn request_ids_have_one_shape() {
     let a = new_id();
     assert_eq!(parse_id(&a).unwrap(), a);
     assert_ne!(new_id(), a);
-    for bad in ["", "ar_", "l_abc", "ar_ABCDEFGHIJKLMNOPQRSTUVWXYZ", &format!("{a}x"), "ar_'; drop table"] {
+    for bad in [
+        "",
+        "ar_",
+        "l_abc",
+        "ar_ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        &format!("{a}x"),
+        "ar_'; drop table",
+    ] {
         assert!(parse_id(bad).is_err(), "{bad}");
     }
 }

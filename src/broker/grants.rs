@@ -16,7 +16,11 @@ impl Broker {
     /// still configured and still granting the role (a SIGHUP that removes
     /// either suspends the grant). The grant ending soonest is not
     /// preferred: the latest end is, so a lease gets the most room.
-    pub async fn grant_covering(&self, who: &Identity, role: &str) -> Result<Option<AccessRequest>> {
+    pub async fn grant_covering(
+        &self,
+        who: &Identity,
+        role: &str,
+    ) -> Result<Option<AccessRequest>> {
         let config = self.config();
         if config.access.is_empty() {
             return Ok(None);

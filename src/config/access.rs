@@ -252,7 +252,10 @@ notify = "https://chat.example.org/hooks/credbroker"
         assert_eq!(p.max_duration.as_secs(), 4 * 3600);
         assert_eq!(p.pending_for.as_secs(), 30 * 60);
         assert_eq!(p.reason, super::ReasonRule::Required);
-        assert_eq!(p.notify.as_ref().unwrap().host_str(), Some("chat.example.org"));
+        assert_eq!(
+            p.notify.as_ref().unwrap().host_str(),
+            Some("chat.example.org")
+        );
         assert_eq!(p.break_glass.len(), 1);
     }
 

@@ -137,9 +137,15 @@ impl pb::access_server::Access for AccessService {
         req: Request<pb::AccessRequestId>,
     ) -> Result<Response<pb::AccessRequestInfo>, Status> {
         let broker = self.access.broker();
-        let who = gate(broker, DOOR, &req, "access_approve", Target::Own(Use::Obtain))
-            .await?
-            .identity;
+        let who = gate(
+            broker,
+            DOOR,
+            &req,
+            "access_approve",
+            Target::Own(Use::Obtain),
+        )
+        .await?
+        .identity;
         let out = self
             .access
             .approve(&who, &req.get_ref().request_id)
@@ -170,9 +176,15 @@ impl pb::access_server::Access for AccessService {
         req: Request<pb::RevokeAccessRequest>,
     ) -> Result<Response<pb::AccessRequestInfo>, Status> {
         let broker = self.access.broker();
-        let who = gate(broker, DOOR, &req, "access_revoke", Target::Own(Use::GiveUp))
-            .await?
-            .identity;
+        let who = gate(
+            broker,
+            DOOR,
+            &req,
+            "access_revoke",
+            Target::Own(Use::GiveUp),
+        )
+        .await?
+        .identity;
         let r = req.get_ref();
         let out = self
             .access

@@ -82,7 +82,11 @@ async fn request(
         .map(|r| r.into_inner())
 }
 
-async fn approve(b: &TestBroker, who: &str, id: &str) -> Result<pb::AccessRequestInfo, tonic::Status> {
+async fn approve(
+    b: &TestBroker,
+    who: &str,
+    id: &str,
+) -> Result<pb::AccessRequestInfo, tonic::Status> {
     acc(b, who)
         .approve(pb::AccessRequestId {
             request_id: id.into(),
@@ -158,8 +162,16 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
             &b,
             "alice",
             &[
-                "access", "request", "--role", "ro", "--reason", "INC-4711: orders stuck", "--for",
-                "30m", "--format", "json",
+                "access",
+                "request",
+                "--role",
+                "ro",
+                "--reason",
+                "INC-4711: orders stuck",
+                "--for",
+                "30m",
+                "--format",
+                "json",
             ],
         )
         .await,
@@ -171,7 +183,10 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
 
     // What an approver sees.
     let listed = stdout(&cli(&b, "dba-1", &["access", "list", "--pending"]).await);
-    assert!(listed.contains(&id) && listed.contains("INC-4711"), "{listed}");
+    assert!(
+        listed.contains(&id) && listed.contains("INC-4711"),
+        "{listed}"
+    );
 
     // The requester never approves its own.
     let own = approve(&b, "alice", &id).await.unwrap_err();
@@ -180,9 +195,15 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
     assert!(one.contains("pending") && one.contains("1/2"), "{one}");
     let again = approve(&b, "dba-1", &id).await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
-    assert!(issue(&b, "alice", "ro", 0).await.is_err(), "one approval is not a grant");
+    assert!(
+        issue(&b, "alice", "ro", 0).await.is_err(),
+        "one approval is not a grant"
+    );
     let two = stdout(&cli(&b, "dba-2", &["access", "approve", &id]).await);
-    assert!(two.contains("granted") && two.contains("lease issue --role ro"), "{two}");
+    assert!(
+        two.contains("granted") && two.contains("lease issue --role ro"),
+        "{two}"
+    );
     let granted = get(&b, &id).await;
     let until = ts(&granted.until);
 
@@ -190,7 +211,10 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
     let e = issue(&b, "alice", "rw", 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let lease = issue(&b, "alice", "ro", 3600).await.unwrap();
-    assert!(ts(&lease.max_expires_at) <= until, "clamped to the grant's end");
+    assert!(
+        ts(&lease.max_expires_at) <= until,
+        "clamped to the grant's end"
+    );
     assert!(ts(&lease.expires_at) <= until);
     let listing = b
         .admin("admin")
@@ -208,8 +232,13 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
     let table = stdout(&cli(&b, "admin", &["admin", "leases"]).await);
     assert!(table.contains(&format!("(grant {id})")), "{table}");
 
-    let session = login(&b.db, &lease.username, &lease.password).await.unwrap();
-    session.simple_query("SELECT count(*) FROM orders").await.unwrap();
+    let session = login(&b.db, &lease.username, &lease.password)
+        .await
+        .unwrap();
+    session
+        .simple_query("SELECT count(*) FROM orders")
+        .await
+        .unwrap();
 
     // A third approver ends it.
     let ended = stdout(
@@ -220,7 +249,10 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         )
         .await,
     );
-    assert!(ended.contains("ended") && ended.contains("incident over"), "{ended}");
+    assert!(
+        ended.contains("ended") && ended.contains("incident over"),
+        "{ended}"
+    );
     assert!(
         eventually(Duration::from_secs(20), || async {
             session.simple_query("SELECT 1").await.is_err()
@@ -228,11 +260,17 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         .await,
         "the session as the granted credential was ended"
     );
-    let refused = login(&b.db, &lease.username, &lease.password).await.unwrap_err();
+    let refused = login(&b.db, &lease.username, &lease.password)
+        .await
+        .unwrap_err();
     assert!(!refused.is_empty());
     assert!(!b.role_exists(&lease.username).await, "the user is gone");
     let e = issue(&b, "alice", "ro", 0).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "no grant, no lease");
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "no grant, no lease"
+    );
 
     // Every step, linked by the request id, in the hash-chained log.
     let actions: Vec<String> = records_of(&b, &id)
@@ -257,10 +295,14 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         .filter(|r| r.outcome == Outcome::Denied)
         .collect();
     assert!(
-        denied.iter().any(|r| r.identity == ALICE && r.action == "access_approve"),
+        denied
+            .iter()
+            .any(|r| r.identity == ALICE && r.action == "access_approve"),
         "the self-approval is audited: {denied:?}"
     );
-    assert!(denied.iter().all(|r| r.via.as_deref() == Some("grpc_access")));
+    assert!(denied
+        .iter()
+        .all(|r| r.via.as_deref() == Some("grpc_access")));
     let verdict = credbroker::audit::verify_files(&[b.env.audit_path.clone()]).unwrap();
     assert!(
         matches!(verdict, credbroker::audit::Verdict::Intact { .. }),
@@ -289,13 +331,19 @@ async fn break_glass_grants_at_once_and_the_grant_ends_at_its_time() {
         }
     };
     let e = bg("alice").await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "alice is no break-glass identity");
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "alice is no break-glass identity"
+    );
     let g = bg("oncall-1").await.unwrap();
     assert_eq!(g.state, "granted");
     assert!(g.break_glass);
     let lease = issue(&b, "oncall-1", "ro", 0).await.unwrap();
     assert!(ts(&lease.max_expires_at) <= ts(&g.until));
-    let session = login(&b.db, &lease.username, &lease.password).await.unwrap();
+    let session = login(&b.db, &lease.username, &lease.password)
+        .await
+        .unwrap();
     session.simple_query("SELECT 1").await.unwrap();
 
     assert!(
@@ -312,13 +360,19 @@ async fn break_glass_grants_at_once_and_the_grant_ends_at_its_time() {
         .await,
         "its session was ended"
     );
-    assert!(login(&b.db, &lease.username, &lease.password).await.is_err());
+    assert!(login(&b.db, &lease.username, &lease.password)
+        .await
+        .is_err());
     let recs = records_of(&b, &g.request_id);
     let glass = recs
         .iter()
         .find(|r| r.action == "access_break_glass")
         .expect("break-glass audited");
-    assert!(glass.detail.as_deref().unwrap_or("").contains("break_glass"));
+    assert!(glass
+        .detail
+        .as_deref()
+        .unwrap_or("")
+        .contains("break_glass"));
     assert!(recs.iter().any(|r| r.action == "access_grant"));
     assert!(recs
         .iter()
@@ -339,11 +393,46 @@ async fn bad_input_is_refused_audited_and_changes_nothing() {
         .unwrap();
     let long = "x".repeat(501);
     let cases: Vec<(&str, &str, i64, &str, tonic::Code, &str)> = vec![
-        ("alice", "", 1800, "", tonic::Code::InvalidArgument, "a reason is required"),
-        ("alice", &long, 1800, "", tonic::Code::InvalidArgument, "at most 500"),
-        ("alice", "INC-1", 5 * 3600, "", tonic::Code::InvalidArgument, "longer than access policy"),
-        ("app", "INC-1", 1800, "", tonic::Code::PermissionDenied, "may not request"),
-        ("alice", "INC-1", 1800, "nope", tonic::Code::NotFound, "no access policy"),
+        (
+            "alice",
+            "",
+            1800,
+            "",
+            tonic::Code::InvalidArgument,
+            "a reason is required",
+        ),
+        (
+            "alice",
+            &long,
+            1800,
+            "",
+            tonic::Code::InvalidArgument,
+            "at most 500",
+        ),
+        (
+            "alice",
+            "INC-1",
+            5 * 3600,
+            "",
+            tonic::Code::InvalidArgument,
+            "longer than access policy",
+        ),
+        (
+            "app",
+            "INC-1",
+            1800,
+            "",
+            tonic::Code::PermissionDenied,
+            "may not request",
+        ),
+        (
+            "alice",
+            "INC-1",
+            1800,
+            "nope",
+            tonic::Code::NotFound,
+            "no access policy",
+        ),
     ];
     for (who, reason, secs, policy, code, text) in cases {
         let before = b.audit_records().len();
@@ -386,11 +475,20 @@ async fn bad_input_is_refused_audited_and_changes_nothing() {
         &cli(
             &b,
             "dba-1",
-            &["access", "deny", &r.request_id, "--reason", "use the replica"],
+            &[
+                "access",
+                "deny",
+                &r.request_id,
+                "--reason",
+                "use the replica",
+            ],
         )
         .await,
     );
-    assert!(denied.contains("denied by") && denied.contains("use the replica"), "{denied}");
+    assert!(
+        denied.contains("denied by") && denied.contains("use the replica"),
+        "{denied}"
+    );
     let e = approve(&b, "dba-2", &r.request_id).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("denied, not pending"), "{e:?}");
@@ -476,12 +574,16 @@ async fn replicas_share_requests_and_grants_through_the_store() {
     b.start_in_process().await;
     wait_port(b.port).await;
 
-    let r = request(&a, "alice", "INC-6: replicas", 1800, "").await.unwrap();
+    let r = request(&a, "alice", "INC-6: replicas", 1800, "")
+        .await
+        .unwrap();
     approve(&b, "dba-1", &r.request_id).await.unwrap();
     let g = approve(&b, "dba-2", &r.request_id).await.unwrap();
     assert_eq!(g.state, "granted");
     let lease = issue(&a, "alice", "ro", 600).await.unwrap();
-    let session = login(&a.db, &lease.username, &lease.password).await.unwrap();
+    let session = login(&a.db, &lease.username, &lease.password)
+        .await
+        .unwrap();
     session.simple_query("SELECT 1").await.unwrap();
     acc(&b, "dba-1")
         .revoke(pb::RevokeAccessRequest {
@@ -497,7 +599,9 @@ async fn replicas_share_requests_and_grants_through_the_store() {
         .await,
         "A's session ended by B's revoke"
     );
-    assert!(login(&a.db, &lease.username, &lease.password).await.is_err());
+    assert!(login(&a.db, &lease.username, &lease.password)
+        .await
+        .is_err());
     let e = issue(&a, "alice", "ro", 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     b.stop().await;

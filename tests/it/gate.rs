@@ -280,7 +280,11 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
                     .list(pb::ListAccessRequest::default())
                     .await,
             ),
-            refused("Unauthenticated", "unauthenticated:127.0.0.1", "access_list"),
+            refused(
+                "Unauthenticated",
+                "unauthenticated:127.0.0.1",
+                "access_list",
+            ),
         ),
         (Control::Identity, Door::Console) => (
             d.console_get("two").await,
@@ -510,10 +514,7 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
 }
 
 /// The `Access` service as `who`.
-fn access(
-    b: &TestBroker,
-    who: &str,
-) -> pb::access_client::AccessClient<tonic::transport::Channel> {
+fn access(b: &TestBroker, who: &str) -> pb::access_client::AccessClient<tonic::transport::Channel> {
     b.env.client(&b.addr, who).access().unwrap()
 }
 

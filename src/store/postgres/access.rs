@@ -76,7 +76,8 @@ impl AccessStore for PostgresStore {
     }
 
     async fn list_access(&self, filter: &AccessFilter) -> Result<Vec<AccessRequest>> {
-        let mut sql = String::from("SELECT body, version FROM credbroker_access_requests WHERE true");
+        let mut sql =
+            String::from("SELECT body, version FROM credbroker_access_requests WHERE true");
         let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         if let Some(q) = &filter.requester {
             args.push(Box::new(q.clone()));

@@ -14,9 +14,9 @@
 //! - Start-up touches nothing: other replicas may be creating the users of
 //!   pending intents right now, and their claims are theirs.
 
+mod access;
 mod leases;
 mod locks;
-mod access;
 mod migrations;
 mod statics;
 mod tokens;

@@ -93,7 +93,10 @@ pub async fn case_access_requests_are_compare_and_set(s: Store) {
         requester: Some(ALICE.into()),
         ..AccessFilter::default()
     };
-    assert_eq!(ids(s.list_access(&alice).await.unwrap()), [c.id.clone(), a.id.clone()]);
+    assert_eq!(
+        ids(s.list_access(&alice).await.unwrap()),
+        [c.id.clone(), a.id.clone()]
+    );
     let pending = AccessFilter {
         states: vec![AccessState::Pending],
         limit: Some(1),
@@ -120,7 +123,10 @@ pub async fn case_access_compare_and_set_holds_across_handles(open: Opener, shar
         y.state = AccessState::Granted;
         let (a, b) = tokio::join!(s1.update_access(&x), s2.update_access(&y));
         let (a, b) = (a.unwrap(), b.unwrap());
-        assert!(a ^ b, "exactly one of two racing writes wins (got {a}, {b})");
+        assert!(
+            a ^ b,
+            "exactly one of two racing writes wins (got {a}, {b})"
+        );
         let stored = s2.get_access(&r.id).await.unwrap().unwrap();
         assert_eq!(stored.state, if a { x.state } else { y.state });
     }

@@ -125,10 +125,7 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(
-        versions,
-        credbroker::store::postgres::migration_versions()
-    );
+    assert_eq!(versions, credbroker::store::postgres::migration_versions());
     let secret_columns: i64 = c
         .query_one(
             "SELECT count(*) FROM information_schema.columns \
