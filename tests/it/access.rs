@@ -180,6 +180,13 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
     let id = v["request_id"].as_str().unwrap().to_string();
     assert_eq!(v["state"], "pending", "{out}");
     assert_eq!(v["approvals_needed"], 2);
+    // What people see (printed for `--nocapture`: the flow as it reads).
+    let shown = stdout(&cli(&b, "alice", &["access", "show", &id]).await);
+    assert!(
+        shown.contains("waiting") && shown.contains("0/2"),
+        "{shown}"
+    );
+    println!("$ credbroker access show {id}   # alice, after `access request`\n{shown}");
 
     // What an approver sees.
     let listed = stdout(&cli(&b, "dba-1", &["access", "list", "--pending"]).await);
@@ -187,12 +194,14 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         listed.contains(&id) && listed.contains("INC-4711"),
         "{listed}"
     );
+    println!("$ credbroker access list --pending   # dba-1\n{listed}");
 
     // The requester never approves its own.
     let own = approve(&b, "alice", &id).await.unwrap_err();
     assert_eq!(own.code(), tonic::Code::PermissionDenied, "{own:?}");
     let one = stdout(&cli(&b, "dba-1", &["access", "approve", &id]).await);
     assert!(one.contains("pending") && one.contains("1/2"), "{one}");
+    println!("$ credbroker access approve {id}   # dba-1\n{one}");
     let again = approve(&b, "dba-1", &id).await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
     assert!(
@@ -204,6 +213,7 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         two.contains("granted") && two.contains("lease issue --role ro"),
         "{two}"
     );
+    println!("$ credbroker access approve {id}   # dba-2\n{two}");
     let granted = get(&b, &id).await;
     let until = ts(&granted.until);
 
@@ -231,6 +241,7 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
     assert_eq!(row.grant_id, id, "admin leases shows the grant");
     let table = stdout(&cli(&b, "admin", &["admin", "leases"]).await);
     assert!(table.contains(&format!("(grant {id})")), "{table}");
+    println!("$ credbroker admin leases\n{table}");
 
     let session = login(&b.db, &lease.username, &lease.password)
         .await
@@ -241,6 +252,7 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         .unwrap();
 
     // A third approver ends it.
+    let revoking = std::time::Instant::now();
     let ended = stdout(
         &cli(
             &b,
@@ -253,12 +265,17 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         ended.contains("ended") && ended.contains("incident over"),
         "{ended}"
     );
+    println!("$ credbroker access revoke {id} --reason \"incident over\"   # dba-3\n{ended}");
     assert!(
         eventually(Duration::from_secs(20), || async {
             session.simple_query("SELECT 1").await.is_err()
         })
         .await,
         "the session as the granted credential was ended"
+    );
+    println!(
+        "measured: `access revoke` to the session's end, as seen by its holder: {} ms",
+        revoking.elapsed().as_millis()
     );
     let refused = login(&b.db, &lease.username, &lease.password)
         .await
@@ -352,6 +369,11 @@ async fn break_glass_grants_at_once_and_the_grant_ends_at_its_time() {
         })
         .await,
         "the grant ended at its time"
+    );
+    let ended = get(&b, &g.request_id).await;
+    println!(
+        "measured: grant ended {} ms after its time",
+        (ts(&ended.ended_at) - ts(&g.until)).num_milliseconds()
     );
     assert!(
         eventually(Duration::from_secs(30), || async {
