@@ -629,3 +629,57 @@ async fn replicas_share_requests_and_grants_through_the_store() {
     b.stop().await;
     a.stop().await;
 }
+
+/// MariaDB too: a lease under a grant is a MySQL account whose sessions
+/// end and whose login is refused when the grant is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_grant_revoke_ends_the_session_and_the_account() {
+    use mysql_async::prelude::Queryable;
+    let t = crate::mysql::local().await;
+    let mut b =
+        crate::mysql::MyBroker::prepare(&t, |s| crate::mysql::role("ro", s, "5m", "1h", None))
+            .await;
+    b.edit_config(|c| format!("{c}\n{POLICIES}"));
+    for who in ["alice", "dba-1", "dba-2"] {
+        write_client(
+            &b,
+            who,
+            &ClientSpec::spiffe(&format!("spiffe://credbroker.dev/user/{who}")),
+        );
+    }
+    b.start_in_process().await;
+    let r = request(&b, "alice", "INC-8: MariaDB", 1800, "")
+        .await
+        .unwrap();
+    approve(&b, "dba-1", &r.request_id).await.unwrap();
+    approve(&b, "dba-2", &r.request_id).await.unwrap();
+    let lease = issue(&b, "alice", "ro", 600).await.unwrap();
+    assert_eq!(lease.kind, "mysql");
+    let mut conn = crate::mysql::login(&t, &b.schema, &lease.username, &lease.password)
+        .await
+        .unwrap();
+    conn.query_drop("SELECT 1").await.unwrap();
+    acc(&b, "dba-1")
+        .revoke(pb::RevokeAccessRequest {
+            request_id: r.request_id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    let mut cut = false;
+    for _ in 0..200 {
+        if conn.query_drop("SELECT 1").await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cut, "the session as the granted account was ended");
+    assert!(
+        crate::mysql::login(&t, &b.schema, &lease.username, &lease.password)
+            .await
+            .is_err(),
+        "the account refuses logins"
+    );
+    b.drop_schema().await;
+}
