@@ -320,7 +320,7 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
     assert!(denied
         .iter()
         .all(|r| r.via.as_deref() == Some("grpc_access")));
-    let verdict = credbroker::audit::verify_files(&[b.env.audit_path.clone()]).unwrap();
+    let verdict = credbroker::audit::verify_files(std::slice::from_ref(&b.env.audit_path)).unwrap();
     assert!(
         matches!(verdict, credbroker::audit::Verdict::Intact { .. }),
         "{verdict:?}"

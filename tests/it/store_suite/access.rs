@@ -102,7 +102,7 @@ pub async fn case_access_requests_are_compare_and_set(s: Store) {
         limit: Some(1),
         ..AccessFilter::default()
     };
-    assert_eq!(ids(s.list_access(&pending).await.unwrap()), [c.id.clone()]);
+    assert_eq!(ids(s.list_access(&pending).await.unwrap()), [c.id.as_str()]);
     // Pending ones are due at their deadline.
     let due = s.access_due(t(now, 1800), 10).await.unwrap();
     assert_eq!(ids(due), [b.id, c.id]);
