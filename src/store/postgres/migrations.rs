@@ -187,7 +187,9 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          CREATE INDEX IF NOT EXISTS credbroker_access_requests_due
             ON credbroker_access_requests (due_at) WHERE due_at IS NOT NULL;
          CREATE INDEX IF NOT EXISTS credbroker_access_requests_created
-            ON credbroker_access_requests (created_at, id);",
+            ON credbroker_access_requests (created_at, id);
+         CREATE INDEX IF NOT EXISTS credbroker_access_requests_requester
+            ON credbroker_access_requests (requester, state);",
     ),
 ];
 

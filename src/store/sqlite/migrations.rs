@@ -167,6 +167,7 @@ CREATE TABLE IF NOT EXISTS access_requests (
 );
 CREATE INDEX IF NOT EXISTS access_requests_due ON access_requests(due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS access_requests_created ON access_requests(created_at, id);
+CREATE INDEX IF NOT EXISTS access_requests_requester ON access_requests(requester, state);
 ";
 
 /// Applies the migrations a file at schema `version` lacks, each in its
