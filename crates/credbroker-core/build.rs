@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 std::path::PathBuf::from("../../proto/credbroker/v1/broker.proto"),
                 std::path::PathBuf::from("../../proto/credbroker/v1/admin.proto"),
+                std::path::PathBuf::from("../../proto/credbroker/v1/access.proto"),
             ],
             &[std::path::PathBuf::from("../../proto"), include],
         )?;

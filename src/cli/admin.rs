@@ -576,6 +576,7 @@ fn leases_json(leases: &[pb::LeaseSummary]) -> serde_json::Value {
                 "max_expires_at": rfc3339(&l.max_expires_at),
                 "revoke_attempts": l.revoke_attempts,
                 "last_error": l.last_error,
+                "grant_id": l.grant_id,
             })
         })
         .collect()
@@ -591,6 +592,10 @@ fn leases_table(leases: &[pb::LeaseSummary]) -> String {
             let mut state = state_name(l.state).to_string();
             if !l.last_error.is_empty() {
                 state = format!("{state} ({} tries: {})", l.revoke_attempts, l.last_error);
+            }
+            // A person's lease under a just-in-time access grant says which.
+            if !l.grant_id.is_empty() {
+                state = format!("{state} (grant {})", l.grant_id);
             }
             [
                 l.lease_id.clone(),

@@ -1,6 +1,7 @@
 //! The `credbroker` command line: parse arguments, call the library, print.
 //! One file per subcommand.
 
+mod access;
 mod admin;
 mod audit;
 mod bench;
@@ -48,6 +49,9 @@ enum Command {
     /// passwords (admin identities only)
     #[command(subcommand)]
     Admin(admin::Command),
+    /// Just-in-time database access for people: request, approve, revoke
+    #[command(subcommand)]
+    Access(access::Command),
     /// Keep a credential file fresh for an application: issue, renew,
     /// re-issue before the hard limit, notify, revoke after a grace period
     Sidecar(sidecar::Args),
@@ -162,6 +166,7 @@ pub fn main() -> ExitCode {
             Command::Check(a) => check::run(a).await,
             Command::Lease(c) => lease::run(c).await,
             Command::Admin(c) => admin::run(c).await,
+            Command::Access(c) => access::run(c).await,
             Command::Sidecar(a) => sidecar::run(a).await,
             Command::Audit(c) => audit::run(c),
             Command::Pki(c) => pki::run(c),

@@ -217,6 +217,13 @@ const SHARE: usize = 3;
 /// The control's setup, shared by its four doors.
 async fn broker_for(control: Control) -> Doors {
     let roles = role("ro", "{db}", "5m", "10m", APP) + &role("open", "{db}", "5m", "10m", APP);
+    // People's access to `ro` (the Access door): `app` may ask, any
+    // admin approves.
+    let roles = format!(
+        "{roles}[access.people]\nroles = [\"ro\"]\nrequesters = [\"{APP}\"]\n\
+         approvers = [\"spiffe://credbroker.dev/dba/*\"]\napprovals = 1\nmax_duration = \"1h\"\n\
+         reason = \"optional\"\n\n"
+    );
     match control {
         Control::Identity | Control::Lock | Control::Policy => Doors::start(&roles, "").await,
         Control::Network => {
@@ -266,6 +273,18 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
         (Control::Identity, Door::VaultApi) => (
             d.vault_login("two").await.expect_err("login refused"),
             refused("403", "unauthenticated:127.0.0.1", "vault_login"),
+        ),
+        (Control::Identity, Door::GrpcAccess) => (
+            Answer::grpc(
+                access(b, "two")
+                    .list(pb::ListAccessRequest::default())
+                    .await,
+            ),
+            refused(
+                "Unauthenticated",
+                "unauthenticated:127.0.0.1",
+                "access_list",
+            ),
         ),
         (Control::Identity, Door::Console) => (
             d.console_get("two").await,
@@ -319,6 +338,13 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
                 refused("403", "spiffe://credbroker.dev/dba/oncall", "revoke"),
             )
         }
+        // A person asks for a role from outside its `allowed_networks`:
+        // a grant could not be used from there (no `admin_networks`:
+        // people are not admins).
+        (Control::Network, Door::GrpcAccess) => (
+            Answer::grpc(access_request(b, "app", "ro").await),
+            refused("PermissionDenied", APP, "access_request"),
+        ),
         (Control::Network, Door::Console) => (
             d.console_get("admin").await,
             refused("403", "spiffe://credbroker.dev/dba/oncall", "console_view"),
@@ -350,6 +376,13 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
             (
                 d.vault_login("app").await.expect_err("login refused"),
                 refused("403", APP, "vault_login"),
+            )
+        }
+        (Control::Lock, Door::GrpcAccess) => {
+            lock_identity(b, APP).await;
+            (
+                Answer::grpc(access_request(b, "app", "ro").await),
+                refused("PermissionDenied", APP, "access_request"),
             )
         }
         (Control::Lock, Door::Console) => {
@@ -386,6 +419,14 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
                 refused("403", "spiffe://credbroker.dev/ns/demo/other", "issue"),
             )
         }
+        (Control::Policy, Door::GrpcAccess) => (
+            Answer::grpc(access_request(b, "other", "ro").await),
+            refused(
+                "PermissionDenied",
+                "spiffe://credbroker.dev/ns/demo/other",
+                "access_request",
+            ),
+        ),
         (Control::Policy, Door::Console) => (
             d.console_get("app").await,
             refused("403", APP, "console_view"),
@@ -435,6 +476,28 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
             e.listener = Some("grpc");
             (Answer::grpc(r), e)
         }
+        // A person's share of the gRPC listener, as the admin's above;
+        // another identity, since the listener's refusal log folds one
+        // identity's refusals within 10 s into one later record.
+        (Control::Quota, Door::GrpcAccess) => {
+            let mut held = Vec::new();
+            for _ in 0..SHARE {
+                let mut c = access(b, "other");
+                c.list(pb::ListAccessRequest::default()).await.unwrap();
+                held.push(c);
+            }
+            let r = access(b, "other")
+                .list(pb::ListAccessRequest::default())
+                .await;
+            drop(held);
+            let mut e = refused(
+                "Unavailable|Cancelled|Unknown",
+                "spiffe://credbroker.dev/ns/demo/other",
+                "connection",
+            );
+            e.listener = Some("grpc");
+            (Answer::grpc(r), e)
+        }
         (Control::Quota, Door::Console) => {
             let mut held = Vec::new();
             for _ in 0..SHARE {
@@ -448,6 +511,25 @@ async fn attempt(d: &Doors, control: Control, door: Door) -> (Answer, Expect) {
             (a, refused("503", ADMIN2, "connection"))
         }
     }
+}
+
+/// The `Access` service as `who`.
+fn access(b: &TestBroker, who: &str) -> pb::access_client::AccessClient<tonic::transport::Channel> {
+    b.env.client(&b.addr, who).access().unwrap()
+}
+
+async fn access_request(
+    b: &TestBroker,
+    who: &str,
+    role: &str,
+) -> Result<tonic::Response<pb::AccessRequestInfo>, tonic::Status> {
+    access(b, who)
+        .request(pb::AccessRequestRequest {
+            roles: vec![role.into()],
+            reason: "INC-31 gate matrix".into(),
+            ..Default::default()
+        })
+        .await
 }
 
 async fn lock_identity(b: &TestBroker, pattern: &str) {

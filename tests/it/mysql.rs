@@ -16,7 +16,7 @@ use crate::support::{eventually, unique, MainDatabase, TestBroker, APP};
 
 /// A MariaDB/MySQL server the tests talk to as root over TCP.
 #[derive(Clone)]
-struct Target {
+pub(crate) struct Target {
     port: u16,
     password: Option<String>,
 }
@@ -27,7 +27,7 @@ static SHARED: std::sync::OnceLock<ThrowawayMariadb> = std::sync::OnceLock::new(
 /// path) shared by the tests of this module; the machine's own MariaDB is
 /// never used, so a fresh machine passes and the machine's server's state
 /// cannot change a result. No MariaDB binaries: a failure with instructions.
-async fn local() -> Target {
+pub(crate) async fn local() -> Target {
     let shared = SHARED.get_or_init(|| {
         // On its own runtime so it is not tied to any one test's.
         std::thread::spawn(|| {
@@ -135,7 +135,12 @@ impl Target {
 }
 
 /// Logs in as a leased user; the server's error text on refusal.
-async fn login(t: &Target, db: &str, user: &str, password: &str) -> Result<Conn, String> {
+pub(crate) async fn login(
+    t: &Target,
+    db: &str,
+    user: &str,
+    password: &str,
+) -> Result<Conn, String> {
     let opts = OptsBuilder::default()
         .ip_or_hostname("127.0.0.1")
         .tcp_port(t.port)
@@ -151,7 +156,7 @@ async fn login(t: &Target, db: &str, user: &str, password: &str) -> Result<Conn,
 }
 
 /// A role section; `host` `None` keeps the default `%`.
-fn role(name: &str, schema: &str, ttl: &str, max: &str, host: Option<&str>) -> String {
+pub(crate) fn role(name: &str, schema: &str, ttl: &str, max: &str, host: Option<&str>) -> String {
     let host = host
         .map(|h| format!("host = \"{h}\"\n"))
         .unwrap_or_default();
@@ -163,10 +168,10 @@ fn role(name: &str, schema: &str, ttl: &str, max: &str, host: Option<&str>) -> S
 
 /// One broker on a MySQL-kind database: the harness's `TestBroker` with
 /// the MariaDB target and schema, and calls as `app`/`admin`.
-struct MyBroker {
+pub(crate) struct MyBroker {
     b: TestBroker,
     target: Target,
-    schema: String,
+    pub(crate) schema: String,
 }
 
 impl std::ops::Deref for MyBroker {
@@ -184,7 +189,7 @@ impl std::ops::DerefMut for MyBroker {
 
 impl MyBroker {
     /// Writes the config; `roles(schema)` gives the role sections.
-    async fn prepare(target: &Target, roles: impl FnOnce(&str) -> String) -> MyBroker {
+    pub(crate) async fn prepare(target: &Target, roles: impl FnOnce(&str) -> String) -> MyBroker {
         let schema = target.fresh_schema().await;
         let dir = tempfile::tempdir().unwrap();
         let env = DevEnv::create(dir.path()).unwrap();
@@ -263,7 +268,7 @@ impl MyBroker {
         login(&self.target, &self.schema, &lease.username, &lease.password).await
     }
 
-    async fn drop_schema(&self) {
+    pub(crate) async fn drop_schema(&self) {
         let mut c = self.target.root().await;
         let _ = c
             .query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.schema))

@@ -56,6 +56,10 @@ pub struct Event {
     /// Objects the revoked user owned, handed to `reassigned_to`.
     pub objects_reassigned: Option<u64>,
     pub reassigned_to: Option<String>,
+    /// The just-in-time access request (and grant) this record belongs
+    /// to: its request, approvals, denial, grant start and end, and every
+    /// lease under the grant carry it (`access`).
+    pub request_id: Option<String>,
 }
 
 tokio::task_local! {
@@ -116,6 +120,8 @@ pub struct Record {
     pub objects_reassigned: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reassigned_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub request_id: Option<String>,
     /// The API a request came through, when not gRPC (`vault_api`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub via: Option<String>,
@@ -390,6 +396,7 @@ impl AuditLog {
             detail: event.detail,
             objects_reassigned: event.objects_reassigned,
             reassigned_to: event.reassigned_to,
+            request_id: event.request_id,
             via: VIA.try_with(|v| v.to_string()).ok(),
             prev: chain.prev.clone(),
         };

@@ -105,6 +105,10 @@ impl ClientOpts {
     pub fn admin(&self) -> Result<pb::admin_client::AdminClient<Channel>> {
         Ok(pb::admin_client::AdminClient::new(self.channel()?))
     }
+
+    pub fn access(&self) -> Result<pb::access_client::AccessClient<Channel>> {
+        Ok(pb::access_client::AccessClient::new(self.channel()?))
+    }
 }
 
 /// Formats a gRPC status for a person: code and message, and for a

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
 use crate::policy::{IdentityPattern, Network};
 
+pub mod access;
 mod databases;
 mod server;
 pub mod static_roles;
@@ -21,6 +22,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use access::{AccessPolicy, ReasonRule};
 pub use databases::*;
 pub use server::*;
 pub use static_roles::StaticRoleConfig;
@@ -50,6 +52,8 @@ pub struct Config {
     pub vault_api: Option<VaultApiConfig>,
     /// The web console (`[console]`); off unless configured.
     pub console: Option<ConsoleConfig>,
+    /// `[access.NAME]`: just-in-time access policies for people.
+    pub access: BTreeMap<String, AccessPolicy>,
 }
 
 /// Where a database's admin password comes from. The value itself is read
@@ -242,6 +246,8 @@ struct RawConfig {
     vault_api: Option<RawVaultApi>,
     #[serde(default)]
     console: Option<RawConsole>,
+    #[serde(default)]
+    access: BTreeMap<String, access::RawAccess>,
 }
 
 pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
@@ -392,7 +398,13 @@ impl RawConfig {
                 )));
             }
         }
+        let access = self
+            .access
+            .into_iter()
+            .map(|(name, a)| Ok((name.clone(), a.validate(name, &roles)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Config {
+            access,
             server,
             tls,
             store,

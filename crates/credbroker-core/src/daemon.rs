@@ -64,6 +64,9 @@ impl Listeners {
 /// A broker that is ready to serve, before its listeners are running.
 pub struct Daemon {
     pub broker: Arc<Broker>,
+    /// Just-in-time access for people (`access`): the `Access` gRPC
+    /// service and the loop that expires requests and ends grants.
+    pub access: Arc<crate::access::Access>,
     pub tls: server::SharedTls,
     pub warnings: Vec<String>,
 }
@@ -182,11 +185,25 @@ impl Daemon {
             audit,
             metrics,
         ));
+        let access = Arc::new(crate::access::Access::new(
+            broker.clone(),
+            Arc::new(crate::access::LogNotifier),
+        ));
         Ok(Daemon {
             broker,
+            access,
             tls: Arc::new(RwLock::new(tls)),
             warnings,
         })
+    }
+
+    /// Access events go to `notifier` instead of the log (the webhook).
+    pub fn with_access_notifier(
+        mut self,
+        notifier: Arc<dyn crate::access::AccessNotifier>,
+    ) -> Self {
+        self.access = Arc::new(crate::access::Access::new(self.broker.clone(), notifier));
+        self
     }
 
     /// A handle that applies a changed config file to the running broker.
@@ -226,6 +243,10 @@ impl Daemon {
         };
         let reaper = tokio::spawn(reaper::run(broker.clone(), stop.clone().cancelled_owned()));
         let pruner = tokio::spawn(pruner::run(broker.clone(), stop.clone().cancelled_owned()));
+        let access_loop = tokio::spawn(crate::access::expiry::run(
+            self.access.clone(),
+            stop.clone().cancelled_owned(),
+        ));
         let statics = tokio::spawn(
             broker
                 .static_rotator()
@@ -275,6 +296,7 @@ impl Daemon {
         };
         let grpc = tokio::spawn(server::serve_grpc(
             broker.clone(),
+            self.access.clone(),
             listeners.grpc,
             self.tls,
             grpc_stop.clone().cancelled_owned(),
@@ -307,6 +329,7 @@ impl Daemon {
         stop.cancel();
         let _ = reaper.await;
         let _ = pruner.await;
+        let _ = access_loop.await;
         if let Some(h) = relay {
             let _ = h.await;
         }

@@ -53,14 +53,22 @@ pub enum Door {
     VaultApi,
     /// The web console (`[console]`).
     Console,
+    /// gRPC `credbroker.v1.Access`: people's just-in-time access requests,
+    /// approvals and grants (`access`). Its callers are people, not
+    /// admins: no `admin_networks`, identity locks on everything that
+    /// asks for or grants access; who may request or approve is the
+    /// policy's (`[access.NAME]`), decided by `access` once the request
+    /// is read.
+    GrpcAccess,
 }
 
 impl Door {
-    pub const ALL: [Door; 4] = [
+    pub const ALL: [Door; 5] = [
         Door::GrpcBroker,
         Door::GrpcAdmin,
         Door::VaultApi,
         Door::Console,
+        Door::GrpcAccess,
     ];
 
     /// What audit records of this door say in `via`.
@@ -70,6 +78,7 @@ impl Door {
             Door::GrpcAdmin => "grpc_admin",
             Door::VaultApi => "vault_api",
             Door::Console => "console",
+            Door::GrpcAccess => "grpc_access",
         }
     }
 }
@@ -171,6 +180,8 @@ const AUDITED_HERE: &[&str] = &[
     "vault_token_lookup",
     "vault_mounts",
     "console_view",
+    "access_list",
+    "access_get",
 ];
 
 /// Decides `ask` (see the module doc for the order). A refusal is audited
@@ -312,7 +323,9 @@ async fn decide(broker: &Broker, ask: &Ask<'_>, who: &Identity, event: &mut Even
             // Bad names are InvalidArgument (empty, overlong), unknown ones
             // NotFound, exactly as the broker says.
             let role = crate::broker::lookup_role(&config, r)?;
-            if !any_matches(&role.allowed, who) {
+            // Outside `allowed`, a live access grant on the role admits
+            // its requester (`access`); the broker ties the lease to it.
+            if !any_matches(&role.allowed, who) && broker.grant_covering(who, r).await?.is_none() {
                 return Err(crate::broker::not_allowed(who, r));
             }
         }
@@ -355,6 +368,7 @@ mod tests {
                 Door::GrpcAdmin => 1,
                 Door::VaultApi => 2,
                 Door::Console => 3,
+                Door::GrpcAccess => 4,
             };
             assert_eq!(i, at, "{d:?}");
         }

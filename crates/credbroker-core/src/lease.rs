@@ -80,6 +80,9 @@ pub enum Reason {
     /// sessions ended as they went idle) and is now dropped, at its last
     /// session's end or at the drain deadline (`revocation::drain`).
     Handover,
+    /// The just-in-time access grant it was issued under ended (its time,
+    /// or `access revoke`): every lease under it goes, sessions included.
+    GrantEnded,
 }
 
 impl Reason {
@@ -101,6 +104,7 @@ impl Reason {
             Reason::AbandonedIntent => ("resolve_intent", "abandoned_intent"),
             Reason::Locked => ("lock_revoke", "locked"),
             Reason::Handover => ("handover_revoke", "handover"),
+            Reason::GrantEnded => ("grant_revoke", "grant_ended"),
         }
     }
 }
@@ -306,6 +310,9 @@ pub struct Lease {
     pub revoke_attempts: u32,
     /// The last revocation error, already free of secrets.
     pub last_error: Option<String>,
+    /// The just-in-time access grant (`access`; its request id) the lease
+    /// was issued under, if any: ending the grant revokes it.
+    pub grant_id: Option<String>,
 }
 
 impl Lease {

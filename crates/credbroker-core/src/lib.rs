@@ -19,6 +19,8 @@
 //!   (identity, networks, policy, locks) before a handler runs.
 //! - [`broker`]: issue / renew / revoke / admin; no gRPC types inside.
 //! - [`revocation`]: the one engine that ends leases, whoever asks.
+//! - [`access`]: just-in-time access for people: requests, approvals,
+//!   grants that admit their requester to the lease path until they end.
 //! - [`limits`]: per-identity rate limits.
 //! - [`lock`]: admin locks that refuse issue and renew (the incident button).
 //! - [`backend`]: the database trait; PostgreSQL and MySQL/MariaDB implementations.
@@ -57,6 +59,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod backend;
 pub mod broker;

@@ -500,6 +500,8 @@ impl Revoker {
         e.database = Some(lease.database.clone());
         e.lease_id = Some(lease.id.to_string());
         e.username = Some(lease.username.to_string());
+        // A lease under an access grant: its end is linked to the grant.
+        e.request_id = lease.grant_id.clone();
         match result {
             Ok(moved) => {
                 e.outcome = Some(Outcome::Ok);

@@ -195,5 +195,6 @@ pub fn pending_lease(username: &str) -> crate::lease::Lease {
         revoked_at: None,
         revoke_attempts: 0,
         last_error: None,
+        grant_id: None,
     }
 }

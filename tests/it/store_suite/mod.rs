@@ -103,6 +103,7 @@ fn lease(n: usize, role: &str, identity: &str, now: DateTime<Utc>, ttl: i64) -> 
         revoked_at: None,
         revoke_attempts: 0,
         last_error: None,
+        grant_id: None,
     }
 }
 
@@ -210,6 +211,7 @@ macro_rules! store_suite {
     };
 }
 
+mod access;
 mod leases;
 mod locks;
 mod pruning;

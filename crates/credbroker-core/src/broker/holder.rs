@@ -131,10 +131,16 @@ impl Broker {
         })?;
         // Policy is checked on every call that extends a credential's life:
         // an identity removed from `allowed` (SIGHUP) stops renewing too.
-        if !any_matches(
-            &role.allowed,
-            &Identity::from_trusted(lease.identity.clone()),
-        ) {
+        // A lease under an access grant renews while its grant lives (and
+        // never past it: its hard limit is the grant's end).
+        let admitted = match &lease.grant_id {
+            Some(g) => self.grant_live(g, &lease.identity, &lease.role).await?,
+            None => any_matches(
+                &role.allowed,
+                &Identity::from_trusted(lease.identity.clone()),
+            ),
+        };
+        if !admitted {
             return Err(Error::denied(format!(
                 "identity may no longer lease role {:?}; lease {id} cannot be renewed",
                 lease.role

@@ -87,21 +87,40 @@ impl Broker {
     ) -> Result<IssuedLease> {
         let config = self.config();
         let role = lookup_role(&config, role_name)?;
-        if !any_matches(&role.allowed, who) {
-            return Err(not_allowed(who, role_name));
-        }
+        // A person outside `allowed` is admitted while a live access grant
+        // covers (identity, role): the lease is tied to the grant, and
+        // never outlives it (`access`).
+        let grant = if any_matches(&role.allowed, who) {
+            None
+        } else {
+            match self.grant_covering(who, role_name).await? {
+                Some(g) => Some(g),
+                None => return Err(not_allowed(who, role_name)),
+            }
+        };
+        event.request_id = grant.as_ref().map(|g| g.id.clone());
         check_network(role, peer)?;
         event.database = Some(role.database.clone());
-        let ttl = effective_ttl(role, ttl)?;
+        let mut ttl = effective_ttl(role, ttl)?;
         // Before anything is written: a locked-out caller costs one read.
         self.check_locks(who, &role.name, &role.database).await?;
         self.check_limits(who, role).await?;
         let backend = self.backend(&role.database)?.clone();
 
         let now = truncate_ms(self.clock.now());
-        let expires_at = now + ttl;
-        let max_expires_at =
+        let mut max_expires_at =
             now + chrono::Duration::from_std(role.max_ttl).map_err(Error::internal)?;
+        if let Some(until) = grant.as_ref().and_then(|g| g.until) {
+            // The database itself refuses after the grant's end: VALID
+            // UNTIL / the failsafe are the lease's, clamped here.
+            let until = truncate_ms(until);
+            if until <= now {
+                return Err(not_allowed(who, role_name));
+            }
+            max_expires_at = max_expires_at.min(until);
+            ttl = ttl.min(until - now);
+        }
+        let expires_at = now + ttl;
         let username = Username::generate(&config.server.name_prefix, &role.name);
         let password = Password::generate();
         let lease = Lease {
@@ -126,6 +145,7 @@ impl Broker {
             revoked_at: None,
             revoke_attempts: 0,
             last_error: None,
+            grant_id: grant.as_ref().map(|g| g.id.clone()),
         };
         event.lease_id = Some(lease.id.to_string());
         event.username = Some(username.to_string());
@@ -152,6 +172,25 @@ impl Broker {
         if let Err(e) = self.check_locks(who, &role.name, &role.database).await {
             self.drop_unused_intent(&lease).await;
             return Err(e);
+        }
+        // Likewise the grant: ending it stores the end, then lists its
+        // leases, so either that listing sees this intent or this sees
+        // the end.
+        if let Some(g) = &grant {
+            match self.grant_live(&g.id, who.as_str(), &role.name).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.drop_unused_intent(&lease).await;
+                    return Err(Error::denied(format!(
+                        "access grant {} ended while this lease was being issued",
+                        g.id
+                    )));
+                }
+                Err(e) => {
+                    self.drop_unused_intent(&lease).await;
+                    return Err(e);
+                }
+            }
         }
 
         let new_user = NewUser {
@@ -188,7 +227,10 @@ impl Broker {
 
         let mut ok = event.clone();
         ok.outcome = Some(Outcome::Ok);
-        ok.detail = Some(format!("ttl={}s", ttl.num_seconds()));
+        ok.detail = Some(match &grant {
+            Some(g) => format!("ttl={}s grant={}", ttl.num_seconds(), g.id),
+            None => format!("ttl={}s", ttl.num_seconds()),
+        });
         if let Err(e) = self.audit_event(ok) {
             // An unaudited credential must not be handed out.
             let _ = self.store.claim_one(&lease.id, &self.claim()).await;

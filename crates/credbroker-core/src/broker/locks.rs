@@ -216,7 +216,7 @@ impl Broker {
 
     /// Refuses a lease that an active lock matches. Read from the store on
     /// every call, so a lock written by any replica applies at once.
-    pub(super) async fn check_locks(
+    pub(crate) async fn check_locks(
         &self,
         identity: &Identity,
         role: &str,

@@ -10,6 +10,7 @@
 //! (audit, the backend of a database, claims) stays here.
 
 mod admin;
+mod grants;
 mod holder;
 mod issue;
 mod locks;

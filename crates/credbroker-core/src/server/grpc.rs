@@ -26,7 +26,7 @@ const MAX_REQUEST_TTL_SECS: i64 = 366 * 24 * 3600;
 /// Asks the gate (`crate::gate`) about a request before its handler runs:
 /// the identity from the verified leaf certificate, the TCP peer address,
 /// what the request does and to what. A refusal has been audited there.
-async fn gate<T>(
+pub(super) async fn gate<T>(
     broker: &Broker,
     door: Door,
     req: &Request<T>,
@@ -65,7 +65,7 @@ fn identity_selector(v: String) -> Result<Option<Identity>, Status> {
 
 /// The caller's TCP peer address (what `allowed_networks` is checked
 /// against); tonic records it for our TLS streams.
-fn peer_ip<T>(req: &Request<T>) -> Option<std::net::IpAddr> {
+pub(super) fn peer_ip<T>(req: &Request<T>) -> Option<std::net::IpAddr> {
     req.remote_addr().map(|a| a.ip())
 }
 
@@ -540,6 +540,7 @@ fn summary(l: &Lease) -> pb::LeaseSummary {
         max_expires_at: Some(ts(l.max_expires_at)),
         revoke_attempts: l.revoke_attempts,
         last_error: l.last_error.clone().unwrap_or_default(),
+        grant_id: l.grant_id.clone().unwrap_or_default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! mTLS acceptor, HTTP/1.1 over the same acceptor for the HTTP APIs
 //! (`https.rs`), and a plain-HTTP listener for `/metrics` and `/healthz`.
 
+pub mod access;
 pub mod grpc;
 pub mod http;
 pub mod https;
@@ -27,6 +28,7 @@ pub use tls::SharedTls;
 /// in-flight requests finish (the caller bounds how long it waits).
 pub async fn serve_grpc(
     broker: Arc<Broker>,
+    access: Arc<crate::access::Access>,
     listener: TcpListener,
     tls: SharedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -38,6 +40,9 @@ pub async fn serve_grpc(
         .await;
     health_reporter
         .set_serving::<pb::admin_server::AdminServer<grpc::AdminService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::access_server::AccessServer<access::AccessService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -70,6 +75,10 @@ pub async fn serve_grpc(
         .add_service(grpc::Via::new(
             Door::GrpcAdmin,
             pb::admin_server::AdminServer::new(grpc::AdminService { broker }),
+        ))
+        .add_service(grpc::Via::new(
+            Door::GrpcAccess,
+            pb::access_server::AccessServer::new(access::AccessService { access }),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -9,6 +9,7 @@
 //! - static-role passwords are stored sealed only (`static_roles::seal`),
 //!   and their rotations are intents first, like leases.
 
+pub mod access;
 pub mod group_commit;
 // Test doubles: core's unit tests, and the integration tests through the
 // `fakes` feature; not in the shipped binary.
@@ -28,6 +29,7 @@ use chrono::{DateTime, Utc};
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::lock::{Lock, LockId, NewLock};
+pub use access::{AccessFilter, AccessRequest, AccessState, AccessStore, Approval};
 pub use static_state::StaticState;
 
 /// Which leases `list` returns. Empty fields match everything; an empty
@@ -37,6 +39,8 @@ pub struct LeaseFilter {
     pub role: Option<String>,
     pub database: Option<String>,
     pub identity: Option<String>,
+    /// Leases issued under this access grant (`access`).
+    pub grant: Option<String>,
     pub states: Vec<LeaseState>,
     pub expiring_before: Option<DateTime<Utc>>,
     pub limit: Option<usize>,
@@ -354,7 +358,7 @@ pub trait StaticStore: Send + Sync {
 /// Every concern in one store: what the daemon and the broker hold
 /// (`Arc<dyn Store>`). Code that needs one concern may take its trait.
 #[async_trait]
-pub trait Store: LeaseStore + LockStore + TokenStore + StaticStore {
+pub trait Store: LeaseStore + LockStore + TokenStore + StaticStore + AccessStore {
     /// Called once at start. A store only this process can use (SQLite) makes
     /// every pending intent due now, since its issuer is certainly dead; a
     /// shared store leaves them to their grace deadline.

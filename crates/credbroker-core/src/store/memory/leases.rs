@@ -317,6 +317,9 @@ fn matches(f: &LeaseFilter, l: &Lease) -> bool {
     f.role.as_ref().is_none_or(|x| &l.role == x)
         && f.database.as_ref().is_none_or(|x| &l.database == x)
         && f.identity.as_ref().is_none_or(|x| &l.identity == x)
+        && f.grant
+            .as_ref()
+            .is_none_or(|x| l.grant_id.as_ref() == Some(x))
         && if f.states.is_empty() {
             live(l)
         } else {

@@ -7,6 +7,7 @@
 //! store does to a replica — a claim taken over, a store that is away —
 //! without a second process.
 
+mod access;
 mod leases;
 mod locks;
 mod statics;
@@ -32,6 +33,8 @@ pub struct MemoryStore {
     /// Vault-API tokens by hash, and (accessor, lease) links.
     vault_tokens: Mutex<BTreeMap<String, VaultToken>>,
     vault_links: Mutex<std::collections::BTreeSet<(String, LeaseId)>>,
+    /// Access requests by id.
+    access: Mutex<BTreeMap<String, crate::store::AccessRequest>>,
     /// Calls that fail with `Unavailable` before the store answers again.
     fail_next: Mutex<u32>,
     /// Claim expiry and lock times: the broker's clock, as a real store's

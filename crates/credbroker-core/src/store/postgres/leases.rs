@@ -13,12 +13,13 @@ use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::store::{cap_reached, Claim, FailureRecord, LeaseFilter, LeaseStore};
 
 const COLUMNS: &str = "id, role, database, kind, username, user_host, identity, state, issued_at, \
-                       expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error";
+                       expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error, \
+                       grant_id";
 
 const INSERT_INTENT: &str =
     "INSERT INTO credbroker_leases (id, role, database, kind, username, user_host, identity, \
-     state, issued_at, expires_at, max_expires_at, due_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+     state, issued_at, expires_at, max_expires_at, due_at, grant_id) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
 const RECORD_FAILURE: &str = "UPDATE credbroker_leases SET revoke_attempts = revoke_attempts + 1, \
      last_error = $2, due_at = $3, \
@@ -42,6 +43,9 @@ fn filter_sql(f: &LeaseFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
     }
     if let Some(i) = &f.identity {
         push(&mut sql, "identity =", Box::new(i.clone()));
+    }
+    if let Some(g) = &f.grant {
+        push(&mut sql, "grant_id =", Box::new(g.clone()));
     }
     if let Some(t) = f.expiring_before {
         push(&mut sql, "expires_at <=", Box::new(t));
@@ -79,6 +83,7 @@ fn row_to_lease(row: &Row) -> Result<Lease> {
         revoked_at: row.get(12),
         revoke_attempts: row.get::<_, i32>(13).max(0) as u32,
         last_error: row.get(14),
+        grant_id: row.get(15),
     })
 }
 
@@ -94,7 +99,7 @@ pub(super) fn claim_ms(claim: &Claim) -> f64 {
 #[async_trait]
 impl LeaseStore for PostgresStore {
     async fn insert_intent(&self, l: &Lease, cap: Option<u32>) -> Result<()> {
-        let params: [&(dyn ToSql + Sync); 12] = [
+        let params: [&(dyn ToSql + Sync); 13] = [
             &l.id.as_str(),
             &l.role,
             &l.database,
@@ -107,6 +112,7 @@ impl LeaseStore for PostgresStore {
             &l.expires_at,
             &l.max_expires_at,
             &l.due_at,
+            &l.grant_id,
         ];
         let Some(cap) = cap else {
             return self

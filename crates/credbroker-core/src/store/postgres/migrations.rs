@@ -191,7 +191,39 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             created_at timestamptz NOT NULL DEFAULT clock_timestamp()
         );",
     ),
+    // Just-in-time access (`access`): requests and grants, shared by every
+    // replica (a compare-and-set `version`; `due_at` for the expiry loop;
+    // the rest a JSON body), and the grant each lease was issued under.
+    (
+        12,
+        "access requests and lease grants",
+        "ALTER TABLE credbroker_leases ADD COLUMN IF NOT EXISTS grant_id text;
+         CREATE INDEX IF NOT EXISTS credbroker_leases_grant
+            ON credbroker_leases (grant_id) WHERE grant_id IS NOT NULL;
+         CREATE TABLE IF NOT EXISTS credbroker_access_requests (
+            id         text PRIMARY KEY,
+            state      text NOT NULL
+                CHECK (state IN ('pending', 'granted', 'denied', 'expired', 'ended')),
+            requester  text NOT NULL,
+            created_at timestamptz NOT NULL,
+            due_at     timestamptz,
+            version    bigint NOT NULL,
+            body       text NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS credbroker_access_requests_due
+            ON credbroker_access_requests (due_at) WHERE due_at IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS credbroker_access_requests_created
+            ON credbroker_access_requests (created_at, id);
+         CREATE INDEX IF NOT EXISTS credbroker_access_requests_requester
+            ON credbroker_access_requests (requester, state);",
+    ),
 ];
+
+/// Every migration this build knows, in order (numbers may be reserved
+/// by work in progress elsewhere, so not necessarily 1..=N).
+pub fn migration_versions() -> Vec<i32> {
+    MIGRATIONS.iter().map(|m| m.0).collect()
+}
 
 /// The newest schema this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

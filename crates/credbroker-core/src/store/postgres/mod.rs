@@ -14,6 +14,7 @@
 //! - Start-up touches nothing: other replicas may be creating the users of
 //!   pending intents right now, and their claims are theirs.
 
+mod access;
 mod leases;
 mod locks;
 mod migrations;
@@ -32,7 +33,7 @@ use crate::config::SecretSource;
 use crate::dbtls;
 use crate::error::{Error, Result};
 use crate::store::Store;
-pub use migrations::SCHEMA_VERSION;
+pub use migrations::{migration_versions, SCHEMA_VERSION};
 
 /// Longest a single store statement may run: past it the request fails as
 /// `Unavailable` rather than hanging a caller on a sick store.

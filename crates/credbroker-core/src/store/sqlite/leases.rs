@@ -17,7 +17,8 @@ const RECORD_FAILURE: &str =
      claimed_by = NULL, claim_until = NULL WHERE id = ?1";
 
 const COLUMNS: &str = "id, role, database, kind, username, user_host, identity, state, issued_at, \
-                       expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error";
+                       expires_at, max_expires_at, due_at, revoked_at, revoke_attempts, last_error, \
+                       grant_id";
 
 /// Pending → active, unless a revoker claimed the intent (`activate`).
 pub(super) const ACTIVATE: &str = "UPDATE leases SET state = 'active', due_at = expires_at \
@@ -45,6 +46,7 @@ fn row_to_lease(row: &Row<'_>) -> rusqlite::Result<Lease> {
         revoked_at: row.get::<_, Option<i64>>(12)?.map(from_ms),
         revoke_attempts: row.get::<_, i64>(13)? as u32,
         last_error: row.get(14)?,
+        grant_id: row.get(15)?,
     })
 }
 
@@ -75,6 +77,9 @@ fn filter_sql(f: &LeaseFilter) -> (String, Vec<rusqlite::types::Value>) {
     }
     if let Some(i) = &f.identity {
         push(&mut sql, "identity =", i.clone().into());
+    }
+    if let Some(g) = &f.grant {
+        push(&mut sql, "grant_id =", g.clone().into());
     }
     if let Some(t) = f.expiring_before {
         push(&mut sql, "expires_at <=", ms(t).into());
@@ -145,8 +150,8 @@ impl LeaseStore for SqliteStore {
                 }
                 c.execute(
                     "INSERT INTO leases (id, role, database, kind, username, user_host, identity, state, \
-                     issued_at, expires_at, max_expires_at, due_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     issued_at, expires_at, max_expires_at, due_at, grant_id) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     params![
                         l.id.as_str(),
                         l.role,
@@ -159,7 +164,8 @@ impl LeaseStore for SqliteStore {
                         ms(l.issued_at),
                         ms(l.expires_at),
                         ms(l.max_expires_at),
-                        ms(l.due_at)
+                        ms(l.due_at),
+                        l.grant_id
                     ],
                 )?;
                 Ok(None)

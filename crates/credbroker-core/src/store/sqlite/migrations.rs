@@ -6,7 +6,7 @@ use rusqlite::Connection;
 
 use crate::error::Result;
 
-pub(super) const SCHEMA_VERSION: i64 = 9;
+pub(super) const SCHEMA_VERSION: i64 = 10;
 
 const MIGRATION_1: &str = "
 CREATE TABLE leases (
@@ -150,6 +150,26 @@ DROP TABLE locks;
 ALTER TABLE locks_9 RENAME TO locks;
 ";
 
+/// Just-in-time access (`access`): requests and grants (a compare-and-set
+/// `version`, the expiry loop's `due_at`, the rest a JSON body), and the
+/// grant each lease was issued under, so ending a grant finds its leases.
+const MIGRATION_10: &str = "
+ALTER TABLE leases ADD COLUMN grant_id TEXT;
+CREATE INDEX IF NOT EXISTS leases_grant ON leases(grant_id) WHERE grant_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS access_requests (
+    id         TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    requester  TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    due_at     INTEGER,
+    version    INTEGER NOT NULL,
+    body       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS access_requests_due ON access_requests(due_at) WHERE due_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS access_requests_created ON access_requests(created_at, id);
+CREATE INDEX IF NOT EXISTS access_requests_requester ON access_requests(requester, state);
+";
+
 /// Applies the migrations a file at schema `version` lacks, each in its
 /// own transaction with the version it reaches.
 pub(super) fn apply(
@@ -205,6 +225,11 @@ pub(super) fn apply(
         let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_9} PRAGMA user_version = 9; COMMIT;");
         conn.execute_batch(&tx_sql)
             .map_err(|e| ctx("cannot migrate schema to version 9", e))?;
+    }
+    if version < 10 {
+        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_10} PRAGMA user_version = 10; COMMIT;");
+        conn.execute_batch(&tx_sql)
+            .map_err(|e| ctx("cannot migrate schema to version 10", e))?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! check` can read the file while the broker serves (WAL readers never
 //! block the writer).
 
+mod access;
 mod leases;
 mod locks;
 mod migrations;
