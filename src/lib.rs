@@ -32,6 +32,8 @@
 //! - [`pruner`]: deletes revoked rows past `store.retention`, in batches.
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`notify`]: webhook notifications (JSON POSTs to a chat or pager):
+//!   bounded queues, at-least-once with an event id, never blocking.
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
 //! - [`console`]: the admins' web console (HTTPS, server-rendered pages).
 //! - [`rate_history`]: issuance and revocation per minute over the last
@@ -81,6 +83,7 @@ pub mod lease;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
+pub mod notify;
 pub mod pki;
 pub mod policy;
 pub mod pruner;
