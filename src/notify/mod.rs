@@ -30,9 +30,9 @@
 //! Mozilla roots compiled in by `webpki-roots`, or — for a chat server on
 //! an internal CA — only the certificates of a configured CA file.
 
-mod transport;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -330,7 +330,9 @@ async fn deliver(
     loop {
         attempts += 1;
         let left = give_up.saturating_duration_since(Instant::now());
-        let budget = options.attempt_timeout.min(left.max(Duration::from_millis(1)));
+        let budget = options
+            .attempt_timeout
+            .min(left.max(Duration::from_millis(1)));
         let outcome = tokio::select! {
             _ = shared.stop.cancelled() => return false,
             r = tokio::time::timeout(budget, transport.post(event)) => r.unwrap_or_else(|_| Attempt::Retry {

@@ -162,8 +162,7 @@ impl HttpTransport {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await
-        {
+        let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
             Ok(pair) => pair,
             Err(e) => return retry(format!("http: {e}")),
         };
@@ -232,7 +231,11 @@ pub(crate) fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Op
         return Some(Duration::from_secs(secs));
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    Some((at.with_timezone(&chrono::Utc) - now).to_std().unwrap_or_default())
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or_default(),
+    )
 }
 
 #[async_trait::async_trait]
@@ -265,9 +268,8 @@ fn client_config(options: &WebhookOptions) -> Result<Arc<rustls::ClientConfig>> 
     let mut roots = rustls::RootCertStore::empty();
     match &options.ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::config(format!("webhook ca_file {}: {e}", path.display()))
-            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::config(format!("webhook ca_file {}: {e}", path.display())))?;
             let certs = CertificateDer::pem_slice_iter(&pem)
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| {

@@ -478,13 +478,7 @@ fn env(c: &Credential) -> Zeroizing<String> {
     } else {
         ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"]
     };
-    let values: [&str; 5] = [
-        &host,
-        &port,
-        &c.username,
-        c.password.expose(),
-        &c.database,
-    ];
+    let values: [&str; 5] = [&host, &port, &c.username, c.password.expose(), &c.database];
     for (k, v) in keys.iter().zip(values) {
         out.push_str(k);
         out.push('=');
@@ -770,7 +764,10 @@ mod tests {
             ])
         );
         assert_eq!(v["target_session_attrs"], "read-write");
-        assert_eq!(v["host"], "db1.internal", "the reply's fields stay as they were");
+        assert_eq!(
+            v["host"], "db1.internal",
+            "the reply's fields stay as they were"
+        );
         let t = Template::parse(
             "host={{hosts}} port={{ports}} tsa={{target_session_attrs}} first={{host}}:{{port}}"
                 .into(),
@@ -780,8 +777,31 @@ mod tests {
             Format::Template(t).render(&c).as_str(),
             "host=db1.internal,db2.internal port=5432,5433 tsa=read-write first=db1.internal:5432"
         );
+        // A real libpq-syntax reader takes the kv and env forms as lists.
+        let kv: tokio_postgres::Config = Format::Kv.render(&c).trim().parse().unwrap();
+        assert_eq!(kv.get_hosts().len(), 2);
+        assert_eq!(kv.get_ports(), [5432, 5433]);
+        assert_eq!(
+            kv.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        // libpq reads PGHOST/PGPORT as it reads host=/port=.
+        let var = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap()
+                .to_string()
+        };
+        let from_env: tokio_postgres::Config =
+            format!("host={} port={}", var("PGHOST"), var("PGPORT"))
+                .parse()
+                .unwrap();
+        assert_eq!(from_env.get_hosts().len(), 2);
+        assert_eq!(from_env.get_ports(), [5432, 5433]);
         // The DSN itself already carried them all.
-        assert!(Format::Dsn.render(&c).contains("@db1.internal:5432,db2.internal:5433/"));
+        assert!(Format::Dsn
+            .render(&c)
+            .contains("@db1.internal:5432,db2.internal:5433/"));
     }
 
     #[test]
@@ -805,7 +825,9 @@ mod tests {
             .starts_with("host=h1,h2 port=1,2 user=cb_app_x1 password=p@ss,w/rd "));
         // What cannot be read as a host list falls back to the reply's host.
         let bad = multi_host("postgresql://cb_app_x1:S3cr3t@h1:x,h2:2/orders");
-        assert!(Format::Kv.render(&bad).starts_with("host=db1.internal port=5432 "));
+        assert!(Format::Kv
+            .render(&bad)
+            .starts_with("host=db1.internal port=5432 "));
     }
 
     #[test]

@@ -177,7 +177,12 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 async fn an_event_arrives_as_a_json_post_with_its_id_and_user_agent() {
     let rx = Receiver::start(vec![], None).await;
     let metrics = Arc::new(Metrics::new());
-    let hook = Webhook::start(&rx.url("/hooks/T0KEN?channel=db"), options(), metrics.clone()).unwrap();
+    let hook = Webhook::start(
+        &rx.url("/hooks/T0KEN?channel=db"),
+        options(),
+        metrics.clone(),
+    )
+    .unwrap();
     let event = serde_json::json!({"event": "access.requested", "request": "ar_1", "role": "orders-readonly"});
     let id = hook.send(event.clone());
     until("delivered", || count(&metrics, "delivered") == 1).await;
@@ -194,9 +199,10 @@ async fn an_event_arrives_as_a_json_post_with_its_id_and_user_agent() {
     );
     assert_eq!(s.path, "/hooks/T0KEN?channel=db");
     assert_eq!(hook.label(), format!("http://127.0.0.1:{}", rx.port));
-    assert!(metrics
-        .encode()
-        .contains(&format!("credbroker_notifications_total{{webhook=\"http://127.0.0.1:{}\",outcome=\"delivered\"}} 1", rx.port)));
+    assert!(metrics.encode().contains(&format!(
+        "credbroker_notifications_total{{webhook=\"http://127.0.0.1:{}\",outcome=\"delivered\"}} 1",
+        rx.port
+    )));
 }
 
 #[tokio::test]
