@@ -165,11 +165,22 @@ impl Shared {
 }
 
 /// A webhook: a handle to one URL's queue and delivery task. Clones share
-/// them.
+/// them; when the last is dropped the task delivers what is queued and
+/// ends, so a forgotten webhook leaves no task behind.
 #[derive(Clone)]
 pub struct Webhook {
     shared: Arc<Shared>,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    _last: Arc<CloseOnDrop>,
+}
+
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.queue().closed = true;
+        self.0.wake.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Webhook {
@@ -217,6 +228,7 @@ impl Webhook {
         });
         let task = tokio::spawn(run(shared.clone(), transport, options));
         Webhook {
+            _last: Arc::new(CloseOnDrop(shared.clone())),
             shared,
             task: Arc::new(Mutex::new(Some(task))),
         }

@@ -388,3 +388,19 @@ async fn webhooks_start_one_task_per_distinct_url() {
     assert!(hooks.get("gopher://x/").is_err());
     hooks.shutdown(Duration::from_millis(10)).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_last_handle_delivers_the_queue_then_ends_the_task() {
+    let metrics = Arc::new(Metrics::new());
+    let script = Script::new(vec![unavailable()]);
+    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let clone = hook.clone();
+    hook.send(serde_json::json!({"n": 1}));
+    clone.send(serde_json::json!({"n": 2}));
+    drop(hook);
+    drop(clone);
+    // The task holds the transport (the script's `seen`) until it ends.
+    until("task ended", || Arc::strong_count(&script.seen) == 1).await;
+    assert_eq!(count(&metrics, "delivered"), 2);
+    assert_eq!(count(&metrics, "dropped"), 0);
+}
