@@ -839,3 +839,121 @@ async fn sidecar_env_file_for_a_mariadb_role_logs_in() {
         .await
         .unwrap();
 }
+
+/// Issue 28: a database whose `admin_url` names several hosts. Every
+/// sidecar format names them all, in its clients' form; libpq (psql)
+/// given the `env` or the `kv` file skips the first host, which is down,
+/// and logs in on the second, as it would after a failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_formats_name_every_host_of_a_multi_host_database() {
+    let role_name = "sc_hosts";
+    let mut b = TestBroker::prepare(&role(role_name, "{db}", "1m", "5m", APP)).await;
+    // A port nobody listens on: the "failed primary" listed first.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let live = cluster().port();
+    let one_host = cluster().url(&b.db);
+    let at = format!("@127.0.0.1:{live}/");
+    assert!(one_host.contains(&at), "{one_host}");
+    let both = one_host.replace(&at, &format!("@127.0.0.1:{dead},127.0.0.1:{live}/"))
+        + "?target_session_attrs=read-write";
+    b.edit_config(|t| {
+        assert!(t.contains(&format!("\"{one_host}\"")), "{t}");
+        t.replace(&format!("\"{one_host}\""), &format!("\"{both}\""))
+    });
+    b.start_in_process().await;
+    let hosts = "127.0.0.1,127.0.0.1";
+    let ports = format!("{dead},{live}");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |format: &'static str| {
+        let sub = dir.path().join(format);
+        std::fs::create_dir(&sub).unwrap();
+        let b = &b;
+        async move {
+            let mut sc = Sidecar::spawn(b, &sub, role_name, &["--once", "--format", format]);
+            assert_eq!(
+                sc.wait(Duration::from_secs(30)).await,
+                Some(0),
+                "{}",
+                sc.log_text()
+            );
+            (sc.out.clone(), std::fs::read_to_string(&sc.out).unwrap())
+        }
+    };
+    let psql = |cmd: &mut Command, password: &str| {
+        let out = cmd
+            .env_remove("PGSSLMODE")
+            .env_remove("PGHOSTADDR")
+            .env_remove("PGSERVICE")
+            .output()
+            .expect("psql (PostgreSQL's client) is needed: `apt-get install -y postgresql-client`");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr).replace(password, "<password>")
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "coffee");
+    };
+    let query = "SELECT item FROM orders WHERE id = 1";
+
+    let (env_file, env) = run("env").await;
+    let var = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing"))
+            .to_string()
+    };
+    assert_eq!(var("PGHOST"), hosts);
+    assert_eq!(var("PGPORT"), ports);
+    assert_eq!(var("PGTARGETSESSIONATTRS"), "read-write");
+    psql(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(r#"set -a; . "$1"; exec psql -Atc "{query}""#))
+            .arg("sh")
+            .arg(&env_file),
+        &var("PGPASSWORD"),
+    );
+
+    let (_, kv) = run("kv").await;
+    let kv = kv.trim().to_string();
+    assert!(
+        kv.starts_with(&format!("host={hosts} port={ports} user=")),
+        "{}",
+        kv.split(" password=").next().unwrap()
+    );
+    assert!(kv.ends_with(" target_session_attrs=read-write"));
+    let password = kv
+        .split(' ')
+        .find_map(|w| w.strip_prefix("password="))
+        .unwrap()
+        .to_string();
+    psql(
+        Command::new("psql").args(["-Atc", query]).arg(&kv),
+        &password,
+    );
+
+    let (_, jdbc) = run("jdbc").await;
+    assert!(
+        jdbc.starts_with(&format!(
+            "jdbc:postgresql://127.0.0.1:{dead},127.0.0.1:{live}/{}?user=",
+            b.db
+        )),
+        "{}",
+        jdbc.split("&password=").next().unwrap()
+    );
+    assert!(jdbc.trim_end().ends_with("&targetServerType=primary"));
+
+    let (_, json) = run("json").await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        v["hosts"],
+        serde_json::json!([
+            {"host": "127.0.0.1", "port": dead},
+            {"host": "127.0.0.1", "port": live}
+        ])
+    );
+}

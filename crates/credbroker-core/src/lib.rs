@@ -37,6 +37,8 @@
 //! - [`pruner`]: deletes revoked rows past `store.retention`, in batches.
 //! - [`audit`]: hash-chained JSON lines and their verification.
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`notify`]: webhook notifications (JSON POSTs to a chat or pager):
+//!   bounded queues, at-least-once with an event id, never blocking.
 //! - [`server`]: tonic services, the TLS acceptor, the error → status map.
 //! - [`console`]: the admins' web console (HTTPS, server-rendered pages).
 //! - [`rate_history`]: issuance and revocation per minute over the last
@@ -80,6 +82,7 @@ pub mod lease;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod pruner;
 pub mod rate_history;

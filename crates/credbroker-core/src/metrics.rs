@@ -95,6 +95,16 @@ pub struct RoleOnlyLabels {
     pub role: String,
 }
 
+/// A webhook notification's fate, per webhook (`scheme://host[:port]`,
+/// never the path: it may hold a token).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotificationLabels {
+    pub webhook: String,
+    /// `delivered`, `retried` (one per retry), `dropped` (queue full or
+    /// shutdown), `failed` (refused by the receiver, or given up).
+    pub outcome: String,
+}
+
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// The registry, and the sample names it exports (each family's name with
@@ -180,6 +190,8 @@ pub struct Metrics {
     pub identity_leases_most: Family<RoleOnlyLabels, Gauge>,
     /// … and the role's `max_leases_per_identity` (roles with one).
     pub identity_leases_cap: Family<RoleOnlyLabels, Gauge>,
+    /// Webhook notifications, by webhook and outcome (`notify`).
+    pub notifications: Family<NotificationLabels, Counter>,
     /// The last hour per minute, for the console's charts.
     pub history: crate::rate_history::RateHistory,
     /// Leases issued, renewed or revoked by this process: `/metrics`
@@ -228,6 +240,7 @@ impl Metrics {
             locks: Family::default(),
             identity_leases_most: Family::default(),
             identity_leases_cap: Family::default(),
+            notifications: Family::default(),
             history: Default::default(),
             changes: Default::default(),
         };
@@ -358,6 +371,11 @@ impl Metrics {
             "Per role with one, max_leases_per_identity: an identity holding this many is refused more",
             m.identity_leases_cap.clone(),
         );
+        registry.register(
+            "notifications",
+            "Webhook notifications by webhook (scheme://host) and outcome: delivered, retried (one per retry), dropped (queue full or shutdown), failed (refused, or given up)",
+            m.notifications.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
     }
@@ -484,6 +502,15 @@ impl Metrics {
             .get_or_create(&ConnectionRefusalLabels {
                 listener: listener.to_string(),
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn notification(&self, webhook: &str, outcome: &str) {
+        self.notifications
+            .get_or_create(&NotificationLabels {
+                webhook: webhook.to_string(),
+                outcome: outcome.to_string(),
             })
             .inc();
     }

@@ -1,5 +1,16 @@
 //! The credential file's formats. Everything rendered here holds the
 //! password, so it comes back in a zeroizing buffer.
+//!
+//! Several hosts: when a PostgreSQL database's `admin_url` names several
+//! (libpq's multi-host form, see [`crate::connstr`]), the broker's DSN
+//! names them all, and so does every format here, each in the form its
+//! consumers take: `kv` as libpq's `host=h1,h2 port=p1,p2
+//! target_session_attrs=…`, `env` as `PGHOST=h1,h2 PGPORT=p1,p2
+//! PGTARGETSESSIONATTRS=…`, `jdbc` as PgJDBC's `//h1:p1,h2:p2/db` with
+//! `targetServerType`, `json` as a `hosts` array. The reply's `host` and
+//! `port` fields (and `{{host}}`/`{{port}}`) stay the first host; a client
+//! given only those would not follow a failover, which is why the list is
+//! read from the DSN.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -37,6 +48,9 @@ pub const PLACEHOLDERS: &[&str] = &[
     "lease_id",
     "sslmode",
     "sslrootcert",
+    "hosts",
+    "ports",
+    "target_session_attrs",
 ];
 
 /// A user template, checked when loaded: an unknown `{{name}}` is a config
@@ -87,6 +101,11 @@ impl Template {
                 "lease_id" => out.push_str(&c.lease_id),
                 "sslmode" => out.push_str(client_tls(c).mode.as_deref().unwrap_or("")),
                 "sslrootcert" => out.push_str(client_tls(c).rootcert.as_deref().unwrap_or("")),
+                "hosts" => out.push_str(&servers(c).hosts()),
+                "ports" => out.push_str(&servers(c).ports()),
+                "target_session_attrs" => {
+                    out.push_str(servers(c).target_session_attrs.as_deref().unwrap_or(""))
+                }
                 _ => {}
             }
             rest = after.get(close + 2..).unwrap_or("");
@@ -200,9 +219,10 @@ fn kv_value(out: &mut String, v: &str) {
 fn kv(c: &Credential) -> Zeroizing<String> {
     let mut out = Zeroizing::new(String::new());
     let db_key = if is_mysql(c) { "database" } else { "dbname" };
-    let port = c.port.to_string();
+    let servers = servers(c);
+    let (host, port) = (servers.hosts(), servers.ports());
     let pairs: [(&str, &str); 5] = [
-        ("host", &c.host),
+        ("host", &host),
         ("port", &port),
         ("user", &c.username),
         ("password", c.password.expose()),
@@ -222,7 +242,11 @@ fn kv(c: &Credential) -> Zeroizing<String> {
     } else {
         ("sslmode", "sslrootcert")
     };
-    for (k, v) in [(mode_key, &tls.mode), (root_key, &tls.rootcert)] {
+    for (k, v) in [
+        (mode_key, &tls.mode),
+        (root_key, &tls.rootcert),
+        ("target_session_attrs", &servers.target_session_attrs),
+    ] {
         if let Some(v) = v {
             out.push(' ');
             out.push_str(k);
@@ -248,12 +272,8 @@ fn pct(out: &mut String, v: &str) {
 fn jdbc(c: &Credential) -> Zeroizing<String> {
     let mut out = Zeroizing::new(String::new());
     let scheme = if is_mysql(c) { "mysql" } else { "postgresql" };
-    let host = if c.host.contains(':') {
-        format!("[{}]", c.host)
-    } else {
-        c.host.clone()
-    };
-    let _ = write!(out, "jdbc:{scheme}://{host}:{}/", c.port);
+    let servers = servers(c);
+    let _ = write!(out, "jdbc:{scheme}://{}/", servers.host_ports());
     pct(&mut out, &c.database);
     out.push_str("?user=");
     pct(&mut out, &c.username);
@@ -280,8 +300,146 @@ fn jdbc(c: &Credential) -> Zeroizing<String> {
             }
         }
     }
+    if let Some(server_type) = servers
+        .target_session_attrs
+        .as_deref()
+        .and_then(pgjdbc_target_server_type)
+    {
+        out.push_str("&targetServerType=");
+        out.push_str(server_type);
+    }
     out.push('\n');
     out
+}
+
+/// libpq's `target_session_attrs` as PgJDBC's `targetServerType`. Both
+/// decide by the same test (`transaction_read_only`, or
+/// `pg_is_in_recovery()` for primary/standby): `read-write` ↔ `primary`,
+/// `read-only`/`standby` ↔ `secondary`, `prefer-standby` ↔
+/// `preferSecondary`; `any` is PgJDBC's default, so nothing is written.
+fn pgjdbc_target_server_type(attrs: &str) -> Option<&'static str> {
+    match attrs {
+        "read-write" | "primary" => Some("primary"),
+        "read-only" | "standby" => Some("secondary"),
+        "prefer-standby" => Some("preferSecondary"),
+        _ => None,
+    }
+}
+
+/// The servers a credential reaches, in the order clients try them.
+struct Servers {
+    list: Vec<(String, u32)>,
+    target_session_attrs: Option<String>,
+}
+
+impl Servers {
+    /// libpq's host list: `h1,h2`.
+    fn hosts(&self) -> String {
+        let hosts: Vec<&str> = self.list.iter().map(|(h, _)| h.as_str()).collect();
+        hosts.join(",")
+    }
+
+    /// libpq's port list, one per host: `5432,5433`.
+    fn ports(&self) -> String {
+        let ports: Vec<String> = self.list.iter().map(|(_, p)| p.to_string()).collect();
+        ports.join(",")
+    }
+
+    /// A URL authority's list: `h1:5432,[::1]:5433`.
+    fn host_ports(&self) -> String {
+        let list: Vec<String> = self
+            .list
+            .iter()
+            .map(|(h, p)| {
+                if h.contains(':') {
+                    format!("[{h}]:{p}")
+                } else {
+                    format!("{h}:{p}")
+                }
+            })
+            .collect();
+        list.join(",")
+    }
+}
+
+/// Every host of the credential: read from the broker's DSN when it names
+/// several (`postgresql://user:pw@h1:p1,h2:p2/db?target_session_attrs=…`,
+/// as `backend/postgres` writes it), else the reply's `host` and `port`.
+/// The user and password are known, so they are stripped as the exact
+/// prefix they are, not by looking for an `@` a password could hold.
+fn servers(c: &Credential) -> Servers {
+    let target_session_attrs = if is_mysql(c) {
+        None
+    } else {
+        query_param(c, "target_session_attrs")
+    };
+    let single = || Servers {
+        list: vec![(c.host.clone(), c.port)],
+        target_session_attrs: target_session_attrs.clone(),
+    };
+    if is_mysql(c) {
+        return single();
+    }
+    let Some(rest) = ["postgresql://", "postgres://"]
+        .iter()
+        .find_map(|scheme| c.dsn.strip_prefix(scheme))
+    else {
+        return single();
+    };
+    let with_password = format!("{}:{}@", c.username, c.password.expose());
+    let Some(rest) = rest
+        .strip_prefix(with_password.as_str())
+        .or_else(|| rest.strip_prefix(&format!("{}@", c.username)))
+    else {
+        return single();
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    if !authority.contains(',') {
+        return single();
+    }
+    let mut list = Vec::new();
+    for part in authority.split(',') {
+        let (host, port) = match part.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((h, p)) => (h, p.strip_prefix(':')),
+                None => return single(),
+            },
+            None => match part.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (part, None),
+            },
+        };
+        // libpq's default for a host without its own port.
+        let port = match port.map(str::parse::<u32>) {
+            None => 5432,
+            Some(Ok(p)) => p,
+            Some(Err(_)) => return single(),
+        };
+        if host.is_empty() {
+            return single();
+        }
+        let host = percent_encoding::percent_decode_str(host)
+            .decode_utf8_lossy()
+            .into_owned();
+        list.push((host, port));
+    }
+    Servers {
+        list,
+        target_session_attrs,
+    }
+}
+
+/// A query parameter of the DSN, decoded.
+fn query_param(c: &Credential, key: &str) -> Option<String> {
+    let query = c.dsn.split_once('?').map(|(_, q)| q).unwrap_or("");
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
 }
 
 /// Shell-style env values, so `. FILE` and `set -a; . FILE` work: bare
@@ -307,7 +465,8 @@ pub fn env_value(out: &mut String, v: &str) {
 
 fn env(c: &Credential) -> Zeroizing<String> {
     let mut out = Zeroizing::new(String::new());
-    let port = c.port.to_string();
+    let servers = servers(c);
+    let (host, port) = (servers.hosts(), servers.ports());
     let keys = if is_mysql(c) {
         [
             "MYSQL_HOST",
@@ -319,13 +478,7 @@ fn env(c: &Credential) -> Zeroizing<String> {
     } else {
         ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"]
     };
-    let values: [&str; 5] = [
-        &c.host,
-        &port,
-        &c.username,
-        c.password.expose(),
-        &c.database,
-    ];
+    let values: [&str; 5] = [&host, &port, &c.username, c.password.expose(), &c.database];
     for (k, v) in keys.iter().zip(values) {
         out.push_str(k);
         out.push('=');
@@ -336,7 +489,11 @@ fn env(c: &Credential) -> Zeroizing<String> {
         // libpq reads these; MySQL clients have no such variables, and
         // DATABASE_URL below carries `ssl-mode` for them.
         let tls = client_tls(c);
-        for (k, v) in [("PGSSLMODE", &tls.mode), ("PGSSLROOTCERT", &tls.rootcert)] {
+        for (k, v) in [
+            ("PGSSLMODE", &tls.mode),
+            ("PGSSLROOTCERT", &tls.rootcert),
+            ("PGTARGETSESSIONATTRS", &servers.target_session_attrs),
+        ] {
             if let Some(v) = v {
                 out.push_str(k);
                 out.push('=');
@@ -353,7 +510,15 @@ fn env(c: &Credential) -> Zeroizing<String> {
 
 fn json(c: &Credential) -> Zeroizing<String> {
     let tls = client_tls(c);
+    let servers = servers(c);
+    let hosts: Vec<serde_json::Value> = servers
+        .list
+        .iter()
+        .map(|(host, port)| serde_json::json!({ "host": host, "port": port }))
+        .collect();
     let v = serde_json::json!({
+        "hosts": hosts,
+        "target_session_attrs": servers.target_session_attrs,
         "sslmode": tls.mode,
         "sslrootcert": tls.rootcert,
         "lease_id": c.lease_id,
@@ -551,6 +716,138 @@ mod tests {
         assert!(!Format::Env.render(&plain).contains("PGSSLMODE"));
         let v: serde_json::Value = serde_json::from_str(&Format::Json.render(&plain)).unwrap();
         assert!(v["sslmode"].is_null());
+    }
+
+    fn multi_host(dsn: &str) -> Credential {
+        let mut c = cred("postgres");
+        c.dsn = Zeroizing::new(dsn.into());
+        c.host = "db1.internal".into();
+        c.port = 5432;
+        c
+    }
+
+    #[test]
+    fn every_format_carries_every_host_in_its_consumers_form() {
+        let c = multi_host(
+            "postgresql://cb_app_x1:S3cr3t@db1.internal:5432,db2.internal:5433/orders\
+             ?sslmode=verify-full&target_session_attrs=read-write",
+        );
+        assert_eq!(
+            Format::Kv.render(&c).as_str(),
+            "host=db1.internal,db2.internal port=5432,5433 user=cb_app_x1 password=S3cr3t \
+             dbname=orders sslmode=verify-full target_session_attrs=read-write\n"
+        );
+        assert_eq!(
+            Format::Jdbc.render(&c).as_str(),
+            "jdbc:postgresql://db1.internal:5432,db2.internal:5433/orders?user=cb_app_x1\
+             &password=S3cr3t&ssl=true&sslmode=verify-full&targetServerType=primary\n"
+        );
+        let env = Format::Env.render(&c);
+        assert!(
+            env.starts_with(
+                "PGHOST=db1.internal,db2.internal\nPGPORT=5432,5433\nPGUSER=cb_app_x1\n"
+            ),
+            "{}",
+            env.as_str()
+        );
+        assert!(
+            env.contains("PGSSLMODE=verify-full\nPGTARGETSESSIONATTRS=read-write\n"),
+            "{}",
+            env.as_str()
+        );
+        let v: serde_json::Value = serde_json::from_str(&Format::Json.render(&c)).unwrap();
+        assert_eq!(
+            v["hosts"],
+            serde_json::json!([
+                {"host": "db1.internal", "port": 5432},
+                {"host": "db2.internal", "port": 5433}
+            ])
+        );
+        assert_eq!(v["target_session_attrs"], "read-write");
+        assert_eq!(
+            v["host"], "db1.internal",
+            "the reply's fields stay as they were"
+        );
+        let t = Template::parse(
+            "host={{hosts}} port={{ports}} tsa={{target_session_attrs}} first={{host}}:{{port}}"
+                .into(),
+        )
+        .unwrap();
+        assert_eq!(
+            Format::Template(t).render(&c).as_str(),
+            "host=db1.internal,db2.internal port=5432,5433 tsa=read-write first=db1.internal:5432"
+        );
+        // A real libpq-syntax reader takes the kv and env forms as lists
+        // (tokio-postgres knows no verify-full, so that word is left out).
+        let kv = Format::Kv.render(&c);
+        let words: Vec<&str> = kv
+            .split_whitespace()
+            .filter(|w| !w.starts_with("sslmode="))
+            .collect();
+        let kv: tokio_postgres::Config = words.join(" ").parse().unwrap();
+        assert_eq!(kv.get_hosts().len(), 2);
+        assert_eq!(kv.get_ports(), [5432, 5433]);
+        assert_eq!(
+            kv.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        // libpq reads PGHOST/PGPORT as it reads host=/port=.
+        let var = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap()
+                .to_string()
+        };
+        let from_env: tokio_postgres::Config =
+            format!("host={} port={}", var("PGHOST"), var("PGPORT"))
+                .parse()
+                .unwrap();
+        assert_eq!(from_env.get_hosts().len(), 2);
+        assert_eq!(from_env.get_ports(), [5432, 5433]);
+        // The DSN itself already carried them all.
+        assert!(Format::Dsn
+            .render(&c)
+            .contains("@db1.internal:5432,db2.internal:5433/"));
+    }
+
+    #[test]
+    fn host_lists_with_ipv6_default_ports_and_no_session_attrs() {
+        let c = multi_host("postgresql://cb_app_x1:S3cr3t@[::1]:6432,db2,10.0.0.3:5433/orders");
+        assert_eq!(
+            Format::Kv.render(&c).as_str(),
+            "host=::1,db2,10.0.0.3 port=6432,5432,5433 user=cb_app_x1 password=S3cr3t dbname=orders\n"
+        );
+        assert_eq!(
+            Format::Jdbc.render(&c).as_str(),
+            "jdbc:postgresql://[::1]:6432,db2:5432,10.0.0.3:5433/orders?user=cb_app_x1&password=S3cr3t\n"
+        );
+        assert!(!Format::Env.render(&c).contains("PGTARGETSESSIONATTRS"));
+        // A password holding `@` and `,` is stripped as the known prefix,
+        // not mistaken for the host list.
+        let mut odd = multi_host("postgresql://cb_app_x1:p@ss,w/rd@h1:1,h2:2/orders");
+        odd.password = Password::from_secret("p@ss,w/rd".into());
+        assert!(Format::Kv
+            .render(&odd)
+            .starts_with("host=h1,h2 port=1,2 user=cb_app_x1 password=p@ss,w/rd "));
+        // What cannot be read as a host list falls back to the reply's host.
+        let bad = multi_host("postgresql://cb_app_x1:S3cr3t@h1:x,h2:2/orders");
+        assert!(Format::Kv
+            .render(&bad)
+            .starts_with("host=db1.internal port=5432 "));
+    }
+
+    #[test]
+    fn libpq_session_attrs_map_to_pgjdbc_server_types() {
+        for (libpq, jdbc) in [
+            ("read-write", Some("primary")),
+            ("primary", Some("primary")),
+            ("read-only", Some("secondary")),
+            ("standby", Some("secondary")),
+            ("prefer-standby", Some("preferSecondary")),
+            ("any", None),
+        ] {
+            assert_eq!(pgjdbc_target_server_type(libpq), jdbc, "{libpq}");
+        }
     }
 
     #[test]
