@@ -97,6 +97,7 @@ pub mod store;
 #[cfg(test)]
 mod testkit;
 pub mod throwaway;
+pub mod token_cache;
 pub mod vault_api;
 pub mod watch;
 

@@ -5,6 +5,12 @@
 //! sidecar watching its lease through replica A hears of a revoke made
 //! through replica B at once, not at its next renewal.
 //!
+//! The same rows carry the Vault API's token events (`token_gone`: a
+//! token revoked, evicted or renewed through one replica, named by its
+//! accessor), which the others apply to their verified-token cache
+//! (`token_cache.rs`) — so a token revoked through B stops being answered
+//! from A's memory as soon as the row reaches A.
+//!
 //! Rows, not only notifications: a notification says "look", the row is
 //! the event. A replica whose `LISTEN` connection dropped reconnects and
 //! reads every row after the last it saw, so it catches up instead of
@@ -29,7 +35,14 @@ use crate::config::SecretSource;
 use crate::dbtls;
 use crate::error::{Error, Result};
 use crate::lease::LeaseId;
+use crate::token_cache::{TokenCache, TokenGone};
 use crate::watch::{EventKind, LeaseEvent, WatchHub};
+
+/// One row of the event table, as this broker reads it.
+enum Relayed {
+    Lease(LeaseEvent),
+    Token(TokenGone),
+}
 
 const CHANNEL: &str = "credbroker_lease_events";
 /// How far back every read looks again for rows committed late.
@@ -48,13 +61,15 @@ struct Target {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
-/// Starts relaying between this replica's `hub` and the store at `url`
-/// (a PostgreSQL store; SQLite has one broker and nothing to relay) until
-/// `stop`. Creates the table first, so a broken store stops start-up.
+/// Starts relaying between this replica's `hub` and `tokens` and the
+/// store at `url` (a PostgreSQL store; SQLite has one broker and nothing
+/// to relay) until `stop`. Creates the table first, so a broken store
+/// stops start-up.
 pub async fn start(
     url: &str,
     password: &SecretSource,
     hub: Arc<WatchHub>,
+    tokens: Arc<TokenCache>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let parsed =
@@ -98,11 +113,12 @@ pub async fn start(
     let outbound = tokio::spawn(send(
         target.clone(),
         hub.clone(),
+        tokens.tap(),
         origin.clone(),
         stop.clone(),
     ));
     Ok(tokio::spawn(async move {
-        receive(target, hub, origin, start, stop).await;
+        receive(target, hub, tokens, origin, start, stop).await;
         let _ = outbound.await;
     }))
 }
@@ -135,23 +151,38 @@ async fn connect(
 
 /// Writes this replica's own events (not relayed ones) to the store,
 /// each with its `NOTIFY` in one statement; prunes old rows now and then.
-async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: CancellationToken) {
+async fn send(
+    target: Target,
+    hub: Arc<WatchHub>,
+    mut gone: tokio::sync::broadcast::Receiver<TokenGone>,
+    origin: String,
+    stop: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
     let mut rx = hub.tap();
     let mut client: Option<tokio_postgres::Client> = None;
     let mut pruned = Instant::now();
     loop {
-        let event = tokio::select! {
+        let text = tokio::select! {
             _ = stop.cancelled() => return,
-            e = rx.recv() => e,
-        };
-        let event = match event {
-            Ok(e) if e.relayed => continue,
-            Ok(e) => e,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "lease events: too many to relay; other replicas' watchers learn of these at their next renewal");
-                continue;
-            }
-            Err(_) => return,
+            e = rx.recv() => match e {
+                Ok(e) if e.relayed => continue,
+                Ok(e) => encode(&e),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "lease events: too many to relay; other replicas' watchers learn of these at their next renewal");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            t = gone.recv() => match t {
+                Ok(t) if t.relayed => continue,
+                Ok(t) => encode_token(&t),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "token events: too many to relay; other replicas answer those tokens from memory for at most the cache's age bound");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
         };
         // One reconnect per event at most: an event that cannot be written
         // is dropped with a warning (its watchers fall back to renewal).
@@ -164,7 +195,7 @@ async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: Cancella
                 "WITH e AS (INSERT INTO {CHANNEL} (origin, event) VALUES ($1, $2::text::jsonb) RETURNING seq) \
                  SELECT pg_notify('{CHANNEL}', seq::text) FROM e"
             );
-            match c.execute(&sql, &[&origin, &encode(&event)]).await {
+            match c.execute(&sql, &[&origin, &text]).await {
                 Ok(_) => break,
                 Err(e) if attempt == 1 => {
                     tracing::warn!(error = %e, "lease events: cannot relay an event to the other replicas");
@@ -191,6 +222,7 @@ async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: Cancella
 async fn receive(
     target: Target,
     hub: Arc<WatchHub>,
+    tokens: Arc<TokenCache>,
     origin: String,
     mut last: i64,
     stop: CancellationToken,
@@ -226,7 +258,18 @@ async fn receive(
                 Ok(events) => {
                     for (seq, e) in events {
                         last = last.max(seq);
-                        hub.publish(e);
+                        match e {
+                            Relayed::Lease(e) => {
+                                if e.kind == EventKind::Locked {
+                                    // Its locked identity's tokens: the
+                                    // gate refuses them anyway (it reads
+                                    // the locks from the store).
+                                    tokens.forget_identities(|i| i == e.identity);
+                                }
+                                hub.publish(e);
+                            }
+                            Relayed::Token(t) => tokens.forget(t),
+                        }
                     }
                 }
                 Err(e) => {
@@ -250,7 +293,7 @@ async fn read(
     origin: &str,
     last: i64,
     seen: &mut BTreeMap<i64, Instant>,
-) -> std::result::Result<Vec<(i64, LeaseEvent)>, tokio_postgres::Error> {
+) -> std::result::Result<Vec<(i64, Relayed)>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
@@ -302,7 +345,19 @@ fn encode(e: &LeaseEvent) -> String {
     .to_string()
 }
 
-fn decode(text: &str) -> Option<LeaseEvent> {
+/// A token event: the accessor only (never the token or its hash).
+fn encode_token(t: &TokenGone) -> String {
+    serde_json::json!({
+        "kind": TOKEN_GONE,
+        "accessor": t.accessor,
+        "at": Utc::now().to_rfc3339(),
+    })
+    .to_string()
+}
+
+const TOKEN_GONE: &str = "token_gone";
+
+fn decode(text: &str) -> Option<Relayed> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     let time = |k: &str| {
@@ -313,9 +368,15 @@ fn decode(text: &str) -> Option<LeaseEvent> {
         "renewed" => EventKind::Renewed,
         "revoked" => EventKind::Revoked,
         "locked" => EventKind::Locked,
+        TOKEN_GONE => {
+            return Some(Relayed::Token(TokenGone {
+                accessor: s("accessor").filter(|a| !a.is_empty())?,
+                relayed: true,
+            }))
+        }
         _ => return None,
     };
-    Some(LeaseEvent {
+    Some(Relayed::Lease(LeaseEvent {
         kind,
         lease_id: LeaseId::parse(&s("lease_id")?).ok()?,
         identity: s("identity")?,
@@ -327,7 +388,7 @@ fn decode(text: &str) -> Option<LeaseEvent> {
         lock_id: s("lock_id"),
         at: time("at")?,
         relayed: true,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -349,7 +410,9 @@ mod tests {
             at: Utc::now(),
             relayed: false,
         };
-        let back = decode(&encode(&e)).unwrap();
+        let Some(Relayed::Lease(back)) = decode(&encode(&e)) else {
+            panic!("a lease event reads back as one")
+        };
         assert_eq!(back.lease_id, e.lease_id);
         assert_eq!(back.kind, e.kind);
         assert_eq!(back.identity, e.identity);
@@ -359,5 +422,29 @@ mod tests {
         );
         assert!(back.relayed);
         assert!(decode("{\"kind\":\"exploded\"}").is_none());
+    }
+
+    #[test]
+    fn a_token_event_names_the_accessor_only_and_reads_back_relayed() {
+        let t = TokenGone {
+            accessor: "acc123".into(),
+            relayed: false,
+        };
+        let text = encode_token(&t);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["accessor", "at", "kind"], "{text}");
+        let Some(Relayed::Token(back)) = decode(&text) else {
+            panic!("a token event reads back as one: {text}")
+        };
+        assert_eq!(
+            back,
+            TokenGone {
+                accessor: "acc123".into(),
+                relayed: true
+            }
+        );
+        assert!(decode("{\"kind\":\"token_gone\",\"accessor\":\"\"}").is_none());
     }
 }
