@@ -306,7 +306,11 @@ mod tests {
         let mut t = token(2, "spiffe://td/a");
         t.expires_at = Utc::now() - chrono::Duration::milliseconds(1);
         cached(&c, &t);
-        assert_eq!(c.get(&t.hash), None, "the store says whether it was renewed");
+        assert_eq!(
+            c.get(&t.hash),
+            None,
+            "the store says whether it was renewed"
+        );
     }
 
     #[tokio::test(start_paused = true)]

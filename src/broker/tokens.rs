@@ -236,17 +236,26 @@ mod tests {
         let t = token(4);
         tokens.create(&t, 1).await.unwrap();
         for _ in 0..2 {
-            assert_eq!(tokens.lookup_cached(&t.hash).await.unwrap(), Some(t.clone()));
+            assert_eq!(
+                tokens.lookup_cached(&t.hash).await.unwrap(),
+                Some(t.clone())
+            );
         }
         assert_eq!((cache.stats().misses, cache.stats().hits), (1, 1));
 
         // Evicted by a login over the cap of one.
         let u = token(5);
-        assert_eq!(tokens.create(&u, 1).await.unwrap(), vec![t.accessor.clone()]);
+        assert_eq!(
+            tokens.create(&u, 1).await.unwrap(),
+            vec![t.accessor.clone()]
+        );
         assert_eq!(tokens.lookup_cached(&t.hash).await.unwrap(), None);
 
         // Renewed: the next lookup reads the new expiry.
-        assert_eq!(tokens.lookup_cached(&u.hash).await.unwrap(), Some(u.clone()));
+        assert_eq!(
+            tokens.lookup_cached(&u.hash).await.unwrap(),
+            Some(u.clone())
+        );
         let later = u.expires_at + chrono::Duration::minutes(5);
         assert!(tokens.renew(&u, later).await.unwrap());
         let read = tokens.lookup_cached(&u.hash).await.unwrap().unwrap();

@@ -50,7 +50,9 @@ fn status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
 
 /// Two lookups (a miss, then a hit) and a lease: the token is in the
 /// replica's cache after this.
-async fn warm(client: &VaultClient) -> vaultrs::api::database::responses::GenerateCredentialsResponse {
+async fn warm(
+    client: &VaultClient,
+) -> vaultrs::api::database::responses::GenerateCredentialsResponse {
     for _ in 0..2 {
         vaultrs::token::lookup_self(client)
             .await
