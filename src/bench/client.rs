@@ -51,6 +51,14 @@ pub enum Work {
         password: String,
         dbname: String,
     },
+    /// (a) on MariaDB (`bench outside --mysql`): `CREATE USER …
+    /// IDENTIFIED BY 'plaintext'` and the grant, then `DROP USER`, as root
+    /// over TCP on 127.0.0.1 (`bench::mysql::direct_cycle`).
+    MysqlPlaintext {
+        port: u16,
+        user: String,
+        password: String,
+    },
     /// (b′): credbroker's own backend, called straight with the bench
     /// config's database and role.
     Sql { config: PathBuf },
@@ -87,6 +95,7 @@ pub struct Outcome {
 /// One caller's open connection.
 enum Caller {
     Pg(tokio_postgres::Client),
+    My(mysql_async::Conn),
     Sql(Arc<dyn Backend>, Arc<RoleConfig>),
     Grpc(pb::broker_client::BrokerClient<Channel>),
     Http(vault_http::Conn, Arc<(String, String)>),
@@ -98,6 +107,7 @@ impl Caller {
             Caller::Pg(c) => lease::direct_cycle(c, false, Grant::Member, None)
                 .await
                 .map(drop),
+            Caller::My(c) => crate::bench::mysql::direct_cycle(c, false).await.map(drop),
             Caller::Sql(backend, role) => lease::backend_cycle(backend.as_ref(), role, None)
                 .await
                 .map(drop),
@@ -134,6 +144,24 @@ async fn open(work: &Work, n: usize) -> Result<Vec<Caller>> {
                     let _ = conn.await;
                 });
                 callers.push(Caller::Pg(client));
+            }
+        }
+        Work::MysqlPlaintext {
+            port,
+            user,
+            password,
+        } => {
+            for _ in 0..n {
+                let opts = mysql_async::OptsBuilder::default()
+                    .ip_or_hostname("127.0.0.1")
+                    .tcp_port(*port)
+                    .prefer_socket(false)
+                    .user(Some(user))
+                    .pass(Some(password));
+                let conn = mysql_async::Conn::new(opts)
+                    .await
+                    .map_err(crate::bench::mysql::my_err("connect"))?;
+                callers.push(Caller::My(conn));
             }
         }
         Work::Sql { config } => {

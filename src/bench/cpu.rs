@@ -92,6 +92,17 @@ pub struct Apart {
 }
 
 impl Apart {
+    /// Processes by pid: the server (if any), the client, the database
+    /// server (`mariadbd`, one process); no WAL counter.
+    pub fn pids(server: Option<u32>, client: u32, database: u32) -> Apart {
+        Apart {
+            server: server.map(pid_ticks),
+            client: pid_ticks(client),
+            database: pid_ticks(database),
+            wal_syncs: None,
+        }
+    }
+
     pub async fn postgres(
         server: Option<u32>,
         client: u32,

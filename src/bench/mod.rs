@@ -29,6 +29,7 @@ pub mod lease;
 pub mod mysql;
 pub mod openbao;
 pub mod outside;
+pub mod outside_mysql;
 pub mod reaper;
 pub mod scale;
 pub mod setup;

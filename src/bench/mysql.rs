@@ -25,7 +25,7 @@ use credbroker::error::{Error, Result};
 use credbroker::lease::Password;
 use credbroker_testkit::throwaway::{MariadbOptions, ThrowawayMariadb};
 
-const SCHEMA: &str = "bench";
+pub(crate) const SCHEMA: &str = "bench";
 
 pub async fn run(opts: &Options) -> Result<Report> {
     let db = ThrowawayMariadb::start(MariadbOptions::default())
@@ -104,7 +104,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     })
 }
 
-fn my_err(what: &'static str) -> impl Fn(mysql_async::Error) -> Error {
+pub(crate) fn my_err(what: &'static str) -> impl Fn(mysql_async::Error) -> Error {
     move |e| Error::internal(format!("{what}: {e}"))
 }
 
@@ -142,7 +142,7 @@ async fn measure_direct(
 
 /// One user created with a grant and dropped, as a broker that talks to
 /// MariaDB directly does it; one round trip each way.
-async fn direct_cycle(conn: &mut mysql_async::Conn, hashed: bool) -> Result<Duration> {
+pub(crate) async fn direct_cycle(conn: &mut mysql_async::Conn, hashed: bool) -> Result<Duration> {
     let t = Instant::now();
     let n: u64 = rand::rng().random();
     let name = format!("'bd_{n:016x}'@'%'");

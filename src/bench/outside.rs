@@ -39,6 +39,9 @@ pub struct Options {
     /// Runs of each (column, callers); the report keeps the fastest.
     pub rounds: usize,
     pub out_dir: PathBuf,
+    /// `[vault_api] token_cache` of the broker under test (off: every
+    /// request reads its token from the store, the cache's "before").
+    pub vault_token_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -175,12 +178,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
         &format!("127.0.0.1:{grpc_port}"),
         &BrokerSettings::default(),
     )?;
-    // Each caller logs in once; the default cap (32 tokens per identity)
-    // would evict the first callers' tokens at 64 callers.
     let mut config = std::fs::read_to_string(&env.config_path).map_err(io_err("read config"))?;
-    config.push_str(&format!(
-        "\n[vault_api]\nlisten = \"127.0.0.1:{vault_port}\"\nmax_tokens_per_identity = 1000\n"
-    ));
+    config.push_str(&vault_api_section(vault_port, opts.vault_token_cache));
     std::fs::write(&env.config_path, config).map_err(io_err("write config"))?;
     let wants = |c| opts.columns.contains(&c);
     let broker = if wants(Column::Grpc) || wants(Column::VaultApi) {
@@ -299,10 +298,20 @@ async fn measure(
     })
 }
 
+/// The bench broker's `[vault_api]`: each caller logs in once; the
+/// default cap (32 tokens per identity) would evict the first callers'
+/// tokens at 64 callers.
+pub(super) fn vault_api_section(port: u16, token_cache: bool) -> String {
+    format!(
+        "\n[vault_api]\nlisten = \"127.0.0.1:{port}\"\nmax_tokens_per_identity = 1000\n\
+         token_cache = {token_cache}\n"
+    )
+}
+
 /// `credbroker bench-client` as a child, spoken to over its stdin/stdout.
-struct ClientProcess {
+pub(super) struct ClientProcess {
     child: Child,
-    pid: u32,
+    pub(super) pid: u32,
     stdin: Option<ChildStdin>,
     stdout: Lines<BufReader<ChildStdout>>,
     log: PathBuf,
@@ -310,7 +319,7 @@ struct ClientProcess {
 
 impl ClientProcess {
     /// Spawns it, hands it the job and waits for its `ready`.
-    async fn start(job: &Job, dir: &Path) -> Result<ClientProcess> {
+    pub(super) async fn start(job: &Job, dir: &Path) -> Result<ClientProcess> {
         let exe = std::env::current_exe().map_err(io_err("own executable"))?;
         let log = dir.join("bench-client.log");
         let err = std::fs::File::create(&log).map_err(io_err("client log"))?;
@@ -377,14 +386,14 @@ impl ClientProcess {
     }
 
     /// `go`, then the outcome.
-    async fn run(&mut self) -> Result<Outcome> {
+    pub(super) async fn run(&mut self) -> Result<Outcome> {
         self.say("go").await?;
         let l = self.line().await?;
         serde_json::from_str(&l).map_err(|e| self.failed(&format!("not an outcome ({e}): {l}")))
     }
 
     /// Closes its stdin (it lets go of its connections and exits).
-    async fn finish(mut self) -> Result<()> {
+    pub(super) async fn finish(mut self) -> Result<()> {
         drop(self.stdin.take());
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
@@ -409,7 +418,7 @@ impl ClientProcess {
 }
 
 /// One progress line per run, on stderr.
-fn print_run(r: &Run) {
+pub(super) fn print_run(r: &Run) {
     eprintln!(
         "  {:<16} {:>3} callers: {:>8.1} leases/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} leases, {} errors, load {})",
         r.column.header(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench::{console, lease, outside, reaper, scale};
+use crate::bench::{console, lease, outside, outside_mysql, reaper, scale};
 use crate::cli::CliResult;
 
 #[derive(clap::Args)]
@@ -118,6 +118,13 @@ struct OutsideArgs {
     /// Runs of each column and caller count; the fastest is kept
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// On a throwaway MariaDB instead of PostgreSQL: columns a, p, c, v
+    #[arg(long)]
+    mysql: bool,
+    /// The broker's `[vault_api] token_cache` (off: every Vault request
+    /// reads its token from the store, to measure the cache's effect)
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    vault_token_cache: String,
     #[command(flatten)]
     out: Out,
 }
@@ -184,11 +191,21 @@ pub async fn run(args: Args) -> CliResult {
                 columns,
                 rounds: a.rounds.max(1),
                 out_dir: a.out.out,
+                vault_token_cache: a.vault_token_cache == "on",
             };
-            let report = outside::run(&opts).await.context("outside benchmark")?;
-            report.write(&opts.out_dir)?;
-            println!("{}", report.markdown());
-            written(&opts.out_dir, "outside");
+            if a.mysql {
+                let report = outside_mysql::run(&opts)
+                    .await
+                    .context("outside benchmark on MariaDB")?;
+                outside_mysql::write(&report, &opts.out_dir)?;
+                println!("{}", outside_mysql::markdown(&report));
+                written(&opts.out_dir, "outside-mysql");
+            } else {
+                let report = outside::run(&opts).await.context("outside benchmark")?;
+                report.write(&opts.out_dir)?;
+                println!("{}", report.markdown());
+                written(&opts.out_dir, "outside");
+            }
         }
         Some(What::Reaper(a)) => {
             let opts = reaper::Options {

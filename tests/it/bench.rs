@@ -344,3 +344,56 @@ fn bench_outside_has_every_column_from_a_separate_process() {
         }
     }
 }
+
+/// `bench outside --mysql`: the same table on a throwaway MariaDB, four
+/// columns from a separate `bench-client` process, `mariadbd`'s CPU.
+#[test]
+fn bench_outside_mysql_has_four_columns_from_a_separate_process() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "bench",
+            "outside",
+            "--mysql",
+            "--callers",
+            "1,2",
+            "--leases",
+            "4",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench outside --mysql failed: {}\n{stdout}\n{stderr}",
+        run.status
+    );
+    let md = std::fs::read_to_string(out.path().join("outside-mysql.md")).unwrap();
+    assert!(stdout.contains(md.trim()), "stdout is not the report");
+    assert!(
+        md.contains("(MariaDB)") && md.contains("innodb_flush_log_at_trx_commit = 1"),
+        "{md}"
+    );
+    assert!(md.contains("- errors: 0"), "{md}");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("outside-mysql.json")).unwrap(),
+    )
+    .unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 8, "{json}");
+    for r in runs {
+        assert_eq!(r["leases"], 4, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        // Four leases can fall within one clock tick: a number, maybe 0.
+        assert!(r["cost"]["database_cpu_ms"].as_f64().is_some(), "{r}");
+        let server = r["cost"]["server_cpu_ms"].as_f64();
+        match r["column"].as_str().unwrap() {
+            "a_plaintext" | "b2_same_sql" => assert_eq!(server, None, "{r}"),
+            "c_grpc" | "cv_vault_api" => assert!(server.is_some(), "{r}"),
+            other => panic!("unexpected column {other}"),
+        }
+    }
+}

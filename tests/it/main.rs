@@ -32,3 +32,4 @@ mod sidecar;
 mod static_roles;
 mod store_suite;
 mod vault_api;
+mod vault_cache;

@@ -235,6 +235,7 @@ impl Daemon {
                     url,
                     &broker.config().store.password,
                     broker.watch().clone(),
+                    broker.token_cache().clone(),
                     stop.clone(),
                 )
                 .await?,

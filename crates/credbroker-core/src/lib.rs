@@ -49,6 +49,8 @@
 //! - [`client`]: the mTLS gRPC client the CLI commands share.
 //! - [`watch`]: lease events (renewed, revoked, locked) for `WatchLeases`;
 //!   [`relay`] carries them between replicas through the PostgreSQL store.
+//! - [`token_cache`]: the Vault API's verified tokens in memory (by hash,
+//!   bounded), forgotten on revoke, eviction, renewal, locks and relayed events.
 //! - [`sidecar`]: keeps a credential file fresh for an application.
 //! - [`vault_api`]: HashiCorp Vault's database-credentials HTTP API, so
 //!   Vault clients switch by changing their address.
@@ -97,6 +99,7 @@ pub mod steps;
 pub mod store;
 #[cfg(test)]
 mod testkit;
+pub mod token_cache;
 pub mod vault_api;
 pub mod watch;
 

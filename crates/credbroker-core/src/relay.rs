@@ -7,6 +7,12 @@
 //! lock placed on A ends the locked identity's streams on B too
 //! ([`WatchHub::publish_lock`]).
 //!
+//! The same rows carry the Vault API's token events (`token_gone`: a
+//! token revoked, evicted or renewed through one replica, named by its
+//! accessor), which the others apply to their verified-token cache
+//! (`token_cache.rs`) — so a token revoked through B stops being answered
+//! from A's memory as soon as the row reaches A.
+//!
 //! Rows, not only notifications: a notification says "look", the row is
 //! the event. A replica whose `LISTEN` connection dropped reconnects and
 //! reads every row after the last it saw, so it catches up instead of
@@ -38,8 +44,17 @@ use crate::config::SecretSource;
 use crate::dbtls;
 use crate::error::{Error, Result};
 use crate::lease::LeaseId;
+use crate::identity::Identity;
 use crate::lock::{Lock, LockId, LockTarget};
+use crate::token_cache::{TokenCache, TokenGone};
 use crate::watch::{EventKind, LeaseEvent, LockEvent, Note, WatchHub};
+
+/// One row of the event table, as this broker reads it: a note for the
+/// watch hub (a lease's change or a lock's), or a Vault token gone.
+enum Relayed {
+    Note(Note),
+    Token(TokenGone),
+}
 
 /// The `NOTIFY` channel, and the table (store migration 11).
 const CHANNEL: &str = "credbroker_lease_events";
@@ -77,6 +92,7 @@ pub async fn start(
     url: &str,
     password: &SecretSource,
     hub: Arc<WatchHub>,
+    tokens: Arc<TokenCache>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let parsed =
@@ -106,11 +122,12 @@ pub async fn start(
     let outbound = tokio::spawn(send(
         target.named(SENDER),
         hub.clone(),
+        tokens.tap(),
         origin.clone(),
         stop.clone(),
     ));
     Ok(tokio::spawn(async move {
-        receive(target.named(LISTENER), hub, origin, start, stop).await;
+        receive(target.named(LISTENER), hub, tokens, origin, start, stop).await;
         let _ = outbound.await;
     }))
 }
@@ -143,23 +160,38 @@ async fn connect(
 
 /// Writes this replica's own events (not relayed ones) to the store,
 /// each with its `NOTIFY` in one statement; prunes old rows now and then.
-async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: CancellationToken) {
+async fn send(
+    target: Target,
+    hub: Arc<WatchHub>,
+    mut gone: tokio::sync::broadcast::Receiver<TokenGone>,
+    origin: String,
+    stop: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
     let mut rx = hub.tap();
     let mut client: Option<tokio_postgres::Client> = None;
     let mut pruned = Instant::now();
     loop {
-        let event = tokio::select! {
+        let text = tokio::select! {
             _ = stop.cancelled() => return,
-            e = rx.recv() => e,
-        };
-        let event = match event {
-            Ok(e) if e.relayed() => continue,
-            Ok(e) => e,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "lease events: too many to relay; other replicas' watchers learn of these at their next renewal");
-                continue;
-            }
-            Err(_) => return,
+            e = rx.recv() => match e {
+                Ok(e) if e.relayed() => continue,
+                Ok(e) => encode(&e),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "lease events: too many to relay; other replicas' watchers learn of these at their next renewal");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            t = gone.recv() => match t {
+                Ok(t) if t.relayed => continue,
+                Ok(t) => encode_token(&t),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "token events: too many to relay; other replicas answer those tokens from memory for at most the cache's age bound");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
         };
         // One reconnect per event at most: an event that cannot be written
         // is dropped with a warning (its watchers fall back to renewal).
@@ -172,7 +204,7 @@ async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: Cancella
                 "WITH e AS (INSERT INTO {CHANNEL} (origin, event) VALUES ($1, $2::text::jsonb) RETURNING seq) \
                  SELECT pg_notify('{CHANNEL}', seq::text) FROM e"
             );
-            match c.execute(&sql, &[&origin, &encode(&event)]).await {
+            match c.execute(&sql, &[&origin, &text]).await {
                 Ok(_) => break,
                 Err(e) if attempt == 1 => {
                     tracing::warn!(error = %e, "lease events: cannot relay an event to the other replicas");
@@ -199,6 +231,7 @@ async fn send(target: Target, hub: Arc<WatchHub>, origin: String, stop: Cancella
 async fn receive(
     target: Target,
     hub: Arc<WatchHub>,
+    tokens: Arc<TokenCache>,
     origin: String,
     mut last: i64,
     stop: CancellationToken,
@@ -235,13 +268,27 @@ async fn receive(
                     for (seq, e) in events {
                         last = last.max(seq);
                         match e {
-                            Note::Lease(e) => hub.publish(e),
-                            Note::Lock(e) => {
+                            Relayed::Note(Note::Lease(e)) => {
+                                if e.kind == EventKind::Locked {
+                                    // Its locked identity's tokens: the
+                                    // gate refuses them anyway (it reads
+                                    // the locks from the store).
+                                    tokens.forget_identities(|i| i == e.identity);
+                                }
+                                hub.publish(e);
+                            }
+                            Relayed::Note(Note::Lock(e)) => {
+                                if let (true, LockTarget::Identity(p)) = (e.placed, &e.lock.target) {
+                                    tokens.forget_identities(|i| {
+                                        p.matches(&Identity::from_trusted(i.to_string()))
+                                    });
+                                }
                                 let ended = hub.publish_lock(e);
                                 if ended > 0 {
                                     tracing::info!(identities = ended, "lease watches of an identity locked on another replica ended");
                                 }
                             }
+                            Relayed::Token(t) => tokens.forget(t),
                         }
                     }
                 }
@@ -266,7 +313,7 @@ async fn read(
     origin: &str,
     last: i64,
     seen: &mut BTreeMap<i64, Instant>,
-) -> std::result::Result<Vec<(i64, Note)>, tokio_postgres::Error> {
+) -> std::result::Result<Vec<(i64, Relayed)>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
@@ -339,7 +386,19 @@ fn encode(n: &Note) -> String {
     .to_string()
 }
 
-fn decode(text: &str) -> Option<Note> {
+/// A token event: the accessor only (never the token or its hash).
+fn encode_token(t: &TokenGone) -> String {
+    serde_json::json!({
+        "kind": TOKEN_GONE,
+        "accessor": t.accessor,
+        "at": Utc::now().to_rfc3339(),
+    })
+    .to_string()
+}
+
+const TOKEN_GONE: &str = "token_gone";
+
+fn decode(text: &str) -> Option<Relayed> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
     let time = |k: &str| {
@@ -356,7 +415,7 @@ fn decode(text: &str) -> Option<Note> {
             // not this one's, and a malformed one is skipped.
             LockId::parse(&lock_id).ok()?;
             let target = LockTarget::from_parts(&s("target_kind")?, &s("target_value")?).ok()?;
-            return Some(Note::Lock(LockEvent {
+            return Some(Relayed::Note(Note::Lock(LockEvent {
                 placed: lock == "lock_placed",
                 lock: Lock {
                     id: LockId::from_store(lock_id),
@@ -369,11 +428,17 @@ fn decode(text: &str) -> Option<Note> {
                 actor: s("actor")?,
                 at: time("at")?,
                 relayed: true,
-            }));
+            })));
+        }
+        TOKEN_GONE => {
+            return Some(Relayed::Token(TokenGone {
+                accessor: s("accessor").filter(|a| !a.is_empty())?,
+                relayed: true,
+            }))
         }
         _ => return None,
     };
-    Some(Note::Lease(LeaseEvent {
+    Some(Relayed::Note(Note::Lease(LeaseEvent {
         kind,
         lease_id: LeaseId::parse(&s("lease_id")?).ok()?,
         identity: s("identity")?,
@@ -385,7 +450,7 @@ fn decode(text: &str) -> Option<Note> {
         lock_id: s("lock_id"),
         at: time("at")?,
         relayed: true,
-    }))
+    })))
 }
 
 #[cfg(test)]
@@ -407,7 +472,7 @@ mod tests {
             at: Utc::now(),
             relayed: false,
         };
-        let Some(Note::Lease(back)) = decode(&encode(&Note::Lease(e.clone()))) else {
+        let Some(Relayed::Note(Note::Lease(back))) = decode(&encode(&Note::Lease(e.clone()))) else {
             panic!("not a lease event");
         };
         assert_eq!(back.lease_id, e.lease_id);
@@ -436,7 +501,7 @@ mod tests {
         for placed in [true, false] {
             let e = LockEvent::new(placed, &lock, "spiffe://td/dba/oncall");
             let text = encode(&Note::Lock(e));
-            let Some(Note::Lock(back)) = decode(&text) else {
+            let Some(Relayed::Note(Note::Lock(back))) = decode(&text) else {
                 panic!("not a lock event: {text}");
             };
             assert_eq!(back.placed, placed);
@@ -454,5 +519,29 @@ mod tests {
             assert_ne!(bad, good);
             assert!(decode(&bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_token_event_names_the_accessor_only_and_reads_back_relayed() {
+        let t = TokenGone {
+            accessor: "acc123".into(),
+            relayed: false,
+        };
+        let text = encode_token(&t);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["accessor", "at", "kind"], "{text}");
+        let Some(Relayed::Token(back)) = decode(&text) else {
+            panic!("a token event reads back as one: {text}")
+        };
+        assert_eq!(
+            back,
+            TokenGone {
+                accessor: "acc123".into(),
+                relayed: true
+            }
+        );
+        assert!(decode("{\"kind\":\"token_gone\",\"accessor\":\"\"}").is_none());
     }
 }

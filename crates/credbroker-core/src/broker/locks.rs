@@ -49,6 +49,12 @@ impl Broker {
                 return Err(self.audit_failure(event, e));
             }
         };
+        if let LockTarget::Identity(p) = &lock.target {
+            // The gate reads the locks on every request and refuses these
+            // tokens anyway; no entry of a locked identity stays warm.
+            self.token_cache
+                .forget_identities(|id| p.matches(&Identity::from_trusted(id.to_string())));
+        }
         event.outcome = Some(Outcome::Ok);
         event.detail = Some(lock_detail(&lock, revoke));
         self.audit_event(event)?;

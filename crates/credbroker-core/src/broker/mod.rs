@@ -36,6 +36,7 @@ use crate::policy::any_matches;
 pub use crate::revocation::{BulkOutcome, Mode, Revoker};
 use crate::static_roles::{Rotator, Sealer};
 use crate::store::{Claim, LeaseFilter, Store, DEFAULT_CLAIM};
+use crate::token_cache::TokenCache;
 use crate::watch::{Scope, WatchHub};
 
 pub(crate) use admin::check_admin_network;
@@ -92,6 +93,9 @@ pub struct Broker {
     rotations: BTreeMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Lease events for `WatchLeases` streams.
     watch: Arc<WatchHub>,
+    /// The Vault API's verified tokens (`token_cache.rs`): read through
+    /// and forgotten by `tokens.rs` and `locks.rs`, and by the relay.
+    token_cache: Arc<TokenCache>,
     /// Static roles' rotations (`static_roles`), sharing store, databases,
     /// audit log and config.
     statics: Arc<Rotator>,
@@ -180,6 +184,7 @@ impl Broker {
             reaper_wake: Arc::new(Notify::new()),
             owner,
             watch,
+            token_cache: Arc::new(TokenCache::default()),
             clock,
         }
     }
@@ -220,6 +225,11 @@ impl Broker {
 
     pub fn watch(&self) -> &Arc<WatchHub> {
         &self.watch
+    }
+
+    /// The Vault API's verified-token cache, for the relay to feed.
+    pub fn token_cache(&self) -> &Arc<TokenCache> {
+        &self.token_cache
     }
 
     /// What a `WatchLeases` stream of `who` may see: its own leases, or for

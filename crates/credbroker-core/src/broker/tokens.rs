@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::lease::LeaseState;
 use crate::store::VaultToken;
+use crate::token_cache::TokenGone;
 
 /// The broker's token calls: [`Broker::tokens`].
 pub struct Tokens<'b> {
@@ -32,7 +33,10 @@ impl Tokens<'_> {
     /// back, for the audit record (see `TokenStore::insert_vault_token`
     /// for why evict rather than refuse).
     pub async fn create(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>> {
-        self.broker.store.insert_vault_token(token, cap).await
+        let evicted = self.broker.store.insert_vault_token(token, cap).await?;
+        // After the store said so: a read racing it cannot cache them back.
+        self.broker.token_cache.forget_all(&evicted);
+        Ok(evicted)
     }
 
     /// Takes back a token that was never handed out (its login could not
@@ -41,19 +45,50 @@ impl Tokens<'_> {
         self.broker.store.delete_vault_token(hash).await
     }
 
-    /// The token whose SHA-256 is `hash`, expired or not: the caller
-    /// refuses an expired one with its reason.
+    /// The token whose SHA-256 is `hash`, expired or not (the caller
+    /// refuses an expired one with its reason), from the store.
     pub async fn lookup(&self, hash: &str) -> Result<Option<VaultToken>> {
         self.broker.store.vault_token(hash).await
     }
 
+    /// [`Self::lookup`] through the verified-token cache (`token_cache.rs`):
+    /// a live entry answers without the store; a miss reads the store and
+    /// caches what it found, unless a forget raced the read. Only for
+    /// requests whose own store write checks the token again or that
+    /// obtain nothing (see `vault_api::token::authenticate`).
+    pub async fn lookup_cached(&self, hash: &str) -> Result<Option<VaultToken>> {
+        let cache = &self.broker.token_cache;
+        if let Some(t) = cache.get(hash) {
+            return Ok(Some(t));
+        }
+        let ticket = cache.ticket();
+        let stored = self.broker.store.vault_token(hash).await?;
+        if let Some(t) = &stored {
+            if t.expires_at > Utc::now() {
+                cache.insert(ticket, t);
+            }
+        }
+        Ok(stored)
+    }
+
     /// Moves a token's expiry; false when it was evicted or revoked since
-    /// the request's token was checked.
-    pub async fn renew(&self, hash: &str, expires_at: DateTime<Utc>) -> Result<bool> {
-        self.broker
+    /// the request's token was checked. Every replica's cached copy is
+    /// forgotten (its expiry is old), so the next request reads the store.
+    pub async fn renew(&self, token: &VaultToken, expires_at: DateTime<Utc>) -> Result<bool> {
+        let renewed = self
+            .broker
             .store
-            .set_vault_token_expiry(hash, expires_at)
-            .await
+            .set_vault_token_expiry(&token.hash, expires_at)
+            .await?;
+        self.forget(token);
+        Ok(renewed)
+    }
+
+    fn forget(&self, token: &VaultToken) {
+        self.broker.token_cache.forget(TokenGone {
+            accessor: token.accessor.clone(),
+            relayed: false,
+        });
     }
 
     /// Revokes every live lease `token` created, then the token; returns
@@ -78,6 +113,9 @@ impl Tokens<'_> {
             }
         }
         store.delete_vault_token(&token.hash).await?;
+        // After the delete committed: here at once, on the other replicas
+        // as the relay's event reaches them.
+        self.forget(token);
         Ok(revoked)
     }
 
@@ -186,6 +224,47 @@ mod tests {
         let l = kit.store.get(&issued.lease.id).await.unwrap().unwrap();
         assert_eq!(l.state, LeaseState::Revoked);
         assert!(kit.broker.tokens().lookup(&t.hash).await.unwrap().is_none());
+    }
+
+    /// Read through the cache: a second lookup is a hit; a login that
+    /// evicts the token, a renewal and a revoke each forget it, so the
+    /// next lookup reads the store (and finds the new expiry, or nothing).
+    #[tokio::test]
+    async fn a_cached_token_is_forgotten_when_evicted_renewed_or_revoked() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let (tokens, cache) = (kit.broker.tokens(), kit.broker.token_cache());
+        let t = token(4);
+        tokens.create(&t, 1).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                tokens.lookup_cached(&t.hash).await.unwrap(),
+                Some(t.clone())
+            );
+        }
+        assert_eq!((cache.stats().misses, cache.stats().hits), (1, 1));
+
+        // Evicted by a login over the cap of one.
+        let u = token(5);
+        assert_eq!(
+            tokens.create(&u, 1).await.unwrap(),
+            vec![t.accessor.clone()]
+        );
+        assert_eq!(tokens.lookup_cached(&t.hash).await.unwrap(), None);
+
+        // Renewed: the next lookup reads the new expiry.
+        assert_eq!(
+            tokens.lookup_cached(&u.hash).await.unwrap(),
+            Some(u.clone())
+        );
+        let later = u.expires_at + chrono::Duration::minutes(5);
+        assert!(tokens.renew(&u, later).await.unwrap());
+        let read = tokens.lookup_cached(&u.hash).await.unwrap().unwrap();
+        assert_eq!(read.expires_at, later);
+
+        // Revoked: gone from the store and from memory.
+        tokens.revoke(&app(), &read).await.unwrap();
+        assert_eq!(tokens.lookup_cached(&u.hash).await.unwrap(), None);
+        assert!(cache.is_empty());
     }
 
     /// The token is evicted while the issue runs (between the caller's

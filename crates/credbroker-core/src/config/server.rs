@@ -25,6 +25,11 @@ pub struct VaultApiConfig {
     /// the identity's token nearest its expiry (see
     /// [`crate::store::TokenStore::insert_vault_token`]).
     pub max_tokens_per_identity: u32,
+    /// Verified tokens are kept in memory (`token_cache.rs`) so a request
+    /// skips the store read of its token; `false` reads every token from
+    /// the store (the bench's "before", or a deployment that wants no
+    /// window at all between a revoke on one replica and the others).
+    pub token_cache: bool,
 }
 
 /// `server.max_connections` unless set.
@@ -125,6 +130,7 @@ pub(super) struct RawVaultApi {
     pub(super) token_ttl: Option<String>,
     pub(super) token_max_ttl: Option<String>,
     pub(super) max_tokens_per_identity: Option<i64>,
+    pub(super) token_cache: Option<bool>,
 }
 
 impl RawVaultApi {
@@ -187,6 +193,7 @@ impl RawVaultApi {
             token_ttl,
             token_max_ttl,
             max_tokens_per_identity,
+            token_cache: self.token_cache.unwrap_or(true),
         })
     }
 }

@@ -229,11 +229,16 @@ fn vault_api_section_defaults_and_mistakes() {
     assert_eq!(v.token_ttl, Duration::from_secs(3600));
     assert_eq!(v.token_max_ttl, Duration::from_secs(86400));
     assert_eq!(v.max_tokens_per_identity, 32);
-    let v = with("listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = 1\n")
+    assert!(
+        v.token_cache,
+        "the verified-token cache is on unless turned off"
+    );
+    let v = with("listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = 1\ntoken_cache = false\n")
         .unwrap()
         .vault_api
         .unwrap();
     assert_eq!(v.max_tokens_per_identity, 1);
+    assert!(!v.token_cache);
     let v = with("listen = \"127.0.0.1:8200\"\nmount = \"db-prod\"\ntoken_ttl = \"10m\"\n")
         .unwrap()
         .vault_api
@@ -284,6 +289,10 @@ fn vault_api_section_defaults_and_mistakes() {
         (
             "listen = \"127.0.0.1:8200\"\nmax_tokens_per_identity = \"many\"\n",
             "max_tokens_per_identity",
+        ),
+        (
+            "listen = \"127.0.0.1:8200\"\ntoken_cache = \"off\"\n",
+            "token_cache",
         ),
     ] {
         let err = with(section).unwrap_err().to_string();

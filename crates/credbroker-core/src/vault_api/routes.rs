@@ -140,7 +140,8 @@ impl Request<'_> {
     }
 
     async fn authenticate(&self, action: &'static str) -> Result<Session, VaultError> {
-        Ok(token::authenticate(&self.api.broker, self.peer, self.headers, action).await?)
+        let cache = self.api.config.token_cache;
+        Ok(token::authenticate(&self.api.broker, self.peer, self.headers, action, cache).await?)
     }
 
     /// The gate, for a caller whose token was checked.
@@ -378,7 +379,7 @@ async fn renew_self(req: &Request<'_>) -> Reply {
     let wanted = now + chrono::Duration::from_std(requested).map_err(Error::internal)?;
     let expires_at = wanted.min(hard);
     let broker = &req.api.broker;
-    if !broker.tokens().renew(&s.token.hash, expires_at).await? {
+    if !broker.tokens().renew(&s.token, expires_at).await? {
         // Evicted or revoked since the check: refused, and audited.
         let err = Error::denied("invalid token");
         return Err(broker

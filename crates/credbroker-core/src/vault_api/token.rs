@@ -98,16 +98,39 @@ pub fn presented(headers: &HeaderMap) -> Option<Zeroizing<String>> {
     (!text.is_empty() && text.len() <= MAX_TOKEN_LEN).then(|| Zeroizing::new(text.to_string()))
 }
 
+/// Actions whose token may come from the verified-token cache
+/// (`token_cache.rs`): those that obtain nothing (look-ups, giving a lease
+/// or the token up) and those whose store write checks the token again in
+/// the same step — `issue` (the lease is linked to its token as it
+/// activates, and `activate_linked` refuses a gone token) and
+/// `vault_token_renew` (its update finds no row of a gone token). So a
+/// cached entry that outlived its token's revoke on another replica (the
+/// relay's event not there yet) obtains nothing the store would refuse.
+/// A static password (`static_read`) and a lease renewal (`renew`) read
+/// the token from the store.
+const CACHED: &[&str] = &[
+    "issue",
+    "revoke",
+    "lookup",
+    "vault_token_lookup",
+    "vault_mounts",
+    "vault_token_renew",
+    "vault_token_revoke",
+];
+
 /// Checks the request's token against the store: it exists, has not
 /// expired, and was made for this identity over this very certificate —
 /// a token copied to another client (even one with the same identity but
 /// another certificate) is refused. Refusals are audited under the
 /// caller's identity with the token's accessor when there is one.
+/// `cache` (`[vault_api] token_cache`) lets the actions in [`CACHED`] take
+/// the token from the verified-token cache.
 pub async fn authenticate(
     broker: &Broker,
     peer: &Peer,
     headers: &HeaderMap,
     action: &'static str,
+    cache: bool,
 ) -> Result<Session> {
     let who = identity(broker, peer, action)?;
     let refuse = |detail: &str, accessor: Option<&str>| {
@@ -131,11 +154,13 @@ pub async fn authenticate(
         ));
     };
     // A store that cannot answer refuses too, and is audited as an error.
-    let stored = broker
-        .tokens()
-        .lookup(&hash(&token))
-        .await
-        .map_err(|e| broker.refuse(who.as_str(), action, e))?;
+    let tokens = broker.tokens();
+    let stored = if cache && CACHED.contains(&action) {
+        tokens.lookup_cached(&hash(&token)).await
+    } else {
+        tokens.lookup(&hash(&token)).await
+    }
+    .map_err(|e| broker.refuse(who.as_str(), action, e))?;
     let Some(stored) = stored else {
         return Err(refuse("invalid token", None));
     };
