@@ -19,8 +19,8 @@ mod tokens;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rand::Rng;
 use chrono::{DateTime, Utc};
+use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::audit::{AuditLog, Event, Outcome};
@@ -421,7 +421,10 @@ mod reaper_wake_tests {
         w.due(now + s(60));
         assert!(!woken(&w), "a lease due after the planned wake woke it");
         w.due(now + s(2));
-        assert!(woken(&w), "a lease due before the planned wake did not wake it");
+        assert!(
+            woken(&w),
+            "a lease due before the planned wake did not wake it"
+        );
         w.awake();
         w.due(now + s(3600));
         assert!(woken(&w), "a lease written during a pass did not wake it");

@@ -135,7 +135,15 @@ async fn a_revocation_without_sessions_takes_one_commit_and_one_with_a_session_e
             (username, password)
         }
     };
-    let revokee = |u: &Username| Revokee::new(UserRef { username: u.clone(), host: String::new() }, None);
+    let revokee = |u: &Username| {
+        Revokee::new(
+            UserRef {
+                username: u.clone(),
+                host: String::new(),
+            },
+            None,
+        )
+    };
 
     // Nobody logged in: one commit.
     let (quiet, quiet_pw) = make().await;
@@ -143,14 +151,19 @@ async fn a_revocation_without_sessions_takes_one_commit_and_one_with_a_session_e
     backend.revoke(&[revokee(&quiet)]).await.unwrap();
     assert_eq!(backend.one_commit_revocations(), before + 1);
     assert!(!b.role_exists(quiet.as_str()).await);
-    assert!(login(&b.db, quiet.as_str(), quiet_pw.expose()).await.is_err());
+    assert!(login(&b.db, quiet.as_str(), quiet_pw.expose())
+        .await
+        .is_err());
 
     // Logged in: the session is ended, and not in one commit. A quiet role
     // in the same batch goes with it.
     let (busy, busy_pw) = make().await;
     let (other, _) = make().await;
     let session = login(&b.db, busy.as_str(), busy_pw.expose()).await.unwrap();
-    session.query("SELECT count(*) FROM orders", &[]).await.unwrap();
+    session
+        .query("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap();
     backend
         .revoke(&[revokee(&busy), revokee(&other)])
         .await
