@@ -25,9 +25,10 @@ impl PostgresBackend {
         let revokees: Vec<&Revokee> = revokees.iter().collect();
         let client = self.client().await?;
         // The usual case, roles with no session: one transaction, one
-        // commit (ARCHITECTURE.md, "Revocation in one commit"). A
-        // superuser admin only: the session sweep after the commit must
-        // be able to end a session of a role that no longer exists.
+        // commit (ARCHITECTURE.md, "What each answer of the lease path
+        // waits for"). A superuser admin only: the session sweep after
+        // the commit must be able to end a session of a role that no
+        // longer exists.
         if self.is_superuser(&client).await? {
             let one = self.revoke_in_one_commit(&client, &revokees);
             match crate::steps::timed("statement: revoke in one commit", one).await {
