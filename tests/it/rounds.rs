@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use credbroker::backend::postgres::PostgresBackend;
-use credbroker::backend::{Backend, NewUser};
+use credbroker::backend::{Backend, NewUser, Revokee, UserRef};
 use credbroker::lease::{Password, Username};
 
 use crate::support::*;
@@ -100,4 +100,87 @@ async fn create_together(
             c.query("SELECT count(*) FROM orders", &[]).await.unwrap();
         }
     }
+}
+
+/// A revocation of roles nobody is logged in as takes one commit (NOLOGIN
+/// and the drop in one transaction); a role with a session still loses it,
+/// through the path that commits NOLOGIN first; both leave no role and no
+/// login behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_without_sessions_takes_one_commit_and_one_with_a_session_ends_it() {
+    let b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+    let config = credbroker::config::Config::load(&b.env.config_path).unwrap();
+    let backend = PostgresBackend::new(&config.databases["main"]).unwrap();
+    let grants = vec!["GRANT SELECT ON orders TO {{name}}".to_string()];
+    let backend = &backend;
+    let make = || {
+        let username = Username::generate(&b.prefix, "ro");
+        let password = Password::generate();
+        let until = Utc::now() + chrono::Duration::minutes(5);
+        let grants = grants.clone();
+        async move {
+            backend
+                .create_user(&NewUser {
+                    role: "ro",
+                    username: &username,
+                    password: &password,
+                    valid_until: until,
+                    hard_limit: until,
+                    grants: &grants,
+                    host: "",
+                    owner: None,
+                })
+                .await
+                .unwrap();
+            (username, password)
+        }
+    };
+    let revokee = |u: &Username| {
+        Revokee::new(
+            UserRef {
+                username: u.clone(),
+                host: String::new(),
+            },
+            None,
+        )
+    };
+
+    // Nobody logged in: one commit.
+    let (quiet, quiet_pw) = make().await;
+    let before = backend.one_commit_revocations();
+    backend.revoke(&[revokee(&quiet)]).await.unwrap();
+    assert_eq!(backend.one_commit_revocations(), before + 1);
+    assert!(!b.role_exists(quiet.as_str()).await);
+    assert!(login(&b.db, quiet.as_str(), quiet_pw.expose())
+        .await
+        .is_err());
+
+    // Logged in: the session is ended, and not in one commit. A quiet role
+    // in the same batch goes with it.
+    let (busy, busy_pw) = make().await;
+    let (other, _) = make().await;
+    let session = login(&b.db, busy.as_str(), busy_pw.expose()).await.unwrap();
+    session
+        .query("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap();
+    backend
+        .revoke(&[revokee(&busy), revokee(&other)])
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.one_commit_revocations(),
+        before + 1,
+        "a role with a session took the one-commit path"
+    );
+    assert!(!b.role_exists(busy.as_str()).await);
+    assert!(!b.role_exists(other.as_str()).await);
+    assert!(
+        session.query("SELECT 1", &[]).await.is_err(),
+        "the revoked role's session is still open"
+    );
+    assert!(login(&b.db, busy.as_str(), busy_pw.expose()).await.is_err());
+
+    // A role already gone: nothing to do, no error (the careful path).
+    backend.revoke(&[revokee(&quiet)]).await.unwrap();
 }

@@ -50,6 +50,7 @@ pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
             .min(Duration::from_secs(10));
     let mut store_failures = 0u32;
     loop {
+        wake.awake();
         let sleep_for = match pass(&broker).await {
             Ok(next) => {
                 store_failures = 0;
@@ -67,6 +68,10 @@ pub async fn run(broker: Arc<Broker>, shutdown: impl Future<Output = ()>) {
             next_sweep = Instant::now() + broker.config().reaper.orphan_sweep_interval;
         }
         let deadline = (Instant::now() + sleep_for).min(next_sweep);
+        // An upper bound of the wake below (the sweep only makes it sooner).
+        wake.sleeping_until(
+            broker.clock().now() + chrono::Duration::from_std(sleep_for).unwrap_or_default(),
+        );
         tokio::select! {
             _ = &mut shutdown => return,
             _ = wake.notified() => {}

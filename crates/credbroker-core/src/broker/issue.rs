@@ -165,7 +165,7 @@ impl Broker {
             return Err(e);
         }
         // The intent may now be due before the reaper's next planned wake.
-        self.reaper_wake.notify_one();
+        self.reaper_wake.due(lease.due_at);
         // Again, now that the intent is in the store: a lock written after
         // the first check lists its leases after writing itself, so either
         // its `--revoke` sees this intent or this check sees the lock.
@@ -237,7 +237,7 @@ impl Broker {
             self.clean_up_failed_issue(lease, backend);
             return Err(e);
         }
-        self.reaper_wake.notify_one();
+        self.reaper_wake.due(lease.due_at);
         let dsn = backend.dsn(&username, Some(&password));
         Ok(IssuedLease {
             lease,

@@ -20,6 +20,7 @@ mod tokens;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use rand::Rng;
 use tokio::sync::Notify;
 
@@ -83,7 +84,7 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     limiter: RateLimiter,
     /// Wakes the reaper when a lease may be due earlier than it planned.
-    reaper_wake: Arc<Notify>,
+    reaper_wake: Arc<ReaperWake>,
     /// This process, for revocation claims in a shared store.
     owner: String,
     /// One per database: concurrent rotate-root calls otherwise interleave
@@ -181,7 +182,7 @@ impl Broker {
             audit,
             metrics,
             limiter: RateLimiter::default(),
-            reaper_wake: Arc::new(Notify::new()),
+            reaper_wake: Arc::default(),
             owner,
             watch,
             token_cache: Arc::new(TokenCache::default()),
@@ -245,7 +246,7 @@ impl Broker {
         Ok(requested)
     }
 
-    pub fn reaper_wake(&self) -> Arc<Notify> {
+    pub fn reaper_wake(&self) -> Arc<ReaperWake> {
         self.reaper_wake.clone()
     }
 
@@ -352,4 +353,89 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "broker".into())
+}
+
+/// The reaper's alarm clock. The reaper says when it plans to wake
+/// (`sleeping_until`, after each pass) and that it is looking (`awake`,
+/// before each pass); a lease that falls due (`due`) wakes it only when
+/// that is before the planned time. Before, every issue woke it twice,
+/// and each wake was a pass — a store write and a read on the store's one
+/// thread, queued beside the lease's own writes — for leases due an hour
+/// later. Never late: a row written after a pass read the store is
+/// checked against that pass's plan or against `awake`, which wakes.
+pub struct ReaperWake {
+    notify: Notify,
+    /// Milliseconds (the broker's clock) the reaper sleeps until at the
+    /// latest; `i64::MAX` while it is awake or has planned nothing.
+    planned_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Default for ReaperWake {
+    fn default() -> Self {
+        ReaperWake {
+            notify: Notify::new(),
+            planned_ms: std::sync::atomic::AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl ReaperWake {
+    /// A pass starts: every lease that falls due from now on wakes it
+    /// again, since the pass may have read the store before its row.
+    pub fn awake(&self) {
+        self.planned_ms
+            .store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The pass is over; the reaper wakes at `at` at the latest.
+    pub fn sleeping_until(&self, at: DateTime<Utc>) {
+        self.planned_ms
+            .store(at.timestamp_millis(), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A lease (already in the store) falls due at `at`.
+    pub fn due(&self, at: DateTime<Utc>) {
+        if at.timestamp_millis() < self.planned_ms.load(std::sync::atomic::Ordering::SeqCst) {
+            self.notify.notify_one();
+        }
+    }
+
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[cfg(test)]
+mod reaper_wake_tests {
+    use futures::FutureExt;
+
+    use super::ReaperWake;
+
+    fn woken(w: &ReaperWake) -> bool {
+        w.notified().now_or_never().is_some()
+    }
+
+    /// A lease due after the planned wake leaves the reaper asleep; one due
+    /// before it, or any while a pass runs, wakes it.
+    #[test]
+    fn wakes_the_reaper_only_for_what_falls_due_before_its_plan() {
+        let w = ReaperWake::default();
+        let now = chrono::Utc::now();
+        let s = chrono::Duration::seconds;
+        // Nothing planned yet (or a pass under way): every lease wakes it.
+        w.due(now + s(3600));
+        assert!(woken(&w));
+        w.sleeping_until(now + s(30));
+        w.due(now + s(3600));
+        w.due(now + s(60));
+        assert!(!woken(&w), "a lease due after the planned wake woke it");
+        w.due(now + s(2));
+        assert!(
+            woken(&w),
+            "a lease due before the planned wake did not wake it"
+        );
+        w.awake();
+        w.due(now + s(3600));
+        assert!(woken(&w), "a lease written during a pass did not wake it");
+    }
 }

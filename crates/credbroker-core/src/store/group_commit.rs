@@ -71,11 +71,14 @@ const MAX_BATCH: usize = 512;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// On disk (fsync of the WAL) before the reply: intents, activations,
-    /// revocations, expiries.
+    /// expiries, forced revocations.
     Full,
     /// Committed with its batch (so a process crash keeps it) but on disk
     /// only with the next full commit. For revocation claims, which start-up
-    /// turns into due revocations (`recover_after_start`).
+    /// turns into due revocations (`recover_after_start`), and the mark of
+    /// a revocation whose users are already gone from their database
+    /// (`mark_revoked_claimed`: losing it to a power loss only repeats a
+    /// drop that finds nothing).
     Lazy,
 }
 

@@ -76,6 +76,9 @@ pub struct PostgresBackend {
     creates: Arc<CreateRounds>,
     /// Off only for the bench's (b′), which sends one lease's statements.
     share_creates: bool,
+    /// Revocations that took one commit (`revoke_in_one_commit`), for the
+    /// tests.
+    one_commit_revocations: std::sync::atomic::AtomicU64,
     /// Whether the server refuses a wrong password (`trust` in
     /// pg_hba.conf does not), probed by preflight at most every
     /// [`password_probe::REPROBE_AFTER`].
@@ -137,6 +140,7 @@ impl PostgresBackend {
             superuser: tokio::sync::OnceCell::new(),
             creates: Arc::default(),
             share_creates: true,
+            one_commit_revocations: Default::default(),
             password_check: Arc::default(),
         })
     }

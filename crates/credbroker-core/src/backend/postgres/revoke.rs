@@ -12,12 +12,40 @@ use crate::backend::{Reassigned, Revokee, UserRef};
 use crate::error::{Error, Result};
 
 impl PostgresBackend {
+    /// Revocation batches that took one commit (no session to end).
+    pub fn one_commit_revocations(&self) -> u64 {
+        self.one_commit_revocations
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(super) async fn revoke_users(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
         if revokees.is_empty() {
             return Ok(Vec::new());
         }
         let revokees: Vec<&Revokee> = revokees.iter().collect();
         let client = self.client().await?;
+        // The usual case, roles with no session: one transaction, one
+        // commit (ARCHITECTURE.md, "What each answer of the lease path
+        // waits for"). A superuser admin only: the session sweep after
+        // the commit must be able to end a session of a role that no
+        // longer exists.
+        if self.is_superuser(&client).await? {
+            let one = self.revoke_in_one_commit(&client, &revokees);
+            match crate::steps::timed("statement: revoke in one commit", one).await {
+                Ok(OneCommit::Done(r)) => {
+                    self.one_commit_revocations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(r);
+                }
+                // Sessions to end: NOLOGIN must be committed first.
+                Ok(OneCommit::HasSessions) => {}
+                Err(e) => {
+                    tracing::debug!(error = %crate::error::chain(&e), "one-commit revocation declined; checking first");
+                    let checked = self.revoke_checked(&client, &revokees);
+                    return crate::steps::timed("statement: revoke, looking first", checked).await;
+                }
+            }
+        }
         let fast = self.revoke_fast(&client, &revokees);
         match crate::steps::timed("statement: revoke in one round trip", fast).await {
             Ok(r) => Ok(r),
@@ -127,6 +155,99 @@ impl PostgresBackend {
                 })
             })
             .collect()
+    }
+
+    /// Revocation of roles that have no session — every role exists, owns
+    /// nothing in another database, and nobody is logged in as it — in one
+    /// round trip and **one commit**: NOLOGIN, a guard that aborts if any
+    /// of the roles has a session, the count of what they own, the drop,
+    /// `COMMIT`, then a sweep that ends any session of the dropped roles'
+    /// OIDs, which the transaction left in a session setting. With no
+    /// session there is nothing to end before the drop, so NOLOGIN need
+    /// not be committed on its own; a login that slips in while the
+    /// transaction runs (its role still has LOGIN until the commit) is
+    /// ended by the sweep right after it, as the two-commit path's
+    /// terminate ends one that slipped in before its NOLOGIN commit. Why
+    /// the window is no wider than that path's: ARCHITECTURE.md. A role
+    /// with a session aborts the transaction whole (`HasSessions`), and
+    /// the two-commit path runs; anything else unexpected fails it, and
+    /// the caller looks first.
+    async fn revoke_in_one_commit(
+        &self,
+        client: &deadpool_postgres::Object,
+        revokees: &[&Revokee],
+    ) -> Result<OneCommit> {
+        let names: Vec<&str> = revokees.iter().map(|r| r.user.username.as_str()).collect();
+        let no_session = client
+            .prepare_cached(
+                "SELECT 1 / (count(*) = 0)::int FROM pg_stat_get_activity(NULL) a \
+                 WHERE a.usesysid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1))",
+            )
+            .await
+            .map_err(|e| self.db_error("prepare", e))?;
+        // Session-level (`false`): kept after COMMIT for the sweep below,
+        // undone with the transaction if it aborts.
+        let remember = client
+            .prepare_cached(
+                "SELECT set_config('credbroker.revoked_oids', \
+                 coalesce(string_agg(oid::text, ','), ''), false) \
+                 FROM pg_roles WHERE rolname = ANY($1)",
+            )
+            .await
+            .map_err(|e| self.db_error("prepare", e))?;
+        let count = client
+            .prepare_cached(OWNED_COUNT)
+            .await
+            .map_err(|e| self.db_error("prepare", e))?;
+        let sweep = client
+            .prepare_cached(
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_get_activity(NULL) a \
+                 WHERE a.usesysid = ANY(string_to_array(\
+                 nullif(current_setting('credbroker.revoked_oids', true), ''), ',')::oid[])",
+            )
+            .await
+            .map_err(|e| self.db_error("prepare", e))?;
+        let list = idents(&names);
+        let begin = format!("BEGIN; {}", nologin_sql(&names));
+        let reassign = self.reassign_sql(client, revokees).await?;
+        let lock = acl_lock_if_needed(&names);
+        let drop = format!("{lock}; {reassign}DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
+        let (began, guarded, remembered, counted, dropped, swept) = tokio::join!(
+            client.batch_execute(&begin),
+            // `1 / 0` aborts the transaction when a role has a session.
+            client.query(&no_session, &params),
+            client.query(&remember, &params),
+            client.query(&count, &params),
+            client.batch_execute(&drop),
+            client.query(&sweep, &[]),
+        );
+        let has_sessions = guarded.as_ref().err().and_then(|e| e.code())
+            == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO);
+        let result = began
+            .map_err(|e| self.db_error("disable login", e))
+            .and(guarded.map_err(|e| self.db_error("check for sessions", e)))
+            .and(remembered.map_err(|e| self.db_error("remember the roles", e)))
+            .and(dropped.map_err(|e| self.db_error("reassign owned objects and drop role", e)))
+            .and(swept.map_err(|e| self.db_error("end sessions of dropped roles", e)))
+            .and(counted.map_err(|e| self.db_error("count owned objects", e)));
+        match result {
+            Ok(counts) => Ok(OneCommit::Done(self.reassigned(revokees, &counts))),
+            Err(e) => {
+                // Leaves the pooled connection outside any transaction (a
+                // warning only, if the commit went through and the sweep
+                // failed).
+                client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| self.db_error("rollback", e))?;
+                if has_sessions {
+                    Ok(OneCommit::HasSessions)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// Revocation for the common case — every role exists and owns nothing
@@ -284,6 +405,15 @@ impl PostgresBackend {
             .await?;
         Ok(reassigned)
     }
+}
+
+/// How the one-commit revocation ended when nothing went wrong.
+enum OneCommit {
+    /// The roles are gone; what they owned went to these owners.
+    Done(Vec<Reassigned>),
+    /// A role has a session: nothing was done, and NOLOGIN must be
+    /// committed before the sessions are ended (`revoke_fast`).
+    HasSessions,
 }
 
 /// [`ACL_LOCK`], taken only when one of the roles has a row in

@@ -347,7 +347,14 @@ impl LeaseStore for SqliteStore {
     ) -> Result<Vec<LeaseId>> {
         let ids: Vec<LeaseId> = ids.to_vec();
         let owner = owner.to_string();
-        self.with(move |c| {
+        // Lazy: the users are already gone, durably, in their database.
+        // A power loss that takes this mark with it leaves a live row
+        // whose user does not exist — the harmless direction (invariant 1
+        // is about users without a row): start-up finishes a claimed row
+        // at once, an unclaimed one is revoked again at expiry, and both
+        // find nothing to drop and mark it then. A process crash keeps it.
+        // (ARCHITECTURE.md, "What a revocation's answer waits for".)
+        self.with_lazy(move |c| {
             let tx = c.savepoint()?;
             let mut marked = Vec::new();
             {
