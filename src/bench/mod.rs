@@ -29,6 +29,7 @@ pub mod openbao;
 pub mod outside;
 pub mod reaper;
 pub mod scale;
+pub mod scaleout;
 pub mod setup;
 pub mod vault_http;
 

@@ -299,10 +299,11 @@ async fn measure(
     })
 }
 
-/// `credbroker bench-client` as a child, spoken to over its stdin/stdout.
-struct ClientProcess {
+/// `credbroker bench-client` as a child, spoken to over its stdin/stdout
+/// (also `bench scaleout`'s, one per replica).
+pub(crate) struct ClientProcess {
     child: Child,
-    pid: u32,
+    pub(crate) pid: u32,
     stdin: Option<ChildStdin>,
     stdout: Lines<BufReader<ChildStdout>>,
     log: PathBuf,
@@ -310,7 +311,7 @@ struct ClientProcess {
 
 impl ClientProcess {
     /// Spawns it, hands it the job and waits for its `ready`.
-    async fn start(job: &Job, dir: &Path) -> Result<ClientProcess> {
+    pub(crate) async fn start(job: &Job, dir: &Path) -> Result<ClientProcess> {
         let exe = std::env::current_exe().map_err(io_err("own executable"))?;
         let log = dir.join("bench-client.log");
         let err = std::fs::File::create(&log).map_err(io_err("client log"))?;
@@ -377,14 +378,14 @@ impl ClientProcess {
     }
 
     /// `go`, then the outcome.
-    async fn run(&mut self) -> Result<Outcome> {
+    pub(crate) async fn run(&mut self) -> Result<Outcome> {
         self.say("go").await?;
         let l = self.line().await?;
         serde_json::from_str(&l).map_err(|e| self.failed(&format!("not an outcome ({e}): {l}")))
     }
 
     /// Closes its stdin (it lets go of its connections and exits).
-    async fn finish(mut self) -> Result<()> {
+    pub(crate) async fn finish(mut self) -> Result<()> {
         drop(self.stdin.take());
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
