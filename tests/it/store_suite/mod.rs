@@ -212,6 +212,7 @@ macro_rules! store_suite {
 
 mod leases;
 mod locks;
+mod migration;
 mod pruning;
 mod start_up;
 mod statics;
