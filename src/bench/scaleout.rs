@@ -130,7 +130,10 @@ pub async fn run(args: &Args) -> Result<Report> {
     let template = std::fs::read_to_string(&base.config_path)
         .map_err(io_err("read config"))?
         .replace(
-            &format!("[store]\nurl = \"sqlite://{}\"\n", base.store_path.display()),
+            &format!(
+                "[store]\nurl = \"sqlite://{}\"\n",
+                base.store_path.display()
+            ),
             &format!(
                 "[store]\nurl = \"{}\"\npassword_file = \"{}\"\n",
                 store.pg.url(store_db),
@@ -138,7 +141,9 @@ pub async fn run(args: &Args) -> Result<Report> {
             ),
         );
     if !template.contains(store_db) {
-        return Err(Error::internal("bench config: no [store] section to replace"));
+        return Err(Error::internal(
+            "bench config: no [store] section to replace",
+        ));
     }
 
     let mut counts = args.replicas.clone();
@@ -204,7 +209,10 @@ async fn start_replica(base: &DevEnv, template: &str, i: usize) -> Result<(Spawn
         store_path: base.store_path.clone(),
     };
     let text = template
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        )
         .replace(
             &format!("path = \"{}\"", base.audit_path.display()),
             &format!("path = \"{}\"", env.audit_path.display()),

@@ -68,16 +68,15 @@ fn to_err(e: Error) -> Error {
 async fn migrate_store(args: MigrateArgs) -> CliResult {
     let config = Config::load(&args.config)?;
     let cwd = std::env::current_dir().map_err(|e| Error::config(format!("--to: {e}")))?;
-    let target_url = match StoreUrl::parse(&args.to, &cwd).map_err(to_err)? {
-        StoreUrl::Postgres(u) => u,
-        StoreUrl::Sqlite(_) => {
-            return Err(Error::config(
+    let target_url =
+        match StoreUrl::parse(&args.to, &cwd).map_err(to_err)? {
+            StoreUrl::Postgres(u) => u,
+            StoreUrl::Sqlite(_) => return Err(Error::config(
                 "--to: the target must be a PostgreSQL store (postgres://… or host=… dbname=…); \
                  SQLite serves one broker, which is what the source already is",
             )
-            .into())
-        }
-    };
+            .into()),
+        };
     if config.store.url == StoreUrl::Postgres(target_url.clone()) {
         return Err(Error::config("--to: is the configured store itself").into());
     }
@@ -118,9 +117,15 @@ async fn migrate_store(args: MigrateArgs) -> CliResult {
 
     println!("copied from {source_label} to {target_label}:");
     for m in &moved {
-        println!("  {:<18} {:>8}  (target holds {})", m.kind, m.copied, m.in_target);
+        println!(
+            "  {:<18} {:>8}  (target holds {})",
+            m.kind, m.copied, m.in_target
+        );
     }
-    println!("audit: store_migrated appended to {}", config.audit.path.display());
+    println!(
+        "audit: store_migrated appended to {}",
+        config.audit.path.display()
+    );
     println!();
     println!("Now, in {}:", args.config.display());
     println!("  [store]");
@@ -174,9 +179,9 @@ async fn open_source(config: &Config) -> Result<(Box<dyn Store>, String), anyhow
             // The broker's own lock on `<file>.lock`: refused while a
             // broker serves the file, and held by us until we exit, so
             // none starts on it mid-copy.
-            let store = SqliteStore::open(path).await.map_err(|e| {
-                anyhow::anyhow!("refused: {e}; nothing was written")
-            })?;
+            let store = SqliteStore::open(path)
+                .await
+                .map_err(|e| anyhow::anyhow!("refused: {e}; nothing was written"))?;
             Ok((Box::new(store), format!("sqlite {}", path.display())))
         }
         StoreUrl::Postgres(url) => {

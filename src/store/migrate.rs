@@ -121,9 +121,10 @@ pub async fn ensure_empty(target: &dyn Store) -> Result<()> {
 pub async fn copy_all(source: &dyn Store, target: &dyn Store) -> Result<Vec<Moved>> {
     let mut moved = Vec::new();
     for c in concerns() {
-        let copied = c.copy(source, target).await.map_err(|e| {
-            partial(format!("copying {} failed: {e}", c.kind()))
-        })?;
+        let copied = c
+            .copy(source, target)
+            .await
+            .map_err(|e| partial(format!("copying {} failed: {e}", c.kind())))?;
         moved.push(Moved {
             kind: c.kind(),
             copied,
@@ -348,9 +349,12 @@ mod tests {
             .map(|i| lease(i, states[i % states.len()]))
             .collect();
         s.import_leases(&all).await.unwrap();
-        for (i, target) in [LockTarget::Role("ro".into()), LockTarget::Database("db".into())]
-            .into_iter()
-            .enumerate()
+        for (i, target) in [
+            LockTarget::Role("ro".into()),
+            LockTarget::Database("db".into()),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let new = NewLock {
                 id: crate::lock::LockId::generate(),
@@ -412,7 +416,10 @@ mod tests {
             limit: Some(10_000),
             ..Default::default()
         };
-        let (a, b) = (source.list(&all).await.unwrap(), target.list(&all).await.unwrap());
+        let (a, b) = (
+            source.list(&all).await.unwrap(),
+            target.list(&all).await.unwrap(),
+        );
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         let failing = b.iter().find(|l| l.state == LeaseState::Failing).unwrap();
         assert_eq!(failing.revoke_attempts, 7);
@@ -447,7 +454,10 @@ mod tests {
 
         // Now it is not empty, and says what it holds.
         let e = ensure_empty(&target).await.unwrap_err().to_string();
-        assert!(e.contains("not empty") && e.contains("leases") && e.contains("2 locks"), "{e}");
+        assert!(
+            e.contains("not empty") && e.contains("leases") && e.contains("2 locks"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -36,13 +36,10 @@ fn text(o: &Output) -> String {
 /// made by the same `open` a broker uses, only once a copy may start).
 async fn has_store_tables(db: &str) -> bool {
     let c = cluster().connect(db).await.unwrap();
-    c.query_one(
-        "SELECT to_regclass('credbroker_leases') IS NOT NULL",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    c.query_one("SELECT to_regclass('credbroker_leases') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test]
@@ -82,7 +79,9 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
         .build()
         .unwrap();
     let mut vault = VaultClient::new(settings).unwrap();
-    let auth = vaultrs::auth::cert::login(&vault, "cert", "").await.unwrap();
+    let auth = vaultrs::auth::cert::login(&vault, "cert", "")
+        .await
+        .unwrap();
     vault.set_token(&auth.client_token);
     let linked = vaultrs::database::role::creds(&vault, "database", "ro")
         .await
@@ -111,7 +110,11 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
     // target not even opened.
     let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("in use by another broker"), "{}", text(&out));
+    assert!(
+        text(&out).contains("in use by another broker"),
+        "{}",
+        text(&out)
+    );
     assert!(text(&out).contains("nothing was written"), "{}", text(&out));
     assert!(!has_store_tables(&target_db).await);
 
@@ -122,23 +125,38 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
     let with_pw = to.replace("://", "://someone:hunter2@");
     let out = migrate(&b, &["--to", &with_pw]).await;
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(text(&out).contains("must not contain a password"), "{}", text(&out));
+    assert!(
+        text(&out).contains("must not contain a password"),
+        "{}",
+        text(&out)
+    );
     assert!(!text(&out).contains("hunter2"), "{}", text(&out));
     let sqlite_to = format!("sqlite://{}", b.env.dir.join("other.db").display());
     let out = migrate(&b, &["--to", &sqlite_to]).await;
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(text(&out).contains("must be a PostgreSQL store"), "{}", text(&out));
+    assert!(
+        text(&out).contains("must be a PostgreSQL store"),
+        "{}",
+        text(&out)
+    );
 
     b.stop().await;
     // Unreachable: a clear error, the source left as it was.
     let port = free_port();
     let out = migrate(
         &b,
-        &["--to", &format!("postgres://x@127.0.0.1:{port}/nowhere?connect_timeout=2")],
+        &[
+            "--to",
+            &format!("postgres://x@127.0.0.1:{port}/nowhere?connect_timeout=2"),
+        ],
     )
     .await;
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("cannot open the target store"), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot open the target store"),
+        "{}",
+        text(&out)
+    );
 
     let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -160,7 +178,10 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
         .find(|r| r.action == "store_migrated")
         .expect("a store_migrated record");
     let detail = moved.detail.unwrap();
-    assert!(detail.contains("from sqlite") && detail.contains(&target_db), "{detail}");
+    assert!(
+        detail.contains("from sqlite") && detail.contains(&target_db),
+        "{detail}"
+    );
     // 5 + the Vault one; 1 lock, 1 token, 1 link, 1 static role.
     assert!(detail.contains("leases=6 locks=1 vault_tokens=1 vault_token_links=1 static_roles=1"));
 
@@ -170,7 +191,10 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
     assert!(text(&out).contains("not empty"), "{}", text(&out));
 
     // What the operator is told: store.url at the target.
-    let old = format!("[store]\nurl = \"sqlite://{}\"\n", b.env.store_path.display());
+    let old = format!(
+        "[store]\nurl = \"sqlite://{}\"\n",
+        b.env.store_path.display()
+    );
     b.edit_config(|t| {
         t.replace(
             &old,
@@ -202,7 +226,11 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
     for l in &leases {
         assert!(b.role_exists(&l.username).await);
         b.revoke_as("app", &l.lease_id).await.unwrap();
-        assert!(!b.role_exists(&l.username).await, "{} still exists", l.username);
+        assert!(
+            !b.role_exists(&l.username).await,
+            "{} still exists",
+            l.username
+        );
     }
     // The lock still refuses, with its reason.
     let e = issue(&b, "app", "held", 600).await.unwrap_err();
@@ -228,7 +256,11 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (again.username.as_str(), again.password.as_str(), again.generation),
+        (
+            again.username.as_str(),
+            again.password.as_str(),
+            again.generation
+        ),
         (st.username.as_str(), st.password.as_str(), st.generation)
     );
     login(&b.db, &again.username, &again.password)

@@ -150,7 +150,11 @@ impl PostgresStore {
     /// `open` with the `application_name` its sessions show in
     /// `pg_stat_activity`: `store migrate` names its own, so the brokers'
     /// sessions ([`Self::broker_sessions`]) are told from it.
-    pub async fn open_as(url: &str, password: &SecretSource, application_name: &str) -> Result<Self> {
+    pub async fn open_as(
+        url: &str,
+        password: &SecretSource,
+        application_name: &str,
+    ) -> Result<Self> {
         let url_err = |e: &dyn std::fmt::Display| Error::config(format!("store.url: {e}"));
         // One host or several (`target_session_attrs=read-write` finds the
         // primary on every new connection, so a pool refilled after a

@@ -29,9 +29,17 @@ async fn source() -> MemoryStore {
                 id: LeaseId::generate(),
                 role: format!("r{}", i % 3),
                 database: "main".into(),
-                kind: if i % 2 == 0 { BackendKind::Postgres } else { BackendKind::Mysql },
+                kind: if i % 2 == 0 {
+                    BackendKind::Postgres
+                } else {
+                    BackendKind::Mysql
+                },
                 username: Username::from_store(format!("m_{i:06}")),
-                user_host: if i % 2 == 0 { String::new() } else { "%".into() },
+                user_host: if i % 2 == 0 {
+                    String::new()
+                } else {
+                    "%".into()
+                },
                 identity: format!("spiffe://x/{}", i % 7),
                 state,
                 issued_at: now,
@@ -45,9 +53,12 @@ async fn source() -> MemoryStore {
         })
         .collect();
     s.import_leases(&leases).await.unwrap();
-    for (i, target) in [LockTarget::Role("r1".into()), LockTarget::StaticRole("st".into())]
-        .into_iter()
-        .enumerate()
+    for (i, target) in [
+        LockTarget::Role("r1".into()),
+        LockTarget::StaticRole("st".into()),
+    ]
+    .into_iter()
+    .enumerate()
     {
         s.insert_lock(&NewLock {
             id: LockId::generate(),
@@ -126,7 +137,20 @@ async fn dump(s: &dyn credbroker::store::Store) -> String {
         .await
         .unwrap()
         .into_iter()
-        .map(|l| format!("{:?}", (l.id.as_str().to_string(), l.target.kind(), l.target.value().to_string(), l.reason, l.created_by, l.created_at, l.expires_at)))
+        .map(|l| {
+            format!(
+                "{:?}",
+                (
+                    l.id.as_str().to_string(),
+                    l.target.kind(),
+                    l.target.value().to_string(),
+                    l.reason,
+                    l.created_by,
+                    l.created_at,
+                    l.expires_at
+                )
+            )
+        })
         .collect();
     locks.sort();
     out += &format!("{locks:?}\n{:?}\n", s.token_page(None, 1000).await.unwrap());
@@ -141,7 +165,10 @@ pub async fn case_migration_copies_in_and_out_field_for_field(s: Store) {
     ensure_empty(s.as_ref()).await.unwrap();
     let moved = copy_all(&src, s.as_ref()).await.unwrap();
     let leases = moved.iter().find(|m| m.kind == "leases").unwrap();
-    assert_eq!(leases.copied, (0..PAGE * 2 + 3).filter(|i| i % 5 != 4).count() as u64);
+    assert_eq!(
+        leases.copied,
+        (0..PAGE * 2 + 3).filter(|i| i % 5 != 4).count() as u64
+    );
     assert_eq!(leases.in_target, leases.copied);
     let want = dump(&src).await;
     assert_eq!(dump(s.as_ref()).await, want, "copied in");
@@ -151,8 +178,18 @@ pub async fn case_migration_copies_in_and_out_field_for_field(s: Store) {
     copy_all(s.as_ref(), &back).await.unwrap();
     assert_eq!(dump(&back).await, want, "copied back out");
     // The store serves what it took: a lease renewable, a token readable.
-    let active = s.list(&LeaseFilter { states: vec![LeaseState::Active], limit: Some(1), ..Default::default() }).await.unwrap();
-    assert!(s.set_expiry(&active[0].id, active[0].expires_at + CDuration::seconds(5)).await.unwrap());
+    let active = s
+        .list(&LeaseFilter {
+            states: vec![LeaseState::Active],
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(s
+        .set_expiry(&active[0].id, active[0].expires_at + CDuration::seconds(5))
+        .await
+        .unwrap());
     assert_eq!(s.vault_token_leases("acc2").await.unwrap().len(), 1);
     // Not empty now; a second copy is refused before it writes.
     let e = ensure_empty(s.as_ref()).await.unwrap_err().to_string();
