@@ -6,6 +6,7 @@
 //! intact across the move. And its refusals, which write nothing.
 
 use std::process::Output;
+use std::time::Duration;
 
 use credbroker::pb;
 
@@ -277,4 +278,60 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("chain intact"), "{}", text(&out));
+}
+
+/// A PostgreSQL source: refused while a broker has sessions on it (named
+/// in the refusal, the target untouched); once it is stopped, the same
+/// command moves it to another PostgreSQL database.
+#[tokio::test]
+async fn store_migrate_refuses_a_served_postgres_source_then_moves_it() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
+    crate::ha::use_pg_store(&b, cluster(), "60s").await;
+    b.start_in_process().await;
+    let lease = issue(&b, "app", "ro", 600).await.unwrap();
+
+    let target_db = unique("moved");
+    cluster().create_database(&target_db).await.unwrap();
+    let secret = b.env.dir.join("secrets").join("store-password");
+    let to = cluster().url(&target_db);
+    let pw = secret.display().to_string();
+    let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("brokers are connected to the source store")
+            && text(&out).contains("credbroker-store"),
+        "{}",
+        text(&out)
+    );
+    assert!(!has_store_tables(&target_db).await, "nothing written");
+
+    b.stop().await;
+    // The stopped broker's pooled sessions close as its store is dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
+        if out.status.success() {
+            break text(&out);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused 30 s after the stop: {}",
+            text(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        last.contains("leases") && last.contains(&target_db),
+        "{last}"
+    );
+    let c = cluster().connect(&target_db).await.unwrap();
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM credbroker_leases WHERE id = $1 AND state = 'active'",
+            &[&lease.lease_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
 }
