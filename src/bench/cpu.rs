@@ -152,7 +152,7 @@ async fn wal_syncs(client: &tokio_postgres::Client) -> Option<i64> {
         .map(|r| r.get::<_, i64>(0))
 }
 
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     match rustix::param::clock_ticks_per_second() {
         0 => 100.0,
         t => t as f64,
@@ -186,7 +186,7 @@ fn self_ticks() -> u64 {
         .unwrap_or(0)
 }
 
-fn pid_ticks(pid: u32) -> u64 {
+pub(crate) fn pid_ticks(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| stat_times(&s))
@@ -221,7 +221,7 @@ fn postmaster_pid(data_dir: &Path) -> Option<u32> {
         .ok()
 }
 
-fn postgres_ticks(data_dir: &Path) -> u64 {
+pub(crate) fn postgres_ticks(data_dir: &Path) -> u64 {
     let Some(pm) = postmaster_pid(data_dir) else {
         return 0;
     };

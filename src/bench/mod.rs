@@ -32,6 +32,7 @@ pub mod outside;
 pub mod outside_mysql;
 pub mod reaper;
 pub mod scale;
+pub mod scaleout;
 pub mod setup;
 pub mod steps;
 pub mod vault_http;

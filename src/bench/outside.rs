@@ -308,10 +308,11 @@ pub(super) fn vault_api_section(port: u16, token_cache: bool) -> String {
     )
 }
 
-/// `credbroker bench-client` as a child, spoken to over its stdin/stdout.
-pub(super) struct ClientProcess {
+/// `credbroker bench-client` as a child, spoken to over its stdin/stdout
+/// (also `bench scaleout`'s, one per replica).
+pub(crate) struct ClientProcess {
     child: Child,
-    pub(super) pid: u32,
+    pub(crate) pid: u32,
     stdin: Option<ChildStdin>,
     stdout: Lines<BufReader<ChildStdout>>,
     log: PathBuf,
@@ -319,7 +320,7 @@ pub(super) struct ClientProcess {
 
 impl ClientProcess {
     /// Spawns it, hands it the job and waits for its `ready`.
-    pub(super) async fn start(job: &Job, dir: &Path) -> Result<ClientProcess> {
+    pub(crate) async fn start(job: &Job, dir: &Path) -> Result<ClientProcess> {
         let exe = std::env::current_exe().map_err(io_err("own executable"))?;
         let log = dir.join("bench-client.log");
         let err = std::fs::File::create(&log).map_err(io_err("client log"))?;
@@ -386,14 +387,14 @@ impl ClientProcess {
     }
 
     /// `go`, then the outcome.
-    pub(super) async fn run(&mut self) -> Result<Outcome> {
+    pub(crate) async fn run(&mut self) -> Result<Outcome> {
         self.say("go").await?;
         let l = self.line().await?;
         serde_json::from_str(&l).map_err(|e| self.failed(&format!("not an outcome ({e}): {l}")))
     }
 
     /// Closes its stdin (it lets go of its connections and exits).
-    pub(super) async fn finish(mut self) -> Result<()> {
+    pub(crate) async fn finish(mut self) -> Result<()> {
         drop(self.stdin.take());
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench::{console, lease, outside, outside_mysql, reaper, scale};
+use crate::bench::{console, lease, outside, outside_mysql, reaper, scale, scaleout};
 use crate::cli::CliResult;
 
 #[derive(clap::Args)]
@@ -34,6 +34,10 @@ enum What {
     /// plaintext, (b′) the same SQL and OpenBao (when `bao` is on the PATH);
     /// PostgreSQL with fsync on
     Outside(OutsideArgs),
+    /// Issue + revoke per second with 1, 2, 3 `credbroker serve` replicas
+    /// on one PostgreSQL store, and the CPU of brokers, store, target and
+    /// clients
+    Scaleout(scaleout::Args),
     /// Many leases due at once: time until every role is gone
     Reaper(ReaperArgs),
     /// Many live leases and a million store rows: memory, restart, sweep,
@@ -206,6 +210,12 @@ pub async fn run(args: Args) -> CliResult {
                 println!("{}", report.markdown());
                 written(&opts.out_dir, "outside");
             }
+        }
+        Some(What::Scaleout(a)) => {
+            let report = scaleout::run(&a).await.context("scale-out benchmark")?;
+            report.write(&a.out)?;
+            println!("{}", report.markdown());
+            written(&a.out, "scaleout");
         }
         Some(What::Reaper(a)) => {
             let opts = reaper::Options {

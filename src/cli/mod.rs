@@ -11,6 +11,7 @@ mod lease;
 mod pki;
 mod serve;
 mod sidecar;
+mod store;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,10 @@ enum Command {
     /// Check an audit log's hash chain
     #[command(subcommand)]
     Audit(audit::Command),
+    /// Move the lease store: copy its live leases, locks, tokens and static
+    /// roles into an empty PostgreSQL store (brokers stopped)
+    #[command(subcommand)]
+    Store(store::Command),
     /// Make development certificates
     #[command(subcommand)]
     Pki(pki::Command),
@@ -169,6 +174,7 @@ pub fn main() -> ExitCode {
             Command::Access(c) => access::run(c).await,
             Command::Sidecar(a) => sidecar::run(a).await,
             Command::Audit(c) => audit::run(c),
+            Command::Store(c) => store::run(c).await,
             Command::Pki(c) => pki::run(c),
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,

@@ -30,6 +30,7 @@ mod shapes;
 mod shares;
 mod sidecar;
 mod static_roles;
+mod store_migrate;
 mod store_suite;
 mod vault_api;
 mod vault_cache;

@@ -247,7 +247,13 @@ impl TestBroker {
             Listeners {
                 grpc: listener,
                 metrics: None,
-                vault_api: self.vault_listener.take(),
+                vault_api: match (self.vault_listener.take(), self.vault_port) {
+                    // Restarted after a stop: its port was ours a moment ago.
+                    (None, Some(port)) => {
+                        Some(TcpListener::bind(("127.0.0.1", port)).await.unwrap())
+                    }
+                    (l, _) => l,
+                },
                 console: self.console.take(),
             },
             async {

@@ -214,6 +214,7 @@ macro_rules! store_suite {
 mod access;
 mod leases;
 mod locks;
+mod migration;
 mod pruning;
 mod start_up;
 mod statics;

@@ -15,6 +15,7 @@ pub mod group_commit;
 // `fakes` feature; not in the shipped binary.
 #[cfg(any(test, feature = "fakes"))]
 pub mod memory;
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 pub mod static_state;
@@ -260,6 +261,18 @@ pub trait LeaseStore: Send + Sync {
     /// pattern revokes by matching these, then listing per identity, so
     /// it never loads every lease.
     async fn live_identities(&self) -> Result<Vec<String>>;
+
+    /// Up to `limit` live leases (every state but `revoked`) whose id
+    /// sorts after `after`, in id order: `store migrate` reads a store a
+    /// page at a time with it, so no step holds every lease. Claims are
+    /// not part of a [`Lease`]; they stay behind.
+    async fn live_page(&self, after: Option<&LeaseId>, limit: usize) -> Result<Vec<Lease>>;
+
+    /// Writes `leases` exactly as given — state, times, attempts, last
+    /// error — unclaimed, in one transaction where the store has them:
+    /// `store migrate`'s copy into an empty store. Fails (writing none of
+    /// them) when an id or a (database, user name) is already stored.
+    async fn import_leases(&self, leases: &[Lease]) -> Result<()>;
 }
 
 /// Admin locks (`broker::locks`).
@@ -278,6 +291,11 @@ pub trait LockStore: Send + Sync {
 
     /// Deletes locks that ran out before `before`; returns how many.
     async fn prune_locks(&self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// Writes locks exactly as given (their own `created_at` and
+    /// `expires_at`, not this store's clock): `store migrate`'s copy.
+    /// Fails when an id is already stored.
+    async fn import_locks(&self, locks: &[Lock]) -> Result<()>;
 }
 
 /// Tokens of the Vault-compatible API (`vault_api`, through
@@ -329,6 +347,34 @@ pub trait TokenStore: Send + Sync {
     /// Deletes tokens that expired before `before`, and their links;
     /// returns how many tokens went.
     async fn prune_vault_tokens(&self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// Up to `limit` stored tokens (expired or not) whose hash sorts after
+    /// `after`, in hash order: `store migrate`'s read, a page at a time.
+    async fn token_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<VaultToken>>;
+
+    /// Up to `limit` (accessor, lease) links sorting after `after`, in
+    /// that order: `store migrate`'s read of the links.
+    async fn token_link_page(
+        &self,
+        after: Option<&(String, LeaseId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, LeaseId)>>;
+
+    /// Writes tokens exactly as given (hash, accessor, times), with no
+    /// cap and no eviction: `store migrate`'s copy. The default is a
+    /// login with a cap nothing reaches (so nothing is evicted); an
+    /// accessor or hash already stored fails it.
+    async fn import_vault_tokens(&self, tokens: &[VaultToken]) -> Result<()> {
+        for t in tokens {
+            let evicted = self.insert_vault_token(t, u32::MAX).await?;
+            debug_assert!(evicted.is_empty());
+        }
+        Ok(())
+    }
+
+    /// Writes (accessor, lease) links as given, whatever state their lease
+    /// is in: `store migrate`'s copy.
+    async fn import_token_links(&self, links: &[(String, LeaseId)]) -> Result<()>;
 }
 
 /// Static roles' rotation state (`static_roles`).
@@ -353,6 +399,34 @@ pub trait StaticStore: Send + Sync {
 
     /// Releases `owner`'s claim on `role`.
     async fn static_release(&self, role: &str, owner: &str) -> Result<()>;
+
+    /// Writes one role's state exactly as given — passwords still sealed,
+    /// never opened — unclaimed: `store migrate`'s copy. The default is
+    /// what a rotation does (claim, which makes the empty row; save;
+    /// release) under an owner of its own, so every store gets it from
+    /// the three steps it already has. Fails when the role is held.
+    async fn import_static(&self, state: &StaticState) -> Result<()> {
+        const OWNER: &str = "credbroker-store-migrate";
+        let claim = Claim {
+            owner: OWNER.to_string(),
+            until: Utc::now() + chrono::Duration::minutes(5),
+        };
+        if self.static_claim(&state.role, &claim).await?.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "static role {:?} is claimed in the target store",
+                state.role
+            )));
+        }
+        let saved = self.static_save(state, OWNER).await?;
+        self.static_release(&state.role, OWNER).await?;
+        if !saved {
+            return Err(Error::internal(format!(
+                "static role {:?}: the import's claim was lost before its state was written",
+                state.role
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Every concern in one store: what the daemon and the broker hold

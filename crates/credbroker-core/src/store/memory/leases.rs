@@ -310,6 +310,45 @@ impl LeaseStore for MemoryStore {
             ids.into_iter().collect()
         })
     }
+
+    async fn live_page(&self, after: Option<&LeaseId>, limit: usize) -> Result<Vec<Lease>> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.with(|rows| {
+            rows.range((from, Bound::Unbounded))
+                .filter(|(_, r)| live(&r.lease))
+                .take(limit)
+                .map(|(_, r)| r.lease.clone())
+                .collect()
+        })
+    }
+
+    async fn import_leases(&self, leases: &[Lease]) -> Result<()> {
+        self.with(|rows| {
+            // All or none, as the real stores' one transaction.
+            for (i, l) in leases.iter().enumerate() {
+                let taken = rows.contains_key(&l.id)
+                    || leases[..i].iter().any(|o| o.id == l.id)
+                    || rows
+                        .values()
+                        .any(|r| r.lease.database == l.database && r.lease.username == l.username);
+                if taken {
+                    return Err(Error::internal(format!(
+                        "import: lease {} or its user name is already stored",
+                        l.id
+                    )));
+                }
+            }
+            for l in leases {
+                let row = Row {
+                    lease: l.clone(),
+                    claim: None,
+                };
+                rows.insert(l.id.clone(), row);
+            }
+            Ok(())
+        })?
+    }
 }
 
 /// Whether `l` passes every field of `f` (limit and offset aside).

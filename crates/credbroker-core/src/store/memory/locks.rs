@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::MemoryStore;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lock::{Lock, LockId, NewLock};
 use crate::store::{stamp_lock, LockStore};
 
@@ -45,5 +45,18 @@ impl LockStore for MemoryStore {
         let n = locks.len();
         locks.retain(|l| l.expires_at.is_none_or(|e| e >= before));
         Ok((n - locks.len()) as u64)
+    }
+
+    async fn import_locks(&self, new: &[Lock]) -> Result<()> {
+        self.check()?;
+        let mut locks = self.locks.lock().unwrap();
+        if let Some(l) = new.iter().find(|n| locks.iter().any(|l| l.id == n.id)) {
+            return Err(Error::internal(format!(
+                "import: lock {} is already stored",
+                l.id
+            )));
+        }
+        locks.extend(new.iter().cloned());
+        Ok(())
     }
 }

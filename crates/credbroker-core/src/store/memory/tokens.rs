@@ -106,4 +106,45 @@ impl TokenStore for MemoryStore {
         }
         Ok(gone.len() as u64)
     }
+
+    async fn token_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<VaultToken>> {
+        use std::ops::Bound;
+        self.check()?;
+        let from = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        Ok(self
+            .vault_tokens
+            .lock()
+            .unwrap()
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, t)| t.clone())
+            .collect())
+    }
+
+    async fn token_link_page(
+        &self,
+        after: Option<&(String, LeaseId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, LeaseId)>> {
+        use std::ops::Bound;
+        self.check()?;
+        let from = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.clone()));
+        Ok(self
+            .vault_links
+            .lock()
+            .unwrap()
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn import_token_links(&self, links: &[(String, LeaseId)]) -> Result<()> {
+        self.check()?;
+        self.vault_links
+            .lock()
+            .unwrap()
+            .extend(links.iter().cloned());
+        Ok(())
+    }
 }

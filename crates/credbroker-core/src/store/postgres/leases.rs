@@ -499,4 +499,69 @@ impl LeaseStore for PostgresStore {
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+
+    async fn live_page(&self, after: Option<&LeaseId>, limit: usize) -> Result<Vec<Lease>> {
+        // Ids are never empty, so "" sorts before the first.
+        let after = after.map_or("", |a| a.as_str());
+        let rows = self
+            .query(
+                "live page",
+                &format!(
+                    "SELECT {COLUMNS} FROM credbroker_leases WHERE state <> 'revoked' AND id > $1 \
+                     ORDER BY id LIMIT $2"
+                ),
+                &[&after, &(limit as i64)],
+            )
+            .await?;
+        rows_to_leases(&rows)
+    }
+
+    async fn import_leases(&self, leases: &[Lease]) -> Result<()> {
+        // The text forms first: the parameters below borrow them.
+        let parts: Vec<(&str, &str, &str, &str, i32)> = leases
+            .iter()
+            .map(|l| {
+                (
+                    l.id.as_str(),
+                    l.kind.as_str(),
+                    l.username.as_str(),
+                    l.state.as_str(),
+                    i32::try_from(l.revoke_attempts).unwrap_or(i32::MAX),
+                )
+            })
+            .collect();
+        let rows: Vec<Vec<&(dyn ToSql + Sync)>> = leases
+            .iter()
+            .zip(&parts)
+            .map(|(l, (id, kind, user, state, attempts))| {
+                vec![
+                    id as &(dyn ToSql + Sync),
+                    &l.role,
+                    &l.database,
+                    kind,
+                    user,
+                    &l.user_host,
+                    &l.identity,
+                    state,
+                    &l.issued_at,
+                    &l.expires_at,
+                    &l.max_expires_at,
+                    &l.due_at,
+                    &l.revoked_at,
+                    attempts,
+                    &l.last_error,
+                    &l.grant_id,
+                ]
+            })
+            .collect();
+        self.execute_many(
+            "import leases",
+            &format!(
+                "INSERT INTO credbroker_leases ({COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+            ),
+            &rows,
+        )
+        .await
+    }
 }

@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::PostgresStore;
@@ -95,6 +96,36 @@ impl LockStore for PostgresStore {
             "prune locks",
             "DELETE FROM credbroker_locks WHERE expires_at < $1",
             &[&before],
+        )
+        .await
+    }
+
+    async fn import_locks(&self, locks: &[Lock]) -> Result<()> {
+        let parts: Vec<(&str, &str, &str)> = locks
+            .iter()
+            .map(|l| (l.id.as_str(), l.target.kind(), l.target.value()))
+            .collect();
+        let rows: Vec<Vec<&(dyn ToSql + Sync)>> = locks
+            .iter()
+            .zip(&parts)
+            .map(|(l, (id, kind, value))| {
+                vec![
+                    id as &(dyn ToSql + Sync),
+                    kind,
+                    value,
+                    &l.reason,
+                    &l.created_by,
+                    &l.created_at,
+                    &l.expires_at,
+                ]
+            })
+            .collect();
+        self.execute_many(
+            "import locks",
+            &format!(
+                "INSERT INTO credbroker_locks ({LOCK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ),
+            &rows,
         )
         .await
     }

@@ -40,6 +40,8 @@ pub use migrations::{migration_versions, SCHEMA_VERSION};
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_SIZE: usize = 16;
+/// What a broker's store sessions call themselves (`pg_stat_activity`).
+pub const APPLICATION_NAME: &str = "credbroker-store";
 
 pub struct PostgresStore {
     pool: Pool,
@@ -143,6 +145,17 @@ impl PostgresStore {
     /// libpq's TLS parameters in `url` are read here (tokio-postgres
     /// knows only some of them); a refused certificate is a `Config` error.
     pub async fn open(url: &str, password: &SecretSource) -> Result<Self> {
+        Self::open_as(url, password, APPLICATION_NAME).await
+    }
+
+    /// `open` with the `application_name` its sessions show in
+    /// `pg_stat_activity`: `store migrate` names its own, so the brokers'
+    /// sessions ([`Self::broker_sessions`]) are told from it.
+    pub async fn open_as(
+        url: &str,
+        password: &SecretSource,
+        application_name: &str,
+    ) -> Result<Self> {
         let url_err = |e: &dyn std::fmt::Display| Error::config(format!("store.url: {e}"));
         // One host or several (`target_session_attrs=read-write` finds the
         // primary on every new connection, so a pool refilled after a
@@ -155,7 +168,7 @@ impl PostgresStore {
         if let Some(p) = password.read("store.password")? {
             cfg.password(p.expose());
         }
-        cfg.application_name("credbroker-store")
+        cfg.application_name(application_name)
             .connect_timeout(CONNECT_TIMEOUT)
             // A store that vanished behind a failover must be noticed in
             // seconds, not after the kernel's two-hour keepalive default.
@@ -215,6 +228,45 @@ impl PostgresStore {
         let c = self.client().await?;
         let stmt = c.prepare_cached(sql).await.map_err(|e| pg_err(what, e))?;
         c.execute(&stmt, params).await.map_err(|e| pg_err(what, e))
+    }
+
+    /// `sql` once per row of `rows`, in one transaction: all or nothing
+    /// (`store migrate`'s imports).
+    pub(super) async fn execute_many(
+        &self,
+        what: &str,
+        sql: &str,
+        rows: &[Vec<&(dyn ToSql + Sync)>],
+    ) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| pg_err(what, e))?;
+        let stmt = tx.prepare_cached(sql).await.map_err(|e| pg_err(what, e))?;
+        for params in rows {
+            tx.execute(&stmt, params)
+                .await
+                .map_err(|e| pg_err(what, e))?;
+        }
+        tx.commit().await.map_err(|e| pg_err(what, e))
+    }
+
+    /// Other sessions on this database whose `application_name` starts
+    /// with `credbroker` (a broker's pool, its event relay, a `check`),
+    /// as `"name from address"`: `store migrate` refuses to copy a store
+    /// that a broker may be writing to. A replica cut off from the store
+    /// has no session and is not seen; the operator stops those.
+    pub async fn broker_sessions(&self, except: &str) -> Result<Vec<String>> {
+        let rows = self
+            .query(
+                "list broker sessions",
+                "SELECT application_name || ' from ' || coalesce(host(client_addr), 'local socket') \
+                 FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                   AND application_name LIKE 'credbroker%' AND application_name <> $1 \
+                 ORDER BY 1",
+                &[&except],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub(super) async fn query(

@@ -3,6 +3,8 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use tokio_postgres::types::ToSql;
+
 use super::{pg_err, PostgresStore};
 use crate::error::Result;
 use crate::lease::LeaseId;
@@ -177,5 +179,64 @@ impl TokenStore for PostgresStore {
             )
             .await?;
         Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
+    }
+
+    async fn token_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<VaultToken>> {
+        let rows = self
+            .query(
+                "vault token page",
+                &format!(
+                    "SELECT {VAULT_TOKEN_COLUMNS} FROM credbroker_vault_tokens WHERE hash > $1 \
+                     ORDER BY hash LIMIT $2"
+                ),
+                &[&after.unwrap_or(""), &(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| VaultToken {
+                hash: r.get(0),
+                accessor: r.get(1),
+                identity: r.get(2),
+                cert_sha256: r.get(3),
+                issued_at: r.get(4),
+                expires_at: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn token_link_page(
+        &self,
+        after: Option<&(String, LeaseId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, LeaseId)>> {
+        let (a, l) = after.map_or(("", ""), |(a, l)| (a.as_str(), l.as_str()));
+        let rows = self
+            .query(
+                "vault token link page",
+                "SELECT accessor, lease_id FROM credbroker_vault_token_leases \
+                 WHERE (accessor, lease_id) > ($1, $2) ORDER BY accessor, lease_id LIMIT $3",
+                &[&a, &l, &(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), LeaseId::from_store(r.get(1))))
+            .collect())
+    }
+
+    async fn import_token_links(&self, links: &[(String, LeaseId)]) -> Result<()> {
+        let ids: Vec<&str> = links.iter().map(|(_, l)| l.as_str()).collect();
+        let rows: Vec<Vec<&(dyn ToSql + Sync)>> = links
+            .iter()
+            .zip(&ids)
+            .map(|((a, _), id)| vec![a as &(dyn ToSql + Sync), id])
+            .collect();
+        self.execute_many(
+            "import vault token links",
+            "INSERT INTO credbroker_vault_token_leases (accessor, lease_id) VALUES ($1, $2)",
+            &rows,
+        )
+        .await
     }
 }

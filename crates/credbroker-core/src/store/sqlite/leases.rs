@@ -570,6 +570,53 @@ impl LeaseStore for SqliteStore {
         })
         .await
     }
+
+    async fn live_page(&self, after: Option<&LeaseId>, limit: usize) -> Result<Vec<Lease>> {
+        // Ids are never empty, so "" sorts before the first.
+        let after = after.map_or(String::new(), |a| a.as_str().to_string());
+        self.with_read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM leases WHERE state <> 'revoked' AND id > ?1 \
+                 ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after, limit as i64], row_to_lease)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn import_leases(&self, leases: &[Lease]) -> Result<()> {
+        let leases = leases.to_vec();
+        // One job: its savepoint makes the page all or nothing.
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "INSERT INTO leases ({COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+            ))?;
+            for l in &leases {
+                stmt.execute(params![
+                    l.id.as_str(),
+                    l.role,
+                    l.database,
+                    l.kind.as_str(),
+                    l.username.as_str(),
+                    l.user_host,
+                    l.identity,
+                    l.state.as_str(),
+                    ms(l.issued_at),
+                    ms(l.expires_at),
+                    ms(l.max_expires_at),
+                    ms(l.due_at),
+                    l.revoked_at.map(ms),
+                    i64::from(l.revoke_attempts),
+                    l.last_error,
+                    l.grant_id
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

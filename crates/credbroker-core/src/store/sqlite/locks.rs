@@ -119,4 +119,32 @@ impl LockStore for SqliteStore {
             .retain(|l| l.expires_at.is_none_or(|e| e >= before));
         Ok(n as u64)
     }
+
+    async fn import_locks(&self, locks: &[Lock]) -> Result<()> {
+        let new = locks.to_vec();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "INSERT INTO locks ({LOCK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+            ))?;
+            for l in &new {
+                stmt.execute(params![
+                    l.id.as_str(),
+                    l.target.kind(),
+                    l.target.value(),
+                    l.reason,
+                    l.created_by,
+                    ms(l.created_at),
+                    l.expires_at.map(ms)
+                ])?;
+            }
+            Ok(())
+        })
+        .await?;
+        // After the write is durable, as `insert_lock`.
+        self.locks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(locks.iter().cloned());
+        Ok(())
+    }
 }

@@ -155,4 +155,61 @@ impl TokenStore for SqliteStore {
         })
         .await
     }
+
+    async fn token_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<VaultToken>> {
+        let after = after.unwrap_or("").to_string();
+        self.with_read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {VAULT_TOKEN_COLUMNS} FROM vault_tokens WHERE hash > ?1 \
+                 ORDER BY hash LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after, limit as i64], |r| {
+                Ok(VaultToken {
+                    hash: r.get(0)?,
+                    accessor: r.get(1)?,
+                    identity: r.get(2)?,
+                    cert_sha256: r.get(3)?,
+                    issued_at: from_ms(r.get(4)?),
+                    expires_at: from_ms(r.get(5)?),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn token_link_page(
+        &self,
+        after: Option<&(String, LeaseId)>,
+        limit: usize,
+    ) -> Result<Vec<(String, LeaseId)>> {
+        let (a, l) = after.map_or((String::new(), String::new()), |(a, l)| {
+            (a.clone(), l.as_str().to_string())
+        });
+        self.with_read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT accessor, lease_id FROM vault_token_leases \
+                 WHERE (accessor, lease_id) > (?1, ?2) ORDER BY accessor, lease_id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![a, l, limit as i64], |r| {
+                Ok((r.get(0)?, LeaseId::from_store(r.get(1)?)))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn import_token_links(&self, links: &[(String, LeaseId)]) -> Result<()> {
+        let links = links.to_vec();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "INSERT INTO vault_token_leases (accessor, lease_id) VALUES (?1, ?2)",
+            )?;
+            for (a, l) in &links {
+                stmt.execute(params![a, l.as_str()])?;
+            }
+            Ok(())
+        })
+        .await
+    }
 }

@@ -1,0 +1,337 @@
+//! `credbroker store migrate`: a broker's SQLite store moved to an empty
+//! PostgreSQL store, with the real binary, then a broker on the new store
+//! serving what the old one held — leases renewed and revoked, a lock
+//! still refusing, a Vault-API token still working (and reaching its
+//! lease), a static credential still readable — and the audit chain
+//! intact across the move. And its refusals, which write nothing.
+
+use std::process::Output;
+use std::time::Duration;
+
+use credbroker::pb;
+
+use crate::static_roles::pg_static;
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
+
+async fn migrate(b: &TestBroker, args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(["store", "migrate", "--config"])
+        .arg(&b.env.config_path)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Whether `db` holds the store's lease table (the target's schema is
+/// made by the same `open` a broker uses, only once a copy may start).
+async fn has_store_tables(db: &str) -> bool {
+    let c = cluster().connect(db).await.unwrap();
+    c.query_one("SELECT to_regclass('credbroker_leases') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
+    use vaultrs::client::{Client, Identity, VaultClient, VaultClientSettingsBuilder};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let (mut b, _users) = pg_static(1, "1h", "").await;
+    b.edit_config(|t| {
+        t + &role("ro", "main", "10m", "20m", APP) + &role("held", "main", "10m", "20m", APP)
+    });
+    b.enable_vault_api("").await;
+    b.start_in_process().await;
+
+    // Leases, a lock, a token with a lease linked to it, a static role.
+    let mut leases = Vec::new();
+    for _ in 0..5 {
+        leases.push(issue(&b, "app", "ro", 600).await.unwrap());
+    }
+    b.admin("admin")
+        .await
+        .lock(pb::LockRequest {
+            target: Some(pb::lock_request::Target::Role("held".into())),
+            reason: "moving day".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(issue(&b, "app", "held", 600).await.is_err(), "locked");
+    let vault_url = format!("https://127.0.0.1:{}", b.vault_port.unwrap());
+    let mut pem = std::fs::read(b.env.pki.join("app.pem")).unwrap();
+    pem.extend(std::fs::read(b.env.pki.join("app-key.pem")).unwrap());
+    let settings = VaultClientSettingsBuilder::default()
+        .address(&vault_url)
+        .ca_certs(vec![b.env.pki.join("ca.pem").display().to_string()])
+        .identity(Some(Identity::from_pem(&pem).unwrap()))
+        .build()
+        .unwrap();
+    let mut vault = VaultClient::new(settings).unwrap();
+    let auth = vaultrs::auth::cert::login(&vault, "cert", "")
+        .await
+        .unwrap();
+    vault.set_token(&auth.client_token);
+    let linked = vaultrs::database::role::creds(&vault, "database", "ro")
+        .await
+        .unwrap();
+    let st = b
+        .client("app")
+        .await
+        .get_static_credential(pb::GetStaticCredentialRequest {
+            static_role: "st".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A target database, and the password file `store.password_file`
+    // will name afterwards.
+    let target_db = unique("moved");
+    cluster().create_database(&target_db).await.unwrap();
+    let secret = b.env.dir.join("secrets").join("target-store");
+    credbroker::fsutil::write_secret_file(&secret, cluster().superuser_password().as_bytes())
+        .unwrap();
+    let to = cluster().url(&target_db);
+    let pw = secret.display().to_string();
+
+    // Refused while the broker runs on the file: nothing written, the
+    // target not even opened.
+    let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("in use by another broker"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("nothing was written"), "{}", text(&out));
+    assert!(!has_store_tables(&target_db).await);
+
+    // Bad targets: a clear error each, nothing written.
+    let out = migrate(&b, &["--to", "not a url"]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("--to"), "{}", text(&out));
+    let with_pw = to.replace("://", "://someone:hunter2@");
+    let out = migrate(&b, &["--to", &with_pw]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("must not contain a password"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("hunter2"), "{}", text(&out));
+    let sqlite_to = format!("sqlite://{}", b.env.dir.join("other.db").display());
+    let out = migrate(&b, &["--to", &sqlite_to]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("must be a PostgreSQL store"),
+        "{}",
+        text(&out)
+    );
+
+    b.stop().await;
+    // Unreachable: a clear error, the source left as it was.
+    let port = free_port();
+    let out = migrate(
+        &b,
+        &[
+            "--to",
+            &format!("postgres://x@127.0.0.1:{port}/nowhere?connect_timeout=2"),
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot open the target store"),
+        "{}",
+        text(&out)
+    );
+
+    let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let report = text(&out);
+    for want in [
+        "leases",
+        "locks",
+        "vault_tokens",
+        "vault_token_links",
+        "static_roles",
+        &format!("url = {to:?}"),
+        "password_file",
+    ] {
+        assert!(report.contains(want), "{want} missing from:\n{report}");
+    }
+    let moved = b
+        .audit_records()
+        .into_iter()
+        .find(|r| r.action == "store_migrated")
+        .expect("a store_migrated record");
+    let detail = moved.detail.unwrap();
+    assert!(
+        detail.contains("from sqlite") && detail.contains(&target_db),
+        "{detail}"
+    );
+    // 5 + the Vault one; 1 lock, 1 token, 1 link, 1 static role.
+    assert!(detail.contains("leases=6 locks=1 vault_tokens=1 vault_token_links=1 static_roles=1"));
+
+    // Again onto the same target: refused, not empty.
+    let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("not empty"), "{}", text(&out));
+
+    // What the operator is told: store.url at the target.
+    let old = format!(
+        "[store]\nurl = \"sqlite://{}\"\n",
+        b.env.store_path.display()
+    );
+    b.edit_config(|t| {
+        t.replace(
+            &old,
+            &format!("[store]\nurl = \"{to}\"\npassword_file = \"{pw}\"\n"),
+        )
+    });
+    std::fs::rename(&b.env.store_path, b.env.dir.join("store.db.migrated")).unwrap();
+    b.start_in_process().await;
+
+    // The leases: known, renewable, revocable (the user then gone).
+    let mut client = b.client("app").await;
+    for l in &leases {
+        let got = client
+            .lookup_lease(pb::LookupLeaseRequest {
+                lease_id: l.lease_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.username, l.username);
+    }
+    client
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: leases[0].lease_id.clone(),
+            ttl_seconds: 900,
+        })
+        .await
+        .unwrap();
+    for l in &leases {
+        assert!(b.role_exists(&l.username).await);
+        b.revoke_as("app", &l.lease_id).await.unwrap();
+        assert!(
+            !b.role_exists(&l.username).await,
+            "{} still exists",
+            l.username
+        );
+    }
+    // The lock still refuses, with its reason.
+    let e = issue(&b, "app", "held", 600).await.unwrap_err();
+    assert!(e.message().contains("moving day"), "{e:?}");
+    // The token works, and revoking it reaches the lease it made.
+    let me = vaultrs::token::lookup_self(&vault).await.unwrap();
+    assert_eq!(me.accessor, auth.accessor);
+    assert!(b.role_exists(&linked.username).await);
+    vaultrs::token::revoke_self(&vault).await.unwrap();
+    assert!(
+        !b.role_exists(&linked.username).await,
+        "the token's link moved with it"
+    );
+    // The static credential: the same one, sealed in the new store with
+    // the same key, and it logs in.
+    let again = b
+        .client("app")
+        .await
+        .get_static_credential(pb::GetStaticCredentialRequest {
+            static_role: "st".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            again.username.as_str(),
+            again.password.as_str(),
+            again.generation
+        ),
+        (st.username.as_str(), st.password.as_str(), st.generation)
+    );
+    login(&b.db, &again.username, &again.password)
+        .await
+        .expect("the static credential logs in after the move");
+    b.stop().await;
+
+    // One chain across the move.
+    let out = tokio::process::Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&b.env.audit_path)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("chain intact"), "{}", text(&out));
+}
+
+/// A PostgreSQL source: refused while a broker has sessions on it (named
+/// in the refusal, the target untouched); once it is stopped, the same
+/// command moves it to another PostgreSQL database.
+#[tokio::test]
+async fn store_migrate_refuses_a_served_postgres_source_then_moves_it() {
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
+    crate::ha::use_pg_store(&b, cluster(), "60s").await;
+    b.start_in_process().await;
+    let lease = issue(&b, "app", "ro", 600).await.unwrap();
+
+    let target_db = unique("moved");
+    cluster().create_database(&target_db).await.unwrap();
+    let secret = b.env.dir.join("secrets").join("store-password");
+    let to = cluster().url(&target_db);
+    let pw = secret.display().to_string();
+    let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("brokers are connected to the source store")
+            && text(&out).contains("credbroker-store"),
+        "{}",
+        text(&out)
+    );
+    assert!(!has_store_tables(&target_db).await, "nothing written");
+
+    b.stop().await;
+    // The stopped broker's pooled sessions close as its store is dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let out = migrate(&b, &["--to", &to, "--to-password-file", &pw]).await;
+        if out.status.success() {
+            break text(&out);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused 30 s after the stop: {}",
+            text(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        last.contains("leases") && last.contains(&target_db),
+        "{last}"
+    );
+    let c = cluster().connect(&target_db).await.unwrap();
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM credbroker_leases WHERE id = $1 AND state = 'active'",
+            &[&lease.lease_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
