@@ -232,6 +232,171 @@ pub trait Backend: Send + Sync {
     fn dsn(&self, username: &Username, password: Option<&Password>) -> String;
 }
 
+/// `impl Backend` for a real backend (`postgres`, `mysql`): both keep
+/// `config` and `endpoint` fields and answer every method with an inherent
+/// method of the same concern, one file each (`create_leased` in
+/// `create.rs`/`users.rs`, `revoke_users` in `revoke.rs`, …), so the trait
+/// impl is only this table, written once. Each backend keeps what differs:
+/// its kind and how its leased DSN reads (`leased_dsn`).
+macro_rules! database_backend {
+    ($ty:ty, $kind:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::backend::Backend for $ty {
+            fn kind(&self) -> $crate::lease::BackendKind {
+                $kind
+            }
+
+            fn name(&self) -> &str {
+                &self.config.name
+            }
+
+            fn endpoint(&self) -> &$crate::backend::Endpoint {
+                &self.endpoint
+            }
+
+            async fn create_user(
+                &self,
+                user: &$crate::backend::NewUser<'_>,
+            ) -> $crate::error::Result<()> {
+                self.create_leased(user).await
+            }
+
+            async fn extend(
+                &self,
+                user: &$crate::backend::UserRef,
+                valid_until: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<()> {
+                self.extend_leased(user, valid_until).await
+            }
+
+            async fn revoke(
+                &self,
+                revokees: &[$crate::backend::Revokee],
+            ) -> $crate::error::Result<Vec<$crate::backend::Reassigned>> {
+                self.revoke_users(revokees).await
+            }
+
+            async fn disable(
+                &self,
+                users: &[$crate::backend::UserRef],
+            ) -> $crate::error::Result<()> {
+                self.disable_users(users).await
+            }
+
+            async fn drain_begin(
+                &self,
+                user: &$crate::backend::UserRef,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::error::Result<()> {
+                self.drain_begin_user(user, until).await
+            }
+
+            async fn end_idle_sessions(
+                &self,
+                user: &str,
+                _host: &str,
+                settled: std::time::Duration,
+            ) -> $crate::error::Result<$crate::backend::Sessions> {
+                self.end_idle(user, settled).await
+            }
+
+            async fn list_broker_users(
+                &self,
+                prefix: &str,
+            ) -> $crate::error::Result<Vec<$crate::backend::UserRef>> {
+                self.list_prefixed(prefix).await
+            }
+
+            async fn rotate_root(&self) -> $crate::error::Result<()> {
+                self.rotate_admin_password().await
+            }
+
+            async fn check_tls(&self) -> $crate::error::Result<()> {
+                self.check_tls_handshake().await
+            }
+
+            async fn preflight(&self) -> $crate::error::Result<Vec<String>> {
+                self.preflight_warnings().await
+            }
+
+            async fn ping(&self) -> $crate::error::Result<()> {
+                self.answers().await
+            }
+
+            fn pool_state(&self) -> $crate::backend::PoolState {
+                self.pool_metrics()
+            }
+
+            async fn static_create(
+                &self,
+                spec: &$crate::backend::StaticUsers<'_>,
+            ) -> $crate::error::Result<()> {
+                self.create_static_users(spec).await
+            }
+
+            async fn static_set_password(
+                &self,
+                login: &$crate::backend::StaticLogin<'_>,
+            ) -> $crate::error::Result<()> {
+                self.set_static_password(login).await
+            }
+
+            async fn static_retire(
+                &self,
+                user: &str,
+                host: &str,
+                end_sessions: bool,
+            ) -> $crate::error::Result<()> {
+                self.retire_static_user(user, host, end_sessions).await
+            }
+
+            fn dsn(
+                &self,
+                username: &$crate::lease::Username,
+                password: Option<&$crate::lease::Password>,
+            ) -> String {
+                self.leased_dsn(username, password)
+            }
+        }
+    };
+}
+pub(crate) use database_backend;
+
+impl Endpoint {
+    /// The host as a URL writes it: an IPv6 address in brackets.
+    pub fn url_host(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
+}
+
+/// A static role's failed statement: an internal error's message names
+/// the role (the `grants` or user an operator must look at); other
+/// classes stay as they are.
+pub(crate) fn in_static_role(role: &str, e: Error) -> Error {
+    match e {
+        Error::Internal(m) => {
+            Error::Internal(m.map_message(|m| format!("static role {role:?}: {m}")))
+        }
+        other => other,
+    }
+}
+
+/// A `LIKE` pattern for the names that start with `prefix` (its `\`, `_`
+/// and `%` escaped): how both backends find the users the broker made.
+pub fn prefix_pattern(prefix: &str) -> String {
+    format!(
+        "{}%",
+        prefix
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%")
+    )
+}
+
 /// Fills `{{name}}` in an operator's grant statement with the quoted user.
 pub fn render_grant(template: &str, quoted_user: &str) -> String {
     template.replace("{{name}}", quoted_user)
