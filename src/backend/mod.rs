@@ -237,127 +237,105 @@ pub trait Backend: Send + Sync {
 /// method of the same concern, one file each (`create_leased` in
 /// `create.rs`/`users.rs`, `revoke_users` in `revoke.rs`, …), so the trait
 /// impl is only this table, written once. Each backend keeps what differs:
-/// its kind and how its leased DSN reads (`leased_dsn`).
+/// its kind (a `BackendKind` variant) and how its leased DSN reads
+/// (`leased_dsn`).
 macro_rules! database_backend {
-    ($ty:ty, $kind:expr) => {
-        #[async_trait::async_trait]
-        impl $crate::backend::Backend for $ty {
-            fn kind(&self) -> $crate::lease::BackendKind {
-                $kind
-            }
+    ($ty:ty, $kind:ident) => {
+        // In a block of its own, so the impl names the trait's types plainly.
+        const _: () = {
+            use chrono::{DateTime, Utc};
+            use std::time::Duration;
+            use $crate::backend::{
+                Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, Sessions, StaticLogin,
+                StaticUsers, UserRef,
+            };
+            use $crate::error::Result;
+            use $crate::lease::{BackendKind, Password, Username};
 
-            fn name(&self) -> &str {
-                &self.config.name
-            }
+            #[async_trait::async_trait]
+            impl Backend for $ty {
+                fn kind(&self) -> BackendKind {
+                    BackendKind::$kind
+                }
 
-            fn endpoint(&self) -> &$crate::backend::Endpoint {
-                &self.endpoint
-            }
+                fn name(&self) -> &str {
+                    &self.config.name
+                }
 
-            async fn create_user(
-                &self,
-                user: &$crate::backend::NewUser<'_>,
-            ) -> $crate::error::Result<()> {
-                self.create_leased(user).await
-            }
+                fn endpoint(&self) -> &Endpoint {
+                    &self.endpoint
+                }
 
-            async fn extend(
-                &self,
-                user: &$crate::backend::UserRef,
-                valid_until: chrono::DateTime<chrono::Utc>,
-            ) -> $crate::error::Result<()> {
-                self.extend_leased(user, valid_until).await
-            }
+                async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
+                    self.create_leased(user).await
+                }
 
-            async fn revoke(
-                &self,
-                revokees: &[$crate::backend::Revokee],
-            ) -> $crate::error::Result<Vec<$crate::backend::Reassigned>> {
-                self.revoke_users(revokees).await
-            }
+                async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
+                    self.extend_leased(user, valid_until).await
+                }
 
-            async fn disable(
-                &self,
-                users: &[$crate::backend::UserRef],
-            ) -> $crate::error::Result<()> {
-                self.disable_users(users).await
-            }
+                async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
+                    self.revoke_users(revokees).await
+                }
 
-            async fn drain_begin(
-                &self,
-                user: &$crate::backend::UserRef,
-                until: chrono::DateTime<chrono::Utc>,
-            ) -> $crate::error::Result<()> {
-                self.drain_begin_user(user, until).await
-            }
+                async fn disable(&self, users: &[UserRef]) -> Result<()> {
+                    self.disable_users(users).await
+                }
 
-            async fn end_idle_sessions(
-                &self,
-                user: &str,
-                _host: &str,
-                settled: std::time::Duration,
-            ) -> $crate::error::Result<$crate::backend::Sessions> {
-                self.end_idle(user, settled).await
-            }
+                async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
+                    self.drain_begin_user(user, until).await
+                }
 
-            async fn list_broker_users(
-                &self,
-                prefix: &str,
-            ) -> $crate::error::Result<Vec<$crate::backend::UserRef>> {
-                self.list_prefixed(prefix).await
-            }
+                async fn end_idle_sessions(
+                    &self,
+                    user: &str,
+                    _host: &str,
+                    settled: Duration,
+                ) -> Result<Sessions> {
+                    self.end_idle(user, settled).await
+                }
 
-            async fn rotate_root(&self) -> $crate::error::Result<()> {
-                self.rotate_admin_password().await
-            }
+                async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
+                    self.list_prefixed(prefix).await
+                }
 
-            async fn check_tls(&self) -> $crate::error::Result<()> {
-                self.check_tls_handshake().await
-            }
+                async fn rotate_root(&self) -> Result<()> {
+                    self.rotate_admin_password().await
+                }
 
-            async fn preflight(&self) -> $crate::error::Result<Vec<String>> {
-                self.preflight_warnings().await
-            }
+                async fn check_tls(&self) -> Result<()> {
+                    self.check_tls_handshake().await
+                }
 
-            async fn ping(&self) -> $crate::error::Result<()> {
-                self.answers().await
-            }
+                async fn preflight(&self) -> Result<Vec<String>> {
+                    self.preflight_warnings().await
+                }
 
-            fn pool_state(&self) -> $crate::backend::PoolState {
-                self.pool_metrics()
-            }
+                async fn ping(&self) -> Result<()> {
+                    self.answers().await
+                }
 
-            async fn static_create(
-                &self,
-                spec: &$crate::backend::StaticUsers<'_>,
-            ) -> $crate::error::Result<()> {
-                self.create_static_users(spec).await
-            }
+                fn pool_state(&self) -> PoolState {
+                    self.pool_metrics()
+                }
 
-            async fn static_set_password(
-                &self,
-                login: &$crate::backend::StaticLogin<'_>,
-            ) -> $crate::error::Result<()> {
-                self.set_static_password(login).await
-            }
+                async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
+                    self.create_static_users(spec).await
+                }
 
-            async fn static_retire(
-                &self,
-                user: &str,
-                host: &str,
-                end_sessions: bool,
-            ) -> $crate::error::Result<()> {
-                self.retire_static_user(user, host, end_sessions).await
-            }
+                async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
+                    self.set_static_password(login).await
+                }
 
-            fn dsn(
-                &self,
-                username: &$crate::lease::Username,
-                password: Option<&$crate::lease::Password>,
-            ) -> String {
-                self.leased_dsn(username, password)
+                async fn static_retire(&self, user: &str, host: &str, end: bool) -> Result<()> {
+                    self.retire_static_user(user, host, end).await
+                }
+
+                fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+                    self.leased_dsn(username, password)
+                }
             }
-        }
+        };
     };
 }
 pub(crate) use database_backend;

@@ -258,6 +258,13 @@ impl Broker {
     }
 
     /// Audits a refused or failed request and hands the error back.
+    /// A request that failed: counted under `action` and audited
+    /// ([`Self::audit_failure`]); the error to return.
+    fn refused(&self, action: &str, event: Event, err: Error) -> Error {
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(event, err)
+    }
+
     fn audit_failure(&self, mut event: Event, err: Error) -> Error {
         event.outcome = Some(match err {
             Error::PermissionDenied(_)

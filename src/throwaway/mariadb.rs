@@ -9,8 +9,8 @@ use std::time::Duration;
 use mysql_async::prelude::Queryable;
 
 use super::{
-    free_port, random_password, run_setup, wait_until_ready, write_private_file, RunAs,
-    ServerCommand, ServerProcess, ServerTls, Supervised,
+    free_port, run_setup, wait_until_ready, write_private_file, RunAs, ServerCommand,
+    ServerProcess, ServerTls, Supervised,
 };
 
 const MARIADBD: &str = "/usr/sbin/mariadbd";
@@ -80,12 +80,8 @@ impl ThrowawayMariadb {
         if !mariadb_binaries_present() {
             return Err(missing_binaries());
         }
-        let mut process = ServerProcess::prepare(
-            "mariadb",
-            "mariadb.log",
-            RunAs::choose("mysql")?,
-            random_password(),
-        )?;
+        let mut process =
+            ServerProcess::prepare("mariadb", "mariadb.log", RunAs::choose("mysql")?)?;
         let (dir, run_as) = (process.dir.path(), process.run_as.as_ref());
 
         let mut install = Command::new(INSTALL_DB);

@@ -69,13 +69,13 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(90);
 impl ServerProcess {
     /// A private directory for a server run as `run_as`: `data/` (for the
     /// engine's setup to fill) and the log file `log_name`, created and
-    /// owned by `run_as`. The port is the engine's to pick once its setup
-    /// is done (a free port stays free only until someone binds it).
+    /// owned by `run_as`; a fresh superuser password. The port is the
+    /// engine's to pick once its setup is done (a free port stays free
+    /// only until someone binds it).
     pub(crate) fn prepare(
         prefix: &str,
         log_name: &str,
         run_as: Option<RunAs>,
-        password: String,
     ) -> io::Result<ServerProcess> {
         let dir = TempDir::new(prefix, run_as.as_ref())?;
         let data_dir = dir.path().join("data");
@@ -88,7 +88,7 @@ impl ServerProcess {
             log_path,
             run_as,
             port: 0,
-            password,
+            password: random_password(),
         })
     }
 

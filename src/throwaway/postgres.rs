@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::{
-    free_port, random_password, run_setup, wait_until_ready, write_private_file, RunAs,
-    ServerCommand, ServerProcess, ServerTls, Supervised,
+    free_port, run_setup, wait_until_ready, write_private_file, RunAs, ServerCommand,
+    ServerProcess, ServerTls, Supervised,
 };
 
 pub(super) const SUPERUSER: &str = "postgres";
@@ -133,12 +133,7 @@ impl ThrowawayPostgres {
     /// Creates a cluster and starts it; returns once it accepts connections.
     pub async fn start(opts: PostgresOptions) -> io::Result<Self> {
         let bin_dir = find_bin_dir()?;
-        let mut process = ServerProcess::prepare(
-            "pg",
-            "postgres.log",
-            RunAs::choose("postgres")?,
-            random_password(),
-        )?;
+        let mut process = ServerProcess::prepare("pg", "postgres.log", RunAs::choose("postgres")?)?;
         // Owned copies: `process.port` is set below, after initdb.
         let dir = process.dir.path().to_path_buf();
         let data_dir = process.data_dir.clone();

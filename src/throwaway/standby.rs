@@ -22,12 +22,10 @@ impl ThrowawayPostgres {
     /// has it, so a failover to the standby loses nothing acknowledged.
     /// Returns once the standby streams as `sync`.
     pub async fn start_sync_standby(&self) -> io::Result<ThrowawayPostgres> {
-        let mut process = ServerProcess::prepare(
-            "pg-standby",
-            "postgres.log",
-            self.run_as.clone(),
-            self.password.clone(),
-        )?;
+        let mut process =
+            ServerProcess::prepare("pg-standby", "postgres.log", self.run_as.clone())?;
+        // The standby's superuser is the primary's, copied with its data.
+        process.password = self.password.clone();
         // Owned copies: `process.port` is set below, after the copy.
         let dir = process.dir.path().to_path_buf();
         let data_dir = process.data_dir.clone();

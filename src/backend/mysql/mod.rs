@@ -24,8 +24,9 @@
 //! here: `connection` (pool, options, timeouts, rotate-root), `errors`,
 //! `server` (flavour, version, preflight), `failsafe`, `users` (create,
 //! extend, list), `revoke`, `reassign` (DEFINER moves), `static_users`.
-//! A trait impl is one block, so `impl Backend` is here and only
-//! delegates. Free functions: `quote`, `auth` (password hashes), `definer`
+//! A trait impl is one block: `impl Backend` is the delegation table
+//! `backend::database_backend!` writes for both real backends, invoked
+//! here. Free functions: `quote`, `auth` (password hashes), `definer`
 //! (the DEFINER-move SQL, pure) and `check` (`credbroker check`).
 
 pub mod auth;
@@ -50,7 +51,7 @@ use tokio::sync::OnceCell;
 use crate::backend::Endpoint;
 use crate::config::DatabaseConfig;
 use crate::dbtls::TlsParams;
-use crate::lease::{BackendKind, Password, Username};
+use crate::lease::{Password, Username};
 use reassign::DefinerLookups;
 
 pub use failsafe::FAILSAFE_SCHEMA;
@@ -73,7 +74,7 @@ pub struct MysqlBackend {
     lookups: DefinerLookups,
 }
 
-crate::backend::database_backend!(MysqlBackend, BackendKind::Mysql);
+crate::backend::database_backend!(MysqlBackend, Mysql);
 
 impl MysqlBackend {
     /// `Backend::dsn`: a `mysql://` URL with the client TLS parameters.

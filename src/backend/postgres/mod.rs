@@ -11,8 +11,9 @@
 //! shared rounds, `CreateRounds`), `users` (extend, the users with the
 //! prefix), `revoke` (revoke and disable), `static_users`, `dry_run`
 //! (statements replayed in a rolled-back transaction). A trait impl is one
-//! block, so `impl Backend` is here and only delegates. `check`
-//! (`credbroker check`) is a free function.
+//! block: `impl Backend` is the delegation table
+//! `backend::database_backend!` writes for both real backends, invoked
+//! here. `check` (`credbroker check`) is a free function.
 
 mod check;
 mod connection;
@@ -35,7 +36,7 @@ use crate::backend::{read_admin_password, Endpoint};
 use crate::config::DatabaseConfig;
 use crate::dbtls::{self, Dialect, TlsParams};
 use crate::error::{Error, Result};
-use crate::lease::{BackendKind, Password, Username};
+use crate::lease::{Password, Username};
 use create::CreateRounds;
 
 pub use check::check;
@@ -172,7 +173,7 @@ impl PostgresBackend {
     }
 }
 
-crate::backend::database_backend!(PostgresBackend, BackendKind::Postgres);
+crate::backend::database_backend!(PostgresBackend, Postgres);
 
 impl PostgresBackend {
     /// `Backend::dsn`: a `postgresql://` URL with the client TLS parameters
