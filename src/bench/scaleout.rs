@@ -23,8 +23,8 @@ use crate::bench::cpu::{pid_ticks, postgres_ticks, ticks_per_second};
 use crate::bench::outside::ClientProcess;
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Spawned};
 use crate::bench::{io_err, loadavg, write_report, Machine};
-use credbroker_testkit::devenv::DevEnv;
 use credbroker::error::{Error, Result};
+use credbroker_testkit::devenv::DevEnv;
 
 /// `credbroker bench scaleout`'s flags.
 #[derive(clap::Args, Debug)]

@@ -202,9 +202,10 @@ pub async fn run(cmd: Command) -> CliResult {
             format,
             client,
         } => {
-            let mut c = client.admin()?;
-            let reply = c
-                .list_leases(pb::ListLeasesRequest {
+            let reply = answered(
+                &client,
+                "list leases",
+                client.admin()?.list_leases(pb::ListLeasesRequest {
                     role: role.unwrap_or_default(),
                     database: database.unwrap_or_default(),
                     identity: identity
@@ -217,10 +218,9 @@ pub async fn run(cmd: Command) -> CliResult {
                         .map(|d| d.as_secs() as i64)
                         .unwrap_or(0),
                     limit: 0,
-                })
-                .await
-                .map_err(|s| grpc_error("list leases", &client, s))?
-                .into_inner();
+                }),
+            )
+            .await?;
             print_listing(
                 format,
                 || leases_json(&reply.leases),
@@ -229,12 +229,14 @@ pub async fn run(cmd: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         Command::StaticRoles { format, client } => {
-            let mut c = client.admin()?;
-            let reply = c
-                .list_static_roles(pb::ListStaticRolesRequest {})
-                .await
-                .map_err(|s| grpc_error("static roles", &client, s))?
-                .into_inner();
+            let reply = answered(
+                &client,
+                "static roles",
+                client
+                    .admin()?
+                    .list_static_roles(pb::ListStaticRolesRequest {}),
+            )
+            .await?;
             print_listing(
                 format,
                 || statics_json(&reply.static_roles),
@@ -282,12 +284,14 @@ pub async fn run(cmd: Command) -> CliResult {
                 eprintln!("nothing revoked");
                 return Ok(ExitCode::FAILURE);
             }
-            let mut c = client.admin()?;
-            let s = c
-                .revoke_static_role(pb::StaticRoleRequest { static_role })
-                .await
-                .map_err(|s| grpc_error("revoke", &client, s))?
-                .into_inner();
+            let s = answered(
+                &client,
+                "revoke",
+                client
+                    .admin()?
+                    .revoke_static_role(pb::StaticRoleRequest { static_role }),
+            )
+            .await?;
             println!(
                 "revoked static role {:?}: every old password refused, sessions ended; new credential for {} (generation {})",
                 s.static_role, s.current_user, s.generation
@@ -344,23 +348,17 @@ pub async fn run(cmd: Command) -> CliResult {
                     return Ok(ExitCode::FAILURE);
                 }
             }
-            let reply = c
-                .revoke_leases(pb::RevokeLeasesRequest {
+            let reply = answered(
+                &client,
+                "revoke",
+                c.revoke_leases(pb::RevokeLeasesRequest {
                     selector: Some(selector),
                     force,
-                })
-                .await
-                .map_err(|s| grpc_error("revoke", &client, s))?
-                .into_inner();
+                }),
+            )
+            .await?;
             println!("revoked {} lease(s)", reply.revoked);
-            for f in &reply.failures {
-                println!("FAILED {}: {}", f.lease_id, f.error);
-            }
-            Ok(if reply.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(failures_shown(&reply.failures))
         }
         Command::Lock {
             identity,
@@ -393,17 +391,17 @@ pub async fn run(cmd: Command) -> CliResult {
                 eprintln!("nothing locked");
                 return Ok(ExitCode::FAILURE);
             }
-            let mut c = client.admin()?;
-            let reply = c
-                .lock(pb::LockRequest {
+            let reply = answered(
+                &client,
+                "lock",
+                client.admin()?.lock(pb::LockRequest {
                     target: Some(target),
                     duration_seconds: duration.map(|d| d.as_secs().max(1) as i64).unwrap_or(0),
                     reason,
                     revoke,
-                })
-                .await
-                .map_err(|s| grpc_error("lock", &client, s))?
-                .into_inner();
+                }),
+            )
+            .await?;
             let lock = reply.lock.unwrap_or_default();
             println!(
                 "locked {what} as {} {}",
@@ -413,33 +411,26 @@ pub async fn run(cmd: Command) -> CliResult {
             if revoke {
                 println!("revoked {} lease(s)", reply.revoked);
             }
-            for f in &reply.failures {
-                println!("FAILED {}: {}", f.lease_id, f.error);
-            }
-            Ok(if reply.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(failures_shown(&reply.failures))
         }
         Command::Unlock { lock_id, client } => {
-            let mut c = client.admin()?;
-            let reply = c
-                .unlock(pb::UnlockRequest { lock_id })
-                .await
-                .map_err(|s| grpc_error("unlock", &client, s))?
-                .into_inner();
+            let reply = answered(
+                &client,
+                "unlock",
+                client.admin()?.unlock(pb::UnlockRequest { lock_id }),
+            )
+            .await?;
             let lock = reply.lock.unwrap_or_default();
             println!("unlocked {} {} ({})", lock.kind, lock.value, lock.lock_id);
             Ok(ExitCode::SUCCESS)
         }
         Command::Locks { format, client } => {
-            let mut c = client.admin()?;
-            let reply = c
-                .list_locks(pb::ListLocksRequest {})
-                .await
-                .map_err(|s| grpc_error("list locks", &client, s))?
-                .into_inner();
+            let reply = answered(
+                &client,
+                "list locks",
+                client.admin()?.list_locks(pb::ListLocksRequest {}),
+            )
+            .await?;
             print_listing(
                 format,
                 || locks_json(&reply.locks),
@@ -448,12 +439,14 @@ pub async fn run(cmd: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         Command::RotateRoot { database, client } => {
-            let mut c = client.admin()?;
-            let reply = c
-                .rotate_root(pb::RotateRootRequest { database })
-                .await
-                .map_err(|s| grpc_error("rotate-root", &client, s))?
-                .into_inner();
+            let reply = answered(
+                &client,
+                "rotate-root",
+                client
+                    .admin()?
+                    .rotate_root(pb::RotateRootRequest { database }),
+            )
+            .await?;
             println!(
                 "rotated the admin password of database {:?} at {}",
                 reply.database,
@@ -461,6 +454,32 @@ pub async fn run(cmd: Command) -> CliResult {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// What an admin call answered, or the failure that names `what` and
+/// explains the status (`grpc_error`).
+async fn answered<T>(
+    client: &ClientOpts,
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Failure> {
+    Ok(call
+        .await
+        .map_err(|s| grpc_error(what, client, s))?
+        .into_inner())
+}
+
+/// Prints the leases a revoke (or a lock's) could not end; success only
+/// when there are none.
+fn failures_shown(failures: &[pb::RevokeFailure]) -> ExitCode {
+    for f in failures {
+        println!("FAILED {}: {}", f.lease_id, f.error);
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -478,11 +497,8 @@ async fn live_count(
         Selector::Identity(i) => req.identity = i.clone(),
         _ => {}
     }
-    let n = c
-        .list_leases(req)
-        .await
-        .map_err(|s| grpc_error("list leases", client, s))?
-        .into_inner()
+    let n = answered(client, "list leases", c.list_leases(req))
+        .await?
         .leases
         .len();
     Ok(format!("{n} now"))

@@ -194,13 +194,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         6,
         "revoking the lease: the open session is cut, the role dropped",
     );
-    broker
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("revoke: {}", credbroker::client::describe(&s)))?;
+    revoke(&mut broker, &lease.lease_id).await?;
     match as_lease.query_one("SELECT 1", &[]).await {
         Err(e) => println!("    the open session's next query -> {}", db_message(&e)),
         Ok(_) => anyhow::bail!("the revoked role's session still runs queries"),
@@ -255,7 +249,6 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Leases a MariaDB user, uses it, shows its failsafe event, revokes it.
 /// Leases `role` for two minutes and prints what a caller is told.
 async fn issue(
     broker: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
@@ -274,6 +267,22 @@ async fn issue(
     Ok(lease)
 }
 
+/// Revokes the lease through the holder's door, as an application would.
+async fn revoke(
+    broker: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    lease_id: &str,
+) -> anyhow::Result<()> {
+    broker
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: lease_id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("revoke: {}", credbroker::client::describe(&s)))?;
+    Ok(())
+}
+
+/// Leases a MariaDB user, uses it, shows its failsafe event, revokes it.
 async fn mysql_part(
     broker: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
     db: &ThrowawayMariadb,
@@ -328,13 +337,7 @@ async fn mysql_part(
         ),
         Ok(()) => anyhow::bail!("the leased MariaDB user could read payroll"),
     }
-    broker
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("revoke: {}", credbroker::client::describe(&s)))?;
+    revoke(broker, &lease.lease_id).await?;
     println!(
         "    revoked: ACCOUNT LOCK, KILL of its sessions, DEFINERs moved, DROP USER, failsafe event dropped"
     );

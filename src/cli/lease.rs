@@ -232,17 +232,7 @@ pub fn render(l: &pb::Lease, format: Format) -> String {
         }
         Format::Dsn => format!("{}\n", l.dsn),
         Format::Env => {
-            let keys = if l.kind == "mysql" {
-                [
-                    "MYSQL_HOST",
-                    "MYSQL_TCP_PORT",
-                    "MYSQL_USER",
-                    "MYSQL_PWD",
-                    "MYSQL_DATABASE",
-                ]
-            } else {
-                ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"]
-            };
+            let keys = credbroker::sidecar::render::client_env_keys(l.kind == "mysql");
             let port = l.port.to_string();
             let expires = rfc3339(&l.expires_at);
             let values: [&str; 5] = [
@@ -261,11 +251,8 @@ pub fn render(l: &pb::Lease, format: Format) -> String {
                 (&"CREDBROKER_LEASE_EXPIRES_AT", expires.as_str()),
             ]);
             for (k, v) in all {
-                out.push_str(k);
-                out.push('=');
                 // Quoted where a shell would read a character (a DSN's `&`).
-                credbroker::sidecar::render::env_value(&mut out, v);
-                out.push('\n');
+                credbroker::sidecar::render::env_line(&mut out, k, v);
             }
             out
         }

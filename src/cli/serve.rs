@@ -20,6 +20,10 @@ pub async fn run(args: Args) -> CliResult {
         eprintln!("credbroker: WARNING: cannot turn core dumps off: {e}");
     }
     let config = Config::load(&args.config)?;
+    // Before the ports listen: from then on a SIGHUP (logrotate's, a
+    // deployment's right after start) reaches the reloader below instead
+    // of ending the process, SIGHUP's default.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let listeners = Listeners::bind(&config).await?;
     let daemon = Daemon::open(config).await?;
     // `Daemon::open` logged each warning once (a second, bare copy on the
@@ -61,8 +65,7 @@ pub async fn run(args: Args) -> CliResult {
     let reloader = daemon.reloader();
     let path = args.config.clone();
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
+        let Ok(mut hup) = hup else {
             return;
         };
         while hup.recv().await.is_some() {

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use credbroker::audit::{AuditLog, Event, Outcome};
 use crate::cli::CliResult;
+use credbroker::audit::{AuditLog, Event, Outcome};
 use credbroker::config::{Config, SecretSource, StoreUrl};
 use credbroker::error::Error;
 use credbroker::store::postgres::PostgresStore;

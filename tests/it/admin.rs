@@ -17,14 +17,7 @@ const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
 /// test's fresh database) and `second` (another fresh one) — and on the
 /// shared throwaway MariaDB (`maria`, a fresh schema). Returns the schema too.
 async fn three_database_broker() -> (TestBroker, String) {
-    use mysql_async::prelude::Queryable;
-    let mut roles = role(
-        "ro",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    );
+    let mut roles = demo_role("ro", "5m", "10m");
     roles += &role(
         "ro2",
         "second",
@@ -36,22 +29,10 @@ async fn three_database_broker() -> (TestBroker, String) {
     let second = fresh_database_on(cluster()).await;
     let section = b.env.pg_database("second", cluster(), &second).unwrap();
 
-    let schema = unique("adm");
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
-    root.query_drop(format!(
-        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY)"
-    ))
-    .await
-    .unwrap();
-    let maria = b.maria_section("maria", &schema);
-    let maria_role = format!(
-        "[roles.ro3]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
-         allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
-         grants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
-    );
-    b.edit_config(|t| t + &section + &maria + &maria_role);
+    let schema = b
+        .add_mariadb("adm", "ro3", "spiffe://credbroker.dev/ns/demo/*")
+        .await;
+    b.edit_config(|t| t + &section);
     (b, schema)
 }
 
@@ -190,9 +171,8 @@ async fn revoke_by_identity_ends_live_sessions_on_three_databases_and_spares_oth
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].identity, OTHER);
     b.stop().await;
-    mysql_async::Conn::new(maria_opts(None, None))
+    maria_root()
         .await
-        .unwrap()
         .query_drop(format!("DROP DATABASE `{schema}`"))
         .await
         .unwrap();
@@ -200,14 +180,7 @@ async fn revoke_by_identity_ends_live_sessions_on_three_databases_and_spares_oth
 
 #[tokio::test]
 async fn admin_cli_lists_as_table_and_json_and_confirms_bulk_revokes() {
-    let mut b = TestBroker::start(&role(
-        "ro",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ))
-    .await;
+    let mut b = TestBroker::start(&demo_role("ro", "5m", "10m")).await;
     let a = issue(&b, "app", "ro", 0).await.unwrap();
     issue(&b, "other", "ro", 0).await.unwrap();
 

@@ -366,17 +366,7 @@ async fn page_when_revocations_fail(for_: Option<Duration>, interval: Duration) 
     let mut pg = ThrowawayPostgres::start(PostgresOptions::default())
         .await
         .expect("throwaway PostgreSQL for the alert test");
-    let mut b = TestBroker::prepare_on(
-        &pg,
-        &role(
-            "short",
-            "{db}",
-            "2s",
-            "1m",
-            "spiffe://credbroker.dev/ns/demo/*",
-        ),
-    )
-    .await;
+    let mut b = TestBroker::prepare_on(&pg, &demo_role("short", "2s", "1m")).await;
     let mport = b.listen_metrics();
     b.spawn_binary().await;
     wait_port(mport).await;

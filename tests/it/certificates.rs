@@ -9,13 +9,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::support::*;
 
 fn roles() -> String {
-    role(
-        "ro",
-        "{db}",
-        "1m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ) + &role("by-dns", "{db}", "1m", "10m", "dns:billing.internal")
+    demo_role("ro", "1m", "10m")
+        + &role("by-dns", "{db}", "1m", "10m", "dns:billing.internal")
         + &role("by-cn", "{db}", "1m", "10m", "cn:legacy-batch")
 }
 

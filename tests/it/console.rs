@@ -102,29 +102,9 @@ fn lease_json(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_browser_sees_filters_and_revokes_leases_with_their_sessions() {
     require_browser();
-    let b_roles = role(
-        "ro",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    );
+    let b_roles = demo_role("ro", "5m", "10m");
     let mut b = TestBroker::prepare(&b_roles).await;
-    let schema = unique("con");
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
-    root.query_drop(format!(
-        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY)"
-    ))
-    .await
-    .unwrap();
-    let maria = b.maria_section("maria", &schema);
-    let maria_role = format!(
-        "[roles.mro]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
-         allowed = [\"{APP}\"]\ngrants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
-    );
-    b.edit_config(|t| t + &maria + &maria_role);
+    let schema = b.add_mariadb("con", "mro", APP).await;
     let port = b.enable_console().await;
     b.start_in_process().await;
 

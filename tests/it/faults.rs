@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use credbroker::pb;
+use credbroker::pb::revoke_leases_request::Selector;
 use credbroker::store::LeaseFilter;
 use credbroker_testkit::pki::cert_serial;
 use tonic::Code;
@@ -13,19 +14,7 @@ use tonic::Code;
 use crate::support::*;
 
 fn roles() -> String {
-    role(
-        "ro",
-        "{db}",
-        "1m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ) + &role(
-        "short",
-        "{db}",
-        "2s",
-        "1m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    )
+    demo_role("ro", "1m", "10m") + &demo_role("short", "2s", "1m")
 }
 
 /// Writes a CRL revoking `who`'s dev certificate and returns its path.
@@ -1026,28 +1015,10 @@ async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
     assert!(login(&b.db, &l.username, &l.password).await.is_err());
 
     let mut admin = b.admin("admin").await;
-    let plain = admin
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                l.lease_id.clone(),
-            )),
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let plain = admin_revoke_by(&b, Selector::LeaseId(l.lease_id.clone()), false).await;
     assert_eq!(plain.revoked, 0);
     assert_eq!(plain.failures.len(), 1, "{plain:?}");
-    let forced = admin
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                l.lease_id.clone(),
-            )),
-            force: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let forced = admin_revoke_by(&b, Selector::LeaseId(l.lease_id.clone()), true).await;
     assert_eq!(forced.revoked, 1, "{forced:?}");
     let live = admin
         .list_leases(pb::ListLeasesRequest::default())

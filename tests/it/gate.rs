@@ -17,7 +17,7 @@ use credbroker::gate::{Control, Door};
 use credbroker::pb;
 use credbroker_testkit::pki::ClientSpec;
 
-use crate::support::{issue, role, write_client, TestBroker, APP};
+use crate::support::{demo_role, issue, role, write_client, TestBroker, APP};
 
 const ADMIN2: &str = "spiffe://credbroker.dev/dba/second";
 
@@ -918,13 +918,7 @@ async fn gate_fifty_issues_racing_lock_revoke_leave_no_role_behind_a_dead_lease(
 /// new watch is refused (audited). Another identity's stream goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gate_an_identity_lock_ends_the_identitys_open_watch_streams() {
-    let roles = role(
-        "ro",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    );
+    let roles = demo_role("ro", "5m", "10m");
     let mut b = TestBroker::start(&roles).await;
     let held = issue(&b, "app", "ro", 0).await.unwrap();
     let mut mine = b

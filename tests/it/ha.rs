@@ -14,19 +14,7 @@ use credbroker_testkit::throwaway::{PostgresOptions, ThrowawayPostgres};
 use crate::support::*;
 
 fn roles() -> String {
-    role(
-        "ro",
-        "{db}",
-        "1m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ) + &role(
-        "short",
-        "{db}",
-        "4s",
-        "1m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    )
+    demo_role("ro", "1m", "10m") + &demo_role("short", "4s", "1m")
 }
 
 /// Points `b` at a fresh store database in `pg` (password from a file,

@@ -12,13 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::support::*;
 
 fn roles() -> String {
-    role(
-        "ro",
-        "{db}",
-        "1m",
-        "5m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    )
+    demo_role("ro", "1m", "5m")
 }
 
 /// A TCP connection to the broker from `source` (another loopback address:
@@ -272,9 +266,7 @@ async fn no_password_reaches_any_file_the_broker_or_the_databases_write() {
     use mysql_async::prelude::Queryable;
     let mut b = TestBroker::prepare(&roles()).await;
     let schema = unique("pwgrep");
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
+    let mut root = maria_root().await;
     root.query_drop(format!("CREATE DATABASE `{schema}`"))
         .await
         .unwrap();

@@ -50,37 +50,13 @@ async fn use_pg_store(b: &TestBroker) {
 /// Adds database `maria` (a fresh schema on the shared throwaway MariaDB)
 /// and role `my` on it; returns the schema.
 async fn add_mariadb(b: &TestBroker) -> String {
-    let schema = unique("inc");
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
+    b.add_mariadb("inc", "my", "spiffe://credbroker.dev/ns/demo/*")
         .await
-        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
-    root.query_drop(format!(
-        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY)"
-    ))
-    .await
-    .unwrap();
-    let maria = b
-        .env
-        .mysql_database(
-            "maria",
-            mariadb().port(),
-            &schema,
-            Some(mariadb().root_password()),
-        )
-        .unwrap();
-    let maria_role = format!(
-        "[roles.my]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
-         allowed = [\"spiffe://credbroker.dev/ns/demo/*\"]\n\
-         grants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
-    );
-    b.edit_config(|t| t + &maria + &maria_role);
-    schema
 }
 
 async fn drop_schema(schema: &str) {
-    mysql_async::Conn::new(maria_opts(None, None))
+    maria_root()
         .await
-        .unwrap()
         .query_drop(format!("DROP DATABASE `{schema}`"))
         .await
         .unwrap();
@@ -121,14 +97,7 @@ fn records(b: &TestBroker, action: &str, outcome: Outcome) -> Vec<Record> {
 /// Every step is in the audit logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_lock_with_revoke_cuts_sessions_and_every_replica_refuses() {
-    let mut a = TestBroker::prepare(&role(
-        "ro",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ))
-    .await;
+    let mut a = TestBroker::prepare(&demo_role("ro", "5m", "10m")).await;
     use_pg_store(&a).await;
     let schema = add_mariadb(&a).await;
     let mut b = a.replica();
@@ -337,19 +306,7 @@ async fn incident_lock_with_revoke_cuts_sessions_and_every_replica_refuses() {
 /// restart of the broker (SQLite store), and a non-admin cannot set one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_locks_by_role_and_by_database_survive_a_restart() {
-    let roles = role(
-        "ro",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ) + &role(
-        "rw",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    );
+    let roles = demo_role("ro", "5m", "10m") + &demo_role("rw", "5m", "10m");
     let mut b = TestBroker::prepare(&roles).await;
     let schema = add_mariadb(&b).await;
     b.start_in_process().await;
@@ -472,14 +429,7 @@ async fn watch(
 /// selector; a non-admin may not; shutdown ends the streams cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_watch_streams_own_lease_events_and_ends_on_shutdown() {
-    let mut b = TestBroker::start(&role(
-        "ro",
-        "{db}",
-        "5m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ))
-    .await;
+    let mut b = TestBroker::start(&demo_role("ro", "5m", "10m")).await;
     let mut mine = watch(&b, "app", Default::default()).await.unwrap();
     let mut all = watch(
         &b,
@@ -799,9 +749,7 @@ async fn incident_mariadb_caller_host_pins_the_account_to_the_leasing_address() 
     b.edit_config(|t| t.replace("[roles.my]\n", "[roles.my]\nhost = \"caller\"\n"));
     b.start_in_process().await;
     let l = issue(&b, "app", "my", 0).await.unwrap();
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap();
+    let mut root = maria_root().await;
     let hosts: Vec<String> = root
         .exec("SELECT Host FROM mysql.user WHERE User = ?", (&l.username,))
         .await

@@ -11,19 +11,7 @@ use crate::support::*;
 const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
 
 fn roles() -> String {
-    role(
-        "ro",
-        "{db}",
-        "1m",
-        "10m",
-        "spiffe://credbroker.dev/ns/demo/app",
-    ) + &role(
-        "short",
-        "{db}",
-        "2s",
-        "8s",
-        "spiffe://credbroker.dev/ns/demo/*",
-    )
+    role("ro", "{db}", "1m", "10m", APP) + &demo_role("short", "2s", "8s")
 }
 
 /// Every password a test saw must be absent from PostgreSQL's statement log

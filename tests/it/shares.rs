@@ -384,14 +384,7 @@ async fn h2_held(config: Arc<rustls::ClientConfig>, port: u16) -> Option<TlsStre
 /// issues again. Before: no share on gRPC, app held a fourth connection.
 #[tokio::test]
 async fn one_identity_past_its_grpc_share_is_refused_while_another_still_issues() {
-    let mut b = TestBroker::prepare(&role(
-        "ro",
-        "{db}",
-        "10m",
-        "20m",
-        "spiffe://credbroker.dev/ns/demo/*",
-    ))
-    .await;
+    let mut b = TestBroker::prepare(&demo_role("ro", "10m", "20m")).await;
     let mport = free_port();
     b.edit_config(|t| {
         t.replace(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use credbroker::config::Config;
 use credbroker::daemon::{Daemon, Listeners};
 use credbroker::pb;
+use credbroker::pb::revoke_leases_request::Selector;
 use credbroker_testkit::devenv::DevEnv;
 use credbroker_testkit::throwaway::{
     postgres_binaries_present, MariadbOptions, PostgresOptions, ThrowawayMariadb, ThrowawayPostgres,
@@ -72,18 +73,35 @@ pub fn mariadb() -> &'static ThrowawayMariadb {
     })
 }
 
+/// Connection options for a throwaway MariaDB on 127.0.0.1:`port` over
+/// TCP (never the socket: accounts are pinned to hosts), as `user` with
+/// its password.
+pub fn maria_opts_on(
+    port: u16,
+    (user, password): (&str, &str),
+    db: Option<&str>,
+) -> mysql_async::OptsBuilder {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some(user))
+        .pass(Some(password))
+        .db_name(db)
+        .prefer_socket(false)
+}
+
 /// Connection options for the shared MariaDB: root, or `user` with its
 /// password.
 pub fn maria_opts(user: Option<(&str, &str)>, db: Option<&str>) -> mysql_async::OptsBuilder {
     let m = mariadb();
-    let (name, password) = user.unwrap_or(("root", m.root_password()));
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(m.port())
-        .user(Some(name))
-        .pass(Some(password))
-        .db_name(db)
-        .prefer_socket(false)
+    maria_opts_on(m.port(), user.unwrap_or(("root", m.root_password())), db)
+}
+
+/// Root on the shared throwaway MariaDB.
+pub async fn maria_root() -> mysql_async::Conn {
+    mysql_async::Conn::new(maria_opts(None, None))
+        .await
+        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"))
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -117,6 +135,18 @@ pub fn role(name: &str, db: &str, default_ttl: &str, max_ttl: &str, allowed: &st
 }
 
 pub const APP: &str = "spiffe://credbroker.dev/ns/demo/app";
+
+/// `role` on the test database for every identity of the dev PKI's demo
+/// namespace (`app`, `other`, …).
+pub fn demo_role(name: &str, default_ttl: &str, max_ttl: &str) -> String {
+    role(
+        name,
+        "{db}",
+        default_ttl,
+        max_ttl,
+        "spiffe://credbroker.dev/ns/demo/*",
+    )
+}
 
 /// The `[databases.main]` of a test broker.
 pub struct MainDatabase {
@@ -321,6 +351,29 @@ impl TestBroker {
                 Some(mariadb().root_password()),
             )
             .unwrap()
+    }
+
+    /// Adds database `maria` — a fresh schema named from `prefix`, with an
+    /// `orders` table, on the shared throwaway MariaDB — and role `role` on
+    /// it for `allowed`; returns the schema.
+    pub async fn add_mariadb(&self, prefix: &str, role: &str, allowed: &str) -> String {
+        use mysql_async::prelude::Queryable;
+        let schema = unique(prefix);
+        maria_root()
+            .await
+            .query_drop(format!(
+                "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY)"
+            ))
+            .await
+            .unwrap();
+        let maria = self.maria_section("maria", &schema);
+        let maria_role = format!(
+            "[roles.{role}]\ndatabase = \"maria\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n\
+             allowed = [\"{allowed}\"]\n\
+             grants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]\n\n"
+        );
+        self.edit_config(|t| t + &maria + &maria_role);
+        schema
     }
 
     /// Revokes a lease as its holder `who`.
@@ -604,19 +657,26 @@ where
 
 /// An admin (`admin`) revokes one lease by id, at once.
 pub async fn admin_revoke(b: &TestBroker, lease_id: &str) {
-    let out = b
-        .admin("admin")
+    let out = admin_revoke_by(b, Selector::LeaseId(lease_id.into()), false).await;
+    assert_eq!(out.revoked, 1, "{out:?}");
+}
+
+/// An admin (`admin`) revokes what `selector` names, with `--force` or
+/// without; the reply.
+pub async fn admin_revoke_by(
+    b: &TestBroker,
+    selector: Selector,
+    force: bool,
+) -> pb::RevokeLeasesResponse {
+    b.admin("admin")
         .await
         .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                lease_id.into(),
-            )),
-            force: false,
+            selector: Some(selector),
+            force,
         })
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(out.revoked, 1, "{out:?}");
+        .into_inner()
 }
 
 pub async fn issue(

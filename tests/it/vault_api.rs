@@ -12,7 +12,7 @@ use credbroker_testkit::pki::{ClientSpec, DevCa};
 use mysql_async::prelude::Queryable;
 use serde_json::Value;
 
-use crate::support::{login, maria_opts, role, unique, TestBroker, APP};
+use crate::support::{demo_role, login, maria_opts, maria_root, role, unique, TestBroker, APP};
 
 const OTHER: &str = "spiffe://credbroker.dev/ns/demo/other";
 
@@ -355,17 +355,7 @@ async fn vault_hvac_revoke_self_ends_the_tokens_leases_and_tokens_expire() {
 /// certificate — it is refused (403) and the refusal audited.
 #[tokio::test]
 async fn vault_token_replayed_with_another_certificate_is_refused() {
-    let b = vault_broker(
-        &role(
-            "ro",
-            "{db}",
-            "10m",
-            "20m",
-            "spiffe://credbroker.dev/ns/demo/*",
-        ),
-        "",
-    )
-    .await;
+    let b = vault_broker(&demo_role("ro", "10m", "20m"), "").await;
     let app = Cert::dev(&b, "app");
     let token = login_token(&b, &app).await;
     let twin = Cert::fresh(&b, APP);
@@ -607,9 +597,7 @@ async fn vault_vaultrs_cert_login_and_creds() {
 async fn vault_hvac_mariadb_creds_login_and_revoke() {
     let mut b = TestBroker::prepare("").await;
     let schema = unique("vlt");
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap_or_else(|e| panic!("root login to the throwaway MariaDB: {e}"));
+    let mut root = maria_root().await;
     root.query_drop(format!(
         "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY); \
          INSERT INTO `{schema}`.orders VALUES (7)"
@@ -652,9 +640,7 @@ async fn vault_hvac_mariadb_creds_login_and_revoke() {
             .is_err(),
         "the user is gone"
     );
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap();
+    let mut root = maria_root().await;
     let left: Option<i64> = root
         .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (&user,))
         .await

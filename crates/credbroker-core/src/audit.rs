@@ -198,14 +198,8 @@ fn newest_rotated(path: &Path) -> Option<PathBuf> {
 /// The files beside `path` whose names start with its name, each with the
 /// rest of its name (`.5000`, `.1`, `-20261201`): where rotated logs are.
 fn siblings(path: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| std::io::Error::other("not a file name"))?;
+    let (dir, name) = crate::fsutil::dir_and_name(path);
+    let name = name.ok_or_else(|| std::io::Error::other("not a file name"))?;
     Ok(std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .filter_map(|e| {

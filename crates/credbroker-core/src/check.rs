@@ -337,19 +337,18 @@ fn check_tls(config: &Config, f: &mut Vec<Finding>) {
     let now = Utc::now();
     let cas = match read_certs(&tls.client_ca) {
         Ok(c) if !c.is_empty() => c,
-        Ok(_) => {
+        unusable => {
+            let (what, fix) = match unusable {
+                Err(e) => (e.to_string(), "point tls.client_ca at a readable PEM file"),
+                Ok(_) => (
+                    "no certificate in it".to_string(),
+                    "point tls.client_ca at the PEM file of the CA that signs client certificates",
+                ),
+            };
             f.push(Finding::error(
                 "tls.client_ca",
-                format!("{}: no certificate in it", tls.client_ca.display()),
-                "point tls.client_ca at the PEM file of the CA that signs client certificates",
-            ));
-            Vec::new()
-        }
-        Err(e) => {
-            f.push(Finding::error(
-                "tls.client_ca",
-                format!("{}: {e}", tls.client_ca.display()),
-                "point tls.client_ca at a readable PEM file",
+                format!("{}: {what}", tls.client_ca.display()),
+                fix,
             ));
             Vec::new()
         }

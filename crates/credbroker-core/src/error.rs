@@ -193,17 +193,7 @@ impl fmt::Display for Error {
             Error::Config(_) => "config",
             other => other.class().words(),
         };
-        match self {
-            Error::InvalidArgument(m)
-            | Error::PermissionDenied(m)
-            | Error::Unauthenticated(m)
-            | Error::NotFound(m)
-            | Error::FailedPrecondition(m)
-            | Error::ResourceExhausted(m) => write!(f, "{words}: {m}"),
-            Error::Unavailable(d) | Error::Internal(d) | Error::Config(d) => {
-                write!(f, "{words}: {d}")
-            }
-        }
+        write!(f, "{words}: {}", self.message())
     }
 }
 
@@ -256,6 +246,20 @@ impl Error {
     }
 
     /// The payload of a class that can carry a source.
+    /// The whole message, whatever the class: what `Display` prints after
+    /// the class's words (a caller sees it only as `caller_message` says).
+    pub fn message(&self) -> &str {
+        match self {
+            Error::InvalidArgument(m)
+            | Error::PermissionDenied(m)
+            | Error::Unauthenticated(m)
+            | Error::NotFound(m)
+            | Error::FailedPrecondition(m)
+            | Error::ResourceExhausted(m) => m,
+            Error::Unavailable(d) | Error::Internal(d) | Error::Config(d) => d,
+        }
+    }
+
     pub fn detail(&self) -> Option<&Detail> {
         match self {
             Error::Unavailable(d) | Error::Internal(d) | Error::Config(d) => Some(d),
@@ -374,14 +378,9 @@ impl Error {
     /// table). Pure: it logs nothing; a door uses [`Error::for_caller`].
     pub fn caller_message(&self) -> String {
         match self {
-            Error::InvalidArgument(m)
-            | Error::PermissionDenied(m)
-            | Error::Unauthenticated(m)
-            | Error::NotFound(m)
-            | Error::FailedPrecondition(m)
-            | Error::ResourceExhausted(m) => m.clone(),
             Error::Unavailable(d) => unavailable_summary(d),
             Error::Internal(_) | Error::Config(_) => INTERNAL_CALLER_TEXT.to_string(),
+            plain => plain.message().to_string(),
         }
     }
 

@@ -1,4 +1,5 @@
-//! Small file helpers shared by the sidecar, rotate-root and `pki dev`.
+//! Small file helpers shared by the sidecar, rotate-root, `pki dev` and
+//! the audit log.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -14,14 +15,8 @@ use std::path::Path;
 /// sending the secret wherever the link points. A symlink at `path` itself
 /// is replaced by the rename, never followed.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("secret");
+    let (dir, name) = dir_and_name(path);
+    let name = name.unwrap_or("secret");
     let nonce: u64 = rand::random();
     let tmp = dir.join(format!(".{name}.tmp-{}-{nonce:016x}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
@@ -45,6 +40,16 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The directory `path` is in (`.` for a bare name) and its file name,
+/// when it has one that is UTF-8.
+pub fn dir_and_name(path: &Path) -> (&Path, Option<&str>) {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    (dir, path.file_name().and_then(|n| n.to_str()))
 }
 
 #[cfg(test)]

@@ -358,29 +358,31 @@ async fn decide(broker: &Broker, ask: &Ask<'_>, who: &Identity, event: &mut Even
 mod tests {
     use super::*;
 
+    /// Each of `all` stands at the place `index` (an exhaustive match)
+    /// gives it.
+    fn in_declaration_order<T: std::fmt::Debug>(all: &[T], index: impl Fn(&T) -> usize) {
+        for (i, v) in all.iter().enumerate() {
+            assert_eq!(i, index(v), "{v:?}");
+        }
+    }
+
     /// `ALL` lists every variant, in declaration order: a variant added
     /// without its place in `ALL` (and so without its matrix row) fails here.
     #[test]
     fn all_lists_every_door_and_control() {
-        for (i, d) in Door::ALL.iter().enumerate() {
-            let at = match d {
-                Door::GrpcBroker => 0,
-                Door::GrpcAdmin => 1,
-                Door::VaultApi => 2,
-                Door::Console => 3,
-                Door::GrpcAccess => 4,
-            };
-            assert_eq!(i, at, "{d:?}");
-        }
-        for (i, c) in Control::ALL.iter().enumerate() {
-            let at = match c {
-                Control::Identity => 0,
-                Control::Network => 1,
-                Control::Lock => 2,
-                Control::Policy => 3,
-                Control::Quota => 4,
-            };
-            assert_eq!(i, at, "{c:?}");
-        }
+        in_declaration_order(&Door::ALL, |d| match d {
+            Door::GrpcBroker => 0,
+            Door::GrpcAdmin => 1,
+            Door::VaultApi => 2,
+            Door::Console => 3,
+            Door::GrpcAccess => 4,
+        });
+        in_declaration_order(&Control::ALL, |c| match c {
+            Control::Identity => 0,
+            Control::Network => 1,
+            Control::Lock => 2,
+            Control::Policy => 3,
+            Control::Quota => 4,
+        });
     }
 }

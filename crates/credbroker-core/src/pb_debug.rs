@@ -14,53 +14,47 @@ fn redacted(s: &str) -> &'static str {
     }
 }
 
-impl fmt::Debug for pb::Lease {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lease")
-            .field("lease_id", &self.lease_id)
-            .field("role", &self.role)
-            .field("database", &self.database)
-            .field("kind", &self.kind)
-            .field("username", &self.username)
-            .field("password", &redacted(&self.password))
-            // The DSN holds the password too.
-            .field("dsn", &redacted(&self.dsn))
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("database_name", &self.database_name)
-            .field("issued_at", &self.issued_at)
-            .field("expires_at", &self.expires_at)
-            .field("max_expires_at", &self.max_expires_at)
-            .field("renewable", &self.renewable)
-            .field("identity", &self.identity)
-            .field("state", &self.state)
-            .finish()
-    }
+/// `impl Debug` printing each named field, a field marked `(redacted)`
+/// only as whether it is set; one table per type below. (Brace-delimited,
+/// so rustfmt leaves the tables as written.)
+macro_rules! debug_with_secrets {
+    ($ty:ty as $name:literal: $($field:ident $(($wrap:ident))?),* $(,)?) => {
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut d = f.debug_struct($name);
+                $(d.field(stringify!($field), &$($wrap)?(&self.$field));)*
+                d.finish()
+            }
+        }
+    };
 }
 
-impl fmt::Debug for pb::StaticCredential {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticCredential")
-            .field("static_role", &self.static_role)
-            .field("database", &self.database)
-            .field("kind", &self.kind)
-            .field("username", &self.username)
-            .field("password", &redacted(&self.password))
-            .field("dsn", &redacted(&self.dsn))
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("database_name", &self.database_name)
-            .field("generation", &self.generation)
-            .field("rotated_at", &self.rotated_at)
-            .field("next_rotation_at", &self.next_rotation_at)
-            .field("valid_until", &self.valid_until)
-            .finish()
-    }
+// The DSN holds the password too.
+debug_with_secrets! {
+    pb::Lease as "Lease": lease_id, role, database, kind, username, password(redacted),
+    dsn(redacted), host, port, database_name, issued_at, expires_at, max_expires_at, renewable,
+    identity, state,
+}
+
+debug_with_secrets! {
+    pb::StaticCredential as "StaticCredential": static_role, database, kind, username,
+    password(redacted), dsn(redacted), host, port, database_name, generation, rotated_at,
+    next_rotation_at, valid_until,
 }
 
 #[cfg(test)]
 mod tests {
     use crate::pb;
+
+    /// What the test's password `hunter2…` was set in is redacted, and the
+    /// rest (`named`) still shows.
+    fn shows_no_password(shown: String, named: &str) {
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains(named) && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn a_lease_and_every_reply_holding_one_print_no_password() {
@@ -71,12 +65,7 @@ mod tests {
             dsn: "postgresql://cb_app_x:hunter2hunter2@h:5432/d".into(),
             ..Default::default()
         };
-        let shown = format!("{lease:?} {lease:#?}");
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(
-            shown.contains("l_abc") && shown.contains("<redacted>"),
-            "{shown}"
-        );
+        shows_no_password(format!("{lease:?} {lease:#?}"), "l_abc");
         let reply = tonic::Response::new(lease);
         assert!(!format!("{reply:?}").contains("hunter2"));
     }
@@ -90,11 +79,6 @@ mod tests {
             dsn: "postgresql://app_a:hunter2hunter2@h:5432/d".into(),
             ..Default::default()
         };
-        let shown = format!("{c:?} {c:#?}");
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(
-            shown.contains("app_a") && shown.contains("<redacted>"),
-            "{shown}"
-        );
+        shows_no_password(format!("{c:?} {c:#?}"), "app_a");
     }
 }

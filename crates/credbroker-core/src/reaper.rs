@@ -96,46 +96,30 @@ pub async fn pass(broker: &Broker) -> Result<Duration> {
             break;
         }
         let full = due.len() == batch;
-        let (abandoned, expired): (Vec<_>, Vec<_>) = due
-            .into_iter()
-            .partition(|l| l.state == LeaseState::Pending);
-        if !abandoned.is_empty() {
-            broker
-                .revoker()
-                .revoke_claimed(
-                    abandoned,
-                    REAPER_IDENTITY,
-                    Reason::AbandonedIntent,
-                    Mode::UntilDropped,
-                )
-                .await;
+        // One batch per class, each under its reason, in this order: an
+        // intent abandoned mid-issue; a handover's drain that reached its
+        // deadline without its task (the broker died meanwhile), revoked in
+        // full now, as one; an expiry.
+        let mut classes = [
+            (Reason::AbandonedIntent, Vec::new()),
+            (Reason::Handover, Vec::new()),
+            (Reason::Expired, Vec::new()),
+        ];
+        for l in due {
+            let class = match l.state {
+                LeaseState::Pending => 0,
+                LeaseState::Draining => 1,
+                _ => 2,
+            };
+            classes[class].1.push(l);
         }
-        // A handover's drain that reached its deadline without its task
-        // (the broker died meanwhile): revoked in full now, as one.
-        let (drained, expired): (Vec<_>, Vec<_>) = expired
-            .into_iter()
-            .partition(|l| l.state == LeaseState::Draining);
-        if !drained.is_empty() {
-            broker
-                .revoker()
-                .revoke_claimed(
-                    drained,
-                    REAPER_IDENTITY,
-                    Reason::Handover,
-                    Mode::UntilDropped,
-                )
-                .await;
-        }
-        if !expired.is_empty() {
-            broker
-                .revoker()
-                .revoke_claimed(
-                    expired,
-                    REAPER_IDENTITY,
-                    Reason::Expired,
-                    Mode::UntilDropped,
-                )
-                .await;
+        for (reason, leases) in classes {
+            if !leases.is_empty() {
+                broker
+                    .revoker()
+                    .revoke_claimed(leases, REAPER_IDENTITY, reason, Mode::UntilDropped)
+                    .await;
+            }
         }
         if !full {
             break;

@@ -43,8 +43,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SecretSource;
 use crate::dbtls;
 use crate::error::{Error, Result};
-use crate::lease::LeaseId;
 use crate::identity::Identity;
+use crate::lease::LeaseId;
 use crate::lock::{Lock, LockId, LockTarget};
 use crate::token_cache::{TokenCache, TokenGone};
 use crate::watch::{EventKind, LeaseEvent, LockEvent, Note, WatchHub};
@@ -278,7 +278,8 @@ async fn receive(
                                 hub.publish(e);
                             }
                             Relayed::Note(Note::Lock(e)) => {
-                                if let (true, LockTarget::Identity(p)) = (e.placed, &e.lock.target) {
+                                if let (true, LockTarget::Identity(p)) = (e.placed, &e.lock.target)
+                                {
                                     tokens.forget_identities(|i| {
                                         p.matches(&Identity::from_trusted(i.to_string()))
                                     });
@@ -472,7 +473,8 @@ mod tests {
             at: Utc::now(),
             relayed: false,
         };
-        let Some(Relayed::Note(Note::Lease(back))) = decode(&encode(&Note::Lease(e.clone()))) else {
+        let Some(Relayed::Note(Note::Lease(back))) = decode(&encode(&Note::Lease(e.clone())))
+        else {
             panic!("not a lease event");
         };
         assert_eq!(back.lease_id, e.lease_id);

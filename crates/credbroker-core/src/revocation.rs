@@ -117,17 +117,26 @@ impl Lanes {
     }
 }
 
+/// What the broker's engines that act on their own — this one, and the
+/// static roles' rotator — are built from: the live config, the store,
+/// the databases, the audit log, the metrics, and this process's name as
+/// the owner of its claims in a shared store.
+#[derive(Clone)]
+pub struct Parts {
+    pub config: ConfigHandle,
+    pub store: Arc<dyn Store>,
+    pub backends: Backends,
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+    /// This process, for claims (revocation, rotation) in a shared store.
+    pub owner: String,
+}
+
 /// The engine. It holds what revocation needs and nothing of the request
 /// path, so the broker, the reaper and the sweep share it without any of
 /// them depending on the others.
 pub struct Revoker {
-    config: ConfigHandle,
-    store: Arc<dyn Store>,
-    backends: Backends,
-    audit: Arc<AuditLog>,
-    metrics: Arc<Metrics>,
-    /// This process, for revocation claims in a shared store.
-    owner: String,
+    parts: Parts,
     /// Where revocations are announced (`WatchLeases`).
     watch: Arc<crate::watch::WatchHub>,
     lanes: Lanes,
@@ -153,21 +162,9 @@ impl Revoker {
         &self.watch
     }
 
-    pub fn new(
-        config: ConfigHandle,
-        store: Arc<dyn Store>,
-        backends: Backends,
-        audit: Arc<AuditLog>,
-        metrics: Arc<Metrics>,
-        owner: String,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
         Revoker {
-            config,
-            store,
-            backends,
-            audit,
-            metrics,
-            owner,
+            parts,
             watch: Arc::new(crate::watch::WatchHub::new()),
             lanes: Lanes::default(),
             clock: Clock::System,
@@ -175,27 +172,27 @@ impl Revoker {
     }
 
     fn config(&self) -> Arc<Config> {
-        self.config.get()
+        self.parts.config.get()
     }
 
     fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        &self.parts.store
     }
 
     fn backends(&self) -> &Backends {
-        &self.backends
+        &self.parts.backends
     }
 
     fn audit(&self) -> &Arc<AuditLog> {
-        &self.audit
+        &self.parts.audit
     }
 
     fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.parts.metrics
     }
 
     fn owner(&self) -> &str {
-        &self.owner
+        &self.parts.owner
     }
 
     /// Who inherits what a lease's user owns: its role's `owner`, or the
@@ -574,24 +571,32 @@ mod tests {
         kit.store.get(id).await.unwrap().unwrap()
     }
 
+    /// The engine revokes `leases` (claimed) for actor `t`.
+    async fn revoke(kit: &Kit, leases: Vec<Lease>, reason: Reason, mode: Mode) -> BulkOutcome {
+        kit.broker
+            .revoker()
+            .revoke_claimed(leases, "t", reason, mode)
+            .await
+    }
+
+    /// The revoke calls the fake database has seen so far.
+    fn revoke_calls_now(kit: &Kit) -> Vec<String> {
+        kit.server
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("revoke"))
+            .collect()
+    }
+
     #[tokio::test]
     async fn a_batch_is_one_call_and_reports_what_was_reassigned() {
         let kit = Kit::new("", &role("ro", "main"));
         let leases = claimed(&kit, 3, "ro").await;
         kit.server.give_objects(leases[1].username.as_str(), 4);
-        let out = kit
-            .broker
-            .revoker()
-            .revoke_claimed(leases.clone(), "t", Reason::Admin, Mode::UntilDropped)
-            .await;
+        let out = revoke(&kit, leases.clone(), Reason::Admin, Mode::UntilDropped).await;
         assert_eq!(out.revoked.len(), 3);
         assert!(out.failed.is_empty());
-        let revokes: Vec<_> = kit
-            .server
-            .calls()
-            .into_iter()
-            .filter(|c| c.starts_with("revoke"))
-            .collect();
+        let revokes = revoke_calls_now(&kit);
         assert_eq!(revokes.len(), 1, "{revokes:?}");
         for l in &leases {
             assert_eq!(state(&kit, &l.id).await.state, LeaseState::Revoked);
@@ -619,10 +624,7 @@ mod tests {
         );
         let leases = claimed(&kit, 1, "mig").await;
         kit.server.give_objects(leases[0].username.as_str(), 2);
-        kit.broker
-            .revoker()
-            .revoke_claimed(leases, "t", Reason::Expired, Mode::UntilDropped)
-            .await;
+        revoke(&kit, leases, Reason::Expired, Mode::UntilDropped).await;
         let rec = kit
             .audit()
             .into_iter()
@@ -637,11 +639,7 @@ mod tests {
         let kit = Kit::new("", &role("ro", "main"));
         let leases = claimed(&kit, 3, "ro").await;
         kit.server.refuse_revoke(leases[0].username.as_str());
-        let out = kit
-            .broker
-            .revoker()
-            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
-            .await;
+        let out = revoke(&kit, leases.clone(), Reason::Expired, Mode::UntilDropped).await;
         assert_eq!(out.revoked.len(), 2);
         assert_eq!(out.failed.len(), 1);
         assert_eq!(out.failed[0].0, leases[0].id);
@@ -656,12 +654,7 @@ mod tests {
         assert!(bad.due_at > Utc::now(), "retry is scheduled later");
         assert_eq!(kit.store.claim_owner(&bad.id), None, "claim released");
         // Batch first, then one call per lease.
-        let revokes = kit
-            .server
-            .calls()
-            .into_iter()
-            .filter(|c| c.starts_with("revoke"))
-            .count();
+        let revokes = revoke_calls_now(&kit).len();
         assert_eq!(revokes, 4);
     }
 
@@ -670,18 +663,9 @@ mod tests {
         let kit = Kit::new("", &role("ro", "main"));
         let leases = claimed(&kit, 4, "ro").await;
         kit.server.set_unavailable(true);
-        let out = kit
-            .broker
-            .revoker()
-            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
-            .await;
+        let out = revoke(&kit, leases.clone(), Reason::Expired, Mode::UntilDropped).await;
         assert_eq!(out.failed.len(), 4);
-        let revokes = kit
-            .server
-            .calls()
-            .into_iter()
-            .filter(|c| c.starts_with("revoke"))
-            .count();
+        let revokes = revoke_calls_now(&kit).len();
         assert_eq!(revokes, 1, "a database that is away is asked once");
         for l in &leases {
             let s = state(&kit, &l.id).await;
@@ -704,10 +688,7 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            kit.broker
-                .revoker()
-                .revoke_claimed(vec![l], "t", Reason::Expired, Mode::UntilDropped)
-                .await;
+            revoke(&kit, vec![l], Reason::Expired, Mode::UntilDropped).await;
             let s = state(&kit, &leases[0].id).await;
             assert_eq!(s.revoke_attempts, attempt);
             let want = if attempt < 3 {
@@ -728,11 +709,7 @@ mod tests {
         for l in &leases {
             kit.server.refuse_revoke(l.username.as_str());
         }
-        let out = kit
-            .broker
-            .revoker()
-            .revoke_claimed(vec![leases[0].clone()], "t", Reason::Admin, Mode::Forced)
-            .await;
+        let out = revoke(&kit, vec![leases[0].clone()], Reason::Admin, Mode::Forced).await;
         assert_eq!(out.revoked, vec![leases[0].id.clone()]);
         assert_eq!(state(&kit, &leases[0].id).await.state, LeaseState::Revoked);
         let rec = kit
@@ -745,11 +722,7 @@ mod tests {
         assert!(rec.detail.unwrap().contains("forced"));
 
         kit.server.refuse_disable(true);
-        let out = kit
-            .broker
-            .revoker()
-            .revoke_claimed(vec![leases[1].clone()], "t", Reason::Admin, Mode::Forced)
-            .await;
+        let out = revoke(&kit, vec![leases[1].clone()], Reason::Admin, Mode::Forced).await;
         assert!(out.revoked.is_empty());
         assert!(
             out.failed[0]
@@ -775,11 +748,7 @@ mod tests {
         let (store, id) = (kit.store.clone(), leases[0].id.clone());
         kit.server
             .before_next_revoke(move || store.steal_claim(&id, "another-replica"));
-        let out = kit
-            .broker
-            .revoker()
-            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
-            .await;
+        let out = revoke(&kit, leases.clone(), Reason::Expired, Mode::UntilDropped).await;
         assert!(out.revoked.is_empty());
         assert!(
             matches!(&out.failed[0].1, Error::FailedPrecondition(m) if m == CLAIM_LOST),
@@ -796,11 +765,7 @@ mod tests {
         let leases = claimed(&kit, 1, "ro").await;
         let store = kit.store.clone();
         kit.server.before_next_revoke(move || store.fail_next(1));
-        let out = kit
-            .broker
-            .revoker()
-            .revoke_claimed(leases.clone(), "t", Reason::Expired, Mode::UntilDropped)
-            .await;
+        let out = revoke(&kit, leases.clone(), Reason::Expired, Mode::UntilDropped).await;
         assert!(out.revoked.is_empty());
         let e = &out.failed[0].1;
         // The store's own error, which names the store to every caller.
@@ -836,12 +801,7 @@ mod tests {
     /// Waits until the fake database has seen `n` revoke calls.
     async fn revoke_calls(kit: &Kit, n: usize) -> Vec<String> {
         for _ in 0..2000 {
-            let calls: Vec<String> = kit
-                .server
-                .calls()
-                .into_iter()
-                .filter(|c| c.starts_with("revoke"))
-                .collect();
+            let calls = revoke_calls_now(kit);
             if calls.len() >= n {
                 return calls;
             }

@@ -7,13 +7,14 @@
 //! schedule (expiry, intent grace, backoff) then runs in milliseconds.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::audit::{AuditLog, Record};
 use crate::backend::fake::{FakeBackend, FakeServer};
 use crate::backend::{Backend, Backends};
 use crate::broker::Broker;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, DatabaseConfig, SecretSource};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
@@ -196,5 +197,25 @@ pub fn pending_lease(username: &str) -> crate::lease::Lease {
         revoke_attempts: 0,
         last_error: None,
         grant_id: None,
+    }
+}
+
+/// A `[databases.orders]` section of `kind` at `admin_url`, no password,
+/// one connection and two-second timeouts: what a backend's unit tests
+/// build one from, with nothing listening or a server that refuses.
+pub fn database_config(kind: crate::lease::BackendKind, admin_url: String) -> DatabaseConfig {
+    DatabaseConfig {
+        name: "orders".into(),
+        kind,
+        admin_url,
+        admin_password: SecretSource::None,
+        client_host: None,
+        client_port: None,
+        client_sslmode: None,
+        client_sslrootcert: None,
+        max_connections: 1,
+        connect_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(2),
+        scram_iterations: 1,
     }
 }

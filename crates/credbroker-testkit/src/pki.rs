@@ -57,11 +57,22 @@ pub struct CertPair {
 
 impl fmt::Debug for CertPair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertPair")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"<redacted>")
-            .finish()
+        debug_redacting_key(f, "CertPair", &self.cert_pem, "key_pem")
     }
+}
+
+/// `Debug` of a certificate with its private key: the certificate shown,
+/// the key (field `key`) never.
+fn debug_redacting_key(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    cert_pem: &str,
+    key: &str,
+) -> fmt::Result {
+    f.debug_struct(name)
+        .field("cert_pem", &cert_pem)
+        .field(key, &"<redacted>")
+        .finish()
 }
 
 /// What goes into a client certificate. The broker derives the caller's
@@ -144,10 +155,7 @@ pub struct DevCa {
 
 impl fmt::Debug for DevCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DevCa")
-            .field("cert_pem", &self.cert_pem)
-            .field("key", &"<redacted>")
-            .finish()
+        debug_redacting_key(f, "DevCa", &self.cert_pem, "key")
     }
 }
 

@@ -5,8 +5,8 @@
 
 use super::*;
 use credbroker::lock::{LockId, LockTarget, NewLock};
-use credbroker::store::memory::MemoryStore;
 use credbroker::store::access::{AccessFilter, AccessRequest, AccessState, AccessStore, Approval};
+use credbroker::store::memory::MemoryStore;
 use credbroker::store::migrate::{copy_all, ensure_empty, PAGE};
 use credbroker::store::static_state::{CurrentUser, Pending, PendingKind, PreviousUser};
 use credbroker::store::{LeaseStore, LockStore, StaticState, StaticStore, TokenStore, VaultToken};
@@ -202,7 +202,11 @@ async fn dump(s: &dyn credbroker::store::Store) -> String {
     out += &format!("{:?}\n", s.static_list().await.unwrap());
     let mut access = s
         .list_access(&AccessFilter {
-            states: vec![AccessState::Pending, AccessState::Granted, AccessState::Ended],
+            states: vec![
+                AccessState::Pending,
+                AccessState::Granted,
+                AccessState::Ended,
+            ],
             ..AccessFilter::default()
         })
         .await
@@ -224,7 +228,11 @@ pub async fn case_migration_copies_in_and_out_field_for_field(s: Store) {
     );
     assert_eq!(leases.in_target, leases.copied);
     let access = moved.iter().find(|m| m.kind == "access_requests").unwrap();
-    assert_eq!((access.copied, access.in_target), (3, 3), "the denied request stays behind");
+    assert_eq!(
+        (access.copied, access.in_target),
+        (3, 3),
+        "the denied request stays behind"
+    );
     let want = dump(&src).await;
     assert_eq!(dump(s.as_ref()).await, want, "copied in");
     // The page walk saw every live lease once.

@@ -115,36 +115,39 @@ impl FakeServer {
         self.knobs.lock().unwrap().before_revoke = Some(Box::new(f));
     }
 
+    /// A semaphore with no permit, put in the knob `slot`: whatever waits
+    /// on that knob waits until the test adds permits.
+    fn closed_gate(
+        &self,
+        slot: fn(&mut Knobs) -> &mut Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *slot(&mut self.knobs.lock().unwrap()) = Some(gate.clone());
+        gate
+    }
+
     /// From now on each revocation waits for one permit of the returned
     /// semaphore (it starts with none): a database that is slow to answer.
     pub fn gate_revokes(&self) -> Arc<tokio::sync::Semaphore> {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        self.knobs.lock().unwrap().revoke_gate = Some(gate.clone());
-        gate
+        self.closed_gate(|k| &mut k.revoke_gate)
     }
 
     /// From now on each create makes its user, then waits for one permit
     /// of the returned semaphore (it starts with none) before answering.
     pub fn stall_creates(&self) -> Arc<tokio::sync::Semaphore> {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        self.knobs.lock().unwrap().create_gate = Some(gate.clone());
-        gate
+        self.closed_gate(|k| &mut k.create_gate)
     }
 
     /// From now on each create waits for one permit of the returned
     /// semaphore (it starts with none) before it makes its user.
     pub fn stall_before_create(&self) -> Arc<tokio::sync::Semaphore> {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        self.knobs.lock().unwrap().before_create_gate = Some(gate.clone());
-        gate
+        self.closed_gate(|k| &mut k.before_create_gate)
     }
 
     /// From now on each revocation, once done, waits for one permit of
     /// the returned semaphore (it starts with none) before it answers.
     pub fn stall_after_revoke(&self) -> Arc<tokio::sync::Semaphore> {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        self.knobs.lock().unwrap().after_revoke_gate = Some(gate.clone());
-        gate
+        self.closed_gate(|k| &mut k.after_revoke_gate)
     }
 
     /// Runs `f` right after the next static password is set.

@@ -59,3 +59,32 @@ impl Finding {
         }
     }
 }
+
+/// What a database's check returns when it cannot go on: the findings so
+/// far and `error`, and no list of the broker's users (so `check` names
+/// none as orphans).
+pub fn stopped(mut found: Vec<Finding>, error: Finding) -> (Vec<Finding>, Option<Vec<String>>) {
+    found.push(error);
+    (found, None)
+}
+
+/// A database's `admin_url` that does not parse, or names TLS parameters
+/// the broker cannot use.
+pub fn bad_admin_url(scope: &str, e: impl std::fmt::Display) -> Finding {
+    Finding::error(scope, format!("admin_url: {e}"), "fix admin_url")
+}
+
+/// The admin password the config names (none: the URL's own, or no
+/// password), or the error that says how to provide it.
+pub fn admin_password(
+    db: &crate::config::DatabaseConfig,
+    scope: &str,
+) -> Result<Option<crate::lease::Password>, Finding> {
+    super::read_admin_password(db).map_err(|e| {
+        Finding::error(
+            scope,
+            e.to_string(),
+            "create the password file (mode 0600) or set the variable the config names",
+        )
+    })
+}

@@ -234,6 +234,149 @@ pub trait Backend: Send + Sync {
     fn dsn(&self, username: &Username, password: Option<&Password>) -> String;
 }
 
+/// `impl Backend` for a real backend (`postgres`, `mysql`): both keep
+/// `config` and `endpoint` fields and answer every method with an inherent
+/// method of the same concern, one file each (`create_leased` in
+/// `create.rs`/`users.rs`, `revoke_users` in `revoke.rs`, …), so the trait
+/// impl is only this table, written once. Each backend keeps what differs:
+/// its kind (a `BackendKind` variant) and how its leased DSN reads
+/// (`leased_dsn`).
+macro_rules! database_backend {
+    ($ty:ty, $kind:ident) => {
+        // In a block of its own, so the impl names the trait's types plainly.
+        const _: () = {
+            use chrono::{DateTime, Utc};
+            use std::time::Duration;
+            use $crate::backend::{
+                Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, Sessions, StaticLogin,
+                StaticUsers, UserRef,
+            };
+            use $crate::error::Result;
+            use $crate::lease::{BackendKind, Password, Username};
+
+            #[async_trait::async_trait]
+            impl Backend for $ty {
+                fn kind(&self) -> BackendKind {
+                    BackendKind::$kind
+                }
+
+                fn name(&self) -> &str {
+                    &self.config.name
+                }
+
+                fn endpoint(&self) -> &Endpoint {
+                    &self.endpoint
+                }
+
+                async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
+                    self.create_leased(user).await
+                }
+
+                async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
+                    self.extend_leased(user, valid_until).await
+                }
+
+                async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
+                    self.revoke_users(revokees).await
+                }
+
+                async fn disable(&self, users: &[UserRef]) -> Result<()> {
+                    self.disable_users(users).await
+                }
+
+                async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
+                    self.drain_begin_user(user, until).await
+                }
+
+                async fn end_idle_sessions(
+                    &self,
+                    user: &str,
+                    _host: &str,
+                    settled: Duration,
+                ) -> Result<Sessions> {
+                    self.end_idle(user, settled).await
+                }
+
+                async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
+                    self.list_prefixed(prefix).await
+                }
+
+                async fn rotate_root(&self) -> Result<()> {
+                    self.rotate_admin_password().await
+                }
+
+                async fn check_tls(&self) -> Result<()> {
+                    self.check_tls_handshake().await
+                }
+
+                async fn preflight(&self) -> Result<Vec<String>> {
+                    self.preflight_warnings().await
+                }
+
+                async fn ping(&self) -> Result<()> {
+                    self.answers().await
+                }
+
+                fn pool_state(&self) -> PoolState {
+                    self.pool_metrics()
+                }
+
+                async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
+                    self.create_static_users(spec).await
+                }
+
+                async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
+                    self.set_static_password(login).await
+                }
+
+                async fn static_retire(&self, user: &str, host: &str, end: bool) -> Result<()> {
+                    self.retire_static_user(user, host, end).await
+                }
+
+                fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+                    self.leased_dsn(username, password)
+                }
+            }
+        };
+    };
+}
+pub(crate) use database_backend;
+
+impl Endpoint {
+    /// The host as a URL writes it: an IPv6 address in brackets.
+    pub fn url_host(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
+}
+
+/// A static role's failed statement: an internal error's message names
+/// the role (the `grants` or user an operator must look at); other
+/// classes stay as they are.
+pub(crate) fn in_static_role(role: &str, e: Error) -> Error {
+    match e {
+        Error::Internal(m) => {
+            Error::Internal(m.map_message(|m| format!("static role {role:?}: {m}")))
+        }
+        other => other,
+    }
+}
+
+/// A `LIKE` pattern for the names that start with `prefix` (its `\`, `_`
+/// and `%` escaped): how both backends find the users the broker made.
+pub fn prefix_pattern(prefix: &str) -> String {
+    format!(
+        "{}%",
+        prefix
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%")
+    )
+}
+
 /// Fills `{{name}}` in an operator's grant statement with the quoted user.
 pub fn render_grant(template: &str, quoted_user: &str) -> String {
     template.replace("{{name}}", quoted_user)

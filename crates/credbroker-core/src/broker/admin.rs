@@ -148,10 +148,7 @@ impl Broker {
                 event.outcome = Some(Outcome::Ok);
                 self.audit_event(event)
             }
-            Err(e) => {
-                self.metrics.request_failed("rotate_root", &e);
-                Err(self.audit_failure(event, e))
-            }
+            Err(e) => Err(self.refused("rotate_root", event, e)),
         }
     }
 
@@ -161,8 +158,7 @@ impl Broker {
             return Ok(());
         }
         let err = Error::denied("identity is not an admin");
-        self.metrics.request_failed(action, &err);
-        Err(self.audit_failure(Event::new(who.as_str(), action), err))
+        Err(self.refused(action, Event::new(who.as_str(), action), err))
     }
 }
 

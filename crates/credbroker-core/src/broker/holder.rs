@@ -84,10 +84,7 @@ impl Broker {
                     .publish(LeaseEvent::renewed(&lease, who.as_str()));
                 Ok(lease)
             }
-            Err(e) => {
-                self.metrics.request_failed("renew", &e);
-                Err(self.audit_failure(event, e))
-            }
+            Err(e) => Err(self.refused("renew", event, e)),
         }
     }
 
@@ -199,8 +196,7 @@ impl Broker {
             let e = Error::denied(format!(
                 "lease {id} belongs to another identity; only its holder hands it over"
             ));
-            self.metrics.request_failed("revoke", &e);
-            return Err(self.audit_failure(event, e));
+            return Err(self.refused("revoke", event, e));
         }
         if lease.state == LeaseState::Draining {
             event.outcome = Some(Outcome::Ok);
@@ -264,13 +260,11 @@ impl Broker {
             HolderClaim::Claimed(l) => l,
             HolderClaim::Missing => {
                 let e = Error::NotFound(format!("no lease {id}"));
-                self.metrics.request_failed("revoke", &e);
-                return Err(self.audit_failure(event, e));
+                return Err(self.refused("revoke", event, e));
             }
             HolderClaim::Refused(l) if holder.is_some_and(|h| h != l.identity) => {
                 let e = Error::denied(format!("lease {id} belongs to another identity"));
-                self.metrics.request_failed("revoke", &e);
-                return Err(self.audit_failure(event, e));
+                return Err(self.refused("revoke", event, e));
             }
             HolderClaim::Refused(l) if l.state == LeaseState::Revoked => {
                 event.role = Some(l.role.clone());

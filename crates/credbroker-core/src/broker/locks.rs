@@ -32,8 +32,7 @@ impl Broker {
         event.detail = Some(truncate_text(&format!("{target}")));
         let checked = self.check_lock_request(who, &target, duration, &reason);
         if let Err(e) = checked {
-            self.metrics.request_failed("lock", &e);
-            return Err(self.audit_failure(event, e));
+            return Err(self.refused("lock", event, e));
         }
         let new = NewLock {
             id: LockId::generate(),
@@ -45,8 +44,7 @@ impl Broker {
         let lock = match self.store.insert_lock(&new).await {
             Ok(l) => l,
             Err(e) => {
-                self.metrics.request_failed("lock", &e);
-                return Err(self.audit_failure(event, e));
+                return Err(self.refused("lock", event, e));
             }
         };
         if let LockTarget::Identity(p) = &lock.target {
@@ -207,10 +205,7 @@ impl Broker {
                 self.announce_lock(who, &lock, false);
                 Ok(lock)
             }
-            Err(e) => {
-                self.metrics.request_failed("unlock", &e);
-                Err(self.audit_failure(event, e))
-            }
+            Err(e) => Err(self.refused("unlock", event, e)),
         }
     }
 

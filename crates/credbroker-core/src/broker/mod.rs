@@ -34,7 +34,7 @@ use crate::lease::{Lease, LeaseId, Password};
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::policy::any_matches;
-pub use crate::revocation::{BulkOutcome, Mode, Revoker};
+pub use crate::revocation::{BulkOutcome, Mode, Parts, Revoker};
 use crate::static_roles::{Rotator, Sealer};
 use crate::store::{Claim, LeaseFilter, Store, DEFAULT_CLAIM};
 use crate::token_cache::TokenCache;
@@ -138,17 +138,18 @@ impl Broker {
         metrics.count_audit_failures(audit.write_failures());
         let config = ConfigHandle::new(config);
         let watch = Arc::new(WatchHub::new());
+        let parts = Parts {
+            config: config.clone(),
+            store: store.clone(),
+            backends: backends.clone(),
+            audit: audit.clone(),
+            metrics: metrics.clone(),
+            owner: owner.clone(),
+        };
         let revoker = Arc::new(
-            Revoker::new(
-                config.clone(),
-                store.clone(),
-                backends.clone(),
-                audit.clone(),
-                metrics.clone(),
-                owner.clone(),
-            )
-            .with_watch(watch.clone())
-            .with_clock(clock),
+            Revoker::new(parts.clone())
+                .with_watch(watch.clone())
+                .with_clock(clock),
         );
         let sealer = if config.get().static_roles.is_empty() {
             None
@@ -163,15 +164,7 @@ impl Broker {
                 }
             }
         };
-        let statics = Arc::new(Rotator::new(
-            config.clone(),
-            store.clone(),
-            backends.clone(),
-            audit.clone(),
-            metrics.clone(),
-            sealer,
-            owner.clone(),
-        ));
+        let statics = Arc::new(Rotator::new(parts, sealer));
         Broker {
             statics,
             config,
@@ -275,6 +268,13 @@ impl Broker {
     }
 
     /// Audits a refused or failed request and hands the error back.
+    /// A request that failed: counted under `action` and audited
+    /// ([`Self::audit_failure`]); the error to return.
+    fn refused(&self, action: &str, event: Event, err: Error) -> Error {
+        self.metrics.request_failed(action, &err);
+        self.audit_failure(event, err)
+    }
+
     fn audit_failure(&self, mut event: Event, err: Error) -> Error {
         event.outcome = Some(match err {
             Error::PermissionDenied(_)

@@ -66,10 +66,7 @@ impl Broker {
                 self.audit_event(ok)?;
                 Ok(c)
             }
-            Err(e) => {
-                self.metrics.request_failed("static_read", &e);
-                Err(self.audit_failure(event, e))
-            }
+            Err(e) => Err(self.refused("static_read", event, e)),
         }
     }
 

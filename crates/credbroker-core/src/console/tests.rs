@@ -66,6 +66,35 @@ fn kit() -> (Kit, Arc<Console>) {
     (kit, console)
 }
 
+/// A form posted by `who`.
+async fn submit(console: &Arc<Console>, who: &Peer, path: &str, form: &str) -> Answer {
+    send(console, who, post(path, form)).await
+}
+
+/// The CSRF token the console gives the admin on `CERT`.
+fn admin_token(console: &Console) -> String {
+    console.csrf.token(&CERT, &Identity::from_trusted(ADMIN))
+}
+
+async fn admin_locks(kit: &Kit) -> Vec<crate::lock::Lock> {
+    kit.broker
+        .admin_locks(&Identity::from_trusted(ADMIN))
+        .await
+        .unwrap()
+}
+
+async fn stored_lease(kit: &Kit, id: &crate::lease::LeaseId) -> crate::lease::Lease {
+    kit.broker.store().get(id).await.unwrap().unwrap()
+}
+
+/// The app reads static role `orders` (its first read sets generation 1).
+async fn read_orders(kit: &Kit) -> crate::static_roles::StaticCredential {
+    kit.broker
+        .static_credential(&crate::testkit::app(), "orders")
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn every_answer_carries_the_security_headers() {
     // Held to the end: its directory has the audit log.
@@ -141,14 +170,15 @@ async fn a_post_needs_this_certificates_csrf_token() {
     let (kit, console) = kit();
     let admin = peer(Ok(ADMIN));
     let form = "kind=role&value=ro&reason=INC-1";
-    let missing = send(&console, &admin, post("/locks", form)).await;
+    let missing = submit(&console, &admin, "/locks", form).await;
     assert_eq!(missing.status, StatusCode::FORBIDDEN);
-    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let token = admin_token(&console);
     let other_cert = console.csrf.token(&[1; 32], &Identity::from_trusted(ADMIN));
-    let forged = send(
+    let forged = submit(
         &console,
         &admin,
-        post("/locks", &format!("{form}&csrf={other_cert}")),
+        "/locks",
+        &format!("{form}&csrf={other_cert}"),
     )
     .await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
@@ -160,27 +190,10 @@ async fn a_post_needs_this_certificates_csrf_token() {
         .collect();
     assert_eq!(refused.len(), 2, "missing and forged tokens");
     assert!(refused.iter().all(|r| r.via.as_deref() == Some("console")));
-    assert!(kit
-        .broker
-        .admin_locks(&Identity::from_trusted(ADMIN))
-        .await
-        .unwrap()
-        .is_empty());
-    let ok = send(
-        &console,
-        &admin,
-        post("/locks", &format!("{form}&csrf={token}")),
-    )
-    .await;
+    assert!(admin_locks(&kit).await.is_empty());
+    let ok = submit(&console, &admin, "/locks", &format!("{form}&csrf={token}")).await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
-    assert_eq!(
-        kit.broker
-            .admin_locks(&Identity::from_trusted(ADMIN))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(admin_locks(&kit).await.len(), 1);
     // The page's own forms carry the token.
     let page = send(&console, &admin, get("/locks")).await;
     assert!(page
@@ -235,24 +248,17 @@ async fn bad_input_is_a_clear_400_that_keeps_what_was_typed_escaped() {
         a.body
     );
     // A lock form with a bad target keeps the reason typed.
-    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
-    let a = send(
+    let token = admin_token(&console);
+    let a = submit(
         &console,
         &admin,
-        post(
-            "/locks",
-            &format!("kind=identity&value=bare&reason=keep+me&csrf={token}"),
-        ),
+        "/locks",
+        &format!("kind=identity&value=bare&reason=keep+me&csrf={token}"),
     )
     .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(a.body.contains("value=\"keep me\""), "{}", a.body);
-    assert!(kit
-        .broker
-        .admin_locks(&Identity::from_trusted(ADMIN))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(admin_locks(&kit).await.is_empty());
 }
 
 #[tokio::test]
@@ -262,37 +268,26 @@ async fn a_single_revoke_without_script_asks_on_a_page_first() {
     let issued = kit.broker.issue(&app, "ro", None).await.unwrap();
     let id = issued.lease.id.to_string();
     let admin = peer(Ok(ADMIN));
-    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let token = admin_token(&console);
     let form = format!("lease_id={id}&back=%2Fleases&csrf={token}");
-    let asked = send(&console, &admin, post("/leases/revoke", &form)).await;
+    let asked = submit(&console, &admin, "/leases/revoke", &form).await;
     assert_eq!(asked.status, StatusCode::OK);
     assert!(
         asked.body.contains("Revoke lease")
             && asked.body.contains("name=\"confirmed\" value=\"yes\"")
     );
-    let live = kit
-        .broker
-        .store()
-        .get(&issued.lease.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let live = stored_lease(&kit, &issued.lease.id).await;
     assert!(live.state.is_live(), "revoked before it was confirmed");
-    let done = send(
+    let done = submit(
         &console,
         &admin,
-        post("/leases/revoke", &format!("{form}&confirmed=yes")),
+        "/leases/revoke",
+        &format!("{form}&confirmed=yes"),
     )
     .await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
     assert!(done.body.contains("1 lease revoked"), "{}", done.body);
-    let gone = kit
-        .broker
-        .store()
-        .get(&issued.lease.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let gone = stored_lease(&kit, &issued.lease.id).await;
     assert!(!gone.state.is_live());
     assert!(kit
         .audit()
@@ -324,11 +319,7 @@ async fn generation(kit: &Kit) -> u64 {
 #[tokio::test]
 async fn the_static_roles_page_lists_each_role_and_no_secret() {
     let (kit, console) = statics_kit();
-    let cred = kit
-        .broker
-        .static_credential(&crate::testkit::app(), "orders")
-        .await
-        .unwrap();
+    let cred = read_orders(&kit).await;
     let admin = peer(Ok(ADMIN));
     let a = send(&console, &admin, get("/static-roles")).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
@@ -343,7 +334,7 @@ async fn the_static_roles_page_lists_each_role_and_no_secret() {
     ] {
         assert!(a.body.contains(want), "{want}: {}", a.body);
     }
-    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
+    let token = admin_token(&console);
     assert!(a.body.contains(&format!("name=\"csrf\" value=\"{token}\"")));
     let sealed = kit
         .store
@@ -375,34 +366,30 @@ async fn the_static_roles_page_lists_each_role_and_no_secret() {
 async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
     let (kit, console) = statics_kit();
     let admin = peer(Ok(ADMIN));
-    kit.broker
-        .static_credential(&crate::testkit::app(), "orders")
-        .await
-        .unwrap();
+    read_orders(&kit).await;
     assert_eq!(generation(&kit).await, 1);
 
     let form = "static_role=orders&confirmed=yes";
-    let missing = send(&console, &admin, post("/static-roles/rotate", form)).await;
+    let missing = submit(&console, &admin, "/static-roles/rotate", form).await;
     assert_eq!(missing.status, StatusCode::FORBIDDEN);
     let forged = console.csrf.token(&[1; 32], &Identity::from_trusted(ADMIN));
-    let a = send(
+    let a = submit(
         &console,
         &admin,
-        post("/static-roles/rotate", &format!("{form}&csrf={forged}")),
+        "/static-roles/rotate",
+        &format!("{form}&csrf={forged}"),
     )
     .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert_eq!(generation(&kit).await, 1, "rotated without a CSRF token");
 
     // Without script (no `confirmed`): a confirmation page, nothing yet.
-    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
-    let asked = send(
+    let token = admin_token(&console);
+    let asked = submit(
         &console,
         &admin,
-        post(
-            "/static-roles/rotate",
-            &format!("static_role=orders&csrf={token}"),
-        ),
+        "/static-roles/rotate",
+        &format!("static_role=orders&csrf={token}"),
     )
     .await;
     assert_eq!(asked.status, StatusCode::OK);
@@ -414,10 +401,11 @@ async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
     );
     assert_eq!(generation(&kit).await, 1, "rotated before it was confirmed");
 
-    let done = send(
+    let done = submit(
         &console,
         &admin,
-        post("/static-roles/rotate", &format!("{form}&csrf={token}")),
+        "/static-roles/rotate",
+        &format!("{form}&csrf={token}"),
     )
     .await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
@@ -460,13 +448,11 @@ async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
     assert_eq!(rotations[0].outcome, Outcome::Ok);
 
     // An unknown role is a clear 404 and changes nothing.
-    let a = send(
+    let a = submit(
         &console,
         &admin,
-        post(
-            "/static-roles/rotate",
-            &format!("static_role=%3Cb%3Enope&confirmed=yes&csrf={token}"),
-        ),
+        "/static-roles/rotate",
+        &format!("static_role=%3Cb%3Enope&confirmed=yes&csrf={token}"),
     )
     .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
@@ -478,19 +464,13 @@ async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
 async fn revoke_incident_confirms_then_replaces_both_passwords() {
     let (kit, console) = statics_kit();
     let admin = peer(Ok(ADMIN));
-    let first = kit
-        .broker
-        .static_credential(&crate::testkit::app(), "orders")
-        .await
-        .unwrap();
-    let token = console.csrf.token(&CERT, &Identity::from_trusted(ADMIN));
-    let asked = send(
+    let first = read_orders(&kit).await;
+    let token = admin_token(&console);
+    let asked = submit(
         &console,
         &admin,
-        post(
-            "/static-roles/revoke",
-            &format!("static_role=orders&csrf={token}"),
-        ),
+        "/static-roles/revoke",
+        &format!("static_role=orders&csrf={token}"),
     )
     .await;
     assert_eq!(asked.status, StatusCode::OK);
@@ -502,13 +482,11 @@ async fn revoke_incident_confirms_then_replaces_both_passwords() {
         asked.body
     );
     assert_eq!(generation(&kit).await, 1);
-    let done = send(
+    let done = submit(
         &console,
         &admin,
-        post(
-            "/static-roles/revoke",
-            &format!("static_role=orders&confirmed=yes&csrf={token}"),
-        ),
+        "/static-roles/revoke",
+        &format!("static_role=orders&confirmed=yes&csrf={token}"),
     )
     .await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
@@ -535,13 +513,11 @@ async fn non_admins_cannot_see_or_rotate_static_roles() {
     // before any form is read.
     let token = console.csrf.token(&CERT, &Identity::from_trusted(APP));
     for path in ["/static-roles/rotate", "/static-roles/revoke"] {
-        let a = send(
+        let a = submit(
             &console,
             &app,
-            post(
-                path,
-                &format!("static_role=orders&confirmed=yes&csrf={token}"),
-            ),
+            path,
+            &format!("static_role=orders&confirmed=yes&csrf={token}"),
         )
         .await;
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}");

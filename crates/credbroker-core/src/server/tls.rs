@@ -313,22 +313,20 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let source = Source::of(peer.ip(), ipv6_prefix);
             let Some(source_slot) = per_source.acquire(source) else {
-                options
-                    .metrics
-                    .handshake_refused(options.name, "source_in_flight");
-                refusals.record(
-                    format!("unauthenticated:{source}"),
-                    "tls_handshake",
+                refusals.handshake(
+                    &options,
+                    source,
+                    "source_in_flight",
                     "too many handshakes in flight from this address",
                 );
                 continue;
             };
             let Ok(permit) = pending.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "too many TLS handshakes in flight; dropping connection");
-                options.metrics.handshake_refused(options.name, "in_flight");
-                refusals.record(
-                    format!("unauthenticated:{}", peer.ip()),
-                    "tls_handshake",
+                refusals.handshake(
+                    &options,
+                    peer.ip(),
+                    "in_flight",
                     "too many handshakes in flight",
                 );
                 continue;
@@ -347,22 +345,12 @@ pub fn incoming(
                     // sees the TLS alert. Log without secrets.
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %crate::error::chain(&e), "TLS handshake refused");
-                        options.metrics.handshake_refused(options.name, "refused");
-                        refusals.record(
-                            format!("unauthenticated:{}", peer.ip()),
-                            "tls_handshake",
-                            &e.to_string(),
-                        );
+                        refusals.handshake(&options, peer.ip(), "refused", &e.to_string());
                         return;
                     }
                     Err(_) => {
                         tracing::info!(%peer, "TLS handshake timed out");
-                        options.metrics.handshake_refused(options.name, "timeout");
-                        refusals.record(
-                            format!("unauthenticated:{}", peer.ip()),
-                            "tls_handshake",
-                            "handshake timed out",
-                        );
+                        refusals.handshake(&options, peer.ip(), "timeout", "handshake timed out");
                         return;
                     }
                 };
@@ -583,6 +571,20 @@ impl RefusalLog {
             }
         });
         log
+    }
+
+    /// A TLS handshake refused before any identity: counted by `why`
+    /// (`refused`, `timeout`, `in_flight`, `source_in_flight`) and
+    /// recorded against the address (or source) it came from.
+    fn handshake(
+        &self,
+        options: &ListenerOptions,
+        source: impl std::fmt::Display,
+        why: &str,
+        detail: &str,
+    ) {
+        options.metrics.handshake_refused(options.name, why);
+        self.record(format!("unauthenticated:{source}"), "tls_handshake", detail);
     }
 
     /// Counts one refusal; true when it is the first of its kind this

@@ -442,10 +442,34 @@ fn query_param(c: &Credential, key: &str) -> Option<String> {
     })
 }
 
+/// The environment variables a database's own command-line clients read,
+/// in order: host, port, user, password, database (`mysql`, or `psql`).
+pub fn client_env_keys(mysql: bool) -> [&'static str; 5] {
+    if mysql {
+        [
+            "MYSQL_HOST",
+            "MYSQL_TCP_PORT",
+            "MYSQL_USER",
+            "MYSQL_PWD",
+            "MYSQL_DATABASE",
+        ]
+    } else {
+        ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"]
+    }
+}
+
+/// One `KEY=value` line of an env file, the value as [`env_value`] writes it.
+pub fn env_line(out: &mut String, key: &str, v: &str) {
+    out.push_str(key);
+    out.push('=');
+    env_value(out, v);
+    out.push('\n');
+}
+
 /// Shell-style env values, so `. FILE` and `set -a; . FILE` work: bare
 /// when no character means anything to a shell (a URI's `&`, `?` or `[`
 /// would), else single-quoted.
-pub fn env_value(out: &mut String, v: &str) {
+fn env_value(out: &mut String, v: &str) {
     let bare = !v.is_empty()
         && v.bytes().all(|b| {
             b.is_ascii_alphanumeric()
@@ -467,23 +491,10 @@ fn env(c: &Credential) -> Zeroizing<String> {
     let mut out = Zeroizing::new(String::new());
     let servers = servers(c);
     let (host, port) = (servers.hosts(), servers.ports());
-    let keys = if is_mysql(c) {
-        [
-            "MYSQL_HOST",
-            "MYSQL_TCP_PORT",
-            "MYSQL_USER",
-            "MYSQL_PWD",
-            "MYSQL_DATABASE",
-        ]
-    } else {
-        ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"]
-    };
+    let keys = client_env_keys(is_mysql(c));
     let values: [&str; 5] = [&host, &port, &c.username, c.password.expose(), &c.database];
     for (k, v) in keys.iter().zip(values) {
-        out.push_str(k);
-        out.push('=');
-        env_value(&mut out, v);
-        out.push('\n');
+        env_line(&mut out, k, v);
     }
     if !is_mysql(c) {
         // libpq reads these; MySQL clients have no such variables, and
@@ -495,16 +506,11 @@ fn env(c: &Credential) -> Zeroizing<String> {
             ("PGTARGETSESSIONATTRS", &servers.target_session_attrs),
         ] {
             if let Some(v) = v {
-                out.push_str(k);
-                out.push('=');
-                env_value(&mut out, v);
-                out.push('\n');
+                env_line(&mut out, k, v);
             }
         }
     }
-    out.push_str("DATABASE_URL=");
-    env_value(&mut out, &c.dsn);
-    out.push('\n');
+    env_line(&mut out, "DATABASE_URL", &c.dsn);
     out
 }
 

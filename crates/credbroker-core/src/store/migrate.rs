@@ -231,7 +231,11 @@ impl AccessRequests {
         let all = store
             .list_access(&AccessFilter {
                 requester: None,
-                states: vec![AccessState::Pending, AccessState::Granted, AccessState::Ended],
+                states: vec![
+                    AccessState::Pending,
+                    AccessState::Granted,
+                    AccessState::Ended,
+                ],
                 limit: Some(MAX_ACCESS_LIST),
             })
             .await?;

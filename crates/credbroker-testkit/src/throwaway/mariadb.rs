@@ -1,7 +1,6 @@
 //! A throwaway MariaDB server: `mariadb-install-db` into a temporary
 //! directory, then `mariadbd` under the supervisor (see the module docs).
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,8 +9,8 @@ use std::time::Duration;
 use mysql_async::prelude::Queryable;
 
 use super::{
-    create_log, free_port, random_password, run_setup, wait_until_ready, write_private_file, RunAs,
-    ServerCommand, ServerTls, Supervised, TempDir,
+    free_port, run_setup, wait_until_ready, write_private_file, RunAs, ServerCommand,
+    ServerProcess, ServerTls, Supervised,
 };
 
 const MARIADBD: &str = "/usr/sbin/mariadbd";
@@ -19,7 +18,6 @@ const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
 const HOST: &str = "127.0.0.1";
 const ROOT: &str = "root";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const STOP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How to configure a [`ThrowawayMariadb`].
 #[derive(Debug, Clone)]
@@ -49,28 +47,12 @@ impl Default for MariadbOptions {
 /// A MariaDB server on 127.0.0.1 that lives as long as this value (and never
 /// longer than this process).
 pub struct ThrowawayMariadb {
-    // Declared before `dir`: the server must be gone before its directory is.
-    server: Option<Supervised>,
-    dir: TempDir,
-    data_dir: PathBuf,
-    log_path: PathBuf,
+    process: ServerProcess,
     socket: PathBuf,
-    run_as: Option<RunAs>,
-    port: u16,
-    password: String,
     opts: MariadbOptions,
 }
 
-impl fmt::Debug for ThrowawayMariadb {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ThrowawayMariadb")
-            .field("port", &self.port)
-            .field("data_dir", &self.data_dir)
-            .field("running", &self.server.is_some())
-            .field("password", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
+super::deref_to_process!(ThrowawayMariadb);
 
 /// Whether the MariaDB server binaries are installed. `demo` runs without a
 /// MariaDB where they are not; `start` (and so every test that needs one)
@@ -98,61 +80,47 @@ impl ThrowawayMariadb {
         if !mariadb_binaries_present() {
             return Err(missing_binaries());
         }
-        let run_as = RunAs::choose("mysql")?;
-        let dir = TempDir::new("mariadb", run_as.as_ref())?;
-        let data_dir = dir.path().join("data");
-        let log_path = dir.path().join("mariadb.log");
-        create_log(&log_path, run_as.as_ref())?;
+        let mut process =
+            ServerProcess::prepare("mariadb", "mariadb.log", RunAs::choose("mysql")?)?;
+        let (dir, run_as) = (process.dir.path(), process.run_as.as_ref());
 
         let mut install = Command::new(INSTALL_DB);
         install
             // Must come first; keeps the machine's /etc/mysql out of the way.
             .arg("--no-defaults")
-            .arg(format!("--datadir={}", data_dir.display()))
+            .arg(format!("--datadir={}", process.data_dir.display()))
             // Its own temp dir: the bootstrap server names temp tables by
             // pid and counter, and two installs in a shared /tmp (tests run
             // in parallel) can delete each other's.
-            .arg(format!("--tmpdir={}", dir.path().display()))
+            .arg(format!("--tmpdir={}", dir.display()))
             .args([
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
                 "--skip-name-resolve",
             ])
             .args(tuning_args())
-            .current_dir(dir.path())
+            .current_dir(dir)
             .env("LC_ALL", "C");
         // Run as the server's user directly rather than with `--user`, so the
         // same code works when we are not root.
-        if let Some(user) = &run_as {
+        if let Some(user) = run_as {
             user.apply(&mut install);
         }
-        run_setup(install, "mariadb-install-db", &log_path).await?;
+        run_setup(install, "mariadb-install-db", &process.log_path).await?;
 
         if let Some(tls) = &opts.tls {
             // Owned by the server's user, 0600: only it reads the key.
-            write_private_file(
-                &dir.path().join("server.crt"),
-                &tls.cert_pem,
-                run_as.as_ref(),
-            )?;
-            write_private_file(
-                &dir.path().join("server.key"),
-                &tls.key_pem,
-                run_as.as_ref(),
-            )?;
+            write_private_file(&dir.join("server.crt"), &tls.cert_pem, run_as)?;
+            write_private_file(&dir.join("server.key"), &tls.key_pem, run_as)?;
             if let Some(ca) = &tls.client_ca_pem {
-                write_private_file(&dir.path().join("client-ca.crt"), ca, run_as.as_ref())?;
+                write_private_file(&dir.join("client-ca.crt"), ca, run_as)?;
             }
         }
+        let socket = dir.join("mariadb.sock");
+        process.port = free_port()?;
         let mut db = ThrowawayMariadb {
-            server: None,
-            socket: dir.path().join("mariadb.sock"),
-            dir,
-            data_dir,
-            log_path,
-            run_as,
-            port: free_port()?,
-            password: random_password(),
+            socket,
+            process,
             opts,
         };
         db.spawn_and_wait(true).await?;
@@ -307,18 +275,7 @@ impl ThrowawayMariadb {
             }
         })
         .await;
-        // On failure `server` is dropped here, which kills it.
-        ready?;
-        self.server = Some(server);
-        Ok(())
-    }
-
-    pub fn host(&self) -> &str {
-        HOST
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
+        self.started(server, ready)
     }
 
     pub fn root_password(&self) -> &str {
@@ -329,39 +286,6 @@ impl ThrowawayMariadb {
     /// it with `prefer_socket` on; see [`opts`](Self::opts).
     pub fn url(&self) -> String {
         format!("mysql://{ROOT}@{HOST}:{}/", self.port)
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.log_path.clone()
-    }
-
-    pub fn read_log(&self) -> io::Result<String> {
-        let bytes = std::fs::read(&self.log_path).map_err(|e| {
-            io::Error::other(format!("cannot read {}: {e}", self.log_path.display()))
-        })?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    /// The `mariadbd` process, while it runs (for measuring its CPU).
-    pub fn server_pid(&self) -> Option<u32> {
-        self.server.as_ref().map(|s| s.server_pid)
-    }
-
-    /// Whether the server runs (it does unless [`stop`](Self::stop)ped).
-    pub fn is_running(&self) -> bool {
-        self.server.as_ref().is_some_and(Supervised::server_alive)
-    }
-
-    /// Clean shutdown, data kept. Stopping a stopped server does nothing.
-    pub async fn stop(&mut self) -> io::Result<()> {
-        match self.server.take() {
-            Some(server) => server.stop(STOP_TIMEOUT).await,
-            None => Ok(()),
-        }
     }
 
     /// Starts the server again on the same port, stopping it first if it

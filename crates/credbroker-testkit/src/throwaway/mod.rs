@@ -47,6 +47,139 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+/// What every throwaway server is, whatever its engine: a supervised
+/// process in a private directory, with its log, its port and its
+/// superuser's password. [`ThrowawayPostgres`] and [`ThrowawayMariadb`]
+/// deref to it, so stopping, reading the log and the like are written once
+/// here; each engine adds how it is set up, started and connected to.
+pub struct ServerProcess {
+    // Declared before `dir`: the server must be gone before its directory is.
+    pub(crate) server: Option<Supervised>,
+    pub(crate) dir: TempDir,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) log_path: PathBuf,
+    pub(crate) run_as: Option<RunAs>,
+    pub(crate) port: u16,
+    pub(crate) password: String,
+}
+
+/// Longest wait for a server's clean (or fast) shutdown.
+const STOP_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl ServerProcess {
+    /// A private directory for a server run as `run_as`: `data/` (for the
+    /// engine's setup to fill) and the log file `log_name`, created and
+    /// owned by `run_as`; a fresh superuser password. The port is the
+    /// engine's to pick once its setup is done (a free port stays free
+    /// only until someone binds it).
+    pub(crate) fn prepare(
+        prefix: &str,
+        log_name: &str,
+        run_as: Option<RunAs>,
+    ) -> io::Result<ServerProcess> {
+        let dir = TempDir::new(prefix, run_as.as_ref())?;
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join(log_name);
+        create_log(&log_path, run_as.as_ref())?;
+        Ok(ServerProcess {
+            server: None,
+            dir,
+            data_dir,
+            log_path,
+            run_as,
+            port: 0,
+            password: random_password(),
+        })
+    }
+
+    /// `Debug` for an engine's handle, `name`: no password, whether it runs.
+    pub(crate) fn debug(&self, name: &str, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(name)
+            .field("port", &self.port)
+            .field("data_dir", &self.data_dir)
+            .field("running", &self.server.is_some())
+            .field("password", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+
+    pub fn host(&self) -> &str {
+        "127.0.0.1"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log_path.clone()
+    }
+
+    pub fn read_log(&self) -> io::Result<String> {
+        let bytes = std::fs::read(&self.log_path).map_err(|e| {
+            io::Error::other(format!("cannot read {}: {e}", self.log_path.display()))
+        })?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server process, while it runs (for measuring its CPU).
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(|s| s.server_pid)
+    }
+
+    /// Whether the server runs (it does unless [`stop`](Self::stop)ped).
+    pub fn is_running(&self) -> bool {
+        self.server.as_ref().is_some_and(Supervised::server_alive)
+    }
+
+    /// The engine's clean shutdown (PostgreSQL's fast one: sessions are
+    /// ended), data kept. Stopping a stopped server does nothing.
+    pub async fn stop(&mut self) -> io::Result<()> {
+        match self.server.take() {
+            Some(server) => server.stop(STOP_TIMEOUT).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Keeps a server that answered its readiness check: on failure
+    /// `server` is dropped here, which kills it.
+    pub(crate) fn started(&mut self, server: Supervised, ready: io::Result<()>) -> io::Result<()> {
+        ready?;
+        self.server = Some(server);
+        Ok(())
+    }
+}
+
+/// `Deref` to [`ServerProcess`] for an engine's handle that keeps it in
+/// `process`.
+macro_rules! deref_to_process {
+    ($ty:ty) => {
+        impl std::ops::Deref for $ty {
+            type Target = super::ServerProcess;
+
+            fn deref(&self) -> &super::ServerProcess {
+                &self.process
+            }
+        }
+
+        impl std::ops::DerefMut for $ty {
+            fn deref_mut(&mut self) -> &mut super::ServerProcess {
+                &mut self.process
+            }
+        }
+
+        impl std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.process.debug(stringify!($ty), f)
+            }
+        }
+    };
+}
+use deref_to_process;
+
 /// The OS user a server runs as when we are root.
 #[derive(Debug, Clone)]
 pub(crate) struct RunAs {

@@ -1,21 +1,19 @@
 //! A throwaway PostgreSQL server: `initdb` into a temporary directory, then
 //! `postgres` under the supervisor (see the module docs).
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use super::{
-    create_log, free_port, random_password, run_setup, wait_until_ready, write_private_file, RunAs,
-    ServerCommand, ServerTls, Supervised, TempDir,
+    free_port, run_setup, wait_until_ready, write_private_file, RunAs, ServerCommand,
+    ServerProcess, ServerTls, Supervised,
 };
 
 pub(super) const SUPERUSER: &str = "postgres";
 pub(super) const HOST: &str = "127.0.0.1";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const STOP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How to configure a [`ThrowawayPostgres`].
 #[derive(Debug, Clone)]
@@ -53,29 +51,13 @@ impl Default for PostgresOptions {
 /// longer than this process).
 /// (Fields are the module's and `standby.rs`'s, which builds a standby.)
 pub struct ThrowawayPostgres {
-    // Declared before `dir`: the server must be gone before its directory is.
-    pub(super) server: Option<Supervised>,
-    pub(super) dir: TempDir,
-    pub(super) data_dir: PathBuf,
-    pub(super) log_path: PathBuf,
+    pub(super) process: ServerProcess,
     pub(super) bin_dir: PathBuf,
-    pub(super) run_as: Option<RunAs>,
-    pub(super) port: u16,
-    pub(super) password: String,
     /// The harness connects over the Unix socket (custom `pg_hba.conf`).
     pub(super) via_socket: bool,
 }
 
-impl fmt::Debug for ThrowawayPostgres {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ThrowawayPostgres")
-            .field("port", &self.port)
-            .field("data_dir", &self.data_dir)
-            .field("running", &self.server.is_some())
-            .field("password", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
+super::deref_to_process!(ThrowawayPostgres);
 
 /// Whether PostgreSQL server binaries (`initdb`, `postgres`) are installed, so
 /// `demo`, the bench and the tests can fail up front saying how to install
@@ -151,15 +133,14 @@ impl ThrowawayPostgres {
     /// Creates a cluster and starts it; returns once it accepts connections.
     pub async fn start(opts: PostgresOptions) -> io::Result<Self> {
         let bin_dir = find_bin_dir()?;
-        let run_as = RunAs::choose("postgres")?;
-        let dir = TempDir::new("pg", run_as.as_ref())?;
-        let data_dir = dir.path().join("data");
-        let log_path = dir.path().join("postgres.log");
-        create_log(&log_path, run_as.as_ref())?;
-        let password = random_password();
+        let mut process = ServerProcess::prepare("pg", "postgres.log", RunAs::choose("postgres")?)?;
+        // Owned copies: `process.port` is set below, after initdb.
+        let dir = process.dir.path().to_path_buf();
+        let data_dir = process.data_dir.clone();
+        let run_as = process.run_as.clone();
 
-        let pwfile = dir.path().join("pwfile");
-        write_private_file(&pwfile, &format!("{password}\n"), run_as.as_ref())?;
+        let pwfile = dir.as_path().join("pwfile");
+        write_private_file(&pwfile, &format!("{}\n", process.password), run_as.as_ref())?;
         let mut initdb = Command::new(bin_dir.join("initdb"));
         initdb
             .arg("--pgdata")
@@ -175,18 +156,19 @@ impl ThrowawayPostgres {
                 // A throwaway cluster need not survive a power cut.
                 "--no-sync",
             ])
-            .current_dir(dir.path())
+            .current_dir(dir.as_path())
             .env("LC_ALL", "C");
         if let Some(user) = &run_as {
             user.apply(&mut initdb);
         }
-        let initdb_result = run_setup(initdb, "initdb", &log_path).await;
+        let initdb_result = run_setup(initdb, "initdb", &process.log_path).await;
         let _ = std::fs::remove_file(&pwfile);
         initdb_result?;
 
         let mut conf = String::from("\n# credbroker throwaway server\n");
-        let socket_dir = dir.path().to_string_lossy().into_owned();
+        let socket_dir = dir.as_path().to_string_lossy().into_owned();
         let port = free_port()?;
+        process.port = port;
         let mut settings: Vec<(String, String)> = vec![
             ("listen_addresses".into(), HOST.into()),
             ("port".into(), port.to_string()),
@@ -246,14 +228,8 @@ impl ThrowawayPostgres {
         std::fs::write(&conf_path, existing)?;
 
         let mut pg = ThrowawayPostgres {
-            server: None,
-            dir,
-            data_dir,
-            log_path,
+            process,
             bin_dir,
-            run_as,
-            port,
-            password,
             via_socket: opts.hba.is_some(),
         };
         pg.start_server().await?;
@@ -288,18 +264,7 @@ impl ThrowawayPostgres {
             }
         })
         .await;
-        // On failure `server` is dropped here, which kills it.
-        ready?;
-        self.server = Some(server);
-        Ok(())
-    }
-
-    pub fn host(&self) -> &str {
-        HOST
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
+        self.started(server, ready)
     }
 
     pub fn superuser(&self) -> &str {
@@ -361,35 +326,6 @@ impl ThrowawayPostgres {
             .batch_execute(&sql)
             .await
             .map_err(|e| io::Error::other(format!("cannot create database {name:?}: {e}")))
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.log_path.clone()
-    }
-
-    pub fn read_log(&self) -> io::Result<String> {
-        let bytes = std::fs::read(&self.log_path).map_err(|e| {
-            io::Error::other(format!("cannot read {}: {e}", self.log_path.display()))
-        })?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-
-    /// Whether the server runs (it does unless [`stop`](Self::stop)ped).
-    pub fn is_running(&self) -> bool {
-        self.server.as_ref().is_some_and(Supervised::server_alive)
-    }
-
-    /// Fast shutdown (sessions are ended, data kept). Stopping a stopped
-    /// server does nothing.
-    pub async fn stop(&mut self) -> io::Result<()> {
-        match self.server.take() {
-            Some(server) => server.stop(STOP_TIMEOUT).await,
-            None => Ok(()),
-        }
     }
 
     /// Starts the server again on the same port, stopping it first if it

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::postgres::{conf_line, HOST, SUPERUSER};
-use super::{create_log, free_port, run_setup, TempDir, ThrowawayPostgres};
+use super::{free_port, run_setup, ServerProcess, ThrowawayPostgres};
 
 /// Longest wait for the standby to stream and count as synchronous.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,11 +22,14 @@ impl ThrowawayPostgres {
     /// has it, so a failover to the standby loses nothing acknowledged.
     /// Returns once the standby streams as `sync`.
     pub async fn start_sync_standby(&self) -> io::Result<ThrowawayPostgres> {
-        let run_as = self.run_as.clone();
-        let dir = TempDir::new("pg-standby", run_as.as_ref())?;
-        let data_dir = dir.path().join("data");
-        let log_path = dir.path().join("postgres.log");
-        create_log(&log_path, run_as.as_ref())?;
+        let mut process =
+            ServerProcess::prepare("pg-standby", "postgres.log", self.run_as.clone())?;
+        // The standby's superuser is the primary's, copied with its data.
+        process.password = self.password.clone();
+        // Owned copies: `process.port` is set below, after the copy.
+        let dir = process.dir.path().to_path_buf();
+        let data_dir = process.data_dir.clone();
+        let run_as = process.run_as.clone();
         let program = self.bin_dir.join("pg_basebackup");
         if !program.is_file() {
             return Err(io::Error::other(format!(
@@ -48,23 +51,24 @@ impl ThrowawayPostgres {
                 "--no-sync",
             ])
             .env("PGPASSWORD", &self.password)
-            .current_dir(dir.path())
+            .current_dir(dir.as_path())
             .env("LC_ALL", "C");
         if let Some(user) = &run_as {
             user.apply(&mut basebackup);
         }
-        run_setup(basebackup, "pg_basebackup", &log_path).await?;
+        run_setup(basebackup, "pg_basebackup", &process.log_path).await?;
 
         // The copy carries the primary's port and socket directory: later
         // lines win. `primary_conninfo` again, with the password and a name
         // `pg_stat_replication` shows.
         let port = free_port()?;
+        process.port = port;
         let mut conf = String::from("\n# credbroker throwaway standby\n");
         for (key, value) in [
             ("port", port.to_string()),
             (
                 "unix_socket_directories",
-                dir.path().to_string_lossy().into_owned(),
+                dir.as_path().to_string_lossy().into_owned(),
             ),
             (
                 "primary_conninfo",
@@ -82,14 +86,8 @@ impl ThrowawayPostgres {
         std::fs::write(&auto_conf, existing)?;
 
         let mut standby = ThrowawayPostgres {
-            server: None,
-            dir,
-            data_dir,
-            log_path,
+            process,
             bin_dir: self.bin_dir.clone(),
-            run_as,
-            port,
-            password: self.password.clone(),
             via_socket: self.via_socket,
         };
         standby.start_server().await?;

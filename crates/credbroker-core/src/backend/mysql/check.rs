@@ -6,9 +6,8 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 
-use crate::backend::finding::Finding;
+use crate::backend::finding::{admin_password, bad_admin_url, stopped, Finding};
 use crate::backend::mysql::FAILSAFE_SCHEMA;
-use crate::backend::read_admin_password;
 use crate::config::{DatabaseConfig, RoleConfig};
 
 pub async fn check(
@@ -31,14 +30,7 @@ pub async fn check(
     );
     let (opts, ssl) = match parsed {
         Ok(o) => o,
-        Err(e) => {
-            out.push(Finding::error(
-                &scope,
-                format!("admin_url: {e}"),
-                "fix admin_url",
-            ));
-            return (out, None);
-        }
+        Err(e) => return stopped(out, bad_admin_url(&scope, e)),
     };
     let at = format!(
         "{}@{}:{}",
@@ -50,17 +42,10 @@ pub async fn check(
     let mut builder = OptsBuilder::from_opts(opts)
         .prefer_socket(false)
         .ssl_opts(ssl);
-    match read_admin_password(db) {
+    match admin_password(db, &scope) {
         Ok(Some(p)) => builder = builder.pass(Some(p.expose().to_string())),
         Ok(None) => {}
-        Err(e) => {
-            out.push(Finding::error(
-                &scope,
-                e.to_string(),
-                "create the password file (mode 0600) or set the variable the config names",
-            ));
-            return (out, None);
-        }
+        Err(f) => return stopped(out, f),
     }
     let mut conn = match tokio::time::timeout(db.connect_timeout, Conn::new(builder)).await {
         Ok(Ok(c)) => c,
@@ -85,20 +70,24 @@ pub async fn check(
                     "check admin_url and the server's log".to_string(),
                 ),
             };
-            out.push(Finding::error(
-                &scope,
-                format!("cannot connect: {what} as {at}: {}", cause_text(&e)),
-                fix,
-            ));
-            return (out, None);
+            return stopped(
+                out,
+                Finding::error(
+                    &scope,
+                    format!("cannot connect: {what} as {at}: {}", cause_text(&e)),
+                    fix,
+                ),
+            );
         }
         Err(_) => {
-            out.push(Finding::error(
-                &scope,
-                format!("cannot connect: connection timed out as {at}"),
-                "check admin_url's host and port, and any firewall",
-            ));
-            return (out, None);
+            return stopped(
+                out,
+                Finding::error(
+                    &scope,
+                    format!("cannot connect: connection timed out as {at}"),
+                    "check admin_url's host and port, and any firewall",
+                ),
+            );
         }
     };
     let version: String = conn
@@ -206,17 +195,10 @@ pub async fn check(
             ),
         ));
     }
-    let pattern = format!(
-        "{}%",
-        prefix
-            .replace('\\', "\\\\")
-            .replace('_', "\\_")
-            .replace('%', "\\%")
-    );
     let prefixed: Option<Vec<String>> = match conn
         .exec(
             "SELECT DISTINCT User FROM mysql.user WHERE User LIKE ?",
-            (pattern,),
+            (crate::backend::prefix_pattern(prefix),),
         )
         .await
     {

@@ -137,25 +137,13 @@ impl MysqlBackend {
 #[cfg(test)]
 mod tests {
     use super::code;
-    use crate::config::{DatabaseConfig, SecretSource};
     use crate::error::Error;
-    use std::time::Duration;
 
     fn backend(port: u16) -> super::MysqlBackend {
-        super::MysqlBackend::new(&DatabaseConfig {
-            name: "orders".into(),
-            kind: crate::lease::BackendKind::Mysql,
-            admin_url: format!("mysql://admin@127.0.0.1:{port}/"),
-            admin_password: SecretSource::None,
-            client_host: None,
-            client_port: None,
-            client_sslmode: None,
-            client_sslrootcert: None,
-            max_connections: 1,
-            connect_timeout: Duration::from_secs(2),
-            statement_timeout: Duration::from_secs(2),
-            scram_iterations: 1,
-        })
+        super::MysqlBackend::new(&crate::testkit::database_config(
+            crate::lease::BackendKind::Mysql,
+            format!("mysql://admin@127.0.0.1:{port}/"),
+        ))
         .unwrap()
     }
 

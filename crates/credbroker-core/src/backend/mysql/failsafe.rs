@@ -136,15 +136,24 @@ fn failsafe_body(username: &str, host: &str, can_lock: bool) -> String {
     } else {
         (format!("DROP USER IF EXISTS {acct};"), String::new())
     };
+    sessions_killed_between(username, "DECLARE defines BIGINT DEFAULT 0; ", &lock, &drop)
+}
+
+/// An event body that runs `first`, kills every session of `user` (on any
+/// host: `PROCESSLIST` has no host part to match), then runs `last`; the
+/// two failsafes (a lease's, a static user's) differ only in those.
+/// `vars` declares their variables: MySQL wants every variable declared
+/// before the cursor and the handlers.
+fn sessions_killed_between(user: &str, vars: &str, first: &str, last: &str) -> String {
     format!(
         "BEGIN \
            DECLARE done INT DEFAULT 0; \
-           DECLARE defines BIGINT DEFAULT 0; \
+           {vars}\
            DECLARE cid BIGINT UNSIGNED; \
            DECLARE c CURSOR FOR SELECT ID FROM information_schema.PROCESSLIST WHERE USER = {user}; \
            DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
            DECLARE CONTINUE HANDLER FOR {no_thread} BEGIN END; \
-           {lock} \
+           {first} \
            OPEN c; \
            sessions: LOOP \
              FETCH c INTO cid; \
@@ -152,9 +161,9 @@ fn failsafe_body(username: &str, host: &str, can_lock: bool) -> String {
              KILL CONNECTION cid; \
            END LOOP; \
            CLOSE c; \
-           {drop} \
+           {last} \
          END",
-        user = lit(username),
+        user = lit(user),
         no_thread = code::NO_SUCH_THREAD,
     )
 }
@@ -183,24 +192,11 @@ pub(super) fn static_failsafe_body(
 ) -> String {
     let acct = account(user, host);
     let lock = if can_lock { " ACCOUNT LOCK" } else { "" };
-    format!(
-        "BEGIN \
-           DECLARE done INT DEFAULT 0; \
-           DECLARE cid BIGINT UNSIGNED; \
-           DECLARE c CURSOR FOR SELECT ID FROM information_schema.PROCESSLIST WHERE USER = {user_lit}; \
-           DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1; \
-           DECLARE CONTINUE HANDLER FOR {no_thread} BEGIN END; \
-           ALTER USER IF EXISTS {acct} {unknown}{lock}; \
-           OPEN c; \
-           sessions: LOOP \
-             FETCH c INTO cid; \
-             IF done THEN LEAVE sessions; END IF; \
-             KILL CONNECTION cid; \
-           END LOOP; \
-           CLOSE c; \
-         END",
-        user_lit = lit(user),
-        no_thread = code::NO_SUCH_THREAD,
+    sessions_killed_between(
+        user,
+        "",
+        &format!("ALTER USER IF EXISTS {acct} {unknown}{lock};"),
+        "",
     )
 }
 

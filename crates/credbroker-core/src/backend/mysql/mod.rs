@@ -24,8 +24,9 @@
 //! here: `connection` (pool, options, timeouts, rotate-root), `errors`,
 //! `server` (flavour, version, preflight), `failsafe`, `users` (create,
 //! extend, list), `revoke`, `reassign` (DEFINER moves), `static_users`.
-//! A trait impl is one block, so `impl Backend` is here and only
-//! delegates. Free functions: `quote`, `auth` (password hashes), `definer`
+//! A trait impl is one block: `impl Backend` is the delegation table
+//! `backend::database_backend!` writes for both real backends, invoked
+//! here. Free functions: `quote`, `auth` (password hashes), `definer`
 //! (the DEFINER-move SQL, pure) and `check` (`credbroker check`).
 
 pub mod auth;
@@ -44,18 +45,13 @@ mod users;
 
 use std::sync::RwLock;
 
-use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use mysql_async::{OptsBuilder, Pool};
 use tokio::sync::OnceCell;
 
-use crate::backend::{
-    Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin, StaticUsers, UserRef,
-};
+use crate::backend::Endpoint;
 use crate::config::DatabaseConfig;
 use crate::dbtls::TlsParams;
-use crate::error::Result;
-use crate::lease::{BackendKind, Password, Username};
+use crate::lease::{Password, Username};
 use reassign::DefinerLookups;
 
 pub use failsafe::FAILSAFE_SCHEMA;
@@ -78,92 +74,13 @@ pub struct MysqlBackend {
     lookups: DefinerLookups,
 }
 
-#[async_trait]
-impl Backend for MysqlBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Mysql
-    }
+crate::backend::database_backend!(MysqlBackend, Mysql);
 
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
-        self.create_leased(user).await
-    }
-
-    async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
-        self.extend_leased(user, valid_until).await
-    }
-
-    async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
-        self.revoke_users(revokees).await
-    }
-
-    async fn disable(&self, users: &[UserRef]) -> Result<()> {
-        self.disable_users(users).await
-    }
-
-    async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
-        self.drain_begin_user(user, until).await
-    }
-
-    async fn end_idle_sessions(
-        &self,
-        user: &str,
-        _host: &str,
-        settled: std::time::Duration,
-    ) -> Result<crate::backend::Sessions> {
-        self.end_idle(user, settled).await
-    }
-
-    async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
-        self.list_prefixed(prefix).await
-    }
-
-    async fn rotate_root(&self) -> Result<()> {
-        self.rotate_admin_password().await
-    }
-
-    async fn check_tls(&self) -> Result<()> {
-        self.check_tls_handshake().await
-    }
-
-    async fn preflight(&self) -> Result<Vec<String>> {
-        self.preflight_warnings().await
-    }
-
-    async fn ping(&self) -> Result<()> {
-        self.answers().await
-    }
-
-    fn pool_state(&self) -> PoolState {
-        self.pool_metrics()
-    }
-
-    async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
-        self.create_static_users(spec).await
-    }
-
-    async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
-        self.set_static_password(login).await
-    }
-
-    async fn static_retire(&self, user: &str, host: &str, end_sessions: bool) -> Result<()> {
-        self.retire_static_user(user, host, end_sessions).await
-    }
-
-    fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+impl MysqlBackend {
+    /// `Backend::dsn`: a `mysql://` URL with the client TLS parameters.
+    fn leased_dsn(&self, username: &Username, password: Option<&Password>) -> String {
         let e = &self.endpoint;
-        let host = if e.host.contains(':') {
-            format!("[{}]", e.host)
-        } else {
-            e.host.clone()
-        };
+        let host = e.url_host();
         let tls = crate::dbtls::client_query(
             crate::dbtls::Dialect::Mysql,
             self.config.client_sslmode,

@@ -8,8 +8,8 @@ use mysql_async::prelude::Queryable;
 use super::failsafe::{schedule_at, static_event_name, static_failsafe_body};
 use super::quote::{account, ident};
 use super::{Flavor, MysqlBackend};
-use crate::backend::{render_grant, StaticLogin, StaticUsers};
-use crate::error::{Error, Result};
+use crate::backend::{in_static_role, render_grant, StaticLogin, StaticUsers};
+use crate::error::Result;
 use crate::lease::Password;
 
 impl MysqlBackend {
@@ -37,12 +37,7 @@ impl MysqlBackend {
             }
             self.timed("create static users", conn.query_drop(sql))
                 .await
-                .map_err(|e| match e {
-                    Error::Internal(m) => Error::Internal(
-                        m.map_message(|m| format!("static role {:?}: {m}", spec.role)),
-                    ),
-                    other => other,
-                })?;
+                .map_err(|e| in_static_role(spec.role, e))?;
         }
         Ok(())
     }
@@ -85,12 +80,7 @@ impl MysqlBackend {
         );
         self.timed("set static password", conn.query_drop(sql))
             .await
-            .map_err(|e| match e {
-                Error::Internal(m) => {
-                    Error::Internal(m.map_message(|m| format!("static role {:?}: {m}", login.role)))
-                }
-                other => other,
-            })
+            .map_err(|e| in_static_role(login.role, e))
     }
 
     pub(super) async fn retire_static_user(

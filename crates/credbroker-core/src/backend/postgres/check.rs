@@ -5,8 +5,8 @@ use postgres_protocol::escape::escape_identifier;
 use super::connection::host_port;
 use super::password_probe::{password_check, PasswordCheck};
 use super::{location, Cause, CauseKind, DryRun, DryRunStep};
-use crate::backend::finding::Finding;
-use crate::backend::{read_admin_password, render_grant};
+use crate::backend::finding::{admin_password, bad_admin_url, stopped, Finding};
+use crate::backend::render_grant;
 use crate::config::DatabaseConfig;
 use crate::dbtls;
 
@@ -29,33 +29,19 @@ pub async fn check(
         });
     let (mut cfg, (tls, ssl_mode), tls_params) = match parsed {
         Ok(c) => c,
-        Err(e) => {
-            out.push(Finding::error(
-                &scope,
-                format!("admin_url: {e}"),
-                "fix admin_url",
-            ));
-            return (out, None);
-        }
+        Err(e) => return stopped(out, bad_admin_url(&scope, e)),
     };
     cfg.ssl_mode(ssl_mode);
     cfg.connect_timeout(db.connect_timeout);
     cfg.application_name("credbroker check");
     let at = location(&cfg);
     let admin = cfg.get_user().unwrap_or("?").to_string();
-    match read_admin_password(db) {
+    match admin_password(db, &scope) {
         Ok(Some(p)) => {
             cfg.password(p.expose());
         }
         Ok(None) => {}
-        Err(e) => {
-            out.push(Finding::error(
-                &scope,
-                e.to_string(),
-                "create the password file (mode 0600) or set the variable the config names",
-            ));
-            return (out, None);
-        }
+        Err(f) => return stopped(out, f),
     }
     let probe_tls = tls.clone();
     let client = match cfg.connect(tls).await {
@@ -65,13 +51,12 @@ pub async fn check(
         }
         Err(e) if dbtls::tls_failure(&e).is_some() => {
             let why = dbtls::tls_failure(&e).unwrap_or_default();
-            out.push(Finding::error(
+            return stopped(out, Finding::error(
                 &scope,
                 format!("TLS to {at} failed ({tls_params}): {why}"),
                 "point sslrootcert at the CA that signed the server's certificate, and use the \
                  host name in it (admin_url)",
             ));
-            return (out, None);
         }
         Err(e) => {
             let cause = Cause::of(&e);
@@ -98,16 +83,18 @@ pub async fn check(
                 ),
                 _ => "check admin_url and the server's log".to_string(),
             };
-            out.push(Finding::error(
-                &scope,
-                format!(
-                    "cannot connect: {} as {at}: {}",
-                    cause.kind.as_str(),
-                    cause.detail
+            return stopped(
+                out,
+                Finding::error(
+                    &scope,
+                    format!(
+                        "cannot connect: {} as {at}: {}",
+                        cause.kind.as_str(),
+                        cause.detail
+                    ),
+                    fix,
                 ),
-                fix,
-            ));
-            return (out, None);
+            );
         }
     };
     let row = match client
@@ -121,8 +108,7 @@ pub async fn check(
     {
         Ok(r) => r,
         Err(e) => {
-            out.push(Finding::error(&scope, format!("cannot read the admin's privileges: {}", Cause::of(&e).detail), "check the server's log"));
-            return (out, None);
+            return stopped(out, Finding::error(&scope, format!("cannot read the admin's privileges: {}", Cause::of(&e).detail), "check the server's log"));
         }
     };
     let (superuser, createrole, signal, version): (bool, bool, bool, String) =
@@ -248,21 +234,8 @@ pub async fn check(
             }
         }
     }
-    let pattern = format!(
-        "{}%",
-        prefix
-            .replace('\\', "\\\\")
-            .replace('_', "\\_")
-            .replace('%', "\\%")
-    );
-    let prefixed = match client
-        .query(
-            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
-            &[&pattern],
-        )
-        .await
-    {
-        Ok(rows) => Some(rows.iter().map(|r| r.get::<_, String>(0)).collect()),
+    let prefixed = match super::users::prefixed_roles(&client, prefix).await {
+        Ok(names) => Some(names),
         Err(e) => {
             out.push(Finding::error(
                 &scope,

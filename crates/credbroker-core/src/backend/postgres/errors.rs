@@ -190,9 +190,7 @@ impl Cause {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{DatabaseConfig, SecretSource};
     use crate::error::Error;
-    use std::time::Duration;
 
     fn refused_port() -> u16 {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -200,20 +198,10 @@ mod tests {
     }
 
     fn backend(port: u16) -> super::PostgresBackend {
-        super::PostgresBackend::new(&DatabaseConfig {
-            name: "orders".into(),
-            kind: crate::lease::BackendKind::Postgres,
-            admin_url: format!("postgres://admin@127.0.0.1:{port}/orders"),
-            admin_password: SecretSource::None,
-            client_host: None,
-            client_port: None,
-            client_sslmode: None,
-            client_sslrootcert: None,
-            max_connections: 1,
-            connect_timeout: Duration::from_secs(2),
-            statement_timeout: Duration::from_secs(2),
-            scram_iterations: 1,
-        })
+        super::PostgresBackend::new(&crate::testkit::database_config(
+            crate::lease::BackendKind::Postgres,
+            format!("postgres://admin@127.0.0.1:{port}/orders"),
+        ))
         .unwrap()
     }
 

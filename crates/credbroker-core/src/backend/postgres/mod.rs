@@ -11,8 +11,9 @@
 //! shared rounds, `CreateRounds`), `users` (extend, the users with the
 //! prefix), `revoke` (revoke and disable), `static_users`, `dry_run`
 //! (statements replayed in a rolled-back transaction). A trait impl is one
-//! block, so `impl Backend` is here and only delegates. `check`
-//! (`credbroker check`) is a free function.
+//! block: `impl Backend` is the delegation table
+//! `backend::database_backend!` writes for both real backends, invoked
+//! here. `check` (`credbroker check`) is a free function.
 
 mod check;
 mod connection;
@@ -28,19 +29,14 @@ mod users;
 
 use std::sync::{Arc, RwLock};
 
-use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::backend::{
-    read_admin_password, Backend, Endpoint, NewUser, PoolState, Reassigned, Revokee, StaticLogin,
-    StaticUsers, UserRef,
-};
+use crate::backend::{read_admin_password, Endpoint};
 use crate::config::DatabaseConfig;
 use crate::dbtls::{self, Dialect, TlsParams};
 use crate::error::{Error, Result};
-use crate::lease::{BackendKind, Password, Username};
+use crate::lease::{Password, Username};
 use create::CreateRounds;
 
 pub use check::check;
@@ -181,92 +177,14 @@ impl PostgresBackend {
     }
 }
 
-#[async_trait]
-impl Backend for PostgresBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Postgres
-    }
+crate::backend::database_backend!(PostgresBackend, Postgres);
 
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
-        self.create_leased(user).await
-    }
-
-    async fn extend(&self, user: &UserRef, valid_until: DateTime<Utc>) -> Result<()> {
-        self.extend_leased(user, valid_until).await
-    }
-
-    async fn revoke(&self, revokees: &[Revokee]) -> Result<Vec<Reassigned>> {
-        self.revoke_users(revokees).await
-    }
-
-    async fn disable(&self, users: &[UserRef]) -> Result<()> {
-        self.disable_users(users).await
-    }
-
-    async fn drain_begin(&self, user: &UserRef, until: DateTime<Utc>) -> Result<()> {
-        self.drain_begin_user(user, until).await
-    }
-
-    async fn end_idle_sessions(
-        &self,
-        user: &str,
-        _host: &str,
-        settled: std::time::Duration,
-    ) -> Result<crate::backend::Sessions> {
-        self.end_idle(user, settled).await
-    }
-
-    async fn list_broker_users(&self, prefix: &str) -> Result<Vec<UserRef>> {
-        self.list_prefixed(prefix).await
-    }
-
-    async fn rotate_root(&self) -> Result<()> {
-        self.rotate_admin_password().await
-    }
-
-    async fn check_tls(&self) -> Result<()> {
-        self.check_tls_handshake().await
-    }
-
-    async fn preflight(&self) -> Result<Vec<String>> {
-        self.preflight_warnings().await
-    }
-
-    async fn ping(&self) -> Result<()> {
-        self.answers().await
-    }
-
-    fn pool_state(&self) -> PoolState {
-        self.pool_metrics()
-    }
-
-    async fn static_create(&self, spec: &StaticUsers<'_>) -> Result<()> {
-        self.create_static_users(spec).await
-    }
-
-    async fn static_set_password(&self, login: &StaticLogin<'_>) -> Result<()> {
-        self.set_static_password(login).await
-    }
-
-    async fn static_retire(&self, user: &str, host: &str, end_sessions: bool) -> Result<()> {
-        self.retire_static_user(user, host, end_sessions).await
-    }
-
-    fn dsn(&self, username: &Username, password: Option<&Password>) -> String {
+impl PostgresBackend {
+    /// `Backend::dsn`: a `postgresql://` URL with the client TLS parameters
+    /// (and every host of a multi-host `admin_url`).
+    fn leased_dsn(&self, username: &Username, password: Option<&Password>) -> String {
         let e = &self.endpoint;
-        let host = if e.host.contains(':') {
-            format!("[{}]", e.host)
-        } else {
-            e.host.clone()
-        };
+        let host = e.url_host();
         let mut tls = dbtls::client_query(
             Dialect::Postgres,
             self.config.client_sslmode,

@@ -6,8 +6,8 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 
 use super::sql::{pg_timestamp, rewrites_an_acl, ACL_LOCK, TERMINATE_BY_NAME};
 use super::PostgresBackend;
-use crate::backend::{render_grant, StaticLogin, StaticUsers};
-use crate::error::{Error, Result};
+use crate::backend::{in_static_role, render_grant, StaticLogin, StaticUsers};
+use crate::error::Result;
 use crate::lease::Password;
 use crate::scram;
 
@@ -40,12 +40,7 @@ impl PostgresBackend {
         let client = self.client().await?;
         self.batch_retrying(&client, &format!("{lock}{sql}"), "create static users")
             .await
-            .map_err(|e| match e {
-                Error::Internal(m) => {
-                    Error::Internal(m.map_message(|m| format!("static role {:?}: {m}", spec.role)))
-                }
-                other => other,
-            })
+            .map_err(|e| in_static_role(spec.role, e))
     }
 
     pub(super) async fn set_static_password(&self, login: &StaticLogin<'_>) -> Result<()> {
@@ -57,14 +52,10 @@ impl PostgresBackend {
             pg_timestamp(login.valid_until)
         );
         let client = self.client().await?;
-        client.batch_execute(&sql).await.map_err(|e| {
-            match self.db_error("set static password", e) {
-                Error::Internal(m) => {
-                    Error::Internal(m.map_message(|m| format!("static role {:?}: {m}", login.role)))
-                }
-                other => other,
-            }
-        })
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| in_static_role(login.role, self.db_error("set static password", e)))
     }
 
     pub(super) async fn retire_static_user(

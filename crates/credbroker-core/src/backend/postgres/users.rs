@@ -6,7 +6,7 @@ use postgres_protocol::escape::escape_identifier;
 
 use super::sql::pg_timestamp;
 use super::PostgresBackend;
-use crate::backend::UserRef;
+use crate::backend::{prefix_pattern, UserRef};
 use crate::error::Result;
 use crate::lease::Username;
 
@@ -30,23 +30,11 @@ impl PostgresBackend {
 
     pub(super) async fn list_prefixed(&self, prefix: &str) -> Result<Vec<UserRef>> {
         let client = self.client().await?;
-        let pattern = format!(
-            "{}%",
-            prefix
-                .replace('\\', "\\\\")
-                .replace('_', "\\_")
-                .replace('%', "\\%")
-        );
-        let rows = client
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
-                &[&pattern],
-            )
+        let names = prefixed_roles(&client, prefix)
             .await
             .map_err(|e| self.db_error("list roles", e))?;
-        Ok(rows
-            .iter()
-            .map(|r| r.get::<_, String>(0))
+        Ok(names
+            .into_iter()
             .filter(|n| Username::is_broker_made(prefix, n))
             .map(|n| UserRef {
                 username: Username::from_store(n),
@@ -54,4 +42,19 @@ impl PostgresBackend {
             })
             .collect())
     }
+}
+
+/// The roles whose names start with `prefix`: what the reaper's orphan
+/// sweep and `check` look among for the broker's users.
+pub(super) async fn prefixed_roles(
+    client: &tokio_postgres::Client,
+    prefix: &str,
+) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
+            &[&prefix_pattern(prefix)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
 }

@@ -647,36 +647,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = SqliteStore::open_blocking(&dir.path().join("s.db")).unwrap();
         let s = |v: &str| Some(v.to_string());
-        let role = LeaseFilter {
-            role: s("r"),
-            ..Default::default()
-        };
-        let p = plan(&c, &role);
-        assert!(
-            p.contains("leases_live_role_expiry") && !p.contains("B-TREE"),
-            "{p}"
-        );
-        let db = LeaseFilter {
-            database: s("d"),
-            order: LeaseOrder::ExpiresLast,
-            ..Default::default()
-        };
-        let p = plan(&c, &db);
-        assert!(
-            p.contains("leases_live_database_expiry") && !p.contains("B-TREE"),
-            "{p}"
-        );
-        let both = LeaseFilter {
-            role: s("r"),
-            database: s("d"),
-            expiring_before: Some(Utc::now()),
-            ..Default::default()
-        };
-        let p = plan(&c, &both);
-        assert!(
-            p.contains("leases_live_role_expiry") && !p.contains("B-TREE"),
-            "{p}"
-        );
+        // A page by role, by database (newest expiry first), by both with
+        // an expiry bound: each walks its index, with no sort.
+        for (filter, index) in [
+            (
+                LeaseFilter {
+                    role: s("r"),
+                    ..Default::default()
+                },
+                "leases_live_role_expiry",
+            ),
+            (
+                LeaseFilter {
+                    database: s("d"),
+                    order: LeaseOrder::ExpiresLast,
+                    ..Default::default()
+                },
+                "leases_live_database_expiry",
+            ),
+            (
+                LeaseFilter {
+                    role: s("r"),
+                    database: s("d"),
+                    expiring_before: Some(Utc::now()),
+                    ..Default::default()
+                },
+                "leases_live_role_expiry",
+            ),
+        ] {
+            let p = plan(&c, &filter);
+            assert!(p.contains(index) && !p.contains("B-TREE"), "{p}");
+        }
         let who = LeaseFilter {
             identity: s("spiffe://td/a"),
             role: s("r"),

@@ -2,7 +2,7 @@
 //! with a reader logging in every 100 ms through the sidecar's file, a
 //! broker SIGKILLed mid-rotation, a broker away for longer than two
 //! periods, policy, single-user mode, two replicas on one PostgreSQL
-//! store, and the same main cases on MariaDB.
+//! store; the same main cases on MariaDB are in `mariadb.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use credbroker::audit::Outcome;
 use credbroker::pb;
-use mysql_async::prelude::Queryable;
 
 use crate::support::*;
+
+mod mariadb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
 const KEY_HEX: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
@@ -41,6 +42,13 @@ pub(crate) async fn pg_static(
         .unwrap();
     }
     configure(&b, "main", &names, period, extra);
+    (b, names)
+}
+
+/// `pg_static`, started in process.
+async fn pg_started(users: usize, period: &str, extra: &str) -> (TestBroker, Vec<String>) {
+    let (mut b, names) = pg_static(users, period, extra).await;
+    b.start_in_process().await;
     (b, names)
 }
 
@@ -72,6 +80,14 @@ async fn read(b: &TestBroker, who: &str) -> Result<pb::StaticCredential, tonic::
         .map(|r| r.into_inner())
 }
 
+/// The first credential `app` reads, and the next generation's (within
+/// six seconds: periods here are two).
+async fn two_generations(b: &TestBroker) -> (pb::StaticCredential, pb::StaticCredential) {
+    let first = read(b, "app").await.unwrap();
+    let second = read_after(b, first.generation, Duration::from_secs(6)).await;
+    (first, second)
+}
+
 /// Reads until the generation passes `after` (a rotation happened).
 async fn read_after(b: &TestBroker, after: u64, within: Duration) -> pb::StaticCredential {
     let deadline = Instant::now() + within;
@@ -101,6 +117,20 @@ impl Sidecar {
         let log = dir.join("sidecar.log");
         let child = spawn_sidecar(b, &["--static-role", "st", "--format", "json"], &out, &log);
         Sidecar { child, out, log }
+    }
+
+    /// `spawn`, once the file is there.
+    async fn started(b: &TestBroker, dir: &Path) -> Arc<Sidecar> {
+        let sidecar = Arc::new(Sidecar::spawn(b, dir));
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                sidecar.credential().is_some()
+            })
+            .await,
+            "no file: {}",
+            std::fs::read_to_string(&sidecar.log).unwrap_or_default()
+        );
+        sidecar
     }
 
     /// (username, password) from the file, once it exists.
@@ -164,6 +194,41 @@ where
     (seen, task)
 }
 
+/// Runs `reader` with `login` until it has seen `switches` credentials or
+/// `within` passed; whether it saw them, and what it saw (its timeline
+/// printed under `label`).
+async fn watch<F, Fut>(
+    sidecar: &Arc<Sidecar>,
+    login: F,
+    switches: usize,
+    within: Duration,
+    label: &str,
+) -> (bool, Observed)
+where
+    F: Fn(String, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, task) = reader(sidecar.clone(), login, stop.clone());
+    let start = Instant::now();
+    let rotated = eventually(within, || async {
+        seen.lock().unwrap().switches.len() >= switches
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    task.await.unwrap();
+    let o = std::mem::take(&mut *seen.lock().unwrap());
+    eprintln!(
+        "{label} timeline ({} logins in {:?}):",
+        o.logins,
+        start.elapsed()
+    );
+    for (t, u) in &o.switches {
+        eprintln!("  {} now {u}", t.format("%T%.3f"));
+    }
+    (rotated, o)
+}
+
 fn static_actions(records: &[credbroker::audit::Record], action: &str) -> Vec<String> {
     records
         .iter()
@@ -178,46 +243,17 @@ fn static_actions(records: &[credbroker::audit::Record], action: &str) -> Vec<St
 /// its open session ended.
 #[tokio::test]
 async fn static_alternating_users_through_five_rotations_via_the_sidecar() {
-    let (mut b, users) = pg_static(2, "2s", "").await;
-    b.start_in_process().await;
+    let (mut b, users) = pg_started(2, "2s", "").await;
     let dir = tempfile::tempdir().unwrap();
-    let sidecar = Arc::new(Sidecar::spawn(&b, dir.path()));
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar.credential().is_some()
-        })
-        .await,
-        "no file: {}",
-        std::fs::read_to_string(&sidecar.log).unwrap_or_default()
-    );
+    let sidecar = Sidecar::started(&b, dir.path()).await;
     let (first_user, first_password) = sidecar.credential().unwrap();
     let held = login(&b.db, &first_user, &first_password).await.unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let db = b.db.clone();
-    let (seen, task) = reader(
-        sidecar.clone(),
-        move |u, p| {
-            let db = db.clone();
-            async move { login(&db, &u, &p).await.map(|_| ()) }
-        },
-        stop.clone(),
-    );
-    let start = Instant::now();
-    let rotated = eventually(Duration::from_secs(20), || async {
-        seen.lock().unwrap().switches.len() >= 6
-    })
-    .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    task.await.unwrap();
-    let o = std::mem::take(&mut *seen.lock().unwrap());
-    eprintln!(
-        "static timeline ({} logins in {:?}):",
-        o.logins,
-        start.elapsed()
-    );
-    for (t, u) in &o.switches {
-        eprintln!("  {} now {u}", t.format("%T%.3f"));
-    }
+    let pg_login = move |u: String, p: String| {
+        let db = db.clone();
+        async move { login(&db, &u, &p).await.map(|_| ()) }
+    };
+    let (rotated, o) = watch(&sidecar, pg_login, 6, Duration::from_secs(20), "static").await;
     assert!(rotated, "fewer than 5 rotations: {:?}", o.switches);
     assert!(o.failures.is_empty(), "refused logins: {:?}", o.failures);
     assert!(o.logins >= 50, "{} logins", o.logins);
@@ -362,10 +398,8 @@ async fn static_sigkill_during_rotations_keeps_store_database_and_audit_in_agree
 /// to log in: the database's own VALID UNTIL ran out.
 #[tokio::test]
 async fn static_broker_stopped_for_two_periods_leaves_neither_user_able_to_log_in() {
-    let (mut b, users) = pg_static(2, "2s", "overlap = \"1s\"").await;
-    b.start_in_process().await;
-    let first = read(&b, "app").await.unwrap();
-    let second = read_after(&b, first.generation, Duration::from_secs(6)).await;
+    let (mut b, users) = pg_started(2, "2s", "overlap = \"1s\"").await;
+    let (first, second) = two_generations(&b).await;
     assert_ne!(first.username, second.username);
     login(&b.db, &second.username, &second.password)
         .await
@@ -385,8 +419,7 @@ async fn static_broker_stopped_for_two_periods_leaves_neither_user_able_to_log_i
 
 #[tokio::test]
 async fn static_identity_not_in_allowed_is_permission_denied_and_audited() {
-    let (mut b, _) = pg_static(2, "1h", "").await;
-    b.start_in_process().await;
+    let (mut b, _) = pg_started(2, "1h", "").await;
     let e = read(&b, "other").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     let e = b
@@ -411,10 +444,8 @@ async fn static_identity_not_in_allowed_is_permission_denied_and_audited() {
 /// one refused at once).
 #[tokio::test]
 async fn static_single_user_mode_replaces_the_password() {
-    let (mut b, users) = pg_static(1, "2s", "").await;
-    b.start_in_process().await;
-    let first = read(&b, "app").await.unwrap();
-    let second = read_after(&b, first.generation, Duration::from_secs(6)).await;
+    let (mut b, users) = pg_started(1, "2s", "").await;
+    let (first, second) = two_generations(&b).await;
     assert_eq!(
         (first.username.as_str(), second.username.as_str()),
         (users[0].as_str(), users[0].as_str())
@@ -432,8 +463,7 @@ async fn static_single_user_mode_replaces_the_password() {
 /// --static-role` through the real CLI; revoke ends every session.
 #[tokio::test]
 async fn static_admin_commands_list_rotate_and_revoke() {
-    let (mut b, users) = pg_static(2, "1h", "").await;
-    b.start_in_process().await;
+    let (mut b, users) = pg_started(2, "1h", "").await;
     let first = read(&b, "app").await.unwrap();
     let held = login(&b.db, &first.username, &first.password)
         .await
@@ -486,13 +516,7 @@ async fn static_admin_commands_list_rotate_and_revoke() {
         .any(|r| r.action == "static_rotate" && r.outcome == Outcome::Denied));
     b.stop().await;
     // `credbroker check` reports the static role from the store.
-    let out = tokio::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&b.env.config_path)
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (_, text) = check(&b).await;
     assert!(
         text.contains("static_roles.st")
             && text.contains(&format!("current user {}", third.username)),
@@ -521,8 +545,7 @@ async fn check(b: &TestBroker) -> (Option<i32>, String) {
 /// work and the database has the served password.
 #[tokio::test]
 async fn static_sealing_key_changed_under_a_pending_rotation_is_named_and_recovered() {
-    let (mut b, users) = pg_static(2, "1h", "").await;
-    b.start_in_process().await;
+    let (mut b, users) = pg_started(2, "1h", "").await;
     let first = read(&b, "app").await.unwrap();
     assert_eq!(
         (first.username.as_str(), first.generation),
@@ -754,216 +777,6 @@ async fn static_two_replicas_on_a_postgres_store_rotate_once_per_period() {
         "{} rotations in {elapsed:.1}s: {generations:?}",
         generations.len()
     );
-}
-
-// ---- MariaDB ----
-
-/// Users made by the "DBA" on the shared MariaDB and a broker for them.
-async fn maria_static(
-    users: usize,
-    period: &str,
-    extra: &str,
-) -> (TestBroker, Vec<String>, String) {
-    let b = TestBroker::prepare("").await;
-    let schema = unique("sts");
-    let base = &unique("ms")[..14];
-    let names: Vec<String> = ["a", "b"][..users]
-        .iter()
-        .map(|s| format!("{base}_{s}"))
-        .collect();
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap();
-    root.query_drop(format!(
-        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY)"
-    ))
-    .await
-    .unwrap();
-    for u in &names {
-        root.query_drop(format!(
-            "CREATE USER '{u}'@'%' ACCOUNT LOCK; GRANT SELECT ON `{schema}`.* TO '{u}'@'%'"
-        ))
-        .await
-        .unwrap();
-    }
-    let section = b.maria_section("maria", &schema);
-    b.edit_config(|t| t + &section);
-    configure(&b, "maria", &names, period, extra);
-    (b, names, schema)
-}
-
-async fn maria_login(
-    schema: &str,
-    user: &str,
-    password: &str,
-) -> Result<mysql_async::Conn, String> {
-    mysql_async::Conn::new(maria_opts(Some((user, password)), Some(schema)))
-        .await
-        .map_err(|e| e.to_string())
-}
-
-#[tokio::test]
-async fn static_mariadb_alternating_users_through_rotations_via_the_sidecar() {
-    let (mut b, users, schema) = maria_static(2, "2s", "").await;
-    b.start_in_process().await;
-    let dir = tempfile::tempdir().unwrap();
-    let sidecar = Arc::new(Sidecar::spawn(&b, dir.path()));
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar.credential().is_some()
-        })
-        .await,
-        "no file: {}",
-        std::fs::read_to_string(&sidecar.log).unwrap_or_default()
-    );
-    let (first_user, first_password) = sidecar.credential().unwrap();
-    let mut held = maria_login(&schema, &first_user, &first_password)
-        .await
-        .unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s2 = schema.clone();
-    let (seen, task) = reader(
-        sidecar.clone(),
-        move |u, p| {
-            let schema = s2.clone();
-            async move {
-                let c = maria_login(&schema, &u, &p).await?;
-                let _ = c.disconnect().await;
-                Ok(())
-            }
-        },
-        stop.clone(),
-    );
-    let rotated = eventually(Duration::from_secs(16), || async {
-        seen.lock().unwrap().switches.len() >= 4
-    })
-    .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    task.await.unwrap();
-    let o = std::mem::take(&mut *seen.lock().unwrap());
-    eprintln!("static MariaDB timeline ({} logins):", o.logins);
-    for (t, u) in &o.switches {
-        eprintln!("  {} now {u}", t.format("%T%.3f"));
-    }
-    assert!(rotated, "fewer than 3 rotations: {:?}", o.switches);
-    assert!(o.failures.is_empty(), "refused logins: {:?}", o.failures);
-    for (i, (_, u)) in o.switches.iter().enumerate() {
-        assert_eq!(u, &users[i % 2]);
-    }
-    drop(o);
-    assert!(maria_login(&schema, &first_user, &first_password)
-        .await
-        .is_err());
-    assert!(
-        held.query_drop("SELECT 1").await.is_err(),
-        "the first user's session outlived its overlap"
-    );
-    b.stop().await;
-}
-
-#[tokio::test]
-async fn static_mariadb_failsafe_and_policy_without_the_broker() {
-    let (mut b, users, schema) = maria_static(2, "2s", "overlap = \"1s\"").await;
-    b.start_in_process().await;
-    let e = read(&b, "other").await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied);
-    let first = read(&b, "app").await.unwrap();
-    let second = read_after(&b, first.generation, Duration::from_secs(6)).await;
-    assert_eq!(second.username, users[1]);
-    maria_login(&schema, &second.username, &second.password)
-        .await
-        .unwrap();
-    let held = maria_login(&schema, &second.username, &second.password)
-        .await
-        .unwrap();
-    b.stop().await;
-    // The failsafe events fire at valid_until (≤ 3 s after the rotation),
-    // on the server's own clock, with the broker gone.
-    let gone = eventually(Duration::from_secs(8), || async {
-        maria_login(&schema, &first.username, &first.password)
-            .await
-            .is_err()
-            && maria_login(&schema, &second.username, &second.password)
-                .await
-                .is_err()
-    })
-    .await;
-    assert!(gone, "a static user still logs in with the broker gone");
-    let mut held = held;
-    assert!(
-        held.query_drop("SELECT 1").await.is_err(),
-        "the failsafe kills sessions"
-    );
-}
-
-#[tokio::test]
-async fn static_mariadb_single_user_mode() {
-    let (mut b, users, schema) = maria_static(1, "2s", "").await;
-    b.start_in_process().await;
-    let first = read(&b, "app").await.unwrap();
-    let second = read_after(&b, first.generation, Duration::from_secs(6)).await;
-    assert_eq!(second.username, users[0]);
-    maria_login(&schema, &second.username, &second.password)
-        .await
-        .unwrap();
-    assert!(maria_login(&schema, &first.username, &first.password)
-        .await
-        .is_err());
-    b.stop().await;
-}
-
-/// `create = true` on MariaDB: both users made (locked until their first
-/// rotation) with the grants and the owner as their default role.
-#[tokio::test]
-async fn static_mariadb_created_users_have_the_owner_as_default_role() {
-    let b = TestBroker::prepare("").await;
-    let schema = unique("stc");
-    let base = &unique("mc")[..14];
-    let owner = format!("{base}_own");
-    let mut root = mysql_async::Conn::new(maria_opts(None, None))
-        .await
-        .unwrap();
-    root.query_drop(format!(
-        "CREATE DATABASE `{schema}`; CREATE TABLE `{schema}`.orders (id INT PRIMARY KEY); \
-         CREATE TABLE `{schema}`.payroll (id INT); CREATE ROLE `{owner}`; \
-         GRANT SELECT ON `{schema}`.payroll TO `{owner}`"
-    ))
-    .await
-    .unwrap();
-    let section = b.maria_section("maria", &schema);
-    b.edit_config(|t| t + &section);
-    let users = vec![format!("{base}_a"), format!("{base}_b")];
-    configure(
-        &b,
-        "maria",
-        &users,
-        "1h",
-        &format!(
-            "create = true\nowner = \"{owner}\"\ngrants = [\"GRANT SELECT ON `{schema}`.orders TO {{{{name}}}}\"]"
-        ),
-    );
-    let mut b = b;
-    b.start_in_process().await;
-    let c = read(&b, "app").await.unwrap();
-    assert_eq!(c.username, users[0]);
-    let mut conn = maria_login(&schema, &c.username, &c.password)
-        .await
-        .unwrap();
-    conn.query_drop("SELECT * FROM orders").await.unwrap();
-    conn.query_drop("SELECT * FROM payroll")
-        .await
-        .expect("the owner's privileges by default");
-    let role: Option<String> = conn.query_first("SELECT CURRENT_ROLE()").await.unwrap();
-    assert_eq!(role.as_deref(), Some(owner.as_str()));
-    let other: Option<u64> = root
-        .exec_first(
-            "SELECT COUNT(*) FROM mysql.user WHERE User = ?",
-            (users[1].as_str(),),
-        )
-        .await
-        .unwrap();
-    assert_eq!(other, Some(1), "the second user is made too");
-    b.stop().await;
 }
 
 /// The end of a static role's overlap drains like a lease's handover: the
