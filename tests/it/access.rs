@@ -21,7 +21,7 @@ const DBA2: &str = "spiffe://credbroker.dev/user/dba-2";
 
 /// The 2-of-3 policy the tests share (three `dba-*` certificates exist),
 /// and a quick one whose requests expire in two seconds.
-const POLICIES: &str = r#"
+const POLICIES_TEMPLATE: &str = r#"
 [access.orders-incident]
 roles = ["ro"]
 requesters = ["spiffe://credbroker.dev/user/*"]
@@ -31,7 +31,7 @@ max_duration = "4h"
 reason = "required"
 pending_for = "30m"
 break_glass = ["spiffe://credbroker.dev/user/oncall-*"]
-notify = "https://chat.example.org/hooks/credbroker"
+notify = "{hook}"
 
 [access.quick]
 roles = ["ro"]
@@ -42,12 +42,63 @@ max_duration = "1h"
 pending_for = "2s"
 "#;
 
+/// The policies, the 2-of-3 one notifying `hook`.
+fn policies(hook: &Hook) -> String {
+    POLICIES_TEMPLATE.replace("{hook}", &hook.url)
+}
+
+/// A team's chat as the broker meets it: a local HTTP receiver that keeps
+/// every JSON body posted to it, in order. Its URL carries a secret in
+/// the path, as chat webhooks do (the broker must never log it).
+#[derive(Clone)]
+struct Hook {
+    url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+async fn hook() -> Hook {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/hooks/{token}",
+        axum::routing::post(move |body: String| {
+            let kept = kept.clone();
+            async move {
+                let v = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+                kept.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Hook {
+        url: format!("http://127.0.0.1:{port}/hooks/s3cr3t-hook-token"),
+        bodies,
+    }
+}
+
+impl Hook {
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
 /// A broker with roles `ro` (for APP, and people through grants) and
 /// `rw` (no policy grants it), the policies, and people's certificates.
 async fn start() -> TestBroker {
+    start_with_hook().await.0
+}
+
+async fn start_with_hook() -> (TestBroker, Hook) {
+    let hook = hook().await;
+    let policies = policies(&hook);
     let roles = role("ro", "{db}", "5m", "1h", APP) + &role("rw", "{db}", "5m", "1h", APP);
     let mut b = TestBroker::prepare(&roles).await;
-    b.edit_config(|t| format!("{t}\n{POLICIES}"));
+    b.edit_config(|t| format!("{t}\n{policies}"));
     for who in ["alice", "dba-1", "dba-2", "dba-3", "oncall-1"] {
         write_client(
             &b,
@@ -56,7 +107,7 @@ async fn start() -> TestBroker {
         );
     }
     b.start_in_process().await;
-    b
+    (b, hook)
 }
 
 fn acc(b: &TestBroker, who: &str) -> pb::access_client::AccessClient<Channel> {
@@ -152,7 +203,7 @@ async fn unlock(b: &TestBroker, lock_id: String) {
 /// and the user, and every step is audited under the request id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
-    let b = start().await;
+    let (b, hook) = start_with_hook().await;
     // No grant yet: a person is not a service.
     let e = issue(&b, "alice", "ro", 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
@@ -324,6 +375,46 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
     assert!(
         matches!(verdict, credbroker::audit::Verdict::Intact { .. }),
         "{verdict:?}"
+    );
+
+    // The policy's webhook heard each step, in order, as JSON, with no
+    // password in it (what logs show of its URL: access::notify's tests).
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            hook.events()
+                .iter()
+                .any(|e| e["event"] == "access.grant_ended")
+        })
+        .await,
+        "the grant's end reached the webhook: {:?}",
+        hook.events()
+    );
+    let events = hook.events();
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e["request_id"] == id.as_str())
+        .map(|e| e["event"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "access.requested",
+            "access.approved",
+            "access.approved",
+            "access.grant_ended"
+        ],
+        "{events:?}"
+    );
+    let approved = events
+        .iter()
+        .find(|e| e["event"] == "access.approved")
+        .unwrap();
+    assert_eq!(approved["requester"], ALICE);
+    assert_eq!(approved["actor"], DBA1);
+    let text = serde_json::to_string(&events).unwrap();
+    assert!(
+        !text.contains(lease.password.as_str()),
+        "no password in a notification"
     );
 }
 
@@ -583,7 +674,8 @@ async fn replicas_share_requests_and_grants_through_the_store() {
     let roles = role("ro", "{db}", "5m", "1h", APP);
     let mut a = TestBroker::prepare(&roles).await;
     crate::ha::use_pg_store(&a, cluster(), "5s").await;
-    a.edit_config(|t| format!("{t}\n{POLICIES}"));
+    let policies = policies(&hook().await);
+    a.edit_config(|t| format!("{t}\n{policies}"));
     for who in ["alice", "dba-1", "dba-2"] {
         write_client(
             &a,
@@ -639,7 +731,8 @@ async fn mariadb_grant_revoke_ends_the_session_and_the_account() {
     let mut b =
         crate::mysql::MyBroker::prepare(&t, |s| crate::mysql::role("ro", s, "5m", "1h", None))
             .await;
-    b.edit_config(|c| format!("{c}\n{POLICIES}"));
+    let policies = policies(&hook().await);
+    b.edit_config(|c| format!("{c}\n{policies}"));
     for who in ["alice", "dba-1", "dba-2"] {
         write_client(
             &b,

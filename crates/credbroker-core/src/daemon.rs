@@ -67,6 +67,8 @@ pub struct Daemon {
     /// Just-in-time access for people (`access`): the `Access` gRPC
     /// service and the loop that expires requests and ends grants.
     pub access: Arc<crate::access::Access>,
+    /// The access policies' webhooks (`notify`), flushed at shutdown.
+    pub webhooks: Arc<crate::notify::Webhooks>,
     pub tls: server::SharedTls,
     pub warnings: Vec<String>,
 }
@@ -178,6 +180,10 @@ impl Daemon {
         for name in config.databases.keys() {
             metrics.watch_database(name);
         }
+        let webhooks = Arc::new(crate::notify::Webhooks::new(
+            crate::notify::WebhookOptions::default(),
+            metrics.clone(),
+        ));
         let broker = Arc::new(Broker::new(
             Arc::new(config),
             store,
@@ -187,11 +193,12 @@ impl Daemon {
         ));
         let access = Arc::new(crate::access::Access::new(
             broker.clone(),
-            Arc::new(crate::access::LogNotifier),
+            Arc::new(crate::access::WebhookNotifier::new(webhooks.clone())),
         ));
         Ok(Daemon {
             broker,
             access,
+            webhooks,
             tls: Arc::new(RwLock::new(tls)),
             warnings,
         })
@@ -331,6 +338,9 @@ impl Daemon {
         let _ = reaper.await;
         let _ = pruner.await;
         let _ = access_loop.await;
+        // Access events still queued for a policy's webhook: a short,
+        // bounded flush (what is left is counted as dropped).
+        self.webhooks.shutdown(crate::notify::SHUTDOWN_FLUSH).await;
         if let Some(h) = relay {
             let _ = h.await;
         }

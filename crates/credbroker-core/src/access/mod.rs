@@ -36,7 +36,7 @@ use crate::config::AccessPolicy;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 pub use crate::store::{AccessFilter, AccessRequest, AccessState, Approval};
-pub use notify::{AccessNotifier, Kind, LogNotifier};
+pub use notify::{AccessNotifier, Kind, LogNotifier, WebhookNotifier};
 
 /// The identity the expiry loop acts as in audit records and events.
 pub const SYSTEM: &str = "credbroker:system";

@@ -23,10 +23,53 @@ impl AccessNotifier for LogNotifier {
     fn notify(&self, notify: Option<&url::Url>, event: Value) {
         tracing::info!(
             target: "credbroker::access",
-            notify = notify.map(|u| u.as_str()).unwrap_or(""),
+            notify = notify.map(webhook_origin).unwrap_or_default(),
             event = %event,
             "access event"
         );
+    }
+}
+
+/// A webhook URL as logs may show it: scheme, host and port. Chat
+/// webhooks carry their secret in the path or query, never logged.
+fn webhook_origin(u: &url::Url) -> String {
+    match (u.host_str(), u.port()) {
+        (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+        (Some(h), None) => format!("{}://{h}", u.scheme()),
+        _ => u.scheme().to_string(),
+    }
+}
+
+/// What a serving broker uses: logs each event, and posts it to the
+/// policy's `notify` webhook when it has one (`notify::Webhooks`: one
+/// queue per URL, retried with backoff, never blocking the request that
+/// made the event). A URL the notifier cannot use (bad CA file, say) is
+/// a warning, not a refused request: the audit log has the event anyway.
+pub struct WebhookNotifier {
+    hooks: std::sync::Arc<crate::notify::Webhooks>,
+}
+
+impl WebhookNotifier {
+    pub fn new(hooks: std::sync::Arc<crate::notify::Webhooks>) -> Self {
+        WebhookNotifier { hooks }
+    }
+}
+
+impl AccessNotifier for WebhookNotifier {
+    fn notify(&self, notify: Option<&url::Url>, event: Value) {
+        LogNotifier.notify(notify, event.clone());
+        let Some(url) = notify else { return };
+        match self.hooks.get(url.as_str()) {
+            Ok(hook) => {
+                hook.send(event);
+            }
+            Err(e) => tracing::warn!(
+                target: "credbroker::access",
+                webhook = %webhook_origin(url),
+                error = %e,
+                "access event not sent to its webhook"
+            ),
+        }
     }
 }
 
@@ -102,5 +145,25 @@ impl AccessNotifier for Recorder {
             .lock()
             .unwrap()
             .push((notify.map(|u| u.to_string()), event));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_webhook_url_is_logged_as_its_origin_only() {
+        for (url, want) in [
+            (
+                "https://chat.example.org/hooks/T0K3N?key=s3cr3t",
+                "https://chat.example.org",
+            ),
+            ("http://127.0.0.1:8080/hooks/T0K3N", "http://127.0.0.1:8080"),
+        ] {
+            let shown = webhook_origin(&url::Url::parse(url).unwrap());
+            assert_eq!(shown, want);
+            assert!(!shown.contains("T0K3N") && !shown.contains("s3cr3t"));
+        }
     }
 }
