@@ -423,7 +423,7 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
 /// refused, with no one revoking anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_glass_grants_at_once_and_the_grant_ends_at_its_time() {
-    let b = start().await;
+    let (b, hook) = start_with_hook().await;
     let bg = |who: &str| {
         let mut c = acc(&b, who);
         async move {
@@ -492,6 +492,32 @@ async fn break_glass_grants_at_once_and_the_grant_ends_at_its_time() {
         .any(|r| r.action == "access_grant_end" && r.identity == "credbroker:system"));
     let e = issue(&b, "oncall-1", "ro", 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    // The team heard of it: break-glass always notifies, then the end.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            hook.events().iter().any(|e| {
+                e["request_id"] == g.request_id.as_str() && e["event"] == "access.grant_ended"
+            })
+        })
+        .await,
+        "{:?}",
+        hook.events()
+    );
+    let kinds: Vec<String> = hook
+        .events()
+        .iter()
+        .filter(|e| e["request_id"] == g.request_id.as_str())
+        .map(|e| e["event"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(kinds, ["access.break_glass", "access.grant_ended"]);
+    let glass = hook
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "access.break_glass")
+        .unwrap();
+    assert_eq!(glass["break_glass"], true);
+    assert_eq!(glass["requester"], "spiffe://credbroker.dev/user/oncall-1");
 }
 
 /// Each bad input: a clear refusal, audited, nothing stored or changed.
