@@ -327,7 +327,8 @@ impl RawConfig {
     /// Each section validates itself; what crosses sections (a role's
     /// database, the admins listed under `[audit]`) is checked here.
     fn validate(self, base: &Path) -> Result<Config> {
-        let server = self.server.validate()?;
+        let mut server = self.server.validate()?;
+        server.webhook_ca_file = server.webhook_ca_file.map(|p| base.join(p));
         let tls = self.tls.validate(base)?;
         let store = self.store.unwrap_or_default().validate(base)?;
         let mut admin_patterns = self.admins;

@@ -180,8 +180,13 @@ impl Daemon {
         for name in config.databases.keys() {
             metrics.watch_database(name);
         }
+        let webhook_options = crate::notify::WebhookOptions {
+            ca_file: config.server.webhook_ca_file.clone(),
+            ..Default::default()
+        };
+        crate::notify::check_options(&webhook_options)?;
         let webhooks = Arc::new(crate::notify::Webhooks::new(
-            crate::notify::WebhookOptions::default(),
+            webhook_options,
             metrics.clone(),
         ));
         let broker = Arc::new(Broker::new(
@@ -381,8 +386,13 @@ pub async fn termination_signal() {
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     use std::fmt::Debug;
     let (o, n) = (&old.server, &new.server);
-    let keys: [(&str, &dyn Debug, &dyn Debug); 13] = [
+    let keys: [(&str, &dyn Debug, &dyn Debug); 14] = [
         ("server.listen", &o.listen, &n.listen),
+        (
+            "server.webhook_ca_file",
+            &o.webhook_ca_file,
+            &n.webhook_ca_file,
+        ),
         (
             "server.metrics_listen",
             &o.metrics_listen,

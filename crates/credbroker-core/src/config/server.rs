@@ -74,6 +74,10 @@ pub struct ServerConfig {
     /// and it is dropped; a role may set its own (`[roles.X]
     /// drain_deadline`). "0s": no draining, handovers revoke at once.
     pub drain_deadline: Duration,
+    /// The CA that verifies access policies' `notify` webhooks instead of
+    /// the public roots (a chat server on an internal CA); relative to the
+    /// config file. Read at start.
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 /// `server.drain_deadline` unless set: long enough for a query or a
@@ -212,6 +216,7 @@ pub(super) struct RawServer {
     pub(super) max_connections_per_source: Option<usize>,
     ipv6_source_prefix: Option<u8>,
     pub(super) drain_deadline: Option<String>,
+    pub(super) webhook_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -322,6 +327,7 @@ impl RawServer {
                 self.drain_deadline.as_ref(),
                 DEFAULT_DRAIN_DEADLINE,
             )?,
+            webhook_ca_file: self.webhook_ca_file,
         })
     }
 }

@@ -158,6 +158,22 @@ fn sample_parses_and_resolves_paths() {
 }
 
 #[test]
+fn webhook_ca_file_is_optional_and_relative_to_the_config() {
+    let c = Config::parse(SAMPLE, Path::new("/etc/credbroker")).unwrap();
+    assert_eq!(c.server.webhook_ca_file, None);
+    let with = SAMPLE.replace(
+        "metrics_listen = \"127.0.0.1:9464\"\n",
+        "metrics_listen = \"127.0.0.1:9464\"\nwebhook_ca_file = \"pki/chat-ca.pem\"\n",
+    );
+    assert_ne!(with, SAMPLE);
+    let c = Config::parse(&with, Path::new("/etc/credbroker")).unwrap();
+    assert_eq!(
+        c.server.webhook_ca_file.as_deref(),
+        Some(Path::new("/etc/credbroker/pki/chat-ca.pem"))
+    );
+}
+
+#[test]
 fn listener_share_keys_default_to_a_fraction_of_the_cap_and_refuse_mistakes() {
     let c = Config::parse(SAMPLE, Path::new("/")).unwrap();
     assert_eq!(c.server.request_timeout, Duration::from_secs(10));

@@ -402,6 +402,17 @@ async fn deliver(
     }
 }
 
+/// Checks what `options` name before any event needs them (the CA file:
+/// readable, PEM, at least one certificate), so a broker with a broken
+/// `server.webhook_ca_file` stops at start with the reason rather than
+/// losing its first notification.
+pub fn check_options(options: &WebhookOptions) -> Result<()> {
+    if options.ca_file.is_some() {
+        transport::client_config(options)?;
+    }
+    Ok(())
+}
+
 /// Every webhook of a broker, one per distinct URL however many access
 /// policies name it, so their events stay in one order and one queue.
 pub struct Webhooks {

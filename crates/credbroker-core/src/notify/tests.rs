@@ -404,3 +404,31 @@ async fn dropping_the_last_handle_delivers_the_queue_then_ends_the_task() {
     assert_eq!(count(&metrics, "delivered"), 2);
     assert_eq!(count(&metrics, "dropped"), 0);
 }
+
+/// A broken CA file is found at start (the daemon calls this), naming the
+/// file; none set, or a real CA, passes.
+#[test]
+fn check_options_refuses_a_ca_file_that_is_not_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(check_options(&WebhookOptions::default()).is_ok());
+    let missing = dir.path().join("missing.pem");
+    let bad = dir.path().join("bad.pem");
+    std::fs::write(&bad, "not a certificate\n").unwrap();
+    for path in [missing, bad] {
+        let e = check_options(&WebhookOptions {
+            ca_file: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+    }
+    let ca = credbroker_testkit::pki::DevCa::generate("chat CA").unwrap();
+    let good = dir.path().join("ca.pem");
+    std::fs::write(&good, ca.cert_pem()).unwrap();
+    assert!(check_options(&WebhookOptions {
+        ca_file: Some(good),
+        ..Default::default()
+    })
+    .is_ok());
+}

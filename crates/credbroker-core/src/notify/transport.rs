@@ -264,7 +264,7 @@ impl Transport for HttpTransport {
 
 /// rustls on ring, the tree's one provider, trusting either the
 /// configured CA file or the Mozilla roots compiled into `webpki-roots`.
-fn client_config(options: &WebhookOptions) -> Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn client_config(options: &WebhookOptions) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     match &options.ca_file {
         Some(path) => {
