@@ -399,16 +399,16 @@ async fn store_migrate_then_the_new_stores_reaper_expires_100_leases_and_rotates
     const LEASES: usize = 100;
     // Long enough for issuing, the stop, the move and the start on a loaded
     // machine; short enough that expiry falls soon after the start.
-    const TTL: i64 = 60;
+    const TTL: i64 = 30;
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     // Two users alternating: a rotation is visible as a new user and
     // generation, and the previous password's end after its overlap.
-    let (mut b, users) = pg_static(2, "50s", "overlap = \"5s\"").await;
+    let (mut b, users) = pg_static(2, "20s", "overlap = \"5s\"").await;
     b.edit_config(|t| {
         t + &role("ro", "main", "10m", "20m", APP)
             + &role("held", "main", "10m", "20m", APP)
-            + &demo_role("any", "10m", "20m")
+            + &demo_role("any", "10m", "20m").replace("{db}", "main")
     });
     b.enable_vault_api("").await;
     b.start_in_process().await;
