@@ -3,7 +3,10 @@
 //! serving what the old one held — leases renewed and revoked, a lock
 //! still refusing, a Vault-API token still working (and reaching its
 //! lease), a static credential still readable — and the audit chain
-//! intact across the move. And its refusals, which write nothing.
+//! intact across the move. And its refusals, which write nothing. And
+//! issue 28's case: 100 short-lived leases, two locks, two tokens and a
+//! static role moved, then left alone — the new store's reaper revokes
+//! every lease at its expiry and the static role rotates on schedule.
 
 use std::process::Output;
 use std::time::Duration;
@@ -563,7 +566,9 @@ async fn store_migrate_then_the_new_stores_reaper_expires_100_leases_and_rotates
         .expect("the rotated credential logs in");
     assert!(
         eventually(Duration::from_secs(60), || async {
-            login(&b.db, &after.username, &after.password).await.is_err()
+            login(&b.db, &after.username, &after.password)
+                .await
+                .is_err()
         })
         .await,
         "the previous static password still logs in 60 s after the rotation"
@@ -611,12 +616,13 @@ async fn store_migrate_then_the_new_stores_reaper_expires_100_leases_and_rotates
         "store migrate, reaper after the move: {LEASES} leases (ttl {TTL} s) expiring \
          {:.1}..{:.1} s after the new broker's start; all revoked {:.1} s after the last \
          expiry ({:.1} s after the first); static role rotated {:.1} s after the start \
-         (generation {} -> {})",
+         ({:.1} s after its scheduled time; generation {} -> {})",
         ms(first_expiry - started),
         ms(last_expiry - started),
         ms(all_revoked - last_expiry),
         ms(all_revoked - first_expiry),
         ms(rotated_in),
+        ms(ts(&rotated.rotated_at) - ts(&after.next_rotation_at)),
         after.generation,
         rotated.generation
     );
