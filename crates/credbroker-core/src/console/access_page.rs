@@ -83,7 +83,9 @@ fn row(r: &AccessRequest, now: chrono::DateTime<Utc>) -> Row {
         AccessState::Expired => format!("expired undecided at {}", utc(r.pending_until)),
         AccessState::Ended => format!(
             "ended{}{}",
-            r.ended_at.map(|t| format!(" {}", utc(t))).unwrap_or_default(),
+            r.ended_at
+                .map(|t| format!(" {}", utc(t)))
+                .unwrap_or_default(),
             r.end_reason
                 .as_deref()
                 .filter(|s| !s.is_empty())

@@ -568,7 +568,13 @@ async fn ask_access(console: &Console, who: &str) -> crate::access::AccessReques
 }
 
 async fn state_of(kit: &Kit, id: &str) -> crate::access::AccessState {
-    kit.broker.store().get_access(id).await.unwrap().unwrap().state
+    kit.broker
+        .store()
+        .get_access(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
 }
 
 #[tokio::test]
@@ -603,7 +609,9 @@ async fn the_access_page_lists_pending_first_and_approves_with_csrf() {
     ] {
         assert!(page.body.contains(want), "page lacks {want}");
     }
-    assert!(page.body.contains(&format!("name=\"csrf\" value=\"{token}\"")));
+    assert!(page
+        .body
+        .contains(&format!("name=\"csrf\" value=\"{token}\"")));
 
     // A tampered token: refused, audited, nothing decided.
     let mut bad = token.clone();
@@ -662,7 +670,9 @@ async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
     // An admin who is not one of the policy's approvers: the access
     // module's own refusal, audited via the console; nothing decided.
     let bob = peer(Ok(NOT_APPROVER));
-    let bob_token = console.csrf.token(&CERT, &Identity::from_trusted(NOT_APPROVER));
+    let bob_token = console
+        .csrf
+        .token(&CERT, &Identity::from_trusted(NOT_APPROVER));
     let a = submit(
         &console,
         &bob,
@@ -671,7 +681,11 @@ async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
     )
     .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
-    assert!(a.body.contains("is not an approver of access policy"), "{}", a.body);
+    assert!(
+        a.body.contains("is not an approver of access policy"),
+        "{}",
+        a.body
+    );
     assert!(kit.audit().iter().any(|x| x.action == "access_approve"
         && x.identity == NOT_APPROVER
         && x.outcome == Outcome::Denied
@@ -688,7 +702,11 @@ async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
     )
     .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
-    assert!(a.body.contains("never approves or denies its own"), "{}", a.body);
+    assert!(
+        a.body.contains("never approves or denies its own"),
+        "{}",
+        a.body
+    );
     assert_eq!(state_of(&kit, &own.id).await, AccessState::Pending);
     // Deny needs a reason here; bad ids are a clear 400.
     let a = submit(
@@ -715,7 +733,10 @@ async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
         &console,
         &admin,
         "/access/deny",
-        &format!("request_id={}&reason=not+without+a+ticket&csrf={token}", r.id),
+        &format!(
+            "request_id={}&reason=not+without+a+ticket&csrf={token}",
+            r.id
+        ),
     )
     .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
