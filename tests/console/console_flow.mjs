@@ -15,7 +15,7 @@
 // redirects) is Chromium's.
 //
 // Environment: CONSOLE_URL, CONSOLE_PKI (dir), CONSOLE_SCENARIO (flow |
-// unreachable | static), CONSOLE_DATA (JSON: leases, database names),
+// unreachable | static | access), CONSOLE_DATA (JSON: leases, database names),
 // CONSOLE_SCREENSHOTS (a directory, or empty: none), CHROMIUM.
 
 import { chromium } from "playwright-core";
@@ -385,6 +385,54 @@ async function staticRoles() {
   }
 }
 
+// The Access page: the request made over gRPC is pending; a forged CSRF
+// token is refused and decides nothing; Approve (confirmed) grants it.
+async function access() {
+  const { context, page, problems } = await browserAs(admin);
+  try {
+    await go(page, "/");
+    await Promise.all([page.waitForNavigation(), page.click('nav a[href="/access"]')]);
+    check(new URL(page.url()).pathname === "/access", `tab went to ${page.url()}`);
+    const row = page.locator(`#access tr[data-request="${data.request}"]`);
+    let text = await row.innerText();
+    for (const want of ["incident", "ro", data.requester, "INC-88: orders stuck", "pending", "0/1", "pending until"]) {
+      check(text.includes(want), `row of ${data.request} lacks ${want}: ${text}`);
+    }
+    await shot(page, "access");
+    // The page's own token with one character changed: 403, nothing decided.
+    const token = await row.locator("form.approve input[name=csrf]").inputValue();
+    const forged = (token[0] === "0" ? "1" : "0") + token.slice(1);
+    const post = await context.request.post(url + "/access/approve", {
+      form: { csrf: forged, request_id: data.request },
+    });
+    check(post.status() === 403, `forged token POST: ${post.status()}`);
+    check(/CSRF token/.test(await post.text()), "forged token: the refusal does not say why");
+    await page.reload();
+    text = await row.innerText();
+    check(/pending/.test(text) && text.includes("0/1"), `after a forged POST: ${text}`);
+    // Approve, behind the browser's confirm.
+    let asked = "";
+    page.once("dialog", async (d) => {
+      asked = d.message();
+      await d.accept();
+    });
+    await Promise.all([page.waitForURL(/\/access\/approve$/), row.locator("form.approve button").click()]);
+    check(asked.includes(data.request), `confirm dialog: ${asked}`);
+    const done = await page.innerText("#message");
+    check(/is granted/.test(done) && done.includes(data.requester), `approve result: ${done}`);
+    await page.click("#back");
+    const after = page.locator(`#access tr[data-request="${data.request}"]`);
+    text = await after.innerText();
+    check(/granted until/.test(text) && text.includes("1/1"), `after approve: ${text}`);
+    check((await after.locator("form.revoke").count()) === 1, "a live grant has no Revoke");
+    check((await after.locator("form.approve").count()) === 0, "a granted request still offers Approve");
+    await shot(page, "access-granted");
+    check(problems.length === 0, `browser problems: ${problems.join("; ")}`);
+  } finally {
+    await context.close();
+  }
+}
+
 async function unreachable() {
   const { context, page, problems } = await browserAs(admin);
   try {
@@ -419,6 +467,7 @@ try {
   if (scenario === "flow") await flow();
   else if (scenario === "unreachable") await unreachable();
   else if (scenario === "static") await staticRoles();
+  else if (scenario === "access") await access();
   else fail(`unknown scenario ${scenario}`);
   console.log(`console_flow: ${scenario} ok`);
 } catch (e) {

@@ -456,3 +456,79 @@ async fn read(b: &TestBroker) -> credbroker::pb::StaticCredential {
         .expect("the app reads static role st")
         .into_inner()
 }
+
+/// The Access page (issue 31): a request made over gRPC shows as pending;
+/// a forged CSRF token is refused and changes nothing; the admin — also
+/// the policy's one approver here — approves in the browser and the
+/// request is a grant, audited as the console's step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_access_page_approves_a_request_made_over_grpc() {
+    require_browser();
+    const ALICE: &str = "spiffe://credbroker.dev/user/alice";
+    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "1h", APP)).await;
+    b.edit_config(|t| {
+        format!(
+            "{t}\n[access.incident]\nroles = [\"ro\"]\n\
+             requesters = [\"spiffe://credbroker.dev/user/*\"]\n\
+             approvers = [\"{ADMIN}\"]\napprovals = 1\nmax_duration = \"4h\"\n\
+             pending_for = \"30m\"\n"
+        )
+    });
+    write_client(
+        &b,
+        "alice",
+        &credbroker_testkit::pki::ClientSpec::spiffe(ALICE),
+    );
+    let port = b.enable_console().await;
+    b.start_in_process().await;
+    let mut alice = b.env.client(&b.addr, "alice").access().unwrap();
+    let r = alice
+        .request(credbroker::pb::AccessRequestRequest {
+            roles: vec!["ro".into()],
+            reason: "INC-88: orders stuck".into(),
+            duration_seconds: 3600,
+            policy: "incident".into(),
+            break_glass: false,
+        })
+        .await
+        .expect("alice asks over gRPC")
+        .into_inner();
+    assert_eq!(r.state, "pending");
+    browse(
+        &b,
+        port,
+        "access",
+        serde_json::json!({ "request": r.request_id, "requester": ALICE }),
+    )
+    .await;
+    let now = alice
+        .get(credbroker::pb::AccessRequestId {
+            request_id: r.request_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(now.state, "granted", "{now:?}");
+    let records = b.audit_records();
+    let of = |action: &str, outcome: credbroker::audit::Outcome| {
+        records
+            .iter()
+            .filter(|x| {
+                x.action == action
+                    && x.identity == ADMIN
+                    && x.outcome == outcome
+                    && x.via.as_deref() == Some("console")
+            })
+            .count()
+    };
+    use credbroker::audit::Outcome;
+    assert_eq!(of("access_approve", Outcome::Ok), 1, "{records:?}");
+    assert_eq!(of("access_grant", Outcome::Ok), 1);
+    assert_eq!(of("console", Outcome::Denied), 1, "the forged token");
+    // The grant is real: alice leases the role under it.
+    let lease = issue(&b, "alice", "ro", 0)
+        .await
+        .expect("alice leases under the grant approved in the browser");
+    assert!(login(&b.db, &lease.username, &lease.password).await.is_ok());
+    b.stop().await;
+}

@@ -283,7 +283,7 @@ impl Daemon {
         };
         let console = listeners.console.map(|l| {
             tokio::spawn(crate::console::serve(
-                broker.clone(),
+                self.access.clone(),
                 l,
                 self.tls.clone(),
                 stop.clone().cancelled_owned(),

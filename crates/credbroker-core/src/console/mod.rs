@@ -9,11 +9,13 @@
 //! a POST whose CSRF token (`csrf.rs`) is checked there too, before any
 //! handler runs, so no handler can forget it. Actions go through the
 //! broker's admin calls (`admin_revoke`, `admin_lock`, `admin_unlock`,
-//! `rotate_static`, `revoke_static`), so
-//! they are audited exactly as the CLI's are. Responses carry a strict
+//! `rotate_static`, `revoke_static`) and the `Access` service (approve,
+//! deny, revoke of access requests), so they are audited exactly as the
+//! CLI's and gRPC's are. Responses carry a strict
 //! Content-Security-Policy: no inline script or style, only the two assets
 //! served from the binary (`assets.rs`), and an icon.
 
+mod access_page;
 mod assets;
 mod audit_view;
 mod chart;
@@ -40,6 +42,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use tokio::net::TcpListener;
 
+use crate::access::Access;
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::gate::{Ask, Door, Target};
@@ -58,6 +61,9 @@ const MAX_FORM_BYTES: usize = 16 * 1024;
 /// What the pages share: the broker, the CSRF key, cached probes.
 pub struct Console {
     broker: Arc<Broker>,
+    /// The daemon's access service (its notifier included), so a step
+    /// taken here is notified as one taken over gRPC.
+    access: Arc<Access>,
     csrf: csrf::CsrfKey,
     probes: probe::Probes,
     audit_check: audit_view::ChainCheck,
@@ -72,14 +78,20 @@ pub struct Viewer {
 }
 
 impl Console {
-    /// A console with a CSRF key of its own (tests, the benchmark).
+    /// A console with a CSRF key of its own (tests, the benchmark); its
+    /// access events go to the log.
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self::with_key(broker, csrf::CsrfKey::random())
+        let access = Arc::new(Access::new(
+            broker.clone(),
+            Arc::new(crate::access::LogNotifier),
+        ));
+        Self::with_key(access, csrf::CsrfKey::random())
     }
 
-    fn with_key(broker: Arc<Broker>, csrf: csrf::CsrfKey) -> Self {
+    fn with_key(access: Arc<Access>, csrf: csrf::CsrfKey) -> Self {
         Console {
-            broker,
+            broker: access.broker().clone(),
+            access,
             csrf,
             probes: probe::Probes::default(),
             audit_check: audit_view::ChainCheck::default(),
@@ -88,20 +100,22 @@ impl Console {
 }
 
 /// Serves the console on `listener` until `shutdown`, with the CSRF key
-/// shared by every replica of the store (`csrf::shared`).
+/// shared by every replica of the store (`csrf::shared`). `access`: the
+/// daemon's access service, over the broker the console serves.
 pub async fn serve(
-    broker: Arc<Broker>,
+    access: Arc<Access>,
     listener: TcpListener,
     tls: SharedTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let broker = access.broker().clone();
     let mut shutdown = Box::pin(shutdown);
     let key = tokio::select! {
         k = csrf::shared(&broker) => k,
         _ = &mut shutdown => return,
     };
     let options = https::ListenerOptions::of("console", &broker);
-    let app = router(Arc::new(Console::with_key(broker, key)));
+    let app = router(Arc::new(Console::with_key(access, key)));
     https::serve(app, listener, tls, options, shutdown).await
 }
 
@@ -119,6 +133,10 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/audit", get(audit_view::page))
         .route("/locks", get(locks::page).post(locks::create))
         .route("/locks/remove", post(locks::remove))
+        .route("/access", get(access_page::page))
+        .route("/access/approve", post(access_page::approve))
+        .route("/access/deny", post(access_page::deny))
+        .route("/access/revoke", post(access_page::revoke))
         .route("/static-roles", get(statics::page))
         .route("/static-roles/rotate", post(statics::rotate))
         .route("/static-roles/revoke", post(statics::revoke))

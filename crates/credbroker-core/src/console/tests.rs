@@ -532,3 +532,226 @@ async fn non_admins_cannot_see_or_rotate_static_roles() {
         .iter()
         .any(|r| r.identity == APP && r.action == "console" && r.outcome == Outcome::Denied));
 }
+
+/// A policy the console's admin (`dba/alice`) approves alone; `dba/bob`
+/// (an admin too, in `access_kit`) is not one of its approvers.
+const ACCESS_POLICY: &str = "[access.incident]\nroles = [\"ro\"]\n\
+    requesters = [\"spiffe://credbroker.dev/user/*\", \"spiffe://credbroker.dev/dba/*\"]\n\
+    approvers = [\"spiffe://credbroker.dev/dba/alice\"]\napprovals = 1\n\
+    max_duration = \"4h\"\npending_for = \"30m\"\n";
+const REQUESTER: &str = "spiffe://credbroker.dev/user/carol";
+const NOT_APPROVER: &str = "spiffe://credbroker.dev/dba/bob";
+
+fn access_kit() -> (Kit, Arc<Console>) {
+    // The kit's admins are `dba/*`: both are admins.
+    let kit = Kit::new("", &format!("{}{ACCESS_POLICY}", role("ro", "main")));
+    let console = Arc::new(Console::new(kit.broker.clone()));
+    (kit, console)
+}
+
+/// A pending request by `who`, made as the gRPC door makes it.
+async fn ask_access(console: &Console, who: &str) -> crate::access::AccessRequest {
+    console
+        .access
+        .request(
+            &Identity::from_trusted(who),
+            None,
+            crate::access::NewRequest {
+                roles: vec!["ro".into()],
+                reason: "INC-77: orders stuck".into(),
+                duration: Some(std::time::Duration::from_secs(3600)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+}
+
+async fn state_of(kit: &Kit, id: &str) -> crate::access::AccessState {
+    kit.broker
+        .store()
+        .get_access(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+}
+
+#[tokio::test]
+async fn the_access_page_lists_pending_first_and_approves_with_csrf() {
+    use crate::access::AccessState;
+    let (kit, console) = access_kit();
+    let admin = peer(Ok(ADMIN));
+    let older = ask_access(&console, REQUESTER).await;
+    let denied = ask_access(&console, REQUESTER).await;
+    console
+        .access
+        .deny(&Identity::from_trusted(ADMIN), &denied.id, "not now")
+        .await
+        .unwrap();
+    let r = ask_access(&console, REQUESTER).await;
+    let page = send(&console, &admin, get("/access")).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let token = admin_token(&console);
+    // Pending ones above the decided one; each pending row has both forms.
+    let at = |id: &str| page.body.find(&format!("data-request=\"{id}\"")).unwrap();
+    assert!(at(&r.id) < at(&denied.id) && at(&older.id) < at(&denied.id));
+    for want in [
+        "incident",
+        REQUESTER,
+        "INC-77: orders stuck",
+        "0/1",
+        "pending until",
+        "action=\"/access/approve\"",
+        "action=\"/access/deny\"",
+        "denied by",
+        "href=\"/access\" class=\"active\"",
+    ] {
+        assert!(page.body.contains(want), "page lacks {want}");
+    }
+    assert!(page
+        .body
+        .contains(&format!("name=\"csrf\" value=\"{token}\"")));
+
+    // A tampered token: refused, audited, nothing decided.
+    let mut bad = token.clone();
+    bad.replace_range(..1, if bad.starts_with('0') { "1" } else { "0" });
+    let forged = submit(
+        &console,
+        &admin,
+        "/access/approve",
+        &format!("request_id={}&csrf={bad}", r.id),
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(state_of(&kit, &r.id).await, AccessState::Pending);
+
+    let ok = submit(
+        &console,
+        &admin,
+        "/access/approve",
+        &format!("request_id={}&csrf={token}", r.id),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+    assert!(ok.body.contains("is granted"), "{}", ok.body);
+    assert_eq!(state_of(&kit, &r.id).await, AccessState::Granted);
+    let records = kit.audit();
+    let step = |action: &str| {
+        records.iter().any(|x| {
+            x.action == action
+                && x.identity == ADMIN
+                && x.request_id.as_deref() == Some(r.id.as_str())
+                && x.outcome == Outcome::Ok
+                && x.via.as_deref() == Some("console")
+        })
+    };
+    assert!(step("access_approve") && step("access_grant"));
+    let page = send(&console, &admin, get("/access")).await;
+    assert!(page.body.contains("granted until") && page.body.contains("action=\"/access/revoke\""));
+
+    // Revoke the live grant from the page.
+    let gone = submit(
+        &console,
+        &admin,
+        "/access/revoke",
+        &format!("request_id={}&reason=done&csrf={token}", r.id),
+    )
+    .await;
+    assert_eq!(gone.status, StatusCode::OK, "{}", gone.body);
+    assert_eq!(state_of(&kit, &r.id).await, AccessState::Ended);
+}
+
+#[tokio::test]
+async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
+    use crate::access::AccessState;
+    let (kit, console) = access_kit();
+    let r = ask_access(&console, REQUESTER).await;
+    // An admin who is not one of the policy's approvers: the access
+    // module's own refusal, audited via the console; nothing decided.
+    let bob = peer(Ok(NOT_APPROVER));
+    let bob_token = console
+        .csrf
+        .token(&CERT, &Identity::from_trusted(NOT_APPROVER));
+    let a = submit(
+        &console,
+        &bob,
+        "/access/approve",
+        &format!("request_id={}&csrf={bob_token}", r.id),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    assert!(
+        a.body.contains("is not an approver of access policy"),
+        "{}",
+        a.body
+    );
+    assert!(kit.audit().iter().any(|x| x.action == "access_approve"
+        && x.identity == NOT_APPROVER
+        && x.outcome == Outcome::Denied
+        && x.via.as_deref() == Some("console")));
+    // The requester never decides its own request, admin or not.
+    let own = ask_access(&console, ADMIN).await;
+    let admin = peer(Ok(ADMIN));
+    let token = admin_token(&console);
+    let a = submit(
+        &console,
+        &admin,
+        "/access/approve",
+        &format!("request_id={}&csrf={token}", own.id),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(
+        a.body.contains("never approves or denies its own"),
+        "{}",
+        a.body
+    );
+    assert_eq!(state_of(&kit, &own.id).await, AccessState::Pending);
+    // Deny needs a reason here; bad ids are a clear 400.
+    let a = submit(
+        &console,
+        &admin,
+        "/access/deny",
+        &format!("request_id={}&reason=+&csrf={token}", r.id),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.body.contains("say why"), "{}", a.body);
+    let a = submit(
+        &console,
+        &admin,
+        "/access/approve",
+        &format!("request_id=ar_%3Cscript%3E&csrf={token}"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.body.contains("malformed access request id") && !a.body.contains("<script>"));
+    assert_eq!(state_of(&kit, &r.id).await, AccessState::Pending);
+    // Deny with a reason: decided; a decided request cannot be approved.
+    let a = submit(
+        &console,
+        &admin,
+        "/access/deny",
+        &format!(
+            "request_id={}&reason=not+without+a+ticket&csrf={token}",
+            r.id
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(state_of(&kit, &r.id).await, AccessState::Denied);
+    let a = submit(
+        &console,
+        &admin,
+        "/access/approve",
+        &format!("request_id={}&csrf={token}", r.id),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    assert!(a.body.contains("not pending"), "{}", a.body);
+    assert_eq!(state_of(&kit, &r.id).await, AccessState::Denied);
+    // A non-admin does not reach the page at all.
+    let a = send(&console, &peer(Ok(REQUESTER)), get("/access")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+}
