@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::grpc::{gate, peer_ip, ts};
 use crate::access::{Access, AccessRequest, NewRequest};
 use crate::gate::{Door, Target, Use};
+use crate::identity::Identity;
 use crate::pb;
 use crate::server::status::to_status;
 
@@ -24,6 +25,26 @@ const MAX_ROLES: usize = 16;
 
 pub struct AccessService {
     pub access: Arc<Access>,
+}
+
+impl AccessService {
+    /// Every call's gate: this door, the caller's own request (`what` it
+    /// does with it), the identity the certificate proves — or the
+    /// refusal, audited by the gate.
+    async fn admit<T>(
+        &self,
+        req: &Request<T>,
+        action: &'static str,
+        what: Use,
+    ) -> Result<Identity, Status> {
+        let pass = gate(self.access.broker(), DOOR, req, action, Target::Own(what)).await?;
+        Ok(pass.identity)
+    }
+}
+
+/// A request as the answer shows it, or the access module's refusal.
+fn answer(r: crate::Result<AccessRequest>) -> Result<Response<pb::AccessRequestInfo>, Status> {
+    r.map(|out| Response::new(info(&out))).map_err(to_status)
 }
 
 pub fn info(r: &AccessRequest) -> pb::AccessRequestInfo {
@@ -70,10 +91,7 @@ impl pb::access_server::Access for AccessService {
         } else {
             "access_request"
         };
-        let broker = self.access.broker();
-        let who = gate(broker, DOOR, &req, action, Target::Own(Use::Obtain))
-            .await?
-            .identity;
+        let who = self.admit(&req, action, Use::Obtain).await?;
         if r.roles.len() > MAX_ROLES || r.roles.iter().any(|x| x.len() > 64) {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_ROLES} roles of at most 64 bytes each"
@@ -90,22 +108,14 @@ impl pb::access_server::Access for AccessService {
                 .then(|| std::time::Duration::from_secs(r.duration_seconds as u64)),
             break_glass: r.break_glass,
         };
-        let out = self
-            .access
-            .request(&who, peer, new)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(info(&out)))
+        answer(self.access.request(&who, peer, new).await)
     }
 
     async fn list(
         &self,
         req: Request<pb::ListAccessRequest>,
     ) -> Result<Response<pb::ListAccessResponse>, Status> {
-        let broker = self.access.broker();
-        let who = gate(broker, DOOR, &req, "access_list", Target::Own(Use::Read))
-            .await?
-            .identity;
+        let who = self.admit(&req, "access_list", Use::Read).await?;
         let out = self
             .access
             .list(&who, req.get_ref().pending)
@@ -120,77 +130,33 @@ impl pb::access_server::Access for AccessService {
         &self,
         req: Request<pb::AccessRequestId>,
     ) -> Result<Response<pb::AccessRequestInfo>, Status> {
-        let broker = self.access.broker();
-        let who = gate(broker, DOOR, &req, "access_get", Target::Own(Use::Read))
-            .await?
-            .identity;
-        let out = self
-            .access
-            .get(&who, &req.get_ref().request_id)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(info(&out)))
+        let who = self.admit(&req, "access_get", Use::Read).await?;
+        answer(self.access.get(&who, &req.get_ref().request_id).await)
     }
 
     async fn approve(
         &self,
         req: Request<pb::AccessRequestId>,
     ) -> Result<Response<pb::AccessRequestInfo>, Status> {
-        let broker = self.access.broker();
-        let who = gate(
-            broker,
-            DOOR,
-            &req,
-            "access_approve",
-            Target::Own(Use::Obtain),
-        )
-        .await?
-        .identity;
-        let out = self
-            .access
-            .approve(&who, &req.get_ref().request_id)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(info(&out)))
+        let who = self.admit(&req, "access_approve", Use::Obtain).await?;
+        answer(self.access.approve(&who, &req.get_ref().request_id).await)
     }
 
     async fn deny(
         &self,
         req: Request<pb::DenyAccessRequest>,
     ) -> Result<Response<pb::AccessRequestInfo>, Status> {
-        let broker = self.access.broker();
-        let who = gate(broker, DOOR, &req, "access_deny", Target::Own(Use::Obtain))
-            .await?
-            .identity;
+        let who = self.admit(&req, "access_deny", Use::Obtain).await?;
         let r = req.get_ref();
-        let out = self
-            .access
-            .deny(&who, &r.request_id, &r.reason)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(info(&out)))
+        answer(self.access.deny(&who, &r.request_id, &r.reason).await)
     }
 
     async fn revoke(
         &self,
         req: Request<pb::RevokeAccessRequest>,
     ) -> Result<Response<pb::AccessRequestInfo>, Status> {
-        let broker = self.access.broker();
-        let who = gate(
-            broker,
-            DOOR,
-            &req,
-            "access_revoke",
-            Target::Own(Use::GiveUp),
-        )
-        .await?
-        .identity;
+        let who = self.admit(&req, "access_revoke", Use::GiveUp).await?;
         let r = req.get_ref();
-        let out = self
-            .access
-            .revoke(&who, &r.request_id, &r.reason)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(info(&out)))
+        answer(self.access.revoke(&who, &r.request_id, &r.reason).await)
     }
 }
