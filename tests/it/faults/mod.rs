@@ -1,0 +1,37 @@
+//! Faults: crashes, outages, bad input, revoked certificates, abuse —
+//! nothing lost, nothing left behind. Tests marked `#[ignore = "long"]` run
+//! in their own step of scripts/test.sh (`cargo test -- --ignored`).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use credbroker::pb;
+use credbroker::pb::revoke_leases_request::Selector;
+use credbroker::store::LeaseFilter;
+use credbroker_testkit::pki::cert_serial;
+use tonic::Code;
+
+use crate::support::*;
+
+mod abuse;
+mod crashes;
+mod crl;
+mod reload;
+
+fn roles() -> String {
+    demo_role("ro", "1m", "10m") + &demo_role("short", "2s", "1m")
+}
+
+/// Writes a CRL revoking `who`'s dev certificate and returns its path.
+fn revoke_cert(b: &TestBroker, who: &str) -> std::path::PathBuf {
+    let pem = std::fs::read_to_string(b.env.pki.join(format!("{who}.pem"))).unwrap();
+    let serial = cert_serial(&pem).expect("dev certificates have u64 serials");
+    let crl = dev_ca(b).crl(&[serial]).unwrap();
+    let path = b.env.pki.join("ca.crl");
+    std::fs::write(&path, crl).unwrap();
+    path
+}
+
+fn with_crl(text: String, path: &std::path::Path) -> String {
+    text.replace("[tls]\n", &format!("[tls]\ncrl = \"{}\"\n", path.display()))
+}
