@@ -17,6 +17,14 @@ use credbroker_testkit::throwaway::{
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
+mod calls;
+mod net;
+mod sql;
+
+pub use calls::*;
+pub use net::*;
+pub use sql::*;
+
 /// UTC+14: a server time zone far from the broker's, so any expiry computed
 /// in local time instead of UTC shows up as a 14-hour error.
 pub const FAR_TIMEZONE: &str = "Pacific/Kiritimati";
@@ -581,27 +589,6 @@ impl Drop for TestBroker {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub async fn wait_port(port: u16) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("broker did not listen on port {port} within 10 s");
-}
-
 /// Runs the real CLI against `b` as `who` (a dev certificate's name),
 /// without blocking the runtime the in-process brokers run on.
 pub async fn cli(b: &TestBroker, who: &str, args: &[&str]) -> std::process::Output {
@@ -617,24 +604,6 @@ pub async fn cli(b: &TestBroker, who: &str, args: &[&str]) -> std::process::Outp
         .output()
         .await
         .unwrap()
-}
-
-/// Logs in as a leased credential; returns the error text on refusal.
-pub async fn login(db: &str, user: &str, password: &str) -> Result<tokio_postgres::Client, String> {
-    let mut cfg = cluster().config(db);
-    cfg.user(user)
-        .password(password)
-        .connect_timeout(Duration::from_secs(5));
-    match cfg.connect(tokio_postgres::NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(conn);
-            Ok(client)
-        }
-        Err(e) => Err(e
-            .as_db_error()
-            .map(|d| d.message().to_string())
-            .unwrap_or_else(|| e.to_string())),
-    }
 }
 
 /// Polls `f` every 100 ms until it returns true or `within` passes.
@@ -655,70 +624,6 @@ where
     }
 }
 
-/// An admin (`admin`) revokes one lease by id, at once.
-pub async fn admin_revoke(b: &TestBroker, lease_id: &str) {
-    let out = admin_revoke_by(b, Selector::LeaseId(lease_id.into()), false).await;
-    assert_eq!(out.revoked, 1, "{out:?}");
-}
-
-/// An admin (`admin`) revokes what `selector` names, with `--force` or
-/// without; the reply.
-pub async fn admin_revoke_by(
-    b: &TestBroker,
-    selector: Selector,
-    force: bool,
-) -> pb::RevokeLeasesResponse {
-    b.admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(selector),
-            force,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-pub async fn issue(
-    b: &TestBroker,
-    who: &str,
-    role: &str,
-    ttl: i64,
-) -> Result<pb::Lease, tonic::Status> {
-    b.client(who)
-        .await
-        .issue_lease(pb::IssueLeaseRequest {
-            role: role.into(),
-            ttl_seconds: ttl,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-pub fn ts(t: &Option<prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
-    let t = t.as_ref().unwrap();
-    chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap()
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1 (metrics, health); returns the body.
-pub async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("metrics listener");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    body.to_string()
-}
-
 /// The broker's dev CA (from its pki directory), to sign more certificates.
 pub fn dev_ca(b: &TestBroker) -> credbroker_testkit::pki::DevCa {
     let cert = std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap();
@@ -732,18 +637,6 @@ pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker_testkit::pki::
     let pair = dev_ca(b).client_cert(spec).unwrap();
     std::fs::write(b.env.pki.join(format!("{name}.pem")), pair.cert_pem).unwrap();
     std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
-}
-
-/// Live (not revoked) rows in a PostgreSQL lease store.
-pub async fn live_lease_rows(store: &tokio_postgres::Client) -> i64 {
-    store
-        .query_one(
-            "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// Starts the real `credbroker sidecar` as the dev identity `app` against
@@ -771,19 +664,4 @@ pub fn spawn_sidecar(
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
         .spawn()
         .unwrap()
-}
-
-/// Roles named like the password probe's (`credbroker_check_…`, made by
-/// `check` and preflight) still on `pg`: 0 once every probe cleaned up.
-pub async fn probe_roles_left(pg: &ThrowawayPostgres, db: &str) -> i64 {
-    pg.connect(db)
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'credbroker\\_check\\_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
