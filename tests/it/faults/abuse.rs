@@ -248,12 +248,7 @@ async fn sigterm_during_a_burst_completes_or_cleanly_fails_every_request() {
     let store = b.open_store().await;
     let audit = b.audit_records();
     for l in &acked {
-        let id = credbroker::lease::LeaseId::parse(&l.lease_id).unwrap();
-        let stored = store
-            .get(&id)
-            .await
-            .unwrap()
-            .expect("acknowledged lease missing from the store");
+        let stored = stored_lease(&store, &l.lease_id).await;
         assert_eq!(stored.state, credbroker::lease::LeaseState::Active);
         assert!(audit
             .iter()
@@ -272,13 +267,7 @@ async fn sigterm_during_a_burst_completes_or_cleanly_fails_every_request() {
         pending.len()
     );
     let roles = b.broker_roles().await;
-    let live: BTreeSet<String> = store
-        .list(&LeaseFilter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.username.to_string())
-        .collect();
+    let live = store_usernames(&store).await;
     assert_eq!(
         roles, live,
         "roles in PostgreSQL differ from live leases in the store"

@@ -138,15 +138,12 @@ async fn crash_loop_leaves_no_untracked_role_and_loses_no_acknowledged_lease() {
         attempted.extend(t);
     }
     // One reaper pass after the last restart: pending intents resolve at once.
+    let pending = pb::ListLeasesRequest {
+        states: vec![pb::LeaseState::Pending as i32],
+        ..Default::default()
+    };
     let settled = eventually(Duration::from_secs(20), || async {
-        let mut admin = b.admin("admin").await;
-        let pending = admin
-            .list_leases(pb::ListLeasesRequest {
-                states: vec![pb::LeaseState::Pending as i32],
-                ..Default::default()
-            })
-            .await;
-        matches!(pending, Ok(r) if r.get_ref().leases.is_empty())
+        matches!(b.list_as("admin", pending.clone()).await, Ok(l) if l.is_empty())
     })
     .await;
     assert!(
@@ -157,13 +154,7 @@ async fn crash_loop_leaves_no_untracked_role_and_loses_no_acknowledged_lease() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     b.kill_binary();
     let store = b.open_store().await;
-    let live: BTreeSet<String> = store
-        .list(&LeaseFilter::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.username.to_string())
-        .collect();
+    let live = store_usernames(&store).await;
     let roles = b.broker_roles().await;
     println!(
         "crash loop: {kills} SIGKILLs, {} leases acknowledged, {} revocations acknowledged, {} live in store, {} roles in PostgreSQL",
@@ -174,12 +165,7 @@ async fn crash_loop_leaves_no_untracked_role_and_loses_no_acknowledged_lease() {
     );
     assert_eq!(roles, live, "broker-made roles differ from live leases");
     for l in &acked {
-        let id = credbroker::lease::LeaseId::parse(&l.lease_id).unwrap();
-        let stored = store
-            .get(&id)
-            .await
-            .unwrap()
-            .expect("an acknowledged lease is missing from the store");
+        let stored = stored_lease(&store, &l.lease_id).await;
         if revoked.contains(&l.lease_id) {
             assert_eq!(stored.state, credbroker::lease::LeaseState::Revoked);
             assert!(!roles.contains(&l.username));
@@ -238,13 +224,7 @@ async fn database_outage_fails_fast_and_the_reaper_catches_up_when_it_returns() 
 
     // Leases fall due while the database is away.
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(down_at.elapsed())).await;
-    let mut admin = b.admin("admin").await;
-    let waiting = admin
-        .list_leases(pb::ListLeasesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    let waiting = b.admin_leases().await;
     let waiting: Vec<_> = waiting
         .into_iter()
         .filter(|w| leases.iter().any(|l| l.lease_id == w.lease_id))
@@ -317,18 +297,10 @@ async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
         .unwrap();
 
     let failing = eventually(Duration::from_secs(15), || async {
-        let r = b
-            .admin("admin")
+        b.admin_leases_in(pb::LeaseState::Failing)
             .await
-            .list_leases(pb::ListLeasesRequest {
-                states: vec![pb::LeaseState::Failing as i32],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .leases;
-        r.iter().any(|x| x.lease_id == l.lease_id)
+            .iter()
+            .any(|x| x.lease_id == l.lease_id)
     })
     .await;
     assert!(
@@ -359,18 +331,12 @@ async fn a_revocation_that_keeps_failing_is_visible_and_can_be_forced_off() {
     // The login is already refused although the drop fails (NOLOGIN first).
     assert!(login(&b.db, &l.username, &l.password).await.is_err());
 
-    let mut admin = b.admin("admin").await;
     let plain = admin_revoke_by(&b, Selector::LeaseId(l.lease_id.clone()), false).await;
     assert_eq!(plain.revoked, 0);
     assert_eq!(plain.failures.len(), 1, "{plain:?}");
     let forced = admin_revoke_by(&b, Selector::LeaseId(l.lease_id.clone()), true).await;
     assert_eq!(forced.revoked, 1, "{forced:?}");
-    let live = admin
-        .list_leases(pb::ListLeasesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    let live = b.admin_leases().await;
     assert!(live.iter().all(|x| x.lease_id != l.lease_id));
     assert!(b
         .audit_records()

@@ -32,6 +32,31 @@ fn revoke_cert(b: &TestBroker, who: &str) -> std::path::PathBuf {
     path
 }
 
+/// The user names of the live leases in `store` (every live state).
+async fn store_usernames(store: &std::sync::Arc<dyn credbroker::store::Store>) -> BTreeSet<String> {
+    store
+        .list(&LeaseFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.username.to_string())
+        .collect()
+}
+
+/// The store's row of lease `lease_id`, which the broker acknowledged:
+/// it must be there.
+async fn stored_lease(
+    store: &std::sync::Arc<dyn credbroker::store::Store>,
+    lease_id: &str,
+) -> credbroker::lease::Lease {
+    let id = credbroker::lease::LeaseId::parse(lease_id).unwrap();
+    store
+        .get(&id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("acknowledged lease {lease_id} missing from the store"))
+}
+
 fn with_crl(text: String, path: &std::path::Path) -> String {
     text.replace("[tls]\n", &format!("[tls]\ncrl = \"{}\"\n", path.display()))
 }

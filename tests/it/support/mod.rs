@@ -245,15 +245,36 @@ impl TestBroker {
         text.push_str(&main.section);
         text.push_str(roles);
         std::fs::write(&env.config_path, text).unwrap();
+        TestBroker::new(
+            dir,
+            env,
+            (main.name, main.pg_config),
+            port,
+            prefix,
+            Some(listener),
+        )
+    }
+
+    /// A broker not started, its config written: `db` its main database
+    /// and superuser access to it, the gRPC port and, when bound already,
+    /// its listener.
+    fn new(
+        dir: tempfile::TempDir,
+        env: DevEnv,
+        (db, pg_config): (String, tokio_postgres::Config),
+        port: u16,
+        prefix: String,
+        listener: Option<TcpListener>,
+    ) -> TestBroker {
         TestBroker {
             env,
-            pg_config: main.pg_config,
-            db: main.name,
+            db,
+            pg_config,
             addr: format!("https://127.0.0.1:{port}"),
             port,
             prefix,
             _dir: dir,
-            listener: Some(listener),
+            listener,
             vault_port: None,
             vault_listener: None,
             console: None,
@@ -316,12 +337,7 @@ impl TestBroker {
     /// returns the port.
     pub fn listen_metrics(&mut self) -> u16 {
         let port = free_port();
-        self.edit_config(|t| {
-            t.replace(
-                "[server]\n",
-                &format!("[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
-            )
-        });
+        self.server_keys(&format!("metrics_listen = \"127.0.0.1:{port}\""));
         port
     }
 
@@ -385,7 +401,11 @@ impl TestBroker {
     }
 
     /// Revokes a lease as its holder `who`.
-    pub async fn revoke_as(&self, who: &str, lease_id: &str) -> Result<(), tonic::Status> {
+    pub async fn revoke_as(
+        &self,
+        who: &str,
+        lease_id: &str,
+    ) -> Result<pb::RevokeLeaseResponse, tonic::Status> {
         self.client(who)
             .await
             .revoke_lease(pb::RevokeLeaseRequest {
@@ -393,7 +413,7 @@ impl TestBroker {
                 ..Default::default()
             })
             .await
-            .map(|_| ())
+            .map(|r| r.into_inner())
     }
 
     /// Lets go of the port reserved at `prepare`: for a test that runs the
@@ -456,22 +476,14 @@ impl TestBroker {
                 &format!("path = \"{}\"", env.audit_path.display()),
             );
         std::fs::write(&env.config_path, text).unwrap();
-        TestBroker {
+        TestBroker::new(
+            dir,
             env,
-            db: self.db.clone(),
-            pg_config: self.pg_config.clone(),
-            addr: format!("https://127.0.0.1:{port}"),
+            (self.db.clone(), self.pg_config.clone()),
             port,
-            prefix: self.prefix.clone(),
-            _dir: dir,
-            listener: None,
-            vault_port: None,
-            vault_listener: None,
-            console: None,
-            stop: None,
-            task: None,
-            child: None,
-        }
+            self.prefix.clone(),
+            None,
+        )
     }
 
     /// Rewrites the config file (e.g. to drop a role or add a CRL).
@@ -494,17 +506,9 @@ impl TestBroker {
     /// Waits for the broker binary to exit; its exit code.
     pub async fn wait_binary(&mut self, within: Duration) -> Option<i32> {
         let mut child = self.child.take().expect("binary running");
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("broker did not exit within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        exit_within(&mut child, within)
+            .await
+            .unwrap_or_else(|| panic!("broker did not exit within {within:?}"))
     }
 
     /// Opens this broker's SQLite store (the broker must be stopped: one
@@ -519,15 +523,12 @@ impl TestBroker {
     pub async fn broker_roles(&self) -> std::collections::BTreeSet<String> {
         let c = self.superuser().await;
         let pattern = format!("{}%", self.prefix.replace('_', "\\_"));
-        c.query(
+        column::<String, _>(
+            &c,
             "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
             &[&pattern],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
     }
 
     pub fn kill_binary(&mut self) {
@@ -543,6 +544,44 @@ impl TestBroker {
 
     pub async fn admin(&self, who: &str) -> pb::admin_client::AdminClient<Channel> {
         self.env.client(&self.addr, who).admin().unwrap()
+    }
+
+    /// The leases `req` selects, as `who` lists them (`admin leases`).
+    pub async fn list_as(
+        &self,
+        who: &str,
+        req: pb::ListLeasesRequest,
+    ) -> Result<Vec<pb::LeaseSummary>, tonic::Status> {
+        self.admin(who)
+            .await
+            .list_leases(req)
+            .await
+            .map(|r| r.into_inner().leases)
+    }
+
+    /// Every lease, as `admin leases` lists them (as `admin`).
+    pub async fn admin_leases(&self) -> Vec<pb::LeaseSummary> {
+        self.list_as("admin", pb::ListLeasesRequest::default())
+            .await
+            .unwrap()
+    }
+
+    /// The leases in `state`, as `admin` lists them.
+    pub async fn admin_leases_in(&self, state: pb::LeaseState) -> Vec<pb::LeaseSummary> {
+        self.list_as(
+            "admin",
+            pb::ListLeasesRequest {
+                states: vec![state as i32],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Adds `keys` (TOML lines) to the config's `[server]` section.
+    pub fn server_keys(&self, keys: &str) {
+        self.edit_config(|t| t.replacen("[server]\n", &format!("[server]\n{keys}\n"), 1));
     }
 
     pub fn audit_records(&self) -> Vec<credbroker::audit::Record> {
@@ -563,15 +602,7 @@ impl TestBroker {
     /// Broker-made roles that exist in the cluster for this test (by prefix
     /// is not enough: tests share the cluster, so we ask by the names we saw).
     pub async fn broker_role_count(&self) -> i64 {
-        let c = self.superuser().await;
-        let pattern = format!("{}%", self.prefix.replace('_', "\\_"));
-        c.query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1",
-            &[&pattern],
-        )
-        .await
-        .unwrap()
-        .get(0)
+        self.broker_roles().await.len() as i64
     }
 
     pub async fn role_exists(&self, username: &str) -> bool {
@@ -586,6 +617,22 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         self.kill_binary();
+    }
+}
+
+/// Waits up to `within` for `child` to exit: `Some` of its exit code; or
+/// `None`, the child killed, when it did not.
+pub async fn exit_within(child: &mut Child, within: Duration) -> Option<Option<i32>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -639,6 +686,19 @@ pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker_testkit::pki::
     std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
 }
 
+/// Writes client certificate `name` naming two SPIFFE IDs (`app`'s and
+/// the on-call's): signed by the CA, but no usable identity.
+pub fn write_two_id_client(b: &TestBroker, name: &str) {
+    write_client(
+        b,
+        name,
+        &credbroker_testkit::pki::ClientSpec {
+            extra_uris: vec!["spiffe://credbroker.dev/dba/oncall".into()],
+            ..credbroker_testkit::pki::ClientSpec::spiffe(APP)
+        },
+    );
+}
+
 /// Starts the real `credbroker sidecar` as the dev identity `app` against
 /// `b`: `args`, then `--out OUT`; its log (`RUST_LOG=info`) goes to `log`.
 pub fn spawn_sidecar(
@@ -664,4 +724,18 @@ pub fn spawn_sidecar(
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
         .spawn()
         .unwrap()
+}
+
+/// The refusals audit `records` stand for: one each, or `N` for a record
+/// whose detail reads "N refused: …" (refusals audited in aggregate).
+pub fn refusals_counted(records: &[credbroker::audit::Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| {
+            let d = r.detail.as_deref().unwrap_or("");
+            d.split_once(" refused: ")
+                .and_then(|(n, _)| n.parse::<u64>().ok())
+                .unwrap_or(1)
+        })
+        .sum()
 }

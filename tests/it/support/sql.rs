@@ -1,5 +1,5 @@
-//! Straight to PostgreSQL: logging in as a leased credential, counting
-//! rows.
+//! Straight to PostgreSQL: logging in as a leased credential, and one
+//! value or one column of a query.
 
 use super::*;
 
@@ -46,4 +46,37 @@ pub async fn probe_roles_left(pg: &ThrowawayPostgres, db: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// The one value `sql` returns on `c` with `params`: a count, a name.
+pub async fn one_value<T>(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    c.query_one(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// The first column of the rows `sql` returns on `c` with `params`.
+pub async fn column<T, C>(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> C
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<T>,
+{
+    c.query(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }

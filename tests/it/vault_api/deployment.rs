@@ -80,13 +80,7 @@ async fn vault_vaultrs_cert_login_and_creds() {
 #[tokio::test]
 async fn vault_api_served_by_the_binary() {
     let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
-    let mport = crate::support::free_port();
-    b.edit_config(|t| {
-        t.replace(
-            "[server]\n",
-            &format!("[server]\nmetrics_listen = \"127.0.0.1:{mport}\"\n"),
-        )
-    });
+    let mport = b.listen_metrics();
     b.enable_vault_api("").await;
     b.spawn_binary().await;
     crate::support::wait_port(b.vault_port.unwrap()).await;

@@ -77,28 +77,19 @@ async fn vault_hvac_login_creds_renew_cap_lookup_revoke() {
     assert_eq!(capped["renewable"], false, "at the hard limit");
     // The database's own expiry moved with it (VALID UNTIL).
     let su = b.superuser().await;
-    let until: chrono::DateTime<chrono::Utc> = su
-        .query_one(
-            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1",
-            &[&user],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let until: chrono::DateTime<chrono::Utc> = one_value(
+        &su,
+        "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1",
+        &[&user],
+    )
+    .await;
     let left = (until - chrono::Utc::now()).num_seconds();
     let low = 1198 - issued.elapsed().as_secs() as i64;
     assert!((low..=1201).contains(&left), "VALID UNTIL in {left}s");
 
     // The same lease in the admin view.
     let id = lease_id.rsplit('/').next().unwrap().to_string();
-    let listed = b
-        .admin("admin")
-        .await
-        .list_leases(pb::ListLeasesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    let listed = b.admin_leases().await;
     let row = listed
         .iter()
         .find(|l| l.lease_id == id)

@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use credbroker::audit::Outcome;
-use credbroker::pb;
 use credbroker_testkit::pki::{ClientSpec, DevCa};
 use mysql_async::prelude::Queryable;
 use serde_json::Value;
 
-use crate::support::{demo_role, login, maria_opts, maria_root, role, unique, TestBroker, APP};
+use crate::support::{
+    demo_role, login, maria_opts, maria_root, one_value, role, unique, TestBroker, APP,
+};
 
 mod deployment;
 mod hvac;
