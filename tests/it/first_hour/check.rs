@@ -19,7 +19,6 @@ async fn first_hour_check_names_a_missing_pg_signal_backend_or_pg_read_all_stats
         })
         .await;
         let out = s.check().await;
-        println!("{out:?}");
         assert_eq!(out.code, 1, "{out:?}");
         assert!(
             out.stdout
@@ -47,7 +46,6 @@ async fn first_hour_check_names_an_expired_certificate() {
     std::fs::write(pki.join("server.pem"), &expired.cert_pem).unwrap();
     std::fs::write(pki.join("server-key.pem"), &expired.key_pem).unwrap();
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stdout
@@ -127,15 +125,8 @@ async fn first_hour_check_names_mariadb_event_scheduler_off() {
     }
     root.query_drop("CREATE DATABASE orders").await.unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
-    assert_eq!(out.code, 0, "{out:?}");
-    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-    std::fs::write(dir.path().join("secrets/orders-admin"), &password).unwrap();
-    let config = readme_blocks("toml")
-        .into_iter()
-        .find(|b| b.contains("[roles.orders-readonly]"))
-        .unwrap()
+    let dir = pki_dir(Some(&password)).await;
+    let config = readme_config()
         .replace("kind = \"postgres\"", "kind = \"mysql\"")
         .replace(
             "postgres://broker_admin@127.0.0.1:5432/orders",
@@ -151,11 +142,7 @@ async fn first_hour_check_names_mariadb_event_scheduler_off() {
     let out = credbroker(dir.path(), &["check", "--config", "broker.toml"], &[]).await;
     println!("{out:?}");
     assert_eq!(out.code, 1, "{out:?}");
-    let errors: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("error"))
-        .collect();
+    let errors = error_lines(&out);
     assert_eq!(errors.len(), 1, "only the scheduler is wrong: {out:?}");
     assert!(
         errors[0].contains("database orders") && errors[0].contains("event_scheduler is OFF"),
@@ -188,13 +175,8 @@ async fn first_hour_check_flags_a_database_that_checks_no_passwords() {
     .expect("a throwaway PostgreSQL (scripts/ensure-db-binaries.sh installs the binaries)");
     let s = setup_on(&pg, Changes::default()).await;
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 1, "{out:?}");
-    let errors: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("error"))
-        .collect();
+    let errors = error_lines(&out);
     assert_eq!(errors.len(), 1, "{out:?}");
     assert!(
         errors[0].contains("database orders")
@@ -220,7 +202,6 @@ async fn first_hour_check_flags_a_database_that_checks_no_passwords() {
     )
     .unwrap();
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stdout.contains("role \"no_such_admin\" does not exist")
@@ -242,7 +223,6 @@ async fn first_hour_check_warns_when_a_role_grants_no_table() {
     })
     .await;
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 0, "a warning, not an error: {out:?}");
     assert!(
         out.stdout.lines().any(|l| l.starts_with("warning")
@@ -263,13 +243,8 @@ async fn first_hour_check_warns_when_a_role_grants_no_table() {
         env_value(&out.stdout, "PGUSER"),
         env_value(&out.stdout, "PGPASSWORD"),
     );
-    cluster()
-        .connect(&s.db)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE orders (id int PRIMARY KEY, item text)")
-        .await
-        .unwrap();
+    s.superuser_sql("CREATE TABLE orders (id int PRIMARY KEY, item text)")
+        .await;
     let c = login(&s.db, user, pw).await.expect("the lease logs in");
     let e = c
         .query_one("SELECT count(*) FROM orders", &[])

@@ -8,7 +8,6 @@ async fn first_hour_getting_started_works_as_written() {
 
     // 6. check, then serve.
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 0, "check on the README's set-up: {out:?}");
     assert!(out.stdout.contains("0 error(s)"), "{out:?}");
     for expected in [
@@ -78,18 +77,13 @@ async fn first_hour_getting_started_works_as_written() {
     let c = login(&s.db, user, pw)
         .await
         .expect("the leased credential logs in");
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = one_value(&c, "SELECT count(*) FROM orders", &[]).await;
     assert_eq!(n, 1);
     drop(c);
 
     // `check` with the broker serving the store (a lease live) gives the
     // verdict it gave with the broker stopped.
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 0, "check beside a running broker: {out:?}");
     assert!(out.stdout.contains("(read-only)"), "{out:?}");
     assert!(
@@ -123,12 +117,7 @@ async fn first_hour_getting_started_works_as_written() {
 
     // Renew and lookup carry no password, so they print none (not `""`);
     // times are RFC 3339 UTC to the second.
-    let out = s
-        .cli(
-            &["lease", "issue", "--role", "orders-readonly"],
-            &s.client_env("app"),
-        )
-        .await;
+    let out = s.issue(&[], &s.client_env("app")).await;
     assert_eq!(out.code, 0, "{out:?}");
     let issued: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(!issued["password"].as_str().unwrap().is_empty());
@@ -201,13 +190,7 @@ async fn first_hour_getting_started_works_as_written() {
     );
 
     // 8. The deliberate refusal, word for word as the README shows it.
-    let mut env = s.client_env("other");
-    env.retain(|(k, _)| *k == "CREDBROKER_ADDR" || *k == "CREDBROKER_CA");
-    env.push(("CREDBROKER_CERT", "pki/other.pem".into()));
-    env.push(("CREDBROKER_KEY", "pki/other-key.pem".into()));
-    let out = s
-        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
-        .await;
+    let out = s.issue(&[], &s.client_env("other")).await;
     assert_eq!(out.code, 1, "{out:?}");
     let line = out.stderr.trim();
     assert_eq!(

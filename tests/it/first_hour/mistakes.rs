@@ -10,31 +10,21 @@ async fn first_hour_wrong_admin_password_names_database_address_user_and_cause()
     std::fs::write(s.path().join("secrets/orders-admin"), "not-the-password").unwrap();
 
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 1, "{out:?}");
     let cause = format!("password authentication failed for user \"{}\"", s.admin);
-    for expected in [
-        "database orders",
-        "authentication failed as",
-        &s.location(),
-        &cause,
-        "SQLSTATE 28P01",
-        "fix: make the password in admin_password_file",
-    ] {
-        assert!(
-            out.stdout.contains(expected),
-            "check names {expected:?}: {out:?}"
-        );
-    }
+    assert_names(
+        &out,
+        &[
+            "database orders",
+            "authentication failed as",
+            &s.location(),
+            &cause,
+            "SQLSTATE 28P01",
+            "fix: make the password in admin_password_file",
+        ],
+    );
 
-    let serve = Serve::start(&s).await;
-    let out = s
-        .cli(
-            &["lease", "issue", "--role", "orders-readonly"],
-            &s.client_env("app"),
-        )
-        .await;
-    println!("{out:?}");
+    let (serve, out) = s.serve_and_issue().await;
     assert_eq!(out.code, 1);
     assert!(
         out.stderr
@@ -64,7 +54,6 @@ async fn first_hour_database_down_says_connection_refused_and_where() {
     })
     .await;
     let out = s.check().await;
-    println!("{out:?}");
     assert_eq!(out.code, 1, "{out:?}");
     let at = format!("{}@127.0.0.1:{down}/{}", s.admin, s.db);
     assert!(
@@ -86,14 +75,7 @@ async fn first_hour_database_down_says_connection_refused_and_where() {
         "{out:?}"
     );
 
-    let serve = Serve::start(&s).await;
-    let out = s
-        .cli(
-            &["lease", "issue", "--role", "orders-readonly"],
-            &s.client_env("app"),
-        )
-        .await;
-    println!("{out:?}");
+    let (serve, out) = s.serve_and_issue().await;
     assert!(
         out.stderr.contains("database \"orders\" is unreachable"),
         "{out:?}"
@@ -107,9 +89,7 @@ async fn first_hour_database_down_says_connection_refused_and_where() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_hour_broker_down_says_address_and_connection_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
-    assert_eq!(out.code, 0, "{out:?}");
+    let dir = pki_dir(None).await;
     let addr = format!("https://127.0.0.1:{}", free_port());
     let out = credbroker(
         dir.path(),
@@ -141,13 +121,14 @@ async fn first_hour_tls_failures_name_the_likely_causes() {
     assert_eq!(out.code, 0, "{out:?}");
 
     // A client certificate from another CA than the broker's client_ca.
-    let mut env = s.client_env("app");
-    env.retain(|(k, _)| *k == "CREDBROKER_ADDR" || *k == "CREDBROKER_CA");
-    env.push(("CREDBROKER_CERT", "elsewhere/app.pem".into()));
-    env.push(("CREDBROKER_KEY", "elsewhere/app-key.pem".into()));
-    let out = s
-        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
-        .await;
+    let env = s.client_env_with(
+        "app",
+        &[
+            ("CREDBROKER_CERT", "elsewhere/app.pem".into()),
+            ("CREDBROKER_KEY", "elsewhere/app-key.pem".into()),
+        ],
+    );
+    let out = s.issue(&[], &env).await;
     println!("{out:?}");
     assert_eq!(out.code, 1);
     assert!(
@@ -162,12 +143,8 @@ async fn first_hour_tls_failures_name_the_likely_causes() {
     );
 
     // The wrong CA for the broker's own certificate.
-    let mut env = s.client_env("app");
-    env.retain(|(k, _)| *k != "CREDBROKER_CA");
-    env.push(("CREDBROKER_CA", "elsewhere/ca.pem".into()));
-    let out = s
-        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
-        .await;
+    let env = s.client_env_with("app", &[("CREDBROKER_CA", "elsewhere/ca.pem".into())]);
+    let out = s.issue(&[], &env).await;
     println!("{out:?}");
     assert_eq!(out.code, 1);
     assert!(
@@ -178,12 +155,8 @@ async fn first_hour_tls_failures_name_the_likely_causes() {
 
     // A key that is not the certificate's (it used to be "client TLS:
     // transport error").
-    let mut env = s.client_env("app");
-    env.retain(|(k, _)| *k != "CREDBROKER_KEY");
-    env.push(("CREDBROKER_KEY", "pki/other-key.pem".into()));
-    let out = s
-        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
-        .await;
+    let env = s.client_env_with("app", &[("CREDBROKER_KEY", "pki/other-key.pem".into())]);
+    let out = s.issue(&[], &env).await;
     println!("{out:?}");
     assert_eq!(out.code, 64, "{out:?}");
     assert!(
@@ -193,12 +166,11 @@ async fn first_hour_tls_failures_name_the_likely_causes() {
     );
 
     // Plain HTTP to the TLS port (it used to be "frame with invalid size").
-    let mut env = s.client_env("app");
-    env.retain(|(k, _)| *k != "CREDBROKER_ADDR");
-    env.push(("CREDBROKER_ADDR", format!("http://127.0.0.1:{}", s.port)));
-    let out = s
-        .cli(&["lease", "issue", "--role", "orders-readonly"], &env)
-        .await;
+    let env = s.client_env_with(
+        "app",
+        &[("CREDBROKER_ADDR", format!("http://127.0.0.1:{}", s.port))],
+    );
+    let out = s.issue(&[], &env).await;
     println!("{out:?}");
     assert_eq!(out.code, 64, "{out:?}");
     assert!(
@@ -223,36 +195,21 @@ async fn first_hour_grant_the_admin_cannot_give_names_the_statement_and_role() {
         )],
     })
     .await;
-    cluster()
-        .connect(&s.db)
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE payroll (name text, salary int)")
-        .await
-        .unwrap();
-    let out = s.check().await;
-    println!("{out:?}");
-    assert_eq!(out.code, 1, "{out:?}");
-    for expected in [
-        "role orders-readonly",
-        "GRANT statement 1 of 1 (\"GRANT SELECT ON payroll TO {{name}}\")",
-        "permission denied for table payroll (SQLSTATE 42501)",
-        "WITH GRANT OPTION",
-    ] {
-        assert!(
-            out.stdout.contains(expected),
-            "check names {expected:?}: {out:?}"
-        );
-    }
-
-    let serve = Serve::start(&s).await;
-    let out = s
-        .cli(
-            &["lease", "issue", "--role", "orders-readonly"],
-            &s.client_env("app"),
-        )
+    s.superuser_sql("CREATE TABLE payroll (name text, salary int)")
         .await;
-    println!("{out:?}");
+    let out = s.check().await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_names(
+        &out,
+        &[
+            "role orders-readonly",
+            "GRANT statement 1 of 1 (\"GRANT SELECT ON payroll TO {{name}}\")",
+            "permission denied for table payroll (SQLSTATE 42501)",
+            "WITH GRANT OPTION",
+        ],
+    );
+
+    let (serve, out) = s.serve_and_issue().await;
     assert_eq!(out.code, 1);
     // Not an admin: no internals over gRPC.
     assert!(
@@ -324,18 +281,10 @@ fn completions_and_man_page_are_generated_from_the_cli() {
 /// file, `admin lock` without a target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_hour_port_in_use_missing_audit_file_and_lock_without_target() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
-    assert_eq!(out.code, 0, "{out:?}");
-    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-    std::fs::write(dir.path().join("secrets/orders-admin"), "x").unwrap();
+    let dir = pki_dir(Some("x")).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let config = readme_blocks("toml")
-        .into_iter()
-        .find(|b| b.contains("[roles.orders-readonly]"))
-        .unwrap()
-        .replace("127.0.0.1:7443", &format!("127.0.0.1:{port}"));
+    let config = readme_config().replace("127.0.0.1:7443", &format!("127.0.0.1:{port}"));
     std::fs::write(dir.path().join("broker.toml"), config).unwrap();
     let out = credbroker(dir.path(), &["serve", "--config", "broker.toml"], &[]).await;
     println!("{out:?}");

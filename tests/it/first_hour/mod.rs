@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{cluster, free_port, login, probe_roles_left, unique, wait_port};
+use crate::support::{cluster, free_port, login, one_value, probe_roles_left, unique, wait_port};
 
 mod check;
 mod getting_started;
@@ -55,6 +55,16 @@ impl std::fmt::Debug for Out {
     }
 }
 
+impl From<std::process::Output> for Out {
+    fn from(out: std::process::Output) -> Out {
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// Runs the real binary in `dir` (the README's relative paths hold there).
 async fn credbroker(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"));
@@ -66,15 +76,11 @@ async fn credbroker(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("credbroker finished within 60 s")
-        .expect("credbroker binary runs");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+        .expect("credbroker binary runs")
+        .into()
 }
 
 /// One operator's set-up from the README, on the shared throwaway cluster.
@@ -118,6 +124,30 @@ impl Setup {
         ]
     }
 
+    /// `client_env(who)` with the keys of `over` set to its values.
+    fn client_env_with(
+        &self,
+        who: &str,
+        over: &[(&'static str, String)],
+    ) -> Vec<(&'static str, String)> {
+        let mut env = self.client_env(who);
+        env.retain(|(k, _)| over.iter().all(|(o, _)| o != k));
+        env.extend_from_slice(over);
+        env
+    }
+
+    /// Runs `sql` as the superuser in the set-up's database (on the
+    /// shared cluster).
+    async fn superuser_sql(&self, sql: &str) {
+        cluster()
+            .connect(&self.db)
+            .await
+            .unwrap()
+            .batch_execute(sql)
+            .await
+            .unwrap();
+    }
+
     async fn cli(&self, args: &[&str], env: &[(&'static str, String)]) -> Out {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         credbroker(self.path(), args, &env).await
@@ -130,8 +160,20 @@ impl Setup {
         self.cli(&args, env).await
     }
 
+    /// `check --config broker.toml`, its output printed.
     async fn check(&self) -> Out {
-        self.cli(&["check", "--config", "broker.toml"], &[]).await
+        let out = self.cli(&["check", "--config", "broker.toml"], &[]).await;
+        println!("{out:?}");
+        out
+    }
+
+    /// Starts `serve` and issues as `app`; the broker and the (printed)
+    /// answer.
+    async fn serve_and_issue(&self) -> (Serve, Out) {
+        let serve = Serve::start(self).await;
+        let out = self.issue(&[], &self.client_env("app")).await;
+        println!("{out:?}");
+        (serve, out)
     }
 
     fn location(&self) -> String {
@@ -174,16 +216,51 @@ impl Setup {
                 cmd.env_remove(k);
             }
         }
-        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        tokio::time::timeout(Duration::from_secs(60), cmd.output())
             .await
             .expect("README block finished within 60 s")
-            .expect("sh runs");
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+            .expect("sh runs")
+            .into()
     }
+}
+
+/// The README's minimal config, as written.
+fn readme_config() -> String {
+    readme_blocks("toml")
+        .into_iter()
+        .find(|b| b.contains("[roles.orders-readonly]"))
+        .expect("README shows the minimal config")
+}
+
+/// A new directory with `pki dev`'s certificates in `pki/` and, with
+/// `password`, the admin password file: a set-up without a database.
+async fn pki_dir(password: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = credbroker(dir.path(), &["pki", "dev", "--out", "pki"], &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    if let Some(password) = password {
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/orders-admin"), password).unwrap();
+    }
+    dir
+}
+
+/// Asserts that `out`'s stdout names each of `expected`.
+fn assert_names(out: &Out, expected: &[&str]) {
+    for expected in expected {
+        assert!(
+            out.stdout.contains(expected),
+            "check names {expected:?}: {out:?}"
+        );
+    }
+}
+
+/// The `error` lines of `check`'s table.
+fn error_lines(out: &Out) -> Vec<&str> {
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .collect()
 }
 
 /// A README shell block: the one that contains `marker`.
@@ -280,10 +357,7 @@ async fn setup_on(
     // 5. The minimal config, with this test's ports, database and names. A
     // prefix of its own: brokers on one cluster sweep each other's users
     // otherwise.
-    let mut config = readme_blocks("toml")
-        .into_iter()
-        .find(|b| b.contains("[roles.orders-readonly]"))
-        .expect("README shows the minimal config")
+    let mut config = readme_config()
         .replace("127.0.0.1:7443", &format!("127.0.0.1:{port}"))
         .replace(
             "127.0.0.1:5432/orders",
