@@ -41,7 +41,7 @@ static TLS_CLUSTER: OnceLock<TlsCluster> = OnceLock::new();
 
 /// A PostgreSQL with `ssl = on` whose pg_hba.conf refuses plaintext TCP:
 /// started once for this file's tests (each takes its own database and
-/// name prefix). Missing binaries fail with instructions, as in support.rs.
+/// name prefix). Missing binaries fail with instructions, as in support/mod.rs.
 fn tls_cluster() -> &'static TlsCluster {
     TLS_CLUSTER.get_or_init(|| {
         // The shared cluster's check, for the same message on missing binaries.
