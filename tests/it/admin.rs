@@ -162,12 +162,7 @@ async fn revoke_by_identity_ends_live_sessions_on_three_databases_and_spares_oth
         login(&b.db, &o1.username, &o1.password).await.is_ok(),
         "another identity's lease is untouched"
     );
-    let left = admin
-        .list_leases(pb::ListLeasesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    let left = b.admin_leases().await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].identity, OTHER);
     b.stop().await;
@@ -368,24 +363,31 @@ async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
     b.kill_binary();
 }
 
-#[tokio::test]
-async fn rotate_root_locks_out_the_old_password_and_issuing_goes_on() {
-    // A dedicated admin role, so rotating it does not touch the shared
-    // cluster's superuser.
-    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
+/// A broker (prepared, not started) whose main database's admin is a
+/// role of its own, `SUPERUSER` with `password` in the admin password file,
+/// so rotating it does not touch the shared cluster's superuser: the
+/// broker, the role and the password file.
+async fn own_admin_broker(password: &str) -> (TestBroker, String, std::path::PathBuf) {
+    let b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
     let admin_role = unique("adm");
-    let old_password = "old-admin-password";
     b.superuser()
         .await
         .batch_execute(&format!(
-            "CREATE ROLE {admin_role} SUPERUSER LOGIN PASSWORD '{old_password}'"
+            "CREATE ROLE {admin_role} SUPERUSER LOGIN PASSWORD '{password}'"
         ))
         .await
         .unwrap();
     let secret = b.env.dir.join("secrets").join("main-admin");
-    credbroker::fsutil::write_secret_file(&secret, old_password.as_bytes()).unwrap();
+    credbroker::fsutil::write_secret_file(&secret, password.as_bytes()).unwrap();
     let su = cluster().superuser().to_string();
     b.edit_config(|t| t.replace(&format!("://{su}@"), &format!("://{admin_role}@")));
+    (b, admin_role, secret)
+}
+
+#[tokio::test]
+async fn rotate_root_locks_out_the_old_password_and_issuing_goes_on() {
+    let old_password = "old-admin-password";
+    let (mut b, admin_role, secret) = own_admin_broker(old_password).await;
     b.start_in_process().await;
     issue(&b, "app", "ro", 0)
         .await
@@ -425,19 +427,7 @@ async fn rotate_root_locks_out_the_old_password_and_issuing_goes_on() {
 /// keeps one new password while the database took the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_rotate_root_calls_leave_file_and_database_agreeing() {
-    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
-    let admin_role = unique("adm");
-    b.superuser()
-        .await
-        .batch_execute(&format!(
-            "CREATE ROLE {admin_role} SUPERUSER LOGIN PASSWORD 'first-admin-password'"
-        ))
-        .await
-        .unwrap();
-    let secret = b.env.dir.join("secrets").join("main-admin");
-    credbroker::fsutil::write_secret_file(&secret, b"first-admin-password").unwrap();
-    let su = cluster().superuser().to_string();
-    b.edit_config(|t| t.replace(&format!("://{su}@"), &format!("://{admin_role}@")));
+    let (mut b, admin_role, secret) = own_admin_broker("first-admin-password").await;
     b.start_in_process().await;
     let admin = b.admin("admin").await;
     let started = Instant::now();
@@ -550,20 +540,8 @@ async fn main_port_answers_grpc_health_and_lists_its_services_by_reflection() {
 
 #[tokio::test]
 async fn an_interrupted_rotate_root_is_resolved_at_the_next_start() {
-    let mut b = TestBroker::prepare(&role("ro", "{db}", "5m", "10m", APP)).await;
-    let admin_role = unique("adm");
-    b.superuser()
-        .await
-        .batch_execute(&format!(
-            "CREATE ROLE {admin_role} SUPERUSER LOGIN PASSWORD 'kept-password'"
-        ))
-        .await
-        .unwrap();
-    let secret = b.env.dir.join("secrets").join("main-admin");
+    let (mut b, admin_role, secret) = own_admin_broker("kept-password").await;
     let staged = b.env.dir.join("secrets").join("main-admin.next");
-    credbroker::fsutil::write_secret_file(&secret, b"kept-password").unwrap();
-    let su = cluster().superuser().to_string();
-    b.edit_config(|t| t.replace(&format!("://{su}@"), &format!("://{admin_role}@")));
 
     // A rotation that staged its password and died before telling the
     // database: the staged one is discarded.

@@ -2,25 +2,69 @@
 //! own throwaway PostgreSQL and writes a well-formed table. No timings are
 //! checked here; figures belong in BENCHMARKS.md.
 
+use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn bench_lease_writes_a_table_with_all_four_columns() {
+/// Runs `credbroker bench ARGS --out DIR` with `env` set and asserts it
+/// succeeded; the output directory (deleted on drop) and stdout.
+fn bench(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (tempfile::TempDir, String) {
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(["bench", "--callers", "1,2", "--leases", "20", "--out"])
+        .arg("bench")
+        .args(args)
+        .arg("--out")
         .arg(out.path())
+        .envs(env.iter().copied())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
         run.status.success(),
-        "bench failed: {}\n{stdout}\n{stderr}",
+        "bench {args:?} failed: {}\n{stdout}\n{stderr}",
         run.status
     );
+    (out, stdout)
+}
 
-    let md = std::fs::read_to_string(out.path().join("lease.md")).unwrap();
+/// The report `name` a bench wrote in `out`, as text.
+fn report(out: &Path, name: &str) -> String {
+    std::fs::read_to_string(out.join(name)).unwrap()
+}
+
+/// The JSON report `name` a bench wrote in `out`.
+fn report_json(out: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_str(&report(out, name)).unwrap()
+}
+
+/// The runs of a JSON report, each of `leases` leases without an error.
+fn clean_runs(json: &serde_json::Value, leases: u64) -> &Vec<serde_json::Value> {
+    let runs = json["runs"].as_array().unwrap();
+    for r in runs {
+        assert_eq!(r["leases"], leases, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+    }
+    runs
+}
+
+/// A timings row: `numbers` cells are positive numbers, `ratios` cells
+/// are ratios (`…×`).
+fn assert_timings(row: &[&str], numbers: std::ops::Range<usize>, ratios: std::ops::Range<usize>) {
+    for cell in &row[numbers] {
+        let v: f64 = cell
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {cell:?} in {row:?}"));
+        assert!(v > 0.0, "row {row:?}");
+    }
+    for ratio in &row[ratios] {
+        assert!(ratio.ends_with('×'), "row {row:?}");
+    }
+}
+
+#[test]
+fn bench_lease_writes_a_table_with_all_four_columns() {
+    let (out, stdout) = bench(&["--callers", "1,2", "--leases", "20"], &[]);
+    let md = report(out.path(), "lease.md");
     assert!(
         stdout.contains(md.trim()),
         "stdout is not the Markdown report"
@@ -57,27 +101,13 @@ fn bench_lease_writes_a_table_with_all_four_columns() {
     for row in &timings {
         assert_eq!(row.len(), 9, "row {row:?}");
         assert!(matches!(row[0], "1" | "2"), "row {row:?}");
-        for cell in &row[2..6] {
-            let v: f64 = cell
-                .parse()
-                .unwrap_or_else(|_| panic!("not a number: {cell:?} in {row:?}"));
-            assert!(v > 0.0, "row {row:?}");
-        }
-        for ratio in &row[6..9] {
-            assert!(ratio.ends_with('×'), "row {row:?}");
-        }
+        assert_timings(row, 2..6, 6..9);
     }
     assert!(md.contains("- errors: 0"), "{md}");
 
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("lease.json")).unwrap())
-            .unwrap();
-    let runs = json["runs"].as_array().unwrap();
+    let json = report_json(out.path(), "lease.json");
+    let runs = clean_runs(&json, 20);
     assert_eq!(runs.len(), 8);
-    for r in runs {
-        assert_eq!(r["leases"], 20, "{r}");
-        assert_eq!(r["errors"], 0, "{r}");
-    }
     // Where (c)'s time goes: the broker's steps, each once per issue or
     // revoke, summed from their tracing spans by the bench's layer.
     for r in runs.iter().filter(|r| r["scenario"] == "c_credbroker") {
@@ -125,62 +155,21 @@ fn table_rows<'a>(md: &'a str, header: &str) -> Vec<Vec<&'a str>> {
 
 #[test]
 fn bench_issue_only_cleans_up_after_itself() {
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args([
-            "bench",
-            "--issue-only",
-            "--callers",
-            "2",
-            "--leases",
-            "4",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "bench failed: {}\n{}\n{}",
-        run.status,
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("lease.json")).unwrap())
-            .unwrap();
+    let (out, _) = bench(&["--issue-only", "--callers", "2", "--leases", "4"], &[]);
+    let json = report_json(out.path(), "lease.json");
     assert_eq!(json["issue_only"], true);
-    for r in json["runs"].as_array().unwrap() {
-        assert_eq!(r["leases"], 4, "{r}");
-        assert_eq!(r["errors"], 0, "{r}");
-    }
+    clean_runs(&json, 4);
 }
 
 #[test]
 fn bench_mysql_runs_the_four_columns_on_mariadb_and_names_each_statement() {
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(["bench", "mysql", "--callers", "1", "--leases", "5", "--out"])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "bench mysql failed: {stdout}\n{stderr}"
-    );
-    let md = std::fs::read_to_string(out.path().join("mysql.md")).unwrap();
+    let (out, _) = bench(&["mysql", "--callers", "1", "--leases", "5"], &[]);
+    let md = report(out.path(), "mysql.md");
     assert!(md.contains("MariaDB"), "{md}");
     assert!(md.contains("- errors: 0"), "{md}");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("mysql.json")).unwrap())
-            .unwrap();
-    let runs = json["runs"].as_array().unwrap();
+    let json = report_json(out.path(), "mysql.json");
+    let runs = clean_runs(&json, 5);
     assert_eq!(runs.len(), 4, "{json}");
-    for r in runs {
-        assert_eq!(r["leases"], 5, "{r}");
-    }
     // credbroker's own statements, one failsafe event per lease, in (b′)
     // and (c) alike; (a) and (b) go around the backend.
     for r in runs {
@@ -208,10 +197,8 @@ fn bench_console_on_a_postgres_store_writes_a_row_per_page() {
 }
 
 fn console_bench(store: &str, named: &str) {
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args([
-            "bench",
+    let (out, _) = bench(
+        &[
             "console",
             "--store",
             store,
@@ -219,38 +206,25 @@ fn console_bench(store: &str, named: &str) {
             "300",
             "--requests",
             "2",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "bench console failed: {}\n{stdout}\n{stderr}",
-        run.status
+        ],
+        &[],
     );
-    let md = std::fs::read_to_string(out.path().join("console.md")).unwrap();
+    let md = report(out.path(), "console.md");
     assert!(
         md.contains(&format!("over 300 live leases ({named} store)")),
         "{md}"
     );
-    let rows: Vec<&str> = md
+    let header = md
         .lines()
-        .skip_while(|l| !l.starts_with("| page |"))
-        .skip(2)
-        .take_while(|l| l.starts_with('|'))
-        .collect();
+        .find(|l| l.starts_with("| page |"))
+        .unwrap_or_else(|| panic!("no table header in:\n{md}"));
+    let rows = table_rows(&md, header);
     assert_eq!(rows.len(), 7, "{md}");
-    for row in rows {
-        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-        let p50: f64 = cells[1].parse().unwrap_or_else(|_| panic!("{row}"));
-        assert!(p50 > 0.0, "{row}");
+    for row in &rows {
+        let p50: f64 = row[1].parse().unwrap_or_else(|_| panic!("{row:?}"));
+        assert!(p50 > 0.0, "{row:?}");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("console.json")).unwrap())
-            .unwrap();
+    let json = report_json(out.path(), "console.json");
     assert_eq!(json["pages"].as_array().unwrap().len(), 7);
     assert!(json["pages"]
         .as_array()
@@ -274,29 +248,11 @@ fn bench_outside_has_every_column_from_a_separate_process() {
         std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
     ))
     .unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args([
-            "bench",
-            "outside",
-            "--callers",
-            "1,2",
-            "--leases",
-            "4",
-            "--out",
-        ])
-        .arg(out.path())
-        .env("PATH", path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "bench outside failed: {}\n{stdout}\n{stderr}",
-        run.status
+    let (out, stdout) = bench(
+        &["outside", "--callers", "1,2", "--leases", "4"],
+        &[("PATH", path.as_os_str())],
     );
-    let md = std::fs::read_to_string(out.path().join("outside.md")).unwrap();
+    let md = report(out.path(), "outside.md");
     assert!(stdout.contains(md.trim()), "stdout is not the report");
     assert!(md.contains("- errors: 0"), "{md}");
     assert!(
@@ -309,15 +265,7 @@ fn bench_outside_has_every_column_from_a_separate_process() {
     assert_eq!(rows.len(), 2, "{md}");
     for row in &rows {
         assert_eq!(row.len(), 10, "row {row:?}");
-        for cell in &row[1..6] {
-            let v: f64 = cell
-                .parse()
-                .unwrap_or_else(|_| panic!("not a number: {cell:?} in {row:?}"));
-            assert!(v > 0.0, "row {row:?}");
-        }
-        for ratio in &row[6..10] {
-            assert!(ratio.ends_with('×'), "row {row:?}");
-        }
+        assert_timings(row, 1..6, 6..10);
     }
     // Costs: the server's CPU where a server ran, a load average per run.
     for label in [
@@ -327,14 +275,10 @@ fn bench_outside_has_every_column_from_a_separate_process() {
     ] {
         assert!(md.contains(&format!("| 1 | {label} |")), "{label}: {md}");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("outside.json")).unwrap())
-            .unwrap();
-    let runs = json["runs"].as_array().unwrap();
+    let json = report_json(out.path(), "outside.json");
+    let runs = clean_runs(&json, 4);
     assert_eq!(runs.len(), 10, "{json}");
     for r in runs {
-        assert_eq!(r["leases"], 4, "{r}");
-        assert_eq!(r["errors"], 0, "{r}");
         assert!(r["cycle"]["p50_ms"].as_f64().unwrap() > 0.0, "{r}");
         let server = r["cost"]["server_cpu_ms"].as_f64();
         match r["column"].as_str().unwrap() {
@@ -349,44 +293,21 @@ fn bench_outside_has_every_column_from_a_separate_process() {
 /// columns from a separate `bench-client` process, `mariadbd`'s CPU.
 #[test]
 fn bench_outside_mysql_has_four_columns_from_a_separate_process() {
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args([
-            "bench",
-            "outside",
-            "--mysql",
-            "--callers",
-            "1,2",
-            "--leases",
-            "4",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "bench outside --mysql failed: {}\n{stdout}\n{stderr}",
-        run.status
+    let (out, stdout) = bench(
+        &["outside", "--mysql", "--callers", "1,2", "--leases", "4"],
+        &[],
     );
-    let md = std::fs::read_to_string(out.path().join("outside-mysql.md")).unwrap();
+    let md = report(out.path(), "outside-mysql.md");
     assert!(stdout.contains(md.trim()), "stdout is not the report");
     assert!(
         md.contains("(MariaDB)") && md.contains("innodb_flush_log_at_trx_commit = 1"),
         "{md}"
     );
     assert!(md.contains("- errors: 0"), "{md}");
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.path().join("outside-mysql.json")).unwrap(),
-    )
-    .unwrap();
-    let runs = json["runs"].as_array().unwrap();
+    let json = report_json(out.path(), "outside-mysql.json");
+    let runs = clean_runs(&json, 4);
     assert_eq!(runs.len(), 8, "{json}");
     for r in runs {
-        assert_eq!(r["leases"], 4, "{r}");
-        assert_eq!(r["errors"], 0, "{r}");
         // Four leases can fall within one clock tick: a number, maybe 0.
         assert!(r["cost"]["database_cpu_ms"].as_f64().is_some(), "{r}");
         let server = r["cost"]["server_cpu_ms"].as_f64();

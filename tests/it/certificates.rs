@@ -145,14 +145,11 @@ async fn try_admin_list(
     who: &str,
     identity: &str,
 ) -> Result<Vec<pb::LeaseSummary>, tonic::Status> {
-    b.admin(who)
-        .await
-        .list_leases(pb::ListLeasesRequest {
-            identity: identity.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().leases)
+    let req = pb::ListLeasesRequest {
+        identity: identity.into(),
+        ..Default::default()
+    };
+    b.list_as(who, req).await
 }
 
 /// Whether the audit log holds a denied `action` by a peer with no usable
@@ -233,14 +230,7 @@ async fn a_cn_or_dns_name_that_looks_like_a_spiffe_id_is_not_one() {
 async fn two_spiffe_ids_or_a_malformed_one_are_refused_and_audited() {
     let mut b = TestBroker::start(&roles()).await;
     let before = b.broker_role_count().await;
-    write_client(
-        &b,
-        "two",
-        &ClientSpec {
-            extra_uris: vec!["spiffe://credbroker.dev/dba/oncall".into()],
-            ..ClientSpec::spiffe(APP)
-        },
-    );
+    write_two_id_client(&b, "two");
     let err = issue(&b, "two", "ro", 0).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("2 SPIFFE URI SANs"), "{err:?}");
@@ -348,37 +338,29 @@ async fn dns_and_cn_patterns_let_in_exactly_their_kind_and_show_it() {
 
     // The CLI: the table shows the kinds; a bare --identity is a usage
     // error (exit 64) with the hint, before anything is revoked.
-    // tokio's Command: a blocking wait would stall this test's runtime,
-    // which also runs the broker the CLI talks to.
-    let cli = |args: &[&str]| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-            .args(args)
-            .args(["--addr", &b.addr])
-            .arg("--ca")
-            .arg(b.env.pki.join("ca.pem"))
-            .arg("--cert")
-            .arg(b.env.pki.join("admin.pem"))
-            .arg("--key")
-            .arg(b.env.pki.join("admin-key.pem"))
-            .output()
-    };
-    let table = cli(&["admin", "leases"]).await.unwrap();
+    let table = cli(&b, "admin", &["admin", "leases"]).await;
     assert!(table.status.success(), "{table:?}");
     let text = String::from_utf8(table.stdout).unwrap();
     assert!(
         text.contains("dns:billing.internal") && text.contains("cn:legacy-batch"),
         "{text}"
     );
-    let bare = cli(&["admin", "revoke", "--identity", "legacy-batch", "--yes"])
-        .await
-        .unwrap();
+    let bare = cli(
+        &b,
+        "admin",
+        &["admin", "revoke", "--identity", "legacy-batch", "--yes"],
+    )
+    .await;
     assert_eq!(bare.status.code(), Some(64), "{bare:?}");
     let said = String::from_utf8_lossy(&bare.stderr);
     assert!(said.contains(r#"write "dns:legacy-batch""#), "{said}");
     assert!(b.role_exists(&cn.username).await, "a bare selector revoked");
-    let done = cli(&["admin", "revoke", "--identity", "cn:legacy-batch", "--yes"])
-        .await
-        .unwrap();
+    let done = cli(
+        &b,
+        "admin",
+        &["admin", "revoke", "--identity", "cn:legacy-batch", "--yes"],
+    )
+    .await;
     assert!(done.status.success(), "{done:?}");
     assert!(!b.role_exists(&cn.username).await, "cn lease not revoked");
     assert!(b.role_exists(&dns.username).await, "dns lease revoked too");

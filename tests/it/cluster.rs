@@ -15,59 +15,6 @@ use credbroker::relay::LISTENER;
 use crate::ha::use_pg_store;
 use crate::support::*;
 
-/// One HTTP/1.1 request over mTLS as `who` (a certificate in the dev PKI);
-/// the status code and the whole answer.
-async fn https(
-    b: &TestBroker,
-    port: u16,
-    who: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    credbroker::server::tls::install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(b.env.pki.join("ca.pem")).unwrap())
-        .unwrap();
-    let cert = CertificateDer::from_pem_file(b.env.pki.join(format!("{who}.pem"))).unwrap();
-    let key = PrivateKeyDer::from_pem_file(b.env.pki.join(format!("{who}-key.pem"))).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key)
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let _ = tls.read_to_end(&mut raw).await;
-    let raw = String::from_utf8_lossy(&raw).to_string();
-    let code = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, raw)
-}
-
 /// `b`'s config without the section `header` (and what follows it, as
 /// the test helpers append it last), for a replica that binds its own.
 fn drop_section(b: &TestBroker, header: &str) {
@@ -131,28 +78,6 @@ async fn vault_get(b: &TestBroker, token: &str, path: &str) -> (u16, String) {
     let port = b.vault_port.unwrap();
     https(b, port, "app", "GET", path, &[("X-Vault-Token", token)], "").await
 }
-
-async fn static_read(b: &TestBroker) -> Result<pb::StaticCredential, tonic::Status> {
-    b.client("app")
-        .await
-        .get_static_credential(pb::GetStaticCredentialRequest {
-            static_role: "st".into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn renew(b: &TestBroker, id: &str, ttl: i64) -> Result<pb::Lease, tonic::Status> {
-    b.client("app")
-        .await
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: id.into(),
-            ttl_seconds: ttl,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
 fn denied_by(r: Result<impl std::fmt::Debug, tonic::Status>, lock_id: &str, what: &str) {
     let e = r.expect_err(what);
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {e:?}");
@@ -185,7 +110,7 @@ async fn a_lock_on_replica_a_refuses_on_b_at_once_and_ends_bs_watch_streams() {
     assert_eq!(code, 200, "{raw}");
     assert!(
         eventually(Duration::from_secs(20), || async {
-            static_read(&b).await.is_ok()
+            static_read(&b, "app", "st").await.is_ok()
         })
         .await,
         "the static role is never served"
@@ -195,27 +120,20 @@ async fn a_lock_on_replica_a_refuses_on_b_at_once_and_ends_bs_watch_streams() {
     let mut all_a = watch(&a, "admin", true).await;
 
     let sent = Instant::now();
-    let lock = a
-        .admin("admin")
-        .await
-        .lock(pb::LockRequest {
-            target: Some(pb::lock_request::Target::Identity(APP.into())),
-            reason: "INC-28 cluster".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .lock
-        .unwrap();
+    let lock = admin_lock(
+        &a,
+        pb::lock_request::Target::Identity(APP.into()),
+        "INC-28 cluster",
+    )
+    .await;
     let locked = Instant::now();
     let id = lock.lock_id.as_str();
 
     // B refuses at once: no wait, no retry.
     denied_by(issue(&b, "app", "ro", 0).await, id, "issue on B");
     let refused_after = locked.elapsed();
-    denied_by(renew(&b, &held.lease_id, 0).await, id, "renew on B");
-    denied_by(static_read(&b).await, id, "static read on B");
+    denied_by(renew(&b, "app", &held.lease_id, 0).await, id, "renew on B");
+    denied_by(static_read(&b, "app", "st").await, id, "static read on B");
     // (Reading one's own token, lookup-self, obtains nothing: locks leave
     // it alone on every replica, by the gate's rules.)
     for path in ["/v1/database/creds/ro", "/v1/database/static-creds/st"] {
@@ -290,10 +208,10 @@ async fn a_lock_on_replica_a_refuses_on_b_at_once_and_ends_bs_watch_streams() {
     issue(&a, "app", "ro", 0)
         .await
         .expect("issue on A after the unlock on B");
-    renew(&a, &held.lease_id, 0)
+    renew(&a, "app", &held.lease_id, 0)
         .await
         .expect("renew on A after the unlock");
-    static_read(&a)
+    static_read(&a, "app", "st")
         .await
         .expect("static read on A after the unlock");
     let (code, raw) = vault_get(&a, &token, "/v1/database/creds/ro").await;
@@ -371,7 +289,9 @@ async fn a_lost_listen_connection_catches_up_from_the_event_table() {
     });
     let mut renewed = Vec::new();
     for i in 0..RENEWALS {
-        let l = renew(&a, &held.lease_id, 60 + i as i64).await.unwrap();
+        let l = renew(&a, "app", &held.lease_id, 60 + i as i64)
+            .await
+            .unwrap();
         renewed.push(ts(&l.expires_at));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -504,11 +424,7 @@ async fn a_console_form_from_replica_a_is_accepted_by_replica_b() {
 
     // One key in the store, made by whichever replica asked first.
     let store = cluster().connect(&store_db).await.unwrap();
-    let keys: i64 = store
-        .query_one("SELECT count(*) FROM credbroker_keys", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let keys: i64 = one_value(&store, "SELECT count(*) FROM credbroker_keys", &[]).await;
     assert_eq!(keys, 1);
 
     // The charts: per replica, and they say so.

@@ -41,7 +41,7 @@ static TLS_CLUSTER: OnceLock<TlsCluster> = OnceLock::new();
 
 /// A PostgreSQL with `ssl = on` whose pg_hba.conf refuses plaintext TCP:
 /// started once for this file's tests (each takes its own database and
-/// name prefix). Missing binaries fail with instructions, as in support.rs.
+/// name prefix). Missing binaries fail with instructions, as in support/mod.rs.
 fn tls_cluster() -> &'static TlsCluster {
     TLS_CLUSTER.get_or_init(|| {
         // The shared cluster's check, for the same message on missing binaries.
@@ -207,11 +207,7 @@ async fn verify_full_issues_and_the_leased_dsn_logs_in_over_tls() {
     let client = connect_dsn(&lease.dsn)
         .await
         .expect("leased login over TLS");
-    let count: i64 = client
-        .query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let count: i64 = one_value(&client, "SELECT count(*) FROM orders", &[]).await;
     assert_eq!(count, 1);
     let (n, all_ssl, _) = ssl_sessions("usename", &lease.username).await;
     assert_eq!((n, all_ssl), (1, true), "the leased session in pg_stat_ssl");
@@ -363,14 +359,12 @@ async fn the_postgres_store_works_over_tls_and_refuses_a_wrong_ca() {
         .await
         .expect("issue with the store over TLS");
     let store = c.pg.connect(&store_db).await.unwrap();
-    let state: String = store
-        .query_one(
-            "SELECT state FROM credbroker_leases WHERE id = $1",
-            &[&lease.lease_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let state: String = one_value(
+        &store,
+        "SELECT state FROM credbroker_leases WHERE id = $1",
+        &[&lease.lease_id],
+    )
+    .await;
     assert_eq!(state, "active");
     let (n, all_ssl, _) = ssl_sessions("application_name", "credbroker-store").await;
     assert!(n >= 1 && all_ssl, "{n} store sessions, all TLS: {all_ssl}");

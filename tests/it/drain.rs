@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use credbroker::pb;
 
-use crate::support::{admin_revoke, eventually, issue, login, TestBroker, APP};
+use crate::support::{admin_revoke, eventually, issue, login, lookup, TestBroker, APP};
 
 /// A role whose leases may insert (to prove a transaction commits) and
 /// drain for `deadline`.
@@ -40,15 +40,7 @@ async fn hand_over(b: &TestBroker, who: &str, id: &str) -> Result<pb::LeaseState
 }
 
 async fn state(b: &TestBroker, id: &str) -> pb::LeaseState {
-    let l = b
-        .client("app")
-        .await
-        .lookup_lease(pb::LookupLeaseRequest {
-            lease_id: id.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let l = lookup(b, "app", id).await.unwrap();
     pb::LeaseState::try_from(l.state).unwrap()
 }
 

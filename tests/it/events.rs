@@ -36,16 +36,12 @@ async fn a_revoke_through_replica_b_reaches_a_sidecar_on_replica_a() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let revoked_at = Instant::now();
-    let r = b
-        .admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::Role("ev".into())),
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = admin_revoke_by(
+        &b,
+        pb::revoke_leases_request::Selector::Role("ev".into()),
+        false,
+    )
+    .await;
     assert_eq!(r.revoked, 1, "the sidecar's lease, revoked through B");
     let mut replaced = None;
     while revoked_at.elapsed() < Duration::from_secs(15) {

@@ -282,14 +282,12 @@ async fn a_store_failover_to_a_synchronous_standby_loses_no_lease_and_heals_by_i
     // Every lease acknowledged before is on the new primary.
     let store = standby.connect(&store_db).await.unwrap();
     let ids: Vec<String> = before.iter().map(|l| l.lease_id.clone()).collect();
-    let known: i64 = store
-        .query_one(
-            "SELECT count(*) FROM credbroker_leases WHERE id = ANY($1) AND state = 'active'",
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let known: i64 = one_value(
+        &store,
+        "SELECT count(*) FROM credbroker_leases WHERE id = ANY($1) AND state = 'active'",
+        &[&ids],
+    )
+    .await;
     assert_eq!(
         known as usize,
         ids.len(),

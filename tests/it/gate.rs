@@ -17,7 +17,10 @@ use credbroker::gate::{Control, Door};
 use credbroker::pb;
 use credbroker_testkit::pki::ClientSpec;
 
-use crate::support::{demo_role, issue, role, write_client, TestBroker, APP};
+use crate::support::{
+    admin_lock, admin_lock_with, demo_role, https, issue, role, static_read, tls_connect,
+    write_client, write_two_id_client, TestBroker, APP,
+};
 
 const ADMIN2: &str = "spiffe://credbroker.dev/dba/second";
 
@@ -29,6 +32,17 @@ struct Answer {
 }
 
 impl Answer {
+    /// An HTTP door's answer (see `https`): its status, or "none".
+    fn http((code, text): (u16, String)) -> Answer {
+        Answer {
+            code: match code {
+                0 => "none".into(),
+                c => c.to_string(),
+            },
+            text,
+        }
+    }
+
     fn grpc<T>(r: Result<T, tonic::Status>) -> Answer {
         match r {
             Ok(_) => Answer {
@@ -41,66 +55,6 @@ impl Answer {
             },
         }
     }
-}
-
-/// One HTTP/1.1 request over mTLS as `who` (a certificate's file name in
-/// the broker's pki directory).
-async fn https(
-    b: &TestBroker,
-    port: u16,
-    who: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Answer {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = tls_connect(b, port, who).await;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    let _ = tls.write_all(req.as_bytes()).await;
-    let mut raw = Vec::new();
-    let _ = tls.read_to_end(&mut raw).await;
-    let raw = String::from_utf8_lossy(&raw).to_string();
-    Answer {
-        code: raw.split_whitespace().nth(1).unwrap_or("none").to_string(),
-        text: raw,
-    }
-}
-
-/// A TLS connection to `port` as `who`, handshake done, nothing sent.
-async fn tls_connect(
-    b: &TestBroker,
-    port: u16,
-    who: &str,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    credbroker::server::tls::install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(b.env.pki.join("ca.pem")).unwrap())
-        .unwrap();
-    let cert = CertificateDer::from_pem_file(b.env.pki.join(format!("{who}.pem"))).unwrap();
-    let key = PrivateKeyDer::from_pem_file(b.env.pki.join(format!("{who}-key.pem"))).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key)
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap()
 }
 
 /// A broker with every door open: gRPC, the Vault API and the console.
@@ -123,19 +77,12 @@ impl Doors {
             b.edit_config(|t| format!("{head}\n{t}"));
         }
         if !server.is_empty() {
-            b.edit_config(|t| t.replacen("[server]\n", &format!("[server]\n{server}\n"), 1));
+            b.server_keys(server);
         }
         // More identities than the dev set: a second admin (to be locked
         // by the first) and a certificate that yields no identity.
         write_client(&b, "admin2", &ClientSpec::spiffe(ADMIN2));
-        write_client(
-            &b,
-            "two",
-            &ClientSpec {
-                extra_uris: vec!["spiffe://credbroker.dev/dba/oncall".into()],
-                ..ClientSpec::spiffe(APP)
-            },
-        );
+        write_two_id_client(&b, "two");
         b.start_in_process().await;
         Doors { b, console }
     }
@@ -145,16 +92,18 @@ impl Doors {
     }
 
     async fn vault_login(&self, who: &str) -> Result<String, Answer> {
-        let a = https(
-            &self.b,
-            self.vault(),
-            who,
-            "PUT",
-            "/v1/auth/cert/login",
-            &[],
-            "{}",
-        )
-        .await;
+        let a = Answer::http(
+            https(
+                &self.b,
+                self.vault(),
+                who,
+                "PUT",
+                "/v1/auth/cert/login",
+                &[],
+                "{}",
+            )
+            .await,
+        );
         if a.code != "200" {
             return Err(a);
         }
@@ -173,20 +122,22 @@ impl Doors {
         path: &str,
         body: &str,
     ) -> Answer {
-        https(
-            &self.b,
-            self.vault(),
-            who,
-            method,
-            path,
-            &[("X-Vault-Token", token)],
-            body,
+        Answer::http(
+            https(
+                &self.b,
+                self.vault(),
+                who,
+                method,
+                path,
+                &[("X-Vault-Token", token)],
+                body,
+            )
+            .await,
         )
-        .await
     }
 
     async fn console_get(&self, who: &str) -> Answer {
-        https(&self.b, self.console, who, "GET", "/", &[], "").await
+        Answer::http(https(&self.b, self.console, who, "GET", "/", &[], "").await)
     }
 }
 
@@ -544,15 +495,12 @@ async fn lock_identity(b: &TestBroker, pattern: &str) {
     if locks.iter().any(|l| l.value == pattern) {
         return;
     }
-    b.admin("admin")
-        .await
-        .lock(pb::LockRequest {
-            target: Some(pb::lock_request::Target::Identity(pattern.into())),
-            reason: "INC-25 gate matrix".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    admin_lock(
+        b,
+        pb::lock_request::Target::Identity(pattern.into()),
+        "INC-25 gate matrix",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -711,15 +659,7 @@ async fn gate_locks_cover_static_role_reads_on_grpc_and_the_vault_api() {
     b.start_in_process().await;
     let d = Doors { b, console: 0 };
     let b = &d.b;
-    let read = || async {
-        b.client("app")
-            .await
-            .get_static_credential(pb::GetStaticCredentialRequest {
-                static_role: "st".into(),
-            })
-            .await
-            .map(|r| r.into_inner())
-    };
+    let read = || static_read(b, "app", "st");
     let dref = &d;
     let vault_read = move |token: String| async move {
         dref.vault_call("app", &token, "GET", "/v1/database/static-creds/st", "")
@@ -733,20 +673,13 @@ async fn gate_locks_cover_static_role_reads_on_grpc_and_the_vault_api() {
     assert_eq!(vault_read(token.clone()).await.code, "200");
 
     let lock = |target: pb::lock_request::Target, revoke: bool| async move {
-        b.admin("admin")
-            .await
-            .lock(pb::LockRequest {
-                target: Some(target),
-                reason: "INC-25".into(),
-                revoke,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .lock
-            .unwrap()
-            .lock_id
+        let req = pb::LockRequest {
+            target: Some(target),
+            reason: "INC-25".into(),
+            revoke,
+            ..Default::default()
+        };
+        admin_lock_with(b, req).await.lock_id
     };
     let unlock = |lock_id: String| async move {
         b.admin("admin")
@@ -846,16 +779,13 @@ pub(crate) async fn race_issues_against_lock_revoke(b: &TestBroker, role: &str, 
         }));
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    b.admin("admin")
-        .await
-        .lock(pb::LockRequest {
-            target: Some(pb::lock_request::Target::Identity(APP.into())),
-            reason: "INC-25 race".into(),
-            revoke: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let race = pb::LockRequest {
+        target: Some(pb::lock_request::Target::Identity(APP.into())),
+        reason: "INC-25 race".into(),
+        revoke: true,
+        ..Default::default()
+    };
+    admin_lock_with(b, race).await;
     let mut ok = 0;
     for t in issues {
         if t.await.unwrap().is_ok() {
@@ -867,20 +797,17 @@ pub(crate) async fn race_issues_against_lock_revoke(b: &TestBroker, role: &str, 
 
 /// The broker's live leases' user names (pending, active, failing).
 pub(crate) async fn live_usernames(b: &TestBroker) -> BTreeSet<String> {
-    b.admin("admin")
-        .await
-        .list_leases(pb::ListLeasesRequest {
-            states: vec![
-                pb::LeaseState::Pending as i32,
-                pb::LeaseState::Active as i32,
-                pb::LeaseState::Failing as i32,
-            ],
-            ..Default::default()
-        })
+    let live = pb::ListLeasesRequest {
+        states: vec![
+            pb::LeaseState::Pending as i32,
+            pb::LeaseState::Active as i32,
+            pb::LeaseState::Failing as i32,
+        ],
+        ..Default::default()
+    };
+    b.list_as("admin", live)
         .await
         .unwrap()
-        .into_inner()
-        .leases
         .into_iter()
         .map(|l| l.username)
         .collect()

@@ -67,16 +67,12 @@ async fn store_rows(store: &tokio_postgres::Client, ids: &[String]) -> Vec<tokio
 }
 
 async fn live_usernames(store: &tokio_postgres::Client) -> BTreeSet<String> {
-    store
-        .query(
-            "SELECT username FROM credbroker_leases WHERE state <> 'revoked'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    column::<String, _>(
+        store,
+        "SELECT username FROM credbroker_leases WHERE state <> 'revoked'",
+        &[],
+    )
+    .await
 }
 
 /// Test 2 of issue 8. A holds claims on due leases and is stuck revoking
@@ -146,45 +142,28 @@ async fn replicas_share_leases_and_a_killed_replicas_claims_pass_to_the_other() 
 
     // Any replica serves any lease: lookup, renew, admin list, revoke on B.
     let mut bc = b.client("app").await;
-    let looked = bc
-        .lookup_lease(pb::LookupLeaseRequest {
-            lease_id: kept.lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let looked = lookup(&b, "app", &kept.lease_id).await.unwrap();
     assert_eq!(looked.username, kept.username);
-    let renewed = bc
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: kept.lease_id.clone(),
-            ttl_seconds: 420,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let renewed = renew(&b, "app", &kept.lease_id, 420).await.unwrap();
     let left = (ts(&renewed.expires_at) - Utc::now()).num_seconds();
     assert!((400..=420).contains(&left), "renewed through B to {left}s");
-    let stored: DateTime<Utc> = store
-        .query_one(
-            "SELECT expires_at FROM credbroker_leases WHERE id = $1",
-            &[&kept.lease_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let stored: DateTime<Utc> = one_value(
+        &store,
+        "SELECT expires_at FROM credbroker_leases WHERE id = $1",
+        &[&kept.lease_id],
+    )
+    .await;
     assert_eq!(
         stored.timestamp_millis(),
         ts(&renewed.expires_at).timestamp_millis(),
         "the renewal is in the shared store"
     );
-    let listed = b
-        .admin("admin")
+    let listed: BTreeSet<String> = b
+        .admin_leases()
         .await
-        .list_leases(pb::ListLeasesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let listed: BTreeSet<String> = listed.leases.into_iter().map(|l| l.lease_id).collect();
+        .into_iter()
+        .map(|l| l.lease_id)
+        .collect();
     assert!(listed.contains(&kept.lease_id) && due_ids.iter().all(|id| listed.contains(id)));
     bc.revoke_lease(pb::RevokeLeaseRequest {
         lease_id: kept.lease_id.clone(),
@@ -510,21 +489,9 @@ async fn the_per_identity_cap_holds_across_replicas() {
     let mut b = a.replica();
     b.spawn_binary().await;
     let clients = [a.client("app").await, b.client("app").await];
-    let calls: Vec<_> = (0..50)
-        .map(|i| {
-            let mut c = clients[i % 2].clone();
-            tokio::spawn(async move {
-                c.issue_lease(pb::IssueLeaseRequest {
-                    role: "capped".into(),
-                    ttl_seconds: 0,
-                })
-                .await
-            })
-        })
-        .collect();
     let (mut issued, mut refused) = (0, 0);
-    for call in calls {
-        match call.await.unwrap() {
+    for answer in issue_at_once(&clients, "capped", 50).await {
+        match answer {
             Ok(_) => issued += 1,
             Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
             Err(s) => panic!("unexpected status: {s:?}"),

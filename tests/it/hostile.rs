@@ -35,15 +35,7 @@ fn refusals_audited(b: &TestBroker, who: &str) -> (usize, u64) {
         .into_iter()
         .filter(|r| r.action == "tls_handshake" && r.identity == who)
         .collect();
-    let total = records
-        .iter()
-        .map(|r| {
-            let d = r.detail.as_deref().unwrap_or("");
-            d.split_once(" refused: ")
-                .and_then(|(n, _)| n.parse::<u64>().ok())
-                .unwrap_or(1)
-        })
-        .sum();
+    let total = refusals_counted(&records);
     (records.len(), total)
 }
 
@@ -337,7 +329,7 @@ async fn an_https_connection_older_than_max_connection_age_is_closed() {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut b = TestBroker::prepare(&roles()).await;
     let port = b.enable_console().await;
-    b.edit_config(|t| t.replacen("[server]\n", "[server]\nmax_connection_age = \"2s\"\n", 1));
+    b.server_keys("max_connection_age = \"2s\"");
     b.start_in_process().await;
     credbroker::server::tls::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();

@@ -424,6 +424,18 @@ async fn watch(
         .map(|r| r.into_inner())
 }
 
+/// Watches every lease, as `who`.
+async fn watch_all(
+    b: &TestBroker,
+    who: &str,
+) -> Result<tonic::Streaming<pb::LeaseEvent>, tonic::Status> {
+    let all = pb::WatchLeasesRequest {
+        all: true,
+        ..Default::default()
+    };
+    watch(b, who, all).await
+}
+
 /// WatchLeases: a caller sees renewals and revocations of its own leases
 /// (who and why) within a second and nobody else's; an admin watches a
 /// selector; a non-admin may not; shutdown ends the streams cleanly.
@@ -441,16 +453,7 @@ async fn incident_watch_streams_own_lease_events_and_ends_on_shutdown() {
     )
     .await
     .unwrap();
-    let refused = watch(
-        &b,
-        "app",
-        pb::WatchLeasesRequest {
-            all: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let refused = watch_all(&b, "app").await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
 
     let theirs = issue(&b, "other", "ro", 0).await.unwrap();
@@ -465,16 +468,12 @@ async fn incident_watch_streams_own_lease_events_and_ends_on_shutdown() {
     );
     assert!(e.expires_at.is_some());
     let t0 = Instant::now();
-    b.admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                l.lease_id.clone(),
-            )),
-            force: false,
-        })
-        .await
-        .unwrap();
+    admin_revoke_by(
+        &b,
+        pb::revoke_leases_request::Selector::LeaseId(l.lease_id.clone()),
+        false,
+    )
+    .await;
     let e = next_event(&mut mine, Duration::from_secs(1)).await.unwrap();
     println!("admin revoke → event at the watcher: {:?}", t0.elapsed());
     assert_eq!(e.kind, pb::LeaseEventKind::Revoked as i32);
@@ -774,16 +773,12 @@ async fn incident_mariadb_caller_host_pins_the_account_to_the_leasing_address() 
         .unwrap_err();
     assert!(refused.to_string().contains("1045"), "{refused}");
     // Revocation finds the pinned account.
-    b.admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                l.lease_id.clone(),
-            )),
-            force: false,
-        })
-        .await
-        .unwrap();
+    admin_revoke_by(
+        &b,
+        pb::revoke_leases_request::Selector::LeaseId(l.lease_id.clone()),
+        false,
+    )
+    .await;
     assert!(
         from_caller.query_drop("SELECT 1").await.is_err(),
         "session cut"
@@ -818,16 +813,7 @@ async fn incident_admin_networks_refuse_admins_outside_them() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = watch(
-        &b,
-        "admin",
-        pb::WatchLeasesRequest {
-            all: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let e = watch_all(&b, "admin").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let denied = b
         .audit_records()

@@ -49,17 +49,9 @@ async fn issued_credential_logs_in_and_has_exactly_its_grants() {
     let c = login(&b.db, &lease.username, &lease.password)
         .await
         .expect("leased login");
-    let who: String = c
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let who: String = one_value(&c, "SELECT current_user::text", &[]).await;
     assert_eq!(who, lease.username);
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = one_value(&c, "SELECT count(*) FROM orders", &[]).await;
     assert_eq!(n, 1);
     let err = c.query("SELECT * FROM payroll", &[]).await.unwrap_err();
     assert!(
@@ -123,16 +115,14 @@ async fn expired_lease_is_refused_by_the_database_and_reaped() {
     // VALID UNTIL is stored as the exact UTC expiry despite the server's
     // UTC+14 time zone.
     let su = b.superuser().await;
-    let valid: chrono::DateTime<Utc> = su
-        .query_one(
-            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1",
-            &[&lease.username],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let valid: chrono::DateTime<Utc> = one_value(
+        &su,
+        "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1",
+        &[&lease.username],
+    )
+    .await;
     assert_eq!(valid, ts(&lease.expires_at));
-    let tz: String = su.query_one("SHOW timezone", &[]).await.unwrap().get(0);
+    let tz: String = one_value(&su, "SHOW timezone", &[]).await;
     assert_eq!(tz, FAR_TIMEZONE);
 
     assert!(
@@ -195,44 +185,18 @@ async fn revoke_ends_login_and_drops_role_and_refuses_unknown_or_foreign_leases(
     let theirs = issue(&b, "other", "short", 5).await.unwrap();
     let open = login(&b.db, &mine.username, &mine.password).await.unwrap();
 
-    let mut app = b.client("app").await;
     // Someone else's lease: refused, nothing dropped.
-    let err = app
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: theirs.lease_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = b.revoke_as("app", &theirs.lease_id).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(b.role_exists(&theirs.username).await);
     // Unknown and malformed ids.
     let unknown = "l_aaaaaaaaaaaaaaaaaaaaaaaaaa".to_string();
-    let err = app
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: unknown,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = b.revoke_as("app", &unknown).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = app
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: "'; DROP ROLE x; --".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = b.revoke_as("app", "'; DROP ROLE x; --").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    let r = app
-        .revoke_lease(pb::RevokeLeaseRequest {
-            lease_id: mine.lease_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = b.revoke_as("app", &mine.lease_id).await.unwrap();
     assert_eq!(r.state, pb::LeaseState::Revoked as i32);
     assert!(
         !b.role_exists(&mine.username).await,
@@ -247,13 +211,7 @@ async fn revoke_ends_login_and_drops_role_and_refuses_unknown_or_foreign_leases(
         b.role_exists(&theirs.username).await,
         "another identity's role was touched"
     );
-    let looked = app
-        .lookup_lease(pb::LookupLeaseRequest {
-            lease_id: mine.lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let looked = lookup(&b, "app", &mine.lease_id).await.unwrap();
     assert_eq!(looked.state, pb::LeaseState::Revoked as i32);
     assert!(looked.password.is_empty());
     assert_not_in_server_log(&[mine.password, theirs.password]);
@@ -278,15 +236,7 @@ async fn renew_moves_valid_until_but_never_past_the_hard_limit() {
         }
     };
     let before = valid_until(lease.username.clone()).await;
-    let mut app = b.client("app").await;
-    let renewed = app
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl_seconds: 5,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let renewed = renew(&b, "app", &lease.lease_id, 5).await.unwrap();
     let after = valid_until(lease.username.clone()).await;
     assert!(after > before, "VALID UNTIL did not move");
     assert_eq!(after, ts(&renewed.expires_at));
@@ -297,14 +247,9 @@ async fn renew_moves_valid_until_but_never_past_the_hard_limit() {
 
     // Beyond max_ttl (8s) a renewal is capped, as Vault (and our Vault API)
     // does — `lease renew` says so — and never past the hard limit.
-    let capped = app
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl_seconds: 9,
-        })
+    let capped = renew(&b, "app", &lease.lease_id, 9)
         .await
-        .expect("a renewal over max_ttl is capped, not refused")
-        .into_inner();
+        .expect("a renewal over max_ttl is capped, not refused");
     assert!(ts(&capped.expires_at) > ts(&renewed.expires_at));
     assert!(ts(&capped.expires_at) <= ts(&lease.max_expires_at));
     assert_eq!(
@@ -315,14 +260,8 @@ async fn renew_moves_valid_until_but_never_past_the_hard_limit() {
     let mut last = capped;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        match app
-            .renew_lease(pb::RenewLeaseRequest {
-                lease_id: lease.lease_id.clone(),
-                ttl_seconds: 8,
-            })
-            .await
-        {
-            Ok(r) => last = r.into_inner(),
+        match renew(&b, "app", &lease.lease_id, 8).await {
+            Ok(r) => last = r,
             Err(e) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
         }
         assert!(ts(&last.expires_at) <= ts(&lease.max_expires_at));
@@ -333,26 +272,14 @@ async fn renew_moves_valid_until_but_never_past_the_hard_limit() {
         ts(&lease.max_expires_at),
         "should reach exactly the hard limit"
     );
-    let err = app
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl_seconds: 1,
-        })
-        .await
-        .unwrap_err();
+    let err = renew(&b, "app", &lease.lease_id, 1).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("hard limit"), "{}", err.message());
 
     // An expired lease cannot be renewed.
     let short = issue(&b, "app", "short", 1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let err = app
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: short.lease_id.clone(),
-            ttl_seconds: 2,
-        })
-        .await
-        .unwrap_err();
+    let err = renew(&b, "app", &short.lease_id, 2).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     b.stop().await;
 }
@@ -406,11 +333,7 @@ async fn bad_requests_get_clear_errors_and_leave_no_role() {
         before,
         "a rejected request left a role behind"
     );
-    let n: i64 = su
-        .query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = one_value(&su, "SELECT count(*) FROM orders", &[]).await;
     assert_eq!(n, 1);
     b.stop().await;
 }
@@ -423,22 +346,14 @@ async fn leases_survive_a_sigkilled_broker_and_still_expire() {
     let short = issue(&b, "app", "short", 3).await.unwrap();
     b.kill_binary();
     b.spawn_binary().await;
-    let mut app = b.client("app").await;
-    let looked = app
-        .lookup_lease(pb::LookupLeaseRequest {
-            lease_id: keep.lease_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let looked = lookup(&b, "app", &keep.lease_id).await.unwrap();
     assert_eq!(looked.state, pb::LeaseState::Active as i32);
-    let mut admin = b.admin("admin").await;
-    let listed = admin
-        .list_leases(pb::ListLeasesRequest::default())
+    let ids: Vec<_> = b
+        .admin_leases()
         .await
-        .unwrap()
-        .into_inner();
-    let ids: Vec<_> = listed.leases.iter().map(|l| l.lease_id.clone()).collect();
+        .iter()
+        .map(|l| l.lease_id.clone())
+        .collect();
     assert!(
         ids.contains(&keep.lease_id) && ids.contains(&short.lease_id),
         "{ids:?}"

@@ -14,22 +14,10 @@ async fn parallel_issues_never_overshoot_the_per_identity_cap() {
     let mut b = TestBroker::start(&roles).await;
     let client = b.client("app").await;
     let started = Instant::now();
-    let calls: Vec<_> = (0..50)
-        .map(|_| {
-            let mut c = client.clone();
-            tokio::spawn(async move {
-                c.issue_lease(pb::IssueLeaseRequest {
-                    role: "capped".into(),
-                    ttl_seconds: 0,
-                })
-                .await
-            })
-        })
-        .collect();
     let (mut issued, mut refused) = (Vec::new(), 0);
-    for call in calls {
-        match call.await.unwrap() {
-            Ok(l) => issued.push(l.into_inner()),
+    for answer in issue_at_once(std::slice::from_ref(&client), "capped", 50).await {
+        match answer {
+            Ok(l) => issued.push(l),
             Err(s) if s.code() == Code::ResourceExhausted => {
                 assert!(
                     s.message()

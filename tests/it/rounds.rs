@@ -42,6 +42,32 @@ async fn creations_that_arrive_together_share_rounds_and_a_refused_one_fails_alo
     );
 }
 
+/// Creates a user of broker role `role` with `grants`, valid for five
+/// minutes, on `backend`: its name and password, and the outcome.
+async fn create_user(
+    backend: &PostgresBackend,
+    prefix: &str,
+    role: &str,
+    grants: &[String],
+) -> (Username, Password, credbroker::Result<()>) {
+    let username = Username::generate(prefix, role);
+    let password = Password::generate();
+    let until = Utc::now() + chrono::Duration::minutes(5);
+    let r = backend
+        .create_user(&NewUser {
+            role,
+            username: &username,
+            password: &password,
+            valid_until: until,
+            hard_limit: until,
+            grants,
+            host: "",
+            owner: None,
+        })
+        .await;
+    (username, password, r)
+}
+
 /// Creates `n` users at once, every `bad_every`-th with the `bad` grant
 /// under another broker role; checks each outcome as that user.
 async fn create_together(
@@ -60,21 +86,7 @@ async fn create_together(
         let role = if refused { "misconfigured" } else { "ro" };
         let prefix = b.prefix.clone();
         tasks.push(tokio::spawn(async move {
-            let username = Username::generate(&prefix, role);
-            let password = Password::generate();
-            let until = Utc::now() + chrono::Duration::minutes(5);
-            let r = backend
-                .create_user(&NewUser {
-                    role,
-                    username: &username,
-                    password: &password,
-                    valid_until: until,
-                    hard_limit: until,
-                    grants: &grants,
-                    host: "",
-                    owner: None,
-                })
-                .await;
+            let (username, password, r) = create_user(&backend, &prefix, role, &grants).await;
             (i, refused, username, password, r)
         }));
     }
@@ -113,27 +125,11 @@ async fn a_revocation_without_sessions_takes_one_commit_and_one_with_a_session_e
     let backend = PostgresBackend::new(&config.databases["main"]).unwrap();
     let grants = vec!["GRANT SELECT ON orders TO {{name}}".to_string()];
     let backend = &backend;
-    let make = || {
-        let username = Username::generate(&b.prefix, "ro");
-        let password = Password::generate();
-        let until = Utc::now() + chrono::Duration::minutes(5);
-        let grants = grants.clone();
-        async move {
-            backend
-                .create_user(&NewUser {
-                    role: "ro",
-                    username: &username,
-                    password: &password,
-                    valid_until: until,
-                    hard_limit: until,
-                    grants: &grants,
-                    host: "",
-                    owner: None,
-                })
-                .await
-                .unwrap();
-            (username, password)
-        }
+    let (grants, prefix) = (&grants, &b.prefix);
+    let make = || async move {
+        let (username, password, r) = create_user(backend, prefix, "ro", grants).await;
+        r.unwrap();
+        (username, password)
     };
     let revokee = |u: &Username| {
         Revokee::new(

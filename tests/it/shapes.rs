@@ -253,16 +253,12 @@ async fn objects_a_leased_role_creates_outlive_revoke_expiry_and_sweep() {
         .await
         .unwrap();
     create_objects(&c, "adm").await;
-    b.admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::LeaseId(
-                lease.lease_id.clone(),
-            )),
-            force: false,
-        })
-        .await
-        .unwrap();
+    admin_revoke_by(
+        &b,
+        pb::revoke_leases_request::Selector::LeaseId(lease.lease_id.clone()),
+        false,
+    )
+    .await;
     assert_objects(&b, "adm", &admin).await;
     let rec = revoked_record(&b, &lease.lease_id).await;
     assert_eq!(rec.reassigned_to.as_deref(), Some(admin.as_str()));
@@ -346,14 +342,12 @@ async fn objects_in_another_database_of_the_cluster_are_reassigned_there() {
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 7);
     assert_eq!(row.get::<_, String>(1), pg.superuser());
-    let db_owner: String = su
-        .query_one(
-            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
-            &[&owned_db],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let db_owner: String = one_value(
+        &su,
+        "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+        &[&owned_db],
+    )
+    .await;
     assert_eq!(
         db_owner,
         pg.superuser(),

@@ -127,15 +127,7 @@ fn audited(b: &TestBroker, who: &str, action: &str) -> (usize, u64, Vec<String>)
         .into_iter()
         .filter(|r| r.identity == who && r.action == action)
         .collect();
-    let total = records
-        .iter()
-        .map(|r| {
-            let d = r.detail.as_deref().unwrap_or("");
-            d.split_once(" refused: ")
-                .and_then(|(n, _)| n.parse::<u64>().ok())
-                .unwrap_or(1)
-        })
-        .sum();
+    let total = refusals_counted(&records);
     let details = records.iter().filter_map(|r| r.detail.clone()).collect();
     (records.len(), total, details)
 }
@@ -183,13 +175,7 @@ struct Ended {
 async fn one_certificate_sending_no_bodies_holds_only_its_share_of_the_vault_api() {
     raise_fd_limit(4096);
     let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
-    let mport = free_port();
-    b.edit_config(|t| {
-        t.replace(
-            "[server]\n",
-            &format!("[server]\nmetrics_listen = \"127.0.0.1:{mport}\"\n"),
-        )
-    });
+    let mport = b.listen_metrics();
     b.enable_vault_api("").await;
     b.spawn_binary().await;
     let vport = b.vault_port.unwrap();
@@ -385,15 +371,8 @@ async fn h2_held(config: Arc<rustls::ClientConfig>, port: u16) -> Option<TlsStre
 #[tokio::test]
 async fn one_identity_past_its_grpc_share_is_refused_while_another_still_issues() {
     let mut b = TestBroker::prepare(&demo_role("ro", "10m", "20m")).await;
-    let mport = free_port();
-    b.edit_config(|t| {
-        t.replace(
-            "[server]\n",
-            &format!(
-                "[server]\nmetrics_listen = \"127.0.0.1:{mport}\"\nmax_connections_per_identity = 3\n"
-            ),
-        )
-    });
+    let mport = b.listen_metrics();
+    b.server_keys("max_connections_per_identity = 3");
     b.spawn_binary().await;
     let app = client_config(&b, &dev_pem(&b, "app"), b"h2");
     let mut held = Vec::new();
@@ -480,7 +459,7 @@ async fn slow_request(
 #[tokio::test]
 async fn a_request_body_that_does_not_arrive_in_time_ends_its_connection_on_both_http_listeners() {
     let mut b = TestBroker::prepare(&role("ro", "{db}", "10m", "20m", APP)).await;
-    b.edit_config(|t| t.replacen("[server]\n", "[server]\nrequest_timeout = \"2s\"\n", 1));
+    b.server_keys("request_timeout = \"2s\"");
     let console = b.enable_console().await;
     b.enable_vault_api("").await;
     b.spawn_binary().await;

@@ -22,6 +22,13 @@ fn short_role(name: &str) -> String {
     role(name, "{db}", "3s", "8s", APP)
 }
 
+/// The real broker serving `roles`, and a directory for a sidecar's files.
+async fn serving(roles: &str) -> (TestBroker, tempfile::TempDir) {
+    let mut b = TestBroker::prepare(roles).await;
+    b.spawn_binary().await;
+    (b, tempfile::tempdir().unwrap())
+}
+
 /// One sidecar process and its files (the pool tests run it too).
 pub(crate) struct Sidecar {
     child: Option<Child>,
@@ -63,20 +70,12 @@ impl Sidecar {
     /// Waits for the exit; the exit code.
     async fn wait(&mut self, within: Duration) -> Option<i32> {
         let mut child = self.child.take().unwrap();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!(
-                    "sidecar did not exit within {within:?}:\n{}",
-                    self.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        exit_within(&mut child, within).await.unwrap_or_else(|| {
+            panic!(
+                "sidecar did not exit within {within:?}:\n{}",
+                self.log_text()
+            )
+        })
     }
 
     /// Timeline lines (issue, renew, rotate, revoke) for the closing note.
@@ -326,9 +325,7 @@ fn assert_no_password_in(log: &str, passwords: &BTreeSet<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sidecar_keeps_every_connection_working_through_rotations() {
     let role_name = "sc_rot";
-    let mut b = TestBroker::prepare(&short_role(role_name)).await;
-    b.spawn_binary().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (b, dir) = serving(&short_role(role_name)).await;
     let exec_log = dir.path().join("exec.log");
     let hook = format!("echo \"$CREDBROKER_USERNAME\" >> {}", exec_log.display());
     let mut sc = Sidecar::spawn(
@@ -421,9 +418,7 @@ async fn sidecar_keeps_every_connection_working_through_rotations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sidecar_survives_a_broker_outage_and_signals_the_app() {
     let role_name = "sc_out";
-    let mut b = TestBroker::prepare(&short_role(role_name)).await;
-    b.spawn_binary().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (b, dir) = serving(&short_role(role_name)).await;
 
     // The "application": writes its pidfile once its trap is set, and
     // counts the signals it gets.
@@ -619,9 +614,7 @@ async fn sidecar_without_a_broker_gives_up_with_a_clear_message() {
 /// had no valid credential for `--give-up-after`.
 #[tokio::test]
 async fn sidecar_exits_non_zero_once_no_valid_credential_can_be_kept() {
-    let mut b = TestBroker::prepare(&short_role("sc_gone")).await;
-    b.spawn_binary().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (mut b, dir) = serving(&short_role("sc_gone")).await;
     let mut sc = Sidecar::spawn(&b, dir.path(), "sc_gone", &["--give-up-after", "1s"]);
     wait_for_file(&mut sc).await;
     b.kill_binary();
@@ -649,23 +642,17 @@ async fn sidecar_exits_non_zero_once_no_valid_credential_can_be_kept() {
 #[tokio::test]
 async fn sidecar_replaces_a_lease_an_admin_revoked() {
     let role_name = "sc_adm";
-    let mut b = TestBroker::prepare(&role(role_name, "{db}", "3s", "1m", APP)).await;
-    b.spawn_binary().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (b, dir) = serving(&role(role_name, "{db}", "3s", "1m", APP)).await;
     let mut sc = Sidecar::spawn(&b, dir.path(), role_name, &["--keep"]);
     wait_for_file(&mut sc).await;
     let names = Names::of(&b);
     let first = parse_file(&std::fs::read_to_string(&sc.out).unwrap(), &names).unwrap();
-    let r = b
-        .admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::Role(role_name.into())),
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = admin_revoke_by(
+        &b,
+        pb::revoke_leases_request::Selector::Role(role_name.into()),
+        false,
+    )
+    .await;
     assert_eq!(r.revoked, 1);
     assert!(!b.role_exists(&first.user).await);
     let replaced = eventually(Duration::from_secs(15), || async {
@@ -702,9 +689,7 @@ async fn sidecar_replaces_a_lease_an_admin_revoked() {
 #[tokio::test]
 async fn sidecar_reloads_its_client_certificate_from_disk() {
     use credbroker_testkit::pki::{ClientSpec, DevCa};
-    let mut b = TestBroker::prepare(&short_role("sc_cert")).await;
-    b.spawn_binary().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (b, dir) = serving(&short_role("sc_cert")).await;
     let pki = &b.env.pki;
     let ca = DevCa::load(
         &std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
@@ -823,16 +808,7 @@ async fn sidecar_env_file_for_a_mariadb_role_logs_in() {
     assert!(!sc.log_text().contains(&password));
     drop(conn);
 
-    let out = b
-        .admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(pb::revoke_leases_request::Selector::All(true)),
-            force: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let out = admin_revoke_by(&b, pb::revoke_leases_request::Selector::All(true), false).await;
     assert_eq!(out.revoked, 1);
     b.stop().await;
     root.query_drop(format!("DROP DATABASE `{schema}`"))

@@ -111,29 +111,18 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
     for _ in 0..5 {
         leases.push(issue(&b, "app", "ro", 600).await.unwrap());
     }
-    b.admin("admin")
-        .await
-        .lock(pb::LockRequest {
-            target: Some(pb::lock_request::Target::Role("held".into())),
-            reason: "moving day".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    admin_lock(
+        &b,
+        pb::lock_request::Target::Role("held".into()),
+        "moving day",
+    )
+    .await;
     assert!(issue(&b, "app", "held", 600).await.is_err(), "locked");
     let (vault, auth) = vault_login(&b).await;
     let linked = vaultrs::database::role::creds(&vault, "database", "ro")
         .await
         .unwrap();
-    let st = b
-        .client("app")
-        .await
-        .get_static_credential(pb::GetStaticCredentialRequest {
-            static_role: "st".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let st = static_read(&b, "app", "st").await.unwrap();
 
     // A target database, and the password file `store.password_file`
     // will name afterwards.
@@ -269,15 +258,7 @@ async fn store_migrate_moves_a_live_sqlite_store_to_postgres() {
     );
     // The static credential: the same one, sealed in the new store with
     // the same key, and it logs in.
-    let again = b
-        .client("app")
-        .await
-        .get_static_credential(pb::GetStaticCredentialRequest {
-            static_role: "st".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = static_read(&b, "app", "st").await.unwrap();
     assert_eq!(
         (
             again.username.as_str(),
@@ -347,14 +328,12 @@ async fn store_migrate_refuses_a_served_postgres_source_then_moves_it() {
         "{last}"
     );
     let c = cluster().connect(&target_db).await.unwrap();
-    let n: i64 = c
-        .query_one(
-            "SELECT count(*) FROM credbroker_leases WHERE id = $1 AND state = 'active'",
-            &[&lease.lease_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = one_value(
+        &c,
+        "SELECT count(*) FROM credbroker_leases WHERE id = $1 AND state = 'active'",
+        &[&lease.lease_id],
+    )
+    .await;
     assert_eq!(n, 1);
 }
 
@@ -466,15 +445,7 @@ async fn store_migrate_then_the_new_stores_reaper_expires_100_leases_and_rotates
         .await
         .unwrap();
     let (plain_vault, plain_auth) = vault_login(&b).await;
-    let before = b
-        .client("app")
-        .await
-        .get_static_credential(pb::GetStaticCredentialRequest {
-            static_role: "st".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let before = static_read(&b, "app", "st").await.unwrap();
     b.stop().await;
     // The generation the old store holds at the stop (a rotation may have
     // slipped in between the read and the stop on a slow machine).
@@ -515,15 +486,7 @@ async fn store_migrate_then_the_new_stores_reaper_expires_100_leases_and_rotates
     assert_eq!(me.accessor, plain_auth.accessor);
     // The static credential logs in: the one the old store held, unless
     // the new broker already rotated an overdue role.
-    let after = b
-        .client("app")
-        .await
-        .get_static_credential(pb::GetStaticCredentialRequest {
-            static_role: "st".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = static_read(&b, "app", "st").await.unwrap();
     assert!(after.generation >= before.generation);
     if after.generation == before.generation {
         assert_eq!(
@@ -539,15 +502,7 @@ async fn store_migrate_then_the_new_stores_reaper_expires_100_leases_and_rotates
     // user, whose password logs in; the previous one is refused once its
     // overlap is over.
     let rotated = loop {
-        let c = b
-            .client("app")
-            .await
-            .get_static_credential(pb::GetStaticCredentialRequest {
-                static_role: "st".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let c = static_read(&b, "app", "st").await.unwrap();
         if c.generation > after.generation {
             break c;
         }
@@ -594,15 +549,13 @@ async fn store_migrate_then_the_new_stores_reaper_expires_100_leases_and_rotates
         roles_left(&b, &names).await
     );
     // None before its expiry: the reaper's work, not anyone's revoke.
-    let early: i64 = store
-        .query_one(
-            "SELECT count(*) FROM credbroker_leases
+    let early: i64 = one_value(
+        &store,
+        "SELECT count(*) FROM credbroker_leases
              WHERE id = ANY($1) AND (revoked_at IS NULL OR revoked_at < expires_at)",
-            &[&ids],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[&ids],
+    )
+    .await;
     assert_eq!(early, 0, "leases revoked before their expiry");
     // The linked lease (10 minutes) is still there; its token's revoke
     // reaches it.

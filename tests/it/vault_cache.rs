@@ -99,15 +99,12 @@ async fn a_cached_token_is_refused_at_once_when_evicted_revoked_or_locked() {
     let mut third = vault(&b, port, "app");
     log_in(&mut third).await;
     warm(&third).await;
-    b.admin("admin")
-        .await
-        .lock(pb::LockRequest {
-            target: Some(pb::lock_request::Target::Identity(APP.into())),
-            reason: "INC-29 cached token".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    admin_lock(
+        &b,
+        pb::lock_request::Target::Identity(APP.into()),
+        "INC-29 cached token",
+    )
+    .await;
     let (code, why) = status(vaultrs::database::role::creds(&third, "database", "ro").await);
     assert_eq!(code, 403, "{why}");
     assert!(why.contains("INC-29 cached token"), "{why}");
@@ -197,15 +194,12 @@ async fn an_identity_locked_through_replica_b_is_refused_on_replica_a_at_once() 
     let mut on_a = vault(&a, a_port, "app");
     log_in(&mut on_a).await;
     warm(&on_a).await;
-    b.admin("admin")
-        .await
-        .lock(pb::LockRequest {
-            target: Some(pb::lock_request::Target::Identity(APP.into())),
-            reason: "INC-29 across replicas".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    admin_lock(
+        &b,
+        pb::lock_request::Target::Identity(APP.into()),
+        "INC-29 across replicas",
+    )
+    .await;
     let (code, why) = status(vaultrs::database::role::creds(&on_a, "database", "ro").await);
     assert_eq!(code, 403, "the first request after the lock: {why}");
     assert!(why.contains("INC-29 across replicas"), "{why}");

@@ -71,13 +71,7 @@ fn configure(b: &TestBroker, database: &str, users: &[String], period: &str, ext
 }
 
 async fn read(b: &TestBroker, who: &str) -> Result<pb::StaticCredential, tonic::Status> {
-    b.client(who)
-        .await
-        .get_static_credential(pb::GetStaticCredentialRequest {
-            static_role: "st".into(),
-        })
-        .await
-        .map(|r| r.into_inner())
+    static_read(b, who, "st").await
 }
 
 /// The first credential `app` reads, and the next generation's (within
@@ -333,14 +327,12 @@ async fn sigkill_rounds(rounds: usize) {
         .unwrap();
     assert_eq!(pw.expose(), last.password);
     let su = b.superuser().await;
-    let until: Option<DateTime<Utc>> = su
-        .query_one(
-            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1",
-            &[&cur.user],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let until: Option<DateTime<Utc>> = one_value(
+        &su,
+        "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1",
+        &[&cur.user],
+    )
+    .await;
     assert_eq!(
         until,
         Some(cur.valid_until),
@@ -422,14 +414,7 @@ async fn static_identity_not_in_allowed_is_permission_denied_and_audited() {
     let (mut b, _) = pg_started(2, "1h", "").await;
     let e = read(&b, "other").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
-    let e = b
-        .client("app")
-        .await
-        .get_static_credential(pb::GetStaticCredentialRequest {
-            static_role: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = static_read(&b, "app", "nope").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
     let denied = b
         .audit_records()

@@ -3,18 +3,25 @@
 
 use super::*;
 
-#[tokio::test]
-async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
-    let home = sqlite_home().await;
+/// A store a broker left mid-work at `now`: an intent (pending) and an
+/// active lease whose revocation `holder` claimed.
+async fn interrupted(home: &StoreHome, now: DateTime<Utc>, holder: &str) -> (Store, Lease, Lease) {
     let s = (home.open)().await;
-    let now = Utc::now();
     let p = lease(1, "ro", APP, now, 600);
     s.insert_intent(&p, None).await.unwrap();
     let a = active(&s, 2, "ro", APP, 600).await;
-    s.claim_one(&a.id, &claim("previous-life", 60))
+    s.claim_one(&a.id, &claim(holder, 60))
         .await
         .unwrap()
         .unwrap();
+    (s, p, a)
+}
+
+#[tokio::test]
+async fn sqlite_start_up_makes_pending_intents_due_and_voids_old_claims() {
+    let home = sqlite_home().await;
+    let now = Utc::now();
+    let (s, p, a) = interrupted(&home, now, "previous-life").await;
     s.recover_after_start(now).await.unwrap();
     assert_eq!(ms(s.get(&p.id).await.unwrap().unwrap().due_at), ms(now));
     // The interrupted revocation is due at once, to be finished.
@@ -78,15 +85,7 @@ async fn sqlite_file_of_schema_1_is_migrated_and_pruned() {
 #[tokio::test]
 async fn postgres_start_up_leaves_other_replicas_intents_and_claims_alone() {
     let home = postgres_home().await;
-    let s = (home.open)().await;
-    let now = Utc::now();
-    let p = lease(1, "ro", APP, now, 600);
-    s.insert_intent(&p, None).await.unwrap();
-    let a = active(&s, 2, "ro", APP, 600).await;
-    s.claim_one(&a.id, &claim("replica-a", 60))
-        .await
-        .unwrap()
-        .unwrap();
+    let (_s, p, a) = interrupted(&home, Utc::now(), "replica-a").await;
     // Replica B starts while A is creating p's user and revoking a.
     let b = (home.open)().await;
     b.recover_after_start(Utc::now()).await.unwrap();
@@ -115,27 +114,11 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .connect(home.pg_database.as_deref().unwrap())
         .await
         .unwrap();
-    let versions: Vec<i32> = c
-        .query(
-            "SELECT version FROM credbroker_schema_migrations ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let versions = schema_versions(&c).await;
     assert_eq!(versions, credbroker::store::postgres::migration_versions());
-    let secret_columns: i64 = c
-        .query_one(
-            "SELECT count(*) FROM information_schema.columns \
+    let secret_columns: i64 = one_value(&c, "SELECT count(*) FROM information_schema.columns \
              WHERE table_name LIKE 'credbroker%' \
-             AND (column_name LIKE '%pass%' OR column_name LIKE '%secret%' OR column_name LIKE '%verifier%')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+             AND (column_name LIKE '%pass%' OR column_name LIKE '%secret%' OR column_name LIKE '%verifier%')", &[]).await;
     assert_eq!(secret_columns, 0, "the store has no column for a secret");
 
     // A database migrated by a newer broker is refused, not misread.
@@ -211,36 +194,27 @@ async fn postgres_store_with_the_old_relays_event_table_migrates_to_11() {
         schema_versions(&c).await,
         (1..=credbroker::store::postgres::SCHEMA_VERSION).collect::<Vec<_>>()
     );
-    let kept: i64 = c
-        .query_one(
-            "SELECT count(*) FROM credbroker_lease_events WHERE origin = 'old'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let kept: i64 = one_value(
+        &c,
+        "SELECT count(*) FROM credbroker_lease_events WHERE origin = 'old'",
+        &[],
+    )
+    .await;
     assert_eq!(kept, 1, "the old relay's events are kept");
     let (k1, k2) = tokio::join!(s1.console_key(), s2.console_key());
     let (k1, k2) = (k1.unwrap().unwrap(), k2.unwrap().unwrap());
     assert_eq!(k1, k2, "one console key for every replica");
     assert_ne!(k1, [0u8; 32]);
     assert_eq!(s1.console_key().await.unwrap().unwrap(), k1, "made once");
-    let keys: i64 = c
-        .query_one("SELECT count(*) FROM credbroker_keys", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let keys: i64 = one_value(&c, "SELECT count(*) FROM credbroker_keys", &[]).await;
     assert_eq!(keys, 1);
 }
 
 async fn schema_versions(c: &tokio_postgres::Client) -> Vec<i32> {
-    c.query(
+    column::<i32, _>(
+        c,
         "SELECT version FROM credbroker_schema_migrations ORDER BY version",
         &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }

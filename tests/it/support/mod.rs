@@ -17,6 +17,14 @@ use credbroker_testkit::throwaway::{
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
+mod calls;
+mod net;
+mod sql;
+
+pub use calls::*;
+pub use net::*;
+pub use sql::*;
+
 /// UTC+14: a server time zone far from the broker's, so any expiry computed
 /// in local time instead of UTC shows up as a 14-hour error.
 pub const FAR_TIMEZONE: &str = "Pacific/Kiritimati";
@@ -237,15 +245,36 @@ impl TestBroker {
         text.push_str(&main.section);
         text.push_str(roles);
         std::fs::write(&env.config_path, text).unwrap();
+        TestBroker::new(
+            dir,
+            env,
+            (main.name, main.pg_config),
+            port,
+            prefix,
+            Some(listener),
+        )
+    }
+
+    /// A broker not started, its config written: `db` its main database
+    /// and superuser access to it, the gRPC port and, when bound already,
+    /// its listener.
+    fn new(
+        dir: tempfile::TempDir,
+        env: DevEnv,
+        (db, pg_config): (String, tokio_postgres::Config),
+        port: u16,
+        prefix: String,
+        listener: Option<TcpListener>,
+    ) -> TestBroker {
         TestBroker {
             env,
-            pg_config: main.pg_config,
-            db: main.name,
+            db,
+            pg_config,
             addr: format!("https://127.0.0.1:{port}"),
             port,
             prefix,
             _dir: dir,
-            listener: Some(listener),
+            listener,
             vault_port: None,
             vault_listener: None,
             console: None,
@@ -308,12 +337,7 @@ impl TestBroker {
     /// returns the port.
     pub fn listen_metrics(&mut self) -> u16 {
         let port = free_port();
-        self.edit_config(|t| {
-            t.replace(
-                "[server]\n",
-                &format!("[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
-            )
-        });
+        self.server_keys(&format!("metrics_listen = \"127.0.0.1:{port}\""));
         port
     }
 
@@ -377,7 +401,11 @@ impl TestBroker {
     }
 
     /// Revokes a lease as its holder `who`.
-    pub async fn revoke_as(&self, who: &str, lease_id: &str) -> Result<(), tonic::Status> {
+    pub async fn revoke_as(
+        &self,
+        who: &str,
+        lease_id: &str,
+    ) -> Result<pb::RevokeLeaseResponse, tonic::Status> {
         self.client(who)
             .await
             .revoke_lease(pb::RevokeLeaseRequest {
@@ -385,7 +413,7 @@ impl TestBroker {
                 ..Default::default()
             })
             .await
-            .map(|_| ())
+            .map(|r| r.into_inner())
     }
 
     /// Lets go of the port reserved at `prepare`: for a test that runs the
@@ -448,22 +476,14 @@ impl TestBroker {
                 &format!("path = \"{}\"", env.audit_path.display()),
             );
         std::fs::write(&env.config_path, text).unwrap();
-        TestBroker {
+        TestBroker::new(
+            dir,
             env,
-            db: self.db.clone(),
-            pg_config: self.pg_config.clone(),
-            addr: format!("https://127.0.0.1:{port}"),
+            (self.db.clone(), self.pg_config.clone()),
             port,
-            prefix: self.prefix.clone(),
-            _dir: dir,
-            listener: None,
-            vault_port: None,
-            vault_listener: None,
-            console: None,
-            stop: None,
-            task: None,
-            child: None,
-        }
+            self.prefix.clone(),
+            None,
+        )
     }
 
     /// Rewrites the config file (e.g. to drop a role or add a CRL).
@@ -486,17 +506,9 @@ impl TestBroker {
     /// Waits for the broker binary to exit; its exit code.
     pub async fn wait_binary(&mut self, within: Duration) -> Option<i32> {
         let mut child = self.child.take().expect("binary running");
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("broker did not exit within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        exit_within(&mut child, within)
+            .await
+            .unwrap_or_else(|| panic!("broker did not exit within {within:?}"))
     }
 
     /// Opens this broker's SQLite store (the broker must be stopped: one
@@ -511,15 +523,12 @@ impl TestBroker {
     pub async fn broker_roles(&self) -> std::collections::BTreeSet<String> {
         let c = self.superuser().await;
         let pattern = format!("{}%", self.prefix.replace('_', "\\_"));
-        c.query(
+        column::<String, _>(
+            &c,
             "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
             &[&pattern],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
     }
 
     pub fn kill_binary(&mut self) {
@@ -535,6 +544,44 @@ impl TestBroker {
 
     pub async fn admin(&self, who: &str) -> pb::admin_client::AdminClient<Channel> {
         self.env.client(&self.addr, who).admin().unwrap()
+    }
+
+    /// The leases `req` selects, as `who` lists them (`admin leases`).
+    pub async fn list_as(
+        &self,
+        who: &str,
+        req: pb::ListLeasesRequest,
+    ) -> Result<Vec<pb::LeaseSummary>, tonic::Status> {
+        self.admin(who)
+            .await
+            .list_leases(req)
+            .await
+            .map(|r| r.into_inner().leases)
+    }
+
+    /// Every lease, as `admin leases` lists them (as `admin`).
+    pub async fn admin_leases(&self) -> Vec<pb::LeaseSummary> {
+        self.list_as("admin", pb::ListLeasesRequest::default())
+            .await
+            .unwrap()
+    }
+
+    /// The leases in `state`, as `admin` lists them.
+    pub async fn admin_leases_in(&self, state: pb::LeaseState) -> Vec<pb::LeaseSummary> {
+        self.list_as(
+            "admin",
+            pb::ListLeasesRequest {
+                states: vec![state as i32],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Adds `keys` (TOML lines) to the config's `[server]` section.
+    pub fn server_keys(&self, keys: &str) {
+        self.edit_config(|t| t.replacen("[server]\n", &format!("[server]\n{keys}\n"), 1));
     }
 
     pub fn audit_records(&self) -> Vec<credbroker::audit::Record> {
@@ -555,15 +602,7 @@ impl TestBroker {
     /// Broker-made roles that exist in the cluster for this test (by prefix
     /// is not enough: tests share the cluster, so we ask by the names we saw).
     pub async fn broker_role_count(&self) -> i64 {
-        let c = self.superuser().await;
-        let pattern = format!("{}%", self.prefix.replace('_', "\\_"));
-        c.query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1",
-            &[&pattern],
-        )
-        .await
-        .unwrap()
-        .get(0)
+        self.broker_roles().await.len() as i64
     }
 
     pub async fn role_exists(&self, username: &str) -> bool {
@@ -581,25 +620,20 @@ impl Drop for TestBroker {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub async fn wait_port(port: u16) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
+/// Waits up to `within` for `child` to exit: `Some` of its exit code; or
+/// `None`, the child killed, when it did not.
+pub async fn exit_within(child: &mut Child, within: Duration) -> Option<Option<i32>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.code());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("broker did not listen on port {port} within 10 s");
 }
 
 /// Runs the real CLI against `b` as `who` (a dev certificate's name),
@@ -617,24 +651,6 @@ pub async fn cli(b: &TestBroker, who: &str, args: &[&str]) -> std::process::Outp
         .output()
         .await
         .unwrap()
-}
-
-/// Logs in as a leased credential; returns the error text on refusal.
-pub async fn login(db: &str, user: &str, password: &str) -> Result<tokio_postgres::Client, String> {
-    let mut cfg = cluster().config(db);
-    cfg.user(user)
-        .password(password)
-        .connect_timeout(Duration::from_secs(5));
-    match cfg.connect(tokio_postgres::NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(conn);
-            Ok(client)
-        }
-        Err(e) => Err(e
-            .as_db_error()
-            .map(|d| d.message().to_string())
-            .unwrap_or_else(|| e.to_string())),
-    }
 }
 
 /// Polls `f` every 100 ms until it returns true or `within` passes.
@@ -655,70 +671,6 @@ where
     }
 }
 
-/// An admin (`admin`) revokes one lease by id, at once.
-pub async fn admin_revoke(b: &TestBroker, lease_id: &str) {
-    let out = admin_revoke_by(b, Selector::LeaseId(lease_id.into()), false).await;
-    assert_eq!(out.revoked, 1, "{out:?}");
-}
-
-/// An admin (`admin`) revokes what `selector` names, with `--force` or
-/// without; the reply.
-pub async fn admin_revoke_by(
-    b: &TestBroker,
-    selector: Selector,
-    force: bool,
-) -> pb::RevokeLeasesResponse {
-    b.admin("admin")
-        .await
-        .revoke_leases(pb::RevokeLeasesRequest {
-            selector: Some(selector),
-            force,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-pub async fn issue(
-    b: &TestBroker,
-    who: &str,
-    role: &str,
-    ttl: i64,
-) -> Result<pb::Lease, tonic::Status> {
-    b.client(who)
-        .await
-        .issue_lease(pb::IssueLeaseRequest {
-            role: role.into(),
-            ttl_seconds: ttl,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-pub fn ts(t: &Option<prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
-    let t = t.as_ref().unwrap();
-    chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap()
-}
-
-/// A plain HTTP/1.0 GET on 127.0.0.1 (metrics, health); returns the body.
-pub async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("metrics listener");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    body.to_string()
-}
-
 /// The broker's dev CA (from its pki directory), to sign more certificates.
 pub fn dev_ca(b: &TestBroker) -> credbroker_testkit::pki::DevCa {
     let cert = std::fs::read_to_string(b.env.pki.join("ca.pem")).unwrap();
@@ -734,16 +686,17 @@ pub fn write_client(b: &TestBroker, name: &str, spec: &credbroker_testkit::pki::
     std::fs::write(b.env.pki.join(format!("{name}-key.pem")), pair.key_pem).unwrap();
 }
 
-/// Live (not revoked) rows in a PostgreSQL lease store.
-pub async fn live_lease_rows(store: &tokio_postgres::Client) -> i64 {
-    store
-        .query_one(
-            "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+/// Writes client certificate `name` naming two SPIFFE IDs (`app`'s and
+/// the on-call's): signed by the CA, but no usable identity.
+pub fn write_two_id_client(b: &TestBroker, name: &str) {
+    write_client(
+        b,
+        name,
+        &credbroker_testkit::pki::ClientSpec {
+            extra_uris: vec!["spiffe://credbroker.dev/dba/oncall".into()],
+            ..credbroker_testkit::pki::ClientSpec::spiffe(APP)
+        },
+    );
 }
 
 /// Starts the real `credbroker sidecar` as the dev identity `app` against
@@ -773,17 +726,16 @@ pub fn spawn_sidecar(
         .unwrap()
 }
 
-/// Roles named like the password probe's (`credbroker_check_…`, made by
-/// `check` and preflight) still on `pg`: 0 once every probe cleaned up.
-pub async fn probe_roles_left(pg: &ThrowawayPostgres, db: &str) -> i64 {
-    pg.connect(db)
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'credbroker\\_check\\_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+/// The refusals audit `records` stand for: one each, or `N` for a record
+/// whose detail reads "N refused: …" (refusals audited in aggregate).
+pub fn refusals_counted(records: &[credbroker::audit::Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| {
+            let d = r.detail.as_deref().unwrap_or("");
+            d.split_once(" refused: ")
+                .and_then(|(n, _)| n.parse::<u64>().ok())
+                .unwrap_or(1)
+        })
+        .sum()
 }
