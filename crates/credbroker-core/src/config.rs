@@ -250,6 +250,11 @@ struct RawConfig {
     access: BTreeMap<String, access::RawAccess>,
 }
 
+/// An optional duration setting: parsed when set, else `default`.
+pub fn duration_or(what: &str, s: Option<&str>, default: Duration) -> Result<Duration> {
+    s.map_or(Ok(default), |s| parse_duration(what, s))
+}
+
 pub fn parse_duration(what: &str, s: &str) -> Result<Duration> {
     humantime::parse_duration(s.trim()).map_err(|e| {
         Error::config(format!(

@@ -493,16 +493,7 @@ mod tests {
 
     #[test]
     fn a_lock_event_reads_back_as_written_and_a_malformed_one_is_skipped() {
-        let lock = Lock {
-            id: LockId::generate(),
-            target: LockTarget::Identity(
-                crate::policy::IdentityPattern::new("spiffe://td/ns/shop/*").unwrap(),
-            ),
-            reason: "INC-9".into(),
-            created_by: "spiffe://td/dba/oncall".into(),
-            created_at: Utc::now(),
-            expires_at: None,
-        };
+        let lock = crate::testkit::shop_lock();
         for placed in [true, false] {
             let e = LockEvent::new(placed, &lock, "spiffe://td/dba/oncall");
             let text = encode(&Note::Lock(e));

@@ -200,6 +200,35 @@ pub fn pending_lease(username: &str) -> crate::lease::Lease {
     }
 }
 
+/// Token `n` of `identity` (hash and accessor from `n`), issued now and
+/// valid for an hour.
+pub fn vault_token(n: u32, identity: &str) -> crate::store::VaultToken {
+    let now = crate::lease::truncate_ms(chrono::Utc::now());
+    crate::store::VaultToken {
+        hash: format!("{n:064x}"),
+        accessor: format!("acc{n}"),
+        identity: identity.to_string(),
+        cert_sha256: "ab".repeat(32),
+        issued_at: now,
+        expires_at: now + chrono::Duration::hours(1),
+    }
+}
+
+/// The lock the event tests send around: on `spiffe://td/ns/shop/*`,
+/// placed now by `spiffe://td/dba/oncall` for INC-9, without an end.
+pub fn shop_lock() -> crate::lock::Lock {
+    crate::lock::Lock {
+        id: crate::lock::LockId::generate(),
+        target: crate::lock::LockTarget::Identity(
+            crate::policy::IdentityPattern::new("spiffe://td/ns/shop/*").unwrap(),
+        ),
+        reason: "INC-9".into(),
+        created_by: "spiffe://td/dba/oncall".into(),
+        created_at: chrono::Utc::now(),
+        expires_at: None,
+    }
+}
+
 /// A `[databases.orders]` section of `kind` at `admin_url`, no password,
 /// one connection and two-second timeouts: what a backend's unit tests
 /// build one from, with nothing listening or a server that refuses.

@@ -261,17 +261,7 @@ impl TokenCache {
 mod tests {
     use super::*;
 
-    fn token(n: u32, identity: &str) -> VaultToken {
-        let now = crate::lease::truncate_ms(Utc::now());
-        VaultToken {
-            hash: format!("{n:064x}"),
-            accessor: format!("acc{n}"),
-            identity: identity.to_string(),
-            cert_sha256: "ab".repeat(32),
-            issued_at: now,
-            expires_at: now + chrono::Duration::hours(1),
-        }
-    }
+    use crate::testkit::vault_token as token;
 
     fn cached(c: &TokenCache, t: &VaultToken) {
         let ticket = c.ticket();

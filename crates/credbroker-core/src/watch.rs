@@ -396,16 +396,7 @@ mod tests {
         let hub = Arc::new(WatchHub::new());
         let mut admin = hub.subscribe("spiffe://td/dba/oncall").unwrap();
         let app = hub.subscribe("spiffe://td/ns/shop/cart").unwrap();
-        let lock = Lock {
-            id: crate::lock::LockId::generate(),
-            target: LockTarget::Identity(
-                crate::policy::IdentityPattern::new("spiffe://td/ns/shop/*").unwrap(),
-            ),
-            reason: "INC-9".into(),
-            created_by: "spiffe://td/dba/oncall".into(),
-            created_at: Utc::now(),
-            expires_at: None,
-        };
+        let lock = crate::testkit::shop_lock();
         let mut relayed = LockEvent::new(true, &lock, "spiffe://td/dba/oncall");
         relayed.relayed = true;
         assert_eq!(hub.publish_lock(relayed), 1);

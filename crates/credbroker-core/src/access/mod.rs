@@ -28,6 +28,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use rand::Rng;
 
 use crate::audit::{Event, Outcome};
@@ -218,30 +219,7 @@ impl Access {
             self.broker.check_locks(who, r, &role.database).await?;
         }
         let now = crate::lease::truncate_ms(self.broker.clock().now());
-        let mut r = AccessRequest {
-            id: new_id(),
-            policy: policy.name.clone(),
-            roles: req.roles.clone(),
-            requester: who.as_str().to_string(),
-            reason: req.reason.clone(),
-            duration_secs: duration.as_secs(),
-            state: AccessState::Pending,
-            break_glass: req.break_glass,
-            created_at: now,
-            pending_until: now
-                + chrono::Duration::from_std(policy.pending_for).map_err(Error::internal)?,
-            approvals: Vec::new(),
-            approvals_needed: policy.approvals,
-            denied_by: None,
-            deny_reason: None,
-            granted_at: None,
-            until: None,
-            ended_at: None,
-            ended_by: None,
-            end_reason: None,
-            leases_done: true,
-            version: 0,
-        };
+        let mut r = rules::open(new_id(), &policy, who, req, duration, now)?;
         if req.break_glass {
             rules::grant(&mut r, now)?;
         }
@@ -308,36 +286,55 @@ impl Access {
             })
     }
 
-    /// One approval by `who`. Returns the request as stored after it
-    /// (granted once it has its approvals).
-    pub async fn approve(&self, who: &Identity, id: &str) -> Result<AccessRequest> {
-        let mut e = Self::event(who.as_str(), "access_approve", None);
+    /// One step on request `id`, audited as `e`: the request read,
+    /// `step` deciding what to store (and what else the caller keeps),
+    /// stored by compare-and-set — read and decided again when another
+    /// write came first. `locked`: the identity whose lock refuses the
+    /// step (None: never refused for a lock). A refusal is audited here;
+    /// on success `e` comes back, request id and role set, for the record.
+    async fn decide<T>(
+        &self,
+        mut e: Event,
+        id: &str,
+        locked: Option<&Identity>,
+        what: &str,
+        step: impl Fn(&AccessRequest, DateTime<Utc>) -> Result<(AccessRequest, T)>,
+    ) -> Result<(AccessRequest, T, Event)> {
         let result = async {
             let id = parse_id(id)?;
             e.request_id = Some(id.clone());
-            self.broker.check_identity_lock(who).await?;
+            if let Some(who) = locked {
+                self.broker.check_identity_lock(who).await?;
+            }
             for _ in 0..CAS_TRIES {
                 let r = self.load(&id).await?;
                 e.role = r.roles.first().cloned();
-                let policy = self.policy_of(&r)?;
-                let now = self.broker.clock().now();
-                let (next, granted) = rules::approve(&policy, &r, who, now)?;
-                if !self.broker.store().update_access(&next).await? {
-                    continue;
+                let (mut next, kept) = step(&r, self.broker.clock().now())?;
+                if self.broker.store().update_access(&next).await? {
+                    next.version += 1;
+                    return Ok((next, kept));
                 }
-                let mut next = next;
-                next.version += 1;
-                return Ok((next, granted));
             }
-            Err(Error::unavailable(
-                "the request kept changing under this approval; try again",
-            ))
+            Err(Error::unavailable(format!(
+                "the request kept changing under this {what}; try again"
+            )))
         }
         .await;
-        let (r, granted) = match result {
-            Ok(x) => x,
-            Err(err) => return Err(self.refuse(e, err)),
-        };
+        match result {
+            Ok((r, kept)) => Ok((r, kept, e)),
+            Err(err) => Err(self.refuse(e, err)),
+        }
+    }
+
+    /// One approval by `who`. Returns the request as stored after it
+    /// (granted once it has its approvals).
+    pub async fn approve(&self, who: &Identity, id: &str) -> Result<AccessRequest> {
+        let e = Self::event(who.as_str(), "access_approve", None);
+        let (r, granted, e) = self
+            .decide(e, id, Some(who), "approval", |r, now| {
+                rules::approve(&self.policy_of(r)?, r, who, now)
+            })
+            .await?;
         self.audit_ok(
             e,
             format!(
@@ -356,32 +353,13 @@ impl Access {
 
     /// A denial by `who`: the request is decided, no grant.
     pub async fn deny(&self, who: &Identity, id: &str, reason: &str) -> Result<AccessRequest> {
-        let mut e = Self::event(who.as_str(), "access_deny", None);
-        let result = async {
-            let id = parse_id(id)?;
-            e.request_id = Some(id.clone());
-            self.broker.check_identity_lock(who).await?;
-            for _ in 0..CAS_TRIES {
-                let r = self.load(&id).await?;
-                e.role = r.roles.first().cloned();
-                let policy = self.policy_of(&r)?;
-                let now = self.broker.clock().now();
-                let next = rules::deny(&policy, &r, who, reason, now)?;
-                if self.broker.store().update_access(&next).await? {
-                    let mut next = next;
-                    next.version += 1;
-                    return Ok(next);
-                }
-            }
-            Err(Error::unavailable(
-                "the request kept changing under this denial; try again",
-            ))
-        }
-        .await;
-        let r = match result {
-            Ok(r) => r,
-            Err(err) => return Err(self.refuse(e, err)),
-        };
+        let e = Self::event(who.as_str(), "access_deny", None);
+        let (r, (), e) = self
+            .decide(e, id, Some(who), "denial", |r, now| {
+                let next = rules::deny(&self.policy_of(r)?, r, who, reason, now)?;
+                Ok((next, ()))
+            })
+            .await?;
         self.audit_ok(e, format!("denied: {reason:?}"))?;
         self.notify(Kind::Denied, &r, who.as_str(), reason);
         Ok(r)
@@ -391,32 +369,15 @@ impl Access {
     /// a pending request. Never refused for a lock: giving up access is
     /// always allowed.
     pub async fn revoke(&self, who: &Identity, id: &str, reason: &str) -> Result<AccessRequest> {
-        let mut e = Self::event(who.as_str(), "access_revoke", None);
-        let result = async {
-            let id = parse_id(id)?;
-            e.request_id = Some(id.clone());
-            let is_admin = self.broker.is_admin(who);
-            for _ in 0..CAS_TRIES {
-                let r = self.load(&id).await?;
-                e.role = r.roles.first().cloned();
+        let e = Self::event(who.as_str(), "access_revoke", None);
+        let is_admin = self.broker.is_admin(who);
+        let (r, was, e) = self
+            .decide(e, id, None, "revoke", |r, now| {
                 let policy = self.broker.config().access.get(&r.policy).cloned();
-                let now = self.broker.clock().now();
-                let next = rules::revoke(policy.as_ref(), &r, who, is_admin, reason, now)?;
-                if self.broker.store().update_access(&next).await? {
-                    let mut next = next;
-                    next.version += 1;
-                    return Ok((r.state, next));
-                }
-            }
-            Err(Error::unavailable(
-                "the request kept changing under this revoke; try again",
-            ))
-        }
-        .await;
-        let (was, r) = match result {
-            Ok(x) => x,
-            Err(err) => return Err(self.refuse(e, err)),
-        };
+                let next = rules::revoke(policy.as_ref(), r, who, is_admin, reason, now)?;
+                Ok((next, r.state))
+            })
+            .await?;
         self.audit_ok(
             e,
             format!(

@@ -13,6 +13,8 @@ use crate::identity::Identity;
 use crate::policy::any_matches;
 use crate::store::{AccessRequest, AccessState};
 
+use super::NewRequest;
+
 /// How long a grant lasts when the request names no duration: an hour,
 /// or the policy's longest if shorter.
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(3600);
@@ -167,6 +169,42 @@ pub fn approve(
     Ok((next, granted))
 }
 
+/// A new request `id` by `who` under `policy` at `now`, for `duration`
+/// once granted: pending until the policy's deadline, nothing decided.
+pub fn open(
+    id: String,
+    policy: &AccessPolicy,
+    who: &Identity,
+    req: &NewRequest,
+    duration: Duration,
+    now: DateTime<Utc>,
+) -> Result<AccessRequest> {
+    Ok(AccessRequest {
+        id,
+        policy: policy.name.clone(),
+        roles: req.roles.clone(),
+        requester: who.as_str().to_string(),
+        reason: req.reason.clone(),
+        duration_secs: duration.as_secs(),
+        state: AccessState::Pending,
+        break_glass: req.break_glass,
+        created_at: now,
+        pending_until: now
+            + chrono::Duration::from_std(policy.pending_for).map_err(Error::internal)?,
+        approvals: Vec::new(),
+        approvals_needed: policy.approvals,
+        denied_by: None,
+        deny_reason: None,
+        granted_at: None,
+        until: None,
+        ended_at: None,
+        ended_by: None,
+        end_reason: None,
+        leases_done: true,
+        version: 0,
+    })
+}
+
 /// Makes `r` a grant from `now` for its duration.
 pub fn grant(r: &mut AccessRequest, now: DateTime<Utc>) -> Result<()> {
     let d = chrono::Duration::from_std(Duration::from_secs(r.duration_secs))
@@ -294,30 +332,24 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
     }
 
+    /// Alice's request for an hour of orders-ro, pending for 30 minutes
+    /// from `t0`, wanting two approvals.
     fn pending() -> AccessRequest {
-        AccessRequest {
-            id: "ar_test".into(),
-            policy: "orders-incident".into(),
+        let ask = NewRequest {
             roles: vec!["orders-ro".into()],
-            requester: REQUESTER.into(),
             reason: "INC-4711".into(),
-            duration_secs: 3600,
-            state: AccessState::Pending,
-            break_glass: false,
-            created_at: t0(),
-            pending_until: t0() + chrono::Duration::minutes(30),
-            approvals: vec![],
-            approvals_needed: 2,
-            denied_by: None,
-            deny_reason: None,
-            granted_at: None,
-            until: None,
-            ended_at: None,
-            ended_by: None,
-            end_reason: None,
-            leases_done: true,
-            version: 0,
-        }
+            ..NewRequest::default()
+        };
+        let hour = Duration::from_secs(3600);
+        open(
+            "ar_test".into(),
+            &policy(),
+            &id(REQUESTER),
+            &ask,
+            hour,
+            t0(),
+        )
+        .unwrap()
     }
 
     fn kind(e: &Error) -> &'static str {

@@ -49,6 +49,29 @@ fn ask(reason: &str, secs: u64) -> NewRequest {
     }
 }
 
+/// A break-glass request.
+fn glass(reason: &str, secs: u64) -> NewRequest {
+    NewRequest {
+        break_glass: true,
+        ..ask(reason, secs)
+    }
+}
+
+/// Request `id` as stored.
+async fn stored(access: &Access, id: &str) -> AccessRequest {
+    let store = access.broker().store();
+    store.get_access(id).await.unwrap().unwrap()
+}
+
+/// An admin's lock on `target`, for incident INC-8.
+async fn lock(kit: &Kit, target: crate::lock::LockTarget) -> crate::lock::Lock {
+    let admin = crate::testkit::admin();
+    let locked = kit
+        .broker
+        .admin_lock(&admin, target, None, "INC-8".into(), false);
+    locked.await.unwrap().0
+}
+
 #[tokio::test]
 async fn request_approve_issue_then_revoke_ends_every_lease_and_notifies() {
     let (kit, access, rec) = setup(kit());
@@ -149,13 +172,7 @@ async fn racing_approvals_count_each_approver_once() {
         access.approve(&d3, &r.id)
     );
     let oks = [x.is_ok(), y.is_ok(), z.is_ok()];
-    let stored = access
-        .broker()
-        .store()
-        .get_access(&r.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = stored(&access, &r.id).await;
     assert_eq!(stored.state, AccessState::Granted);
     // Two made the grant; the third found it decided (or, racing, came
     // first and counted): never more approvals than approvers who got Ok.
@@ -167,26 +184,12 @@ async fn racing_approvals_count_each_approver_once() {
 async fn break_glass_grants_at_once_and_is_marked() {
     let (kit, access, rec) = setup(kit());
     let e = access
-        .request(
-            &id(ALICE),
-            None,
-            NewRequest {
-                break_glass: true,
-                ..ask("INC-9", 600)
-            },
-        )
+        .request(&id(ALICE), None, glass("INC-9", 600))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
     let g = access
-        .request(
-            &id(ONCALL),
-            None,
-            NewRequest {
-                break_glass: true,
-                ..ask("INC-9", 600)
-            },
-        )
+        .request(&id(ONCALL), None, glass("INC-9", 600))
         .await
         .unwrap();
     assert_eq!(g.state, AccessState::Granted);
@@ -210,14 +213,7 @@ async fn undecided_requests_expire_and_grants_end_at_their_time() {
         .await
         .unwrap();
     let g = access
-        .request(
-            &id(ONCALL),
-            None,
-            NewRequest {
-                break_glass: true,
-                ..ask("INC-3", 900)
-            },
-        )
+        .request(&id(ONCALL), None, glass("INC-3", 900))
         .await
         .unwrap();
     let lease = kit.broker.issue(&id(ONCALL), "ro", None).await.unwrap();
@@ -225,13 +221,7 @@ async fn undecided_requests_expire_and_grants_end_at_their_time() {
 
     tokio::time::advance(Duration::from_secs(15 * 60)).await;
     assert_eq!(access.run_due().await.unwrap(), 1, "the grant ended");
-    let ended = access
-        .broker()
-        .store()
-        .get_access(&g.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let ended = stored(&access, &g.id).await;
     assert_eq!(ended.state, AccessState::Ended);
     assert!(ended.leases_done);
     let l = kit.store.get(&lease.lease.id).await.unwrap().unwrap();
@@ -239,13 +229,7 @@ async fn undecided_requests_expire_and_grants_end_at_their_time() {
 
     tokio::time::advance(Duration::from_secs(15 * 60)).await;
     assert_eq!(access.run_due().await.unwrap(), 1, "the request expired");
-    let expired = access
-        .broker()
-        .store()
-        .get_access(&pending.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let expired = stored(&access, &pending.id).await;
     assert_eq!(expired.state, AccessState::Expired);
     let e = access.approve(&id(DBA1), &pending.id).await.unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
@@ -267,11 +251,7 @@ async fn locks_refuse_requests_approvals_and_use() {
     let (kit, access, _) = setup(kit());
     let admin = crate::testkit::admin();
     let pattern = |p: &str| LockTarget::Identity(crate::policy::IdentityPattern::new(p).unwrap());
-    let (l, _) = kit
-        .broker
-        .admin_lock(&admin, pattern(ALICE), None, "INC-8".into(), false)
-        .await
-        .unwrap();
+    let l = lock(&kit, pattern(ALICE)).await;
     let e = access
         .request(&id(ALICE), None, ask("INC-8", 600))
         .await
@@ -282,27 +262,13 @@ async fn locks_refuse_requests_approvals_and_use() {
         .request(&id(ALICE), None, ask("INC-8", 600))
         .await
         .unwrap();
-    let (l, _) = kit
-        .broker
-        .admin_lock(&admin, pattern(DBA1), None, "INC-8".into(), false)
-        .await
-        .unwrap();
+    let l = lock(&kit, pattern(DBA1)).await;
     assert!(access.approve(&id(DBA1), &r.id).await.is_err());
     assert!(access.deny(&id(DBA1), &r.id, "").await.is_err());
     kit.broker.admin_unlock(&admin, &l.id).await.unwrap();
     access.approve(&id(DBA2), &r.id).await.unwrap();
     access.approve(&id(DBA3), &r.id).await.unwrap();
-    let (l, _) = kit
-        .broker
-        .admin_lock(
-            &admin,
-            LockTarget::Role("ro".into()),
-            None,
-            "INC-8".into(),
-            false,
-        )
-        .await
-        .unwrap();
+    let l = lock(&kit, LockTarget::Role("ro".into())).await;
     assert!(
         kit.broker.issue(&id(ALICE), "ro", None).await.is_err(),
         "suspended"
@@ -310,17 +276,7 @@ async fn locks_refuse_requests_approvals_and_use() {
     kit.broker.admin_unlock(&admin, &l.id).await.unwrap();
     kit.broker.issue(&id(ALICE), "ro", None).await.unwrap();
     // A role lock asked for: refused to request it too.
-    let (_l, _) = kit
-        .broker
-        .admin_lock(
-            &admin,
-            LockTarget::Role("ro".into()),
-            None,
-            "INC-8".into(),
-            false,
-        )
-        .await
-        .unwrap();
+    let _l = lock(&kit, LockTarget::Role("ro".into())).await;
     assert!(access
         .request(&id(ALICE), None, ask("INC-8", 600))
         .await

@@ -139,23 +139,13 @@ impl Tokens<'_> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-
     use crate::error::Error;
     use crate::lease::LeaseState;
     use crate::store::{LeaseFilter, LeaseStore, TokenStore, VaultToken};
     use crate::testkit::{app, role, Kit, APP};
 
     fn token(n: u8) -> VaultToken {
-        let now = crate::lease::truncate_ms(Utc::now());
-        VaultToken {
-            hash: format!("{n:064x}"),
-            accessor: format!("acc{n}"),
-            identity: APP.to_string(),
-            cert_sha256: "ab".repeat(32),
-            issued_at: now,
-            expires_at: now + chrono::Duration::hours(1),
-        }
+        crate::testkit::vault_token(n.into(), APP)
     }
 
     /// An issue through `t` (stored first) whose user exists and whose

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{cfg_err, identity_pattern, parse_duration, valid_key, RoleConfig};
+use super::{cfg_err, duration_or, identity_pattern, parse_duration, valid_key, RoleConfig};
 use crate::error::Result;
 use crate::policy::IdentityPattern;
 
@@ -160,10 +160,11 @@ impl RawAccess {
                 )))
             }
         };
-        let pending_for = match &self.pending_for {
-            Some(s) => parse_duration(&what("pending_for"), s)?,
-            None => DEFAULT_PENDING_FOR,
-        };
+        let pending_for = duration_or(
+            &what("pending_for"),
+            self.pending_for.as_deref(),
+            DEFAULT_PENDING_FOR,
+        )?;
         if pending_for.is_zero() || pending_for > MAX_GRANT {
             return Err(cfg_err(format!(
                 "{}: must be more than 0 and at most {}",

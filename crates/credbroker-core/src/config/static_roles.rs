@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{
-    identity_pattern, parse_duration, valid_key, DatabaseConfig, ABSOLUTE_MAX_TTL,
+    duration_or, identity_pattern, parse_duration, valid_key, DatabaseConfig, ABSOLUTE_MAX_TTL,
 };
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
@@ -270,10 +270,7 @@ fn validate_one(
             what("rotation_period")
         )));
     }
-    let overlap = match &r.overlap {
-        Some(s) => parse_duration(&what("overlap"), s)?,
-        None => rotation_period,
-    };
+    let overlap = duration_or(&what("overlap"), r.overlap.as_deref(), rotation_period)?;
     if overlap < Duration::from_secs(1) {
         return Err(err(format!("{}: at least 1s", what("overlap"))));
     }

@@ -71,6 +71,23 @@ async fn submit(console: &Arc<Console>, who: &Peer, path: &str, form: &str) -> A
     send(console, who, post(path, form)).await
 }
 
+/// A form posted by `who` with CSRF token `token` appended.
+async fn submit_csrf(
+    console: &Arc<Console>,
+    who: &Peer,
+    path: &str,
+    form: &str,
+    token: &str,
+) -> Answer {
+    submit(console, who, path, &format!("{form}&csrf={token}")).await
+}
+
+/// A form the admin posts on `CERT`, its CSRF token appended.
+async fn post_as_admin(console: &Arc<Console>, path: &str, form: &str) -> Answer {
+    let token = admin_token(console);
+    submit_csrf(console, &peer(Ok(ADMIN)), path, form, &token).await
+}
+
 /// The CSRF token the console gives the admin on `CERT`.
 fn admin_token(console: &Console) -> String {
     console.csrf.token(&CERT, &Identity::from_trusted(ADMIN))
@@ -174,13 +191,7 @@ async fn a_post_needs_this_certificates_csrf_token() {
     assert_eq!(missing.status, StatusCode::FORBIDDEN);
     let token = admin_token(&console);
     let other_cert = console.csrf.token(&[1; 32], &Identity::from_trusted(ADMIN));
-    let forged = submit(
-        &console,
-        &admin,
-        "/locks",
-        &format!("{form}&csrf={other_cert}"),
-    )
-    .await;
+    let forged = submit_csrf(&console, &admin, "/locks", form, &other_cert).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     // Each refusal is one record naming the door.
     let refused: Vec<_> = kit
@@ -191,7 +202,7 @@ async fn a_post_needs_this_certificates_csrf_token() {
     assert_eq!(refused.len(), 2, "missing and forged tokens");
     assert!(refused.iter().all(|r| r.via.as_deref() == Some("console")));
     assert!(admin_locks(&kit).await.is_empty());
-    let ok = submit(&console, &admin, "/locks", &format!("{form}&csrf={token}")).await;
+    let ok = post_as_admin(&console, "/locks", form).await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
     assert_eq!(admin_locks(&kit).await.len(), 1);
     // The page's own forms carry the token.
@@ -248,12 +259,10 @@ async fn bad_input_is_a_clear_400_that_keeps_what_was_typed_escaped() {
         a.body
     );
     // A lock form with a bad target keeps the reason typed.
-    let token = admin_token(&console);
-    let a = submit(
+    let a = post_as_admin(
         &console,
-        &admin,
         "/locks",
-        &format!("kind=identity&value=bare&reason=keep+me&csrf={token}"),
+        "kind=identity&value=bare&reason=keep+me",
     )
     .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
@@ -373,25 +382,12 @@ async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
     let missing = submit(&console, &admin, "/static-roles/rotate", form).await;
     assert_eq!(missing.status, StatusCode::FORBIDDEN);
     let forged = console.csrf.token(&[1; 32], &Identity::from_trusted(ADMIN));
-    let a = submit(
-        &console,
-        &admin,
-        "/static-roles/rotate",
-        &format!("{form}&csrf={forged}"),
-    )
-    .await;
+    let a = submit_csrf(&console, &admin, "/static-roles/rotate", form, &forged).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert_eq!(generation(&kit).await, 1, "rotated without a CSRF token");
 
     // Without script (no `confirmed`): a confirmation page, nothing yet.
-    let token = admin_token(&console);
-    let asked = submit(
-        &console,
-        &admin,
-        "/static-roles/rotate",
-        &format!("static_role=orders&csrf={token}"),
-    )
-    .await;
+    let asked = post_as_admin(&console, "/static-roles/rotate", "static_role=orders").await;
     assert_eq!(asked.status, StatusCode::OK);
     assert!(
         asked.body.contains("Rotate static role orders now?")
@@ -401,13 +397,7 @@ async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
     );
     assert_eq!(generation(&kit).await, 1, "rotated before it was confirmed");
 
-    let done = submit(
-        &console,
-        &admin,
-        "/static-roles/rotate",
-        &format!("{form}&csrf={token}"),
-    )
-    .await;
+    let done = post_as_admin(&console, "/static-roles/rotate", form).await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
     assert!(
         done.body.contains("current user app_b (generation 2)"),
@@ -448,11 +438,10 @@ async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
     assert_eq!(rotations[0].outcome, Outcome::Ok);
 
     // An unknown role is a clear 404 and changes nothing.
-    let a = submit(
+    let a = post_as_admin(
         &console,
-        &admin,
         "/static-roles/rotate",
-        &format!("static_role=%3Cb%3Enope&confirmed=yes&csrf={token}"),
+        "static_role=%3Cb%3Enope&confirmed=yes",
     )
     .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
@@ -463,16 +452,8 @@ async fn rotate_now_needs_csrf_and_confirmation_and_is_audited_as_the_cli() {
 #[tokio::test]
 async fn revoke_incident_confirms_then_replaces_both_passwords() {
     let (kit, console) = statics_kit();
-    let admin = peer(Ok(ADMIN));
     let first = read_orders(&kit).await;
-    let token = admin_token(&console);
-    let asked = submit(
-        &console,
-        &admin,
-        "/static-roles/revoke",
-        &format!("static_role=orders&csrf={token}"),
-    )
-    .await;
+    let asked = post_as_admin(&console, "/static-roles/revoke", "static_role=orders").await;
     assert_eq!(asked.status, StatusCode::OK);
     assert!(
         asked
@@ -482,11 +463,10 @@ async fn revoke_incident_confirms_then_replaces_both_passwords() {
         asked.body
     );
     assert_eq!(generation(&kit).await, 1);
-    let done = submit(
+    let done = post_as_admin(
         &console,
-        &admin,
         "/static-roles/revoke",
-        &format!("static_role=orders&confirmed=yes&csrf={token}"),
+        "static_role=orders&confirmed=yes",
     )
     .await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
@@ -513,11 +493,12 @@ async fn non_admins_cannot_see_or_rotate_static_roles() {
     // before any form is read.
     let token = console.csrf.token(&CERT, &Identity::from_trusted(APP));
     for path in ["/static-roles/rotate", "/static-roles/revoke"] {
-        let a = submit(
+        let a = submit_csrf(
             &console,
             &app,
             path,
-            &format!("static_role=orders&confirmed=yes&csrf={token}"),
+            "static_role=orders&confirmed=yes",
+            &token,
         )
         .await;
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}");
@@ -616,23 +597,18 @@ async fn the_access_page_lists_pending_first_and_approves_with_csrf() {
     // A tampered token: refused, audited, nothing decided.
     let mut bad = token.clone();
     bad.replace_range(..1, if bad.starts_with('0') { "1" } else { "0" });
-    let forged = submit(
+    let forged = submit_csrf(
         &console,
         &admin,
         "/access/approve",
-        &format!("request_id={}&csrf={bad}", r.id),
+        &format!("request_id={}", r.id),
+        &bad,
     )
     .await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     assert_eq!(state_of(&kit, &r.id).await, AccessState::Pending);
 
-    let ok = submit(
-        &console,
-        &admin,
-        "/access/approve",
-        &format!("request_id={}&csrf={token}", r.id),
-    )
-    .await;
+    let ok = post_as_admin(&console, "/access/approve", &format!("request_id={}", r.id)).await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
     assert!(ok.body.contains("is granted"), "{}", ok.body);
     assert_eq!(state_of(&kit, &r.id).await, AccessState::Granted);
@@ -651,11 +627,10 @@ async fn the_access_page_lists_pending_first_and_approves_with_csrf() {
     assert!(page.body.contains("granted until") && page.body.contains("action=\"/access/revoke\""));
 
     // Revoke the live grant from the page.
-    let gone = submit(
+    let gone = post_as_admin(
         &console,
-        &admin,
         "/access/revoke",
-        &format!("request_id={}&reason=done&csrf={token}", r.id),
+        &format!("request_id={}&reason=done", r.id),
     )
     .await;
     assert_eq!(gone.status, StatusCode::OK, "{}", gone.body);
@@ -673,11 +648,12 @@ async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
     let bob_token = console
         .csrf
         .token(&CERT, &Identity::from_trusted(NOT_APPROVER));
-    let a = submit(
+    let a = submit_csrf(
         &console,
         &bob,
         "/access/approve",
-        &format!("request_id={}&csrf={bob_token}", r.id),
+        &format!("request_id={}", r.id),
+        &bob_token,
     )
     .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
@@ -692,13 +668,10 @@ async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
         && x.via.as_deref() == Some("console")));
     // The requester never decides its own request, admin or not.
     let own = ask_access(&console, ADMIN).await;
-    let admin = peer(Ok(ADMIN));
-    let token = admin_token(&console);
-    let a = submit(
+    let a = post_as_admin(
         &console,
-        &admin,
         "/access/approve",
-        &format!("request_id={}&csrf={token}", own.id),
+        &format!("request_id={}", own.id),
     )
     .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
@@ -709,45 +682,28 @@ async fn the_access_modules_rules_hold_on_the_console_and_are_audited() {
     );
     assert_eq!(state_of(&kit, &own.id).await, AccessState::Pending);
     // Deny needs a reason here; bad ids are a clear 400.
-    let a = submit(
+    let a = post_as_admin(
         &console,
-        &admin,
         "/access/deny",
-        &format!("request_id={}&reason=+&csrf={token}", r.id),
+        &format!("request_id={}&reason=+", r.id),
     )
     .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(a.body.contains("say why"), "{}", a.body);
-    let a = submit(
-        &console,
-        &admin,
-        "/access/approve",
-        &format!("request_id=ar_%3Cscript%3E&csrf={token}"),
-    )
-    .await;
+    let a = post_as_admin(&console, "/access/approve", "request_id=ar_%3Cscript%3E").await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(a.body.contains("malformed access request id") && !a.body.contains("<script>"));
     assert_eq!(state_of(&kit, &r.id).await, AccessState::Pending);
     // Deny with a reason: decided; a decided request cannot be approved.
-    let a = submit(
+    let a = post_as_admin(
         &console,
-        &admin,
         "/access/deny",
-        &format!(
-            "request_id={}&reason=not+without+a+ticket&csrf={token}",
-            r.id
-        ),
+        &format!("request_id={}&reason=not+without+a+ticket", r.id),
     )
     .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert_eq!(state_of(&kit, &r.id).await, AccessState::Denied);
-    let a = submit(
-        &console,
-        &admin,
-        "/access/approve",
-        &format!("request_id={}&csrf={token}", r.id),
-    )
-    .await;
+    let a = post_as_admin(&console, "/access/approve", &format!("request_id={}", r.id)).await;
     assert_eq!(a.status, StatusCode::CONFLICT);
     assert!(a.body.contains("not pending"), "{}", a.body);
     assert_eq!(state_of(&kit, &r.id).await, AccessState::Denied);

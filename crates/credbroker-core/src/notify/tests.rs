@@ -44,6 +44,17 @@ impl Script {
         }
     }
 
+    /// A script whose every attempt first waits for a permit of the
+    /// returned gate (it has none yet).
+    fn gated() -> (Self, Arc<tokio::sync::Semaphore>) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let script = Script {
+            gate: Some(gate.clone()),
+            ..Script::new(vec![])
+        };
+        (script, gate)
+    }
+
     fn seen(&self) -> Vec<(Instant, String)> {
         self.seen.lock().unwrap().clone()
     }
@@ -66,6 +77,14 @@ impl Transport for Script {
             .pop_front()
             .unwrap_or(Attempt::Delivered)
     }
+}
+
+/// Webhook `test` over `script` with the default options, and the
+/// metrics it counts in.
+fn spawn(script: &Script) -> (Webhook, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    (hook, metrics)
 }
 
 fn unavailable() -> Attempt {
@@ -194,9 +213,8 @@ fn targets_show_scheme_and_host_only_and_bad_urls_are_refused_without_echo() {
 
 #[tokio::test(start_paused = true)]
 async fn retries_with_growing_backoff_then_delivers() {
-    let metrics = Arc::new(Metrics::new());
     let script = Script::new(vec![unavailable(), unavailable(), unavailable()]);
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (hook, metrics) = spawn(&script);
     let id = hook.send(serde_json::json!({"event": "request"}));
     until("delivered", || count(&metrics, "delivered") == 1).await;
     let seen = script.seen();
@@ -251,12 +269,11 @@ async fn an_unreachable_receiver_is_given_up_within_the_bound() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_honoured_and_one_past_the_bound_gives_up_at_once() {
-    let metrics = Arc::new(Metrics::new());
     let script = Script::new(vec![Attempt::Retry {
         why: "status 429".into(),
         retry_after: Some(Duration::from_secs(45)),
     }]);
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (hook, metrics) = spawn(&script);
     hook.send(serde_json::json!({}));
     until("delivered", || count(&metrics, "delivered") == 1).await;
     let seen = script.seen();
@@ -265,12 +282,11 @@ async fn retry_after_is_honoured_and_one_past_the_bound_gives_up_at_once() {
 
     // Asked to come back after the give-up bound: given up now, not
     // retried early against the receiver's wish.
-    let metrics = Arc::new(Metrics::new());
     let script = Script::new(vec![Attempt::Retry {
         why: "status 503".into(),
         retry_after: Some(Duration::from_secs(3600)),
     }]);
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (hook, metrics) = spawn(&script);
     let start = Instant::now();
     hook.send(serde_json::json!({}));
     until("failed", || count(&metrics, "failed") == 1).await;
@@ -281,9 +297,8 @@ async fn retry_after_is_honoured_and_one_past_the_bound_gives_up_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refusal_is_not_retried() {
-    let metrics = Arc::new(Metrics::new());
     let script = Script::new(vec![Attempt::Refused { status: 400 }]);
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (hook, metrics) = spawn(&script);
     hook.send(serde_json::json!({}));
     until("failed", || count(&metrics, "failed") == 1).await;
     tokio::time::sleep(Duration::from_secs(600)).await;
@@ -293,13 +308,8 @@ async fn a_refusal_is_not_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stalled_attempt_times_out_and_is_retried() {
-    let metrics = Arc::new(Metrics::new());
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let script = Script {
-        gate: Some(gate.clone()),
-        ..Script::new(vec![])
-    };
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (script, gate) = Script::gated();
+    let (hook, metrics) = spawn(&script);
     hook.send(serde_json::json!({}));
     until("two attempts", || script.seen().len() >= 2).await;
     let seen = script.seen();
@@ -315,13 +325,8 @@ async fn a_stalled_attempt_times_out_and_is_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_drops_the_oldest_and_send_never_waits() {
-    let metrics = Arc::new(Metrics::new());
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let script = Script {
-        gate: Some(gate.clone()),
-        ..Script::new(vec![])
-    };
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (script, gate) = Script::gated();
+    let (hook, metrics) = spawn(&script);
     let first = hook.send(serde_json::json!({"n": 0}));
     script.arrived.notified().await;
     // The worker holds `first`; the queue (4) takes 6 more, dropping 2,
@@ -344,9 +349,8 @@ async fn a_full_queue_drops_the_oldest_and_send_never_waits() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_flushes_what_it_can_within_its_bound_then_drops_the_rest() {
     // A receiver that takes events: shutdown returns once they are in.
-    let metrics = Arc::new(Metrics::new());
     let script = Script::new(vec![unavailable()]);
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (hook, metrics) = spawn(&script);
     for n in 0..3 {
         hook.send(serde_json::json!({ "n": n }));
     }
@@ -359,9 +363,8 @@ async fn shutdown_flushes_what_it_can_within_its_bound_then_drops_the_rest() {
 
     // A receiver that is down: shutdown takes its bound, not the give-up
     // time, and counts what it leaves.
-    let metrics = Arc::new(Metrics::new());
     let script = Script::new((0..1000).map(|_| unavailable()).collect());
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (hook, metrics) = spawn(&script);
     for n in 0..3 {
         hook.send(serde_json::json!({ "n": n }));
     }
@@ -391,9 +394,8 @@ async fn webhooks_start_one_task_per_distinct_url() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_last_handle_delivers_the_queue_then_ends_the_task() {
-    let metrics = Arc::new(Metrics::new());
     let script = Script::new(vec![unavailable()]);
-    let hook = Webhook::spawn("test".into(), script.clone(), options(), metrics.clone());
+    let (hook, metrics) = spawn(&script);
     let clone = hook.clone();
     hook.send(serde_json::json!({"n": 1}));
     clone.send(serde_json::json!({"n": 2}));

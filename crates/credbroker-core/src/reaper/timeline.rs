@@ -47,6 +47,12 @@ async fn sleep_until(kit: &Kit, t: DateTime<Utc>) {
     tokio::time::sleep(kit.broker.clock().until(t)).await;
 }
 
+/// The app's lease of role `ro` for `secs` seconds.
+async fn issue(kit: &Kit, secs: u64) -> Lease {
+    let ttl = Some(Duration::from_secs(secs));
+    kit.broker.issue(&app(), "ro", ttl).await.unwrap().lease
+}
+
 async fn row(kit: &Kit, id: &LeaseId) -> Lease {
     kit.store.get(id).await.unwrap().unwrap()
 }
@@ -67,19 +73,9 @@ async fn a_lease_is_revoked_at_its_expiry_not_before() {
     // Longer than the reaper's longest sleep (30 s) and its first sweep
     // (10 s): it wakes on the way and must leave the lease alone; and
     // when it wakes for a neighbour due a second earlier, too.
-    let l = kit
-        .broker
-        .issue(&app(), "ro", Some(Duration::from_secs(90)))
-        .await
-        .unwrap()
-        .lease;
+    let l = issue(&kit, 90).await;
     let name = l.username.as_str();
-    let neighbour = kit
-        .broker
-        .issue(&app(), "ro", Some(Duration::from_secs(89)))
-        .await
-        .unwrap()
-        .lease;
+    let neighbour = issue(&kit, 89).await;
 
     sleep_until(&kit, neighbour.expires_at + TICK).await;
     assert_eq!(row(&kit, &neighbour.id).await.state, LeaseState::Revoked);
@@ -144,12 +140,7 @@ async fn a_refusing_database_is_retried_on_the_backoff_until_it_accepts() {
         &role("ro", "main"),
     );
     let _reaper = start(&kit).await;
-    let l = kit
-        .broker
-        .issue(&app(), "ro", Some(Duration::from_secs(5)))
-        .await
-        .unwrap()
-        .lease;
+    let l = issue(&kit, 5).await;
     let name = l.username.as_str();
     kit.server.refuse_revoke(name);
 
@@ -202,20 +193,10 @@ async fn a_refusing_database_is_retried_on_the_backoff_until_it_accepts() {
 async fn a_new_short_lease_wakes_the_reaper_early() {
     let kit = Kit::paused("", &role("ro", "main"));
     let _reaper = start(&kit).await;
-    let long = kit
-        .broker
-        .issue(&app(), "ro", Some(Duration::from_secs(600)))
-        .await
-        .unwrap()
-        .lease;
+    let long = issue(&kit, 600).await;
     // The reaper now sleeps until its first sweep (10 s after start).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let short = kit
-        .broker
-        .issue(&app(), "ro", Some(Duration::from_secs(2)))
-        .await
-        .unwrap()
-        .lease;
+    let short = issue(&kit, 2).await;
 
     sleep_until(&kit, short.expires_at - JUST_BEFORE).await;
     assert_eq!(row(&kit, &short.id).await.state, LeaseState::Active);

@@ -8,12 +8,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::grpc::{gate, peer_ip, ts};
+use super::grpc::{gate, peer_ip, reply, ts};
 use crate::access::{Access, AccessRequest, NewRequest};
 use crate::gate::{Door, Target, Use};
 use crate::identity::Identity;
 use crate::pb;
-use crate::server::status::to_status;
 
 const DOOR: Door = Door::GrpcAccess;
 
@@ -44,7 +43,7 @@ impl AccessService {
 
 /// A request as the answer shows it, or the access module's refusal.
 fn answer(r: crate::Result<AccessRequest>) -> Result<Response<pb::AccessRequestInfo>, Status> {
-    r.map(|out| Response::new(info(&out))).map_err(to_status)
+    reply(r, |out| info(&out))
 }
 
 pub fn info(r: &AccessRequest) -> pb::AccessRequestInfo {
@@ -116,14 +115,11 @@ impl pb::access_server::Access for AccessService {
         req: Request<pb::ListAccessRequest>,
     ) -> Result<Response<pb::ListAccessResponse>, Status> {
         let who = self.admit(&req, "access_list", Use::Read).await?;
-        let out = self
-            .access
-            .list(&who, req.get_ref().pending)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::ListAccessResponse {
-            requests: out.iter().map(info).collect(),
-        }))
+        reply(self.access.list(&who, req.get_ref().pending).await, |out| {
+            pb::ListAccessResponse {
+                requests: out.iter().map(info).collect(),
+            }
+        })
     }
 
     async fn get(

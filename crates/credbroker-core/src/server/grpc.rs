@@ -50,6 +50,17 @@ pub(super) async fn gate<T>(
     crate::gate::admit(broker, ask).await.map_err(to_status)
 }
 
+/// The broker's answer as the reply shows it (`shown`), or its refusal
+/// as a status: the last step of every handler.
+pub(super) fn reply<T, R>(
+    result: crate::Result<T>,
+    shown: impl FnOnce(T) -> R,
+) -> Result<Response<R>, Status> {
+    result
+        .map(|out| Response::new(shown(out)))
+        .map_err(to_status)
+}
+
 /// An identity an admin selects leases by: canonical text with its kind.
 fn identity_selector(v: String) -> Result<Option<Identity>, Status> {
     if v.len() > MAX_SPIFFE_ID_LEN {
@@ -152,6 +163,26 @@ fn lease_reply(broker: &Broker, lease: &Lease, dsn: String, password: String) ->
 
 pub struct BrokerService {
     pub broker: Arc<Broker>,
+}
+
+impl BrokerService {
+    /// The caller's identity, once the gate admitted it through the
+    /// holders' door to do `action` to `target`.
+    async fn admit<T>(
+        &self,
+        req: &Request<T>,
+        action: &'static str,
+        target: Target<'_>,
+    ) -> Result<Identity, Status> {
+        let pass = gate(&self.broker, DOOR, req, action, target).await?;
+        Ok(pass.identity)
+    }
+
+    /// A lease as renew and lookup answer it: its DSN, never a password.
+    fn known_lease(&self, lease: &Lease) -> pb::Lease {
+        let dsn = self.broker.dsn_of(lease);
+        lease_reply(&self.broker, lease, dsn, String::new())
+    }
 }
 
 fn note_to_pb(n: &crate::watch::Note) -> pb::LeaseEvent {
@@ -266,9 +297,7 @@ impl pb::broker_server::Broker for BrokerService {
         } else {
             Target::Own(Use::Obtain)
         };
-        let who = gate(&self.broker, DOOR, &req, "watch", target)
-            .await?
-            .identity;
+        let who = self.admit(&req, "watch", target).await?;
         let scope = self
             .broker
             .watch_scope(&who, requested, others)
@@ -347,37 +376,25 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::GetStaticCredentialRequest>,
     ) -> Result<Response<pb::StaticCredential>, Status> {
         let name = req.get_ref().static_role.clone();
-        let c = async {
-            let who = gate(
-                &self.broker,
-                DOOR,
-                &req,
-                "static_read",
-                Target::StaticRole(&name),
-            )
-            .await?
-            .identity;
-            self.broker
-                .static_credential(&who, &name)
-                .await
-                .map_err(to_status)
-        }
-        .await?;
-        Ok(Response::new(pb::StaticCredential {
-            static_role: c.static_role.clone(),
-            database: c.database.clone(),
-            kind: c.kind.as_str().to_string(),
-            username: c.username.clone(),
-            password: c.password.expose().to_string(),
-            dsn: c.dsn.clone(),
-            host: c.endpoint.host.clone(),
-            port: u32::from(c.endpoint.port),
-            database_name: c.endpoint.database.clone(),
-            generation: c.generation,
-            rotated_at: Some(ts(c.rotated_at)),
-            next_rotation_at: Some(ts(c.next_rotation_at)),
-            valid_until: Some(ts(c.valid_until)),
-        }))
+        let target = Target::StaticRole(&name);
+        let who = self.admit(&req, "static_read", target).await?;
+        reply(self.broker.static_credential(&who, &name).await, |c| {
+            pb::StaticCredential {
+                static_role: c.static_role.clone(),
+                database: c.database.clone(),
+                kind: c.kind.as_str().to_string(),
+                username: c.username.clone(),
+                password: c.password.expose().to_string(),
+                dsn: c.dsn.clone(),
+                host: c.endpoint.host.clone(),
+                port: u32::from(c.endpoint.port),
+                database_name: c.endpoint.database.clone(),
+                generation: c.generation,
+                rotated_at: Some(ts(c.rotated_at)),
+                next_rotation_at: Some(ts(c.next_rotation_at)),
+                valid_until: Some(ts(c.valid_until)),
+            }
+        })
     }
 
     async fn issue_lease(
@@ -387,23 +404,18 @@ impl pb::broker_server::Broker for BrokerService {
         let peer = peer_ip(&req);
         let r = req.get_ref();
         let ttl = ttl(r.ttl_seconds)?;
-        let issued = async {
-            let who = gate(&self.broker, DOOR, &req, "issue", Target::Role(&r.role))
-                .await?
-                .identity;
-            self.broker
-                .issue_from(&who, peer, &r.role, ttl)
-                .await
-                .map_err(to_status)
-        }
-        .await?;
-        let reply = lease_reply(
-            &self.broker,
-            &issued.lease,
-            issued.dsn.clone(),
-            issued.password.expose().to_string(),
-        );
-        Ok(Response::new(reply))
+        let who = self.admit(&req, "issue", Target::Role(&r.role)).await?;
+        reply(
+            self.broker.issue_from(&who, peer, &r.role, ttl).await,
+            |issued| {
+                lease_reply(
+                    &self.broker,
+                    &issued.lease,
+                    issued.dsn.clone(),
+                    issued.password.expose().to_string(),
+                )
+            },
+        )
     }
 
     async fn renew_lease(
@@ -414,29 +426,12 @@ impl pb::broker_server::Broker for BrokerService {
         let r = req.get_ref();
         let id = lease_id(&r.lease_id)?;
         let ttl = ttl(r.ttl_seconds)?;
-        let lease = async {
-            let who = gate(
-                &self.broker,
-                DOOR,
-                &req,
-                "renew",
-                Target::Lease(&id, Use::Obtain),
-            )
-            .await?
-            .identity;
-            self.broker
-                .renew_from(&who, peer, &id, ttl)
-                .await
-                .map_err(to_status)
-        }
-        .await?;
-        let dsn = self.broker.dsn_of(&lease);
-        Ok(Response::new(lease_reply(
-            &self.broker,
-            &lease,
-            dsn,
-            String::new(),
-        )))
+        let target = Target::Lease(&id, Use::Obtain);
+        let who = self.admit(&req, "renew", target).await?;
+        reply(
+            self.broker.renew_from(&who, peer, &id, ttl).await,
+            |lease| self.known_lease(&lease),
+        )
     }
 
     async fn revoke_lease(
@@ -445,28 +440,17 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
         let id = lease_id(&req.get_ref().lease_id)?;
         let handover = req.get_ref().handover;
-        let lease = async {
-            let who = gate(
-                &self.broker,
-                DOOR,
-                &req,
-                "revoke",
-                Target::Lease(&id, Use::GiveUp),
-            )
-            .await?
-            .identity;
-            let revoked = if handover {
-                self.broker.revoke_handover(&who, &id).await
-            } else {
-                self.broker.revoke(&who, &id).await
-            };
-            revoked.map_err(to_status)
-        }
-        .await?;
-        Ok(Response::new(pb::RevokeLeaseResponse {
+        let target = Target::Lease(&id, Use::GiveUp);
+        let who = self.admit(&req, "revoke", target).await?;
+        let revoked = if handover {
+            self.broker.revoke_handover(&who, &id).await
+        } else {
+            self.broker.revoke(&who, &id).await
+        };
+        reply(revoked, |lease| pb::RevokeLeaseResponse {
             lease_id: lease.id.to_string(),
             state: state_to_pb(lease.state) as i32,
-        }))
+        })
     }
 
     async fn lookup_lease(
@@ -474,24 +458,12 @@ impl pb::broker_server::Broker for BrokerService {
         req: Request<pb::LookupLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let id = lease_id(&req.get_ref().lease_id)?;
-        let pass = gate(
-            &self.broker,
-            DOOR,
-            &req,
-            "lookup",
-            Target::Lease(&id, Use::Read),
-        )
-        .await?;
+        let target = Target::Lease(&id, Use::Read);
+        let pass = gate(&self.broker, DOOR, &req, "lookup", target).await?;
         let lease = pass
             .lease
             .ok_or_else(|| Status::not_found(format!("no lease {id}")))?;
-        let dsn = self.broker.dsn_of(&lease);
-        Ok(Response::new(lease_reply(
-            &self.broker,
-            &lease,
-            dsn,
-            String::new(),
-        )))
+        Ok(Response::new(self.known_lease(&lease)))
     }
 }
 
@@ -619,14 +591,11 @@ impl pb::admin_server::Admin for AdminService {
             }),
             ..Default::default()
         };
-        let leases = self
-            .broker
-            .admin_list(&who, &filter)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::ListLeasesResponse {
-            leases: leases.iter().map(summary).collect(),
-        }))
+        reply(self.broker.admin_list(&who, &filter).await, |leases| {
+            pb::ListLeasesResponse {
+                leases: leases.iter().map(summary).collect(),
+            }
+        })
     }
 
     async fn revoke_leases(
@@ -656,23 +625,18 @@ impl pb::admin_server::Admin for AdminService {
                 ))
             }
         };
-        let out = self
-            .broker
-            .admin_revoke(
-                &who,
-                &selector,
-                if r.force {
-                    crate::broker::Mode::Forced
-                } else {
-                    crate::broker::Mode::UntilDropped
-                },
-            )
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::RevokeLeasesResponse {
-            revoked: out.revoked.len() as u32,
-            failures: revoke_failures(out.failed),
-        }))
+        let mode = if r.force {
+            crate::broker::Mode::Forced
+        } else {
+            crate::broker::Mode::UntilDropped
+        };
+        reply(
+            self.broker.admin_revoke(&who, &selector, mode).await,
+            |out| pb::RevokeLeasesResponse {
+                revoked: out.revoked.len() as u32,
+                failures: revoke_failures(out.failed),
+            },
+        )
     }
 
     async fn lock(
@@ -683,17 +647,18 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let target = lock_target(r.target)?;
         let duration = optional_seconds("duration_seconds", r.duration_seconds)?;
-        let (lock, revoked) = self
+        let locked = self
             .broker
             .admin_lock(&who, target, duration, r.reason, r.revoke)
-            .await
-            .map_err(to_status)?;
-        let revoked = revoked.unwrap_or_default();
-        Ok(Response::new(pb::LockResponse {
-            lock: Some(lock_info(&lock)),
-            revoked: revoked.revoked.len() as u32,
-            failures: revoke_failures(revoked.failed),
-        }))
+            .await;
+        reply(locked, |(lock, revoked)| {
+            let revoked = revoked.unwrap_or_default();
+            pb::LockResponse {
+                lock: Some(lock_info(&lock)),
+                revoked: revoked.revoked.len() as u32,
+                failures: revoke_failures(revoked.failed),
+            }
+        })
     }
 
     async fn unlock(
@@ -706,14 +671,11 @@ impl pb::admin_server::Admin for AdminService {
             return Err(Status::invalid_argument("lock_id is required"));
         }
         let id = LockId::parse(&r.lock_id).map_err(to_status)?;
-        let lock = self
-            .broker
-            .admin_unlock(&who, &id)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::UnlockResponse {
-            lock: Some(lock_info(&lock)),
-        }))
+        reply(self.broker.admin_unlock(&who, &id).await, |lock| {
+            pb::UnlockResponse {
+                lock: Some(lock_info(&lock)),
+            }
+        })
     }
 
     async fn list_locks(
@@ -721,10 +683,11 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ListLocksRequest>,
     ) -> Result<Response<pb::ListLocksResponse>, Status> {
         let who = self.admin(&req, "list_locks").await?;
-        let locks = self.broker.admin_locks(&who).await.map_err(to_status)?;
-        Ok(Response::new(pb::ListLocksResponse {
-            locks: locks.iter().map(lock_info).collect(),
-        }))
+        reply(self.broker.admin_locks(&who).await, |locks| {
+            pb::ListLocksResponse {
+                locks: locks.iter().map(lock_info).collect(),
+            }
+        })
     }
 
     async fn list_static_roles(
@@ -732,14 +695,11 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ListStaticRolesRequest>,
     ) -> Result<Response<pb::ListStaticRolesResponse>, Status> {
         let who = self.admin(&req, "static_roles").await?;
-        let list = self
-            .broker
-            .admin_static_roles(&who)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::ListStaticRolesResponse {
-            static_roles: list.iter().map(static_info).collect(),
-        }))
+        reply(self.broker.admin_static_roles(&who).await, |list| {
+            pb::ListStaticRolesResponse {
+                static_roles: list.iter().map(static_info).collect(),
+            }
+        })
     }
 
     async fn rotate_static_role(
@@ -748,12 +708,9 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::StaticRoleInfo>, Status> {
         let who = self.admin(&req, "static_rotate").await?;
         let name = req.into_inner().static_role;
-        let s = self
-            .broker
-            .rotate_static(&who, &name)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(static_info(&s)))
+        reply(self.broker.rotate_static(&who, &name).await, |s| {
+            static_info(&s)
+        })
     }
 
     async fn revoke_static_role(
@@ -762,12 +719,9 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::StaticRoleInfo>, Status> {
         let who = self.admin(&req, "static_revoke").await?;
         let name = req.into_inner().static_role;
-        let s = self
-            .broker
-            .revoke_static(&who, &name)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(static_info(&s)))
+        reply(self.broker.revoke_static(&who, &name).await, |s| {
+            static_info(&s)
+        })
     }
 
     async fn rotate_root(
@@ -776,14 +730,11 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RotateRootResponse>, Status> {
         let who = self.admin(&req, "rotate_root").await?;
         let database = req.into_inner().database;
-        self.broker
-            .rotate_root(&who, &database)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::RotateRootResponse {
+        let rotated = self.broker.rotate_root(&who, &database).await;
+        reply(rotated, |()| pb::RotateRootResponse {
             database,
             rotated_at: Some(ts(Utc::now())),
-        }))
+        })
     }
 
     async fn recover_static_role(
@@ -792,11 +743,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::StaticRoleInfo>, Status> {
         let who = self.admin(&req, "static_abandon").await?;
         let name = req.into_inner().static_role;
-        let s = self
-            .broker
-            .recover_static(&who, &name)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(static_info(&s)))
+        reply(self.broker.recover_static(&who, &name).await, |s| {
+            static_info(&s)
+        })
     }
 }

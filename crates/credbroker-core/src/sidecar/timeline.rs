@@ -90,6 +90,25 @@ impl FakeBroker {
         }
     }
 
+    /// The state, unless the broker is unreachable (as a connection
+    /// failure says).
+    fn reach(&self) -> Result<std::sync::MutexGuard<'_, State>, tonic::Status> {
+        let s = self.state.lock().unwrap();
+        if s.unreachable {
+            return Err(tonic::Status::unavailable("tcp connect error"));
+        }
+        Ok(s)
+    }
+
+    /// The TTL a request asks for, or the broker's own.
+    fn ttl_of(&self, asked: i64) -> i64 {
+        if asked > 0 {
+            asked
+        } else {
+            self.ttl
+        }
+    }
+
     /// The lease that is valid now and not revoked, if the file holds one.
     fn valid(&self, id: &str) -> bool {
         let now = self.clock.now();
@@ -105,21 +124,14 @@ impl FakeBroker {
 #[async_trait]
 impl LeaseApi for FakeBroker {
     async fn issue(&self, req: pb::IssueLeaseRequest) -> Result<pb::Lease, tonic::Status> {
-        let mut s = self.state.lock().unwrap();
-        if s.unreachable {
-            return Err(tonic::Status::unavailable("tcp connect error"));
-        }
+        let mut s = self.reach()?;
         if s.refuse_issue {
             return Err(tonic::Status::permission_denied(
                 "locked by an admin (k_x, identity a): leaked",
             ));
         }
         let now = self.clock.now();
-        let ttl = if req.ttl_seconds > 0 {
-            req.ttl_seconds
-        } else {
-            self.ttl
-        };
+        let ttl = self.ttl_of(req.ttl_seconds);
         let id = format!("l{}", s.issued.len());
         let l = FakeLease {
             expires: now + chrono::Duration::seconds(ttl.min(self.max)),
@@ -134,21 +146,14 @@ impl LeaseApi for FakeBroker {
     }
 
     async fn renew(&self, req: pb::RenewLeaseRequest) -> Result<pb::Lease, tonic::Status> {
-        let mut s = self.state.lock().unwrap();
-        if s.unreachable {
-            return Err(tonic::Status::unavailable("tcp connect error"));
-        }
+        let mut s = self.reach()?;
         if s.refuse_renew {
             return Err(tonic::Status::permission_denied(
                 "identity may no longer lease role",
             ));
         }
         let now = self.clock.now();
-        let ttl = if req.ttl_seconds > 0 {
-            req.ttl_seconds
-        } else {
-            self.ttl
-        };
+        let ttl = self.ttl_of(req.ttl_seconds);
         let issued = s
             .issued
             .iter()
@@ -168,10 +173,7 @@ impl LeaseApi for FakeBroker {
     }
 
     async fn revoke(&self, req: pb::RevokeLeaseRequest) -> Result<(), tonic::Status> {
-        let mut s = self.state.lock().unwrap();
-        if s.unreachable {
-            return Err(tonic::Status::unavailable("tcp connect error"));
-        }
+        let mut s = self.reach()?;
         let now = self.clock.now();
         if let Some(l) = s.leases.get_mut(&req.lease_id) {
             if l.revoked_at.is_none() {
@@ -233,6 +235,16 @@ fn options(out: &std::path::Path, grace: u64, give_up: u64) -> Options {
     }
 }
 
+/// A fake broker of leases of `ttl` s with a hard limit of `max` s on
+/// the test's clock, and the file the sidecar writes (in a directory the
+/// test holds).
+fn setup(ttl: i64, max: i64) -> (tempfile::TempDir, std::path::PathBuf, Clock, FakeBroker) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("conn.json");
+    let clock = Clock::tokio();
+    (dir, out, clock, FakeBroker::new(clock, ttl, max))
+}
+
 fn lease_in_file(path: &std::path::Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).expect("the file is whole JSON");
@@ -261,10 +273,7 @@ fn start(opts: Options, broker: &FakeBroker, clock: Clock) -> Running {
 /// revoked a grace period after its replacement; shutdown revokes all.
 #[tokio::test(start_paused = true)]
 async fn the_file_always_holds_a_valid_credential_through_rotations() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("conn.json");
-    let clock = Clock::tokio();
-    let broker = FakeBroker::new(clock, 60, 300);
+    let (_dir, out, clock, broker) = setup(60, 300);
     let mut run = start(options(&out, 30, 60), &broker, clock);
     let mut seen = Vec::new();
     for _ in 0..900 {
@@ -320,10 +329,7 @@ async fn the_file_always_holds_a_valid_credential_through_rotations() {
 /// `give_up_after` with an error that says why.
 #[tokio::test(start_paused = true)]
 async fn an_outage_keeps_the_file_while_valid_then_removes_it_and_gives_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("conn.json");
-    let clock = Clock::tokio();
-    let broker = FakeBroker::new(clock, 60, 300);
+    let (_dir, out, clock, broker) = setup(60, 300);
     let run = start(options(&out, 10, 45), &broker, clock);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let first = lease_in_file(&out).expect("first credential written");
@@ -361,10 +367,7 @@ async fn an_outage_keeps_the_file_while_valid_then_removes_it_and_gives_up() {
 /// means a new lease at once, not at the next scheduled step.
 #[tokio::test(start_paused = true)]
 async fn a_refused_renewal_is_followed_by_a_new_lease_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("conn.json");
-    let clock = Clock::tokio();
-    let broker = FakeBroker::new(clock, 60, 600);
+    let (_dir, out, clock, broker) = setup(60, 600);
     let mut run = start(options(&out, 10, 60), &broker, clock);
     tokio::time::sleep(Duration::from_secs(1)).await;
     broker.set(|s| s.refuse_renew = true);
@@ -385,10 +388,7 @@ async fn a_refused_renewal_is_followed_by_a_new_lease_at_once() {
 /// sidecar gives up after `give_up_after`, having written nothing.
 #[tokio::test(start_paused = true)]
 async fn without_a_broker_the_first_issue_is_retried_then_given_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("conn.json");
-    let clock = Clock::tokio();
-    let broker = FakeBroker::new(clock, 60, 300);
+    let (_dir, out, clock, broker) = setup(60, 300);
     broker.set(|s| s.unreachable = true);
     let started = clock.now();
     let run = start(options(&out, 10, 20), &broker, clock);
@@ -406,10 +406,7 @@ async fn without_a_broker_the_first_issue_is_retried_then_given_up() {
 /// once and the sidecar retries on its backoff until `give_up_after`.
 #[tokio::test(start_paused = true)]
 async fn a_revocation_event_replaces_the_lease_at_once_and_a_lock_removes_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("conn.json");
-    let clock = Clock::tokio();
-    let broker = FakeBroker::new(clock, 60, 300);
+    let (_dir, out, clock, broker) = setup(60, 300);
     broker.set(|s| s.offers_watch = true);
     let run = start(options(&out, 30, 20), &broker, clock);
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -26,9 +26,9 @@
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
-use crate::lease::{LeaseId, LeaseState};
+use crate::lease::{Lease, LeaseId, LeaseState};
 use crate::store::access::{AccessFilter, AccessRequest, AccessState, MAX_ACCESS_LIST};
-use crate::store::{LeaseFilter, Store};
+use crate::store::{LeaseFilter, Store, VaultToken};
 
 /// Rows per read and per write transaction: small enough that a page
 /// is a short transaction on the target, large enough to be quick.
@@ -81,6 +81,40 @@ pub trait Concern: Send + Sync {
 
     /// Copies every row `count` counts; returns how many.
     async fn copy(&self, from: &dyn Store, to: &dyn Store) -> Result<u64>;
+}
+
+/// A concern whose rows the store lists a page at a time, in key order.
+#[async_trait]
+trait Paged: Send + Sync {
+    type Row: Send + Sync;
+    type Key: Send + Sync;
+
+    /// Up to `PAGE` rows after `after` (None: from the first).
+    async fn page(&self, store: &dyn Store, after: Option<&Self::Key>) -> Result<Vec<Self::Row>>;
+
+    /// The key the next page starts after.
+    fn key(&self, row: &Self::Row) -> Self::Key;
+
+    /// Writes one page into the target.
+    async fn import(&self, to: &dyn Store, rows: &[Self::Row]) -> Result<()>;
+
+    /// Every row of `from`, a page at a time, written to `to` when there
+    /// is one; returns how many.
+    async fn walk(&self, from: &dyn Store, to: Option<&dyn Store>) -> Result<u64> {
+        let mut after: Option<Self::Key> = None;
+        let mut n = 0;
+        loop {
+            let page = self.page(from, after.as_ref()).await?;
+            let Some(last) = page.last() else {
+                return Ok(n);
+            };
+            after = Some(self.key(last));
+            if let Some(to) = to {
+                self.import(to, &page).await?;
+            }
+            n += page.len() as u64;
+        }
+    }
 }
 
 /// Every kind of row, in the order they are copied: leases before the
@@ -185,17 +219,25 @@ impl Concern for Leases {
     }
 
     async fn copy(&self, from: &dyn Store, to: &dyn Store) -> Result<u64> {
-        let mut after: Option<LeaseId> = None;
-        let mut n = 0;
-        loop {
-            let page = from.live_page(after.as_ref(), PAGE).await?;
-            let Some(last) = page.last() else {
-                return Ok(n);
-            };
-            after = Some(last.id.clone());
-            to.import_leases(&page).await?;
-            n += page.len() as u64;
-        }
+        self.walk(from, Some(to)).await
+    }
+}
+
+#[async_trait]
+impl Paged for Leases {
+    type Row = Lease;
+    type Key = LeaseId;
+
+    async fn page(&self, store: &dyn Store, after: Option<&LeaseId>) -> Result<Vec<Lease>> {
+        store.live_page(after, PAGE).await
+    }
+
+    fn key(&self, row: &Lease) -> LeaseId {
+        row.id.clone()
+    }
+
+    async fn import(&self, to: &dyn Store, rows: &[Lease]) -> Result<()> {
+        to.import_leases(rows).await
     }
 }
 
@@ -294,30 +336,29 @@ impl Concern for VaultTokens {
     }
 
     async fn count(&self, store: &dyn Store) -> Result<u64> {
-        let mut after: Option<String> = None;
-        let mut n = 0;
-        loop {
-            let page = store.token_page(after.as_deref(), PAGE).await?;
-            let Some(last) = page.last() else {
-                return Ok(n);
-            };
-            after = Some(last.hash.clone());
-            n += page.len() as u64;
-        }
+        self.walk(store, None).await
     }
 
     async fn copy(&self, from: &dyn Store, to: &dyn Store) -> Result<u64> {
-        let mut after: Option<String> = None;
-        let mut n = 0;
-        loop {
-            let page = from.token_page(after.as_deref(), PAGE).await?;
-            let Some(last) = page.last() else {
-                return Ok(n);
-            };
-            after = Some(last.hash.clone());
-            to.import_vault_tokens(&page).await?;
-            n += page.len() as u64;
-        }
+        self.walk(from, Some(to)).await
+    }
+}
+
+#[async_trait]
+impl Paged for VaultTokens {
+    type Row = VaultToken;
+    type Key = String;
+
+    async fn page(&self, store: &dyn Store, after: Option<&String>) -> Result<Vec<VaultToken>> {
+        store.token_page(after.map(String::as_str), PAGE).await
+    }
+
+    fn key(&self, row: &VaultToken) -> String {
+        row.hash.clone()
+    }
+
+    async fn import(&self, to: &dyn Store, rows: &[VaultToken]) -> Result<()> {
+        to.import_vault_tokens(rows).await
     }
 }
 
@@ -330,30 +371,32 @@ impl Concern for TokenLinks {
     }
 
     async fn count(&self, store: &dyn Store) -> Result<u64> {
-        let mut after: Option<(String, LeaseId)> = None;
-        let mut n = 0;
-        loop {
-            let page = store.token_link_page(after.as_ref(), PAGE).await?;
-            let Some(last) = page.last() else {
-                return Ok(n);
-            };
-            after = Some(last.clone());
-            n += page.len() as u64;
-        }
+        self.walk(store, None).await
     }
 
     async fn copy(&self, from: &dyn Store, to: &dyn Store) -> Result<u64> {
-        let mut after: Option<(String, LeaseId)> = None;
-        let mut n = 0;
-        loop {
-            let page = from.token_link_page(after.as_ref(), PAGE).await?;
-            let Some(last) = page.last() else {
-                return Ok(n);
-            };
-            after = Some(last.clone());
-            to.import_token_links(&page).await?;
-            n += page.len() as u64;
-        }
+        self.walk(from, Some(to)).await
+    }
+}
+
+/// (accessor, lease): a link is its own key.
+type Link = (String, LeaseId);
+
+#[async_trait]
+impl Paged for TokenLinks {
+    type Row = Link;
+    type Key = Link;
+
+    async fn page(&self, store: &dyn Store, after: Option<&Link>) -> Result<Vec<Link>> {
+        store.token_link_page(after, PAGE).await
+    }
+
+    fn key(&self, row: &Link) -> Link {
+        row.clone()
+    }
+
+    async fn import(&self, to: &dyn Store, rows: &[Link]) -> Result<()> {
+        to.import_token_links(rows).await
     }
 }
 

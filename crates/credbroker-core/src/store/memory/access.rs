@@ -8,6 +8,15 @@ use crate::error::{Error, Result};
 use crate::store::access::MAX_ACCESS_LIST;
 use crate::store::{AccessFilter, AccessRequest, AccessStore};
 
+impl MemoryStore {
+    /// The requests `keep` keeps, in no order.
+    fn select(&self, keep: impl Fn(&AccessRequest) -> bool) -> Result<Vec<AccessRequest>> {
+        self.check()?;
+        let all = self.access.lock().unwrap();
+        Ok(all.values().filter(|r| keep(r)).cloned().collect())
+    }
+}
+
 #[async_trait]
 impl AccessStore for MemoryStore {
     async fn insert_access(&self, r: &AccessRequest) -> Result<()> {
@@ -39,30 +48,14 @@ impl AccessStore for MemoryStore {
     }
 
     async fn list_access(&self, filter: &AccessFilter) -> Result<Vec<AccessRequest>> {
-        self.check()?;
-        let mut out: Vec<AccessRequest> = self
-            .access
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|r| filter.matches(r))
-            .cloned()
-            .collect();
+        let mut out = self.select(|r| filter.matches(r))?;
         out.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
         out.truncate(filter.limit.unwrap_or(MAX_ACCESS_LIST).min(MAX_ACCESS_LIST));
         Ok(out)
     }
 
     async fn access_due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<AccessRequest>> {
-        self.check()?;
-        let mut out: Vec<AccessRequest> = self
-            .access
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|r| r.due_at().is_some_and(|d| d <= now))
-            .cloned()
-            .collect();
+        let mut out = self.select(|r| r.due_at().is_some_and(|d| d <= now))?;
         out.sort_by_key(|r| (r.due_at(), r.id.clone()));
         out.truncate(limit);
         Ok(out)

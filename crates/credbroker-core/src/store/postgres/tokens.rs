@@ -16,6 +16,18 @@ const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued
 /// per identity ("vtok"; the second key is the identity's hash).
 const VAULT_TOKEN_LOCK: i32 = 0x7674_6f6b;
 
+/// A row of `VAULT_TOKEN_COLUMNS`.
+fn row_to_token(r: &tokio_postgres::Row) -> VaultToken {
+    VaultToken {
+        hash: r.get(0),
+        accessor: r.get(1),
+        identity: r.get(2),
+        cert_sha256: r.get(3),
+        issued_at: r.get(4),
+        expires_at: r.get(5),
+    }
+}
+
 #[async_trait]
 impl TokenStore for PostgresStore {
     async fn insert_vault_token(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>> {
@@ -101,14 +113,7 @@ impl TokenStore for PostgresStore {
                 &[&hash],
             )
             .await?;
-        Ok(rows.first().map(|r| VaultToken {
-            hash: r.get(0),
-            accessor: r.get(1),
-            identity: r.get(2),
-            cert_sha256: r.get(3),
-            issued_at: r.get(4),
-            expires_at: r.get(5),
-        }))
+        Ok(rows.first().map(row_to_token))
     }
 
     async fn set_vault_token_expiry(&self, hash: &str, expires_at: DateTime<Utc>) -> Result<bool> {
@@ -192,17 +197,7 @@ impl TokenStore for PostgresStore {
                 &[&after.unwrap_or(""), &(limit as i64)],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| VaultToken {
-                hash: r.get(0),
-                accessor: r.get(1),
-                identity: r.get(2),
-                cert_sha256: r.get(3),
-                issued_at: r.get(4),
-                expires_at: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(row_to_token).collect())
     }
 
     async fn token_link_page(

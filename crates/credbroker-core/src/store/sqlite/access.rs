@@ -17,6 +17,17 @@ fn rows_to_requests(rows: Vec<(String, i64)>) -> Result<Vec<AccessRequest>> {
         .collect()
 }
 
+/// (body, version) of each row `sql` selects.
+fn bodies(
+    c: &rusqlite::Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt = c.prepare(sql)?;
+    let rows = stmt.query_map(args, |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 #[async_trait]
 impl AccessStore for SqliteStore {
     async fn insert_access(&self, r: &AccessRequest) -> Result<()> {
@@ -93,15 +104,7 @@ impl AccessStore for SqliteStore {
         let limit = filter.limit.unwrap_or(MAX_ACCESS_LIST).min(MAX_ACCESS_LIST);
         sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT {limit}"));
         let rows = self
-            .with_read(move |c| {
-                let mut stmt = c.prepare(&sql)?;
-                let rows = stmt
-                    .query_map(rusqlite::params_from_iter(args), |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok(rows)
-            })
+            .with_read(move |c| bodies(c, &sql, rusqlite::params_from_iter(args)))
             .await?;
         rows_to_requests(rows)
     }
@@ -109,16 +112,12 @@ impl AccessStore for SqliteStore {
     async fn access_due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<AccessRequest>> {
         let rows = self
             .with_read(move |c| {
-                let mut stmt = c.prepare(
+                bodies(
+                    c,
                     "SELECT body, version FROM access_requests \
                      WHERE due_at IS NOT NULL AND due_at <= ?1 ORDER BY due_at, id LIMIT ?2",
-                )?;
-                let rows = stmt
-                    .query_map(params![ms(now), limit as i64], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok(rows)
+                    params![ms(now), limit as i64],
+                )
             })
             .await?;
         rows_to_requests(rows)

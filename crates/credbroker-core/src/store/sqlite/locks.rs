@@ -51,27 +51,29 @@ pub(super) fn load_locks(conn: &Connection) -> Result<Vec<Lock>> {
     Ok(out)
 }
 
+/// Writes lock `l` as it is.
+fn insert_row(c: &Connection, l: &Lock) -> rusqlite::Result<()> {
+    c.prepare_cached(&format!(
+        "INSERT INTO locks ({LOCK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    ))?
+    .execute(params![
+        l.id.as_str(),
+        l.target.kind(),
+        l.target.value(),
+        l.reason,
+        l.created_by,
+        ms(l.created_at),
+        l.expires_at.map(ms)
+    ])
+    .map(|_| ())
+}
+
 #[async_trait]
 impl LockStore for SqliteStore {
     async fn insert_lock(&self, new: &NewLock) -> Result<Lock> {
         let lock = stamp_lock(new, Utc::now());
         let l = lock.clone();
-        self.with(move |c| {
-            c.execute(
-                &format!("INSERT INTO locks ({LOCK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-                params![
-                    l.id.as_str(),
-                    l.target.kind(),
-                    l.target.value(),
-                    l.reason,
-                    l.created_by,
-                    ms(l.created_at),
-                    l.expires_at.map(ms)
-                ],
-            )
-            .map(|_| ())
-        })
-        .await?;
+        self.with(move |c| insert_row(c, &l)).await?;
         self.locks
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -122,24 +124,8 @@ impl LockStore for SqliteStore {
 
     async fn import_locks(&self, locks: &[Lock]) -> Result<()> {
         let new = locks.to_vec();
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "INSERT INTO locks ({LOCK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-            ))?;
-            for l in &new {
-                stmt.execute(params![
-                    l.id.as_str(),
-                    l.target.kind(),
-                    l.target.value(),
-                    l.reason,
-                    l.created_by,
-                    ms(l.created_at),
-                    l.expires_at.map(ms)
-                ])?;
-            }
-            Ok(())
-        })
-        .await?;
+        self.with(move |c| new.iter().try_for_each(|l| insert_row(c, l)))
+            .await?;
         // After the write is durable, as `insert_lock`.
         self.locks
             .write()

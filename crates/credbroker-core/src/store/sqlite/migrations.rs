@@ -170,6 +170,21 @@ CREATE INDEX IF NOT EXISTS access_requests_created ON access_requests(created_at
 CREATE INDEX IF NOT EXISTS access_requests_requester ON access_requests(requester, state);
 ";
 
+/// `MIGRATION_1` … `MIGRATION_{SCHEMA_VERSION}`: the one at index `i`
+/// reaches version `i + 1`.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    MIGRATION_1,
+    MIGRATION_2,
+    MIGRATION_3,
+    MIGRATION_4,
+    MIGRATION_5,
+    MIGRATION_6,
+    MIGRATION_7,
+    MIGRATION_8,
+    MIGRATION_9,
+    MIGRATION_10,
+];
+
 /// Applies the migrations a file at schema `version` lacks, each in its
 /// own transaction with the version it reaches.
 pub(super) fn apply(
@@ -177,59 +192,15 @@ pub(super) fn apply(
     version: i64,
     ctx: &dyn Fn(&str, rusqlite::Error) -> crate::error::Error,
 ) -> Result<()> {
-    if version < 1 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;");
-        conn.execute_batch(&tx_sql).map_err(|e| {
-            ctx(
+    for (reached, sql) in (1..).zip(MIGRATIONS).skip(version.max(0) as usize) {
+        let tx_sql = format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {reached}; COMMIT;");
+        conn.execute_batch(&tx_sql).map_err(|e| match reached {
+            1 => ctx(
                 "cannot create schema (is another broker using this file?)",
                 e,
-            )
+            ),
+            _ => ctx(&format!("cannot migrate schema to version {reached}"), e),
         })?;
-    }
-    if version < 2 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_2} PRAGMA user_version = 2; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 2", e))?;
-    }
-    if version < 3 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_3} PRAGMA user_version = 3; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 3", e))?;
-    }
-    if version < 4 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_4} PRAGMA user_version = 4; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 4", e))?;
-    }
-    if version < 5 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_5} PRAGMA user_version = 5; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 5", e))?;
-    }
-    if version < 6 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_6} PRAGMA user_version = 6; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 6", e))?;
-    }
-    if version < 7 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_7} PRAGMA user_version = 7; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 7", e))?;
-    }
-    if version < 8 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_8} PRAGMA user_version = 8; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 8", e))?;
-    }
-    if version < 9 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_9} PRAGMA user_version = 9; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 9", e))?;
-    }
-    if version < 10 {
-        let tx_sql = format!("BEGIN IMMEDIATE; {MIGRATION_10} PRAGMA user_version = 10; COMMIT;");
-        conn.execute_batch(&tx_sql)
-            .map_err(|e| ctx("cannot migrate schema to version 10", e))?;
     }
     Ok(())
 }

@@ -12,6 +12,18 @@ use crate::store::{Linked, TokenStore, VaultToken};
 
 const VAULT_TOKEN_COLUMNS: &str = "hash, accessor, identity, cert_sha256, issued_at, expires_at";
 
+/// A row of `VAULT_TOKEN_COLUMNS`.
+fn row_to_token(r: &rusqlite::Row) -> rusqlite::Result<VaultToken> {
+    Ok(VaultToken {
+        hash: r.get(0)?,
+        accessor: r.get(1)?,
+        identity: r.get(2)?,
+        cert_sha256: r.get(3)?,
+        issued_at: from_ms(r.get(4)?),
+        expires_at: from_ms(r.get(5)?),
+    })
+}
+
 #[async_trait]
 impl TokenStore for SqliteStore {
     async fn insert_vault_token(&self, token: &VaultToken, cap: u32) -> Result<Vec<String>> {
@@ -59,16 +71,7 @@ impl TokenStore for SqliteStore {
             c.prepare_cached(&format!(
                 "SELECT {VAULT_TOKEN_COLUMNS} FROM vault_tokens WHERE hash = ?1"
             ))?
-            .query_row(params![hash], |r| {
-                Ok(VaultToken {
-                    hash: r.get(0)?,
-                    accessor: r.get(1)?,
-                    identity: r.get(2)?,
-                    cert_sha256: r.get(3)?,
-                    issued_at: from_ms(r.get(4)?),
-                    expires_at: from_ms(r.get(5)?),
-                })
-            })
+            .query_row(params![hash], row_to_token)
             .optional()
         })
         .await
@@ -163,16 +166,7 @@ impl TokenStore for SqliteStore {
                 "SELECT {VAULT_TOKEN_COLUMNS} FROM vault_tokens WHERE hash > ?1 \
                  ORDER BY hash LIMIT ?2"
             ))?;
-            let rows = stmt.query_map(params![after, limit as i64], |r| {
-                Ok(VaultToken {
-                    hash: r.get(0)?,
-                    accessor: r.get(1)?,
-                    identity: r.get(2)?,
-                    cert_sha256: r.get(3)?,
-                    issued_at: from_ms(r.get(4)?),
-                    expires_at: from_ms(r.get(5)?),
-                })
-            })?;
+            let rows = stmt.query_map(params![after, limit as i64], row_to_token)?;
             rows.collect()
         })
         .await
