@@ -457,6 +457,17 @@ async fn break_glass_grants_at_once_and_the_grant_ends_at_its_time() {
     assert!(login(&b.db, &lease.username, &lease.password)
         .await
         .is_err());
+    // The grant's end is audited after its leases are revoked (their
+    // sessions ended first): wait for the record, do not race it.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            records_of(&b, &g.request_id)
+                .iter()
+                .any(|r| r.action == "access_grant_end" && r.identity == "credbroker:system")
+        })
+        .await,
+        "the grant's end was audited by the system"
+    );
     let recs = records_of(&b, &g.request_id);
     let glass = recs
         .iter()
@@ -626,10 +637,17 @@ async fn bad_input_is_refused_audited_and_changes_nothing() {
     );
     let e = approve(&b, "dba-1", &q.request_id).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    // Stored as expired, then audited: wait for the record.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            records_of(&b, &q.request_id)
+                .iter()
+                .any(|r| r.action == "access_expire" && r.outcome == Outcome::Ok)
+        })
+        .await,
+        "the expiry was audited"
+    );
     let recs = records_of(&b, &q.request_id);
-    assert!(recs
-        .iter()
-        .any(|r| r.action == "access_expire" && r.outcome == Outcome::Ok));
     assert!(recs
         .iter()
         .any(|r| r.action == "access_approve" && r.outcome != Outcome::Ok));
