@@ -95,7 +95,7 @@ struct Lane {
     queue: std::sync::Mutex<Vec<Waiter>>,
     /// Two rounds at a time: while one waits on the database (or marks
     /// its leases in the store), the next is already on its way.
-    running: tokio::sync::Semaphore,
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 /// Rounds of one database in flight at once.
@@ -105,7 +105,62 @@ impl Default for Lane {
     fn default() -> Self {
         Lane {
             queue: Default::default(),
-            running: tokio::sync::Semaphore::new(ROUNDS_IN_FLIGHT),
+            running: Arc::new(tokio::sync::Semaphore::new(ROUNDS_IN_FLIGHT)),
+        }
+    }
+}
+
+impl Lane {
+    /// A round of its own for a revocation that finds no round running and
+    /// none queued: nothing to share, so it runs on its caller's task
+    /// instead of hopping to a round's. Held for the whole revocation, so
+    /// a request that arrives meanwhile queues as behind any round.
+    fn alone(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.running.clone().try_acquire_owned().ok()?;
+        let idle = self.running.available_permits() == ROUNDS_IN_FLIGHT - 1
+            && self
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+        idle.then_some(permit)
+    }
+}
+
+/// A future run on its caller's task that, should the caller go away
+/// before it ends (a client that hangs up), is finished in a task of its
+/// own instead of being dropped midway: a revocation that began is never
+/// cut off between the drop and its mark and audit record.
+struct FinishedEvenIfDropped<F: std::future::Future + Send + 'static>(
+    Option<std::pin::Pin<Box<F>>>,
+)
+where
+    F::Output: Send + 'static;
+
+impl<F: std::future::Future + Send + 'static> std::future::Future for FinishedEvenIfDropped<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let f = self.0.as_mut().expect("polled after it finished");
+        let out = std::task::ready!(f.as_mut().poll(cx));
+        self.0 = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl<F: std::future::Future + Send + 'static> Drop for FinishedEvenIfDropped<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let (Some(f), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(f);
         }
     }
 }
@@ -237,19 +292,38 @@ impl Revoker {
     /// one backend call, one store write — the way the store group-commits:
     /// under load a round costs the database a few statements for many
     /// roles instead of a few per role. Each round runs in a task of its
-    /// own, so a caller that goes away cannot cancel the others'.
+    /// own, so a caller that goes away cannot cancel the others'. One that
+    /// finds no round running and none queued has nothing to share: it
+    /// runs on the caller's task (no hop), and is finished in a task of
+    /// its own if the caller goes away midway.
     pub async fn revoke_requested(self: &Arc<Self>, lease: Lease, actor: &str) -> Result<()> {
         let lane = self.lanes.get(&lease.database);
         let id = lease.id.clone();
+        let job = Job {
+            lease,
+            actor: Arc::from(actor),
+            via: crate::audit::current_via(),
+        };
+        // Nobody else is revoking on this database: no round to share, so
+        // no hop to one (as `create_leased` does for creations).
+        if let Some(round) = lane.alone() {
+            let this = self.clone();
+            let alone = FinishedEvenIfDropped(Some(Box::pin(async move {
+                let _round = round;
+                this.revoke_jobs(vec![job], Reason::Requested, Mode::UntilDropped)
+                    .await
+            })));
+            let mut out = steps::timed("database: revoke alone (no round to share)", alone).await;
+            return match out.failed.pop() {
+                Some((_, e)) => Err(e),
+                None => Ok(()),
+            };
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        lane.queue.lock().unwrap_or_else(|p| p.into_inner()).push((
-            Job {
-                lease,
-                actor: Arc::from(actor),
-                via: crate::audit::current_via(),
-            },
-            tx,
-        ));
+        lane.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((job, tx));
         let this = self.clone();
         tokio::spawn(async move {
             let Ok(_round) = lane.running.acquire().await else {
@@ -931,6 +1005,35 @@ mod tests {
             assert_eq!(state(&kit, &l.id).await.state, LeaseState::Revoked);
             assert!(kit.server.user(l.username.as_str()).is_none());
         }
+    }
+
+    /// A revoke with no round to share runs on its caller's task; a
+    /// caller that hangs up at the database still gets its lease dropped,
+    /// marked and audited.
+    #[tokio::test]
+    async fn a_lone_revoke_whose_caller_goes_away_is_finished_and_audited() {
+        let kit = Kit::new("", &role("ro", "main"));
+        let lease = kit.broker.issue(&app(), "ro", None).await.unwrap().lease;
+        let gate = kit.server.gate_revokes();
+        let (broker, id) = (kit.broker.clone(), lease.id.clone());
+        let task = tokio::spawn(async move { broker.revoke(&app(), &id).await });
+        revoke_calls(&kit, 1).await;
+        assert_eq!(kit.broker.revoker().queued("main"), 0, "it ran alone");
+        task.abort();
+        gate.add_permits(1);
+        for _ in 0..2000 {
+            if state(&kit, &lease.id).await.state == LeaseState::Revoked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(state(&kit, &lease.id).await.state, LeaseState::Revoked);
+        assert!(kit.server.user(lease.username.as_str()).is_none());
+        let audited = kit
+            .audit()
+            .into_iter()
+            .any(|r| r.action == "revoke" && r.lease_id.as_deref() == Some(lease.id.as_str()));
+        assert!(audited, "{:?}", kit.audit());
     }
 
     /// The round writes its records in a task of its own: each still says
