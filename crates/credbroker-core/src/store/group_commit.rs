@@ -23,6 +23,10 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     pub fn start(conn: Connection) -> Result<Self> {
+        // Room for the store's own cached statements and the group
+        // commit's control statements ([`control`]) without evictions
+        // (rusqlite's default keeps 16).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let (tx, rx) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -66,6 +70,20 @@ impl Drop for GroupCommit {
 
 /// Most requests one group commit takes; more wait for the next.
 const MAX_BATCH: usize = 512;
+
+/// Prepared statements the connection keeps (see [`GroupCommit::start`]).
+const STATEMENT_CACHE: usize = 64;
+
+/// Runs one of the group commit's control statements (`BEGIN IMMEDIATE`,
+/// `SAVEPOINT`, `RELEASE`, `ROLLBACK TO`, `COMMIT`, `ROLLBACK`), prepared
+/// once and kept in the connection's statement cache instead of parsed
+/// on every batch and request. Each does its work when stepped, so a
+/// kept statement behaves as a fresh one. Not for `PRAGMA synchronous`:
+/// SQLite applies that pragma when it compiles it, so a kept statement
+/// would change nothing when run again.
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
 
 /// How durable a write must be before its caller hears back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +230,7 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
                 synchronous_full = full;
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = control(&conn, "BEGIN IMMEDIATE") {
             tracing::error!(error = %crate::error::chain(&e), "lease store: cannot begin a transaction");
             let e = Arc::new(e);
             for (_, job) in writes {
@@ -222,14 +240,14 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
         }
         let mut done: Vec<Box<dyn Job>> = Vec::with_capacity(writes.len());
         for (_, mut job) in writes {
-            let sp = conn.execute_batch("SAVEPOINT req");
+            let sp = control(&conn, "SAVEPOINT req");
             let ok = job.run(&mut conn);
             if sp.is_ok() {
                 // A request that failed half-way leaves no trace.
                 if !ok {
-                    let _ = conn.execute_batch("ROLLBACK TO req");
+                    let _ = control(&conn, "ROLLBACK TO req");
                 }
-                let _ = conn.execute_batch("RELEASE req");
+                let _ = control(&conn, "RELEASE req");
             }
             // Every write, claims included, is answered only after COMMIT:
             // a claim answered earlier let a revocation drop its role while
@@ -237,9 +255,9 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
             // live lease that no start-up could know was half revoked.
             done.push(job);
         }
-        let commit = conn.execute_batch("COMMIT").map_err(Arc::new);
+        let commit = control(&conn, "COMMIT").map_err(Arc::new);
         if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = control(&conn, "ROLLBACK");
         }
         for job in done {
             job.finish(commit.clone());
@@ -321,5 +339,88 @@ mod error_tests {
             line.starts_with("unavailable: lease store is busy: "),
             "{line}"
         );
+    }
+}
+
+#[cfg(test)]
+mod worker_tests {
+    use super::{Durability, GroupCommit, Kind};
+    use rusqlite::Connection;
+
+    fn store(dir: &tempfile::TempDir) -> GroupCommit {
+        let conn = Connection::open(dir.path().join("g.db")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+             CREATE TABLE t (n INTEGER PRIMARY KEY)",
+        )
+        .unwrap();
+        GroupCommit::start(conn).unwrap()
+    }
+
+    fn synchronous(c: &mut Connection) -> rusqlite::Result<i64> {
+        c.query_row("PRAGMA synchronous", [], |r| r.get(0))
+    }
+
+    /// Batch after batch on the kept control statements: a request that
+    /// fails half-way leaves no trace and the others of its batch commit;
+    /// each batch runs at the durability it asks for (a lazy-only batch at
+    /// NORMAL, any full write at FULL), switch after switch.
+    #[tokio::test]
+    async fn batches_commit_alone_failures_roll_back_and_durability_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = std::sync::Arc::new(store(&dir));
+        for round in 0..3i64 {
+            let mut calls = Vec::new();
+            for i in 0..20i64 {
+                let g = g.clone();
+                let n = round * 100 + i;
+                calls.push(tokio::spawn(async move {
+                    g.submit(Kind::Write(Durability::Full), move |c| {
+                        c.execute("INSERT INTO t VALUES (?1)", [n])?;
+                        if n % 3 == 0 {
+                            // Fails after its write: the write must go.
+                            c.execute("INSERT INTO t VALUES (?1)", [n])?;
+                        }
+                        Ok(n)
+                    })
+                    .await
+                }));
+            }
+            for (i, call) in (0..20i64).zip(calls) {
+                let n = round * 100 + i;
+                let out = call.await.unwrap();
+                assert_eq!(out.is_err(), n % 3 == 0, "{n}: {out:?}");
+            }
+            let lazy = g
+                .submit(Kind::Write(Durability::Lazy), synchronous)
+                .await
+                .unwrap();
+            assert_eq!(lazy, 1, "a lazy-only batch runs at NORMAL");
+            let full = g
+                .submit(Kind::Write(Durability::Full), synchronous)
+                .await
+                .unwrap();
+            assert_eq!(full, 2, "a full batch runs at FULL");
+        }
+        let rows: Vec<i64> = g
+            .submit(Kind::Read, |c| {
+                let mut s = c.prepare("SELECT n FROM t ORDER BY n")?;
+                let rows = s.query_map([], |r| r.get(0))?;
+                rows.collect()
+            })
+            .await
+            .unwrap();
+        let expected: Vec<i64> = (0..3i64)
+            .flat_map(|r| (0..20i64).map(move |i| r * 100 + i))
+            .filter(|n| n % 3 != 0)
+            .collect();
+        assert_eq!(rows, expected);
+        drop(g);
+        // Committed, not just cached in this connection: a fresh one reads them.
+        let again = Connection::open(dir.path().join("g.db")).unwrap();
+        let n: i64 = again
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, expected.len() as i64);
     }
 }
