@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::bench::cpu::{PerLease, Sample};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
-use crate::bench::{pg_err, write_report, Latency, Machine};
+use crate::bench::{pg_err, Latency, Machine};
 use credbroker::backend::{Backend, NewUser, Revokee, UserRef};
 use credbroker::error::{Error, Result};
 use credbroker::lease::Password;
@@ -132,10 +132,7 @@ pub struct Report {
 pub async fn run(opts: &Options) -> Result<Report> {
     let pg = BenchPostgres::start(opts.pg_durable).await?;
     let mut machine = Machine::sample(pg.version.clone());
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let dir = setup::bench_dir("lease")?;
     let settings = BrokerSettings {
         max_connections: opts.pool,
         grant: opts.grant,
@@ -709,10 +706,7 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
-        let how = match self.fixed_leases {
-            Some(n) => format!("{n} leases per run"),
-            None => format!("{:.0} s per run", self.duration_s),
-        };
+        let how = crate::bench::run_length(self.fixed_leases, self.duration_s);
         let errors: u64 = self.runs.iter().map(|r| r.errors).sum();
         let what = if self.issue_only {
             "issue; one lease = issue alone (roles dropped, leases revoked after the clock stops)"
@@ -736,9 +730,5 @@ impl Report {
                 .map(|r| (r.scenario.header(), r.callers, r.first_error.as_deref())),
         ));
         out
-    }
-
-    pub fn write(&self, dir: &std::path::Path) -> Result<()> {
-        write_report(dir, self.file, &self.markdown(), self)
     }
 }

@@ -45,10 +45,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         "MariaDB {} (throwaway, innodb_flush_log_at_trx_commit = 0, same host)",
         version.unwrap_or_default()
     ));
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-mysql-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let dir = setup::bench_dir("mysql")?;
     let settings = BrokerSettings {
         max_connections: opts.pool,
         ..Default::default()

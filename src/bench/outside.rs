@@ -26,7 +26,7 @@ use crate::bench::client::{Job, Outcome, Work};
 use crate::bench::cpu::{Apart, ApartPerLease};
 use crate::bench::openbao::{self, OpenBao};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings};
-use crate::bench::{io_err, loadavg, write_report, Latency, Machine};
+use crate::bench::{io_err, loadavg, Latency, Machine};
 use credbroker::error::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -167,10 +167,7 @@ impl Targets<'_> {
 pub async fn run(opts: &Options) -> Result<Report> {
     let pg = BenchPostgres::start(true).await?;
     let mut machine = Machine::sample(pg.version.clone());
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let dir = setup::bench_dir("outside")?;
     let (grpc_port, vault_port) = (setup::free_port()?, setup::free_port()?);
     let env = setup::write_env(
         dir.path(),
@@ -539,10 +536,7 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
-        let how = match self.fixed_leases {
-            Some(n) => format!("{n} leases per run"),
-            None => format!("{:.0} s per run", self.duration_s),
-        };
+        let how = crate::bench::run_length(self.fixed_leases, self.duration_s);
         let errors: u64 = self.runs.iter().map(|r| r.errors).sum();
         let mut out = format!(
             "# credbroker bench outside: issue + revoke from a separate client process\n\n{}\
@@ -562,9 +556,5 @@ impl Report {
                 .map(|r| (r.column.header(), r.callers, r.first_error.as_deref())),
         ));
         out
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        write_report(dir, "outside", &self.markdown(), self)
     }
 }

@@ -24,7 +24,7 @@ use crate::bench::cpu::{Apart, ApartPerLease};
 use crate::bench::mysql::{my_err, SCHEMA};
 use crate::bench::outside::{self, ClientProcess, Column, Options, Report, Run};
 use crate::bench::setup::{self, BrokerSettings};
-use crate::bench::{io_err, loadavg, write_report, Machine};
+use crate::bench::{io_err, loadavg, Machine};
 use credbroker::error::{Error, Result};
 use credbroker_testkit::throwaway::{MariadbOptions, ThrowawayMariadb};
 
@@ -61,10 +61,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let db_pid = db
         .server_pid()
         .ok_or_else(|| Error::internal("the throwaway MariaDB is not running"))?;
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-outside-mysql-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let dir = setup::bench_dir("outside-mysql")?;
     let (grpc_port, vault_port) = (setup::free_port()?, setup::free_port()?);
     let env = setup::write_env_with(
         dir.path(),
@@ -188,8 +185,4 @@ pub fn markdown(r: &Report) -> String {
         "# credbroker bench outside --mysql (MariaDB):",
         1,
     )
-}
-
-pub fn write(r: &Report, dir: &Path) -> Result<()> {
-    write_report(dir, "outside-mysql", &markdown(r), r)
 }

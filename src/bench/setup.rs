@@ -109,6 +109,15 @@ impl BenchPostgres {
     }
 }
 
+/// A temporary directory for one bench's files (`credbroker-bench-TAG-…`),
+/// removed when dropped.
+pub fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("credbroker-bench-{tag}-"))
+        .tempdir()
+        .map_err(Error::internal)
+}
+
 /// A port free on 127.0.0.1 now, for a child process to bind (the
 /// bench's own processes are the only ones racing for it).
 pub fn free_port() -> Result<u16> {
