@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
+use crate::bench::cpu::Meter;
 use crate::bench::{io_err, pg_err};
 use credbroker::broker::Broker;
 use credbroker::config::Config;
@@ -93,6 +94,14 @@ impl BenchPostgres {
 
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         self.pg.connect(DB).await.map_err(io_err("connect"))
+    }
+
+    /// Where a run's costs on this server are read.
+    pub async fn meter(&self) -> Result<Meter> {
+        Ok(Meter::Postgres {
+            data_dir: self.pg.data_dir().to_path_buf(),
+            client: self.connect().await?,
+        })
     }
 
     /// How many roles with `prefix` exist.
