@@ -17,9 +17,9 @@ use axum::http::{Request, StatusCode};
 use serde::Serialize;
 use tower::ServiceExt;
 
-use crate::bench::scale::{bench_dir, env_for, write_synthetic};
-use crate::bench::setup::BenchPostgres;
-use crate::bench::{write_report, Latency, Machine};
+use crate::bench::scale::{env_for, write_synthetic};
+use crate::bench::setup::{bench_dir, BenchPostgres};
+use crate::bench::{Latency, Machine};
 use credbroker::config::Config;
 use credbroker::console::{router, Console};
 use credbroker::daemon::Daemon;
@@ -244,9 +244,5 @@ impl Report {
             self.pages.first().map(|p| p.requests).unwrap_or(0)
         ));
         md
-    }
-
-    pub fn write(&self, dir: &std::path::Path) -> Result<()> {
-        write_report(dir, "console", &self.markdown(), self)
     }
 }

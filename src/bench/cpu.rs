@@ -11,45 +11,56 @@
 //!   `cutime`/`cstime`), or `mariadbd` (one process, every thread).
 //!
 //! Separate processes (`bench outside`: broker or OpenBao, client,
-//! database) are read by pid: [`Apart`].
+//! database) are read by pid. Either way a [`Meter`] reads the database.
 //!
 //! Plus WAL syncs (`pg_stat_wal.wal_sync`), PostgreSQL's fsyncs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Thread name of the in-process broker's runtime.
 pub const BROKER_THREAD: &str = "cb-broker";
 /// The SQLite store's group-commit thread, which the broker owns.
 pub const STORE_THREAD: &str = credbroker::store::group_commit::THREAD_NAME;
 
-/// Counters at one instant, in clock ticks.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sample {
-    pub broker: u64,
-    pub process: u64,
-    pub database: u64,
-    pub wal_syncs: Option<i64>,
+/// Where a run's costs are read: the database server's processes (and
+/// PostgreSQL's `pg_stat_wal`).
+pub(crate) enum Meter {
+    Postgres {
+        data_dir: PathBuf,
+        client: tokio_postgres::Client,
+    },
+    /// A one-process database server (`mariadbd`); no WAL counter.
+    Process(u32),
 }
 
-impl Sample {
-    /// With a PostgreSQL server whose data directory is `data_dir`.
-    pub async fn postgres(data_dir: &Path, client: &tokio_postgres::Client) -> Sample {
-        let wal_syncs = wal_syncs(client).await;
-        Sample {
-            broker: threads_named(BROKER_THREAD) + threads_named(STORE_THREAD),
-            process: self_ticks(),
-            database: postgres_ticks(data_dir),
-            wal_syncs,
-        }
+impl Meter {
+    /// The counters of a run in this process: the broker's threads as the
+    /// server, the whole bench process as the client.
+    pub async fn in_process(&self) -> Counters {
+        let broker = threads_named(BROKER_THREAD) + threads_named(STORE_THREAD);
+        self.with_database(Some(broker), self_ticks()).await
     }
 
-    /// With a one-process database server (`mariadbd`).
-    pub fn process(pid: u32) -> Sample {
-        Sample {
-            broker: threads_named(BROKER_THREAD) + threads_named(STORE_THREAD),
-            process: self_ticks(),
-            database: pid_ticks(pid),
-            wal_syncs: None,
+    /// The counters of a run of separate processes: the server (credbroker
+    /// or OpenBao, if any) and the client, by pid.
+    pub async fn apart(&self, server: Option<u32>, client: u32) -> Counters {
+        self.with_database(server.map(pid_ticks), pid_ticks(client))
+            .await
+    }
+
+    async fn with_database(&self, server: Option<u64>, client: u64) -> Counters {
+        let (database, wal_syncs) = match self {
+            Meter::Postgres {
+                data_dir,
+                client: pg,
+            } => (postgres_ticks(data_dir), wal_syncs(pg).await),
+            Meter::Process(pid) => (pid_ticks(*pid), None),
+        };
+        Counters {
+            server,
+            client,
+            database,
+            wal_syncs,
         }
     }
 }
@@ -65,57 +76,27 @@ pub struct PerLease {
 }
 
 impl PerLease {
-    pub fn between(before: &Sample, after: &Sample, leases: u64, broker: bool) -> PerLease {
-        let n = leases.max(1) as f64;
-        let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 * 1000.0 / ticks_per_second() / n;
+    /// [`ApartPerLease`]'s figures under `bench lease`'s names: the broker's
+    /// threads as the server, the bench process as the client.
+    pub fn between(before: &Counters, after: &Counters, leases: u64, broker: bool) -> PerLease {
+        let c = ApartPerLease::between(before, after, leases);
         PerLease {
-            broker_cpu_ms: broker.then(|| ms(before.broker, after.broker)),
-            process_cpu_ms: ms(before.process, after.process),
-            database_cpu_ms: ms(before.database, after.database),
-            wal_syncs: match (before.wal_syncs, after.wal_syncs) {
-                (Some(a), Some(b)) => Some((b - a).max(0) as f64 / n),
-                _ => None,
-            },
+            broker_cpu_ms: c.server_cpu_ms.filter(|_| broker),
+            process_cpu_ms: c.client_cpu_ms,
+            database_cpu_ms: c.database_cpu_ms,
+            wal_syncs: c.wal_syncs,
         }
     }
 }
 
-/// Counters of a run whose parts are separate processes (`bench
-/// outside`): the server (credbroker or OpenBao), the client process and
-/// the database server.
+/// Counters at one instant, in clock ticks: the server (credbroker or
+/// OpenBao, if any), the client and the database server.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Apart {
+pub struct Counters {
     pub server: Option<u64>,
     pub client: u64,
     pub database: u64,
     pub wal_syncs: Option<i64>,
-}
-
-impl Apart {
-    /// Processes by pid: the server (if any), the client, the database
-    /// server (`mariadbd`, one process); no WAL counter.
-    pub fn pids(server: Option<u32>, client: u32, database: u32) -> Apart {
-        Apart {
-            server: server.map(pid_ticks),
-            client: pid_ticks(client),
-            database: pid_ticks(database),
-            wal_syncs: None,
-        }
-    }
-
-    pub async fn postgres(
-        server: Option<u32>,
-        client: u32,
-        data_dir: &Path,
-        pg: &tokio_postgres::Client,
-    ) -> Apart {
-        Apart {
-            server: server.map(pid_ticks),
-            client: pid_ticks(client),
-            database: postgres_ticks(data_dir),
-            wal_syncs: wal_syncs(pg).await,
-        }
-    }
 }
 
 /// What a run of separate processes cost, per lease.
@@ -129,7 +110,7 @@ pub struct ApartPerLease {
 }
 
 impl ApartPerLease {
-    pub fn between(before: &Apart, after: &Apart, leases: u64) -> ApartPerLease {
+    pub fn between(before: &Counters, after: &Counters, leases: u64) -> ApartPerLease {
         let n = leases.max(1) as f64;
         let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 * 1000.0 / ticks_per_second() / n;
         ApartPerLease {

@@ -26,12 +26,13 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::bench::cpu::{PerLease, Sample};
+use crate::bench::cpu::{Meter, PerLease};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Grant, InProcess};
-use crate::bench::{pg_err, write_report, Latency, Machine};
+use crate::bench::{pg_err, Latency, Machine};
 use credbroker::backend::{Backend, NewUser, Revokee, UserRef};
 use credbroker::error::{Error, Result};
 use credbroker::lease::Password;
+use credbroker_testkit::devenv::DevEnv;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -131,38 +132,49 @@ pub struct Report {
 
 pub async fn run(opts: &Options) -> Result<Report> {
     let pg = BenchPostgres::start(opts.pg_durable).await?;
-    let mut machine = Machine::sample(pg.version.clone());
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let machine = Machine::sample(pg.version.clone());
+    let dir = setup::bench_dir("lease")?;
     let settings = BrokerSettings {
         max_connections: opts.pool,
         grant: opts.grant,
         ..Default::default()
     };
     let env = setup::write_env(dir.path(), &pg, "127.0.0.1:0", &settings)?;
+    let meter = pg.meter().await?;
+    let runs = runs(opts, &env, &meter, |scenario, callers| {
+        measure_direct(&pg, &meter, scenario, callers, opts)
+    })
+    .await?;
+    Ok(Report::new(opts, machine, runs))
+}
+
+/// Every (callers, scenario) run of `opts`, printed as it ends: (a) and
+/// (b) by `direct`, (b′) by credbroker's backend and (c) by a broker in
+/// this process, both on `env`'s database.
+pub(crate) async fn runs<F, Fut>(
+    opts: &Options,
+    env: &DevEnv,
+    meter: &Meter,
+    direct: F,
+) -> Result<Vec<Run>>
+where
+    F: Fn(Scenario, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Run>>,
+{
     let broker = if opts.scenarios.contains(&Scenario::Credbroker) {
-        Some(InProcess::start(&env).await?)
+        Some(InProcess::start(env).await?)
     } else {
         None
-    };
-
-    let meter = Meter::Postgres {
-        data_dir: pg.pg.data_dir().to_path_buf(),
-        client: pg.connect().await?,
     };
     let mut runs = Vec::new();
     for &callers in &opts.callers {
         for &scenario in &opts.scenarios {
             let r = match scenario {
-                Scenario::Plaintext | Scenario::Verifier => {
-                    measure_direct(&pg, &meter, scenario, callers, opts).await?
-                }
-                Scenario::BackendSql => measure_backend(&env, &meter, callers, opts).await?,
+                Scenario::Plaintext | Scenario::Verifier => direct(scenario, callers).await?,
+                Scenario::BackendSql => measure_backend(env, meter, callers, opts).await?,
                 Scenario::Credbroker => {
                     let b = broker.as_ref().expect("started above");
-                    measure_broker(&env, &meter, &b.addr, callers, opts).await?
+                    measure_broker(env, meter, &b.addr, callers, opts).await?
                 }
             };
             print_run(&r);
@@ -172,20 +184,28 @@ pub async fn run(opts: &Options) -> Result<Report> {
     if let Some(b) = broker {
         b.stop().await?;
     }
-    machine.finish();
-    Ok(Report {
-        file: "lease",
-        baselines:
-            "(a) CREATE ROLE … PASSWORD 'plaintext'; (b) the same with a 1-round SCRAM verifier",
-        grant_sql: Grant::statement(opts.grant, "<role>"),
-        machine,
-        duration_s: opts.duration.as_secs_f64(),
-        fixed_leases: opts.leases,
-        broker_pool: opts.pool,
-        grant: opts.grant,
-        issue_only: opts.issue_only,
-        runs,
-    })
+    Ok(runs)
+}
+
+impl Report {
+    /// The report of `runs`, for PostgreSQL (`bench mysql` names its own
+    /// file, baselines and grant).
+    pub(crate) fn new(opts: &Options, mut machine: Machine, runs: Vec<Run>) -> Report {
+        machine.finish();
+        Report {
+            file: "lease",
+            baselines:
+                "(a) CREATE ROLE … PASSWORD 'plaintext'; (b) the same with a 1-round SCRAM verifier",
+            grant_sql: Grant::statement(opts.grant, "<role>"),
+            machine,
+            duration_s: opts.duration.as_secs_f64(),
+            fixed_leases: opts.leases,
+            broker_pool: opts.pool,
+            grant: opts.grant,
+            issue_only: opts.issue_only,
+            runs,
+        }
+    }
 }
 
 /// One kind of backend statement, per lease of a run.
@@ -210,43 +230,34 @@ pub(crate) fn print_run(r: &Run) {
     );
 }
 
-/// Where a run's cost is read: the database server's processes (and
-/// PostgreSQL's `pg_stat_wal`).
-pub(crate) enum Meter {
-    Postgres {
-        data_dir: PathBuf,
-        client: tokio_postgres::Client,
-    },
-    Process(u32),
-}
-
-impl Meter {
-    async fn sample(&self) -> Sample {
-        match self {
-            Meter::Postgres { data_dir, client } => Sample::postgres(data_dir, client).await,
-            Meter::Process(pid) => Sample::process(*pid),
-        }
-    }
-}
+/// What `--issue-only` leaves for after the run (roles, users, lease ids),
+/// each cycle pushing its own; `None` without it.
+pub(crate) type Kept<T> = Option<Arc<std::sync::Mutex<Vec<T>>>>;
 
 /// Runs `callers` workers until the deadline (or the lease count) and
 /// gathers their samples. Each worker gets its state from `open` before
-/// the clock starts, and does one untimed cycle to warm up.
-pub(crate) async fn drive<S, O, OF, C, CF>(
+/// the clock starts, and does one untimed cycle to warm up. Each cycle is
+/// given the [`Kept`] list; what was left on it comes back with the run,
+/// for the caller to clean up.
+pub(crate) async fn drive<T, S, O, OF, C, CF>(
     scenario: Scenario,
     meter: &Meter,
     callers: usize,
     opts: &Options,
     open: O,
     cycle: C,
-) -> Result<Run>
+) -> Result<(Run, Vec<T>)>
 where
+    T: Send + 'static,
     S: Send + 'static,
     O: Fn() -> OF,
     OF: std::future::Future<Output = Result<S>>,
-    C: Fn(S) -> CF + Send + Sync + Clone + 'static,
+    C: Fn(S, Kept<T>) -> CF + Send + Sync + Clone + 'static,
     CF: std::future::Future<Output = (S, Result<Duration>)> + Send,
 {
+    let kept: Kept<T> = opts.issue_only.then(Default::default);
+    let list = kept.clone();
+    let cycle = move |s| cycle(s, list.clone());
     let mut states = Vec::with_capacity(callers);
     for _ in 0..callers {
         let s = open().await?;
@@ -255,7 +266,7 @@ where
         states.push(s);
     }
     let remaining = Arc::new(AtomicU64::new(opts.leases.unwrap_or(u64::MAX)));
-    let before = meter.sample().await;
+    let before = meter.in_process().await;
     crate::bench::steps::take();
     let started = Instant::now();
     let deadline = started + opts.duration;
@@ -317,7 +328,7 @@ where
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let after = meter.sample().await;
+    let after = meter.in_process().await;
     drop(states);
     let leases = cycles.len() as u64;
     let n = leases.max(1) as f64;
@@ -346,7 +357,10 @@ where
             ms_per_lease: (cycle_ms - in_steps).max(0.0),
         });
     }
-    Ok(Run {
+    let left = kept
+        .map(|k| std::mem::take(&mut *k.lock().unwrap_or_else(|p| p.into_inner())))
+        .unwrap_or_default();
+    let run = Run {
         scenario,
         callers,
         cost: PerLease::between(&before, &after, leases, scenario == Scenario::Credbroker),
@@ -358,7 +372,8 @@ where
         cycle: Latency::of(&mut cycles),
         issue: Latency::of(&mut issues),
         first_error,
-    })
+    };
+    Ok((run, left))
 }
 
 async fn measure_direct(
@@ -370,27 +385,19 @@ async fn measure_direct(
 ) -> Result<Run> {
     let verifier = scenario == Scenario::Verifier;
     let grant = opts.grant;
-    let leftover = opts
-        .issue_only
-        .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
-    let kept = leftover.clone();
-    let run = drive(
+    let (run, names) = drive(
         scenario,
         meter,
         callers,
         opts,
         || async { pg.connect().await.map(Arc::new) },
-        move |client: Arc<tokio_postgres::Client>| {
-            let kept = kept.clone();
-            async move {
-                let r = direct_cycle(&client, verifier, grant, kept.as_deref()).await;
-                (client, r)
-            }
+        move |client: Arc<tokio_postgres::Client>, kept: Kept<String>| async move {
+            let r = direct_cycle(&client, verifier, grant, kept.as_deref()).await;
+            (client, r)
         },
     )
     .await?;
-    if let Some(names) = leftover {
-        let names = std::mem::take(&mut *names.lock().unwrap_or_else(|p| p.into_inner()));
+    if !names.is_empty() {
         let client = pg.connect().await?;
         for chunk in names.chunks(500) {
             let list = chunk.join(", ");
@@ -404,18 +411,14 @@ async fn measure_direct(
 
 /// (b′): credbroker's backend, called straight, one pool shared by the
 /// callers (as the broker shares its pool).
-pub(crate) async fn measure_backend(
-    env: &credbroker_testkit::devenv::DevEnv,
+async fn measure_backend(
+    env: &DevEnv,
     meter: &Meter,
     callers: usize,
     opts: &Options,
 ) -> Result<Run> {
     let (backend, role) = backend_of(&env.config_path)?;
-    let leftover = opts
-        .issue_only
-        .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
-    let kept = leftover.clone();
-    let run = drive(
+    let (run, users) = drive(
         Scenario::BackendSql,
         meter,
         callers,
@@ -424,8 +427,8 @@ pub(crate) async fn measure_backend(
             let backend = backend.clone();
             async move { Ok(backend) }
         },
-        move |backend: Arc<dyn Backend>| {
-            let (role, kept) = (role.clone(), kept.clone());
+        move |backend: Arc<dyn Backend>, kept: Kept<UserRef>| {
+            let role = role.clone();
             async move {
                 let r = backend_cycle(backend.as_ref(), &role, kept.as_deref()).await;
                 (backend, r)
@@ -433,12 +436,9 @@ pub(crate) async fn measure_backend(
         },
     )
     .await?;
-    if let Some(users) = leftover {
-        let users = std::mem::take(&mut *users.lock().unwrap_or_else(|p| p.into_inner()));
-        let revokees: Vec<Revokee> = users.into_iter().map(|u| Revokee::new(u, None)).collect();
-        for chunk in revokees.chunks(500) {
-            backend.revoke(chunk).await?;
-        }
+    let revokees: Vec<Revokee> = users.into_iter().map(|u| Revokee::new(u, None)).collect();
+    for chunk in revokees.chunks(500) {
+        backend.revoke(chunk).await?;
     }
     Ok(run)
 }
@@ -560,58 +560,48 @@ async fn retrying(client: &tokio_postgres::Client, sql: &str) -> Result<(), toki
     }
 }
 
-pub(crate) async fn measure_broker(
-    env: &credbroker_testkit::devenv::DevEnv,
+async fn measure_broker(
+    env: &DevEnv,
     meter: &Meter,
     addr: &str,
     callers: usize,
     opts: &Options,
 ) -> Result<Run> {
-    let leftover = opts
-        .issue_only
-        .then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
-    let kept = leftover.clone();
-    let run = drive(
+    let (run, ids) = drive(
         Scenario::Credbroker,
         meter,
         callers,
         opts,
         || setup::connected_client(env, addr),
-        move |mut client| {
-            let kept = kept.clone();
-            async move {
-                let t = Instant::now();
-                let r = async {
-                    let (id, _) = setup::issue(&mut client, 600).await?;
-                    let issued = t.elapsed();
-                    match kept {
-                        Some(k) => k.lock().unwrap_or_else(|p| p.into_inner()).push(id),
-                        None => setup::revoke(&mut client, id).await?,
-                    }
-                    Ok(issued)
+        move |mut client, kept: Kept<String>| async move {
+            let t = Instant::now();
+            let r = async {
+                let (id, _) = setup::issue(&mut client, 600).await?;
+                let issued = t.elapsed();
+                match kept {
+                    Some(k) => k.lock().unwrap_or_else(|p| p.into_inner()).push(id),
+                    None => setup::revoke(&mut client, id).await?,
                 }
-                .await;
-                (client, r)
+                Ok(issued)
             }
+            .await;
+            (client, r)
         },
     )
     .await?;
-    if let Some(ids) = leftover {
-        let ids = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut tasks = Vec::new();
-        for part in ids.chunks(ids.len().div_ceil(16).max(1)) {
-            let mut client = setup::connected_client(env, addr).await?;
-            let part = part.to_vec();
-            tasks.push(tokio::spawn(async move {
-                for id in part {
-                    setup::revoke(&mut client, id).await?;
-                }
-                Ok::<_, Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await.map_err(Error::internal)??;
-        }
+    let mut tasks = Vec::new();
+    for part in ids.chunks(ids.len().div_ceil(16).max(1)) {
+        let mut client = setup::connected_client(env, addr).await?;
+        let part = part.to_vec();
+        tasks.push(tokio::spawn(async move {
+            for id in part {
+                setup::revoke(&mut client, id).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(Error::internal)??;
     }
     Ok(run)
 }
@@ -709,10 +699,7 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
-        let how = match self.fixed_leases {
-            Some(n) => format!("{n} leases per run"),
-            None => format!("{:.0} s per run", self.duration_s),
-        };
+        let how = crate::bench::run_length(self.fixed_leases, self.duration_s);
         let errors: u64 = self.runs.iter().map(|r| r.errors).sum();
         let what = if self.issue_only {
             "issue; one lease = issue alone (roles dropped, leases revoked after the clock stops)"
@@ -736,9 +723,5 @@ impl Report {
                 .map(|r| (r.scenario.header(), r.callers, r.first_error.as_deref())),
         ));
         out
-    }
-
-    pub fn write(&self, dir: &std::path::Path) -> Result<()> {
-        write_report(dir, self.file, &self.markdown(), self)
     }
 }

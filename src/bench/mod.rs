@@ -152,6 +152,14 @@ pub(crate) fn loadavg() -> String {
         .join(" ")
 }
 
+/// How long each run lasted, for a report's first lines.
+pub(crate) fn run_length(fixed_leases: Option<u64>, duration_s: f64) -> String {
+    match fixed_leases {
+        Some(n) => format!("{n} leases per run"),
+        None => format!("{duration_s:.0} s per run"),
+    }
+}
+
 /// The report's closing lines: each run's first error, by its column.
 pub(crate) fn first_errors<'a>(
     runs: impl Iterator<Item = (&'a str, usize, Option<&'a str>)>,
@@ -169,10 +177,20 @@ pub(crate) fn first_errors<'a>(
 
 /// Resident memory of a process, in MB (`VmRSS`).
 pub fn rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmRSS:")
+}
+
+/// Peak resident memory of a process, in MB (`VmHWM`).
+pub fn hwm_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// A `/proc/PID/status` figure given in kB (`field` with its colon), in MB.
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()

@@ -18,100 +18,116 @@ use std::time::{Duration, Instant};
 use mysql_async::prelude::Queryable;
 use rand::Rng;
 
-use crate::bench::lease::{self, Meter, Options, Report, Run, Scenario};
-use crate::bench::setup::{self, BrokerSettings, InProcess};
+use crate::bench::cpu::Meter;
+use crate::bench::lease::{self, Kept, Options, Report, Run, Scenario};
+use crate::bench::setup::{self, BrokerSettings};
 use crate::bench::{io_err, Machine};
 use credbroker::error::{Error, Result};
 use credbroker::lease::Password;
+use credbroker_testkit::devenv::DevEnv;
 use credbroker_testkit::throwaway::{MariadbOptions, ThrowawayMariadb};
 
 pub(crate) const SCHEMA: &str = "bench";
 
 pub async fn run(opts: &Options) -> Result<Report> {
-    let db = ThrowawayMariadb::start(MariadbOptions::default())
-        .await
-        .map_err(io_err("throwaway MariaDB"))?;
-    let mut root = root(&db).await?;
-    root.query_drop(format!(
-        "CREATE DATABASE `{SCHEMA}`; CREATE TABLE `{SCHEMA}`.orders (id INT PRIMARY KEY, item TEXT)"
-    ))
-    .await
-    .map_err(my_err("create schema"))?;
-    let version: Option<String> = root
-        .query_first("SELECT VERSION()")
-        .await
-        .map_err(my_err("version"))?;
-    let mut machine = Machine::sample(format!(
-        "MariaDB {} (throwaway, innodb_flush_log_at_trx_commit = 0, same host)",
-        version.unwrap_or_default()
-    ));
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-mysql-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let db = BenchMariadb::start(false).await?;
+    let machine = Machine::sample(db.version.clone());
+    let dir = setup::bench_dir("mysql")?;
     let settings = BrokerSettings {
         max_connections: opts.pool,
         ..Default::default()
     };
-    let env = setup::write_env_with(
-        dir.path(),
-        "127.0.0.1:0",
-        &settings,
-        |env| env.mysql_database(setup::DB, db.port(), SCHEMA, Some(db.root_password())),
-        &format!("GRANT SELECT ON `{SCHEMA}`.orders TO {{{{name}}}}"),
-    )?;
-    let broker = if opts.scenarios.contains(&Scenario::Credbroker) {
-        Some(InProcess::start(&env).await?)
-    } else {
-        None
-    };
-    let pid = db
-        .server_pid()
-        .ok_or_else(|| Error::internal("the throwaway MariaDB is not running"))?;
-    let meter = Meter::Process(pid);
-    let mut runs = Vec::new();
-    for &callers in &opts.callers {
-        for &scenario in &opts.scenarios {
-            let r = match scenario {
-                Scenario::Plaintext | Scenario::Verifier => {
-                    measure_direct(&db, &meter, scenario, callers, opts).await?
-                }
-                Scenario::BackendSql => lease::measure_backend(&env, &meter, callers, opts).await?,
-                Scenario::Credbroker => {
-                    let b = broker.as_ref().expect("started above");
-                    lease::measure_broker(&env, &meter, &b.addr, callers, opts).await?
-                }
-            };
-            lease::print_run(&r);
-            runs.push(r);
-        }
-    }
-    if let Some(b) = broker {
-        b.stop().await?;
-    }
-    machine.finish();
+    let env = db.write_env(dir.path(), "127.0.0.1:0", &settings)?;
+    let meter = Meter::Process(db.pid);
+    let runs = lease::runs(opts, &env, &meter, |scenario, callers| {
+        measure_direct(&db.db, &meter, scenario, callers, opts)
+    })
+    .await?;
     Ok(Report {
         file: "mysql",
         baselines: "(a) CREATE USER … IDENTIFIED BY 'plaintext'; (b) the same with IDENTIFIED BY PASSWORD '*<hash>'",
         grant_sql: format!("GRANT SELECT ON `{SCHEMA}`.orders TO <user>"),
-        machine,
-        duration_s: opts.duration.as_secs_f64(),
-        fixed_leases: opts.leases,
-        broker_pool: opts.pool,
-        grant: opts.grant,
-        issue_only: false,
-        runs,
+        ..Report::new(opts, machine, runs)
     })
+}
+
+/// A throwaway MariaDB with schema [`SCHEMA`] and a table to grant on.
+pub(crate) struct BenchMariadb {
+    pub db: ThrowawayMariadb,
+    /// `mariadbd`'s pid, for its CPU time.
+    pub pid: u32,
+    /// What the report says of it.
+    pub version: String,
+}
+
+impl BenchMariadb {
+    /// `durable`: every commit flushed (`innodb_flush_log_at_trx_commit =
+    /// 1`), as PostgreSQL runs with fsync on; otherwise the throwaway's 0.
+    pub async fn start(durable: bool) -> Result<BenchMariadb> {
+        let db = ThrowawayMariadb::start(MariadbOptions::default())
+            .await
+            .map_err(io_err("throwaway MariaDB"))?;
+        let mut root = mysql_async::Conn::new(db.opts())
+            .await
+            .map_err(my_err("root login"))?;
+        let (set, what) = if durable {
+            (
+                "SET GLOBAL innodb_flush_log_at_trx_commit = 1; ",
+                "durable settings and schema",
+            )
+        } else {
+            ("", "create schema")
+        };
+        root.query_drop(format!(
+            "{set}CREATE DATABASE `{SCHEMA}`; CREATE TABLE `{SCHEMA}`.orders (id INT PRIMARY KEY, item TEXT)"
+        ))
+        .await
+        .map_err(my_err(what))?;
+        let version: Option<String> = root
+            .query_first("SELECT VERSION()")
+            .await
+            .map_err(my_err("version"))?;
+        let pid = db
+            .server_pid()
+            .ok_or_else(|| Error::internal("the throwaway MariaDB is not running"))?;
+        Ok(BenchMariadb {
+            version: format!(
+                "MariaDB {} (throwaway, innodb_flush_log_at_trx_commit = {}, same host)",
+                version.unwrap_or_default(),
+                u8::from(durable)
+            ),
+            db,
+            pid,
+        })
+    }
+
+    /// The bench config (see [`setup::write_env_with`]) on this server's
+    /// schema, its role granted `SELECT` on the table.
+    pub fn write_env(
+        &self,
+        dir: &std::path::Path,
+        listen: &str,
+        settings: &BrokerSettings,
+    ) -> Result<DevEnv> {
+        setup::write_env_with(
+            dir,
+            listen,
+            settings,
+            |env| {
+                env.mysql_database(
+                    setup::DB,
+                    self.db.port(),
+                    SCHEMA,
+                    Some(self.db.root_password()),
+                )
+            },
+            &format!("GRANT SELECT ON `{SCHEMA}`.orders TO {{{{name}}}}"),
+        )
+    }
 }
 
 pub(crate) fn my_err(what: &'static str) -> impl Fn(mysql_async::Error) -> Error {
     move |e| Error::internal(format!("{what}: {e}"))
-}
-
-async fn root(db: &ThrowawayMariadb) -> Result<mysql_async::Conn> {
-    mysql_async::Conn::new(db.opts())
-        .await
-        .map_err(my_err("root login"))
 }
 
 async fn measure_direct(
@@ -132,12 +148,14 @@ async fn measure_direct(
             let o = opts_db.clone();
             async move { mysql_async::Conn::new(o).await.map_err(my_err("connect")) }
         },
-        move |mut conn: mysql_async::Conn| async move {
+        // No `--issue-only` here: nothing is kept.
+        move |mut conn: mysql_async::Conn, _: Kept<()>| async move {
             let r = direct_cycle(&mut conn, hashed).await;
             (conn, r)
         },
     )
     .await
+    .map(|(run, _)| run)
 }
 
 /// One user created with a grant and dropped, as a broker that talks to

@@ -23,11 +23,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use crate::bench::client::{Job, Outcome, Work};
-use crate::bench::cpu::{Apart, ApartPerLease};
+use crate::bench::cpu::{ApartPerLease, Meter};
 use crate::bench::openbao::{self, OpenBao};
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings};
-use crate::bench::{io_err, loadavg, write_report, Latency, Machine};
+use crate::bench::{io_err, loadavg, Latency, Machine};
 use credbroker::error::{Error, Result};
+use credbroker_testkit::devenv::DevEnv;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -120,7 +121,7 @@ pub struct Report {
 /// The ports and files every column's job points at.
 struct Targets<'a> {
     pg: &'a BenchPostgres,
-    env: &'a credbroker_testkit::devenv::DevEnv,
+    env: &'a DevEnv,
     grpc_port: u16,
     vault_port: u16,
     bao: Option<&'a OpenBao>,
@@ -166,11 +167,8 @@ impl Targets<'_> {
 
 pub async fn run(opts: &Options) -> Result<Report> {
     let pg = BenchPostgres::start(true).await?;
-    let mut machine = Machine::sample(pg.version.clone());
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let machine = Machine::sample(pg.version.clone());
+    let dir = setup::bench_dir("outside")?;
     let (grpc_port, vault_port) = (setup::free_port()?, setup::free_port()?);
     let env = setup::write_env(
         dir.path(),
@@ -178,16 +176,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
         &format!("127.0.0.1:{grpc_port}"),
         &BrokerSettings::default(),
     )?;
-    let mut config = std::fs::read_to_string(&env.config_path).map_err(io_err("read config"))?;
-    config.push_str(&vault_api_section(vault_port, opts.vault_token_cache));
-    std::fs::write(&env.config_path, config).map_err(io_err("write config"))?;
-    let wants = |c| opts.columns.contains(&c);
-    let broker = if wants(Column::Grpc) || wants(Column::VaultApi) {
-        Some(setup::Spawned::start(&env, &format!("https://127.0.0.1:{grpc_port}")).await?)
-    } else {
-        None
-    };
-    let (bao, openbao_note) = match (wants(Column::OpenBao), openbao::find()) {
+    let broker = serve(opts, &env, grpc_port, vault_port).await?;
+    let (bao, openbao_note) = match (opts.columns.contains(&Column::OpenBao), openbao::find()) {
         (false, _) => (None, "not asked for".to_string()),
         (true, None) => {
             eprintln!("  OpenBao: {}", openbao::HOW_TO_GET);
@@ -211,22 +201,71 @@ pub async fn run(opts: &Options) -> Result<Report> {
         vault_port,
         bao: bao.as_ref(),
     };
-    let meter = pg.connect().await?;
+    let runs = runs(
+        opts,
+        &opts.columns,
+        |c| targets.work(c),
+        |c| match c {
+            Column::Grpc | Column::VaultApi => broker.as_ref().map(|b| b.pid()),
+            Column::OpenBao => bao.as_ref().map(|b| b.pid()),
+            Column::Plaintext | Column::SameSql => None,
+        },
+        &pg.meter().await?,
+        dir.path(),
+    )
+    .await?;
+    if let Some(mut b) = broker {
+        b.stop().await?;
+    }
+    if let Some(b) = bao {
+        b.stop().await?;
+    }
+    Ok(Report::new(opts, machine, openbao_note, runs))
+}
+
+/// Adds the bench broker's `[vault_api]` on `vault_port` to `env`'s config
+/// (each caller logs in once; the default cap of 32 tokens per identity
+/// would evict the first callers' tokens at 64 callers) and starts it as
+/// `credbroker serve` on `grpc_port` when a column asks for it (gRPC, the
+/// Vault API).
+pub(super) async fn serve(
+    opts: &Options,
+    env: &DevEnv,
+    grpc_port: u16,
+    vault_port: u16,
+) -> Result<Option<setup::Spawned>> {
+    let mut config = std::fs::read_to_string(&env.config_path).map_err(io_err("read config"))?;
+    config.push_str(&format!(
+        "\n[vault_api]\nlisten = \"127.0.0.1:{vault_port}\"\nmax_tokens_per_identity = 1000\n\
+         token_cache = {}\n",
+        opts.vault_token_cache
+    ));
+    std::fs::write(&env.config_path, config).map_err(io_err("write config"))?;
+    if !opts.columns.contains(&Column::Grpc) && !opts.columns.contains(&Column::VaultApi) {
+        return Ok(None);
+    }
+    let addr = format!("https://127.0.0.1:{grpc_port}");
+    Ok(Some(setup::Spawned::start(env, &addr).await?))
+}
+
+/// Every (callers, column) run of `columns`, each the fastest of
+/// `opts.rounds`, printed as it ends. `work`: what the client process does
+/// for a column (`None`: the column cannot run here, e.g. OpenBao without
+/// `bao`); `server`: the pid of the process serving it, if any.
+pub(super) async fn runs(
+    opts: &Options,
+    columns: &[Column],
+    work: impl Fn(Column) -> Option<Work>,
+    server: impl Fn(Column) -> Option<u32>,
+    meter: &Meter,
+    dir: &Path,
+) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for &callers in &opts.callers {
-        for &column in &opts.columns {
-            // OpenBao without `bao`: the report says how to get it.
-            if targets.work(column).is_none() {
-                continue;
-            }
-            let server = match column {
-                Column::Grpc | Column::VaultApi => broker.as_ref().map(|b| b.pid()),
-                Column::OpenBao => bao.as_ref().map(|b| b.pid()),
-                Column::Plaintext | Column::SameSql => None,
-            };
+        for &column in columns {
             let mut best: Option<Run> = None;
             for _ in 0..opts.rounds.max(1) {
-                let Some(work) = targets.work(column) else {
+                let Some(work) = work(column) else {
                     continue;
                 };
                 let job = Job {
@@ -235,7 +274,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
                     duration_ms: opts.duration.as_millis() as u64,
                     leases: opts.leases,
                 };
-                let r = measure(column, job, server, &pg, &meter, dir.path()).await?;
+                let r = measure(column, job, server(column), meter, dir).await?;
                 if best
                     .as_ref()
                     .is_none_or(|b| r.leases_per_s > b.leases_per_s)
@@ -248,21 +287,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             runs.push(r);
         }
     }
-    if let Some(mut b) = broker {
-        b.stop().await?;
-    }
-    if let Some(b) = bao {
-        b.stop().await?;
-    }
-    machine.finish();
-    Ok(Report {
-        machine,
-        duration_s: opts.duration.as_secs_f64(),
-        fixed_leases: opts.leases,
-        rounds: opts.rounds.max(1),
-        openbao: openbao_note,
-        runs,
-    })
+    Ok(runs)
 }
 
 /// One run: a client process opens its connections and warms up; the
@@ -272,17 +297,15 @@ async fn measure(
     column: Column,
     job: Job,
     server: Option<u32>,
-    pg: &BenchPostgres,
-    meter: &tokio_postgres::Client,
+    meter: &Meter,
     dir: &Path,
 ) -> Result<Run> {
     let callers = job.callers;
     let mut client = ClientProcess::start(&job, dir).await?;
     let load = loadavg();
-    let data_dir = pg.pg.data_dir();
-    let before = Apart::postgres(server, client.pid, data_dir, meter).await;
+    let before = meter.apart(server, client.pid).await;
     let outcome = client.run().await?;
-    let after = Apart::postgres(server, client.pid, data_dir, meter).await;
+    let after = meter.apart(server, client.pid).await;
     client.finish().await?;
     Ok(Run {
         column,
@@ -296,16 +319,6 @@ async fn measure(
         load,
         first_error: outcome.first_error,
     })
-}
-
-/// The bench broker's `[vault_api]`: each caller logs in once; the
-/// default cap (32 tokens per identity) would evict the first callers'
-/// tokens at 64 callers.
-pub(super) fn vault_api_section(port: u16, token_cache: bool) -> String {
-    format!(
-        "\n[vault_api]\nlisten = \"127.0.0.1:{port}\"\nmax_tokens_per_identity = 1000\n\
-         token_cache = {token_cache}\n"
-    )
 }
 
 /// `credbroker bench-client` as a child, spoken to over its stdin/stdout
@@ -453,6 +466,24 @@ fn cell(x: Option<f64>) -> String {
 }
 
 impl Report {
+    /// The report of `runs`; `openbao`: its version, or why it did not run.
+    pub(super) fn new(
+        opts: &Options,
+        mut machine: Machine,
+        openbao: String,
+        runs: Vec<Run>,
+    ) -> Report {
+        machine.finish();
+        Report {
+            machine,
+            duration_s: opts.duration.as_secs_f64(),
+            fixed_leases: opts.leases,
+            rounds: opts.rounds.max(1),
+            openbao,
+            runs,
+        }
+    }
+
     fn find(&self, c: Column, callers: usize) -> Option<&Run> {
         self.runs
             .iter()
@@ -539,10 +570,7 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
-        let how = match self.fixed_leases {
-            Some(n) => format!("{n} leases per run"),
-            None => format!("{:.0} s per run", self.duration_s),
-        };
+        let how = crate::bench::run_length(self.fixed_leases, self.duration_s);
         let errors: u64 = self.runs.iter().map(|r| r.errors).sum();
         let mut out = format!(
             "# credbroker bench outside: issue + revoke from a separate client process\n\n{}\
@@ -562,9 +590,5 @@ impl Report {
                 .map(|r| (r.column.header(), r.callers, r.first_error.as_deref())),
         ));
         out
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        write_report(dir, "outside", &self.markdown(), self)
     }
 }

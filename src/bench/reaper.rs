@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, InProcess};
-use crate::bench::{write_report, Machine};
+use crate::bench::Machine;
 use credbroker::error::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -48,10 +48,7 @@ const PREFIX: &str = "br_";
 pub async fn run(opts: &Options) -> Result<Report> {
     let pg = BenchPostgres::start(false).await?;
     let mut machine = Machine::sample(pg.version.clone());
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-bench-reaper-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let dir = setup::bench_dir("reaper")?;
     let settings = BrokerSettings {
         name_prefix: PREFIX.into(),
         max_connections: opts.pool,
@@ -178,9 +175,5 @@ impl Report {
             self.leases,
             self.issue_leases_per_s,
         )
-    }
-
-    pub fn write(&self, dir: &std::path::Path) -> Result<()> {
-        write_report(dir, "reaper", &self.markdown(), self)
     }
 }

@@ -22,8 +22,8 @@ use chrono::Utc;
 use serde::Serialize;
 
 use crate::bench::reaper::issue_many;
-use crate::bench::setup::{self, BenchPostgres, BrokerSettings};
-use crate::bench::{io_err, pg_err, rss_mb, write_report, Latency, Machine};
+use crate::bench::setup::{self, bench_dir, BenchPostgres, BrokerSettings};
+use crate::bench::{hwm_mb, pg_err, rss_mb, Latency, Machine};
 use credbroker::error::{Error, Result};
 use credbroker::pb;
 use credbroker::store::{Claim, LeaseStore};
@@ -166,20 +166,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
     Ok(report)
 }
 
-pub(crate) fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
-    tempfile::Builder::new()
-        .prefix(&format!("credbroker-bench-{tag}-"))
-        .tempdir()
-        .map_err(Error::internal)
-}
-
 /// Each part gets its own user-name prefix: a broker sweeps every user with
 /// its prefix that its store does not know, and both parts share a server.
 pub(crate) fn env_for(dir: &Path, pg: &BenchPostgres, prefix: &str) -> Result<(DevEnv, u16)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(io_err("free port"))?
-        .port();
+    let port = setup::free_port()?;
     let settings = BrokerSettings {
         name_prefix: prefix.into(),
         ..Default::default()
@@ -699,18 +689,6 @@ fn file_mb(p: &Path) -> f64 {
     (size(p) + size(&wal)) as f64 / 1_048_576.0
 }
 
-fn hwm_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 /// Waits for the first "orphan sweep finished" line in the broker's
 /// log (the sweep runs 10 s after start); the roles it listed and how
 /// long it took, in ms.
@@ -748,7 +726,8 @@ impl Report {
         out.push_str(
             "\n| figure | live leases, real roles | synthetic store rows |\n|---|---:|---:|\n",
         );
-        let cell = |f: &Option<Figures>, get: &dyn Fn(&Figures) -> Option<f64>, unit: &str| {
+        type Get = fn(&Figures) -> Option<f64>;
+        let cell = |f: &Option<Figures>, get: Get, unit: &str| {
             f.as_ref()
                 .and_then(get)
                 .map(|v| match unit {
@@ -757,69 +736,52 @@ impl Report {
                 })
                 .unwrap_or_else(|| "–".into())
         };
-        type Get = Box<dyn Fn(&Figures) -> Option<f64>>;
-        let rows: Vec<(&str, Get, &str)> = vec![
-            ("leases", Box::new(|f| Some(f.leases as f64)), ""),
-            (
-                "setup (issue / write)",
-                Box::new(|f| Some(f.setup_seconds)),
-                "s",
-            ),
-            ("store file", Box::new(|f| Some(f.store_file_mb)), "MB"),
-            ("RSS, empty", Box::new(|f| f.rss_empty_mb), "MB"),
-            ("RSS, all leases live", Box::new(|f| f.rss_loaded_mb), "MB"),
-            ("RSS peak while issuing", Box::new(|f| f.rss_peak_mb), "MB"),
-            (
-                "restart → ready (health)",
-                Box::new(|f| Some(f.restart_ready_s)),
-                "s",
-            ),
+        let rows: [(&str, Get, &str); 15] = [
+            ("leases", |f| Some(f.leases as f64), ""),
+            ("setup (issue / write)", |f| Some(f.setup_seconds), "s"),
+            ("store file", |f| Some(f.store_file_mb), "MB"),
+            ("RSS, empty", |f| f.rss_empty_mb, "MB"),
+            ("RSS, all leases live", |f| f.rss_loaded_mb, "MB"),
+            ("RSS peak while issuing", |f| f.rss_peak_mb, "MB"),
+            ("restart → ready (health)", |f| Some(f.restart_ready_s), "s"),
             (
                 "restart → first lease",
-                Box::new(|f| Some(f.restart_first_lease_s)),
+                |f| Some(f.restart_first_lease_s),
                 "s",
             ),
-            (
-                "RSS after restart",
-                Box::new(|f| Some(f.restart_rss_mb)),
-                "MB",
-            ),
+            ("RSS after restart", |f| Some(f.restart_rss_mb), "MB"),
             (
                 "RSS peak, restart → first lease",
-                Box::new(|f| Some(f.restart_rss_peak_mb)),
+                |f| Some(f.restart_rss_peak_mb),
                 "MB",
             ),
             (
                 "first orphan sweep: roles listed",
-                Box::new(|f| Some(f.sweep_users as f64)),
+                |f| Some(f.sweep_users as f64),
                 "",
             ),
-            (
-                "first orphan sweep: duration",
-                Box::new(|f| Some(f.sweep_s)),
-                "s",
-            ),
+            ("first orphan sweep: duration", |f| Some(f.sweep_s), "s"),
             (
                 "RSS peak during the sweep",
-                Box::new(|f| Some(f.sweep_rss_peak_mb)),
+                |f| Some(f.sweep_rss_peak_mb),
                 "MB",
             ),
             (
                 "RSS after first orphan sweep",
-                Box::new(|f| Some(f.restart_rss_after_sweep_mb)),
+                |f| Some(f.restart_rss_after_sweep_mb),
                 "MB",
             ),
             (
                 "reaper wake-up, nothing due",
-                Box::new(|f| Some(f.reaper_wake_us)),
+                |f| Some(f.reaper_wake_us),
                 "µs",
             ),
         ];
         for (label, get, unit) in rows {
             out.push_str(&format!(
                 "| {label} | {} | {} |\n",
-                cell(&self.live, &*get, unit),
-                cell(&self.rows, &*get, unit)
+                cell(&self.live, get, unit),
+                cell(&self.rows, get, unit)
             ));
         }
         if let Some(s) = &self.live_scale {
@@ -830,10 +792,6 @@ impl Report {
             self.throwaway_teardown_s
         ));
         out
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        write_report(dir, "scale", &self.markdown(), self)
     }
 }
 

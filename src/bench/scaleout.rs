@@ -22,7 +22,7 @@ use crate::bench::client::{Job, Work};
 use crate::bench::cpu::{pid_ticks, postgres_ticks, ticks_per_second};
 use crate::bench::outside::ClientProcess;
 use crate::bench::setup::{self, BenchPostgres, BrokerSettings, Spawned};
-use crate::bench::{io_err, loadavg, write_report, Machine};
+use crate::bench::{io_err, loadavg, Machine};
 use credbroker::error::{Error, Result};
 use credbroker_testkit::devenv::DevEnv;
 
@@ -108,10 +108,7 @@ pub async fn run(args: &Args) -> Result<Report> {
         "target: {}; store: a second server alike",
         target.version
     ));
-    let dir = tempfile::Builder::new()
-        .prefix("credbroker-scaleout-")
-        .tempdir()
-        .map_err(Error::internal)?;
+    let dir = setup::bench_dir("scaleout")?;
     let base = setup::write_env(
         dir.path(),
         &target,
@@ -328,9 +325,5 @@ impl Report {
                 .map(|r| ("scaleout", r.callers, r.first_error.as_deref())),
         ));
         out
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        write_report(dir, "scaleout", &self.markdown(), self)
     }
 }

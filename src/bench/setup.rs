@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
+use crate::bench::cpu::Meter;
 use crate::bench::{io_err, pg_err};
 use credbroker::broker::Broker;
 use credbroker::config::Config;
@@ -95,6 +96,14 @@ impl BenchPostgres {
         self.pg.connect(DB).await.map_err(io_err("connect"))
     }
 
+    /// Where a run's costs on this server are read.
+    pub async fn meter(&self) -> Result<Meter> {
+        Ok(Meter::Postgres {
+            data_dir: self.pg.data_dir().to_path_buf(),
+            client: self.connect().await?,
+        })
+    }
+
     /// How many roles with `prefix` exist.
     pub async fn count_roles(&self, client: &tokio_postgres::Client, prefix: &str) -> Result<i64> {
         let pattern = format!("{}%", prefix.replace('_', "\\_"));
@@ -107,6 +116,15 @@ impl BenchPostgres {
             .map_err(pg_err("count roles"))?
             .get(0))
     }
+}
+
+/// A temporary directory for one bench's files (`credbroker-bench-TAG-…`),
+/// removed when dropped.
+pub fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("credbroker-bench-{tag}-"))
+        .tempdir()
+        .map_err(Error::internal)
 }
 
 /// A port free on 127.0.0.1 now, for a child process to bind (the

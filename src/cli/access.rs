@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use crate::cli::lease::rfc3339;
-use crate::cli::{grpc_error, CliResult};
+use crate::cli::{answered, secs, CliResult};
 use credbroker::client::ClientOpts;
 use credbroker::pb;
 
@@ -106,10 +106,6 @@ pub enum Command {
     },
 }
 
-fn secs(d: Option<humantime::Duration>) -> i64 {
-    d.map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 /// One request as JSON.
 pub fn json(r: &pb::AccessRequestInfo) -> serde_json::Value {
     serde_json::json!({
@@ -204,7 +200,8 @@ pub fn text(r: &pb::AccessRequestInfo) -> String {
     s
 }
 
-fn print(r: &pb::AccessRequestInfo, format: Format) {
+/// Prints the request a call answered.
+fn print(r: &pb::AccessRequestInfo, format: Format) -> CliResult {
     match format {
         Format::Text => print!("{}", text(r)),
         Format::Json => println!(
@@ -212,6 +209,7 @@ fn print(r: &pb::AccessRequestInfo, format: Format) {
             serde_json::to_string_pretty(&json(r)).unwrap_or_default()
         ),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn run(cmd: Command) -> CliResult {
@@ -237,12 +235,9 @@ pub async fn run(cmd: Command) -> CliResult {
             format,
             client,
         } => {
-            let reply = client
-                .access()?
-                .list(pb::ListAccessRequest { pending })
-                .await
-                .map_err(|s| grpc_error("access list", &client, s))?
-                .into_inner();
+            let mut c = client.access()?;
+            let call = c.list(pb::ListAccessRequest { pending });
+            let reply = answered(&client, "access list", call).await?;
             match format {
                 Format::Json => println!(
                     "{}",
@@ -265,28 +260,18 @@ pub async fn run(cmd: Command) -> CliResult {
             format,
             client,
         } => {
-            let r = client
-                .access()?
-                .get(pb::AccessRequestId { request_id })
-                .await
-                .map_err(|s| grpc_error("access show", &client, s))?
-                .into_inner();
-            print(&r, format);
-            Ok(ExitCode::SUCCESS)
+            let mut c = client.access()?;
+            let call = c.get(pb::AccessRequestId { request_id });
+            print(&answered(&client, "access show", call).await?, format)
         }
         Command::Approve {
             request_id,
             format,
             client,
         } => {
-            let r = client
-                .access()?
-                .approve(pb::AccessRequestId { request_id })
-                .await
-                .map_err(|s| grpc_error("access approve", &client, s))?
-                .into_inner();
-            print(&r, format);
-            Ok(ExitCode::SUCCESS)
+            let mut c = client.access()?;
+            let call = c.approve(pb::AccessRequestId { request_id });
+            print(&answered(&client, "access approve", call).await?, format)
         }
         Command::Deny {
             request_id,
@@ -294,14 +279,9 @@ pub async fn run(cmd: Command) -> CliResult {
             format,
             client,
         } => {
-            let r = client
-                .access()?
-                .deny(pb::DenyAccessRequest { request_id, reason })
-                .await
-                .map_err(|s| grpc_error("access deny", &client, s))?
-                .into_inner();
-            print(&r, format);
-            Ok(ExitCode::SUCCESS)
+            let mut c = client.access()?;
+            let call = c.deny(pb::DenyAccessRequest { request_id, reason });
+            print(&answered(&client, "access deny", call).await?, format)
         }
         Command::Revoke {
             request_id,
@@ -309,14 +289,9 @@ pub async fn run(cmd: Command) -> CliResult {
             format,
             client,
         } => {
-            let r = client
-                .access()?
-                .revoke(pb::RevokeAccessRequest { request_id, reason })
-                .await
-                .map_err(|s| grpc_error("access revoke", &client, s))?
-                .into_inner();
-            print(&r, format);
-            Ok(ExitCode::SUCCESS)
+            let mut c = client.access()?;
+            let call = c.revoke(pb::RevokeAccessRequest { request_id, reason });
+            print(&answered(&client, "access revoke", call).await?, format)
         }
     }
 }
@@ -336,18 +311,13 @@ async fn request(
     } else {
         "access request"
     };
-    let r = client
-        .access()?
-        .request(pb::AccessRequestRequest {
-            roles,
-            policy: policy.unwrap_or_default(),
-            reason,
-            duration_seconds: secs(duration),
-            break_glass,
-        })
-        .await
-        .map_err(|s| grpc_error(what, &client, s))?
-        .into_inner();
-    print(&r, format);
-    Ok(ExitCode::SUCCESS)
+    let mut c = client.access()?;
+    let call = c.request(pb::AccessRequestRequest {
+        roles,
+        policy: policy.unwrap_or_default(),
+        reason,
+        duration_seconds: secs(duration),
+        break_glass,
+    });
+    print(&answered(&client, what, call).await?, format)
 }

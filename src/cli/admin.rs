@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 
 use crate::cli::lease::{rfc3339, state_name};
-use crate::cli::{grpc_error, CliResult, Failure};
+use crate::cli::{answered, grpc_error, CliResult, Failure};
 use credbroker::client::ClientOpts;
 use credbroker::pb;
 use credbroker::pb::revoke_leases_request::Selector;
@@ -225,8 +225,7 @@ pub async fn run(cmd: Command) -> CliResult {
                 format,
                 || leases_json(&reply.leases),
                 || leases_table(&reply.leases),
-            )?;
-            Ok(ExitCode::SUCCESS)
+            )
         }
         Command::StaticRoles { format, client } => {
             let reply = answered(
@@ -241,8 +240,7 @@ pub async fn run(cmd: Command) -> CliResult {
                 format,
                 || statics_json(&reply.static_roles),
                 || statics_table(&reply.static_roles),
-            )?;
-            Ok(ExitCode::SUCCESS)
+            )
         }
         Command::Rotate {
             static_role,
@@ -435,8 +433,7 @@ pub async fn run(cmd: Command) -> CliResult {
                 format,
                 || locks_json(&reply.locks),
                 || locks_table(&reply.locks),
-            )?;
-            Ok(ExitCode::SUCCESS)
+            )
         }
         Command::RotateRoot { database, client } => {
             let reply = answered(
@@ -455,19 +452,6 @@ pub async fn run(cmd: Command) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// What an admin call answered, or the failure that names `what` and
-/// explains the status (`grpc_error`).
-async fn answered<T>(
-    client: &ClientOpts,
-    what: &str,
-    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, Failure> {
-    Ok(call
-        .await
-        .map_err(|s| grpc_error(what, client, s))?
-        .into_inner())
 }
 
 /// Prints the leases a revoke (or a lock's) could not end; success only
@@ -529,12 +513,12 @@ fn print_listing(
     format: ListFormat,
     json: impl FnOnce() -> serde_json::Value,
     table: impl FnOnce() -> String,
-) -> serde_json::Result<()> {
+) -> CliResult {
     match format {
         ListFormat::Json => println!("{}", serde_json::to_string_pretty(&json())?),
         ListFormat::Table => print!("{}", table()),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn locks_json(locks: &[pb::LockInfo]) -> serde_json::Value {

@@ -3,7 +3,7 @@
 //!
 //! Build with `--release`: a debug build measures the compiler, not us.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -201,21 +201,16 @@ pub async fn run(args: Args) -> CliResult {
                 let report = outside_mysql::run(&opts)
                     .await
                     .context("outside benchmark on MariaDB")?;
-                outside_mysql::write(&report, &opts.out_dir)?;
-                println!("{}", outside_mysql::markdown(&report));
-                written(&opts.out_dir, "outside-mysql");
+                let markdown = outside_mysql::markdown(&report);
+                publish(&opts.out_dir, "outside-mysql", &markdown, &report)?;
             } else {
                 let report = outside::run(&opts).await.context("outside benchmark")?;
-                report.write(&opts.out_dir)?;
-                println!("{}", report.markdown());
-                written(&opts.out_dir, "outside");
+                publish(&opts.out_dir, "outside", &report.markdown(), &report)?;
             }
         }
         Some(What::Scaleout(a)) => {
             let report = scaleout::run(&a).await.context("scale-out benchmark")?;
-            report.write(&a.out)?;
-            println!("{}", report.markdown());
-            written(&a.out, "scaleout");
+            publish(&a.out, "scaleout", &report.markdown(), &report)?;
         }
         Some(What::Reaper(a)) => {
             let opts = reaper::Options {
@@ -226,9 +221,7 @@ pub async fn run(args: Args) -> CliResult {
                 out_dir: a.out.out,
             };
             let report = reaper::run(&opts).await.context("reaper benchmark")?;
-            report.write(&opts.out_dir)?;
-            println!("{}", report.markdown());
-            written(&opts.out_dir, "reaper");
+            publish(&opts.out_dir, "reaper", &report.markdown(), &report)?;
         }
         Some(What::Scale(a)) => {
             let opts = scale::Options {
@@ -238,9 +231,7 @@ pub async fn run(args: Args) -> CliResult {
                 out_dir: a.out.out,
             };
             let report = scale::run(&opts).await.context("scale benchmark")?;
-            report.write(&opts.out_dir)?;
-            println!("{}", report.markdown());
-            written(&opts.out_dir, "scale");
+            publish(&opts.out_dir, "scale", &report.markdown(), &report)?;
         }
         Some(What::Console(a)) => {
             if a.requests == 0 {
@@ -256,9 +247,7 @@ pub async fn run(args: Args) -> CliResult {
                 out_dir: a.out.out,
             };
             let report = console::run(&opts).await.context("console benchmark")?;
-            report.write(&opts.out_dir)?;
-            println!("{}", report.markdown());
-            written(&opts.out_dir, "console");
+            publish(&opts.out_dir, "console", &report.markdown(), &report)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -310,16 +299,23 @@ async fn lease_bench(a: LeaseArgs, mysql: bool) -> anyhow::Result<()> {
     } else {
         lease::run(&opts).await.context("lease benchmark")?
     };
-    report.write(&opts.out_dir)?;
-    println!("{}", report.markdown());
-    written(&opts.out_dir, report.file);
-    Ok(())
+    publish(&opts.out_dir, report.file, &report.markdown(), &report)
 }
 
-fn written(dir: &std::path::Path, name: &str) {
+/// A bench's report written into `dir` as `name.md` and `name.json`, and
+/// printed with where it went.
+fn publish(
+    dir: &Path,
+    name: &str,
+    markdown: &str,
+    json: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    crate::bench::write_report(dir, name, markdown, json)?;
+    println!("{markdown}");
     println!(
         "written: {}/{name}.md, {}/{name}.json",
         dir.display(),
         dir.display()
     );
+    Ok(())
 }

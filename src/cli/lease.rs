@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{grpc_error, CliResult};
+use crate::cli::{answered, secs, CliResult};
 use credbroker::client::ClientOpts;
 use credbroker::pb;
 
@@ -107,10 +107,6 @@ fn renewal_warning(
     ))
 }
 
-fn ttl_seconds(ttl: Option<humantime::Duration>) -> i64 {
-    ttl.map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 pub async fn run(cmd: Command) -> CliResult {
     match cmd {
         Command::Issue {
@@ -120,14 +116,11 @@ pub async fn run(cmd: Command) -> CliResult {
             client,
         } => {
             let mut c = client.broker()?;
-            let lease = c
-                .issue_lease(pb::IssueLeaseRequest {
-                    role,
-                    ttl_seconds: ttl_seconds(ttl),
-                })
-                .await
-                .map_err(|s| grpc_error("issue", &client, s))?
-                .into_inner();
+            let call = c.issue_lease(pb::IssueLeaseRequest {
+                role,
+                ttl_seconds: secs(ttl),
+            });
+            let lease = answered(&client, "issue", call).await?;
             print!("{}", render(&lease, format));
         }
         Command::Renew {
@@ -137,14 +130,11 @@ pub async fn run(cmd: Command) -> CliResult {
         } => {
             let mut c = client.broker()?;
             let asked_at = chrono::Utc::now();
-            let lease = c
-                .renew_lease(pb::RenewLeaseRequest {
-                    lease_id,
-                    ttl_seconds: ttl_seconds(ttl),
-                })
-                .await
-                .map_err(|s| grpc_error("renew", &client, s))?
-                .into_inner();
+            let call = c.renew_lease(pb::RenewLeaseRequest {
+                lease_id,
+                ttl_seconds: secs(ttl),
+            });
+            let lease = answered(&client, "renew", call).await?;
             if let Some(w) = renewal_warning(ttl, &lease, asked_at) {
                 eprintln!("{w}");
             }
@@ -156,11 +146,8 @@ pub async fn run(cmd: Command) -> CliResult {
             client,
         } => {
             let mut c = client.broker()?;
-            let r = c
-                .revoke_lease(pb::RevokeLeaseRequest { lease_id, handover })
-                .await
-                .map_err(|s| grpc_error("revoke", &client, s))?
-                .into_inner();
+            let call = c.revoke_lease(pb::RevokeLeaseRequest { lease_id, handover });
+            let r = answered(&client, "revoke", call).await?;
             if r.state == pb::LeaseState::Draining as i32 {
                 println!("draining {}", r.lease_id);
             } else {
@@ -169,11 +156,8 @@ pub async fn run(cmd: Command) -> CliResult {
         }
         Command::Lookup { lease_id, client } => {
             let mut c = client.broker()?;
-            let lease = c
-                .lookup_lease(pb::LookupLeaseRequest { lease_id })
-                .await
-                .map_err(|s| grpc_error("lookup", &client, s))?
-                .into_inner();
+            let call = c.lookup_lease(pb::LookupLeaseRequest { lease_id });
+            let lease = answered(&client, "lookup", call).await?;
             print!("{}", render(&lease, Format::Json));
         }
     }

@@ -253,3 +253,22 @@ pub(crate) fn grpc_error(
 ) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", client.explain(&status))
 }
+
+/// A `--ttl`/`--for` flag in whole seconds; 0 (the server's default) when
+/// not given.
+pub(crate) fn secs(d: Option<humantime::Duration>) -> i64 {
+    d.map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// What a gRPC call answered, or the failure that names `what` and
+/// explains the status (`grpc_error`).
+pub(crate) async fn answered<T>(
+    client: &credbroker::client::ClientOpts,
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Failure> {
+    Ok(call
+        .await
+        .map_err(|s| grpc_error(what, client, s))?
+        .into_inner())
+}
