@@ -23,29 +23,24 @@ pub async fn login(db: &str, user: &str, password: &str) -> Result<tokio_postgre
 
 /// Live (not revoked) rows in a PostgreSQL lease store.
 pub async fn live_lease_rows(store: &tokio_postgres::Client) -> i64 {
-    store
-        .query_one(
-            "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    one_value(
+        store,
+        "SELECT count(*) FROM credbroker_leases WHERE state <> 'revoked'",
+        &[],
+    )
+    .await
 }
 
 /// Roles named like the password probe's (`credbroker_check_…`, made by
 /// `check` and preflight) still on `pg`: 0 once every probe cleaned up.
 pub async fn probe_roles_left(pg: &ThrowawayPostgres, db: &str) -> i64 {
-    pg.connect(db)
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'credbroker\\_check\\_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    let c = pg.connect(db).await.unwrap();
+    one_value(
+        &c,
+        "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'credbroker\\_check\\_%'",
+        &[],
+    )
+    .await
 }
 
 /// The one value `sql` returns on `c` with `params`: a count, a name.
