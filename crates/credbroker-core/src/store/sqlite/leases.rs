@@ -11,6 +11,11 @@ use crate::error::{Error, Result};
 use crate::lease::{BackendKind, Lease, LeaseId, LeaseState, Username};
 use crate::store::{cap_reached, Claim, FailureRecord, HolderClaim, LeaseFilter, LeaseStore};
 
+/// One lease by id: the gate's read and every guarded update's read-back,
+/// kept prepared (built once: `COLUMNS` is shared with the listings).
+static BY_ID: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"));
+
 const RECORD_FAILURE: &str =
     "UPDATE leases SET revoke_attempts = revoke_attempts + 1, last_error = ?2, \
      due_at = ?3, state = CASE WHEN ?4 AND state <> 'revoked' THEN 'failing' ELSE state END, \
@@ -102,27 +107,26 @@ fn filter_sql(f: &LeaseFilter) -> (String, Vec<rusqlite::types::Value>) {
     (sql, args)
 }
 
-/// Runs a guarded `UPDATE` of lease `id` in a savepoint and reads the row
-/// back when it matched (the guard held): one step of the writer.
+/// Runs a guarded `UPDATE` of lease `id` and reads the row back when it
+/// matched (the guard held): one step of the writer. No savepoint of its
+/// own: every write job already runs inside the group commit's
+/// `SAVEPOINT req`, rolled back when the job fails half-way
+/// (`store/group_commit.rs`). Statements are kept prepared: each lease
+/// passes here on its hot path, and compiling SQL was ~5 % of the
+/// broker's CPU (BENCHMARKS.md).
 fn update_one(
     c: &mut Connection,
     sql: &str,
     params: impl rusqlite::Params,
     id: &str,
 ) -> rusqlite::Result<Option<Lease>> {
-    let tx = c.savepoint()?;
-    let lease = if tx.execute(sql, params)? == 1 {
-        tx.query_row(
-            &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
-            params![id],
-            row_to_lease,
-        )
-        .optional()?
+    if c.prepare_cached(sql)?.execute(params)? == 1 {
+        c.prepare_cached(&BY_ID)?
+            .query_row(params![id], row_to_lease)
+            .optional()
     } else {
-        None
-    };
-    tx.commit()?;
-    Ok(lease)
+        Ok(None)
+    }
 }
 
 #[async_trait]
@@ -138,21 +142,22 @@ impl LeaseStore for SqliteStore {
                 // fails fails all its intents, so a refusal counted on them
                 // errs on the side of fewer leases, never more.
                 if let Some(cap) = cap {
-                    let live: i64 = c.query_row(
-                        "SELECT COUNT(*) FROM leases \
-                         WHERE identity = ?1 AND role = ?2 AND state <> 'revoked'",
-                        params![l.identity, l.role],
-                        |r| r.get(0),
-                    )?;
+                    let live: i64 = c
+                        .prepare_cached(
+                            "SELECT COUNT(*) FROM leases \
+                             WHERE identity = ?1 AND role = ?2 AND state <> 'revoked'",
+                        )?
+                        .query_row(params![l.identity, l.role], |r| r.get(0))?;
                     if live >= i64::from(cap) {
                         return Ok(Some(live as u64));
                     }
                 }
-                c.execute(
+                c.prepare_cached(
                     "INSERT INTO leases (id, role, database, kind, username, user_host, identity, state, \
                      issued_at, expires_at, max_expires_at, due_at, grant_id) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                    params![
+                )?
+                .execute(params![
                         l.id.as_str(),
                         l.role,
                         l.database,
@@ -166,8 +171,7 @@ impl LeaseStore for SqliteStore {
                         ms(l.max_expires_at),
                         ms(l.due_at),
                         l.grant_id
-                    ],
-                )?;
+                    ])?;
                 Ok(None)
             })
             .await?;
@@ -192,12 +196,9 @@ impl LeaseStore for SqliteStore {
     async fn get(&self, id: &LeaseId) -> Result<Option<Lease>> {
         let id = id.as_str().to_string();
         self.with_read(move |c| {
-            c.query_row(
-                &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
-                params![id],
-                row_to_lease,
-            )
-            .optional()
+            c.prepare_cached(&BY_ID)?
+                .query_row(params![id], row_to_lease)
+                .optional()
         })
         .await
     }
@@ -266,21 +267,18 @@ impl LeaseStore for SqliteStore {
         // read that says why.
         self.with_lazy(move |c| {
             let now = ms(Utc::now());
-            let tx = c.savepoint()?;
-            let n = tx.execute(
-                "UPDATE leases SET claimed_by = ?2, claim_until = ?3, due_at = MIN(due_at, ?4) \
-                 WHERE id = ?1 AND state <> 'revoked' AND (?5 IS NULL OR identity = ?5) \
-                 AND (claimed_by IS NULL OR claimed_by = ?2 OR claim_until < ?4)",
-                params![id, claim.owner, ms(claim.until), now, holder],
-            )?;
-            let lease = tx
-                .query_row(
-                    &format!("SELECT {COLUMNS} FROM leases WHERE id = ?1"),
-                    params![id],
-                    row_to_lease,
-                )
+            // No savepoint of its own: the group commit's (see `update_one`).
+            let n = c
+                .prepare_cached(
+                    "UPDATE leases SET claimed_by = ?2, claim_until = ?3, due_at = MIN(due_at, ?4) \
+                     WHERE id = ?1 AND state <> 'revoked' AND (?5 IS NULL OR identity = ?5) \
+                     AND (claimed_by IS NULL OR claimed_by = ?2 OR claim_until < ?4)",
+                )?
+                .execute(params![id, claim.owner, ms(claim.until), now, holder])?;
+            let lease = c
+                .prepare_cached(&BY_ID)?
+                .query_row(params![id], row_to_lease)
                 .optional()?;
-            tx.commit()?;
             Ok(match lease {
                 Some(l) if n == 1 => HolderClaim::Claimed(l),
                 Some(l) => HolderClaim::Refused(l),
@@ -324,17 +322,15 @@ impl LeaseStore for SqliteStore {
     async fn mark_revoked(&self, ids: &[LeaseId], at: DateTime<Utc>) -> Result<()> {
         let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_string()).collect();
         self.with(move |c| {
-            let tx = c.savepoint()?;
-            {
-                let mut upd = tx.prepare_cached(
-                    "UPDATE leases SET state = 'revoked', revoked_at = ?2, claimed_by = NULL, claim_until = NULL \
-                     WHERE id = ?1",
-                )?;
-                for id in &ids {
-                    upd.execute(params![id, ms(at)])?;
-                }
+            // All or none by the group commit's savepoint (see `update_one`).
+            let mut upd = c.prepare_cached(
+                "UPDATE leases SET state = 'revoked', revoked_at = ?2, claimed_by = NULL, claim_until = NULL \
+                 WHERE id = ?1",
+            )?;
+            for id in &ids {
+                upd.execute(params![id, ms(at)])?;
             }
-            tx.commit()
+            Ok(())
         })
         .await
     }
@@ -355,20 +351,17 @@ impl LeaseStore for SqliteStore {
         // find nothing to drop and mark it then. A process crash keeps it.
         // (ARCHITECTURE.md, "What a revocation's answer waits for".)
         self.with_lazy(move |c| {
-            let tx = c.savepoint()?;
+            // All or none by the group commit's savepoint (see `update_one`).
             let mut marked = Vec::new();
-            {
-                let mut upd = tx.prepare_cached(
-                    "UPDATE leases SET state = 'revoked', revoked_at = ?2, claimed_by = NULL, claim_until = NULL \
-                     WHERE id = ?1 AND claimed_by = ?3 AND state <> 'revoked'",
-                )?;
-                for id in ids {
-                    if upd.execute(params![id.as_str(), ms(at), owner])? == 1 {
-                        marked.push(id);
-                    }
+            let mut upd = c.prepare_cached(
+                "UPDATE leases SET state = 'revoked', revoked_at = ?2, claimed_by = NULL, claim_until = NULL \
+                 WHERE id = ?1 AND claimed_by = ?3 AND state <> 'revoked'",
+            )?;
+            for id in ids {
+                if upd.execute(params![id.as_str(), ms(at), owner])? == 1 {
+                    marked.push(id);
                 }
             }
-            tx.commit()?;
             Ok(marked)
         })
         .await
