@@ -121,10 +121,19 @@ impl BenchPostgres {
 /// A temporary directory for one bench's files (`credbroker-bench-TAG-…`),
 /// removed when dropped.
 pub fn bench_dir(tag: &str) -> Result<tempfile::TempDir> {
-    tempfile::Builder::new()
-        .prefix(&format!("credbroker-bench-{tag}-"))
-        .tempdir()
-        .map_err(Error::internal)
+    let prefix = format!("credbroker-bench-{tag}-");
+    let mut b = tempfile::Builder::new();
+    let b = b.prefix(&prefix);
+    // `CREDBROKER_BENCH_DIR` puts the broker's files (config, certificates,
+    // lease store, audit log) apart from the throwaway databases, which
+    // stay in the temp dir: on another disk, the store's syncs no longer
+    // share a journal with the database's, as when the database runs on
+    // its own host (BENCHMARKS.md, "Quiet re-measure").
+    match std::env::var_os("CREDBROKER_BENCH_DIR") {
+        Some(dir) => b.tempdir_in(dir),
+        None => b.tempdir(),
+    }
+    .map_err(Error::internal)
 }
 
 /// A port free on 127.0.0.1 now, for a child process to bind (the
