@@ -326,11 +326,12 @@ async fn mysql_a_privilege_granted_by_hand_after_issue_still_gets_its_objects_mo
     b.stop().await;
 }
 
-/// The definer lookup reads views and triggers only in the schemas the
-/// user's grants reach: here a schema-level grant on two schemas (their
-/// names have `_`, a wildcard in such a grant) and a table-level one on
-/// a third. A view in each of the first two and a trigger in the third:
-/// all three move to the admin and keep working.
+/// The definer lookup reads views, triggers and routines only in the
+/// schemas the user's grants reach: here a schema-level grant on two
+/// schemas (their names have `_`, a wildcard in such a grant) and a
+/// table-level one on a third. A view in each of the first two, a
+/// procedure in the second and a trigger in the third: all four move to
+/// the admin and keep working.
 #[tokio::test]
 async fn mysql_objects_in_every_schema_a_lease_is_granted_on_get_their_definer_moved() {
     let t = local().await;
@@ -341,7 +342,7 @@ async fn mysql_objects_in_every_schema_a_lease_is_granted_on_get_their_definer_m
             "[roles.wide]\ndatabase = \"main\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n\
              allowed = [\"{APP}\"]\ngrants = [\
              \"GRANT SELECT, CREATE VIEW, SHOW VIEW ON `{s}`.* TO {{{{name}}}}\", \
-             \"GRANT SELECT, CREATE VIEW, SHOW VIEW ON `{second}`.* TO {{{{name}}}}\", \
+             \"GRANT SELECT, CREATE VIEW, SHOW VIEW, CREATE ROUTINE ON `{second}`.* TO {{{{name}}}}\", \
              \"GRANT SELECT, INSERT, TRIGGER ON `{third}`.orders TO {{{{name}}}}\"]\n\n"
         )
     })
@@ -352,6 +353,7 @@ async fn mysql_objects_in_every_schema_a_lease_is_granted_on_get_their_definer_m
     for sql in [
         "CREATE VIEW wide_v AS SELECT id FROM orders".to_string(),
         format!("CREATE VIEW `{second}`.wide_v AS SELECT item FROM `{second}`.orders"),
+        format!("CREATE PROCEDURE `{second}`.wide_p() SELECT COUNT(*) FROM `{second}`.orders"),
         format!(
             "CREATE TRIGGER `{third}`.wide_tr BEFORE INSERT ON `{third}`.orders \
              FOR EACH ROW SET NEW.item = UPPER(NEW.item)"
@@ -368,22 +370,23 @@ async fn mysql_objects_in_every_schema_a_lease_is_granted_on_get_their_definer_m
         "user not dropped"
     );
     let rec = audit_of(&b, &lease).expect("revocation record");
-    assert_eq!(rec.objects_reassigned, Some(3), "{rec:?}");
+    assert_eq!(rec.objects_reassigned, Some(4), "{rec:?}");
     assert_eq!(rec.reassigned_to.as_deref(), Some(admin.as_str()));
     let mut root = t.root().await;
-    for (schema, tag) in [(&b.schema, "wide"), (&second, "wide")] {
-        let d = definers(&mut root, schema, tag).await;
-        assert_eq!(d, vec![admin.clone()], "view in {schema}");
+    for (schema, n) in [(&b.schema, 1), (&second, 2), (&third, 1)] {
+        let d = definers(&mut root, schema, "wide").await;
+        assert_eq!(d, vec![admin.clone(); n], "objects in {schema}");
     }
-    assert_eq!(
-        definers(&mut root, &third, "wide").await,
-        vec![admin.clone()]
-    );
     let item: Option<String> = root
         .query_first(format!("SELECT item FROM `{second}`.wide_v"))
         .await
         .expect("the view in the second schema answers");
     assert_eq!(item.as_deref(), Some("coffee"));
+    let n: Option<i64> = root
+        .query_first(format!("CALL `{second}`.wide_p()"))
+        .await
+        .expect("the procedure runs with its new definer");
+    assert_eq!(n, Some(1));
     root.query_drop(format!("INSERT INTO `{third}`.orders VALUES (7, 'tea')"))
         .await
         .expect("the trigger runs with its new definer");

@@ -24,31 +24,34 @@
 //!   here: no MySQL 8 server on this machine).
 //!
 //! Where, on MariaDB: `information_schema.VIEWS` and `TRIGGERS` open the
-//! definition of every table they consider, so a lookup filtered by
-//! DEFINER alone reads every table of every schema, for each revocation.
-//! Instead the lookup first reads what the users can reach
-//! ([`reach_sql`]: schema, table, column and routine grants, their own,
-//! `PUBLIC`'s and, for schemas, the anonymous user's; ANY privilege
-//! counts) and looks for views and triggers in those schemas only, one
-//! schema at a time ([`Scope`], [`defined_objects_sql`]). Routines and
-//! events are always looked for everywhere: MariaDB reads them from one
-//! system table each (`mysql.proc`, `mysql.event`), whatever the number
-//! of tables. A global privilege or a granted role (not followed), grant
-//! tables the admin cannot read, or MySQL (whose information_schema reads
-//! the data dictionary, not table files) mean the full scan, as does
-//! the error path of a refused `DROP USER`.
+//! definition of every table they consider and `ROUTINES` parses every
+//! function's signature, so a lookup filtered by DEFINER alone reads every
+//! table of every schema, for each revocation. Instead the lookup first
+//! reads what the users can reach ([`reach_sql`]: schema, table, column
+//! and routine grants, their own, `PUBLIC`'s and, for schemas, the
+//! anonymous user's; ANY privilege counts, SELECT included) and looks for
+//! views, triggers and routines in those schemas only, one schema at a
+//! time ([`Scope`], [`defined_objects_sql`]): an equality on the schema is
+//! what makes MariaDB read only that schema's directory and `mysql.proc`
+//! rows (`IN (…)` still lists every schema's tables). No schema at all: a
+//! user without any privilege cannot have made one itself, so none is
+//! looked for. Events are looked for everywhere: MariaDB reads
+//! `mysql.event` whole whatever the filter. A global privilege, a granted
+//! role (not followed), grant tables the admin cannot read, or MySQL
+//! (whose information_schema reads the data dictionary, not table files)
+//! mean the full scan, as does the error path of a refused `DROP USER`.
 //!
-//! What the scoped lookup does not see: a view or trigger whose DEFINER
-//! is the user in a schema where the user, at revocation, holds no
-//! privilege at all. Only an account with SET USER (or SUPER) can define
-//! one for someone else, and the user can leave one behind itself only
-//! under a grant a DBA has revoked since: both are deliberate acts
-//! outside the broker on an account that is known to be short-lived. It
-//! is not lost: on MariaDB it fails ("the user specified as a definer
-//! does not exist") until an admin gives it a definer again (`ALTER
-//! VIEW`, `CREATE OR REPLACE TRIGGER`), its text intact. The failsafe
-//! event keeps counting everywhere ([`defined_count_expr`]): without the
-//! broker, a user that defines anything, anywhere, is locked, not dropped.
+//! What the scoped lookup does not see: a view, trigger or routine whose
+//! DEFINER is the user in a schema where the user, at revocation, holds
+//! no privilege at all. Only an account with SET USER (or SUPER) can
+//! define one for someone else, and the user can leave one behind itself
+//! only under a grant or role a DBA has revoked since: both deliberate
+//! acts outside the broker on an account known to be short-lived. It is
+//! not lost: on MariaDB it fails ("the user specified as a definer does
+//! not exist") until an admin gives it a definer again (`ALTER VIEW`,
+//! `CREATE OR REPLACE`), its text intact. The failsafe event keeps
+//! counting everywhere ([`defined_count_expr`]): without the broker, a
+//! user that defines anything, anywhere, is locked, not dropped.
 //!
 //! Nothing is parsed beyond an exact prefix match on the statement the
 //! server itself produced, built from the broker-made user name and host:
@@ -139,7 +142,7 @@ pub fn definer_key(user: &str, host: &str) -> String {
     format!("{user}@{host}")
 }
 
-/// Where a lookup looks for views and triggers (routines and events are
+/// Where a lookup looks for views, triggers and routines (events are
 /// always looked for everywhere: see the module doc).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -257,10 +260,9 @@ fn wild_match(pattern: &str, name: &str) -> bool {
 
 /// Every view, routine, trigger and event whose DEFINER is one of
 /// `definers` (`user@host`), except the broker's own failsafe events:
-/// views and triggers within `scope`, one branch per schema (an equality
-/// on the schema is what lets MariaDB read that one schema's directory
-/// only; `IN (…)` still lists every schema's tables), routines and events
-/// everywhere. Columns: kind, schema, name, definer, extra, security (see
+/// views, triggers and routines within `scope`, one branch per schema
+/// (see the module doc for why not `IN (…)`), events everywhere.
+/// Columns: kind, schema, name, definer, extra, security (see
 /// [`Defined`]).
 pub fn defined_objects_sql(definers: &[String], scope: &Scope, failsafe_schema: &str) -> String {
     let list = definers
@@ -282,8 +284,14 @@ pub fn defined_objects_sql(definers: &[String], scope: &Scope, failsafe_schema: 
                FROM information_schema.TRIGGERS WHERE {filter}DEFINER IN ({list}) UNION ALL "
         )
     };
+    let routines = |filter: &str| {
+        format!(
+            "SELECT ROUTINE_TYPE, ROUTINE_SCHEMA, ROUTINE_NAME, DEFINER, '', '' \
+               FROM information_schema.ROUTINES WHERE {filter}DEFINER IN ({list}) UNION ALL "
+        )
+    };
     let scoped = match scope {
-        Scope::Everywhere => views("") + &triggers(""),
+        Scope::Everywhere => views("") + &triggers("") + &routines(""),
         Scope::Schemas(schemas) => {
             let mut sql = String::new();
             for s in schemas {
@@ -292,13 +300,14 @@ pub fn defined_objects_sql(definers: &[String], scope: &Scope, failsafe_schema: 
             for s in schemas {
                 sql += &triggers(&format!("EVENT_OBJECT_SCHEMA = {} AND ", lit(s)));
             }
+            for s in schemas {
+                sql += &routines(&format!("ROUTINE_SCHEMA = {} AND ", lit(s)));
+            }
             sql
         }
     };
     format!(
-        "{scoped}SELECT ROUTINE_TYPE, ROUTINE_SCHEMA, ROUTINE_NAME, DEFINER, '', '' \
-           FROM information_schema.ROUTINES WHERE DEFINER IN ({list}) \
-         UNION ALL SELECT 'EVENT', EVENT_SCHEMA, EVENT_NAME, DEFINER, ON_COMPLETION, '' \
+        "{scoped}SELECT 'EVENT', EVENT_SCHEMA, EVENT_NAME, DEFINER, ON_COMPLETION, '' \
            FROM information_schema.EVENTS WHERE DEFINER IN ({list}) AND EVENT_SCHEMA <> {fs}",
         fs = lit(failsafe_schema)
     )
@@ -516,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scoped_lookup_reads_views_and_triggers_one_schema_at_a_time() {
+    fn a_scoped_lookup_reads_views_triggers_and_routines_one_schema_at_a_time() {
         let scope = Scope::Schemas(["shop".to_string(), "it's".to_string()].into());
         let sql = defined_objects_sql(&["cb_x@%".into()], &scope, "credbroker");
         for schema in ["'shop'", "'it''s'"] {
@@ -532,23 +541,29 @@ mod tests {
                 )),
                 "{sql}"
             );
+            assert!(
+                sql.contains(&format!(
+                    "information_schema.ROUTINES WHERE ROUTINE_SCHEMA = {schema} AND DEFINER IN ('cb_x@%')"
+                )),
+                "{sql}"
+            );
         }
         assert_eq!(sql.matches("information_schema.VIEWS").count(), 2);
         assert_eq!(sql.matches("information_schema.TRIGGERS").count(), 2);
-        // Routines and events: everywhere, whatever the scope.
-        assert!(sql.contains("information_schema.ROUTINES WHERE DEFINER IN ('cb_x@%')"));
+        assert_eq!(sql.matches("information_schema.ROUTINES").count(), 2);
+        // Events: everywhere, whatever the scope.
         assert!(sql.contains("information_schema.EVENTS WHERE DEFINER IN ('cb_x@%') AND EVENT_SCHEMA <> 'credbroker'"));
-        // No schema reachable: no view or trigger is looked for at all.
+        // No schema reachable: only events are looked for.
         let none = defined_objects_sql(
             &["cb_x@%".into()],
             &Scope::Schemas(BTreeSet::new()),
             "credbroker",
         );
         assert!(
-            !none.contains("VIEWS") && !none.contains("TRIGGERS"),
+            !none.contains("VIEWS") && !none.contains("TRIGGERS") && !none.contains("ROUTINES"),
             "{none}"
         );
-        assert!(none.starts_with("SELECT ROUTINE_TYPE"), "{none}");
+        assert!(none.starts_with("SELECT 'EVENT'"), "{none}");
     }
 
     #[test]

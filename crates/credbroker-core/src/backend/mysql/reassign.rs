@@ -12,16 +12,16 @@ use super::{Flavor, MysqlBackend, ServerInfo, FAILSAFE_SCHEMA};
 use crate::backend::{Reassigned, Revokee, UserRef};
 use crate::error::{Error, Result};
 
-/// The definer lookup reads views and triggers by opening table
-/// definitions (on MariaDB within the schemas the users can reach, see
-/// `definer`; elsewhere in every schema), a cost that grows with the
-/// tables scanned more than with the number of users asked about, and the
-/// scans serialise on the server. So revocations that arrive while one
-/// lookup runs queue up and the next lookup answers them all: one lane, a
-/// queue, each caller its share of the rows. A caller always joins the
-/// queue *after* it locked its users, so the lookup that answers it (its
-/// grants read included) starts after the lock — nothing it reports can
-/// be created after it ran.
+/// The definer lookup reads table definitions and routine signatures (on
+/// MariaDB within the schemas the users can reach, see `definer`;
+/// elsewhere in every schema), a cost that grows with what it scans more
+/// than with the number of users asked about, and the scans serialise on
+/// the server. So revocations that arrive while one lookup runs queue up
+/// and the next lookup answers them all: one lane, a queue, each caller
+/// its share of the rows. A caller always joins the queue *after* it
+/// locked its users, so the lookup that answers it (its grants read
+/// included) starts after the lock — nothing it reports can be created
+/// after it ran.
 #[derive(Default)]
 pub(super) struct DefinerLookups {
     queue: std::sync::Mutex<Vec<LookupWaiter>>,
@@ -92,10 +92,10 @@ impl MysqlBackend {
         self.defined_by_keys(conn, &keys, &Scope::Everywhere).await
     }
 
-    /// Where the accounts' views and triggers can be: the schemas their
-    /// grants reach on MariaDB, everywhere when that cannot be told (see
-    /// `definer`). Grant tables the admin may not read are no error, only
-    /// the slower full scan.
+    /// Where the accounts' views, triggers and routines can be: the
+    /// schemas their grants reach on MariaDB, everywhere when that cannot
+    /// be told (see `definer`). Grant tables the admin may not read are no
+    /// error, only the slower full scan.
     async fn scope(&self, conn: &mut Conn, accounts: &[(String, String)]) -> Result<Scope> {
         let server = self.server().await?;
         if !definer::scopes_lookups(server.flavor, server.version) {

@@ -34,9 +34,9 @@ impl MysqlBackend {
         }
         // Always looked up (the costliest step of a MySQL revocation): a
         // role's grants prove nothing, since a DBA can widen a lease by
-        // hand. On MariaDB views and triggers are looked for only where
-        // the user's grants, read now, reach; what that leaves out is in
-        // `definer`'s doc.
+        // hand. On MariaDB views, triggers and routines are looked for
+        // only where the user's grants, read now, reach; what that leaves
+        // out is in `definer`'s doc.
         let defined = self.defined_by_shared(&mut conn, &users).await?;
         let mut reassigned = Vec::new();
         if !defined.is_empty() {
