@@ -326,6 +326,134 @@ async fn mysql_a_privilege_granted_by_hand_after_issue_still_gets_its_objects_mo
     b.stop().await;
 }
 
+/// The definer lookup reads views, triggers and routines only in the
+/// schemas the user's grants reach: here a schema-level grant on two
+/// schemas (their names have `_`, a wildcard in such a grant) and a
+/// table-level one on a third. A view in each of the first two, a
+/// procedure in the second and a trigger in the third: all four move to
+/// the admin and keep working.
+#[tokio::test]
+async fn mysql_objects_in_every_schema_a_lease_is_granted_on_get_their_definer_moved() {
+    let t = local().await;
+    let second = t.fresh_schema().await;
+    let third = t.fresh_schema().await;
+    let b = MyBroker::start(&t, |s| {
+        format!(
+            "[roles.wide]\ndatabase = \"main\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n\
+             allowed = [\"{APP}\"]\ngrants = [\
+             \"GRANT SELECT, CREATE VIEW, SHOW VIEW ON `{s}`.* TO {{{{name}}}}\", \
+             \"GRANT SELECT, CREATE VIEW, SHOW VIEW, CREATE ROUTINE ON `{second}`.* TO {{{{name}}}}\", \
+             \"GRANT SELECT, INSERT, TRIGGER ON `{third}`.orders TO {{{{name}}}}\"]\n\n"
+        )
+    })
+    .await;
+    let admin = t.current_user().await;
+    let lease = b.issue("wide", 300).await.unwrap();
+    let mut c = b.login(&lease).await.expect("leased login");
+    for sql in [
+        "CREATE VIEW wide_v AS SELECT id FROM orders".to_string(),
+        format!("CREATE VIEW `{second}`.wide_v AS SELECT item FROM `{second}`.orders"),
+        format!("CREATE PROCEDURE `{second}`.wide_p() SELECT COUNT(*) FROM `{second}`.orders"),
+        format!(
+            "CREATE TRIGGER `{third}`.wide_tr BEFORE INSERT ON `{third}`.orders \
+             FOR EACH ROW SET NEW.item = UPPER(NEW.item)"
+        ),
+    ] {
+        c.query_drop(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    drop(c);
+    b.revoke(&lease).await;
+    assert!(
+        t.user_hosts(&lease.username).await.is_empty(),
+        "user not dropped"
+    );
+    let rec = audit_of(&b, &lease).expect("revocation record");
+    assert_eq!(rec.objects_reassigned, Some(4), "{rec:?}");
+    assert_eq!(rec.reassigned_to.as_deref(), Some(admin.as_str()));
+    let mut root = t.root().await;
+    for (schema, n) in [(&b.schema, 1), (&second, 2), (&third, 1)] {
+        let d = definers(&mut root, schema, "wide").await;
+        assert_eq!(d, vec![admin.clone(); n], "objects in {schema}");
+    }
+    let item: Option<String> = root
+        .query_first(format!("SELECT item FROM `{second}`.wide_v"))
+        .await
+        .expect("the view in the second schema answers");
+    assert_eq!(item.as_deref(), Some("coffee"));
+    let n: Option<i64> = root
+        .query_first(format!("CALL `{second}`.wide_p()"))
+        .await
+        .expect("the procedure runs with its new definer");
+    assert_eq!(n, Some(1));
+    root.query_drop(format!("INSERT INTO `{third}`.orders VALUES (7, 'tea')"))
+        .await
+        .expect("the trigger runs with its new definer");
+    let item: Option<String> = root
+        .query_first(format!("SELECT item FROM `{third}`.orders WHERE id = 7"))
+        .await
+        .unwrap();
+    assert_eq!(item.as_deref(), Some("TEA"), "the trigger did not fire");
+    b.finish().await;
+    root.query_drop(format!("DROP DATABASE `{second}`; DROP DATABASE `{third}`"))
+        .await
+        .unwrap();
+}
+
+/// A lease with a global privilege, and one with a role, are looked up in
+/// every schema: an admin (SET USER) made each of them the definer of a
+/// view in a schema they hold no grant of their own on, and both views
+/// still move to the admin.
+#[tokio::test]
+async fn mysql_a_lease_with_a_global_privilege_or_a_role_is_looked_up_everywhere() {
+    let t = local().await;
+    let elsewhere = t.fresh_schema().await;
+    let b = MyBroker::start(&t, reader).await;
+    let admin = t.current_user().await;
+    let global = b.issue("reader", 300).await.unwrap();
+    let member = b.issue("reader", 300).await.unwrap();
+    let role = unique("cbrole")[..18].to_string();
+    let mut root = t.root().await;
+    root.query_drop(format!(
+        "GRANT PROCESS ON *.* TO '{g}'@'%'; \
+         CREATE ROLE '{role}'; GRANT SELECT ON `{elsewhere}`.* TO '{role}'; \
+         GRANT '{role}' TO '{m}'@'%'; \
+         CREATE DEFINER = '{g}'@'%' VIEW `{elsewhere}`.global_v AS SELECT item FROM `{elsewhere}`.orders; \
+         CREATE DEFINER = '{m}'@'%' VIEW `{elsewhere}`.member_v AS SELECT item FROM `{elsewhere}`.orders",
+        g = global.username,
+        m = member.username,
+    ))
+    .await
+    .unwrap();
+    for (lease, view) in [(&global, "global_v"), (&member, "member_v")] {
+        b.revoke(lease).await;
+        assert!(
+            t.user_hosts(&lease.username).await.is_empty(),
+            "user not dropped"
+        );
+        let rec = audit_of(&b, lease).expect("revocation record");
+        assert_eq!(rec.objects_reassigned, Some(1), "{view}: {rec:?}");
+        let definer: Option<String> = root
+            .exec_first(
+                "SELECT DEFINER FROM information_schema.VIEWS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                (&elsewhere, view),
+            )
+            .await
+            .unwrap();
+        assert_eq!(definer.as_deref(), Some(admin.as_str()), "{view}");
+        let item: Option<String> = root
+            .query_first(format!("SELECT item FROM `{elsewhere}`.{view}"))
+            .await
+            .unwrap_or_else(|e| panic!("{view} broke: {e}"));
+        assert_eq!(item.as_deref(), Some("coffee"));
+    }
+    b.finish().await;
+    root.query_drop(format!("DROP ROLE '{role}'; DROP DATABASE `{elsewhere}`"))
+        .await
+        .unwrap();
+}
+
 /// The drop cannot run (the role's owner account does not exist, so the
 /// view's definer cannot move): the account is locked and its sessions
 /// gone all the same, the lease is `failing` with the reason, the view

@@ -5,7 +5,8 @@ use crate::backend::UserRef;
 
 /// A single-quoted string literal. Backslashes are doubled for the default
 /// SQL mode; every value we quote is a broker-made name, a validated host
-/// pattern or a hash without quotes or backslashes, so
+/// pattern, a hash or a schema name read from the server, none with a
+/// backslash (`definer::scope_of` checks the schema names), so
 /// `NO_BACKSLASH_ESCAPES` cannot change its meaning.
 pub(super) fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))

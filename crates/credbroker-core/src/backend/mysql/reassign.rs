@@ -6,35 +6,38 @@
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-use super::definer::{self, Defined, ObjectKind};
+use super::definer::{self, Defined, ObjectKind, Scope};
 use super::quote::{account, host_of, ident, lit};
 use super::{Flavor, MysqlBackend, ServerInfo, FAILSAFE_SCHEMA};
 use crate::backend::{Reassigned, Revokee, UserRef};
 use crate::error::{Error, Result};
 
-/// The definer lookup scans every schema's views, routines and triggers
-/// (three quarters of a MySQL revocation, and the scans serialise on the
-/// server), whatever the number of users it asks about. So revocations
-/// that arrive while one lookup runs queue up and the next lookup answers
-/// them all: one lane, a queue, each caller its share of the rows. A
-/// caller always joins the queue *after* it locked its users, so the
-/// lookup that answers it starts after the lock — nothing it reports can
-/// be created after it ran.
+/// The definer lookup reads table definitions and routine signatures (on
+/// MariaDB within the schemas the users can reach, see `definer`;
+/// elsewhere in every schema), a cost that grows with what it scans more
+/// than with the number of users asked about, and the scans serialise on
+/// the server. So revocations that arrive while one lookup runs queue up
+/// and the next lookup answers them all: one lane, a queue, each caller
+/// its share of the rows. A caller always joins the queue *after* it
+/// locked its users, so the lookup that answers it (its grants read
+/// included) starts after the lock — nothing it reports can be created
+/// after it ran.
 #[derive(Default)]
 pub(super) struct DefinerLookups {
     queue: std::sync::Mutex<Vec<LookupWaiter>>,
     lane: tokio::sync::Mutex<()>,
 }
 
+/// The callers' accounts (user, host) and where their share goes.
 type LookupWaiter = (
-    Vec<String>,
+    Vec<(String, String)>,
     tokio::sync::oneshot::Sender<Result<Vec<Defined>>>,
 );
 
 impl MysqlBackend {
-    /// What the users are the DEFINER of, in every schema the admin can see.
-    /// `defined_by`, sharing the lookup with the revocations running at
-    /// the same time (see [`DefinerLookups`]).
+    /// What the users are the DEFINER of, where they can reach (see
+    /// `definer`), sharing the lookup with the revocations running at the
+    /// same time (see [`DefinerLookups`]).
     pub(super) async fn defined_by_shared(
         &self,
         conn: &mut Conn,
@@ -45,16 +48,21 @@ impl MysqlBackend {
             .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((definer_keys(users), tx));
+            .push((accounts(users), tx));
         {
             let _lane = self.lookups.lane.lock().await;
             let batch =
                 std::mem::take(&mut *self.lookups.queue.lock().unwrap_or_else(|p| p.into_inner()));
             // Empty: an earlier lookup, started after we queued, answered us.
             if !batch.is_empty() {
-                let all: Vec<String> = batch.iter().flat_map(|(k, _)| k.iter().cloned()).collect();
-                let found = self.defined_by_keys(conn, &all).await;
-                for (keys, tx) in batch {
+                let all: Vec<(String, String)> =
+                    batch.iter().flat_map(|(a, _)| a.iter().cloned()).collect();
+                let found = match self.scope(conn, &all).await {
+                    Ok(scope) => self.defined_by_keys(conn, &keys_of(&all), &scope).await,
+                    Err(e) => Err(e),
+                };
+                for (accounts, tx) in batch {
+                    let keys = keys_of(&accounts);
                     let share = found.as_ref().map_err(Clone::clone).map(|rows| {
                         rows.iter()
                             .filter(|d| keys.iter().any(|k| d.definer.eq_ignore_ascii_case(k)))
@@ -73,19 +81,53 @@ impl MysqlBackend {
         })?
     }
 
+    /// What the users are the DEFINER of in every schema the admin can
+    /// see: the full scan, for the error path of a refused drop.
     pub(super) async fn defined_by(
         &self,
         conn: &mut Conn,
         users: &[&UserRef],
     ) -> Result<Vec<Defined>> {
-        self.defined_by_keys(conn, &definer_keys(users)).await
+        let keys = keys_of(&accounts(users));
+        self.defined_by_keys(conn, &keys, &Scope::Everywhere).await
     }
 
-    async fn defined_by_keys(&self, conn: &mut Conn, keys: &[String]) -> Result<Vec<Defined>> {
+    /// Where the accounts' views, triggers and routines can be: the
+    /// schemas their grants reach on MariaDB, everywhere when that cannot
+    /// be told (see `definer`). Grant tables the admin may not read are no
+    /// error, only the slower full scan.
+    async fn scope(&self, conn: &mut Conn, accounts: &[(String, String)]) -> Result<Scope> {
+        let server = self.server().await?;
+        if !definer::scopes_lookups(server.flavor, server.version) {
+            return Ok(Scope::Everywhere);
+        }
+        let mut names: Vec<&str> = accounts.iter().map(|(u, _)| u.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        match self
+            .timed_raw("read grants", conn.query(definer::reach_sql(&names)))
+            .await?
+        {
+            Ok(rows) => Ok(definer::scope_of(&rows)),
+            Err(mysql_async::Error::Server(e)) => {
+                tracing::debug!(database = %self.config.name, error = %e.message,
+                    "grants unreadable; the definer lookup scans every schema");
+                Ok(Scope::Everywhere)
+            }
+            Err(e) => Err(self.db_error("read grants", e)),
+        }
+    }
+
+    async fn defined_by_keys(
+        &self,
+        conn: &mut Conn,
+        keys: &[String],
+        scope: &Scope,
+    ) -> Result<Vec<Defined>> {
         let rows: Vec<(String, String, String, String, String, String)> = self
             .timed(
                 "list defined objects",
-                conn.query(definer::defined_objects_sql(keys, FAILSAFE_SCHEMA)),
+                conn.query(definer::defined_objects_sql(keys, scope, FAILSAFE_SCHEMA)),
             )
             .await?;
         rows.into_iter()
@@ -330,9 +372,17 @@ impl MysqlBackend {
     }
 }
 
-fn definer_keys(users: &[&UserRef]) -> Vec<String> {
+fn accounts(users: &[&UserRef]) -> Vec<(String, String)> {
     users
         .iter()
-        .map(|u| definer::definer_key(u.username.as_str(), host_of(u)))
+        .map(|u| (u.username.as_str().to_string(), host_of(u).to_string()))
+        .collect()
+}
+
+/// `user@host` of each account, as the DEFINER columns spell it.
+fn keys_of(accounts: &[(String, String)]) -> Vec<String> {
+    accounts
+        .iter()
+        .map(|(u, h)| definer::definer_key(u, h))
         .collect()
 }

@@ -32,10 +32,11 @@ impl MysqlBackend {
             self.lock(&mut conn, &users).await?;
             self.kill_sessions(&mut conn, &names).await?;
         }
-        // Always looked up, though it scans every schema (the costliest
-        // step of a MySQL revocation): the user's own grants prove nothing,
-        // since an account with SET USER / SUPER — a DBA, a migration tool
-        // — can create a view or routine with `DEFINER = <this user>`.
+        // Always looked up (the costliest step of a MySQL revocation): a
+        // role's grants prove nothing, since a DBA can widen a lease by
+        // hand. On MariaDB views, triggers and routines are looked for
+        // only where the user's grants, read now, reach; what that leaves
+        // out is in `definer`'s doc.
         let defined = self.defined_by_shared(&mut conn, &users).await?;
         let mut reassigned = Vec::new();
         if !defined.is_empty() {
@@ -186,7 +187,8 @@ impl MysqlBackend {
     }
 
     /// A refused `DROP USER`, named by its reason when it is a definer the
-    /// move did not reach (MySQL 8.0.22+: an object the admin cannot see).
+    /// move did not reach (MySQL 8.0.22+: an object the admin cannot see),
+    /// looked for in every schema.
     async fn drop_refused(
         &self,
         conn: &mut Conn,
