@@ -54,10 +54,7 @@ impl PostgresBackend {
 
     pub(super) async fn end_idle(&self, user: &str, settled: Duration) -> Result<Sessions> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(END_IDLE)
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
+        let stmt = self.prepare(&client, END_IDLE).await?;
         let row = client
             .query_one(&stmt, &[&user, &settled.as_secs_f64()])
             .await
