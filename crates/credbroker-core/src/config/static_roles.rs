@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{
-    duration_or, identity_pattern, parse_duration, valid_key, DatabaseConfig, ABSOLUTE_MAX_TTL,
+    duration_or, identity_pattern, is_host_pattern, is_role_name, parse_duration, valid_key,
+    DatabaseConfig, ABSOLUTE_MAX_TTL,
 };
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
@@ -328,12 +329,7 @@ fn validate_one(
         )));
     }
     if let Some(owner) = &r.owner {
-        let ok = !owner.is_empty()
-            && owner.len() <= 63
-            && !owner
-                .chars()
-                .any(|c| c.is_control() || c == '\'' || c == '`' || c == '"');
-        if !ok || r.users.iter().any(|u| u == owner) {
+        if !is_role_name(owner) || r.users.iter().any(|u| u == owner) {
             return Err(err(format!(
                 "{}: {owner:?} is not a role name other than the users",
                 what("owner")
@@ -341,13 +337,7 @@ fn validate_one(
         }
     }
     let host = r.host.unwrap_or_else(|| "%".to_string());
-    let host_ok = !host.is_empty()
-        && host.len() <= 255
-        && host != crate::config::CALLER_HOST
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b));
-    if !host_ok {
+    if !is_host_pattern(&host) || host == crate::config::CALLER_HOST {
         return Err(err(format!(
             "{}: {host:?} is not a MySQL host pattern",
             what("host")
