@@ -269,17 +269,7 @@ impl RawRole {
         if max_ttl > ABSOLUTE_MAX_TTL {
             return Err(cfg_err(format!("{}: at most 31 days", what("max_ttl"))));
         }
-        if self.allowed.is_empty() {
-            return Err(cfg_err(format!(
-                "{}: empty, so nobody could lease this role; list identity patterns",
-                what("allowed")
-            )));
-        }
-        let allowed = self
-            .allowed
-            .iter()
-            .map(|p| identity_pattern(&what("allowed"), p))
-            .collect::<Result<Vec<_>>>()?;
+        let allowed = allowed_patterns(&what("allowed"), &self.allowed, "lease this role")?;
         let allowed_networks = networks(
             &what("allowed_networks"),
             &self.allowed_networks,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{
-    duration_or, identity_pattern, is_host_pattern, is_role_name, parse_duration, valid_key,
+    allowed_patterns, duration_or, is_host_pattern, is_role_name, parse_duration, valid_key,
     DatabaseConfig, ABSOLUTE_MAX_TTL,
 };
 use crate::error::{Error, Result};
@@ -249,17 +249,7 @@ fn validate_one(
             r.database
         )));
     };
-    if r.allowed.is_empty() {
-        return Err(err(format!(
-            "{}: empty, so nobody could read this static role; list identity patterns",
-            what("allowed")
-        )));
-    }
-    let allowed = r
-        .allowed
-        .iter()
-        .map(|p| identity_pattern(&what("allowed"), p))
-        .collect::<Result<Vec<_>>>()?;
+    let allowed = allowed_patterns(&what("allowed"), &r.allowed, "read this static role")?;
     let rotation_period = parse_duration(&what("rotation_period"), &r.rotation_period)?;
     if rotation_period < Duration::from_secs(1) {
         return Err(err(format!("{}: at least 1s", what("rotation_period"))));
