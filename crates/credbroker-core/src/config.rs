@@ -433,6 +433,21 @@ pub(crate) fn identity_pattern(key: &str, pattern: &str) -> Result<IdentityPatte
     IdentityPattern::new(pattern).map_err(|e| e.config(key))
 }
 
+/// A role's or static role's `allowed` identity patterns, each parsed; an
+/// empty list is refused (`nobody could` say what then).
+pub(crate) fn allowed_patterns(
+    key: &str,
+    list: &[String],
+    nobody_could: &str,
+) -> Result<Vec<IdentityPattern>> {
+    if list.is_empty() {
+        return Err(cfg_err(format!(
+            "{key}: empty, so nobody could {nobody_could}; list identity patterns"
+        )));
+    }
+    list.iter().map(|p| identity_pattern(key, p)).collect()
+}
+
 /// The running config, swapped whole on SIGHUP; every reader takes a
 /// snapshot, so one request sees one config from start to end.
 #[derive(Clone)]

@@ -20,6 +20,20 @@ fn random_string(len: usize, alphabet: &[u8]) -> String {
         .collect()
 }
 
+/// A broker-made id: `prefix`, then `len` random characters of
+/// [`NAME_ALPHABET`] (lease, lock, access request and webhook event ids).
+pub(crate) fn random_id(prefix: &str, len: usize) -> String {
+    format!("{prefix}{}", random_string(len, NAME_ALPHABET))
+}
+
+/// Whether caller text has the exact shape [`random_id`] makes for
+/// `prefix` and `len`: such an id never carries anything else into the
+/// store or a log line.
+pub(crate) fn is_random_id(s: &str, prefix: &str, len: usize) -> bool {
+    s.strip_prefix(prefix)
+        .is_some_and(|t| t.len() == len && t.bytes().all(|b| NAME_ALPHABET.contains(&b)))
+}
+
 /// A lease id: `l_` followed by 26 random characters (~134 bits).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
@@ -27,16 +41,13 @@ pub struct LeaseId(String);
 
 impl LeaseId {
     pub fn generate() -> Self {
-        LeaseId(format!("l_{}", random_string(26, NAME_ALPHABET)))
+        LeaseId(random_id("l_", 26))
     }
 
     /// Parses caller text. Only the exact shape we generate is accepted, so a
     /// lease id never carries anything else into the store or a log line.
     pub fn parse(s: &str) -> Result<Self> {
-        let ok = s.len() == 28
-            && s.starts_with("l_")
-            && s[2..].bytes().all(|b| NAME_ALPHABET.contains(&b));
-        if ok {
+        if is_random_id(s, "l_", 26) {
             Ok(LeaseId(s.to_string()))
         } else {
             Err(Error::invalid("malformed lease id"))

@@ -8,10 +8,10 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
 
 use crate::error::{Error, Result};
 use crate::identity::Identity;
+use crate::lease::{is_random_id, random_id};
 use crate::policy::IdentityPattern;
 
 /// Longest reason an admin may give: it goes into every refusal and audit
@@ -21,27 +21,18 @@ pub const MAX_REASON_LEN: usize = 512;
 /// Longest `--for`: a lock meant to last longer is a config change.
 pub const MAX_LOCK_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
-const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-
 /// A lock id: `k_` followed by 20 random characters.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LockId(String);
 
 impl LockId {
     pub fn generate() -> Self {
-        let mut rng = rand::rng();
-        let tail: String = (0..20)
-            .map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char)
-            .collect();
-        LockId(format!("k_{tail}"))
+        LockId(random_id("k_", 20))
     }
 
     /// Parses caller text; only the shape we generate passes.
     pub fn parse(s: &str) -> Result<Self> {
-        let ok = s.len() == 22
-            && s.starts_with("k_")
-            && s[2..].bytes().all(|b| ID_ALPHABET.contains(&b));
-        if ok {
+        if is_random_id(s, "k_", 20) {
             Ok(LockId(s.to_string()))
         } else {
             Err(Error::invalid("malformed lock id"))

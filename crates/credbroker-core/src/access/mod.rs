@@ -29,13 +29,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
 
 use crate::audit::{Event, Outcome};
 use crate::broker::Broker;
 use crate::config::AccessPolicy;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
+use crate::lease::{is_random_id, random_id};
 pub use crate::store::{AccessFilter, AccessRequest, AccessState, Approval};
 pub use notify::{AccessNotifier, Kind, LogNotifier, WebhookNotifier};
 
@@ -68,23 +68,13 @@ pub struct Access {
 
 /// A new request id: `ar_` and 26 characters of `[a-z0-9]` (≈ 2^134).
 pub fn new_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let tail: String = (0..26)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("ar_{tail}")
+    random_id("ar_", 26)
 }
 
 /// Parses caller text as a request id: the exact shape we make, so an id
 /// never carries anything else into the store or a log line.
 pub fn parse_id(s: &str) -> Result<String> {
-    let ok = s.len() == 29
-        && s.starts_with("ar_")
-        && s[3..]
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if ok {
+    if is_random_id(s, "ar_", 26) {
         Ok(s.to_string())
     } else {
         Err(Error::invalid("malformed access request id (ar_…)"))

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{truncate_text, Broker, IssuedLease, MAX_ROLE_LEN};
+use super::{check_role_name, truncate_text, Broker, IssuedLease};
 use crate::audit::{Event, Outcome};
 use crate::backend::{Backend, NewUser};
 use crate::config::{Config, RoleConfig};
@@ -347,14 +347,7 @@ pub(crate) fn not_allowed(who: &Identity, role: &str) -> Error {
 }
 
 pub(crate) fn lookup_role<'c>(config: &'c Config, name: &str) -> Result<&'c RoleConfig> {
-    if name.is_empty() {
-        return Err(Error::invalid("role is required"));
-    }
-    if name.len() > MAX_ROLE_LEN {
-        return Err(Error::invalid(format!(
-            "role name longer than {MAX_ROLE_LEN} bytes"
-        )));
-    }
+    check_role_name(name, "role", "role")?;
     config
         .role(name)
         .ok_or_else(|| Error::NotFound(format!("no role {name:?} is configured")))

@@ -336,6 +336,21 @@ impl Broker {
     }
 }
 
+/// A role name a caller sent, before it is looked up: there (else
+/// "`field` is required") and no longer than [`MAX_ROLE_LEN`]; `kind`
+/// says which name (`role`, `static role`).
+fn check_role_name(name: &str, field: &str, kind: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(format!("{field} is required")));
+    }
+    if name.len() > MAX_ROLE_LEN {
+        return Err(Error::invalid(format!(
+            "{kind} name longer than {MAX_ROLE_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Caps caller-supplied text before it goes into an audit record.
 pub(crate) fn truncate_text(s: &str) -> String {
     let mut out: String = s

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{truncate_text, Broker, MAX_ROLE_LEN};
+use super::{check_role_name, truncate_text, Broker};
 use crate::audit::{Event, Outcome};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -175,14 +175,7 @@ impl Broker {
 }
 
 pub(crate) fn lookup_static<'c>(config: &'c Config, name: &str) -> Result<&'c StaticRoleConfig> {
-    if name.is_empty() {
-        return Err(Error::invalid("static_role is required"));
-    }
-    if name.len() > MAX_ROLE_LEN {
-        return Err(Error::invalid(format!(
-            "static role name longer than {MAX_ROLE_LEN} bytes"
-        )));
-    }
+    check_role_name(name, "static_role", "static role")?;
     config
         .static_roles
         .get(name)

@@ -269,17 +269,7 @@ impl RawRole {
         if max_ttl > ABSOLUTE_MAX_TTL {
             return Err(cfg_err(format!("{}: at most 31 days", what("max_ttl"))));
         }
-        if self.allowed.is_empty() {
-            return Err(cfg_err(format!(
-                "{}: empty, so nobody could lease this role; list identity patterns",
-                what("allowed")
-            )));
-        }
-        let allowed = self
-            .allowed
-            .iter()
-            .map(|p| identity_pattern(&what("allowed"), p))
-            .collect::<Result<Vec<_>>>()?;
+        let allowed = allowed_patterns(&what("allowed"), &self.allowed, "lease this role")?;
         let allowed_networks = networks(
             &what("allowed_networks"),
             &self.allowed_networks,
@@ -294,12 +284,7 @@ impl RawRole {
             }
         }
         let host = self.host.unwrap_or_else(|| "%".to_string());
-        let host_ok = !host.is_empty()
-            && host.len() <= 255
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b));
-        if !host_ok {
+        if !is_host_pattern(&host) {
             return Err(cfg_err(format!(
                 "{}: {host:?} is not a MySQL host pattern",
                 what("host")
@@ -312,14 +297,7 @@ impl RawRole {
             )));
         }
         if let Some(owner) = &self.owner {
-            // Quoted wherever it reaches SQL; this only keeps out what no
-            // real role or account name holds.
-            let owner_ok = !owner.is_empty()
-                && owner.len() <= 63
-                && !owner
-                    .chars()
-                    .any(|c| c.is_control() || c == '\'' || c == '`' || c == '"');
-            if !owner_ok {
+            if !is_role_name(owner) {
                 return Err(cfg_err(format!(
                     "{}: {owner:?} is not a role or account name",
                     what("owner")
@@ -353,6 +331,27 @@ impl RawRole {
             name,
         })
     }
+}
+
+/// Whether `host` can be a MySQL account's host part (`%`, a name, an
+/// address, a netmask; quoted wherever it reaches SQL).
+pub(super) fn is_host_pattern(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b))
+}
+
+/// Whether `name` can be a role or account name. Quoted wherever it
+/// reaches SQL; this only keeps out what no real role or account name
+/// holds.
+pub(super) fn is_role_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name
+            .chars()
+            .any(|c| c.is_control() || c == '\'' || c == '`' || c == '"')
 }
 
 pub(super) fn server_prefix_fits(prefix: &str) -> bool {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{
-    duration_or, identity_pattern, parse_duration, valid_key, DatabaseConfig, ABSOLUTE_MAX_TTL,
+    allowed_patterns, duration_or, is_host_pattern, is_role_name, parse_duration, valid_key,
+    DatabaseConfig, ABSOLUTE_MAX_TTL,
 };
 use crate::error::{Error, Result};
 use crate::lease::{BackendKind, MAX_USERNAME_LEN};
@@ -248,17 +249,7 @@ fn validate_one(
             r.database
         )));
     };
-    if r.allowed.is_empty() {
-        return Err(err(format!(
-            "{}: empty, so nobody could read this static role; list identity patterns",
-            what("allowed")
-        )));
-    }
-    let allowed = r
-        .allowed
-        .iter()
-        .map(|p| identity_pattern(&what("allowed"), p))
-        .collect::<Result<Vec<_>>>()?;
+    let allowed = allowed_patterns(&what("allowed"), &r.allowed, "read this static role")?;
     let rotation_period = parse_duration(&what("rotation_period"), &r.rotation_period)?;
     if rotation_period < Duration::from_secs(1) {
         return Err(err(format!("{}: at least 1s", what("rotation_period"))));
@@ -328,12 +319,7 @@ fn validate_one(
         )));
     }
     if let Some(owner) = &r.owner {
-        let ok = !owner.is_empty()
-            && owner.len() <= 63
-            && !owner
-                .chars()
-                .any(|c| c.is_control() || c == '\'' || c == '`' || c == '"');
-        if !ok || r.users.iter().any(|u| u == owner) {
+        if !is_role_name(owner) || r.users.iter().any(|u| u == owner) {
             return Err(err(format!(
                 "{}: {owner:?} is not a role name other than the users",
                 what("owner")
@@ -341,13 +327,7 @@ fn validate_one(
         }
     }
     let host = r.host.unwrap_or_else(|| "%".to_string());
-    let host_ok = !host.is_empty()
-        && host.len() <= 255
-        && host != crate::config::CALLER_HOST
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-%_:/".contains(&b));
-    if !host_ok {
+    if !is_host_pattern(&host) || host == crate::config::CALLER_HOST {
         return Err(err(format!(
             "{}: {host:?} is not a MySQL host pattern",
             what("host")

@@ -130,22 +130,17 @@ pub async fn page(
         more: 0,
         error: None,
     };
-    match console.access.list(&viewer.identity, false).await {
-        Ok(mut list) => {
-            list.sort_by(|a, b| {
-                rank(a, now)
-                    .cmp(&rank(b, now))
-                    .then(b.created_at.cmp(&a.created_at))
-            });
-            view.more = list.len().saturating_sub(MAX_ROWS);
-            view.rows = list.iter().take(MAX_ROWS).map(|r| row(r, now)).collect();
-            page::render(StatusCode::OK, &view)
-        }
-        Err(e) => {
-            view.error = Some(page::caller_text(&e));
-            page::render(page::status_of(&e), &view)
-        }
-    }
+    let read = console.access.list(&viewer.identity, false).await;
+    let read = read.map(|mut list| {
+        list.sort_by(|a, b| {
+            rank(a, now)
+                .cmp(&rank(b, now))
+                .then(b.created_at.cmp(&a.created_at))
+        });
+        view.more = list.len().saturating_sub(MAX_ROWS);
+        view.rows = list.iter().take(MAX_ROWS).map(|r| row(r, now)).collect();
+    });
+    page::render_read(StatusCode::OK, &mut view, |v| &mut v.error, read)
 }
 
 #[derive(Deserialize)]

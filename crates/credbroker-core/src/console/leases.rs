@@ -290,31 +290,25 @@ pub async fn page(
         let leases = console.broker.admin_list(&viewer.identity, &filter).await?;
         Ok::<_, Error>((total, leases))
     };
-    match listed.await {
-        Ok((total, leases)) => {
-            view.total = total;
-            view.pages = (total as usize).div_ceil(PAGE_SIZE).max(1);
-            view.page = page_no;
-            view.first = if leases.is_empty() {
-                0
-            } else {
-                ((page_no - 1) * PAGE_SIZE + 1) as u64
-            };
-            view.last = ((page_no - 1) * PAGE_SIZE + leases.len()) as u64;
-            let link = |p: usize| {
-                let sep = if query.is_empty() { "" } else { "&" };
-                format!("/leases?{query}{sep}page={p}")
-            };
-            view.prev = (page_no > 1).then(|| link(page_no - 1));
-            view.next = (page_no < view.pages).then(|| link(page_no + 1));
-            view.rows = leases.iter().map(|l| Row::new(l, now)).collect();
-            page::render(StatusCode::OK, &view)
-        }
-        Err(e) => {
-            view.error = Some(page::caller_text(&e));
-            page::render(page::status_of(&e), &view)
-        }
-    }
+    let read = listed.await.map(|(total, leases)| {
+        view.total = total;
+        view.pages = (total as usize).div_ceil(PAGE_SIZE).max(1);
+        view.page = page_no;
+        view.first = if leases.is_empty() {
+            0
+        } else {
+            ((page_no - 1) * PAGE_SIZE + 1) as u64
+        };
+        view.last = ((page_no - 1) * PAGE_SIZE + leases.len()) as u64;
+        let link = |p: usize| {
+            let sep = if query.is_empty() { "" } else { "&" };
+            format!("/leases?{query}{sep}page={p}")
+        };
+        view.prev = (page_no > 1).then(|| link(page_no - 1));
+        view.next = (page_no < view.pages).then(|| link(page_no + 1));
+        view.rows = leases.iter().map(|l| Row::new(l, now)).collect();
+    });
+    page::render_read(StatusCode::OK, &mut view, |v| &mut v.error, read)
 }
 
 #[derive(Deserialize)]

@@ -79,30 +79,25 @@ async fn render(
         form,
         error,
     };
-    match console.broker.admin_locks(&viewer.identity).await {
-        Ok(locks) => {
-            view.rows = locks
-                .iter()
-                .map(|l| Row {
-                    id: l.id.to_string(),
-                    kind: l.target.kind(),
-                    value: l.target.value().to_string(),
-                    reason: l.reason.clone(),
-                    created_by: l.created_by.clone(),
-                    created: utc(l.created_at),
-                    expires: match l.expires_at {
-                        Some(t) => format!("{} ({})", utc(t), relative(t, now)),
-                        None => "until lifted".into(),
-                    },
-                })
-                .collect();
-            page::render(status, &view)
-        }
-        Err(e) => {
-            view.error = Some(page::caller_text(&e));
-            page::render(page::status_of(&e), &view)
-        }
-    }
+    let read = console.broker.admin_locks(&viewer.identity).await;
+    let read = read.map(|locks| {
+        view.rows = locks
+            .iter()
+            .map(|l| Row {
+                id: l.id.to_string(),
+                kind: l.target.kind(),
+                value: l.target.value().to_string(),
+                reason: l.reason.clone(),
+                created_by: l.created_by.clone(),
+                created: utc(l.created_at),
+                expires: match l.expires_at {
+                    Some(t) => format!("{} ({})", utc(t), relative(t, now)),
+                    None => "until lifted".into(),
+                },
+            })
+            .collect();
+    });
+    page::render_read(status, &mut view, |v| &mut v.error, read)
 }
 
 fn target(form: &LockForm) -> Result<LockTarget> {

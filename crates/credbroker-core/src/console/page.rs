@@ -42,6 +42,24 @@ pub fn render(status: StatusCode, t: &impl Template) -> Response {
     }
 }
 
+/// Renders `view` after the read that fills it: with `status` when `read`
+/// went through, else with the caller's text of its error on the page's
+/// error line (the field `error_line` picks) and the error's status.
+pub fn render_read<V: Template>(
+    status: StatusCode,
+    view: &mut V,
+    error_line: fn(&mut V) -> &mut Option<String>,
+    read: Result<(), Error>,
+) -> Response {
+    match read {
+        Ok(()) => render(status, view),
+        Err(e) => {
+            *error_line(view) = Some(caller_text(&e));
+            render(status_of(&e), view)
+        }
+    }
+}
+
 #[derive(Template)]
 #[template(path = "message.html")]
 pub struct MessagePage {

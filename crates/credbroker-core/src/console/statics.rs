@@ -94,16 +94,9 @@ pub async fn page(
         rows: vec![],
         error: None,
     };
-    match console.broker.admin_static_roles(&viewer.identity).await {
-        Ok(list) => {
-            view.rows = list.iter().map(|s| Row::new(s, now)).collect();
-            page::render(StatusCode::OK, &view)
-        }
-        Err(e) => {
-            view.error = Some(page::caller_text(&e));
-            page::render(page::status_of(&e), &view)
-        }
-    }
+    let read = console.broker.admin_static_roles(&viewer.identity).await;
+    let read = read.map(|list| view.rows = list.iter().map(|s| Row::new(s, now)).collect());
+    page::render_read(StatusCode::OK, &mut view, |v| &mut v.error, read)
 }
 
 #[derive(Deserialize)]

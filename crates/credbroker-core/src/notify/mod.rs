@@ -129,12 +129,7 @@ pub(crate) struct Event {
 }
 
 fn event_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let tail: String = (0..26)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("ev_{tail}")
+    crate::lease::random_id("ev_", 26)
 }
 
 /// The queue of one URL.

@@ -262,6 +262,19 @@ async fn revoke_calls(kit: &Kit, n: usize) -> Vec<String> {
     panic!("fewer than {n} revoke calls: {:?}", kit.server.calls());
 }
 
+/// Waits (two seconds at most) for `lease` to be marked revoked, then
+/// checks that it is and that its database user is gone.
+async fn revoked_in_the_end(kit: &Kit, lease: &Lease) {
+    for _ in 0..2000 {
+        if state(kit, &lease.id).await.state == LeaseState::Revoked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(state(kit, &lease.id).await.state, LeaseState::Revoked);
+    assert!(kit.server.user(lease.username.as_str()).is_none());
+}
+
 /// Issues `n` leases and starts a holder revoke of each: the first
 /// [`ROUNDS_IN_FLIGHT`] one by one (each holds its round at the gate),
 /// the rest while they wait.
@@ -374,14 +387,7 @@ async fn a_caller_that_goes_away_does_not_cancel_the_round() {
     gate.add_permits(3);
     tasks.into_iter().nth(3).unwrap().await.unwrap().unwrap();
     for l in &leases {
-        for _ in 0..2000 {
-            if state(&kit, &l.id).await.state == LeaseState::Revoked {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(state(&kit, &l.id).await.state, LeaseState::Revoked);
-        assert!(kit.server.user(l.username.as_str()).is_none());
+        revoked_in_the_end(&kit, l).await;
     }
 }
 
@@ -399,14 +405,7 @@ async fn a_lone_revoke_whose_caller_goes_away_is_finished_and_audited() {
     assert_eq!(kit.broker.revoker().queued("main"), 0, "it ran alone");
     task.abort();
     gate.add_permits(1);
-    for _ in 0..2000 {
-        if state(&kit, &lease.id).await.state == LeaseState::Revoked {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(state(&kit, &lease.id).await.state, LeaseState::Revoked);
-    assert!(kit.server.user(lease.username.as_str()).is_none());
+    revoked_in_the_end(&kit, &lease).await;
     let audited = kit
         .audit()
         .into_iter()

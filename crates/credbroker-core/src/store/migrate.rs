@@ -117,6 +117,25 @@ trait Paged: Send + Sync {
     }
 }
 
+/// A [`Paged`] concern named `.0` whose rows all move: counted by
+/// walking its pages, copied by walking them into the target.
+struct Walked<P>(&'static str, P);
+
+#[async_trait]
+impl<P: Paged> Concern for Walked<P> {
+    fn kind(&self) -> &'static str {
+        self.0
+    }
+
+    async fn count(&self, store: &dyn Store) -> Result<u64> {
+        self.1.walk(store, None).await
+    }
+
+    async fn copy(&self, from: &dyn Store, to: &dyn Store) -> Result<u64> {
+        self.1.walk(from, Some(to)).await
+    }
+}
+
 /// Every kind of row, in the order they are copied: leases before the
 /// links that name them (no store enforces it, but a reader of a half
 /// copy then finds no link to a lease that is not there).
@@ -124,8 +143,8 @@ pub fn concerns() -> Vec<Box<dyn Concern>> {
     vec![
         Box::new(Leases),
         Box::new(Locks),
-        Box::new(VaultTokens),
-        Box::new(TokenLinks),
+        Box::new(Walked("vault_tokens", VaultTokens)),
+        Box::new(Walked("vault_token_links", TokenLinks)),
         Box::new(StaticRoles),
         Box::new(AccessRequests),
     ]
@@ -330,21 +349,6 @@ impl Concern for AccessRequests {
 struct VaultTokens;
 
 #[async_trait]
-impl Concern for VaultTokens {
-    fn kind(&self) -> &'static str {
-        "vault_tokens"
-    }
-
-    async fn count(&self, store: &dyn Store) -> Result<u64> {
-        self.walk(store, None).await
-    }
-
-    async fn copy(&self, from: &dyn Store, to: &dyn Store) -> Result<u64> {
-        self.walk(from, Some(to)).await
-    }
-}
-
-#[async_trait]
 impl Paged for VaultTokens {
     type Row = VaultToken;
     type Key = String;
@@ -363,21 +367,6 @@ impl Paged for VaultTokens {
 }
 
 struct TokenLinks;
-
-#[async_trait]
-impl Concern for TokenLinks {
-    fn kind(&self) -> &'static str {
-        "vault_token_links"
-    }
-
-    async fn count(&self, store: &dyn Store) -> Result<u64> {
-        self.walk(store, None).await
-    }
-
-    async fn copy(&self, from: &dyn Store, to: &dyn Store) -> Result<u64> {
-        self.walk(from, Some(to)).await
-    }
-}
 
 /// (accessor, lease): a link is its own key.
 type Link = (String, LeaseId);

@@ -48,6 +48,20 @@ impl PostgresBackend {
         }
     }
 
+    /// `sql` prepared once per pooled connection (deadpool's statement
+    /// cache): parsing and rewriting the catalog views the revocation and
+    /// drain statements read costs the server more than running them.
+    pub(super) async fn prepare(
+        &self,
+        client: &deadpool_postgres::Object,
+        sql: &str,
+    ) -> Result<tokio_postgres::Statement> {
+        client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| self.db_error("prepare", e))
+    }
+
     /// Runs `sql` (under the ACL lock) in another database of the cluster:
     /// `REASSIGN OWNED` and `DROP OWNED` act on the connected database only.
     pub(super) async fn in_database(&self, dbname: &str, sql: &str) -> Result<()> {

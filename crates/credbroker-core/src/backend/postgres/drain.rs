@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use postgres_protocol::escape::escape_identifier;
-
 use super::sql::pg_timestamp;
 use super::PostgresBackend;
 use crate::backend::{Sessions, UserRef};
@@ -38,26 +36,16 @@ impl PostgresBackend {
         user: &UserRef,
         until: chrono::DateTime<chrono::Utc>,
     ) -> Result<()> {
-        let client = self.client().await?;
         // One statement, committed on its own: no login from here on, and
         // the role's expiry is the drain deadline.
-        let sql = format!(
-            "ALTER ROLE {} NOLOGIN VALID UNTIL {}",
-            escape_identifier(user.username.as_str()),
-            pg_timestamp(until)
-        );
-        client
-            .batch_execute(&sql)
+        let options = format!("NOLOGIN VALID UNTIL {}", pg_timestamp(until));
+        self.alter_role(user.username.as_str(), &options, "refuse logins (drain)")
             .await
-            .map_err(|e| self.db_error("refuse logins (drain)", e))
     }
 
     pub(super) async fn end_idle(&self, user: &str, settled: Duration) -> Result<Sessions> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(END_IDLE)
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
+        let stmt = self.prepare(&client, END_IDLE).await?;
         let row = client
             .query_one(&stmt, &[&user, &settled.as_secs_f64()])
             .await

@@ -16,9 +16,18 @@ impl PostgresBackend {
     where
         E: std::error::Error + Send + Sync + 'static,
     {
+        self.unreachable("", e)
+    }
+
+    /// `unavailable`'s error, with `during` (`"what: "`, or nothing) before
+    /// the cause.
+    fn unreachable<E>(&self, during: &str, e: E) -> Error
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let cause = Cause::of(&e);
         let m = format!(
-            "database {:?} is unreachable: {} as {}: {}",
+            "database {:?} is unreachable: {during}{} as {}: {}",
             self.config.name,
             cause.kind.as_str(),
             self.admin_location(),
@@ -63,17 +72,7 @@ impl PostgresBackend {
                     Error::internal_from(m, e)
                 }
             }
-            None => {
-                let cause = Cause::of(&e);
-                let m = format!(
-                    "database {:?} is unreachable: {what}: {} as {}: {}",
-                    self.config.name,
-                    cause.kind.as_str(),
-                    self.admin_location(),
-                    cause.detail
-                );
-                Error::unavailable_from(m, e)
-            }
+            None => self.unreachable(&format!("{what}: "), e),
         }
     }
 }

@@ -139,6 +139,15 @@ impl PostgresBackend {
         Ok(sql)
     }
 
+    /// Leaves the pooled connection outside any transaction after a
+    /// one-round-trip revocation failed part way.
+    async fn rollback(&self, client: &deadpool_postgres::Object) -> Result<()> {
+        client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| self.db_error("rollback", e))
+    }
+
     /// What each revokee owns, cluster-wide, and who it goes to.
     fn reassigned(&self, revokees: &[&Revokee], counts: &[tokio_postgres::Row]) -> Vec<Reassigned> {
         let admin = self.base.get_user().unwrap_or("postgres").to_string();
@@ -178,40 +187,34 @@ impl PostgresBackend {
         revokees: &[&Revokee],
     ) -> Result<OneCommit> {
         let names: Vec<&str> = revokees.iter().map(|r| r.user.username.as_str()).collect();
-        let no_session = client
-            .prepare_cached(
+        let no_session = self
+            .prepare(
+                client,
                 "SELECT 1 / (count(*) = 0)::int FROM pg_stat_get_activity(NULL) a \
                  WHERE a.usesysid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1))",
             )
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
+            .await?;
         // Session-level (`false`): kept after COMMIT for the sweep below,
         // undone with the transaction if it aborts.
-        let remember = client
-            .prepare_cached(
+        let remember = self
+            .prepare(
+                client,
                 "SELECT set_config('credbroker.revoked_oids', \
                  coalesce(string_agg(oid::text, ','), ''), false) \
                  FROM pg_roles WHERE rolname = ANY($1)",
             )
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
-        let count = client
-            .prepare_cached(OWNED_COUNT)
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
-        let sweep = client
-            .prepare_cached(
+            .await?;
+        let count = self.prepare(client, OWNED_COUNT).await?;
+        let sweep = self
+            .prepare(
+                client,
                 "SELECT pg_terminate_backend(a.pid) FROM pg_stat_get_activity(NULL) a \
                  WHERE a.usesysid = ANY(string_to_array(\
                  nullif(current_setting('credbroker.revoked_oids', true), ''), ',')::oid[])",
             )
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
-        let list = idents(&names);
+            .await?;
         let begin = format!("BEGIN; {}", nologin_sql(&names));
-        let reassign = self.reassign_sql(client, revokees).await?;
-        let lock = acl_lock_if_needed(&names);
-        let drop = format!("{lock}; {reassign}DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
+        let drop = drop_sql(&names, &self.reassign_sql(client, revokees).await?);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
         let (began, guarded, remembered, counted, dropped, swept) = tokio::join!(
             client.batch_execute(&begin),
@@ -237,10 +240,7 @@ impl PostgresBackend {
                 // Leaves the pooled connection outside any transaction (a
                 // warning only, if the commit went through and the sweep
                 // failed).
-                client
-                    .batch_execute("ROLLBACK")
-                    .await
-                    .map_err(|e| self.db_error("rollback", e))?;
+                self.rollback(client).await?;
                 if has_sessions {
                     Ok(OneCommit::HasSessions)
                 } else {
@@ -267,36 +267,25 @@ impl PostgresBackend {
         // Prepared once per connection: parsing and rewriting the
         // pg_stat_activity and pg_roles views costs the server more than
         // the DDL itself.
-        let guard = client
-            .prepare_cached(
+        let guard = self
+            .prepare(
+                client,
                 "SELECT 1 / (NOT rolcanlogin)::int FROM pg_roles WHERE rolname = ANY($1)",
             )
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
+            .await?;
         // Not the pg_stat_activity view: it joins every role (pg_authid,
         // which churn bloats) to every backend. Roles by name (an index
         // lookup), then their backends.
-        let terminate = client
-            .prepare_cached(
+        let terminate = self
+            .prepare(
+                client,
                 "SELECT pg_terminate_backend(a.pid) FROM pg_stat_get_activity(NULL) a \
                  WHERE a.usesysid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1))",
             )
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
-        let count = client
-            .prepare_cached(OWNED_COUNT)
-            .await
-            .map_err(|e| self.db_error("prepare", e))?;
-        let list = idents(&names);
+            .await?;
+        let count = self.prepare(client, OWNED_COUNT).await?;
         let nologin = nologin_sql(&names);
-        let reassign = self.reassign_sql(client, revokees).await?;
-        // DROP OWNED rewrites the ACLs the roles appear in: under the same
-        // lock as grants, or a concurrent issue's GRANT makes one of them
-        // fail. After REASSIGN OWNED, it drops privileges only, never an
-        // object. Roles that appear in no ACL and own nothing (membership
-        // grants only) skip the lock, so their revocations run side by side.
-        let lock = acl_lock_if_needed(&names);
-        let drop = format!("{lock}; {reassign}DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;");
+        let drop = drop_sql(&names, &self.reassign_sql(client, revokees).await?);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&names];
         let (disabled, began, guarded, counted, terminated, dropped) = tokio::join!(
             client.batch_execute(&nologin),
@@ -318,10 +307,7 @@ impl PostgresBackend {
             Ok(counts) => Ok(self.reassigned(revokees, &counts)),
             Err(e) => {
                 // Leaves the pooled connection outside any transaction.
-                client
-                    .batch_execute("ROLLBACK")
-                    .await
-                    .map_err(|e| self.db_error("rollback", e))?;
+                self.rollback(client).await?;
                 Err(e)
             }
         }
@@ -405,6 +391,19 @@ impl PostgresBackend {
             .await?;
         Ok(reassigned)
     }
+}
+
+/// The end of a one-round-trip revocation: `reassign` (what the roles own
+/// to its owner), then their privileges and the roles dropped, and the
+/// transaction committed. DROP OWNED rewrites the ACLs the roles appear
+/// in: under the same lock as grants, or a concurrent issue's GRANT makes
+/// one of them fail. After REASSIGN OWNED, it drops privileges only, never
+/// an object. Roles that appear in no ACL and own nothing (membership
+/// grants only) skip the lock, so their revocations run side by side.
+fn drop_sql(names: &[&str], reassign: &str) -> String {
+    let lock = acl_lock_if_needed(names);
+    let list = idents(names);
+    format!("{lock}; {reassign}DROP OWNED BY {list}; DROP ROLE {list}; COMMIT;")
 }
 
 /// How the one-commit revocation ended when nothing went wrong.

@@ -45,17 +45,14 @@ impl PostgresBackend {
 
     pub(super) async fn set_static_password(&self, login: &StaticLogin<'_>) -> Result<()> {
         let verifier = scram::verifier(login.password, self.config.scram_iterations);
-        let sql = format!(
-            "ALTER ROLE {} WITH LOGIN PASSWORD {} VALID UNTIL {}",
-            escape_identifier(login.user),
+        let options = format!(
+            "WITH LOGIN PASSWORD {} VALID UNTIL {}",
             escape_literal(&verifier),
             pg_timestamp(login.valid_until)
         );
-        let client = self.client().await?;
-        client
-            .batch_execute(&sql)
+        self.alter_role(login.user, &options, "set static password")
             .await
-            .map_err(|e| in_static_role(login.role, self.db_error("set static password", e)))
+            .map_err(|e| in_static_role(login.role, e))
     }
 
     pub(super) async fn retire_static_user(

@@ -16,16 +16,20 @@ impl PostgresBackend {
         user: &UserRef,
         valid_until: DateTime<Utc>,
     ) -> Result<()> {
+        let options = format!("VALID UNTIL {}", pg_timestamp(valid_until));
+        self.alter_role(user.username.as_str(), &options, "extend role")
+            .await
+    }
+
+    /// `ALTER ROLE user options`: one statement on a pooled admin
+    /// connection, committed on its own; `what` names it in an error.
+    pub(super) async fn alter_role(&self, user: &str, options: &str, what: &str) -> Result<()> {
         let client = self.client().await?;
-        let sql = format!(
-            "ALTER ROLE {} VALID UNTIL {}",
-            escape_identifier(user.username.as_str()),
-            pg_timestamp(valid_until)
-        );
+        let sql = format!("ALTER ROLE {} {options}", escape_identifier(user));
         client
             .batch_execute(&sql)
             .await
-            .map_err(|e| self.db_error("extend role", e))
+            .map_err(|e| self.db_error(what, e))
     }
 
     pub(super) async fn list_prefixed(&self, prefix: &str) -> Result<Vec<UserRef>> {

@@ -88,11 +88,9 @@ impl AccessStore for PostgresStore {
         }
         let limit = filter.limit.unwrap_or(MAX_ACCESS_LIST).min(MAX_ACCESS_LIST);
         sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT {limit}"));
-        let params: Vec<&(dyn ToSql + Sync)> = args
-            .iter()
-            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        let rows = self.query("list access requests", &sql, &params).await?;
+        let rows = self
+            .query_built("list access requests", &sql, &args)
+            .await?;
         rows_to_requests(&rows)
     }
 

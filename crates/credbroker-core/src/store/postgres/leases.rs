@@ -375,22 +375,14 @@ impl LeaseStore for PostgresStore {
         if let Some(offset) = f.offset {
             sql.push_str(&format!(" OFFSET {offset}"));
         }
-        let params: Vec<&(dyn ToSql + Sync)> = args
-            .iter()
-            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        let rows = self.query("list", &sql, &params).await?;
+        let rows = self.query_built("list", &sql, &args).await?;
         rows_to_leases(&rows)
     }
 
     async fn count(&self, f: &LeaseFilter) -> Result<u64> {
         let (cond, args) = filter_sql(f);
         let sql = format!("SELECT count(*) FROM credbroker_leases WHERE {cond}");
-        let params: Vec<&(dyn ToSql + Sync)> = args
-            .iter()
-            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        let rows = self.query("count", &sql, &params).await?;
+        let rows = self.query_built("count", &sql, &args).await?;
         Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
     }
 

@@ -279,6 +279,20 @@ impl PostgresStore {
         let stmt = c.prepare_cached(sql).await.map_err(|e| pg_err(what, e))?;
         c.query(&stmt, params).await.map_err(|e| pg_err(what, e))
     }
+
+    /// `query` with the parameters a filter built alongside its SQL.
+    pub(super) async fn query_built(
+        &self,
+        what: &str,
+        sql: &str,
+        args: &[Box<dyn ToSql + Sync + Send>],
+    ) -> Result<Vec<Row>> {
+        let params: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.query(what, sql, &params).await
+    }
 }
 
 #[async_trait]
