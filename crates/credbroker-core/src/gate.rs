@@ -41,7 +41,7 @@ use crate::lock::Subject;
 use crate::policy::any_matches;
 
 /// The ways into the broker. Every one calls [`admit`] first; the matrix
-/// test (`tests/it/gate.rs`) runs every control on every door in this list.
+/// test (`tests/it/gate/matrix.rs`) runs every control on every door in this list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Door {
     /// gRPC `credbroker.v1.Broker`: holders (issue, renew, revoke, lookup,

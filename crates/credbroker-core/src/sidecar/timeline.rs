@@ -1,7 +1,7 @@
 //! The sidecar's whole timeline on paused time against a fake broker: the
 //! fast tier's proof of the schedule (renew, rotate before the hard limit,
 //! revoke after grace, outages, refusals). The real-broker tests in
-//! `tests/it/sidecar.rs` remain the proof that it works with a database.
+//! `tests/it/sidecar/` remain the proof that it works with a database.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
