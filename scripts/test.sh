@@ -16,6 +16,9 @@ scripts/ensure-prometheus.sh
 # SQLAlchemy, HikariCP and node-postgres: tests/it/pools.rs runs real pools
 # through the sidecar across handovers.
 scripts/ensure-pool-deps.sh
+# strace: tests/it/faults/synced.rs reads the broker's system calls to
+# check that no issue is answered before its store writes are synced.
+command -v strace >/dev/null 2>&1 || scripts/apt-install.sh "the syscall-order test" strace
 
 cargo fmt --all -- --check
 # The whole workspace (ARCHITECTURE.md, "Crates"): core, testkit, the binary.

@@ -17,6 +17,7 @@ mod abuse;
 mod crashes;
 mod crl;
 mod reload;
+mod synced;
 
 fn roles() -> String {
     demo_role("ro", "1m", "10m") + &demo_role("short", "2s", "1m")
