@@ -240,15 +240,18 @@ fn worker(mut conn: Connection, requests: mpsc::Receiver<Request>) {
         }
         let mut done: Vec<Box<dyn Job>> = Vec::with_capacity(writes.len());
         for (_, mut job) in writes {
-            let sp = control(&conn, "SAVEPOINT req");
-            let ok = job.run(&mut conn);
-            if sp.is_ok() {
-                // A request that failed half-way leaves no trace.
-                if !ok {
-                    let _ = control(&conn, "ROLLBACK TO req");
-                }
-                let _ = control(&conn, "RELEASE req");
+            // Every write runs inside its own savepoint, or not at all: the
+            // store's writes take none of their own (store/sqlite/), so a
+            // write run without one could leave half its work committed.
+            if let Err(e) = control(&conn, "SAVEPOINT req") {
+                job.finish(Err(Arc::new(e)));
+                continue;
             }
+            // A request that failed half-way leaves no trace.
+            if !job.run(&mut conn) {
+                let _ = control(&conn, "ROLLBACK TO req");
+            }
+            let _ = control(&conn, "RELEASE req");
             // Every write, claims included, is answered only after COMMIT:
             // a claim answered earlier let a revocation drop its role while
             // the claim was not yet in the file, and a crash then left a
