@@ -8,13 +8,15 @@
 //! The same trace shows the check can fail: a holder's revoke is answered
 //! after writes committed without a sync, by design.
 
-use std::process::{Child, Command, Stdio};
+use std::ffi::OsStr;
+use std::process::{Child, Command};
 
 use super::*;
 
-/// `strace`'s options: every thread, file and socket names on each fd,
-/// and only the calls the check reads.
-const STRACE: [&str; 5] = [
+/// `strace` and its options: every thread, file and socket names on each
+/// fd, and only the calls the check reads; the trace file follows.
+const STRACE: [&str; 6] = [
+    "strace",
     "-f",
     "-yy",
     "-e",
@@ -63,6 +65,7 @@ struct Order {
 
 fn read_order(trace: &str, port: u16) -> Order {
     let wal = |s: &str| s.contains("leases.db-wal>");
+    let is_sync = |s: &str| s.starts_with("fsync(") || s.starts_with("fdatasync(");
     let answer = |s: &str| s.contains(&format!("TCP:[127.0.0.1:{port}->"));
     let mut open: std::collections::HashMap<&str, &str> = Default::default();
     // Returned WAL writes; a sync covers the count returned when it began.
@@ -73,7 +76,6 @@ fn read_order(trace: &str, port: u16) -> Order {
         let Some((pid, call)) = line.split_once(' ') else {
             continue;
         };
-        let is_sync = |s: &str| s.starts_with("fsync(") || s.starts_with("fdatasync(");
         let whole = if call.starts_with("<...") {
             match open.remove(pid) {
                 Some(begun) => begun,
@@ -140,19 +142,9 @@ async fn every_issue_is_answered_only_after_its_store_writes_are_synced() {
     let mut b = TestBroker::prepare(&roles()).await;
     b.release_port();
     let trace_path = b.env.dir.join("serve.strace");
-    let strace = Command::new("strace")
-        .args(STRACE)
-        .arg(&trace_path)
-        .arg(env!("CARGO_BIN_EXE_credbroker"))
-        .args(["serve", "--config"])
-        .arg(&b.env.config_path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(b.env.dir.join("broker.log")).unwrap(),
-        ))
-        .spawn()
-        .unwrap();
+    let mut wrapper: Vec<&OsStr> = STRACE.iter().map(OsStr::new).collect();
+    wrapper.push(trace_path.as_os_str());
+    let strace = b.serve_command("info", &wrapper).spawn().unwrap();
     let traced = Traced { strace };
     wait_port(b.port).await;
 

@@ -433,18 +433,30 @@ impl TestBroker {
     pub async fn spawn_binary_with_log_level(&mut self, level: &str) {
         // The binary binds the port itself.
         self.release_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        let child = self.serve_command(level, &[]).spawn().unwrap();
+        self.child = Some(child);
+        wait_port(self.port).await;
+    }
+
+    /// `credbroker serve` on this config, `RUST_LOG` at `level`, its
+    /// stderr in `broker.log`; run by `wrapper` (a program and its
+    /// arguments, e.g. a tracer) when that is not empty.
+    pub fn serve_command(&self, level: &str, wrapper: &[&std::ffi::OsStr]) -> Command {
+        let binary = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_credbroker"));
+        let (program, before) = match wrapper {
+            [program, args @ ..] => (*program, [args, &[binary]].concat()),
+            [] => (binary, Vec::new()),
+        };
+        let mut c = Command::new(program);
+        c.args(before)
             .args(["serve", "--config"])
             .arg(&self.env.config_path)
             .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(self.env.dir.join("broker.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        wait_port(self.port).await;
+            ));
+        c
     }
 
     /// What the broker binary wrote to stderr so far.
