@@ -12,7 +12,13 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn wait_port(port: u16) {
-    for _ in 0..200 {
+    wait_port_within(port, Duration::from_secs(10)).await
+}
+
+/// `wait_port` for a broker that starts slowly (one run under strace).
+pub async fn wait_port_within(port: u16, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
@@ -21,7 +27,7 @@ pub async fn wait_port(port: u16) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("broker did not listen on port {port} within 10 s");
+    panic!("broker did not listen on port {port} within {within:?}");
 }
 
 /// A plain HTTP/1.0 GET on 127.0.0.1 (metrics, health); returns the body.
