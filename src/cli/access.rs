@@ -20,78 +20,49 @@ pub enum Format {
 pub enum Command {
     /// Ask for access to role(s); approvers are notified
     Request {
-        /// A role to access (repeat for several, all under one policy)
-        #[arg(long = "role", required = true)]
-        roles: Vec<String>,
         /// Why: a ticket and a sentence (required by most policies)
         #[arg(long, default_value = "")]
         reason: String,
-        /// How long the grant lasts once approved, e.g. 1h (default: an
-        /// hour, or the policy's longest if shorter)
-        #[arg(long = "for")]
-        duration: Option<humantime::Duration>,
-        /// The `[access.NAME]` policy to ask under (default: the first that
-        /// covers the roles and lets you ask)
-        #[arg(long)]
-        policy: Option<String>,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         #[command(flatten)]
-        client: ClientOpts,
+        ask: Ask,
     },
     /// Grant yourself access at once, without approval (break-glass
     /// identities only; always notified and marked in the audit)
     BreakGlass {
-        #[arg(long = "role", required = true)]
-        roles: Vec<String>,
         /// Why: required for break-glass
         #[arg(long)]
         reason: String,
-        #[arg(long = "for")]
-        duration: Option<humantime::Duration>,
-        #[arg(long)]
-        policy: Option<String>,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         #[command(flatten)]
-        client: ClientOpts,
+        ask: Ask,
     },
     /// Requests you may see: your own; approvers see their policies'
     List {
         /// Only requests waiting for a decision
         #[arg(long)]
         pending: bool,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         #[command(flatten)]
-        client: ClientOpts,
+        out: Out,
     },
     /// One request
     Show {
         /// The request (ar_…)
         request_id: String,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         #[command(flatten)]
-        client: ClientOpts,
+        out: Out,
     },
     /// Approve a request (approvers only; never your own)
     Approve {
         request_id: String,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         #[command(flatten)]
-        client: ClientOpts,
+        out: Out,
     },
     /// Deny a request (approvers only)
     Deny {
         request_id: String,
         #[arg(long, default_value = "")]
         reason: String,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         #[command(flatten)]
-        client: ClientOpts,
+        out: Out,
     },
     /// End a grant now (every lease under it revoked, sessions cut), or
     /// withdraw a pending request
@@ -99,11 +70,36 @@ pub enum Command {
         request_id: String,
         #[arg(long, default_value = "")]
         reason: String,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         #[command(flatten)]
-        client: ClientOpts,
+        out: Out,
     },
+}
+
+/// What a request and a break-glass grant both name.
+#[derive(clap::Args)]
+pub struct Ask {
+    /// A role to access (repeat for several, all under one policy)
+    #[arg(long = "role", required = true)]
+    roles: Vec<String>,
+    /// How long the grant lasts, e.g. 1h (default: an hour, or the
+    /// policy's longest if shorter)
+    #[arg(long = "for")]
+    duration: Option<humantime::Duration>,
+    /// The `[access.NAME]` policy to ask under (default: the first that
+    /// covers the roles and lets you ask)
+    #[arg(long)]
+    policy: Option<String>,
+    #[command(flatten)]
+    out: Out,
+}
+
+/// Which broker every `access` command asks, and how it prints.
+#[derive(clap::Args)]
+pub struct Out {
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 /// One request as JSON.
@@ -214,31 +210,13 @@ fn print(r: &pb::AccessRequestInfo, format: Format) -> CliResult {
 
 pub async fn run(cmd: Command) -> CliResult {
     match cmd {
-        Command::Request {
-            roles,
-            reason,
-            duration,
-            policy,
-            format,
-            client,
-        } => request(roles, reason, duration, policy, format, client, false).await,
-        Command::BreakGlass {
-            roles,
-            reason,
-            duration,
-            policy,
-            format,
-            client,
-        } => request(roles, reason, duration, policy, format, client, true).await,
-        Command::List {
-            pending,
-            format,
-            client,
-        } => {
-            let mut c = client.access()?;
+        Command::Request { reason, ask } => request(reason, ask, false).await,
+        Command::BreakGlass { reason, ask } => request(reason, ask, true).await,
+        Command::List { pending, out } => {
+            let mut c = out.client.access()?;
             let call = c.list(pb::ListAccessRequest { pending });
-            let reply = answered(&client, "access list", call).await?;
-            match format {
+            let reply = answered(&out.client, "access list", call).await?;
+            match out.format {
                 Format::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::Value::Array(
@@ -255,63 +233,62 @@ pub async fn run(cmd: Command) -> CliResult {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Show {
-            request_id,
-            format,
-            client,
-        } => {
-            let mut c = client.access()?;
+        Command::Show { request_id, out } => {
+            let mut c = out.client.access()?;
             let call = c.get(pb::AccessRequestId { request_id });
-            print(&answered(&client, "access show", call).await?, format)
+            print(
+                &answered(&out.client, "access show", call).await?,
+                out.format,
+            )
         }
-        Command::Approve {
-            request_id,
-            format,
-            client,
-        } => {
-            let mut c = client.access()?;
+        Command::Approve { request_id, out } => {
+            let mut c = out.client.access()?;
             let call = c.approve(pb::AccessRequestId { request_id });
-            print(&answered(&client, "access approve", call).await?, format)
+            print(
+                &answered(&out.client, "access approve", call).await?,
+                out.format,
+            )
         }
         Command::Deny {
             request_id,
             reason,
-            format,
-            client,
+            out,
         } => {
-            let mut c = client.access()?;
+            let mut c = out.client.access()?;
             let call = c.deny(pb::DenyAccessRequest { request_id, reason });
-            print(&answered(&client, "access deny", call).await?, format)
+            print(
+                &answered(&out.client, "access deny", call).await?,
+                out.format,
+            )
         }
         Command::Revoke {
             request_id,
             reason,
-            format,
-            client,
+            out,
         } => {
-            let mut c = client.access()?;
+            let mut c = out.client.access()?;
             let call = c.revoke(pb::RevokeAccessRequest { request_id, reason });
-            print(&answered(&client, "access revoke", call).await?, format)
+            print(
+                &answered(&out.client, "access revoke", call).await?,
+                out.format,
+            )
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn request(
-    roles: Vec<String>,
-    reason: String,
-    duration: Option<humantime::Duration>,
-    policy: Option<String>,
-    format: Format,
-    client: ClientOpts,
-    break_glass: bool,
-) -> CliResult {
+async fn request(reason: String, ask: Ask, break_glass: bool) -> CliResult {
     let what = if break_glass {
         "access break-glass"
     } else {
         "access request"
     };
-    let mut c = client.access()?;
+    let Ask {
+        roles,
+        duration,
+        policy,
+        out,
+    } = ask;
+    let mut c = out.client.access()?;
     let call = c.request(pb::AccessRequestRequest {
         roles,
         policy: policy.unwrap_or_default(),
@@ -319,5 +296,5 @@ async fn request(
         duration_seconds: secs(duration),
         break_glass,
     });
-    print(&answered(&client, what, call).await?, format)
+    print(&answered(&out.client, what, call).await?, out.format)
 }
