@@ -1,6 +1,6 @@
 //! The gate: every request, whatever door it came through, is decided here
-//! before any handler runs (invariant 9). A door — gRPC `Broker` and
-//! `Admin`, the Vault API, the console — turns its request into an [`Ask`]
+//! before any handler runs (invariant 9). A door — gRPC `Broker`, `Admin`
+//! and `Access`, the Vault API, the console — turns its request into an [`Ask`]
 //! (peer address, identity, action, what it acts on) and calls [`admit`];
 //! it keeps only its wire format and its status codes.
 //!

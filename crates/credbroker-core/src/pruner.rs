@@ -2,8 +2,8 @@
 //! `store.retention` (so `admin leases` and look-ups can still show a
 //! recent past lease), then deleted — in small batches with a pause
 //! between them, off the lease path, so issuing is never starved by a
-//! large backlog. Live rows (pending, active, failing) are never deleted:
-//! they are the broker's memory of users that may still exist.
+//! large backlog. Live rows (pending, active, draining, failing) are never
+//! deleted: they are the broker's memory of users that may still exist.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! The network face: gRPC (Broker, Admin, health, reflection) over our own
+//! The network face: gRPC (Broker, Admin, Access, health, reflection) over our own
 //! mTLS acceptor, HTTP/1.1 over the same acceptor for the HTTP APIs
 //! (`https.rs`), and a plain-HTTP listener for `/metrics` and `/healthz`.
 
