@@ -156,6 +156,37 @@ async fn first_hour_check_names_mariadb_event_scheduler_off() {
         out.stdout.contains("connected as broker_admin@127.0.0.1:"),
         "{out:?}"
     );
+    // The README's grants let revocations scope their DEFINER look-up ...
+    assert!(
+        out.stdout.contains("admin reads the grant tables"),
+        "{out:?}"
+    );
+    // ... and without the grant tables `check` says what each revocation
+    // will do instead, as a warning: still only the scheduler is an error.
+    root.query_drop("REVOKE SELECT ON mysql.* FROM 'broker_admin'@'%'")
+        .await
+        .unwrap();
+    root.query_drop("GRANT SELECT ON mysql.user TO 'broker_admin'@'%'")
+        .await
+        .unwrap();
+    let out = credbroker(dir.path(), &["check", "--config", "broker.toml"], &[]).await;
+    assert_eq!((out.code, error_lines(&out).len()), (1, 1), "{out:?}");
+    let warning = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("warning") && l.contains("cannot read"))
+        .unwrap_or_else(|| panic!("no warning about the grant tables: {out:?}"));
+    assert!(
+        warning.contains(
+            "mysql.global_priv, mysql.roles_mapping, mysql.db, mysql.tables_priv, \
+             mysql.columns_priv, mysql.procs_priv"
+        ) && warning.contains("in every schema"),
+        "{warning}"
+    );
+    assert!(
+        out.stdout.contains("fix: GRANT SELECT ON mysql.* TO"),
+        "{out:?}"
+    );
 }
 
 /// A database that checks no passwords (`trust` in pg_hba.conf, common in

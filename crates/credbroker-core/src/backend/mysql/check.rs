@@ -7,7 +7,8 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 
 use crate::backend::finding::{admin_password, bad_admin_url, stopped, Finding};
-use crate::backend::mysql::FAILSAFE_SCHEMA;
+use crate::backend::mysql::definer::{self, GRANT_TABLES};
+use crate::backend::mysql::{ServerInfo, FAILSAFE_SCHEMA};
 use crate::config::{DatabaseConfig, RoleConfig};
 
 pub async fn check(
@@ -168,6 +169,12 @@ pub async fn check(
             ));
         }
     }
+    // Where the look-up is scoped at all (MariaDB 10.4+), say whether it can be.
+    if let Ok((flavor, v)) = ServerInfo::from_version(&version) {
+        if definer::scopes_lookups(flavor, v) {
+            out.push(definer_scope(&mut conn, &scope, &admin, account).await);
+        }
+    }
     let scheduler: Option<String> = conn
         .query_first("SELECT @@GLOBAL.event_scheduler")
         .await
@@ -214,6 +221,37 @@ pub async fn check(
     };
     let _ = conn.disconnect().await;
     (out, prefixed)
+}
+
+/// Whether revocations can keep their DEFINER look-up to what a lease's
+/// grants reach (`definer.rs`): on MariaDB that needs the grant tables
+/// [`GRANT_TABLES`] to be readable; without them each revocation reads
+/// every table of every schema, which works but is slow on a server with
+/// many schemas.
+async fn definer_scope(conn: &mut Conn, scope: &str, admin: &str, account: &str) -> Finding {
+    let mut unreadable = Vec::new();
+    for table in GRANT_TABLES {
+        let probe = format!("SELECT 1 FROM mysql.{table} LIMIT 0");
+        if conn.query_drop(probe).await.is_err() {
+            unreadable.push(format!("mysql.{table}"));
+        }
+    }
+    if unreadable.is_empty() {
+        return Finding::ok(
+            scope,
+            "admin reads the grant tables: a revocation looks for objects the user defined only \
+             in the schemas its grants reach",
+        );
+    }
+    Finding::warning(
+        scope,
+        format!(
+            "admin {admin:?} cannot read {}: each revocation looks for objects the user defined \
+             in every schema, reading every table's definition (slow on a server with many schemas)",
+            unreadable.join(", ")
+        ),
+        format!("GRANT SELECT ON mysql.* TO {account} (or SELECT on each of those tables)"),
+    )
 }
 
 /// The server's message and code, or the deepest cause of a driver error.

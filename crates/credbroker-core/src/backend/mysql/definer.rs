@@ -160,6 +160,17 @@ pub fn scopes_lookups(flavor: Flavor, version: (u32, u32, u32)) -> bool {
     flavor == Flavor::Mariadb && version >= (10, 4, 0)
 }
 
+/// The grant tables [`reach_sql`] reads (`check` says when the admin
+/// cannot read them: then every revocation scans every schema).
+pub const GRANT_TABLES: [&str; 6] = [
+    "global_priv",
+    "roles_mapping",
+    "db",
+    "tables_priv",
+    "columns_priv",
+    "procs_priv",
+];
+
 /// What the MariaDB accounts named `users` (any host) can reach: rows of
 /// (kind, name). `global`: a global privilege (`access` other than 0,
 /// which is `USAGE`); `role`: a granted role; `db`: a schema pattern
@@ -584,6 +595,13 @@ mod tests {
         }
         // The anonymous user's schema grants apply to every account.
         assert!(sql.contains("mysql.db WHERE User IN ('cb_x', 'cb_''y', 'PUBLIC', '')"));
+        // What `check` probes is what this reads, no more, no less.
+        let read: Vec<&str> = sql
+            .split("FROM mysql.")
+            .skip(1)
+            .map(|rest| rest.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(read, GRANT_TABLES);
         assert!(sql.contains("JSON_VALUE(Priv, '$.access'), 1) <> 0"));
         assert!(sql.contains("SELECT 'schema', SCHEMA_NAME FROM information_schema.SCHEMATA"));
         assert!(scopes_lookups(Flavor::Mariadb, (10, 11, 6)));
