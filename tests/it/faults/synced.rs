@@ -75,9 +75,12 @@ fn read_order(trace: &str, port: u16) -> Order {
     let mut sync_began: std::collections::HashMap<&str, usize> = Default::default();
     let mut o = Order::default();
     for (n, line) in trace.lines().enumerate() {
+        // strace pads the pid to five columns ("%-5u "): a machine that
+        // has just booted runs the broker under four-digit pids.
         let Some((pid, call)) = line.split_once(' ') else {
             continue;
         };
+        let call = call.trim_start();
         let whole = if call.starts_with("<...") {
             match open.remove(pid) {
                 Some(begun) => begun,
@@ -164,6 +167,28 @@ fn unescape_prefix(quoted: &str, n: usize) -> Vec<u8> {
     out
 }
 
+/// For a trace that saw too little: its calls by name, and its first
+/// lines that name a WAL or write at an offset (what the reader looks for).
+fn what_it_saw(trace: &str) -> String {
+    let mut calls: std::collections::BTreeMap<&str, usize> = Default::default();
+    for line in trace.lines() {
+        let call = line.split_once(' ').map_or("", |(_, c)| c.trim_start());
+        let name = call.split(['(', ' ']).next().unwrap_or("");
+        *calls.entry(name).or_default() += 1;
+    }
+    let samples: Vec<String> = trace
+        .lines()
+        .filter(|l| l.contains("-wal") || l.contains("pwrite") || l.contains("sync"))
+        .take(8)
+        .map(|l| l.chars().take(160).collect())
+        .collect();
+    format!(
+        "{} lines, calls {calls:?}; first WAL/pwrite/sync lines:\n{}",
+        trace.lines().count(),
+        samples.join("\n")
+    )
+}
+
 /// The 30 lines of a trace that end at line `n`, each cut to 200 bytes
 /// (strace shows at most 32 bytes of a buffer; answers are TLS records).
 fn around(trace: &str, n: Option<usize>) -> String {
@@ -197,13 +222,14 @@ async fn settled(path: &std::path::Path) -> String {
 fn the_order_reader_counts_an_answer_before_the_sync_that_covers_a_write() {
     let wal = "<TMP/leases.db-wal>";
     let sock = "<TCP:[127.0.0.1:7000->127.0.0.1:5000]>";
-    // As strace quotes them: a reply (application data, 429 bytes), and
-    // a client's hang-up answered by close_notify (19 bytes).
+    // As strace writes them: pids padded to five columns, a reply
+    // (application data, 429 bytes), and a client's hang-up answered by
+    // close_notify (19 bytes).
     let reply = r#"[{iov_base="\27\3\3\1\255\275N}", iov_len=434}]"#;
     let bye = r#"[{iov_base="\27\3\3\0\23\253\204o", iov_len=24}]"#;
     let trace = format!(
-        "1 pwrite64(5{wal}, \"\", 4096, 0) = 4096\n\
-         2 fsync(5{wal} <unfinished ...>\n\
+        "1    pwrite64(5{wal}, \"\", 4096, 0) = 4096\n\
+         2    fsync(5{wal} <unfinished ...>\n\
          1 pwrite64(5{wal}, \"\", 4096, 4096) = 4096\n\
          2 <... fsync resumed>) = 0\n\
          3 writev(8{sock}, {bye}, 1) = 24\n\
@@ -256,7 +282,8 @@ async fn every_issue_is_answered_only_after_its_store_writes_are_synced() {
     let issued = read_order(&issued_trace, b.port);
     assert!(
         issued.wal_writes >= 20 && issued.wal_syncs >= 20 && issued.answers >= 10,
-        "the trace saw too little to judge: {issued:?}"
+        "the trace saw too little to judge: {issued:?}; {}",
+        what_it_saw(&issued_trace)
     );
     assert_eq!(
         issued.before_sync,
