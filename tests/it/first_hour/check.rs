@@ -163,12 +163,12 @@ async fn first_hour_check_names_mariadb_event_scheduler_off() {
     );
     // ... and without the grant tables `check` says what each revocation
     // will do instead, as a warning: still only the scheduler is an error.
-    root.query_drop("REVOKE SELECT ON mysql.* FROM 'broker_admin'@'%'")
-        .await
-        .unwrap();
-    root.query_drop("GRANT SELECT ON mysql.user TO 'broker_admin'@'%'")
-        .await
-        .unwrap();
+    root.query_drop(
+        "REVOKE SELECT ON mysql.* FROM 'broker_admin'@'%'; \
+         GRANT SELECT ON mysql.user TO 'broker_admin'@'%'",
+    )
+    .await
+    .unwrap();
     let out = credbroker(dir.path(), &["check", "--config", "broker.toml"], &[]).await;
     assert_eq!((out.code, error_lines(&out).len()), (1, 1), "{out:?}");
     let warning = out
