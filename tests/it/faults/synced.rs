@@ -68,19 +68,17 @@ struct Order {
 fn read_order(trace: &str, port: u16) -> Order {
     let wal = |s: &str| s.contains("leases.db-wal>");
     let is_sync = |s: &str| s.starts_with("fsync(") || s.starts_with("fdatasync(");
-    let answer = |s: &str| s.contains(&format!("TCP:[127.0.0.1:{port}->")) && is_reply(s);
+    let client_socket = format!("TCP:[127.0.0.1:{port}->");
+    let answer = |s: &str| s.contains(&client_socket) && is_reply(s);
     let mut open: std::collections::HashMap<&str, &str> = Default::default();
     // Returned WAL writes; a sync covers the count returned when it began.
     let (mut returned, mut covered) = (0usize, 0usize);
     let mut sync_began: std::collections::HashMap<&str, usize> = Default::default();
     let mut o = Order::default();
     for (n, line) in trace.lines().enumerate() {
-        // strace pads the pid to five columns ("%-5u "): a machine that
-        // has just booted runs the broker under four-digit pids.
-        let Some((pid, call)) = line.split_once(' ') else {
+        let Some((pid, call)) = pid_and_call(line) else {
             continue;
         };
-        let call = call.trim_start();
         let whole = if call.starts_with("<...") {
             match open.remove(pid) {
                 Some(begun) => begun,
@@ -111,6 +109,14 @@ fn read_order(trace: &str, port: u16) -> Order {
         }
     }
     o
+}
+
+/// A trace line's thread id and its call. strace pads the id to five
+/// columns (`%-5u `): a machine that has just booted runs the broker
+/// under four-digit ids, whose calls would otherwise start with a space.
+fn pid_and_call(line: &str) -> Option<(&str, &str)> {
+    line.split_once(' ')
+        .map(|(pid, call)| (pid, call.trim_start()))
 }
 
 /// Whether a write on a client's connection carries a reply: its first
@@ -172,7 +178,7 @@ fn unescape_prefix(quoted: &str, n: usize) -> Vec<u8> {
 fn what_it_saw(trace: &str) -> String {
     let mut calls: std::collections::BTreeMap<&str, usize> = Default::default();
     for line in trace.lines() {
-        let call = line.split_once(' ').map_or("", |(_, c)| c.trim_start());
+        let call = pid_and_call(line).map_or("", |(_, c)| c);
         let name = call.split(['(', ' ']).next().unwrap_or("");
         *calls.entry(name).or_default() += 1;
     }
